@@ -1,0 +1,3 @@
+from deltawise.cli import main
+
+main()

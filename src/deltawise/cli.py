@@ -1,0 +1,118 @@
+"""The ``deltawise`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from deltawise.errors import DeltawiseError
+
+app = typer.Typer(
+    help="deltawise: merge, compress, transfer and audit weight deltas of pretrained models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+class _ProgressReporter:
+    """Adapts the engine's (stage, done, total) callbacks to a rich progress bar per stage."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<32}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=err, disable=quiet or not err.is_terminal, transient=False,
+    )
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)"),
+    output: Path = typer.Argument(..., help="output folder (created; must not be an input)"),
+    device: str = typer.Option("cpu", help="where the arithmetic runs: cpu or cuda"),
+    threads: int = typer.Option(2, min=1, help="worker threads reading and merging tensors"),
+    shard_size: str = typer.Option("5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and inputs, print the plan, write nothing"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept .bin/.pt inputs (loaded with weights_only=True)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the merge succeeds"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Merge models as described by RECIPE into OUTPUT."""
+    from deltawise.io.writer import parse_size
+    from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
+    from deltawise.merge.engine import check_output, dump_plan, to_json
+
+    plan = build_plan(load_recipe(recipe), allow_pickle=allow_pickle)
+    for warning in plan.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if dry_run:
+        check_output(plan, output, overwrite)
+        out.print(to_json(dump_plan(plan)), highlight=False)
+        return
+    with _progress(quiet) as progress:
+        options = MergeOptions(
+            device=device, threads=threads, shard_size=parse_size(shard_size), overwrite=overwrite,
+            progress=_ProgressReporter(progress),
+        )
+        result = run_merge(plan, output, options)
+    gb = result.bytes_written / 1e9
+    out.print(f"merged with {plan.method.name} into {result.out} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from rich.table import Table
+
+    from deltawise.merge import REGISTRY
+
+    table = Table(title="merge methods", show_lines=True)
+    table.add_column("method")
+    table.add_column("what it does")
+    table.add_column("parameters")
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        table.add_row(name, cls.summary, "\n".join(p.describe() for p in cls.params) or "-")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, help="where to write models (default: a temporary folder)"),
+) -> None:
+    """Make tiny checkpoints, merge them with every method, check the results load, print a summary."""
+    from deltawise.demo import run_demo
+
+    run_demo(workdir, out)
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltawiseError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: no output was written under the final name")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

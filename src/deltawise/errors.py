@@ -1,0 +1,25 @@
+"""Errors meant for the user: each carries a message that says what is wrong and what to do."""
+
+
+class DeltawiseError(Exception):
+    """Base class of every error deltawise reports to the user (the CLI prints it without a traceback)."""
+
+
+class RecipeError(DeltawiseError):
+    """The merge recipe is invalid (unknown method, bad parameter, wrong number of models...)."""
+
+
+class InputError(DeltawiseError):
+    """An input model or file cannot be used (missing, corrupt, pickle without permission, NaN...)."""
+
+
+class OutputError(DeltawiseError):
+    """The output location cannot be written safely."""
+
+
+def bullet_list(problems: list[str], limit: int = 20) -> str:
+    """Format problems as an indented list, eliding the tail so one message stays readable."""
+    shown = [f"  - {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"  - ... and {len(problems) - limit} more")
+    return "\n".join(shown)

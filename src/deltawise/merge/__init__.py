@@ -1,0 +1,22 @@
+"""Model merging: recipes, per-tensor methods registered by name, and the streaming engine."""
+
+from deltawise.merge.base import REGISTRY, MergeMethod, TensorJob, register
+from deltawise.merge.engine import MergeOptions, MergeResult, run_merge
+from deltawise.merge.plan import MergePlan, build_plan
+from deltawise.merge.recipe import Recipe, load_recipe, parse_recipe
+
+__all__ = [
+    "REGISTRY", "MergeMethod", "TensorJob", "register", "MergeOptions", "MergeResult", "run_merge",
+    "MergePlan", "build_plan", "Recipe", "load_recipe", "parse_recipe", "merge",
+]
+
+
+def merge(recipe: "Recipe | dict | str", out: str, **options) -> MergeResult:
+    """Merge from a Recipe, a dict in recipe form, or a recipe YAML path; write the model to ``out``."""
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    allow_pickle = options.pop("allow_pickle", False)
+    plan = build_plan(recipe, allow_pickle=allow_pickle)
+    return run_merge(plan, out, MergeOptions(**options))

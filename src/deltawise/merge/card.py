@@ -1,0 +1,81 @@
+"""What travels with merged weights: config, tokenizer files and a model card.
+
+The card records the recipe and a fingerprint of every input, so a merged model can be
+traced back to exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from deltawise.errors import InputError
+from deltawise.io.dtypes import dtype_name, parse_dtype
+from deltawise.io.resolve import resolve_model
+
+if TYPE_CHECKING:
+    from deltawise.merge.plan import MergePlan
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+OTHER_FILES = ("generation_config.json",)
+
+
+def tokenizer_folder(plan: "MergePlan") -> Optional[Path]:
+    source = plan.recipe.tokenizer_source
+    if source in (None, "base"):
+        return plan.template.reader.folder
+    for m in plan.inputs + ([plan.base] if plan.base else []):
+        if m.ref == source:
+            return m.reader.folder
+    try:
+        path = resolve_model(source)
+    except InputError as exc:
+        raise InputError(f"tokenizer_source: {exc}") from None
+    return path if path.is_dir() else path.parent
+
+
+def copy_model_files(plan: "MergePlan", dest: Path) -> None:
+    tok = tokenizer_folder(plan)
+    for name in TOKENIZER_FILES:
+        if tok is not None and (tok / name).is_file():
+            shutil.copyfile(tok / name, dest / name)
+    for name in OTHER_FILES:
+        src = plan.template.reader.folder / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+
+
+def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
+    config = plan.template.config
+    if config is None:
+        return None
+    config = dict(config)
+    wanted = plan.recipe.out_dtype or plan.recipe.dtype
+    if wanted:
+        name = dtype_name(parse_dtype(wanted))
+        # transformers 5 reads "dtype"; older releases read "torch_dtype"
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = name
+    return config
+
+
+def model_card(plan: "MergePlan", manifest: dict[str, Any]) -> str:
+    base = plan.base.ref if plan.base else None
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- deltawise"]
+    if base:
+        lines += [f"base_model: {base}"]
+    lines += ["---", "", f"# Merged model ({plan.method.name})", ""]
+    lines += [f"Made with [deltawise](https://github.com/deltawise/deltawise) `{manifest['deltawise_version']}` "
+              f"using **{plan.method.name}**: {plan.method.summary}.", ""]
+    lines += ["## Inputs", "", "| model | size (bytes) | fingerprint (sha256 of headers) |", "|---|---|---|"]
+    for item in manifest["inputs"]:
+        lines.append(f"| {item['model']} | {item['bytes']} | `{item['fingerprint'][:16]}…` |")
+    lines += ["", "## Recipe", "", "```yaml", plan.recipe.to_yaml().rstrip(), "```", ""]
+    if plan.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in plan.warnings] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""The streaming merge engine: reads inputs tensor by tensor, runs the method, writes shards.
+
+Peak memory is a few tensors per input (row chunks of at most CHUNK_ELEMENTS for methods
+whose output rows depend only on the same input rows) times the number of tensors in flight,
+whatever the model size: inputs are read with pread (not kept mapped) and outputs streamed
+to their byte offsets. Work runs on ``threads`` worker threads, on a GPU with device="cuda".
+
+The output is assembled in a hidden staging folder beside OUT and moved into place only when
+complete, so OUT never holds a partial model; inputs are opened read-only and never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from deltawise.errors import DeltawiseError, InputError, OutputError
+from deltawise.io.writer import StreamingShardWriter, plan_shards, write_json_atomic, write_text_atomic
+from deltawise.merge.base import StatsPass, TensorJob
+from deltawise.merge.card import copy_model_files, model_card, output_config
+from deltawise.merge.plan import MergePlan, TensorPlan
+
+CHUNK_ELEMENTS = 1 << 22  # 4M entries: 16 MB per float32 operand
+STAGING_MARK = ".deltawise-staging"
+MANIFEST = "deltawise_merge.json"
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    threads: int = 2
+    shard_size: int = 5 * 10**9
+    overwrite: bool = False
+    progress: Optional[Progress] = None
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    files: list[str]
+    seconds: float
+    bytes_written: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
+    target = Path(os.path.realpath(out))
+    for reader in plan.readers:
+        src = Path(os.path.realpath(reader.folder))
+        if target == src or target in src.parents:
+            raise OutputError(f"output {out} would overwrite input model {reader.label!r} ({src}); choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace it once the merge succeeds")
+    parent = target.parent
+    if not parent.exists():
+        raise OutputError(f"cannot create {out}: {parent} does not exist")
+    free = shutil.disk_usage(parent).free
+    need = plan.output_bytes()
+    if need > free:
+        raise OutputError(f"not enough disk space for {out}: needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def staging_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.deltawise-partial"
+
+
+def _prepare_staging(out: Path) -> Path:
+    staging = staging_folder(out)
+    if staging.exists():
+        if not (staging / STAGING_MARK).exists():
+            raise OutputError(f"{staging} exists and was not made by deltawise; remove it and retry")
+        shutil.rmtree(staging)  # a previous run's leftovers (resume is not implemented yet)
+    staging.mkdir()
+    (staging / STAGING_MARK).write_text("deltawise merge in progress\n")
+    return staging
+
+
+class _Loader:
+    """Reads the inputs of one tensor (or row range) as float32/float64 on the work device."""
+
+    def __init__(self, plan: MergePlan, device: torch.device):
+        self.plan = plan
+        self.device = device
+        self.base_reader = plan.base.reader if plan.base is not None and plan.method.base_policy == "required" else None
+
+    def compute_dtype(self, t: TensorPlan) -> torch.dtype:
+        readers = [m.reader for m in self.plan.inputs]
+        stored = [r.info(s).dtype for r, s in zip(readers, t.sources)]
+        return torch.float64 if torch.float64 in stored else torch.float32
+
+    def _read(self, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str) -> torch.Tensor:
+        raw = reader.get_rows(name, start, stop) if reader.info(name).shape else reader.get(name)
+        x = raw.to(device=self.device, dtype=dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"model {label!r}: tensor {name!r} contains NaN or infinite values")
+        return x
+
+    def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int) -> TensorJob:
+        dtype = self.compute_dtype(t)
+        base = None
+        if self.base_reader is not None:
+            base = self._read(self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
+        models = [self._read(m.reader, s, start, stop, dtype, m.ref) for m, s in zip(self.plan.inputs, t.sources)]
+        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
+
+
+def _row_ranges(t: TensorPlan, chunkable: bool) -> list[tuple[int, int]]:
+    rows = t.out.shape[0] if t.out.shape else 1
+    if not chunkable or len(t.out.shape) < 2 or t.out_numel <= CHUNK_ELEMENTS:
+        return [(0, rows)]
+    per_row = max(1, t.out_numel // rows)
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator[Any]:
+    """Run fn over items with at most ``limit`` in flight, yielding results as they finish."""
+    pending: set[Future] = set()
+    for item in items:
+        pending.add(pool.submit(fn, item))
+        if len(pending) >= limit:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+    for f in pending:
+        yield f.result()
+
+
+def _work_items(plan: MergePlan, only_merged: bool) -> Iterator[tuple[TensorPlan, int, int]]:
+    for t in plan.tensors:
+        if only_merged and not t.merge:
+            continue
+        chunkable = t.merge and plan.method.elementwise(t.params)
+        for start, stop in _row_ranges(t, chunkable or not t.merge):
+            yield t, start, stop
+
+
+def _bytes(t: TensorPlan, start: int, stop: int) -> int:
+    rows = t.out.shape[0] if t.out.shape else 1
+    return t.out.nbytes * (stop - start) // max(rows, 1)
+
+
+def run_stats(plan: MergePlan, options: MergeOptions, loader: _Loader, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    lock = threading.Lock()
+    total = sum(t.out.nbytes for t in plan.merged)
+    for stats_pass in plan.method.stats_passes(plan, stats):
+        done = 0
+
+        def visit(item, stats_pass: StatsPass = stats_pass) -> int:
+            t, start, stop = item
+            job = loader.job(t, start, stop, stats, plan.recipe.seed)
+            with lock:  # passes accumulate into shared counters
+                stats_pass.update(job)
+            return _bytes(t, start, stop)
+
+        for n in _bounded_map(pool, visit, _work_items(plan, only_merged=True), options.threads + 1):
+            done += n
+            if options.progress:
+                options.progress(stats_pass.label, done, total)
+    return stats
+
+
+def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] = None) -> MergeResult:
+    options = options or MergeOptions()
+    out = Path(out)
+    started = time.time()
+    device = _device(options.device)
+    check_output(plan, out, options.overwrite)
+    staging = _prepare_staging(out)
+    shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
+    writer = StreamingShardWriter(staging, shard_plan)
+    loader = _Loader(plan, device)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="deltawise-merge") as pool:
+            stats = run_stats(plan, options, loader, pool)
+
+            def produce(item) -> int:
+                t, start, stop = item
+                if t.merge:
+                    job = loader.job(t, start, stop, stats, plan.recipe.seed)
+                    result = plan.method.merge(job)
+                    if not bool(torch.isfinite(result).all()):
+                        raise DeltawiseError(f"{plan.method.name} produced NaN/inf for {t.name}; check the parameters")
+                else:
+                    reader = plan.template.reader
+                    result = reader.get_rows(t.name, start, stop) if t.out.shape else reader.get(t.name)
+                writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
+                return _bytes(t, start, stop)
+
+            done, total = 0, plan.output_bytes()
+            for n in _bounded_map(pool, produce, _work_items(plan, only_merged=False), options.threads + 1):
+                done += n
+                if options.progress:
+                    options.progress("merging", done, total)
+        writer.finish_empty_shards()
+        changed = [f for r in plan.readers for f in r.changed_files()]
+        if changed:
+            raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
+        _finish_folder(plan, staging, shard_plan, writer)
+        _swap_into_place(staging, out)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = sorted(p.name for p in out.iterdir())
+    return MergeResult(out, files, time.time() - started, shard_plan.total_tensor_bytes, plan.warnings)
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeltawiseError("--device cuda was given but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DeltawiseError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device(name)
+
+
+def _finish_folder(plan: MergePlan, staging: Path, shard_plan, writer: StreamingShardWriter) -> None:
+    if len(shard_plan.shards) > 1:
+        write_json_atomic(staging / "model.safetensors.index.json", shard_plan.index())
+    copy_model_files(plan, staging)
+    config = output_config(plan)
+    if config is not None:
+        write_json_atomic(staging / "config.json", config)
+    manifest = {
+        "deltawise_version": _version(),
+        "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
+        "inputs": [{"model": r.label, "fingerprint": r.fingerprint(), "bytes": r.total_bytes()} for r in plan.readers],
+        "shards": [{"file": s.filename, "bytes": s.size, "sha256": writer.completed[s.filename]} for s in shard_plan.shards],
+        "warnings": plan.warnings,
+    }
+    write_json_atomic(staging / MANIFEST, manifest)
+    write_text_atomic(staging / "README.md", model_card(plan, manifest))
+    (staging / STAGING_MARK).unlink()
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to OUT; an existing OUT (--overwrite) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.deltawise-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    from deltawise import __version__
+
+    return __version__
+
+
+def dump_plan(plan: MergePlan) -> dict[str, Any]:
+    """A JSON-able summary of the plan (for --dry-run)."""
+    merged = plan.merged
+    return {
+        "method": plan.method.name,
+        "base_model": plan.base.ref if plan.base else None,
+        "models": [m.ref for m in plan.inputs],
+        "tensors": len(plan.tensors),
+        "merged_tensors": len(merged),
+        "copied_tensors": len(plan.tensors) - len(merged),
+        "output_bytes": plan.output_bytes(),
+        "example_parameters": {t.name: {"params": t.params, "model_params": t.model_params} for t in merged[:3]},
+        "warnings": plan.warnings,
+    }
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)

@@ -1,0 +1,11 @@
+"""Merge methods, one module each; importing this package registers them all."""
+
+from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
+    breadcrumbs,
+    dare,
+    linear,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)

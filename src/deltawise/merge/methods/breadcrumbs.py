@@ -1,0 +1,76 @@
+"""Model Breadcrumbs: keep a middle band of task-vector magnitudes (drop the tiny entries and
+the largest outliers), then add (breadcrumbs) or merge with TIES sign consensus
+(breadcrumbs_ties).
+
+Davari & Belilovsky 2024, "Model Breadcrumbs" (arXiv 2312.06795).
+    mask_t keeps entries whose magnitude rank from the top lies in (gamma*n, (gamma+density)*n]
+    theta = theta_0 + lambda * sum_t w_t mask_t * tau_t
+granularity: tensor (mergekit default: n = tensor size; if density+gamma > 1 the outlier cut
+shrinks), row (the official code: per row of the last dimension, the outlier cut is kept), or
+global (n = whole model, one band per model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.global_topk import GlobalTopK
+from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
+from deltawise.merge.params import Param
+from deltawise.merge.sparsify import band_mask_rows, band_mask_tensor, band_mask_thresholds, combine
+
+GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest-magnitude entries removed as outliers")
+GRANULARITY = Param(
+    "granularity", str, "tensor", choices=("tensor", "row", "global"),
+    help="rank magnitudes per tensor (mergekit), per row (paper code) or over the whole model",
+)
+
+
+class _Breadcrumbs(MergeMethod):
+    consensus: str | None = None
+    reference = "https://arxiv.org/abs/2312.06795"
+
+    def elementwise(self, params):
+        return params["granularity"] in ("row", "global")
+
+    def check(self, plan):
+        return GlobalTopK.check(plan)
+
+    def stats_passes(self, plan, stats):
+        if GlobalTopK.used(plan):
+            yield from GlobalTopK(plan).band_passes(stats)
+
+    def masked(self, job: TensorJob) -> list[torch.Tensor]:
+        out = []
+        for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
+            granularity = job.params["granularity"]
+            if granularity == "global":
+                mask = band_mask_thresholds(delta, *job.stats["bands"][i])
+            elif granularity == "row":
+                mask = band_mask_rows(delta, p["density"], p["gamma"])
+            else:
+                mask = band_mask_tensor(delta, p["density"], p["gamma"])
+            out.append(delta * mask)
+        return out
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        return combine(
+            job.base, self.masked(job), job.weights(), consensus=self.consensus,
+            normalize=job.params["normalize"], scale=job.params["lambda"],
+        )
+
+
+@register
+class Breadcrumbs(_Breadcrumbs):
+    name = "breadcrumbs"
+    summary = "keep a middle band of task-vector magnitudes, then task arithmetic"
+    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY)
+
+
+@register
+class BreadcrumbsTies(_Breadcrumbs):
+    name = "breadcrumbs_ties"
+    summary = "Breadcrumbs masks, then TIES sign consensus"
+    consensus = "mergekit"
+    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY, INT8_MASK)

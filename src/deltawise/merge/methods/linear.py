@@ -1,0 +1,43 @@
+"""Linear merge: weighted average of whole models (uniform soup with equal weights).
+
+Wortsman et al. 2022, "Model soups" (arXiv 2203.05482).
+    theta = sum_i w_i theta_i / sum_i w_i      (without the division if normalize: false)
+A base_model, if given, only names the output's tensors and config; list it under models
+to average it in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.methods.common import WEIGHT, normalize
+
+
+@register
+class Linear(MergeMethod):
+    name = "linear"
+    summary = "weighted average of the models (model soup)"
+    reference = "https://arxiv.org/abs/2203.05482"
+    base_policy = "none"
+    params = (WEIGHT, normalize(True))
+
+    def elementwise(self, params):
+        return True
+
+    def check(self, plan):
+        problems = []
+        for tensor in plan.merged:
+            if tensor.params["normalize"] and abs(sum(p["weight"] for p in tensor.model_params)) < 1e-12:
+                problems.append(f"weights of {tensor.name} sum to 0 with normalize: true (division by zero)")
+                break
+        return problems
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        weights = job.weights()
+        result = torch.zeros_like(job.models[0])
+        for model, w in zip(job.models, weights):
+            result.add_(model, alpha=float(w))
+        if job.params["normalize"]:
+            result.div_(weights.sum())
+        return result

@@ -1,0 +1,294 @@
+"""Turn a recipe into a fully validated merge plan, before any tensor data is read.
+
+Everything that can be checked from headers and configs is checked here, and all problems
+are reported together in one message: unknown method or parameters, parameter values and
+ranges for every tensor, model counts, missing tensors, shape mismatches, vocabulary-size
+differences and tied embeddings.
+
+Rules (documented in docs/merging.md):
+- Output tensors are the base model's (or, without a base, the first model's), in natural
+  order (layer 2 before layer 10).
+- Integer/bool tensors and tensors matching ``exclude`` are copied from that template model.
+- Tied embeddings: a model without ``lm_head.weight`` whose config ties word embeddings
+  contributes its input embedding in its place. If the template itself is tied, the output
+  stays tied and other models' separate ``lm_head.weight`` is ignored (with a warning).
+- Vocabulary: an embedding-like tensor (first dimension = the model's vocab_size, or an
+  embedding/lm_head name) with more rows than the template's is cut to the template's rows,
+  with a warning; fewer rows is an error. Any other shape difference is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from deltawise.errors import InputError, RecipeError, bullet_list
+from deltawise.io.dtypes import parse_dtype
+from deltawise.io.reader import ModelReader
+from deltawise.io.resolve import resolve_model
+from deltawise.io.writer import OutputTensor
+from deltawise.merge import methods  # noqa: F401  (registers the methods)
+from deltawise.merge.base import REGISTRY, MergeMethod
+from deltawise.merge.params import ParamError, layer_position, resolve
+from deltawise.merge.recipe import Recipe
+
+# output-embedding name -> input-embedding names that tie to it, by architecture family
+TIED_ALIASES = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight", "embed_tokens.weight"),
+}
+EMBEDDING_NAME = re.compile(r"(embed_tokens|word_embeddings|wte|lm_head|embed_in|embed_out|shared)\.weight$")
+
+
+@dataclass
+class InputModel:
+    ref: str  # as written in the recipe
+    reader: ModelReader
+    settings: dict[str, Any] = field(default_factory=dict)  # the model's own `parameters`
+
+    @property
+    def config(self) -> Optional[dict]:
+        return self.reader.config
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    out: OutputTensor
+    merge: bool  # False: copied from the template model
+    sources: list[str] = field(default_factory=list)  # tensor name to read in each input
+    base_source: Optional[str] = None
+    rows: Optional[int] = None  # read only the first `rows` rows of each input (vocab cut)
+    params: dict[str, Any] = field(default_factory=dict)
+    model_params: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def out_numel(self) -> int:
+        n = 1
+        for s in self.out.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    base: Optional[InputModel]
+    inputs: list[InputModel]  # what the method combines, in order
+    template: InputModel  # names, config and tokenizer of the output
+    tensors: list[TensorPlan]
+    warnings: list[str]
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.merge]
+
+    @property
+    def readers(self) -> list[ModelReader]:
+        seen, out = set(), []
+        for m in ([self.base] if self.base else []) + self.inputs + [self.template]:
+            if id(m.reader) not in seen:
+                seen.add(id(m.reader))
+                out.append(m.reader)
+        return out
+
+    def output_bytes(self) -> int:
+        return sum(t.out.nbytes for t in self.tensors)
+
+
+def natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and os.path.realpath(pa) == os.path.realpath(pb)
+
+
+def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    method_cls = REGISTRY.get(recipe.merge_method)
+    if method_cls is None:
+        raise RecipeError(
+            f"unknown merge_method {recipe.merge_method!r}; available: {', '.join(sorted(REGISTRY))}"
+        )
+    method = method_cls()
+    known = {p.name for p in method.params}
+    for key in recipe.parameters:
+        if key not in known:
+            problems.append(f"parameters.{key}: not a parameter of {method.name} (known: {', '.join(sorted(known)) or 'none'})")
+    for i, entry in enumerate(recipe.models):
+        for key in entry.parameters:
+            if key not in known:
+                problems.append(f"models[{i}].parameters.{key}: not a parameter of {method.name} (known: {', '.join(sorted(known)) or 'none'})")
+    for pattern in recipe.exclude:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"exclude: {pattern!r} is not a valid regular expression ({exc})")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None:
+            try:
+                parse_dtype(value)
+            except RecipeError as exc:
+                problems.append(f"{key}: {exc}")
+
+    refs = [e.model for e in recipe.models]
+    for i, ref in enumerate(refs):
+        for j in range(i):
+            if same_model(ref, refs[j]):
+                problems.append(f"models[{i}] ({ref}) is listed twice")
+    if method.base_policy == "required" and recipe.base_model is None:
+        problems.append(f"{method.name} needs base_model (task vectors are taken relative to it)")
+
+    # open every input (headers only); report all unreadable inputs at once
+    readers: dict[str, ModelReader] = {}
+    for ref in dict.fromkeys(refs + ([recipe.base_model] if recipe.base_model else [])):
+        try:
+            readers[ref] = ModelReader(resolve_model(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle, label=ref)
+        except InputError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list(problems))
+
+    entries = {e.model: InputModel(e.model, readers[e.model], dict(e.parameters)) for e in recipe.models}
+    base = None
+    if recipe.base_model is not None:
+        base_entry = next((m for ref, m in entries.items() if same_model(ref, recipe.base_model)), None)
+        base = base_entry or InputModel(recipe.base_model, readers[recipe.base_model])
+    if method.base_policy == "required":
+        inputs = [m for m in entries.values() if base is None or m is not base]
+    else:
+        inputs = list(entries.values())
+    if len(inputs) < method.min_models:
+        problems.append(f"{method.name} needs at least {method.min_models} model(s) besides the base, got {len(inputs)}")
+    if method.max_models is not None and len(inputs) > method.max_models:
+        problems.append(f"{method.name} takes at most {method.max_models} model(s) besides the base, got {len(inputs)}")
+    template = base if base is not None else (inputs[0] if inputs else None)
+    if template is None or problems:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list(problems))
+
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    cfg = template.config or {}
+    num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or _count_layers(template.reader)
+    exclude = [re.compile(p) for p in recipe.exclude]
+    readers_in = [m.reader for m in inputs]
+    base_reader = base.reader if (base and method.base_policy == "required") else None
+
+    tensors: list[TensorPlan] = []
+    vocab_warned: set[str] = set()
+    for name in sorted(template.reader.keys(), key=natural_key):
+        info = template.reader.info(name)
+        floating = info.dtype.is_floating_point
+        dtype = out_dtype if (out_dtype is not None and floating) else info.dtype
+        out = OutputTensor(name, info.shape, dtype)
+        if not floating or any(p.search(name) for p in exclude):
+            tensors.append(TensorPlan(name, out, merge=False))
+            continue
+        plan = TensorPlan(name, out, merge=True)
+        involved = ([(base, base_reader)] if base_reader else []) + list(zip(inputs, readers_in))
+        ok = True
+        for k, (model, reader) in enumerate(involved):
+            source = _find_source(name, model, reader)
+            if source is None:
+                problems.append(f"{model.ref} has no tensor {name!r}")
+                ok = False
+                continue
+            shape = reader.info(source).shape
+            if shape != info.shape:
+                if _is_vocab_tensor(source, shape, info.shape, model.config):
+                    if shape[0] < info.shape[0]:
+                        problems.append(
+                            f"{model.ref}: {name} has {shape[0]} vocabulary rows, fewer than the "
+                            f"{template.ref}'s {info.shape[0]}; put the model with the largest vocabulary as base_model"
+                        )
+                        ok = False
+                    else:
+                        plan.rows = info.shape[0]
+                        if model.ref not in vocab_warned:
+                            vocab_warned.add(model.ref)
+                            warnings.append(
+                                f"{model.ref} has a larger vocabulary ({shape[0]} rows in {name}); only the first "
+                                f"{info.shape[0]} rows (the {template.ref} vocabulary) are merged"
+                            )
+                else:
+                    problems.append(f"{model.ref}: {name} has shape {list(shape)}, {template.ref} has {list(info.shape)}")
+                    ok = False
+                    continue
+            if source != name:
+                warnings.append(f"{model.ref} ties {name} to {source}; its {source} is used for {name}")
+            if base_reader is not None and k == 0:
+                plan.base_source = source
+            else:
+                plan.sources.append(source)
+        if not ok:
+            continue
+        t = layer_position(name, num_layers)
+        global_sources = [recipe.parameters]
+        try:
+            plan.params = {p.name: resolve(p, global_sources, name, t) for p in method.params if p.scope == "global"}
+            plan.model_params = [
+                {p.name: resolve(p, [m.settings, recipe.parameters], name, t) for p in method.params if p.scope == "model"}
+                for m in inputs
+            ]
+        except ParamError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        tensors.append(plan)
+
+    _note_tied_extras(template, inputs, warnings)
+    result = MergePlan(recipe, method, base, inputs, template, tensors, warnings)
+    if not problems:
+        problems.extend(method.check(result))
+    if problems:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list(_unique(problems)))
+    return result
+
+
+def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:
+    if name in reader:
+        return name
+    cfg = model.config or {}
+    if cfg.get("tie_word_embeddings", True):
+        for alias in TIED_ALIASES.get(name, ()):
+            if alias in reader:
+                return alias
+    return None
+
+
+def _is_vocab_tensor(name: str, shape: tuple, target: tuple, config: Optional[dict]) -> bool:
+    if len(shape) != len(target) or len(shape) == 0 or shape[1:] != target[1:]:
+        return False
+    vocab = (config or {}).get("vocab_size")
+    return bool(EMBEDDING_NAME.search(name)) or (vocab is not None and shape[0] == vocab)
+
+
+def _note_tied_extras(template: InputModel, inputs: list[InputModel], warnings: list[str]) -> None:
+    for out_name in TIED_ALIASES:
+        if out_name in template.reader:
+            continue
+        for m in inputs:
+            if m is not template and out_name in m.reader:
+                warnings.append(
+                    f"{m.ref} has its own {out_name} but {template.ref} ties it to the input embedding; "
+                    f"the output stays tied, so {m.ref}'s {out_name} is not merged"
+                )
+
+
+def _count_layers(reader: ModelReader) -> Optional[int]:
+    indices = [int(m.group(1)) for k in reader.keys() if (m := re.search(r"\.(\d+)\.", k))]
+    return max(indices) + 1 if indices else None
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random Llama/BERT checkpoints made on the fly (hidden size <= 64)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_llama(path: Path, seed: int = 0, **config_overrides) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(**config_overrides)).save_pretrained(path)
+    return path
+
+
+def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
+    """Copy a checkpoint folder, adding seeded Gaussian noise to every floating tensor."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    for f in dst.glob("*.safetensors"):
+        state = load_file(f)
+        for k, v in state.items():
+            if v.is_floating_point():
+                state[k] = v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        save_file(state, f, metadata={"format": "pt"})
+    return dst
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder: proves an input was not modified."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tuned variants (base + noise). Treat as read-only."""
+    root = tmp_path_factory.mktemp("llama")
+    base = save_llama(root / "base")
+    family = {"base": base}
+    for i in (1, 2, 3):
+        family[f"ft{i}"] = perturb(base, root / f"ft{i}", seed=i)
+    return family
+
+
+@pytest.fixture(scope="session")
+def bert_family(tmp_path_factory) -> dict[str, Path]:
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(root / "base")
+    return {"base": root / "base", "ft1": perturb(root / "base", root / "ft1", 1), "ft2": perturb(root / "base", root / "ft2", 2)}
+
+
+@pytest.fixture
+def make_folder(tmp_path) -> Callable[..., Path]:
+    """Write a dict of tensors as a one-file safetensors model folder."""
+
+    def make(name: str, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+        import json
+
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    return make
