@@ -1,0 +1,171 @@
+"""The streaming engine: chunking and threads never change results; tensor bookkeeping rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import load_state
+from deltawise.errors import RecipeError
+from deltawise.merge import merge
+from deltawise.merge import engine as engine_module
+
+
+def recipe_for(method, family, params=None, models=("ft1", "ft2", "ft3"), base=True, **extra):
+    r = {"merge_method": method, "models": [{"model": str(family[m])} for m in models], "parameters": params or {}}
+    if base:
+        r["base_model"] = str(family["base"])
+    r.update(extra)
+    return r
+
+
+def assert_same_files(a, b):
+    sa, sb = load_state(a), load_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"weight": 0.4}),
+    ("ties", {"density": 0.3, "granularity": "global"}),
+    ("breadcrumbs", {"density": 0.3, "granularity": "row"}),
+    ("dare_ties", {"density": 0.5}),
+    ("linear", {}),
+])
+def test_chunked_and_threaded_runs_match_whole_tensor_runs(llama_family, tmp_path, monkeypatch, method, params):
+    r = recipe_for(method, llama_family, params, base=method != "linear")
+    merge(r, str(tmp_path / "whole"), threads=1)
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 100)  # forces many row chunks per matrix
+    merge(r, str(tmp_path / "chunked"), threads=4)
+    assert_same_files(tmp_path / "whole", tmp_path / "chunked")
+
+
+def test_dare_is_reproducible_and_seed_dependent(llama_family, tmp_path):
+    r = recipe_for("dare_linear", llama_family, {"density": 0.3}, seed=11)
+    merge(r, str(tmp_path / "a"), threads=1)
+    merge(r, str(tmp_path / "b"), threads=3)
+    assert_same_files(tmp_path / "a", tmp_path / "b")
+    merge(dict(r, seed=12), str(tmp_path / "c"))
+    a, c = load_state(tmp_path / "a"), load_state(tmp_path / "c")
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_single_model_merges_return_that_model(llama_family, tmp_path):
+    ft1 = load_state(llama_family["ft1"])
+    for method in ("linear", "task_arithmetic", "ties", "dare_linear", "breadcrumbs"):
+        params = {"density": 1.0} if method in ("ties", "dare_linear", "breadcrumbs") else {}
+        merge(recipe_for(method, llama_family, params, models=("ft1",), base=method != "linear"), str(tmp_path / method))
+        out = load_state(tmp_path / method)
+        for k, v in ft1.items():
+            assert torch.allclose(out[k], v, atol=1e-6), (method, k)
+
+
+def test_task_arithmetic_lambda_zero_returns_base_bit_exactly(llama_family, tmp_path):
+    merge(recipe_for("task_arithmetic", llama_family, {"lambda": 0.0}), str(tmp_path / "out"))
+    assert_same_files(tmp_path / "out", llama_family["base"])
+
+
+def test_linear_on_identical_models_is_identity(llama_family, tmp_path):
+    r = {"merge_method": "linear", "models": [
+        {"model": str(llama_family["ft1"]), "parameters": {"weight": w}} for w in (0.25,)
+    ] + [{"model": str(tmp_path / "copy"), "parameters": {"weight": 0.75}}]}
+    import shutil
+
+    shutil.copytree(llama_family["ft1"], tmp_path / "copy")
+    merge(r, str(tmp_path / "out"))
+    for k, v in load_state(llama_family["ft1"]).items():
+        assert torch.allclose(load_state(tmp_path / "out")[k], v, atol=1e-6)
+
+
+def test_output_dtype_exclude_and_integer_buffers(make_folder, tmp_path):
+    base = {"w": torch.randn(4, 4), "head.weight": torch.randn(2, 4), "position_ids": torch.arange(4)}
+    ft = {"w": base["w"] + 1, "head.weight": base["head.weight"] + 1, "position_ids": torch.arange(4) + 7}
+    b, f = make_folder("base", base), make_folder("ft", ft)
+    r = {"merge_method": "task_arithmetic", "base_model": str(b), "models": [{"model": str(f), "parameters": {"weight": 0.5}}],
+         "dtype": "bfloat16", "exclude": ["^head\\."]}
+    merge(r, str(tmp_path / "out"))
+    out = load_state(tmp_path / "out")
+    assert out["w"].dtype == torch.bfloat16 and torch.equal(out["w"], (base["w"] + 0.5).to(torch.bfloat16))
+    assert torch.equal(out["head.weight"], base["head.weight"].to(torch.bfloat16))  # excluded: copied from base
+    assert torch.equal(out["position_ids"], base["position_ids"])  # integer buffer: copied from base
+
+
+def test_tied_input_embedding_stands_in_for_missing_lm_head(make_folder, tmp_path):
+    emb = torch.randn(10, 4)
+    base = make_folder("base", {"model.embed_tokens.weight": emb, "lm_head.weight": emb + 1}, {"tie_word_embeddings": False})
+    tied = make_folder("tied", {"model.embed_tokens.weight": emb + 2}, {"tie_word_embeddings": True})
+    r = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(tied)}]}
+    merge(r, str(tmp_path / "out"))
+    out = load_state(tmp_path / "out")
+    # the tied model's lm_head is its embedding (emb + 2): delta vs base lm_head (emb + 1) is +1
+    assert torch.allclose(out["lm_head.weight"], emb + 2)
+    untied = make_folder("untied", {"model.embed_tokens.weight": emb}, {"tie_word_embeddings": False})
+    with pytest.raises(RecipeError, match="lm_head.weight"):
+        merge(dict(r, models=[{"model": str(untied)}]), str(tmp_path / "out2"))
+
+
+def test_larger_vocabulary_is_cut_to_the_base_with_a_warning(make_folder, tmp_path):
+    base = make_folder("base", {"model.embed_tokens.weight": torch.zeros(6, 3), "w": torch.zeros(3)}, {"vocab_size": 6})
+    big = make_folder("big", {"model.embed_tokens.weight": torch.ones(8, 3), "w": torch.ones(3)}, {"vocab_size": 8})
+    r = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(big)}]}
+    from deltawise.merge import build_plan, parse_recipe
+
+    plan = build_plan(parse_recipe(r))
+    assert any("larger vocabulary" in w for w in plan.warnings)
+    merge(r, str(tmp_path / "out"))
+    assert torch.equal(load_state(tmp_path / "out")["model.embed_tokens.weight"], torch.ones(6, 3))
+    with pytest.raises(RecipeError, match="vocabulary rows"):
+        merge(dict(r, base_model=str(big), models=[{"model": str(base)}]), str(tmp_path / "out2"))
+
+
+def test_gradient_and_filter_parameters_reach_each_tensor(llama_family):
+    from deltawise.merge import build_plan, parse_recipe
+
+    r = recipe_for("ties", llama_family, {
+        "density": [0.2, 0.8],
+        "weight": [{"filter": "self_attn", "value": 0.5}, {"value": 1.0}],
+    })
+    plan = {t.name: t for t in build_plan(parse_recipe(r)).merged}
+    assert plan["model.layers.0.mlp.up_proj.weight"].model_params[0] == {"weight": 1.0, "density": 0.2}
+    assert plan["model.layers.1.self_attn.q_proj.weight"].model_params[0] == {"weight": 0.5, "density": 0.8}
+    assert plan["model.norm.weight"].model_params[0]["density"] == 0.2  # outside the layer stack: t = 0
+
+
+def test_bert_merge_loads_in_transformers_and_runs(bert_family, tmp_path):
+    from transformers import AutoModel
+
+    r = recipe_for("ties", bert_family, {"density": 0.5}, models=("ft1", "ft2"))
+    merge(r, str(tmp_path / "out"))
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([[1, 5, 7, 2]])).last_hidden_state
+    assert hidden.shape == (1, 4, 32) and bool(torch.isfinite(hidden).all())
+    manifest = json.loads((tmp_path / "out" / "deltawise_merge.json").read_text())
+    assert manifest["recipe"]["merge_method"] == "ties" and len(manifest["inputs"]) == 3
+
+
+def test_llama_merge_forward_matches_direct_state_dict_arithmetic(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merge(recipe_for("task_arithmetic", llama_family, {"weight": 1 / 3}), str(tmp_path / "out"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base, fts = load_state(llama_family["base"]), [load_state(llama_family[f"ft{i}"]) for i in (1, 2, 3)]
+    expected = {k: v + sum(ft[k] - v for ft in fts) / 3 for k, v in base.items()}
+    reference = AutoModelForCausalLM.from_pretrained(llama_family["base"])
+    reference.load_state_dict(expected, strict=False)
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(llama_family, tmp_path):
+    from deltawise.errors import DeltawiseError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the CUDA path is exercised on the device machine instead")
+    with pytest.raises(DeltawiseError, match="no CUDA device"):
+        merge(recipe_for("linear", llama_family, base=False), str(tmp_path / "out"), device="cuda")
+    assert not (tmp_path / "out").exists()
