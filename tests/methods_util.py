@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deltawise.merge.base import REGISTRY, TensorJob
+from deltawise.merge.base import REGISTRY, merge_tensor
 
 
 def run_method(name, base, models, params=None, model_params=None, stats=None, seed=0):
@@ -19,5 +19,4 @@ def run_method(name, base, models, params=None, model_params=None, stats=None, s
             if p.scope == "model":
                 mp.setdefault(p.name, p.default)
     f = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    job = TensorJob("t", f(base), [f(m) for m in models], params, per_model, stats or {}, seed)
-    return method.merge(job)
+    return merge_tensor(method, f(base), [f(m) for m in models], params, per_model, seed=seed, stats=stats)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from deltawise.errors import DeltawiseError
@@ -18,8 +19,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: never insert line breaks into paths, JSON or messages that are piped
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class _ProgressReporter:
@@ -61,10 +63,10 @@ def merge(
 
     plan = build_plan(load_recipe(recipe), allow_pickle=allow_pickle)
     for warning in plan.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if dry_run:
         check_output(plan, output, overwrite)
-        out.print(to_json(dump_plan(plan)), highlight=False)
+        print(to_json(dump_plan(plan)))  # plain stdout: the plan must stay valid JSON
         return
     with _progress(quiet) as progress:
         options = MergeOptions(
@@ -73,7 +75,7 @@ def merge(
         )
         result = run_merge(plan, output, options)
     gb = result.bytes_written / 1e9
-    out.print(f"merged with {plan.method.name} into {result.out} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+    out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
 
 
 @app.command()
@@ -107,7 +109,7 @@ def main() -> None:
     try:
         app()
     except DeltawiseError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: no output was written under the final name")

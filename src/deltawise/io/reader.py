@@ -138,6 +138,12 @@ class ModelReader:
             entries = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
         else:
             entries = self._read_safetensors_header(file)
+        missing = [n for n, f in self._file_of.items() if f == file and n not in entries]
+        if missing:
+            raise InputError(
+                f"model {self.label!r}: the index assigns {missing[0]!r}"
+                f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} to {file.name}, which does not contain it"
+            )
         for name, info in entries.items():
             owner = self._file_of.get(name)
             if owner is not None and owner != file and name in self._info:
@@ -243,6 +249,9 @@ class ModelReader:
         ``pread`` releases the GIL, letting reader threads overlap with computation.
         """
         info = self._require(name)
+        if info.shape:  # clamp like slicing, so a range can never reach into another tensor's bytes
+            start, stop = max(0, min(start, info.shape[0])), max(0, min(stop, info.shape[0]))
+            stop = max(start, stop)
         file = self._file_of[name]
         if file.suffix in PICKLE_SUFFIXES:
             tensor = self._load_pickle(file)[name]
@@ -303,18 +312,34 @@ class ModelReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._info.values())
 
-    def fingerprint(self) -> str:
-        """A fast identity of the weights: sha256 over each file's name, size and tensor header.
+    def fingerprint(self, sample_bytes: int = 4096) -> str:
+        """A fast identity of the weights: sha256 over each file's name, size and tensor header
+        (names, dtypes, shapes, offsets) and, for every tensor, up to three samples of its data
+        (its first, middle and last ``sample_bytes``).
 
-        Headers hold every tensor's name, dtype, shape and byte offsets; hashing file contents
-        would cost a full extra read of the inputs, which the merge avoids.
+        Fine-tunes of one base share headers but differ in every tensor they changed, which the
+        samples catch; a full content hash would cost one more read of all inputs.
         """
         h = hashlib.sha256()
         for file in self.files:
             h.update(file.name.encode())
             h.update(str(file.stat().st_size).encode())
             h.update(self._header_bytes(file))
+        for name in sorted(self._info):
+            h.update(name.encode())
+            h.update(self._sample(name, sample_bytes))
         return h.hexdigest()
+
+    def _sample(self, name: str, size: int) -> bytes:
+        file = self._file_of[name]
+        if file.suffix in PICKLE_SUFFIXES:
+            flat = self._load_pickle(file)[name].reshape(-1).contiguous().view(torch.uint8)
+            n = flat.numel()
+            return b"".join(bytes(flat[o : o + size].numpy()) for o in sorted({0, max(0, n // 2 - size // 2), max(0, n - size)}))
+        offset, nbytes = self._layout[name]
+        fd = self._fd(file)
+        starts = sorted({0, max(0, nbytes // 2 - size // 2), max(0, nbytes - size)})
+        return b"".join(os.pread(fd, min(size, nbytes - s), offset + s) for s in starts)
 
     def _header_bytes(self, file: Path) -> bytes:
         if file not in self._headers:  # safetensors headers are kept at open; pickles get a description

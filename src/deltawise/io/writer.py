@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ def parse_size(text: str | int) -> int:
         value = float(num)
     except ValueError:
         raise OutputError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
-    if unit not in SIZE_UNITS or value <= 0:
+    if unit not in SIZE_UNITS or not math.isfinite(value) or value <= 0:
         raise OutputError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
     return int(value * SIZE_UNITS[unit])
 

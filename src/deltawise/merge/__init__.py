@@ -1,5 +1,7 @@
 """Model merging: recipes, per-tensor methods registered by name, and the streaming engine."""
 
+import os
+
 from deltawise.merge.base import REGISTRY, MergeMethod, TensorJob, register
 from deltawise.merge.engine import MergeOptions, MergeResult, run_merge
 from deltawise.merge.plan import MergePlan, build_plan
@@ -11,9 +13,9 @@ __all__ = [
 ]
 
 
-def merge(recipe: "Recipe | dict | str", out: str, **options) -> MergeResult:
+def merge(recipe: "Recipe | dict | str | os.PathLike", out: "str | os.PathLike", **options) -> MergeResult:
     """Merge from a Recipe, a dict in recipe form, or a recipe YAML path; write the model to ``out``."""
-    if isinstance(recipe, str):
+    if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)

@@ -1,10 +1,12 @@
 """The merge-method interface and the per-tensor job the engine hands to methods.
 
 A method is a small class registered by name. The engine does all I/O: it resolves the
-recipe's parameters for each tensor, reads the inputs (as float32, or float64 if stored so),
-and calls ``merge`` once per tensor -- or once per row chunk when ``elementwise`` says the
-output entry depends only on the same entry of the inputs. Methods needing whole-model
-statistics (global top-k thresholds) yield streaming passes from ``stats_passes``.
+recipe's parameters for each tensor, reads the inputs (as float32, or float64 if stored so)
+in row chunks, and calls ``merge`` once per chunk. What a chunk cannot know on its own -- a
+per-tensor magnitude threshold, a norm, a dot product -- is gathered first by streaming
+passes over the chunks: ``tensor_passes`` for statistics of one tensor, ``stats_passes`` for
+statistics of the whole model (global top-k). Chunks are whole rows (dimension 0), so methods
+working along the last dimension see complete rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from deltawise.merge.params import Param
 
 if TYPE_CHECKING:
     from deltawise.merge.plan import MergePlan
+
+
+# Random methods draw per block of whole rows of about this many entries; part of the output's
+# definition (changing it changes DARE results for a given seed), unlike the engine's chunk size.
+RNG_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -44,15 +51,27 @@ class TensorJob:
         ref = self.models[0]
         return torch.tensor([p.get("weight", default) for p in self.model_params], dtype=ref.dtype, device=ref.device)
 
-    def generator(self, model_index: int) -> torch.Generator:
-        """A random stream that depends only on (seed, tensor, model, chunk): reproducible whatever
-        the thread count, device or processing order."""
-        key = f"{self.seed}|{self.name}|{model_index}|{self.row_start}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
-        device = self.models[0].device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return gen
+    def uniform(self, model_index: int) -> torch.Tensor:
+        """Uniform [0, 1) numbers shaped like this chunk, identical whatever the chunking, thread
+        count or device: the stream of each block of RNG_BLOCK_ELEMENTS (whole rows) is seeded by
+        (seed, tensor, model, block) and drawn on the CPU."""
+        like = self.models[0]
+        if like.dim() < 2:
+            return self._block_rand(model_index, 0, tuple(like.shape)).to(like.device)
+        row_shape = tuple(like.shape[1:])
+        block = max(1, RNG_BLOCK_ELEMENTS // max(1, like[0].numel()))
+        first, last = self.row_start, self.row_start + like.shape[0]
+        parts = []
+        for k in range(first // block, (last - 1) // block + 1):
+            values = self._block_rand(model_index, k, (block, *row_shape))
+            parts.append(values[max(first, k * block) - k * block : min(last, (k + 1) * block) - k * block])
+        return torch.cat(parts).to(like.device)
+
+    def _block_rand(self, model_index: int, block: int, shape: tuple[int, ...]) -> torch.Tensor:
+        key = f"{self.seed}|{self.name}|{model_index}|{block}".encode()
+        gen = torch.Generator()
+        gen.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+        return torch.rand(shape, generator=gen)
 
 
 class StatsPass:
@@ -68,16 +87,12 @@ class MergeMethod:
     name: ClassVar[str]
     summary: ClassVar[str]
     reference: ClassVar[str] = ""
-    # "required": tensors are merged relative to base_model; "none": base_model only names the
-    # output's tensors/config (merged like any model only if it is also listed under models)
-    base_policy: ClassVar[Literal["required", "none"]] = "required"
+    # "required": tensors are merged relative to base_model; "input": base_model, if given, is
+    # one more input (appended when not listed under models, as mergekit does)
+    base_policy: ClassVar[Literal["required", "input"]] = "required"
     min_models: ClassVar[int] = 1  # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     params: ClassVar[tuple[Param, ...]] = ()
-
-    def elementwise(self, params: dict[str, Any]) -> bool:
-        """True when output[i] depends only on inputs[i], so tensors may be split in row chunks."""
-        return False
 
     def check(self, plan: "MergePlan") -> list[str]:
         """Method-specific problems with a whole plan (e.g. options that cannot go together)."""
@@ -87,12 +102,41 @@ class MergeMethod:
         """Passes to run before merging; each may read the results of the previous ones in ``stats``."""
         return iter(())
 
+    def tensor_passes(
+        self, params: dict[str, Any], model_params: list[dict[str, Any]], numel: int, stats: dict[str, Any]
+    ) -> Iterator[StatsPass]:
+        """Passes over the chunks of one tensor (``numel`` entries) before it is merged; results go
+        into ``stats``, which the merge of each chunk then receives as ``job.stats``."""
+        return iter(())
+
     def merge(self, job: TensorJob) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
     def param(cls, name: str) -> Param:
         return next(p for p in cls.params if p.name == name)
+
+
+def merge_tensor(
+    method: MergeMethod,
+    base: Optional[torch.Tensor],
+    models: list[torch.Tensor],
+    params: dict[str, Any],
+    model_params: list[dict[str, Any]],
+    *,
+    name: str = "tensor",
+    seed: int = 0,
+    stats: Optional[dict[str, Any]] = None,
+) -> torch.Tensor:
+    """Merge one in-memory tensor: run the method's per-tensor passes, then the merge.
+
+    ``stats`` carries whole-model statistics when the method needs them (global granularity).
+    """
+    tensor_stats = dict(stats or {})
+    job = TensorJob(name, base, models, params, model_params, tensor_stats, seed)
+    for stats_pass in method.tensor_passes(params, model_params, models[0].numel(), tensor_stats):
+        stats_pass.update(job)
+    return method.merge(job)
 
 
 REGISTRY: dict[str, type[MergeMethod]] = {}

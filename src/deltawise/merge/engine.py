@@ -1,9 +1,10 @@
 """The streaming merge engine: reads inputs tensor by tensor, runs the method, writes shards.
 
-Peak memory is a few tensors per input (row chunks of at most CHUNK_ELEMENTS for methods
-whose output rows depend only on the same input rows) times the number of tensors in flight,
-whatever the model size: inputs are read with pread (not kept mapped) and outputs streamed
-to their byte offsets. Work runs on ``threads`` worker threads, on a GPU with device="cuda".
+Peak memory is a few row chunks (at most CHUNK_ELEMENTS entries) per input times the number of
+tensors in flight, whatever the model or tensor size: inputs are read with pread (not kept
+mapped), per-tensor statistics are gathered chunk by chunk before merging, and outputs are
+streamed to their byte offsets. Work runs on ``threads`` worker threads (one tensor each), on
+a GPU with device="cuda".
 
 The output is assembled in a hidden staging folder beside OUT and moved into place only when
 complete, so OUT never holds a partial model; inputs are opened read-only and never written.
@@ -29,7 +30,7 @@ from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
 
-CHUNK_ELEMENTS = 1 << 22  # 4M entries: 16 MB per float32 operand
+CHUNK_ELEMENTS = 1 << 20  # 1M entries: 4 MB per float32 operand
 STAGING_MARK = ".deltawise-staging"
 MANIFEST = "deltawise_merge.json"
 
@@ -117,40 +118,61 @@ class _Loader:
         return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
 
 
-def _row_ranges(t: TensorPlan, chunkable: bool) -> list[tuple[int, int]]:
+def _row_ranges(t: TensorPlan) -> list[tuple[int, int]]:
     rows = t.out.shape[0] if t.out.shape else 1
-    if not chunkable or len(t.out.shape) < 2 or t.out_numel <= CHUNK_ELEMENTS:
+    if len(t.out.shape) < 2 or t.out_numel <= CHUNK_ELEMENTS:
         return [(0, rows)]
-    per_row = max(1, t.out_numel // rows)
-    step = max(1, CHUNK_ELEMENTS // per_row)
+    step = max(1, CHUNK_ELEMENTS // max(1, t.out_numel // rows))
     return [(s, min(rows, s + step)) for s in range(0, rows, step)]
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator[Any]:
     """Run fn over items with at most ``limit`` in flight, yielding results as they finish."""
     pending: set[Future] = set()
-    for item in items:
-        pending.add(pool.submit(fn, item))
-        if len(pending) >= limit:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield f.result()
-    for f in pending:
-        yield f.result()
+    try:
+        for item in items:
+            pending.add(pool.submit(fn, item))
+            if len(pending) >= limit:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        for f in pending:
+            yield f.result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
-def _work_items(plan: MergePlan, only_merged: bool) -> Iterator[tuple[TensorPlan, int, int]]:
-    for t in plan.tensors:
-        if only_merged and not t.merge:
-            continue
-        chunkable = t.merge and plan.method.elementwise(t.params)
-        for start, stop in _row_ranges(t, chunkable or not t.merge):
-            yield t, start, stop
+class _TensorRun:
+    """One tensor's chunks: runs the method's per-tensor passes over them, then yields merged chunks."""
 
+    def __init__(self, plan: MergePlan, loader: _Loader, t: TensorPlan, global_stats: dict[str, Any]):
+        self.plan, self.loader, self.t = plan, loader, t
+        self.ranges = _row_ranges(t)
+        self.stats = dict(global_stats)
+        # a tensor that fits in one chunk is read once and reused by every pass and the merge
+        self._single = None
 
-def _bytes(t: TensorPlan, start: int, stop: int) -> int:
-    rows = t.out.shape[0] if t.out.shape else 1
-    return t.out.nbytes * (stop - start) // max(rows, 1)
+    def job(self, start: int, stop: int) -> TensorJob:
+        if len(self.ranges) == 1:
+            if self._single is None:
+                self._single = self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+            return self._single
+        return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+
+    def visit(self, stats_pass: StatsPass) -> None:
+        for start, stop in self.ranges:
+            stats_pass.update(self.job(start, stop))
+
+    def merged_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        method = self.plan.method
+        for stats_pass in method.tensor_passes(self.t.params, self.t.model_params, self.t.out_numel, self.stats):
+            self.visit(stats_pass)
+        for start, stop in self.ranges:
+            result = method.merge(self.job(start, stop))
+            if not bool(torch.isfinite(result).all()):
+                raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
+            yield start, result
 
 
 def run_stats(plan: MergePlan, options: MergeOptions, loader: _Loader, pool: ThreadPoolExecutor) -> dict[str, Any]:
@@ -158,16 +180,17 @@ def run_stats(plan: MergePlan, options: MergeOptions, loader: _Loader, pool: Thr
     lock = threading.Lock()
     total = sum(t.out.nbytes for t in plan.merged)
     for stats_pass in plan.method.stats_passes(plan, stats):
+
+        def visit(t: TensorPlan, stats_pass: StatsPass = stats_pass) -> int:
+            run = _TensorRun(plan, loader, t, stats)
+            for start, stop in run.ranges:
+                job = run.job(start, stop)
+                with lock:  # passes accumulate into shared counters
+                    stats_pass.update(job)
+            return t.out.nbytes
+
         done = 0
-
-        def visit(item, stats_pass: StatsPass = stats_pass) -> int:
-            t, start, stop = item
-            job = loader.job(t, start, stop, stats, plan.recipe.seed)
-            with lock:  # passes accumulate into shared counters
-                stats_pass.update(job)
-            return _bytes(t, start, stop)
-
-        for n in _bounded_map(pool, visit, _work_items(plan, only_merged=True), options.threads + 1):
+        for n in _bounded_map(pool, visit, iter(plan.merged), options.threads + 1):
             done += n
             if options.progress:
                 options.progress(stats_pass.label, done, total)
@@ -188,21 +211,18 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
         with ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="deltawise-merge") as pool:
             stats = run_stats(plan, options, loader, pool)
 
-            def produce(item) -> int:
-                t, start, stop = item
+            def produce(t: TensorPlan) -> int:
                 if t.merge:
-                    job = loader.job(t, start, stop, stats, plan.recipe.seed)
-                    result = plan.method.merge(job)
-                    if not bool(torch.isfinite(result).all()):
-                        raise DeltawiseError(f"{plan.method.name} produced NaN/inf for {t.name}; check the parameters")
+                    chunks = _TensorRun(plan, loader, t, stats).merged_chunks()
                 else:
                     reader = plan.template.reader
-                    result = reader.get_rows(t.name, start, stop) if t.out.shape else reader.get(t.name)
-                writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
-                return _bytes(t, start, stop)
+                    chunks = ((a, reader.get_rows(t.name, a, b) if t.out.shape else reader.get(t.name)) for a, b in _row_ranges(t))
+                for start, result in chunks:
+                    writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
+                return t.out.nbytes
 
             done, total = 0, plan.output_bytes()
-            for n in _bounded_map(pool, produce, _work_items(plan, only_merged=False), options.threads + 1):
+            for n in _bounded_map(pool, produce, iter(plan.tensors), options.threads + 1):
                 done += n
                 if options.progress:
                     options.progress("merging", done, total)

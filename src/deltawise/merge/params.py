@@ -131,3 +131,17 @@ def resolve(spec: Param, sources: list[dict[str, Setting]], tensor_name: str, t:
     if spec.default is REQUIRED:
         raise ParamError(f"missing required parameter {spec.name!r}")
     return spec.default
+
+
+def leaf_problems(spec: Param, setting: Setting) -> list[str]:
+    """Check every value written in a setting without knowing any tensor: scalars and gradient
+    endpoints must be valid (interpolating between valid endpoints stays valid)."""
+    if isinstance(setting, ConditionalValue):
+        return leaf_problems(spec, setting.value)
+    if isinstance(setting, list):
+        return [msg for item in setting for msg in leaf_problems(spec, item)]
+    try:
+        spec.coerce(setting)
+    except ParamError as exc:
+        return [str(exc)]
+    return []

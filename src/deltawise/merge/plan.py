@@ -34,7 +34,7 @@ from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import OutputTensor
 from deltawise.merge import methods  # noqa: F401  (registers the methods)
 from deltawise.merge.base import REGISTRY, MergeMethod
-from deltawise.merge.params import ParamError, layer_position, resolve
+from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
 
 # output-embedding name -> input-embedding names that tie to it, by architecture family
@@ -122,14 +122,15 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
             f"unknown merge_method {recipe.merge_method!r}; available: {', '.join(sorted(REGISTRY))}"
         )
     method = method_cls()
-    known = {p.name for p in method.params}
-    for key in recipe.parameters:
-        if key not in known:
-            problems.append(f"parameters.{key}: not a parameter of {method.name} (known: {', '.join(sorted(known)) or 'none'})")
-    for i, entry in enumerate(recipe.models):
-        for key in entry.parameters:
-            if key not in known:
-                problems.append(f"models[{i}].parameters.{key}: not a parameter of {method.name} (known: {', '.join(sorted(known)) or 'none'})")
+    specs = {p.name: p for p in method.params}
+    known = ", ".join(sorted(specs)) or "none"
+    settings = [("parameters", recipe.parameters)] + [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models)]
+    for where, given in settings:
+        for key, setting in given.items():
+            if key not in specs:
+                problems.append(f"{where}.{key}: not a parameter of {method.name} (known: {known})")
+            else:
+                problems.extend(f"{where}.{key}: {msg}" for msg in leaf_problems(specs[key], setting))
     for pattern in recipe.exclude:
         try:
             re.compile(pattern)
@@ -169,7 +170,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     if method.base_policy == "required":
         inputs = [m for m in entries.values() if base is None or m is not base]
     else:
-        inputs = list(entries.values())
+        inputs = list(entries.values()) + ([base] if base is not None and all(m is not base for m in entries.values()) else [])
     if len(inputs) < method.min_models:
         problems.append(f"{method.name} needs at least {method.min_models} model(s) besides the base, got {len(inputs)}")
     if method.max_models is not None and len(inputs) > method.max_models:

@@ -1,7 +1,6 @@
 """Shared building blocks of the task-vector methods: masks, rescaling, sign election.
 
-Rank conventions (section 0 of METHODS.md): ``kth_smallest(v, r)`` is the r-th smallest
-value (1-indexed). "Keep |v| >= s_r" keeps the entries from rank r upwards, plus any ties.
+Magnitude thresholds themselves are computed in ``thresholds.py`` (exact, streaming).
 """
 
 from __future__ import annotations
@@ -9,26 +8,6 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-
-
-def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
-    flat = values.reshape(-1)
-    if flat.device.type == "cpu" and flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    return flat.kthvalue(rank).values
-
-
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Per-tensor top-``density`` by magnitude, counting as mergekit does: keep
-    k = max(1, int(density * n)) entries (more only when magnitudes tie at the threshold)."""
-    n = delta.numel()
-    if density >= 1 or n == 0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * n))
-    magnitude = delta.abs()
-    return magnitude >= kth_smallest(magnitude, n - k + 1)
 
 
 def threshold_mask(delta: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
@@ -44,21 +23,6 @@ def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     n_keep = int(density * n)
     n_top = int(gamma * n)
     return max(0, n - n_keep - n_top), n_keep
-
-
-def band_mask_tensor(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs over the whole tensor (mergekit's ``magnitude_outliers``): keep the entries
-    whose ascending magnitude rank lies in (n_bot, n_bot + n_keep]."""
-    n = delta.numel()
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    n_bot, n_keep = band_counts(n, density, gamma)
-    if n_keep == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs()
-    lower = kth_smallest(magnitude, n_bot + 1)
-    upper = kth_smallest(magnitude, n_bot + n_keep)
-    return (magnitude >= lower) & (magnitude <= upper)
 
 
 def band_mask_rows(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -86,29 +50,11 @@ def band_mask_thresholds(delta: torch.Tensor, lower: Optional[float], upper: Opt
     return mask
 
 
-def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def bernoulli_mask(delta: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
     """DARE's random keep mask: each entry kept independently with probability ``density``."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-
-
-RescaleMode = Literal["l1", "inverse_density"]
-
-
-def rescale(masked: torch.Tensor, original: torch.Tensor, mode: RescaleMode, density: float) -> torch.Tensor:
-    """Restore the size of a sparsified delta.
-
-    ``inverse_density`` divides by the keep probability (the DARE paper: an unbiased estimate
-    of the delta); ``l1`` matches the L1 norm of the original (mergekit's choice).
-    """
-    if mode == "inverse_density":
-        return masked / density if 0 < density < 1 else masked
-    before = original.abs().sum()
-    after = masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+    return uniform < density
 
 
 def combine(

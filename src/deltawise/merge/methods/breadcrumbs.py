@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
-from deltawise.merge.global_topk import GlobalTopK
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
-from deltawise.merge.sparsify import band_mask_rows, band_mask_tensor, band_mask_thresholds, combine
+from deltawise.merge.sparsify import band_mask_rows, band_mask_thresholds, combine
+from deltawise.merge.thresholds import GlobalTopK, band_passes
 
 GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest-magnitude entries removed as outliers")
 GRANULARITY = Param(
@@ -31,26 +31,25 @@ class _Breadcrumbs(MergeMethod):
     consensus: str | None = None
     reference = "https://arxiv.org/abs/2312.06795"
 
-    def elementwise(self, params):
-        return params["granularity"] in ("row", "global")
-
     def check(self, plan):
         return GlobalTopK.check(plan)
 
     def stats_passes(self, plan, stats):
         if GlobalTopK.used(plan):
-            yield from GlobalTopK(plan).band_passes(stats)
+            topk = GlobalTopK(plan)
+            yield from band_passes(topk.total, topk.densities, topk.gammas, stats)
+
+    def tensor_passes(self, params, model_params, numel, stats):
+        if params["granularity"] == "tensor":
+            yield from band_passes(numel, [p["density"] for p in model_params], [p["gamma"] for p in model_params], stats)
 
     def masked(self, job: TensorJob) -> list[torch.Tensor]:
         out = []
         for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-            granularity = job.params["granularity"]
-            if granularity == "global":
-                mask = band_mask_thresholds(delta, *job.stats["bands"][i])
-            elif granularity == "row":
+            if job.params["granularity"] == "row":
                 mask = band_mask_rows(delta, p["density"], p["gamma"])
             else:
-                mask = band_mask_tensor(delta, p["density"], p["gamma"])
+                mask = band_mask_thresholds(delta, *job.stats["bands"][i])
             out.append(delta * mask)
         return out
 

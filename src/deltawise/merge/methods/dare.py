@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
-from deltawise.merge.sparsify import bernoulli_mask, combine, rescale
+from deltawise.merge.sparsify import bernoulli_mask, combine
 
 RESCALE = Param("rescale", bool, True, help="rescale kept entries (off: 'DropOnly')")
 RESCALE_MODE = Param(
@@ -30,22 +30,53 @@ class _Dare(MergeMethod):
     consensus: str | None = None
     reference = "https://arxiv.org/abs/2311.03099"
 
-    def elementwise(self, params):
-        # the L1 rescale needs whole-tensor norms; the paper's 1/density does not
-        return not params["rescale"] or params["rescale_mode"] == "inverse_density"
+    def tensor_passes(self, params, model_params, numel, stats):
+        if params["rescale"] and params["rescale_mode"] == "l1":
+            l1 = L1Norms()
+            yield l1
+            stats["scales"] = l1.scales()
+
+    @staticmethod
+    def kept(job: TensorJob) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(task vector, its randomly kept part) per model; the masks depend only on the job's seed."""
+        deltas = job.deltas()
+        return [(d, d * bernoulli_mask(d, p["density"], job.uniform(i))) for i, (d, p) in enumerate(zip(deltas, job.model_params))]
 
     def dropped(self, job: TensorJob) -> list[torch.Tensor]:
-        out = []
-        for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-            kept = delta * bernoulli_mask(delta, p["density"], job.generator(i))
-            out.append(rescale(kept, delta, job.params["rescale_mode"], p["density"]) if job.params["rescale"] else kept)
-        return out
+        kept = [k for _, k in self.kept(job)]
+        if not job.params["rescale"]:
+            return kept
+        if job.params["rescale_mode"] == "l1":
+            return [k * s for k, s in zip(kept, job.stats["scales"])]
+        return [k / p["density"] if 0 < p["density"] < 1 else k for k, p in zip(kept, job.model_params)]
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         return combine(
             job.base, self.dropped(job), job.weights(), consensus=self.consensus,
             normalize=job.params["normalize"], scale=job.params["lambda"],
         )
+
+
+class L1Norms(StatsPass):
+    """Per model: ||tau||_1 over ||m * tau||_1 for the whole tensor (the L1 rescale factor)."""
+
+    label = "DARE rescale norms"
+
+    def __init__(self):
+        self.before: list[float] = []
+        self.after: list[float] = []
+
+    def update(self, job: TensorJob) -> None:
+        pairs = _Dare.kept(job)
+        if not self.before:
+            self.before, self.after = [0.0] * len(pairs), [0.0] * len(pairs)
+        for i, (delta, kept) in enumerate(pairs):
+            self.before[i] += float(delta.abs().sum(dtype=torch.float64))
+            self.after[i] += float(kept.abs().sum(dtype=torch.float64))
+
+    def scales(self) -> list[float]:
+        # as mergekit: leave the kept entries as they are when either norm is ~0
+        return [b / a if b >= 1e-7 and a >= 1e-7 else 1.0 for b, a in zip(self.before, self.after)]
 
 
 @register

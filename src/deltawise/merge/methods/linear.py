@@ -2,8 +2,8 @@
 
 Wortsman et al. 2022, "Model soups" (arXiv 2203.05482).
     theta = sum_i w_i theta_i / sum_i w_i      (without the division if normalize: false)
-A base_model, if given, only names the output's tensors and config; list it under models
-to average it in.
+A base_model, if given, is averaged in too (appended to the models when not listed, with the
+recipe-wide weight, as mergekit does) and supplies the output's tensor names and config.
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "weighted average of the models (model soup)"
     reference = "https://arxiv.org/abs/2203.05482"
-    base_policy = "none"
+    base_policy = "input"
     params = (WEIGHT, normalize(True))
-
-    def elementwise(self, params):
-        return True
 
     def check(self, plan):
         problems = []

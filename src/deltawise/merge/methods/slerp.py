@@ -4,6 +4,8 @@ Shoemake 1985; used for LLM merging by mergekit. With u = v/||v|| over the flatt
     d = <u0, u1>;  if |d| > 0.9995: (1-t) v0 + t v1   (nearly colinear: plain lerp)
     else w = arccos d:  sin((1-t) w)/sin w * v0 + sin(t w)/sin w * v1
 t = 0 returns the base, t = 1 the other model; t may be a depth gradient or filtered per tensor.
+The norms and the dot product are accumulated over row chunks (in float64) before any chunk
+is interpolated, so the coefficients are those of the whole tensor.
 """
 
 from __future__ import annotations
@@ -12,11 +14,34 @@ import math
 
 import torch
 
-from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.params import Param
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
+
+
+class Products(StatsPass):
+    """<v0,v0>, <v1,v1>, <v0,v1> of the whole tensor."""
+
+    label = "SLERP norms"
+
+    def __init__(self):
+        self.sums = [0.0, 0.0, 0.0]
+
+    def update(self, job: TensorJob) -> None:
+        v0, v1 = job.base.double(), job.models[0].double()
+        for i, value in enumerate(((v0 * v0).sum(), (v1 * v1).sum(), (v0 * v1).sum())):
+            self.sums[i] += float(value)
+
+    def coefficients(self, t: float) -> tuple[float, float]:
+        n0, n1 = math.sqrt(self.sums[0]), math.sqrt(self.sums[1])
+        dot = self.sums[2] / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+        dot = max(-1.0, min(1.0, dot))
+        if abs(dot) > DOT_THRESHOLD:
+            return 1 - t, t
+        omega = math.acos(dot)
+        return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
 @register
@@ -28,15 +53,11 @@ class Slerp(MergeMethod):
     max_models = 1
     params = (Param("t", float, help="interpolation factor: 0 = base_model, 1 = the other model"),)
 
+    def tensor_passes(self, params, model_params, numel, stats):
+        products = Products()
+        yield products
+        stats["coefficients"] = products.coefficients(float(params["t"]))
+
     def merge(self, job: TensorJob) -> torch.Tensor:
-        v0, v1 = job.base, job.models[0]
-        t = float(job.params["t"])
-        norm0, norm1 = float(v0.norm()), float(v1.norm())
-        u0 = v0 / (norm0 if norm0 > EPS else 1.0)
-        u1 = v1 / (norm1 if norm1 > EPS else 1.0)
-        dot = max(-1.0, min(1.0, float((u0 * u1).sum())))
-        if abs(dot) > DOT_THRESHOLD:
-            return (1 - t) * v0 + t * v1
-        omega = math.acos(dot)
-        sin_omega = math.sin(omega)
-        return (math.sin((1 - t) * omega) / sin_omega) * v0 + (math.sin(t * omega) / sin_omega) * v1
+        c0, c1 = job.stats["coefficients"]
+        return c0 * job.base + c1 * job.models[0]

@@ -19,9 +19,6 @@ class TaskArithmetic(MergeMethod):
     reference = "https://arxiv.org/abs/2212.04089"
     params = (WEIGHT, LAMBDA, normalize(False))
 
-    def elementwise(self, params):
-        return True
-
     def merge(self, job: TensorJob):
         return combine(
             job.base, job.deltas(), job.weights(),

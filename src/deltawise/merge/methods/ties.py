@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
-from deltawise.merge.global_topk import GLOBAL_OR_TENSOR, GlobalTopK
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
-from deltawise.merge.sparsify import combine, magnitude_mask, threshold_mask
+from deltawise.merge.sparsify import combine, threshold_mask
+from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, GlobalTopK, topk_passes
 
 
 @register
@@ -27,10 +27,7 @@ class Ties(MergeMethod):
     name = "ties"
     summary = "trim small task-vector entries, elect signs, average agreeing entries"
     reference = "https://arxiv.org/abs/2306.01708"
-    params = (WEIGHT, DENSITY, LAMBDA, normalize(True), GLOBAL_OR_TENSOR, INT8_MASK)
-
-    def elementwise(self, params):
-        return params["granularity"] == "global"
+    params = (WEIGHT, DENSITY, LAMBDA, normalize(True), TENSOR_OR_GLOBAL, INT8_MASK)
 
     def check(self, plan):
         return GlobalTopK.check(plan)
@@ -39,22 +36,22 @@ class Ties(MergeMethod):
         if not GlobalTopK.used(plan):
             return
         topk = GlobalTopK(plan)
-        yield from topk.passes(stats)
+        yield from topk_passes(topk.total, topk.densities, "official", stats)
         sign_pass = MajoritySign(stats["thresholds"])
         yield sign_pass
         stats["majority_sign"] = sign_pass.majority
 
+    def tensor_passes(self, params, model_params, numel, stats):
+        if params["granularity"] == "tensor":
+            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats)
+
     def merge(self, job: TensorJob) -> torch.Tensor:
-        deltas = job.deltas()
-        if job.params["granularity"] == "global":
-            trimmed = [d * threshold_mask(d, thr) for d, thr in zip(deltas, job.stats["thresholds"])]
-            consensus, majority = "ties", job.stats["majority_sign"]
-        else:
-            trimmed = [d * magnitude_mask(d, p["density"]) for d, p in zip(deltas, job.model_params)]
-            consensus, majority = "mergekit", 1.0
+        trimmed = [d * threshold_mask(d, thr) for d, thr in zip(job.deltas(), job.stats["thresholds"])]
+        official = job.params["granularity"] == "global"
         return combine(
-            job.base, trimmed, job.weights(), consensus=consensus,
-            normalize=job.params["normalize"], scale=job.params["lambda"], majority_sign=majority,
+            job.base, trimmed, job.weights(), consensus="ties" if official else "mergekit",
+            normalize=job.params["normalize"], scale=job.params["lambda"],
+            majority_sign=job.stats["majority_sign"] if official else 1.0,
         )
 
 
