@@ -11,10 +11,10 @@ What it measures
     method -- the point of a streaming merge is that it never needs a whole model in
     memory.
 
-    RSS counts file-backed pages too: the reader memory-maps its inputs, so pages of
-    the input files it has touched show up in RSS even though the kernel can drop
-    them at any time. The "anon RSS" column is RSS minus those file-backed/shared
-    pages, i.e. the memory the merge really allocated.
+    RSS also counts file-backed pages (shared libraries, anything memory-mapped). deltawise
+    reads inputs with pread, so input pages stay in the page cache and out of its RSS; the
+    "anon RSS" column is RSS minus file-backed/shared pages, i.e. the memory the merge
+    really allocated.
 
 How to run it (from the repository root)
     .venv/bin/python benchmarks/merge_memory.py

@@ -169,3 +169,27 @@ def test_cuda_request_without_gpu_is_a_clear_error(llama_family, tmp_path):
     with pytest.raises(DeltawiseError, match="no CUDA device"):
         merge(recipe_for("linear", llama_family, base=False), str(tmp_path / "out"), device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_an_input_folder_is_refused(make_folder):
+    from deltawise.errors import OutputError
+    from conftest import tree_digest
+
+    base = make_folder("base", {"w": torch.zeros(3)})
+    ft = make_folder("ft", {"w": torch.ones(3)})
+    before = tree_digest(ft)
+    r = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(ft)}]}
+    with pytest.raises(OutputError, match="inside the folder of input"):
+        merge(r, str(ft / "merged"))
+    assert tree_digest(ft) == before and not (ft / "merged").exists()
+
+
+def test_nan_in_a_copied_tensor_is_refused(make_folder, tmp_path):
+    from deltawise.errors import InputError
+
+    base = make_folder("base", {"w": torch.zeros(3), "head.weight": torch.tensor([1.0, float("nan")])})
+    ft = make_folder("ft", {"w": torch.ones(3), "head.weight": torch.ones(2)})
+    r = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(ft)}], "exclude": ["^head"]}
+    with pytest.raises(InputError, match="head.weight"):
+        merge(r, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

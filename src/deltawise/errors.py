@@ -6,11 +6,14 @@ class DeltawiseError(Exception):
 
 
 class RecipeError(DeltawiseError):
-    """The merge recipe is invalid (unknown method, bad parameter, wrong number of models...)."""
+    """The recipe cannot run: every problem found while planning (unknown method or parameter,
+    bad value, wrong number of models, and inputs that are missing, corrupt, refused or
+    mismatched), reported together in one message."""
 
 
 class InputError(DeltawiseError):
-    """An input model or file cannot be used (missing, corrupt, pickle without permission, NaN...)."""
+    """An input cannot be used, found outside planning: by a reader directly, or while the merge
+    streams (NaN/inf values, files changing under it)."""
 
 
 class OutputError(DeltawiseError):

@@ -61,6 +61,8 @@ def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
         src = Path(os.path.realpath(reader.folder))
         if target == src or target in src.parents:
             raise OutputError(f"output {out} would overwrite input model {reader.label!r} ({src}); choose another folder")
+        if src in target.parents:
+            raise OutputError(f"output {out} is inside the folder of input model {reader.label!r} ({src}); choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -108,6 +110,14 @@ class _Loader:
         if not bool(torch.isfinite(x).all()):
             raise InputError(f"model {label!r}: tensor {name!r} contains NaN or infinite values")
         return x
+
+    def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
+        """A tensor taken unmerged from the template model (integer buffers, `exclude` matches)."""
+        reader = self.plan.template.reader
+        raw = reader.get_rows(t.name, start, stop) if t.out.shape else reader.get(t.name)
+        if raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+            raise InputError(f"model {self.plan.template.ref!r}: tensor {t.name!r} contains NaN or infinite values")
+        return raw
 
     def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int) -> TensorJob:
         dtype = self.compute_dtype(t)
@@ -215,8 +225,7 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
                 if t.merge:
                     chunks = _TensorRun(plan, loader, t, stats).merged_chunks()
                 else:
-                    reader = plan.template.reader
-                    chunks = ((a, reader.get_rows(t.name, a, b) if t.out.shape else reader.get(t.name)) for a, b in _row_ranges(t))
+                    chunks = ((a, loader.copied(t, a, b)) for a, b in _row_ranges(t))
                 for start, result in chunks:
                     writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
                 return t.out.nbytes

@@ -154,13 +154,14 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
 
     # open every input (headers only); report all unreadable inputs at once
     readers: dict[str, ModelReader] = {}
+    input_problems: list[str] = []
     for ref in dict.fromkeys(refs + ([recipe.base_model] if recipe.base_model else [])):
         try:
             readers[ref] = ModelReader(resolve_model(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle, label=ref)
         except InputError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise RecipeError("the recipe cannot run:\n" + bullet_list(problems))
+            input_problems.append(str(exc))
+    if problems or input_problems:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + input_problems))
 
     entries = {e.model: InputModel(e.model, readers[e.model], dict(e.parameters)) for e in recipe.models}
     base = None
