@@ -170,9 +170,15 @@ class _TensorRun:
             return self._single
         return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
 
-    def visit(self, stats_pass: StatsPass) -> None:
+    def visit(self, stats_pass: StatsPass, lock: Optional[threading.Lock] = None) -> None:
+        """Feed every chunk to ``stats_pass``; ``lock`` guards a pass shared between threads."""
         for start, stop in self.ranges:
-            stats_pass.update(self.job(start, stop))
+            job = self.job(start, stop)
+            if lock is None:
+                stats_pass.update(job)
+            else:
+                with lock:
+                    stats_pass.update(job)
 
     def merged_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         method = self.plan.method
@@ -192,11 +198,7 @@ def run_stats(plan: MergePlan, options: MergeOptions, loader: _Loader, pool: Thr
     for stats_pass in plan.method.stats_passes(plan, stats):
 
         def visit(t: TensorPlan, stats_pass: StatsPass = stats_pass) -> int:
-            run = _TensorRun(plan, loader, t, stats)
-            for start, stop in run.ranges:
-                job = run.job(start, stop)
-                with lock:  # passes accumulate into shared counters
-                    stats_pass.update(job)
+            _TensorRun(plan, loader, t, stats).visit(stats_pass, lock)  # one pass, all threads
             return t.out.nbytes
 
         done = 0

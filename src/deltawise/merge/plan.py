@@ -62,7 +62,6 @@ class TensorPlan:
     merge: bool  # False: copied from the template model
     sources: list[str] = field(default_factory=list)  # tensor name to read in each input
     base_source: Optional[str] = None
-    rows: Optional[int] = None  # read only the first `rows` rows of each input (vocab cut)
     params: dict[str, Any] = field(default_factory=dict)
     model_params: list[dict[str, Any]] = field(default_factory=list)
 
@@ -216,7 +215,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                         )
                         ok = False
                     else:
-                        plan.rows = info.shape[0]
+                        # the loader reads only the output's rows, which is the cut itself
                         if model.ref not in vocab_warned:
                             vocab_warned.add(model.ref)
                             warnings.append(
