@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import load_state, tree_digest
 from deltawise.errors import DeltawiseError, InputError, OutputError, RecipeError
 from deltawise.merge import REGISTRY, merge
-from deltawise.merge.engine import staging_folder
+from deltawise.merge.staging import staging_folder
 
 LAST = "model.norm.weight"  # merged last (natural order): a problem here is met after most output is written
 MID = "model.layers.1.self_attn.q_proj.weight"

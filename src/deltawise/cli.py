@@ -54,9 +54,14 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and inputs, print the plan, write nothing"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept .bin/.pt inputs (loaded with weights_only=True)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the merge succeeds"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted merge of the same recipe and inputs"),
+    restart: bool = typer.Option(False, "--restart", help="discard an interrupted merge and start over"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Merge models as described by RECIPE into OUTPUT."""
+    """Merge models as described by RECIPE into OUTPUT.
+
+    An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
+    beside OUTPUT; rerun with --resume to merge only the rest."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
     from deltawise.merge.engine import check_output, dump_plan, to_json
@@ -71,11 +76,28 @@ def merge(
     with _progress(quiet) as progress:
         options = MergeOptions(
             device=device, threads=threads, shard_size=parse_size(shard_size), overwrite=overwrite,
-            progress=_ProgressReporter(progress),
+            resume=resume, restart=restart, progress=_ProgressReporter(progress),
         )
         result = run_merge(plan, output, options)
     gb = result.bytes_written / 1e9
     out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+
+
+@app.command()
+def verify(folder: Path = typer.Argument(..., help="model folder to check")) -> None:
+    """Check a model folder: safetensors structure, the index, and each shard against its manifest."""
+    from deltawise.io.verify import verify_folder
+
+    report = verify_folder(folder)
+    for name in report.checked:
+        out.print(f"[green]ok[/]  {escape(name)}", highlight=False)
+    for problem in report.problems:
+        err.print(f"[bold red]bad[/] {escape(problem)}", highlight=False)
+    scope = "shards, index and manifest checksums" if report.has_manifest else "safetensors structure and index (no manifest)"
+    if not report.ok:
+        err.print(f"{len(report.problems)} problem(s) in {escape(str(folder))}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{escape(str(folder))}: verified ({scope})", highlight=False)
 
 
 @app.command()
@@ -105,14 +127,22 @@ def demo(
     run_demo(workdir, out)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a merge like Ctrl-C: completed shards are kept
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except DeltawiseError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: no output was written under the final name")
+        err.print("[bold red]interrupted[/]: nothing was written under the output name; "
+                  "a merge can be continued with --resume", highlight=False)
         sys.exit(130)
 
 

@@ -69,6 +69,7 @@ class ModelReader:
         self._fds: dict[Path, int] = {}
         self._pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
         self._headers: dict[Path, bytes] = {}
+        self._fingerprint: str | None = None
         if not self.path.exists():
             raise InputError(f"model {self.label!r}: {self.path} does not exist")
         self.files = self._discover()
@@ -312,7 +313,13 @@ class ModelReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._info.values())
 
-    def fingerprint(self, sample_bytes: int = 4096) -> str:
+    def fingerprint(self) -> str:
+        """See ``compute_fingerprint``; computed once per reader (it identifies the inputs as opened)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.compute_fingerprint()
+        return self._fingerprint
+
+    def compute_fingerprint(self, sample_bytes: int = 4096) -> str:
         """A fast identity of the weights: sha256 over each file's name, size and tensor header
         (names, dtypes, shapes, offsets) and, for every tensor, up to three samples of its data
         (its first, middle and last ``sample_bytes``).

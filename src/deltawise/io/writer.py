@@ -17,6 +17,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -135,18 +136,28 @@ def partial_name(filename: str) -> str:
 class StreamingShardWriter:
     """Writes the tensors of a ``ShardPlan`` into ``folder``; thread-safe ``write``."""
 
-    def __init__(self, folder: Path, plan: ShardPlan, *, skip_shards: set[str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        plan: ShardPlan,
+        *,
+        skip_shards: dict[str, str] | None = None,
+        on_complete: Callable[[str, str], None] | None = None,
+    ):
+        """``skip_shards``: shards already complete (filename -> sha256), e.g. when resuming;
+        ``on_complete(filename, sha256)`` is called after each shard is renamed into place."""
         self.folder = Path(folder)
         self.plan = plan
+        self.on_complete = on_complete
         self._shard_of = plan.shard_of()
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._remaining = {s.filename: {t.name for t in s.tensors} for s in plan.shards}
-        self.completed: dict[str, str] = {}  # filename -> sha256
+        self.completed: dict[str, str] = dict(skip_shards or {})  # filename -> sha256
         self._planned = {t.name: t for sh in plan.shards for t in sh.tensors}
         self._bytes_left = {t.name: t.nbytes for t in self._planned.values()}
         self._finishing: set[str] = set()
-        for name in skip_shards or ():
+        for name in self.completed:
             self._remaining.pop(name, None)
 
     def pending_tensors(self) -> set[str]:
@@ -211,6 +222,8 @@ class StreamingShardWriter:
         os.replace(tmp, self.folder / shard.filename)
         with self._lock:
             self.completed[shard.filename] = digest
+            if self.on_complete is not None:
+                self.on_complete(shard.filename, digest)
 
     def finish_empty_shards(self) -> None:
         for shard in self.plan.shards:

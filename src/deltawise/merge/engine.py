@@ -8,10 +8,13 @@ a GPU with device="cuda".
 
 The output is assembled in a hidden staging folder beside OUT and moved into place only when
 complete, so OUT never holds a partial model; inputs are opened read-only and never written.
+An interrupted merge keeps its completed shards for ``resume`` (see ``staging.py``); a merge
+that fails on its inputs or recipe discards everything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,12 +29,12 @@ import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io.writer import StreamingShardWriter, plan_shards, write_json_atomic, write_text_atomic
-from deltawise.merge.base import StatsPass, TensorJob
+from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
+from deltawise.merge.staging import Staging, open_staging, plan_key
 
 CHUNK_ELEMENTS = 1 << 20  # 1M entries: 4 MB per float32 operand
-STAGING_MARK = ".deltawise-staging"
 MANIFEST = "deltawise_merge.json"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
@@ -43,6 +46,8 @@ class MergeOptions:
     threads: int = 2
     shard_size: int = 5 * 10**9
     overwrite: bool = False
+    resume: bool = False  # continue an interrupted merge of the same plan
+    restart: bool = False  # discard an interrupted merge and start over
     progress: Optional[Progress] = None
 
 
@@ -74,21 +79,6 @@ def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
     need = plan.output_bytes()
     if need > free:
         raise OutputError(f"not enough disk space for {out}: needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-
-def staging_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.deltawise-partial"
-
-
-def _prepare_staging(out: Path) -> Path:
-    staging = staging_folder(out)
-    if staging.exists():
-        if not (staging / STAGING_MARK).exists():
-            raise OutputError(f"{staging} exists and was not made by deltawise; remove it and retry")
-        shutil.rmtree(staging)  # a previous run's leftovers (resume is not implemented yet)
-    staging.mkdir()
-    (staging / STAGING_MARK).write_text("deltawise merge in progress\n")
-    return staging
 
 
 class _Loader:
@@ -215,13 +205,14 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     started = time.time()
     device = _device(options.device)
     check_output(plan, out, options.overwrite)
-    staging = _prepare_staging(out)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
-    writer = StreamingShardWriter(staging, shard_plan)
+    staging = open_staging(out, _plan_key(plan, shard_plan), shard_plan, resume=options.resume, restart=options.restart)
+    writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record)
+    todo = writer.pending_tensors()
     loader = _Loader(plan, device)
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="deltawise-merge") as pool:
-            stats = run_stats(plan, options, loader, pool)
+            stats = run_stats(plan, options, loader, pool) if todo else {}
 
             def produce(t: TensorPlan) -> int:
                 if t.merge:
@@ -232,8 +223,9 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
                     writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
                 return t.out.nbytes
 
-            done, total = 0, plan.output_bytes()
-            for n in _bounded_map(pool, produce, iter(plan.tensors), options.threads + 1):
+            done = sum(t.out.nbytes for t in plan.tensors if t.name not in todo)
+            total = plan.output_bytes()
+            for n in _bounded_map(pool, produce, (t for t in plan.tensors if t.name in todo), options.threads + 1):
                 done += n
                 if options.progress:
                     options.progress("merging", done, total)
@@ -242,13 +234,33 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
         if changed:
             raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
         _finish_folder(plan, staging, shard_plan, writer)
-        _swap_into_place(staging, out)
-    except BaseException:
+        _swap_into_place(staging.folder, out)
+    except DeltawiseError:
         writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()  # the inputs or recipe are at fault: nothing worth resuming
+        raise
+    except OSError as exc:
+        writer.abort()
+        kept = f"; {len(writer.completed)} completed shard(s) kept in {staging.folder}, rerun with --resume"
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {out}{kept}") from None
+        raise OutputError(f"cannot write {out}: {exc}{kept}") from None
+    except BaseException:
+        writer.abort()  # interrupted: completed shards stay for --resume
         raise
     files = sorted(p.name for p in out.iterdir())
     return MergeResult(out, files, time.time() - started, shard_plan.total_tensor_bytes, plan.warnings)
+
+
+def _plan_key(plan: MergePlan, shard_plan) -> str:
+    """Everything that determines the output bytes; a resumed merge must match it exactly."""
+    return plan_key({
+        "version": _version(),
+        "rng_block": RNG_BLOCK_ELEMENTS,
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "inputs": [(r.label, r.fingerprint()) for r in plan.readers],
+        "shards": [(s.filename, [(t.name, t.shape, str(t.dtype)) for t in s.tensors]) for s in shard_plan.shards],
+    })
 
 
 def _device(name: str) -> torch.device:
@@ -259,7 +271,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _finish_folder(plan: MergePlan, staging: Path, shard_plan, writer: StreamingShardWriter) -> None:
+def _finish_folder(plan: MergePlan, staging_state: Staging, shard_plan, writer: StreamingShardWriter) -> None:
+    staging = staging_state.folder
     if len(shard_plan.shards) > 1:
         write_json_atomic(staging / "model.safetensors.index.json", shard_plan.index())
     copy_model_files(plan, staging)
@@ -275,7 +288,7 @@ def _finish_folder(plan: MergePlan, staging: Path, shard_plan, writer: Streaming
     }
     write_json_atomic(staging / MANIFEST, manifest)
     write_text_atomic(staging / "README.md", model_card(plan, manifest))
-    (staging / STAGING_MARK).unlink()
+    staging_state.finalize()
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

@@ -1,0 +1,190 @@
+"""Interrupted merges resume to bit-identical output; damaged outputs are caught by verify;
+a full disk or inputs changing mid-merge leave nothing under the output name."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tree_digest
+from deltawise.errors import InputError, OutputError
+from deltawise.io import writer as writer_module
+from deltawise.io.verify import verify_folder
+from deltawise.merge import merge
+from deltawise.merge.staging import staging_folder
+
+SHARD = 2_100_000  # bytes: about two 1 MB tensors per shard
+
+
+@pytest.fixture(scope="module")
+def big_family(tmp_path_factory) -> dict[str, Path]:
+    """Base + 2 models, 24 tensors of 512x512 float32 (1 MB each): merges take long enough to interrupt."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("big")
+    gen = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.w": torch.randn(512, 512, generator=gen) for i in range(24)}
+    paths = {}
+    for name, scale in (("base", 0.0), ("ft1", 0.01), ("ft2", 0.02)):
+        folder = root / name
+        folder.mkdir()
+        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        paths[name] = folder
+    return paths
+
+
+def write_recipe(path: Path, family: dict[str, Path], **params) -> Path:
+    recipe = {"merge_method": "ties", "base_model": str(family["base"]),
+              "models": [{"model": str(family[m])} for m in ("ft1", "ft2")],
+              "parameters": {"density": 0.3, **params}}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deltawise", "merge", *args, "--quiet", "--threads", "1", "--shard-size", str(SHARD)]
+
+
+def interrupt_after_first_shard(cmd: list[str], out: Path, sig: int) -> int:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    staging = staging_folder(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if staging.exists() and list(staging.glob("model-*.safetensors")):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    proc.communicate(timeout=120)
+    assert not out.exists(), "the merge finished before it could be interrupted; the test needs a slower merge"
+    return proc.returncode
+
+
+def completed_shards(out: Path) -> list[str]:
+    return sorted(p.name for p in staging_folder(out).glob("model-*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(big_family, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ref")
+    recipe = write_recipe(root / "recipe.yaml", big_family)
+    subprocess.run(cli(str(recipe), str(root / "out")), check=True)
+    return root / "out"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_merge_resumes_to_identical_output(big_family, reference, tmp_path, sig):
+    before = {k: tree_digest(v) for k, v in big_family.items()}
+    recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
+    out = tmp_path / "out"
+    code = interrupt_after_first_shard(cli(str(recipe), str(out)), out, sig)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    done = completed_shards(out)
+    assert 1 <= len(done) < 12
+    if sig == signal.SIGTERM:  # a graceful stop removes its partial files
+        assert not list(staging_folder(out).glob(".*.partial"))
+    with pytest.raises(OutputError, match="--resume"):
+        merge(str(recipe), out, threads=1, shard_size=SHARD)
+    merge(str(recipe), out, threads=2, shard_size=SHARD, resume=True)
+    assert tree_digest(out) == tree_digest(reference)
+    assert not staging_folder(out).exists()
+    assert {k: tree_digest(v) for k, v in big_family.items()} == before
+
+
+def test_resume_remerges_a_damaged_shard_and_refuses_another_recipe(big_family, reference, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
+    out = tmp_path / "out"
+    interrupt_after_first_shard(cli(str(recipe), str(out)), out, signal.SIGKILL)
+    first = staging_folder(out) / completed_shards(out)[0]
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte flipped
+    first.write_bytes(bytes(data))
+    other = write_recipe(tmp_path / "other.yaml", big_family, density=0.5)
+    with pytest.raises(OutputError, match="different recipe"):
+        merge(str(other), out, threads=1, shard_size=SHARD, resume=True)
+    merge(str(recipe), out, threads=1, shard_size=SHARD, resume=True)
+    assert tree_digest(out) == tree_digest(reference)
+
+
+def test_restart_discards_an_interrupted_merge(big_family, reference, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
+    out = tmp_path / "out"
+    interrupt_after_first_shard(cli(str(recipe), str(out)), out, signal.SIGKILL)
+    merge(str(recipe), out, threads=1, shard_size=SHARD, restart=True)
+    assert tree_digest(out) == tree_digest(reference)
+
+
+def test_disk_full_leaves_nothing_under_the_output_name_then_resumes(big_family, reference, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
+    out = tmp_path / "out"
+    real_pwrite, calls = os.pwrite, []
+
+    def full_disk(fd, data, offset):
+        calls.append(1)
+        if len(calls) > 9:  # a few tensors fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", full_disk)
+    with pytest.raises(OutputError, match="disk full"):
+        merge(str(recipe), out, threads=1, shard_size=SHARD)
+    assert not out.exists()
+    assert not list(staging_folder(out).glob(".*.partial"))
+    assert completed_shards(out), "completed shards are kept for --resume"
+    monkeypatch.setattr(writer_module.os, "pwrite", real_pwrite)
+    merge(str(recipe), out, threads=1, shard_size=SHARD, resume=True)
+    assert tree_digest(out) == tree_digest(reference)
+
+
+def test_an_input_changing_during_the_merge_is_detected(big_family, tmp_path):
+    import shutil
+
+    family = {k: Path(shutil.copytree(v, tmp_path / k)) for k, v in big_family.items()}
+    recipe = write_recipe(tmp_path / "recipe.yaml", family)
+    out = tmp_path / "out"
+    touched = []
+
+    def touch_input(stage, done, total):
+        if not touched and stage == "merging":
+            touched.append(1)
+            target = family["ft2"] / "model.safetensors"
+            os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    with pytest.raises(InputError, match="changed during the merge"):
+        merge(str(recipe), out, threads=1, shard_size=SHARD, progress=touch_input)
+    assert not out.exists() and not staging_folder(out).exists()
+
+
+def test_verify_accepts_a_good_output_and_finds_damage(reference, tmp_path):
+    import shutil
+
+    assert verify_folder(reference).ok
+    damaged = Path(shutil.copytree(reference, tmp_path / "damaged"))
+    shards = sorted(damaged.glob("model-*.safetensors"))
+    shards[0].write_bytes(shards[0].read_bytes()[:-100])  # truncated
+    data = bytearray(shards[1].read_bytes())
+    data[-5] ^= 0x01  # silently flipped bit: only the checksum can tell
+    shards[1].write_bytes(bytes(data))
+    shards[2].unlink()
+    report = verify_folder(damaged)
+    text = "\n".join(report.problems)
+    assert "truncated" in text and shards[0].name in text
+    assert f"{shards[1].name}: sha256 differs" in text
+    assert shards[2].name in text and "missing" in text
+    from typer.testing import CliRunner
+
+    from deltawise.cli import app
+
+    bad = CliRunner().invoke(app, ["verify", str(damaged)])
+    assert bad.exit_code == 1 and "problem" in bad.output
+    good = CliRunner().invoke(app, ["verify", str(reference)])
+    assert good.exit_code == 0 and "verified" in good.output
