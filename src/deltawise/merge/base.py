@@ -54,7 +54,14 @@ class TensorJob:
     def uniform(self, model_index: int) -> torch.Tensor:
         """Uniform [0, 1) numbers shaped like this chunk, identical whatever the chunking, thread
         count or device: the stream of each block of RNG_BLOCK_ELEMENTS (whole rows) is seeded by
-        (seed, tensor, model, block) and drawn on the CPU."""
+        (seed, tensor, model, block) and drawn on the CPU. Cached: passes and the merge of one
+        chunk see the same numbers without drawing them twice."""
+        cache = self.__dict__.setdefault("_uniform", {})
+        if model_index not in cache:
+            cache[model_index] = self._draw_uniform(model_index)
+        return cache[model_index]
+
+    def _draw_uniform(self, model_index: int) -> torch.Tensor:
         like = self.models[0]
         if like.dim() < 2:
             return self._block_rand(model_index, 0, tuple(like.shape)).to(like.device)

@@ -10,13 +10,6 @@ from typing import Literal, Optional
 import torch
 
 
-def threshold_mask(delta: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
-    """Keep |delta| >= threshold (a whole-model threshold); None keeps everything."""
-    if threshold is None:
-        return torch.ones_like(delta, dtype=torch.bool)
-    return delta.abs() >= threshold
-
-
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     """(n_bot, n_keep) for Breadcrumbs on n entries, mergekit's rule: drop the int(gamma*n)
     largest, keep int(density*n) below them, shrinking the outlier cut if both do not fit."""
@@ -39,22 +32,23 @@ def band_mask_rows(delta: torch.Tensor, density: float, gamma: float) -> torch.T
     return (rank_from_top >= n_top) & (rank_from_top < n_top + n_keep)
 
 
-def band_mask_thresholds(delta: torch.Tensor, lower: Optional[float], upper: Optional[float]) -> torch.Tensor:
-    """Breadcrumbs with whole-model thresholds: keep lower <= |delta| <= upper."""
-    magnitude = delta.abs()
-    mask = torch.ones_like(delta, dtype=torch.bool)
-    if lower is not None:
-        mask &= magnitude >= lower
-    if upper is not None:
-        mask &= magnitude <= upper
-    return mask
-
-
 def bernoulli_mask(delta: torch.Tensor, density: float, uniform: torch.Tensor) -> torch.Tensor:
     """DARE's random keep mask: each entry kept independently with probability ``density``."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     return uniform < density
+
+
+def trim(delta: torch.Tensor, lower: Optional[float] = None, upper: Optional[float] = None) -> torch.Tensor:
+    """Zero the entries of ``delta`` outside lower <= |x| <= upper, in place (None: unbounded)."""
+    if lower is None and upper is None:
+        return delta
+    magnitude = delta.abs()
+    if lower is not None:
+        delta.masked_fill_(magnitude < lower, 0)
+    if upper is not None:
+        delta.masked_fill_(magnitude > upper, 0)
+    return delta
 
 
 def combine(
@@ -74,27 +68,41 @@ def combine(
     ("disjoint merge"), divided by the summed weights of the agreeing models if ``normalize``.
     Election ties: "mergekit" gives +1 to a zero sum; "ties" (official code) gives the
     ``majority_sign`` of the whole model, and a zero majority selects negative entries.
+
+    The ``deltas`` are scaled in place (callers pass fresh task vectors); the models are
+    accumulated one at a time instead of stacked, so memory holds a few tensors, not T.
     """
-    stacked = torch.stack(deltas)
-    w = weights.reshape((-1,) + (1,) * (stacked.dim() - 1)).to(stacked.dtype)
-    stacked.mul_(w)
+    w = [float(x) for x in weights]
+    for delta, wt in zip(deltas, w):
+        if wt != 1:
+            delta.mul_(wt)
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total.add_(delta)
     if consensus is None:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = total
+        divisor = sum(w)
+        if normalize and abs(divisor) >= 1e-8:
+            mixed.div_(divisor)
     else:
-        total = stacked.sum(dim=0)
         if consensus == "mergekit":
-            agree = stacked.sign() == torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
+            positive = total >= 0
         else:
-            elected = total.sign()
-            elected[elected == 0] = majority_sign
-            agree = torch.where(elected > 0, stacked > 0, stacked < 0)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    if normalize:
-        mixed = mixed / divisor
+            positive = total > 0
+            if majority_sign > 0:
+                positive |= total == 0
+        elected = positive.to(total.dtype).mul_(2).sub_(1)  # +1 / -1 per entry
+        mixed = torch.zeros_like(total)
+        divisor = torch.zeros_like(total) if normalize else None
+        for delta, wt in zip(deltas, w):
+            # delta agrees with the elected sign iff delta * elected > 0 (zeros never agree)
+            disagree = delta.mul(elected) <= 0
+            mixed.add_(delta.masked_fill_(disagree, 0))
+            if divisor is not None:
+                divisor.add_(disagree.logical_not_(), alpha=wt)
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1)
+            mixed.div_(divisor)
     if scale != 1:
-        mixed = mixed * scale
-    return base + mixed
+        mixed.mul_(scale)
+    return mixed.add_(base)

@@ -66,8 +66,8 @@ def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, re
                     "run with --restart to discard it"
                 )
             return Staging(folder, key, _verified_shards(folder, shard_plan, key))
-        if not restart:
-            done = len(_read_json(folder / PROGRESS_FILE).get("completed", {}))
+        done = len(_read_json(folder / PROGRESS_FILE).get("completed", {}))
+        if not restart and done:  # with no completed shard there is nothing to lose
             raise OutputError(
                 f"found an interrupted merge in {folder} ({done} of {len(shard_plan.shards)} shards done); "
                 "pass --resume to continue it or --restart to discard it"

@@ -17,7 +17,7 @@ import torch
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
-from deltawise.merge.sparsify import band_mask_rows, band_mask_thresholds, combine
+from deltawise.merge.sparsify import band_mask_rows, combine, trim
 from deltawise.merge.thresholds import GlobalTopK, band_passes
 
 GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest-magnitude entries removed as outliers")
@@ -47,10 +47,9 @@ class _Breadcrumbs(MergeMethod):
         out = []
         for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
             if job.params["granularity"] == "row":
-                mask = band_mask_rows(delta, p["density"], p["gamma"])
+                out.append(delta.mul_(band_mask_rows(delta, p["density"], p["gamma"])))
             else:
-                mask = band_mask_thresholds(delta, *job.stats["bands"][i])
-            out.append(delta * mask)
+                out.append(trim(delta, *job.stats["bands"][i]))
         return out
 
     def merge(self, job: TensorJob) -> torch.Tensor:

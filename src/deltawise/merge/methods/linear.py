@@ -31,10 +31,10 @@ class Linear(MergeMethod):
         return problems
 
     def merge(self, job: TensorJob) -> torch.Tensor:
-        weights = job.weights()
-        result = torch.zeros_like(job.models[0])
-        for model, w in zip(job.models, weights):
-            result.add_(model, alpha=float(w))
+        weights = [p["weight"] for p in job.model_params]
+        result = job.models[0].mul(weights[0])
+        for model, w in zip(job.models[1:], weights[1:]):
+            result.add_(model, alpha=w)
         if job.params["normalize"]:
-            result.div_(weights.sum())
+            result.div_(sum(weights))
         return result

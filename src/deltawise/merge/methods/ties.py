@@ -18,7 +18,7 @@ import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
-from deltawise.merge.sparsify import combine, threshold_mask
+from deltawise.merge.sparsify import combine, trim
 from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, GlobalTopK, topk_passes
 
 
@@ -46,7 +46,7 @@ class Ties(MergeMethod):
             yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats)
 
     def merge(self, job: TensorJob) -> torch.Tensor:
-        trimmed = [d * threshold_mask(d, thr) for d, thr in zip(job.deltas(), job.stats["thresholds"])]
+        trimmed = [trim(d, thr) for d, thr in zip(job.deltas(), job.stats["thresholds"])]
         official = job.params["granularity"] == "global"
         return combine(
             job.base, trimmed, job.weights(), consensus="ties" if official else "mergekit",
@@ -66,7 +66,7 @@ class MajoritySign(StatsPass):
 
     def update(self, job: TensorJob) -> None:
         w = job.weights()
-        summed = sum(wi * d * threshold_mask(d, thr) for wi, d, thr in zip(w, job.deltas(), self.thresholds))
+        summed = sum(float(wi) * trim(d, thr) for wi, d, thr in zip(w, job.deltas(), self.thresholds))
         self.total += float(torch.sign(summed).sum())
 
     @property
