@@ -13,7 +13,6 @@ complete, so OUT never holds a partial model; inputs are opened read-only and ne
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -25,13 +24,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
+from deltawise.io.output import check_output_folder, prepare_staging, staging_folder, swap_into_place  # noqa: F401 (staging_folder re-exported)
 from deltawise.io.writer import StreamingShardWriter, plan_shards, write_json_atomic, write_text_atomic
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
 
 CHUNK_ELEMENTS = 1 << 20  # 1M entries: 4 MB per float32 operand
-STAGING_MARK = ".deltawise-staging"
 MANIFEST = "deltawise_merge.json"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
@@ -56,39 +55,8 @@ class MergeResult:
 
 
 def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
-    target = Path(os.path.realpath(out))
-    for reader in plan.readers:
-        src = Path(os.path.realpath(reader.folder))
-        if target == src or target in src.parents:
-            raise OutputError(f"output {out} would overwrite input model {reader.label!r} ({src}); choose another folder")
-        if src in target.parents:
-            raise OutputError(f"output {out} is inside the folder of input model {reader.label!r} ({src}); choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace it once the merge succeeds")
-    parent = target.parent
-    if not parent.exists():
-        raise OutputError(f"cannot create {out}: {parent} does not exist")
-    free = shutil.disk_usage(parent).free
-    need = plan.output_bytes()
-    if need > free:
-        raise OutputError(f"not enough disk space for {out}: needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-
-def staging_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.deltawise-partial"
-
-
-def _prepare_staging(out: Path) -> Path:
-    staging = staging_folder(out)
-    if staging.exists():
-        if not (staging / STAGING_MARK).exists():
-            raise OutputError(f"{staging} exists and was not made by deltawise; remove it and retry")
-        shutil.rmtree(staging)  # a previous run's leftovers (resume is not implemented yet)
-    staging.mkdir()
-    (staging / STAGING_MARK).write_text("deltawise merge in progress\n")
-    return staging
+    inputs = [(r.label, folder) for r in plan.readers for folder in r.input_folders()]
+    check_output_folder(out, inputs, overwrite, plan.output_bytes())
 
 
 class _Loader:
@@ -215,7 +183,7 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     started = time.time()
     device = _device(options.device)
     check_output(plan, out, options.overwrite)
-    staging = _prepare_staging(out)
+    staging = prepare_staging(out)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
     writer = StreamingShardWriter(staging, shard_plan)
     loader = _Loader(plan, device)
@@ -242,7 +210,7 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
         if changed:
             raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
         _finish_folder(plan, staging, shard_plan, writer)
-        _swap_into_place(staging, out)
+        swap_into_place(staging, out)
     except BaseException:
         writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
@@ -275,20 +243,6 @@ def _finish_folder(plan: MergePlan, staging: Path, shard_plan, writer: Streaming
     }
     write_json_atomic(staging / MANIFEST, manifest)
     write_text_atomic(staging / "README.md", model_card(plan, manifest))
-    (staging / STAGING_MARK).unlink()
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished folder to OUT; an existing OUT (--overwrite) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.deltawise-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version() -> str:
