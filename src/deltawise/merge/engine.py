@@ -25,7 +25,7 @@ import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io.output import check_output_folder, prepare_staging, staging_folder, swap_into_place  # noqa: F401 (staging_folder re-exported)
-from deltawise.io.writer import StreamingShardWriter, plan_shards, write_json_atomic, write_text_atomic
+from deltawise.io.writer import StreamingShardWriter, row_ranges, plan_shards, write_json_atomic, write_text_atomic
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
@@ -97,11 +97,7 @@ class _Loader:
 
 
 def _row_ranges(t: TensorPlan) -> list[tuple[int, int]]:
-    rows = t.out.shape[0] if t.out.shape else 1
-    if len(t.out.shape) < 2 or t.out_numel <= CHUNK_ELEMENTS:
-        return [(0, rows)]
-    step = max(1, CHUNK_ELEMENTS // max(1, t.out_numel // rows))
-    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+    return row_ranges(t.out.shape, CHUNK_ELEMENTS)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator[Any]:
