@@ -36,7 +36,7 @@ def apply_delta(
     out = Path(out)
     base_reader = ModelReader(resolve_model(base), label=base)
     source = open_delta(resolve_model(delta), task=task, base_reader=base_reader)
-    warnings = check_transfer(source, base_reader, base)
+    warnings = check_transfer(source, base_reader, base, hint=original_base is None)
     inputs = [(base, f) for f in base_reader.input_folders()] + [(delta, source.folder)]
     drift, original_reader = [], None
     if original_base is not None:

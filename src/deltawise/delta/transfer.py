@@ -28,7 +28,7 @@ class DriftRow:
     relative_distance: float
 
 
-def check_transfer(source: DeltaSource, base: ModelReader, label: str) -> list[str]:
+def check_transfer(source: DeltaSource, base: ModelReader, label: str, *, hint: bool = True) -> list[str]:
     """Raise on a delta that cannot apply to ``base``; return warnings for one that can."""
     problems = compatibility_problems(source, base)
     if problems:
@@ -36,8 +36,8 @@ def check_transfer(source: DeltaSource, base: ModelReader, label: str) -> list[s
     recorded = source.base.get("fingerprint")
     if recorded and recorded != base.fingerprint():
         was = source.base.get("label") or source.base.get("ref") or "another model"
-        return [f"the delta was made from {was}, whose weights differ from {label}: this is a transfer to a new base "
-                "(pass --original-base to see how far the bases are apart)"]
+        advice = " (pass --original-base to see how far the bases are apart)" if hint else ""
+        return [f"the delta was made from {was}, whose weights differ from {label}: this is a transfer to a new base{advice}"]
     return []
 
 
