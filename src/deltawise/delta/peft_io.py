@@ -101,7 +101,7 @@ class PeftAdapter:
             if self.peft_type == "LORA" and (m := LORA_KEY.match(short)):
                 lora.setdefault(m["module"], {})[m["which"]] = key
             elif self.peft_type == "FOURIERFT" and (m := FOURIER_KEY.match(short)):
-                entries[f"{m['module']}.weight"] = _Entry("fourier", (key,), self._fourier_scale(m["module"]))
+                entries[f"{m['module']}.weight"] = _Entry("fourier", (key,), float(self.config.get("scaling", 150.0)))
             else:
                 entries[short] = _Entry("full", (key,))  # modules_to_save copy or trained bias
         for module, parts in lora.items():
@@ -115,9 +115,6 @@ class PeftAdapter:
             transpose = embedding or bool(self.config.get("fan_in_fan_out"))
             entries[f"{module}.weight"] = _Entry("lora", (parts[a], parts[b]), scale, transpose)
         return entries
-
-    def _fourier_scale(self, module: str) -> float:
-        return float(self.config.get("scaling", 150.0))
 
     def _need_base(self, name: str, why: str) -> ModelReader:
         if self.base_reader is None:

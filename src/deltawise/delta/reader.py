@@ -19,8 +19,9 @@ import torch
 
 from deltawise.delta.base import TensorDelta, compute_dtype
 from deltawise.delta.source import DeltaSource, is_delta, open_delta
+from deltawise.delta.transfer import check_transfer
 from deltawise.errors import InputError
-from deltawise.io.reader import FileStamp, ModelReader, TensorInfo
+from deltawise.io.reader import ModelReader, TensorInfo
 from deltawise.io.resolve import resolve_model
 
 CACHE_TENSORS = 4
@@ -35,6 +36,7 @@ class DeltaReader:
         self.path = Path(source.folder)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
+        self.warnings: list[str] = []  # for the merge plan: e.g. the base is not the one the delta recorded
         self.files = list(base.files) + list(source.files)
         self.stamps = list(base.stamps) + [ModelReader._stamp(f) for f in source.files]
 
@@ -131,27 +133,6 @@ def open_model(ref: str, *, allow_pickle: bool = False, base_ref: Optional[str] 
     if hasattr(source, "base_reader"):
         source.base_reader = base
     reader = DeltaReader(source, base, label=label or ref)
-    problems = compatibility_problems(source, base)
-    if problems:
-        raise InputError(f"delta {ref!r} does not fit base {base_ref!r}: " + "; ".join(problems[:5])
-                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    # raises on names/shapes/architecture that do not fit; warns when the base is not the recorded one
+    reader.warnings = [f"{ref}: {w}" for w in check_transfer(source, base, base_ref, hint=False)]
     return reader
-
-
-def compatibility_problems(source: DeltaSource, base: ModelReader) -> list[str]:
-    """Tensor names and shapes of the delta against a base, and the architecture when recorded."""
-    problems = []
-    recorded = (source.base.get("config") or {}).get("architectures")
-    actual = (base.config or {}).get("architectures")
-    if recorded and actual and list(recorded) != list(actual):
-        problems.append(f"the delta is for {', '.join(recorded)}, the base is {', '.join(actual)}")
-    for name in source.names():
-        if name not in base:
-            problems.append(f"the base has no tensor {name!r}")
-            continue
-        if source.kind(name) == "spectral":
-            continue  # FourierFT stores no shape of its own: it takes the base's
-        shape, want = tuple(source.shape(name)), tuple(base.info(name).shape)
-        if shape != want:
-            problems.append(f"{name} has shape {list(shape)} in the delta, {list(want)} in the base")
-    return problems

@@ -31,9 +31,3 @@ def open_delta(path: Path, *, task: Optional[str] = None, base_reader: Optional[
             raise InputError(f"{path} is a PEFT adapter, which holds one task; drop --task")
         return PeftAdapter(path, base_reader)
     raise InputError(f"{path} is neither a deltawise delta folder (delta.json) nor a PEFT adapter (adapter_config.json)")
-
-
-def recorded_base(path: Path) -> Optional[str]:
-    """The base model a delta says it was made from (None when it does not say)."""
-    source = open_delta(path)
-    return source.base.get("ref")

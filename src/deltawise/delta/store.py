@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,8 +89,6 @@ class DeltaWriter:
         return self.out
 
     def abort(self) -> None:
-        import shutil
-
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> "DeltaWriter":

@@ -13,9 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
-from deltawise.delta.reader import compatibility_problems
 from deltawise.delta.source import DeltaSource
 from deltawise.errors import InputError, bullet_list
 from deltawise.io.reader import ModelReader
@@ -26,6 +24,25 @@ class DriftRow:
     name: str
     cosine: float
     relative_distance: float
+
+
+def compatibility_problems(source: DeltaSource, base: ModelReader) -> list[str]:
+    """Tensor names and shapes of the delta against a base, and the architecture when recorded."""
+    problems = []
+    recorded = (source.base.get("config") or {}).get("architectures")
+    actual = (base.config or {}).get("architectures")
+    if recorded and actual and list(recorded) != list(actual):
+        problems.append(f"the delta is for {', '.join(recorded)}, the base is {', '.join(actual)}")
+    for name in source.names():
+        if name not in base:
+            problems.append(f"the base has no tensor {name!r}")
+            continue
+        if source.kind(name) == "spectral":
+            continue  # FourierFT stores no shape of its own: it takes the base's
+        shape, want = tuple(source.shape(name)), tuple(base.info(name).shape)
+        if shape != want:
+            problems.append(f"{name} has shape {list(shape)} in the delta, {list(want)} in the base")
+    return problems
 
 
 def check_transfer(source: DeltaSource, base: ModelReader, label: str, *, hint: bool = True) -> list[str]:

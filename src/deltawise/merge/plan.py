@@ -158,6 +158,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         try:
             # a delta folder or PEFT adapter reads as base + delta (the recipe's base_model when given)
             readers[ref] = open_model(ref, allow_pickle=allow_pickle, base_ref=recipe.base_model if ref != recipe.base_model else None)
+            warnings.extend(getattr(readers[ref], "warnings", []))
         except InputError as exc:
             input_problems.append(str(exc))
     if problems or input_problems:
