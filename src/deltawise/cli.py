@@ -117,6 +117,145 @@ def methods() -> None:
     out.print(table)
 
 
+def _rows_table(title: str, result, *, limit: int = 30, error_label: str = "rel. error"):
+    """Per-tensor rows of a delta result, worst reconstruction error first."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("tensor", "kind", "dense bytes", "stored bytes", "ratio", error_label):
+        table.add_column(col, justify="left" if col in ("tensor", "kind") else "right", overflow="fold")
+    rows = sorted(result.rows, key=lambda r: -(r.error or 0.0))
+    for r in rows[:limit]:
+        error = "-" if r.error is None else f"{r.error:.4g}"
+        table.add_row(r.name, r.kind, str(r.dense_bytes), str(r.stored_bytes), f"{r.ratio:.1f}x", error)
+    if len(rows) > limit:
+        table.caption = f"{len(rows) - limit} more tensors in the JSON report (--report)"
+    return table
+
+
+def _finish_delta_command(result, report: Optional[Path], what: str) -> None:
+    import json
+
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if report is not None:
+        from deltawise.io.writer import write_json_atomic
+
+        write_json_atomic(report, result.to_json())
+    ratio = result.dense_bytes / result.stored_bytes if result.stored_bytes else float("inf")
+    out.print(f"{what} {escape(str(result.out))}: {len(result.rows)} tensors, {result.stored_bytes} bytes stored "
+              f"({ratio:.2f}x smaller than dense); {escape(json.dumps(result.summary, default=str))}", highlight=False)
+
+
+@app.command()
+def extract(
+    finetuned: str = typer.Argument(..., help="fine-tuned model (folder or hub id)"),
+    base: str = typer.Option(..., "--base", help="the model it was fine-tuned from"),
+    output: Path = typer.Option(..., "--output", "-o", help="delta folder (or PEFT adapter folder with --lora) to create"),
+    lora: bool = typer.Option(False, "--lora", help="write a PEFT LoRA adapter (SVD of each linear weight delta)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (with --energy: the largest rank allowed)"),
+    energy: Optional[float] = typer.Option(None, "--energy", help="LoRA: smallest rank keeping this fraction of spectral energy"),
+    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases/embeddings: save (modules_to_save) or skip"),
+    dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, bfloat16, ..."),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the per-tensor report as JSON here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the new one is complete"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or tables"),
+) -> None:
+    """Extract FINETUNED − BASE as a delta folder, or as a PEFT LoRA adapter with --lora."""
+    if non_linear not in ("save", "skip"):
+        raise DeltawiseError(f"--non-linear must be save or skip, got {non_linear!r}")
+    with _progress(quiet) as progress:
+        reporter = _ProgressReporter(progress)
+        if lora:
+            from deltawise.delta.lora_extract import extract_lora
+
+            result = extract_lora(finetuned, base, output, rank=rank, energy=energy, non_linear=non_linear,  # type: ignore[arg-type]
+                                  overwrite=overwrite, progress=reporter)
+        else:
+            if rank is not None or energy is not None:
+                raise DeltawiseError("--rank/--energy need --lora")
+            from deltawise.delta.extract import extract_delta
+
+            result = extract_delta(finetuned, base, output, dtype=dtype, overwrite=overwrite, progress=reporter)
+    if lora and not quiet:
+        out.print(_rows_table("LoRA extraction (error = discarded spectral energy, as a norm ratio)", result))
+    _finish_delta_command(result, report, "PEFT adapter" if lora else "delta")
+
+
+@app.command()
+def apply(
+    delta: str = typer.Argument(..., help="delta folder or PEFT adapter folder"),
+    base: str = typer.Option(..., "--base", help="the model to apply it to (its own base, or a new version: patch transfer)"),
+    output: Path = typer.Option(..., "--output", "-o", help="model folder to create"),
+    scale: float = typer.Option(1.0, "--scale", help="multiplier of the delta; -1 removes it"),
+    task: Optional[str] = typer.Option(None, "--task", help="TALL folders: which task to reconstruct (name or index)"),
+    original_base: Optional[str] = typer.Option(None, "--original-base", help="the model the delta was made from: report how far BASE is from it"),
+    shard_size: str = typer.Option("5GB", help="largest output shard"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the report (and drift table) as JSON here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the new one is complete"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or tables"),
+) -> None:
+    """Write BASE + scale * DELTA as a model folder."""
+    from deltawise.delta.apply import apply_delta
+    from deltawise.io.writer import parse_size
+
+    with _progress(quiet) as progress:
+        result = apply_delta(delta, base, output, scale=scale, task=task, original_base=original_base, overwrite=overwrite,
+                             shard_size=parse_size(shard_size), progress=_ProgressReporter(progress))
+    if result.drift and not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"how far {base} is from {original_base} (tensors the delta changes)")
+        for col in ("tensor", "cosine", "‖new − original‖ / ‖original‖"):
+            table.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")
+        for d in result.drift:
+            table.add_row(d.name, f"{d.cosine:.6f}", f"{d.relative_distance:.4g}")
+        out.print(table)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if report is not None:
+        from deltawise.io.writer import write_json_atomic
+
+        write_json_atomic(report, result.to_json())
+    out.print(f"applied {escape(delta)} x {scale:g} to {escape(base)} into {escape(str(result.out))} "
+              f"({len(result.rows)} tensors changed)", highlight=False)
+
+
+@app.command()
+def compress(
+    deltas: list[str] = typer.Argument(..., help="delta folder(s) or PEFT adapter(s); several for --method tall"),
+    method: str = typer.Option("compeft", "--method", help="compeft (top-k signs x one scale), topk (top-k exact values) or tall"),
+    output: Path = typer.Option(..., "--output", "-o", help="compressed delta folder to create"),
+    density: float = typer.Option(0.1, "--density", help="compeft/topk: fraction of entries kept per tensor"),
+    alpha: float = typer.Option(1.0, "--alpha", help="compeft: scale multiplier (scale = alpha * std of the dense delta)"),
+    lam: Optional[list[float]] = typer.Option(None, "--lam", help="tall: mask threshold lambda (once, or once per task)"),
+    names: Optional[str] = typer.Option(None, "--names", help="tall: comma-separated task names (default: folder names)"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model, needed for PEFT adapters that store full values"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the per-tensor report as JSON here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the new one is complete"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or tables"),
+) -> None:
+    """Compress deltas: ComPEFT ternary, top-k sparse, or TALL masks (several deltas of one base)."""
+    with _progress(quiet) as progress:
+        reporter = _ProgressReporter(progress)
+        if method == "tall":
+            from deltawise.delta.tall_compress import compress_tall
+
+            task_names = [n.strip() for n in names.split(",")] if names else None
+            result = compress_tall(deltas, output, lambdas=lam, names=task_names, base=base, overwrite=overwrite, progress=reporter)
+        else:
+            if len(deltas) != 1:
+                raise DeltawiseError(f"--method {method} compresses one delta; got {len(deltas)} (several are for --method tall)")
+            from deltawise.delta.compress import compress_delta
+
+            result = compress_delta(deltas[0], output, method=method, density=density, alpha=alpha, base=base,  # type: ignore[arg-type]
+                                    overwrite=overwrite, progress=reporter)
+    if not quiet:
+        label = "worst task's rel. error" if method == "tall" else "rel. error"
+        out.print(_rows_table(f"{method} compression", result, error_label=label))
+    _finish_delta_command(result, report, "compressed delta")
+
+
 @app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="where to write models (default: a temporary folder)"),

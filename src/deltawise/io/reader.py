@@ -84,6 +84,10 @@ class ModelReader:
     def folder(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
 
+    def input_folders(self) -> list[Path]:
+        """Every folder this reader reads from (an output must stay out of all of them)."""
+        return [self.folder]
+
     def _discover(self) -> list[Path]:
         p = self.path
         if p.is_file():

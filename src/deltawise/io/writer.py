@@ -124,6 +124,19 @@ def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int, metadata: dic
     return ShardPlan(shards)
 
 
+def row_ranges(shape: tuple[int, ...], chunk_elements: int) -> list[tuple[int, int]]:
+    """Split dimension 0 into ranges of at most ``chunk_elements`` entries (at least one row each);
+    0-d and 1-d tensors, and tensors that fit, are one range."""
+    rows = shape[0] if shape else 1
+    numel = 1
+    for s in shape:
+        numel *= s
+    if len(shape) < 2 or numel <= chunk_elements:
+        return [(0, rows)]
+    step = max(1, chunk_elements // max(1, numel // rows))
+    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import threading
 import time
@@ -29,7 +28,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
-from deltawise.io.writer import StreamingShardWriter, plan_shards, write_json_atomic, write_text_atomic
+from deltawise.io.output import check_output_folder, swap_into_place
+from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
@@ -62,24 +62,8 @@ class MergeResult:
 
 
 def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
-    target = Path(os.path.realpath(out))
-    for reader in plan.readers:
-        src = Path(os.path.realpath(reader.folder))
-        if target == src or target in src.parents:
-            raise OutputError(f"output {out} would overwrite input model {reader.label!r} ({src}); choose another folder")
-        if src in target.parents:
-            raise OutputError(f"output {out} is inside the folder of input model {reader.label!r} ({src}); choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output folder {out} is not empty; pass --overwrite to replace it once the merge succeeds")
-    parent = target.parent
-    if not parent.exists():
-        raise OutputError(f"cannot create {out}: {parent} does not exist")
-    free = shutil.disk_usage(parent).free
-    need = plan.output_bytes()
-    if need > free:
-        raise OutputError(f"not enough disk space for {out}: needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+    inputs = [(r.label, folder) for r in plan.readers for folder in r.input_folders()]
+    check_output_folder(out, inputs, overwrite, plan.output_bytes())
 
 
 class _Loader:
@@ -126,11 +110,7 @@ def _require_finite(x: torch.Tensor, label: str, name: str) -> None:
 
 
 def _row_ranges(t: TensorPlan) -> list[tuple[int, int]]:
-    rows = t.out.shape[0] if t.out.shape else 1
-    if len(t.out.shape) < 2 or t.out_numel <= CHUNK_ELEMENTS:
-        return [(0, rows)]
-    step = max(1, CHUNK_ELEMENTS // max(1, t.out_numel // rows))
-    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+    return row_ranges(t.out.shape, CHUNK_ELEMENTS)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit: int) -> Iterator[Any]:
@@ -241,7 +221,7 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
         if changed:
             raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
         _finish_folder(plan, staging, shard_plan, writer)
-        _swap_into_place(staging.folder, out)
+        swap_into_place(staging.folder, out)
     except DeltawiseError:
         writer.abort()
         staging.discard()  # the inputs or recipe are at fault: nothing worth resuming
@@ -312,19 +292,6 @@ def _finish_folder(plan: MergePlan, staging_state: Staging, shard_plan, writer: 
     write_json_atomic(staging / MANIFEST, manifest)
     write_text_atomic(staging / "README.md", model_card(plan, manifest))
     staging_state.finalize()
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished folder to OUT; an existing OUT (--overwrite) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.deltawise-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version() -> str:

@@ -27,10 +27,10 @@ from typing import Any, Optional
 
 import torch
 
+from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
 from deltawise.io.reader import ModelReader
-from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import OutputTensor
 from deltawise.merge import methods  # noqa: F401  (registers the methods)
 from deltawise.merge.base import REGISTRY, MergeMethod
@@ -47,7 +47,7 @@ EMBEDDING_NAME = re.compile(r"(embed_tokens|word_embeddings|wte|lm_head|embed_in
 @dataclass
 class InputModel:
     ref: str  # as written in the recipe
-    reader: ModelReader
+    reader: ModelReader  # or a DeltaReader (same interface) for a delta folder / PEFT adapter
     settings: dict[str, Any] = field(default_factory=dict)  # the model's own `parameters`
 
     @property
@@ -156,7 +156,9 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     input_problems: list[str] = []
     for ref in dict.fromkeys(refs + ([recipe.base_model] if recipe.base_model else [])):
         try:
-            readers[ref] = ModelReader(resolve_model(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle, label=ref)
+            # a delta folder or PEFT adapter reads as base + delta (the recipe's base_model when given)
+            readers[ref] = open_model(ref, allow_pickle=allow_pickle, base_ref=recipe.base_model if ref != recipe.base_model else None)
+            warnings.extend(getattr(readers[ref], "warnings", []))
         except InputError as exc:
             input_problems.append(str(exc))
     if problems or input_problems:

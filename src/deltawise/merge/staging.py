@@ -18,15 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from deltawise.errors import OutputError
-from deltawise.io.writer import ShardPlan, partial_name, sha256_file, write_json_atomic
+from deltawise.io.output import STAGING_MARK, staging_folder
+from deltawise.io.writer import ShardPlan, sha256_file, write_json_atomic
 
-STAGING_MARK = ".deltawise-staging"
 PLAN_FILE = ".deltawise-plan.json"
 PROGRESS_FILE = ".deltawise-progress.json"
-
-
-def staging_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.deltawise-partial"
 
 
 def plan_key(description: dict[str, Any]) -> str:

@@ -1,0 +1,78 @@
+"""``deltawise apply DELTA --base BASE -o OUT [--scale s]``: write ``BASE + s · DELTA`` as a model.
+
+Streams tensor by tensor in row chunks through a ``DeltaReader`` (bounded memory: one tensor's
+dense delta plus a chunk), writes sharded safetensors through the same atomic writer as merge,
+and copies config/tokenizer files from BASE. ``scale = -1`` removes a delta (task negation).
+A TALL folder needs ``task``. With ``original_base`` (the model the delta was extracted from)
+the per-tensor drift between it and BASE is reported (see ``transfer.py``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from deltawise.delta.reader import DeltaReader
+from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
+from deltawise.delta.source import open_delta
+from deltawise.delta.transfer import check_transfer, drift_report, summarize_drift
+from deltawise.io.output import check_output_folder, staged_output
+from deltawise.io.reader import ModelReader
+from deltawise.io.resolve import resolve_model
+from deltawise.io.writer import OutputTensor, StreamingShardWriter, plan_shards, row_ranges, write_json_atomic
+from deltawise.merge.card import OTHER_FILES, TOKENIZER_FILES
+from deltawise.merge.engine import CHUNK_ELEMENTS
+from deltawise.merge.plan import natural_key
+
+MANIFEST = "deltawise_apply.json"
+
+
+def apply_delta(
+    delta: str, base: str, out: Path, *, scale: float = 1.0, task: Optional[str] = None,
+    original_base: Optional[str] = None, overwrite: bool = False, shard_size: int = 5 * 10**9,
+    progress: Optional[Progress] = None,
+) -> DeltaResult:
+    out = Path(out)
+    base_reader = ModelReader(resolve_model(base), label=base)
+    source = open_delta(resolve_model(delta), task=task, base_reader=base_reader)
+    warnings = check_transfer(source, base_reader, base, hint=original_base is None)
+    inputs = [(base, f) for f in base_reader.input_folders()] + [(delta, source.folder)]
+    drift, original_reader = [], None
+    if original_base is not None:
+        original_reader = ModelReader(resolve_model(original_base), label=original_base)
+        inputs += [(original_base, f) for f in original_reader.input_folders()]
+        drift, more = drift_report(source, base_reader, original_reader)
+        warnings += more
+    check_output_folder(out, inputs, overwrite, base_reader.total_bytes())
+    reader = DeltaReader(source, base_reader, scale=scale, label=delta)
+    names = sorted(reader.keys(), key=natural_key)
+    shard_plan = plan_shards([OutputTensor(n, reader.info(n).shape, reader.info(n).dtype) for n in names], shard_size)
+    rows = [TensorRow(n, source.kind(n), reader.info(n).nbytes, 0) for n in source.names()]
+    with staged_output(out) as staging:
+        writer = StreamingShardWriter(staging, shard_plan)
+        try:
+            done, total = 0, reader.total_bytes()
+            for name in names:
+                for start, stop in row_ranges(reader.info(name).shape, CHUNK_ELEMENTS):
+                    writer.write(name, reader.get_rows(name, start, stop), row_start=start)
+                done += reader.info(name).nbytes
+                tick(progress, "applying", done, total)
+            writer.finish_empty_shards()
+        except BaseException:
+            writer.abort()
+            raise
+        if len(shard_plan.shards) > 1:
+            write_json_atomic(staging / "model.safetensors.index.json", shard_plan.index())
+        for fname in ("config.json", *TOKENIZER_FILES, *OTHER_FILES):
+            if (base_reader.folder / fname).is_file():
+                shutil.copyfile(base_reader.folder / fname, staging / fname)
+        manifest = {
+            "delta": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method"), "task": task},
+            "base": {"ref": base, "fingerprint": base_reader.fingerprint()},
+            "scale": scale, "warnings": warnings,
+            "drift": [vars(r) for r in drift],
+        }
+        write_json_atomic(staging / MANIFEST, manifest)
+    summary = {"scale": scale, "changed_tensors": len(rows), **({"drift": summarize_drift(drift)} if original_reader else {})}
+    return DeltaResult(out, rows, warnings, summary, drift)

@@ -1,0 +1,91 @@
+"""``deltawise compress DELTA --method compeft|topk``: shrink a delta tensor by tensor.
+
+ComPEFT (METHODS.md §14), per tensor: keep the top-``density`` fraction of entries by
+magnitude (the generic top-k helper of METHODS.md §0: ``n_drop = d − int(d·k)``, threshold =
+the ``n_drop``-th smallest ``|τ|``, keep ``|τ| ≥`` threshold; ``k = 1`` keeps all), and replace each
+kept entry by ``sgn(τ) · α · σ(τ)``.
+
+Scale rule (the paper's details are unverified here, so this is our choice):
+``σ(τ)`` is the *population* standard deviation (ddof = 0) of the **dense** residual, taken
+before sparsification. Why: the paper and the authors' TIES code scale by the residual's std;
+computing it after zeroing would shrink it with the density (METHODS.md §14 edge cases);
+ddof = 0 makes the rule exact on a zero-mean ternary input — a residual ``c · s`` with balanced
+signs gives ``σ = c``, so ``density = 1, α = 1`` reproduces it — and the difference from ddof = 1
+is negligible at real tensor sizes. ``α`` is the user's multiplier (tune it on validation data;
+the default 1.0 keeps the residual's scale). Granularity is per tensor (the paper's is
+unverified; per tensor bounds memory and suits LLMs).
+
+``topk`` keeps the same entries with their exact values (a ``SparseDelta``): the baseline that
+shows what the ternary quantisation itself costs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from deltawise.delta.base import TensorDelta
+from deltawise.delta.report import DeltaResult, Progress, TensorRow, relative_error, tick
+from deltawise.delta.source import DeltaSource, open_delta
+from deltawise.delta.sparse import SparseDelta
+from deltawise.delta.store import DeltaWriter
+from deltawise.delta.ternary import TernaryDelta
+from deltawise.errors import DeltawiseError
+from deltawise.io.dtypes import element_size
+from deltawise.io.reader import ModelReader
+from deltawise.io.resolve import resolve_model
+
+
+def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of |tau| (METHODS.md §0 helper; ties at the threshold survive)."""
+    d = tau.numel()
+    n_drop = d - int(d * density)
+    if n_drop <= 0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    magnitude = tau.abs()
+    threshold = magnitude.reshape(-1).kthvalue(n_drop).values
+    return magnitude >= threshold
+
+
+def compeft_scale(tau: torch.Tensor, alpha: float) -> float:
+    return alpha * float(tau.double().std(unbiased=False)) if tau.numel() > 1 else alpha * float(tau.abs().max())
+
+
+def compress_tensor(tau: torch.Tensor, method: str, density: float, alpha: float, dtype: torch.dtype) -> TensorDelta:
+    mask = topk_mask(tau, density)
+    if method == "compeft":
+        return TernaryDelta.from_dense(tau, mask, compeft_scale(tau, alpha))
+    return SparseDelta.from_dense(tau, mask, dtype)
+
+
+def open_source(delta: str, base: Optional[str]) -> DeltaSource:
+    base_reader = ModelReader(resolve_model(base), label=base) if base else None
+    return open_delta(resolve_model(delta), base_reader=base_reader)
+
+
+def compress_delta(
+    delta: str, out: Path, *, method: Literal["compeft", "topk"] = "compeft", density: float = 0.1, alpha: float = 1.0,
+    base: Optional[str] = None, overwrite: bool = False, progress: Optional[Progress] = None,
+) -> DeltaResult:
+    if not 0 < density <= 1:
+        raise DeltawiseError(f"--density is the kept fraction, in (0, 1]; got {density}")
+    if method not in ("compeft", "topk"):
+        raise DeltawiseError(f"unknown compression method {method!r}; use compeft, topk or tall")
+    source = open_source(delta, base)
+    header = {"method": method, "parameters": {"density": density, "alpha": alpha} if method == "compeft" else {"density": density},
+              "base": source.base, "source": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method")}}
+    rows: list[TensorRow] = []
+    names = source.names()
+    with DeltaWriter(Path(out), header, [(delta, source.folder)], overwrite=overwrite) as writer:
+        for i, name in enumerate(names, 1):
+            tau = source.get(name).materialize(torch.float32)
+            base_dtype = source.base_dtype(name)
+            compressed = compress_tensor(tau, method, density, alpha, base_dtype)
+            writer.add(name, compressed, base_dtype)
+            rows.append(TensorRow(name, compressed.kind, tau.numel() * element_size(base_dtype), compressed.nbytes,
+                                  relative_error(compressed.materialize(), tau), {"kept": int(topk_mask(tau, density).sum())}))
+            tick(progress, f"compressing ({method})", i, len(names))
+        writer.finish(report={"tensors": {r.name: {"error": r.error, "ratio": r.ratio} for r in rows}})
+    return DeltaResult(Path(out), rows, [], {"method": method, "density": density, "alpha": alpha})

@@ -1,0 +1,117 @@
+"""``deltawise extract FT --base BASE --lora``: a PEFT LoRA adapter approximating ``θ_ft − θ_base``.
+
+Each changed 2-D linear weight delta ``ΔW = U S Vᵀ`` (SVD in float32, float64 for float64
+weights) is truncated to rank ``k`` and split evenly, ``B = U_k √S_k``, ``A = √S_k V_kᵀ`` (so
+``B A`` is the best rank-``k`` approximation, Eckart–Young). ``k`` is ``rank``, or with
+``energy`` the smallest ``k`` with ``Σ_{i≤k} s_i² ≥ energy · Σ s_i²`` (capped by ``rank`` when both
+are given). The relative error per tensor is ``√(Σ_{i>k} s_i²) / ‖ΔW‖``.
+
+Changed tensors that are not linear weights (norms, biases, embeddings) cannot be LoRA
+factors: with ``non_linear="save"`` their fine-tuned values go into ``modules_to_save``
+(PEFT then replaces the whole module), with ``"skip"`` they are left out with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from deltawise.delta.lowrank import LowRankDelta
+from deltawise.delta.peft_io import write_peft_adapter
+from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
+from deltawise.delta.store import base_identity
+from deltawise.delta.walk import open_pair
+from deltawise.errors import DeltawiseError
+from deltawise.io.output import check_output_folder, staged_output
+
+EMBEDDING = re.compile(r"(embed_tokens|word_embeddings|wte|wpe|embed_in|embed_positions|shared|position_embeddings|token_type_embeddings)\.weight$")
+
+
+def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and not EMBEDDING.search(name)
+
+
+def choose_rank(s: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> int:
+    """Smallest k reaching the energy fraction (if given), capped by ``rank`` (if given)."""
+    k = s.numel()
+    if energy is not None:
+        power = s.double() ** 2
+        total = float(power.sum())
+        if total > 0:
+            cumulative = torch.cumsum(power, 0) / total
+            # 1e-12 slack: a fraction met up to rounding counts as met
+            k = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+    if rank is not None:
+        k = min(k, rank)
+    return max(1, min(k, s.numel()))
+
+
+def lowrank_factors(delta: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> tuple[LowRankDelta, float]:
+    work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(delta.to(work), full_matrices=False)
+    k = choose_rank(S, rank, energy)
+    root = S[:k].sqrt()
+    B = (U[:, :k] * root).contiguous()
+    A = (root[:, None] * Vh[:k]).contiguous()
+    total = float((S.double() ** 2).sum())
+    error = (float((S[k:].double() ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    return LowRankDelta(A, B), error
+
+
+def extract_lora(
+    finetuned: str, base: str, out: Path, *, rank: Optional[int] = None, energy: Optional[float] = None,
+    non_linear: Literal["save", "skip"] = "save", task_type: Optional[str] = None, overwrite: bool = False,
+    progress: Optional[Progress] = None,
+) -> DeltaResult:
+    if rank is None and energy is None:
+        raise DeltawiseError("LoRA extraction needs --rank, --energy, or both")
+    if rank is not None and rank < 1:
+        raise DeltawiseError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise DeltawiseError(f"--energy is a fraction in (0, 1], got {energy}")
+    pair = open_pair(finetuned, base)
+    out = Path(out)
+    check_output_folder(out, [(base, f) for f in pair.base.input_folders()] + [(finetuned, f) for f in pair.finetuned.input_folders()], overwrite)
+    architectures = (pair.base.config or {}).get("architectures") or []
+    if task_type is None and any(a.endswith("ForCausalLM") for a in architectures):
+        task_type = "CAUSAL_LM"
+    lowrank: dict[str, LowRankDelta] = {}
+    full: dict[str, torch.Tensor] = {}
+    rows: list[TensorRow] = []
+    warnings: list[str] = []
+    total, done = sum(pair.finetuned.info(n).nbytes for n in pair.names), 0
+    for name, b, ft in pair.tensors():
+        done += pair.finetuned.info(name).nbytes
+        tick(progress, "extracting LoRA", done, total)
+        work = torch.float64 if ft.dtype == torch.float64 else torch.float32
+        delta = ft.to(work) - b.to(work)
+        if not bool(delta.any()):
+            continue
+        dense_bytes = b.numel() * b.element_size()
+        if is_linear_weight(name, tuple(b.shape)):
+            d, error = lowrank_factors(delta, rank, energy)
+            lowrank[name] = d
+            rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank}))
+        elif non_linear == "save":
+            full[name] = ft
+            rows.append(TensorRow(name, "modules_to_save", dense_bytes, dense_bytes, 0.0))
+        else:
+            warnings.append(f"{name} changed but is not a linear weight; skipped (pass --non-linear save to keep it)")
+    if not lowrank and not full:
+        raise DeltawiseError(f"{finetuned} does not differ from {base} in any floating tensor: nothing to extract")
+    bad_modules = {n.rsplit(".", 1)[0] for n in full} & {n.rsplit(".", 1)[0] for n in lowrank}
+    if bad_modules:
+        raise DeltawiseError(
+            f"module(s) {', '.join(sorted(bad_modules))} have both a LoRA weight and another changed tensor (e.g. a bias); "
+            "PEFT cannot store both: pass --non-linear skip"
+        )
+    sidecar = {"format": "deltawise-peft", "method": "lora-svd", "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear},
+               "base": base_identity(pair.base), "finetuned": {"label": finetuned, "fingerprint": pair.finetuned.fingerprint()}}
+    with staged_output(out) as staging:
+        write_peft_adapter(staging, lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type, sidecar=sidecar)
+    ranks = [d.rank for d in lowrank.values()]
+    summary = {"lora_tensors": len(lowrank), "modules_to_save": len(full), "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0)}
+    return DeltaResult(out, rows, warnings, summary)

@@ -1,0 +1,138 @@
+"""``DeltaReader``: a model seen as ``base + scale · delta``, with ModelReader's interface.
+
+It lets everything that reads models (the merge engine, ``apply``) read a delta folder or a
+PEFT adapter as if it were a full checkpoint: tensors the delta changes are computed on the
+fly (in float32, float64 for float64 data, cast to the base dtype); the others are the base's.
+A tensor's dense delta is computed once and kept while its row chunks are read (a small
+LRU), so chunked readers do not redo an SVD product or an inverse FFT per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from deltawise.delta.base import TensorDelta, compute_dtype
+from deltawise.delta.source import DeltaSource, is_delta, open_delta
+from deltawise.delta.transfer import check_transfer
+from deltawise.errors import InputError
+from deltawise.io.reader import ModelReader, TensorInfo
+from deltawise.io.resolve import resolve_model
+
+CACHE_TENSORS = 4
+
+
+class DeltaReader:
+    def __init__(self, source: DeltaSource, base: ModelReader, *, scale: float = 1.0, label: Optional[str] = None):
+        self.source = source
+        self.base = base
+        self.scale = float(scale)
+        self.label = label or str(source.folder)
+        self.path = Path(source.folder)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.warnings: list[str] = []  # for the merge plan: e.g. the base is not the one the delta recorded
+        self.files = list(base.files) + list(source.files)
+        self.stamps = list(base.stamps) + [ModelReader._stamp(f) for f in source.files]
+
+    # ------------------------------------------------------------ ModelReader interface
+    @property
+    def folder(self) -> Path:
+        return self.path
+
+    def input_folders(self) -> list[Path]:
+        return [self.path, *self.base.input_folders()]
+
+    @property
+    def config(self) -> Optional[dict]:
+        return self.base.config
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base.keys())
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.base.info(name)
+        return self.get_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        base = self.base.get_rows(name, start, stop) if self.base.info(name).shape else self.base.get(name)
+        if name not in self.source.entries or self.scale == 0:
+            return base
+        delta = self._dense(name)
+        if delta.dim():
+            start, stop = max(0, min(start, delta.shape[0])), max(0, min(stop, delta.shape[0]))
+            delta = delta[start:max(start, stop)]
+        dtype = compute_dtype(base, delta)
+        return (base.to(dtype) + self.scale * delta.to(dtype)).to(base.dtype)
+
+    def _dense(self, name: str) -> torch.Tensor:
+        with self._lock:
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+        delta = self.tensor_delta(name)
+        dense = delta.materialize(delta.natural_dtype)
+        with self._lock:
+            self._cache[name] = dense
+            while len(self._cache) > CACHE_TENSORS:
+                self._cache.popitem(last=False)
+        return dense
+
+    def tensor_delta(self, name: str) -> TensorDelta:
+        delta = self.source.get(name)
+        delta.check_shape(tuple(self.base.info(name).shape), f"base tensor {name} of {self.base.label!r}")
+        return delta
+
+    def total_bytes(self) -> int:
+        return self.base.total_bytes()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.source.fingerprint().encode())
+        h.update(self.base.fingerprint().encode())
+        h.update(repr(self.scale).encode())
+        return h.hexdigest()
+
+    def changed_files(self) -> list[str]:
+        return [s.path for s in self.stamps if not Path(s.path).exists() or ModelReader._stamp(Path(s.path)) != s]
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def open_model(ref: str, *, allow_pickle: bool = False, base_ref: Optional[str] = None, label: Optional[str] = None):
+    """A ModelReader for a checkpoint, or a DeltaReader for a delta/adapter folder.
+
+    A delta's base is ``base_ref`` when given (a merge recipe's base_model), else the base it
+    recorded; the delta's tensors must exist in that base with the same shapes.
+    """
+    location = resolve_model(ref, allow_pickle=allow_pickle)
+    if not is_delta(location):
+        return ModelReader(location, allow_pickle=allow_pickle, label=label or ref)
+    source = open_delta(location)
+    base_ref = base_ref or source.base.get("ref")
+    if not base_ref:
+        raise InputError(f"delta {ref!r} does not record its base model; give base_model in the recipe")
+    base = ModelReader(resolve_model(base_ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle, label=base_ref)
+    if hasattr(source, "base_reader"):
+        source.base_reader = base
+    reader = DeltaReader(source, base, label=label or ref)
+    # raises on names/shapes/architecture that do not fit; warns when the base is not the recorded one
+    reader.warnings = [f"{ref}: {w}" for w in check_transfer(source, base, base_ref, hint=False)]
+    return reader
