@@ -215,6 +215,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
     model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
     model = method.prepare(model, cfg.task, cfg.seed)
     trainable, total = count_params(model)
+    trainable = method.count_trainable() or trainable
 
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"

@@ -72,6 +72,10 @@ class Method:
     def save(self, model: nn.Module, out: Path) -> None:
         raise NotImplementedError
 
+    def count_trainable(self) -> int | None:
+        """Trainable entries when they differ from parameters with requires_grad (sparse methods)."""
+        return None
+
     def record(self) -> dict[str, Any]:
         """JSON-able facts about the run worth keeping (selections, mask sizes)."""
         return {}
