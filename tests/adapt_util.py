@@ -73,3 +73,60 @@ def train_cfg(tiny_lm, out: Path, method: str, options=None, **kw):
                 lr=1e-2, seed=0, progress=False, options=options or MethodOptions())
     base.update(kw)
     return TrainConfig(**base)
+
+
+def write_llama_gguf(folder: Path, out: Path) -> Path:
+    """Write a float32 Llama GGUF from a HF folder the way llama.cpp's converter lays it out
+    (tensor names, q/k head permutation, "llama" tokenizer metadata), with the ``gguf`` package."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    c = model.config
+
+    def permute(w, n_head):  # llama.cpp's rotary layout; transformers undoes it on load
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    wr = gguf.GGUFWriter(str(out), "llama")
+    wr.add_context_length(c.max_position_embeddings)
+    wr.add_embedding_length(c.hidden_size)
+    wr.add_block_count(c.num_hidden_layers)
+    wr.add_feed_forward_length(c.intermediate_size)
+    wr.add_head_count(c.num_attention_heads)
+    wr.add_head_count_kv(c.num_key_value_heads)
+    wr.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
+    wr.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    wr.add_vocab_size(c.vocab_size)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list([t for t, _ in vocab])
+    wr.add_token_scores([0.0] * len(vocab))
+    wr.add_token_types([3 if t.startswith("<") else 1 for t, _ in vocab])  # 3 = control token
+    wr.add_bos_token_id(tok.bos_token_id)
+    wr.add_eos_token_id(tok.eos_token_id)
+    wr.add_unk_token_id(tok.unk_token_id)
+    wr.add_pad_token_id(tok.pad_token_id)
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                 "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in model.state_dict().items():
+        a = value.float().numpy()
+        if key in top:
+            name = top[key]
+        else:
+            parts = key.split(".")
+            module = ".".join(parts[3:-1])
+            name = f"blk.{parts[2]}.{per_layer[module]}.weight"
+            if module == "self_attn.q_proj":
+                a = permute(a, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                a = permute(a, c.num_key_value_heads)
+        wr.add_tensor(name, np.ascontiguousarray(a))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return out

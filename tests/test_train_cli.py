@@ -124,3 +124,23 @@ def test_gguf_input_is_converted_once_and_cached(tmp_path, tiny_lm):
     assert resolve_gguf(f, cache, fake_convert) != first and len(calls) == 2
     assert resolve_gguf(tiny_lm["model"], cache, fake_convert) == tiny_lm["model"]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_real_tiny_gguf_converts_to_the_same_model_and_trains(tiny_lm, tmp_path, monkeypatch):
+    """A float32 Llama GGUF written with the ``gguf`` package: the converted folder gives the same
+    logits and token ids as the model it was written from, and ``train`` accepts the .gguf path."""
+    from adapt_util import base_model, batch_of, logits, write_llama_gguf
+    from transformers import AutoTokenizer
+
+    from deltawise.io.gguf import resolve_gguf
+
+    gguf_file = write_llama_gguf(tiny_lm["model"], tmp_path / "tiny.gguf")
+    monkeypatch.setenv("DELTAWISE_CACHE", str(tmp_path / "cache"))
+    folder = resolve_gguf(gguf_file)
+    batch = batch_of(tiny_lm)
+    torch.testing.assert_close(logits(base_model(folder), batch), logits(base_model(tiny_lm["model"]), batch), atol=1e-6, rtol=1e-5)
+    text = "Beautiful is better than ugly."
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm["model"])(text)["input_ids"]
+    res = _cli(gguf_file, "--data", tiny_lm["data"], "-o", tmp_path / "out", "--method", "lora", "--max-steps", "1", "--rank", "2")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -29,6 +29,14 @@ def _convert_with_transformers(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are already dequantized to float32; transformers still marks the model as
+    # "quantized with gguf" and refuses save_pretrained, so drop that marker before saving
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
 
