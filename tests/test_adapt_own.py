@@ -174,3 +174,32 @@ def test_sparse_adamw_equals_dense_adamw_on_masked_gradient(tiny_lm):
         ref_opt.step(); ref_opt.zero_grad()
     for n, p in ref_params.items():
         torch.testing.assert_close(ours.get_parameter(n), p, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lift", "kasa"])
+def test_classification_head_trains_and_is_saved_whole(method, tiny_lm, tmp_path):
+    cfg = train_cfg(tiny_lm, tmp_path / "o", method, MethodOptions(rank=2, filter_rank=4, targets=TARGETS), task="classification", data=tiny_lm["cls"])
+    result = run_train(cfg)
+    entries, _ = load_delta(result.output)
+    head = base_model(tiny_lm["model"], "classification", 2)
+    assert entries["score.weight"].kind == "replace"
+    assert not torch.equal(entries["score.weight"].tensors["value"], head.score.weight.detach())  # a step moved it
+    merged = apply_delta(head, result.output)
+    torch.testing.assert_close(merged.score.weight.detach(), entries["score.weight"].tensors["value"])
+
+
+def test_sorsa_adds_scaled_orthonormal_gradient_after_clipping(tiny_lm):
+    m = get_method("sorsa", MethodOptions(rank=R, targets=TARGETS, gamma=0.5))
+    model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    with torch.no_grad():  # move away from orthonormal so the norm is differentiable and non-zero
+        for mod in m.modules.values():
+            mod.U.mul_(1.1)
+            mod.Vh.mul_(0.9)
+    mods = list(m.modules.values())
+    # independent formula: L_o = (1/N_mat) Σ (‖VVᵀ−I‖_F + ‖UᵀU−I‖_F), N_mat = 2·layers
+    loss = sum(torch.sqrt(((x.Vh @ x.Vh.T - torch.eye(R)) ** 2).sum()) + torch.sqrt(((x.U.T @ x.U - torch.eye(R)) ** 2).sum()) for x in mods) / (2 * len(mods))
+    expected = torch.autograd.grad(0.5 / 1e-3 * loss, [mods[0].U, mods[0].Vh])
+    m.before_optimizer_step(model, 1e-3)
+    torch.testing.assert_close(mods[0].U.grad, expected[0])
+    torch.testing.assert_close(mods[0].Vh.grad, expected[1])
+    assert mods[0].S.grad is None or torch.count_nonzero(mods[0].S.grad) == 0

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deltawise.adapt.delta_file import DeltaEntry, save_delta
-from deltawise.adapt.methods.base import Method, head_names, register
+from deltawise.adapt.methods.base import Method, MethodError, head_names, register
 
 
 @torch.no_grad()
@@ -156,6 +156,9 @@ class LIFT(Method):
         return sum(int(i.numel()) for i in self.masks.values()) + sum(p.numel() for p in self.head_params)
 
     def make_optimizer(self, model, lr, weight_decay, max_grad_norm):
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # the gather-and-free gradient hook runs before DDP's all-reduce would see the gradient
+            raise MethodError("lift runs in a single process for now; launch it without torchrun/accelerate multi-process")
         return SparseAdamW(
             list(self.weights.values()), self.head_params, lr, weight_decay, max_grad_norm, self.masks, self._refresh,
             self.options.get("refresh_interval", 100),
