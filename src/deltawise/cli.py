@@ -257,6 +257,63 @@ def compress(
 
 
 @app.command()
+def train(
+    model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file (converted once, cached)"),
+    data: Path = typer.Option(..., "--data", help="training data: text (documents separated by % lines or blank lines) or JSONL (text | prompt+response | text+label)"),
+    output: Path = typer.Option(..., "--output", "-o", help="output folder (written atomically; must not be an input)"),
+    method: str = typer.Option("lora", "--method", "-m", help="lora, dora, pissa, lora_fa, fourierft, miss/bone, randlora, full, hft, lift, sorsa, loldu, kasa"),
+    task: str = typer.Option("causal_lm", help="causal_lm or classification"),
+    epochs: float = typer.Option(1.0, help="passes over the data (ignored when --max-steps > 0)"),
+    max_steps: int = typer.Option(-1, help="optimizer steps; overrides --epochs when > 0"),
+    lr: float = typer.Option(2e-4, help="peak learning rate"),
+    batch_size: int = typer.Option(8, min=1, help="examples per device per step"),
+    grad_accum: int = typer.Option(1, min=1, help="gradient accumulation steps"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    seed: int = typer.Option(0, help="random seed (init, data order, random bases and selections)"),
+    weight_decay: float = typer.Option(0.0, help="AdamW decoupled weight decay"),
+    schedule: str = typer.Option("linear", help="linear, cosine, constant, or cpt (re-warm + cosine to --min-lr-ratio)"),
+    warmup: float = typer.Option(0.0, help="warmup: fraction of steps (< 1) or number of steps"),
+    min_lr_ratio: float = typer.Option(0.1, help="cpt schedule: final lr as a fraction of --lr"),
+    replay: Optional[Path] = typer.Option(None, help="source-domain data mixed into every batch (continual pre-training)"),
+    replay_fraction: float = typer.Option(0.25, help="share of each batch taken from --replay"),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="adapter rank (lift: LoRA-equivalent budget r_L)"),
+    alpha: Optional[float] = typer.Option(None, help="adapter scale numerator (scale = alpha/rank)"),
+    dropout: float = typer.Option(0.0, help="adapter dropout (LoRA family)"),
+    targets: Optional[str] = typer.Option(None, help="comma-separated module names to adapt (default: PEFT's per-architecture choice)"),
+    init: Optional[str] = typer.Option(None, help="init variant: fourierft 'zero'; miss 'bat' or 'mini'"),
+    n_frequency: Optional[int] = typer.Option(None, help="fourierft: spectral coefficients per matrix"),
+    scaling: Optional[float] = typer.Option(None, help="fourierft: scale of the spectral update"),
+    filter_rank: Optional[int] = typer.Option(None, help="lift: rank of the low-rank approximation that picks principal weights"),
+    refresh_interval: Optional[int] = typer.Option(None, help="lift: optimizer steps between mask refreshes"),
+    ratio: Optional[float] = typer.Option(None, help="hft: fraction of each parameter category that trains"),
+    gamma: Optional[float] = typer.Option(None, help="sorsa: orthonormal regularizer weight; kasa: L3 weight"),
+    beta: Optional[float] = typer.Option(None, help="kasa: L2 weight on the learned singular values"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once training succeeds"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT."""
+    from deltawise.adapt import MethodOptions, TrainConfig, run_train
+    from deltawise.io.gguf import resolve_gguf
+
+    options = MethodOptions(
+        rank=rank, alpha=alpha, dropout=dropout, targets=[t.strip() for t in targets.split(",")] if targets else None,
+        init=init, n_frequency=n_frequency, scaling=scaling, filter_rank=filter_rank, refresh_interval=refresh_interval,
+        ratio=ratio, gamma=gamma, beta=beta,
+    )
+    cfg = TrainConfig(
+        model=model, data=data, output=output, method=method, task=task, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, replay=replay, replay_fraction=replay_fraction,
+        overwrite=overwrite, progress=not quiet, options=options,
+    )
+    result = run_train(cfg, model_path=resolve_gguf(model))
+    out.print(
+        f"trained {result.method} ({result.trainable_params:,} of {result.total_params:,} parameters) for "
+        f"{result.steps} steps in {result.seconds:.1f} s; wrote {escape(str(result.output))}", highlight=False,
+    )
+
+
+@app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="where to write models (default: a temporary folder)"),
 ) -> None:

@@ -1,0 +1,171 @@
+"""Training data: read plain-text / JSONL files, tokenize, and batch them (optionally mixing in replay data).
+
+Formats (chosen by content, not only by extension):
+- plain text: fortune-style documents separated by lines holding only ``%``; when no such line
+  exists, documents are separated by blank lines;
+- JSONL with a ``text`` field: one document per line;
+- JSONL with ``prompt`` and ``response``: the loss covers the response tokens only;
+- classification (``task="classification"``): JSONL with ``text`` and ``label`` (int or string).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltawise.errors import InputError
+
+IGNORE_INDEX = -100  # the label value transformers' losses skip
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example before tokenization. ``prompt`` is excluded from the loss."""
+
+    text: str
+    prompt: str = ""
+    label: Any = None
+
+
+def _split_documents(text: str) -> list[str]:
+    lines = text.splitlines()
+    if any(line.strip() == "%" for line in lines):
+        docs, cur = [], []
+        for line in lines:
+            if line.strip() == "%":
+                docs.append("\n".join(cur))
+                cur = []
+            else:
+                cur.append(line)
+        docs.append("\n".join(cur))
+    else:
+        docs = [block for block in text.split("\n\n")]
+    return [d.strip() for d in docs if d.strip()]
+
+
+def read_examples(path: Path, task: str = "causal_lm") -> list[Example]:
+    """Read every example of ``path``; raise InputError with the line number on bad records."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    is_jsonl = path.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{")
+    if not is_jsonl:
+        if task == "classification":
+            raise InputError(f"{path}: classification data must be JSONL with 'text' and 'label' fields")
+        examples = [Example(text=d) for d in _split_documents(raw)]
+    else:
+        examples = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}:{n}: each line must be a JSON object")
+            if task == "classification":
+                if "text" not in rec or "label" not in rec:
+                    raise InputError(f"{path}:{n}: classification records need 'text' and 'label'")
+                examples.append(Example(text=str(rec["text"]), label=rec["label"]))
+            elif "prompt" in rec and "response" in rec:
+                examples.append(Example(text=str(rec["response"]), prompt=str(rec["prompt"])))
+            elif "text" in rec:
+                examples.append(Example(text=str(rec["text"])))
+            else:
+                raise InputError(f"{path}:{n}: need a 'text' field or 'prompt' and 'response' fields")
+    if not examples:
+        raise InputError(f"{path}: no training examples found")
+    return examples
+
+
+def label_mapping(examples: list[Example]) -> dict[Any, int]:
+    """Integer labels map to themselves; string labels to their index in sorted order."""
+    labels = {e.label for e in examples}
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        return {x: x for x in sorted(labels)}
+    return {x: i for i, x in enumerate(sorted(str(x) for x in labels))}
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int, task: str, label2id: dict | None = None) -> list[dict[str, list[int]]]:
+    """Tokenize to lists of ids. Causal LM: ``labels`` copy the ids, with prompt tokens masked out;
+    an EOS token ends each document so the model learns where documents stop."""
+    rows = []
+    for ex in examples:
+        if task == "classification":
+            ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
+            key = ex.label if ex.label in label2id else str(ex.label)
+            rows.append({"input_ids": ids, "labels": label2id[key]})
+            continue
+        prompt_ids = tokenizer(ex.prompt)["input_ids"] if ex.prompt else []
+        # the response continues the prompt, so it gets no BOS of its own
+        body = tokenizer(ex.text, add_special_tokens=not ex.prompt)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            body = body + [tokenizer.eos_token_id]
+        ids = (prompt_ids + body)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + body)[:max_length]
+        if all(x == IGNORE_INDEX for x in labels) or len(ids) < 2:
+            continue  # nothing to learn from: the prompt fills the whole window
+        rows.append({"input_ids": ids, "labels": labels})
+    if not rows:
+        raise InputError("no example left after tokenization (are the prompts longer than --max-length?)")
+    return rows
+
+
+class Collator:
+    """Right-pads a list of tokenized rows into tensors (labels padded with IGNORE_INDEX)."""
+
+    def __init__(self, pad_id: int, task: str):
+        self.pad_id = pad_id
+        self.task = task
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.task == "classification":
+            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        else:
+            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for i, r in enumerate(rows):
+                labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+            batch["labels"] = labels
+        return batch
+
+
+def mix_replay(target: list, replay: list, batch_size: int, fraction: float, seed: int) -> list:
+    """Order target and replay rows so that every consecutive ``batch_size`` rows hold
+    ``round(fraction·batch_size)`` replay rows (at least one when fraction > 0).
+
+    The trainer then reads the list sequentially; the mix is shuffled here, with ``seed``, instead.
+    Replay rows are drawn without replacement, cycling through the replay set when it is smaller.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"--replay-fraction must be in (0, 1), got {fraction}")
+    n_rep = min(batch_size - 1, max(1, round(fraction * batch_size)))
+    n_new = batch_size - n_rep
+    rng = random.Random(seed)
+    tgt = target[:]
+    rng.shuffle(tgt)
+    pool: list = []
+    out: list = []
+    for start in range(0, len(tgt), n_new):
+        chunk = tgt[start : start + n_new]
+        for _ in range(n_rep):
+            if not pool:
+                pool = replay[:]
+                rng.shuffle(pool)
+            chunk.append(pool.pop())
+        rng.shuffle(chunk)
+        out.extend(chunk)
+    return out

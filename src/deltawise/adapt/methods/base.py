@@ -1,0 +1,133 @@
+"""What every adaptation method provides to the training loop, and the registry of methods by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltawise.errors import DeltawiseError
+
+
+@dataclass
+class MethodOptions:
+    """Method settings from the command line. ``None`` means "the method's documented default"."""
+
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] | None = None  # module-name suffixes; None = PEFT's default for the architecture
+    init: str | None = None  # method-specific init variant, e.g. fourierft "zero", miss "bat"
+    n_frequency: int | None = None  # fourierft
+    scaling: float | None = None  # fourierft
+    filter_rank: int | None = None  # lift: rank r_f of the principal-weight approximation
+    refresh_interval: int | None = None  # lift: optimizer steps between mask refreshes (K)
+    ratio: float | None = None  # hft: fraction of matrices trained per category
+    gamma: float | None = None  # sorsa orthonormal weight; kasa L3 weight
+    beta: float | None = None  # kasa L2 weight on the singular values
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any) -> Any:
+        value = getattr(self, name)
+        return default if value is None else value
+
+
+class MethodError(DeltawiseError):
+    """The method cannot be applied with these options or to this model."""
+
+
+class Method:
+    """Base class. Subclasses prepare the model (freeze/wrap), may add a loss term, hook the
+    optimizer step, bring their own optimizer, and save what they trained.
+
+    Instances hold per-run state (masks, selections), so make a new one per run (see ``get_method``).
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "peft" (PEFT adapter folder), "delta" (deltawise delta file) or "full" (model folder)
+
+    def __init__(self, options: MethodOptions | None = None):
+        self.options = options or MethodOptions()
+
+    def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra loss added to the task loss (before backward), or None."""
+        return None
+
+    def before_optimizer_step(self, model: nn.Module, peak_lr: float) -> None:
+        """Called after gradient clipping, just before ``optimizer.step()``."""
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer | None:
+        """A method-specific optimizer, or None for the trainer's AdamW over trainable parameters."""
+        return None
+
+    def before_training(self, model: nn.Module, staging: Path) -> None:
+        """Hook run once the model is prepared and before the first step (e.g. PiSSA saves its init)."""
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        raise NotImplementedError
+
+    def count_trainable(self) -> int | None:
+        """Trainable entries when they differ from parameters with requires_grad (sparse methods)."""
+        return None
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able facts about the run worth keeping (selections, mask sizes)."""
+        return {}
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, options: MethodOptions | None = None) -> Method:
+    from deltawise.adapt import methods as _m  # noqa: F401  (importing registers every method)
+
+    if name not in REGISTRY:
+        raise MethodError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](options)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """PEFT's per-architecture LoRA targets (Llama: q_proj, v_proj), so our own adapters and
+    PEFT's adapt the same matrices by default."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MAP:
+        raise MethodError(f"no default target modules for model type {model_type!r}; pass --targets")
+    return list(MAP[model_type])
+
+
+def target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn.Linear]:
+    """The nn.Linear modules whose name ends with one of ``targets`` (never the LM head)."""
+    targets = targets or default_targets(model)
+    found = {
+        name: mod for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+        and not name.endswith("lm_head")
+    }
+    if not found:
+        raise MethodError(f"no linear layer matches targets {targets}")
+    return found
+
+
+def head_names(model: nn.Module, task: str) -> list[str]:
+    """Parameters of a freshly initialised classification head: trained and saved whole."""
+    if task != "classification":
+        return []
+    return [n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,16 @@
+"""DoRA (Liu et al., 2024, arXiv 2402.09353), via PEFT (``LoraConfig(use_dora=True)``).
+
+W' = m · (W0 + (α/r)BA) / ‖W0 + (α/r)BA‖_col, with the magnitude m ∈ R^{out} initialised to the
+column norms of W0 (so W' = W0 at init). Trainable per matrix: r·(in + out) + out.
+"""
+
+from __future__ import annotations
+
+from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.lora import LoRA
+
+
+@register
+class DoRA(LoRA):
+    name = "dora"
+    lora_kwargs = {"use_dora": True}

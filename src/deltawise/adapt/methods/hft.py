@@ -1,0 +1,90 @@
+"""HFT: Half Fine-Tuning (Hui et al., 2024, arXiv 2404.18466; ACL 2025).
+
+In each transformer layer, a random half of the parameter matrices *by category* trains and the
+other half stays frozen at the pre-trained values, so the frozen half keeps old knowledge.
+Categories per layer: attention projections (Llama q,k,v,o → 2 of 4), feed-forward matrices
+(gate, up, down → 1 or 2 of 3, alternating across layers so that half train on average), and
+norms (1 of 2). A module's weight and bias go together. Embeddings, LM head and the final norm
+stay frozen; a new classification head trains. Selection ratio p = 0.5 (``--ratio``), drawn from
+the run's seed; the selection is recorded in ``deltawise_train.json`` (``method_record``).
+[The exact per-category rule is not confirmed by the paper's code — see METHODS.md §26.]
+Saved delta: dense ΔW = W_trained − W_base for every selected parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltawise.adapt.delta_file import DeltaEntry, save_delta
+from deltawise.adapt.methods.base import Method, MethodError, head_names, register
+
+_LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks)\.(\d+))\.(.+)$")
+
+
+def _category(rest: str) -> str:
+    if "norm" in rest.lower():
+        return "norm"
+    if "attn" in rest or "attention" in rest:
+        return "attention"
+    return "ffn"
+
+
+def select_half(model: nn.Module, ratio: float, seed: int) -> list[str]:
+    """Names of the parameters HFT trains: per layer and category, pick ``n·ratio`` modules at random
+    (rounded down on even layers and up on odd ones when ``n·ratio`` is fractional)."""
+    groups: dict[tuple[str, int, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for name, _ in model.named_parameters():
+        m = _LAYER.match(name)
+        if not m:
+            continue
+        prefix, layer, rest = m.group(1), int(m.group(2)), m.group(3)
+        module = rest.rsplit(".", 1)[0]  # weight and bias of one module stay together
+        groups[(prefix, layer, _category(rest))][module].append(name)
+    if not groups:
+        raise MethodError("hft found no transformer layers (parameter names like '...layers.N...')")
+    rng = random.Random(seed)
+    chosen: list[str] = []
+    for (prefix, layer, _cat), modules in sorted(groups.items()):
+        n = len(modules)
+        want = n * ratio
+        k = math.floor(want) if layer % 2 == 0 else math.ceil(want)
+        for module in rng.sample(sorted(modules), min(n, k)):
+            chosen.extend(modules[module])
+    return sorted(chosen)
+
+
+@register
+class HFT(Method):
+    name = "hft"
+    kind = "delta"
+
+    def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
+        ratio = self.options.get("ratio", 0.5)
+        if not 0 < ratio <= 1:
+            raise MethodError(f"hft --ratio must be in (0, 1], got {ratio}")
+        self.selected = select_half(model, ratio, seed)
+        self.heads = head_names(model, task)
+        train = set(self.selected) | set(self.heads)
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in train)
+        # the base values, to save a delta; only the selected half is copied
+        self.initial = {n: params[n].detach().clone() for n in self.selected}
+        return model
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        params = dict(model.named_parameters())
+        entries = {n: DeltaEntry("dense", {"dense": params[n].detach().float() - self.initial[n].float()}) for n in self.selected}
+        for n in self.heads:
+            entries[n] = DeltaEntry("replace", {"value": params[n].detach()})
+        save_delta(out, entries, {"method": self.name, "selected": self.selected})
+
+    def record(self) -> dict:
+        return {"selected": self.selected, "ratio": self.options.get("ratio", 0.5)}

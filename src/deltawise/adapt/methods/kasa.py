@@ -1,0 +1,65 @@
+"""KaSA: Knowledge-aware Singular-value Adaptation (Wang et al., 2024, arXiv 2412.06071).
+
+Per target W (float32): SVD W = U Σ Vᵀ, q = min(out, in); the r smallest components are dropped:
+W_world = W − U_tail Σ_tail V_tailᵀ (this *changes the output at step 0*, by design).
+Adapter ΔW = s·B diag(d) A, A ∈ R^{r×in} Kaiming-uniform (a = √5), B ∈ R^{out×r} zeros, d ~ N(0, 1);
+s = α/r. Loss: L_task + β·mean_layers ‖d‖² + γ·mean_layers (‖BᵀB − I_r‖_F + ‖AAᵀ − I_r‖_F)
+(the paper's r×r form; the official code's AᵀA / BBᵀ form cannot reach the identity and is not used).
+Defaults: r = 8, α = 16, β = 1e-4, γ = 1e-3. Trainable per matrix: r·(in + out) + r.
+Saved delta relative to the original W: −U_tail Σ_tail V_tailᵀ + s·B diag(d) A (rank ≤ 2r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+
+
+class KaSALinear(AdaptedLinear):
+    def __init__(self, base: nn.Linear, r: int, scale: float, seed: int):
+        super().__init__(base)
+        w = base.weight.detach().float()
+        q = min(w.shape)
+        r = min(r, q)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        self.register_buffer("tail_left", (u[:, q - r : q] * s[q - r : q]).contiguous())
+        self.register_buffer("tail_right", vh[q - r : q].contiguous())
+        self.register_buffer("w_world", w - self.tail_left @ self.tail_right)
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5) on an (r, in) matrix
+        self.A = nn.Parameter((torch.rand(r, w.shape[1], generator=gen) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(w.shape[0], r))
+        self.d = nn.Parameter(torch.randn(r, generator=gen))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_world, self.bias) + self.scale * F.linear(F.linear(x, self.A) * self.d, self.B)
+
+    def delta_factors(self):
+        left = torch.cat([-self.tail_left, self.scale * self.B * self.d], dim=1)
+        return left, torch.cat([self.tail_right, self.A], dim=0)
+
+
+@register
+class KaSA(OwnAdapterMethod):
+    name = "kasa"
+
+    def wrap(self, linear: nn.Linear, seed: int) -> KaSALinear:
+        r = self.options.get("rank", 8)
+        return KaSALinear(linear, r, self.options.get("alpha", 16.0) / r, seed)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor:
+        beta, gamma = self.options.get("beta", 1e-4), self.options.get("gamma", 1e-3)
+        mods = list(self.modules.values())
+        l2 = sum((m.d**2).sum() for m in mods) / len(mods)
+        l3 = 0.0
+        for m in mods:
+            eye = torch.eye(m.d.numel(), device=m.d.device)
+            l3 = l3 + torch.linalg.matrix_norm(m.B.T @ m.B - eye) + torch.linalg.matrix_norm(m.A @ m.A.T - eye)
+        return beta * l2 + gamma * l3 / len(mods)

@@ -1,0 +1,34 @@
+"""LoRA-FA (Zhang et al., 2023, arXiv 2308.03303; revised optimizer), via PEFT's ``create_lorafa_optimizer``.
+
+LoRA with A frozen at its random init; only B trains, with the gradient correction
+g_B ← (1/s²)·g_B·(AAᵀ + δI)^{-1} before AdamW. Trainable per matrix: r·out.
+Defaults (PEFT example): r = 16, α = 32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.lora import LoRA
+
+
+@register
+class LoRAFA(LoRA):
+    name = "lora_fa"
+
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer:
+        from peft.optimizers import create_lorafa_optimizer
+
+        o = self.options
+        r = o.get("rank", 8)
+        # also sets requires_grad=False on every lora_A
+        return create_lorafa_optimizer(model, r=r, lora_alpha=o.get("alpha", r), lr=lr, weight_decay=weight_decay)
+
+    def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
+        model = super().prepare(model, task, seed)
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)  # frozen from the start, so counts and saves agree with the optimizer
+        return model

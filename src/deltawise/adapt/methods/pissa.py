@@ -1,0 +1,40 @@
+"""PiSSA initialisation (Meng et al., 2024, arXiv 2404.02948), via PEFT (``init_lora_weights="pissa"``).
+
+A = diag(√S_r)V_rᵀ, B = U_r diag(√S_r) (scaled by 1/s), base weight replaced by W − s·BA, so the
+model output equals the base at init. Trainable per matrix: r·(in + out).
+
+Saving: the trained adapter is relative to the residual weight, so it is converted on save
+(PEFT ``path_initial_model_for_weight_conversion``) into a standard rank-2r LoRA relative to the
+original W: ΔW = s(BA − B0A0). The saved folder therefore loads on the unmodified base model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.lora import LoRA
+
+
+@register
+class PiSSA(LoRA):
+    name = "pissa"
+    lora_kwargs = {"init_lora_weights": "pissa"}
+    _init_dir: Path | None = None
+
+    def before_training(self, model: nn.Module, staging: Path) -> None:
+        self._init_dir = staging / "_pissa_init"
+        config = model.peft_config["default"]
+        # PEFT's documented recipe: save the initial adapter marked as plain-init, then restore
+        config.init_lora_weights = True
+        model.save_pretrained(self._init_dir)
+        config.init_lora_weights = "pissa"
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        if self._init_dir is None:
+            raise RuntimeError("PiSSA.save called before before_training")
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(self._init_dir))
+        shutil.rmtree(self._init_dir, ignore_errors=True)

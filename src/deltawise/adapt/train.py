@@ -1,0 +1,270 @@
+"""The training loop: transformers ``Trainer`` around a model prepared by one adaptation method.
+
+Multi-GPU / multi-node runs come from launching the same command with ``accelerate launch`` or
+``torchrun``: Trainer picks the distributed set-up up from the environment.
+
+The run trains into a staging folder next to the output and renames it into place at the end,
+so an interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from deltawise.adapt.data import Collator, label_mapping, mix_replay, read_examples, tokenize
+from deltawise.adapt.methods.base import Method, MethodOptions, get_method
+from deltawise.errors import InputError, OutputError
+
+TASKS = ("causal_lm", "classification")
+SCHEDULES = ("linear", "cosine", "constant", "cpt")
+
+
+@dataclass
+class TrainConfig:
+    model: Path
+    data: Path
+    output: Path
+    method: str = "lora"
+    task: str = "causal_lm"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    schedule: str = "linear"
+    warmup: float = 0.0  # fraction of steps (< 1) or a step count (>= 1)
+    min_lr_ratio: float = 0.1  # cosine floor of the "cpt" schedule, as a fraction of lr
+    replay: Path | None = None
+    replay_fraction: float = 0.25
+    logging_steps: int = 1
+    overwrite: bool = False
+    progress: bool = True
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    method: str
+    trainable_params: int
+    total_params: int
+    steps: int
+    seconds: float
+    log: list[dict[str, Any]]
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is the kernel's true high-water mark (kB on Linux); psutil gives the current value
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, psutil.Process().memory_info().rss / 2**20)
+
+
+def _make_trainer_class():
+    from transformers import Trainer, TrainerCallback
+
+    class _MethodHooks(TrainerCallback):
+        """Runs the method's post-clipping, pre-step hook (e.g. SORSA's orthonormal gradient)."""
+
+        def __init__(self, method: Method, peak_lr: float):
+            self.method, self.peak_lr = method, peak_lr
+            self.model: nn.Module | None = None
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.method.before_optimizer_step(self.model, self.peak_lr)
+
+    class DeltawiseTrainer(Trainer):
+        """Trainer plus: a method's extra loss and optimizer, a sequential sampler for replay-mixed
+        data (the mix is pre-shuffled so every batch holds its share of replay rows), and a log
+        with tokens/s and memory."""
+
+        def __init__(self, *a, method: Method, sequential: bool, **kw):
+            super().__init__(*a, **kw)
+            self.method = method
+            self.sequential = sequential
+            self.records: list[dict[str, Any]] = []
+            self._tokens = 0
+            self._tokens_at_log = 0
+            self._time_at_log = time.perf_counter()
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.sequential:
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                opt = self.method.make_optimizer(self.model, self.args.learning_rate, self.args.weight_decay, self.args.max_grad_norm)
+                if opt is not None:
+                    self.optimizer = opt
+                    return opt
+            return super().create_optimizer(model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._tokens += int(inputs["attention_mask"].sum())
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            reg = self.method.regularizer(model)
+            if reg is None:
+                return result
+            if return_outputs:
+                return result[0] + reg, result[1]
+            return result + reg
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            now = time.perf_counter()
+            if "loss" in logs:
+                logs = dict(logs)
+                logs["tokens_per_s"] = (self._tokens - self._tokens_at_log) / max(now - self._time_at_log, 1e-9)
+                logs["rss_mb"] = psutil.Process().memory_info().rss / 2**20
+                logs["peak_rss_mb"] = _peak_rss_mb()
+                if torch.cuda.is_available():
+                    logs["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                self.records.append({"step": self.state.global_step, **logs})
+                self._tokens_at_log, self._time_at_log = self._tokens, now
+            super().log(logs, *args, **kwargs)
+
+    return DeltawiseTrainer, _MethodHooks
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    out = cfg.output.resolve()
+    for src in [cfg.model, cfg.data] + ([cfg.replay] if cfg.replay else []):
+        s = Path(src).resolve()
+        if out == s or s.is_relative_to(out) or (s.is_dir() and out.is_relative_to(s)):
+            raise OutputError(f"output {cfg.output} overlaps the input {src}; choose another output folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise OutputError(f"output {cfg.output} exists and is not empty (pass --overwrite to replace it)")
+
+
+def load_model(model_path: Path, task: str, num_labels: int | None = None, pad_token_id: int | None = None) -> nn.Module:
+    """Load the base model in float32 (optimizer states and updates need full precision)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=torch.float32)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id  # needed to find the last token of padded rows
+        return model
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load a tokenizer from {model_path}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule == "cpt":
+        # continual pre-training (METHODS.md 27): re-warm linearly, then cosine down to min_lr_ratio·lr
+        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio}}
+    return {"lr_scheduler_type": cfg.schedule}
+
+
+def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.data`` and write the result to ``cfg.output``.
+
+    ``model_path`` overrides ``cfg.model`` as the folder to load (the CLI passes the converted
+    folder of a GGUF input here while ``cfg.model`` keeps what the user named).
+    """
+    from transformers import TrainingArguments, set_seed
+
+    if cfg.task not in TASKS:
+        raise InputError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    _check_paths(cfg)
+    model_path = Path(model_path or cfg.model)
+    method = get_method(cfg.method, cfg.options)
+    tok = load_tokenizer(model_path)
+
+    examples = read_examples(cfg.data, cfg.task)
+    label2id = label_mapping(examples) if cfg.task == "classification" else None
+    rows = tokenize(examples, tok, cfg.max_length, cfg.task, label2id)
+    sequential = False
+    if cfg.replay is not None:
+        replay_rows = tokenize(read_examples(cfg.replay, cfg.task), tok, cfg.max_length, cfg.task, label2id)
+        rows = mix_replay(rows, replay_rows, cfg.batch_size, cfg.replay_fraction, cfg.seed)
+        sequential = True
+
+    set_seed(cfg.seed)
+    model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
+    model = method.prepare(model, cfg.task, cfg.seed)
+    trainable, total = count_params(model)
+    trainable = method.count_trainable() or trainable
+
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        method.before_training(model, staging)
+        warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)
+        args = TrainingArguments(
+            output_dir=str(staging / "_trainer"), per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            warmup_steps=warmup, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
+            seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, remove_unused_columns=False,
+            dataloader_num_workers=0, **_lr_schedule(cfg),
+        )
+        Trainer, Hooks = _make_trainer_class()
+        hooks = Hooks(method, cfg.lr)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=rows, data_collator=Collator(tok.pad_token_id, cfg.task),
+            method=method, sequential=sequential, callbacks=[hooks],
+        )
+        hooks.model = trainer.model
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(staging / "_trainer", ignore_errors=True)
+        if trainer.is_world_process_zero():
+            method.save(trainer.model, staging)
+            tok.save_pretrained(staging)
+            meta = {
+                "method": method.name, "kind": method.kind, "base_model": str(cfg.model), "task": cfg.task,
+                "trainable_params": trainable, "total_params": total, "label2id": {str(k): v for k, v in (label2id or {}).items()},
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                "method_record": method.record(), "seconds": seconds, "steps": trainer.state.global_step,
+            }
+            (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
+            (staging / "training_log.json").write_text(json.dumps(trainer.records, indent=2))
+            _move_into_place(staging, cfg.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

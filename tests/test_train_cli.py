@@ -1,0 +1,146 @@
+"""The ``train`` command: data formats, classification, atomic output and refusals, the continual
+pre-training schedule and replay mix, and GGUF input caching."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from adapt_util import tiny_lm  # noqa: F401
+from typer.testing import CliRunner
+
+from deltawise.adapt.data import IGNORE_INDEX, Example, mix_replay, read_examples, tokenize
+from deltawise.adapt.train import load_tokenizer
+from deltawise.cli import app
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, ["train", *map(str, args), "--quiet"])
+
+
+def test_text_documents_split_on_percent_lines_or_blank_lines(tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_text("one\nline two\n%\nthree\n%\n\n%\nfour\n")
+    assert [e.text for e in read_examples(f)] == ["one\nline two", "three", "four"]
+    f.write_text("a b\nc\n\nd\n\n\ne\n")
+    assert [e.text for e in read_examples(f)] == ["a b\nc", "d", "e"]
+
+
+def test_prompt_tokens_are_excluded_from_the_loss(tiny_lm):
+    tok = load_tokenizer(tiny_lm["model"])
+    row = tokenize([Example(text=" better than ugly.", prompt="Beautiful is")], tok, 64, "causal_lm")[0]
+    n_prompt = len(tok("Beautiful is")["input_ids"])
+    assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tok.eos_token_id and len(row["input_ids"]) > n_prompt + 1
+
+
+def test_replay_mix_puts_the_fraction_in_every_batch():
+    target, replay = [("t", i) for i in range(30)], [("r", i) for i in range(7)]
+    mixed = mix_replay(target, replay, batch_size=8, fraction=0.25, seed=0)
+    batches = [mixed[i : i + 8] for i in range(0, len(mixed), 8)]
+    assert all(sum(x[0] == "r" for x in b) == 2 for b in batches)
+    assert sorted(x for x in mixed if x[0] == "t") == sorted(target)  # every target row exactly once
+
+
+def test_cli_train_causal_lm_writes_adapter_and_log(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["jsonl"], "-o", out, "--method", "lora", "--max-steps", "2", "--batch-size", "4", "--rank", "2")
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    log = json.loads((out / "training_log.json").read_text())
+    assert len(log) == 2 and {"loss", "learning_rate", "tokens_per_s", "peak_rss_mb", "rss_mb"} <= set(log[0])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def test_cli_refuses_output_equal_to_input_and_non_empty_output(tiny_lm, tmp_path):
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["data"], "-o", tiny_lm["model"], "--max-steps", "1")
+    assert res.exit_code != 0 and "overlaps the input" in str(res.exception)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["data"], "-o", busy, "--max-steps", "1")
+    assert res.exit_code != 0 and "not empty" in str(res.exception)
+    assert (busy / "keep.txt").read_text() == "x"
+
+
+def test_classification_trains_head_and_reloads(tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    from adapt_util import base_model, batch_of, logits
+
+    out = tmp_path / "cls"
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "lora", "--max-steps", "2", "--rank", "2", "--lr", "1e-2")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "deltawise_train.json").read_text())
+    assert meta["label2id"] == {"neg": 0, "pos": 1}
+    batch = batch_of(tiny_lm, "classification", tiny_lm["cls"])
+    model = PeftModel.from_pretrained(base_model(tiny_lm["model"], "classification", 2), out)
+    saved = {k for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(out / "adapter_model.safetensors")}
+    assert any("score" in k for k in saved), "the new classification head must be saved"
+    assert logits(model, batch).shape == (8, 2)
+
+
+def test_cpt_schedule_rewarms_then_decays_to_min_ratio(tiny_lm, tmp_path):
+    from deltawise.adapt import MethodOptions, TrainConfig, run_train
+
+    steps, lr, warm, ratio = 10, 1e-3, 0.2, 0.1
+    cfg = TrainConfig(model=tiny_lm["model"], data=tiny_lm["data"], output=tmp_path / "cpt", method="lora", max_steps=steps,
+                      batch_size=2, lr=lr, schedule="cpt", warmup=warm, min_lr_ratio=ratio, replay=tiny_lm["jsonl"],
+                      replay_fraction=0.5, progress=False, options=MethodOptions(rank=2))
+    log = run_train(cfg).log
+    w = int(math.ceil(warm * steps))
+    for rec in log:
+        s = rec["step"] - 1  # the logged rate is the one the step used
+        if s < w:
+            expected = lr * s / w
+        else:
+            progress = (s - w) / (steps - w)
+            expected = lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert rec["learning_rate"] == pytest.approx(expected, rel=1e-6, abs=1e-12), rec
+
+
+def test_gguf_input_is_converted_once_and_cached(tmp_path, tiny_lm):
+    """Caching logic with an injected converter (a real tiny GGUF is not written here)."""
+    import shutil
+
+    from deltawise.io.gguf import resolve_gguf
+
+    calls = []
+
+    def fake_convert(gguf: Path, dest: Path) -> None:
+        calls.append(gguf)
+        shutil.copytree(tiny_lm["model"], dest)
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF-one")
+    cache = tmp_path / "cache"
+    first = resolve_gguf(f, cache, fake_convert)
+    assert (first / "config.json").is_file() and resolve_gguf(f, cache, fake_convert) == first and len(calls) == 1
+    f.write_bytes(b"GGUF-two")  # new content, new key: converted again
+    assert resolve_gguf(f, cache, fake_convert) != first and len(calls) == 2
+    assert resolve_gguf(tiny_lm["model"], cache, fake_convert) == tiny_lm["model"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_real_tiny_gguf_converts_to_the_same_model_and_trains(tiny_lm, tmp_path, monkeypatch):
+    """A float32 Llama GGUF written with the ``gguf`` package: the converted folder gives the same
+    logits and token ids as the model it was written from, and ``train`` accepts the .gguf path."""
+    from adapt_util import base_model, batch_of, logits, write_llama_gguf
+    from transformers import AutoTokenizer
+
+    from deltawise.io.gguf import resolve_gguf
+
+    gguf_file = write_llama_gguf(tiny_lm["model"], tmp_path / "tiny.gguf")
+    monkeypatch.setenv("DELTAWISE_CACHE", str(tmp_path / "cache"))
+    folder = resolve_gguf(gguf_file)
+    batch = batch_of(tiny_lm)
+    torch.testing.assert_close(logits(base_model(folder), batch), logits(base_model(tiny_lm["model"]), batch), atol=1e-6, rtol=1e-5)
+    text = "Beautiful is better than ugly."
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm["model"])(text)["input_ids"]
+    res = _cli(gguf_file, "--data", tiny_lm["data"], "-o", tmp_path / "out", "--method", "lora", "--max-steps", "1", "--rank", "2")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
