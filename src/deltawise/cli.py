@@ -105,6 +105,61 @@ def demo(
     run_demo(workdir, out)
 
 
+def _steps_progress(quiet: bool) -> Progress:
+    """A progress bar counting steps (batches, tensors, interpolation points) rather than bytes."""
+    from rich.progress import MofNCompleteColumn
+
+    return Progress(
+        TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, disable=quiet or not err.is_terminal, transient=False,
+    )
+
+
+def _stage_factory(progress: Progress):
+    """Stage name -> (done, total) callback drawing one bar per stage."""
+    reporter = _ProgressReporter(progress)
+    return lambda stage: (lambda done, total: reporter(stage, done, total))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="model folder (causal LM for text and choices; classifier for labelled data)"),
+    source: list[Path] = typer.Option([], "--source", help="data whose performance must be retained (repeatable)"),
+    target: list[Path] = typer.Option([], "--target", help="data the adaptation aims at (repeatable)"),
+    tasks: list[str] = typer.Option([], "--tasks", help="lm-eval task (needs lm-eval installed, offline data); 'target:NAME' marks a target"),
+    output: Path = typer.Option(..., "--output", "-o", help="result JSON to write"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="the base model's result JSON: adds forgetting metrics"),
+    max_length: Optional[int] = typer.Option(None, min=2, help="tokens per window (default: model context, at most 1024)"),
+    stride: Optional[int] = typer.Option(None, min=1, help="sliding-window stride (default: max_length/2)"),
+    batch_size: int = typer.Option(8, min=1, help="sequences per forward pass"),
+    mc_norm: str = typer.Option("total", help="multiple-choice score: total | token | byte (log-likelihood per token/byte)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Evaluate MODEL: perplexity on text, accuracy on labelled or multiple-choice JSONL."""
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.results import load_result
+    from deltawise.eval.runner import EvalOptions, evaluate
+
+    if mc_norm not in ("total", "token", "byte"):
+        raise typer.BadParameter("--mc-norm must be total, token or byte")
+    base = load_result(baseline) if baseline else None  # a bad baseline fails before the long run
+    lm_tasks = [("target", t.removeprefix("target:")) if t.startswith("target:") else ("source", t.removeprefix("source:")) for t in tasks]
+    with _steps_progress(quiet) as progress:
+        options = EvalOptions(max_length=max_length, stride=stride, batch_size=batch_size, mc_norm=mc_norm,  # type: ignore[arg-type]
+                              dtype=dtype, device=device, progress=_stage_factory(progress), lm_eval_tasks=lm_tasks)
+        result = evaluate(model, source, target, options)
+    if base is not None:
+        result.forgetting = forgetting(result, base)
+    result.save(output)
+    for ds in result.datasets:
+        out.print(f"{ds.role:<6} {escape(ds.name)}: {ds.metric} = {ds.value:.4g} ({ds.n_items} items, {ds.seconds:.1f} s)", highlight=False)
+    if result.forgetting is not None and result.forgetting.forgetting_score is not None:
+        out.print(f"forgetting score: {result.forgetting.forgetting_score:.2f}", highlight=False)
+    out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
