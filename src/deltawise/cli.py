@@ -160,6 +160,65 @@ def eval_(
     out.print(f"wrote {escape(str(output))}", highlight=False)
 
 
+analyze_app = typer.Typer(help="Weight-space analyses: delta norms, intruder dimensions, sign conflicts, masks, interpolation curves.",
+                          no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("weights")
+def analyze_weights_cmd(
+    base: str = typer.Argument(..., help="base (pre-trained) model folder"),
+    models: list[str] = typer.Argument(..., help="fine-tuned model folders (two or more add sign conflicts and mask overlaps)"),
+    output: Path = typer.Option(..., "--output", "-o", help="analysis JSON to write"),
+    k: int = typer.Option(10, min=1, help="top singular vectors of each fine-tuned matrix searched for intruders"),
+    eps: float = typer.Option(0.5, min=0.0, max=1.0, help="intruder threshold on max |cos| with the base's singular vectors"),
+    side: str = typer.Option("left", help="singular vectors compared: left (U) or right (V)"),
+    tall_lambda: float = typer.Option(0.4, min=0.0, help="TALL mask threshold lambda (one value for every task)"),
+    no_intruders: bool = typer.Option(False, "--no-intruders", help="skip the SVDs (norms, conflicts and masks only)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Per-tensor delta norms, spectra and intruder dimensions, sign conflicts and TALL mask overlaps, streamed."""
+    from deltawise.analyze.weights import WeightsOptions, analyze_weights
+
+    if side not in ("left", "right"):
+        raise typer.BadParameter("--side must be left or right")
+    with _steps_progress(quiet) as progress:
+        opts = WeightsOptions(k=k, eps=eps, side=side, tall_lambda=tall_lambda, intruders=not no_intruders,  # type: ignore[arg-type]
+                              progress=_stage_factory(progress)("tensors"))
+        result = analyze_weights(base, models, opts)
+    result.save(output)
+    for m in result.summary.models:
+        out.print(f"{escape(m.model)}: |delta| = {m.delta_norm:.4g} (relative {m.relative or 0:.3g}), "
+                  f"{m.intruders} intruder dimension(s) in {m.matrices} matrices", highlight=False)
+    if result.summary.sign_conflict_rate is not None:
+        out.print(f"sign conflicts: {result.summary.sign_conflict_rate:.3%} of entries; selfish {result.summary.selfish_rate:.3%}, "
+                  f"catastrophic {result.summary.catastrophic_rate:.3%}", highlight=False)
+    out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
+@analyze_app.command("interpolate")
+def analyze_interpolate_cmd(
+    model_a: str = typer.Argument(..., help="first model (lambda = 0)"),
+    model_b: str = typer.Argument(..., help="second model (lambda = 1)"),
+    data: Path = typer.Option(..., "--data", help="text data to measure loss on"),
+    output: Path = typer.Option(..., "--output", "-o", help="curve JSON to write"),
+    points: int = typer.Option(11, min=2, help="number of lambdas in linspace(0, 1, points)"),
+    max_length: Optional[int] = typer.Option(None, min=2, help="tokens per window"),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Loss and perplexity along the straight line between two models, and the loss barrier."""
+    from deltawise.analyze.interpolate import InterpolationOptions, interpolation_curve
+
+    with _steps_progress(quiet) as progress:
+        opts = InterpolationOptions(points=points, max_length=max_length, batch_size=batch_size, device=device,
+                                    progress=_stage_factory(progress)("interpolation points"))
+        result = interpolation_curve(model_a, model_b, data, opts)
+    result.save(output)
+    out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; wrote {escape(str(output))}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
