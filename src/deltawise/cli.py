@@ -219,6 +219,21 @@ def analyze_interpolate_cmd(
     out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; wrote {escape(str(output))}", highlight=False)
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run folders (every *.json inside) or result JSON files from eval/analyze"),
+    output: Path = typer.Option(..., "--output", "-o", help="HTML file to write"),
+    title: str = typer.Option("deltawise audit report", help="page title"),
+) -> None:
+    """One self-contained HTML page: trade-off plot, interpolation curves, per-layer deltas, intruders, tables."""
+    from deltawise.report.html import build_report
+
+    result = build_report(runs, output, title)
+    for skipped in result.skipped:
+        err.print(f"[yellow]skipped:[/] {escape(skipped)}", highlight=False)
+    out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -71,7 +71,10 @@ class Evaluator:
             self._models[head] = load_model(self.ref, head, dtype=self.options.dtype, device=self.options.device)
         return self._models[head]
 
-    def _limits(self, lm: LoadedModel) -> tuple[int, int]:
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    def limits(self, lm: LoadedModel) -> tuple[int, int]:
         max_length = self.options.max_length or min(lm.context_length, 1024)
         stride = self.options.stride or max(max_length // 2, 1)
         return max_length, min(stride, max_length)
@@ -82,23 +85,21 @@ class Evaluator:
         items = load_items(path, require=REQUIRED[task])
         opts = self.options
         progress = opts.progress(f"{role} {name}") if opts.progress else None
+        lm = self.model("classification" if task == "classification" else "causal_lm")  # loading is not timed
         start = time.perf_counter()
         common = dict(name=name, role=role, task=task, path=str(path), n_items=len(items))
         if task == "perplexity":
-            lm = self.model("causal_lm")
-            max_length, stride = self._limits(lm)
+            max_length, stride = self.limits(lm)
             docs = [lm.tokenizer(i.text)["input_ids"] for i in items]
             ppl = perplexity(lm.model, docs, max_length=max_length, stride=stride, batch_size=opts.batch_size, pad_id=lm.pad_id, progress=progress)
             seconds = time.perf_counter() - start
             return DatasetResult(**common, metric="perplexity", value=ppl.value, higher_is_better=False, mean_nll=ppl.mean_nll,
                                  n_tokens=ppl.n_tokens, seconds=seconds, tokens_per_s=ppl.n_tokens / seconds if seconds else None)
         if task == "multiple_choice":
-            lm = self.model("causal_lm")
-            outcomes = multiple_choice(lm, items, norm=opts.mc_norm, max_length=self._limits(lm)[0], batch_size=opts.batch_size, progress=progress)
+            outcomes = multiple_choice(lm, items, norm=opts.mc_norm, max_length=self.limits(lm)[0], batch_size=opts.batch_size, progress=progress)
             metric = "accuracy" if opts.mc_norm == "total" else f"accuracy_{opts.mc_norm}_norm"
         else:
-            lm = self.model("classification")
-            outcomes = classify(lm, items, max_length=self._limits(lm)[0], batch_size=opts.batch_size, progress=progress)
+            outcomes = classify(lm, items, max_length=self.limits(lm)[0], batch_size=opts.batch_size, progress=progress)
             metric = "accuracy"
         seconds = time.perf_counter() - start
         per_item = {o.id: float(o.correct) for o in outcomes}
@@ -117,6 +118,8 @@ def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: 
     datasets = [evaluator.dataset(p, n, r) for p, n, r in zip(paths, unique_names(paths), roles)]
     if options.lm_eval_tasks:
         datasets += run_lm_eval(path, options.lm_eval_tasks, batch_size=options.batch_size, device=options.device)
-    settings = {k: getattr(options, k) for k in ("max_length", "stride", "batch_size", "mc_norm", "dtype", "device")}
+    settings: dict[str, object] = {k: getattr(options, k) for k in ("batch_size", "mc_norm", "dtype", "device")}
+    for lm in evaluator.loaded():
+        settings["max_length"], settings["stride"] = evaluator.limits(lm)
     return EvalResult(model=str(path), fingerprint=fingerprint, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       settings=settings, datasets=datasets)
