@@ -3,22 +3,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from deltawise.io.writer import write_json_atomic
+from deltawise.io.results import SavedResult
 
 WEIGHTS_SCHEMA = "deltawise.analyze.weights/1"
 INTERPOLATION_SCHEMA = "deltawise.analyze.interpolation/1"
-
-
-class Saved(BaseModel):
-    model_config = {"populate_by_name": True}
-
-    def save(self, path: Path) -> None:
-        write_json_atomic(path, self.model_dump(mode="json", by_alias=True))
 
 
 class ModelRef(BaseModel):
@@ -84,7 +76,7 @@ class WeightsSummary(BaseModel):
     catastrophic_rate: Optional[float] = None
 
 
-class WeightsAnalysis(Saved):
+class WeightsAnalysis(SavedResult):
     schema_: str = Field(WEIGHTS_SCHEMA, alias="schema")
     kind: Literal["weights"] = "weights"
     base: ModelRef
@@ -94,7 +86,7 @@ class WeightsAnalysis(Saved):
     summary: WeightsSummary
 
 
-class Interpolation(Saved):
+class Interpolation(SavedResult):
     schema_: str = Field(INTERPOLATION_SCHEMA, alias="schema")
     kind: Literal["interpolation"] = "interpolation"
     model_a: ModelRef

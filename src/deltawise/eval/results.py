@@ -8,7 +8,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, ValidationError
 
 from deltawise.errors import InputError
-from deltawise.io.writer import write_json_atomic
+from deltawise.io.results import SavedResult
 
 SCHEMA = "deltawise.eval/1"
 Role = Literal["source", "target"]
@@ -60,7 +60,7 @@ class Forgetting(BaseModel):
     forgetting_score: Optional[float] = None  # 100 * mean over source datasets of max(0, 1 - ratio)
 
 
-class EvalResult(BaseModel):
+class EvalResult(SavedResult):
     schema_: str = Field(SCHEMA, alias="schema")
     kind: Literal["eval"] = "eval"
     model: str
@@ -70,13 +70,8 @@ class EvalResult(BaseModel):
     datasets: list[DatasetResult]
     forgetting: Optional[Forgetting] = None
 
-    model_config = {"populate_by_name": True}
-
     def dataset(self, name: str) -> DatasetResult | None:
         return next((d for d in self.datasets if d.name == name), None)
-
-    def save(self, path: Path) -> None:
-        write_json_atomic(path, self.model_dump(mode="json", by_alias=True))
 
 
 def load_result(path: str | Path) -> EvalResult:

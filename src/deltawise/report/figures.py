@@ -23,6 +23,14 @@ def to_svg(fig) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: invalid inside HTML
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend: bool = False) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def tradeoff(evals: list[tuple[str, EvalResult]]) -> str | None:
     points = [(lab, r.forgetting) for lab, r in evals if r.forgetting and r.forgetting.target_gain is not None and r.forgetting.source_retention is not None]
     if not points:
@@ -33,9 +41,8 @@ def tradeoff(evals: list[tuple[str, EvalResult]]) -> str | None:
     for lab, f in points:
         ax.scatter(f.target_gain, f.source_retention, s=36)
         ax.annotate(lab, (f.target_gain, f.source_retention), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("target gain (mean ratio to base − 1; > 0 is better)")
-    ax.set_ylabel("source retention (mean ratio to base; 1 = nothing lost)")
-    ax.set_title("Trade-off: what each run gained vs what it kept")
+    _label(ax, "target gain (mean ratio to base − 1; > 0 is better)", "source retention (mean ratio to base; 1 = nothing lost)",
+           "Trade-off: what each run gained vs what it kept")
     return to_svg(fig)
 
 
@@ -45,10 +52,7 @@ def interpolation(curves: list[tuple[str, Interpolation]]) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, c in curves:
         ax.plot(c.lambdas, c.loss, marker="o", ms=3, label=f"{c.model_a.name} → {c.model_b.name} (barrier {c.barrier:.3g})")
-    ax.set_xlabel("λ  (0 = model A, 1 = model B)")
-    ax.set_ylabel("loss (mean NLL per token)")
-    ax.set_title("Linear interpolation curves")
-    ax.legend(fontsize=7)
+    _label(ax, "λ  (0 = model A, 1 = model B)", "loss (mean NLL per token)", "Linear interpolation curves", legend=True)
     return to_svg(fig)
 
 
@@ -61,10 +65,7 @@ def layer_deltas(analyses: list[tuple[str, WeightsAnalysis]]) -> str | None:
             ys = [t.deltas[i].relative or 0.0 for t in a.tensors]
             ax.plot(range(len(ys)), ys, marker=".", lw=1, label=f"{lab}: {m.name}")
     ax.set_yscale("log")
-    ax.set_xlabel("tensor (sorted by name)")
-    ax.set_ylabel("‖ΔW‖ / ‖W₀‖")
-    ax.set_title("Relative size of each tensor's delta")
-    ax.legend(fontsize=7)
+    _label(ax, "tensor (sorted by name)", "‖ΔW‖ / ‖W₀‖", "Relative size of each tensor's delta", legend=True)
     return to_svg(fig)
 
 
@@ -74,7 +75,6 @@ def intruder_counts(analyses: list[tuple[str, WeightsAnalysis]]) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(bars)))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#c0504d")
-    ax.set_xlabel("intruder dimensions (summed over matrices)")
-    ax.set_title("Intruder dimensions per model")
+    _label(ax, "intruder dimensions (summed over matrices)", "", "Intruder dimensions per model")
     ax.invert_yaxis()
     return to_svg(fig)
