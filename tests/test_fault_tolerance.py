@@ -55,17 +55,31 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltawise", "merge", *args, "--quiet", "--threads", "1", "--shard-size", str(SHARD)]
 
 
-def interrupt_after_first_shard(cmd: list[str], out: Path, sig: int) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    staging = staging_folder(out)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if staging.exists() and list(staging.glob("model-*.safetensors")):
-            proc.send_signal(sig)
-            break
-        time.sleep(0.002)
-    proc.communicate(timeout=120)
-    assert not out.exists(), "the merge finished before it could be interrupted; the test needs a slower merge"
+# Runs the merge in a child process that signals itself as soon as the first shard is complete:
+# a deterministic interruption, whatever the machine's load. SIGTERM goes through the CLI's own
+# handler, exactly as `deltawise merge` installs it.
+SELF_INTERRUPT = """
+import os, signal, sys
+from pathlib import Path
+from deltawise.cli import _terminate
+from deltawise.merge import merge
+from deltawise.merge.staging import staging_folder
+recipe, out, sig, shard = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+signal.signal(signal.SIGTERM, _terminate)
+def progress(stage, done, total):
+    if list(staging_folder(out).glob("model-*.safetensors")):
+        os.kill(os.getpid(), sig)
+try:
+    merge(recipe, out, threads=1, shard_size=shard, progress=progress)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def interrupt_after_first_shard(recipe: Path, out: Path, sig: int) -> int:
+    proc = subprocess.run([sys.executable, "-c", SELF_INTERRUPT, str(recipe), str(out), str(int(sig)), str(SHARD)],
+                          capture_output=True, text=True, timeout=300)
+    assert not out.exists(), f"the merge was not interrupted: {proc.stderr[-2000:]}"
     return proc.returncode
 
 
@@ -86,7 +100,7 @@ def test_interrupted_merge_resumes_to_identical_output(big_family, reference, tm
     before = {k: tree_digest(v) for k, v in big_family.items()}
     recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
     out = tmp_path / "out"
-    code = interrupt_after_first_shard(cli(str(recipe), str(out)), out, sig)
+    code = interrupt_after_first_shard(recipe, out, sig)
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     done = completed_shards(out)
     assert 1 <= len(done) < 12
@@ -103,7 +117,7 @@ def test_interrupted_merge_resumes_to_identical_output(big_family, reference, tm
 def test_resume_remerges_a_damaged_shard_and_refuses_another_recipe(big_family, reference, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
     out = tmp_path / "out"
-    interrupt_after_first_shard(cli(str(recipe), str(out)), out, signal.SIGKILL)
+    interrupt_after_first_shard(recipe, out, signal.SIGKILL)
     first = staging_folder(out) / completed_shards(out)[0]
     data = bytearray(first.read_bytes())
     data[-1] ^= 0xFF  # same size, one byte flipped
@@ -118,7 +132,7 @@ def test_resume_remerges_a_damaged_shard_and_refuses_another_recipe(big_family, 
 def test_restart_discards_an_interrupted_merge(big_family, reference, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", big_family)
     out = tmp_path / "out"
-    interrupt_after_first_shard(cli(str(recipe), str(out)), out, signal.SIGKILL)
+    interrupt_after_first_shard(recipe, out, signal.SIGKILL)
     merge(str(recipe), out, threads=1, shard_size=SHARD, restart=True)
     assert tree_digest(out) == tree_digest(reference)
 

@@ -1,0 +1,52 @@
+"""Intruder dimensions (METHODS.md section 28; Shuttleworth et al., arXiv 2410.21228).
+
+A top-k singular vector of the fine-tuned matrix is an *intruder* when no singular vector of the
+pre-trained matrix resembles it: max_i |cos(u_j, u0_i)| < eps, taken over ALL of W0's vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Side = Literal["left", "right"]
+# Below this many entries the SVD runs in float64: in float32, near-degenerate singular vectors of
+# small matrices rotate enough to produce spurious low similarities (METHODS.md 28, edge cases).
+FLOAT64_MAX_NUMEL = 1 << 22
+
+
+@dataclass(frozen=True)
+class Intruders:
+    count: int
+    similarities: list[float]  # c_j for the top-k singular vectors of W_ft, in order of singular value
+    singular_values: list[float]  # top-k singular values of W_ft
+    base_singular_values: list[float]  # top-k singular values of W0
+
+
+def _svd(w: torch.Tensor, side: Side) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular vectors as columns (left: U, right: V) and singular values, descending."""
+    dtype = torch.float64 if w.numel() <= FLOAT64_MAX_NUMEL else torch.float32
+    u, s, vh = torch.linalg.svd(w.to(dtype), full_matrices=False)
+    return (u if side == "left" else vh.T), s
+
+
+def intruder_dimensions(w0: torch.Tensor, w_ft: torch.Tensor, *, k: int = 10, eps: float = 0.5, side: Side = "left") -> Intruders:
+    if w0.ndim != 2 or w0.shape != w_ft.shape:
+        raise ValueError(f"need two matrices of one shape, got {tuple(w0.shape)} and {tuple(w_ft.shape)}")
+    base_vecs, base_s = _svd(w0, side)
+    vecs, s = _svd(w_ft, side)
+    k = min(k, vecs.shape[1])
+    # singular vectors are unit norm, so |dot| is |cos|; abs because their signs are arbitrary
+    sims = (vecs[:, :k].T @ base_vecs.to(vecs.dtype)).abs().amax(dim=1)
+    return Intruders(
+        count=int((sims < eps).sum()), similarities=sims.tolist(),
+        singular_values=s[:k].tolist(), base_singular_values=base_s[:k].tolist(),
+    )
+
+
+def is_analysed_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """Attention/MLP matrices (the ones LoRA adapts); embeddings and the LM head are excluded."""
+    lowered = name.lower()
+    return len(shape) == 2 and min(shape) >= 2 and not any(t in lowered for t in ("embed", "lm_head", "wte", "wpe", "shared"))

@@ -1,0 +1,57 @@
+"""Classification accuracy with a sequence-classification model on ``{"text", "label"}`` items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from deltawise.errors import InputError
+from deltawise.eval.data import Item
+from deltawise.eval.models import LoadedModel
+from deltawise.eval.scoring import Progress
+
+
+@dataclass(frozen=True)
+class ClassOutcome:
+    id: str
+    predicted: int
+    label: int
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.label
+
+
+def label_index(lm: LoadedModel, item: Item) -> int:
+    label = item.fields["label"]
+    n = lm.model.config.num_labels
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise InputError(f"item {item.id!r}: label must be an int or a label name, got {label!r}")
+    if isinstance(label, str):
+        label2id = lm.model.config.label2id or {}
+        if label not in label2id:
+            raise InputError(f"item {item.id!r}: label {label!r} is not one of the model's labels {sorted(label2id)}")
+        label = int(label2id[label])
+    if not 0 <= label < n:
+        raise InputError(f"item {item.id!r}: label {label} outside the model's {n} classes")
+    return label
+
+
+@torch.no_grad()
+def classify(
+    lm: LoadedModel, items: Sequence[Item], *, max_length: int, batch_size: int = 8, progress: Progress | None = None
+) -> list[ClassOutcome]:
+    device = next(lm.model.parameters()).device
+    labels = [label_index(lm, item) for item in items]  # validate every label before running the model
+    outcomes = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        enc = lm.tokenizer([i.text for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        logits = lm.model(**{k: v.to(device) for k, v in enc.items()}).logits
+        for item, label, pred in zip(chunk, labels[start:], logits.argmax(-1).tolist()):
+            outcomes.append(ClassOutcome(item.id, int(pred), label))
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    return outcomes

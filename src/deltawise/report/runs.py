@@ -1,0 +1,60 @@
+"""Find and parse the result JSON files of one or more run folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from deltawise.analyze.results import Interpolation, WeightsAnalysis
+from deltawise.errors import InputError
+from deltawise.eval.results import EvalResult
+
+KINDS = {"eval": EvalResult, "weights": WeightsAnalysis, "interpolation": Interpolation}
+
+
+@dataclass
+class Runs:
+    evals: list[tuple[str, EvalResult]] = field(default_factory=list)  # (label, result)
+    weights: list[tuple[str, WeightsAnalysis]] = field(default_factory=list)
+    interpolations: list[tuple[str, Interpolation]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # JSON files that are not deltawise results
+
+    def empty(self) -> bool:
+        return not (self.evals or self.weights or self.interpolations)
+
+
+def _files(paths: list[Path]) -> list[tuple[str, Path]]:
+    found = []
+    for p in paths:
+        if p.is_dir():
+            found += [(f"{p.name}/{f.relative_to(p).with_suffix('')}", f) for f in sorted(p.rglob("*.json"))]
+        elif p.is_file():
+            found.append((p.stem, p))
+        else:
+            raise InputError(f"run {str(p)!r} not found")
+    return found
+
+
+def load_runs(paths: list[Path]) -> Runs:
+    runs = Runs()
+    for label, f in _files(paths):
+        try:
+            data = json.loads(f.read_text())
+        except ValueError:
+            runs.skipped.append(f"{f} (not JSON)")
+            continue
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind not in KINDS:
+            runs.skipped.append(f"{f} (no deltawise result kind)")
+            continue
+        try:
+            parsed = KINDS[kind].model_validate(data)
+        except ValidationError as exc:
+            raise InputError(f"{f}: a {kind!r} result that does not match its schema ({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']})") from None
+        {"eval": runs.evals, "weights": runs.weights, "interpolation": runs.interpolations}[kind].append((label, parsed))
+    if runs.empty():
+        raise InputError(f"no deltawise results (eval/analyze JSON) found in {[str(p) for p in paths]}")
+    return runs
