@@ -10,7 +10,8 @@ from adapt_util import base_model, batch_of, logits, one_step, tiny_lm, train_cf
 from transformers import set_seed
 
 from deltawise.adapt import MethodOptions, get_method, run_train
-from deltawise.adapt.delta_file import apply_delta, load_delta
+from deltawise.delta.apply import apply_to_model
+from deltawise.delta.store import DeltaFile
 
 TARGETS = ["q_proj", "v_proj"]
 R = 4
@@ -103,7 +104,7 @@ def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
             m.before_optimizer_step(model, 1e-2)
     unmerged = logits(model, batch)
     m.save(model, tmp_path / "delta")
-    merged = apply_delta(base_model(tiny_lm["model"]), tmp_path / "delta")
+    merged = apply_to_model(base_model(tiny_lm["model"]), tmp_path / "delta")
     assert not torch.allclose(unmerged, logits(base_model(tiny_lm["model"]), batch), atol=1e-4)
     torch.testing.assert_close(logits(merged, batch), unmerged, atol=2e-5, rtol=1e-4)
 
@@ -112,9 +113,10 @@ def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
 def test_one_step_changes_only_target_weights(method, tiny_lm, tmp_path):
     result = run_train(train_cfg(tiny_lm, tmp_path / "o", method, MethodOptions(rank=R, targets=TARGETS)))
     base = base_model(tiny_lm["model"]).state_dict()
-    new = apply_delta(base_model(tiny_lm["model"]), result.output).state_dict()
+    new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert changed == set(_linears(base_model(tiny_lm["model"])))
+    assert {DeltaFile(result.output).kind(k) for k in changed} == {"lowrank"}
 
 
 def test_hft_one_step_changes_exactly_the_selection(tiny_lm, tmp_path):
@@ -123,9 +125,10 @@ def test_hft_one_step_changes_exactly_the_selection(tiny_lm, tmp_path):
     result = run_train(train_cfg(tiny_lm, tmp_path / "o", "hft", seed=5))
     record = json.loads((result.output / "deltawise_train.json").read_text())["method_record"]
     base = base_model(tiny_lm["model"]).state_dict()
-    new = apply_delta(base_model(tiny_lm["model"]), result.output).state_dict()
+    new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert changed == set(record["selected"])
+    assert {DeltaFile(result.output).kind(k) for k in changed} == {"dense"}
     from deltawise.adapt.methods.hft import select_half
 
     assert record["selected"] == select_half(base_model(tiny_lm["model"]), 0.5, seed=5)
@@ -136,9 +139,9 @@ def test_lift_one_step_changes_only_principal_entries(tiny_lm, tmp_path):
     result = run_train(train_cfg(tiny_lm, tmp_path / "o", "lift", MethodOptions(rank=2, filter_rank=4)))
     base_model_ = base_model(tiny_lm["model"])
     base = base_model_.state_dict()
-    new = apply_delta(base_model(tiny_lm["model"]), result.output).state_dict()
+    new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
     linears = _linears(base_model_, None)
-    entries, _ = load_delta(result.output)
+    delta = DeltaFile(result.output)
     for k in base:
         if k not in linears:
             assert torch.equal(base[k], new[k]), k  # norms, embeddings, LM head frozen
@@ -147,7 +150,7 @@ def test_lift_one_step_changes_only_principal_entries(tiny_lm, tmp_path):
         changed = (base[k] != new[k]).flatten()
         assert not changed[~mask].any(), f"{k}: entries outside the principal mask changed"
         assert changed[mask].float().mean() > 0.9, f"{k}: masked entries did not train"
-        assert torch.equal(entries[k].tensors["index"].sort().values, mask.nonzero().flatten())
+        assert delta.kind(k) == "sparse" and torch.equal(delta.get(k).mask().flatten(), mask)
 
 
 def test_sparse_adamw_equals_dense_adamw_on_masked_gradient(tiny_lm):
@@ -180,12 +183,12 @@ def test_sparse_adamw_equals_dense_adamw_on_masked_gradient(tiny_lm):
 def test_classification_head_trains_and_is_saved_whole(method, tiny_lm, tmp_path):
     cfg = train_cfg(tiny_lm, tmp_path / "o", method, MethodOptions(rank=2, filter_rank=4, targets=TARGETS), task="classification", data=tiny_lm["cls"])
     result = run_train(cfg)
-    entries, _ = load_delta(result.output)
+    saved = DeltaFile(result.output).get("score.weight")
     head = base_model(tiny_lm["model"], "classification", 2)
-    assert entries["score.weight"].kind == "replace"
-    assert not torch.equal(entries["score.weight"].tensors["value"], head.score.weight.detach())  # a step moved it
-    merged = apply_delta(head, result.output)
-    torch.testing.assert_close(merged.score.weight.detach(), entries["score.weight"].tensors["value"])
+    assert saved.kind == "full"  # stored whole, taken as is
+    assert not torch.equal(saved.values, head.score.weight.detach())  # a step moved it
+    merged = apply_to_model(head, result.output)
+    assert torch.equal(merged.score.weight.detach(), saved.values)
 
 
 def test_sorsa_adds_scaled_orthonormal_gradient_after_clipping(tiny_lm):

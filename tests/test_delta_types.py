@@ -110,3 +110,39 @@ def test_writer_refuses_non_empty_output_and_leaves_nothing_on_error(tmp_path):
             w.add("a", DenseDelta(TAU), torch.float32)
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_full_delta_is_a_new_value_taken_as_is(tmp_path):
+    """``full``: against a base tensor its delta is value − base (scale 1 gives value exactly, in
+    any dtype); a tensor the base lacks is added by ``DeltaReader`` as stored."""
+    from safetensors.torch import save_file
+
+    from deltawise.delta import FullDelta
+    from deltawise.delta.reader import DeltaReader
+    from deltawise.delta.transfer import check_transfer
+    from deltawise.io.reader import ModelReader
+
+    value, head = torch.randn(6, 10, generator=g), torch.randn(2, 10, generator=g)
+    base = torch.randn(6, 10, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(FullDelta(value).apply(base.to(dtype)), value.to(dtype))
+    torch.testing.assert_close(FullDelta(value).apply(base, 0.5), base + 0.5 * (value - base))
+    with pytest.raises(InputError, match="only against a base tensor"):
+        FullDelta(value).materialize()
+    (tmp_path / "base").mkdir()
+    save_file({"w": base, "other": torch.ones(3)}, tmp_path / "base" / "model.safetensors")
+    with DeltaWriter(tmp_path / "d", {"method": "test", "base": {"ref": str(tmp_path / "base")}}, []) as w:
+        w.add("w", FullDelta(value), torch.float32)
+        w.add("score.weight", FullDelta(head), torch.bfloat16)
+        w.finish()
+    source = DeltaFile(tmp_path / "d")
+    base_reader = ModelReader(tmp_path / "base")
+    assert check_transfer(source, base_reader, "base") == []  # a new tensor is no problem
+    reader = DeltaReader(source, base_reader)
+    assert sorted(reader.keys()) == ["other", "score.weight", "w"] and len(reader) == 3 and "score.weight" in reader
+    assert reader.info("score.weight").dtype == torch.bfloat16
+    assert torch.equal(reader.get("w"), value) and torch.equal(reader.get("other"), torch.ones(3))
+    assert torch.equal(reader.get("score.weight"), head.to(torch.bfloat16))
+    assert torch.equal(reader.get_rows("score.weight", 1, 2), head[1:2].to(torch.bfloat16))
+    half = DeltaReader(source, base_reader, scale=0.5)
+    torch.testing.assert_close(half.get("w"), base + 0.5 * (value - base))

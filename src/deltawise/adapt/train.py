@@ -4,7 +4,8 @@ Multi-GPU / multi-node runs come from launching the same command with ``accelera
 ``torchrun``: Trainer picks the distributed set-up up from the environment.
 
 The run trains into a staging folder next to the output and renames it into place at the end,
-so an interrupted run never leaves a half-written output.
+so an interrupted run never leaves a half-written output. Our own methods (kind ``delta``) save a
+deltawise delta folder (``delta.json`` + shards, recording the base's identity) into it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from deltawise.adapt.data import Collator, label_mapping, mix_replay, read_examples, tokenize
 from deltawise.adapt.methods.base import Method, MethodOptions, get_method
 from deltawise.errors import InputError, OutputError
+from deltawise.io.reader import ModelReader
 
 TASKS = ("causal_lm", "classification")
 SCHEDULES = ("linear", "cosine", "constant", "cpt")
@@ -213,6 +215,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
 
     set_seed(cfg.seed)
     model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
+    # a delta records the identity (fingerprint) of the weights it was trained from; transformers
+    # has just loaded them, so a pickle checkpoint is read here too
+    base = ModelReader(model_path, label=str(cfg.model), allow_pickle=True) if method.kind == "delta" else None
     model = method.prepare(model, cfg.task, cfg.seed)
     trainable, total = count_params(model)
     trainable = method.count_trainable() or trainable
@@ -244,7 +249,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
         seconds = time.perf_counter() - t0
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
         if trainer.is_world_process_zero():
-            method.save(trainer.model, staging)
+            method.save(trainer.model, staging, base=base)
             tok.save_pretrained(staging)
             meta = {
                 "method": method.name, "kind": method.kind, "base_model": str(cfg.model), "task": cfg.task,

@@ -5,6 +5,9 @@ dense delta plus a chunk), writes sharded safetensors through the same atomic wr
 and copies config/tokenizer files from BASE. ``scale = -1`` removes a delta (task negation).
 A TALL folder needs ``task``. With ``original_base`` (the model the delta was extracted from)
 the per-tensor drift between it and BASE is reported (see ``transfer.py``).
+
+``apply_to_model`` does the same to a model already in memory (a transformers ``nn.Module``):
+each tensor the delta names becomes ``p + s · τ`` in place (``full`` entries: ``value`` at s = 1).
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from deltawise.delta.reader import DeltaReader
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.source import open_delta
 from deltawise.delta.transfer import check_transfer, drift_report, summarize_drift
+from deltawise.errors import InputError
 from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
@@ -76,3 +82,18 @@ def apply_delta(
         write_json_atomic(staging / MANIFEST, manifest)
     summary = {"scale": scale, "changed_tensors": len(rows), **({"drift": summarize_drift(drift)} if original_reader else {})}
     return DeltaResult(out, rows, warnings, summary, drift)
+
+
+@torch.no_grad()
+def apply_to_model(model: torch.nn.Module, delta: Path, *, scale: float = 1.0, task: Optional[str] = None) -> torch.nn.Module:
+    """Add the delta folder (or PEFT LoRA adapter) ``delta`` to ``model``'s tensors in place, in
+    float32 (float64 for float64 data), each cast back to its dtype; return the model."""
+    source = open_delta(Path(delta), task=task)
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+    missing = [n for n in source.names() if n not in tensors]
+    if missing:
+        raise InputError(f"delta {delta} changes tensors the model does not have: {', '.join(missing[:5])}")
+    for name in source.names():
+        t = tensors[name]
+        t.copy_(source.get(name).apply(t.detach().cpu(), scale))
+    return model

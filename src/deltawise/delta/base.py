@@ -33,6 +33,9 @@ def compute_dtype(*tensors: torch.Tensor | torch.dtype) -> torch.dtype:
 class TensorDelta(ABC):
     kind: ClassVar[str]
     shape: tuple[int, ...]
+    # True for types that store a tensor's new value rather than a difference (``full``): their
+    # dense delta exists only against a base tensor (``relative_to``)
+    replaces: ClassVar[bool] = False
 
     # ------------------------------------------------------------ what each type implements
     @abstractmethod
@@ -49,6 +52,10 @@ class TensorDelta(ABC):
         """The dense delta, shaped like the base tensor."""
 
     # ------------------------------------------------------------ shared behaviour
+    def relative_to(self, base: torch.Tensor) -> "TensorDelta":
+        """This delta as a difference from ``base``; the same object for every additive type."""
+        return self
+
     @property
     def natural_dtype(self) -> torch.dtype:
         """The precision the delta should be materialised in (float64 only for float64 data)."""

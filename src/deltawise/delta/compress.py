@@ -16,7 +16,8 @@ the default 1.0 keeps the residual's scale). Granularity is per tensor (the pape
 unverified; per tensor bounds memory and suits LLMs).
 
 ``topk`` keeps the same entries with their exact values (a ``SparseDelta``): the baseline that
-shows what the ternary quantisation itself costs.
+shows what the ternary quantisation itself costs. ``full`` entries (new values, such as a
+trained classification head) are copied unchanged.
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ def compress_delta(
     names = source.names()
     with DeltaWriter(Path(out), header, [(delta, source.folder)], overwrite=overwrite) as writer:
         for i, name in enumerate(names, 1):
-            tau = source.get(name).materialize(torch.float32)
             base_dtype = source.base_dtype(name)
+            delta = source.get(name)
+            if delta.replaces:  # a new value (a new classification head) is not a difference: kept as is
+                writer.add(name, delta, base_dtype)
+                rows.append(TensorRow(name, delta.kind, delta.nbytes, delta.nbytes, 0.0))
+                tick(progress, f"compressing ({method})", i, len(names))
+                continue
+            tau = delta.materialize(torch.float32)
             compressed = compress_tensor(tau, method, density, alpha, base_dtype)
             writer.add(name, compressed, base_dtype)
             rows.append(TensorRow(name, compressed.kind, tau.numel() * element_size(base_dtype), compressed.nbytes,

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltawise.delta.base import TensorDelta
-from deltawise.delta.dense import DenseDelta
+from deltawise.delta.full import FullDelta
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.spectral import SpectralDelta
 from deltawise.errors import InputError
@@ -170,8 +170,7 @@ class PeftAdapter:
         value = self.reader.get(entry.keys[0])
         if value.shape != base.shape:
             raise InputError(f"adapter {self.folder}: {name} has shape {list(value.shape)}, the base has {list(base.shape)}")
-        # float64 keeps value − base exact for float32 checkpoints (see docs/deltas.md)
-        return DenseDelta(value.to(torch.float64) - base.to(torch.float64))
+        return FullDelta(value).relative_to(base)  # value − base, in float64 (see full.py)
 
     def _fourier(self, name: str, entry: _Entry) -> SpectralDelta:
         shape = self.shape(name)

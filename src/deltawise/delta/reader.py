@@ -3,6 +3,8 @@
 It lets everything that reads models (the merge engine, ``apply``) read a delta folder or a
 PEFT adapter as if it were a full checkpoint: tensors the delta changes are computed on the
 fly (in float32, float64 for float64 data, cast to the base dtype); the others are the base's.
+A ``full`` entry (a new value) reads as ``base + scale · (value − base)``; one naming a tensor the
+base lacks (a new classification head) adds that tensor, as stored, to the model's tensors.
 A tensor's dense delta is computed once and kept while its row chunks are read (a small
 LRU), so chunked readers do not redo an SVD product or an inverse FFT per chunk.
 """
@@ -39,6 +41,9 @@ class DeltaReader:
         self.warnings: list[str] = []  # for the merge plan: e.g. the base is not the one the delta recorded
         self.files = list(base.files) + list(source.files)
         self.stamps = list(base.stamps) + [ModelReader._stamp(f) for f in source.files]
+        # tensors the delta adds: new values of tensors the base does not have
+        self.added = {n: TensorInfo(tuple(source.shape(n)), source.base_dtype(n))
+                      for n in source.names() if source.kind(n) == "full" and n not in base}
 
     # ------------------------------------------------------------ ModelReader interface
     @property
@@ -53,25 +58,28 @@ class DeltaReader:
         return self.base.config
 
     def keys(self) -> list[str]:
-        return self.base.keys()
+        return self.base.keys() + list(self.added)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.base
+        return name in self.base or name in self.added
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.base.keys())
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base) + len(self.added)
 
     def info(self, name: str) -> TensorInfo:
-        return self.base.info(name)
+        return self.added[name] if name in self.added else self.base.info(name)
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.base.info(name)
+        info = self.info(name)
         return self.get_rows(name, 0, info.shape[0] if info.shape else 1)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self.added:
+            value = self.source.get(name).values  # a FullDelta: the tensor as stored
+            return (value[start:stop] if value.dim() else value).to(self.added[name].dtype)
         base = self.base.get_rows(name, start, stop) if self.base.info(name).shape else self.base.get(name)
         if name not in self.source.entries or self.scale == 0:
             return base
@@ -98,10 +106,10 @@ class DeltaReader:
     def tensor_delta(self, name: str) -> TensorDelta:
         delta = self.source.get(name)
         delta.check_shape(tuple(self.base.info(name).shape), f"base tensor {name} of {self.base.label!r}")
-        return delta
+        return delta.relative_to(self.base.get(name)) if delta.replaces else delta
 
     def total_bytes(self) -> int:
-        return self.base.total_bytes()
+        return self.base.total_bytes() + sum(i.nbytes for i in self.added.values())
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.source.fingerprint().encode())

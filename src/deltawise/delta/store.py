@@ -7,7 +7,9 @@ base dtype and the type's small metadata. Each tensor's fields are safetensors e
 safetensors ``__metadata__``, so a lone shard still says where it came from.
 
 Writing streams: tensors are buffered until a shard is full (``shard_bytes``), then written;
-the folder is built in a staging folder and renamed into place when complete.
+the folder is built in a staging folder and renamed into place when complete — or, with
+``staged=False``, written straight into a folder that the caller builds and moves into place
+itself (``deltawise train`` writes the delta next to the tokenizer and its logs that way).
 """
 
 from __future__ import annotations
@@ -46,15 +48,24 @@ def base_identity(reader: ModelReader) -> dict[str, Any]:
 
 
 class DeltaWriter:
-    """Streams ``TensorDelta``s into a new delta folder; use as a context manager."""
+    """Streams ``TensorDelta``s into a new delta folder; use as a context manager.
+
+    ``staged=False``: ``out`` is a folder the caller is building (its own staging folder, made
+    if missing); the files go straight into it, nothing is checked, swapped or removed here.
+    """
 
     def __init__(self, out: Path, header: dict[str, Any], inputs: list[tuple[str, Path]], *,
-                 overwrite: bool = False, shard_bytes: int = 1 << 30):
+                 overwrite: bool = False, shard_bytes: int = 1 << 30, staged: bool = True):
         self.out = Path(out)
-        check_output_folder(self.out, inputs, overwrite)
+        self.staged = staged
+        if staged:
+            check_output_folder(self.out, inputs, overwrite)
+            self.staging = prepare_staging(self.out)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.staging = self.out
         self.header = {"format": FORMAT, "version": VERSION, **header}
         self.shard_bytes = shard_bytes
-        self.staging = prepare_staging(self.out)
         self.tensors: dict[str, dict[str, Any]] = {}
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
@@ -85,11 +96,13 @@ class DeltaWriter:
     def finish(self, **extra: Any) -> Path:
         self._flush()
         write_json_atomic(self.staging / HEADER_FILE, {**self.header, **extra, "tensors": self.tensors})
-        swap_into_place(self.staging, self.out)
+        if self.staged:
+            swap_into_place(self.staging, self.out)
         return self.out
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.staged:  # unstaged, the folder is the caller's to remove
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> "DeltaWriter":
         return self

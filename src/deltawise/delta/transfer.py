@@ -35,7 +35,8 @@ def compatibility_problems(source: DeltaSource, base: ModelReader) -> list[str]:
         problems.append(f"the delta is for {', '.join(recorded)}, the base is {', '.join(actual)}")
     for name in source.names():
         if name not in base:
-            problems.append(f"the base has no tensor {name!r}")
+            if source.kind(name) != "full":  # a full entry may add a tensor (a new classification head)
+                problems.append(f"the base has no tensor {name!r}")
             continue
         if source.kind(name) == "spectral":
             continue  # FourierFT stores no shape of its own: it takes the base's
@@ -68,6 +69,8 @@ def drift_report(source: DeltaSource, new_base: ModelReader, original: ModelRead
         warnings.append(f"--original-base {original.label!r} is not the model the delta recorded as its base")
     rows = []
     for name in source.names():
+        if name not in new_base or name not in original:
+            continue  # a tensor the delta adds: there is nothing to compare
         n, a = new_base.get(name).double().reshape(-1), original.get(name).double().reshape(-1)
         norm_a, norm_n = float(a.norm()), float(n.norm())
         cosine = float(n @ a) / (norm_a * norm_n) if norm_a and norm_n else float("nan")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from deltawise.errors import DeltawiseError
+
+if TYPE_CHECKING:
+    from deltawise.delta.base import TensorDelta
+    from deltawise.io.reader import ModelReader
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Method:
     """
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "peft" (PEFT adapter folder), "delta" (deltawise delta file) or "full" (model folder)
+    kind: ClassVar[str]  # "peft" (PEFT adapter folder), "delta" (deltawise delta folder) or "full" (model folder)
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options or MethodOptions()
@@ -69,7 +73,8 @@ class Method:
     def before_training(self, model: nn.Module, staging: Path) -> None:
         """Hook run once the model is prepared and before the first step (e.g. PiSSA saves its init)."""
 
-    def save(self, model: nn.Module, out: Path) -> None:
+    def save(self, model: nn.Module, out: Path, base: ModelReader | None = None) -> None:
+        """Write what was trained into the folder ``out``; ``base`` is the model training started from."""
         raise NotImplementedError
 
     def count_trainable(self) -> int | None:
@@ -79,6 +84,34 @@ class Method:
     def record(self) -> dict[str, Any]:
         """JSON-able facts about the run worth keeping (selections, mask sizes)."""
         return {}
+
+
+class DeltaMethod(Method):
+    """A method whose output is a deltawise delta folder (docs/deltas.md): ``deltas`` gives each
+    changed parameter's change as a ``TensorDelta`` under the base model's parameter name, and a
+    new classification head (``self.heads``, set by ``prepare``) is stored whole as a ``full`` entry.
+    The folder records the base's identity, so ``deltawise apply``, merge recipes and ``deltawise
+    compress`` take it like any other delta."""
+
+    kind = "delta"
+    heads: list[str]
+
+    def deltas(self, model: nn.Module) -> dict[str, TensorDelta]:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, out: Path, base: ModelReader | None = None) -> None:
+        from deltawise.delta.full import FullDelta
+        from deltawise.delta.store import DeltaWriter, base_identity
+
+        params = dict(model.named_parameters())
+        deltas = {**self.deltas(model), **{n: FullDelta(params[n].detach().cpu().clone()) for n in self.heads}}
+        options = {k: v for k, v in vars(self.options).items() if v is not None}
+        header = {"method": self.name, "parameters": {**options, **self.record()}, "base": base_identity(base) if base else {}}
+        with DeltaWriter(out, header, [], staged=False) as writer:  # ``out`` is the run's staging folder
+            for name, delta in deltas.items():
+                # the dtype the base stores (a tensor new to it keeps the float32 it was trained in)
+                writer.add(name, delta, base.info(name).dtype if base is not None and name in base else torch.float32)
+            writer.finish()
 
 
 REGISTRY: dict[str, type[Method]] = {}

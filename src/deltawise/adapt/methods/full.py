@@ -19,5 +19,5 @@ class Full(Method):
             p.requires_grad_(True)
         return model
 
-    def save(self, model: nn.Module, out: Path) -> None:
+    def save(self, model: nn.Module, out: Path, base=None) -> None:
         model.save_pretrained(out)

@@ -8,7 +8,7 @@ norms (1 of 2). A module's weight and bias go together. Embeddings, LM head and 
 stay frozen; a new classification head trains. Selection ratio p = 0.5 (``--ratio``), drawn from
 the run's seed; the selection is recorded in ``deltawise_train.json`` (``method_record``).
 [The exact per-category rule is not confirmed by the paper's code — see METHODS.md §26.]
-Saved delta: dense ΔW = W_trained − W_base for every selected parameter.
+Saved delta: dense ΔW = W_trained − W_base (float32) for every selected parameter.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import math
 import random
 import re
 from collections import defaultdict
-from pathlib import Path
 
-import torch
 from torch import nn
 
-from deltawise.adapt.delta_file import DeltaEntry, save_delta
-from deltawise.adapt.methods.base import Method, MethodError, head_names, register
+from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register
+from deltawise.delta.dense import DenseDelta
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks)\.(\d+))\.(.+)$")
 
@@ -61,9 +59,8 @@ def select_half(model: nn.Module, ratio: float, seed: int) -> list[str]:
 
 
 @register
-class HFT(Method):
+class HFT(DeltaMethod):
     name = "hft"
-    kind = "delta"
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         ratio = self.options.get("ratio", 0.5)
@@ -79,12 +76,9 @@ class HFT(Method):
         self.initial = {n: params[n].detach().clone() for n in self.selected}
         return model
 
-    def save(self, model: nn.Module, out: Path) -> None:
+    def deltas(self, model: nn.Module) -> dict[str, DenseDelta]:
         params = dict(model.named_parameters())
-        entries = {n: DeltaEntry("dense", {"dense": params[n].detach().float() - self.initial[n].float()}) for n in self.selected}
-        for n in self.heads:
-            entries[n] = DeltaEntry("replace", {"value": params[n].detach()})
-        save_delta(out, entries, {"method": self.name, "selected": self.selected})
+        return {n: DenseDelta((params[n].detach().float() - self.initial[n].float()).cpu()) for n in self.selected}
 
     def record(self) -> dict:
         return {"selected": self.selected, "ratio": self.options.get("ratio", 0.5)}

@@ -11,19 +11,19 @@ matrix at a time, not the whole model); gradient clipping uses the norm of the m
 every K = ``--refresh-interval`` steps the mask is recomputed from the current weights, entries in
 both masks keep their moments, new entries start at zero. Weight decay applies to masked entries only.
 Defaults: r_L = ``--rank`` 8 here (paper 128), r_f = ``--filter-rank`` 8 (paper 32–128), K = 100 (paper 400).
-Saved delta: sparse, over the union of all masks used (entries outside never change).
+Saved delta: sparse (bit-packed mask + float32 values), over the union of all masks used
+(entries outside never change).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from deltawise.adapt.delta_file import DeltaEntry, save_delta
-from deltawise.adapt.methods.base import Method, MethodError, head_names, register
+from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register
+from deltawise.delta.sparse import SparseDelta
 
 
 @torch.no_grad()
@@ -117,9 +117,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
 
 @register
-class LIFT(Method):
+class LIFT(DeltaMethod):
     name = "lift"
-    kind = "delta"
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         self.lora_rank = self.options.get("rank", 8)
@@ -164,15 +163,15 @@ class LIFT(Method):
             self.options.get("refresh_interval", 100),
         )
 
-    def save(self, model: nn.Module, out: Path) -> None:
-        entries = {}
+    def deltas(self, model: nn.Module) -> dict[str, SparseDelta]:
+        out = {}
         for name, p in self.weights.items():
             idx, base = self.seen[p]
-            entries[name] = DeltaEntry("sparse", {"index": idx, "values": p.detach().view(-1)[idx].float() - base.float()})
-        params = dict(model.named_parameters())
-        for n in self.heads:
-            entries[n] = DeltaEntry("replace", {"value": params[n].detach()})
-        save_delta(out, entries, {"method": self.name, "lora_rank": self.lora_rank, "filter_rank": self.filter_rank})
+            change = torch.zeros(p.numel())
+            change[idx.cpu()] = (p.detach().view(-1)[idx].float() - base.float()).cpu()
+            mask = torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, idx.cpu(), True)
+            out[name] = SparseDelta.from_dense(change.view(p.shape), mask.view(p.shape))
+        return out
 
     def record(self) -> dict:
         return {"entries_per_matrix": {n: int(self.masks[p].numel()) for n, p in self.weights.items()},

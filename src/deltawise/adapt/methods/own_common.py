@@ -2,18 +2,17 @@
 
 Each wrapper module keeps the original module name, so ``{name}.weight`` in the delta folder is
 the base model's parameter name, and ``delta_factors()`` returns ``(left, right)`` with
-``W_adapted − W_base = left @ right`` exactly as its forward computes it.
+``W_adapted − W_base = left @ right`` exactly as its forward computes it: a ``lowrank`` delta
+with ``B = left``, ``A = right``, scale 1.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from deltawise.adapt.delta_file import DeltaEntry, save_delta
-from deltawise.adapt.methods.base import Method, head_names, set_submodule, target_linears
+from deltawise.adapt.methods.base import DeltaMethod, head_names, set_submodule, target_linears
+from deltawise.delta.lowrank import LowRankDelta
 
 
 class AdaptedLinear(nn.Module):
@@ -32,11 +31,9 @@ class AdaptedLinear(nn.Module):
         return original.float() + left @ right
 
 
-class OwnAdapterMethod(Method):
+class OwnAdapterMethod(DeltaMethod):
     """Replace every target linear by ``wrap(linear)``; all other parameters stay frozen
     (except a new classification head, which trains and is saved whole)."""
-
-    kind = "delta"
 
     def wrap(self, linear: nn.Linear, seed: int) -> AdaptedLinear:
         raise NotImplementedError
@@ -55,12 +52,9 @@ class OwnAdapterMethod(Method):
         self.heads = sorted(heads)
         return model
 
-    def save(self, model: nn.Module, out: Path) -> None:
-        entries: dict[str, DeltaEntry] = {}
+    def deltas(self, model: nn.Module) -> dict[str, LowRankDelta]:
+        out = {}
         for name, mod in self.modules.items():
-            left, right = (t.detach() for t in mod.delta_factors())
-            entries[f"{name}.weight"] = DeltaEntry("lowrank", {"left": left, "right": right})
-        params = dict(model.named_parameters())
-        for name in self.heads:
-            entries[name] = DeltaEntry("replace", {"value": params[name].detach()})
-        save_delta(out, entries, {"method": self.name, "options": {k: v for k, v in vars(self.options).items() if v is not None}})
+            left, right = (t.detach().cpu() for t in mod.delta_factors())
+            out[f"{name}.weight"] = LowRankDelta(A=right.contiguous(), B=left.contiguous())
+        return out

@@ -31,5 +31,5 @@ class PeftMethod(Method):
 
         return get_peft_model(model, self.peft_config(task, seed))
 
-    def save(self, model: nn.Module, out: Path) -> None:
+    def save(self, model: nn.Module, out: Path, base=None) -> None:
         model.save_pretrained(out)

@@ -33,7 +33,7 @@ class PiSSA(LoRA):
         model.save_pretrained(self._init_dir)
         config.init_lora_weights = "pissa"
 
-    def save(self, model: nn.Module, out: Path) -> None:
+    def save(self, model: nn.Module, out: Path, base=None) -> None:
         if self._init_dir is None:
             raise RuntimeError("PiSSA.save called before before_training")
         model.save_pretrained(out, path_initial_model_for_weight_conversion=str(self._init_dir))
