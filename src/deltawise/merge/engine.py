@@ -102,10 +102,14 @@ class _Loader:
         return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
 
 
-def _require_finite(x: torch.Tensor, label: str, name: str) -> None:
+def _finite(x: torch.Tensor) -> bool:
     # A NaN or inf anywhere makes the float32 sum non-finite, and one reduction is far cheaper
     # than isfinite(); the exact test only runs on the rare chunk whose sum overflowed or is NaN.
-    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
+def _require_finite(x: torch.Tensor, label: str, name: str) -> None:
+    if not _finite(x):
         raise InputError(f"model {label!r}: tensor {name!r} contains NaN or infinite values")
 
 
@@ -163,7 +167,7 @@ class _TensorRun:
             self.visit(stats_pass)
         for start, stop in self.ranges:
             result = method.merge(self.job(start, stop))
-            if not bool(torch.isfinite(result).all()):
+            if not _finite(result):
                 raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
             yield start, result
 
