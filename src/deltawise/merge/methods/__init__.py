@@ -2,9 +2,11 @@
 
 from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     breadcrumbs,
+    consensus,
     dare,
     linear,
     model_stock,
+    pcb,
     slerp,
     task_arithmetic,
     ties,

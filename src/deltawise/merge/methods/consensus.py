@@ -1,0 +1,61 @@
+"""Consensus merging: keep only the weights that at least k tasks' TALL masks select.
+
+Wang et al. 2024, "Localizing Task Information for Improved Model Merging and Compression"
+(ICML 2024, arXiv 2405.07813), official code ``nik-dim/tall_masks``.
+    tau_t = theta_t - theta_0;   tau_MTL = sum_t tau_t                 (task-arithmetic variant)
+    TALL mask:  m_t = 1[ |tau_t| > lambda_t * |tau_MTL - tau_t| ]      (strict, as in the code)
+    consensus:  m_cons = 1[ sum_t m_t >= k ]
+    theta = theta_0 + alpha * (m_cons * tau_MTL)
+Recipe names: ``mask_lambda`` is the per-model lambda_t, ``k`` the minimum number of agreeing
+masks, ``lambda`` the final scale alpha (the library-wide name of the scale added to the base).
+k = 2 (default) removes "catastrophic" (no task) and "selfish" (one task) weights, k = 1 only
+catastrophic ones, k = 0 gives task arithmetic, k > T the base model.
+
+Choices on points the paper leaves to validation data (METHODS.md section 7): the paper picks
+each lambda_t from {0.2, ..., 0.6} on that task's validation split and alpha from {0.1, ..., 1.0};
+this data-free method uses lambda_t = 0.4 (middle of the grid) and alpha = 1.0 unless set.
+Only the task-arithmetic tau_MTL is offered (not the TIES variant). Everything is elementwise,
+so per-tensor and whole-model computation agree and no statistics pass is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.methods.common import LAMBDA
+from deltawise.merge.params import Param
+
+MASK_LAMBDA = Param(
+    "mask_lambda", float, 0.4, scope="model", low=0.0,
+    help="TALL-mask threshold lambda_t: keep where |tau_t| > lambda_t * |tau_MTL - tau_t| (paper grid 0.2-0.6)",
+)
+K = Param("k", int, 2, low=0, help="keep entries selected by at least k task masks (2: drop catastrophic and selfish weights)")
+
+
+def tall_masks(deltas: list[torch.Tensor], multi_task: torch.Tensor, lambdas: list[float]) -> list[torch.Tensor]:
+    """m_t = |tau_t| > lambda_t * |tau_MTL - tau_t| for each task (boolean tensors)."""
+    return [delta.abs() > (multi_task - delta).abs_().mul_(lam) for delta, lam in zip(deltas, lambdas)]
+
+
+@register
+class Consensus(MergeMethod):
+    name = "consensus"
+    summary = "task arithmetic restricted to weights that at least k tasks' TALL masks select"
+    reference = "https://arxiv.org/abs/2405.07813"
+    params = (MASK_LAMBDA, K, LAMBDA)
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        deltas = job.deltas()
+        multi_task = deltas[0].clone()
+        for delta in deltas[1:]:
+            multi_task.add_(delta)
+        masks = tall_masks(deltas, multi_task, [p["mask_lambda"] for p in job.model_params])
+        count = torch.zeros_like(multi_task, dtype=torch.int32)
+        for mask in masks:
+            count.add_(mask)
+        multi_task.masked_fill_(count < job.params["k"], 0)
+        scale = job.params["lambda"]
+        if scale != 1:
+            multi_task.mul_(scale)
+        return multi_task.add_(job.base)
