@@ -169,6 +169,23 @@ def test_pcb_global_refuses_ratio_varying_by_tensor(make_folder, tmp_path):
         merge(recipe, str(tmp_path / "out"))
 
 
+def test_pcb_global_refuses_a_model_too_large_for_memory(make_folder, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from deltawise.errors import RecipeError
+    from deltawise.merge.methods import pcb
+
+    _, _, (base_path, m0) = write_family(make_folder, {"a.weight": (64, 64)}, 1)
+    recipe = {"merge_method": "pcb", "base_model": str(base_path), "models": [{"model": str(m0)}]}
+    need = pcb.global_memory_bytes(1, 64 * 64)
+    monkeypatch.setattr(pcb.psutil, "virtual_memory", lambda: SimpleNamespace(available=need - 1))
+    with pytest.raises(RecipeError, match="granularity: tensor"):
+        merge(recipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(pcb.psutil, "virtual_memory", lambda: SimpleNamespace(available=need))
+    merge(recipe, str(tmp_path / "out"))  # just enough memory: it runs
+
+
 # --- end to end on a tiny Llama ------------------------------------------------------------
 
 @pytest.mark.parametrize("method,params", [

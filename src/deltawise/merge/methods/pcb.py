@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psutil
 import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
@@ -82,6 +83,12 @@ def row_constants(flat: torch.Tensor, clip_ratio: float, ratio: float) -> dict[s
     return {key: v.view(-1).tolist() for key, v in (("q_lo", q_lo), ("q_hi", q_hi), ("b_lo", b_lo), ("b_hi", b_hi))}
 
 
+def global_memory_bytes(n_models: int, n_entries: int) -> int:
+    """Rough peak of global mode: the T x d float32 task vectors plus about two same-sized
+    temporaries while the statistics are computed (an estimate, used to refuse up front)."""
+    return 3 * n_models * n_entries * 4
+
+
 class CollectDeltas(StatsPass):
     """Gathers the flattened task vectors of every chunk it sees (one tensor, or the whole model)."""
 
@@ -114,6 +121,14 @@ class PCB(MergeMethod):
             for key in ("granularity", "ratio", "clip_ratio"):
                 if t.params[key] != first.params[key]:
                     return [f"with granularity: global, {key} must be the same for every tensor ({t.name} differs)"]
+        need = global_memory_bytes(len(plan.inputs), sum(t.out_numel for t in plan.merged))
+        available = psutil.virtual_memory().available
+        if need > available:
+            return [
+                f"pcb with granularity: global holds every task vector of the whole model in memory "
+                f"(about {need / 1e9:.1f} GB here, {available / 1e9:.1f} GB available); "
+                "use granularity: tensor, which ranks within each tensor in bounded memory"
+            ]
         return []
 
     def stats_passes(self, plan, stats: dict[str, Any]):
