@@ -349,6 +349,7 @@ def eval_(
     source: list[Path] = typer.Option([], "--source", help="data whose performance must be retained (repeatable)"),
     target: list[Path] = typer.Option([], "--target", help="data the adaptation aims at (repeatable)"),
     tasks: list[str] = typer.Option([], "--tasks", help="lm-eval task (needs lm-eval installed, offline data); 'target:NAME' marks a target"),
+    lm_eval_tasks_dir: Optional[Path] = typer.Option(None, "--lm-eval-tasks-dir", help="folder of local lm-eval task YAMLs for --tasks"),
     output: Path = typer.Option(..., "--output", "-o", help="result JSON to write"),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="the base model's result JSON: adds forgetting metrics"),
     max_length: Optional[int] = typer.Option(None, min=2, help="tokens per window (default: model context, at most 1024)"),
@@ -370,7 +371,8 @@ def eval_(
     lm_tasks = [("target", t.removeprefix("target:")) if t.startswith("target:") else ("source", t.removeprefix("source:")) for t in tasks]
     with _steps_progress(quiet) as progress:
         options = EvalOptions(max_length=max_length, stride=stride, batch_size=batch_size, mc_norm=mc_norm,  # type: ignore[arg-type]
-                              dtype=dtype, device=device, progress=_stage_factory(progress), lm_eval_tasks=lm_tasks)
+                              dtype=dtype, device=device, progress=_stage_factory(progress), lm_eval_tasks=lm_tasks,
+                              lm_eval_tasks_dir=lm_eval_tasks_dir)
         result = evaluate(model, source, target, options)
     if base is not None:
         result.forgetting = forgetting(result, base)

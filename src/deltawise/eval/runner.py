@@ -33,6 +33,7 @@ class EvalOptions:
     device: str = "cpu"
     progress: ProgressFactory | None = None
     lm_eval_tasks: list[tuple[Role, str]] = field(default_factory=list)
+    lm_eval_tasks_dir: Path | None = None  # extra lm-eval task YAMLs (TaskManager include_path)
 
 
 def detect_task(items: list[Item]) -> Task:
@@ -117,7 +118,8 @@ def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: 
     paths = list(sources) + list(targets)
     datasets = [evaluator.dataset(p, n, r) for p, n, r in zip(paths, unique_names(paths), roles)]
     if options.lm_eval_tasks:
-        datasets += run_lm_eval(path, options.lm_eval_tasks, batch_size=options.batch_size, device=options.device)
+        datasets += run_lm_eval(evaluator.model("causal_lm"), options.lm_eval_tasks, batch_size=options.batch_size,
+                                tasks_dir=options.lm_eval_tasks_dir)
     settings: dict[str, object] = {k: getattr(options, k) for k in ("batch_size", "mc_norm", "dtype", "device")}
     for lm in evaluator.loaded():
         settings["max_length"], settings["stride"] = evaluator.limits(lm)
