@@ -315,12 +315,14 @@ def train(
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="where to write models (default: a temporary folder)"),
+    workdir: Optional[Path] = typer.Option(None, help="run folder for data, models, result JSONs and the report (default: a temporary folder)"),
+    steps: int = typer.Option(15, min=1, help="training steps per method (batch 8 x 64 tokens)"),
+    quick: bool = typer.Option(False, "--quick", help="4 steps and 10 eval texts per set: a smoke run"),
 ) -> None:
-    """Make tiny checkpoints, merge them with every method, check the results load, print a summary."""
+    """Adapt SmolLM2-135M to German with LoRA and HFT, merge them, print the forgetting table and write the HTML report."""
     from deltawise.demo import run_demo
 
-    run_demo(workdir, out)
+    run_demo(workdir, out, steps=steps, quick=quick)
 
 
 def _terminate(signum, frame) -> None:

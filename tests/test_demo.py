@@ -1,0 +1,35 @@
+"""The demo pipeline end to end on a tiny random model and tiny texts (no download)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from deltawise.demo import MethodRun, run_demo
+
+GERMAN = [f"Wer {w} sagt, muss auch B sagen, sonst {v} er nicht weiter." for w in ("A", "C", "D", "E", "F", "G")
+          for v in ("kommt", "geht", "läuft")]
+ENGLISH = ["The licenses for most software are designed to take away your freedom to share and change it.",
+           "When we speak of free software, we are referring to freedom, not price.",
+           "Developers that use the GNU GPL protect your rights with two steps."]
+
+
+def test_demo_pipeline_on_tiny_model(tmp_path):
+    from deltawise.adapt.tiny import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", GERMAN + ENGLISH, hidden=32, layers=2, vocab=96)
+    buf = io.StringIO()
+    console = Console(file=buf, width=160)
+    paths = run_demo(tmp_path / "run", console, steps=2, model=model, target_docs=GERMAN, source_docs=ENGLISH,
+                     eval_items=4, max_length=32, batch_size=4, methods=[MethodRun("lora", 1e-3), MethodRun("hft", 1e-4)])
+    text = buf.getvalue()
+    assert "forgetting score" in text and "merge_lora+hft" in text
+    assert str(paths["report"]) in text.replace("\n", "")
+    for label in ("base", "lora", "hft", "merge_lora+hft"):
+        result = json.loads(paths[label].read_text())
+        assert {d["role"] for d in result["datasets"]} == {"source", "target"}
+        assert (result["forgetting"] is None) == (label == "base")
+    html = paths["report"].read_text()
+    assert "table-forgetting" in html and "merge_lora+hft" in html
