@@ -17,6 +17,7 @@ from typing import Iterator
 from deltawise.errors import OutputError
 
 STAGING_MARK = ".deltawise-staging"
+MANIFEST = "deltawise_merge.json"  # what a merge output records: recipe, inputs, shard sha256
 
 
 def check_output_folder(out: Path, inputs: list[tuple[str, Path]], overwrite: bool, need_bytes: int = 0) -> None:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltawise.errors import DeltawiseError, InputError
+from deltawise.io.output import MANIFEST
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import sha256_file
 
-MANIFEST = "deltawise_merge.json"
 
 
 @dataclass

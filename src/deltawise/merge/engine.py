@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
-from deltawise.io.output import check_output_folder, swap_into_place
+from deltawise.io.output import MANIFEST, check_output_folder, swap_into_place
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
@@ -36,7 +35,6 @@ from deltawise.merge.plan import MergePlan, TensorPlan
 from deltawise.merge.staging import Staging, open_staging, plan_key
 
 CHUNK_ELEMENTS = 1 << 20  # 1M entries: 4 MB per float32 operand
-MANIFEST = "deltawise_merge.json"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deltawise.errors import OutputError
-from deltawise.io.output import STAGING_MARK, staging_folder
+from deltawise.io.output import STAGING_MARK, prepare_staging, staging_folder
 from deltawise.io.writer import ShardPlan, sha256_file, write_json_atomic
 
 PLAN_FILE = ".deltawise-plan.json"
@@ -44,7 +44,7 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def finalize(self) -> None:
-        for name in (STAGING_MARK, PLAN_FILE, PROGRESS_FILE):
+        for name in (PLAN_FILE, PROGRESS_FILE):  # the marker goes with swap_into_place
             (self.folder / name).unlink(missing_ok=True)
 
 
@@ -71,8 +71,7 @@ def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, re
         shutil.rmtree(folder)
     elif resume:
         raise OutputError(f"nothing to resume: {folder} does not exist")
-    folder.mkdir()
-    (folder / STAGING_MARK).write_text("deltawise merge in progress\n")
+    folder = prepare_staging(out)
     write_json_atomic(folder / PLAN_FILE, {"plan": key})
     return Staging(folder, key)
 
