@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +46,8 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     choose_shape,
     console,
     ensure_checkpoints,
+    host_info,
+    parse_methods,
     parse_size,
     recipe_inputs,
     run_measured,
@@ -152,12 +150,7 @@ def write_json(path: Path, results: list[MergeResult], shape: LlamaShape, args: 
         "benchmark": "merge_memory",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model_shape": asdict(shape),
-        "host": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "ram_bytes": psutil.virtual_memory().total,
-        },
+        "host": host_info(),
         "results": [{**asdict(r), "ok": r.ok, "rss_over_model": r.rss_over_model} for r in results],
         "verdict": verdict(results),
     }
@@ -180,10 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", default="500MB", help="--shard-size passed to the merge, also used for the "
                                                               "synthetic checkpoints (default 500MB)")
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(ALL_METHODS))
-    if unknown or not args.methods:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    args.methods = parse_methods(parser, args.methods)
     if args.models < 1 or args.size_gb <= 0:
         parser.error("--models must be >= 1 and --size-gb > 0")
     try:

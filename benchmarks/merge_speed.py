@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -63,8 +62,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +76,8 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     cached_fraction,
     console,
     ensure_checkpoints,
+    host_info,
+    parse_methods,
     parse_size,
     read_files,
     recipe_inputs,
@@ -397,13 +396,7 @@ def write_json(path: Path, results: list[MethodResult], raw: RawRead, shape: Lla
         "benchmark": "merge_speed",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model_shape": {**asdict(shape), "parameters": shape.parameters(), "bytes": shape.total_bytes()},
-        "host": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "ram_bytes": psutil.virtual_memory().total,
-            "load_avg": os.getloadavg(),
-        },
+        "host": host_info(),
         "deltawise_source": source,
         "mergekit": {"path": str(mergekit) if mergekit else None, "version": mergekit_version() if mergekit else None},
         "raw_read": {**asdict(raw), "pass1_bps": raw.pass1_bps, "pass2_bps": raw.pass2_bps,
@@ -436,10 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is ended (default 1800)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(ALL_METHODS))
-    if unknown or not args.methods:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    args.methods = parse_methods(parser, args.methods)
     if args.models < 1 or args.timeout <= 0:
         parser.error("--models must be >= 1 and --timeout > 0")
     try:

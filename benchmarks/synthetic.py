@@ -27,6 +27,7 @@ import json
 import math
 import mmap
 import os
+import platform
 import resource
 import shutil
 import signal
@@ -52,7 +53,6 @@ DELTA_STD = 1e-3
 SAMPLE_INTERVAL_S = 0.05
 INDEX_NAME = "model.safetensors.index.json"
 ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 # Wide enough for the tables when output is piped to a file or log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -155,17 +155,34 @@ def choose_shape(target_bytes: int) -> LlamaShape:
 
 
 def parse_size(text: str) -> int:
-    """'500MB' -> 500_000_000, '2GiB' -> 2147483648 (same rules as ``--shard-size``)."""
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGIB")
-    unit = s[len(num):]
-    if unit not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 500MB or 2GiB")
+    """'500MB' -> 500_000_000, '2GiB' -> 2147483648: deltawise's own ``--shard-size`` rules."""
+    from deltawise.errors import DeltawiseError
+    from deltawise.io.writer import parse_size as deltawise_parse_size
+
     try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 500MB or 2GiB") from None
-    return int(value * SIZE_UNITS[unit])
+        return deltawise_parse_size(text)
+    except DeltawiseError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated --methods list, refused through ``parser`` when empty or unknown."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown or not methods:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    return methods
+
+
+def host_info() -> dict:
+    """What the JSON results record about the machine they were measured on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "load_avg": os.getloadavg(),
+    }
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
