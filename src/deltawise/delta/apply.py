@@ -12,7 +12,6 @@ each tensor the delta names becomes ``p + s · τ`` in place (``full`` entries: 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import OutputTensor, StreamingShardWriter, plan_shards, row_ranges, write_json_atomic
-from deltawise.merge.card import OTHER_FILES, TOKENIZER_FILES
+from deltawise.io.files import OTHER_FILES, TOKENIZER_FILES, copy_present
 from deltawise.merge.engine import CHUNK_ELEMENTS
 from deltawise.merge.plan import natural_key
 
@@ -70,9 +69,7 @@ def apply_delta(
             raise
         if len(shard_plan.shards) > 1:
             write_json_atomic(staging / "model.safetensors.index.json", shard_plan.index())
-        for fname in ("config.json", *TOKENIZER_FILES, *OTHER_FILES):
-            if (base_reader.folder / fname).is_file():
-                shutil.copyfile(base_reader.folder / fname, staging / fname)
+        copy_present(base_reader.folder, staging, ("config.json", *TOKENIZER_FILES, *OTHER_FILES))
         manifest = {
             "delta": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method"), "task": task},
             "base": {"ref": base, "fingerprint": base_reader.fingerprint()},

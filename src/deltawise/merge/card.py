@@ -6,23 +6,16 @@ traced back to exactly what produced it.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from deltawise.errors import InputError
 from deltawise.io.dtypes import dtype_name, parse_dtype
+from deltawise.io.files import OTHER_FILES, TOKENIZER_FILES, copy_present
 from deltawise.io.resolve import resolve_model
 
 if TYPE_CHECKING:
     from deltawise.merge.plan import MergePlan
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-OTHER_FILES = ("generation_config.json",)
-
 
 def tokenizer_folder(plan: "MergePlan") -> Optional[Path]:
     source = plan.recipe.tokenizer_source
@@ -39,14 +32,8 @@ def tokenizer_folder(plan: "MergePlan") -> Optional[Path]:
 
 
 def copy_model_files(plan: "MergePlan", dest: Path) -> None:
-    tok = tokenizer_folder(plan)
-    for name in TOKENIZER_FILES:
-        if tok is not None and (tok / name).is_file():
-            shutil.copyfile(tok / name, dest / name)
-    for name in OTHER_FILES:
-        src = plan.template.reader.folder / name
-        if src.is_file():
-            shutil.copyfile(src, dest / name)
+    copy_present(tokenizer_folder(plan), dest, TOKENIZER_FILES)
+    copy_present(plan.template.reader.folder, dest, OTHER_FILES)
 
 
 def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
