@@ -193,3 +193,49 @@ def test_nan_in_a_copied_tensor_is_refused(make_folder, tmp_path):
     with pytest.raises(InputError, match="head.weight"):
         merge(r, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_methods_checked_only_on_their_result_turn_any_non_finite_input_non_finite(method):
+    """The engine screens inputs of these methods only through their result (propagates_nonfinite):
+    every NaN/inf input entry must make its output entry non-finite, whatever the weights
+    (0 included: 0 * inf is NaN), lambda or normalize, and cancelling infinities too."""
+    from deltawise.merge.base import REGISTRY, merge_tensor
+
+    impl = REGISTRY[method]()
+    assert impl.propagates_nonfinite
+    gen = torch.Generator().manual_seed(0)
+    specials = [float("nan"), float("inf"), float("-inf")]
+    for trial in range(40):
+        shape = (6, 5)
+        base = torch.randn(shape, generator=gen)
+        models = [torch.randn(shape, generator=gen) for _ in range(3)]
+        inputs = [base, *models] if method == "task_arithmetic" else models
+        where = torch.rand(shape, generator=gen) < 0.3
+        for k, x in enumerate(inputs):  # every input gets some specials; some entries get two
+            mask = where & (torch.rand(shape, generator=gen) < 0.5)
+            x[mask] = specials[(trial + k) % 3]
+        poisoned = torch.zeros(shape, dtype=torch.bool)
+        for x in inputs:
+            poisoned |= ~torch.isfinite(x)
+        weights = [[0.0, 1.0, -2.0], [0.5, 0.5, 0.5], [1.0, 0.0, 0.0]][trial % 3]
+        params = {"normalize": trial % 2 == 0, "lambda": [1.0, 0.0, -0.7][trial % 3]}
+        result = merge_tensor(impl, base if method == "task_arithmetic" else None, models, params,
+                              [{"weight": w} for w in weights])
+        assert poisoned.any()
+        assert not torch.isfinite(result[poisoned]).any(), (trial, weights, params)
+        assert torch.isfinite(result[~poisoned]).all()
+
+
+def test_a_non_finite_input_with_weight_zero_is_still_reported_as_an_input_error(make_folder, tmp_path):
+    from deltawise.errors import InputError
+
+    bad = torch.ones(4, 3)
+    bad[2, 1] = float("inf")
+    a = make_folder("a", {"w": torch.ones(4, 3)})
+    b = make_folder("b", {"w": bad})
+    r = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                                               {"model": str(b), "parameters": {"weight": 0.0}}]}
+    with pytest.raises(InputError, match=r"model '.*b'.*'w' contains NaN or infinite"):
+        merge(r, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -452,6 +452,49 @@ def test_streaming_writer_any_order_row_chunks_bit_exact(tmp_path):
     assert writer.pending_tensors() == set()
 
 
+def test_streaming_writer_digests_match_the_files_under_concurrent_shuffled_writes(tmp_path, monkeypatch):
+    """Each shard's sha256 is computed while it is written, from memory at the written frontier
+    and by reading back what arrived out of order; a tiny read-back step and eight threads
+    writing shuffled row chunks exercise both paths and every handover between threads."""
+    import sys
+
+    monkeypatch.setattr(StreamingShardWriter, "READ_BACK", 7)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: interleavings are what is tested
+    try:
+        _shuffled_concurrent_writes(tmp_path)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def _shuffled_concurrent_writes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    import random
+
+    tensors = mixed_output()
+    tensors["h.empty"] = torch.zeros(0, 4)
+    plan = plan_shards([OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], 300)
+    for trial in range(5):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        done: list[str] = []
+        writer = StreamingShardWriter(out, plan, on_complete=lambda f, d: done.append(f))
+        pieces = [(name, start, part.clone()) for name, t in tensors.items() for start, part in chunks(t, 1)]
+        pieces.append(("h.empty", 0, tensors["h.empty"]))
+        random.Random(trial).shuffle(pieces)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: writer.write(p[0], p[2], row_start=p[1]), pieces))
+        writer.finish_empty_shards()
+        assert sorted(done) == sorted(s.filename for s in plan.shards)  # each shard finished exactly once
+        assert not list(out.glob(".*.partial"))
+        for shard in plan.shards:
+            data = (out / shard.filename).read_bytes()
+            assert len(data) == shard.size
+            assert writer.completed[shard.filename] == hashlib.sha256(data).hexdigest()
+            for name, value in load_file(out / shard.filename).items():
+                assert_bit_equal(value, tensors[name], name)
+
+
 def test_writer_refuses_a_chunk_of_the_wrong_dtype(tmp_path):
     plan = plan_shards([OutputTensor("a", (4, 2), torch.float32)], 10**9)
     writer = StreamingShardWriter(tmp_path, plan)
@@ -545,3 +588,20 @@ def test_sharded_merge_end_to_end_loads_in_transformers(llama_family, tmp_path):
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape == (1, 4, 128)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_streaming_writer_fsyncs_each_shard_only_when_durable(tmp_path, monkeypatch, durable):
+    import deltawise.io.writer as writer_module
+
+    synced = []
+    real_fsync = writer_module.os.fsync
+    monkeypatch.setattr(writer_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    tensors = mixed_output()
+    plan = plan_shards([OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], 300)
+    writer = StreamingShardWriter(tmp_path, plan, durable=durable)
+    for name, value in tensors.items():
+        writer.write(name, value)
+    writer.finish_empty_shards()
+    assert sorted(writer.completed) == sorted(s.filename for s in plan.shards)
+    assert len(synced) == (len(plan.shards) if durable else 0)

@@ -56,6 +56,8 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the merge succeeds"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted merge of the same recipe and inputs"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted merge and start over"),
+    fsync: bool = typer.Option(False, "--fsync", help="flush each shard to disk before it counts as done (survives a power "
+                                                      "loss; slower: waits for the disk)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Merge models as described by RECIPE into OUTPUT.
@@ -76,7 +78,7 @@ def merge(
     with _progress(quiet) as progress:
         options = MergeOptions(
             device=device, threads=threads, shard_size=parse_size(shard_size), overwrite=overwrite,
-            resume=resume, restart=restart, progress=_ProgressReporter(progress),
+            resume=resume, restart=restart, fsync=fsync, progress=_ProgressReporter(progress),
         )
         result = run_merge(plan, output, options)
     gb = result.bytes_written / 1e9

@@ -253,6 +253,13 @@ class ModelReader:
         input pages stay in the page cache and out of this process's resident memory, and
         ``pread`` releases the GIL, letting reader threads overlap with computation.
         """
+        return self.read_rows_into(name, start, stop, None)
+
+    def read_rows_into(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """``get_rows``, reading into the front of ``buffer`` (a contiguous CPU tensor of the
+        stored dtype with at least as many entries) when given, so that a caller streaming many
+        chunks reuses one allocation instead of faulting in fresh pages for each. Returns the
+        rows: a view of ``buffer``, or a new tensor without one (or for pickle inputs)."""
         info = self._require(name)
         if info.shape:  # clamp like slicing, so a range can never reach into another tensor's bytes
             start, stop = max(0, min(start, info.shape[0])), max(0, min(stop, info.shape[0]))
@@ -268,7 +275,11 @@ class ModelReader:
             offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
         else:
             shape = ()
-        out = torch.empty(shape, dtype=info.dtype)
+        numel = nbytes // info.dtype.itemsize if info.dtype.itemsize else 0
+        if buffer is not None and buffer.dtype == info.dtype and buffer.is_contiguous() and buffer.numel() >= numel:
+            out = buffer.reshape(-1)[:numel].view(shape)
+        else:
+            out = torch.empty(shape, dtype=info.dtype)
         if nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             fd = self._fd(file)

@@ -146,8 +146,39 @@ def partial_name(filename: str) -> str:
     return f".{filename}.partial"
 
 
+class _ShardProgress:
+    """Which bytes of one shard are on disk, and how far its sha256 has got.
+
+    Chunks arrive in any order; ``written_to`` is the end of the contiguous prefix written so
+    far and the digest follows it, so a shard's hash is ready when its last chunk lands
+    instead of costing another read of the whole file afterwards."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.hashed = 0
+        self.written_to = 0
+        self.islands: dict[int, int] = {}  # start -> end of written ranges beyond the prefix
+        self.hash_lock = threading.Lock()  # one thread hashes a shard at a time
+
+    def add(self, start: int, end: int) -> None:
+        """Record bytes [start, end) as written (caller holds the writer's lock)."""
+        if end <= start:
+            return
+        self.islands[start] = end
+        while self.written_to in self.islands:
+            self.written_to = self.islands.pop(self.written_to)
+
+
 class StreamingShardWriter:
-    """Writes the tensors of a ``ShardPlan`` into ``folder``; thread-safe ``write``."""
+    """Writes the tensors of a ``ShardPlan`` into ``folder``; thread-safe ``write``.
+
+    Each shard's sha256 is computed while it is written (``_ShardProgress``), by whichever
+    writing thread extends its written prefix. Shards are not fsync'ed unless ``durable``:
+    an interruption of the process loses nothing already written, and ``resume`` re-hashes
+    completed shards anyway, so only a power loss could leave a torn shard (as with other
+    tools' checkpoints); ``durable`` trades the disk's write speed for that guarantee."""
+
+    READ_BACK = 1 << 23  # bytes re-read per step when hashing chunks written out of order
 
     def __init__(
         self,
@@ -156,12 +187,15 @@ class StreamingShardWriter:
         *,
         skip_shards: dict[str, str] | None = None,
         on_complete: Callable[[str, str], None] | None = None,
+        durable: bool = False,
     ):
         """``skip_shards``: shards already complete (filename -> sha256), e.g. when resuming;
-        ``on_complete(filename, sha256)`` is called after each shard is renamed into place."""
+        ``on_complete(filename, sha256)`` is called after each shard is renamed into place;
+        ``durable``: fsync each shard before it is renamed."""
         self.folder = Path(folder)
         self.plan = plan
         self.on_complete = on_complete
+        self.durable = durable
         self._shard_of = plan.shard_of()
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
@@ -169,7 +203,9 @@ class StreamingShardWriter:
         self.completed: dict[str, str] = dict(skip_shards or {})  # filename -> sha256
         self._planned = {t.name: t for sh in plan.shards for t in sh.tensors}
         self._bytes_left = {t.name: t.nbytes for t in self._planned.values()}
+        self._progress = {s.filename: _ShardProgress() for s in plan.shards}
         self._finishing: set[str] = set()
+        self._local = threading.local()  # per-thread read-back buffer
         for name in self.completed:
             self._remaining.pop(name, None)
 
@@ -178,12 +214,14 @@ class StreamingShardWriter:
             return {n for names in self._remaining.values() for n in names}
 
     def _fd(self, shard: Shard) -> int:
+        """The shard's open partial file, created with its header on first use (caller holds the lock)."""
         fd = self._fds.get(shard.filename)
         if fd is None:
             path = self.folder / partial_name(shard.filename)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.filename] = fd
             self._pwrite_all(fd, memoryview(shard.header), 0)
+            self._progress[shard.filename].add(0, len(shard.header))
         return fd
 
     @staticmethod
@@ -206,32 +244,74 @@ class StreamingShardWriter:
             )
         data = tensor_bytes(tensor)
         row_bytes = planned.nbytes // planned.shape[0] if planned.shape and planned.shape[0] else 0
+        offset = shard.offsets[name] + row_start * row_bytes
         with self._lock:
             fd = self._fd(shard)
-        self._pwrite_all(fd, data, shard.offsets[name] + row_start * row_bytes)
+        self._pwrite_all(fd, data, offset)
+        progress = self._progress[shard.filename]
         with self._lock:
+            progress.add(offset, offset + data.nbytes)
             left = self._bytes_left[name] = self._bytes_left[name] - data.nbytes
-            remaining = self._remaining[shard.filename]
             if left <= 0:
-                remaining.discard(name)
-            done = not remaining and shard.filename not in self._finishing
-            if done:
-                self._finishing.add(shard.filename)
-        if done:
-            self._finish(shard)
+                self._remaining[shard.filename].discard(name)
+        self._advance(shard, fd, data, offset)
 
-    def _finish(self, shard: Shard) -> None:
+    def _advance(self, shard: Shard, fd: int, data: memoryview | None = None, offset: int = -1) -> None:
+        """Hash the newly contiguous part of ``shard``; finish the shard once all of it is written.
+
+        ``data`` (just written at ``offset``) is hashed from memory when it starts where the
+        digest stands; bytes written earlier out of order are read back from the page cache.
+        Only one thread hashes a shard at a time; one that finds the lock taken leaves its
+        bytes to the holder, which looks again after releasing it."""
+        progress = self._progress[shard.filename]
+        while progress.hash_lock.acquire(blocking=False):
+            try:
+                while True:
+                    with self._lock:
+                        target = progress.written_to
+                    if progress.hashed >= target:
+                        break
+                    if data is not None and offset == progress.hashed and offset + data.nbytes <= target:
+                        progress.sha.update(data)
+                        progress.hashed += data.nbytes
+                        data = None
+                        continue
+                    buffer = self._read_back_buffer()
+                    n = os.preadv(fd, [buffer[: target - progress.hashed]], progress.hashed)
+                    if n <= 0:
+                        raise OutputError(f"cannot read back {partial_name(shard.filename)} to hash it")
+                    progress.sha.update(buffer[:n])
+                    progress.hashed += n
+            finally:
+                progress.hash_lock.release()
+            with self._lock:
+                if progress.hashed < progress.written_to:
+                    continue  # another thread added bytes while this one held the lock
+                done = (not self._remaining[shard.filename] and progress.hashed == shard.size
+                        and shard.filename not in self._finishing)
+                if done:
+                    self._finishing.add(shard.filename)
+            if done:
+                self._finish(shard, progress.sha.hexdigest())
+            return
+
+    def _read_back_buffer(self) -> memoryview:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = memoryview(bytearray(self.READ_BACK))
+        return buffer
+
+    def _finish(self, shard: Shard, digest: str) -> None:
         with self._lock:
             fd = self._fds.pop(shard.filename, None)
-            if fd is None:  # a shard with no tensors still needs its file
-                fd = self._fd(shard)
-                self._fds.pop(shard.filename)
+        if fd is None:  # aborted meanwhile: the partial file is gone
+            return
         try:
-            os.fsync(fd)
+            if self.durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         tmp = self.folder / partial_name(shard.filename)
-        digest = sha256_file(tmp)
         os.replace(tmp, self.folder / shard.filename)
         with self._lock:
             self.completed[shard.filename] = digest
@@ -239,9 +319,12 @@ class StreamingShardWriter:
                 self.on_complete(shard.filename, digest)
 
     def finish_empty_shards(self) -> None:
+        """Shards with no tensors (or only empty ones never written) still need their file."""
         for shard in self.plan.shards:
-            if not shard.tensors and shard.filename not in self.completed:
-                self._finish(shard)
+            if shard.filename not in self.completed and not self._remaining[shard.filename]:
+                with self._lock:
+                    fd = self._fd(shard)
+                self._advance(shard, fd)
 
     def abort(self) -> None:
         """Close and delete every partial file; completed shards stay (they are whole)."""

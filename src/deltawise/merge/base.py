@@ -100,6 +100,9 @@ class MergeMethod:
     min_models: ClassVar[int] = 1  # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     params: ClassVar[tuple[Param, ...]] = ()
+    # True when a NaN/inf in any input entry always makes the output entry NaN/inf (sums and
+    # scalings only, no masks or comparisons): the engine then checks only the result
+    propagates_nonfinite: ClassVar[bool] = False
 
     def check(self, plan: "MergePlan") -> list[str]:
         """Method-specific problems with a whole plan (e.g. options that cannot go together)."""

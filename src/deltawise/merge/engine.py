@@ -47,6 +47,7 @@ class MergeOptions:
     overwrite: bool = False
     resume: bool = False  # continue an interrupted merge of the same plan
     restart: bool = False  # discard an interrupted merge and start over
+    fsync: bool = False  # flush each shard to disk before it counts as complete (see StreamingShardWriter)
     progress: Optional[Progress] = None
 
 
@@ -64,23 +65,72 @@ def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
     check_output_folder(out, inputs, overwrite, plan.output_bytes())
 
 
+class _Buffers:
+    """Scratch tensors reused chunk after chunk, one set per worker thread.
+
+    Allocating a fresh multi-megabyte tensor per chunk costs more than the arithmetic on it
+    (the allocator hands back new pages from the kernel, each faulted in and zeroed), so the
+    raw bytes read, their float32 conversion and the output cast live in buffers that are
+    kept. A tensor that fits in no buffer (a huge 1-d tensor is a single chunk) gets its own
+    memory instead of a buffer that large being kept."""
+
+    MAX_KEPT = 1 << 22  # entries
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin  # page-locked host buffers, for faster copies to a GPU
+        self._local = threading.local()
+
+    def get(self, key: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        pin = self.pin and device.type == "cpu"
+        if numel > self.MAX_KEPT:
+            return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        kept: dict = self._local.__dict__.setdefault("kept", {})
+        buffer = kept.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < numel:
+            size = min(max(numel, CHUNK_ELEMENTS), self.MAX_KEPT)
+            buffer = kept[key] = torch.empty(size, dtype=dtype, device=device, pin_memory=pin)
+        return buffer[:numel].view(shape)
+
+
 class _Loader:
-    """Reads the inputs of one tensor (or row range) as float32/float64 on the work device."""
+    """Reads the inputs of one tensor (or row range) as float32/float64 on the work device.
+
+    Inputs land in per-thread buffers (``_Buffers``): a chunk's tensors are valid until the
+    same thread loads its next chunk, which is all the engine needs (a tensor's chunks are
+    processed one after the other by one thread; methods never keep input tensors)."""
 
     def __init__(self, plan: MergePlan, device: torch.device):
         self.plan = plan
         self.device = device
         self.base_reader = plan.base.reader if plan.base is not None and plan.method.base_policy == "required" else None
+        self.buffers = _Buffers(pin=device.type == "cuda")
+        # methods whose every output entry turns NaN/inf when any input entry is: their
+        # inputs need no screen of their own, the (cheaper, single) check of the result covers them
+        self.screen_inputs = not plan.method.propagates_nonfinite
 
     def compute_dtype(self, t: TensorPlan) -> torch.dtype:
         readers = [m.reader for m in self.plan.inputs]
         stored = [r.info(s).dtype for r, s in zip(readers, t.sources)]
         return torch.float64 if torch.float64 in stored else torch.float32
 
-    def _read(self, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str) -> torch.Tensor:
-        raw = reader.get_rows(name, start, stop) if reader.info(name).shape else reader.get(name)
-        x = raw.to(device=self.device, dtype=dtype)
-        _require_finite(x, label, name)
+    def _read(self, slot: int, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str) -> torch.Tensor:
+        info = reader.info(name)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        read_into = getattr(reader, "read_rows_into", None)  # a ModelReader; a DeltaReader computes its rows
+        if read_into is not None:
+            raw = read_into(name, start, stop, self.buffers.get(("raw", slot), shape, info.dtype, torch.device("cpu")))
+        else:
+            raw = reader.get_rows(name, start, stop) if info.shape else reader.get(name)
+        if raw.dtype == dtype and self.device.type == "cpu":
+            x = raw
+        else:
+            x = self.buffers.get(("x", slot), tuple(raw.shape), dtype, self.device)
+            x.copy_(raw)
+        if self.screen_inputs:
+            _require_finite(x, label, name)
         return x
 
     def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
@@ -95,9 +145,24 @@ class _Loader:
         dtype = self.compute_dtype(t)
         base = None
         if self.base_reader is not None:
-            base = self._read(self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
-        models = [self._read(m.reader, s, start, stop, dtype, m.ref) for m, s in zip(self.plan.inputs, t.sources)]
+            base = self._read(-1, self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
+        models = [self._read(i, m.reader, s, start, stop, dtype, m.ref)
+                  for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
         return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
+
+    def blame_inputs(self, t: TensorPlan, job: TensorJob) -> None:
+        """Raise the input error for a non-finite result whose inputs were not screened."""
+        if job.base is not None:
+            _require_finite(job.base, self.plan.base.ref, t.base_source)
+        for m, s, x in zip(self.plan.inputs, t.sources, job.models):
+            _require_finite(x, m.ref, s)
+
+    def output(self, t: TensorPlan, result: torch.Tensor) -> torch.Tensor:
+        """``result`` as the output dtype, on the CPU (in a reused buffer when it has to change)."""
+        if result.dtype == t.out.dtype and result.device.type == "cpu":
+            return result
+        out = self.buffers.get("out", tuple(result.shape), t.out.dtype, torch.device("cpu"))
+        return out.copy_(result)
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -164,8 +229,11 @@ class _TensorRun:
         for stats_pass in method.tensor_passes(self.t.params, self.t.model_params, self.t.out_numel, self.stats):
             self.visit(stats_pass)
         for start, stop in self.ranges:
-            result = method.merge(self.job(start, stop))
+            job = self.job(start, stop)
+            result = method.merge(job)
             if not _finite(result):
+                if not self.loader.screen_inputs:
+                    self.loader.blame_inputs(self.t, job)
                 raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
             yield start, result
 
@@ -196,7 +264,8 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     check_output(plan, out, options.overwrite)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
     staging = open_staging(out, _plan_key(plan, shard_plan), shard_plan, resume=options.resume, restart=options.restart)
-    writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record)
+    writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record,
+                                  durable=options.fsync)
     todo = writer.pending_tensors()
     loader = _Loader(plan, device)
     try:
@@ -209,7 +278,7 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
                 else:
                     chunks = ((a, loader.copied(t, a, b)) for a, b in _row_ranges(t))
                 for start, result in chunks:
-                    writer.write(t.name, result.to(device="cpu", dtype=t.out.dtype), row_start=start)
+                    writer.write(t.name, loader.output(t, result), row_start=start)
                 return t.out.nbytes
 
             done = sum(t.out.nbytes for t in plan.tensors if t.name not in todo)

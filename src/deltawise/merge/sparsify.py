@@ -76,7 +76,9 @@ def combine(
     for delta, wt in zip(deltas, w):
         if wt != 1:
             delta.mul_(wt)
-    total = deltas[0].clone()
+    # the plain sum may accumulate into the first (fresh, scaled) task vector; the consensus
+    # path reads every task vector again after summing, so it sums into a copy
+    total = deltas[0] if consensus is None else deltas[0].clone()
     for delta in deltas[1:]:
         total.add_(delta)
     if consensus is None:

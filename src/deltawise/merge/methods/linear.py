@@ -21,6 +21,7 @@ class Linear(MergeMethod):
     reference = "https://arxiv.org/abs/2203.05482"
     base_policy = "input"
     params = (WEIGHT, normalize(True))
+    propagates_nonfinite = True  # sums and scalings of every input entry
 
     def check(self, plan):
         problems = []

@@ -18,6 +18,7 @@ class TaskArithmetic(MergeMethod):
     summary = "base + lambda * weighted sum of task vectors"
     reference = "https://arxiv.org/abs/2212.04089"
     params = (WEIGHT, LAMBDA, normalize(False))
+    propagates_nonfinite = True  # sums and scalings of every input entry
 
     def merge(self, job: TensorJob):
         return combine(
