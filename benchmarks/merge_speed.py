@@ -38,6 +38,12 @@ What it measures
     unchanged. A mergekit failure or timeout is recorded and the run goes on. Every run is
     capped by ``--timeout`` (default 1800 s).
 
+    Floor: for linear and task_arithmetic the script also runs ``merge_floor.py`` on the same
+    input files (subprocess, measured the same way; ``--no-floor`` skips it): a bare plain-torch
+    loop doing only what any such merge must do -- read, convert to float32, accumulate, cast
+    back, write, sha256 -- with the engine's threads and chunk size. Its throughput is what
+    op-by-op torch code reaches on this machine; the table gives deltawise's time against it.
+
     Verdicts, one line per target: linear and task_arithmetic reach >= 70% of the warm raw
     read bandwidth; ties is >= 2x faster than mergekit; deltawise's peak RSS < 2 GB
     (2,000 MB) for every method.
@@ -154,6 +160,7 @@ class MethodResult:
     input_files: int
     deltawise: ToolRun
     mergekit: ToolRun | None = None
+    floor: ToolRun | None = None  # merge_floor.py on the same inputs (linear / task_arithmetic)
     raw_reference_bps: float = 0.0
 
     @property
@@ -164,6 +171,13 @@ class MethodResult:
     def raw_fraction(self) -> float | None:
         tp = self.throughput_bps
         return tp / self.raw_reference_bps if tp is not None and self.raw_reference_bps else None
+
+    @property
+    def floor_ratio(self) -> float | None:
+        """floor wall / deltawise wall (1: deltawise is as fast as the bare torch loop)."""
+        if self.floor is None or not (self.deltawise.ok and self.floor.ok):
+            return None
+        return self.floor.wall_s / self.deltawise.wall_s
 
     @property
     def time_ratio(self) -> float | None:
@@ -183,7 +197,10 @@ class MethodResult:
         out["deltawise"]["ok"] = self.deltawise.ok
         if self.mergekit is not None:
             out["mergekit"]["ok"] = self.mergekit.ok
+        if self.floor is not None:
+            out["floor"]["ok"] = self.floor.ok
         out.update(throughput_bps=self.throughput_bps, raw_fraction=self.raw_fraction,
+                   deltawise_share_of_floor_speed=self.floor_ratio,
                    time_ratio_deltawise_over_mergekit=self.time_ratio,
                    rss_ratio_deltawise_over_mergekit=self.rss_ratio)
         return out
@@ -215,8 +232,10 @@ def tool_env() -> dict[str, str]:
 
 def clear_output(out_dir: Path) -> None:
     for path in (out_dir, out_dir.parent / f".{out_dir.name}.deltawise-partial"):
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():  # merge_floor.py's output is one file
+            path.unlink()
 
 
 def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeout_s: float,
@@ -263,6 +282,11 @@ def measure_method(method: str, base: Path, models: list[Path], workdir: Path, a
         deltawise=run_tool("deltawise", dw_cmd, dw_out, files, args.timeout, args.keep_outputs),
         raw_reference_bps=raw.reference_bps,
     )
+    if args.floor and method in BANDWIDTH_METHODS:
+        floor_out = workdir / f"out_{method}_floor.bin"
+        floor_cmd = [sys.executable, str(Path(__file__).resolve().parent / "merge_floor.py"), str(floor_out),
+                     *map(str, recipe_inputs(method, base, models))]
+        result.floor = run_tool("floor", floor_cmd, floor_out, files, args.timeout, keep_output=False)
     if mergekit is not None:
         mk_out = workdir / f"out_{method}_mergekit"
         mk_cmd = [str(mergekit), str(recipe), str(mk_out), "--out-shard-size", str(args.shard_bytes),
@@ -299,7 +323,8 @@ def results_table(results: list[MethodResult], raw: RawRead, shape_name: str) ->
     table = Table(title=f"deltawise merge speed: {shape_name}, reference raw read {raw.reference_bps / GB:.2f} GB/s "
                         f"(warm pass 2; pass 1 {raw.pass1_bps / GB:.2f} GB/s)")
     headers = ("method", "read GB", "cached", "dw wall s (CPU)", "dw MB/s", "% of raw", "dw RSS MB (anon)",
-               "mk wall s (CPU)", "mk RSS MB (anon)", "time dw/mk", "RSS dw/mk")
+               "floor wall s (CPU)", "floor MB/s", "dw % of floor", "mk wall s (CPU)", "mk RSS MB (anon)", "time dw/mk",
+               "RSS dw/mk")
     for header in headers:
         table.add_column(header, justify="left" if header == "method" else "right")
     for r in results:
@@ -309,6 +334,13 @@ def results_table(results: list[MethodResult], raw: RawRead, shape_name: str) ->
             row += [wall_cell(dw), f"{r.throughput_bps / MB:,.0f}", pct(r.raw_fraction), rss_cell(dw)]
         else:
             row += [f"[red]{dw.status}", "-", "-", rss_cell(dw)]
+        fl = r.floor
+        if fl is None:
+            row += ["-", "-", "-"]
+        elif fl.ok:
+            row += [wall_cell(fl), f"{r.bytes_read / fl.wall_s / MB:,.0f}", pct(r.floor_ratio)]
+        else:
+            row += [f"[red]{fl.status}", "-", "-"]
         if mk is None:
             row += ["-", "-"]
         elif mk.ok:
@@ -336,6 +368,12 @@ def verdicts(results: list[MethodResult], mergekit: Path | None) -> list[str]:
         ok = all(r.raw_fraction >= BANDWIDTH_TARGET for r in measured)
         detail = ", ".join(f"{r.method} {pct(r.raw_fraction)} ({r.throughput_bps / MB:,.0f} MB/s)" for r in measured)
         lines.append(f"{target}: {'PASS' if ok else 'FAIL'} -- {detail} of {measured[0].raw_reference_bps / MB:,.0f} MB/s")
+
+    floors = [r for r in measured if r.floor_ratio is not None]
+    if floors:
+        lines.append("  (not a target) against the bare torch loop merge_floor.py on the same files: "
+                     + ", ".join(f"{r.method} {pct(r.floor_ratio)} of its speed (floor {r.bytes_read / r.floor.wall_s / MB:,.0f}"
+                                 f" MB/s = {pct(r.bytes_read / r.floor.wall_s / r.raw_reference_bps)} of raw)" for r in floors))
 
     # 2. ties >= 2x faster than mergekit
     target = f"ties >= {TIES_SPEEDUP_TARGET:.0f}x faster than mergekit"
@@ -426,6 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                             "byte count), also used for the checkpoints (default 2GB)")
     parser.add_argument("--mergekit", default=None, metavar="PATH",
                         help="mergekit-yaml to compare with (default: next to this Python, then PATH; 'none' skips)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the bare torch loop (merge_floor.py) run beside linear and task_arithmetic")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is ended (default 1800)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -471,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict_lines = verdicts(results, mergekit)
         console.print(raw_read_line(raw))
         console.print(results_table(results, raw, args.shape))
-        console.print("dw = deltawise, mk = mergekit; cached = share of the inputs in the page cache when the deltawise "
+        console.print("dw = deltawise, mk = mergekit, floor = merge_floor.py (bare torch read/convert/add/cast/write/sha256 "
+                      "loop); dw % of floor = floor wall / dw wall; cached = share of the inputs in the page cache when the deltawise "
                       "run started; wall s (CPU s: user + sys of the run); MB/s = bytes read / wall s; % of raw = that / "
                       "warm raw read; RSS ratio uses peak RSS (file-backed pages included), anon RSS in brackets; "
                       f"load average {os.getloadavg()[0]:.1f} now, {load_start:.1f} at the start",

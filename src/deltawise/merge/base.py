@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
 
@@ -40,12 +40,27 @@ class TensorJob:
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     row_start: int = 0  # first row of this chunk within the full tensor
+    # the engine's per-thread reusable memory (key, like) -> tensor; None: fresh tensors
+    scratch_source: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = field(default=None, repr=False)
 
-    def deltas(self) -> list[torch.Tensor]:
-        """Task vectors tau_i = theta_i - theta_0."""
+    def scratch(self, key: Any, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` for the merge to fill (``out=``) and return.
+
+        In the engine its memory is reused by the next chunk of the same thread (sparing a
+        fresh allocation, whose page faults cost about as much as the arithmetic), so it must
+        not be kept beyond ``merge``; each ``key`` names a distinct tensor."""
+        if self.scratch_source is None:
+            return torch.empty_like(like)
+        return self.scratch_source(key, like)
+
+    def deltas(self, scratch: bool = False) -> list[torch.Tensor]:
+        """Task vectors tau_i = theta_i - theta_0; with ``scratch`` in ``scratch`` memory (one
+        call per merge: a second call would overwrite the first's task vectors)."""
         if self.base is None:
             raise ValueError(f"{self.name}: this method needs a base model")
-        return [m - self.base for m in self.models]
+        if not scratch:
+            return [m - self.base for m in self.models]
+        return [torch.sub(m, self.base, out=self.scratch(("delta", i), m)) for i, m in enumerate(self.models)]
 
     def weights(self, default: float = 1.0) -> torch.Tensor:
         ref = self.models[0]

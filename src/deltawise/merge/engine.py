@@ -148,7 +148,11 @@ class _Loader:
             base = self._read(-1, self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
         models = [self._read(i, m.reader, s, start, stop, dtype, m.ref)
                   for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
-        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
+        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start,
+                         scratch_source=self._scratch)
+
+    def _scratch(self, key: Any, like: torch.Tensor) -> torch.Tensor:
+        return self.buffers.get(("scratch", key), tuple(like.shape), like.dtype, like.device)
 
     def blame_inputs(self, t: TensorPlan, job: TensorJob) -> None:
         """Raise the input error for a non-finite result whose inputs were not screened."""

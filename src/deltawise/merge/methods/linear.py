@@ -33,7 +33,7 @@ class Linear(MergeMethod):
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         weights = [p["weight"] for p in job.model_params]
-        result = job.models[0].mul(weights[0])
+        result = torch.mul(job.models[0], weights[0], out=job.scratch("sum", job.models[0]))
         for model, w in zip(job.models[1:], weights[1:]):
             result.add_(model, alpha=w)
         if job.params["normalize"]:

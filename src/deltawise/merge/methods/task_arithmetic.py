@@ -22,6 +22,6 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, job: TensorJob):
         return combine(
-            job.base, job.deltas(), job.weights(),
+            job.base, job.deltas(scratch=True), job.weights(),
             consensus=None, normalize=job.params["normalize"], scale=job.params["lambda"],
         )

@@ -46,7 +46,7 @@ class Ties(MergeMethod):
             yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats)
 
     def merge(self, job: TensorJob) -> torch.Tensor:
-        trimmed = [trim(d, thr) for d, thr in zip(job.deltas(), job.stats["thresholds"])]
+        trimmed = [trim(d, thr) for d, thr in zip(job.deltas(scratch=True), job.stats["thresholds"])]
         official = job.params["granularity"] == "global"
         return combine(
             job.base, trimmed, job.weights(), consensus="ties" if official else "mergekit",
