@@ -239,3 +239,17 @@ def test_a_non_finite_input_with_weight_zero_is_still_reported_as_an_input_error
     with pytest.raises(InputError, match=r"model '.*b'.*'w' contains NaN or infinite"):
         merge(r, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cpu_merge_never_touches_cuda(llama_family, tmp_path, monkeypatch):
+    """Pinned buffers and device copies belong to --device cuda only: on the CPU nothing may
+    initialise CUDA (it would fail, or grab a GPU, on machines that have one)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("CUDA was touched by a CPU merge")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", refuse)
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 100)
+    for method, params in (("linear", {}), ("task_arithmetic", {"weight": 0.5}), ("ties", {"density": 0.5})):
+        merge(recipe_for(method, llama_family, params, base=method != "linear"), str(tmp_path / method), threads=2)
+        assert (tmp_path / method / "deltawise_merge.json").exists()
