@@ -21,7 +21,9 @@ What it measures
     without root, so the script only reports what it saw: the share of the input pages that
     were in the page cache before each pass (``mincore``) and both bandwidths. The second,
     page-cache-warm pass is the reference, because the merges that follow read warm files
-    too (each merge's table row shows how much of its inputs was cached when it started).
+    too: right before each run (deltawise, floor, mergekit) its inputs are read once more, so
+    that what an earlier run evicted (mergekit's RSS reaches 5-11 GB) is back in the page cache
+    (``--no-warm`` skips this; each row shows how much of its inputs was cached at its start).
     The reference is therefore "copy from the page cache into a user buffer", not disk
     speed. Wall time includes starting Python and importing torch (a few seconds).
 
@@ -239,8 +241,10 @@ def clear_output(out_dir: Path) -> None:
 
 
 def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeout_s: float,
-             keep_output: bool) -> ToolRun:
+             keep_output: bool, warm: bool = True) -> ToolRun:
     clear_output(out_dir)
+    if warm:  # every run starts page-cache-warm like the raw-read reference, whatever the last run evicted
+        read_files(inputs)
     cached = cached_fraction(inputs)
     load = os.getloadavg()[0]
     run: RunResult = run_measured(cmd, out_dir.parent / out_dir.name, timeout_s=timeout_s, env=tool_env())
@@ -279,19 +283,19 @@ def measure_method(method: str, base: Path, models: list[Path], workdir: Path, a
     dw_cmd = [sys.executable, "-m", "deltawise", "merge", str(recipe), str(dw_out), "--shard-size", args.shard_size]
     result = MethodResult(
         method=method, bytes_read=sum(f.stat().st_size for f in files), input_files=len(files),
-        deltawise=run_tool("deltawise", dw_cmd, dw_out, files, args.timeout, args.keep_outputs),
+        deltawise=run_tool("deltawise", dw_cmd, dw_out, files, args.timeout, args.keep_outputs, args.warm),
         raw_reference_bps=raw.reference_bps,
     )
     if args.floor and method in BANDWIDTH_METHODS:
         floor_out = workdir / f"out_{method}_floor.bin"
         floor_cmd = [sys.executable, str(Path(__file__).resolve().parent / "merge_floor.py"), str(floor_out),
                      *map(str, recipe_inputs(method, base, models))]
-        result.floor = run_tool("floor", floor_cmd, floor_out, files, args.timeout, keep_output=False)
+        result.floor = run_tool("floor", floor_cmd, floor_out, files, args.timeout, False, args.warm)
     if mergekit is not None:
         mk_out = workdir / f"out_{method}_mergekit"
         mk_cmd = [str(mergekit), str(recipe), str(mk_out), "--out-shard-size", str(args.shard_bytes),
                   "--lazy-unpickle", "--no-copy-tokenizer"]
-        result.mergekit = run_tool("mergekit", mk_cmd, mk_out, files, args.timeout, args.keep_outputs)
+        result.mergekit = run_tool("mergekit", mk_cmd, mk_out, files, args.timeout, args.keep_outputs, args.warm)
     return result
 
 
@@ -464,6 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                             "byte count), also used for the checkpoints (default 2GB)")
     parser.add_argument("--mergekit", default=None, metavar="PATH",
                         help="mergekit-yaml to compare with (default: next to this Python, then PATH; 'none' skips)")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="do not read each run's inputs once right before it (by default every run starts warm)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the bare torch loop (merge_floor.py) run beside linear and task_arithmetic")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is ended (default 1800)")

@@ -4,8 +4,9 @@ Shards are planned up front from the output tensors' shapes and dtypes, so each 
 header is known before any data exists: the header is written first and every tensor is
 then written straight to its byte offset (``os.pwrite``) as soon as it is computed, in any
 order and from any thread. Memory therefore holds only the tensors in flight, never a whole
-shard. A shard lives under a hidden ``.NAME.partial`` name until its last tensor is written,
-then it is flushed and renamed; the index is written after all shards.
+shard. Each shard's sha256 follows its written prefix (no second read of the file). A shard
+lives under a hidden ``.NAME.partial`` name until its last tensor is written, then it is
+renamed (fsync'ed first when ``durable``); the index is written after all shards.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Peak memory is a few row chunks (at most CHUNK_ELEMENTS entries) per input times
 tensors in flight, whatever the model or tensor size: inputs are read with pread (not kept
 mapped), per-tensor statistics are gathered chunk by chunk before merging, and outputs are
 streamed to their byte offsets. Work runs on ``threads`` worker threads (one tensor each), on
-a GPU with device="cuda".
+a GPU with device="cuda". The hot loop allocates nothing large: chunks are read into, converted
+in and computed into per-thread buffers that are reused (``_Buffers``, ``TensorJob.scratch``).
 
 The output is assembled in a hidden staging folder beside OUT and moved into place only when
 complete, so OUT never holds a partial model; inputs are opened read-only and never written.
