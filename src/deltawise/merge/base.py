@@ -12,6 +12,7 @@ working along the last dimension see complete rows.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Optional
 
@@ -104,6 +105,12 @@ class MergeMethod:
     def check(self, plan: "MergePlan") -> list[str]:
         """Method-specific problems with a whole plan (e.g. options that cannot go together)."""
         return []
+
+    def prepare(self, plan: "MergePlan", out: Path, device: torch.device) -> Optional[str]:
+        """Work that needs whole tensors or several steps before the output is written (continual
+        merging folds new models into its state, weight matching searches permutations). Returns
+        a string identifying the result, which becomes part of the resume key, or None."""
+        return None
 
     def stats_passes(self, plan: "MergePlan", stats: dict[str, Any]) -> Iterator[StatsPass]:
         """Passes to run before merging; each may read the results of the previous ones in ``stats``."""

@@ -194,8 +194,10 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     started = time.time()
     device = _device(options.device)
     check_output(plan, out, options.overwrite)
+    prepared = plan.method.prepare(plan, out, device)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
-    staging = open_staging(out, _plan_key(plan, shard_plan), shard_plan, resume=options.resume, restart=options.restart)
+    key = _plan_key(plan, shard_plan, prepared)
+    staging = open_staging(out, key, shard_plan, resume=options.resume, restart=options.restart)
     writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record)
     todo = writer.pending_tensors()
     loader = _Loader(plan, device)
@@ -257,9 +259,10 @@ def _single_intraop_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _plan_key(plan: MergePlan, shard_plan) -> str:
+def _plan_key(plan: MergePlan, shard_plan, prepared: Optional[str] = None) -> str:
     """Everything that determines the output bytes; a resumed merge must match it exactly."""
     return plan_key({
+        "prepared": prepared,
         "version": _version(),
         "rng_block": RNG_BLOCK_ELEMENTS,
         "recipe": plan.recipe.model_dump(mode="json"),

@@ -3,9 +3,12 @@
 from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     breadcrumbs,
     consensus,
+    continual_average,
+    continual_task_arithmetic,
     dare,
     linear,
     model_stock,
+    opcm,
     pcb,
     slerp,
     task_arithmetic,
