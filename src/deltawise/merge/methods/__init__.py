@@ -13,4 +13,5 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     slerp,
     task_arithmetic,
     ties,
+    weight_matching,
 )
