@@ -140,7 +140,13 @@ class ContinualMethod(MergeMethod):
             state = self._load(folder)
         except RecipeError as exc:
             return [str(exc)]
-        return self._compatible(plan, folder, state) if state else []
+        if state is None:
+            return []
+        problems = self._compatible(plan, folder, state)
+        skip = _already_folded(plan, state)
+        if skip and not problems:  # said here so that the CLI shows it with the other warnings
+            plan.warnings.append(f"{skip} model(s) were already folded into {folder}; only the models after them are added")
+        return problems
 
     def _folder(self, plan: "MergePlan") -> Path:
         return Path(plan.merged[0].params["state"]).expanduser() if plan.merged else Path(".")
@@ -192,11 +198,7 @@ class ContinualMethod(MergeMethod):
                 raise RecipeError("\n".join(problems))
         _remove_strays(folder, state)
         fingerprints = [m.reader.fingerprint() for m in plan.inputs]
-        skip = 0
-        while skip < len(fingerprints) and fingerprints[skip] in state.folded:
-            skip += 1
-        if skip:
-            plan.warnings.append(f"{skip} model(s) were already folded into {folder}; only the models after them are added")
+        skip = _already_folded(plan, state)
         for i, fp in enumerate(fingerprints[skip:], start=skip):
             if fp in state.folded or fp in fingerprints[skip:i]:
                 raise RecipeError(f"{plan.inputs[i].ref} was already folded into the state {folder}; a model is added once")
@@ -235,6 +237,14 @@ class ContinualMethod(MergeMethod):
         else:
             value = self._reader.get_rows(job.name, job.row_start, job.row_start + like.shape[0])
         return value.to(device=like.device, dtype=like.dtype)
+
+
+def _already_folded(plan: "MergePlan", state: ContinualState) -> int:
+    """How many of the call's first models are already in the state (skipped, not added twice)."""
+    skip = 0
+    while skip < len(plan.inputs) and plan.inputs[skip].reader.fingerprint() in state.folded:
+        skip += 1
+    return skip
 
 
 def _remove_strays(folder: Path, state: ContinualState) -> None:
