@@ -29,6 +29,11 @@ _LLAMA = re.compile(r"^(.*layers\.(\d+)\.)self_attn\.q_proj\.weight$")
 _BERT = re.compile(r"^(.*layer\.(\d+)\.)attention\.self\.query\.weight$")
 
 
+def _layers(names: set[str], pattern: re.Pattern) -> list[tuple[str, str]]:
+    """(prefix, layer index) of every layer whose first tensor matches ``pattern``."""
+    return [(m.group(1), m.group(2)) for m in map(pattern.match, sorted(names)) if m]
+
+
 def _with_bias(names: set[str], prefix: str, axis_rows: list[tuple[str, int]]) -> list[Axis]:
     """Row axes of ``prefix+X.weight`` plus ``prefix+X.bias`` when it exists."""
     out = []
@@ -46,11 +51,7 @@ def llama_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGro
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     group = heads // kv
     spec = []
-    for name in sorted(names):
-        m = _LLAMA.match(name)
-        if not m:
-            continue
-        p, layer = m.group(1), m.group(2)
+    for p, layer in _layers(names, _LLAMA):
         mlp = f"{p}mlp."
         if f"{mlp}down_proj.weight" in names:
             size = shapes[f"{mlp}down_proj.weight"][1]
@@ -66,11 +67,7 @@ def bert_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGrou
     heads = config["num_attention_heads"]
     head_dim = config["hidden_size"] // heads
     spec = []
-    for name in sorted(names):
-        m = _BERT.match(name)
-        if not m:
-            continue
-        p, layer = m.group(1), m.group(2)
+    for p, layer in _layers(names, _BERT):
         size = shapes[f"{p}intermediate.dense.weight"][0]
         spec.append(PermGroup(f"layer{layer}.intermediate", size, _with_bias(names, p, [("intermediate.dense", 1)]) + [Axis(f"{p}output.dense.weight", 1)]))
         axes = _with_bias(names, f"{p}attention.self.", [("query", head_dim), ("key", head_dim), ("value", head_dim)])
