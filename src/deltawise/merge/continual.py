@@ -131,7 +131,9 @@ class ContinualMethod(MergeMethod):
         return {k: v for k, v in plan.merged[0].params.items() if k != "state"} if plan.merged else {}
 
     def check(self, plan: "MergePlan") -> list[str]:
-        first = plan.merged[0].params if plan.merged else {}
+        if not plan.merged:
+            return [f"{self.name}: the recipe merges no tensor"]
+        first = plan.merged[0].params
         for t in plan.merged:
             if t.params != first:
                 return [f"{self.name}: parameters must be the same for every tensor ({t.name} differs)"]
@@ -149,7 +151,7 @@ class ContinualMethod(MergeMethod):
         return problems
 
     def _folder(self, plan: "MergePlan") -> Path:
-        return Path(plan.merged[0].params["state"]).expanduser() if plan.merged else Path(".")
+        return Path(plan.merged[0].params["state"]).expanduser()
 
     def _load(self, folder: Path) -> Optional[ContinualState]:
         path = folder / STATE_FILE
