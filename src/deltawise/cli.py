@@ -314,6 +314,71 @@ def train(
 
 
 @app.command()
+def bam(
+    model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file"),
+    data: Path = typer.Option(..., "--data", help="training data (as for train); shuffled with --seed and cut into branches x rounds disjoint slices"),
+    output: Path = typer.Option(..., "--output", "-o", help="final model folder (written atomically at the end, with bam.json)"),
+    branches: int = typer.Option(2, "--branches", "-k", min=1, help="K: models trained from the same start per round"),
+    rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="R: branch-then-merge rounds"),
+    merge_method: Optional[str] = typer.Option(None, "--merge", help="merge method (default: slerp t=0.5 for K=2, linear average for K>2); any name from `deltawise methods`"),
+    merge_param: Optional[list[str]] = typer.Option(None, "--merge-param", help="merge parameter NAME=VALUE (repeatable), e.g. t=0.4 or lambda=0.8"),
+    work: Optional[Path] = typer.Option(None, "--work", help="work folder for slices, branches and round merges (default: OUTPUT.work beside OUTPUT)"),
+    restart: bool = typer.Option(False, "--restart", help="discard a work folder left by a run with other options or data"),
+    branch_index: Optional[int] = typer.Option(None, "--branch-index", help="train only branch K of the first unmerged round, then exit (one process per branch, for parallel runs)"),
+    merge_only: bool = typer.Option(False, "--merge-only", help="train nothing: merge the rounds whose branches are finished (after --branch-index runs); write OUTPUT once all are"),
+    method: str = typer.Option("full", "--method", "-m", help="training method of each branch (as for train); adapters are folded into the weights before merging"),
+    task: str = typer.Option("causal_lm", help="causal_lm or classification"),
+    epochs: float = typer.Option(1.0, help="passes over the branch's slice (ignored when --max-steps > 0)"),
+    max_steps: int = typer.Option(-1, help="optimizer steps per branch; overrides --epochs when > 0"),
+    lr: float = typer.Option(5e-5, help="peak learning rate of each branch"),
+    batch_size: int = typer.Option(8, min=1, help="examples per device per step"),
+    grad_accum: int = typer.Option(1, min=1, help="gradient accumulation steps"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    seed: int = typer.Option(0, help="seed of the data shuffle; branch i (1-based over all rounds) trains with seed + i - 1"),
+    weight_decay: float = typer.Option(0.0, help="AdamW decoupled weight decay"),
+    schedule: str = typer.Option("cpt", help="LR schedule restarted in every branch: cpt (re-warm + cosine to --min-lr-ratio), linear, cosine, constant"),
+    warmup: float = typer.Option(0.01, help="warmup per branch: fraction of its steps (< 1) or a number of steps"),
+    min_lr_ratio: float = typer.Option(0.1, help="cpt schedule: final lr as a fraction of --lr"),
+    replay: Optional[Path] = typer.Option(None, help="replay data mixed into every batch of every branch"),
+    replay_fraction: float = typer.Option(0.25, help="share of each batch taken from --replay"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
+    alpha: Optional[float] = typer.Option(None, help="adapter scale numerator"),
+    targets: Optional[str] = typer.Option(None, help="comma-separated module names to adapt"),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="any other method option of train, NAME=VALUE (repeatable), e.g. ratio=0.5"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT once the run succeeds"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or messages"),
+) -> None:
+    """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
+
+    Rerunning the same command continues an interrupted run: finished branches and rounds are skipped."""
+    from deltawise.adapt import MethodOptions, TrainConfig
+    from deltawise.adapt.bam import BamConfig, run_bam
+    from deltawise.io.gguf import resolve_gguf
+    from deltawise.options import parse_assignments, scalar, typed_fields
+
+    extra = typed_fields(MethodOptions, parse_assignments(method_option, "--method-option"), "--method-option")
+    options = MethodOptions(**{"rank": rank, "alpha": alpha, "targets": [t.strip() for t in targets.split(",")] if targets else None, **extra})
+    train_cfg = TrainConfig(
+        model=model, data=data, output=output, method=method, task=task, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, replay=replay, replay_fraction=replay_fraction,
+        overwrite=overwrite, progress=False, options=options,
+    )
+    params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
+    cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
+                    restart=restart, branch_index=branch_index, merge_only=merge_only)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars of every branch would drown the round/branch bars
+    with _steps_progress(quiet) as progress:
+        note = (lambda msg: None) if quiet else (lambda msg: err.print(escape(msg), highlight=False))
+        result = run_bam(cfg, model_path=resolve_gguf(model), progress=_ProgressReporter(progress), note=note)
+    if result.output is not None:
+        out.print(f"BaM: {rounds} round(s) x {branches} branch(es) merged with {result.log['merge']['method']}; "
+                  f"wrote {escape(str(result.output))} ({result.log['seconds']:.1f} s)", highlight=False)
+
+
+@app.command()
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="run folder for data, models, result JSONs and the report (default: a temporary folder)"),
     steps: int = typer.Option(15, min=1, help="training steps per method (batch 8 x 64 tokens)"),
