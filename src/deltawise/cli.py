@@ -57,15 +57,40 @@ def merge(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted merge of the same recipe and inputs"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted merge and start over"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    retain: Optional[list[str]] = typer.Option(None, "--retain", help="retention budget SOURCE:MIN (e.g. en.jsonl:0.98; repeatable): search the method's parameters for the best --target score keeping SOURCE's retention >= MIN"),
+    target: Optional[list[Path]] = typer.Option(None, "--target", help="with --retain: data whose score the search maximises (repeatable)"),
+    search_param: Optional[list[str]] = typer.Option(None, "--search-param", help="with --retain: NAME=v1,v2,... values to try (repeatable; default: lambda or t at 0.2,0.4,...,1.0)"),
+    refine: int = typer.Option(0, min=0, help="with --retain: successive refinement rounds (midpoints around the best feasible value)"),
+    most_retentive: bool = typer.Option(False, "--most-retentive", help="with --retain: when no point meets the budget, write the most retentive one instead of nothing"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="with --retain: the model retention is measured against (default: base_model)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="with --retain: write the search (every point, Pareto front, choice) as JSON here (default: OUTPUT/deltawise_budget.json)"),
+    eval_max_length: Optional[int] = typer.Option(None, min=2, help="with --retain: tokens per evaluation window"),
+    eval_batch_size: int = typer.Option(8, min=1, help="with --retain: sequences per evaluation forward pass"),
 ) -> None:
     """Merge models as described by RECIPE into OUTPUT.
 
     An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
-    beside OUTPUT; rerun with --resume to merge only the rest."""
+    beside OUTPUT; rerun with --resume to merge only the rest. With --retain and --target the
+    method's parameters are searched first (retention-budget merging, docs/merging.md)."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
+    if (retain or target or search_param) and not dry_run:
+        from deltawise.eval.runner import EvalOptions
+        from deltawise.merge.budget import BudgetOptions, RetentionBudget, run_budget
+
+        _no_transformers_bars()
+        with _steps_progress(quiet) as progress:
+            options = BudgetOptions(
+                retain=[RetentionBudget.parse(r) for r in retain or []], targets=list(target or []), grid=_search_grid(search_param),
+                refine=refine, most_retentive=most_retentive, baseline=baseline, allow_pickle=allow_pickle,
+                eval=EvalOptions(max_length=eval_max_length, batch_size=eval_batch_size, device=device),
+                merge=MergeOptions(device=device, threads=threads, shard_size=parse_size(shard_size), overwrite=overwrite),
+                note=None if quiet else (lambda msg: err.print(escape(msg), highlight=False)), progress=_ProgressReporter(progress),
+            )
+            _budget_report(lambda: run_budget(load_recipe(recipe), output, options), report, output)
+        return
     plan = build_plan(load_recipe(recipe), allow_pickle=allow_pickle)
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -81,6 +106,39 @@ def merge(
         result = run_merge(plan, output, options)
     gb = result.bytes_written / 1e9
     out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+
+
+def _no_transformers_bars() -> None:
+    """Commands that load and save many models (bam, budget search) draw their own bars; the
+    per-model load/save bars of transformers would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _search_grid(items: Optional[list[str]]) -> dict[str, list]:
+    from deltawise.options import parse_assignments, scalar
+
+    return {k: [scalar(v.strip()) for v in text.split(",")] for k, text in parse_assignments(items, "--search-param").items()}
+
+
+def _budget_report(search, report: Optional[Path], output: Path) -> None:
+    """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
+    from deltawise.io.writer import write_json_atomic
+    from deltawise.merge.budget import BudgetNotMet, budget_table
+
+    try:
+        result = search()
+    except BudgetNotMet as exc:
+        out.print(budget_table(exc.result))
+        if report is not None:
+            write_json_atomic(report, exc.result.to_json())
+        raise
+    out.print(budget_table(result))
+    write_json_atomic(report or output / "deltawise_budget.json", result.to_json())
+    chosen = result.candidates[result.chosen]
+    out.print(f"chose {escape(str(chosen.params))}: retention {chosen.retention_min:.4f}, target {chosen.target_score:.4f}; "
+              f"wrote {escape(str(output))}", highlight=False)
 
 
 @app.command()
@@ -367,9 +425,7 @@ def bam(
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
                     restart=restart, branch_index=branch_index, merge_only=merge_only)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file load/save bars of every branch would drown the round/branch bars
+    _no_transformers_bars()
     with _steps_progress(quiet) as progress:
         note = (lambda msg: None) if quiet else (lambda msg: err.print(escape(msg), highlight=False))
         result = run_bam(cfg, model_path=resolve_gguf(model), progress=_ProgressReporter(progress), note=note)
