@@ -68,6 +68,7 @@ class TrainResult:
     steps: int
     seconds: float
     log: list[dict[str, Any]]
+    tokens: int = 0  # tokens (attention-mask ones) the loss was computed on, in this process
 
 
 def _peak_rss_mb() -> float:
@@ -244,6 +245,10 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
             method=method, sequential=sequential, callbacks=[hooks],
         )
         hooks.model = trainer.model
+        if not cfg.progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # without bars, Trainer would print every log dict instead
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -262,7 +267,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
             _move_into_place(staging, cfg.output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records)
+    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records, trainer._tokens)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
