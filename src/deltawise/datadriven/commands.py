@@ -1,0 +1,72 @@
+"""CLI commands of the data-driven methods: fisher, gram, soup, atlas (registered in cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+TASK_HELP = "auto (classification when the data has 'label', else causal_lm), classification or causal_lm"
+
+
+def _ui():
+    from deltawise import cli
+
+    return cli
+
+
+def fisher_cmd(
+    model: str = typer.Argument(..., help="model folder (a sequence classifier for labelled data, else a causal LM)"),
+    data: Path = typer.Option(..., "--data", help="text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"),
+    output: Path = typer.Option(..., "--output", "-o", help="Fisher file to write (.safetensors, same tensor names as the model)"),
+    task: str = typer.Option("auto", help=TASK_HELP),
+    variant: str = typer.Option("auto", help="classification: exact (default), sampled or empirical; causal LM: empirical (default) or sampled"),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="use the first N examples (official Fisher merging: 4096)"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    seed: int = typer.Option(0, help="seed of the sampled variant"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
+    from deltawise.datadriven.collect import CollectOptions
+    from deltawise.datadriven.fisher import compute_fisher
+
+    ui = _ui()
+    with ui._steps_progress(quiet) as progress:
+        opts = CollectOptions(task=task, max_examples=max_examples, max_length=max_length, seed=seed, device=device,
+                              overwrite=overwrite, progress=ui._stage_factory(progress)("examples"))
+        result = compute_fisher(model, data, output, opts, variant=variant)
+    ui.out.print(f"{result.variant} Fisher of {ui.escape(model)} ({result.task}) on {result.examples} examples, "
+                 f"{result.tensors} tensors, {result.seconds:.1f} s; wrote {ui.escape(str(result.out))}", highlight=False)
+
+
+def gram_cmd(
+    model: str = typer.Argument(..., help="model folder"),
+    data: Path = typer.Option(..., "--data", help="text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"),
+    output: Path = typer.Option(..., "--output", "-o", help="Gram file to write (.safetensors: <layer>.gram, in x in, float32)"),
+    task: str = typer.Option("auto", help=TASK_HELP),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="use the first N examples"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    batch_size: int = typer.Option(8, min=1, help="examples per forward pass (padding is excluded from the Grams)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
+    from deltawise.datadriven.collect import CollectOptions
+    from deltawise.datadriven.gram import compute_grams
+
+    ui = _ui()
+    with ui._steps_progress(quiet) as progress:
+        opts = CollectOptions(task=task, max_examples=max_examples, max_length=max_length, batch_size=batch_size,
+                              device=device, overwrite=overwrite, progress=ui._stage_factory(progress)("examples"))
+        result = compute_grams(model, data, output, opts)
+    ui.out.print(f"Gram matrices of {result.layers} linear layers of {ui.escape(model)} on {result.examples} examples, "
+                 f"{result.seconds:.1f} s; wrote {ui.escape(str(result.out))}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fisher")(fisher_cmd)
+    app.command("gram")(gram_cmd)
