@@ -67,6 +67,45 @@ def gram_cmd(
                  f"{result.seconds:.1f} s; wrote {ui.escape(str(result.out))}", highlight=False)
 
 
+def soup_cmd(
+    models: list[str] = typer.Argument(..., help="ingredient models (fine-tuned from one init, same architecture)"),
+    data: Path = typer.Option(..., "--data", help="held-out data: JSONL text+label (classifiers) or text (causal LMs)"),
+    output: Path = typer.Option(..., "--output", "-o", help="soup model folder to create (written by the merge engine)"),
+    metric: str = typer.Option("auto", help="auto (accuracy for labelled data, loss for text), accuracy, loss or perplexity"),
+    accept_ties: bool = typer.Option(False, "--accept-ties", help="keep an ingredient that leaves the score unchanged (default: strictly better only)"),
+    task: str = typer.Option("auto", help=TASK_HELP),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="score on the first N examples"),
+    max_length: int = typer.Option(256, min=2, help="tokens per example / window"),
+    batch_size: int = typer.Option(8, min=1, help="sequences per forward pass"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the soup is written"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or table"),
+) -> None:
+    """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
+    from rich.table import Table
+
+    from deltawise.datadriven.soup import SoupOptions, greedy_soup
+
+    ui = _ui()
+    with ui._steps_progress(quiet) as progress:
+        opts = SoupOptions(metric=metric, accept_ties=accept_ties, task=task, max_examples=max_examples, max_length=max_length,
+                           batch_size=batch_size, device=device, overwrite=overwrite, progress=ui._stage_factory(progress)("evaluations"))
+        result = greedy_soup(models, data, output, opts)
+    if not quiet:
+        table = Table(title=f"greedy soup ({result.metric}, {'higher' if result.metric == 'accuracy' else 'lower'} is better)")
+        for col in ("rank", "ingredient", "alone", "soup with it", "decision"):
+            table.add_column(col, justify="left" if col in ("ingredient", "decision") else "right", overflow="fold")
+        for rank, step in enumerate(result.steps, 1):
+            with_it = "-" if step.candidate_value is None else f"{step.candidate_value:.6g}"
+            table.add_row(str(rank), step.model, f"{step.ingredient_value:.6g}", with_it, "accepted" if step.accepted else "rejected")
+        ui.out.print(table)
+    for warning in result.warnings:
+        ui.err.print(f"[yellow]warning:[/] {ui.escape(warning)}", highlight=False)
+    ui.out.print(f"soup of {len(result.members)} of {len(models)} models, {result.metric} = {result.value:.6g}; "
+                 f"wrote {ui.escape(str(result.out))} (decisions in soup.json)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fisher")(fisher_cmd)
     app.command("gram")(gram_cmd)
+    app.command("soup")(soup_cmd)
