@@ -105,7 +105,43 @@ def soup_cmd(
                  f"wrote {ui.escape(str(result.out))} (decisions in soup.json)", highlight=False)
 
 
+def atlas_cmd(
+    base: str = typer.Argument(..., help="the pre-trained model the others were fine-tuned from"),
+    models: list[str] = typer.Argument(..., help="fine-tuned models (one task vector each)"),
+    data: list[Path] = typer.Option(..., "--data", help="training data: once for all tasks, or once per model in order (repeatable)"),
+    output: Path = typer.Option(..., "--output", "-o", help="merged model folder to create (atlas.json inside holds the coefficients)"),
+    val: list[Path] = typer.Option([], "--val", help="validation data (once, or once per model): keep the best coefficients"),
+    objective: str = typer.Option("auto", help="auto, ce (labelled classification), lm (text) or entropy (unlabelled: test-time adaptation)"),
+    task: str = typer.Option("auto", help=TASK_HELP),
+    epochs: int = typer.Option(1, min=0, help="passes over the largest task's data"),
+    steps: Optional[int] = typer.Option(None, min=0, help="optimizer steps; overrides --epochs (0: the base model)"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
+    batch_size: int = typer.Option(8, min=1, help="examples per task per step"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="use the first N examples of each training set"),
+    seed: int = typer.Option(0, help="data order"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder once the merge is written"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
+    from deltawise.datadriven.atlas import AtlasOptions, run_atlas
+
+    ui = _ui()
+    with ui._steps_progress(quiet) as progress:
+        opts = AtlasOptions(objective=objective, task=task, epochs=epochs, steps=steps, lr=lr, weight_decay=weight_decay,
+                            batch_size=batch_size, max_length=max_length, max_examples=max_examples, seed=seed, device=device,
+                            overwrite=overwrite, progress=ui._stage_factory(progress)("steps"))
+        result = run_atlas(base, models, data, output, opts, val or None)
+    last = result.history[-1] if result.history else {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
+    ui.out.print(f"aTLAS ({result.objective}) learned {len(result.models)} x {len(result.blocks)} coefficients"
+                 f"{'; ' + summary if summary else ''}; best at step {result.best_step}; wrote {ui.escape(str(result.out))}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("fisher")(fisher_cmd)
     app.command("gram")(gram_cmd)
     app.command("soup")(soup_cmd)
+    app.command("atlas")(atlas_cmd)
