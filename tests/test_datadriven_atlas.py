@@ -76,7 +76,7 @@ def _fine_tune(src, dst, data_path, steps=25):
 
 def test_learning_lowers_the_loss_and_the_output_is_the_composition(dd, tmp_path):
     ft = _fine_tune(dd["cls"], tmp_path / "ft", dd["labelled"])
-    opts = AtlasOptions(steps=30, lr=0.05, batch_size=9)
+    opts = AtlasOptions(steps=12, lr=0.08, batch_size=9)
     result, composer, lm = learn(str(dd["cls"]), [str(ft)], [dd["labelled"]], opts, val=[dd["labelled"]])
     batch = next(batches(lm, encode(lm, load_data(dd["labelled"]), 64), "classification", 9))
     with torch.no_grad():
@@ -85,10 +85,10 @@ def test_learning_lowers_the_loss_and_the_output_is_the_composition(dd, tmp_path
         composer.lam.copy_(torch.tensor(result.coefficients))
         end = float(step_loss(lm.model, composer, [batch], "classification", "ce"))
     assert end < start - 0.05
-    assert len(result.history) == 30 and result.history[-1]["validation"] >= result.history[0]["validation"]
+    assert len(result.history) == 12 and result.history[-1]["validation"] >= result.history[0]["validation"]
 
     out = tmp_path / "out"
-    _atlas(dd["cls"], ft, "--data", dd["labelled"], "--val", dd["labelled"], "--steps", 30, "--lr", 0.05, "--batch-size", 9, "-o", out)
+    _atlas(dd["cls"], ft, "--data", dd["labelled"], "--val", dd["labelled"], "--steps", 12, "--lr", 0.08, "--batch-size", 9, "-o", out)
     log = json.loads((out / "atlas.json").read_text())
     coeffs = log["coefficients"][str(ft)]
     merged, base, tuned = load_state(out), load_state(dd["cls"]), load_state(ft)

@@ -174,7 +174,7 @@ def learn(base: str, models: list[str], data: list[Path], options: AtlasOptions,
         loss.backward()
         torch.nn.utils.clip_grad_norm_([composer.lam], options.clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if options.progress:
             options.progress(step, total)
         if step % per_epoch == 0 or step == total:
