@@ -446,6 +446,12 @@ def demo(
     run_demo(workdir, out, steps=steps, quick=quick)
 
 
+# data-driven merging (fisher, gram, soup, atlas): commands live in deltawise.datadriven.commands
+from deltawise.datadriven.commands import register as _register_datadriven  # noqa: E402
+
+_register_datadriven(app)
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM stops a merge like Ctrl-C: completed shards are kept
 

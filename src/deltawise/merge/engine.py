@@ -48,6 +48,7 @@ class MergeOptions:
     resume: bool = False  # continue an interrupted merge of the same plan
     restart: bool = False  # discard an interrupted merge and start over
     progress: Optional[Progress] = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> text, written into OUT with it (logs)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class MergeResult:
 
 def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
     inputs = [(r.label, folder) for r in plan.readers for folder in r.input_folders()]
+    inputs += [(r.label, r.path) for r in plan.side_readers]  # a statistics file, not its folder
     check_output_folder(out, inputs, overwrite, plan.output_bytes())
 
 
@@ -91,13 +93,38 @@ class _Loader:
             _require_finite(raw, self.plan.template.ref, t.name)
         return raw
 
-    def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int) -> TensorJob:
+    def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int, whole_side: Optional[dict] = None) -> TensorJob:
         dtype = self.compute_dtype(t)
         base = None
         if self.base_reader is not None:
             base = self._read(self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
         models = [self._read(m.reader, s, start, stop, dtype, m.ref) for m, s in zip(self.plan.inputs, t.sources)]
-        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start)
+        side = dict(whole_side if whole_side is not None else self.whole_side(t))
+        for s in self.plan.side_inputs:
+            if not s.whole:
+                side[s.key] = self._side(s, t, start, stop, dtype)
+        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start, side=side)
+
+    def whole_side(self, t: TensorPlan) -> dict[str, list[Optional[torch.Tensor]]]:
+        """Side tensors every chunk of ``t`` needs whole (Gram matrices): read once per tensor."""
+        return {s.key: self._side(s, t, None, None, self.compute_dtype(t)) for s in self.plan.side_inputs if s.whole}
+
+    def _side(self, s, t: TensorPlan, start: Optional[int], stop: Optional[int], dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+        out: list[Optional[torch.Tensor]] = []
+        for reader, source in zip(s.readers, t.sources):
+            name = s.name_of(source)
+            if name is None or name not in reader:
+                out.append(None)
+            elif start is None or not reader.info(name).shape:
+                out.append(self._read_whole(reader, name, dtype))
+            else:
+                out.append(self._read(reader, name, start, stop, dtype, reader.label))
+        return out
+
+    def _read_whole(self, reader, name: str, dtype: torch.dtype) -> torch.Tensor:
+        x = reader.get(name).to(device=self.device, dtype=dtype)
+        _require_finite(x, reader.label, name)
+        return x
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -141,13 +168,16 @@ class _TensorRun:
         self.stats = dict(global_stats)
         # a tensor that fits in one chunk is read once and reused by every pass and the merge
         self._single = None
+        self._whole_side: Optional[dict] = None
 
     def job(self, start: int, stop: int) -> TensorJob:
+        if self._whole_side is None:
+            self._whole_side = self.loader.whole_side(self.t)
         if len(self.ranges) == 1:
             if self._single is None:
-                self._single = self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+                self._single = self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed, self._whole_side)
             return self._single
-        return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+        return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed, self._whole_side)
 
     def visit(self, stats_pass: StatsPass, lock: Optional[threading.Lock] = None) -> None:
         """Feed every chunk to ``stats_pass``; ``lock`` guards a pass shared between threads."""
@@ -221,9 +251,11 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
                 if options.progress:
                     options.progress("merging", done, total)
         writer.finish_empty_shards()
-        changed = [f for r in plan.readers for f in r.changed_files()]
+        changed = [f for r in plan.readers + plan.side_readers for f in r.changed_files()]
         if changed:
             raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
+        for name, text in options.extra_files.items():
+            write_text_atomic(staging.folder / name, text)
         _finish_folder(plan, staging, shard_plan, writer)
         swap_into_place(staging.folder, out)
     except DeltawiseError:
@@ -266,7 +298,7 @@ def _plan_key(plan: MergePlan, shard_plan, prepared: Optional[str] = None) -> st
         "version": _version(),
         "rng_block": RNG_BLOCK_ELEMENTS,
         "recipe": plan.recipe.model_dump(mode="json"),
-        "inputs": [(r.label, r.fingerprint()) for r in plan.readers],
+        "inputs": [(r.label, r.fingerprint()) for r in plan.readers + plan.side_readers],
         "shards": [(s.filename, [(t.name, t.shape, str(t.dtype)) for t in s.tensors]) for s in shard_plan.shards],
     })
 
@@ -291,6 +323,7 @@ def _finish_folder(plan: MergePlan, staging_state: Staging, shard_plan, writer: 
         "deltawise_version": _version(),
         "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
         "inputs": [{"model": r.label, "fingerprint": r.fingerprint(), "bytes": r.total_bytes()} for r in plan.readers],
+        **({"statistics": [{"file": r.label, "fingerprint": r.fingerprint()} for r in plan.side_readers]} if plan.side_readers else {}),
         "shards": [{"file": s.filename, "bytes": s.size, "sha256": writer.completed[s.filename]} for s in shard_plan.shards],
         "warnings": plan.warnings,
     }

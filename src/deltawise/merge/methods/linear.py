@@ -32,9 +32,16 @@ class Linear(MergeMethod):
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         weights = [p["weight"] for p in job.model_params]
-        result = job.models[0].mul(weights[0])
-        for model, w in zip(job.models[1:], weights[1:]):
-            result.add_(model, alpha=w)
-        if job.params["normalize"]:
-            result.div_(sum(weights))
-        return result
+        return weighted_average(job.models, weights) if job.params["normalize"] else weighted_sum(job.models, weights)
+
+
+def weighted_sum(models: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    result = models[0].mul(weights[0])
+    for model, w in zip(models[1:], weights[1:]):
+        result.add_(model, alpha=w)
+    return result
+
+
+def weighted_average(models: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i theta_i / sum_i w_i, accumulated in the models' order (the soup's arithmetic)."""
+    return weighted_sum(models, weights).div_(sum(weights))
