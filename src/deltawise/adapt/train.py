@@ -270,6 +270,10 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             method=method, sampler=sampler, callbacks=[hooks, *(callbacks or [])],
         )
         hooks.model = trainer.model
+        if cfg.task == "classification":
+            # sequence-classification heads take **kwargs but average their loss per batch and ignore
+            # num_items_in_batch; left on, Trainer would multiply that mean by the process count
+            trainer.model_accepts_loss_kwargs = False
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
