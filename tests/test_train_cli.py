@@ -38,6 +38,26 @@ def test_prompt_tokens_are_excluded_from_the_loss(tiny_lm):
     assert row["input_ids"][-1] == tok.eos_token_id and len(row["input_ids"]) > n_prompt + 1
 
 
+def test_prompt_response_loss_covers_response_tokens_only(tiny_lm):
+    """The batch the trainer builds from prompt/response JSONL gives the model's loss as the mean
+    next-token cross-entropy over response tokens alone (prompt and padding excluded)."""
+    import torch.nn.functional as F
+    from adapt_util import base_model, batch_of
+
+    batch = batch_of(tiny_lm, data=tiny_lm["jsonl"])
+    model = base_model(tiny_lm["model"])
+    with torch.no_grad():
+        out = model(**batch)
+    logp = F.log_softmax(out.logits[:, :-1].float(), -1)
+    target, ids = batch["labels"][:, 1:], batch["input_ids"][:, 1:]
+    response = target != IGNORE_INDEX
+    nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    assert 0 < response.sum() < batch["attention_mask"][:, 1:].sum()  # some real tokens are prompt tokens
+    torch.testing.assert_close(out.loss, nll[response].mean(), atol=1e-5, rtol=1e-5)
+    all_tokens = nll[batch["attention_mask"][:, 1:].bool()].mean()
+    assert abs(float(all_tokens - out.loss)) > 1e-3
+
+
 def _epoch(sampler: ReplayMixSampler, epoch: int) -> list[int]:
     sampler.set_epoch(epoch)
     return list(sampler)
