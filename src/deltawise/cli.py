@@ -365,6 +365,8 @@ def train(
         overwrite=overwrite, progress=not quiet, options=options,
     )
     result = run_train(cfg, model_path=resolve_gguf(model))
+    if not result.is_main_process:
+        return  # torchrun / accelerate launch: rank 0 reports
     out.print(
         f"trained {result.method} ({result.trainable_params:,} of {result.total_params:,} parameters) for "
         f"{result.steps} steps in {result.seconds:.1f} s; wrote {escape(str(result.output))}", highlight=False,
