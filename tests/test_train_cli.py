@@ -132,6 +132,19 @@ def test_cli_refuses_output_equal_to_input_and_non_empty_output(tiny_lm, tmp_pat
     assert (busy / "keep.txt").read_text() == "x"
 
 
+def test_classification_label_names_are_saved_and_evaluated(tiny_lm, tmp_path):
+    from deltawise.eval.runner import EvalOptions, evaluate
+
+    out = tmp_path / "full"
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "full", "--max-steps", "1")
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
+    result = evaluate(str(out), [], [tiny_lm["cls"]], EvalOptions(max_length=32))  # string labels as trained on
+    lines = tiny_lm["cls"].read_text().splitlines()
+    assert result.datasets[0].metric == "accuracy" and result.datasets[0].n_items == len(lines)
+
+
 def test_classification_trains_head_and_reloads(tiny_lm, tmp_path):
     from peft import PeftModel
 

@@ -258,6 +258,10 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         args = _training_arguments(cfg, staging / "_trainer")
         set_seed(cfg.seed)
         model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
+        if label2id and any(isinstance(k, str) for k in label2id):
+            # label names go into the saved config, so eval, fisher, soup ... accept the same JSONL
+            model.config.label2id = dict(label2id)
+            model.config.id2label = {i: name for name, i in label2id.items()}
         # a delta records the identity (fingerprint) of the weights it was trained from; transformers
         # has just loaded them, so a pickle checkpoint is read here too
         base = ModelReader(model_path, label=str(cfg.model), allow_pickle=True) if method.kind == "delta" else None
