@@ -69,18 +69,23 @@ PACKAGES = ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-r
 PER_CLASS = (240, 20, 60)  # train, validation, test items per class (at most)
 GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0]
 # Parameters fixed per method (the papers' usual settings); "lambda" is searched over GRID when the method has it.
-SETTINGS: dict[str, dict] = {
-    "linear": {},
-    "task_arithmetic": {},
-    "ties": {"density": 0.2},
-    "dare_linear": {"density": 0.3},
-    "dare_ties": {"density": 0.3},
-    "breadcrumbs": {"density": 0.2, "gamma": 0.01},
-    "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01},
-    "model_stock": {},
-    "consensus": {"k": 2},
-    "pcb": {},
+SETTINGS: dict[str, tuple[str, dict]] = {  # label: (method, fixed parameters)
+    "linear": ("linear", {}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties": ("ties", {"density": 0.2}),
+    "dare_linear": ("dare_linear", {"density": 0.3}),
+    "dare_ties": ("dare_ties", {"density": 0.3}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.2, "gamma": 0.01}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.2, "gamma": 0.01}),
+    "model_stock": ("model_stock", {}),
+    "consensus": ("consensus", {"k": 2}),
+    "consensus_ties": ("consensus", {"k": 2, "multi_task": "ties", "density": 0.2}),
+    "pcb": ("pcb", {}),
+    "fisher": ("fisher", {}),  # per-model "fisher:" files added in main()
+    "regmean": ("regmean", {"alpha": 0.9}),  # per-model "gram:" files added in main()
 }
+# Data-driven statistics per expert, computed on this many of its training examples.
+STATISTICS_EXAMPLES = 256
 SEQUENTIAL_TA_LAMBDA = 0.3
 HEAD = "classifier."
 
@@ -207,12 +212,13 @@ def mean(xs) -> float:
 
 # ------------------------------------------------------------------------------------- merging
 
-def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out: Path) -> Path:
+def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out: Path,
+                 model_params: Optional[list[dict]] = None) -> Path:
     from deltawise.merge import merge
 
-    if not (out / "model.safetensors").is_file() and not any(out.glob("*.safetensors")):
-        recipe = {"merge_method": method, "base_model": str(base), "models": [{"model": str(b)} for b in bodies],
-                  "parameters": params, "seed": 0}
+    if not any(out.glob("*.safetensors")):
+        models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, model_params or [{}] * len(bodies))]
+        recipe = {"merge_method": method, "base_model": str(base), "models": models, "parameters": params, "seed": 0}
         merge(recipe, out, overwrite=True)
     return out
 
@@ -223,15 +229,15 @@ def method_has(method: str, name: str) -> bool:
     return any(p.name == name for p in REGISTRY[method].params)
 
 
-def run_method(method: str, fixed: dict, base: Path, bodies: list[Path], work: Path, scorer: Scorer,
-               expert_val: dict[str, float]) -> dict:
+def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Path], work: Path, scorer: Scorer,
+               expert_val: dict[str, float], model_params: Optional[list[dict]] = None) -> dict:
     grid = GRID if method_has(method, "lambda") else [None]
     tried = []
     for lam in grid:
         params = dict(fixed) if lam is None else {**fixed, "lambda": lam}
-        tag = method + "".join(f"_{k}{v}" for k, v in sorted(params.items()))
+        tag = label + "".join(f"_{k}{v}" for k, v in sorted(params.items()))
         t0 = time.time()
-        folder = merge_bodies(method, base, bodies, params, work / "merged" / tag)
+        folder = merge_bodies(method, base, bodies, params, work / "merged" / tag, model_params)
         merge_s = time.time() - t0
         val = scorer.scores(load_body(folder), "validation")
         tried.append({"params": params, "folder": str(folder), "merge_seconds": merge_s,
@@ -241,7 +247,26 @@ def run_method(method: str, fixed: dict, base: Path, bodies: list[Path], work: P
     for r in tried:  # only the chosen merge is kept on disk
         if r is not best:
             shutil.rmtree(r["folder"], ignore_errors=True)
-    return {"method": method, "params": best["params"], "test": test, "grid": tried}
+    return {"method": label, "params": best["params"], "test": test, "grid": tried}
+
+
+def statistics(method: str, expert: Path, train: Path, out: Path) -> Path:
+    """The Fisher (exact, over the expert's own label distribution) or the layer-input Grams of an
+    expert on its own training examples; computed once."""
+    from deltawise.datadriven.collect import CollectOptions
+
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        opts = CollectOptions(task="classification", max_examples=STATISTICS_EXAMPLES, max_length=64, batch_size=32)
+        if method == "fisher":
+            from deltawise.datadriven.fisher import compute_fisher
+
+            compute_fisher(str(expert), train, out, opts, variant="exact")
+        else:
+            from deltawise.datadriven.gram import compute_grams
+
+            compute_grams(str(expert), train, out, opts)
+    return out
 
 
 # ---------------------------------------------------------------------------------- sequential
@@ -363,7 +388,7 @@ def write_report(path: Path, payload: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/task_merging"), help="cache and output folder")
-    ap.add_argument("--methods", default="all", help="comma-separated merge methods (default: every method in SETTINGS that is registered)")
+    ap.add_argument("--methods", default="all", help="comma-separated labels of SETTINGS (default: all whose method is registered)")
     ap.add_argument("--epochs", type=float, default=4.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=5e-5, help="expert learning rate")
     ap.add_argument("--seed", type=int, default=0)
@@ -381,9 +406,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     methods = list(SETTINGS) if args.methods == "all" else args.methods.split(",")
     if args.quick:
         methods = methods[:3]
-    unknown = [m for m in methods if m not in REGISTRY]
+    unknown = [m for m in methods if m not in SETTINGS]
     if unknown:
-        raise SystemExit(f"unknown merge methods: {', '.join(unknown)}")
+        raise SystemExit(f"unknown methods: {', '.join(unknown)} (have {', '.join(SETTINGS)})")
+    methods = [m for m in methods if SETTINGS[m][0] in REGISTRY]
 
     console.print("[bold]1. data[/]")
     tasks = prepare_tasks(work / "data", args.seed)
@@ -414,7 +440,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = []
     for m in methods:
         t0 = time.time()
-        results.append(run_method(m, SETTINGS.get(m, {}), base, [bodies[t] for t in names], work, scorer, experts_val))
+        method, fixed = SETTINGS[m]
+        model_params = None
+        if method in ("fisher", "regmean"):
+            key = "fisher" if method == "fisher" else "gram"
+            model_params = [{key: str(statistics(method, work / "experts" / t, work / "data" / t / "train.jsonl",
+                                                 work / "statistics" / f"{t}.{key}.safetensors"))} for t in names]
+        results.append(run_method(m, method, fixed, base, [bodies[t] for t in names], work, scorer, experts_val, model_params))
         r = results[-1]
         console.print(f"  {m:<18} {r['params']}  avg test {100 * mean(r['test'].values()):.1f}  ({time.time() - t0:.0f} s)")
 
