@@ -142,6 +142,7 @@ def bam(base: Path, paths: dict[str, Path], out: Path, run: Run, args) -> dict:
         cmd = [sys.executable, "-m", "deltawise", "bam", str(base), "--data", str(paths["train"]), "--branches", "2",
                "--rounds", "2", "--merge", "slerp", "--method", "full", "--lr", str(run.lr), "--max-steps", str(steps),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed),
+               "--schedule", "cosine", "--warmup", "0.1", "--quiet",
                "-o", str(out / "model"), "--work", str(out / "work")]
         proc = subprocess.run(cmd, text=True)
         if proc.returncode != 0:
@@ -151,9 +152,9 @@ def bam(base: Path, paths: dict[str, Path], out: Path, run: Run, args) -> dict:
 
 
 def has_bam() -> bool:
-    from deltawise.cli import app
+    import importlib.util
 
-    return any(c.name == "bam" or (c.callback and c.callback.__name__ == "bam") for c in app.registered_commands)
+    return importlib.util.find_spec("deltawise.adapt.bam") is not None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
