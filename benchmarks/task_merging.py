@@ -217,6 +217,7 @@ def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out:
     from deltawise.merge import merge
 
     if not any(out.glob("*.safetensors")):
+        out.parent.mkdir(parents=True, exist_ok=True)
         models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, model_params or [{}] * len(bodies))]
         recipe = {"merge_method": method, "base_model": str(base), "models": models, "parameters": params, "seed": 0}
         merge(recipe, out, overwrite=True)
@@ -392,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=4.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=5e-5, help="expert learning rate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="3 tasks, 1 epoch, 3 methods: checks the pipeline in a few minutes")
+    ap.add_argument("--quick", action="store_true", help="3 tasks, 3 methods (with --epochs 0.3: a pipeline check in minutes)")
     args = ap.parse_args(argv)
 
     from deltawise.io.wheels import fetch_minilm
