@@ -204,10 +204,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                 log = bam(base, paths, work / "bam", run, args)
                 model = work / "bam" / "model"
             else:
-                log = train(run, base, paths, work / "adapters" / run.label, args)
+                adapter = work / "adapters" / run.label
+                log = train(run, base, paths, adapter, args)
                 model = work / "models" / run.label
-                if not result_file.is_file():
-                    apply_delta(str(work / "adapters" / run.label), str(base), model, overwrite=True)
+                if not any((adapter / f).is_file() for f in ("delta.json", "adapter_config.json")):
+                    model = adapter  # full fine-tuning writes a complete model
+                elif not result_file.is_file():
+                    apply_delta(str(adapter), str(base), model, overwrite=True)
             res, control_ppl = evaluate(model, f"{lang}:{run.label}", paths, result_file, base_eval)
             if model.parent.name == "models":
                 shutil.rmtree(model, ignore_errors=True)  # 0.5 GB each; the adapter stays
