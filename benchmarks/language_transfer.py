@@ -70,6 +70,10 @@ RUNS = [
     Run("lift", "lift", 2e-4),
     Run("hft", "hft", 1e-4),
     Run("bam", "bam", 1e-4),
+    # The same budget at ten times the usual rate: the regime where English is forgotten.
+    Run("full-lr1e-3", "full", 1e-3),
+    Run("lora-lr2e-2", "lora", 2e-2),
+    Run("hft-lr1e-3", "hft", 1e-3),
 ]
 LANGUAGES = {"de": ("German", "fortunes-de"), "bg": ("Bulgarian", "fortunes-bg")}
 CONTROL = ["people", "wisdom", "work", "men-women", "politics"]  # English fortune files (format control)
