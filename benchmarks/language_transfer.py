@@ -60,8 +60,8 @@ class Run:
 # components and takes a full-FT-like rate, as its paper advises).
 RUNS = [
     Run("full", "full", 1e-4),
-    Run("full@1/2", "full", 1e-4, 0.5),
-    Run("full@1/4", "full", 1e-4, 0.25),
+    Run("full-half", "full", 1e-4, 0.5),
+    Run("full-quarter", "full", 1e-4, 0.25),
     Run("lora", "lora", 2e-3),
     Run("dora", "dora", 2e-3),
     Run("pissa", "pissa", 2e-4),

@@ -215,11 +215,14 @@ def mean(xs) -> float:
 def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out: Path,
                  model_params: Optional[list[dict]] = None) -> Path:
     from deltawise.merge import merge
+    from deltawise.merge.base import REGISTRY
 
     if not any(out.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
         models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, model_params or [{}] * len(bodies))]
-        recipe = {"merge_method": method, "base_model": str(base), "models": models, "parameters": params, "seed": 0}
+        recipe = {"merge_method": method, "models": models, "parameters": params, "seed": 0}
+        if REGISTRY[method].base_policy == "required":  # elsewhere a base_model would be one more input
+            recipe["base_model"] = str(base)
         merge(recipe, out, overwrite=True)
     return out
 
