@@ -45,9 +45,10 @@ def test_trainable_count_formula(method, tiny_lm):
 def test_lift_trainable_count_is_lora_budget(tiny_lm):
     base = base_model(tiny_lm["model"])
     shapes = [tuple(w.shape) for w in _linears(base, None).values()]
+    total = sum(p.numel() for p in base.parameters())
     method = get_method("lift", MethodOptions(rank=2, filter_rank=4))
-    method.prepare(base, "causal_lm", 0)
-    assert method.count_trainable() == sum(min((o + i) * 2, o * i) for o, i in shapes)
+    model = method.prepare(base, "causal_lm", 0)
+    assert method.count_params(model) == (sum(min((o + i) * 2, o * i) for o, i in shapes), total)
 
 
 def test_hft_selects_half_per_category(tiny_lm):
@@ -96,10 +97,11 @@ def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
     set_seed(0)
     m = get_method(method, MethodOptions(rank=R, targets=TARGETS, filter_rank=4, refresh_interval=2))
     model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
-    opt = m.make_optimizer(model, 1e-2, 0.0, 1.0)
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     for _ in range(3):  # three steps, so LIFT refreshes its mask once
         one_step(model, batch, params, 1e-2, opt)
+        m.after_optimizer_step(model, opt)
         if method == "sorsa":
             m.before_optimizer_step(model, 1e-2)
     unmerged = logits(model, batch)
@@ -153,15 +155,18 @@ def test_lift_one_step_changes_only_principal_entries(tiny_lm, tmp_path):
         assert delta.kind(k) == "sparse" and torch.equal(delta.get(k).mask().flatten(), mask)
 
 
-def test_sparse_adamw_equals_dense_adamw_on_masked_gradient(tiny_lm):
-    """Without clipping, weight decay or refresh, sparse AdamW on the mask equals torch AdamW fed the
-    masked gradient (Adam's update is exactly 0 where the gradient has always been 0)."""
+def test_lift_adamw_on_values_equals_dense_adamw_on_masked_gradient(tiny_lm):
+    """Without clipping, weight decay or refresh, AdamW on LIFT's masked values equals torch AdamW on
+    the whole weights fed the masked gradient (Adam's update is exactly 0 where the gradient has
+    always been 0), so the masked-gradient autograd function gives W's true gradient at the mask."""
     batch = batch_of(tiny_lm)
     m = get_method("lift", MethodOptions(rank=2, filter_rank=4, refresh_interval=0))
     ours = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
-    opt = m.make_optimizer(ours, 1e-3, 0.0, 0.0)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0, eps=1e-8)
     ref = base_model(tiny_lm["model"])
-    masks = {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, m.masks[p], True).view_as(p) for n, p in m.weights.items()}
+    masks = {f"{n}.weight": torch.zeros(mod.weight.numel(), dtype=torch.bool).index_fill_(0, mod.mask, True).view_as(mod.weight)
+             for n, mod in m.modules.items()}
+    assert masks and all(torch.equal(mk.flatten(), _expected_mask(ref.get_parameter(n).detach(), 4, 2)) for n, mk in masks.items())
     ref_params = {n: ref.get_parameter(n) for n in masks}
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -170,13 +175,34 @@ def test_sparse_adamw_equals_dense_adamw_on_masked_gradient(tiny_lm):
     ref_opt = torch.optim.AdamW(list(ref_params.values()), lr=1e-3, weight_decay=0.0, eps=1e-8)
     for _ in range(3):
         ours.train(); ref.train()
-        ours(**batch).loss.backward(); opt.step(); ours.zero_grad()
+        ours(**batch).loss.backward(); opt.step(); m.after_optimizer_step(ours, opt); opt.zero_grad()
         ref(**batch).loss.backward()
         for n, p in ref_params.items():
             p.grad *= masks[n]
         ref_opt.step(); ref_opt.zero_grad()
     for n, p in ref_params.items():
         torch.testing.assert_close(ours.get_parameter(n), p, atol=1e-6, rtol=1e-5)
+
+
+def test_lift_refresh_keeps_moments_of_kept_entries(tiny_lm):
+    """On a mask refresh, Adam moments follow their entries: kept entries keep theirs, new ones start at 0."""
+    batch = batch_of(tiny_lm)
+    m = get_method("lift", MethodOptions(rank=2, filter_rank=4, refresh_interval=1))
+    model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)  # big steps move the masks
+    mod = m.modules["model.layers.0.self_attn.q_proj"]
+    old_mask = mod.mask.clone()
+    model(**batch).loss.backward()
+    opt.step()
+    old = {k: torch.zeros(mod.weight.numel()).index_put_((old_mask,), opt.state[mod.values][k].clone()) for k in ("exp_avg", "exp_avg_sq")}
+    m.after_optimizer_step(model, opt)  # refresh
+    assert torch.equal(mod.mask, _expected_mask(mod.weight.detach(), 4, 2).nonzero().flatten())
+    assert not torch.equal(mod.mask, old_mask), "the big step should have moved the mask"
+    kept = torch.isin(mod.mask, old_mask)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[mod.values][k][kept], old[k][mod.mask[kept]])
+        assert not opt.state[mod.values][k][~kept].any()
+    assert torch.equal(mod.values.detach(), mod.weight.detach().view(-1)[mod.mask])
 
 
 @pytest.mark.parametrize("method", ["lift", "kasa"])

@@ -25,11 +25,25 @@ def test_demo_pipeline_on_tiny_model(tmp_path):
     paths = run_demo(tmp_path / "run", console, steps=2, model=model, target_docs=GERMAN, source_docs=ENGLISH,
                      eval_items=4, max_length=32, batch_size=4, methods=[MethodRun("lora", 1e-3), MethodRun("hft", 1e-4)])
     text = buf.getvalue()
-    assert "forgetting score" in text and "merge_lora+hft" in text
+    assert "forgetting score" in text and "budget_merge" in text and "retention budget search" in text
     assert str(paths["report"]) in text.replace("\n", "")
-    for label in ("base", "lora", "hft", "merge_lora+hft"):
+    for label in ("base", "lora", "hft", "budget_merge"):
         result = json.loads(paths[label].read_text())
         assert {d["role"] for d in result["datasets"]} == {"source", "target"}
         assert (result["forgetting"] is None) == (label == "base")
     html = paths["report"].read_text()
-    assert "table-forgetting" in html and "merge_lora+hft" in html
+    assert "table-forgetting" in html and "budget_merge" in html
+    budget = json.loads(paths["budget"].read_text())
+    assert [c["params"]["lambda"] for c in budget["candidates"]] == [0.25, 0.5, 0.75, 1.0, 1.5]
+    chosen = budget["candidates"][budget["chosen"]]
+    feasible = [c for c in budget["candidates"] if c["feasible"]]
+    if feasible:  # the best German among the points within budget, else the most retentive point
+        assert chosen["target_score"] == max(c["target_score"] for c in feasible)
+    else:
+        assert chosen["retention_min"] == max(c["retention_min"] for c in budget["candidates"])
+    merged = json.loads(paths["budget_merge"].read_text())
+    target = next(d["value"] for d in merged["datasets"] if d["role"] == "target")
+    assert target == chosen["values"][next(n for n in chosen["target"])]  # the written model is the chosen point
+    weights = json.loads(paths["weights"].read_text())
+    assert len(weights["models"]) == 3 and weights["tensors"]
+    assert "fig-layer-deltas" in html and "table-weights" in html

@@ -62,6 +62,61 @@ def test_consensus_single_task_mask_keeps_every_nonzero_entry():
     assert torch.equal(run_method("consensus", base, [model]), base)  # default k = 2 > T = 1
 
 
+def test_consensus_ties_hand_computed():
+    base = [1.0, 1.0, 1.0, 1.0]
+    t1, t2 = [1.0, -0.2, 2.0, 0.5], [-3.0, 0.4, 1.5, 0.1]
+    models = [[b + x for b, x in zip(base, t)] for t in (t1, t2)]
+    params = {"multi_task": "ties", "lambda": 0.5}
+    mp = [{"mask_lambda": 0.5, "density": 0.5}] * 2
+    # trim (keep 2 of 4 per tensor): [1, 0, 2, 0], [-3, 0, 1.5, 0]; signs [-, +, +, +];
+    # disjoint sum tau_MTL = [-3, 0, 3.5, 0]. Masks (untrimmed tau_t, lambda_t = 0.5):
+    # m1 = [F, T, T, T], m2 = [T, T, T, T]  ->  count = [1, 2, 2, 2]
+    out = run_method("consensus", base, models, params, mp)
+    assert torch.allclose(out, torch.tensor([1.0, 1.0, 2.75, 1.0]))
+    out = run_method("consensus", base, models, dict(params, k=1), mp)
+    assert torch.allclose(out, torch.tensor([-0.5, 1.0, 2.75, 1.0]))
+    # the task-arithmetic tau_MTL = [-2, 0.2, 3.5, 0.6] gives a different result
+    out = run_method("consensus", base, models, {"lambda": 0.5, "k": 1}, mp)
+    assert not torch.allclose(out, torch.tensor([-0.5, 1.0, 2.75, 1.0]))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_consensus_ties_k0_is_ties_dis_sum_and_large_k_is_base(density):
+    base = randn(8, 9, seed=20)
+    models = [base + randn(8, 9, seed=s) * 0.1 * s for s in (21, 22, 23)]
+    mp = [{"density": density}] * 3
+    ties = run_method("ties", base, models, {"lambda": 0.7, "normalize": False}, mp)
+    out = run_method("consensus", base, models, {"multi_task": "ties", "k": 0, "lambda": 0.7}, mp)
+    assert torch.equal(out, ties)
+    assert torch.equal(run_method("consensus", base, models, {"multi_task": "ties", "k": 4}, mp), base)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_consensus_ties_global_matches_flattened_restatement(make_folder, tmp_path, k):
+    shapes = {"a.weight": (16, 8), "b.weight": (8, 8), "c.bias": (8,)}
+    base, models, (base_path, *model_paths) = write_family(make_folder, shapes, 3)
+    params = {"multi_task": "ties", "granularity": "global", "k": k, "lambda": 0.6}
+    recipe = {"merge_method": "consensus", "base_model": str(base_path), "models": [{"model": str(p)} for p in model_paths], "parameters": params}
+    merge(recipe, str(tmp_path / "out"))
+    keys = sorted(shapes)
+    taus = torch.stack([flat(m, keys) - flat(base, keys) for m in models])
+    # official TIES on the flattened model, top-20% and disjoint SUM (official_ties is dis-mean)
+    d = taus.shape[1]
+    kth = taus.abs().kthvalue(d - int(d * 0.2), dim=1, keepdim=True).values
+    trimmed = taus * (taus.abs() >= kth)
+    signs = torch.sign(trimmed.sum(dim=0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    multi = (trimmed * torch.where(signs > 0, trimmed > 0, trimmed < 0)).sum(dim=0)
+    count = sum((t.abs() > 0.4 * (multi - t).abs()).int() for t in taus)
+    expected = flat(base, keys) + 0.6 * multi * (count >= k)
+    assert torch.allclose(flat(load_state(tmp_path / "out"), keys), expected, atol=1e-6)
+    if k == 0:  # equals ties in global mode with the disjoint sum
+        ties = dict(recipe, merge_method="ties", parameters={"density": 0.2, "granularity": "global", "normalize": False, "lambda": 0.6})
+        merge(ties, str(tmp_path / "ties"))
+        for key, v in load_state(tmp_path / "ties").items():
+            assert torch.equal(load_state(tmp_path / "out")[key], v), key
+
+
 # --- PCB ---------------------------------------------------------------------------------
 
 def official_pcb(m: torch.Tensor, ratio: float, clip: float, lam: float = 1.0, weights=None) -> torch.Tensor:
@@ -190,6 +245,7 @@ def test_pcb_global_refuses_a_model_too_large_for_memory(make_folder, tmp_path, 
 
 @pytest.mark.parametrize("method,params", [
     ("consensus", {"k": 2, "lambda": 0.5}),
+    ("consensus", {"k": 1, "lambda": 0.5, "multi_task": "ties"}),
     ("pcb", {"ratio": 0.1}),
     ("pcb", {"ratio": 0.2, "granularity": "tensor"}),
 ])

@@ -59,15 +59,40 @@ def merge(
     fsync: bool = typer.Option(False, "--fsync", help="flush each shard to disk before it counts as done (survives a power "
                                                       "loss; slower: waits for the disk)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    retain: Optional[list[str]] = typer.Option(None, "--retain", help="retention budget SOURCE:MIN (e.g. en.jsonl:0.98; repeatable): search the method's parameters for the best --target score keeping SOURCE's retention >= MIN"),
+    target: Optional[list[Path]] = typer.Option(None, "--target", help="with --retain: data whose score the search maximises (repeatable)"),
+    search_param: Optional[list[str]] = typer.Option(None, "--search-param", help="with --retain: NAME=v1,v2,... values to try (repeatable; default: lambda or t at 0.2,0.4,...,1.0)"),
+    refine: int = typer.Option(0, min=0, help="with --retain: successive refinement rounds (midpoints around the best feasible value)"),
+    most_retentive: bool = typer.Option(False, "--most-retentive", help="with --retain: when no point meets the budget, write the most retentive one instead of nothing"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="with --retain: the model retention is measured against (default: base_model)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="with --retain: write the search (every point, Pareto front, choice) as JSON here (default: OUTPUT/deltawise_budget.json)"),
+    eval_max_length: Optional[int] = typer.Option(None, min=2, help="with --retain: tokens per evaluation window"),
+    eval_batch_size: int = typer.Option(8, min=1, help="with --retain: sequences per evaluation forward pass"),
 ) -> None:
     """Merge models as described by RECIPE into OUTPUT.
 
     An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
-    beside OUTPUT; rerun with --resume to merge only the rest."""
+    beside OUTPUT; rerun with --resume to merge only the rest. With --retain and --target the
+    method's parameters are searched first (retention-budget merging, docs/merging.md)."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
+    if (retain or target or search_param) and not dry_run:
+        from deltawise.eval.runner import EvalOptions
+        from deltawise.merge.budget import BudgetOptions, RetentionBudget, run_budget
+
+        _no_transformers_bars()
+        with _steps_progress(quiet) as progress:
+            options = BudgetOptions(
+                retain=[RetentionBudget.parse(r) for r in retain or []], targets=list(target or []), grid=_search_grid(search_param),
+                refine=refine, most_retentive=most_retentive, baseline=baseline, allow_pickle=allow_pickle,
+                eval=EvalOptions(max_length=eval_max_length, batch_size=eval_batch_size, device=device),
+                merge=MergeOptions(device=device, threads=threads, shard_size=parse_size(shard_size), overwrite=overwrite),
+                note=None if quiet else (lambda msg: err.print(escape(msg), highlight=False)), progress=_ProgressReporter(progress),
+            )
+            _budget_report(lambda: run_budget(load_recipe(recipe), output, options), report, output)
+        return
     plan = build_plan(load_recipe(recipe), allow_pickle=allow_pickle)
     for warning in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -83,6 +108,39 @@ def merge(
         result = run_merge(plan, output, options)
     gb = result.bytes_written / 1e9
     out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+
+
+def _no_transformers_bars() -> None:
+    """Commands that load and save many models (bam, budget search) draw their own bars; the
+    per-model load/save bars of transformers would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _search_grid(items: Optional[list[str]]) -> dict[str, list]:
+    from deltawise.options import parse_assignments, scalar
+
+    return {k: [scalar(v.strip()) for v in text.split(",")] for k, text in parse_assignments(items, "--search-param").items()}
+
+
+def _budget_report(search, report: Optional[Path], output: Path) -> None:
+    """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
+    from deltawise.io.writer import write_json_atomic
+    from deltawise.merge.budget import BudgetNotMet, budget_table
+
+    try:
+        result = search()
+    except BudgetNotMet as exc:
+        out.print(budget_table(exc.result))
+        if report is not None:
+            write_json_atomic(report, exc.result.to_json())
+        raise
+    out.print(budget_table(result))
+    write_json_atomic(report or output / "deltawise_budget.json", result.to_json())
+    chosen = result.candidates[result.chosen]
+    out.print(f"chose {escape(str(chosen.params))}: retention {chosen.retention_min:.4f}, target {chosen.target_score:.4f}; "
+              f"wrote {escape(str(output))}", highlight=False)
 
 
 @app.command()
@@ -309,10 +367,75 @@ def train(
         overwrite=overwrite, progress=not quiet, options=options,
     )
     result = run_train(cfg, model_path=resolve_gguf(model))
+    if not result.is_main_process:
+        return  # torchrun / accelerate launch: rank 0 reports
     out.print(
         f"trained {result.method} ({result.trainable_params:,} of {result.total_params:,} parameters) for "
         f"{result.steps} steps in {result.seconds:.1f} s; wrote {escape(str(result.output))}", highlight=False,
     )
+
+
+@app.command()
+def bam(
+    model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file"),
+    data: Path = typer.Option(..., "--data", help="training data (as for train); shuffled with --seed and cut into branches x rounds disjoint slices"),
+    output: Path = typer.Option(..., "--output", "-o", help="final model folder (written atomically at the end, with bam.json)"),
+    branches: int = typer.Option(2, "--branches", "-k", min=1, help="K: models trained from the same start per round"),
+    rounds: int = typer.Option(1, "--rounds", "-r", min=1, help="R: branch-then-merge rounds"),
+    merge_method: Optional[str] = typer.Option(None, "--merge", help="merge method (default: slerp t=0.5 for K=2, linear average for K>2); any name from `deltawise methods`"),
+    merge_param: Optional[list[str]] = typer.Option(None, "--merge-param", help="merge parameter NAME=VALUE (repeatable), e.g. t=0.4 or lambda=0.8"),
+    work: Optional[Path] = typer.Option(None, "--work", help="work folder for slices, branches and round merges (default: OUTPUT.work beside OUTPUT)"),
+    restart: bool = typer.Option(False, "--restart", help="discard a work folder left by a run with other options or data"),
+    branch_index: Optional[int] = typer.Option(None, "--branch-index", help="train only branch K of the first unmerged round, then exit (one process per branch, for parallel runs)"),
+    merge_only: bool = typer.Option(False, "--merge-only", help="train nothing: merge the rounds whose branches are finished (after --branch-index runs); write OUTPUT once all are"),
+    method: str = typer.Option("full", "--method", "-m", help="training method of each branch (as for train); adapters are folded into the weights before merging"),
+    task: str = typer.Option("causal_lm", help="causal_lm or classification"),
+    epochs: float = typer.Option(1.0, help="passes over the branch's slice (ignored when --max-steps > 0)"),
+    max_steps: int = typer.Option(-1, help="optimizer steps per branch; overrides --epochs when > 0"),
+    lr: float = typer.Option(5e-5, help="peak learning rate of each branch"),
+    batch_size: int = typer.Option(8, min=1, help="examples per device per step"),
+    grad_accum: int = typer.Option(1, min=1, help="gradient accumulation steps"),
+    max_length: int = typer.Option(256, min=2, help="truncate examples to this many tokens"),
+    seed: int = typer.Option(0, help="seed of the data shuffle; branch i (1-based over all rounds) trains with seed + i - 1"),
+    weight_decay: float = typer.Option(0.0, help="AdamW decoupled weight decay"),
+    schedule: str = typer.Option("cpt", help="LR schedule restarted in every branch: cpt (re-warm + cosine to --min-lr-ratio), linear, cosine, constant"),
+    warmup: float = typer.Option(0.01, help="warmup per branch: fraction of its steps (< 1) or a number of steps"),
+    min_lr_ratio: float = typer.Option(0.1, help="cpt schedule: final lr as a fraction of --lr"),
+    replay: Optional[Path] = typer.Option(None, help="replay data mixed into every batch of every branch"),
+    replay_fraction: float = typer.Option(0.25, help="share of each batch taken from --replay"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank"),
+    alpha: Optional[float] = typer.Option(None, help="adapter scale numerator"),
+    targets: Optional[str] = typer.Option(None, help="comma-separated module names to adapt"),
+    method_option: Optional[list[str]] = typer.Option(None, "--method-option", help="any other method option of train, NAME=VALUE (repeatable), e.g. ratio=0.5"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT once the run succeeds"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or messages"),
+) -> None:
+    """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
+
+    Rerunning the same command continues an interrupted run: finished branches and rounds are skipped."""
+    from deltawise.adapt import MethodOptions, TrainConfig
+    from deltawise.adapt.bam import BamConfig, run_bam
+    from deltawise.io.gguf import resolve_gguf
+    from deltawise.options import parse_assignments, scalar, typed_fields
+
+    extra = typed_fields(MethodOptions, parse_assignments(method_option, "--method-option"), "--method-option")
+    options = MethodOptions(**{"rank": rank, "alpha": alpha, "targets": [t.strip() for t in targets.split(",")] if targets else None, **extra})
+    train_cfg = TrainConfig(
+        model=model, data=data, output=output, method=method, task=task, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, replay=replay, replay_fraction=replay_fraction,
+        overwrite=overwrite, progress=False, options=options,
+    )
+    params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
+    cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
+                    restart=restart, branch_index=branch_index, merge_only=merge_only)
+    _no_transformers_bars()
+    with _steps_progress(quiet) as progress:
+        note = (lambda msg: None) if quiet else (lambda msg: err.print(escape(msg), highlight=False))
+        result = run_bam(cfg, model_path=resolve_gguf(model), progress=_ProgressReporter(progress), note=note)
+    if result.output is not None:
+        out.print(f"BaM: {rounds} round(s) x {branches} branch(es) merged with {result.log['merge']['method']}; "
+                  f"wrote {escape(str(result.output))} ({result.log['seconds']:.1f} s)", highlight=False)
 
 
 @app.command()
@@ -325,6 +448,12 @@ def demo(
     from deltawise.demo import run_demo
 
     run_demo(workdir, out, steps=steps, quick=quick)
+
+
+# data-driven merging (fisher, gram, soup, atlas): commands live in deltawise.datadriven.commands
+from deltawise.datadriven.commands import register as _register_datadriven  # noqa: E402
+
+_register_datadriven(app)
 
 
 def _terminate(signum, frame) -> None:

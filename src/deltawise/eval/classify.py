@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -40,18 +40,23 @@ def label_index(lm: LoadedModel, item: Item) -> int:
 
 
 @torch.no_grad()
-def classify(
+def class_logits(
     lm: LoadedModel, items: Sequence[Item], *, max_length: int, batch_size: int = 8, progress: Progress | None = None
-) -> list[ClassOutcome]:
+) -> Iterator[torch.Tensor]:
+    """Logits of each batch of ``items``, in order."""
     device = next(lm.model.parameters()).device
-    labels = [label_index(lm, item) for item in items]  # validate every label before running the model
-    outcomes = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         enc = lm.tokenizer([i.text for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        logits = lm.model(**{k: v.to(device) for k, v in enc.items()}).logits
-        for item, label, pred in zip(chunk, labels[start:], logits.argmax(-1).tolist()):
-            outcomes.append(ClassOutcome(item.id, int(pred), label))
+        yield lm.model(**{k: v.to(device) for k, v in enc.items()}).logits
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
-    return outcomes
+
+
+def classify(
+    lm: LoadedModel, items: Sequence[Item], *, max_length: int, batch_size: int = 8, progress: Progress | None = None
+) -> list[ClassOutcome]:
+    labels = [label_index(lm, item) for item in items]  # validate every label before running the model
+    predicted = [p for logits in class_logits(lm, items, max_length=max_length, batch_size=batch_size, progress=progress)
+                 for p in logits.argmax(-1).tolist()]
+    return [ClassOutcome(item.id, int(pred), label) for item, pred, label in zip(items, predicted, labels)]

@@ -7,12 +7,17 @@ per-tensor magnitude threshold, a norm, a dot product -- is gathered first by st
 passes over the chunks: ``tensor_passes`` for statistics of one tensor, ``stats_passes`` for
 statistics of the whole model (global top-k). Chunks are whole rows (dimension 0), so methods
 working along the last dimension see complete rows.
+
+Data-driven methods (Fisher, RegMean) also read per-model statistics files beside the weights:
+a method declares them as ``SideInput``s at plan time and the engine reads them with the
+weights, into ``job.side`` (the same rows as the weight chunk, or the whole tensor).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
@@ -20,12 +25,29 @@ import torch
 from deltawise.merge.params import Param
 
 if TYPE_CHECKING:
+    from deltawise.io.reader import ModelReader
     from deltawise.merge.plan import MergePlan
 
 
 # Random methods draw per block of whole rows of about this many entries; part of the output's
 # definition (changing it changes DARE results for a given seed), unlike the engine's chunk size.
 RNG_BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class SideInput:
+    """Per-model tensors read beside the weights (a Fisher or Gram file of each input model).
+
+    ``name_of`` maps a model's tensor name to the name in its side file (None: no side tensor);
+    ``whole``: read the whole side tensor for every chunk (a Gram matrix) instead of the rows of
+    the weight chunk (a Fisher tensor shaped like the weight). A model whose side tensor is
+    missing gets None in ``job.side[key]``.
+    """
+
+    key: str
+    readers: list["ModelReader"]  # one per input model, in plan.inputs order
+    name_of: Callable[[str], Optional[str]]
+    whole: bool = False
 
 
 @dataclass
@@ -40,6 +62,7 @@ class TensorJob:
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     row_start: int = 0  # first row of this chunk within the full tensor
+    side: dict[str, list[Optional[torch.Tensor]]] = field(default_factory=dict)  # SideInput key -> per model
     # the engine's per-thread reusable memory (key, like) -> tensor; None: fresh tensors
     scratch_source: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = field(default=None, repr=False)
 
@@ -123,6 +146,16 @@ class MergeMethod:
         """Method-specific problems with a whole plan (e.g. options that cannot go together)."""
         return []
 
+    def prepare(self, plan: "MergePlan", out: Path, device: torch.device) -> Optional[str]:
+        """Work that needs whole tensors or several steps before the output is written (continual
+        merging folds new models into its state, weight matching searches permutations). Returns
+        a string identifying the result, which becomes part of the resume key, or None."""
+        return None
+
+    def side_inputs(self, plan: "MergePlan") -> list[SideInput]:
+        """Statistics files read beside the weights, opened at plan time (raise RecipeError)."""
+        return []
+
     def stats_passes(self, plan: "MergePlan", stats: dict[str, Any]) -> Iterator[StatsPass]:
         """Passes to run before merging; each may read the results of the previous ones in ``stats``."""
         return iter(())
@@ -152,13 +185,15 @@ def merge_tensor(
     name: str = "tensor",
     seed: int = 0,
     stats: Optional[dict[str, Any]] = None,
+    side: Optional[dict[str, list[Optional[torch.Tensor]]]] = None,
 ) -> torch.Tensor:
     """Merge one in-memory tensor: run the method's per-tensor passes, then the merge.
 
-    ``stats`` carries whole-model statistics when the method needs them (global granularity).
+    ``stats`` carries whole-model statistics when the method needs them (global granularity);
+    ``side`` the per-model side tensors (as ``job.side``).
     """
     tensor_stats = dict(stats or {})
-    job = TensorJob(name, base, models, params, model_params, tensor_stats, seed)
+    job = TensorJob(name, base, models, params, model_params, tensor_stats, seed, side=dict(side or {}))
     for stats_pass in method.tensor_passes(params, model_params, models[0].numel(), tensor_stats):
         stats_pass.update(job)
     return method.merge(job)

@@ -50,6 +50,7 @@ class MergeOptions:
     restart: bool = False  # discard an interrupted merge and start over
     fsync: bool = False  # flush each shard to disk before it counts as complete (see StreamingShardWriter)
     progress: Optional[Progress] = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> text, written into OUT with it (logs)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class MergeResult:
 
 def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
     inputs = [(r.label, folder) for r in plan.readers for folder in r.input_folders()]
+    inputs += [(r.label, r.path) for r in plan.side_readers]  # a statistics file, not its folder
     check_output_folder(out, inputs, overwrite, plan.output_bytes())
 
 
@@ -117,7 +119,8 @@ class _Loader:
         stored = [r.info(s).dtype for r, s in zip(readers, t.sources)]
         return torch.float64 if torch.float64 in stored else torch.float32
 
-    def _read(self, slot: int, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str) -> torch.Tensor:
+    def _read(self, slot: Any, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str,
+              screen: bool = False) -> torch.Tensor:
         info = reader.info(name)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         read_into = getattr(reader, "read_rows_into", None)  # a ModelReader; a DeltaReader computes its rows
@@ -130,7 +133,7 @@ class _Loader:
         else:
             x = self.buffers.get(("x", slot), tuple(raw.shape), dtype, self.device)
             x.copy_(raw)
-        if self.screen_inputs:
+        if screen or self.screen_inputs:
             _require_finite(x, label, name)
         return x
 
@@ -142,15 +145,40 @@ class _Loader:
             _require_finite(raw, self.plan.template.ref, t.name)
         return raw
 
-    def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int) -> TensorJob:
+    def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int, whole_side: Optional[dict] = None) -> TensorJob:
         dtype = self.compute_dtype(t)
         base = None
         if self.base_reader is not None:
             base = self._read(-1, self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
         models = [self._read(i, m.reader, s, start, stop, dtype, m.ref)
                   for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
-        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start,
+        side = dict(whole_side if whole_side is not None else self.whole_side(t))
+        for s in self.plan.side_inputs:
+            if not s.whole:
+                side[s.key] = self._side(s, t, start, stop, dtype)
+        return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start, side=side,
                          scratch_source=self._scratch)
+
+    def whole_side(self, t: TensorPlan) -> dict[str, list[Optional[torch.Tensor]]]:
+        """Side tensors every chunk of ``t`` needs whole (Gram matrices): read once per tensor."""
+        return {s.key: self._side(s, t, None, None, self.compute_dtype(t)) for s in self.plan.side_inputs if s.whole}
+
+    def _side(self, s, t: TensorPlan, start: Optional[int], stop: Optional[int], dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+        out: list[Optional[torch.Tensor]] = []
+        for i, (reader, source) in enumerate(zip(s.readers, t.sources)):
+            name = s.name_of(source)
+            if name is None or name not in reader:
+                out.append(None)
+            elif start is None or not reader.info(name).shape:
+                out.append(self._read_whole(reader, name, dtype))  # kept across chunks: not a reused buffer
+            else:
+                out.append(self._read(("side", s.key, i), reader, name, start, stop, dtype, reader.label, screen=True))
+        return out
+
+    def _read_whole(self, reader, name: str, dtype: torch.dtype) -> torch.Tensor:
+        x = reader.get(name).to(device=self.device, dtype=dtype)
+        _require_finite(x, reader.label, name)
+        return x
 
     def _scratch(self, key: Any, like: torch.Tensor) -> torch.Tensor:
         return self.buffers.get(("scratch", key), tuple(like.shape), like.dtype, like.device)
@@ -211,13 +239,16 @@ class _TensorRun:
         self.stats = dict(global_stats)
         # a tensor that fits in one chunk is read once and reused by every pass and the merge
         self._single = None
+        self._whole_side: Optional[dict] = None
 
     def job(self, start: int, stop: int) -> TensorJob:
+        if self._whole_side is None:
+            self._whole_side = self.loader.whole_side(self.t)
         if len(self.ranges) == 1:
             if self._single is None:
-                self._single = self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+                self._single = self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed, self._whole_side)
             return self._single
-        return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed)
+        return self.loader.job(self.t, start, stop, self.stats, self.plan.recipe.seed, self._whole_side)
 
     def visit(self, stats_pass: StatsPass, lock: Optional[threading.Lock] = None) -> None:
         """Feed every chunk to ``stats_pass``; ``lock`` guards a pass shared between threads."""
@@ -267,8 +298,10 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     started = time.time()
     device = _device(options.device)
     check_output(plan, out, options.overwrite)
+    prepared = plan.method.prepare(plan, out, device)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
-    staging = open_staging(out, _plan_key(plan, shard_plan), shard_plan, resume=options.resume, restart=options.restart)
+    key = _plan_key(plan, shard_plan, prepared)
+    staging = open_staging(out, key, shard_plan, resume=options.resume, restart=options.restart)
     writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record,
                                   durable=options.fsync)
     todo = writer.pending_tensors()
@@ -293,9 +326,11 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
                 if options.progress:
                     options.progress("merging", done, total)
         writer.finish_empty_shards()
-        changed = [f for r in plan.readers for f in r.changed_files()]
+        changed = [f for r in plan.readers + plan.side_readers for f in r.changed_files()]
         if changed:
             raise InputError(f"input files changed during the merge: {', '.join(changed)}; the output was discarded")
+        for name, text in options.extra_files.items():
+            write_text_atomic(staging.folder / name, text)
         _finish_folder(plan, staging, shard_plan, writer)
         swap_into_place(staging.folder, out)
     except DeltawiseError:
@@ -331,13 +366,14 @@ def _single_intraop_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _plan_key(plan: MergePlan, shard_plan) -> str:
+def _plan_key(plan: MergePlan, shard_plan, prepared: Optional[str] = None) -> str:
     """Everything that determines the output bytes; a resumed merge must match it exactly."""
     return plan_key({
+        "prepared": prepared,
         "version": _version(),
         "rng_block": RNG_BLOCK_ELEMENTS,
         "recipe": plan.recipe.model_dump(mode="json"),
-        "inputs": [(r.label, r.fingerprint()) for r in plan.readers],
+        "inputs": [(r.label, r.fingerprint()) for r in plan.readers + plan.side_readers],
         "shards": [(s.filename, [(t.name, t.shape, str(t.dtype)) for t in s.tensors]) for s in shard_plan.shards],
     })
 
@@ -362,6 +398,7 @@ def _finish_folder(plan: MergePlan, staging_state: Staging, shard_plan, writer: 
         "deltawise_version": _version(),
         "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
         "inputs": [{"model": r.label, "fingerprint": r.fingerprint(), "bytes": r.total_bytes()} for r in plan.readers],
+        **({"statistics": [{"file": r.label, "fingerprint": r.fingerprint()} for r in plan.side_readers]} if plan.side_readers else {}),
         "shards": [{"file": s.filename, "bytes": s.size, "sha256": writer.completed[s.filename]} for s in shard_plan.shards],
         "warnings": plan.warnings,
     }

@@ -32,7 +32,7 @@ from deltawise.io.dtypes import parse_dtype
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import OutputTensor
 from deltawise.merge import methods  # noqa: F401  (registers the methods)
-from deltawise.merge.base import REGISTRY, MergeMethod
+from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
 
@@ -81,6 +81,7 @@ class MergePlan:
     template: InputModel  # names, config and tokenizer of the output
     tensors: list[TensorPlan]
     warnings: list[str]
+    side_inputs: list[SideInput] = field(default_factory=list)  # statistics files (Fisher, Gram)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -94,6 +95,11 @@ class MergePlan:
                 seen.add(id(m.reader))
                 out.append(m.reader)
         return out
+
+    @property
+    def side_readers(self) -> list[ModelReader]:
+        """The statistics files a data-driven method reads (files, not model folders)."""
+        return [r for side in self.side_inputs for r in side.readers]
 
     def output_bytes(self) -> int:
         return sum(t.out.nbytes for t in self.tensors)
@@ -251,6 +257,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     _note_tied_extras(template, inputs, warnings)
     result = MergePlan(recipe, method, base, inputs, template, tensors, warnings)
     if not problems:
+        result.side_inputs = method.side_inputs(result)
         problems.extend(method.check(result))
     if problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(_unique(problems)))

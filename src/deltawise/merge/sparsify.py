@@ -61,7 +61,22 @@ def combine(
     scale: float,
     majority_sign: float = 1.0,
 ) -> torch.Tensor:
-    """theta_0 + scale * aggregate(w_t * tau_t): the generalized task arithmetic.
+    """theta_0 + scale * aggregate(w_t * tau_t): the generalized task arithmetic (see ``aggregate``)."""
+    mixed = aggregate(deltas, weights, consensus=consensus, normalize=normalize, majority_sign=majority_sign)
+    if scale != 1:
+        mixed.mul_(scale)
+    return mixed.add_(base)
+
+
+def aggregate(
+    deltas: list[torch.Tensor],
+    weights: torch.Tensor,
+    *,
+    consensus: Optional[Literal["mergekit", "ties"]],
+    normalize: bool,
+    majority_sign: float = 1.0,
+) -> torch.Tensor:
+    """The combined task vector aggregate(w_t * tau_t).
 
     Without consensus the aggregate is the (optionally weight-normalised) sum. With consensus
     a sign is elected per entry from the weighted sum and only agreeing entries are combined
@@ -105,6 +120,4 @@ def combine(
         if divisor is not None:
             divisor.masked_fill_(divisor == 0, 1)
             mixed.div_(divisor)
-    if scale != 1:
-        mixed.mul_(scale)
-    return mixed.add_(base)
+    return mixed

@@ -48,6 +48,11 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
               tables.weights_table(runs.weights)]
     if runs.skipped:
         parts.append('<p class="note">Skipped: ' + escape("; ".join(runs.skipped)) + "</p>")
+    return page(title, parts)
+
+
+def page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML page of already-rendered parts (headings, tables, figures)."""
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

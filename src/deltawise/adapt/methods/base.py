@@ -66,6 +66,10 @@ class Method:
     def before_optimizer_step(self, model: nn.Module, peak_lr: float) -> None:
         """Called after gradient clipping, just before ``optimizer.step()``."""
 
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called right after ``optimizer.step()`` on every process (e.g. LIFT writes its masked
+        entries back and refreshes its masks)."""
+
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer | None:
         """A method-specific optimizer, or None for the trainer's AdamW over trainable parameters."""
         return None
@@ -77,9 +81,10 @@ class Method:
         """Write what was trained into the folder ``out``; ``base`` is the model training started from."""
         raise NotImplementedError
 
-    def count_trainable(self) -> int | None:
-        """Trainable entries when they differ from parameters with requires_grad (sparse methods)."""
-        return None
+    def count_params(self, model: nn.Module) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the prepared model."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in model.parameters())
 
     def record(self) -> dict[str, Any]:
         """JSON-able facts about the run worth keeping (selections, mask sizes)."""

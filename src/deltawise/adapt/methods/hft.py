@@ -73,12 +73,13 @@ class HFT(DeltaMethod):
         for name, p in params.items():
             p.requires_grad_(name in train)
         # the base values, to save a delta; only the selected half is copied
-        self.initial = {n: params[n].detach().clone() for n in self.selected}
+        self.initial = {n: params[n].detach().cpu().clone() for n in self.selected}
         return model
 
     def deltas(self, model: nn.Module) -> dict[str, DenseDelta]:
         params = dict(model.named_parameters())
-        return {n: DenseDelta((params[n].detach().float() - self.initial[n].float()).cpu()) for n in self.selected}
+        # the base copies stay on the CPU; the trainer may have moved the model to a GPU
+        return {n: DenseDelta(params[n].detach().cpu().float() - self.initial[n].float()) for n in self.selected}
 
     def record(self) -> dict:
         return {"selected": self.selected, "ratio": self.options.get("ratio", 0.5)}

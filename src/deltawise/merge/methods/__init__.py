@@ -3,11 +3,17 @@
 from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     breadcrumbs,
     consensus,
+    continual_average,
+    continual_task_arithmetic,
     dare,
+    fisher,
     linear,
     model_stock,
+    opcm,
     pcb,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
+    weight_matching,
 )

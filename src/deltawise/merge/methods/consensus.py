@@ -2,20 +2,24 @@
 
 Wang et al. 2024, "Localizing Task Information for Improved Model Merging and Compression"
 (ICML 2024, arXiv 2405.07813), official code ``nik-dim/tall_masks``.
-    tau_t = theta_t - theta_0;   tau_MTL = sum_t tau_t                 (task-arithmetic variant)
-    TALL mask:  m_t = 1[ |tau_t| > lambda_t * |tau_MTL - tau_t| ]      (strict, as in the code)
+    tau_t = theta_t - theta_0
+    tau_MTL = sum_t tau_t                                  (multi_task: task_arithmetic)
+            = TIES(tau_1..tau_T), top-density trim, mass sign, disjoint SUM   (multi_task: ties)
+    TALL mask:  m_t = 1[ |tau_t| > lambda_t * |tau_MTL - tau_t| ]      (strict, as in the code;
+                tau_t untrimmed also in the TIES variant, as the code compares to theta_t)
     consensus:  m_cons = 1[ sum_t m_t >= k ]
     theta = theta_0 + alpha * (m_cons * tau_MTL)
 Recipe names: ``mask_lambda`` is the per-model lambda_t, ``k`` the minimum number of agreeing
 masks, ``lambda`` the final scale alpha (the library-wide name of the scale added to the base).
 k = 2 (default) removes "catastrophic" (no task) and "selfish" (one task) weights, k = 1 only
-catastrophic ones, k = 0 gives task arithmetic, k > T the base model.
+catastrophic ones, k = 0 gives task arithmetic (or TIES with dis-sum), k > T the base model.
 
 Choices on points the paper leaves to validation data (METHODS.md section 7): the paper picks
 each lambda_t from {0.2, ..., 0.6} on that task's validation split and alpha from {0.1, ..., 1.0};
 this data-free method uses lambda_t = 0.4 (middle of the grid) and alpha = 1.0 unless set.
-Only the task-arithmetic tau_MTL is offered (not the TIES variant). Everything is elementwise,
-so per-tensor and whole-model computation agree and no statistics pass is needed.
+The task-arithmetic variant is elementwise (no statistics pass); the TIES variant reuses the
+``ties`` method's trim thresholds, per tensor (mergekit counting, the default) or over the whole
+model (``granularity: global``, the official counting and majority-sign tie-break).
 """
 
 from __future__ import annotations
@@ -24,13 +28,23 @@ import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import LAMBDA
+from deltawise.merge.methods.ties import Ties, merged_vector
 from deltawise.merge.params import Param
+from deltawise.merge.thresholds import TENSOR_OR_GLOBAL
 
 MASK_LAMBDA = Param(
     "mask_lambda", float, 0.4, scope="model", low=0.0,
     help="TALL-mask threshold lambda_t: keep where |tau_t| > lambda_t * |tau_MTL - tau_t| (paper grid 0.2-0.6)",
 )
 K = Param("k", int, 2, low=0, help="keep entries selected by at least k task masks (2: drop catastrophic and selfish weights)")
+MULTI_TASK = Param(
+    "multi_task", str, "task_arithmetic", choices=("task_arithmetic", "ties"),
+    help="how tau_MTL is built: the plain sum of task vectors, or TIES (trim to density, elect signs, disjoint sum)",
+)
+DENSITY = Param(
+    "density", float, 0.2, scope="model", low=0.0, high=1.0,
+    help="multi_task: ties only: fraction of each task vector kept by the TIES trim (paper: 0.2)",
+)
 
 
 def tall_masks(deltas: list[torch.Tensor], multi_task: torch.Tensor, lambdas: list[float]) -> list[torch.Tensor]:
@@ -38,18 +52,40 @@ def tall_masks(deltas: list[torch.Tensor], multi_task: torch.Tensor, lambdas: li
     return [delta.abs() > (multi_task - delta).abs_().mul_(lam) for delta, lam in zip(deltas, lambdas)]
 
 
+def _uses_ties(plan) -> bool:
+    return any(t.params["multi_task"] == "ties" for t in plan.merged)
+
+
 @register
 class Consensus(MergeMethod):
     name = "consensus"
-    summary = "task arithmetic restricted to weights that at least k tasks' TALL masks select"
+    summary = "task arithmetic (or TIES) restricted to weights that at least k tasks' TALL masks select"
     reference = "https://arxiv.org/abs/2405.07813"
-    params = (MASK_LAMBDA, K, LAMBDA)
+    params = (MASK_LAMBDA, K, LAMBDA, MULTI_TASK, DENSITY, TENSOR_OR_GLOBAL)
+
+    def check(self, plan):
+        if not _uses_ties(plan):
+            return []
+        if len({t.params["multi_task"] for t in plan.merged}) > 1 and any(t.params["granularity"] == "global" for t in plan.merged):
+            return ["with granularity: global, multi_task must be the same for every tensor"]
+        return Ties().check(plan)
+
+    def stats_passes(self, plan, stats):
+        if _uses_ties(plan):
+            yield from Ties().stats_passes(plan, stats)
+
+    def tensor_passes(self, params, model_params, numel, stats):
+        if params["multi_task"] == "ties":
+            yield from Ties().tensor_passes(params, model_params, numel, stats)
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         deltas = job.deltas()
-        multi_task = deltas[0].clone()
-        for delta in deltas[1:]:
-            multi_task.add_(delta)
+        if job.params["multi_task"] == "ties":
+            multi_task = merged_vector(job, normalize=False)  # the paper's TIES variant uses the disjoint sum
+        else:
+            multi_task = deltas[0].clone()
+            for delta in deltas[1:]:
+                multi_task.add_(delta)
         masks = tall_masks(deltas, multi_task, [p["mask_lambda"] for p in job.model_params])
         count = torch.zeros_like(multi_task, dtype=torch.int32)
         for mask in masks:

@@ -8,6 +8,8 @@ recipe-wide weight, as mergekit does) and supplies the output's tensor names and
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
@@ -33,9 +35,19 @@ class Linear(MergeMethod):
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         weights = [p["weight"] for p in job.model_params]
-        result = torch.mul(job.models[0], weights[0], out=job.scratch("sum", job.models[0]))
-        for model, w in zip(job.models[1:], weights[1:]):
-            result.add_(model, alpha=w)
+        out = job.scratch("sum", job.models[0])
         if job.params["normalize"]:
-            result.div_(sum(weights))
-        return result
+            return weighted_average(job.models, weights, out=out)
+        return weighted_sum(job.models, weights, out=out)
+
+
+def weighted_sum(models: list[torch.Tensor], weights: list[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    result = torch.mul(models[0], weights[0], out=out)
+    for model, w in zip(models[1:], weights[1:]):
+        result.add_(model, alpha=w)
+    return result
+
+
+def weighted_average(models: list[torch.Tensor], weights: list[float], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_i w_i theta_i / sum_i w_i, accumulated in the models' order (the soup's arithmetic)."""
+    return weighted_sum(models, weights, out=out).div_(sum(weights))

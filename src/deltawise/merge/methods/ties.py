@@ -18,7 +18,7 @@ import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
-from deltawise.merge.sparsify import combine, trim
+from deltawise.merge.sparsify import aggregate, trim
 from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, GlobalTopK, topk_passes
 
 
@@ -46,13 +46,22 @@ class Ties(MergeMethod):
             yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats)
 
     def merge(self, job: TensorJob) -> torch.Tensor:
-        trimmed = [trim(d, thr) for d, thr in zip(job.deltas(scratch=True), job.stats["thresholds"])]
-        official = job.params["granularity"] == "global"
-        return combine(
-            job.base, trimmed, job.weights(), consensus="ties" if official else "mergekit",
-            normalize=job.params["normalize"], scale=job.params["lambda"],
-            majority_sign=job.stats["majority_sign"] if official else 1.0,
-        )
+        merged = merged_vector(job, normalize=job.params["normalize"])
+        scale = job.params["lambda"]
+        if scale != 1:
+            merged.mul_(scale)
+        return merged.add_(job.base)
+
+
+def merged_vector(job: TensorJob, *, normalize: bool) -> torch.Tensor:
+    """The TIES task vector tau_m (trim, elect, disjoint mean or sum), before lambda and the base.
+    Needs the thresholds (and, for global granularity, the majority sign) from Ties' passes."""
+    trimmed = [trim(d, thr) for d, thr in zip(job.deltas(scratch=True), job.stats["thresholds"])]
+    official = job.params["granularity"] == "global"
+    return aggregate(
+        trimmed, job.weights(), consensus="ties" if official else "mergekit", normalize=normalize,
+        majority_sign=job.stats["majority_sign"] if official else 1.0,
+    )
 
 
 class MajoritySign(StatsPass):

@@ -1,0 +1,302 @@
+"""Branch-and-Merge (BaM, METHODS.md 13; Alexandrov et al. 2024, arXiv 2407.08699).
+
+    D shuffled (seeded) and cut into N = K·R disjoint slices D_1..D_N
+    θ^(0) = MODEL
+    round j = 1..R:  θ_{j,k} = train(θ^(j−1), D_{(j−1)K+k})   for k = 1..K   (independent branches)
+                     θ^(j)   = Merge(θ_{j,1}, …, θ_{j,K}; base = θ^(j−1))
+    OUT = θ^(R)
+
+Each branch is an ordinary ``train`` run (any method; adapters are folded into full weights
+before merging), with its own LR schedule, so the LR re-warms and re-decays in every branch
+(METHODS.md 27), and optional replay data mixed into every batch. Merge defaults: SLERP t = 0.5
+for K = 2, the uniform average (linear) for K > 2; any registered merge method may be named.
+
+Work folder (resumable; a rerun of the same command skips what is finished)::
+
+    WORK/bam_state.json              fingerprint of the options, the data and the model
+    WORK/round_j/branch_k/data.jsonl the branch's slice
+    WORK/round_j/branch_k/train/     the train output (adapter, delta or full model)
+    WORK/round_j/branch_k/model/     the full model (adapters only; a full run uses train/)
+    WORK/round_j/branch_k/done.json  written last: slice, loss, tokens, seconds
+    WORK/round_j/merged/             θ^(j), written atomically by the merge engine
+    WORK/round_j/merge.json          written last: method, parameters, seconds
+
+A branch without ``done.json`` is trained again from scratch; a round with ``merge.json`` is
+not merged again. OUT (θ^(R) plus ``bam.json``) is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from deltawise.adapt.data import Example, read_examples
+from deltawise.adapt.materialize import materialize
+from deltawise.adapt.train import TrainConfig, run_train
+from deltawise.errors import InputError, OutputError
+from deltawise.io.output import check_output_folder, staged_output
+from deltawise.io.writer import write_json_atomic
+
+STATE = "bam_state.json"
+DONE = "done.json"
+MERGE_DONE = "merge.json"
+LOG = "bam.json"
+SCHEMA = "deltawise.bam/1"
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): "rounds", "branches"
+Note = Callable[[str], None]
+
+
+@dataclass
+class BamConfig:
+    """``train`` holds the per-branch training settings; its ``model``, ``data`` and ``output``
+    name the base model, the whole data file and the final output (each branch gets its own)."""
+
+    train: TrainConfig
+    branches: int = 2
+    rounds: int = 1
+    merge: Optional[str] = None  # None: slerp (t=0.5) for 2 branches, linear otherwise
+    merge_params: dict[str, Any] = field(default_factory=dict)
+    work: Optional[Path] = None  # default: OUT.work beside OUT
+    restart: bool = False
+    branch_index: Optional[int] = None  # train only this branch (1-based) of the first unmerged round
+    merge_only: bool = False  # train nothing: merge the rounds whose branches are all finished
+    merge_threads: int = 2
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.train.output)
+        return Path(self.work) if self.work is not None else out.parent / f"{out.name}.work"
+
+
+@dataclass
+class BamResult:
+    output: Optional[Path]  # None when only one branch was trained (--branch-index)
+    log: dict[str, Any]
+
+
+def merge_choice(branches: int, method: Optional[str], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The merge method and its recipe-wide parameters (the defaults of METHODS.md 13)."""
+    from deltawise.merge import REGISTRY
+
+    name = method or ("slerp" if branches == 2 else "linear")
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise InputError(f"unknown merge method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    params = dict(params)
+    if name == "slerp":
+        params.setdefault("t", 0.5)
+    if cls.max_models == 1 and branches != 2:
+        raise InputError(f"{name} merges exactly two models; use --branches 2 or another --merge method")
+    return name, params
+
+
+def merge_recipe(method: str, params: dict[str, Any], start: Path, branches: list[Path], seed: int) -> dict[str, Any]:
+    """A merge recipe for one round. Two-model methods (slerp) interpolate branch 1 -> branch 2;
+    methods taking task vectors use the round's start model as base_model; the others (linear)
+    average the branches alone."""
+    from deltawise.merge import REGISTRY
+
+    cls = REGISTRY[method]
+    recipe: dict[str, Any] = {"merge_method": method, "parameters": params, "out_dtype": "float32", "seed": seed}
+    if cls.max_models == 1:
+        recipe.update(base_model=str(branches[0]), models=[{"model": str(b)} for b in branches[1:]])
+    elif cls.base_policy == "required":
+        recipe.update(base_model=str(start), models=[{"model": str(b)} for b in branches])
+    else:
+        recipe["models"] = [{"model": str(b)} for b in branches]
+    return recipe
+
+
+def split_slices(n: int, count: int, seed: int) -> list[list[int]]:
+    """Shuffle 0..n-1 with ``seed`` and cut the order into ``count`` disjoint, near-equal slices."""
+    if n < count:
+        raise InputError(f"the data holds {n} examples, fewer than the {count} slices (branches x rounds) needed")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i * n // count : (i + 1) * n // count] for i in range(count)]
+
+
+def _example_record(ex: Example, task: str) -> dict[str, Any]:
+    if task == "classification":
+        return {"text": ex.text, "label": ex.label}
+    if ex.prompt:
+        return {"prompt": ex.prompt, "response": ex.text}
+    return {"text": ex.text}
+
+
+def _file_sha256(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
+    """Everything a finished branch or round depends on: options, data and model contents."""
+    from deltawise.io.reader import ModelReader
+
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("model", "data", "output", "replay", "overwrite", "progress")}
+    return {
+        "model": ModelReader(model_path, allow_pickle=True).fingerprint(),
+        "data": _file_sha256(Path(cfg.train.data)),
+        "replay": _file_sha256(Path(cfg.train.replay) if cfg.train.replay else None),
+        "branches": cfg.branches, "rounds": cfg.rounds,
+        "merge": list(merge_choice(cfg.branches, cfg.merge, cfg.merge_params)),
+        "train": json.loads(json.dumps(train, default=str)),
+    }
+
+
+def _open_work(work: Path, key: dict[str, Any], restart: bool) -> None:
+    state = work / STATE
+    # hidden names: another process's atomic write of the state file, when branches start together
+    if work.exists() and any(not p.name.startswith(".") for p in work.iterdir()):
+        if not state.is_file():
+            raise OutputError(f"work folder {work} is not empty and holds no BaM run ({STATE}); choose another --work")
+        old = json.loads(state.read_text()).get("fingerprint", {})
+        if old != key:
+            if not restart:
+                changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+                if "train" in changed:
+                    changed.remove("train")
+                    changed += sorted(k for k in set(old.get("train", {})) | set(key["train"])
+                                      if old.get("train", {}).get(k) != key["train"].get(k))
+                raise OutputError(f"work folder {work} holds a BaM run with different options or inputs "
+                                  f"(changed: {', '.join(changed)}); pass --restart to discard it, or choose another --work")
+        if restart or old != key:
+            shutil.rmtree(work)
+    elif restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not state.is_file():
+        write_json_atomic(state, {"schema": SCHEMA, "fingerprint": key})
+
+
+def _last_loss(log: list[dict[str, Any]]) -> Optional[float]:
+    losses = [r["loss"] for r in log if "loss" in r]
+    return losses[-1] if losses else None
+
+
+def run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Optional[Progress] = None,
+            note: Optional[Note] = None) -> BamResult:
+    """Run (or continue) BaM; write the final model to ``cfg.train.output`` unless only one branch
+    was asked for. ``model_path`` overrides the folder loaded for ``cfg.train.model`` (GGUF input)."""
+    from deltawise.merge import merge
+
+    started = time.time()
+    tell = note or (lambda _msg: None)
+    tick = progress or (lambda _stage, _done, _total: None)
+    tc = cfg.train
+    K, R = cfg.branches, cfg.rounds
+    if K < 1 or R < 1:
+        raise InputError(f"--branches and --rounds must be at least 1 (got {K} and {R})")
+    if cfg.branch_index is not None and cfg.merge_only:
+        raise InputError("--branch-index trains one branch and --merge-only trains none; give one of them")
+    if cfg.branch_index is not None and not 1 <= cfg.branch_index <= K:
+        raise InputError(f"--branch-index must be between 1 and --branches ({K}), got {cfg.branch_index}")
+    base = Path(model_path or tc.model)
+    out, work = Path(tc.output), cfg.work_dir
+    # an input file may sit beside the outputs, but no output may be or contain an input
+    inputs = [("model", base), ("data", Path(tc.data))] + ([("replay", Path(tc.replay))] if tc.replay else [])
+    check_output_folder(work, inputs, overwrite=True)
+    if cfg.branch_index is None:  # a run that may end by writing OUT
+        check_output_folder(out, inputs + [("work folder", work)], tc.overwrite)
+    method, params = merge_choice(K, cfg.merge, cfg.merge_params)
+    examples = read_examples(Path(tc.data), tc.task)
+    slices = split_slices(len(examples), K * R, tc.seed)
+    _open_work(work, fingerprint(cfg, base), cfg.restart)
+
+    rounds_log: list[dict[str, Any]] = []
+    start = base
+    done_branches = 0
+    for j in range(1, R + 1):
+        rdir = work / f"round_{j}"
+        merged = rdir / "merged"
+        if (rdir / MERGE_DONE).is_file() and merged.is_dir():
+            record = json.loads((rdir / MERGE_DONE).read_text())
+            rounds_log.append({**record, "skipped": True, "branches": [{**b, "skipped": True} for b in record["branches"]]})
+            done_branches += K
+            tell(f"round {j}: already merged, skipped")
+            tick("rounds", j, R)
+            tick("branches", done_branches, K * R)
+            start = merged
+            continue
+        branch_logs, models = [], []
+        for k in range(1, K + 1):
+            bdir = rdir / f"branch_{k}"
+            index = (j - 1) * K + (k - 1)
+            if (bdir / DONE).is_file():
+                record = json.loads((bdir / DONE).read_text())
+                branch_logs.append({**record, "skipped": True})
+                models.append(bdir / record["model"])
+                tell(f"round {j} branch {k}: finished earlier, skipped")
+            elif cfg.merge_only:
+                tell(f"round {j} branch {k} is not finished; nothing more to merge")
+                return BamResult(None, {"rounds": rounds_log})
+            elif cfg.branch_index is not None and k != cfg.branch_index:
+                continue  # another process trains it
+            else:
+                record = _train_branch(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index], tell)
+                branch_logs.append({**record, "skipped": False})
+                models.append(bdir / record["model"])
+            done_branches += 1
+            tick("branches", done_branches, K * R)
+        if cfg.branch_index is not None:
+            tell(f"round {j} branch {cfg.branch_index} is trained; rerun without --branch-index once all {K} are")
+            return BamResult(None, {"rounds": [{"round": j, "branches": branch_logs}]})
+        t0 = time.perf_counter()
+        recipe = merge_recipe(method, params, start, models, tc.seed)
+        tell(f"round {j}: merging {K} branches with {method} {params or ''}".rstrip())
+        merge(recipe, merged, threads=cfg.merge_threads, overwrite=True, restart=True)
+        record = {"round": j, "start_model": str(start), "branches": branch_logs,
+                  "merge": {"method": method, "parameters": params, "seconds": time.perf_counter() - t0}}
+        write_json_atomic(rdir / MERGE_DONE, record)
+        rounds_log.append({**record, "skipped": False})
+        tick("rounds", j, R)
+        start = merged
+
+    log = {
+        "schema": SCHEMA, "model": str(tc.model), "data": str(tc.data), "replay": str(tc.replay) if tc.replay else None,
+        "branches": K, "rounds": R, "examples": len(examples), "merge": {"method": method, "parameters": params},
+        "train": json.loads(json.dumps(asdict(tc), default=str)), "work": str(work),
+        "rounds_log": rounds_log, "seconds": time.time() - started,
+    }
+    with staged_output(out) as staging:
+        for f in sorted(start.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, staging / f.name)
+        write_json_atomic(staging / LOG, log)
+    return BamResult(out, log)
+
+
+def _train_branch(tc: TrainConfig, start: Path, bdir: Path, j: int, k: int, index: int, examples: list[Example],
+                  indices: list[int], tell: Note) -> dict[str, Any]:
+    if bdir.exists():
+        shutil.rmtree(bdir)  # an unfinished branch (no done marker) is redone from scratch
+    bdir.mkdir(parents=True)
+    data = bdir / "data.jsonl"
+    data.write_text("".join(json.dumps(_example_record(e, tc.task), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    tell(f"round {j} branch {k}: training {tc.method} on slice {index + 1} ({len(examples)} examples)")
+    # every branch is its own run: the LR schedule (warmup + decay) restarts in each one
+    cfg = dataclasses.replace(tc, model=start, data=data, output=bdir / "train", seed=tc.seed + index, overwrite=True, progress=False)
+    result = run_train(cfg)
+    model = materialize(bdir / "train", start, bdir / "model")
+    record = {
+        "round": j, "branch": k, "slice": index + 1, "examples": len(examples), "indices": indices,
+        "start_model": str(start), "model": str(model.relative_to(bdir)), "steps": result.steps,
+        "loss": _last_loss(result.log), "tokens": result.tokens, "seconds": result.seconds, "seed": cfg.seed,
+    }
+    write_json_atomic(bdir / DONE, record)  # last: the branch counts as finished only now
+    loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+    tell(f"round {j} branch {k}: {result.steps} steps, loss {loss}, {result.tokens} tokens, {result.seconds:.1f} s")
+    return record

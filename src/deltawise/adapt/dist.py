@@ -1,0 +1,38 @@
+"""Small helpers for multi-process training (torchrun / accelerate launch): no-ops in one process.
+
+Methods that choose something from the weights (LIFT's principal-weight masks) take rank 0's choice
+on every rank, so all processes train the same entries even if a decomposition is not bit-for-bit
+reproducible across devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def world_size() -> int:
+    """Processes in the run: the initialised process group's size, else the launcher's WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as rank 0 holds it (in place where possible). NCCL only moves GPU tensors, so a CPU
+    tensor makes a round trip through the current GPU there."""
+    if not is_distributed():
+        return t
+    backend = str(torch.distributed.get_backend())
+    if "nccl" in backend and t.device.type != "cuda":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.broadcast(on_gpu, src=0)
+        t.copy_(on_gpu.to(t.device))
+        return t
+    torch.distributed.broadcast(t, src=0)
+    return t

@@ -1,0 +1,60 @@
+"""Score an in-memory model on held-out data, higher is better: accuracy, or negative loss/perplexity.
+
+Built on the evaluation code (``eval.classify``, ``eval.perplexity``), so a soup's scores equal
+what ``deltawise eval`` reports for the same data and settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deltawise.datadriven.data import TaskData
+from deltawise.errors import InputError
+from deltawise.eval.classify import class_logits, classify, label_index
+from deltawise.eval.models import LoadedModel
+from deltawise.eval.perplexity import perplexity
+
+METRICS = ("auto", "accuracy", "loss", "perplexity")
+
+
+@dataclass(frozen=True)
+class Score:
+    metric: str
+    value: float  # as reported: accuracy, mean loss (nats) or perplexity
+
+    @property
+    def score(self) -> float:
+        """Higher is better."""
+        return self.value if self.metric == "accuracy" else -self.value
+
+
+def resolve_metric(task: str, metric: str) -> str:
+    if metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "auto":
+        return "accuracy" if task == "classification" else "loss"
+    if metric == "accuracy" and task != "classification":
+        raise InputError("--metric accuracy needs labelled classification data ('text' and 'label')")
+    if metric == "perplexity" and task != "causal_lm":
+        raise InputError("--metric perplexity applies to text data (causal LM); use accuracy or loss for classification")
+    return metric
+
+
+@torch.no_grad()
+def score_model(lm: LoadedModel, data: TaskData, metric: str, *, max_length: int, batch_size: int = 8) -> Score:
+    lm.model.eval()
+    if data.task == "classification":
+        if not data.labelled:
+            raise InputError(f"{data.path}: scoring a classifier needs a 'label' on every item")
+        if metric == "accuracy":
+            outcomes = classify(lm, data.items, max_length=max_length, batch_size=batch_size)
+            return Score(metric, sum(o.correct for o in outcomes) / len(outcomes))
+        labels = torch.tensor([label_index(lm, i) for i in data.items])
+        logits = torch.cat([x.float().cpu() for x in class_logits(lm, data.items, max_length=max_length, batch_size=batch_size)])
+        return Score(metric, float(torch.nn.functional.cross_entropy(logits, labels)))
+    window = min(max_length, lm.context_length)
+    docs = [lm.tokenizer(i.text)["input_ids"] for i in data.items]
+    ppl = perplexity(lm.model, docs, max_length=window, stride=max(window // 2, 1), batch_size=batch_size, pad_id=lm.pad_id)
+    return Score(metric, ppl.value if metric == "perplexity" else ppl.mean_nll)

@@ -1,0 +1,295 @@
+"""Retention-budget merging: the merge parameters that do best on the targets while keeping each
+source's performance within its budget.
+
+    retention_s(θ) = ratio of source s (eval/forgetting.py): ppl_base / ppl_θ for perplexity,
+                     acc_θ / acc_base for accuracy (> 1: better than the base)
+    target(θ)      = mean over target datasets of the same ratio (1 + the forgetting report's target gain)
+    choose         argmax target(θ_p)  over the searched points p  subject to  retention_s(θ_p) ≥ budget_s  ∀ s
+
+Searched points: a grid (the method's strength parameter, ``lambda`` or ``t``, at 0.2 … 1.0 by
+default; ``--search-param NAME=v1,v2,…`` replaces it and may name any of the method's parameters,
+several giving their Cartesian product), then optionally ``refine`` rounds of successive
+refinement for one parameter: the midpoints between the best feasible value and its evaluated
+neighbours are tried. Each point is merged by the streaming engine into a temporary folder beside
+OUT, evaluated with the eval code, and deleted. The Pareto front is taken over (smallest
+retention among the sources, target score). The chosen point is merged again into OUT (atomic);
+when no point meets the budget nothing is written, unless ``most_retentive`` asks for the point
+with the highest retention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from deltawise.errors import DeltawiseError, InputError, RecipeError
+from deltawise.eval.forgetting import forgetting
+from deltawise.eval.results import EvalResult
+from deltawise.eval.runner import EvalOptions, evaluate, unique_names
+from deltawise.merge.engine import MergeOptions, check_output, run_merge
+from deltawise.merge.params import ParamError
+from deltawise.merge.plan import build_plan
+from deltawise.merge.recipe import Recipe
+
+SCHEMA = "deltawise.budget/1"
+STRENGTH = ("lambda", "t")  # searched by default, the first the method has
+DEFAULT_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+Note = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+
+
+class BudgetNotMet(DeltawiseError):
+    """No searched point keeps every source within its budget; ``result`` has every point."""
+
+    def __init__(self, message: str, result: "BudgetResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class RetentionBudget:
+    data: Path
+    minimum: float
+
+    @classmethod
+    def parse(cls, text: str) -> "RetentionBudget":
+        """``SOURCE:0.98``: the data file and the smallest acceptable retention."""
+        path, sep, value = text.rpartition(":")
+        try:
+            minimum = float(value)
+        except ValueError:
+            minimum = None
+        if not sep or not path or minimum is None or minimum <= 0:
+            raise InputError(f"--retain takes SOURCE:MIN_RETENTION with a positive number, e.g. en.jsonl:0.98; got {text!r}")
+        return cls(Path(path), minimum)
+
+
+@dataclass
+class BudgetOptions:
+    retain: list[RetentionBudget]
+    targets: list[Path]
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # empty: the method's strength parameter
+    refine: int = 0
+    most_retentive: bool = False
+    baseline: Optional[str] = None  # model retention is measured against (default: the recipe's base_model)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    merge: MergeOptions = field(default_factory=MergeOptions)
+    allow_pickle: bool = False
+    note: Optional[Note] = None
+    progress: Optional[Progress] = None  # ("candidates", done, total)
+
+
+@dataclass
+class Candidate:
+    params: dict[str, Any]
+    retention: dict[str, float]  # source dataset name -> ratio
+    target: dict[str, float]  # target dataset name -> ratio
+    values: dict[str, float]  # dataset name -> the merged model's metric (perplexity or accuracy)
+    feasible: bool = False
+    pareto: bool = False
+
+    @property
+    def retention_min(self) -> float:
+        return min(self.retention.values())
+
+    @property
+    def target_score(self) -> float:
+        return sum(self.target.values()) / len(self.target)
+
+
+@dataclass
+class BudgetResult:
+    method: str
+    grid: dict[str, list[Any]]
+    budgets: dict[str, float]  # source dataset name -> minimum retention
+    baseline: str
+    baseline_values: dict[str, float]
+    candidates: list[Candidate]
+    chosen: Optional[int] = None
+    out: Optional[Path] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "method": self.method, "grid": self.grid, "budgets": self.budgets,
+            "baseline": {"model": self.baseline, "values": self.baseline_values},
+            "definition": "retention = ratio vs baseline (ppl_base/ppl, acc/acc_base); target = mean target ratio",
+            "candidates": [{"params": c.params, "retention": c.retention, "retention_min": c.retention_min, "target": c.target,
+                            "target_score": c.target_score, "values": c.values, "feasible": c.feasible, "pareto": c.pareto}
+                           for c in self.candidates],
+            "pareto": [i for i, c in enumerate(self.candidates) if c.pareto],
+            "chosen": self.chosen, "chosen_params": None if self.chosen is None else self.candidates[self.chosen].params,
+            "output": None if self.out is None else str(self.out),
+        }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (≥ in both coordinates, > in one)."""
+    return [i for i, (a, b) in enumerate(points)
+            if not any((x >= a and y >= b) and (x > a or y > b) for j, (x, y) in enumerate(points) if j != i)]
+
+
+def search_grid(recipe: Recipe, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The parameters to search and their values, checked against the method's parameter specs."""
+    from deltawise.merge.base import REGISTRY
+
+    cls = REGISTRY.get(recipe.merge_method)
+    if cls is None:
+        raise RecipeError(f"unknown merge_method {recipe.merge_method!r}; available: {', '.join(sorted(REGISTRY))}")
+    specs = {p.name: p for p in cls.params}
+    if not grid:
+        name = next((n for n in STRENGTH if n in specs), None)
+        if name is None:
+            raise RecipeError(f"{cls.name} has no lambda or t to search; name the parameters with --search-param NAME=v1,v2,...")
+        grid = {name: list(DEFAULT_GRID)}
+    problems = []
+    checked: dict[str, list[Any]] = {}
+    for name, values in grid.items():
+        if name not in specs:
+            problems.append(f"{name}: not a parameter of {cls.name} (known: {', '.join(sorted(specs)) or 'none'})")
+            continue
+        try:
+            checked[name] = [specs[name].coerce(v) for v in values]
+        except ParamError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RecipeError("cannot search:\n" + "\n".join(f"  - {p}" for p in problems))
+    return checked
+
+
+def with_params(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """The recipe with the searched values set recipe-wide and removed from the models' own
+    parameters (which would take precedence)."""
+    out = recipe.model_copy(deep=True)
+    out.parameters = {**out.parameters, **values}
+    for entry in out.models:
+        for name in values:
+            entry.parameters.pop(name, None)
+    return out
+
+
+class _Search:
+    def __init__(self, recipe: Recipe, out: Path, options: BudgetOptions):
+        self.recipe, self.out, self.o = recipe, out, options
+        self.sources = [b.data for b in options.retain]
+        names = unique_names(self.sources + list(options.targets))
+        self.source_names, self.target_names = names[: len(self.sources)], names[len(self.sources) :]
+        self.candidates: list[Candidate] = []
+        self.tell = options.note or (lambda _m: None)
+
+    def evaluate_model(self, ref: str) -> EvalResult:
+        return evaluate(ref, self.sources, list(self.o.targets), self.o.eval)
+
+    def point(self, params: dict[str, Any], baseline: EvalResult) -> Candidate:
+        plan = build_plan(with_params(self.recipe, params), allow_pickle=self.o.allow_pickle)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.budget-", dir=self.out.parent))
+        try:
+            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads, shard_size=self.o.merge.shard_size)
+            run_merge(plan, tmp / "model", merge_opts)
+            result = self.evaluate_model(str(tmp / "model"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        comps = {c.name: c for c in forgetting(result, baseline).datasets}
+        cand = Candidate(params, {n: comps[n].ratio for n in self.source_names}, {n: comps[n].ratio for n in self.target_names},
+                         {n: comps[n].model for n in comps})
+        budgets = dict(zip(self.source_names, (b.minimum for b in self.o.retain)))
+        cand.feasible = all(cand.retention[n] >= budgets[n] for n in self.source_names)
+        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        self.tell(f"{shown}: retention {cand.retention_min:.4f}, target {cand.target_score:.4f}"
+                  f"{'' if cand.feasible else ' (over budget)'}")
+        return cand
+
+
+def _best(candidates: list[Candidate]) -> Optional[int]:
+    feasible = [i for i, c in enumerate(candidates) if c.feasible]
+    if not feasible:
+        return None
+    return max(feasible, key=lambda i: (candidates[i].target_score, candidates[i].retention_min, -i))
+
+
+def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> BudgetResult:
+    """Search, report every point, and write the chosen one to ``out`` (see the module docstring)."""
+    out = Path(out)
+    if not options.retain:
+        raise InputError("give at least one --retain SOURCE:MIN_RETENTION")
+    if not options.targets:
+        raise InputError("give at least one --target dataset to maximise")
+    grid = search_grid(recipe, options.grid)
+    if options.refine and len(grid) != 1:
+        raise InputError(f"--refine works on one searched parameter; {len(grid)} are searched ({', '.join(grid)})")
+    baseline_ref = options.baseline or recipe.base_model
+    if baseline_ref is None:
+        raise InputError(f"{recipe.merge_method} recipe has no base_model: name the model retention is measured against with --baseline")
+    first = build_plan(with_params(recipe, {k: v[0] for k, v in grid.items()}), allow_pickle=options.allow_pickle)
+    check_output(first, out, options.merge.overwrite)  # fail before the long search, not after it
+
+    search = _Search(recipe, out, options)
+    baseline = search.evaluate_model(baseline_ref)
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    total = len(points) + 2 * options.refine
+    tick = options.progress or (lambda _s, _d, _t: None)
+    for params in points:
+        search.candidates.append(search.point(params, baseline))
+        tick("candidates", len(search.candidates), total)
+    name = next(iter(grid))
+    for _ in range(options.refine):
+        best = _best(search.candidates)
+        if best is None:
+            break
+        tried = sorted({c.params[name] for c in search.candidates})
+        v = search.candidates[best].params[name]
+        if not isinstance(v, float):
+            break  # midpoints of an integer or choice parameter are not values of it
+        at = tried.index(v)
+        for neighbour in tried[max(0, at - 1) : at] + tried[at + 1 : at + 2]:
+            mid = (v + neighbour) / 2
+            if all(abs(mid - t) > 1e-12 for t in tried):
+                search.candidates.append(search.point({name: mid}, baseline))
+                tick("candidates", len(search.candidates), total)
+    cands = search.candidates
+    for i in pareto_front([(c.retention_min, c.target_score) for c in cands]):
+        cands[i].pareto = True
+    result = BudgetResult(
+        method=recipe.merge_method, grid=grid, budgets=dict(zip(search.source_names, (b.minimum for b in options.retain))),
+        baseline=baseline_ref, baseline_values={d.name: d.value for d in baseline.datasets}, candidates=cands,
+        chosen=_best(cands),
+    )
+    if result.chosen is None:
+        best_ret = max(range(len(cands)), key=lambda i: (cands[i].retention_min, cands[i].target_score))
+        if not options.most_retentive:
+            budget = ", ".join(f"{n} >= {m:g}" for n, m in result.budgets.items())
+            raise BudgetNotMet(f"no searched point meets the retention budget ({budget}); the most retentive, "
+                               f"{cands[best_ret].params}, retains {cands[best_ret].retention_min:.4f}. Nothing was written; "
+                               "lower the budget, search smaller values, or pass --most-retentive to write that point", result)
+        result.chosen = best_ret
+        search.tell(f"no point meets the budget; writing the most retentive one, {cands[best_ret].params}")
+    run_merge(build_plan(with_params(recipe, cands[result.chosen].params), allow_pickle=options.allow_pickle), out, options.merge)
+    result.out = out
+    return result
+
+
+def budget_table(result: BudgetResult):
+    """The searched points as a rich table: Pareto points starred, the chosen one marked."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.method}: retention budget search (baseline {result.baseline})")
+    for name in result.grid:
+        table.add_column(name, justify="right")
+    for name, minimum in result.budgets.items():
+        table.add_column(f"retention {name} (≥ {minimum:g})", justify="right")
+    for name in result.candidates[0].target if result.candidates else []:
+        table.add_column(f"target {name}", justify="right")
+    for col in ("within budget", "Pareto", "chosen"):
+        table.add_column(col, justify="center")
+    order = sorted(range(len(result.candidates)), key=lambda i: [result.candidates[i].params[n] for n in result.grid])
+    for i in order:
+        c = result.candidates[i]
+        table.add_row(*[f"{c.params[n]:g}" if isinstance(c.params[n], float) else str(c.params[n]) for n in result.grid],
+                      *[f"{c.retention[n]:.4f}" for n in result.budgets], *[f"{v:.4f}" for v in c.target.values()],
+                      "yes" if c.feasible else "no", "*" if c.pareto else "", "<-" if i == result.chosen else "")
+    table.caption = "retention and target: ratio to the baseline (ppl_base/ppl, acc/acc_base); > 1 is better"
+    return table
