@@ -49,7 +49,7 @@ class MethodRun:
     lr: float
 
 
-METHODS = [MethodRun("lora", 2e-3), MethodRun("hft", 1e-4)]
+METHODS = [MethodRun("lora", 2e-2), MethodRun("hft", 1e-3)]  # rates high enough that English is visibly forgotten
 RETAIN = 0.98  # English prose perplexity may rise by at most ~2% (retention = ppl_base / ppl)
 GRID = (0.25, 0.5, 0.75, 1.0, 1.5)  # lambda: scale of the averaged task vector added to the base
 
