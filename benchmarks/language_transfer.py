@@ -214,6 +214,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 if not any((adapter / f).is_file() for f in ("delta.json", "adapter_config.json")):
                     model = adapter  # full fine-tuning writes a complete model
                 elif not result_file.is_file():
+                    model.parent.mkdir(parents=True, exist_ok=True)
                     apply_delta(str(adapter), str(base), model, overwrite=True)
             res, control_ppl = evaluate(model, f"{lang}:{run.label}", paths, result_file, base_eval)
             if model.parent.name == "models":
