@@ -178,7 +178,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     from deltawise.report.html import build_report
 
     started = time.time()
-    runs = RUNS if args.methods == "all" else [r for r in RUNS if r.label in args.methods.split(",")]
+    by_label = {r.label: r for r in RUNS}
+    unknown = [m for m in args.methods.split(",") if m not in by_label] if args.methods != "all" else []
+    if unknown:
+        raise SystemExit(f"unknown runs: {', '.join(unknown)} (have {', '.join(by_label)})")
+    runs = RUNS if args.methods == "all" else [by_label[m] for m in args.methods.split(",")]  # in the order given
     if not has_bam():
         skipped = [r.label for r in runs if r.method == "bam"]
         runs = [r for r in runs if r.method != "bam"]
