@@ -142,6 +142,7 @@ def bam(base: Path, paths: dict[str, Path], out: Path, run: Run, args) -> dict:
     """Branch-and-Merge with the same total budget: 2 branches × 2 rounds, each branch a quarter of the steps."""
     log = out / "bam.json"
     if not log.is_file():
+        out.mkdir(parents=True, exist_ok=True)
         steps = max(1, args.steps // 4)
         cmd = [sys.executable, "-m", "deltawise", "bam", str(base), "--data", str(paths["train"]), "--branches", "2",
                "--rounds", "2", "--merge", "slerp", "--method", "full", "--lr", str(run.lr), "--max-steps", str(steps),
