@@ -74,6 +74,7 @@ RUNS = [
     Run("full-lr1e-3", "full", 1e-3),
     Run("lora-lr2e-2", "lora", 2e-2),
     Run("hft-lr1e-3", "hft", 1e-3),
+    Run("bam-lr1e-3", "bam", 1e-3),
 ]
 LANGUAGES = {"de": ("German", "fortunes-de"), "bg": ("Bulgarian", "fortunes-bg")}
 CONTROL = ["people", "wisdom", "work", "men-women", "politics"]  # English fortune files (format control)
@@ -210,8 +211,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             t0 = time.time()
             result_file = work / "results" / f"{run.label}.json"
             if run.method == "bam":
-                log = bam(base, paths, work / "bam", run, args)
-                model = work / "bam" / "model"
+                log = bam(base, paths, work / run.label, run, args)
+                model = work / run.label / "model"
             else:
                 adapter = work / "adapters" / run.label
                 log = train(run, base, paths, adapter, args)
