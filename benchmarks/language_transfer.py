@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from deltawise.delta.apply import apply_delta
+    from deltawise.adapt.materialize import materialize
     from deltawise.demo import fetch_smollm2
     from deltawise.report.html import build_report
 
@@ -217,11 +217,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 adapter = work / "adapters" / run.label
                 log = train(run, base, paths, adapter, args)
                 model = work / "models" / run.label
-                if not any((adapter / f).is_file() for f in ("delta.json", "adapter_config.json")):
-                    model = adapter  # full fine-tuning writes a complete model
-                elif not result_file.is_file():
+                if not result_file.is_file():  # the adapter folded into the base (full fine-tuning: itself)
                     model.parent.mkdir(parents=True, exist_ok=True)
-                    apply_delta(str(adapter), str(base), model, overwrite=True)
+                    model = materialize(adapter, base, model)
             res, control_ppl = evaluate(model, f"{lang}:{run.label}", paths, result_file, base_eval)
             if model.parent.name == "models":
                 shutil.rmtree(model, ignore_errors=True)  # 0.5 GB each; the adapter stays
