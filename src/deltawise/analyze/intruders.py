@@ -7,7 +7,7 @@ pre-trained matrix resembles it: max_i |cos(u_j, u0_i)| < eps, taken over ALL of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -25,6 +25,11 @@ class Intruders:
     base_singular_values: list[float]  # top-k singular values of W0
 
 
+def base_singular(w: torch.Tensor, side: Side = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """The base matrix's singular vectors and values, computed once for several fine-tunes."""
+    return _svd(w, side)
+
+
 def _svd(w: torch.Tensor, side: Side) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular vectors as columns (left: U, right: V) and singular values, descending."""
     dtype = torch.float64 if w.numel() <= FLOAT64_MAX_NUMEL else torch.float32
@@ -32,10 +37,12 @@ def _svd(w: torch.Tensor, side: Side) -> tuple[torch.Tensor, torch.Tensor]:
     return (u if side == "left" else vh.T), s
 
 
-def intruder_dimensions(w0: torch.Tensor, w_ft: torch.Tensor, *, k: int = 10, eps: float = 0.5, side: Side = "left") -> Intruders:
+def intruder_dimensions(w0: torch.Tensor, w_ft: torch.Tensor, *, k: int = 10, eps: float = 0.5, side: Side = "left",
+                        base_svd: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Intruders:
+    """``base_svd``: ``base_singular(w0, side)`` when the caller compares several models with one base."""
     if w0.ndim != 2 or w0.shape != w_ft.shape:
         raise ValueError(f"need two matrices of one shape, got {tuple(w0.shape)} and {tuple(w_ft.shape)}")
-    base_vecs, base_s = _svd(w0, side)
+    base_vecs, base_s = base_svd if base_svd is not None else _svd(w0, side)
     vecs, s = _svd(w_ft, side)
     k = min(k, vecs.shape[1])
     # singular vectors are unit norm, so |dot| is |cos|; abs because their signs are arbitrary

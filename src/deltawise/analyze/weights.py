@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from deltawise.analyze.intruders import Side, intruder_dimensions, is_analysed_matrix
+from deltawise.analyze.intruders import Side, base_singular, intruder_dimensions, is_analysed_matrix
 from deltawise.analyze.overlap import mask_overlap, sign_conflict
 from deltawise.analyze.results import (
     DeltaNorm, IntruderStats, MaskStats, ModelRef, ModelSummary, SignStats, TensorAnalysis, WeightsAnalysis, WeightsSummary,
@@ -68,8 +68,9 @@ def _tensor(name: str, w0: torch.Tensor, fts: list[torch.Tensor], labels: list[s
     )
     if opts.intruders and is_analysed_matrix(name, tuple(w0.shape)):
         out.intruders = []
+        base_svd = base_singular(w0, opts.side)  # once per tensor, not once per model
         for lab, ft in zip(labels, fts):
-            r = intruder_dimensions(w0, ft.float(), k=opts.k, eps=opts.eps, side=opts.side)
+            r = intruder_dimensions(w0, ft.float(), k=opts.k, eps=opts.eps, side=opts.side, base_svd=base_svd)
             out.intruders.append(IntruderStats(model=lab, **r.__dict__))
     if len(deltas) >= 2:
         sc = sign_conflict(deltas)
