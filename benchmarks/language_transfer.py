@@ -157,12 +157,6 @@ def bam(base: Path, paths: dict[str, Path], out: Path, run: Run, args) -> dict:
     return json.loads(log.read_text())
 
 
-def has_bam() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deltawise.adapt.bam") is not None
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/language_transfer"))
@@ -185,11 +179,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         raise SystemExit(f"unknown runs: {', '.join(unknown)} (have {', '.join(by_label)})")
     runs = RUNS if args.methods == "all" else [by_label[m] for m in args.methods.split(",")]  # in the order given
-    if not has_bam():
-        skipped = [r.label for r in runs if r.method == "bam"]
-        runs = [r for r in runs if r.method != "bam"]
-        if skipped:
-            console.print("[yellow]deltawise bam is not available in this version: BaM skipped[/]")
     base = fetch_smollm2(console)
     payload: dict = {"benchmark": "language_transfer", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -121,11 +121,16 @@ def train_expert(base: Path, train: Path, out: Path, epochs: float, lr: float) -
     return out
 
 
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
 def split_body(model_dir: Path, out: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write the model without its head as a model folder (what gets merged); return it and the head."""
-    state = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        state.update(load_file(f))
+    state = read_state(model_dir)
     head = {k: v for k, v in state.items() if k.startswith(HEAD)}
     if not (out / "model.safetensors").is_file():
         out.mkdir(parents=True, exist_ok=True)
@@ -199,10 +204,7 @@ class Scorer:
 
 
 def load_body(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in read_state(folder).items()}
 
 
 def mean(xs) -> float:

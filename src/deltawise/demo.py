@@ -108,7 +108,6 @@ def run_demo(
     from deltawise.delta.apply import apply_delta
     from deltawise.eval.forgetting import forgetting
     from deltawise.eval.runner import EvalOptions, evaluate
-    from deltawise.merge import merge
     from deltawise.report.html import build_report
 
     if quick:

@@ -62,7 +62,7 @@ def check_transfer(source: DeltaSource, base: ModelReader, label: str, *, hint: 
 def drift_report(source: DeltaSource, new_base: ModelReader, original: ModelReader) -> tuple[list[DriftRow], list[str]]:
     problems = compatibility_problems(source, original)
     if problems:
-        raise InputError(f"--original-base does not fit the delta:\n" + bullet_list(problems))
+        raise InputError("--original-base does not fit the delta:\n" + bullet_list(problems))
     warnings = []
     recorded = source.base.get("fingerprint")
     if recorded and recorded != original.fingerprint():
