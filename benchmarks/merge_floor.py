@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def tensor_layout(folder: Path) -> dict[str, tuple[Path, int, int, list[int], to
 
 
 def main(out_file: Path, folders: list[Path]) -> None:
+    started = time.perf_counter()  # after Python start and `import torch`, like deltawise's own timing
     torch.set_num_threads(1)
     layouts = [tensor_layout(f) for f in folders]
     names = sorted(layouts[0], key=lambda k: -layouts[0][k][2])  # big first: both threads end together
@@ -119,7 +121,8 @@ def main(out_file: Path, folders: list[Path]) -> None:
     try:
         with ThreadPoolExecutor(2) as pool:
             total = sum(pool.map(work, names))
-        print(f"{total} bytes out, sha256 {sha.hexdigest()[:16]} over {hashed[0]} bytes")
+        seconds = time.perf_counter() - started
+        print(f"{total} bytes out, sha256 {sha.hexdigest()[:16]} over {hashed[0]} bytes ({seconds:.2f} s)")
     finally:
         os.close(out_fd)
         out_file.unlink(missing_ok=True)

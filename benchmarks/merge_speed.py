@@ -17,15 +17,20 @@ What it measures
     the raw read bandwidth of the same files.
 
     Raw read bandwidth: right before the merges the script streams every input file once
-    with sequential 64 MiB ``readinto`` calls and times it, twice. Caches cannot be dropped
-    without root, so the script only reports what it saw: the share of the input pages that
-    were in the page cache before each pass (``mincore``) and both bandwidths. The second,
-    page-cache-warm pass is the reference, because the merges that follow read warm files
-    too: right before each run (deltawise, floor, mergekit) its inputs are read once more, so
+    with sequential 64 MiB ``readinto`` calls and times it, twice, reporting the share of the
+    input pages that were in the page cache before each pass (``mincore``) and both
+    bandwidths. By default the second, page-cache-warm pass is the reference, because the
+    merges that follow read warm files too: right before each run (deltawise, floor, mergekit) its inputs are read once more, so
     that what an earlier run evicted (mergekit's RSS reaches 5-11 GB) is back in the page cache
     (``--no-warm`` skips this; each row shows how much of its inputs was cached at its start).
     The reference is therefore "copy from the page cache into a user buffer", not disk
-    speed. Wall time includes starting Python and importing torch (a few seconds).
+    speed. With ``--cold`` the inputs are evicted from the page cache (posix_fadvise
+    DONTNEED, no root needed) before each raw-read pass and before every run, so the
+    reference and every merge read from disk: the case of a merge of checkpoints that were
+    not just read. Wall time includes starting Python and importing torch (a few seconds).
+
+    ``--device cuda`` runs deltawise's arithmetic on the GPU (reading, writing and hashing stay
+    on the host); the floor loop and mergekit stay on the CPU either way.
 
     mergekit comparison: when ``mergekit-yaml`` is found (``--mergekit PATH``; by default
     next to ``sys.executable``, then on ``PATH``; ``--mergekit none`` skips it) the same
@@ -46,14 +51,15 @@ What it measures
     back, write, sha256 -- with the engine's threads and chunk size. Its throughput is what
     op-by-op torch code reaches on this machine; the table gives deltawise's time against it.
 
-    Verdicts, one line per target: linear and task_arithmetic reach >= 70% of the warm raw
-    read bandwidth; ties is >= 2x faster than mergekit; deltawise's peak RSS < 2 GB
+    Verdicts, one line per target: linear and task_arithmetic reach >= 70% of the raw read
+    bandwidth (warm, or cold with ``--cold``); ties is >= 2x faster than mergekit; deltawise's peak RSS < 2 GB
     (2,000 MB) for every method.
 
 How to run it (from the repository root)
     .venv/bin/python benchmarks/merge_speed.py --workdir /tmp/dw-speed --keep --json merge_speed.json
     .venv/bin/python benchmarks/merge_speed.py --shape small --methods linear,ties   # quick run
     .venv/bin/python benchmarks/merge_speed.py --mergekit none                      # deltawise only
+    .venv/bin/python benchmarks/merge_speed.py --cold --device cuda                 # from disk, GPU arithmetic
 
 Sizes use decimal units (1 GB = 10**9 bytes, 1 MB = 10**6 bytes), like ``--shard-size``.
 """
@@ -63,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +89,7 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     RunResult,
     build_recipe,
     cached_fraction,
+    evict,
     console,
     ensure_checkpoints,
     host_info,
@@ -95,7 +103,7 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     write_recipe,
 )
 
-BANDWIDTH_TARGET = 0.70  # linear / task_arithmetic: share of the warm raw read bandwidth
+BANDWIDTH_TARGET = 0.70  # linear / task_arithmetic: share of the raw read bandwidth
 BANDWIDTH_METHODS = ("linear", "task_arithmetic")
 TIES_SPEEDUP_TARGET = 2.0  # ties: mergekit wall / deltawise wall
 RSS_TARGET_BYTES = 2 * GB
@@ -114,6 +122,7 @@ class RawRead:
     pass1_s: float
     cached_before_2: float | None
     pass2_s: float
+    cold: bool = False  # both passes started with the files evicted from the page cache
 
     @property
     def pass1_bps(self) -> float:
@@ -125,8 +134,12 @@ class RawRead:
 
     @property
     def reference_bps(self) -> float:
-        """The warm (second) pass: the merges read page-cache-warm files too."""
+        """The second pass, read the way the merges read: page-cache warm, or from disk with --cold."""
         return self.pass2_bps
+
+    @property
+    def mode(self) -> str:
+        return "cold, from disk" if self.cold else "warm"
 
 
 @dataclass
@@ -143,6 +156,9 @@ class ToolRun:
     inputs_cached_before: float | None
     load_avg_before: float
     error: str = ""
+    # the merge's own time as the tool prints it (deltawise: "(X GB, Y s)"; the floor loop:
+    # "(Y s)"), i.e. without Python's start and imports; None when the tool does not print one
+    work_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -173,6 +189,14 @@ class MethodResult:
     def raw_fraction(self) -> float | None:
         tp = self.throughput_bps
         return tp / self.raw_reference_bps if tp is not None and self.raw_reference_bps else None
+
+    @property
+    def work_raw_fraction(self) -> float | None:
+        """Like raw_fraction, over the merge's own time (Python start and imports left out)."""
+        dw = self.deltawise
+        if not dw.ok or not dw.work_s or not self.raw_reference_bps:
+            return None
+        return self.bytes_read / dw.work_s / self.raw_reference_bps
 
     @property
     def floor_ratio(self) -> float | None:
@@ -227,9 +251,12 @@ def find_mergekit(option: str | None) -> Path | None:
     return Path(found) if found else None
 
 
-def tool_env() -> dict[str, str]:
-    """Both tools run on the CPU and offline (every input is a local folder)."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def tool_env(gpu: bool = False) -> dict[str, str]:
+    """Every tool runs offline (every input is a local folder), and on the CPU unless ``gpu``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def clear_output(out_dir: Path) -> None:
@@ -241,13 +268,17 @@ def clear_output(out_dir: Path) -> None:
 
 
 def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeout_s: float,
-             keep_output: bool, warm: bool = True) -> ToolRun:
+             keep_output: bool, warm: bool = True, gpu: bool = False, cold: bool = False) -> ToolRun:
     clear_output(out_dir)
-    if warm:  # every run starts page-cache-warm like the raw-read reference, whatever the last run evicted
+    if cold:  # every run reads its inputs from disk, like the cold raw-read reference
+        evict(inputs)
+    elif warm:  # every run starts page-cache-warm like the raw-read reference, whatever the last run evicted
         read_files(inputs)
     cached = cached_fraction(inputs)
     load = os.getloadavg()[0]
-    run: RunResult = run_measured(cmd, out_dir.parent / out_dir.name, timeout_s=timeout_s, env=tool_env())
+    run: RunResult = run_measured(cmd, out_dir.parent / out_dir.name, timeout_s=timeout_s, env=tool_env(gpu))
+    stdout_log = out_dir.parent / f"{out_dir.name}.stdout.log"
+    reported = re.findall(r"([0-9.]+) s\)\s*$", stdout_log.read_text(errors="replace"), re.M) if stdout_log.exists() else []
     output_bytes = safetensors_bytes(out_dir) if out_dir.is_dir() else 0
     if not keep_output:
         clear_output(out_dir)
@@ -255,7 +286,7 @@ def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeo
         tool=tool, cmd=cmd, returncode=run.returncode, timed_out=run.timed_out, wall_s=run.wall_s, cpu_s=run.cpu_s,
         peak_rss_bytes=run.peak_rss_bytes, peak_anon_rss_bytes=run.peak_anon_rss_bytes,
         output_bytes=output_bytes, inputs_cached_before=cached, load_avg_before=load,
-        error="" if run.ok else run.stderr[-STDERR_TAIL:],
+        error="" if run.ok else run.stderr[-STDERR_TAIL:], work_s=float(reported[-1]) if run.ok and reported else None,
     )
     line = (f"  {tool}: {result.status}, {result.wall_s:.1f} s wall, {result.cpu_s:.1f} s CPU, peak RSS {result.peak_rss_bytes / MB:,.0f} MB "
             f"(anon {result.peak_anon_rss_bytes / MB:,.0f} MB), output {output_bytes / GB:.2f} GB")
@@ -263,13 +294,18 @@ def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeo
     return result
 
 
-def measure_raw_read(files: list[Path]) -> RawRead:
+def measure_raw_read(files: list[Path], cold: bool = False) -> RawRead:
+    if cold:
+        evict(files)
     cached1 = cached_fraction(files)
     n1, t1 = read_files(files)
+    if cold:
+        evict(files)
     cached2 = cached_fraction(files)
     n2, t2 = read_files(files)
     assert n1 == n2, "input files changed size between the two raw-read passes"
-    raw = RawRead(files=len(files), bytes=n1, cached_before_1=cached1, pass1_s=t1, cached_before_2=cached2, pass2_s=t2)
+    raw = RawRead(files=len(files), bytes=n1, cached_before_1=cached1, pass1_s=t1, cached_before_2=cached2, pass2_s=t2,
+                  cold=cold)
     console.print(raw_read_line(raw))
     return raw
 
@@ -280,22 +316,25 @@ def measure_method(method: str, base: Path, models: list[Path], workdir: Path, a
     files = [f for folder in recipe_inputs(method, base, models) for f in safetensors_files(folder)]
     console.print(f"[bold]{method}[/]: reads {len(files)} files, {sum(f.stat().st_size for f in files) / GB:.2f} GB")
     dw_out = workdir / f"out_{method}"
-    dw_cmd = [sys.executable, "-m", "deltawise", "merge", str(recipe), str(dw_out), "--shard-size", args.shard_size]
+    dw_cmd = [sys.executable, "-m", "deltawise", "merge", str(recipe), str(dw_out), "--shard-size", args.shard_size,
+              "--device", args.device, "--threads", str(args.threads)]
     result = MethodResult(
         method=method, bytes_read=sum(f.stat().st_size for f in files), input_files=len(files),
-        deltawise=run_tool("deltawise", dw_cmd, dw_out, files, args.timeout, args.keep_outputs, args.warm),
+        deltawise=run_tool("deltawise", dw_cmd, dw_out, files, args.timeout, args.keep_outputs, args.warm,
+                           gpu=args.device != "cpu", cold=args.cold),
         raw_reference_bps=raw.reference_bps,
     )
     if args.floor and method in BANDWIDTH_METHODS:
         floor_out = workdir / f"out_{method}_floor.bin"
         floor_cmd = [sys.executable, str(Path(__file__).resolve().parent / "merge_floor.py"), str(floor_out),
                      *map(str, recipe_inputs(method, base, models))]
-        result.floor = run_tool("floor", floor_cmd, floor_out, files, args.timeout, False, args.warm)
+        result.floor = run_tool("floor", floor_cmd, floor_out, files, args.timeout, False, args.warm, cold=args.cold)
     if mergekit is not None:
         mk_out = workdir / f"out_{method}_mergekit"
         mk_cmd = [str(mergekit), str(recipe), str(mk_out), "--out-shard-size", str(args.shard_bytes),
                   "--lazy-unpickle", "--no-copy-tokenizer"]
-        result.mergekit = run_tool("mergekit", mk_cmd, mk_out, files, args.timeout, args.keep_outputs, args.warm)
+        result.mergekit = run_tool("mergekit", mk_cmd, mk_out, files, args.timeout, args.keep_outputs, args.warm,
+                                   cold=args.cold)
     return result
 
 
@@ -312,7 +351,7 @@ def raw_read_line(raw: RawRead) -> str:
     return (f"raw read of all {raw.files} input files ({raw.bytes / GB:.2f} GB, 64 MiB readinto): "
             f"pass 1 {raw.pass1_s:.1f} s = {raw.pass1_bps / GB:.2f} GB/s ({pct(raw.cached_before_1)} of pages "
             f"in page cache before), pass 2 {raw.pass2_s:.1f} s = {raw.pass2_bps / GB:.2f} GB/s "
-            f"({pct(raw.cached_before_2)} cached before); reference = pass 2 (warm)")
+            f"({pct(raw.cached_before_2)} cached before); reference = pass 2 ({raw.mode})")
 
 
 def wall_cell(run: ToolRun) -> str:
@@ -325,8 +364,8 @@ def rss_cell(run: ToolRun) -> str:
 
 def results_table(results: list[MethodResult], raw: RawRead, shape_name: str) -> Table:
     table = Table(title=f"deltawise merge speed: {shape_name}, reference raw read {raw.reference_bps / GB:.2f} GB/s "
-                        f"(warm pass 2; pass 1 {raw.pass1_bps / GB:.2f} GB/s)")
-    headers = ("method", "read GB", "cached", "dw wall s (CPU)", "dw MB/s", "% of raw", "dw RSS MB (anon)",
+                        f"({raw.mode} pass 2; pass 1 {raw.pass1_bps / GB:.2f} GB/s)")
+    headers = ("method", "read GB", "cached", "dw wall s (CPU)", "dw MB/s", "% of raw", "dw merge s (% of raw)", "dw RSS MB (anon)",
                "floor wall s (CPU)", "floor MB/s", "dw % of floor", "mk wall s (CPU)", "mk RSS MB (anon)", "time dw/mk",
                "RSS dw/mk")
     for header in headers:
@@ -335,14 +374,16 @@ def results_table(results: list[MethodResult], raw: RawRead, shape_name: str) ->
         dw, mk = r.deltawise, r.mergekit
         row = [r.method, f"{r.bytes_read / GB:.2f}", pct(dw.inputs_cached_before)]
         if dw.ok:
-            row += [wall_cell(dw), f"{r.throughput_bps / MB:,.0f}", pct(r.raw_fraction), rss_cell(dw)]
+            merge_only = "-" if dw.work_s is None else f"{dw.work_s:.1f} ({pct(r.work_raw_fraction)})"
+            row += [wall_cell(dw), f"{r.throughput_bps / MB:,.0f}", pct(r.raw_fraction), merge_only, rss_cell(dw)]
         else:
-            row += [f"[red]{dw.status}", "-", "-", rss_cell(dw)]
+            row += [f"[red]{dw.status}", "-", "-", "-", rss_cell(dw)]
         fl = r.floor
         if fl is None:
             row += ["-", "-", "-"]
         elif fl.ok:
-            row += [wall_cell(fl), f"{r.bytes_read / fl.wall_s / MB:,.0f}", pct(r.floor_ratio)]
+            row += [wall_cell(fl) if fl.work_s is None else f"{wall_cell(fl)} [{fl.work_s:.1f}]",
+                    f"{r.bytes_read / fl.wall_s / MB:,.0f}", pct(r.floor_ratio)]
         else:
             row += [f"[red]{fl.status}", "-", "-"]
         if mk is None:
@@ -361,7 +402,7 @@ def verdicts(results: list[MethodResult], mergekit: Path | None) -> list[str]:
     by = {r.method: r for r in results}
     lines = []
 
-    # 1. linear / task_arithmetic >= 70% of the warm raw read bandwidth
+    # 1. linear / task_arithmetic >= 70% of the raw read bandwidth (warm, or cold with --cold)
     target = f"linear/task_arithmetic >= {100 * BANDWIDTH_TARGET:.0f}% of raw read bandwidth"
     measured = [by[m] for m in BANDWIDTH_METHODS if m in by]
     if not measured:
@@ -371,7 +412,11 @@ def verdicts(results: list[MethodResult], mergekit: Path | None) -> list[str]:
     else:
         ok = all(r.raw_fraction >= BANDWIDTH_TARGET for r in measured)
         detail = ", ".join(f"{r.method} {pct(r.raw_fraction)} ({r.throughput_bps / MB:,.0f} MB/s)" for r in measured)
-        lines.append(f"{target}: {'PASS' if ok else 'FAIL'} -- {detail} of {measured[0].raw_reference_bps / MB:,.0f} MB/s")
+        lines.append(f"{target}: {'PASS' if ok else 'FAIL'} -- {detail} of {measured[0].raw_reference_bps / MB:,.0f} MB/s "
+                     "(wall time of the whole command)")
+        if all(r.work_raw_fraction is not None for r in measured):
+            lines.append("  the merge alone (the command's own reported time, without Python's start and imports): "
+                         + ", ".join(f"{r.method} {pct(r.work_raw_fraction)}" for r in measured))
 
     floors = [r for r in measured if r.floor_ratio is not None]
     if floors:
@@ -442,7 +487,7 @@ def write_json(path: Path, results: list[MethodResult], raw: RawRead, shape: Lla
         "deltawise_source": source,
         "mergekit": {"path": str(mergekit) if mergekit else None, "version": mergekit_version() if mergekit else None},
         "raw_read": {**asdict(raw), "pass1_bps": raw.pass1_bps, "pass2_bps": raw.pass2_bps,
-                     "reference_bps": raw.reference_bps, "reference": "pass 2 (page-cache warm)"},
+                     "reference_bps": raw.reference_bps, "reference": f"pass 2 ({raw.mode})"},
         "results": [r.to_json() for r in results],
         "verdicts": verdict_lines,
     }
@@ -470,14 +515,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mergekit-yaml to compare with (default: next to this Python, then PATH; 'none' skips)")
     parser.add_argument("--no-warm", dest="warm", action="store_false",
                         help="do not read each run's inputs once right before it (by default every run starts warm)")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the inputs from the page cache (posix_fadvise) before the raw read and before every "
+                             "run, so that all of them read from disk, and take that cold read as the reference")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the bare torch loop (merge_floor.py) run beside linear and task_arithmetic")
+    parser.add_argument("--device", default="cpu", help="--device of the deltawise merges: cpu (default) or cuda; "
+                        "the floor loop and mergekit stay on the CPU")
+    parser.add_argument("--threads", type=int, default=2, help="--threads of the deltawise merges (default 2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is ended (default 1800)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     args.methods = parse_methods(parser, args.methods)
-    if args.models < 1 or args.timeout <= 0:
-        parser.error("--models must be >= 1 and --timeout > 0")
+    if args.models < 1 or args.timeout <= 0 or args.threads < 1:
+        parser.error("--models and --threads must be >= 1 and --timeout > 0")
     try:
         args.shard_bytes = parse_size(args.shard_size)
     except argparse.ArgumentTypeError as exc:
@@ -498,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"mergekit: {mergekit or 'not found / skipped'}")
         source = source_state()
         load_start = os.getloadavg()[0]
-        console.print(f"{os.cpu_count()} CPUs, load average {load_start:.1f}")
+        console.print(f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load average {load_start:.1f}; "
+                      f"deltawise merges on {args.device} with {args.threads} thread(s)")
         if source["uncommitted_src"]:
             console.print(f"[yellow]note: src/ has uncommitted changes ({len(source['uncommitted_src'])} files); "
                           f"the merges run the working tree as it is when each starts")
@@ -506,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             write_recipe(workdir / f"recipe_{method}.yaml", build_recipe(method, base, models))
         folders = sorted({f for m in args.methods for f in recipe_inputs(m, base, models)})
-        raw = measure_raw_read([f for folder in folders for f in safetensors_files(folder)])
+        raw = measure_raw_read([f for folder in folders for f in safetensors_files(folder)], cold=args.cold)
         results = [measure_method(m, base, models, workdir, args, mergekit, raw) for m in args.methods]
 
         for r in results:
@@ -518,9 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(raw_read_line(raw))
         console.print(results_table(results, raw, args.shape))
         console.print("dw = deltawise, mk = mergekit, floor = merge_floor.py (bare torch read/convert/add/cast/write/sha256 "
-                      "loop); dw % of floor = floor wall / dw wall; cached = share of the inputs in the page cache when the deltawise "
+                      "loop; [its own time]); dw % of floor = floor wall / dw wall; dw merge s = the time deltawise reports for the merge, without Python's start and imports; cached = share of the inputs in the page cache when the deltawise "
                       "run started; wall s (CPU s: user + sys of the run); MB/s = bytes read / wall s; % of raw = that / "
-                      "warm raw read; RSS ratio uses peak RSS (file-backed pages included), anon RSS in brackets; "
+                      f"{raw.mode} raw read; RSS ratio uses peak RSS (file-backed pages included), anon RSS in brackets; "
                       f"load average {os.getloadavg()[0]:.1f} now, {load_start:.1f} at the start",
                       markup=False, highlight=False)
         for line in verdict_lines:

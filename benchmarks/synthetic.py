@@ -180,6 +180,8 @@ def host_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # fewer under taskset / a cgroup cpuset
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "ram_bytes": psutil.virtual_memory().total,
         "load_avg": os.getloadavg(),
     }
@@ -426,6 +428,18 @@ def read_files(paths: list[Path], buffer_bytes: int = 64 * 2**20) -> tuple[int, 
             while n := f.readinto(view):
                 total += n
     return total, time.perf_counter() - start
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (posix_fadvise DONTNEED: no root needed, clean
+    pages only, so written outputs are flushed first), making the next read come from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def cached_fraction(paths: list[Path]) -> float | None:

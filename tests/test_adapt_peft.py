@@ -90,7 +90,10 @@ def test_cli_path_matches_peft_directly(method, tiny_lm, tmp_path):
     ours = peft.PeftModel.from_pretrained(base_model(tiny_lm["model"]), result.output)
     got = logits(ours, batch)
     assert not torch.allclose(got, logits(base_model(tiny_lm["model"]), batch), atol=1e-4), "the step changed nothing"
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # the CLI trains on a GPU when one is present while the reference steps on the CPU: float32
+    # on both, but the GPU's kernels round differently (seen: 4.7e-5 for lora_fa on an H100)
+    atol = 1e-4 if torch.cuda.is_available() else 2e-5
+    torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
 
     merged = ours.merge_and_unload()
     torch.testing.assert_close(logits(merged, batch), got, atol=2e-5, rtol=1e-4)

@@ -253,3 +253,11 @@ def test_a_cpu_merge_never_touches_cuda(llama_family, tmp_path, monkeypatch):
     for method, params in (("linear", {}), ("task_arithmetic", {"weight": 0.5}), ("ties", {"density": 0.5})):
         merge(recipe_for(method, llama_family, params, base=method != "linear"), str(tmp_path / method), threads=2)
         assert (tmp_path / method / "deltawise_merge.json").exists()
+
+
+def test_a_model_listed_three_times_is_reported_once_per_repeat(llama_family, tmp_path):
+    r = recipe_for("linear", llama_family, models=("ft1", "ft2", "ft1", "ft1"), base=False)
+    with pytest.raises(RecipeError) as info:
+        merge(r, str(tmp_path / "out"))
+    lines = [line for line in str(info.value).splitlines() if "same model" in line]
+    assert lines == [f"  - models[{i}] ({llama_family['ft1']}) is the same model as models[0]" for i in (2, 3)], str(info.value)

@@ -194,6 +194,8 @@ class _Loader:
         """``result`` as the output dtype, on the CPU (in a reused buffer when it has to change)."""
         if result.dtype == t.out.dtype and result.device.type == "cpu":
             return result
+        if result.device.type != "cpu":
+            result = result.to(t.out.dtype)  # cast on the device: half the bytes cross to the host
         out = self.buffers.get("out", tuple(result.shape), t.out.dtype, torch.device("cpu"))
         return out.copy_(result)
 

@@ -150,9 +150,9 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
 
     refs = [e.model for e in recipe.models]
     for i, ref in enumerate(refs):
-        for j in range(i):
-            if same_model(ref, refs[j]):
-                problems.append(f"models[{i}] ({ref}) is listed twice")
+        first = next((j for j in range(i) if same_model(ref, refs[j])), None)
+        if first is not None:  # one line per repeat, naming the first listing
+            problems.append(f"models[{i}] ({ref}) is the same model as models[{first}]")
     if method.base_policy == "required" and recipe.base_model is None:
         problems.append(f"{method.name} needs base_model (task vectors are taken relative to it)")
 

@@ -36,7 +36,10 @@ class _HighPass(StatsPass):
 
     def update(self, job: TensorJob) -> None:
         for i, values in enumerate(self.source(job)):
-            self.counts[i] += torch.bincount((_bits(values) >> 16).cpu(), minlength=HIGH_BINS)
+            # counted where the values are: shipping every chunk's bits to the host would cost
+            # more than the GPU merge itself; the counts follow the values' device on first use
+            self.counts = self.counts.to(values.device)
+            self.counts[i] += torch.bincount(_bits(values) >> 16, minlength=HIGH_BINS)
 
 
 class _LowPass(StatsPass):
@@ -50,10 +53,12 @@ class _LowPass(StatsPass):
         for i, values in enumerate(self.source(job)):
             if not self.counts[i]:
                 continue
-            bits = _bits(values).cpu()
+            bits = _bits(values)
             high = bits >> 16
-            for hi, counter in self.counts[i].items():
-                counter += torch.bincount(bits[high == hi] & 0xFFFF, minlength=LOW_BINS)
+            counters = self.counts[i]
+            for hi in counters:
+                counters[hi] = counters[hi].to(values.device)
+                counters[hi] += torch.bincount(bits[high == hi] & 0xFFFF, minlength=LOW_BINS)
 
 
 class OrderStatistics:
@@ -94,5 +99,5 @@ class OrderStatistics:
                     continue
                 hi, r = loc
                 lo = int(torch.searchsorted(low.counts[i][hi].cumsum(0), r))
-                bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32)
+                bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32)  # on the host, whatever the counts' device
                 self.values[i][j] = float(bits.view(torch.float32))
