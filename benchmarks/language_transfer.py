@@ -81,7 +81,10 @@ CONTROL = ["people", "wisdom", "work", "men-women", "politics"]  # English fortu
 
 
 def prepare(work: Path, lang: str, n_eval: int, seed: int) -> dict[str, Path]:
-    data = work / "data"
+    # One folder per language, the English sets included: they are drawn after the language's
+    # own shuffle, so each language has its own 48 paragraphs, and preparing one language must
+    # never rewrite the sets another language's cached results were measured on.
+    data = work / "data" / lang
     data.mkdir(parents=True, exist_ok=True)
     paths = {"target": data / f"{lang}_heldout.jsonl", "train": data / f"{lang}_train.txt",
              "source": data / "english_prose.jsonl", "control": data / "english_fortunes.jsonl"}
@@ -114,6 +117,9 @@ def evaluate(model: Path, label: str, paths: dict[str, Path], out: Path, baselin
     from deltawise.eval.runner import EvalOptions, evaluate as run_eval
 
     control = out.with_suffix(".control.json")
+    if out.is_file() and not _measured_on(out, [paths["source"], paths["target"]]):
+        out.unlink()  # measured on other files (an older data layout): measure again
+        control.unlink(missing_ok=True)
     if not out.is_file():
         options = EvalOptions(max_length=256, batch_size=16)
         result = run_eval(str(model), [paths["source"]], [paths["target"]], options)
@@ -123,6 +129,11 @@ def evaluate(model: Path, label: str, paths: dict[str, Path], out: Path, baselin
         run_eval(str(model), [paths["control"]], [], options).save(control)
         result.save(out)
     return load_result(out), load_result(control).datasets[0].value
+
+
+def _measured_on(result_file: Path, files: list[Path]) -> bool:
+    recorded = {str(Path(d.get("path") or "").resolve()) for d in json.loads(result_file.read_text()).get("datasets", [])}
+    return recorded == {str(f.resolve()) for f in files}
 
 
 def train(run: Run, base: Path, paths: dict[str, Path], out: Path, args) -> dict:
