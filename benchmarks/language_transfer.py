@@ -117,7 +117,8 @@ def evaluate(model: Path, label: str, paths: dict[str, Path], out: Path, baselin
     from deltawise.eval.runner import EvalOptions, evaluate as run_eval
 
     control = out.with_suffix(".control.json")
-    if out.is_file() and not _measured_on(out, [paths["source"], paths["target"]]):
+    measured_on = {str(f.resolve()) for f in (paths["source"], paths["target"])}
+    if out.is_file() and {str(Path(d.path).resolve()) for d in load_result(out).datasets} != measured_on:
         out.unlink()  # measured on other files (an older data layout): measure again
         control.unlink(missing_ok=True)
     if not out.is_file():
@@ -129,11 +130,6 @@ def evaluate(model: Path, label: str, paths: dict[str, Path], out: Path, baselin
         run_eval(str(model), [paths["control"]], [], options).save(control)
         result.save(out)
     return load_result(out), load_result(control).datasets[0].value
-
-
-def _measured_on(result_file: Path, files: list[Path]) -> bool:
-    recorded = {str(Path(d.get("path") or "").resolve()) for d in json.loads(result_file.read_text()).get("datasets", [])}
-    return recorded == {str(f.resolve()) for f in files}
 
 
 def train(run: Run, base: Path, paths: dict[str, Path], out: Path, args) -> dict:
