@@ -25,6 +25,7 @@ import torch
 from deltawise.merge.params import Param
 
 if TYPE_CHECKING:
+    from deltawise.merge.fused import FusedSpec
     from deltawise.io.reader import ModelReader
     from deltawise.merge.plan import MergePlan
 
@@ -169,6 +170,11 @@ class MergeMethod:
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         raise NotImplementedError
+
+    def fused(self, params: dict[str, Any], model_params: list[dict[str, Any]]) -> Optional["FusedSpec"]:
+        """This merge as one of the fused CPU kernels (``fused.py``), or None (the default): the
+        engine then calls ``merge``. A spec must give exactly the bits ``merge`` gives."""
+        return None
 
     @classmethod
     def param(cls, name: str) -> Param:

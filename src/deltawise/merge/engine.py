@@ -30,6 +30,7 @@ import torch
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io.output import MANIFEST, check_output_folder, swap_into_place
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
+from deltawise.merge import fused
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
@@ -119,15 +120,18 @@ class _Loader:
         stored = [r.info(s).dtype for r, s in zip(readers, t.sources)]
         return torch.float64 if torch.float64 in stored else torch.float32
 
-    def _read(self, slot: Any, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str,
-              screen: bool = False) -> torch.Tensor:
+    def _raw(self, slot: Any, reader, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor as stored, on the CPU."""
         info = reader.info(name)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         read_into = getattr(reader, "read_rows_into", None)  # a ModelReader; a DeltaReader computes its rows
         if read_into is not None:
-            raw = read_into(name, start, stop, self.buffers.get(("raw", slot), shape, info.dtype, torch.device("cpu")))
-        else:
-            raw = reader.get_rows(name, start, stop) if info.shape else reader.get(name)
+            return read_into(name, start, stop, self.buffers.get(("raw", slot), shape, info.dtype, torch.device("cpu")))
+        return reader.get_rows(name, start, stop) if info.shape else reader.get(name)
+
+    def _read(self, slot: Any, reader, name: str, start: int, stop: int, dtype: torch.dtype, label: str,
+              screen: bool = False) -> torch.Tensor:
+        raw = self._raw(slot, reader, name, start, stop)
         if raw.dtype == dtype and self.device.type == "cpu":
             x = raw
         else:
@@ -136,6 +140,29 @@ class _Loader:
         if screen or self.screen_inputs:
             _require_finite(x, label, name)
         return x
+
+    def fused_spec(self, t: TensorPlan) -> Optional[fused.FusedSpec]:
+        """The fused kernel's form of ``t``'s merge when it can run here (CPU, extension built,
+        inputs read from files, bfloat16/float32 in and out), else None: the torch path."""
+        if self.device.type != "cpu" or not fused.available() or self.plan.side_inputs:
+            return None
+        spec = self.plan.method.fused(t.params, t.model_params)
+        if spec is None or (spec.kind == "task_arithmetic") != (self.base_reader is not None):
+            return None
+        sources = [(m.reader, s) for m, s in zip(self.plan.inputs, t.sources)]
+        if self.base_reader is not None:
+            sources.append((self.base_reader, t.base_source))
+        if not all(hasattr(r, "read_rows_into") for r, _ in sources):
+            return None
+        return spec if fused.supports([r.info(s).dtype for r, s in sources] + [t.out.dtype]) else None
+
+    def fused_chunk(self, t: TensorPlan, spec: fused.FusedSpec, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Rows [start, stop) of ``t`` merged by the kernel straight into the output dtype, and
+        how many of them were NaN/inf."""
+        models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
+        base = self._raw(-1, self.base_reader, t.base_source, start, stop) if self.base_reader is not None else None
+        out = self.buffers.get("out", tuple(models[0].shape), t.out.dtype, torch.device("cpu"))
+        return out, fused.run(spec, out, models, base)
 
     def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
         """A tensor taken unmerged from the template model (integer buffers, `exclude` matches)."""
@@ -264,6 +291,15 @@ class _TensorRun:
 
     def merged_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         method = self.plan.method
+        spec = self.loader.fused_spec(self.t)
+        if spec is not None:
+            for start, stop in self.ranges:
+                result, nonfinite = self.loader.fused_chunk(self.t, spec, start, stop)
+                if nonfinite:
+                    self.loader.blame_inputs(self.t, self.loader.job(self.t, start, stop, {}, 0, {}))
+                    raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
+                yield start, result
+            return
         for stats_pass in method.tensor_passes(self.t.params, self.t.model_params, self.t.out_numel, self.stats):
             self.visit(stats_pass)
         for start, stop in self.ranges:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.fused import FusedSpec
 from deltawise.merge.methods.common import WEIGHT, normalize
 
 
@@ -32,6 +33,10 @@ class Linear(MergeMethod):
                 problems.append(f"weights of {tensor.name} sum to 0 with normalize: true (division by zero)")
                 break
         return problems
+
+    def fused(self, params, model_params):
+        weights = tuple(float(p["weight"]) for p in model_params)
+        return FusedSpec("linear", weights, sum(weights) if params["normalize"] else None)
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         weights = [p["weight"] for p in job.model_params]

@@ -7,7 +7,10 @@ Negative weights remove a behaviour; lambda = 1/T with unit weights is plain ave
 
 from __future__ import annotations
 
+import torch
+
 from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.fused import FusedSpec
 from deltawise.merge.methods.common import LAMBDA, WEIGHT, normalize
 from deltawise.merge.sparsify import combine
 
@@ -19,6 +22,13 @@ class TaskArithmetic(MergeMethod):
     reference = "https://arxiv.org/abs/2212.04089"
     params = (WEIGHT, LAMBDA, normalize(False))
     propagates_nonfinite = True  # sums and scalings of every input entry
+
+    def fused(self, params, model_params):
+        # merge() rounds the weights to float32 (job.weights()) and sums the rounded values
+        weights = tuple(torch.tensor([p.get("weight", 1.0) for p in model_params], dtype=torch.float32).tolist())
+        divisor = sum(weights)
+        normalized = params["normalize"] and abs(divisor) >= 1e-8  # as aggregate()
+        return FusedSpec("task_arithmetic", weights, divisor if normalized else None, float(params["lambda"]))
 
     def merge(self, job: TensorJob):
         return combine(

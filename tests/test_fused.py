@@ -1,0 +1,227 @@
+"""The fused C kernels of linear and task_arithmetic: the same bits as the torch path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_state
+from deltawise.errors import InputError
+from deltawise.merge import fused, merge
+from deltawise.merge.methods.linear import weighted_average, weighted_sum
+from deltawise.merge.sparsify import combine
+
+if not fused.available():
+    if shutil.which("cc") or shutil.which("gcc"):
+        pytest.fail("deltawise._fused was not built although a C compiler is present; reinstall with pip install -e .",
+                    pytrace=False)
+    pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
+
+SIZES = [1, 7, 511, 512, 513, 4099]  # around the kernel's 512-entry block
+
+
+def _linear_ref(models, weights, normalize, out_dtype):
+    as_float = [m.float() for m in models]
+    result = weighted_average(as_float, weights) if normalize else weighted_sum(as_float, weights)
+    return result.to(out_dtype)
+
+
+def _ta_ref(base, models, weights, normalize, scale, out_dtype):
+    b = base.float()
+    w = torch.tensor(weights, dtype=torch.float32)
+    return combine(b, [m.float() - b for m in models], w, consensus=None, normalize=normalize, scale=scale).to(out_dtype)
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def _models(n, dtypes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen)
+    return base, [(base + 0.05 * (k + 1) * torch.randn(n, generator=gen)).to(d) for k, d in enumerate(dtypes)]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtypes,out_dtype", [
+    ((torch.bfloat16,) * 3, torch.bfloat16),
+    ((torch.float32,) * 3, torch.float32),
+    ((torch.bfloat16, torch.float32, torch.bfloat16), torch.bfloat16),
+    ((torch.float32, torch.bfloat16), torch.float32),
+])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, normalize):
+    _, models = _models(n, dtypes, seed=n)
+    weights = [0.3, 0.45, 0.7][: len(models)]
+    out = torch.empty(n, dtype=out_dtype)
+    spec = fused.FusedSpec("linear", tuple(weights), sum(weights) if normalize else None)
+    assert fused.run(spec, out, models) == 0
+    assert torch.equal(_bits(out), _bits(_linear_ref(models, weights, normalize, out_dtype)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtypes,out_dtype", [
+    ((torch.bfloat16,) * 3, torch.bfloat16),
+    ((torch.float32,) * 3, torch.float32),
+    ((torch.float32, torch.bfloat16), torch.bfloat16),
+])
+@pytest.mark.parametrize("normalize,scale", [(False, 1.0), (True, 0.7), (False, 0.35), (True, 1.0)])
+def test_task_arithmetic_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, normalize, scale):
+    base, models = _models(n, dtypes, seed=100 + n)
+    base = base.to(out_dtype)
+    weights = [0.3, 0.45, 0.7][: len(models)]
+    w32 = torch.tensor(weights, dtype=torch.float32).tolist()  # what the method's spec holds
+    out = torch.empty(n, dtype=out_dtype)
+    spec = fused.FusedSpec("task_arithmetic", tuple(w32), sum(w32) if normalize else None, scale)
+    assert fused.run(spec, out, models, base) == 0
+    assert torch.equal(_bits(out), _bits(_ta_ref(base, models, weights, normalize, scale, out_dtype)))
+
+
+def test_hand_computed_results():
+    a = torch.tensor([1.0, 3.0, -2.0, 0.5], dtype=torch.bfloat16)
+    b = torch.tensor([3.0, 5.0, 2.0, 0.25], dtype=torch.bfloat16)
+    out = torch.empty(4, dtype=torch.bfloat16)
+    fused.run(fused.FusedSpec("linear", (1.0, 3.0), 4.0), out, [a, b])  # (a + 3b) / 4
+    assert out.tolist() == [2.5, 4.5, 1.0, 0.3125]
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.bfloat16)
+    fused.run(fused.FusedSpec("task_arithmetic", (1.0, -1.0), None, 0.5), out, [a, b], base)  # 1 + (a - b) / 2
+    assert out.tolist() == [0.0, 0.0, -1.0, 1.125]
+    # float32 -> bfloat16 rounds to nearest, ties to even: 1 + 2^-8 is halfway between two bf16
+    one = torch.tensor([1.0, 1.0], dtype=torch.float32)
+    step = torch.tensor([2.0**-8, 3 * 2.0**-8], dtype=torch.float32)
+    fused.run(fused.FusedSpec("linear", (1.0, 1.0)), out[:2], [one, step])
+    assert out[:2].tolist() == [1.0, 1.015625]  # 1.00390625 -> 1 (even), 1.01171875 -> 1 + 2^-6
+
+
+def test_properties_one_model_and_constant_tensors():
+    x = torch.randn(1000).bfloat16()
+    out = torch.empty_like(x)
+    fused.run(fused.FusedSpec("linear", (1.0,), 1.0), out, [x])
+    assert torch.equal(_bits(out), _bits(x))  # merging one model returns it
+    c = torch.full((1000,), 0.8125, dtype=torch.bfloat16)
+    fused.run(fused.FusedSpec("linear", (0.25, 0.25, 0.5)), out, [c, c, c])
+    assert torch.equal(out, c)  # weights summing to one keep a constant tensor
+    fused.run(fused.FusedSpec("task_arithmetic", (0.7, 0.3)), out, [x, x], x)
+    assert torch.equal(_bits(out), _bits(x))  # no task vector: the base comes back
+
+
+def test_nonfinite_results_are_counted():
+    a = torch.tensor([1.0, float("nan"), float("inf"), 2.0], dtype=torch.bfloat16)
+    b = torch.ones(4, dtype=torch.bfloat16)
+    out = torch.empty(4, dtype=torch.bfloat16)
+    assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), out, [a, b]) == 2
+    big = torch.full((3,), 3e38, dtype=torch.float32)  # finite inputs, overflowing sum
+    assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), torch.empty(3), [big, big]) == 3
+
+
+def test_bad_arguments_are_refused():
+    from deltawise import _fused
+
+    out = torch.empty(8, dtype=torch.bfloat16)
+    raw = fused._raw
+    with pytest.raises(ValueError, match="same length"):
+        _fused.linear(raw(out), 1, [raw(out)], [1, 1], [1.0], None)
+    with pytest.raises(ValueError, match="dtype code"):
+        _fused.linear(raw(out), 1, [raw(out)], [5], [1.0], None)
+    with pytest.raises(ValueError, match="bytes"):
+        _fused.linear(raw(out), 1, [raw(out[:4])], [1], [1.0], None)
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        fused.run(fused.FusedSpec("linear", (1.0,)), out, [torch.empty(16, dtype=torch.bfloat16)[::2]])
+
+
+def test_kernel_path_follows_the_environment():
+    from deltawise import _fused
+
+    if os.environ.get("DELTAWISE_FUSED_NO_SIMD"):
+        assert _fused.path == "baseline"
+    else:
+        assert _fused.path in ("avx2+fma", "baseline")
+
+
+def test_the_baseline_copy_of_the_kernels_gives_the_same_bits():
+    """On x86-64 the AVX2+FMA copy normally runs; CPUs without it take the baseline copy."""
+    if os.environ.get("DELTAWISE_FUSED_NO_SIMD"):
+        pytest.skip("this run is the baseline run")
+    env = dict(os.environ, DELTAWISE_FUSED_NO_SIMD="1")
+    selected = "bit_for_bit or hand_computed or properties or nonfinite or path_follows"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                         cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+# ---- through the engine ------------------------------------------------------------------------
+
+
+def _bf16_family(make_folder):
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40), "layer.bias": (40,), "scale": ()}
+    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
+    family = {"base": make_folder("base", base)}
+    for i in (1, 2, 3):
+        family[f"ft{i}"] = make_folder(f"ft{i}", {k: (v.float() + 0.02 * i * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                                                  for k, v in base.items()})
+    return family
+
+
+def _recipe(method, family, params):
+    r = {"merge_method": method, "models": [{"model": str(family[m]), "parameters": {"weight": w}}
+                                            for m, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.9))],
+         "parameters": params}
+    if method == "task_arithmetic":
+        r["base_model"] = str(family["base"])
+    return r
+
+
+@pytest.mark.parametrize("method,params", [
+    ("linear", {}), ("linear", {"normalize": False}),
+    ("task_arithmetic", {"lambda": 0.8}), ("task_arithmetic", {"normalize": True}),
+])
+def test_engine_output_is_the_same_with_and_without_the_kernels(make_folder, tmp_path, monkeypatch, method, params):
+    from deltawise.merge import engine
+
+    family = _bf16_family(make_folder)
+    calls = []
+    real_run = fused.run
+    monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # several chunks for the embedding
+    merge(_recipe(method, family, params), str(tmp_path / "fused"), threads=2)
+    assert len(calls) >= 6, "the fused path was not taken"
+    monkeypatch.setattr(fused, "available", lambda: False)
+    merge(_recipe(method, family, params), str(tmp_path / "torch"), threads=2)
+    assert len(calls) >= 6
+    a, b = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.bfloat16 and torch.equal(_bits(a[k]), _bits(b[k])), k
+
+
+def test_float16_and_float64_inputs_take_the_torch_path(make_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(1))
+    x = torch.randn(20, 4)
+    a = make_folder("a", {"w": x.half()})
+    b = make_folder("b", {"w": (x + 1).half()})
+    merge({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}, str(tmp_path / "out_h"))
+    c = make_folder("c", {"w": x.double()})
+    d = make_folder("d", {"w": (x + 1).double()})
+    merge({"merge_method": "linear", "models": [{"model": str(c)}, {"model": str(d)}]}, str(tmp_path / "out_d"))
+    assert not calls
+    assert torch.equal(load_state(tmp_path / "out_h")["w"], ((x.half().float() + (x + 1).half().float()) / 2).half())
+    assert torch.equal(load_state(tmp_path / "out_d")["w"], (x.double() + (x + 1).double()) / 2)
+
+
+def test_a_nan_input_is_named_on_the_fused_path(make_folder, tmp_path):
+    x = torch.randn(30, 8).bfloat16()
+    bad = x.clone()
+    bad[3, 4] = float("nan")
+    a, b = make_folder("a", {"w": x}), make_folder("b", {"w": bad})
+    with pytest.raises(InputError, match=r"'w' contains NaN"):
+        merge({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
