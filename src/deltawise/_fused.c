@@ -147,7 +147,6 @@ DW_INLINE Py_ssize_t task_arithmetic_body(const Job *job) {
 __attribute__((target("avx2,fma"))) static Py_ssize_t linear_avx2(const Job *job) { return linear_body(job); }
 __attribute__((target("avx2,fma"))) static Py_ssize_t task_arithmetic_avx2(const Job *job) { return task_arithmetic_body(job); }
 static int use_avx2 = -1; /* decided once at import: CPU features, and DELTAWISE_FUSED_NO_SIMD for tests */
-static int has_avx2_fma(void) { return use_avx2; }
 static void choose_path(void) {
     const char *off = getenv("DELTAWISE_FUSED_NO_SIMD");
     __builtin_cpu_init();
@@ -159,7 +158,7 @@ static void choose_path(void) {}
 
 static Py_ssize_t linear_kernel(const Job *job) {
 #ifdef DW_X86_DISPATCH
-    if (has_avx2_fma())
+    if (use_avx2 > 0)
         return linear_avx2(job);
 #endif
     return linear_body(job);
@@ -167,7 +166,7 @@ static Py_ssize_t linear_kernel(const Job *job) {
 
 static Py_ssize_t task_arithmetic_kernel(const Job *job) {
 #ifdef DW_X86_DISPATCH
-    if (has_avx2_fma())
+    if (use_avx2 > 0)
         return task_arithmetic_avx2(job);
 #endif
     return task_arithmetic_body(job);
@@ -253,6 +252,41 @@ static int take_divisor(Job *job, PyObject *divisor) {
     return 0;
 }
 
+typedef Py_ssize_t (*Kernel)(const Job *);
+
+/* Takes the buffers (base may be NULL), runs the kernel without the GIL, releases them. */
+static PyObject *run_kernel(Kernel kernel, Job *job, PyObject *out, int out_dtype, PyObject *base, PyObject *inputs,
+                            PyObject *dtypes, PyObject *weights, PyObject *divisor) {
+    Py_buffer out_view, base_view, views[MAX_INPUTS];
+    int held = 0, have_base = 0;
+    Py_ssize_t bad = -1;
+    if (take_out(job, out, out_dtype, &out_view) < 0)
+        return NULL;
+    if (base != NULL) {
+        if (PyObject_GetBuffer(base, &base_view, PyBUF_SIMPLE) < 0)
+            goto done;
+        have_base = 1;
+        if (base_view.len < job->n * itemsize(job->base_dtype)) {
+            PyErr_Format(PyExc_ValueError, "base holds %zd bytes, %zd needed", base_view.len,
+                         job->n * itemsize(job->base_dtype));
+            goto done;
+        }
+        job->base = (const char *)base_view.buf;
+    }
+    if (take_inputs(job, inputs, dtypes, weights, views, &held) < 0 || take_divisor(job, divisor) < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    bad = kernel(job);
+    Py_END_ALLOW_THREADS
+done:
+    for (int k = 0; k < held; k++)
+        PyBuffer_Release(&views[k]);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    PyBuffer_Release(&out_view);
+    return bad < 0 ? NULL : PyLong_FromSsize_t(bad);
+}
+
 PyDoc_STRVAR(linear_doc,
 "linear(out, out_dtype, inputs, dtypes, weights, divisor) -> int\n\n"
 "out = cast(sum_k w_k x_k [/ divisor]), accumulated in float32 in the inputs' order.\n"
@@ -266,20 +300,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         return NULL;
     Job job;
     memset(&job, 0, sizeof job);
-    Py_buffer out_view, views[MAX_INPUTS];
-    int held = 0;
-    if (take_out(&job, out, out_dtype, &out_view) < 0)
-        return NULL;
-    Py_ssize_t bad = -1;
-    if (take_inputs(&job, inputs, dtypes, weights, views, &held) == 0 && take_divisor(&job, divisor) == 0) {
-        Py_BEGIN_ALLOW_THREADS
-        bad = linear_kernel(&job);
-        Py_END_ALLOW_THREADS
-    }
-    for (int k = 0; k < held; k++)
-        PyBuffer_Release(&views[k]);
-    PyBuffer_Release(&out_view);
-    return bad < 0 ? NULL : PyLong_FromSsize_t(bad);
+    return run_kernel(linear_kernel, &job, out, out_dtype, NULL, inputs, dtypes, weights, divisor);
 }
 
 PyDoc_STRVAR(task_arithmetic_doc,
@@ -298,30 +319,9 @@ static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
         return NULL;
     Job job;
     memset(&job, 0, sizeof job);
-    Py_buffer out_view, base_view, views[MAX_INPUTS];
-    int held = 0;
-    if (take_out(&job, out, out_dtype, &out_view) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(base, &base_view, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&out_view);
-        return NULL;
-    }
-    Py_ssize_t bad = -1;
-    if (base_view.len < job.n * itemsize(base_dtype)) {
-        PyErr_Format(PyExc_ValueError, "base holds %zd bytes, %zd needed", base_view.len, job.n * itemsize(base_dtype));
-    } else if (take_inputs(&job, inputs, dtypes, weights, views, &held) == 0 && take_divisor(&job, divisor) == 0) {
-        job.base = (const char *)base_view.buf;
-        job.base_dtype = base_dtype;
-        job.scale = (float)scale;
-        Py_BEGIN_ALLOW_THREADS
-        bad = task_arithmetic_kernel(&job);
-        Py_END_ALLOW_THREADS
-    }
-    for (int k = 0; k < held; k++)
-        PyBuffer_Release(&views[k]);
-    PyBuffer_Release(&base_view);
-    PyBuffer_Release(&out_view);
-    return bad < 0 ? NULL : PyLong_FromSsize_t(bad);
+    job.base_dtype = base_dtype;
+    job.scale = (float)scale;
+    return run_kernel(task_arithmetic_kernel, &job, out, out_dtype, base, inputs, dtypes, weights, divisor);
 }
 
 static PyMethodDef methods[] = {
@@ -336,17 +336,15 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fused(void) {
     choose_path();
-    PyObject *m = PyModule_Create(&module);
 #ifdef DW_X86_DISPATCH
-    if (m && PyModule_AddStringConstant(m, "path", use_avx2 ? "avx2+fma" : "baseline") < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+    const char *path = use_avx2 ? "avx2+fma" : "baseline";
 #else
-    if (m && PyModule_AddStringConstant(m, "path", "baseline") < 0) {
+    const char *path = "baseline";
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "path", path) < 0) {
         Py_DECREF(m);
         return NULL;
     }
-#endif
     return m;
 }
