@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import load_state
-from deltawise.errors import InputError
+from deltawise.errors import DeltawiseError, InputError
 from deltawise.merge import fused, merge
 from deltawise.merge.methods.linear import weighted_average, weighted_sum
 from deltawise.merge.sparsify import combine
@@ -24,6 +24,8 @@ if not fused.available():
     pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
 
 SIZES = [1, 7, 511, 512, 513, 4099]  # around the kernel's 512-entry block
+HALF = torch.float16 in fused.DTYPE_CODES  # the compiler had _Float16 (gcc 12+, clang)
+needs_half = pytest.mark.skipif(not HALF, reason="deltawise._fused was built without float16")
 
 
 def _linear_ref(models, weights, normalize, out_dtype):
@@ -39,7 +41,7 @@ def _ta_ref(base, models, weights, normalize, scale, out_dtype):
 
 
 def _bits(t):
-    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
 def _models(n, dtypes, seed):
@@ -54,6 +56,8 @@ def _models(n, dtypes, seed):
     ((torch.float32,) * 3, torch.float32),
     ((torch.bfloat16, torch.float32, torch.bfloat16), torch.bfloat16),
     ((torch.float32, torch.bfloat16), torch.float32),
+    pytest.param((torch.float16,) * 3, torch.float16, marks=needs_half),
+    pytest.param((torch.float16, torch.bfloat16, torch.float32), torch.float16, marks=needs_half),
 ])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, normalize):
@@ -70,6 +74,7 @@ def test_linear_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, 
     ((torch.bfloat16,) * 3, torch.bfloat16),
     ((torch.float32,) * 3, torch.float32),
     ((torch.float32, torch.bfloat16), torch.bfloat16),
+    pytest.param((torch.float16,) * 3, torch.float16, marks=needs_half),
 ])
 @pytest.mark.parametrize("normalize,scale", [(False, 1.0), (True, 0.7), (False, 0.35), (True, 1.0)])
 def test_task_arithmetic_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, normalize, scale):
@@ -99,6 +104,17 @@ def test_hand_computed_results():
     assert out[:2].tolist() == [1.0, 1.015625]  # 1.00390625 -> 1 (even), 1.01171875 -> 1 + 2^-6
 
 
+@needs_half
+def test_float16_rounding_and_overflow():
+    one = torch.ones(3, dtype=torch.float32)
+    step = torch.tensor([2.0**-11, 3 * 2.0**-11, 70000.0], dtype=torch.float32)
+    out = torch.empty(3, dtype=torch.float16)
+    # 1 + 2^-11 is halfway between two float16 values: ties to even; 70001 is past float16's range
+    assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), out, [one, step]) == 1
+    assert out[:2].tolist() == [1.0, 1.001953125] and out[2].item() == float("inf")
+    assert torch.equal(_bits(out[:2]), _bits((one + step)[:2].half()))
+
+
 def test_properties_one_model_and_constant_tensors():
     x = torch.randn(1000).bfloat16()
     out = torch.empty_like(x)
@@ -118,6 +134,8 @@ def test_nonfinite_results_are_counted():
     assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), out, [a, b]) == 2
     big = torch.full((3,), 3e38, dtype=torch.float32)  # finite inputs, overflowing sum
     assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), torch.empty(3), [big, big]) == 3
+    edge = torch.full((2,), 3.4e38, dtype=torch.float32)  # finite in float32, rounds up to inf in bfloat16
+    assert fused.run(fused.FusedSpec("linear", (1.0,)), torch.empty(2, dtype=torch.bfloat16), [edge]) == 2
 
 
 def test_bad_arguments_are_refused():
@@ -202,19 +220,42 @@ def test_engine_output_is_the_same_with_and_without_the_kernels(make_folder, tmp
         assert a[k].dtype == torch.bfloat16 and torch.equal(_bits(a[k]), _bits(b[k])), k
 
 
-def test_float16_and_float64_inputs_take_the_torch_path(make_folder, tmp_path, monkeypatch):
+def test_float64_inputs_take_the_torch_path(make_folder, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(1))
     x = torch.randn(20, 4)
-    a = make_folder("a", {"w": x.half()})
-    b = make_folder("b", {"w": (x + 1).half()})
-    merge({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}, str(tmp_path / "out_h"))
     c = make_folder("c", {"w": x.double()})
     d = make_folder("d", {"w": (x + 1).double()})
     merge({"merge_method": "linear", "models": [{"model": str(c)}, {"model": str(d)}]}, str(tmp_path / "out_d"))
     assert not calls
-    assert torch.equal(load_state(tmp_path / "out_h")["w"], ((x.half().float() + (x + 1).half().float()) / 2).half())
     assert torch.equal(load_state(tmp_path / "out_d")["w"], (x.double() + (x + 1).double()) / 2)
+
+
+@needs_half
+def test_float16_models_merge_the_same_with_and_without_the_kernels(make_folder, tmp_path, monkeypatch):
+    x = torch.randn(200, 24)
+    a, b = make_folder("a", {"w": x.half()}), make_folder("b", {"w": (x * 0.7 + 0.1).half()})
+    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.3}},
+                                                   {"model": str(b), "parameters": {"weight": 0.6}}]}
+    merge(recipe, str(tmp_path / "fused"))
+    monkeypatch.setattr(fused, "available", lambda: False)
+    merge(recipe, str(tmp_path / "torch"))
+    got, ref = load_state(tmp_path / "fused")["w"], load_state(tmp_path / "torch")["w"]
+    assert got.dtype == torch.float16 and torch.equal(_bits(got), _bits(ref))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_a_result_beyond_float16_range_is_refused_on_both_paths(make_folder, tmp_path, monkeypatch, kernels):
+    if kernels and not HALF:
+        pytest.skip("deltawise._fused was built without float16")
+    if not kernels:
+        monkeypatch.setattr(fused, "available", lambda: False)
+    x = torch.full((8, 4), 40000.0).half()  # finite in float16; their sum (80000) is not
+    a, b = make_folder("a", {"w": x}), make_folder("b", {"w": x})
+    recipe = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"normalize": False}}
+    with pytest.raises(DeltawiseError, match=r"NaN/inf for w \(output dtype float16\)"):
+        merge(recipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_nan_input_is_named_on_the_fused_path(make_folder, tmp_path):

@@ -1,5 +1,5 @@
 /* Fused kernels for the linear and task-arithmetic merges: one pass from the stored inputs
- * (bfloat16 or float32) to the stored output, float32 arithmetic in between.
+ * (bfloat16, float16 or float32) to the stored output, float32 arithmetic in between.
  *
  * The torch path converts every input chunk to a float32 buffer, runs one elementwise op at a
  * time over whole chunks and casts the result back, so each entry crosses memory five to eight
@@ -14,8 +14,10 @@
  * Floating-point contraction is off (-ffp-contract=off): only the fmaf calls fuse.
  * float32 -> bfloat16 rounds to nearest even, as torch does.
  *
- * Both functions release the GIL and return the number of non-finite float32 results, so the
- * engine can refuse a NaN/inf output without a second pass over it. On x86-64 the loops are
+ * float16 is supported where the compiler has _Float16 (module attribute `float16`).
+ * Both functions release the GIL and return the number of non-finite outputs (after the cast,
+ * so an overflow of the output dtype counts), so the engine can refuse a NaN/inf output without
+ * a second pass over it. On x86-64 the loops are
  * compiled twice and the AVX2+FMA copy runs where the CPU has both (module attribute `path`);
  * DELTAWISE_FUSED_NO_SIMD=1 at import forces the baseline copy (the tests compare both).
  */
@@ -29,7 +31,12 @@
 #define BLOCK 512
 #define MAX_INPUTS 64
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+#if defined(__FLT16_MAX__)
+/* the compiler's _Float16 conversions round to nearest even, as torch's do */
+#define DW_HAVE_F16 1
+#endif
 
 #if defined(__GNUC__)
 #define DW_INLINE static inline __attribute__((always_inline))
@@ -47,28 +54,49 @@ DW_INLINE void load_block(float *dst, const char *src, int dtype, Py_ssize_t n) 
         memcpy(dst, src, (size_t)n * 4);
         return;
     }
+#ifdef DW_HAVE_F16
+    if (dtype == DT_F16) {
+        const _Float16 *h = (const _Float16 *)src;
+        for (Py_ssize_t i = 0; i < n; i++)
+            dst[i] = (float)h[i];
+        return;
+    }
+#endif
     const uint16_t *s = (const uint16_t *)src;
     uint32_t *d = (uint32_t *)dst;
     for (Py_ssize_t i = 0; i < n; i++)
         d[i] = (uint32_t)s[i] << 16;
 }
 
-/* returns how many of src are NaN or infinite */
+/* Stores src as dtype; returns how many stored entries are NaN or infinite (a float32 result
+   too large for the output dtype counts: it became inf in the cast). */
 DW_INLINE Py_ssize_t store_block(char *dst, const float *src, int dtype, Py_ssize_t n) {
     const uint32_t *u = (const uint32_t *)src;
     Py_ssize_t bad = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        bad += (u[i] & 0x7f800000u) == 0x7f800000u;
     if (dtype == DT_F32) {
         memcpy(dst, src, (size_t)n * 4);
+        for (Py_ssize_t i = 0; i < n; i++)
+            bad += (u[i] & 0x7f800000u) == 0x7f800000u;
         return bad;
     }
     uint16_t *d = (uint16_t *)dst;
+#ifdef DW_HAVE_F16
+    if (dtype == DT_F16) {
+        _Float16 *h = (_Float16 *)dst;
+        for (Py_ssize_t i = 0; i < n; i++)
+            h[i] = (_Float16)src[i];
+        for (Py_ssize_t i = 0; i < n; i++)
+            bad += (d[i] & 0x7c00u) == 0x7c00u;
+        return bad;
+    }
+#endif
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t x = u[i];
         uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
         d[i] = (x & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)rounded;
     }
+    for (Py_ssize_t i = 0; i < n; i++)
+        bad += (d[i] & 0x7f80u) == 0x7f80u;
     return bad;
 }
 
@@ -87,7 +115,7 @@ typedef struct {
     float scale;
 } Job;
 
-static inline Py_ssize_t itemsize(int dtype) { return dtype == DT_F32 ? 4 : 2; }
+static inline Py_ssize_t itemsize(int dtype) { return dtype == DT_F32 ? 4 : 2; } /* bf16, f16: 2 */
 
 DW_INLINE Py_ssize_t linear_body(const Job *job) {
     float acc[BLOCK], x[BLOCK];
@@ -144,13 +172,14 @@ DW_INLINE Py_ssize_t task_arithmetic_body(const Job *job) {
 }
 
 #ifdef DW_X86_DISPATCH
-__attribute__((target("avx2,fma"))) static Py_ssize_t linear_avx2(const Job *job) { return linear_body(job); }
-__attribute__((target("avx2,fma"))) static Py_ssize_t task_arithmetic_avx2(const Job *job) { return task_arithmetic_body(job); }
+__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t linear_avx2(const Job *job) { return linear_body(job); }
+__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t task_arithmetic_avx2(const Job *job) { return task_arithmetic_body(job); }
 static int use_avx2 = -1; /* decided once at import: CPU features, and DELTAWISE_FUSED_NO_SIMD for tests */
 static void choose_path(void) {
     const char *off = getenv("DELTAWISE_FUSED_NO_SIMD");
     __builtin_cpu_init();
-    use_avx2 = !(off && *off && strcmp(off, "0")) && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use_avx2 = !(off && *off && strcmp(off, "0")) && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+               && __builtin_cpu_supports("f16c");
 }
 #else
 static void choose_path(void) {}
@@ -175,7 +204,12 @@ static Py_ssize_t task_arithmetic_kernel(const Job *job) {
 /* ---- argument handling ---------------------------------------------------------------- */
 
 static int check_dtype(int dtype, const char *what) {
-    if (dtype != DT_F32 && dtype != DT_BF16) {
+#ifdef DW_HAVE_F16
+    int known = dtype == DT_F32 || dtype == DT_BF16 || dtype == DT_F16;
+#else
+    int known = dtype == DT_F32 || dtype == DT_BF16;
+#endif
+    if (!known) {
         PyErr_Format(PyExc_ValueError, "%s: unsupported dtype code %d", what, dtype);
         return -1;
     }
@@ -290,8 +324,8 @@ done:
 PyDoc_STRVAR(linear_doc,
 "linear(out, out_dtype, inputs, dtypes, weights, divisor) -> int\n\n"
 "out = cast(sum_k w_k x_k [/ divisor]), accumulated in float32 in the inputs' order.\n"
-"Buffers hold raw entries; dtype codes: 0 float32, 1 bfloat16. divisor: float or None.\n"
-"Returns the number of non-finite float32 results.");
+"Buffers hold raw entries; dtype codes: 0 float32, 1 bfloat16, 2 float16. divisor: float or None.\n"
+"Returns the number of non-finite entries written to out.");
 
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     PyObject *out, *inputs, *dtypes, *weights, *divisor;
@@ -306,7 +340,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(task_arithmetic_doc,
 "task_arithmetic(out, out_dtype, base, base_dtype, inputs, dtypes, weights, divisor, scale) -> int\n\n"
 "out = cast(b + scale * (sum_k (x_k - b) w_k [/ divisor])), in float32, each step rounded.\n"
-"Returns the number of non-finite float32 results.");
+"Returns the number of non-finite entries written to out.");
 
 static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
     PyObject *out, *base, *inputs, *dtypes, *weights, *divisor;
@@ -342,7 +376,12 @@ PyMODINIT_FUNC PyInit__fused(void) {
     const char *path = "baseline";
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddStringConstant(m, "path", path) < 0) {
+#ifdef DW_HAVE_F16
+    const int float16 = 1;
+#else
+    const int float16 = 0;
+#endif
+    if (m && (PyModule_AddStringConstant(m, "path", path) < 0 || PyModule_AddIntConstant(m, "float16", float16) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -227,6 +227,9 @@ class _Loader:
         return out.copy_(result)
 
 
+_NARROW = (torch.float16,)  # float dtypes whose range is narrower than float32's
+
+
 def _finite(x: torch.Tensor) -> bool:
     # A NaN or inf anywhere makes the float32 sum non-finite, and one reduction is far cheaper
     # than isfinite(); the exact test only runs on the rare chunk whose sum overflowed or is NaN.
@@ -297,7 +300,7 @@ class _TensorRun:
                 result, nonfinite = self.loader.fused_chunk(self.t, spec, start, stop)
                 if nonfinite:
                     self.loader.blame_inputs(self.t, self.loader.job(self.t, start, stop, {}, 0, {}))
-                    raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
+                    raise self.nonfinite_error()
                 yield start, result
             return
         for stats_pass in method.tensor_passes(self.t.params, self.t.model_params, self.t.out_numel, self.stats):
@@ -308,8 +311,12 @@ class _TensorRun:
             if not _finite(result):
                 if not self.loader.screen_inputs:
                     self.loader.blame_inputs(self.t, job)
-                raise DeltawiseError(f"{method.name} produced NaN/inf for {self.t.name}; check the parameters")
+                raise self.nonfinite_error()
             yield start, result
+
+    def nonfinite_error(self) -> DeltawiseError:
+        return DeltawiseError(f"{self.plan.method.name} produced NaN/inf for {self.t.name} (output dtype "
+                              f"{str(self.t.out.dtype).replace('torch.', '')}); check the parameters and the output dtype")
 
 
 def run_stats(plan: MergePlan, options: MergeOptions, loader: _Loader, pool: ThreadPoolExecutor) -> dict[str, Any]:
@@ -349,12 +356,17 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
             stats = run_stats(plan, options, loader, pool) if todo else {}
 
             def produce(t: TensorPlan) -> int:
-                if t.merge:
-                    chunks = _TensorRun(plan, loader, t, stats).merged_chunks()
+                run = _TensorRun(plan, loader, t, stats) if t.merge else None
+                if run is not None:
+                    chunks = run.merged_chunks()
                 else:
                     chunks = ((a, loader.copied(t, a, b)) for a, b in _row_ranges(t))
                 for start, result in chunks:
-                    writer.write(t.name, loader.output(t, result), row_start=start)
+                    out_chunk = loader.output(t, result)
+                    # a finite float32 result can still overflow a narrower output dtype (float16)
+                    if run is not None and out_chunk.dtype in _NARROW and not _finite(out_chunk):
+                        raise run.nonfinite_error()
+                    writer.write(t.name, out_chunk, row_start=start)
                 return t.out.nbytes
 
             done = sum(t.out.nbytes for t in plan.tensors if t.name not in todo)

@@ -1,9 +1,9 @@
 """The fused CPU path of linear and task_arithmetic: stored inputs to stored output in one pass.
 
 The C kernels (``deltawise/_fused.c``, built at install time when a C compiler is there) take
-the raw bfloat16/float32 bytes the engine has read and write the output dtype directly, with
+the raw bfloat16/float16/float32 bytes the engine has read and write the output dtype directly, with
 the torch path's float32 arithmetic operation for operation, so the two give the same bits
-(tests/test_fused.py). Without the extension, or for other dtypes, float64 inputs or a GPU,
+(tests/test_fused.py). Without the extension, or for float64 inputs or a GPU,
 the engine runs the method's torch code instead.
 """
 
@@ -20,6 +20,8 @@ except ImportError:  # no compiler at install time: the torch path does the same
     _kernels = None
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+if _kernels is not None and getattr(_kernels, "float16", 0):  # the compiler had _Float16
+    DTYPE_CODES[torch.float16] = 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ def _raw(t: torch.Tensor):
 
 
 def run(spec: FusedSpec, out: torch.Tensor, models: list[torch.Tensor], base: Optional[torch.Tensor] = None) -> int:
-    """Fill ``out`` (contiguous, CPU) from ``models`` (and ``base``); returns how many results
-    were NaN or infinite before the cast."""
+    """Fill ``out`` (contiguous, CPU) from ``models`` (and ``base``); returns how many entries
+    of ``out`` are NaN or infinite (a result too large for ``out``'s dtype counts)."""
     if _kernels is None:
         raise RuntimeError("deltawise._fused is not built; reinstall deltawise with a C compiler present")
     numel = out.numel()
