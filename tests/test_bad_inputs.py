@@ -414,3 +414,7 @@ def test_dry_run_writes_nothing_and_prints_the_plan(refs, llama_family, tmp_path
     assert plan["output_bytes"] > 0
     first = next(iter(plan["example_parameters"].values()))
     assert first["params"]["lambda"] == 0.7
+    from deltawise.merge import fused
+
+    expected = plan["merged_tensors"] if fused.available() else 0  # float32 checkpoints: every tensor
+    assert plan["cpu_kernel"] == {"fused": fused.describe(), "fused_tensors": expected}

@@ -466,6 +466,7 @@ def _version() -> str:
 def dump_plan(plan: MergePlan) -> dict[str, Any]:
     """A JSON-able summary of the plan (for --dry-run)."""
     merged = plan.merged
+    cpu = _Loader(plan, torch.device("cpu"))
     return {
         "method": plan.method.name,
         "base_model": plan.base.ref if plan.base else None,
@@ -475,6 +476,8 @@ def dump_plan(plan: MergePlan) -> dict[str, Any]:
         "copied_tensors": len(plan.tensors) - len(merged),
         "output_bytes": plan.output_bytes(),
         "example_parameters": {t.name: {"params": t.params, "model_params": t.model_params} for t in merged[:3]},
+        # which merged tensors the fused C kernels take on the CPU (the rest run the torch code)
+        "cpu_kernel": {"fused": fused.describe(), "fused_tensors": sum(cpu.fused_spec(t) is not None for t in merged)},
         "warnings": plan.warnings,
     }
 

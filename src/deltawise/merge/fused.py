@@ -43,6 +43,11 @@ def available() -> bool:
     return _kernels is not None
 
 
+def describe() -> str:
+    """Which copy of the kernels runs here ("avx2+fma", "baseline"), or "not built"."""
+    return _kernels.path if _kernels is not None else "not built"
+
+
 def supports(dtypes: list[torch.dtype]) -> bool:
     return all(d in DTYPE_CODES for d in dtypes)
 
