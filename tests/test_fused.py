@@ -115,6 +115,20 @@ def test_float16_rounding_and_overflow():
     assert torch.equal(_bits(out[:2]), _bits((one + step)[:2].half()))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, pytest.param(torch.float16, marks=needs_half)])
+def test_the_nonfinite_count_is_that_of_the_stored_output(out_dtype):
+    # float32 bit patterns on both sides of where each dtype's rounding reaches infinity
+    limits = [0x477FF000, 0x7F7F8000, 0x7F800000]  # float16, bfloat16, float32
+    bits = [b + d for b in limits for d in (-1, 0, 1)] + [0x3F800000, 0x7FC00000, 0x00000001]
+    x = torch.tensor(bits + [b | -0x80000000 for b in bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    out = torch.empty(len(x), dtype=out_dtype)
+    bad = fused.run(fused.FusedSpec("linear", (1.0,)), out, [x])
+    ref = x.to(out_dtype)
+    assert bad == int((~torch.isfinite(ref)).sum()) > 0
+    same = ~torch.isnan(ref)  # NaN payloads may differ
+    assert torch.equal(_bits(out)[same], _bits(ref)[same]) and torch.isnan(out[~same]).all()
+
+
 def test_properties_one_model_and_constant_tensors():
     x = torch.randn(1000).bfloat16()
     out = torch.empty_like(x)
@@ -167,7 +181,7 @@ def test_the_baseline_copy_of_the_kernels_gives_the_same_bits():
     if os.environ.get("DELTAWISE_FUSED_NO_SIMD"):
         pytest.skip("this run is the baseline run")
     env = dict(os.environ, DELTAWISE_FUSED_NO_SIMD="1")
-    selected = "bit_for_bit or hand_computed or properties or nonfinite or path_follows"
+    selected = "bit_for_bit or hand_computed or properties or nonfinite or float16_rounding or path_follows"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -49,56 +49,8 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 #define DW_X86_DISPATCH 1
 #endif
 
-DW_INLINE void load_block(float *dst, const char *src, int dtype, Py_ssize_t n) {
-    if (dtype == DT_F32) {
-        memcpy(dst, src, (size_t)n * 4);
-        return;
-    }
-#ifdef DW_HAVE_F16
-    if (dtype == DT_F16) {
-        const _Float16 *h = (const _Float16 *)src;
-        for (Py_ssize_t i = 0; i < n; i++)
-            dst[i] = (float)h[i];
-        return;
-    }
-#endif
-    const uint16_t *s = (const uint16_t *)src;
-    uint32_t *d = (uint32_t *)dst;
-    for (Py_ssize_t i = 0; i < n; i++)
-        d[i] = (uint32_t)s[i] << 16;
-}
-
-/* Stores src as dtype; returns how many stored entries are NaN or infinite (a float32 result
-   too large for the output dtype counts: it became inf in the cast). */
-DW_INLINE Py_ssize_t store_block(char *dst, const float *src, int dtype, Py_ssize_t n) {
-    const uint32_t *u = (const uint32_t *)src;
-    Py_ssize_t bad = 0;
-    if (dtype == DT_F32) {
-        memcpy(dst, src, (size_t)n * 4);
-        for (Py_ssize_t i = 0; i < n; i++)
-            bad += (u[i] & 0x7f800000u) == 0x7f800000u;
-        return bad;
-    }
-    uint16_t *d = (uint16_t *)dst;
-#ifdef DW_HAVE_F16
-    if (dtype == DT_F16) {
-        _Float16 *h = (_Float16 *)dst;
-        for (Py_ssize_t i = 0; i < n; i++)
-            h[i] = (_Float16)src[i];
-        for (Py_ssize_t i = 0; i < n; i++)
-            bad += (d[i] & 0x7c00u) == 0x7c00u;
-        return bad;
-    }
-#endif
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t x = u[i];
-        uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-        d[i] = (x & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)rounded;
-    }
-    for (Py_ssize_t i = 0; i < n; i++)
-        bad += (d[i] & 0x7f80u) == 0x7f80u;
-    return bad;
-}
+typedef void (*HalfLoad)(float *dst, const char *src, Py_ssize_t n);
+typedef void (*HalfStore)(char *dst, const float *src, Py_ssize_t n);
 
 typedef struct {
     Py_ssize_t n;            /* entries */
@@ -113,7 +65,83 @@ typedef struct {
     int divide;              /* 0: no division */
     float divisor;
     float scale;
+    HalfLoad half_load;      /* float16 conversions: F16C where the CPU has it */
+    HalfStore half_store;
 } Job;
+
+#ifdef DW_HAVE_F16
+static void half_load_generic(float *dst, const char *src, Py_ssize_t n) {
+    const _Float16 *h = (const _Float16 *)src;
+    for (Py_ssize_t i = 0; i < n; i++)
+        dst[i] = (float)h[i];
+}
+
+static void half_store_generic(char *dst, const float *src, Py_ssize_t n) {
+    _Float16 *h = (_Float16 *)dst;
+    for (Py_ssize_t i = 0; i < n; i++)
+        h[i] = (_Float16)src[i];
+}
+#endif
+
+#if defined(DW_HAVE_F16) && defined(DW_X86_DISPATCH)
+#include <immintrin.h>
+/* gcc does not vectorise _Float16 casts before AVX512-FP16; F16C converts 8 at a time, with the
+   same round-to-nearest-even */
+__attribute__((target("avx2,f16c"))) static void half_load_f16c(float *dst, const char *src, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    half_load_generic(dst + i, src + 2 * i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static void half_store_f16c(char *dst, const float *src, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + 2 * i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    half_store_generic(dst + 2 * i, src + i, n - i);
+}
+#endif
+
+DW_INLINE void load_block(float *dst, const char *src, int dtype, Py_ssize_t n, const Job *job) {
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == DT_F16) {
+        job->half_load(dst, src, n);
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        uint32_t *d = (uint32_t *)dst;
+        for (Py_ssize_t i = 0; i < n; i++)
+            d[i] = (uint32_t)s[i] << 16;
+    }
+}
+
+/* Stores src as dtype; returns how many stored entries are NaN or infinite. Under round to
+   nearest even, a float32 x becomes inf or NaN in the output dtype exactly when |x|'s bits reach
+   that dtype's limit: the float32 infinity, or halfway past the largest finite value. */
+DW_INLINE Py_ssize_t store_block(char *dst, const float *src, int dtype, Py_ssize_t n, const Job *job) {
+    const uint32_t *u = (const uint32_t *)src;
+    uint32_t limit;
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+        limit = 0x7f800000u;
+    } else if (dtype == DT_F16) {
+        job->half_store(dst, src, n);
+        limit = 0x477ff000u; /* 65520 = 65504 + half a step */
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t x = u[i];
+            uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+            d[i] = (x & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)rounded;
+        }
+        limit = 0x7f7f8000u; /* rounds up to the bfloat16 infinity */
+    }
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        bad += (int32_t)(u[i] & 0x7fffffffu) >= (int32_t)limit; /* both non-negative: signed compares vectorise */
+    return bad;
+}
 
 static inline Py_ssize_t itemsize(int dtype) { return dtype == DT_F32 ? 4 : 2; } /* bf16, f16: 2 */
 
@@ -122,12 +150,12 @@ DW_INLINE Py_ssize_t linear_body(const Job *job) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t n = job->n - start < BLOCK ? job->n - start : BLOCK;
-        load_block(acc, job->in[0] + start * itemsize(job->in_dtype[0]), job->in_dtype[0], n);
+        load_block(acc, job->in[0] + start * itemsize(job->in_dtype[0]), job->in_dtype[0], n, job);
         float w0 = job->weight[0];
         for (Py_ssize_t i = 0; i < n; i++)
             acc[i] = acc[i] * w0;
         for (int k = 1; k < job->count; k++) {
-            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n);
+            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, job);
             float w = job->weight[k];
             for (Py_ssize_t i = 0; i < n; i++)
                 acc[i] = fmaf(x[i], w, acc[i]);
@@ -137,7 +165,7 @@ DW_INLINE Py_ssize_t linear_body(const Job *job) {
             for (Py_ssize_t i = 0; i < n; i++)
                 acc[i] = acc[i] / d;
         }
-        bad += store_block(job->out + start * itemsize(job->out_dtype), acc, job->out_dtype, n);
+        bad += store_block(job->out + start * itemsize(job->out_dtype), acc, job->out_dtype, n, job);
     }
     return bad;
 }
@@ -147,13 +175,13 @@ DW_INLINE Py_ssize_t task_arithmetic_body(const Job *job) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t n = job->n - start < BLOCK ? job->n - start : BLOCK;
-        load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n);
-        load_block(total, job->in[0] + start * itemsize(job->in_dtype[0]), job->in_dtype[0], n);
+        load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, job);
+        load_block(total, job->in[0] + start * itemsize(job->in_dtype[0]), job->in_dtype[0], n, job);
         float w0 = job->weight[0];
         for (Py_ssize_t i = 0; i < n; i++)
             total[i] = (total[i] - b[i]) * w0;
         for (int k = 1; k < job->count; k++) {
-            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n);
+            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, job);
             float w = job->weight[k];
             for (Py_ssize_t i = 0; i < n; i++)
                 total[i] = total[i] + (x[i] - b[i]) * w;
@@ -166,7 +194,7 @@ DW_INLINE Py_ssize_t task_arithmetic_body(const Job *job) {
         float s = job->scale;
         for (Py_ssize_t i = 0; i < n; i++)
             total[i] = total[i] * s + b[i];
-        bad += store_block(job->out + start * itemsize(job->out_dtype), total, job->out_dtype, n);
+        bad += store_block(job->out + start * itemsize(job->out_dtype), total, job->out_dtype, n, job);
     }
     return bad;
 }
@@ -309,6 +337,13 @@ static PyObject *run_kernel(Kernel kernel, Job *job, PyObject *out, int out_dtyp
     }
     if (take_inputs(job, inputs, dtypes, weights, views, &held) < 0 || take_divisor(job, divisor) < 0)
         goto done;
+#if defined(DW_HAVE_F16) && defined(DW_X86_DISPATCH)
+    job->half_load = use_avx2 > 0 ? half_load_f16c : half_load_generic;
+    job->half_store = use_avx2 > 0 ? half_store_f16c : half_store_generic;
+#elif defined(DW_HAVE_F16)
+    job->half_load = half_load_generic;
+    job->half_store = half_store_generic;
+#endif
     Py_BEGIN_ALLOW_THREADS
     bad = kernel(job);
     Py_END_ALLOW_THREADS
