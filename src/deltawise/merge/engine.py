@@ -217,17 +217,19 @@ class _Loader:
         for m, s, x in zip(self.plan.inputs, t.sources, job.models):
             _require_finite(x, m.ref, s)
 
-    def output(self, t: TensorPlan, result: torch.Tensor) -> torch.Tensor:
-        """``result`` as the output dtype, on the CPU (in a reused buffer when it has to change)."""
-        if result.dtype == t.out.dtype and result.device.type == "cpu":
+    def cast(self, t: TensorPlan, result: torch.Tensor) -> torch.Tensor:
+        """``result`` as the output dtype, where it is (on the CPU in a reused buffer; on a GPU
+        before it crosses to the host: half the bytes)."""
+        if result.dtype == t.out.dtype:
             return result
         if result.device.type != "cpu":
-            result = result.to(t.out.dtype)  # cast on the device: half the bytes cross to the host
-        out = self.buffers.get("out", tuple(result.shape), t.out.dtype, torch.device("cpu"))
-        return out.copy_(result)
+            return result.to(t.out.dtype)
+        return self.buffers.get("out", tuple(result.shape), t.out.dtype, result.device).copy_(result)
 
-
-_NARROW = (torch.float16,)  # float dtypes whose range is narrower than float32's
+    def to_host(self, result: torch.Tensor) -> torch.Tensor:
+        if result.device.type == "cpu":
+            return result
+        return self.buffers.get("out", tuple(result.shape), result.dtype, torch.device("cpu")).copy_(result)
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -263,7 +265,8 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit:
 
 
 class _TensorRun:
-    """One tensor's chunks: runs the method's per-tensor passes over them, then yields merged chunks."""
+    """One tensor's chunks: runs the method's per-tensor passes over them, then yields merged chunks
+    in the output dtype."""
 
     def __init__(self, plan: MergePlan, loader: _Loader, t: TensorPlan, global_stats: dict[str, Any]):
         self.plan, self.loader, self.t = plan, loader, t
@@ -307,7 +310,9 @@ class _TensorRun:
             self.visit(stats_pass)
         for start, stop in self.ranges:
             job = self.job(start, stop)
-            result = method.merge(job)
+            # checked as stored, like the fused kernels' count: a finite float32 result can
+            # still overflow a narrower output dtype (float16)
+            result = self.loader.cast(self.t, method.merge(job))
             if not _finite(result):
                 if not self.loader.screen_inputs:
                     self.loader.blame_inputs(self.t, job)
@@ -356,17 +361,12 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
             stats = run_stats(plan, options, loader, pool) if todo else {}
 
             def produce(t: TensorPlan) -> int:
-                run = _TensorRun(plan, loader, t, stats) if t.merge else None
-                if run is not None:
-                    chunks = run.merged_chunks()
+                if t.merge:
+                    chunks = _TensorRun(plan, loader, t, stats).merged_chunks()
                 else:
-                    chunks = ((a, loader.copied(t, a, b)) for a, b in _row_ranges(t))
+                    chunks = ((a, loader.cast(t, loader.copied(t, a, b))) for a, b in _row_ranges(t))
                 for start, result in chunks:
-                    out_chunk = loader.output(t, result)
-                    # a finite float32 result can still overflow a narrower output dtype (float16)
-                    if run is not None and out_chunk.dtype in _NARROW and not _finite(out_chunk):
-                        raise run.nonfinite_error()
-                    writer.write(t.name, out_chunk, row_start=start)
+                    writer.write(t.name, loader.to_host(result), row_start=start)
                 return t.out.nbytes
 
             done = sum(t.out.nbytes for t in plan.tensors if t.name not in todo)
