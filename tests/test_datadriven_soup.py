@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import load_state, perturb
 from deltawise.cli import app
-from deltawise.datadriven.scoring import Score
-from deltawise.datadriven.soup import greedy_select
+from deltawise.search.scoring import Score
+from deltawise.search.soup import greedy_select
 
 
 def test_greedy_pass_by_hand():
@@ -80,7 +80,7 @@ def _antithetic(src: Path, root: Path, scale: float) -> tuple[Path, Path]:
 
 def test_soup_accepts_an_ingredient_that_cancels_the_others_error(dd, tmp_path):
     from deltawise.datadriven.data import load_data
-    from deltawise.datadriven.scoring import score_model
+    from deltawise.search.scoring import score_model
     from deltawise.eval.classify import classify
     from deltawise.eval.models import load_model
 

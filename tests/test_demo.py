@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 
-from deltawise.demo import MethodRun, run_demo
+from demo import MethodRun, run_demo
 
 GERMAN = [f"Wer {w} sagt, muss auch B sagen, sonst {v} er nicht weiter." for w in ("A", "C", "D", "E", "F", "G")
           for v in ("kommt", "geht", "läuft")]
@@ -17,7 +17,7 @@ ENGLISH = ["The licenses for most software are designed to take away your freedo
 
 
 def test_demo_pipeline_on_tiny_model(tmp_path):
-    from deltawise.adapt.tiny import save_tiny_llama
+    from tiny_models import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "tiny", GERMAN + ENGLISH, hidden=32, layers=2, vocab=96)
     buf = io.StringIO()

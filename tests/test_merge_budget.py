@@ -19,7 +19,7 @@ from conftest import load_state
 from deltawise.cli import app
 from deltawise.errors import InputError, RecipeError
 from deltawise.eval.runner import EvalOptions, evaluate
-from deltawise.merge.budget import RetentionBudget, pareto_front, search_grid
+from deltawise.search.budget import RetentionBudget, pareto_front, search_grid
 from deltawise.merge.recipe import parse_recipe
 
 GRID = (0.2, 0.6, 1.0, 3.0, 4.0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deltawise import realtext
+import realtext
+import wheels
 from deltawise.errors import InputError
-from deltawise.io import wheels
 
 
 def test_fortunes_split_on_percent_lines_dedup_and_length_window(tmp_path):

@@ -80,7 +80,7 @@ def merge(
 
     if (retain or target or search_param) and not dry_run:
         from deltawise.eval.runner import EvalOptions
-        from deltawise.merge.budget import BudgetOptions, RetentionBudget, run_budget
+        from deltawise.search.budget import BudgetOptions, RetentionBudget, run_budget
 
         _no_transformers_bars()
         with _steps_progress(quiet) as progress:
@@ -127,7 +127,7 @@ def _search_grid(items: Optional[list[str]]) -> dict[str, list]:
 def _budget_report(search, report: Optional[Path], output: Path) -> None:
     """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
     from deltawise.io.writer import write_json_atomic
-    from deltawise.merge.budget import BudgetNotMet, budget_table
+    from deltawise.search.budget import BudgetNotMet, budget_table
 
     try:
         result = search()
@@ -436,18 +436,6 @@ def bam(
     if result.output is not None:
         out.print(f"BaM: {rounds} round(s) x {branches} branch(es) merged with {result.log['merge']['method']}; "
                   f"wrote {escape(str(result.output))} ({result.log['seconds']:.1f} s)", highlight=False)
-
-
-@app.command()
-def demo(
-    workdir: Optional[Path] = typer.Option(None, help="run folder for data, models, result JSONs and the report (default: a temporary folder)"),
-    steps: int = typer.Option(15, min=1, help="training steps per method (batch 8 x 64 tokens)"),
-    quick: bool = typer.Option(False, "--quick", help="4 steps and 10 eval texts per set: a smoke run"),
-) -> None:
-    """Adapt SmolLM2-135M to German with LoRA and HFT, merge them with a retention budget on English, print the forgetting table and write the HTML report."""
-    from deltawise.demo import run_demo
-
-    run_demo(workdir, out, steps=steps, quick=quick)
 
 
 # data-driven merging (fisher, gram, soup, atlas): commands live in deltawise.datadriven.commands

@@ -30,8 +30,8 @@ def fisher_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
-    from deltawise.datadriven.collect import CollectOptions
-    from deltawise.datadriven.fisher import compute_fisher
+    from deltawise.stats.collect import CollectOptions
+    from deltawise.stats.fisher import compute_fisher
 
     ui = _ui()
     with ui._steps_progress(quiet) as progress:
@@ -55,8 +55,8 @@ def gram_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
-    from deltawise.datadriven.collect import CollectOptions
-    from deltawise.datadriven.gram import compute_grams
+    from deltawise.stats.collect import CollectOptions
+    from deltawise.stats.gram import compute_grams
 
     ui = _ui()
     with ui._steps_progress(quiet) as progress:
@@ -84,7 +84,7 @@ def soup_cmd(
     """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
     from rich.table import Table
 
-    from deltawise.datadriven.soup import SoupOptions, greedy_soup
+    from deltawise.search.soup import SoupOptions, greedy_soup
 
     ui = _ui()
     with ui._steps_progress(quiet) as progress:
@@ -126,7 +126,7 @@ def atlas_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
-    from deltawise.datadriven.atlas import AtlasOptions, run_atlas
+    from deltawise.search.atlas import AtlasOptions, run_atlas
 
     ui = _ui()
     with ui._steps_progress(quiet) as progress:

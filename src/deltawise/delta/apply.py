@@ -22,20 +22,19 @@ from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.source import open_delta
 from deltawise.delta.transfer import check_transfer, drift_report, summarize_drift
 from deltawise.errors import InputError
+from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES, natural_key
 from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import OutputTensor, StreamingShardWriter, plan_shards, row_ranges, write_json_atomic
 from deltawise.io.files import OTHER_FILES, TOKENIZER_FILES, copy_present
-from deltawise.merge.engine import CHUNK_ELEMENTS
-from deltawise.merge.plan import natural_key
 
 MANIFEST = "deltawise_apply.json"
 
 
 def apply_delta(
     delta: str, base: str, out: Path, *, scale: float = 1.0, task: Optional[str] = None,
-    original_base: Optional[str] = None, overwrite: bool = False, shard_size: int = 5 * 10**9,
+    original_base: Optional[str] = None, overwrite: bool = False, shard_size: int = SHARD_BYTES,
     progress: Optional[Progress] = None,
 ) -> DeltaResult:
     out = Path(out)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from deltawise.errors import RecipeError
+from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import OutputTensor, StreamingShardWriter, plan_shards, row_ranges, write_json_atomic
 from deltawise.merge.base import MergeMethod, TensorJob
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.json"
 FORMAT = 1
-CHUNK_ELEMENTS = 1 << 20
-SHARD_BYTES = 5 * 10**9
 STATE = Param("state", str, help="folder holding the continual-merging state (created on the first call)")
 _MERGED_DIR = re.compile(r"^merged-(\d{6})$")
 

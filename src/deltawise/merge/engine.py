@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
+from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
 from deltawise.io.output import MANIFEST, check_output_folder, swap_into_place
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
 from deltawise.merge import fused
@@ -36,7 +37,6 @@ from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
 from deltawise.merge.staging import Staging, open_staging, plan_key
 
-CHUNK_ELEMENTS = 1 << 20  # 1M entries: 4 MB per float32 operand
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
 
@@ -45,7 +45,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
 class MergeOptions:
     device: str = "cpu"
     threads: int = 2
-    shard_size: int = 5 * 10**9
+    shard_size: int = SHARD_BYTES
     overwrite: bool = False
     resume: bool = False  # continue an interrupted merge of the same plan
     restart: bool = False  # discard an interrupted merge and start over

@@ -29,6 +29,7 @@ from typing import Any, Optional
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
+from deltawise.io.layout import natural_key
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import OutputTensor
 from deltawise.merge import methods  # noqa: F401  (registers the methods)
@@ -103,10 +104,6 @@ class MergePlan:
 
     def output_bytes(self) -> int:
         return sum(t.out.nbytes for t in self.tensors)
-
-
-def natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def same_model(a: str, b: str) -> bool:

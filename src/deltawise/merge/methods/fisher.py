@@ -27,7 +27,7 @@ KEY = "fisher"
 
 def fisher_norm(reader) -> float:
     """||F||_2 over every entry of a Fisher file: from its metadata, else computed (one read)."""
-    from deltawise.datadriven.statsfile import read_metadata
+    from deltawise.stats.statsfile import read_metadata
 
     sq = read_metadata(reader.path).get("sq_norm")
     if not isinstance(sq, (int, float)):

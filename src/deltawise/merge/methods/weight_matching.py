@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from deltawise.io.layout import natural_key
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.params import Param
 from deltawise.merge.permutation import block_index, check_spec, touching, weight_matching
@@ -53,7 +54,6 @@ class WeightMatching(MergeMethod):
     params = (T, MAX_ITER)
 
     def _spec(self, plan):
-        from deltawise.merge.plan import natural_key  # plan imports the methods: import at use
 
         reader = plan.inputs[0].reader
         shapes = {n: tuple(reader.info(n).shape) for n in reader.keys()}

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from deltawise.adapt.data import IGNORE_INDEX
-from deltawise.datadriven.collect import CollectOptions, CollectRun, finish, start
+from deltawise.stats.collect import CollectOptions, CollectRun, finish, start
 from deltawise.datadriven.data import batches
-from deltawise.datadriven.names import checkpoint_names
+from deltawise.stats.names import checkpoint_names
 from deltawise.errors import InputError
 
 VARIANTS = {"classification": ("exact", "sampled", "empirical"), "causal_lm": ("empirical", "sampled")}

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from deltawise.datadriven.collect import CollectOptions, finish, start
+from deltawise.stats.collect import CollectOptions, finish, start
 from deltawise.datadriven.data import batches
-from deltawise.datadriven.names import checkpoint_names
+from deltawise.stats.names import checkpoint_names
 
 
 @dataclass

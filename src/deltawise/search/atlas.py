@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from deltawise.adapt.data import IGNORE_INDEX
 from deltawise.datadriven.data import TaskData, encode, endless_batches, head_for, load_data
-from deltawise.datadriven.names import checkpoint_names
-from deltawise.datadriven.scoring import resolve_metric, score_model
+from deltawise.stats.names import checkpoint_names
+from deltawise.search.scoring import resolve_metric, score_model
 from deltawise.errors import InputError
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder

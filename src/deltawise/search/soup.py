@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import torch
 
 from deltawise.datadriven.data import head_for, load_data
-from deltawise.datadriven.names import checkpoint_names
-from deltawise.datadriven.scoring import Score, resolve_metric, score_model
+from deltawise.stats.names import checkpoint_names
+from deltawise.search.scoring import Score, resolve_metric, score_model
 from deltawise.errors import InputError
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder
