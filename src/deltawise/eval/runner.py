@@ -85,27 +85,37 @@ class Evaluator:
         task = detect_task(items)
         items = load_items(path, require=REQUIRED[task])
         opts = self.options
-        progress = opts.progress(f"{role} {name}") if opts.progress else None
         lm = self.model("classification" if task == "classification" else "causal_lm")  # loading is not timed
-        start = time.perf_counter()
-        common = dict(name=name, role=role, task=task, path=str(path), n_items=len(items))
-        if task == "perplexity":
-            max_length, stride = self.limits(lm)
-            docs = [lm.tokenizer(i.text)["input_ids"] for i in items]
-            ppl = perplexity(lm.model, docs, max_length=max_length, stride=stride, batch_size=opts.batch_size, pad_id=lm.pad_id, progress=progress)
-            seconds = time.perf_counter() - start
-            return DatasetResult(**common, metric="perplexity", value=ppl.value, higher_is_better=False, mean_nll=ppl.mean_nll,
-                                 n_tokens=ppl.n_tokens, seconds=seconds, tokens_per_s=ppl.n_tokens / seconds if seconds else None)
-        if task == "multiple_choice":
-            outcomes = multiple_choice(lm, items, norm=opts.mc_norm, max_length=self.limits(lm)[0], batch_size=opts.batch_size, progress=progress)
-            metric = "accuracy" if opts.mc_norm == "total" else f"accuracy_{opts.mc_norm}_norm"
-        else:
-            outcomes = classify(lm, items, max_length=self.limits(lm)[0], batch_size=opts.batch_size, progress=progress)
-            metric = "accuracy"
+        max_length, stride = self.limits(lm)
+        return score_dataset(lm, items, task, name=name, role=role, path=str(path), max_length=max_length, stride=stride,
+                             batch_size=opts.batch_size, mc_norm=opts.mc_norm,
+                             progress=opts.progress(f"{role} {name}") if opts.progress else None)
+
+
+def score_dataset(lm: LoadedModel, items: list[Item], task: Task, *, name: str, role: Role, path: str, max_length: int,
+                  stride: int, batch_size: int, mc_norm: Norm = "total", progress: Progress | None = None) -> DatasetResult:
+    """Score a loaded model on one dataset's items: perplexity, classification or multiple-choice accuracy, with
+    per-item results. Every evaluation and every search that scores candidates (retention budget, greedy soup,
+    aTLAS validation) comes through here, so their numbers agree with ``deltawise eval``'s."""
+    start = time.perf_counter()
+    common = dict(name=name, role=role, task=task, path=path, n_items=len(items))
+    if task == "perplexity":
+        docs = [lm.tokenizer(i.text)["input_ids"] for i in items]
+        ppl = perplexity(lm.model, docs, max_length=max_length, stride=stride, batch_size=batch_size, pad_id=lm.pad_id,
+                         progress=progress)
         seconds = time.perf_counter() - start
-        per_item = {o.id: float(o.correct) for o in outcomes}
-        return DatasetResult(**common, metric=metric, value=sum(per_item.values()) / len(per_item), higher_is_better=True,
-                             seconds=seconds, per_item=per_item)
+        return DatasetResult(**common, metric="perplexity", value=ppl.value, higher_is_better=False, mean_nll=ppl.mean_nll,
+                             n_tokens=ppl.n_tokens, seconds=seconds, tokens_per_s=ppl.n_tokens / seconds if seconds else None)
+    if task == "multiple_choice":
+        outcomes = multiple_choice(lm, items, norm=mc_norm, max_length=max_length, batch_size=batch_size, progress=progress)
+        metric = "accuracy" if mc_norm == "total" else f"accuracy_{mc_norm}_norm"
+    else:
+        outcomes = classify(lm, items, max_length=max_length, batch_size=batch_size, progress=progress)
+        metric = "accuracy"
+    seconds = time.perf_counter() - start
+    per_item = {o.id: float(o.correct) for o in outcomes}
+    return DatasetResult(**common, metric=metric, value=sum(per_item.values()) / len(per_item), higher_is_better=True,
+                         seconds=seconds, per_item=per_item)
 
 
 def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: EvalOptions) -> EvalResult:

@@ -1,7 +1,9 @@
 """Score an in-memory model on held-out data, higher is better: accuracy, or negative loss/perplexity.
 
-Built on the evaluation code (``eval.classify``, ``eval.perplexity``), so a soup's scores equal
-what ``deltawise eval`` reports for the same data and settings.
+Accuracy and perplexity come from ``eval.runner.score_dataset``, the function ``deltawise eval`` and the
+retention-budget search score with, so a soup's or aTLAS's scores equal what ``deltawise eval`` reports for the
+same data and settings. Only the cross-entropy of a classifier (``loss``), which ``eval`` does not report, is
+computed here.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import torch
 
 from deltawise.datadriven.data import TaskData
 from deltawise.errors import InputError
-from deltawise.eval.classify import class_logits, classify, label_index
+from deltawise.eval.classify import class_logits, label_index
 from deltawise.eval.models import LoadedModel
-from deltawise.eval.perplexity import perplexity
+from deltawise.eval.runner import score_dataset
 
 METRICS = ("auto", "accuracy", "loss", "perplexity")
 
@@ -49,12 +51,13 @@ def score_model(lm: LoadedModel, data: TaskData, metric: str, *, max_length: int
         if not data.labelled:
             raise InputError(f"{data.path}: scoring a classifier needs a 'label' on every item")
         if metric == "accuracy":
-            outcomes = classify(lm, data.items, max_length=max_length, batch_size=batch_size)
-            return Score(metric, sum(o.correct for o in outcomes) / len(outcomes))
+            result = score_dataset(lm, data.items, "classification", name=data.path.name, role="target", path=str(data.path),
+                                   max_length=max_length, stride=max_length, batch_size=batch_size)
+            return Score(metric, result.value)
         labels = torch.tensor([label_index(lm, i) for i in data.items])
         logits = torch.cat([x.float().cpu() for x in class_logits(lm, data.items, max_length=max_length, batch_size=batch_size)])
         return Score(metric, float(torch.nn.functional.cross_entropy(logits, labels)))
     window = min(max_length, lm.context_length)
-    docs = [lm.tokenizer(i.text)["input_ids"] for i in data.items]
-    ppl = perplexity(lm.model, docs, max_length=window, stride=max(window // 2, 1), batch_size=batch_size, pad_id=lm.pad_id)
-    return Score(metric, ppl.value if metric == "perplexity" else ppl.mean_nll)
+    result = score_dataset(lm, data.items, "perplexity", name=data.path.name, role="target", path=str(data.path),
+                           max_length=window, stride=max(window // 2, 1), batch_size=batch_size)
+    return Score(metric, result.value if metric == "perplexity" else result.mean_nll)
