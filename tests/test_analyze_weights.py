@@ -36,7 +36,7 @@ def test_tall_masks_selfish_and_catastrophic():
     mo = mask_overlap([t1, t2], lam=0.4)
     assert (mo.selfish, mo.catastrophic) == (1, 1)
     assert mo.jaccard()[0][1] == pytest.approx(2 / 3)
-    # a single task keeps every non-zero entry (METHODS.md appendix, TALL unit test)
+    # a single task keeps every non-zero entry: tau_MTL = tau_1, so |tau_MTL - tau_1| = 0 < |tau_1|
     assert tall_masks([t1], lam=0.4)[0].tolist() == [True, False, True, True]
 
 

@@ -1,7 +1,7 @@
 """Continual merging (OPCM and its sequential baselines): OPCM against a direct restatement of
-METHODS.md section 9 (full SVD, float64), the orthogonality of each step's update to the
-previous merged vector's protected subspace, state resumption and atomicity, and memory that
-does not grow with the number of merged models."""
+the paper's algorithm (Tang et al. 2025, arXiv 2501.09522; docs/merging.md; full SVD, float64),
+the orthogonality of each step's update to the previous merged vector's protected subspace,
+state resumption and atomicity, and memory that does not grow with the number of merged models."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def gnorm(tensors: dict) -> float:
 
 
 def reference_opcm(base, models, alpha=0.5, zero_diagonal=False):
-    """METHODS.md section 9, step by step, full SVD in float64; returns theta_bar after each model."""
+    """The OPCM update of docs/merging.md, step by step, full SVD in float64; returns theta_bar after each model."""
     merged = dict(models[0])
     lam_prev, norms = 1.0, [gnorm({k: models[0][k] - base[k] for k in base})]
     history = [(dict(merged), lam_prev)]
@@ -113,7 +113,7 @@ def test_opcm_three_steps_match_the_restated_algorithm(make_folder, tmp_path, ze
 
 
 def test_opcm_without_projection_is_the_rescaled_sum(make_folder, tmp_path):
-    """METHODS.md appendix: alpha = 2 gives theta_0 + (tau_1 + tau_2) * avg_norm / ||tau_1 + tau_2||."""
+    """No energy share exceeds alpha = 2, so nothing is projected: theta_0 + (tau_1 + tau_2) * avg_norm / ||tau_1 + tau_2||."""
     base, models, (base_path, *paths) = family(make_folder, 2)
     call("opcm", base_path, paths, tmp_path / "state", tmp_path / "out", alpha=2.0, svd_dtype="float64")
     taus = [{k: m[k] - base[k] for k in base} for m in models]

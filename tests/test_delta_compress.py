@@ -54,7 +54,7 @@ def test_compeft_hand_computed(tmp_path):
     tau = torch.randn(16, 24, generator=g)
     write_dense(tmp_path / "d", {"w": tau})
     result = compress_delta(str(tmp_path / "d"), tmp_path / "c", density=0.25, alpha=2.0)
-    # METHODS.md §0: n_drop = 384 - int(0.25 * 384) = 288; keep |tau| >= the 288th smallest (1-indexed)
+    # TIES top-k rule: n_drop = 384 - int(0.25 * 384) = 288; keep |tau| >= the 288th smallest (1-indexed)
     keep = tau.abs() >= tau.abs().reshape(-1).sort().values[288 - 1]
     assert int(keep.sum()) == 97  # the official helper keeps the threshold entry too
     expected = 2.0 * tau.std(unbiased=False) * torch.sign(tau) * keep

@@ -1,5 +1,5 @@
 """Consensus (TALL masks) and PCB merging: hand-computed values, the properties stated in
-METHODS.md sections 7-8, PCB's whole-model mode against the released algorithm restated on
+docs/merging.md (consensus, pcb), PCB's whole-model mode against the released algorithm restated on
 flattened vectors, and end-to-end merges of a tiny Llama."""
 
 from __future__ import annotations

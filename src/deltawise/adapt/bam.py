@@ -1,4 +1,4 @@
-"""Branch-and-Merge (BaM, METHODS.md 13; Alexandrov et al. 2024, arXiv 2407.08699).
+"""Branch-and-Merge (BaM; Alexandrov et al. 2024, arXiv 2407.08699).
 
     D shuffled (seeded) and cut into N = K·R disjoint slices D_1..D_N
     θ^(0) = MODEL
@@ -8,7 +8,7 @@
 
 Each branch is an ordinary ``train`` run (any method; adapters are folded into full weights
 before merging), with its own LR schedule, so the LR re-warms and re-decays in every branch
-(METHODS.md 27), and optional replay data mixed into every batch. Merge defaults: SLERP t = 0.5
+(Ibrahim et al. 2024, arXiv 2403.08763), and optional replay data mixed into every batch. Merge defaults: SLERP t = 0.5
 for K = 2, the uniform average (linear) for K > 2; any registered merge method may be named.
 
 Work folder (resumable; a rerun of the same command skips what is finished)::
@@ -83,7 +83,7 @@ class BamResult:
 
 
 def merge_choice(branches: int, method: Optional[str], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The merge method and its recipe-wide parameters (the defaults of METHODS.md 13)."""
+    """The merge method and its recipe-wide parameters (our defaults: docs/adapt.md, "Branch-and-Merge")."""
     from deltawise.merge import REGISTRY
 
     name = method or ("slerp" if branches == 2 else "linear")

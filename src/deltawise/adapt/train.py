@@ -194,7 +194,7 @@ def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.schedule not in SCHEDULES:
         raise InputError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if cfg.schedule == "cpt":
-        # continual pre-training (METHODS.md 27): re-warm linearly, then cosine down to min_lr_ratio·lr
+        # continual pre-training (Ibrahim et al. 2024, arXiv 2403.08763): re-warm linearly, then cosine down to min_lr_ratio·lr
         return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio}}
     return {"lr_scheduler_type": cfg.schedule}
 

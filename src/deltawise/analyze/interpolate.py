@@ -1,9 +1,12 @@
-"""Linear-mode-connectivity curves (METHODS.md section 29): loss along theta_A + lambda (theta_B - theta_A).
+"""Linear-mode-connectivity curves: loss along theta_A + lambda (theta_B - theta_A).
+
+Loss barrier as in Entezari et al. 2022 (arXiv 2110.06296) and Git Re-Basin (arXiv 2209.04836); linear mode
+connectivity after Frankle et al. 2020 (arXiv 1912.05671).
 
 Unlike the weight analyses this runs the model, so model A is loaded whole; B enters as the
 difference B - A, read tensor by tensor. Writing the path as A + lambda (B - A) (rather than
 (1 - lambda) A + lambda B) keeps the endpoints bit-exact, and for two fine-tunes of one base it is
-the path theta0 + tau_A + lambda (tau_B - tau_A) that METHODS.md recommends.
+the path theta0 + tau_A + lambda (tau_B - tau_A) between the two task vectors.
 """
 
 from __future__ import annotations

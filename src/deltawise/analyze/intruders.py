@@ -1,4 +1,4 @@
-"""Intruder dimensions (METHODS.md section 28; Shuttleworth et al., arXiv 2410.21228).
+"""Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence", arXiv 2410.21228).
 
 A top-k singular vector of the fine-tuned matrix is an *intruder* when no singular vector of the
 pre-trained matrix resembles it: max_i |cos(u_j, u0_i)| < eps, taken over ALL of W0's vectors.
@@ -13,7 +13,7 @@ import torch
 
 Side = Literal["left", "right"]
 # Below this many entries the SVD runs in float64: in float32, near-degenerate singular vectors of
-# small matrices rotate enough to produce spurious low similarities (METHODS.md 28, edge cases).
+# small matrices rotate enough to produce spurious low similarities.
 FLOAT64_MAX_NUMEL = 1 << 22
 
 

@@ -23,7 +23,7 @@ class SignConflict:
 
 
 def sign_conflict(deltas: list[torch.Tensor]) -> SignConflict:
-    """Zero entries carry no sign (sgn(0) = 0, METHODS.md section 0) and never conflict."""
+    """Zero entries carry no sign (sgn(0) = 0) and never conflict."""
     signs = torch.stack([torch.sign(d.float()) for d in deltas])
     conflict = (signs > 0).any(0) & (signs < 0).any(0)
     overlapping = (signs != 0).sum(0) >= 2
@@ -44,7 +44,7 @@ class MaskOverlap:
 
 
 def tall_masks(deltas: list[torch.Tensor], lam: float) -> list[torch.Tensor]:
-    """TALL masks (Wang et al.; METHODS.md sections 7 and 15; nik-dim/tall_masks):
+    """TALL masks (Wang et al. 2024, arXiv 2405.07813; nik-dim/tall_masks):
     m_t = 1[|tau_t| > lam * |tau_MTL - tau_t|] with tau_MTL = sum_t tau_t (the task-arithmetic
     variant). The paper picks lam per task on validation data; this data-free analysis uses one lam."""
     floats = [d.float() for d in deltas]

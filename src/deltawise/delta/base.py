@@ -25,7 +25,7 @@ def register_kind(cls: type["TensorDelta"]) -> type["TensorDelta"]:
 
 def compute_dtype(*tensors: torch.Tensor | torch.dtype) -> torch.dtype:
     """float64 if any operand is float64, else float32: half-precision inputs are never summed
-    in their own precision (METHODS.md §0.1), and float64 deltas keep their exactness."""
+    in their own precision (docs/deltas.md, "Delta types"), and float64 deltas keep their exactness."""
     dtypes = [t if isinstance(t, torch.dtype) else t.dtype for t in tensors]
     return torch.float64 if torch.float64 in dtypes else torch.float32
 

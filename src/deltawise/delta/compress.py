@@ -1,14 +1,14 @@
 """``deltawise compress DELTA --method compeft|topk``: shrink a delta tensor by tensor.
 
-ComPEFT (METHODS.md §14), per tensor: keep the top-``density`` fraction of entries by
-magnitude (the generic top-k helper of METHODS.md §0: ``n_drop = d − int(d·k)``, threshold =
+ComPEFT (Yadav et al. 2023, arXiv 2311.13171), per tensor: keep the top-``density`` fraction of entries by
+magnitude (the top-k rule of the official TIES code: ``n_drop = d − int(d·k)``, threshold =
 the ``n_drop``-th smallest ``|τ|``, keep ``|τ| ≥`` threshold; ``k = 1`` keeps all), and replace each
 kept entry by ``sgn(τ) · α · σ(τ)``.
 
 Scale rule (the paper's details are unverified here, so this is our choice):
 ``σ(τ)`` is the *population* standard deviation (ddof = 0) of the **dense** residual, taken
 before sparsification. Why: the paper and the authors' TIES code scale by the residual's std;
-computing it after zeroing would shrink it with the density (METHODS.md §14 edge cases);
+computing it after zeroing would shrink it with the density (docs/deltas.md, scale rule);
 ddof = 0 makes the rule exact on a zero-mean ternary input — a residual ``c · s`` with balanced
 signs gives ``σ = c``, so ``density = 1, α = 1`` reproduces it — and the difference from ddof = 1
 is negligible at real tensor sizes. ``α`` is the user's multiplier (tune it on validation data;
@@ -40,7 +40,7 @@ from deltawise.io.resolve import resolve_model
 
 
 def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top ``density`` fraction of |tau| (METHODS.md §0 helper; ties at the threshold survive)."""
+    """Keep the top ``density`` fraction of |tau| (the TIES code's top-k rule; ties at the threshold survive)."""
     d = tau.numel()
     n_drop = d - int(d * density)
     if n_drop <= 0:

@@ -2,7 +2,7 @@
 
 ``indices`` are flat positions in the ``out × in`` grid (row = i // in, col = i % in), as PEFT's
 FourierFT layer draws them; ``coefficients`` the learnt spectrum. ``ifft2`` uses torch's default
-normalisation (a factor ``1/(out·in)``) and always runs in float32 or float64 (METHODS.md §19).
+normalisation (a factor ``1/(out·in)``) and always runs in float32 or float64 (Gao et al. 2024, arXiv 2405.03003).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TALL-mask delta (METHODS.md §15): one multi-task vector ``τ_MTL`` and one bit-packed mask
+"""TALL-mask delta (Wang et al. 2024, arXiv 2405.07813): one multi-task vector ``τ_MTL`` and one bit-packed mask
 per task; task ``t`` is ``m_t ⊙ τ_MTL``.
 
 ``select(t)`` gives that task's ``MaskedDelta``; ``materialize`` without a selection returns

@@ -1,6 +1,6 @@
 """``deltawise compress D1 D2 ... --method tall``: T deltas of one base → τ_MTL + T masks.
 
-TALL-mask construction (METHODS.md §7/§15), TA variant: ``τ_MTL = Σ_t τ_t``;
+TALL-mask construction (Wang et al. 2024, arXiv 2405.07813; code nik-dim/tall_masks), TA variant: ``τ_MTL = Σ_t τ_t``;
 ``m_t = 1[ |τ_t| > λ_t · |τ_MTL − τ_t| ]`` (strict, elementwise); task ``t`` is reconstructed as
 ``θ0 + m_t ⊙ τ_MTL`` with no extra scaling (``deltawise apply OUT --task t``). ``λ_t`` is chosen
 on validation data in the paper (grid 0.2…0.6); here it is given (default 0.4, the middle of

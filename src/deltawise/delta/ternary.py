@@ -26,7 +26,7 @@ class TernaryDelta(TensorDelta):
 
     @classmethod
     def from_dense(cls, delta: torch.Tensor, mask: torch.Tensor, scale: float) -> "TernaryDelta":
-        # zeros have no sign: they are dropped from the mask so that sgn(0) = 0 (METHODS.md §0)
+        # zeros have no sign: they are dropped from the mask so that sgn(0) = 0, as torch.sign gives
         mask = mask & (delta != 0)
         return cls(tuple(delta.shape), pack_bits(mask), pack_bits(delta[mask] > 0), float(scale))
 

@@ -1,4 +1,5 @@
-"""Patch transfer (METHODS.md §16): checks and a drift report when a delta moves to a new base.
+"""Patch transfer (Lin et al. 2025, arXiv 2503.20110; PortLLM, arXiv 2410.10870): checks and a drift report
+when a delta moves to a new base.
 
 A delta extracted from base A can be applied to a new base N of the same architecture
 (``θ̂ = N + Δ``, fine-tuning transfer / PortLLM). Before writing anything we check tensor

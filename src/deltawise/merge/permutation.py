@@ -5,7 +5,7 @@ made of ``size`` contiguous blocks of ``block`` entries (block = 1 for hidden un
 for attention heads, group x head_dim for a GQA key/value group with its query heads). The
 permuted tensor takes unit ``perm[i]`` of B at position i: ``B[perm, :]`` for rows.
 
-Weight matching (Ainsworth et al. 2023, METHODS.md section 12) maximises sum_T <A_T, P(B_T)>
+Weight matching (Ainsworth et al. 2023, arXiv 2209.04836) maximises sum_T <A_T, P(B_T)>
 by coordinate descent: visit the groups in a seeded random order; for group p,
     C = sum over (T, axis) in p of  A_T(axis first, flattened) @ B'_T(axis first, flattened)^T
 with B' = B under every *other* group's current permutation; solve the assignment

@@ -1,6 +1,6 @@
 """aTLAS: learn one coefficient per (task vector, parameter tensor) by gradient descent
-(Zhang et al. 2024, "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling";
-METHODS.md section 10).
+(Zhang et al. 2024, "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling",
+NeurIPS 2024, arXiv 2407.02880).
 
     theta(Lambda)_b = theta0_b + sum_t Lambda[t, b] tau_t,b,     tau_t = theta_t - theta0,  Lambda = 0 at start
 

@@ -1,4 +1,4 @@
-"""Greedy soup (Wortsman et al. 2022, "Model soups"; METHODS.md section 1).
+"""Greedy soup (Wortsman et al. 2022, "Model soups", ICML 2022, arXiv 2203.05482).
 
 1. Score every ingredient on held-out data; sort by score, best first (ties keep the given order).
 2. soup = [best]. For each next ingredient: the candidate is the uniform average of the soup's

@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of a model on data (METHODS.md section 6), saved checkpoint-shaped.
+"""Diagonal Fisher information of a model on data (Matena & Raffel 2022, arXiv 2111.09832), saved checkpoint-shaped.
 
     F = (1/N) sum_n E_y[(d/dtheta log p(y | x_n))^2]
 

@@ -7,7 +7,7 @@ Categories per layer: attention projections (Llama q,k,v,o → 2 of 4), feed-for
 norms (1 of 2). A module's weight and bias go together. Embeddings, LM head and the final norm
 stay frozen; a new classification head trains. Selection ratio p = 0.5 (``--ratio``), drawn from
 the run's seed; the selection is recorded in ``deltawise_train.json`` (``method_record``).
-[The exact per-category rule is not confirmed by the paper's code — see METHODS.md §26.]
+[No code was released, so the exact per-category rule is our reading of the paper — docs/adapt.md, "Methods".]
 Saved delta: dense ΔW = W_trained − W_base (float32) for every selected parameter.
 """
 

@@ -14,7 +14,7 @@ masks, ``lambda`` the final scale alpha (the library-wide name of the scale adde
 k = 2 (default) removes "catastrophic" (no task) and "selfish" (one task) weights, k = 1 only
 catastrophic ones, k = 0 gives task arithmetic (or TIES with dis-sum), k > T the base model.
 
-Choices on points the paper leaves to validation data (METHODS.md section 7): the paper picks
+Choices on points the paper leaves to validation data (docs/merging.md, "consensus"): the paper picks
 each lambda_t from {0.2, ..., 0.6} on that task's validation split and alpha from {0.1, ..., 1.0};
 this data-free method uses lambda_t = 0.4 (middle of the grid) and alpha = 1.0 unless set.
 The task-arithmetic variant is elementwise (no statistics pass); the TIES variant reuses the

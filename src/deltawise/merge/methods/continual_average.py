@@ -1,4 +1,4 @@
-"""Running weight average: the simplest continual-merging baseline (METHODS.md section 9).
+"""Running weight average: the simplest continual-merging baseline (OPCM paper, Tang et al. 2025, arXiv 2501.09522).
 
 Models arrive one call at a time (see ``merge/continual.py`` for the state folder):
     theta_bar_1 = theta_1;   theta_bar_t = ((t - 1) theta_bar_{t-1} + theta_t) / t

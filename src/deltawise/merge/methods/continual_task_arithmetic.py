@@ -1,4 +1,4 @@
-"""Continual task arithmetic: the sequential baseline of OPCM (METHODS.md section 9).
+"""Continual task arithmetic: the sequential baseline of OPCM (Tang et al. 2025, arXiv 2501.09522).
 
 Models arrive one call at a time (see ``merge/continual.py`` for the state folder):
     theta_bar_t = theta_bar_{t-1} + lambda * (theta_t - theta_0),   theta_bar_0 = theta_0

@@ -1,7 +1,7 @@
 """Fisher merging: a per-parameter average weighted by each model's diagonal Fisher information.
 
 Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging" (arXiv 2111.09832);
-METHODS.md section 6. With lambda_i the model ``weight`` and F_i its Fisher (``deltawise fisher``),
+docs/data-merging.md ("fisher"). With lambda_i the model ``weight`` and F_i its Fisher (``deltawise fisher``),
     F~_i = max(F_i / ||F_i||_2, floor)   (normalize: true; ||F_i|| over all entries of the file)
     F~_i = max(F_i, floor)               (normalize: false)
     theta* = sum_i lambda_i F~_i theta_i / sum_i lambda_i F~_i

@@ -2,7 +2,7 @@
 
 Tang et al. 2025, "Merging Models on the Fly Without Retraining: A Sequential Approach to
 Scalable Continual Model Merging" (arXiv 2501.09522), official code ``tanganke/opcm``;
-METHODS.md section 9. Models arrive one at a time; the state is the merged model theta_bar,
+docs/merging.md ("opcm"). Models arrive one at a time; the state is the merged model theta_bar,
 lambda_prev and the task-vector norms. First model: theta_bar = theta_1, lambda = 1. Then:
     norms += ||tau_t||;  avg = mean(norms)                       (global L2 over merged tensors)
     2-D weights:  D = theta_bar - theta_0 = U S V^T;  r = first k with (s_0+..+s_k)/sum(s) > alpha

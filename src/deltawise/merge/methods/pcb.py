@@ -4,7 +4,7 @@ drop the low scores and average the clipped task vectors with the scores as weig
 
 Du et al. 2024, "Parameter Competition Balancing for Model Merging" (NeurIPS 2024,
 arXiv 2410.02396); this follows the released NLP code (``duguodong7/pcb-merging``,
-``task_para_att_merge``) as restated in METHODS.md section 8. With M the T x d task vectors
+``task_para_att_merge``), as docs/merging.md ("pcb") restates it. With M the T x d task vectors
 (rows = tasks), Norm = per-row min-max normalisation (x - min) / (max - min):
     clip:   M_c = sgn(M) * clamp(|M|, q_lo, q_hi), q_lo / q_hi = sorted |M| row at positions
             int(c*d) and int((1-c)*d - 1)   (c = clip_ratio)
@@ -17,7 +17,7 @@ arXiv 2410.02396); this follows the released NLP code (``duguodong7/pcb-merging`
 ``weight`` (w_t, default 1) is the per-task scale the vision script applies to M_c[t] before
 the merge (lambda_t there); the NLP code uses 1.
 
-Choices (METHODS.md section 8): the inter term is the released-code form tanh(M * sum M), not
+Choices (docs/merging.md, "pcb"): the inter term is the released-code form tanh(M * sum M), not
 the paper's softmax form; clip_ratio defaults to 0.01 (NLP code; the standalone script uses
 0.0001); ratio defaults to 0.1 (standalone script and T5; the grid is 0.05/0.1/0.2); lambda to
 1.0 (IA3 setting; the T5 grids start at 0.8). A constant row normalises to zeros (the code

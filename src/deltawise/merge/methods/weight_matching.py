@@ -2,7 +2,7 @@
 model A, then interpolate.
 
 Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin: Merging Models modulo Permutation
-Symmetries" (arXiv 2209.04836), code ``samuela/git-re-basin``; METHODS.md section 12.
+Symmetries" (arXiv 2209.04836), code ``samuela/git-re-basin``; docs/merging.md ("weight_matching").
     P* = argmax_P sum_T <A_T, P(B_T)>   (coordinate descent over permutation groups, Hungarian
                                           assignment per group, seeded visiting order)
     theta = (1 - t) * A + t * P*(B)      (t = 1: the permuted B alone; t = 0: A)
