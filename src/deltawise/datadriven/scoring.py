@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltawise.datadriven.data import TaskData
+from deltawise.data.tasks import TaskData
 from deltawise.errors import InputError
 from deltawise.eval.classify import class_logits, classify, label_index
 from deltawise.eval.models import LoadedModel
