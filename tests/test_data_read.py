@@ -3,6 +3,7 @@ the same files with the same message."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -110,3 +111,18 @@ def test_training_reads_a_datasets_folder_like_eval(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     examples = read_examples(tmp_path / "ds")
     assert [(e.prompt, e.text) for e in examples] == [("Q: 2+2?", " 4"), ("Hi", " there")]
+
+
+def test_bam_fingerprints_a_data_folder_by_its_files(tmp_path):
+    from deltawise.adapt.bam import _file_sha256
+
+    folder = tmp_path / "ds"
+    (folder / "train").mkdir(parents=True)
+    (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    before = _file_sha256(folder)
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"other rows")
+    assert _file_sha256(folder) != before
+    single = tmp_path / "d.txt"
+    single.write_text("one\n")
+    assert _file_sha256(single) == hashlib.sha256(b"one\n").hexdigest()  # files keep the fingerprint they had
