@@ -61,7 +61,7 @@ def main() -> None:
     if args.model is None:
         ap.error("give --model or --make-random-llama")
 
-    from deltawise.eval.data import load_items
+    from deltawise.data.read import load_items
     from deltawise.eval.models import load_model
     from deltawise.eval.perplexity import perplexity
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import load_state
 from deltawise.cli import app
+from deltawise.data.tasks import batches, encode, load_data
 from deltawise.search.atlas import AtlasOptions, Composer, learn, step_loss
-from deltawise.datadriven.data import batches, encode, load_data
 from deltawise.eval.models import load_model
 
 

@@ -79,7 +79,7 @@ def _antithetic(src: Path, root: Path, scale: float) -> tuple[Path, Path]:
 
 
 def test_soup_accepts_an_ingredient_that_cancels_the_others_error(dd, tmp_path):
-    from deltawise.datadriven.data import load_data
+    from deltawise.data.tasks import load_data
     from deltawise.search.scoring import score_model
     from deltawise.eval.classify import classify
     from deltawise.eval.models import load_model

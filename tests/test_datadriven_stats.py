@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import load_state
 from deltawise.cli import app
-from deltawise.datadriven.data import load_data
+from deltawise.data.tasks import load_data
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.merge import merge
 

@@ -72,8 +72,8 @@ def test_lm_eval_log_likelihoods_equal_our_choice_scores(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from deltawise.data.read import load_items
     from deltawise.eval.choice import multiple_choice
-    from deltawise.eval.data import load_items
     from deltawise.eval.models import load_model
 
     lm = load_model(save_tiny_lm(tmp_path / "model"))

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from deltawise.cli import app
+from deltawise.data.read import load_items, split_documents
 from deltawise.errors import InputError
 from deltawise.eval.choice import multiple_choice
 from deltawise.eval.classify import classify
-from deltawise.eval.data import load_items, split_documents
 from deltawise.eval.models import load_model
 from deltawise.eval.results import load_result
 from eval_util import save_tiny_classifier, save_tiny_lm
@@ -32,7 +32,9 @@ def write_jsonl(path, rows):
 
 
 def test_fortune_and_blank_line_documents(tmp_path):
-    assert split_documents("%\nfirst\nline two\n%\nsecond\n%\n\nthird\n\n\nfourth\n") == ["first\nline two", "second", "third", "fourth"]
+    # with '%' lines present only they separate (a blank line stays inside a fortune); else blank lines do
+    assert split_documents("%\nfirst\nline two\n%\nsecond\n%\n\nthird\n\n\nfourth\n") == ["first\nline two", "second", "third\n\n\nfourth"]
+    assert split_documents("third\n\n\nfourth\n") == ["third", "fourth"]
     f = tmp_path / "computers"  # fortune files have no suffix
     f.write_text("one\n%\ntwo\n%\n")
     assert [i.text for i in load_items(f)] == ["one", "two"]
@@ -66,7 +68,7 @@ def test_classification_accuracy_matches_unbatched_argmax(models):
     with torch.no_grad():
         preds = [int(lm.model(**lm.tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts]
     labels = [preds[0], (preds[1] + 1) % 3, preds[2], (preds[3] + 1) % 3, preds[4]]
-    from deltawise.eval.data import Item
+    from deltawise.data.read import Item
 
     items = [Item(str(i), {"text": t, "label": y}) for i, (t, y) in enumerate(zip(texts, labels))]
     outcomes = classify(lm, items, max_length=64, batch_size=4)
@@ -76,7 +78,7 @@ def test_classification_accuracy_matches_unbatched_argmax(models):
 
 def test_multiple_choice_scores_are_choice_log_likelihoods(models):
     lm = load_model(models["base"])
-    from deltawise.eval.data import Item
+    from deltawise.data.read import Item
 
     item = Item("q", {"question": "Capital of France?", "choices": ["Paris", "Rome is far"], "answer": 0})
     out = multiple_choice(lm, [item], norm="total", max_length=64)[0]

@@ -133,12 +133,17 @@ def _example_record(ex: Example, task: str) -> dict[str, Any]:
 
 
 def _file_sha256(path: Optional[Path]) -> Optional[str]:
+    """SHA-256 of a data file, or of a data folder's files (a `datasets` folder: names and contents, sorted)."""
     if path is None:
         return None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:  # a single file hashes to its bytes alone, so existing work folders keep their fingerprint
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 

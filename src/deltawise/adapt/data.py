@@ -1,16 +1,16 @@
-"""Training data: read plain-text / JSONL files, tokenize, and batch them (optionally mixing in replay data).
+"""Training data: turn what ``deltawise.data.read`` reads into examples, tokenize and batch them (optionally
+mixing in replay data).
 
-Formats (chosen by content, not only by extension):
-- plain text: fortune-style documents separated by lines holding only ``%``; when no such line
-  exists, documents are separated by blank lines;
-- JSONL with a ``text`` field: one document per line;
-- JSONL with ``prompt`` and ``response``: the loss covers the response tokens only;
-- classification (``task="classification"``): JSONL with ``text`` and ``label`` (int or string).
+Files are read as every command reads them (formats, refused files and the document-splitting rule are
+in ``deltawise.data.read``); what a record means to training:
+- plain text: each document is one example (every token in the loss);
+- a record with a ``text`` field: one example;
+- a record with ``prompt`` and ``response``: the loss covers the response tokens only;
+- classification (``task="classification"``): records with ``text`` and ``label`` (int or string).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from deltawise.data.read import Item, read_data
 from deltawise.errors import InputError
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
@@ -33,57 +34,30 @@ class Example:
     label: Any = None
 
 
-def _split_documents(text: str) -> list[str]:
-    lines = text.splitlines()
-    if any(line.strip() == "%" for line in lines):
-        docs, cur = [], []
-        for line in lines:
-            if line.strip() == "%":
-                docs.append("\n".join(cur))
-                cur = []
-            else:
-                cur.append(line)
-        docs.append("\n".join(cur))
-    else:
-        docs = [block for block in text.split("\n\n")]
-    return [d.strip() for d in docs if d.strip()]
-
-
 def read_examples(path: Path, task: str = "causal_lm") -> list[Example]:
-    """Read every example of ``path``; raise InputError with the line number on bad records."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {path} does not exist")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    is_jsonl = path.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{")
-    if not is_jsonl:
-        if task == "classification":
-            raise InputError(f"{path}: classification data must be JSONL with 'text' and 'label' fields")
-        examples = [Example(text=d) for d in _split_documents(raw)]
-    else:
-        examples = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{n}: each line must be a JSON object")
-            if task == "classification":
-                if "text" not in rec or "label" not in rec:
-                    raise InputError(f"{path}:{n}: classification records need 'text' and 'label'")
-                examples.append(Example(text=str(rec["text"]), label=rec["label"]))
-            elif "prompt" in rec and "response" in rec:
-                examples.append(Example(text=str(rec["response"]), prompt=str(rec["prompt"])))
-            elif "text" in rec:
-                examples.append(Example(text=str(rec["text"])))
-            else:
-                raise InputError(f"{path}:{n}: need a 'text' field or 'prompt' and 'response' fields")
+    """Every example of ``path``, read by ``deltawise.data.read`` as every command reads data; InputError
+    naming the file (and line, for JSONL) on bad records."""
+    data = read_data(path)
+    if data.format == "text" and task == "classification":
+        raise InputError(f"{data.path}: classification data must be JSONL with 'text' and 'label' fields")
+    examples = [_example(item, task) for item in data.items]
     if not examples:
-        raise InputError(f"{path}: no training examples found")
+        raise InputError(f"{data.path}: no training examples found")
     return examples
+
+
+def _example(item: Item, task: str) -> Example:
+    """What a record means to training: ``text``; ``prompt`` + ``response``; ``text`` + ``label`` for classification."""
+    rec = item.fields
+    if task == "classification":
+        if "text" not in rec or "label" not in rec:
+            raise InputError(f"{item.origin}: classification records need 'text' and 'label'")
+        return Example(text=str(rec["text"]), label=rec["label"])
+    if "prompt" in rec and "response" in rec:
+        return Example(text=str(rec["response"]), prompt=str(rec["prompt"]))
+    if "text" in rec:
+        return Example(text=str(rec["text"]))
+    raise InputError(f"{item.origin}: need a 'text' field or 'prompt' and 'response' fields")
 
 
 def label_mapping(examples: list[Example]) -> dict[Any, int]:

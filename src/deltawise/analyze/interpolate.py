@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from deltawise.analyze.results import Interpolation, ModelRef
+from deltawise.data.read import load_items
 from deltawise.errors import InputError, bullet_list
-from deltawise.eval.data import load_items
 from deltawise.eval.models import load_model, model_fingerprint
 from deltawise.io.resolve import resolve_model
 from deltawise.eval.perplexity import perplexity

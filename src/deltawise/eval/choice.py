@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from deltawise.data.read import Item
 from deltawise.errors import InputError
-from deltawise.eval.data import Item
 from deltawise.eval.models import LoadedModel
 from deltawise.eval.scoring import Progress, Span, score_spans
 
@@ -29,7 +29,7 @@ def context_of(item: Item) -> str:
     f = item.fields
     parts = [str(f[k]) for k in ("context", "question") if f.get(k)]
     if not parts:
-        raise InputError(f"multiple-choice item {item.id!r} has neither 'question' nor 'context'")
+        raise InputError(f"{item.where}: a multiple-choice item has neither 'question' nor 'context'")
     return "\n".join(parts)
 
 
@@ -61,7 +61,7 @@ def multiple_choice(
         choices = [str(c) for c in item.fields["choices"]]
         answer = item.fields["answer"]
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise InputError(f"item {item.id!r}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got {answer!r}")
+            raise InputError(f"{item.where}: 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got {answer!r}")
         context = context_of(item)
         for c, span in enumerate(choice_spans(lm, context, choices, max_length)):
             spans.append(span)

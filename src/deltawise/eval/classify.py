@@ -7,8 +7,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from deltawise.data.read import Item
 from deltawise.errors import InputError
-from deltawise.eval.data import Item
 from deltawise.eval.models import LoadedModel
 from deltawise.eval.scoring import Progress
 
@@ -28,14 +28,14 @@ def label_index(lm: LoadedModel, item: Item) -> int:
     label = item.fields["label"]
     n = lm.model.config.num_labels
     if isinstance(label, bool) or not isinstance(label, (int, str)):
-        raise InputError(f"item {item.id!r}: label must be an int or a label name, got {label!r}")
+        raise InputError(f"{item.where}: label must be an int or a label name, got {label!r}")
     if isinstance(label, str):
         label2id = lm.model.config.label2id or {}
         if label not in label2id:
-            raise InputError(f"item {item.id!r}: label {label!r} is not one of the model's labels {sorted(label2id)}")
+            raise InputError(f"{item.where}: label {label!r} is not one of the model's labels {sorted(label2id)}")
         label = int(label2id[label])
     if not 0 <= label < n:
-        raise InputError(f"item {item.id!r}: label {label} outside the model's {n} classes")
+        raise InputError(f"{item.where}: label {label} outside the model's {n} classes")
     return label
 
 

@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from deltawise.data.read import Item, load_items
 from deltawise.errors import InputError
 from deltawise.eval.choice import Norm, multiple_choice
 from deltawise.eval.classify import classify
-from deltawise.eval.data import Item, load_items
 from deltawise.eval.lm_eval_bridge import run_lm_eval
 from deltawise.eval.models import LoadedModel, load_model, model_fingerprint
 from deltawise.eval.perplexity import perplexity

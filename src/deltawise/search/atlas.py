@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from deltawise.adapt.data import IGNORE_INDEX
-from deltawise.datadriven.data import TaskData, encode, endless_batches, head_for, load_data
+from deltawise.data.tasks import TaskData, encode, endless_batches, head_for, load_data
 from deltawise.stats.names import checkpoint_names
 from deltawise.search.scoring import resolve_metric, score_model
 from deltawise.errors import InputError

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltawise.datadriven.data import TaskData
+from deltawise.data.tasks import TaskData
 from deltawise.errors import InputError
 from deltawise.eval.classify import class_logits, label_index
 from deltawise.eval.models import LoadedModel

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deltawise.datadriven.data import head_for, load_data
+from deltawise.data.tasks import head_for, load_data
 from deltawise.stats.names import checkpoint_names
 from deltawise.search.scoring import Score, resolve_metric, score_model
 from deltawise.errors import InputError

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from deltawise.datadriven.data import TaskData, encode, head_for, load_data
+from deltawise.data.tasks import TaskData, encode, head_for, load_data
 from deltawise.stats.statsfile import check_stats_output, save_stats
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.reader import ModelReader

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from deltawise.adapt.data import IGNORE_INDEX
+from deltawise.data.tasks import batches
 from deltawise.stats.collect import CollectOptions, CollectRun, finish, start
-from deltawise.datadriven.data import batches
 from deltawise.stats.names import checkpoint_names
 from deltawise.errors import InputError
 

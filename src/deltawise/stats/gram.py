@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
+from deltawise.data.tasks import batches
 from deltawise.stats.collect import CollectOptions, finish, start
-from deltawise.datadriven.data import batches
 from deltawise.stats.names import checkpoint_names
 
 

@@ -1,7 +1,7 @@
-"""The one data entry of the data-driven methods: read a dataset, tell its task, batch it for a model.
+"""Data for the data-driven methods (fisher, gram, soup, atlas): read a dataset, tell its task, batch it for a model.
 
-Files are read by ``eval.data.load_items`` (plain text, JSONL, or a ``datasets`` folder saved with
-``save_to_disk``; anything else is an InputError) and tokenized by ``adapt.data`` (EOS-terminated
+Files are read by ``deltawise.data.read.load_items`` (plain text, JSONL, or a ``datasets`` folder saved
+with ``save_to_disk``; anything else is an InputError) and tokenized by ``adapt.data`` (EOS-terminated
 documents for causal LMs; ``text``/``label`` rows for classifiers), so these commands accept
 exactly what ``deltawise eval`` and ``deltawise train`` accept.
 """
@@ -16,9 +16,9 @@ from typing import Iterator, Literal, Optional
 import torch
 
 from deltawise.adapt.data import Collator, Example, tokenize
+from deltawise.data.read import Item, load_items
 from deltawise.errors import InputError
 from deltawise.eval.classify import label_index
-from deltawise.eval.data import Item, load_items
 from deltawise.eval.models import LoadedModel
 
 Task = Literal["classification", "causal_lm"]
@@ -45,9 +45,9 @@ def load_data(path: str | Path, task: str = "auto", *, need_labels: bool = False
     if task == "auto":
         task = "classification" if "label" in items[0].fields else "causal_lm"
     if need_labels:
-        missing = [i.id for i in items if "label" not in i.fields]
-        if missing:
-            raise InputError(f"{path}: this needs labelled data ('text' and 'label'); item {missing[0]!r} has no 'label'")
+        unlabelled = [i for i in items if "label" not in i.fields]
+        if unlabelled:
+            raise InputError(f"{unlabelled[0].where}: this needs labelled data ('text' and 'label'); this item has no 'label'")
     if limit is not None:
         items = items[:limit]
     return TaskData(Path(path), task, items)  # type: ignore[arg-type]
