@@ -83,6 +83,16 @@ def runs(tiny_lm, tmp_path_factory):
     return get
 
 
+def test_delta_and_run_record_the_resolved_method_parameters(runs):
+    """The given values (as text from the command line) typed, and every other parameter at its default."""
+    out, _, _ = runs("sorsa")
+    expected = {"rank": 2, "alpha": None, "gamma": 4e-4, "targets": ["q_proj", "v_proj"]}
+    assert json.loads((out / "delta.json").read_text())["parameters"] == expected
+    run = json.loads((out / "deltawise_train.json").read_text())
+    assert run["method_params"] == expected
+    assert run["config"]["method_params"] == {"rank": 2, "targets": "q_proj,v_proj"}  # as given
+
+
 def _shard_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("delta-*.safetensors"))
 
