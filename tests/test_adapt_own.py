@@ -16,8 +16,8 @@ from deltawise.delta.store import DeltaFile
 TARGETS = ["q_proj", "v_proj"]
 R = 4
 # each method's own parameters (hft takes only ``ratio``; lift trains every linear, so it takes no targets)
-PARAMS = {"sorsa": {"rank": R, "targets": TARGETS}, "loldu": {"rank": R, "targets": TARGETS}, "kasa": {"rank": R, "targets": TARGETS},
-          "hft": {}, "lift": {"rank": R, "filter_rank": 4, "refresh_interval": 2}}
+ADAPTER = {"rank": R, "targets": TARGETS}
+PARAMS = {"sorsa": ADAPTER, "loldu": ADAPTER, "kasa": ADAPTER, "hft": {}, "lift": {"rank": R, "filter_rank": 4, "refresh_interval": 2}}
 
 
 def _linears(model, targets=TARGETS):
@@ -39,7 +39,7 @@ def _expected_mask(w: torch.Tensor, filter_rank: int, lora_rank: int) -> torch.T
 def test_trainable_count_formula(method, tiny_lm):
     base = base_model(tiny_lm["model"])
     shapes = [tuple(w.shape) for w in _linears(base).values()]  # (out, in)
-    model = get_method(method, {"rank": R, "targets": TARGETS}).prepare(base, "causal_lm", 0)
+    model = get_method(method, ADAPTER).prepare(base, "causal_lm", 0)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formula = {"sorsa": lambda o, i: R * (o + i) + R, "loldu": lambda o, i: R, "kasa": lambda o, i: R * (i + o) + R}[method]
     assert n == sum(formula(o, i) for o, i in shapes)
@@ -74,7 +74,7 @@ def test_hft_selects_half_per_category(tiny_lm):
 def test_output_equals_base_at_init(method, tiny_lm):
     batch = batch_of(tiny_lm)
     expected = logits(base_model(tiny_lm["model"]), batch)
-    model = get_method(method, {"rank": R, "targets": TARGETS}).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    model = get_method(method, ADAPTER).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -88,7 +88,7 @@ def test_kasa_init_equals_truncated_base(tiny_lm):
             u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
             s[-R:] = 0
             truncated.get_parameter(name).copy_((u * s) @ vh)
-    model = get_method("kasa", {"rank": R, "targets": TARGETS}).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    model = get_method("kasa", ADAPTER).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     got = logits(model, batch)
     torch.testing.assert_close(got, logits(truncated, batch), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, logits(base_model(tiny_lm["model"]), batch), atol=1e-6)
@@ -116,7 +116,7 @@ def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
 
 @pytest.mark.parametrize("method", ["sorsa", "loldu", "kasa"])
 def test_one_step_changes_only_target_weights(method, tiny_lm, tmp_path):
-    result = run_train(train_cfg(tiny_lm, tmp_path / "o", method, {"rank": R, "targets": TARGETS}))
+    result = run_train(train_cfg(tiny_lm, tmp_path / "o", method, ADAPTER))
     base = base_model(tiny_lm["model"]).state_dict()
     new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
     changed = {k for k in base if not torch.equal(base[k], new[k])}

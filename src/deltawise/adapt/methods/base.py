@@ -96,7 +96,8 @@ class DeltaMethod(Method):
 
         params = dict(model.named_parameters())
         deltas = {**self.deltas(model), **{n: FullDelta(params[n].detach().cpu().clone()) for n in self.heads}}
-        header = {"method": self.name, "parameters": {**self.values, **self.record()}, "base": base_identity(base) if base else {}}
+        parameters = {**self.values, **self.record()}  # the resolved values: defaults filled in
+        header = {"method": self.name, "parameters": parameters, "base": base_identity(base) if base else {}}
         with DeltaWriter(out, header, [], staged=False) as writer:  # ``out`` is the run's staging folder
             for name, delta in deltas.items():
                 # the dtype the base stores (a tensor new to it keeps the float32 it was trained in)
