@@ -94,16 +94,12 @@ class Param:
             closing = ")" if self.high_open or self.high is None else "]"
             raise ParamError(f"{self.name}={x} is outside {opening}{lo}, {hi}{closing}")
 
-    def default_text(self) -> str:
-        """The default as the docs and ``deltawise methods`` show it."""
-        if self.default is REQUIRED:
-            return "required"
-        if self.default is None:
-            return "from the method's rule (see help)"
-        return repr(self.default)
-
     def describe(self) -> str:
-        default = "required" if self.default is REQUIRED else f"default {self.default!r}"
+        """One line for ``deltawise methods``: name, type, scope, default and help."""
+        if self.default is REQUIRED:
+            default = "required"
+        else:
+            default = "default: see help" if self.default is None else f"default {self.default!r}"
         scope = "per model" if self.scope == "model" else "recipe-wide"
         return f"{self.name} ({self.kind.__name__}, {scope}, {default}): {self.help}"
 
