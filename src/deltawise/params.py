@@ -9,8 +9,9 @@ methods`` and docs/adapt.md. Torch-free, so listing methods stays cheap.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal
 
 REQUIRED = object()
 
@@ -32,11 +33,11 @@ class Param:
     kind: type
     default: Any = REQUIRED
     scope: Literal["global", "model"] = "global"  # merge recipes: one value for the recipe, or one per model
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: Optional[tuple[str, ...]] = None
+    choices: tuple[str, ...] | None = None
     help: str = ""
 
     def coerce(self, value: Any) -> Any:

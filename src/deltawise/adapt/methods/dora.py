@@ -7,6 +7,8 @@ column norms of W0 (so W' = W0 at init). Trainable per matrix: r·(in + out) + o
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from deltawise.adapt.methods.base import register
 from deltawise.adapt.methods.lora import LoRA
 
@@ -15,4 +17,4 @@ from deltawise.adapt.methods.lora import LoRA
 class DoRA(LoRA):
     name = "dora"
     summary = "LoRA on the direction of each weight column plus a trainable magnitude per column (PEFT)"
-    lora_kwargs = {"use_dora": True}
+    lora_kwargs: ClassVar[dict[str, Any]] = {"use_dora": True}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -25,7 +26,7 @@ from deltawise.adapt.methods.lora import LoRA
 class PiSSA(LoRA):
     name = "pissa"
     summary = "LoRA whose factors start at the top-r singular components of W, the rest of W frozen (PEFT)"
-    lora_kwargs = {"init_lora_weights": "pissa"}
+    lora_kwargs: ClassVar[dict[str, Any]] = {"init_lora_weights": "pissa"}
     _init_dir: Path | None = None
 
     def before_training(self, model: nn.Module, staging: Path) -> None:
