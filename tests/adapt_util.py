@@ -66,11 +66,11 @@ def one_step(model, batch, params, lr: float, optimizer=None) -> None:
     opt.zero_grad()
 
 
-def train_cfg(tiny_lm, out: Path, method: str, options=None, **kw):
-    from deltawise.adapt import MethodOptions, TrainConfig
+def train_cfg(tiny_lm, out: Path, method: str, method_params: dict | None = None, **kw):
+    from deltawise.adapt import TrainConfig
 
     base = dict(model=tiny_lm["model"], data=tiny_lm["data"], output=out, method=method, max_steps=1, batch_size=8,
-                lr=1e-2, seed=0, progress=False, options=options or MethodOptions())
+                lr=1e-2, seed=0, progress=False, method_params=dict(method_params or {}))
     base.update(kw)
     return TrainConfig(**base)
 

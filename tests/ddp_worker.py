@@ -4,7 +4,7 @@ multi-process launch and save every rank's final weights.
     torchrun --nproc_per_node 2 tests/ddp_worker.py SPEC.json
 
 SPEC.json: {"model": ..., "data": ..., "out": ..., "runs": [{"name": ..., "method": ..., "task": ...,
-"options": {...}, "train": {...TrainConfig fields...}}]}. Each run writes ``out/NAME`` (rank 0) and
+"method_params": {...}, "train": {...TrainConfig fields...}}]}. Each run writes ``out/NAME`` (rank 0) and
 ``out/NAME.rank{R}.safetensors`` (every rank's parameters when training ended).
 """
 
@@ -30,10 +30,10 @@ class SaveWeights(TrainerCallback):
 
 
 def config(spec: dict, run: dict, out: Path):
-    from deltawise.adapt import MethodOptions, TrainConfig
+    from deltawise.adapt import TrainConfig
 
     return TrainConfig(model=Path(spec["model"]), data=Path(run.get("data", spec["data"])), output=out, method=run["method"],
-                       task=run.get("task", "causal_lm"), progress=False, options=MethodOptions(**run.get("options", {})),
+                       task=run.get("task", "causal_lm"), progress=False, method_params=run.get("method_params", {}),
                        **run.get("train", {}))
 
 

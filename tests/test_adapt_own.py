@@ -9,12 +9,15 @@ import torch
 from adapt_util import base_model, batch_of, logits, one_step, tiny_lm, train_cfg  # noqa: F401
 from transformers import set_seed
 
-from deltawise.adapt import MethodOptions, get_method, run_train
+from deltawise.adapt import get_method, run_train
 from deltawise.delta.apply import apply_to_model
 from deltawise.delta.store import DeltaFile
 
 TARGETS = ["q_proj", "v_proj"]
 R = 4
+# each method's own parameters (hft takes only ``ratio``; lift trains every linear, so it takes no targets)
+ADAPTER = {"rank": R, "targets": TARGETS}
+PARAMS = {"sorsa": ADAPTER, "loldu": ADAPTER, "kasa": ADAPTER, "hft": {}, "lift": {"rank": R, "filter_rank": 4, "refresh_interval": 2}}
 
 
 def _linears(model, targets=TARGETS):
@@ -36,7 +39,7 @@ def _expected_mask(w: torch.Tensor, filter_rank: int, lora_rank: int) -> torch.T
 def test_trainable_count_formula(method, tiny_lm):
     base = base_model(tiny_lm["model"])
     shapes = [tuple(w.shape) for w in _linears(base).values()]  # (out, in)
-    model = get_method(method, MethodOptions(rank=R, targets=TARGETS)).prepare(base, "causal_lm", 0)
+    model = get_method(method, ADAPTER).prepare(base, "causal_lm", 0)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formula = {"sorsa": lambda o, i: R * (o + i) + R, "loldu": lambda o, i: R, "kasa": lambda o, i: R * (i + o) + R}[method]
     assert n == sum(formula(o, i) for o, i in shapes)
@@ -46,7 +49,7 @@ def test_lift_trainable_count_is_lora_budget(tiny_lm):
     base = base_model(tiny_lm["model"])
     shapes = [tuple(w.shape) for w in _linears(base, None).values()]
     total = sum(p.numel() for p in base.parameters())
-    method = get_method("lift", MethodOptions(rank=2, filter_rank=4))
+    method = get_method("lift", {"rank": 2, "filter_rank": 4})
     model = method.prepare(base, "causal_lm", 0)
     assert method.count_params(model) == (sum(min((o + i) * 2, o * i) for o, i in shapes), total)
 
@@ -71,7 +74,7 @@ def test_hft_selects_half_per_category(tiny_lm):
 def test_output_equals_base_at_init(method, tiny_lm):
     batch = batch_of(tiny_lm)
     expected = logits(base_model(tiny_lm["model"]), batch)
-    model = get_method(method, MethodOptions(rank=R, targets=TARGETS)).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    model = get_method(method, ADAPTER).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -85,7 +88,7 @@ def test_kasa_init_equals_truncated_base(tiny_lm):
             u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
             s[-R:] = 0
             truncated.get_parameter(name).copy_((u * s) @ vh)
-    model = get_method("kasa", MethodOptions(rank=R, targets=TARGETS)).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    model = get_method("kasa", ADAPTER).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     got = logits(model, batch)
     torch.testing.assert_close(got, logits(truncated, batch), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, logits(base_model(tiny_lm["model"]), batch), atol=1e-6)
@@ -95,7 +98,7 @@ def test_kasa_init_equals_truncated_base(tiny_lm):
 def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
     batch = batch_of(tiny_lm)
     set_seed(0)
-    m = get_method(method, MethodOptions(rank=R, targets=TARGETS, filter_rank=4, refresh_interval=2))
+    m = get_method(method, PARAMS[method])
     model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
@@ -113,7 +116,7 @@ def test_merged_delta_equals_unmerged_model(method, tiny_lm, tmp_path):
 
 @pytest.mark.parametrize("method", ["sorsa", "loldu", "kasa"])
 def test_one_step_changes_only_target_weights(method, tiny_lm, tmp_path):
-    result = run_train(train_cfg(tiny_lm, tmp_path / "o", method, MethodOptions(rank=R, targets=TARGETS)))
+    result = run_train(train_cfg(tiny_lm, tmp_path / "o", method, ADAPTER))
     base = base_model(tiny_lm["model"]).state_dict()
     new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
     changed = {k for k in base if not torch.equal(base[k], new[k])}
@@ -138,7 +141,7 @@ def test_hft_one_step_changes_exactly_the_selection(tiny_lm, tmp_path):
 
 
 def test_lift_one_step_changes_only_principal_entries(tiny_lm, tmp_path):
-    result = run_train(train_cfg(tiny_lm, tmp_path / "o", "lift", MethodOptions(rank=2, filter_rank=4)))
+    result = run_train(train_cfg(tiny_lm, tmp_path / "o", "lift", {"rank": 2, "filter_rank": 4}))
     base_model_ = base_model(tiny_lm["model"])
     base = base_model_.state_dict()
     new = apply_to_model(base_model(tiny_lm["model"]), result.output).state_dict()
@@ -160,7 +163,7 @@ def test_lift_adamw_on_values_equals_dense_adamw_on_masked_gradient(tiny_lm):
     the whole weights fed the masked gradient (Adam's update is exactly 0 where the gradient has
     always been 0), so the masked-gradient autograd function gives W's true gradient at the mask."""
     batch = batch_of(tiny_lm)
-    m = get_method("lift", MethodOptions(rank=2, filter_rank=4, refresh_interval=0))
+    m = get_method("lift", {"rank": 2, "filter_rank": 4, "refresh_interval": 0})
     ours = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0, eps=1e-8)
     ref = base_model(tiny_lm["model"])
@@ -187,7 +190,7 @@ def test_lift_adamw_on_values_equals_dense_adamw_on_masked_gradient(tiny_lm):
 def test_lift_refresh_keeps_moments_of_kept_entries(tiny_lm):
     """On a mask refresh, Adam moments follow their entries: kept entries keep theirs, new ones start at 0."""
     batch = batch_of(tiny_lm)
-    m = get_method("lift", MethodOptions(rank=2, filter_rank=4, refresh_interval=1))
+    m = get_method("lift", {"rank": 2, "filter_rank": 4, "refresh_interval": 1})
     model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)  # big steps move the masks
     mod = m.modules["model.layers.0.self_attn.q_proj"]
@@ -207,7 +210,8 @@ def test_lift_refresh_keeps_moments_of_kept_entries(tiny_lm):
 
 @pytest.mark.parametrize("method", ["lift", "kasa"])
 def test_classification_head_trains_and_is_saved_whole(method, tiny_lm, tmp_path):
-    cfg = train_cfg(tiny_lm, tmp_path / "o", method, MethodOptions(rank=2, filter_rank=4, targets=TARGETS), task="classification", data=tiny_lm["cls"])
+    params = {"rank": 2, "filter_rank": 4} if method == "lift" else {"rank": 2, "targets": TARGETS}
+    cfg = train_cfg(tiny_lm, tmp_path / "o", method, params, task="classification", data=tiny_lm["cls"])
     result = run_train(cfg)
     saved = DeltaFile(result.output).get("score.weight")
     head = base_model(tiny_lm["model"], "classification", 2)
@@ -218,7 +222,7 @@ def test_classification_head_trains_and_is_saved_whole(method, tiny_lm, tmp_path
 
 
 def test_sorsa_adds_scaled_orthonormal_gradient_after_clipping(tiny_lm):
-    m = get_method("sorsa", MethodOptions(rank=R, targets=TARGETS, gamma=0.5))
+    m = get_method("sorsa", {"rank": R, "targets": TARGETS, "gamma": 0.5})
     model = m.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     with torch.no_grad():  # move away from orthonormal so the norm is differentiable and non-zero
         for mod in m.modules.values():

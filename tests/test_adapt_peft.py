@@ -11,7 +11,7 @@ import torch
 from adapt_util import base_model, batch_of, logits, one_step, tiny_lm, train_cfg  # noqa: F401
 from transformers import set_seed
 
-from deltawise.adapt import MethodOptions, run_train
+from deltawise.adapt import run_train
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -65,13 +65,22 @@ def _direct_config(method: str, r: int, n_freq: int, zero_init: bool = False):
 METHODS = ["lora", "dora", "pissa", "lora_fa", "fourierft", "miss", "randlora"]
 
 
+def _params(method: str, r: int, n_freq: int) -> dict:
+    """The run's parameters in each method's own terms (fourierft has no rank; miss and randlora no alpha
+    given here, so randlora's default 20·r applies)."""
+    if method == "fourierft":
+        return {"n_frequency": n_freq, "targets": TARGETS}
+    if method in ("miss", "randlora"):
+        return {"rank": r, "targets": TARGETS}
+    return {"rank": r, "alpha": float(r), "targets": TARGETS}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_cli_path_matches_peft_directly(method, tiny_lm, tmp_path):
     import peft
 
     r, n_freq, lr = 4, 64, 1e-2
-    opts = MethodOptions(rank=r, alpha=float(r) if method != "randlora" else None, targets=TARGETS, n_frequency=n_freq)
-    result = run_train(train_cfg(tiny_lm, tmp_path / "out", method, opts, lr=lr))
+    result = run_train(train_cfg(tiny_lm, tmp_path / "out", method, _params(method, r, n_freq), lr=lr))
     batch = batch_of(tiny_lm)
 
     # reference: PEFT by hand, same seed, one AdamW step on the same batch
@@ -106,7 +115,8 @@ def test_output_equals_base_at_init(method, init, tiny_lm):
     batch = batch_of(tiny_lm)
     base = logits(base_model(tiny_lm["model"]), batch)
     set_seed(0)
-    model = get_method(method, MethodOptions(rank=4, targets=TARGETS, init=init, n_frequency=64)).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    params = {**_params(method, 4, 64), **({"init": init} if init else {})}
+    model = get_method(method, params).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     torch.testing.assert_close(logits(model, batch), base, atol=1e-5, rtol=1e-4)
 
 
@@ -115,7 +125,7 @@ def test_fourierft_default_init_is_random_as_in_paper(tiny_lm):
 
     batch = batch_of(tiny_lm)
     set_seed(0)
-    model = get_method("fourierft", MethodOptions(targets=TARGETS, n_frequency=64)).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
+    model = get_method("fourierft", {"targets": TARGETS, "n_frequency": 64}).prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
     assert not torch.allclose(logits(model, batch), logits(base_model(tiny_lm["model"]), batch), atol=1e-6)
 
 

@@ -54,6 +54,22 @@ def test_slices_are_disjoint_seeded_and_cover_the_data():
         split_slices(3, 4, seed=0)
 
 
+def test_fingerprint_holds_resolved_method_params(tiny_lm, bam_data, tmp_path):
+    """A parameter given at its default value (as text) is the same run; another value or method is not."""
+    from deltawise.adapt import MethodError, TrainConfig
+    from deltawise.adapt.bam import BamConfig, fingerprint
+
+    def key(method: str, params: dict) -> dict:
+        train = TrainConfig(model=tiny_lm["model"], data=bam_data, output=tmp_path / "o", method=method, method_params=params)
+        return fingerprint(BamConfig(train=train), tiny_lm["model"])
+
+    default = key("hft", {})
+    assert default["train"]["method_params"] == {"ratio": 0.5}
+    assert key("hft", {"ratio": "0.5"}) == default and key("hft", {"ratio": "0.25"}) != default
+    with pytest.raises(MethodError, match="hft has no parameter 'rank'"):
+        key("hft", {"rank": "4"})
+
+
 def test_round_recipes_follow_the_merge_method():
     start, b = Path("start"), [Path("b1"), Path("b2")]
     slerp = merge_recipe("slerp", {"t": 0.5}, start, b, 0)

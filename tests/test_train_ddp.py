@@ -29,13 +29,14 @@ from deltawise.delta.apply import apply_to_model
 from deltawise.delta.store import DeltaFile
 
 TESTS = Path(__file__).parent
-OPTS = {"rank": 2, "filter_rank": 4, "refresh_interval": 2, "targets": ["q_proj", "v_proj"]}
+LIFT = {"rank": 2, "filter_rank": 4, "refresh_interval": 2}
+ADAPTER = {"rank": 2, "targets": ["q_proj", "v_proj"]}
 RUNS = [
-    {"name": "lift", "method": "lift"},
-    {"name": "hft", "method": "hft"},
-    {"name": "sorsa", "method": "sorsa"},
-    {"name": "lora", "method": "lora"},
-    {"name": "lift_cls", "method": "lift", "task": "classification", "data": "cls"},
+    {"name": "lift", "method": "lift", "method_params": LIFT},
+    {"name": "hft", "method": "hft", "method_params": {}},
+    {"name": "sorsa", "method": "sorsa", "method_params": ADAPTER},
+    {"name": "lora", "method": "lora", "method_params": ADAPTER},
+    {"name": "lift_cls", "method": "lift", "task": "classification", "data": "cls", "method_params": LIFT},
 ]
 
 
@@ -50,7 +51,7 @@ def ddp_runs(tiny_lm, tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     root = tmp_path_factory.mktemp("ddp")
-    runs = [{**r, "data": str(tiny_lm[r.get("data", "data")]), "options": OPTS,
+    runs = [{**r, "data": str(tiny_lm[r.get("data", "data")]),
              "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}} for r in RUNS]
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "ddp"), "runs": runs}
     (root / "spec.json").write_text(json.dumps(spec))

@@ -13,7 +13,7 @@ import torch
 from adapt_util import base_model, batch_of, tiny_lm, train_cfg  # noqa: F401
 from conftest import load_state
 
-from deltawise.adapt import MethodOptions, run_train
+from deltawise.adapt import run_train
 from deltawise.adapt.methods.base import DeltaMethod
 from deltawise.delta.apply import apply_delta
 from deltawise.delta.compress import compress_delta
@@ -23,7 +23,9 @@ from deltawise.io.reader import ModelReader
 from deltawise.merge import merge
 
 KINDS = {"hft": "dense", "lift": "sparse", "sorsa": "lowrank"}
-OPTIONS = MethodOptions(rank=2, filter_rank=4, targets=["q_proj", "v_proj"])
+# each method's parameters, as Python values and as command-line flags (hft takes only ``ratio``)
+PARAMS = {"hft": {}, "lift": {"rank": 2, "filter_rank": 4}, "sorsa": {"rank": 2, "targets": ["q_proj", "v_proj"]}}
+FLAGS = {"hft": [], "lift": ["--rank", "2", "--filter-rank", "4"], "sorsa": ["--rank", "2", "--targets", "q_proj,v_proj"]}
 
 
 @torch.no_grad()
@@ -49,9 +51,9 @@ def _train(tiny_lm, out: Path, method: str, task: str = "causal_lm", cli: bool =
         mp.setattr(DeltaMethod, "save", spy)
         if cli:
             _cli("train", tiny_lm["model"], "--data", data, "-o", out, "--method", method, "--task", task, "--max-steps", "2",
-                 "--batch-size", "4", "--lr", "1e-2", "--rank", "2", "--filter-rank", "4", "--targets", "q_proj,v_proj")
+                 "--batch-size", "4", "--lr", "1e-2", *FLAGS[method])
         else:
-            run_train(train_cfg(tiny_lm, out, method, OPTIONS, max_steps=2, batch_size=4, task=task, data=data))
+            run_train(train_cfg(tiny_lm, out, method, PARAMS[method], max_steps=2, batch_size=4, task=task, data=data))
     return seen["logits"]
 
 
@@ -79,6 +81,16 @@ def runs(tiny_lm, tmp_path_factory):
         return cache[method]
 
     return get
+
+
+def test_delta_and_run_record_the_resolved_method_parameters(runs):
+    """The given values (as text from the command line) typed, and every other parameter at its default."""
+    out, _, _ = runs("sorsa")
+    expected = {"rank": 2, "alpha": None, "gamma": 4e-4, "targets": ["q_proj", "v_proj"]}
+    assert json.loads((out / "delta.json").read_text())["parameters"] == expected
+    run = json.loads((out / "deltawise_train.json").read_text())
+    assert run["method_params"] == expected
+    assert run["config"]["method_params"] == {"rank": 2, "targets": "q_proj,v_proj"}  # as given
 
 
 def _shard_bytes(folder: Path) -> int:

@@ -338,7 +338,7 @@ def train(
     replay_fraction: float = typer.Option(0.25, help="share of each batch taken from --replay"),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="adapter rank (lift: LoRA-equivalent budget r_L)"),
     alpha: Optional[float] = typer.Option(None, help="adapter scale numerator (scale = alpha/rank)"),
-    dropout: float = typer.Option(0.0, help="adapter dropout (LoRA family)"),
+    dropout: Optional[float] = typer.Option(None, help="adapter dropout (LoRA family; default 0)"),
     targets: Optional[str] = typer.Option(None, help="comma-separated module names to adapt (default: PEFT's per-architecture choice)"),
     init: Optional[str] = typer.Option(None, help="init variant: fourierft 'zero'; miss 'bat' or 'mini'"),
     n_frequency: Optional[int] = typer.Option(None, help="fourierft: spectral coefficients per matrix"),
@@ -352,19 +352,17 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT."""
-    from deltawise.adapt import MethodOptions, TrainConfig, run_train
+    from deltawise.adapt import TrainConfig, run_train
     from deltawise.io.gguf import resolve_gguf
 
-    options = MethodOptions(
-        rank=rank, alpha=alpha, dropout=dropout, targets=[t.strip() for t in targets.split(",")] if targets else None,
-        init=init, n_frequency=n_frequency, scaling=scaling, filter_rank=filter_rank, refresh_interval=refresh_interval,
-        ratio=ratio, gamma=gamma, beta=beta,
-    )
+    given = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets, init=init, n_frequency=n_frequency, scaling=scaling,
+                 filter_rank=filter_rank, refresh_interval=refresh_interval, ratio=ratio, gamma=gamma, beta=beta)
+    method_params = {name: value for name, value in given.items() if value is not None}  # the method checks and completes them
     cfg = TrainConfig(
         model=model, data=data, output=output, method=method, task=task, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, replay=replay, replay_fraction=replay_fraction,
-        overwrite=overwrite, progress=not quiet, options=options,
+        overwrite=overwrite, progress=not quiet, method_params=method_params,
     )
     result = run_train(cfg, model_path=resolve_gguf(model))
     if not result.is_main_process:
@@ -413,18 +411,18 @@ def bam(
     """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
 
     Rerunning the same command continues an interrupted run: finished branches and rounds are skipped."""
-    from deltawise.adapt import MethodOptions, TrainConfig
+    from deltawise.adapt import TrainConfig
     from deltawise.adapt.bam import BamConfig, run_bam
     from deltawise.io.gguf import resolve_gguf
-    from deltawise.options import parse_assignments, scalar, typed_fields
+    from deltawise.options import parse_assignments, scalar
 
-    extra = typed_fields(MethodOptions, parse_assignments(method_option, "--method-option"), "--method-option")
-    options = MethodOptions(**{"rank": rank, "alpha": alpha, "targets": [t.strip() for t in targets.split(",")] if targets else None, **extra})
+    flags = {name: value for name, value in dict(rank=rank, alpha=alpha, targets=targets).items() if value is not None}
+    method_params = {**flags, **parse_assignments(method_option, "--method-option")}  # the method checks and completes them
     train_cfg = TrainConfig(
         model=model, data=data, output=output, method=method, task=task, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup, min_lr_ratio=min_lr_ratio, replay=replay, replay_fraction=replay_fraction,
-        overwrite=overwrite, progress=False, options=options,
+        overwrite=overwrite, progress=False, method_params=method_params,
     )
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,

@@ -149,9 +149,12 @@ def _file_sha256(path: Optional[Path]) -> Optional[str]:
 
 def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
     """Everything a finished branch or round depends on: options, data and model contents."""
+    from deltawise.adapt.methods.base import get_method
     from deltawise.io.reader import ModelReader
 
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("model", "data", "output", "replay", "overwrite", "progress")}
+    # resolved (validated, defaults filled), so giving a parameter its default value is the same run
+    train["method_params"] = get_method(cfg.train.method, cfg.train.method_params).values
     return {
         "model": ModelReader(model_path, allow_pickle=True).fingerprint(),
         "data": _file_sha256(Path(cfg.train.data)),

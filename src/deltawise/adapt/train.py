@@ -28,7 +28,7 @@ from torch import nn
 
 from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read_examples, tokenize
 from deltawise.adapt.dist import world_size
-from deltawise.adapt.methods.base import Method, MethodOptions, get_method
+from deltawise.adapt.methods.base import Method, get_method
 from deltawise.errors import InputError, OutputError
 from deltawise.io.reader import ModelReader
 
@@ -60,7 +60,9 @@ class TrainConfig:
     logging_steps: int = 1
     overwrite: bool = False
     progress: bool = True
-    options: MethodOptions = field(default_factory=MethodOptions)
+    # the method's parameters by name (raw text from the command line, or typed values); validated and
+    # completed with the method's defaults by ``get_method``
+    method_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,7 +239,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         raise InputError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     _check_paths(cfg)
     model_path = Path(model_path or cfg.model)
-    method = get_method(cfg.method, cfg.options)
+    method = get_method(cfg.method, cfg.method_params)
     tok = load_tokenizer(model_path)
 
     examples = read_examples(cfg.data, cfg.task)
@@ -294,7 +296,8 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 "method": method.name, "kind": method.kind, "base_model": str(cfg.model), "task": cfg.task,
                 "trainable_params": trainable, "total_params": total, "label2id": {str(k): v for k, v in (label2id or {}).items()},
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                "method_record": method.record(), "seconds": seconds, "steps": trainer.state.global_step,
+                "method_params": method.values, "method_record": method.record(), "seconds": seconds,
+                "steps": trainer.state.global_step,
             }
             (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
             (staging / "training_log.json").write_text(json.dumps(trainer.records, indent=2))

@@ -1,4 +1,4 @@
-"""Parameter specs and per-tensor resolution of recipe settings (mergekit semantics).
+"""Per-tensor resolution of recipe settings (mergekit semantics); the ``Param`` type lives in deltawise.params.
 
 A setting is a scalar, a depth gradient (list of numbers interpolated over layer position),
 or a list of ``{filter, value}`` rules (first rule whose filter is a substring of the tensor
@@ -8,74 +8,15 @@ the recipe's top-level ``parameters``, then the method's default.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from deltawise.merge.recipe import ConditionalValue, Setting
+from deltawise.params import REQUIRED, Param, ParamError
 
-REQUIRED = object()
+__all__ = ["REQUIRED", "Param", "ParamError", "evaluate", "layer_position", "leaf_problems", "resolve"]
+
 _LAYER = re.compile(r"\.(\d+)\.")
-
-
-class ParamError(ValueError):
-    """A parameter value is invalid; the message names the value and the allowed range."""
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: type  # float, int, bool or str
-    default: Any = REQUIRED
-    scope: Literal["global", "model"] = "global"
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: Optional[tuple[str, ...]] = None
-    help: str = ""
-
-    def coerce(self, value: Any) -> Any:
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ParamError(f"{self.name} must be true or false, got {value!r}")
-        if self.kind in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ParamError(f"{self.name} must be a number, got {value!r}")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ParamError(f"{self.name} must be a number, got {value!r}") from None
-            if not math.isfinite(number):
-                raise ParamError(f"{self.name} must be finite, got {value!r}")
-            if self.kind is int:
-                if number != int(number):
-                    raise ParamError(f"{self.name} must be an integer, got {value!r}")
-                number = int(number)
-            self._check_range(number)
-            return number
-        text = str(value)
-        if self.choices and text not in self.choices:
-            raise ParamError(f"{self.name} must be one of {', '.join(self.choices)}; got {value!r}")
-        return text
-
-    def _check_range(self, x: float) -> None:
-        bad_low = self.low is not None and (x <= self.low if self.low_open else x < self.low)
-        bad_high = self.high is not None and (x >= self.high if self.high_open else x > self.high)
-        if bad_low or bad_high:
-            lo = "-inf" if self.low is None else f"{self.low}"
-            hi = "inf" if self.high is None else f"{self.high}"
-            interval = f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
-            raise ParamError(f"{self.name}={x} is outside {interval}")
-
-    def describe(self) -> str:
-        default = "required" if self.default is REQUIRED else f"default {self.default!r}"
-        scope = "per model" if self.scope == "model" else "recipe-wide"
-        return f"{self.name} ({self.kind.__name__}, {scope}, {default}): {self.help}"
 
 
 def layer_position(name: str, num_layers: Optional[int]) -> float:

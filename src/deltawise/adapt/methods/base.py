@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,51 +10,38 @@ import torch
 from torch import nn
 
 from deltawise.errors import DeltawiseError
+from deltawise.params import Param, ParamError, resolve_values
 
 if TYPE_CHECKING:
     from deltawise.delta.base import TensorDelta
     from deltawise.io.reader import ModelReader
 
 
-@dataclass
-class MethodOptions:
-    """Method settings from the command line. ``None`` means "the method's documented default"."""
-
-    rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: list[str] | None = None  # module-name suffixes; None = PEFT's default for the architecture
-    init: str | None = None  # method-specific init variant, e.g. fourierft "zero", miss "bat"
-    n_frequency: int | None = None  # fourierft
-    scaling: float | None = None  # fourierft
-    filter_rank: int | None = None  # lift: rank r_f of the principal-weight approximation
-    refresh_interval: int | None = None  # lift: optimizer steps between mask refreshes (K)
-    ratio: float | None = None  # hft: fraction of matrices trained per category
-    gamma: float | None = None  # sorsa orthonormal weight; kasa L3 weight
-    beta: float | None = None  # kasa L2 weight on the singular values
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, name: str, default: Any) -> Any:
-        value = getattr(self, name)
-        return default if value is None else value
-
-
 class MethodError(DeltawiseError):
-    """The method cannot be applied with these options or to this model."""
+    """The method cannot be applied with these parameters or to this model."""
 
 
 class Method:
     """Base class. Subclasses prepare the model (freeze/wrap), may add a loss term, hook the
     optimizer step, bring their own optimizer, and save what they trained.
 
-    Instances hold per-run state (masks, selections), so make a new one per run (see ``get_method``).
+    Each subclass declares its parameters once in ``params`` (defaults, ranges, help); an instance
+    holds their resolved values in ``self.values``. Instances hold per-run state (masks, selections),
+    so make a new one per run (see ``get_method``).
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "peft" (PEFT adapter folder), "delta" (deltawise delta folder) or "full" (model folder)
+    summary: ClassVar[str]  # one line: what the method does
+    params: ClassVar[tuple[Param, ...]] = ()
 
-    def __init__(self, options: MethodOptions | None = None):
-        self.options = options or MethodOptions()
+    def __init__(self, values: Mapping[str, Any] | None = None):
+        """Validate ``values`` (raw text from the command line or typed values) against ``params`` and fill
+        the defaults; an unknown name or a bad value raises MethodError."""
+        try:
+            self.values: dict[str, Any] = resolve_values(self.name, self.params, values)
+        except ParamError as exc:
+            raise MethodError(str(exc)) from None
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         raise NotImplementedError
@@ -110,8 +97,8 @@ class DeltaMethod(Method):
 
         params = dict(model.named_parameters())
         deltas = {**self.deltas(model), **{n: FullDelta(params[n].detach().cpu().clone()) for n in self.heads}}
-        options = {k: v for k, v in vars(self.options).items() if v is not None}
-        header = {"method": self.name, "parameters": {**options, **self.record()}, "base": base_identity(base) if base else {}}
+        parameters = {**self.values, **self.record()}  # the resolved values: defaults filled in
+        header = {"method": self.name, "parameters": parameters, "base": base_identity(base) if base else {}}
         with DeltaWriter(out, header, [], staged=False) as writer:  # ``out`` is the run's staging folder
             for name, delta in deltas.items():
                 # the dtype the base stores (a tensor new to it keeps the float32 it was trained in)
@@ -127,12 +114,14 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str, options: MethodOptions | None = None) -> Method:
+def get_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
+    """A new instance of the method ``name`` with ``params`` validated against its declared ``params``
+    (unknown names and out-of-range values raise MethodError) and the defaults filled in."""
     from deltawise.adapt import methods as _m  # noqa: F401  (importing registers every method)
 
     if name not in REGISTRY:
         raise MethodError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](options)
+    return REGISTRY[name](params)
 
 
 def default_targets(model: nn.Module) -> list[str]:

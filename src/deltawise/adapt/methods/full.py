@@ -13,6 +13,7 @@ from deltawise.adapt.methods.base import Method, register
 class Full(Method):
     name = "full"
     kind = "full"
+    summary = "every parameter trains; the output is a complete model folder"
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         for p in model.parameters():

@@ -5,7 +5,7 @@ other half stays frozen at the pre-trained values, so the frozen half keeps old 
 Categories per layer: attention projections (Llama q,k,v,o → 2 of 4), feed-forward matrices
 (gate, up, down → 1 or 2 of 3, alternating across layers so that half train on average), and
 norms (1 of 2). A module's weight and bias go together. Embeddings, LM head and the final norm
-stay frozen; a new classification head trains. Selection ratio p = 0.5 (``--ratio``), drawn from
+stay frozen; a new classification head trains. Selection ratio p = 0.5 (``ratio``), drawn from
 the run's seed; the selection is recorded in ``deltawise_train.json`` (``method_record``).
 [No code was released, so the exact per-category rule is our reading of the paper — docs/adapt.md, "Methods".]
 Saved delta: dense ΔW = W_trained − W_base (float32) for every selected parameter.
@@ -22,6 +22,7 @@ from torch import nn
 
 from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register
 from deltawise.delta.dense import DenseDelta
+from deltawise.params import Param
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks)\.(\d+))\.(.+)$")
 
@@ -61,12 +62,14 @@ def select_half(model: nn.Module, ratio: float, seed: int) -> list[str]:
 @register
 class HFT(DeltaMethod):
     name = "hft"
+    summary = "a random half of each layer's matrices per category trains, the other half stays frozen"
+    params = (
+        Param("ratio", float, 0.5, low=0.0, high=1.0, low_open=True,
+              help="fraction of each layer's matrices per category that trains (paper: 0.5), drawn from the seed"),
+    )
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
-        ratio = self.options.get("ratio", 0.5)
-        if not 0 < ratio <= 1:
-            raise MethodError(f"hft --ratio must be in (0, 1], got {ratio}")
-        self.selected = select_half(model, ratio, seed)
+        self.selected = select_half(model, self.values["ratio"], seed)
         self.heads = head_names(model, task)
         train = set(self.selected) | set(self.heads)
         params = dict(model.named_parameters())
@@ -82,4 +85,4 @@ class HFT(DeltaMethod):
         return {n: DenseDelta(params[n].detach().cpu().float() - self.initial[n].float()) for n in self.selected}
 
     def record(self) -> dict:
-        return {"selected": self.selected, "ratio": self.options.get("ratio", 0.5)}
+        return {"selected": self.selected, "ratio": self.values["ratio"]}

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import RANK, TARGETS
 from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+from deltawise.params import Param
 
 
 class KaSALinear(AdaptedLinear):
@@ -49,13 +51,22 @@ class KaSALinear(AdaptedLinear):
 @register
 class KaSA(OwnAdapterMethod):
     name = "kasa"
+    summary = "drop each target's r smallest singular components and train a LoRA with learned singular values d"
+    params = (
+        RANK,
+        Param("alpha", float, 16.0, low=0.0, low_open=True, help="scale numerator, s = alpha/rank (official 16)"),
+        Param("beta", float, 1e-4, low=0.0, help="β, weight of the L2 loss on the learned singular values d (official 1e-4)"),
+        Param("gamma", float, 1e-3, low=0.0,
+              help="γ, weight of the loss term pulling BᵀB and AAᵀ towards the identity (official 1e-3)"),
+        TARGETS,
+    )
 
     def wrap(self, linear: nn.Linear, seed: int) -> KaSALinear:
-        r = self.options.get("rank", 8)
-        return KaSALinear(linear, r, self.options.get("alpha", 16.0) / r, seed)
+        r = self.values["rank"]
+        return KaSALinear(linear, r, self.values["alpha"] / r, seed)
 
     def regularizer(self, model: nn.Module) -> torch.Tensor:
-        beta, gamma = self.options.get("beta", 1e-4), self.options.get("gamma", 1e-3)
+        beta, gamma = self.values["beta"], self.values["gamma"]
         mods = list(self.modules.values())
         l2 = sum((m.d**2).sum() for m in mods) / len(mods)
         l3 = 0.0

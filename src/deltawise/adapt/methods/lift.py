@@ -1,4 +1,6 @@
-"""LIFT: Low-rank Informed sparse Fine-Tuning of principal weights (Liu et al., 2025; zihanghliu/LIFT).
+"""LIFT: Low-rank Informed sparse Fine-Tuning of principal weights (Liu et al., 2025, "LIFT the Veil for the
+Truth: Principal Weights Emerge after Rank Reduction for Reasoning-Focused Supervised Fine-Tuning";
+code: zihanghliu/LIFT).
 
 For every linear weight W ∈ R^{m×n} except the LM head: take the rank-r_f approximation
 W̃ = U_{r_f} S_{r_f} V_{r_f}ᵀ (float32 SVD), and train only the k = min((m+n)·r_L, m·n) entries with the
@@ -11,10 +13,10 @@ backward forms the dense gradient of W one matrix at a time, gathers it at the m
 so gradients, AdamW moments, DDP all-reduce and gradient clipping all see k numbers per matrix,
 as for a LoRA of rank r_L (the Trainer's ordinary AdamW *is* the sparse AdamW of the paper; weight
 decay only reaches the masked entries). After every optimizer step ``values`` is written back into
-W; every K = ``--refresh-interval`` steps the mask is recomputed from the current W, entries in both
+W; every K = ``refresh_interval`` steps the mask is recomputed from the current W, entries in both
 masks keep their Adam moments and new entries start at zero. In multi-process runs rank 0's mask
 is broadcast, so every rank trains the same entries.
-Defaults: r_L = ``--rank`` 8 here (paper 128), r_f = ``--filter-rank`` 8 (paper 32–128), K = 100 (paper 400).
+Defaults: r_L = ``rank`` 8 here (paper 128), r_f = ``filter_rank`` 8 (paper 32–128), K = 100 (paper 400).
 Saved delta: sparse (bit-packed mask + float32 values), over the union of all masks used
 (entries outside never change).
 """
@@ -28,6 +30,7 @@ from torch import nn
 from deltawise.adapt.dist import broadcast_from_rank0
 from deltawise.adapt.methods.base import DeltaMethod, head_names, register, set_submodule
 from deltawise.delta.sparse import SparseDelta
+from deltawise.params import Param
 
 
 @torch.no_grad()
@@ -95,11 +98,19 @@ def _remap_state(optimizer: torch.optim.Optimizer, p: nn.Parameter, old: torch.T
 @register
 class LIFT(DeltaMethod):
     name = "lift"
+    summary = "sparse fine-tuning of the largest entries of a low-rank approximation of every linear weight"
+    params = (
+        Param("rank", int, 8, low=1,
+              help="r_L, the LoRA-equivalent budget: min((in+out)·r_L, in·out) entries train per matrix (paper 128)"),
+        Param("filter_rank", int, 8, low=1,
+              help="r_f, rank of the approximation whose largest entries are the principal weights (paper 32-128)"),
+        Param("refresh_interval", int, 100, low=0, help="K, optimizer steps between mask refreshes; 0: never (paper 400)"),
+    )
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
-        self.lora_rank = self.options.get("rank", 8)
-        self.filter_rank = self.options.get("filter_rank", 8)
-        self.refresh_interval = self.options.get("refresh_interval", 100)
+        self.lora_rank = self.values["rank"]
+        self.filter_rank = self.values["filter_rank"]
+        self.refresh_interval = self.values["refresh_interval"]
         self.steps = 0
         self.heads = head_names(model, task)
         for p in model.parameters():

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import RANK, TARGETS
 from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+from deltawise.params import Param
 
 
 class LoLDULinear(AdaptedLinear):
@@ -44,7 +46,13 @@ class LoLDULinear(AdaptedLinear):
 @register
 class LoLDU(OwnAdapterMethod):
     name = "loldu"
+    summary = "only the r leading pivots z of each target's LU factors train (r parameters per matrix)"
+    params = (
+        RANK,
+        Param("alpha", float, 1.0, low=0.0, low_open=True, help="scale numerator, s = alpha/rank (official from_linear: 1)"),
+        TARGETS,
+    )
 
     def wrap(self, linear: nn.Linear, seed: int) -> LoLDULinear:
-        r = self.options.get("rank", 8)
-        return LoLDULinear(linear, r, self.options.get("alpha", 1.0) / r)
+        r = self.values["rank"]
+        return LoLDULinear(linear, r, self.values["alpha"] / r)

@@ -1,26 +1,35 @@
-"""LoRA (Hu et al., 2021, arXiv 2106.09685), via PEFT.
+"""LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685), via PEFT.
 
 ΔW = (α/r)·B A with A ∈ R^{r×in} (Kaiming-uniform), B ∈ R^{out×r} (zeros), so ΔW = 0 at init.
-Trainable parameters per adapted matrix: r·(in + out). Defaults: r = 8, α = 8 (PEFT), targets q_proj, v_proj.
+Trainable parameters per adapted matrix: r·(in + out). Defaults: r = 8 (PEFT), α = r (s = 1),
+dropout 0 (PEFT), targets: PEFT's per-architecture choice (Llama: q_proj, v_proj).
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import LORA_PARAMS
 from deltawise.adapt.methods.peft_common import PeftMethod, peft_task_type
 
 
 @register
 class LoRA(PeftMethod):
     name = "lora"
-    lora_kwargs: dict = {}
+    summary = "low-rank update (α/r)·B A added to each target matrix, B = 0 at init (PEFT)"
+    params = LORA_PARAMS
+    lora_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def alpha(self) -> float:
+        """α, by default the rank (scale 1)."""
+        return self.values["rank"] if self.values["alpha"] is None else self.values["alpha"]
 
     def peft_config(self, task: str, seed: int):
         from peft import LoraConfig
 
-        o = self.options
-        r = o.get("rank", 8)
+        v = self.values
         return LoraConfig(
-            r=r, lora_alpha=o.get("alpha", r), lora_dropout=o.dropout, target_modules=o.targets,
+            r=v["rank"], lora_alpha=self.alpha(), lora_dropout=v["dropout"], target_modules=v["targets"],
             task_type=peft_task_type(task), **self.lora_kwargs,
         )

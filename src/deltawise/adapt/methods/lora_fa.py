@@ -1,8 +1,9 @@
-"""LoRA-FA (Zhang et al., 2023, arXiv 2308.03303; revised optimizer), via PEFT's ``create_lorafa_optimizer``.
+"""LoRA-FA (Zhang et al., 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models
+Fine-tuning", arXiv 2308.03303; revised optimizer), via PEFT's ``create_lorafa_optimizer``.
 
 LoRA with A frozen at its random init; only B trains, with the gradient correction
-g_B ← (1/s²)·g_B·(AAᵀ + δI)^{-1} before AdamW. Trainable per matrix: r·out.
-Defaults (PEFT example): r = 16, α = 32.
+g_B ← (1/s²)·g_B·(AAᵀ + δI)^{-1} before AdamW, s = α/r. Trainable per matrix: r·out.
+Parameters as LoRA (r = 8, α = r; PEFT's example uses r = 16, α = 32).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from deltawise.adapt.methods.lora import LoRA
 @register
 class LoRAFA(LoRA):
     name = "lora_fa"
+    summary = "LoRA with A frozen and B's gradient projected by (AAᵀ)⁻¹/s² (PEFT's LoRA-FA optimizer)"
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer:
         from peft.optimizers import create_lorafa_optimizer
 
-        o = self.options
-        r = o.get("rank", 8)
         # also sets requires_grad=False on every lora_A
-        return create_lorafa_optimizer(model, r=r, lora_alpha=o.get("alpha", r), lr=lr, weight_decay=weight_decay)
+        return create_lorafa_optimizer(model, r=self.values["rank"], lora_alpha=self.alpha(), lr=lr, weight_decay=weight_decay)
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         model = super().prepare(model, task, seed)

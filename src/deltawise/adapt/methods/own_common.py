@@ -44,7 +44,7 @@ class OwnAdapterMethod(DeltaMethod):
             p.requires_grad_(name in heads)
         self.modules: dict[str, AdaptedLinear] = {}
         gen_seed = seed
-        for name, linear in target_linears(model, self.options.targets).items():
+        for name, linear in target_linears(model, self.values["targets"]).items():
             wrapped = self.wrap(linear, gen_seed)
             gen_seed += 1  # distinct but reproducible random inits per layer
             set_submodule(model, name, wrapped)

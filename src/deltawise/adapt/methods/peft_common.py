@@ -1,6 +1,6 @@
 """Shared plumbing of the PEFT-backed methods: build a PEFT config, wrap the model, save the adapter.
 
-Each PEFT method lives in its own file and only says how its options become a PEFT config.
+Each PEFT method lives in its own file and only declares its parameters and how they become a PEFT config.
 The saved folder is a standard PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
 that ``peft.PeftModel.from_pretrained(base, folder)`` loads.
 """

@@ -1,4 +1,5 @@
-"""PiSSA initialisation (Meng et al., 2024, arXiv 2404.02948), via PEFT (``init_lora_weights="pissa"``).
+"""PiSSA (Meng et al., 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
+Models", arXiv 2404.02948): LoRA initialised from the top-r SVD of W, via PEFT (``init_lora_weights="pissa"``).
 
 A = diag(√S_r)V_rᵀ, B = U_r diag(√S_r) (scaled by 1/s), base weight replaced by W − s·BA, so the
 model output equals the base at init. Trainable per matrix: r·(in + out).
@@ -6,12 +7,14 @@ model output equals the base at init. Trainable per matrix: r·(in + out).
 Saving: the trained adapter is relative to the residual weight, so it is converted on save
 (PEFT ``path_initial_model_for_weight_conversion``) into a standard rank-2r LoRA relative to the
 original W: ΔW = s(BA − B0A0). The saved folder therefore loads on the unmodified base model.
+Parameters as LoRA.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -22,7 +25,8 @@ from deltawise.adapt.methods.lora import LoRA
 @register
 class PiSSA(LoRA):
     name = "pissa"
-    lora_kwargs = {"init_lora_weights": "pissa"}
+    summary = "LoRA whose factors start at the top-r singular components of W, the rest of W frozen (PEFT)"
+    lora_kwargs: ClassVar[dict[str, Any]] = {"init_lora_weights": "pissa"}
     _init_dir: Path | None = None
 
     def before_training(self, model: nn.Module, staging: Path) -> None:

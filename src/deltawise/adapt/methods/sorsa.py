@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import RANK, TARGETS
 from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+from deltawise.params import Param
 
 
 class SORSALinear(AdaptedLinear):
@@ -49,16 +51,24 @@ class SORSALinear(AdaptedLinear):
 @register
 class SORSA(OwnAdapterMethod):
     name = "sorsa"
+    summary = "train the top-r singular vectors and values of each target, with an orthonormality regularizer"
+    params = (
+        RANK,
+        Param("alpha", float, None, low=0.0, low_open=True,
+              help="scale numerator, s = alpha/rank; default: none given, s = 1 (the official default)"),
+        Param("gamma", float, 4e-4, low=0.0,
+              help="γ, weight of the orthonormal regularizer L_o, whose gradient is added as γ/lr (official 4e-4)"),
+        TARGETS,
+    )
 
     def wrap(self, linear: nn.Linear, seed: int) -> SORSALinear:
-        r = self.options.get("rank", 8)
-        scale = 1.0 if self.options.alpha is None else self.options.alpha / r
+        r, alpha = self.values["rank"], self.values["alpha"]
+        scale = 1.0 if alpha is None else alpha / r
         return SORSALinear(linear, r, scale)
 
     def orthonormal_loss(self) -> torch.Tensor:
         return sum(m.orthonormal_error() for m in self.modules.values()) / (2 * len(self.modules))
 
     def before_optimizer_step(self, model: nn.Module, peak_lr: float) -> None:
-        gamma = self.options.get("gamma", 4e-4)
         with torch.enable_grad():
-            (gamma / peak_lr * self.orthonormal_loss()).backward()
+            (self.values["gamma"] / peak_lr * self.orthonormal_loss()).backward()
