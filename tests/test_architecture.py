@@ -184,6 +184,7 @@ def test_tied_aliases():
     assert architecture_for({"model_type": "llama"}).tied_alias("lm_head.weight", stored)  # missing key: transformers' default
     assert tied.is_tied_output("lm_head.weight") and not untied.is_tied_output("lm_head.weight")
     assert not tied.is_tied_output("model.embed_tokens.weight")
+    assert not architecture_for({"model_type": "bert"}).is_tied_output("cls.predictions.decoder.bias")  # biases are stored
     gpt2 = architecture_for({"model_type": "gpt2"})
     assert gpt2.tied_alias("lm_head.weight", {"transformer.wte.weight"}) == "transformer.wte.weight"
     neox = architecture_for({"model_type": "gpt_neox", "tie_word_embeddings": True})
@@ -256,7 +257,7 @@ def test_former_call_sites_answer_as_before(real):
             assert (roles.role(name) == Role.CLASSIFIER) == old_head, where
             assert (roles.role(f"{module}.weight") == Role.LM_HEAD) == (module.endswith("lm_head") or (
                 module == "cls.predictions.decoder")), where
-            assert roles.is_tied_output(name) == (tied and ("lm_head" in name or mlm_decoder)), where
+            assert roles.is_tied_output(name) == (tied and ("lm_head" in name or name == "cls.predictions.decoder.weight")), where
             for pattern, first in ((OLD_LLAMA, "self_attn.q_proj.weight"), (OLD_BERT, "attention.self.query.weight")):
                 old = pattern.match(name)
                 split = roles.layer_split(name)
@@ -282,3 +283,28 @@ def test_deliberate_changes():
     distil = architecture_for({"model_type": "distilbert"})
     assert distil.role("pre_classifier.bias") == Role.CLASSIFIER
     assert bert.tied_alias("cls.predictions.decoder.weight", {"bert.embeddings.word_embeddings.weight"})
+
+
+def test_training_side_selections_match_the_former_rules():
+    """head_names, target_linears and LIFT's linears on live models, against the former name rules."""
+    import transformers as T
+    from torch import nn
+
+    from deltawise.adapt.methods.base import head_names, target_linears
+
+    models = [
+        T.LlamaForSequenceClassification(T.LlamaConfig(**SMALL, num_key_value_heads=1, pad_token_id=0)),
+        T.LlamaForCausalLM(T.LlamaConfig(**SMALL, num_key_value_heads=1)),
+        T.BertForSequenceClassification(T.BertConfig(**SMALL)),
+    ]
+    for model in models:
+        params = [n for n, _ in model.named_parameters()]
+        assert head_names(model, "classification") == [n for n in params if n.split(".")[0] in ("score", "classifier")]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        targets = ["q_proj", "v_proj", "query", "value", "lm_head", "dense"]
+        old_targets = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets) and not n.endswith("lm_head")]
+        assert sorted(target_linears(model, targets)) == sorted(old_targets)
+        roles = architecture_for(model.config)
+        old_lift = [n for n in linears if not n.endswith("lm_head") and n.split(".")[0] not in ("score", "classifier")]
+        assert [n for n in linears if not roles.is_head(f"{n}.weight")] == old_lift
+    assert "lm_head" not in target_linears(models[1], ["lm_head", "q_proj"])

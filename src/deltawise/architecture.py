@@ -305,8 +305,8 @@ class TensorRoles:
         return tuple(self._tied_pairs())
 
     def is_tied_output(self, name: str) -> bool:
-        """An LM head the config ties to the input embedding: not stored separately, it moves with it."""
-        return self.ties_embeddings and self.role(name) == Role.LM_HEAD
+        """An LM head weight the config ties to the input embedding: not stored separately, it moves with it."""
+        return self.ties_embeddings and name.endswith(".weight") and self.role(name) == Role.LM_HEAD
 
     def tied_alias(self, name: str, present: Container[str]) -> Optional[str]:
         """The input embedding in ``present`` that stands for the output weight ``name`` when tied, else None."""
