@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from deltawise.analyze.results import Interpolation, ModelRef
+from deltawise.architecture import architecture_for
 from deltawise.data.read import load_items
 from deltawise.errors import InputError, bullet_list
 from deltawise.eval.models import load_model, model_fingerprint
@@ -62,7 +63,7 @@ def _differences(model: torch.nn.Module, b_path: Path) -> dict[str, torch.Tensor
 
 def _tied(model: torch.nn.Module, name: str) -> bool:
     """An output embedding tied to the input one is not stored separately; it moves with it."""
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and "lm_head" in name
+    return architecture_for(model.config).is_tied_output(name)
 
 
 def interpolation_curve(a_ref: str, b_ref: str, data: Path, options: InterpolationOptions | None = None) -> Interpolation:

@@ -11,6 +11,8 @@ from typing import Literal, Optional
 
 import torch
 
+from deltawise.architecture import TensorRoles, architecture_for
+
 Side = Literal["left", "right"]
 # Below this many entries the SVD runs in float64: in float32, near-degenerate singular vectors of
 # small matrices rotate enough to produce spurious low similarities.
@@ -53,7 +55,8 @@ def intruder_dimensions(w0: torch.Tensor, w_ft: torch.Tensor, *, k: int = 10, ep
     )
 
 
-def is_analysed_matrix(name: str, shape: tuple[int, ...]) -> bool:
-    """Attention/MLP matrices (the ones LoRA adapts); embeddings and the LM head are excluded."""
-    lowered = name.lower()
-    return len(shape) == 2 and min(shape) >= 2 and not any(t in lowered for t in ("embed", "lm_head", "wte", "wpe", "shared"))
+def is_analysed_matrix(name: str, shape: tuple[int, ...], roles: TensorRoles | None = None) -> bool:
+    """Linear weights inside the model (the ones LoRA adapts): embedding tables and output heads
+    (LM head, classification head) are excluded, as are matrices with a dimension below 2."""
+    roles = roles or architecture_for(None)
+    return roles.is_linear_weight(name, shape) and not roles.is_head(name) and min(shape) >= 2

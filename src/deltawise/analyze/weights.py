@@ -18,6 +18,7 @@ from deltawise.analyze.overlap import mask_overlap, sign_conflict
 from deltawise.analyze.results import (
     DeltaNorm, IntruderStats, MaskStats, ModelRef, ModelSummary, SignStats, TensorAnalysis, WeightsAnalysis, WeightsSummary,
 )
+from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.errors import InputError
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
@@ -57,7 +58,8 @@ def _analysed_names(base: ModelReader, models: list[ModelReader]) -> list[str]:
     return sorted(names)
 
 
-def _tensor(name: str, w0: torch.Tensor, fts: list[torch.Tensor], labels: list[str], opts: WeightsOptions) -> TensorAnalysis:
+def _tensor(name: str, w0: torch.Tensor, fts: list[torch.Tensor], labels: list[str], opts: WeightsOptions,
+            roles: TensorRoles) -> TensorAnalysis:
     w0 = w0.float()
     deltas = [ft.float() - w0 for ft in fts]
     base_norm = float(torch.linalg.vector_norm(w0))
@@ -66,7 +68,7 @@ def _tensor(name: str, w0: torch.Tensor, fts: list[torch.Tensor], labels: list[s
         name=name, shape=list(w0.shape), base_norm=base_norm,
         deltas=[DeltaNorm(model=lab, norm=n, relative=n / base_norm if base_norm else None) for lab, n in zip(labels, norms)],
     )
-    if opts.intruders and is_analysed_matrix(name, tuple(w0.shape)):
+    if opts.intruders and is_analysed_matrix(name, tuple(w0.shape), roles):
         out.intruders = []
         base_svd = base_singular(w0, opts.side)  # once per tensor, not once per model
         for lab, ft in zip(labels, fts):
@@ -113,8 +115,9 @@ def analyze_weights(base_ref: str, model_refs: list[str], options: WeightsOption
         names = _analysed_names(base, models)
         labels = _unique([Path(r).name or r for r in model_refs])
         tensors = []
+        roles = architecture_for(base.config)
         for i, name in enumerate(names):
-            tensors.append(_tensor(name, base.get(name), [m.get(name) for m in models], labels, opts))
+            tensors.append(_tensor(name, base.get(name), [m.get(name) for m in models], labels, opts, roles))
             if opts.progress:
                 opts.progress(i + 1, len(names))
         refs = [_ref(m, r) for m, r in zip(models, model_refs)]

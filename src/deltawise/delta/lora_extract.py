@@ -13,12 +13,12 @@ factors: with ``non_linear="save"`` their fine-tuned values go into ``modules_to
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
+from deltawise.architecture import architecture_for
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
@@ -26,12 +26,6 @@ from deltawise.delta.store import base_identity
 from deltawise.delta.walk import open_pair
 from deltawise.errors import DeltawiseError
 from deltawise.io.output import check_output_folder, staged_output
-
-EMBEDDING = re.compile(r"(embed_tokens|word_embeddings|wte|wpe|embed_in|embed_positions|shared|position_embeddings|token_type_embeddings)\.weight$")
-
-
-def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and name.endswith(".weight") and not EMBEDDING.search(name)
 
 
 def choose_rank(s: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> int:
@@ -78,6 +72,7 @@ def extract_lora(
     architectures = (pair.base.config or {}).get("architectures") or []
     if task_type is None and any(a.endswith("ForCausalLM") for a in architectures):
         task_type = "CAUSAL_LM"
+    roles = architecture_for(pair.base.config)
     lowrank: dict[str, LowRankDelta] = {}
     full: dict[str, torch.Tensor] = {}
     rows: list[TensorRow] = []
@@ -91,7 +86,7 @@ def extract_lora(
         if not bool(delta.any()):
             continue
         dense_bytes = b.numel() * b.element_size()
-        if is_linear_weight(name, tuple(b.shape)):
+        if roles.is_linear_weight(name, tuple(b.shape)):
             d, error = lowrank_factors(delta, rank, energy)
             lowrank[name] = d
             rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank}))

@@ -8,7 +8,6 @@ the recipe's top-level ``parameters``, then the method's default.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 from deltawise.merge.recipe import ConditionalValue, Setting
@@ -16,17 +15,15 @@ from deltawise.params import REQUIRED, Param, ParamError
 
 __all__ = ["REQUIRED", "Param", "ParamError", "evaluate", "layer_position", "leaf_problems", "resolve"]
 
-_LAYER = re.compile(r"\.(\d+)\.")
 
-
-def layer_position(name: str, num_layers: Optional[int]) -> float:
-    """Depth of a tensor in [0, 1] for gradients; tensors outside the layer stack are at 0."""
-    match = _LAYER.search(name)
-    if not match or not num_layers:
+def layer_position(layer: Optional[int], num_layers: Optional[int]) -> float:
+    """Depth in [0, 1] for gradients of a tensor in layer ``layer`` (``TensorRoles.layer_index``);
+    tensors outside the layer stack (None) are at 0."""
+    if layer is None or not num_layers:
         return 0.0
     if num_layers <= 1:
         return 1.0  # mergekit's convention for a single layer
-    return min(int(match.group(1)), num_layers - 1) / (num_layers - 1)
+    return min(layer, num_layers - 1) / (num_layers - 1)
 
 
 def evaluate(setting: Setting, spec: Param, tensor_name: str, t: float) -> Any:

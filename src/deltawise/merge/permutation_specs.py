@@ -16,22 +16,24 @@
   size is the next one's input size (``X.bias`` follows its rows); the hidden units between
   consecutive layers are permuted, the input features and the outputs are not.
 The residual stream (embeddings, norms, every block's input and output) is not permuted.
+Layers and their index come from ``deltawise.architecture`` (the config's model type, else names).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
+from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.merge.permutation import Axis, PermGroup
 
-_LLAMA = re.compile(r"^(.*layers\.(\d+)\.)self_attn\.q_proj\.weight$")
-_BERT = re.compile(r"^(.*layer\.(\d+)\.)attention\.self\.query\.weight$")
+_LLAMA_FIRST = "self_attn.q_proj.weight"  # the first tensor of a Llama-like layer
+_BERT_FIRST = "attention.self.query.weight"  # the first tensor of a BERT-like layer
 
 
-def _layers(names: set[str], pattern: re.Pattern) -> list[tuple[str, str]]:
-    """(prefix, layer index) of every layer whose first tensor matches ``pattern``."""
-    return [(m.group(1), m.group(2)) for m in map(pattern.match, sorted(names)) if m]
+def _layers(names: set[str], roles: TensorRoles, first: str) -> list[tuple[str, str]]:
+    """(prefix ending in ".", layer index) of every layer that holds ``first``, in sorted name order."""
+    splits = [roles.layer_split(n) for n in sorted(names)]
+    return [(f"{block}.", str(index)) for block, index, rest in filter(None, splits) if rest == first]
 
 
 def _with_bias(names: set[str], prefix: str, axis_rows: list[tuple[str, int]]) -> list[Axis]:
@@ -46,12 +48,13 @@ def _with_bias(names: set[str], prefix: str, axis_rows: list[tuple[str, int]]) -
 
 def llama_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGroup]:
     names = set(shapes)
+    roles = architecture_for(config)
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     group = heads // kv
     spec = []
-    for p, layer in _layers(names, _LLAMA):
+    for p, layer in _layers(names, roles, _LLAMA_FIRST):
         mlp = f"{p}mlp."
         if f"{mlp}down_proj.weight" in names:
             size = shapes[f"{mlp}down_proj.weight"][1]
@@ -64,10 +67,11 @@ def llama_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGro
 
 def bert_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGroup]:
     names = set(shapes)
+    roles = architecture_for(config)
     heads = config["num_attention_heads"]
     head_dim = config["hidden_size"] // heads
     spec = []
-    for p, layer in _layers(names, _BERT):
+    for p, layer in _layers(names, roles, _BERT_FIRST):
         size = shapes[f"{p}intermediate.dense.weight"][0]
         spec.append(PermGroup(f"layer{layer}.intermediate", size, _with_bias(names, p, [("intermediate.dense", 1)]) + [Axis(f"{p}output.dense.weight", 1)]))
         axes = _with_bias(names, f"{p}attention.self.", [("query", head_dim), ("key", head_dim), ("value", head_dim)])
@@ -93,8 +97,9 @@ def mlp_chain_spec(shapes: dict[str, tuple[int, ...]], order: list[str]) -> list
 def detect_spec(shapes: dict[str, tuple[int, ...]], order: list[str], config: Optional[dict]) -> tuple[str, list[PermGroup]]:
     """(architecture, spec): llama, bert or mlp (empty spec when nothing fits)."""
     config = config or {}
-    if any(_LLAMA.match(n) for n in shapes) and "num_attention_heads" in config:
+    roles = architecture_for(config)
+    if _layers(set(shapes), roles, _LLAMA_FIRST) and "num_attention_heads" in config:
         return "llama", llama_spec(shapes, config)
-    if any(_BERT.match(n) for n in shapes) and "num_attention_heads" in config:
+    if _layers(set(shapes), roles, _BERT_FIRST) and "num_attention_heads" in config:
         return "bert", bert_spec(shapes, config)
     return "mlp", mlp_chain_spec(shapes, order)

@@ -9,11 +9,12 @@ Rules (documented in docs/merging.md):
 - Output tensors are the base model's (or, without a base, the first model's), in natural
   order (layer 2 before layer 10).
 - Integer/bool tensors and tensors matching ``exclude`` are copied from that template model.
-- Tied embeddings: a model without ``lm_head.weight`` whose config ties word embeddings
-  contributes its input embedding in its place. If the template itself is tied, the output
-  stays tied and other models' separate ``lm_head.weight`` is ignored (with a warning).
-- Vocabulary: an embedding-like tensor (first dimension = the model's vocab_size, or an
-  embedding/lm_head name) with more rows than the template's is cut to the template's rows,
+- Tied embeddings: a model without its output head (``lm_head.weight``) whose config ties word
+  embeddings contributes its input embedding in its place. If the template itself is tied, the
+  output stays tied and other models' separate output head is ignored (with a warning). Which
+  names pair up is the architecture module's table (``deltawise.architecture``).
+- Vocabulary: an embedding-like tensor (first dimension = the model's vocab_size, or a token
+  embedding/LM head by its role) with more rows than the template's is cut to the template's rows,
   with a warning; fewer rows is an error. Any other shape difference is an error.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+from deltawise.architecture import architecture_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
@@ -36,12 +38,6 @@ from deltawise.merge import methods  # noqa: F401  (registers the methods)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
-
-# output-embedding name -> input-embedding names that tie to it, by architecture family
-TIED_ALIASES = {
-    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight", "embed_tokens.weight"),
-}
-EMBEDDING_NAME = re.compile(r"(embed_tokens|word_embeddings|wte|lm_head|embed_in|embed_out|shared)\.weight$")
 
 
 @dataclass
@@ -184,8 +180,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems))
 
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
-    cfg = template.config or {}
-    num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or _count_layers(template.reader)
+    roles = architecture_for(template.config)
+    num_layers = roles.num_layers(template.reader.keys())
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
     base_reader = base.reader if (base and method.base_policy == "required") else None
@@ -238,7 +234,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                 plan.sources.append(source)
         if not ok:
             continue
-        t = layer_position(name, num_layers)
+        t = layer_position(roles.layer_index(name), num_layers)
         global_sources = [recipe.parameters]
         try:
             plan.params = {p.name: resolve(p, global_sources, name, t) for p in method.params if p.scope == "global"}
@@ -264,23 +260,18 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
 def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:
     if name in reader:
         return name
-    cfg = model.config or {}
-    if cfg.get("tie_word_embeddings", True):
-        for alias in TIED_ALIASES.get(name, ()):
-            if alias in reader:
-                return alias
-    return None
+    return architecture_for(model.config).tied_alias(name, reader)
 
 
 def _is_vocab_tensor(name: str, shape: tuple, target: tuple, config: Optional[dict]) -> bool:
     if len(shape) != len(target) or len(shape) == 0 or shape[1:] != target[1:]:
         return False
     vocab = (config or {}).get("vocab_size")
-    return bool(EMBEDDING_NAME.search(name)) or (vocab is not None and shape[0] == vocab)
+    return architecture_for(config).is_vocabulary(name) or (vocab is not None and shape[0] == vocab)
 
 
 def _note_tied_extras(template: InputModel, inputs: list[InputModel], warnings: list[str]) -> None:
-    for out_name in TIED_ALIASES:
+    for out_name in architecture_for(template.config).tied_outputs():
         if out_name in template.reader:
             continue
         for m in inputs:
@@ -289,11 +280,6 @@ def _note_tied_extras(template: InputModel, inputs: list[InputModel], warnings: 
                     f"{m.ref} has its own {out_name} but {template.ref} ties it to the input embedding; "
                     f"the output stays tied, so {m.ref}'s {out_name} is not merged"
                 )
-
-
-def _count_layers(reader: ModelReader) -> Optional[int]:
-    indices = [int(m.group(1)) for k in reader.keys() if (m := re.search(r"\.(\d+)\.", k))]
-    return max(indices) + 1 if indices else None
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from deltawise.architecture import Role, architecture_for
 from deltawise.errors import DeltawiseError
 from deltawise.params import Param, ParamError, resolve_values
 
@@ -138,10 +139,11 @@ def default_targets(model: nn.Module) -> list[str]:
 def target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn.Linear]:
     """The nn.Linear modules whose name ends with one of ``targets`` (never the LM head)."""
     targets = targets or default_targets(model)
+    roles = architecture_for(getattr(model, "config", None))
     found = {
         name: mod for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-        and not name.endswith("lm_head")
+        and roles.role(f"{name}.weight") != Role.LM_HEAD
     }
     if not found:
         raise MethodError(f"no linear layer matches targets {targets}")
@@ -152,7 +154,8 @@ def head_names(model: nn.Module, task: str) -> list[str]:
     """Parameters of a freshly initialised classification head: trained and saved whole."""
     if task != "classification":
         return []
-    return [n for n, _ in model.named_parameters() if n.split(".")[0] in ("score", "classifier")]
+    roles = architecture_for(getattr(model, "config", None))
+    return [n for n, _ in model.named_parameters() if roles.role(n) == Role.CLASSIFIER]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

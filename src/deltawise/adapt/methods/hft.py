@@ -15,37 +15,34 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import defaultdict
 
 from torch import nn
 
 from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register
+from deltawise.architecture import Role, TensorRoles, architecture_for
 from deltawise.delta.dense import DenseDelta
 from deltawise.params import Param
 
-_LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks)\.(\d+))\.(.+)$")
 
-
-def _category(rest: str) -> str:
-    if "norm" in rest.lower():
-        return "norm"
-    if "attn" in rest or "attention" in rest:
-        return "attention"
-    return "ffn"
+def _category(roles: TensorRoles, name: str) -> str:
+    """attention, norm or ffn (everything else in a layer), by the role of the parameter's module."""
+    role = roles.module_role(name)
+    return "norm" if role == Role.NORM else "attention" if role == Role.ATTENTION else "ffn"
 
 
 def select_half(model: nn.Module, ratio: float, seed: int) -> list[str]:
     """Names of the parameters HFT trains: per layer and category, pick ``n·ratio`` modules at random
     (rounded down on even layers and up on odd ones when ``n·ratio`` is fractional)."""
     groups: dict[tuple[str, int, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    roles = architecture_for(getattr(model, "config", None))
     for name, _ in model.named_parameters():
-        m = _LAYER.match(name)
-        if not m:
+        split = roles.layer_split(name)
+        if not split:
             continue
-        prefix, layer, rest = m.group(1), int(m.group(2)), m.group(3)
+        prefix, layer, rest = split
         module = rest.rsplit(".", 1)[0]  # weight and bias of one module stay together
-        groups[(prefix, layer, _category(rest))][module].append(name)
+        groups[(prefix, layer, _category(roles, name))][module].append(name)
     if not groups:
         raise MethodError("hft found no transformer layers (parameter names like '...layers.N...')")
     rng = random.Random(seed)

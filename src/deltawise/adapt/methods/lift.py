@@ -29,6 +29,7 @@ from torch import nn
 
 from deltawise.adapt.dist import broadcast_from_rank0
 from deltawise.adapt.methods.base import DeltaMethod, head_names, register, set_submodule
+from deltawise.architecture import architecture_for
 from deltawise.delta.sparse import SparseDelta
 from deltawise.params import Param
 
@@ -115,8 +116,9 @@ class LIFT(DeltaMethod):
         self.heads = head_names(model, task)
         for p in model.parameters():
             p.requires_grad_(False)
+        roles = architecture_for(getattr(model, "config", None))
         linears = [(name, mod) for name, mod in model.named_modules()
-                   if isinstance(mod, nn.Linear) and not name.endswith("lm_head") and name.split(".")[0] not in ("score", "classifier")]
+                   if isinstance(mod, nn.Linear) and not roles.is_head(f"{name}.weight")]
         self.modules: dict[str, PrincipalLinear] = {}
         for name, linear in linears:
             wrapped = PrincipalLinear(linear, self._mask(linear.weight))

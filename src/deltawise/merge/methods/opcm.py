@@ -12,10 +12,10 @@ lambda_prev and the task-vector norms. First model: theta_bar = theta_1, lambda 
     lambda_t = ||S|| / avg;  theta_bar = theta_0 + S / lambda_t;  lambda_prev = lambda_t
 With orthonormal U, V the projection only needs the top singular vectors:
 tau~ = tau - U_r (U_r^T tau V_r) V_r^T (minus sum_{i>=r} p_ii u_i v_i^T with zero_diagonal), so a
-thin SVD suffices. D = 0 (sum s = 0) skips the projection. Which 2-D tensors are projected:
-every 2-D tensor except embeddings (names with embed/wte/wpe/shared; see ``is_projected``);
-an untied lm_head is an nn.Linear and is projected. The projection is invariant under
-transposition, so GPT-2 Conv1D weights (stored in x out) are handled like Linear.
+thin SVD suffices. D = 0 (sum s = 0) skips the projection. Which tensors are projected: the
+linear weights of ``deltawise.architecture`` (2-D ``*.weight`` that are not embedding tables;
+see ``is_projected``); an untied lm_head is an nn.Linear and is projected. The projection is
+invariant under transposition, so GPT-2 Conv1D weights (stored in x out) are handled like Linear.
 Memory: one 2-D tensor (three copies plus its SVD) at a time; everything else in row chunks.
 S is written unnormalised to the new state folder, ||S|| accumulated, then rescaled in a
 second streaming pass: the whole model is never held.
@@ -24,13 +24,13 @@ second streaming pass: the whole model is never held.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.io.reader import ModelReader
 from deltawise.merge.base import register
 from deltawise.merge.continual import STATE, ContinualMethod, ContinualState, StepIO, write_tensor
@@ -42,12 +42,11 @@ ALPHA = Param(
 )
 ZERO_DIAGONAL = Param("zero_diagonal", bool, False, help="also zero P's diagonal (the FusionBench variant; the official code does not)")
 SVD_DTYPE = Param("svd_dtype", str, "float32", choices=("float32", "float64"), help="precision of the SVD")
-_EMBEDDING = re.compile(r"(embed|wte|wpe|shared)", re.IGNORECASE)
 
 
-def is_projected(name: str, shape: tuple[int, ...]) -> bool:
+def is_projected(name: str, shape: tuple[int, ...], roles: TensorRoles | None = None) -> bool:
     """2-D weights of linear layers; embedding tables are 2-D but not linear maps of the input."""
-    return len(shape) == 2 and not _EMBEDDING.search(name)
+    return (roles or architecture_for(None)).is_linear_weight(name, shape)
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -97,12 +96,13 @@ class Opcm(ContinualMethod):
             return {"lambda_prev": 1.0, "norms": [math.sqrt(tau_sq)]}
 
         lam_prev = float(state.scalars["lambda_prev"])
+        roles = architecture_for(io.plan.template.config)
         svd_dtype = getattr(torch, params["svd_dtype"])
         unnormalised = target / ".S"  # pass 1: S, inside the step folder so a crash leaves nothing behind
         writer = io.writer(unnormalised)
         s_sq = tau_sq = 0.0
         for t in tensors:
-            if is_projected(t.name, t.out.shape):
+            if is_projected(t.name, t.out.shape, roles):
                 base = io.base(t, 0, t.out.shape[0])
                 delta = io.merged(t, 0, t.out.shape[0]).sub_(base)
                 tau = io.new(t, 0, t.out.shape[0]).sub_(base)

@@ -1,0 +1,327 @@
+"""Decides the role of each tensor of a transformer checkpoint: the one place that knows tensor names.
+
+``roles = architecture_for(config)`` takes a config dict (``config.json`` as the merge side reads it),
+a transformers ``model.config`` object (the training side) or ``None``, and answers per tensor name:
+``roles.role(name)`` (a :class:`Role`), ``roles.layer_index(name)``, ``roles.is_embedding(name)``,
+``roles.is_linear_weight(name, shape)``, ``roles.tied_alias(name, present)`` and a few more. Nothing
+here imports torch: only names, shapes and config values are looked at.
+
+How a role is decided (docs/merging.md, "Tensor roles"):
+
+1. The config's ``model_type`` picks a table (:data:`TABLES`: Llama-like decoders, GPT-2, GPT-NeoX,
+   OPT, BERT, RoBERTa, DistilBERT). A table names, as module names, the token embedding, the
+   position/token-type tables, the LM head, the classification heads, the container of the layer
+   stack, the attention and MLP blocks inside a layer, the norms, and the tied output/input pairs.
+   Module names match the *end* of a tensor's module path (``embed_tokens`` matches
+   ``model.embed_tokens.weight`` and a bare ``embed_tokens.weight``), except classification heads,
+   which match its *first* component (``score``, ``classifier``: the heads sit on top of the model).
+2. The names of :data:`FALLBACK` (the union of the tables' names, and all the former code knew)
+   count for every model, so an unknown model type or a missing config still gets the usual names.
+3. What neither names goes to generic rules: a module named like a norm (containing ``norm``, or
+   ``ln_1``/``ln_f``-style) is a norm; one named like a lookup table (ending in ``embed``,
+   ``embedding`` or ``embeddings``) is an embedding, a position table when it also says
+   ``position``/``token_type``; inside a layer a path through ``attn``/``attention`` is attention,
+   the rest MLP; outside the layers it is ``other`` (a pooler, a projector).
+
+The checks run in this order: LM head, classification head, token embedding, position table, norm,
+embedding by name, attention/MLP by the layer. A bias takes the role ``bias`` unless it belongs to
+a norm or a head (heads and norms train and save whole, bias included); ``module_role`` gives the
+role of the module a tensor belongs to, which keeps weight and bias together.
+
+Layer index: the number right after the table's layer container (``layers``, ``layer``, ``h``);
+with the fallback the first all-digit component that is neither the first nor the last one (the
+rule mergekit-style depth gradients have always used here).
+
+Tied output embeddings: an output head is tied to the input embedding when the config says
+``tie_word_embeddings`` (missing means tied: transformers' ``PretrainedConfig`` default). The
+checkpoint then stores only the input embedding; ``tied_alias`` finds it.
+
+Where the former per-module lists disagreed, these are the rules now (each a deliberate choice):
+
+- A "linear weight" is a 2-D tensor named ``*.weight`` that is not an embedding table (token,
+  position or token-type) nor a norm; output heads (LM head, classifier) are linear weights, as are
+  GPT-2's Conv1D weights (stored transposed; SVD-based uses do not care).
+- Embeddings are recognised by module name, not by a substring anywhere in the path: ``shared``
+  is T5's embedding only as a whole module name, so a Qwen2-MoE ``shared_expert`` is an MLP;
+  ``embed_out`` (GPT-NeoX) is the LM head, not an embedding.
+- The LM head is the table's output projection (``lm_head``, BERT's ``cls.predictions.decoder``,
+  RoBERTa's ``lm_head.decoder``, DistilBERT's ``vocab_projector``, GPT-NeoX's ``embed_out``);
+  RoBERTa's ``lm_head.dense`` is an ordinary linear layer.
+- Classification heads are ``score`` and ``classifier`` plus DistilBERT's ``pre_classifier`` (also
+  initialised at random when a classifier is made from a base model, so it must train).
+- GPT-2's ``ln_1``/``ln_2``/``ln_f`` are norms.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Optional
+
+
+class Role(str, Enum):
+    """What a tensor is, as far as merging, extraction, training and analysis care."""
+
+    EMBEDDING = "embedding"  # token embedding: one row per vocabulary entry
+    POSITION_EMBEDDING = "position_embedding"  # position and token-type tables
+    LM_HEAD = "lm_head"  # output projection onto the vocabulary (weight and bias)
+    CLASSIFIER = "classifier"  # task head on top of the model (all its parameters)
+    ATTENTION = "attention"  # linear weights of a layer's attention block
+    MLP = "mlp"  # linear weights of a layer's feed-forward block (experts and routers included)
+    NORM = "norm"  # norm weights and biases
+    BIAS = "bias"  # bias of a linear layer that is not a head
+    OTHER = "other"  # anything else (a pooler, a projector outside the layers, a scalar)
+
+
+EMBEDDING_ROLES = (Role.EMBEDDING, Role.POSITION_EMBEDDING)
+HEAD_ROLES = (Role.LM_HEAD, Role.CLASSIFIER)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The names one family of models uses; module names are dotted module paths without ``.weight``."""
+
+    model_types: tuple[str, ...]
+    embeddings: tuple[str, ...] = ()
+    position_embeddings: tuple[str, ...] = ()
+    lm_heads: tuple[str, ...] = ()
+    classifiers: tuple[str, ...] = ()  # first component of the tensor name
+    layers: tuple[str, ...] = ()  # the component just before the layer index
+    attention: tuple[str, ...] = ()  # first component after the layer index
+    mlp: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()  # last component of the module path
+    tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # output weight -> input weights it may alias
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tied", MappingProxyType(dict(self.tied)))  # tables are constants: read-only
+
+
+_LLAMA_TIED = {"lm_head.weight": ("model.embed_tokens.weight", "embed_tokens.weight")}
+
+TABLES: tuple[Architecture, ...] = (
+    Architecture(
+        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "phi3"),
+        embeddings=("embed_tokens",), lm_heads=("lm_head",), classifiers=("score",), layers=("layers",),
+        attention=("self_attn",), mlp=("mlp", "block_sparse_moe"),
+        norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+               "norm", "q_norm", "k_norm"),
+        tied=_LLAMA_TIED,
+    ),
+    Architecture(
+        model_types=("gpt2",),
+        embeddings=("wte",), position_embeddings=("wpe",), lm_heads=("lm_head",), classifiers=("score", "classifier"),
+        layers=("h",), attention=("attn",), mlp=("mlp",), norms=("ln_1", "ln_2", "ln_f"),
+        tied={"lm_head.weight": ("transformer.wte.weight", "wte.weight")},
+    ),
+    Architecture(
+        model_types=("gpt_neox",),
+        embeddings=("embed_in",), lm_heads=("embed_out",), classifiers=("score", "classifier"), layers=("layers",),
+        attention=("attention",), mlp=("mlp",), norms=("input_layernorm", "post_attention_layernorm", "final_layer_norm"),
+        tied={"embed_out.weight": ("gpt_neox.embed_in.weight", "embed_in.weight")},
+    ),
+    Architecture(
+        model_types=("opt",),
+        embeddings=("embed_tokens",), position_embeddings=("embed_positions",), lm_heads=("lm_head",), classifiers=("score",),
+        layers=("layers",), attention=("self_attn",), mlp=("fc1", "fc2"),
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        tied={"lm_head.weight": ("model.decoder.embed_tokens.weight", "decoder.embed_tokens.weight")},
+    ),
+    Architecture(
+        model_types=("bert",),
+        embeddings=("word_embeddings",), position_embeddings=("position_embeddings", "token_type_embeddings"),
+        lm_heads=("cls.predictions.decoder",), classifiers=("classifier",), layers=("layer",),
+        attention=("attention",), mlp=("intermediate", "output"), norms=("LayerNorm",),
+        tied={"cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")},
+    ),
+    Architecture(
+        model_types=("roberta", "xlm-roberta"),
+        embeddings=("word_embeddings",), position_embeddings=("position_embeddings", "token_type_embeddings"),
+        lm_heads=("lm_head.decoder",), classifiers=("classifier",), layers=("layer",),
+        attention=("attention",), mlp=("intermediate", "output"), norms=("LayerNorm", "layer_norm"),
+        tied={"lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")},
+    ),
+    Architecture(
+        model_types=("distilbert",),
+        embeddings=("word_embeddings",), position_embeddings=("position_embeddings",), lm_heads=("vocab_projector",),
+        classifiers=("pre_classifier", "classifier"), layers=("layer",), attention=("attention",), mlp=("ffn",),
+        norms=("LayerNorm", "sa_layer_norm", "output_layer_norm", "vocab_layer_norm"),
+        tied={"vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")},
+    ),
+)
+
+# Unknown model types and names a table does not cover: the union of the names above, and the
+# output/input pairs this project has always accepted for ``lm_head.weight``.
+FALLBACK = Architecture(
+    model_types=(),
+    embeddings=("embed_tokens", "word_embeddings", "wte", "embed_in", "shared", "tok_embeddings"),
+    position_embeddings=("wpe", "position_embeddings", "token_type_embeddings", "embed_positions"),
+    lm_heads=("lm_head", "embed_out", "cls.predictions.decoder", "lm_head.decoder", "vocab_projector"),
+    classifiers=("score", "classifier", "pre_classifier"),
+    tied={"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                             "embed_tokens.weight")},
+)
+
+_BY_TYPE = {model_type: table for table in TABLES for model_type in table.model_types}
+_DIGITS = re.compile(r"[0-9]+")
+_GENERIC_NORM = re.compile(r"(?i).*norm.*|ln(_.*)?|.*_ln")
+# a module named like a lookup table (patch_embed, token_embedding, position_embeddings), not ALBERT's
+# embedding_hidden_mapping_in, which is a Linear
+_GENERIC_EMBEDDING = re.compile(r".*embed(ding)?s?")
+
+
+def _setting(config: Any, key: str, default: Any = None) -> Any:
+    """A config value from a dict or a transformers config object."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _ends_with(module: list[str], names: Iterable[str]) -> bool:
+    return any(module[-len(parts):] == parts for parts in (n.split(".") for n in names) if len(parts) <= len(module))
+
+
+def _generic_embedding(component: str) -> Optional[Role]:
+    lowered = component.lower()
+    if not _GENERIC_EMBEDDING.fullmatch(lowered):
+        return None
+    return Role.POSITION_EMBEDDING if ("position" in lowered or "token_type" in lowered) else Role.EMBEDDING
+
+
+@dataclass(frozen=True)
+class TensorRoles:
+    """Roles of tensor names for one model (see the module docstring for the rules)."""
+
+    table: Optional[Architecture]  # None: unknown model type, the fallback alone decides
+    model_type: Optional[str] = None
+    ties_embeddings: bool = True  # the config's tie_word_embeddings
+    num_layers_setting: Optional[int] = None  # num_hidden_layers / n_layer from the config
+
+    def _tables(self) -> tuple[Architecture, ...]:
+        return (self.table, FALLBACK) if self.table is not None else (FALLBACK,)
+
+    def layer_split(self, name: str) -> Optional[tuple[str, int, str]]:
+        """``(block, index, rest)`` with ``name == block + "." + rest``, or None outside the layer stack.
+
+        ``block`` is the layer's module path including its index (``model.layers.3``)."""
+        parts = name.split(".")
+        if self.table is not None and self.table.layers:
+            for i in range(len(parts) - 2):
+                if parts[i] in self.table.layers and _DIGITS.fullmatch(parts[i + 1]):
+                    return ".".join(parts[: i + 2]), int(parts[i + 1]), ".".join(parts[i + 2 :])
+        # fallback: the first all-digit component between two others
+        for i in range(1, len(parts) - 1):
+            if _DIGITS.fullmatch(parts[i]):
+                return ".".join(parts[: i + 1]), int(parts[i]), ".".join(parts[i + 1 :])
+        return None
+
+    def layer_index(self, name: str) -> Optional[int]:
+        """Index of the layer holding ``name`` (0-based), None for tensors outside the layer stack."""
+        split = self.layer_split(name)
+        return split[1] if split else None
+
+    def num_layers(self, names: Iterable[str]) -> Optional[int]:
+        """The config's layer count, else one more than the highest layer index among ``names``."""
+        if self.num_layers_setting:
+            return self.num_layers_setting
+        indices = [i for i in map(self.layer_index, names) if i is not None]
+        return max(indices) + 1 if indices else None
+
+    def module_role(self, name: str) -> Role:
+        """The role of the module ``name`` belongs to: a bias answers as its weight does."""
+        parts = name.split(".")
+        return self.role(".".join(parts[:-1] + ["weight"])) if len(parts) > 1 else self.role(name)
+
+    def role(self, name: str) -> Role:
+        """The role of the tensor ``name`` (a checkpoint or ``named_parameters`` name)."""
+        parts = name.split(".")
+        module, leaf = parts[:-1], parts[-1]
+        if not module:
+            return Role.OTHER
+        role = self._module_kind(name, module)
+        if leaf == "bias" and role in (Role.ATTENTION, Role.MLP, Role.OTHER):
+            return Role.BIAS
+        return role
+
+    def _module_kind(self, name: str, module: list[str]) -> Role:
+        tables = self._tables()
+        if any(_ends_with(module, t.lm_heads) for t in tables):
+            return Role.LM_HEAD
+        if any(module[0] in t.classifiers for t in tables):
+            return Role.CLASSIFIER
+        if any(_ends_with(module, t.embeddings) for t in tables):
+            return Role.EMBEDDING
+        if any(_ends_with(module, t.position_embeddings) for t in tables):
+            return Role.POSITION_EMBEDDING
+        last = module[-1]
+        if any(last in t.norms for t in tables) or _GENERIC_NORM.fullmatch(last):
+            return Role.NORM
+        embedding = _generic_embedding(last)
+        if embedding is not None:
+            return embedding
+        split = self.layer_split(name)
+        if split is None:
+            return Role.OTHER
+        inner = split[2].split(".")[:-1]
+        if self.table is not None and inner:
+            if inner[0] in self.table.attention:
+                return Role.ATTENTION
+            if inner[0] in self.table.mlp:
+                return Role.MLP
+        if any("attn" in part or "attention" in part for part in inner):
+            return Role.ATTENTION
+        return Role.MLP
+
+    def is_embedding(self, name: str) -> bool:
+        """A lookup table: token, position or token-type embedding (not a linear map of the input)."""
+        return self.role(name) in EMBEDDING_ROLES
+
+    def is_head(self, name: str) -> bool:
+        """Part of an output head: the LM head or a classification head."""
+        return self.role(name) in HEAD_ROLES
+
+    def is_vocabulary(self, name: str) -> bool:
+        """A tensor with one row per vocabulary entry by its name: the token embedding or the LM head."""
+        return self.role(name) in (Role.EMBEDDING, Role.LM_HEAD)
+
+    def is_linear_weight(self, name: str, shape: tuple[int, ...]) -> bool:
+        """The 2-D weight of a linear map (attention, MLP, heads, others; GPT-2 Conv1D included)."""
+        return len(shape) == 2 and name.endswith(".weight") and self.role(name) not in (*EMBEDDING_ROLES, Role.NORM)
+
+    def _tied_pairs(self) -> dict[str, tuple[str, ...]]:
+        # the table's pairs first, then the fallback's, so that no pair accepted before the tables is lost
+        pairs: dict[str, tuple[str, ...]] = {}
+        for table in self._tables():
+            for output, inputs in table.tied.items():
+                pairs[output] = tuple(dict.fromkeys(pairs.get(output, ()) + inputs))
+        return pairs
+
+    def tied_outputs(self) -> tuple[str, ...]:
+        """Output weights that may be stored as (tied to) an input embedding."""
+        return tuple(self._tied_pairs())
+
+    def is_tied_output(self, name: str) -> bool:
+        """An LM head weight the config ties to the input embedding: not stored separately, it moves with it."""
+        return self.ties_embeddings and name.endswith(".weight") and self.role(name) == Role.LM_HEAD
+
+    def tied_alias(self, name: str, present: Container[str]) -> Optional[str]:
+        """The input embedding in ``present`` that stands for the output weight ``name`` when tied, else None."""
+        if not self.ties_embeddings:
+            return None
+        return next((alias for alias in self._tied_pairs().get(name, ()) if alias in present), None)
+
+
+def architecture_for(config: Any = None) -> TensorRoles:
+    """Tensor roles for a model, from its config (a ``config.json`` dict, a ``model.config``, or None)."""
+    model_type = _setting(config, "model_type")
+    layers = _setting(config, "num_hidden_layers") or _setting(config, "n_layer")
+    return TensorRoles(
+        table=_BY_TYPE.get(model_type) if isinstance(model_type, str) else None,
+        model_type=model_type if isinstance(model_type, str) else None,
+        ties_embeddings=bool(_setting(config, "tie_word_embeddings", True)),
+        num_layers_setting=layers if isinstance(layers, int) else None,
+    )
