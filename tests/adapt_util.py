@@ -67,10 +67,16 @@ def one_step(model, batch, params, lr: float, optimizer=None) -> None:
 
 
 def train_cfg(tiny_lm, out: Path, method: str, options=None, **kw):
-    from deltawise.adapt import MethodOptions, TrainConfig
+    """A one-step TrainConfig; ``options``: a dict of method parameters, or (until wt-adapt's typed
+    parameters land) a MethodOptions whose set fields become that dict."""
+    from dataclasses import asdict
 
+    from deltawise.adapt import TrainConfig
+
+    if options is not None and not isinstance(options, dict):
+        options = {k: v for k, v in asdict(options).items() if v is not None and k != "extra"}
     base = dict(model=tiny_lm["model"], data=tiny_lm["data"], output=out, method=method, max_steps=1, batch_size=8,
-                lr=1e-2, seed=0, progress=False, options=options or MethodOptions())
+                lr=1e-2, seed=0, progress=False, method_params=options or {})
     base.update(kw)
     return TrainConfig(**base)
 

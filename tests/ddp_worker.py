@@ -30,10 +30,10 @@ class SaveWeights(TrainerCallback):
 
 
 def config(spec: dict, run: dict, out: Path):
-    from deltawise.adapt import MethodOptions, TrainConfig
+    from deltawise.adapt import TrainConfig
 
     return TrainConfig(model=Path(spec["model"]), data=Path(run.get("data", spec["data"])), output=out, method=run["method"],
-                       task=run.get("task", "causal_lm"), progress=False, options=MethodOptions(**run.get("options", {})),
+                       task=run.get("task", "causal_lm"), progress=False, method_params=run.get("options", {}),
                        **run.get("train", {}))
 
 

@@ -163,12 +163,12 @@ def test_classification_trains_head_and_reloads(tiny_lm, tmp_path):
 
 
 def test_cpt_schedule_rewarms_then_decays_to_min_ratio(tiny_lm, tmp_path):
-    from deltawise.adapt import MethodOptions, TrainConfig, run_train
+    from deltawise.adapt import TrainConfig, run_train
 
     steps, lr, warm, ratio = 10, 1e-3, 0.2, 0.1
     cfg = TrainConfig(model=tiny_lm["model"], data=tiny_lm["data"], output=tmp_path / "cpt", method="lora", max_steps=steps,
                       batch_size=2, lr=lr, schedule="cpt", warmup=warm, min_lr_ratio=ratio, replay=tiny_lm["jsonl"],
-                      replay_fraction=0.5, progress=False, options=MethodOptions(rank=2))
+                      replay_fraction=0.5, progress=False, method_params={"rank": 2})
     log = run_train(cfg).log
     w = int(math.ceil(warm * steps))
     for rec in log:

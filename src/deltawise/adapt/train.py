@@ -18,9 +18,9 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import psutil
 import torch
@@ -31,36 +31,39 @@ from deltawise.adapt.dist import world_size
 from deltawise.adapt.methods.base import Method, MethodOptions, get_method
 from deltawise.errors import InputError, OutputError
 from deltawise.io.reader import ModelReader
+from deltawise.options import SCHEDULES, TrainingOptions, typed_fields
 
 TASKS = ("causal_lm", "classification")
-SCHEDULES = ("linear", "cosine", "constant", "cpt")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(TrainingOptions):
+    """One training run: what to train, on what, into where; the optimisation settings are the
+    fields of ``TrainingOptions`` (deltawise/options.py, the same declaration the CLI's ``train``
+    and ``bam`` read). ``method_params``: the method's parameters by name, as strings from the
+    command line or typed values from Python."""
+
     model: Path
     data: Path
     output: Path
     method: str = "lora"
     task: str = "causal_lm"
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    seed: int = 0
-    weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    schedule: str = "linear"
-    warmup: float = 0.0  # fraction of steps (< 1) or a step count (>= 1)
-    min_lr_ratio: float = 0.1  # cosine floor of the "cpt" schedule, as a fraction of lr
-    replay: Path | None = None
-    replay_fraction: float = 0.25
     logging_steps: int = 1
     overwrite: bool = False
     progress: bool = True
-    options: MethodOptions = field(default_factory=MethodOptions)
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+
+def method_options(params: Mapping[str, Any]) -> MethodOptions:
+    """TRANSITIONAL (branch wt-cli, until wt-adapt's ``get_method(name, params)`` validates the
+    parameters per method): today's shared ``MethodOptions`` from ``TrainConfig.method_params``.
+    Strings are parsed (comma lists for ``targets``); float fields take ints as floats, as the old
+    typed flags did."""
+    values = typed_fields(MethodOptions, dict(params), "--method-param")
+    floats = {f.name for f in fields(MethodOptions) if "float" in str(f.type)}
+    return MethodOptions(**{k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
+                            for k, v in values.items()})
 
 
 @dataclass
@@ -237,7 +240,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         raise InputError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     _check_paths(cfg)
     model_path = Path(model_path or cfg.model)
-    method = get_method(cfg.method, cfg.options)
+    method = get_method(cfg.method, method_options(cfg.method_params))
     tok = load_tokenizer(model_path)
 
     examples = read_examples(cfg.data, cfg.task)

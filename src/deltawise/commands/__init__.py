@@ -1,0 +1,8 @@
+"""The ``deltawise`` commands, one module per job; ``deltawise.cli`` registers them.
+
+Shared pieces: ``console`` (output, progress bars, warnings) and ``flags`` (option groups from
+``deltawise.options`` expanded into typer parameters). No command module imports another's
+command, and none imports ``deltawise.cli``."""
+
+# registration order = the order of `deltawise --help`
+MODULES = ("merge", "delta", "train", "eval", "analyze", "report", "stats", "search", "demo")
