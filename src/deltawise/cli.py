@@ -6,12 +6,12 @@ command has finished."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import typer
 
-from deltawise.commands import MODULES
+from deltawise.commands import analyze, delta, demo, merge, report, search, stats, train
+from deltawise.commands import eval as eval_command
 from deltawise.commands.console import err, escape
 from deltawise.errors import DeltawiseError
 
@@ -21,8 +21,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _module in MODULES:
-    importlib.import_module(f"deltawise.commands.{_module}").register(app)
+# registration order = the order of `deltawise --help`
+COMMAND_MODULES = (merge, delta, train, eval_command, analyze, report, stats, search, demo)
+for _module in COMMAND_MODULES:
+    _module.register(app)
 
 
 def _terminate(signum, frame) -> None:

@@ -4,5 +4,3 @@ Shared pieces: ``console`` (output, progress bars, warnings) and ``flags`` (opti
 ``deltawise.options`` expanded into typer parameters). No command module imports another's
 command, and none imports ``deltawise.cli``."""
 
-# registration order = the order of `deltawise --help`
-MODULES = ("merge", "delta", "train", "eval", "analyze", "report", "stats", "search", "demo")
