@@ -232,7 +232,8 @@ def captured_train(monkeypatch, tmp_path):
 
 def test_method_params_from_new_and_old_flags(captured_train):
     seen, args = captured_train
-    res = CliRunner().invoke(app, [*args, "-p", "targets=q_proj,v_proj", "-r", "4", "--alpha", "8", "--method-option", "ratio=0.5"])
+    old_flags = ["-r", "4", "--alpha", "8", "--method-option", "ratio=0.5"]
+    res = CliRunner().invoke(app, [*args, "-p", "targets=q_proj,v_proj", *old_flags])
     assert res.exit_code == 0, res.output
     assert seen["cfg"].method_params == {"targets": "q_proj,v_proj", "rank": 4, "alpha": 8.0, "ratio": "0.5"}
     assert "--rank is deprecated" in res.output and seen["cfg"].task == "causal_lm" and seen["cfg"].lr == 2e-4
@@ -271,7 +272,7 @@ def test_bam_r_still_means_rounds(monkeypatch, tmp_path):
 
 
 def test_analyze_tall_lambda_is_an_alias_of_lam(monkeypatch, tmp_path):
-    import deltawise.analyze.weights as weights
+    from deltawise.analyze import weights
 
     seen = []
 

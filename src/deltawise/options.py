@@ -1,10 +1,10 @@
 """Command-line option groups, each declared once, and ``key=value`` option parsing.
 
 A group is a dataclass whose fields carry everything the command line needs: default, help, flag
-names, short flag, range, and the old spellings kept as hidden aliases for one release
-(``Flag`` in the field's metadata). ``deltawise.commands.flags.options`` turns a group into typer
-parameters and hands the command an instance; library code takes the same instances (``TrainConfig``
-extends ``TrainingOptions``), so a default lives in exactly one place. Shape borrowed from mergekit's
+names, short flag, range, visibility (``Flag`` in the field's metadata).
+``deltawise.commands.flags.options`` turns a group into typer parameters and hands the command an
+instance; library code takes the same instances (``TrainConfig`` extends ``TrainingOptions``), so
+a default lives in exactly one place. Shape borrowed from mergekit's
 ``MergeOptions`` + ``add_merge_options`` and litgpt's ``args.py`` groups.
 
 Naming rules of the command line (README "Command-line conventions"): ``-o/--output`` for what a
@@ -35,7 +35,6 @@ class Flag:
     help: str
     short: Optional[str] = None  # e.g. "-o"
     long: Optional[str] = None  # default: --field-name
-    aliases: tuple[str, ...] = ()  # old spellings, hidden, kept one release (see README "Changelog")
     min: Optional[float] = None
     max: Optional[float] = None
     required: bool = False

@@ -13,7 +13,8 @@ from deltawise.commands.flags import options
 from deltawise.errors import InputError
 from deltawise.options import DataOptions, RunOptions
 
-analyze_app = typer.Typer(help="Weight-space analyses: delta norms, intruder dimensions, sign conflicts, masks, interpolation curves.",
+analyze_app = typer.Typer(help="Weight-space analyses: delta norms, intruder dimensions, sign conflicts, masks, interpolation "
+                               "curves.",
                           no_args_is_help=True)
 TALL_LAMBDA_DEFAULT = 0.4
 
@@ -27,7 +28,8 @@ def weights(
     k: int = typer.Option(10, min=1, help="top singular vectors of each fine-tuned matrix searched for intruders"),
     eps: float = typer.Option(0.5, min=0.0, max=1.0, help="intruder threshold on max |cos| with the base's singular vectors"),
     side: str = typer.Option("left", help="singular vectors compared: left (U) or right (V)"),
-    lam: float = typer.Option(TALL_LAMBDA_DEFAULT, "--lam", min=0.0, help="TALL mask threshold lambda (one value for every task)"),
+    lam: float = typer.Option(TALL_LAMBDA_DEFAULT, "--lam", min=0.0,
+                              help="TALL mask threshold lambda (one value for every task)"),
     tall_lambda: Optional[float] = typer.Option(None, "--tall-lambda", min=0.0, hidden=True, help="deprecated: --lam"),
     no_intruders: bool = typer.Option(False, "--no-intruders", help="skip the SVDs (norms, conflicts and masks only)"),
 ) -> None:
@@ -51,14 +53,15 @@ def weights(
         out.print(f"{escape(m.model)}: |delta| = {m.delta_norm:.4g} (relative {m.relative or 0:.3g}), "
                   f"{m.intruders} intruder dimension(s) in {m.matrices} matrices", highlight=False)
     if result.summary.sign_conflict_rate is not None:
-        out.print(f"sign conflicts: {result.summary.sign_conflict_rate:.3%} of entries; selfish {result.summary.selfish_rate:.3%}, "
-                  f"catastrophic {result.summary.catastrophic_rate:.3%}", highlight=False)
+        summary = result.summary
+        out.print(f"sign conflicts: {summary.sign_conflict_rate:.3%} of entries; selfish {summary.selfish_rate:.3%}, "
+                  f"catastrophic {summary.catastrophic_rate:.3%}", highlight=False)
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
 
 
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
-@options("run", RunOptions, exclude=("overwrite",), override={"output": {"help": "curve JSON to write"},
-                                                              "quiet": {"help": "no progress bars"}, "device": {"help": "cpu or cuda"}})
+@options("run", RunOptions, exclude=("overwrite",), override={
+    "output": {"help": "curve JSON to write"}, "quiet": {"help": "no progress bars"}, "device": {"help": "cpu or cuda"}})
 def interpolate(
     model_a: str = typer.Argument(..., help="first model (lambda = 0)"),
     model_b: str = typer.Argument(..., help="second model (lambda = 1)"),
@@ -76,8 +79,8 @@ def interpolate(
                                     device=run.device, progress=stage_factory(progress)("interpolation points"))
         result = interpolation_curve(model_a, model_b, data, opts)
     result.save(run.output)
-    out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; wrote {escape(str(run.output))}",
-              highlight=False)
+    out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; "
+              f"wrote {escape(str(run.output))}", highlight=False)
 
 
 analyze_app.command("weights")(weights)

@@ -56,8 +56,10 @@ def extract(
     lora: bool = typer.Option(False, "--lora", help="write a PEFT LoRA adapter (SVD of each linear weight delta)"),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (with --energy: the largest rank allowed)"),
     energy: Optional[float] = typer.Option(None, "--energy", help="LoRA: smallest rank keeping this fraction of spectral energy"),
-    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases/embeddings: save (modules_to_save) or skip"),
-    dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, bfloat16, ..."),
+    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases/embeddings: save "
+                                                                "(modules_to_save) or skip"),
+    dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, "
+                                           "bfloat16, ..."),
     report: Optional[Path] = REPORT,
 ) -> None:
     """Extract FINETUNED − BASE as a delta folder, or as a PEFT LoRA adapter with --lora."""
@@ -90,7 +92,8 @@ def apply(
     run: RunOptions = ...,
     scale: float = typer.Option(1.0, "--scale", help="multiplier of the delta; -1 removes it"),
     task: Optional[str] = typer.Option(None, "--task", help="TALL folders: which task to reconstruct (name or index)"),
-    original_base: Optional[str] = typer.Option(None, "--original-base", help="the model the delta was made from: report how far BASE is from it"),
+    original_base: Optional[str] = typer.Option(None, "--original-base", help="the model the delta was made from: report how "
+                                                                              "far BASE is from it"),
     engine: EngineOptions = ...,
     report: Optional[Path] = typer.Option(None, "--report", help="write the report (and drift table) as JSON here"),
 ) -> None:
@@ -100,7 +103,8 @@ def apply(
 
     with bytes_progress(run.quiet) as progress:
         result = apply_delta(delta, base, run.output, scale=scale, task=task, original_base=original_base,  # type: ignore[arg-type]
-                             overwrite=run.overwrite, shard_size=parse_size(engine.shard_size), progress=ProgressReporter(progress))
+                             overwrite=run.overwrite, shard_size=parse_size(engine.shard_size),
+                             progress=ProgressReporter(progress))
     if result.drift and not run.quiet:
         from rich.table import Table
 
@@ -120,11 +124,13 @@ def apply(
               f"({len(result.rows)} tensors changed)", highlight=False)
 
 
-@options("run", RunOptions, exclude=("device",), override={"output": {"help": "compressed delta folder to create"}, "quiet": QUIET,
+@options("run", RunOptions, exclude=("device",), override={"output": {"help": "compressed delta folder to create"},
+                                                           "quiet": QUIET,
                                                            "overwrite": OVERWRITE})
 def compress(
     deltas: list[str] = typer.Argument(..., help="delta folder(s) or PEFT adapter(s); several for --method tall"),
-    method: str = typer.Option("compeft", "--method", "-m", help="compeft (top-k signs x one scale), topk (top-k exact values) or tall"),
+    method: str = typer.Option("compeft", "--method", "-m", help="compeft (top-k signs x one scale), topk (top-k exact "
+                                                                 "values) or tall"),
     run: RunOptions = ...,
     density: float = typer.Option(0.1, "--density", help="compeft/topk: fraction of entries kept per tensor"),
     alpha: float = typer.Option(1.0, "--alpha", help="compeft: scale multiplier (scale = alpha * std of the dense delta)"),

@@ -18,14 +18,16 @@ WINDOW_DEFAULTS = {
 
 
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
-@options("run", RunOptions, exclude=("overwrite",), override={"output": {"help": "result JSON to write"},
-                                                              "device": {"help": "cpu or cuda"}, "quiet": {"help": "no progress bars"}})
+@options("run", RunOptions, exclude=("overwrite",), override={
+    "output": {"help": "result JSON to write"}, "device": {"help": "cpu or cuda"}, "quiet": {"help": "no progress bars"}})
 def eval_(
     model: str = typer.Argument(..., help="model folder (causal LM for text and choices; classifier for labelled data)"),
     source: list[Path] = typer.Option([], "--source", help="data whose performance must be retained (repeatable)"),
     target: list[Path] = typer.Option([], "--target", help="data the adaptation aims at (repeatable)"),
-    tasks: list[str] = typer.Option([], "--tasks", help="lm-eval task (needs lm-eval installed, offline data); 'target:NAME' marks a target"),
-    lm_eval_tasks_dir: Optional[Path] = typer.Option(None, "--lm-eval-tasks-dir", help="folder of local lm-eval task YAMLs for --tasks"),
+    tasks: list[str] = typer.Option([], "--tasks", help="lm-eval task (needs lm-eval installed, offline data); 'target:NAME' "
+                                                        "marks a target"),
+    lm_eval_tasks_dir: Optional[Path] = typer.Option(None, "--lm-eval-tasks-dir", help="folder of local lm-eval task YAMLs "
+                                                                                       "for --tasks"),
     run: RunOptions = ...,
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="the base model's result JSON: adds forgetting metrics"),
     data_options: DataOptions = ...,
@@ -42,7 +44,8 @@ def eval_(
     if mc_norm not in ("total", "token", "byte"):
         raise typer.BadParameter("--mc-norm must be total, token or byte")
     base = load_result(baseline) if baseline else None  # a bad baseline fails before the long run
-    lm_tasks = [("target", t.removeprefix("target:")) if t.startswith("target:") else ("source", t.removeprefix("source:")) for t in tasks]
+    lm_tasks = [("target", t.removeprefix("target:")) if t.startswith("target:") else ("source", t.removeprefix("source:"))
+                for t in tasks]
     with steps_progress(run.quiet) as progress:
         eval_options = EvalOptions(max_length=data_options.max_length, stride=stride, batch_size=data_options.batch_size,
                                    mc_norm=mc_norm, dtype=dtype, device=run.device,  # type: ignore[arg-type]
@@ -52,7 +55,8 @@ def eval_(
         result.forgetting = forgetting(result, base)
     result.save(run.output)
     for ds in result.datasets:
-        out.print(f"{ds.role:<6} {escape(ds.name)}: {ds.metric} = {ds.value:.4g} ({ds.n_items} items, {ds.seconds:.1f} s)", highlight=False)
+        out.print(f"{ds.role:<6} {escape(ds.name)}: {ds.metric} = {ds.value:.4g} ({ds.n_items} items, {ds.seconds:.1f} s)",
+                  highlight=False)
     if result.forgetting is not None and result.forgetting.forgetting_score is not None:
         out.print(f"forgetting score: {result.forgetting.forgetting_score:.2f}", highlight=False)
     out.print(f"wrote {escape(str(run.output))}", highlight=False)

@@ -5,8 +5,8 @@ by one typer option per field of the group (flag names, short flag, range and he
 ``Flag``) and calls the command with a ``RunOptions`` instance. typer reads ``inspect.signature``, so
 the wrapper carries a built ``__signature__``. Decorators stack: each expands one group.
 
-A field's ``aliases`` become hidden options of their own; a value given under an old spelling is
-used (with a deprecation warning) unless the new spelling was given too, which is an error.
+Old spellings kept for one release are hidden fields of their own (``MethodChoice``'s former
+per-parameter flags) or hidden typer options of the command that renamed them.
 """
 
 from __future__ import annotations
@@ -19,16 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import typer
 
-from deltawise.errors import InputError
 from deltawise.options import Flag, default_of, flag_of, option_fields
-
-_ALIAS = "_alias_{field}_{index}"
-
-
-def _resolved_hints(function: Callable) -> dict[str, Any]:
-    """Annotations as types: typer evaluates the signature, and string annotations of a command
-    module (``from __future__ import annotations``) would be evaluated in the wrong globals."""
-    return typing.get_type_hints(function)
 
 
 def _typer_param(name: str, flag: Flag, default: Any, hidden: bool, positional: bool):
@@ -42,13 +33,12 @@ def _typer_param(name: str, flag: Flag, default: Any, hidden: bool, positional: 
 
 def options(param: str, group: type, *, only: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
             override: Optional[Mapping[str, Mapping[str, Any]]] = None, positional: Iterable[str] = (),
-            hidden: bool = False, warn: Optional[Callable[[str], None]] = None) -> Callable:
+            hidden: bool = False) -> Callable:
     """Expand the option group ``group`` into the command's parameter ``param``.
 
     ``only``/``exclude`` pick fields (the others keep their defaults); ``override`` maps a field to
     new ``Flag`` attributes and/or ``default`` for this command (e.g. bam's learning rate);
-    ``positional`` fields become arguments; ``hidden`` hides the whole group (deprecated options);
-    ``warn`` receives the deprecation message when an old spelling is used."""
+    ``positional`` fields become arguments; ``hidden`` hides the whole group (deprecated options)."""
     override = dict(override or {})
     positional = set(positional)
     chosen = [f for f in option_fields(group) if (only is None or f.name in only) and f.name not in set(exclude)]
@@ -65,7 +55,8 @@ def options(param: str, group: type, *, only: Optional[Iterable[str]] = None, ex
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
-        hints = _resolved_hints(command)
+        # types, not strings: the wrapper's string annotations would be evaluated in this module's globals
+        hints = typing.get_type_hints(command)
         if param not in signature.parameters:
             raise TypeError(f"{command.__name__} has no parameter {param!r}")
         parameters: list[inspect.Parameter] = []
@@ -80,29 +71,12 @@ def options(param: str, group: type, *, only: Optional[Iterable[str]] = None, ex
                 parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
                                                     default=_typer_param(name, flag, default, hidden, name in positional)))
                 annotations[name] = annotation
-                for index, alias in enumerate(flag.aliases):
-                    alias_name = _ALIAS.format(field=name, index=index)
-                    alias_type = Optional[annotation] if annotation is not bool else Optional[bool]
-                    parameters.append(inspect.Parameter(alias_name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=alias_type,
-                                                        default=typer.Option(None, alias, hidden=True)))
-                    annotations[alias_name] = alias_type
         annotations["return"] = hints.get("return", None)
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             values = dict(fixed)
-            for name, flag, default in specs:
-                value = kwargs.pop(name)
-                for index, alias in enumerate(flag.aliases):
-                    old = kwargs.pop(_ALIAS.format(field=name, index=index))
-                    if old is None:
-                        continue
-                    if value != default:
-                        raise InputError(f"{flag.long_name(name)} and its old spelling {alias} are both given")
-                    if warn is not None:
-                        warn(f"{alias} is deprecated; use {flag.long_name(name)}")
-                    value = old
-                values[name] = value
+            values.update({name: kwargs.pop(name) for name, _, _ in specs})
             kwargs[param] = group(**values)
             return command(*args, **kwargs)
 

@@ -6,18 +6,28 @@ from pathlib import Path
 
 import typer
 
-from deltawise.commands.console import ProgressReporter, bytes_progress, err, escape, no_transformers_bars, out, steps_progress, warn
+from deltawise.commands.console import (
+    ProgressReporter,
+    bytes_progress,
+    err,
+    escape,
+    no_transformers_bars,
+    note,
+    out,
+    steps_progress,
+    warn,
+)
 from deltawise.commands.flags import options
 from deltawise.options import BudgetSearchOptions, EngineOptions, RunOptions
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
-OUTPUT_FOLDER = {"help": "output folder (created; must not be an input)"}
+MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
+                "overwrite": {"help": "replace a non-empty output folder once the merge succeeds"}}
 
 
-@options("search", BudgetSearchOptions, hidden=True, warn=warn)
+@options("search", BudgetSearchOptions, hidden=True)  # deprecated: `deltawise budget`
 @options("engine", EngineOptions)
-@options("run", RunOptions, positional=("output",), override={"output": OUTPUT_FOLDER, "quiet": {"help": "no progress bars"},
-                                                              "overwrite": {"help": "replace a non-empty output folder once the merge succeeds"}})
+@options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def merge(
     recipe: Path = RECIPE,
     run: RunOptions = ...,
@@ -57,13 +67,13 @@ def merge(
         )
         result = run_merge(plan, run.output, merge_options)
     gb = result.bytes_written / 1e9
-    out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)", highlight=False)
+    out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)",
+              highlight=False)
 
 
 @options("search", BudgetSearchOptions)
 @options("engine", EngineOptions)
-@options("run", RunOptions, positional=("output",), override={"output": OUTPUT_FOLDER, "quiet": {"help": "no progress bars"},
-                                                              "overwrite": {"help": "replace a non-empty output folder once the merge succeeds"}})
+@options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...) -> None:
     """Retention-budget merging: search the recipe method's parameters for the best --target score
     that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md)."""
@@ -87,7 +97,7 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
             eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device),
             merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),
                                overwrite=run.overwrite),
-            note=None if run.quiet else (lambda msg: err.print(escape(msg), highlight=False)), progress=ProgressReporter(progress),
+            note=None if run.quiet else note(False), progress=ProgressReporter(progress),
         )
         _budget_report(lambda: run_budget(load_recipe(recipe), output, budget_options), search.report, output)
 
@@ -136,7 +146,7 @@ def verify(folder: Path = typer.Argument(..., help="model folder to check")) -> 
 KINDS = ("all", "merge", "adapter")
 
 
-def methods(kind: str = typer.Option("all", "--kind", help="which methods: all, merge (merge recipes) or adapter (train -m)")) -> None:
+def methods(kind: str = typer.Option("all", "--kind", help="which methods: all, merge (recipes) or adapter (train -m)")) -> None:
     """List the merge methods and the training (adapter) methods with their parameters."""
     from rich.table import Table
 

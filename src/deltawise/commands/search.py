@@ -24,7 +24,8 @@ def soup(
     data: Path = typer.Option(..., "--data", help="held-out data: JSONL text+label (classifiers) or text (causal LMs)"),
     run: RunOptions = ...,
     metric: str = typer.Option("auto", help="auto (accuracy for labelled data, loss for text), accuracy, loss or perplexity"),
-    accept_ties: bool = typer.Option(False, "--accept-ties", help="keep an ingredient that leaves the score unchanged (default: strictly better only)"),
+    accept_ties: bool = typer.Option(False, "--accept-ties", help="keep an ingredient that leaves the score unchanged "
+                                                                  "(default: strictly better only)"),
     data_options: DataOptions = ...,
 ) -> None:
     """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
@@ -43,7 +44,8 @@ def soup(
             table.add_column(col, justify="left" if col in ("ingredient", "decision") else "right", overflow="fold")
         for rank, step in enumerate(result.steps, 1):
             with_it = "-" if step.candidate_value is None else f"{step.candidate_value:.6g}"
-            table.add_row(str(rank), step.model, f"{step.ingredient_value:.6g}", with_it, "accepted" if step.accepted else "rejected")
+            decision = "accepted" if step.accepted else "rejected"
+            table.add_row(str(rank), step.model, f"{step.ingredient_value:.6g}", with_it, decision)
         out.print(table)
     for warning in result.warnings:
         warn(warning)
@@ -60,10 +62,12 @@ def soup(
 def atlas(
     base: str = typer.Argument(..., help="the pre-trained model the others were fine-tuned from"),
     models: list[str] = typer.Argument(..., help="fine-tuned models (one task vector each)"),
-    data: list[Path] = typer.Option(..., "--data", help="training data: once for all tasks, or once per model in order (repeatable)"),
+    data: list[Path] = typer.Option(..., "--data", help="training data: once for all tasks, or once per model in order "
+                                                        "(repeatable)"),
     run: RunOptions = ...,
     val: list[Path] = typer.Option([], "--val", help="validation data (once, or once per model): keep the best coefficients"),
-    objective: str = typer.Option("auto", help="auto, ce (labelled classification), lm (text) or entropy (unlabelled: test-time adaptation)"),
+    objective: str = typer.Option("auto", help="auto, ce (labelled classification), lm (text) or entropy (unlabelled: "
+                                               "test-time adaptation)"),
     data_options: DataOptions = ...,
     epochs: int = typer.Option(1, min=0, help="passes over the largest task's data"),
     steps: Optional[int] = typer.Option(None, min=0, help="optimizer steps; overrides --epochs (0: the base model)"),
@@ -75,7 +79,8 @@ def atlas(
     from deltawise.datadriven.atlas import AtlasOptions, run_atlas
 
     with steps_progress(run.quiet) as progress:
-        opts = AtlasOptions(objective=objective, task=data_options.task, epochs=epochs, steps=steps, lr=lr, weight_decay=weight_decay,
+        opts = AtlasOptions(objective=objective, task=data_options.task, epochs=epochs, steps=steps, lr=lr,
+                            weight_decay=weight_decay,
                             batch_size=data_options.batch_size, max_length=data_options.max_length,
                             max_examples=data_options.max_examples, seed=seed, device=run.device, overwrite=run.overwrite,
                             progress=stage_factory(progress)("steps"))
@@ -83,7 +88,8 @@ def atlas(
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
     out.print(f"aTLAS ({result.objective}) learned {len(result.models)} x {len(result.blocks)} coefficients"
-              f"{'; ' + summary if summary else ''}; best at step {result.best_step}; wrote {escape(str(result.out))}", highlight=False)
+              f"{'; ' + summary if summary else ''}; best at step {result.best_step}; wrote {escape(str(result.out))}",
+              highlight=False)
 
 
 def register(app: typer.Typer) -> None:

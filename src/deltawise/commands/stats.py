@@ -24,7 +24,8 @@ def fisher(
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     run: RunOptions = ...,
     data_options: DataOptions = ...,
-    variant: str = typer.Option("auto", help="classification: exact (default), sampled or empirical; causal LM: empirical (default) or sampled"),
+    variant: str = typer.Option("auto", help="classification: exact (default), sampled or empirical; causal LM: empirical "
+                                             "(default) or sampled"),
     seed: int = typer.Option(0, help="seed of the sampled variant"),
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
@@ -41,7 +42,8 @@ def fisher(
 
 @options("data_options", DataOptions,
          override={"batch_size": {"help": "examples per forward pass (padding is excluded from the Grams)"}})
-@options("run", RunOptions, override={**FILE_OUTPUT, "output": {"help": "Gram file to write (.safetensors: <layer>.gram, in x in, float32)"}})
+@options("run", RunOptions, override={
+    **FILE_OUTPUT, "output": {"help": "Gram file to write (.safetensors: <layer>.gram, in x in, float32)"}})
 def gram(
     model: str = typer.Argument(..., help="model folder"),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),

@@ -93,8 +93,8 @@ def bam(
     work: Optional[Path] = typer.Option(None, "--work", help="work folder for slices, branches and round merges (default: "
                                                              "OUTPUT.work beside OUTPUT)"),
     restart: bool = typer.Option(False, "--restart", help="discard a work folder left by a run with other options or data"),
-    branch_index: Optional[int] = typer.Option(None, "--branch-index", help="train only branch K of the first unmerged round, "
-                                                                            "then exit (one process per branch, for parallel runs)"),
+    branch_index: Optional[int] = typer.Option(None, "--branch-index", help=(
+        "train only branch K of the first unmerged round, then exit (one process per branch, for parallel runs)")),
     merge_only: bool = typer.Option(False, "--merge-only", help="train nothing: merge the rounds whose branches are finished "
                                                                 "(after --branch-index runs); write OUTPUT once all are"),
     data_options: DataOptions = ...,
