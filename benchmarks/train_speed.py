@@ -33,7 +33,7 @@ def run_one(model: Path, data: Path, method: str, args, work: Path) -> dict:
            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
            "--lr", "1e-4", "--quiet", "--overwrite"]
     if method not in ("full", "hft"):
-        cmd += ["--rank", str(args.rank)]
+        cmd += ["-p", f"rank={args.rank}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -1,14 +1,196 @@
-"""``key=value`` command-line options (``--merge-param t=0.3``, ``--method-option ratio=0.5``,
-``--search-param lambda=0.2,0.6,1``) parsed into typed values."""
+"""Command-line option groups, each declared once, and ``key=value`` option parsing.
+
+A group is a dataclass whose fields carry everything the command line needs: default, help, flag
+names, short flag, range, visibility (``Flag`` in the field's metadata).
+``deltawise.commands.flags.options`` turns a group into typer parameters and hands the command an
+instance; library code takes the same instances (``TrainConfig`` extends ``TrainingOptions``), so
+a default lives in exactly one place. Shape borrowed from mergekit's
+``MergeOptions`` + ``add_merge_options`` and litgpt's ``args.py`` groups.
+
+Naming rules of the command line (README "Command-line conventions"): ``-o/--output`` for what a
+command writes, ``-q/--quiet``, ``-m/--method``, ``-p/--method-param`` for a training method's
+parameters; ``--task`` defaults to ``auto`` everywhere (classification when the data's records carry
+a ``label``, else causal LM).
+
+This module imports neither torch nor typer: the library and the CLI both read it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
 
 import yaml
 
 from deltawise.errors import InputError
+
+TASK_HELP = "auto (classification when the data's records carry 'label', else causal_lm), classification or causal_lm"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field appears on the command line."""
+
+    help: str
+    short: Optional[str] = None  # e.g. "-o"
+    long: Optional[str] = None  # default: --field-name
+    min: Optional[float] = None
+    max: Optional[float] = None
+    required: bool = False
+    hidden: bool = False
+    metavar: Optional[str] = None
+
+    def long_name(self, field_name: str) -> str:
+        return self.long or "--" + field_name.replace("_", "-")
+
+
+def option(default: Any = None, help: str = "", *, factory: Any = None, **flag: Any) -> Any:
+    """A dataclass field that is also a command-line option (``flag``: the ``Flag`` attributes)."""
+    meta = {"flag": Flag(help=help, **flag)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f) -> Flag:
+    """The ``Flag`` of a dataclass field; a field without one is not a command-line option."""
+    return f.metadata["flag"]
+
+
+def option_fields(cls: type) -> list:
+    """The fields of a group that are command-line options, in declaration order."""
+    return [f for f in fields(cls) if "flag" in f.metadata]
+
+
+def default_of(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+@dataclass
+class RunOptions:
+    """Where a command writes, and how it talks while it works."""
+
+    output: Optional[Path] = option(None, "where the result is written", short="-o", required=True)
+    overwrite: bool = option(False, "replace a non-empty output once the new one is complete")
+    quiet: bool = option(False, "no progress bars or messages", short="-q")
+    device: str = option("cpu", "where the arithmetic runs: cpu or cuda")
+
+
+@dataclass
+class BatchOptions:
+    """How text is cut into token windows and batched: shared by the data and the training groups."""
+
+    max_length: Optional[int] = option(256, "truncate examples to this many tokens", min=2)
+    batch_size: int = option(8, "examples per forward pass (training: per device per step)", min=1)
+
+
+@dataclass
+class DataOptions(BatchOptions):
+    """Which examples a data-driven command reads and as what task."""
+
+    task: str = option("auto", TASK_HELP)
+    max_examples: Optional[int] = option(None, "use the first N examples", min=1)
+
+
+SCHEDULES = ("linear", "cosine", "constant", "cpt")
+
+
+@dataclass
+class TrainingOptions(BatchOptions):
+    """The optimisation settings of one training run (``train``, and each branch of ``bam``)."""
+
+    epochs: float = option(1.0, "passes over the data (ignored when --max-steps > 0)")
+    max_steps: int = option(-1, "optimizer steps; overrides --epochs when > 0")
+    lr: float = option(2e-4, "peak learning rate")
+    grad_accum: int = option(1, "gradient accumulation steps", min=1)
+    seed: int = option(0, "random seed (init, data order, random bases and selections)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    schedule: str = option("linear", "LR schedule: linear, cosine, constant, or cpt (re-warm + cosine to --min-lr-ratio)")
+    warmup: float = option(0.0, "warmup: fraction of steps (< 1) or number of steps")
+    min_lr_ratio: float = option(0.1, "cpt schedule: final lr as a fraction of --lr")
+    replay: Optional[Path] = option(None, "source-domain data mixed into every batch (continual pre-training)")
+    replay_fraction: float = option(0.25, "share of each batch taken from --replay")
+
+
+# The training methods' former flags, each now one NAME of --method-param NAME=VALUE.
+LEGACY_METHOD_FLAGS = ("rank", "alpha", "dropout", "targets", "init", "n_frequency", "scaling", "filter_rank",
+                       "refresh_interval", "ratio", "gamma", "beta")
+
+
+@dataclass
+class MethodChoice:
+    """The training method and its parameters; the hidden fields are the old per-parameter flags,
+    which feed the same NAME=VALUE dictionary (``method_params``)."""
+
+    method: str = option("lora", "training method: lora, dora, pissa, lora_fa, fourierft, miss/bone, randlora, full, hft, "
+                                 "lift, sorsa, loldu, kasa (`deltawise methods --kind adapter`)", short="-m")
+    method_param: list[str] = option(factory=list, help="method parameter NAME=VALUE (repeatable), e.g. -p rank=16 -p "
+                                     "targets=q_proj,v_proj; `deltawise methods --kind adapter` lists them", short="-p")
+    rank: Optional[int] = option(None, "deprecated: -p rank=N", hidden=True, short="-r")
+    alpha: Optional[float] = option(None, "deprecated: -p alpha=X", hidden=True)
+    dropout: Optional[float] = option(None, "deprecated: -p dropout=X", hidden=True)
+    targets: Optional[str] = option(None, "deprecated: -p targets=a,b", hidden=True)
+    init: Optional[str] = option(None, "deprecated: -p init=NAME", hidden=True)
+    n_frequency: Optional[int] = option(None, "deprecated: -p n_frequency=N", hidden=True)
+    scaling: Optional[float] = option(None, "deprecated: -p scaling=X", hidden=True)
+    filter_rank: Optional[int] = option(None, "deprecated: -p filter_rank=N", hidden=True)
+    refresh_interval: Optional[int] = option(None, "deprecated: -p refresh_interval=N", hidden=True)
+    ratio: Optional[float] = option(None, "deprecated: -p ratio=X", hidden=True)
+    gamma: Optional[float] = option(None, "deprecated: -p gamma=X", hidden=True)
+    beta: Optional[float] = option(None, "deprecated: -p beta=X", hidden=True)
+    method_option: list[str] = option(factory=list, help="deprecated: -p NAME=VALUE", hidden=True)
+
+    def params(self) -> dict[str, Any]:
+        """NAME -> value from ``--method-param`` and the old flags; a name given twice is an error.
+        Values of ``-p`` stay strings: the method's typed parameters parse them."""
+        given = parse_assignments(self.method_param, "--method-param")
+        sources = {name: "--method-param" for name in given}
+        legacy = {name: getattr(self, name) for name in LEGACY_METHOD_FLAGS if getattr(self, name) is not None}
+        legacy.update(parse_assignments(self.method_option, "--method-option"))
+        for name, value in legacy.items():
+            if name in given:
+                raise InputError(f"method parameter {name} is given twice ({sources[name]} and an old flag)")
+            given[name] = value
+            sources[name] = "an old flag"
+        return given
+
+    def used_legacy_flags(self) -> list[str]:
+        """The deprecated spellings this command line used, for a warning."""
+        used = [f"--{name.replace('_', '-')}" for name in LEGACY_METHOD_FLAGS if getattr(self, name) is not None]
+        return used + (["--method-option"] if self.method_option else [])
+
+
+@dataclass
+class EngineOptions:
+    """How the streaming merge engine reads and writes."""
+
+    threads: int = option(2, "worker threads reading and merging tensors", min=1)
+    shard_size: str = option("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB")
+    allow_pickle: bool = option(False, "accept .bin/.pt inputs (loaded with weights_only=True)")
+
+
+@dataclass
+class BudgetSearchOptions:
+    """Retention-budget merging (docs/merging.md): search the method's parameters for the best target
+    score that keeps every source's retention above its minimum."""
+
+    retain: list[str] = option(factory=list, help="retention budget SOURCE:MIN (e.g. en.jsonl:0.98; repeatable): keep "
+                               "SOURCE's retention >= MIN")
+    target: list[Path] = option(factory=list, help="data whose score the search maximises (repeatable)")
+    search_param: list[str] = option(factory=list, help="NAME=v1,v2,... values to try (repeatable; default: lambda or t "
+                                     "at 0.2,0.4,...,1.0)")
+    refine: int = option(0, "successive refinement rounds (midpoints around the best feasible value)", min=0)
+    most_retentive: bool = option(False, "when no point meets the budget, write the most retentive one instead of nothing")
+    baseline: Optional[str] = option(None, "the model retention is measured against (default: base_model)")
+    report: Optional[Path] = option(None, "write the search (every point, Pareto front, choice) as JSON here "
+                                    "(default: OUTPUT/deltawise_budget.json)")
+    eval_max_length: Optional[int] = option(None, "tokens per evaluation window", min=2)
+    eval_batch_size: int = option(8, "sequences per evaluation forward pass", min=1)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.retain or self.target or self.search_param)
 
 
 def scalar(text: str) -> Any:
@@ -32,14 +214,3 @@ def parse_assignments(items: list[str] | None, option: str) -> dict[str, str]:
             raise InputError(f"{option} {key} is given twice")
         result[key] = value.strip()
     return result
-
-
-def typed_fields(cls: type, values: dict[str, str], option: str) -> dict[str, Any]:
-    """Values for fields of the dataclass ``cls`` by name; comma lists for list-typed fields."""
-    known = {f.name: f for f in fields(cls) if f.name != "extra"}
-    out: dict[str, Any] = {}
-    for key, text in values.items():
-        if key not in known:
-            raise InputError(f"{option} {key}: unknown; known: {', '.join(sorted(known))}")
-        out[key] = [t.strip() for t in text.split(",")] if "list" in str(known[key].type) else scalar(text)
-    return out

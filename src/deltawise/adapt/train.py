@@ -31,32 +31,24 @@ from deltawise.adapt.dist import world_size
 from deltawise.adapt.methods.base import Method, get_method
 from deltawise.errors import InputError, OutputError
 from deltawise.io.reader import ModelReader
+from deltawise.options import SCHEDULES, TrainingOptions
 
 TASKS = ("causal_lm", "classification")
-SCHEDULES = ("linear", "cosine", "constant", "cpt")
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(TrainingOptions):
+    """One training run: what to train, on what, into where; the optimisation settings are the
+    fields of ``TrainingOptions`` (deltawise/options.py, the same declaration the CLI's ``train``
+    and ``bam`` read). ``method_params``: the method's parameters by name, as strings from the
+    command line or typed values from Python."""
+
     model: Path
     data: Path
     output: Path
     method: str = "lora"
     task: str = "causal_lm"
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    seed: int = 0
-    weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    schedule: str = "linear"
-    warmup: float = 0.0  # fraction of steps (< 1) or a step count (>= 1)
-    min_lr_ratio: float = 0.1  # cosine floor of the "cpt" schedule, as a fraction of lr
-    replay: Path | None = None
-    replay_fraction: float = 0.25
     logging_steps: int = 1
     overwrite: bool = False
     progress: bool = True

@@ -1,0 +1,196 @@
+"""``merge``, ``budget`` (retention-budget merging), ``verify`` and ``methods``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deltawise.commands.console import (
+    ProgressReporter,
+    bytes_progress,
+    err,
+    escape,
+    no_transformers_bars,
+    note,
+    out,
+    steps_progress,
+    warn,
+)
+from deltawise.commands.flags import options
+from deltawise.options import BudgetSearchOptions, EngineOptions, RunOptions
+
+RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
+MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
+                "overwrite": {"help": "replace a non-empty output folder once the merge succeeds"}}
+
+
+@options("search", BudgetSearchOptions, hidden=True)  # deprecated: `deltawise budget`
+@options("engine", EngineOptions)
+@options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
+def merge(
+    recipe: Path = RECIPE,
+    run: RunOptions = ...,
+    engine: EngineOptions = ...,
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and inputs, print the plan, write nothing"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted merge of the same recipe and inputs"),
+    restart: bool = typer.Option(False, "--restart", help="discard an interrupted merge and start over"),
+    fsync: bool = typer.Option(False, "--fsync", help="flush each shard to disk before it counts as done (survives a power "
+                                                      "loss; slower: waits for the disk)"),
+    search: BudgetSearchOptions = ...,
+) -> None:
+    """Merge models as described by RECIPE into OUTPUT.
+
+    An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
+    beside OUTPUT; rerun with --resume to merge only the rest. To search the method's parameters
+    under a retention budget first, use `deltawise budget` (docs/merging.md)."""
+    from deltawise.io.writer import parse_size
+    from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
+    from deltawise.merge.engine import check_output, dump_plan, to_json
+
+    assert run.output is not None
+    if search.requested and not dry_run:
+        warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
+        _run_budget(recipe, run, engine, search)
+        return
+    plan = build_plan(load_recipe(recipe), allow_pickle=engine.allow_pickle)
+    for warning in plan.warnings:
+        warn(warning)
+    if dry_run:
+        check_output(plan, run.output, run.overwrite)
+        print(to_json(dump_plan(plan)))  # plain stdout: the plan must stay valid JSON
+        return
+    with bytes_progress(run.quiet) as progress:
+        merge_options = MergeOptions(
+            device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size), overwrite=run.overwrite,
+            resume=resume, restart=restart, fsync=fsync, progress=ProgressReporter(progress),
+        )
+        result = run_merge(plan, run.output, merge_options)
+    gb = result.bytes_written / 1e9
+    out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)",
+              highlight=False)
+
+
+@options("search", BudgetSearchOptions)
+@options("engine", EngineOptions)
+@options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
+def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...) -> None:
+    """Retention-budget merging: search the recipe method's parameters for the best --target score
+    that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md)."""
+    _run_budget(recipe, run, engine, search)
+
+
+def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions) -> None:
+    from deltawise.eval.runner import EvalOptions
+    from deltawise.io.writer import parse_size
+    from deltawise.merge import MergeOptions, load_recipe
+    from deltawise.merge.budget import BudgetOptions, RetentionBudget, run_budget
+
+    assert run.output is not None
+    output = run.output
+    no_transformers_bars()
+    with steps_progress(run.quiet) as progress:
+        budget_options = BudgetOptions(
+            retain=[RetentionBudget.parse(r) for r in search.retain], targets=list(search.target),
+            grid=_search_grid(search.search_param), refine=search.refine, most_retentive=search.most_retentive,
+            baseline=search.baseline, allow_pickle=engine.allow_pickle,
+            eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device),
+            merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),
+                               overwrite=run.overwrite),
+            note=None if run.quiet else note(False), progress=ProgressReporter(progress),
+        )
+        _budget_report(lambda: run_budget(load_recipe(recipe), output, budget_options), search.report, output)
+
+
+def _search_grid(items: list[str]) -> dict[str, list]:
+    from deltawise.options import parse_assignments, scalar
+
+    return {k: [scalar(v.strip()) for v in text.split(",")] for k, text in parse_assignments(items, "--search-param").items()}
+
+
+def _budget_report(search, report: Path | None, output: Path) -> None:
+    """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
+    from deltawise.io.writer import write_json_atomic
+    from deltawise.merge.budget import BudgetNotMet, budget_table
+
+    try:
+        result = search()
+    except BudgetNotMet as exc:
+        out.print(budget_table(exc.result))
+        if report is not None:
+            write_json_atomic(report, exc.result.to_json())
+        raise
+    out.print(budget_table(result))
+    write_json_atomic(report or output / "deltawise_budget.json", result.to_json())
+    chosen = result.candidates[result.chosen]
+    out.print(f"chose {escape(str(chosen.params))}: retention {chosen.retention_min:.4f}, target {chosen.target_score:.4f}; "
+              f"wrote {escape(str(output))}", highlight=False)
+
+
+def verify(folder: Path = typer.Argument(..., help="model folder to check")) -> None:
+    """Check a model folder: safetensors structure, the index, and each shard against its manifest."""
+    from deltawise.io.verify import verify_folder
+
+    report = verify_folder(folder)
+    for name in report.checked:
+        out.print(f"[green]ok[/]  {escape(name)}", highlight=False)
+    for problem in report.problems:
+        err.print(f"[bold red]bad[/] {escape(problem)}", highlight=False)
+    scope = "shards, index and manifest checksums" if report.has_manifest else "safetensors structure and index (no manifest)"
+    if not report.ok:
+        err.print(f"{len(report.problems)} problem(s) in {escape(str(folder))}", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{escape(str(folder))}: verified ({scope})", highlight=False)
+
+
+KINDS = ("all", "merge", "adapter")
+
+
+def methods(kind: str = typer.Option("all", "--kind", help="which methods: all, merge (recipes) or adapter (train -m)")) -> None:
+    """List the merge methods and the training (adapter) methods with their parameters."""
+    from rich.table import Table
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"--kind must be one of {', '.join(KINDS)}")
+    if kind in ("all", "merge"):
+        from deltawise.merge import REGISTRY
+
+        table = Table(title="merge methods", show_lines=True)
+        table.add_column("method")
+        table.add_column("what it does")
+        table.add_column("parameters")
+        for name in sorted(REGISTRY):
+            cls = REGISTRY[name]
+            table.add_row(name, cls.summary, "\n".join(p.describe() for p in cls.params) or "-")
+        out.print(table)
+    if kind in ("all", "adapter"):
+        out.print(_adapter_table())
+
+
+def _adapter_table():
+    """Training methods (`train -m`, `bam -m`) and their parameters (`-p NAME=VALUE`). The
+    ``summary``/``params`` class attributes are read with getattr defaults: not every method
+    declares them yet."""
+    from rich.table import Table
+
+    from deltawise.adapt.methods import REGISTRY as ADAPTERS  # importing the package registers every method
+
+    table = Table(title="training methods (train/bam -m; parameters as -p NAME=VALUE)", show_lines=True)
+    table.add_column("method")
+    table.add_column("kind")
+    table.add_column("what it does")
+    table.add_column("parameters")
+    for name in sorted(ADAPTERS):
+        cls = ADAPTERS[name]
+        params = getattr(cls, "params", ())
+        described = "\n".join(p.describe() if hasattr(p, "describe") else str(p) for p in params) or "-"
+        summary = getattr(cls, "summary", None) or (cls.__doc__ or "").strip().split("\n")[0] or "-"
+        table.add_row(name, getattr(cls, "kind", "-"), summary, described)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(merge)
+    app.command()(budget)
+    app.command()(verify)
+    app.command()(methods)

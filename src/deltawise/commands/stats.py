@@ -1,0 +1,68 @@
+"""``fisher`` and ``gram``: per-tensor statistics of a model on data, for the data-driven merges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deltawise.commands.console import escape, out, stage_factory, steps_progress
+from deltawise.commands.flags import options
+from deltawise.options import DataOptions, RunOptions
+
+DATA_HELP = "text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"
+FILE_OUTPUT = {"overwrite": {"help": "replace an existing output file"}, "quiet": {"help": "no progress bar"},
+               "device": {"help": "cpu or cuda"}}
+
+
+@options("data_options", DataOptions, exclude=("batch_size",),
+         override={"max_examples": {"help": "use the first N examples (official Fisher merging: 4096)"}})
+@options("run", RunOptions, override={
+    **FILE_OUTPUT, "output": {"help": "Fisher file to write (.safetensors, same tensor names as the model)"}})
+def fisher(
+    model: str = typer.Argument(..., help="model folder (a sequence classifier for labelled data, else a causal LM)"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    run: RunOptions = ...,
+    data_options: DataOptions = ...,
+    variant: str = typer.Option("auto", help="classification: exact (default), sampled or empirical; causal LM: empirical "
+                                             "(default) or sampled"),
+    seed: int = typer.Option(0, help="seed of the sampled variant"),
+) -> None:
+    """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
+    from deltawise.datadriven.collect import CollectOptions
+    from deltawise.datadriven.fisher import compute_fisher
+
+    with steps_progress(run.quiet) as progress:
+        opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
+                              seed=seed, device=run.device, overwrite=run.overwrite, progress=stage_factory(progress)("examples"))
+        result = compute_fisher(model, data, run.output, opts, variant=variant)
+    out.print(f"{result.variant} Fisher of {escape(model)} ({result.task}) on {result.examples} examples, "
+              f"{result.tensors} tensors, {result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)
+
+
+@options("data_options", DataOptions,
+         override={"batch_size": {"help": "examples per forward pass (padding is excluded from the Grams)"}})
+@options("run", RunOptions, override={
+    **FILE_OUTPUT, "output": {"help": "Gram file to write (.safetensors: <layer>.gram, in x in, float32)"}})
+def gram(
+    model: str = typer.Argument(..., help="model folder"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    run: RunOptions = ...,
+    data_options: DataOptions = ...,
+) -> None:
+    """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
+    from deltawise.datadriven.collect import CollectOptions
+    from deltawise.datadriven.gram import compute_grams
+
+    with steps_progress(run.quiet) as progress:
+        opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
+                              batch_size=data_options.batch_size, device=run.device, overwrite=run.overwrite,
+                              progress=stage_factory(progress)("examples"))
+        result = compute_grams(model, data, run.output, opts)
+    out.print(f"Gram matrices of {result.layers} linear layers of {escape(model)} on {result.examples} examples, "
+              f"{result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(fisher)
+    app.command()(gram)
