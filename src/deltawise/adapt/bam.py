@@ -149,7 +149,7 @@ def _file_sha256(path: Optional[Path]) -> Optional[str]:
 
 def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
     """Everything a finished branch or round depends on: options, data and model contents."""
-    from deltawise.adapt.methods.base import get_method
+    from deltawise.adapt.methods import get_method
     from deltawise.io.reader import ModelReader
 
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("model", "data", "output", "replay", "overwrite", "progress")}

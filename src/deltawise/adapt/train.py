@@ -28,7 +28,7 @@ from torch import nn
 
 from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read_examples, tokenize
 from deltawise.adapt.dist import world_size
-from deltawise.adapt.methods.base import Method, get_method
+from deltawise.adapt.methods import Method, get_method
 from deltawise.errors import InputError, OutputError
 from deltawise.io.reader import ModelReader
 from deltawise.options import SCHEDULES, TrainingOptions

@@ -84,7 +84,7 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
     from deltawise.eval.runner import EvalOptions
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, load_recipe
-    from deltawise.merge.budget import BudgetOptions, RetentionBudget, run_budget
+    from deltawise.search.budget import BudgetOptions, RetentionBudget, run_budget
 
     assert run.output is not None
     output = run.output
@@ -111,7 +111,7 @@ def _search_grid(items: list[str]) -> dict[str, list]:
 def _budget_report(search, report: Path | None, output: Path) -> None:
     """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
     from deltawise.io.writer import write_json_atomic
-    from deltawise.merge.budget import BudgetNotMet, budget_table
+    from deltawise.search.budget import BudgetNotMet, budget_table
 
     try:
         result = search()

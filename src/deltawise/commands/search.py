@@ -31,7 +31,7 @@ def soup(
     """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
     from rich.table import Table
 
-    from deltawise.datadriven.soup import SoupOptions, greedy_soup
+    from deltawise.search.soup import SoupOptions, greedy_soup
 
     with steps_progress(run.quiet) as progress:
         opts = SoupOptions(metric=metric, accept_ties=accept_ties, task=data_options.task, max_examples=data_options.max_examples,
@@ -76,7 +76,7 @@ def atlas(
     seed: int = typer.Option(0, help="data order"),
 ) -> None:
     """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
-    from deltawise.datadriven.atlas import AtlasOptions, run_atlas
+    from deltawise.search.atlas import AtlasOptions, run_atlas
 
     with steps_progress(run.quiet) as progress:
         opts = AtlasOptions(objective=objective, task=data_options.task, epochs=epochs, steps=steps, lr=lr,

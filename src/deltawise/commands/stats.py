@@ -29,8 +29,8 @@ def fisher(
     seed: int = typer.Option(0, help="seed of the sampled variant"),
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
-    from deltawise.datadriven.collect import CollectOptions
-    from deltawise.datadriven.fisher import compute_fisher
+    from deltawise.stats.collect import CollectOptions
+    from deltawise.stats.fisher import compute_fisher
 
     with steps_progress(run.quiet) as progress:
         opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
@@ -51,8 +51,8 @@ def gram(
     data_options: DataOptions = ...,
 ) -> None:
     """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
-    from deltawise.datadriven.collect import CollectOptions
-    from deltawise.datadriven.gram import compute_grams
+    from deltawise.stats.collect import CollectOptions
+    from deltawise.stats.gram import compute_grams
 
     with steps_progress(run.quiet) as progress:
         opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,

@@ -31,7 +31,7 @@ from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
 from deltawise.io.output import MANIFEST, check_output_folder, swap_into_place
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
-from deltawise.merge import fused
+import deltawise.merge.fused as fused
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.loader import ChunkLoader, all_finite
 from deltawise.merge.card import copy_model_files, model_card, output_config

@@ -15,7 +15,7 @@ import torch
 
 from deltawise.errors import InputError
 from deltawise.io.layout import CHUNK_ELEMENTS
-from deltawise.merge import fused
+import deltawise.merge.fused as fused
 from deltawise.merge.base import TensorJob
 from deltawise.merge.plan import MergePlan, TensorPlan
 

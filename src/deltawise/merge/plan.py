@@ -34,7 +34,7 @@ from deltawise.io.dtypes import parse_dtype
 from deltawise.io.layout import natural_key
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import OutputTensor
-from deltawise.merge import methods  # noqa: F401  (registers the methods)
+import deltawise.merge.methods  # noqa: F401  (importing the package registers every method)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe

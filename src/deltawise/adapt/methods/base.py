@@ -115,16 +115,6 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
-    """A new instance of the method ``name`` with ``params`` validated against its declared ``params``
-    (unknown names and out-of-range values raise MethodError) and the defaults filled in."""
-    from deltawise.adapt import methods as _m  # noqa: F401  (importing registers every method)
-
-    if name not in REGISTRY:
-        raise MethodError(f"unknown method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](params)
-
-
 def default_targets(model: nn.Module) -> list[str]:
     """PEFT's per-architecture LoRA targets (Llama: q_proj, v_proj), so our own adapters and
     PEFT's adapt the same matrices by default."""

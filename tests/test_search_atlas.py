@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from datadriven_util import dd  # noqa: F401
+from stats_util import dd  # noqa: F401
 from typer.testing import CliRunner
 
 from conftest import load_state

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datadriven_util import dd  # noqa: F401
+from stats_util import dd  # noqa: F401
 from typer.testing import CliRunner
 
 from conftest import load_state, perturb

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from datadriven_util import TEXTS, dd  # noqa: F401
+from stats_util import TEXTS, dd  # noqa: F401
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
