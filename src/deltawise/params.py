@@ -95,14 +95,14 @@ class Param:
             closing = ")" if self.high_open or self.high is None else "]"
             raise ParamError(f"{self.name}={x} is outside {opening}{lo}, {hi}{closing}")
 
-    def describe(self) -> str:
-        """One line for ``deltawise methods``: name, type, scope, default and help."""
+    def describe(self, with_scope: bool = True) -> str:
+        """One line for ``deltawise methods``: name, type, scope (merge recipes only), default and help."""
         if self.default is REQUIRED:
             default = "required"
         else:
             default = "default: see help" if self.default is None else f"default {self.default!r}"
-        scope = "per model" if self.scope == "model" else "recipe-wide"
-        return f"{self.name} ({self.kind.__name__}, {scope}, {default}): {self.help}"
+        scope = ("per model, " if self.scope == "model" else "recipe-wide, ") if with_scope else ""
+        return f"{self.name} ({self.kind.__name__}, {scope}{default}): {self.help}"
 
 
 def resolve_values(owner: str, params: tuple[Param, ...], given: Mapping[str, Any] | None) -> dict[str, Any]:

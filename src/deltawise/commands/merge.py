@@ -168,9 +168,7 @@ def methods(kind: str = typer.Option("all", "--kind", help="which methods: all, 
 
 
 def _adapter_table():
-    """Training methods (`train -m`, `bam -m`) and their parameters (`-p NAME=VALUE`). The
-    ``summary``/``params`` class attributes are read with getattr defaults: not every method
-    declares them yet."""
+    """Training methods (`train -m`, `bam -m`) and their parameters (`-p NAME=VALUE`)."""
     from rich.table import Table
 
     from deltawise.adapt.methods import REGISTRY as ADAPTERS  # importing the package registers every method
@@ -182,10 +180,8 @@ def _adapter_table():
     table.add_column("parameters")
     for name in sorted(ADAPTERS):
         cls = ADAPTERS[name]
-        params = getattr(cls, "params", ())
-        described = "\n".join(p.describe() if hasattr(p, "describe") else str(p) for p in params) or "-"
-        summary = getattr(cls, "summary", None) or (cls.__doc__ or "").strip().split("\n")[0] or "-"
-        table.add_row(name, getattr(cls, "kind", "-"), summary, described)
+        described = "\n".join(p.describe(with_scope=False) for p in cls.params) or "-"
+        table.add_row(name, cls.kind, cls.summary, described)
     return table
 
 
