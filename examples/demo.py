@@ -94,8 +94,10 @@ def _budget_merge(base: Path, adapted: list[Path], source: Path, target: Path, o
     return result
 
 
-def _fmt(x: Optional[float], spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+def _fmt(x: Optional[float], spec: str, bounds: Optional[tuple[float, float]] = None) -> str:
+    if x is None:
+        return "—"
+    return format(x, spec) + ("" if bounds is None else f" [{format(bounds[0], spec)}, {format(bounds[1], spec)}]")
 
 
 def run_demo(
@@ -205,11 +207,13 @@ def run_demo(
         ppl = {d.role: d.value for d in res.datasets}
         f = res.forgetting
         table.add_row(label, f"{ppl['target']:.1f}", f"{ppl['source']:.1f}",
-                      _fmt(f.target_gain if f else None, "+.2f"), _fmt(f.source_retention if f else 1.0, ".3f"),
-                      _fmt(f.forgetting_score if f else None, ".2f"))
+                      _fmt(f.target_gain if f else None, "+.2f", f.target_gain_ci if f else None),
+                      _fmt(f.source_retention if f else 1.0, ".3f", f.source_retention_ci if f else None),
+                      _fmt(f.forgetting_score if f else None, ".2f", f.forgetting_score_ci if f else None))
     console.print(table)
     console.print("[dim]target gain = base ppl / model ppl - 1 on German; source retention = the same ratio on English "
-                  "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention)[/]")
+                  "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention); [lo, hi]: 95% paired bootstrap "
+                  "intervals over the evaluated texts[/]")
     report = root / "report.html"
     build_report([p for _, p in evals.values()] + [results / "weights.json"], report,
                  title="deltawise demo: SmolLM2-135M adapted to German")

@@ -93,6 +93,25 @@ class DataOptions(BatchOptions):
     max_examples: Optional[int] = option(None, "use the first N examples", min=1)
 
 
+@dataclass(frozen=True)
+class IntervalOptions:
+    """Paired bootstrap confidence intervals of every comparison against a baseline (eval/intervals.py)."""
+
+    level: float = option(0.95, "two-sided confidence level of every interval", long="--confidence", min=0.5, max=0.999)
+    replicates: int = option(2000, "bootstrap replicates per interval", long="--bootstrap-replicates", min=100)
+    seed: int = option(0, "seed of the bootstrap draws (same seed, same intervals)", long="--bootstrap-seed")
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.level < 1.0:
+            raise InputError(f"confidence level must be in [0.5, 1), got {self.level}")
+        if self.replicates < 100:
+            raise InputError(f"the bootstrap needs at least 100 replicates, got {self.replicates}")
+
+    def describe(self) -> dict[str, object]:
+        return {"method": "paired percentile bootstrap over items", "level": self.level,
+                "replicates": self.replicates, "seed": self.seed}
+
+
 SCHEDULES = ("linear", "cosine", "constant", "cpt")
 
 

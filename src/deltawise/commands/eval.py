@@ -9,7 +9,7 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, RunOptions
+from deltawise.options import DataOptions, IntervalOptions, RunOptions
 
 WINDOW_DEFAULTS = {
     "max_length": {"default": None, "help": "tokens per window (default: model context, at most 1024)"},
@@ -17,6 +17,7 @@ WINDOW_DEFAULTS = {
 }
 
 
+@options("intervals", IntervalOptions)
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "result JSON to write"}, "device": {"help": "cpu or cuda"}, "quiet": {"help": "no progress bars"}})
@@ -34,6 +35,7 @@ def eval_(
     stride: Optional[int] = typer.Option(None, min=1, help="sliding-window stride (default: max_length/2)"),
     mc_norm: str = typer.Option("total", help="multiple-choice score: total | token | byte (log-likelihood per token/byte)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    intervals: IntervalOptions = ...,
 ) -> None:
     """Evaluate MODEL: perplexity on text, accuracy on labelled or multiple-choice JSONL."""
     from deltawise.eval.forgetting import forgetting
@@ -52,14 +54,40 @@ def eval_(
                                    progress=stage_factory(progress), lm_eval_tasks=lm_tasks, lm_eval_tasks_dir=lm_eval_tasks_dir)
         result = evaluate(model, source, target, eval_options)
     if base is not None:
-        result.forgetting = forgetting(result, base)
+        result.forgetting = forgetting(result, base, intervals)
     result.save(run.output)
     for ds in result.datasets:
         out.print(f"{ds.role:<6} {escape(ds.name)}: {ds.metric} = {ds.value:.4g} ({ds.n_items} items, {ds.seconds:.1f} s)",
                   highlight=False)
-    if result.forgetting is not None and result.forgetting.forgetting_score is not None:
-        out.print(f"forgetting score: {result.forgetting.forgetting_score:.2f}", highlight=False)
+    if result.forgetting is not None:
+        for line in forgetting_lines(result.forgetting, intervals):
+            out.print(escape(line), highlight=False)
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
+
+
+def forgetting_lines(f, intervals: IntervalOptions) -> list[str]:
+    """The comparison with the baseline, each number with its interval."""
+    lines = []
+    for c in f.datasets:
+        ratio = with_interval(c.ratio, c.ratio_ci, ".4f")
+        line = f"{c.role:<6} {c.name}: {c.metric} {c.base:.4g} -> {c.model:.4g}, ratio {ratio}"
+        if c.negative_flips is not None:
+            flips = c.negative_flips
+            line += f", negative flips {flips.count} ({with_interval(flips.rate, flips.rate_ci, '.1%')})"
+        lines.append(line)
+    for label, value, ci, spec in (("target gain", f.target_gain, f.target_gain_ci, "+.4f"),
+                                   ("source retention", f.source_retention, f.source_retention_ci, ".4f"),
+                                   ("forgetting score", f.forgetting_score, f.forgetting_score_ci, ".2f")):
+        if value is not None:
+            lines.append(f"{label}: {with_interval(value, ci, spec)}")
+    lines.append(f"[lo, hi]: {intervals.level:.0%} paired bootstrap intervals over items "
+                 f"({intervals.replicates} replicates, seed {intervals.seed})")
+    return lines
+
+
+def with_interval(value: float, bounds, spec: str) -> str:
+    text = format(value, spec)
+    return text if bounds is None else f"{text} [{format(bounds[0], spec)}, {format(bounds[1], spec)}]"
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ Definitions (docs/audit.md has them with examples):
   performance lost, 0 when nothing was lost.
 - negative flips: items the base got right and the model gets wrong.
 - backward transfer (BWT): mean over earlier tasks of R[T-1][j] - R[j][j].
+Every comparison and every average carries a paired bootstrap interval (eval/intervals.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from deltawise.errors import InputError
+from deltawise.eval.intervals import IntervalSettings, combine, draws, lower_bound, paired_sample, percentile
 from deltawise.eval.results import DatasetComparison, DatasetResult, EvalResult, FlipSummary, Forgetting
 
 
@@ -58,24 +62,52 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def forgetting(result: EvalResult, baseline: EvalResult) -> Forgetting:
-    """Compare every dataset of ``result`` with the same-named dataset of ``baseline``."""
-    comps = []
-    for ds in result.datasets:
+def forgetting(result: EvalResult, baseline: EvalResult, intervals: IntervalSettings | None = None) -> Forgetting:
+    """Compare every dataset of ``result`` with the same-named dataset of ``baseline``, with paired
+    bootstrap intervals (``intervals``; default 95%, 2000 replicates, seed 0)."""
+    settings = intervals or IntervalSettings()
+    comps, reps = [], []
+    for position, ds in enumerate(result.datasets):
         base = baseline.dataset(ds.name)
         if base is None:
             raise InputError(f"baseline {baseline.model!r} has no result for dataset {ds.name!r}; evaluate it on the same data")
-        comps.append(compare_dataset(ds, base))
-    src = [c for c in comps if c.role == "source"]
-    tgt = [c for c in comps if c.role == "target"]
-    lost = [max(0.0, 1.0 - c.ratio) for c in src]
+        comp = compare_dataset(ds, base)
+        sample = paired_sample(ds, base)
+        rep = sample.replicates(draws(len(sample.base), settings, position)) if sample is not None else None
+        if rep is not None:
+            comp.ratio_ci, comp.difference_ci, comp.gain_ci = (percentile(rep[k], settings.level)
+                                                               for k in ("ratio", "difference", "gain"))
+            if comp.negative_flips is not None and "negative_flip_rate" in rep:
+                comp.negative_flips.rate_ci = percentile(rep["negative_flip_rate"], settings.level)
+        comps.append(comp)
+        reps.append(rep)
+    src = [(c, r) for c, r in zip(comps, reps) if c.role == "source"]
+    tgt = [(c, r) for c, r in zip(comps, reps) if c.role == "target"]
+    lost = [max(0.0, 1.0 - c.ratio) for c, _ in src]
+
+    def ratios(pairs):
+        return [None if r is None else r["ratio"] for _, r in pairs]
+
+    retention = combine(ratios(src), lambda x: x.mean(axis=0))
+    level = settings.level
     return Forgetting(
         baseline_model=baseline.model, baseline_fingerprint=baseline.fingerprint, datasets=comps,
-        target_gain=_mean([c.ratio - 1.0 for c in tgt]),
-        source_retention=_mean([c.ratio for c in src]),
-        source_retention_difference=_mean([c.difference for c in src]),
+        target_gain=_mean([c.ratio - 1.0 for c, _ in tgt]),
+        source_retention=_mean([c.ratio for c, _ in src]),
+        source_retention_difference=_mean([c.difference for c, _ in src]),
         forgetting_score=None if not src else 100.0 * sum(lost) / len(lost),
+        target_gain_ci=_bounds(combine(ratios(tgt), lambda x: x.mean(axis=0) - 1.0), level),
+        source_retention_ci=_bounds(retention, level),
+        source_retention_lower=None if retention is None else lower_bound(retention, level),
+        source_retention_difference_ci=_bounds(combine([None if r is None else r["difference"] for _, r in src],
+                                                       lambda x: x.mean(axis=0)), level),
+        forgetting_score_ci=_bounds(combine(ratios(src), lambda x: 100.0 * np.maximum(0.0, 1.0 - x).mean(axis=0)), level),
+        intervals=settings.describe(),
     )
+
+
+def _bounds(replicates: np.ndarray | None, level: float):
+    return None if replicates is None else percentile(replicates, level)
 
 
 def backward_transfer(acc: Sequence[Sequence[float]]) -> float:

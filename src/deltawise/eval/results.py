@@ -13,6 +13,7 @@ from deltawise.io.results import SavedResult
 SCHEMA = "deltawise.eval/1"
 Role = Literal["source", "target"]
 Task = Literal["perplexity", "classification", "multiple_choice", "lm_eval"]
+Bounds = tuple[float, float]  # a confidence interval (eval/intervals.py)
 
 
 class DatasetResult(BaseModel):
@@ -29,12 +30,15 @@ class DatasetResult(BaseModel):
     seconds: float = 0.0
     tokens_per_s: Optional[float] = None
     per_item: Optional[dict[str, float]] = None  # accuracy tasks: 1.0 correct / 0.0 wrong, by item id
+    per_item_nll: Optional[dict[str, float]] = None  # perplexity: summed NLL (nats) of each item's predicted tokens
+    per_item_tokens: Optional[dict[str, int]] = None  # perplexity: predicted tokens of each item
 
 
 class FlipSummary(BaseModel):
     count: int
     rate: float  # count / items the base got right
     ids: list[str]
+    rate_ci: Optional[Bounds] = None
 
 
 class DatasetComparison(BaseModel):
@@ -46,6 +50,9 @@ class DatasetComparison(BaseModel):
     ratio: float  # model relative to base, oriented so that > 1 is better
     difference: float  # model - base, oriented so that > 0 is better (ppl_base - ppl_model for perplexity)
     gain: float  # native units: accuracy points, or nats/token of NLL removed for perplexity
+    ratio_ci: Optional[Bounds] = None  # paired bootstrap intervals (Forgetting.intervals says how)
+    difference_ci: Optional[Bounds] = None
+    gain_ci: Optional[Bounds] = None
     negative_flips: Optional[FlipSummary] = None
     positive_flips: Optional[FlipSummary] = None
 
@@ -58,6 +65,12 @@ class Forgetting(BaseModel):
     source_retention: Optional[float] = None  # mean over source datasets of ratio
     source_retention_difference: Optional[float] = None  # mean over source datasets of difference
     forgetting_score: Optional[float] = None  # 100 * mean over source datasets of max(0, 1 - ratio)
+    target_gain_ci: Optional[Bounds] = None
+    source_retention_ci: Optional[Bounds] = None
+    source_retention_lower: Optional[float] = None  # one-sided lower bound at the same level (budget checks)
+    source_retention_difference_ci: Optional[Bounds] = None
+    forgetting_score_ci: Optional[Bounds] = None
+    intervals: Optional[dict[str, object]] = None  # method, level, replicates, seed
 
 
 class EvalResult(SavedResult):

@@ -104,8 +104,11 @@ def score_dataset(lm: LoadedModel, items: list[Item], task: Task, *, name: str, 
         ppl = perplexity(lm.model, docs, max_length=max_length, stride=stride, batch_size=batch_size, pad_id=lm.pad_id,
                          progress=progress)
         seconds = time.perf_counter() - start
+        ids = [i.id for i in items]
         return DatasetResult(**common, metric="perplexity", value=ppl.value, higher_is_better=False, mean_nll=ppl.mean_nll,
-                             n_tokens=ppl.n_tokens, seconds=seconds, tokens_per_s=ppl.n_tokens / seconds if seconds else None)
+                             n_tokens=ppl.n_tokens, seconds=seconds, tokens_per_s=ppl.n_tokens / seconds if seconds else None,
+                             per_item_nll=dict(zip(ids, ppl.per_document_nll)),
+                             per_item_tokens=dict(zip(ids, ppl.per_document_tokens)))
     if task == "multiple_choice":
         outcomes = multiple_choice(lm, items, norm=mc_norm, max_length=max_length, batch_size=batch_size, progress=progress)
         metric = "accuracy" if mc_norm == "total" else f"accuracy_{mc_norm}_norm"
