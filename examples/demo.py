@@ -73,24 +73,29 @@ def write_jsonl(path: Path, docs: Sequence[str]) -> Path:
     return path
 
 
-def _budget_merge(base: Path, adapted: list[Path], source: Path, target: Path, out: Path, console: Console,
-                  retain: float, grid: Sequence[float], eval_options) -> BudgetResult:
+def _budget_merge(base: Path, adapted: list[Path], source: tuple[Path, Path], target: tuple[Path, Path], out: Path,
+                  console: Console, retain: float, grid: Sequence[float], eval_options) -> BudgetResult:
     """Task arithmetic of the adapted models, lambda searched on ``grid``: the point with the best
-    target perplexity whose English retention stays >= ``retain`` (the most retentive if none does)."""
-    from deltawise.search.budget import BudgetOptions, RetentionBudget, budget_table, run_budget
+    target perplexity whose English retention's lower confidence bound stays >= ``retain`` (the most
+    retentive if none does), chosen on the (selection, held-out) pairs' selection files and reported on
+    their held-out files."""
+    from deltawise.search.budget import BudgetOptions, RetentionBudget, budget_table, heldout_lines, run_budget
     from deltawise.merge.engine import MergeOptions
     from deltawise.merge.recipe import parse_recipe
 
     recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(base),
                            "models": [{"model": str(p), "parameters": {"weight": 1.0 / len(adapted)}} for p in adapted]})
-    options = BudgetOptions(retain=[RetentionBudget(source, retain)], targets=[target], grid={"lambda": list(grid)},
-                            most_retentive=True, eval=eval_options, merge=MergeOptions(overwrite=True),
-                            note=lambda m: console.print(f"  {m}"))
+    options = BudgetOptions(retain=[RetentionBudget(source[0], retain)], targets=[target[0]], grid={"lambda": list(grid)},
+                            heldout_retain=[source[1]], heldout_targets=[target[1]], most_retentive=True, eval=eval_options,
+                            merge=MergeOptions(overwrite=True), note=lambda m: console.print(f"  {m}"))
     result = run_budget(recipe, out, options)
     console.print(budget_table(result))
     chosen = result.candidates[result.chosen]
-    console.print(f"  chosen: lambda = {chosen.params['lambda']:g} (English retention {chosen.retention_min:.3f}, "
-                  f"German ratio {chosen.target_score:.3f})")
+    console.print(f"  chosen on the selection texts: lambda = {chosen.params['lambda']:g} (English retention "
+                  f"{chosen.retention_min:.3f}, lower bound {min(chosen.retention_lower.values()):.3f}; German ratio "
+                  f"{chosen.target_score:.3f})")
+    for line in heldout_lines(result):
+        console.print(f"  {line}")
     return result
 
 
@@ -138,13 +143,17 @@ def run_demo(
     en = list(source_docs) if source_docs is not None else realtext.english_prose()
     rng.shuffle(de)
     rng.shuffle(en)
-    n_de, n_en = min(eval_items, len(de) // 2), min(eval_items, len(en))
-    target = write_jsonl(data / "german_heldout.jsonl", de[:n_de])
-    source = write_jsonl(data / "english_prose.jsonl", en[:n_en])
+    n_de, n_en = min(eval_items, len(de) // 3), min(eval_items, len(en) // 2)
+    # evaluation sets, the budget search's selection sets and the training text never share a text
+    target = write_jsonl(data / "german.jsonl", de[:n_de])
+    source = write_jsonl(data / "english.jsonl", en[:n_en])
+    (data / "selection").mkdir(exist_ok=True)
+    target_sel = write_jsonl(data / "selection" / "german.jsonl", de[n_de : 2 * n_de])
+    source_sel = write_jsonl(data / "selection" / "english.jsonl", en[n_en : 2 * n_en])
     train = data / "german_train.txt"
-    train.write_text("\n%\n".join(de[n_de:]) + "\n", encoding="utf-8")
-    console.print(f"  target: {n_de} held-out German fortunes; source: {n_en} English prose paragraphs; "
-                  f"training: {len(de) - n_de} other German fortunes")
+    train.write_text("\n%\n".join(de[2 * n_de :]) + "\n", encoding="utf-8")
+    console.print(f"  evaluation: {n_de} German fortunes (target), {n_en} English prose paragraphs (source); "
+                  f"the budget search chooses on {n_de} + {n_en} others; training: {len(de) - 2 * n_de} other German fortunes")
 
     def run_eval(label: str, ref: Path, baseline=None):
         with Progress(TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -186,8 +195,8 @@ def run_demo(
 
     stage(5, f"retention-budget merge: the best German that keeps English prose within {retain:.0%} of the base")
     merged_label = "budget_merge"
-    budget = _budget_merge(base, list(adapted.values()), source, target, models / merged_label, console,
-                           retain, grid, EvalOptions(max_length=max_length * 2, batch_size=batch_size))
+    budget = _budget_merge(base, list(adapted.values()), (source_sel, source), (target_sel, target), models / merged_label,
+                           console, retain, grid, EvalOptions(max_length=max_length * 2, batch_size=batch_size))
     evals[merged_label] = run_eval(merged_label, models / merged_label, evals["base"][0])
     (results / "budget.json").write_text(json.dumps(budget.to_json(), indent=2))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from demo import MethodRun, run_demo
@@ -13,7 +14,10 @@ GERMAN = [f"Wer {w} sagt, muss auch B sagen, sonst {v} er nicht weiter." for w i
           for v in ("kommt", "geht", "läuft")]
 ENGLISH = ["The licenses for most software are designed to take away your freedom to share and change it.",
            "When we speak of free software, we are referring to freedom, not price.",
-           "Developers that use the GNU GPL protect your rights with two steps."]
+           "Developers that use the GNU GPL protect your rights with two steps.",
+           "For the developers' and authors' protection, the GPL clearly explains that there is no warranty.",
+           "Some devices are designed to deny users access to install or run modified versions of the software.",
+           "Finally, every program is threatened constantly by software patents."]
 
 
 def test_demo_pipeline_on_tiny_model(tmp_path):
@@ -43,7 +47,15 @@ def test_demo_pipeline_on_tiny_model(tmp_path):
         assert chosen["retention_min"] == max(c["retention_min"] for c in budget["candidates"])
     merged = json.loads(paths["budget_merge"].read_text())
     target = next(d["value"] for d in merged["datasets"] if d["role"] == "target")
-    assert target == chosen["values"][next(n for n in chosen["target"])]  # the written model is the chosen point
+    # the budget search reports the written model on the held-out texts, which the demo's table evaluates too;
+    # the search chose on other texts
+    reported = next(c["model"] for c in budget["heldout"]["forgetting"]["datasets"] if c["role"] == "target")
+    assert target == pytest.approx(reported, rel=1e-9)
+    data = paths["root"] / "data"
+    for name in ("german.jsonl", "english.jsonl"):
+        assert not set((data / name).read_text().splitlines()) & set((data / "selection" / name).read_text().splitlines())
+    assert budget["splits"][0]["heldout_file"] == str(data / "english.jsonl")
+    assert "held out:" in text
     weights = json.loads(paths["weights"].read_text())
     assert len(weights["models"]) == 3 and weights["tensors"]
     assert "fig-layer-deltas" in html and "table-weights" in html

@@ -18,8 +18,11 @@ from typer.testing import CliRunner
 from conftest import load_state
 from deltawise.cli import app
 from deltawise.errors import InputError, RecipeError
+from deltawise.data.read import load_items
+from deltawise.eval.forgetting import forgetting
 from deltawise.eval.runner import EvalOptions, evaluate
 from deltawise.search.budget import RetentionBudget, pareto_front, search_grid
+from deltawise.search.splits import split_items, write_items
 from deltawise.merge.recipe import parse_recipe
 
 GRID = (0.2, 0.6, 1.0, 3.0, 4.0)
@@ -67,23 +70,38 @@ def tradeoff(tiny_lm, tmp_path_factory) -> dict[str, Path]:
     return {**files, "base": root / "base", "ft": root / "ft", "recipe": recipe, "root": root}
 
 
-def _hand_scores(tradeoff, lam: float, folder: Path) -> tuple[float, float]:
-    """(retention, target) of base + lam·(ft − base), merged with torch and evaluated directly."""
+def _split_files(tradeoff, folder: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+    """The (selection, held-out) files the search cuts from src and tgt: the same seeded rule, applied by hand."""
+    splits = {}
+    for position, name in enumerate(("src", "tgt")):
+        selection, heldout = split_items(load_items(tradeoff[name]), 0.5, seed, position)
+        splits[name] = (write_items(folder / "selection" / f"{name}.jsonl", selection),
+                        write_items(folder / "heldout" / f"{name}.jsonl", heldout))
+    return splits
+
+
+def _hand_merge(tradeoff, lam: float, folder: Path) -> Path:
+    """base + lam·(ft − base), merged with torch."""
     base, ft = load_state(tradeoff["base"]), load_state(tradeoff["ft"])
     model = base_model(tradeoff["base"])
     model.load_state_dict({n: base[n] + lam * (ft[n] - base[n]) for n in base}, strict=False)
     model.save_pretrained(folder)
     shutil.copy(tradeoff["base"] / "tokenizer.json", folder)
     shutil.copy(tradeoff["base"] / "tokenizer_config.json", folder)
+    return folder
+
+
+def _hand_comparison(tradeoff, model: Path, files: dict[str, tuple[Path, Path]], which: int):
+    """The model against the base on the selection (0) or held-out (1) files, with the default intervals."""
     opts = EvalOptions()
-    ref = {d.name: d.value for d in evaluate(str(tradeoff["base"]), [tradeoff["src"]], [tradeoff["tgt"]], opts).datasets}
-    got = {d.name: d.value for d in evaluate(str(folder), [tradeoff["src"]], [tradeoff["tgt"]], opts).datasets}
-    return ref["src"] / got["src"], ref["tgt"] / got["tgt"]  # perplexity: ratio base / model
+    ref = evaluate(str(tradeoff["base"]), [files["src"][which]], [files["tgt"][which]], opts)
+    got = evaluate(str(model), [files["src"][which]], [files["tgt"][which]], opts)
+    return {c.name: c for c in forgetting(got, ref).datasets}
 
 
 def _budget_cli(tradeoff, out: Path, budget: float, grid: tuple[float, ...], *extra: str):
-    args = ["merge", str(tradeoff["recipe"]), str(out), "--retain", f"{tradeoff['src']}:{budget}", "--target", str(tradeoff["tgt"]),
-            "--search-param", "lambda=" + ",".join(map(str, grid)), "--threads", "1", "--quiet", *extra]
+    args = ["budget", str(tradeoff["recipe"]), str(out), "--retain", f"{tradeoff['src']}:{budget}", "--target",
+            str(tradeoff["tgt"]), "--search-param", "lambda=" + ",".join(map(str, grid)), "--threads", "1", "--quiet", *extra]
     return CliRunner().invoke(app, args)
 
 
@@ -109,31 +127,79 @@ def test_search_grid_defaults_and_refusals():
         RetentionBudget.parse("en.jsonl")
 
 
-def test_budget_search_picks_the_largest_lambda_within_budget_and_reports_the_pareto_front(tradeoff, tmp_path):
-    hand = {lam: _hand_scores(tradeoff, lam, tmp_path / f"hand-{lam}") for lam in GRID}
-    ret = [hand[lam][0] for lam in GRID]
-    tgt = [hand[lam][1] for lam in GRID]
+def test_budget_chooses_on_the_selection_split_by_lower_bound_and_reports_on_held_out_items(tradeoff, tmp_path):
+    files = _split_files(tradeoff, tmp_path / "split")
+    hand = {lam: _hand_comparison(tradeoff, _hand_merge(tradeoff, lam, tmp_path / f"hand-{lam}"), files, 0) for lam in GRID}
+    ret = [hand[lam]["src"].ratio for lam in GRID]
+    lower = [hand[lam]["src"].ratio_lower for lam in GRID]
+    tgt = [hand[lam]["tgt"].ratio for lam in GRID]
     # the constructed trade-off: up to lambda 1, retention falls and the target score rises
     assert ret[0] > ret[1] > ret[2] and tgt[0] < tgt[1] < tgt[2]
-    budget = (ret[1] + ret[2]) / 2  # 0.2 and 0.6 are within budget, 1.0 is not
+    assert all(lo < r for lo, r in zip(lower, ret))  # a lower bound, below the point estimate
+    budget = (lower[0] + lower[1]) / 2 if lower[0] > lower[1] else lower[0]
     expected_front = [i for i in range(len(GRID))
-                      if not any(ret[j] >= ret[i] and tgt[j] >= tgt[i] and (ret[j] > ret[i] or tgt[j] > tgt[i]) for j in range(len(GRID)))]
-    assert len(expected_front) < len(GRID)  # too large a lambda is worse on both counts: not every point is on the front
+                      if not any(ret[j] >= ret[i] and tgt[j] >= tgt[i] and (ret[j] > ret[i] or tgt[j] > tgt[i])
+                                 for j in range(len(GRID)))]
 
     out, report = tmp_path / "out", tmp_path / "search.json"
     res = _budget_cli(tradeoff, out, budget, GRID, "--report", str(report))
     assert res.exit_code == 0, res.output
     found = json.loads(report.read_text())
     assert [c["params"]["lambda"] for c in found["candidates"]] == list(GRID)
+    # scored on the selection split, exactly as the hand evaluation of those items (the bootstrap draws too)
     assert [c["retention"]["src"] for c in found["candidates"]] == pytest.approx(ret, rel=1e-4)
+    assert [c["retention_lower"]["src"] for c in found["candidates"]] == pytest.approx(lower, rel=1e-4)
     assert [c["target"]["tgt"] for c in found["candidates"]] == pytest.approx(tgt, rel=1e-4)
     assert found["pareto"] == expected_front
-    assert [c["feasible"] for c in found["candidates"]] == [r >= budget for r in ret]
-    assert found["chosen_params"] == {"lambda": 0.6}
+    # feasible when the LOWER bound clears the budget, not the point estimate
+    assert [c["feasible"] for c in found["candidates"]] == [lo >= budget for lo in lower]
+    feasible = [i for i, lo in enumerate(lower) if lo >= budget]
+    assert found["chosen"] == max(feasible, key=lambda i: tgt[i])
+    lam = GRID[found["chosen"]]
     merged, base, ft = load_state(out), load_state(tradeoff["base"]), load_state(tradeoff["ft"])
     for name in base:
-        torch.testing.assert_close(merged[name], base[name] + 0.6 * (ft[name] - base[name]), atol=1e-6, rtol=1e-6)
-    assert not [p for p in tmp_path.iterdir() if ".budget-" in p.name]  # candidates were deleted
+        torch.testing.assert_close(merged[name], base[name] + lam * (ft[name] - base[name]), atol=1e-6, rtol=1e-6)
+    # reported on the held-out split: the written model evaluated on items the search never scored
+    held = _hand_comparison(tradeoff, out, files, 1)
+    assert found["heldout"]["retention"]["src"] == pytest.approx(held["src"].ratio, rel=1e-6)
+    assert found["heldout"]["target"]["tgt"] == pytest.approx(held["tgt"].ratio, rel=1e-6)
+    assert found["heldout"]["retention_ci"]["src"] == pytest.approx(list(held["src"].ratio_ci), rel=1e-6)
+    for name in ("src", "tgt"):
+        selection_ids = {json.loads(line)["id"] for line in files[name][0].read_text().splitlines()}
+        heldout_ids = {json.loads(line)["id"] for line in files[name][1].read_text().splitlines()}
+        assert selection_ids and heldout_ids and not selection_ids & heldout_ids
+    assert [s["selection_items"] + s["heldout_items"] for s in found["splits"]] == [len(DOCS), len(DOCS)]
+    assert "held out: retention src" in res.output
+    assert not [p for p in tmp_path.iterdir() if ".budget-" in p.name]  # candidates and splits were deleted
+
+
+def test_a_seeded_rerun_makes_the_same_split_and_the_same_choice(tradeoff, tmp_path):
+    runs = []
+    for i, seed in enumerate(("0", "0", "5")):
+        report = tmp_path / f"search-{i}.json"
+        res = _budget_cli(tradeoff, tmp_path / f"out-{i}", 0.5, (0.2, 1.0), "--report", str(report), "--split-seed", seed)
+        assert res.exit_code == 0, res.output
+        runs.append(json.loads(report.read_text()))
+    assert runs[0]["candidates"] == runs[1]["candidates"] and runs[0]["chosen"] == runs[1]["chosen"]
+    assert runs[0]["heldout"] == runs[1]["heldout"]
+    assert runs[2]["candidates"][0]["values"] != runs[0]["candidates"][0]["values"]  # another seed, another cut
+
+
+def test_held_out_files_given_by_the_user_are_used_and_an_in_sample_one_is_refused(tradeoff, tmp_path):
+    files = _split_files(tradeoff, tmp_path / "split", seed=3)
+    args = ["budget", str(tradeoff["recipe"]), str(tmp_path / "out"), "--retain", f"{files['src'][0]}:0.1",
+            "--target", str(files["tgt"][0]), "--heldout-retain", str(files["src"][1]), "--heldout-target",
+            str(files["tgt"][1]), "--search-param", "lambda=0.2,0.6", "--threads", "1", "--quiet"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    found = json.loads((tmp_path / "out" / "deltawise_budget.json").read_text())
+    assert found["splits"][0]["heldout_file"] == str(files["src"][1])
+    held = _hand_comparison(tradeoff, tmp_path / "out", files, 1)
+    assert found["heldout"]["retention"]["src"] == pytest.approx(held["src"].ratio, rel=1e-6)
+    same = [*args[:4], f"{files['src'][0]}:0.1", "--target", str(files["tgt"][0]), "--heldout-retain", str(files["src"][0]),
+            "--heldout-target", str(files["tgt"][1]), "--search-param", "lambda=0.2", "--threads", "1", "--quiet"]
+    res = CliRunner().invoke(app, [*same[:2], str(tmp_path / "out2"), *same[3:]])
+    assert res.exit_code == 1 and "in-sample" in str(res.exception)
 
 
 def test_infeasible_budget_writes_nothing_unless_the_most_retentive_point_is_asked_for(tradeoff, tmp_path):

@@ -204,6 +204,12 @@ class BudgetSearchOptions:
     baseline: Optional[str] = option(None, "the model retention is measured against (default: base_model)")
     report: Optional[Path] = option(None, "write the search (every point, Pareto front, choice) as JSON here "
                                     "(default: OUTPUT/deltawise_budget.json)")
+    heldout_fraction: float = option(0.5, "share of each --retain/--target file's items held out: points are chosen on "
+                                     "the rest, the chosen one is reported on these", min=0.05, max=0.95)
+    split_seed: int = option(0, "seed of the selection/held-out cut")
+    heldout_retain: list[Path] = option(factory=list, help="held-out file for the --retain of the same position "
+                                        "(repeatable; instead of cutting the --retain files)")
+    heldout_target: list[Path] = option(factory=list, help="held-out file for the --target of the same position (repeatable)")
     eval_max_length: Optional[int] = option(None, "tokens per evaluation window", min=2)
     eval_batch_size: int = option(8, "sequences per evaluation forward pass", min=1)
 

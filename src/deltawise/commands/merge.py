@@ -18,7 +18,7 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import BudgetSearchOptions, EngineOptions, RunOptions
+from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, RunOptions
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -71,16 +71,21 @@ def merge(
               highlight=False)
 
 
+@options("intervals", IntervalOptions)
 @options("search", BudgetSearchOptions)
 @options("engine", EngineOptions)
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
-def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...) -> None:
+def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...,
+           intervals: IntervalOptions = ...) -> None:
     """Retention-budget merging: search the recipe method's parameters for the best --target score
-    that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md)."""
-    _run_budget(recipe, run, engine, search)
+    that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md).
+
+    Points are chosen on a selection split of the data and the chosen one is reported on a held-out split."""
+    _run_budget(recipe, run, engine, search, intervals)
 
 
-def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions) -> None:
+def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions,
+                intervals: IntervalOptions | None = None) -> None:
     from deltawise.eval.runner import EvalOptions
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, load_recipe
@@ -93,7 +98,9 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
         budget_options = BudgetOptions(
             retain=[RetentionBudget.parse(r) for r in search.retain], targets=list(search.target),
             grid=_search_grid(search.search_param), refine=search.refine, most_retentive=search.most_retentive,
-            baseline=search.baseline, allow_pickle=engine.allow_pickle,
+            baseline=search.baseline, allow_pickle=engine.allow_pickle, heldout_fraction=search.heldout_fraction,
+            split_seed=search.split_seed, heldout_retain=list(search.heldout_retain),
+            heldout_targets=list(search.heldout_target), intervals=intervals or IntervalOptions(),
             eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device),
             merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),
                                overwrite=run.overwrite),
@@ -111,7 +118,7 @@ def _search_grid(items: list[str]) -> dict[str, list]:
 def _budget_report(search, report: Path | None, output: Path) -> None:
     """Run the budget search; print its table and write its JSON whether or not a point met the budget."""
     from deltawise.io.writer import write_json_atomic
-    from deltawise.search.budget import BudgetNotMet, budget_table
+    from deltawise.search.budget import BudgetNotMet, budget_table, heldout_lines
 
     try:
         result = search()
@@ -123,8 +130,9 @@ def _budget_report(search, report: Path | None, output: Path) -> None:
     out.print(budget_table(result))
     write_json_atomic(report or output / "deltawise_budget.json", result.to_json())
     chosen = result.candidates[result.chosen]
-    out.print(f"chose {escape(str(chosen.params))}: retention {chosen.retention_min:.4f}, target {chosen.target_score:.4f}; "
-              f"wrote {escape(str(output))}", highlight=False)
+    out.print(f"chose {escape(str(chosen.params))} on the selection split; wrote {escape(str(output))}", highlight=False)
+    for line in heldout_lines(result):
+        out.print(escape(line), highlight=False)
 
 
 def verify(folder: Path = typer.Argument(..., help="model folder to check")) -> None:

@@ -77,6 +77,7 @@ def forgetting(result: EvalResult, baseline: EvalResult, intervals: IntervalSett
         if rep is not None:
             comp.ratio_ci, comp.difference_ci, comp.gain_ci = (percentile(rep[k], settings.level)
                                                                for k in ("ratio", "difference", "gain"))
+            comp.ratio_lower = lower_bound(rep["ratio"], settings.level)
             if comp.negative_flips is not None and "negative_flip_rate" in rep:
                 comp.negative_flips.rate_ci = percentile(rep["negative_flip_rate"], settings.level)
         comps.append(comp)

@@ -51,6 +51,7 @@ class DatasetComparison(BaseModel):
     difference: float  # model - base, oriented so that > 0 is better (ppl_base - ppl_model for perplexity)
     gain: float  # native units: accuracy points, or nats/token of NLL removed for perplexity
     ratio_ci: Optional[Bounds] = None  # paired bootstrap intervals (Forgetting.intervals says how)
+    ratio_lower: Optional[float] = None  # one-sided lower bound of the ratio at the same level
     difference_ci: Optional[Bounds] = None
     gain_ci: Optional[Bounds] = None
     negative_flips: Optional[FlipSummary] = None

@@ -4,7 +4,15 @@ source's performance within its budget.
     retention_s(θ) = ratio of source s (eval/forgetting.py): ppl_base / ppl_θ for perplexity,
                      acc_θ / acc_base for accuracy (> 1: better than the base)
     target(θ)      = mean over target datasets of the same ratio (1 + the forgetting report's target gain)
-    choose         argmax target(θ_p)  over the searched points p  subject to  retention_s(θ_p) ≥ budget_s  ∀ s
+    choose         argmax target(θ_p)  over the searched points p  subject to  lower_s(θ_p) ≥ budget_s  ∀ s
+
+Selection and report use different items (search/splits.py): each --retain and --target file is cut
+into a selection split and a held-out split (seeded; half each by default), or the user names a
+held-out file per search file. Every point is scored on the selection split; a point is feasible
+only when the one-sided lower confidence bound of each source's retention (lower_s, paired
+bootstrap over items, eval/intervals.py; 95% by default) clears its budget, so a point does not
+look feasible because its retention was over-estimated on a few items. The chosen point is written,
+then evaluated on the held-out split; those numbers, with their intervals, are the reported ones.
 
 Searched points: a grid (the method's strength parameter, ``lambda`` or ``t``, at 0.2 … 1.0 by
 default; ``--search-param NAME=v1,v2,…`` replaces it and may name any of the method's parameters,
@@ -30,12 +38,14 @@ from deltawise.errors import DeltawiseError, InputError, RecipeError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate, unique_names
+from deltawise.options import IntervalOptions
 from deltawise.merge.engine import MergeOptions, check_output, run_merge
 from deltawise.merge.params import ParamError
 from deltawise.merge.plan import build_plan
 from deltawise.merge.recipe import Recipe
+from deltawise.search.splits import Split, make_splits
 
-SCHEMA = "deltawise.budget/1"
+SCHEMA = "deltawise.budget/2"
 STRENGTH = ("lambda", "t")  # searched by default, the first the method has
 DEFAULT_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -80,6 +90,11 @@ class BudgetOptions:
     eval: EvalOptions = field(default_factory=EvalOptions)
     merge: MergeOptions = field(default_factory=MergeOptions)
     allow_pickle: bool = False
+    heldout_fraction: float = 0.5  # share of each search file's items held out for the report
+    split_seed: int = 0
+    heldout_retain: list[Path] = field(default_factory=list)  # one per --retain, instead of cutting
+    heldout_targets: list[Path] = field(default_factory=list)  # one per --target
+    intervals: IntervalOptions = field(default_factory=IntervalOptions)
     note: Optional[Note] = None
     progress: Optional[Progress] = None  # ("candidates", done, total)
 
@@ -90,6 +105,8 @@ class Candidate:
     retention: dict[str, float]  # source dataset name -> ratio
     target: dict[str, float]  # target dataset name -> ratio
     values: dict[str, float]  # dataset name -> the merged model's metric (perplexity or accuracy)
+    retention_lower: dict[str, float] = field(default_factory=dict)  # one-sided lower bound of each retention
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # dataset name -> ratio interval
     feasible: bool = False
     pareto: bool = False
 
@@ -112,18 +129,25 @@ class BudgetResult:
     candidates: list[Candidate]
     chosen: Optional[int] = None
     out: Optional[Path] = None
+    splits: list[dict[str, Any]] = field(default_factory=list)
+    intervals: dict[str, Any] = field(default_factory=dict)
+    heldout: Optional[dict[str, Any]] = None  # the chosen point on the held-out split (the reported numbers)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA, "method": self.method, "grid": self.grid, "budgets": self.budgets,
             "baseline": {"model": self.baseline, "values": self.baseline_values},
-            "definition": "retention = ratio vs baseline (ppl_base/ppl, acc/acc_base); target = mean target ratio",
-            "candidates": [{"params": c.params, "retention": c.retention, "retention_min": c.retention_min, "target": c.target,
-                            "target_score": c.target_score, "values": c.values, "feasible": c.feasible, "pareto": c.pareto}
+            "definition": "retention = ratio vs baseline (ppl_base/ppl, acc/acc_base); target = mean target ratio; "
+                          "candidates are scored on the selection split, feasible when every retention's one-sided "
+                          "lower bound clears its budget; 'heldout' reports the chosen point on the held-out split",
+            "splits": self.splits, "intervals": self.intervals,
+            "candidates": [{"params": c.params, "retention": c.retention, "retention_lower": c.retention_lower,
+                            "retention_min": c.retention_min, "target": c.target, "target_score": c.target_score,
+                            "intervals": c.intervals, "values": c.values, "feasible": c.feasible, "pareto": c.pareto}
                            for c in self.candidates],
             "pareto": [i for i, c in enumerate(self.candidates) if c.pareto],
             "chosen": self.chosen, "chosen_params": None if self.chosen is None else self.candidates[self.chosen].params,
-            "output": None if self.out is None else str(self.out),
+            "output": None if self.out is None else str(self.out), "heldout": self.heldout,
         }
 
 
@@ -173,35 +197,55 @@ def with_params(recipe: Recipe, values: dict[str, Any]) -> Recipe:
 
 
 class _Search:
-    def __init__(self, recipe: Recipe, out: Path, options: BudgetOptions):
+    def __init__(self, recipe: Recipe, out: Path, options: BudgetOptions, splits: list[Split]):
         self.recipe, self.out, self.o = recipe, out, options
-        self.sources = [b.data for b in options.retain]
-        names = unique_names(self.sources + list(options.targets))
-        self.source_names, self.target_names = names[: len(self.sources)], names[len(self.sources) :]
+        self.source_splits, self.target_splits = splits[: len(options.retain)], splits[len(options.retain) :]
+        names = unique_names([b.data for b in options.retain] + list(options.targets))
+        self.source_names, self.target_names = names[: len(options.retain)], names[len(options.retain) :]
         self.candidates: list[Candidate] = []
         self.tell = options.note or (lambda _m: None)
 
-    def evaluate_model(self, ref: str) -> EvalResult:
-        return evaluate(ref, self.sources, list(self.o.targets), self.o.eval)
+    def evaluate_model(self, ref: str, heldout: bool = False) -> EvalResult:
+        pick = (lambda s: s.heldout) if heldout else (lambda s: s.selection)
+        return evaluate(ref, [pick(s) for s in self.source_splits], [pick(s) for s in self.target_splits], self.o.eval)
 
     def point(self, params: dict[str, Any], baseline: EvalResult) -> Candidate:
         plan = build_plan(with_params(self.recipe, params), allow_pickle=self.o.allow_pickle)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.budget-", dir=self.out.parent))
         try:
-            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads, shard_size=self.o.merge.shard_size)
+            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads,
+                                      shard_size=self.o.merge.shard_size)
             run_merge(plan, tmp / "model", merge_opts)
             result = self.evaluate_model(str(tmp / "model"))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        comps = {c.name: c for c in forgetting(result, baseline).datasets}
+        comps = {c.name: c for c in forgetting(result, baseline, self.o.intervals).datasets}
         cand = Candidate(params, {n: comps[n].ratio for n in self.source_names}, {n: comps[n].ratio for n in self.target_names},
                          {n: comps[n].model for n in comps})
+        # a dataset without per-item scores has no bound: its point estimate stands in
+        cand.retention_lower = {n: comps[n].ratio if comps[n].ratio_lower is None else comps[n].ratio_lower
+                                for n in self.source_names}
+        cand.intervals = {n: list(c.ratio_ci) for n, c in comps.items() if c.ratio_ci is not None}
         budgets = dict(zip(self.source_names, (b.minimum for b in self.o.retain)))
-        cand.feasible = all(cand.retention[n] >= budgets[n] for n in self.source_names)
+        cand.feasible = all(cand.retention_lower[n] >= budgets[n] for n in self.source_names)
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        self.tell(f"{shown}: retention {cand.retention_min:.4f}, target {cand.target_score:.4f}"
+        lowest = min(cand.retention_lower.values())
+        self.tell(f"{shown}: retention {cand.retention_min:.4f} (lower bound {lowest:.4f}), target {cand.target_score:.4f}"
                   f"{'' if cand.feasible else ' (over budget)'}")
         return cand
+
+    def heldout_report(self, out: Path) -> dict[str, Any]:
+        """The written model against the baseline on the held-out split: the numbers to report."""
+        f = forgetting(self.evaluate_model(str(out), heldout=True), self.heldout_baseline, self.o.intervals)
+        budgets = dict(zip(self.source_names, (b.minimum for b in self.o.retain)))
+        return {
+            "retention": {c.name: c.ratio for c in f.datasets if c.role == "source"},
+            "retention_ci": {c.name: c.ratio_ci for c in f.datasets if c.role == "source"},
+            "target": {c.name: c.ratio for c in f.datasets if c.role == "target"},
+            "target_ci": {c.name: c.ratio_ci for c in f.datasets if c.role == "target"},
+            "within_budget": all(c.ratio >= budgets[c.name] for c in f.datasets if c.role == "source"),
+            "forgetting": f.model_dump(),
+        }
 
 
 def _best(candidates: list[Candidate]) -> Optional[int]:
@@ -223,11 +267,26 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
         raise InputError(f"--refine works on one searched parameter; {len(grid)} are searched ({', '.join(grid)})")
     baseline_ref = options.baseline or recipe.base_model
     if baseline_ref is None:
-        raise InputError(f"{recipe.merge_method} recipe has no base_model: name the model retention is measured against with --baseline")
+        raise InputError(f"{recipe.merge_method} recipe has no base_model: name the model retention is measured against "
+                         "with --baseline")
     first = build_plan(with_params(recipe, {k: v[0] for k, v in grid.items()}), allow_pickle=options.allow_pickle)
     check_output(first, out, options.merge.overwrite)  # fail before the long search, not after it
 
-    search = _Search(recipe, out, options)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.budget-splits-", dir=out.parent))
+    try:
+        files = [b.data for b in options.retain] + list(options.targets)
+        given = list(options.heldout_retain) + list(options.heldout_targets)
+        if given and (len(options.heldout_retain) != len(options.retain) or len(options.heldout_targets) != len(options.targets)):
+            raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none "
+                             "(then each file is split)")
+        splits = make_splits(files, given or None, options.heldout_fraction, options.split_seed, folder)
+        return _search(recipe, out, options, grid, baseline_ref, _Search(recipe, out, options, splits), splits)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, list[Any]], baseline_ref: str,
+            search: _Search, splits: list[Split]) -> BudgetResult:
     baseline = search.evaluate_model(baseline_ref)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     total = len(points) + 2 * options.refine
@@ -256,7 +315,7 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
     result = BudgetResult(
         method=recipe.merge_method, grid=grid, budgets=dict(zip(search.source_names, (b.minimum for b in options.retain))),
         baseline=baseline_ref, baseline_values={d.name: d.value for d in baseline.datasets}, candidates=cands,
-        chosen=_best(cands),
+        chosen=_best(cands), splits=[s.to_json() for s in splits], intervals=options.intervals.describe(),
     )
     if result.chosen is None:
         best_ret = max(range(len(cands)), key=lambda i: (cands[i].retention_min, cands[i].target_score))
@@ -269,6 +328,9 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
         search.tell(f"no point meets the budget; writing the most retentive one, {cands[best_ret].params}")
     run_merge(build_plan(with_params(recipe, cands[result.chosen].params), allow_pickle=options.allow_pickle), out, options.merge)
     result.out = out
+    search.tell("evaluating the written merge on the held-out split")
+    search.heldout_baseline = search.evaluate_model(baseline_ref, heldout=True)
+    result.heldout = search.heldout_report(out)
     return result
 
 
@@ -276,11 +338,11 @@ def budget_table(result: BudgetResult):
     """The searched points as a rich table: Pareto points starred, the chosen one marked."""
     from rich.table import Table
 
-    table = Table(title=f"{result.method}: retention budget search (baseline {result.baseline})")
+    table = Table(title=f"{result.method}: retention budget search on the selection split (baseline {result.baseline})")
     for name in result.grid:
         table.add_column(name, justify="right")
     for name, minimum in result.budgets.items():
-        table.add_column(f"retention {name} (≥ {minimum:g})", justify="right")
+        table.add_column(f"retention {name} [lower bound ≥ {minimum:g}]", justify="right")
     for name in result.candidates[0].target if result.candidates else []:
         table.add_column(f"target {name}", justify="right")
     for col in ("within budget", "Pareto", "chosen"):
@@ -289,7 +351,27 @@ def budget_table(result: BudgetResult):
     for i in order:
         c = result.candidates[i]
         table.add_row(*[f"{c.params[n]:g}" if isinstance(c.params[n], float) else str(c.params[n]) for n in result.grid],
-                      *[f"{c.retention[n]:.4f}" for n in result.budgets], *[f"{v:.4f}" for v in c.target.values()],
+                      *[f"{c.retention[n]:.4f} [{c.retention_lower.get(n, c.retention[n]):.4f}]" for n in result.budgets],
+                      *[f"{v:.4f}" for v in c.target.values()],
                       "yes" if c.feasible else "no", "*" if c.pareto else "", "<-" if i == result.chosen else "")
-    table.caption = "retention and target: ratio to the baseline (ppl_base/ppl, acc/acc_base); > 1 is better"
+    level = result.intervals.get("level", 0.95)
+    table.caption = ("retention and target: ratio to the baseline (ppl_base/ppl, acc/acc_base); > 1 is better; "
+                     f"[lower bound]: one-sided {level:.0%} paired bootstrap bound, which must clear the budget")
     return table
+
+
+def heldout_lines(result: BudgetResult) -> list[str]:
+    """The chosen point's held-out numbers, with their intervals: what the search reports."""
+    held = result.heldout
+    level = result.intervals.get("level", 0.95)
+    lines = []
+    for kind in ("retention", "target"):
+        for name, value in held[kind].items():
+            ci = held[f"{kind}_ci"][name]
+            shown = f"{value:.4f}" if ci is None else f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+            budget = f" (budget {result.budgets[name]:g})" if kind == "retention" else ""
+            lines.append(f"held out: {kind} {name} {shown}{budget}")
+    verdict = "meets" if held["within_budget"] else "does NOT meet"
+    lines.append(f"held out: the chosen point {verdict} the budget on data it was not chosen on "
+                 f"({level:.0%} paired bootstrap intervals)")
+    return lines
