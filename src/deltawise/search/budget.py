@@ -188,7 +188,8 @@ class _Search:
         plan = build_plan(with_params(self.recipe, params), allow_pickle=self.o.allow_pickle)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.budget-", dir=self.out.parent))
         try:
-            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads, shard_size=self.o.merge.shard_size)
+            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads,
+                                      shard_size=self.o.merge.shard_size)
             run_merge(plan, tmp / "model", merge_opts)
             result = self.evaluate_model(str(tmp / "model"))
         finally:
@@ -223,7 +224,8 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
         raise InputError(f"--refine works on one searched parameter; {len(grid)} are searched ({', '.join(grid)})")
     baseline_ref = options.baseline or recipe.base_model
     if baseline_ref is None:
-        raise InputError(f"{recipe.merge_method} recipe has no base_model: name the model retention is measured against with --baseline")
+        raise InputError(f"{recipe.merge_method} recipe has no base_model: "
+                         "name the model retention is measured against with --baseline")
     first = build_plan(with_params(recipe, {k: v[0] for k, v in grid.items()}), allow_pickle=options.allow_pickle)
     check_output(first, out, options.merge.overwrite)  # fail before the long search, not after it
 
