@@ -121,7 +121,8 @@ def main() -> int:
         out = root / "applied" / folder.name
         apply_delta(str(folder), str(base), out, task=opts.get("task"))
         size = folder_bytes(folder) / opts.get("share", 1)
-        rows.append({"delta": label, "type": kind, "bytes_on_disk": int(size), "ratio": ft_bytes / size, "rel_error": error(out, base, fts[0])})
+        rows.append({"delta": label, "type": kind, "bytes_on_disk": int(size), "ratio": ft_bytes / size,
+                     "rel_error": error(out, base, fts[0])})
 
     print(f"fine-tuned checkpoint: {ft_bytes} bytes (float32); noise share {args.noise}")
     print(f"{'delta':<36} {'type':<8} {'bytes on disk':>14} {'ratio':>8} {'rel. error':>11}")

@@ -46,7 +46,8 @@ def make_random_llama(path: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF causal LM folder with a tokenizer")
-    ap.add_argument("--make-random-llama", type=Path, metavar="DIR", help="create a random hidden-256/4-layer Llama in DIR and use it")
+    ap.add_argument("--make-random-llama", type=Path, metavar="DIR",
+                    help="create a random hidden-256/4-layer Llama in DIR and use it")
     ap.add_argument("--text", type=Path, required=True)
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
@@ -80,13 +81,16 @@ def main() -> None:
         start = time.perf_counter()
         ppl = perplexity(lm.model, docs, batch_size=bs, **kw)
         seconds = time.perf_counter() - start
-        r = {"batch_size": bs, "seconds": seconds, "tokens": ppl.n_tokens, "tokens_per_s": ppl.n_tokens / seconds, "perplexity": ppl.value}
+        r = {"batch_size": bs, "seconds": seconds, "tokens": ppl.n_tokens, "tokens_per_s": ppl.n_tokens / seconds,
+             "perplexity": ppl.value}
         rows.append(r)
-        print(f"{r['batch_size']:>5} {r['seconds']:>8.2f} {r['tokens']:>8} {r['tokens_per_s']:>9.0f} {r['perplexity']:>11.4f}", flush=True)
+        print(f"{r['batch_size']:>5} {r['seconds']:>8.2f} {r['tokens']:>8} {r['tokens_per_s']:>9.0f} {r['perplexity']:>11.4f}",
+              flush=True)
     same = all(abs(r["perplexity"] - rows[0]["perplexity"]) <= 1e-4 * rows[0]["perplexity"] for r in rows)
     print("perplexity identical across batch sizes:", "yes" if same else "NO")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "parameters": n_params, "texts": len(docs), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"model": str(args.model), "parameters": n_params, "texts": len(docs), "rows": rows},
+                                        indent=2))
     sys.exit(0 if same else 1)
 
 

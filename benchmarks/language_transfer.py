@@ -199,7 +199,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if lang not in LANGUAGES:
             raise SystemExit(f"unknown language {lang!r} (have {', '.join(LANGUAGES)})")
         work = args.work / lang
-        console.print(f"[bold]English → {LANGUAGES[lang][0]}[/] ({args.steps} steps × {args.batch_size} × {args.max_length} tokens)")
+        console.print(f"[bold]English → {LANGUAGES[lang][0]}[/] "
+                      f"({args.steps} steps × {args.batch_size} × {args.max_length} tokens)")
         paths = prepare(args.work, lang, args.eval_items, args.seed)
         (work / "results").mkdir(parents=True, exist_ok=True)
         base_eval, base_control = evaluate(base, "base", paths, work / "results" / "base.json")
@@ -224,10 +225,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             eval_files.append(result_file)
             ppl = {d.name: d.value for d in res.datasets} | {paths["control"].stem: control_ppl}
             f = res.forgetting
-            rows[run.label] = {"train": _train_summary(work / "adapters" / run.label, log), "ppl": ppl, "target_gain": f.target_gain,
+            rows[run.label] = {"train": _train_summary(work / "adapters" / run.label, log), "ppl": ppl,
+                               "target_gain": f.target_gain,
                                "source_retention": f.source_retention, "forgetting_score": f.forgetting_score,
                                "datasets": [d.model_dump() for d in f.datasets]}
-            console.print(f"  {run.label:<10} target ppl {ppl[paths['target'].stem]:.1f}  prose ppl {ppl[paths['source'].stem]:.1f}  "
+            console.print(f"  {run.label:<10} target ppl {ppl[paths['target'].stem]:.1f}  "
+                          f"prose ppl {ppl[paths['source'].stem]:.1f}  "
                           f"retention {f.source_retention:.3f}  ({time.time() - t0:.0f} s)")
         base_ppl = {d.name: d.value for d in base_eval.datasets} | {paths["control"].stem: base_control}
         payload["languages"][lang] = {"base": base_ppl, "runs": rows}

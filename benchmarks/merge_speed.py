@@ -288,7 +288,8 @@ def run_tool(tool: str, cmd: list[str], out_dir: Path, inputs: list[Path], timeo
         output_bytes=output_bytes, inputs_cached_before=cached, load_avg_before=load,
         error="" if run.ok else run.stderr[-STDERR_TAIL:], work_s=float(reported[-1]) if run.ok and reported else None,
     )
-    line = (f"  {tool}: {result.status}, {result.wall_s:.1f} s wall, {result.cpu_s:.1f} s CPU, peak RSS {result.peak_rss_bytes / MB:,.0f} MB "
+    line = (f"  {tool}: {result.status}, {result.wall_s:.1f} s wall, {result.cpu_s:.1f} s CPU, "
+            f"peak RSS {result.peak_rss_bytes / MB:,.0f} MB "
             f"(anon {result.peak_anon_rss_bytes / MB:,.0f} MB), output {output_bytes / GB:.2f} GB")
     console.print(line, markup=False, highlight=False)
     return result
@@ -365,7 +366,8 @@ def rss_cell(run: ToolRun) -> str:
 def results_table(results: list[MethodResult], raw: RawRead, shape_name: str) -> Table:
     table = Table(title=f"deltawise merge speed: {shape_name}, reference raw read {raw.reference_bps / GB:.2f} GB/s "
                         f"({raw.mode} pass 2; pass 1 {raw.pass1_bps / GB:.2f} GB/s)")
-    headers = ("method", "read GB", "cached", "dw wall s (CPU)", "dw MB/s", "% of raw", "dw merge s (% of raw)", "dw RSS MB (anon)",
+    headers = ("method", "read GB", "cached", "dw wall s (CPU)", "dw MB/s", "% of raw", "dw merge s (% of raw)",
+               "dw RSS MB (anon)",
                "floor wall s (CPU)", "floor MB/s", "dw % of floor", "mk wall s (CPU)", "mk RSS MB (anon)", "time dw/mk",
                "RSS dw/mk")
     for header in headers:
@@ -573,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(raw_read_line(raw))
         console.print(results_table(results, raw, args.shape))
         console.print("dw = deltawise, mk = mergekit, floor = merge_floor.py (bare torch read/convert/add/cast/write/sha256 "
-                      "loop; [its own time]); dw % of floor = floor wall / dw wall; dw merge s = the time deltawise reports for the merge, without Python's start and imports; cached = share of the inputs in the page cache when the deltawise "
+                      "loop; [its own time]); dw % of floor = floor wall / dw wall; dw merge s = the time deltawise reports "
+                      "for the merge, without Python's start and imports; cached = share of the inputs in the page cache "
+                      "when the deltawise "
                       "run started; wall s (CPU s: user + sys of the run); MB/s = bytes read / wall s; % of raw = that / "
                       f"{raw.mode} raw read; RSS ratio uses peak RSS (file-backed pages included), anon RSS in brackets; "
                       f"load average {os.getloadavg()[0]:.1f} now, {load_start:.1f} at the start",

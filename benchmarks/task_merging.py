@@ -58,14 +58,19 @@ TASKS = [
     TaskSpec("language", "language of a fortune (en/de/es/it/ru)",
              {"en": F / "people", "de": F / "de" / "zitate", "es": F / "es", "it": F / "it", "ru": F / "ru"}),
     TaskSpec("tech", "computers vs science", {"computers": F / "computers", "science": F / "science"}),
-    TaskSpec("civics", "politics vs law vs education", {"politics": F / "politics", "law": F / "law", "education": F / "education"}),
-    TaskSpec("fiction", "Star Trek vs Zippy vs literature", {"startrek": F / "startrek", "zippy": F / "zippy", "literature": F / "literature"}),
-    TaskSpec("everyday", "love vs food vs sports vs kids", {"love": F / "love", "food": F / "food", "sports": F / "sports", "kids": F / "kids"}),
-    TaskSpec("voices", "wisdom vs humorists vs songs and poems", {"wisdom": F / "wisdom", "humorists": F / "humorists", "songs": F / "songs-poems"}),
+    TaskSpec("civics", "politics vs law vs education",
+             {"politics": F / "politics", "law": F / "law", "education": F / "education"}),
+    TaskSpec("fiction", "Star Trek vs Zippy vs literature",
+             {"startrek": F / "startrek", "zippy": F / "zippy", "literature": F / "literature"}),
+    TaskSpec("everyday", "love vs food vs sports vs kids",
+             {"love": F / "love", "food": F / "food", "sports": F / "sports", "kids": F / "kids"}),
+    TaskSpec("voices", "wisdom vs humorists vs songs and poems",
+             {"wisdom": F / "wisdom", "humorists": F / "humorists", "songs": F / "songs-poems"}),
     TaskSpec("german", "German: football vs computers vs last words vs dictionary",
              {"fussball": F / "de" / "fussball", "computer": F / "de" / "computer", "letzteworte": F / "de" / "letzteworte",
               "woerterbuch": F / "de" / "woerterbuch"}),
-    TaskSpec("relations", "men and women vs work vs people", {"men-women": F / "men-women", "work": F / "work", "people": F / "people"}),
+    TaskSpec("relations", "men and women vs work vs people",
+             {"men-women": F / "men-women", "work": F / "work", "people": F / "people"}),
 ]
 PACKAGES = ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-ru"]
 PER_CLASS = (240, 20, 60)  # train, validation, test items per class (at most)
@@ -104,8 +109,10 @@ def prepare_tasks(data: Path, seed: int) -> dict[str, dict[str, list[dict]]]:
             splits = realtext.split_balanced(classes, PER_CLASS, seed)
             folder.mkdir(parents=True, exist_ok=True)
             for split, rows in splits.items():
-                (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tasks[spec.name] = {split: [json.loads(line) for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+                (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                       encoding="utf-8")
+        tasks[spec.name] = {split: [json.loads(line)
+                                    for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
                             for split in ("train", "validation", "test")}
     return tasks
 
@@ -223,7 +230,8 @@ def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out:
 
     if not any(out.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
-        models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, model_params or [{}] * len(bodies))]
+        models = [{"model": str(b), **({"parameters": p} if p else {})}
+                  for b, p in zip(bodies, model_params or [{}] * len(bodies))]
         recipe = {"merge_method": method, "models": models, "parameters": params, "seed": 0}
         if REGISTRY[method].base_policy == "required":  # elsewhere a base_model would be one more input
             recipe["base_model"] = str(base)
@@ -304,7 +312,8 @@ def sequential_steps(order: list[str], base: Path, bodies: dict[str, Path], work
                             seq / f"task_arithmetic_{t}")
 
     def average(t: int) -> Path:
-        return merge_bodies("linear", base, [bodies[n] for n in order[:t]], {}, seq / f"average_{t}") if t > 1 else bodies[order[0]]
+        return (merge_bodies("linear", base, [bodies[n] for n in order[:t]], {}, seq / f"average_{t}") if t > 1
+                else bodies[order[0]])
 
     steps = {f"task arithmetic (λ={SEQUENTIAL_TA_LAMBDA})": task_arithmetic, "running average": average}
     if "opcm" in REGISTRY:
@@ -385,7 +394,8 @@ def write_report(path: Path, payload: dict) -> None:
              f"<p>{payload['date']} · {payload['host']} · λ chosen on validation from {payload['grid']}</p>",
              "<h2>Absolute test accuracy (%)</h2>", table("table-absolute", header, rows_abs),
              "<h2>Normalized accuracy (% of each task's expert)</h2>", table("table-normalized", header, rows_norm),
-             "<h2>Sequential merging</h2>", figure("fig-sequential", to_svg(fig), "Tasks arrive one at a time in a seeded order."),
+             "<h2>Sequential merging</h2>",
+             figure("fig-sequential", to_svg(fig), "Tasks arrive one at a time in a seeded order."),
              "<h2>Tasks</h2>", table("table-tasks", ["task", "classes", "train", "validation", "test"],
                                      [[t["name"], t["description"], *t["sizes"]] for t in payload["task_specs"]])]
     write_text_atomic(path, page("deltawise task merging benchmark", parts))
@@ -396,7 +406,8 @@ def write_report(path: Path, payload: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/task_merging"), help="cache and output folder")
-    ap.add_argument("--methods", default="all", help="comma-separated labels of SETTINGS (default: all whose method is registered)")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated labels of SETTINGS (default: all whose method is registered)")
     ap.add_argument("--epochs", type=float, default=4.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=5e-5, help="expert learning rate")
     ap.add_argument("--seed", type=int, default=0)
@@ -423,7 +434,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     tasks = prepare_tasks(work / "data", args.seed)
     tasks = {s.name: tasks[s.name] for s in specs}
     for s in specs:
-        console.print(f"  {s.name:<10} {s.description:<60} " + " / ".join(str(len(tasks[s.name][k])) for k in ("train", "validation", "test")))
+        console.print(f"  {s.name:<10} {s.description:<60} "
+                      + " / ".join(str(len(tasks[s.name][k])) for k in ("train", "validation", "test")))
 
     console.print("[bold]2. experts[/] (full fine-tuning of all-MiniLM-L6-v2 per task)")
     minilm = fetch_minilm(say=lambda m: console.print(f"  {m}"))
@@ -474,13 +486,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         "task_specs": [{"name": s.name, "description": s.description,
                         "sizes": [len(tasks[s.name][k]) for k in ("train", "validation", "test")]} for s in specs],
         "experts": experts_test, "experts_validation": experts_val, "heads_only": heads_only, "train": train_log,
-        "merges": [{k: v for k, v in r.items() if k != "grid"} | {"grid": [{k: v for k, v in g.items() if k != "folder"} for g in r["grid"]]}
+        "merges": [{k: v for k, v in r.items() if k != "grid"}
+                   | {"grid": [{k: v for k, v in g.items() if k != "folder"} for g in r["grid"]]}
                    for r in results],
         "sequential_order": order, "sequential": curves, "seconds": time.time() - started,
     }
     (work / "task_merging.json").write_text(json.dumps(payload, indent=2))
     write_report(work / "task_merging.html", payload)
-    console.print(f"JSON: {work / 'task_merging.json'}\nreport: {work / 'task_merging.html'}\ndone in {time.time() - started:.0f} s")
+    console.print(f"JSON: {work / 'task_merging.json'}\nreport: {work / 'task_merging.html'}\n"
+                  f"done in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -81,14 +81,16 @@ def main() -> None:
         for m in args.methods.split(","):
             rows.append(run_one(model, args.data, m.strip(), args, Path(tmp)))
             print(f"done {m}", file=sys.stderr, flush=True)
-    print(f"model {model}, data {args.data}, {args.steps} steps x batch {args.batch_size} x max {args.max_length} tokens, rank {args.rank}")
+    print(f"model {model}, data {args.data}, {args.steps} steps x batch {args.batch_size} x max {args.max_length} tokens, "
+          f"rank {args.rank}")
     print(f"{'method':<10} {'trainable':>12} {'% of model':>10} {'tokens/s':>9} {'peak RSS MB':>12} {'loss':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:<10} error: {r['error']}")
             continue
         pct = 100 * r["trainable_params"] / r["total_params"]
-        print(f"{r['method']:<10} {r['trainable_params']:>12,} {pct:>10.3f} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} {r['final_loss']:>7.3f}")
+        print(f"{r['method']:<10} {r['trainable_params']:>12,} {pct:>10.3f} {r['tokens_per_s']:>9.0f} "
+              f"{r['peak_rss_mb']:>12.0f} {r['final_loss']:>7.3f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

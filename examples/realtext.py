@@ -70,7 +70,8 @@ def _entries(text: str) -> list[str]:
 def fortunes(path: Path, min_chars: int = 20, max_chars: int = 500) -> list[str]:
     """Entries of a fortune file, or of every prose file in a folder, deduplicated, in file order."""
     if not path.exists():
-        raise InputError(f"{path} is missing: install the Debian fortune package that has it (e.g. sudo apt-get install fortunes-de)")
+        raise InputError(f"{path} is missing: install the Debian fortune package that has it "
+                         "(e.g. sudo apt-get install fortunes-de)")
     files = [path] if path.is_file() else sorted(
         f for f in path.iterdir()
         if f.is_file() and not f.is_symlink() and f.suffix not in (".dat", ".u8") and f.name not in SKIP)

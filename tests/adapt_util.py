@@ -26,9 +26,11 @@ def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     data = root / "data.txt"
     data.write_text("\n%\n".join(DOCS) + "\n")
     jsonl = root / "pr.jsonl"
-    jsonl.write_text("".join(json.dumps({"prompt": d.split(" is ")[0] + " is", "response": " " + d.split(" is ", 1)[-1]}) + "\n" for d in DOCS))
+    jsonl.write_text("".join(json.dumps({"prompt": d.split(" is ")[0] + " is", "response": " " + d.split(" is ", 1)[-1]}) + "\n"
+                             for d in DOCS))
     cls = root / "cls.jsonl"
-    cls.write_text("".join(json.dumps({"text": d, "label": "neg" if "ugly" in d or "never" in d else "pos"}) + "\n" for d in DOCS))
+    cls.write_text("".join(json.dumps({"text": d, "label": "neg" if "ugly" in d or "never" in d else "pos"}) + "\n"
+                           for d in DOCS))
     return {"model": model, "data": data, "jsonl": jsonl, "cls": cls, "root": root}
 
 
@@ -108,8 +110,10 @@ def write_llama_gguf(folder: Path, out: Path) -> Path:
     wr.add_eos_token_id(tok.eos_token_id)
     wr.add_unk_token_id(tok.unk_token_id)
     wr.add_pad_token_id(tok.pad_token_id)
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
                  "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     for key, value in model.state_dict().items():

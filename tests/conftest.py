@@ -51,7 +51,8 @@ def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
 
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under folder: proves an input was not modified."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -78,7 +79,8 @@ def bert_family(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+                     max_position_embeddings=64)
     BertModel(cfg).save_pretrained(root / "base")
     return {"base": root / "base", "ft1": perturb(root / "base", root / "ft1", 1), "ft2": perturb(root / "base", root / "ft2", 2)}
 

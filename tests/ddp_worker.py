@@ -46,7 +46,8 @@ def main(spec_path: str) -> None:
     root = Path(spec["out"])
     for run in spec["runs"]:
         rank = int(os.environ.get("RANK", "0"))  # the process group starts inside run_train
-        result = run_train(config(spec, run, root / run["name"]), callbacks=[SaveWeights(root / f"{run['name']}.rank{rank}.safetensors")])
+        result = run_train(config(spec, run, root / run["name"]),
+                           callbacks=[SaveWeights(root / f"{run['name']}.rank{rank}.safetensors")])
         if result.is_main_process:
             print(f"ok {run['name']} steps={result.steps}", flush=True)
 

@@ -17,7 +17,8 @@ TARGETS = ["q_proj", "v_proj"]
 R = 4
 # each method's own parameters (hft takes only ``ratio``; lift trains every linear, so it takes no targets)
 ADAPTER = {"rank": R, "targets": TARGETS}
-PARAMS = {"sorsa": ADAPTER, "loldu": ADAPTER, "kasa": ADAPTER, "hft": {}, "lift": {"rank": R, "filter_rank": 4, "refresh_interval": 2}}
+PARAMS = {"sorsa": ADAPTER, "loldu": ADAPTER, "kasa": ADAPTER, "hft": {},
+          "lift": {"rank": R, "filter_rank": 4, "refresh_interval": 2}}
 
 
 def _linears(model, targets=TARGETS):
@@ -169,7 +170,8 @@ def test_lift_adamw_on_values_equals_dense_adamw_on_masked_gradient(tiny_lm):
     ref = base_model(tiny_lm["model"])
     masks = {f"{n}.weight": torch.zeros(mod.weight.numel(), dtype=torch.bool).index_fill_(0, mod.mask, True).view_as(mod.weight)
              for n, mod in m.modules.items()}
-    assert masks and all(torch.equal(mk.flatten(), _expected_mask(ref.get_parameter(n).detach(), 4, 2)) for n, mk in masks.items())
+    assert masks and all(torch.equal(mk.flatten(), _expected_mask(ref.get_parameter(n).detach(), 4, 2))
+                         for n, mk in masks.items())
     ref_params = {n: ref.get_parameter(n) for n in masks}
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -197,7 +199,8 @@ def test_lift_refresh_keeps_moments_of_kept_entries(tiny_lm):
     old_mask = mod.mask.clone()
     model(**batch).loss.backward()
     opt.step()
-    old = {k: torch.zeros(mod.weight.numel()).index_put_((old_mask,), opt.state[mod.values][k].clone()) for k in ("exp_avg", "exp_avg_sq")}
+    old = {k: torch.zeros(mod.weight.numel()).index_put_((old_mask,), opt.state[mod.values][k].clone())
+           for k in ("exp_avg", "exp_avg_sq")}
     m.after_optimizer_step(model, opt)  # refresh
     assert torch.equal(mod.mask, _expected_mask(mod.weight.detach(), 4, 2).nonzero().flatten())
     assert not torch.equal(mod.mask, old_mask), "the big step should have moved the mask"
@@ -230,7 +233,8 @@ def test_sorsa_adds_scaled_orthonormal_gradient_after_clipping(tiny_lm):
             mod.Vh.mul_(0.9)
     mods = list(m.modules.values())
     # independent formula: L_o = (1/N_mat) Σ (‖VVᵀ−I‖_F + ‖UᵀU−I‖_F), N_mat = 2·layers
-    loss = sum(torch.sqrt(((x.Vh @ x.Vh.T - torch.eye(R)) ** 2).sum()) + torch.sqrt(((x.U.T @ x.U - torch.eye(R)) ** 2).sum()) for x in mods) / (2 * len(mods))
+    loss = sum(torch.sqrt(((x.Vh @ x.Vh.T - torch.eye(R)) ** 2).sum()) + torch.sqrt(((x.U.T @ x.U - torch.eye(R)) ** 2).sum())
+               for x in mods) / (2 * len(mods))
     expected = torch.autograd.grad(0.5 / 1e-3 * loss, [mods[0].U, mods[0].Vh])
     m.before_optimizer_step(model, 1e-3)
     torch.testing.assert_close(mods[0].U.grad, expected[0])

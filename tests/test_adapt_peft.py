@@ -18,7 +18,8 @@ TARGETS = ["q_proj", "v_proj"]
 
 def _shapes(model):
     """(in, out) of every targeted linear of the tiny Llama (q: 32→32, v: 32→16)."""
-    return [(m.in_features, m.out_features) for n, m in model.named_modules() if n.split(".")[-1] in TARGETS and isinstance(m, torch.nn.Linear)]
+    return [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if n.split(".")[-1] in TARGETS and isinstance(m, torch.nn.Linear)]
 
 
 def _formula(method: str, shapes, r: int, n_freq: int) -> int:
@@ -54,7 +55,8 @@ def _direct_config(method: str, r: int, n_freq: int, zero_init: bool = False):
     if method == "pissa":
         return peft.LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type=task, init_lora_weights="pissa")
     if method == "fourierft":
-        return peft.FourierFTConfig(n_frequency=n_freq, scaling=150.0, target_modules=TARGETS, task_type=task, init_weights=zero_init)
+        return peft.FourierFTConfig(n_frequency=n_freq, scaling=150.0, target_modules=TARGETS, task_type=task,
+                                    init_weights=zero_init)
     if method == "miss":
         return peft.MissConfig(r=r, target_modules=TARGETS, task_type=task)
     if method == "randlora":
@@ -108,7 +110,8 @@ def test_cli_path_matches_peft_directly(method, tiny_lm, tmp_path):
     torch.testing.assert_close(logits(merged, batch), got, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,init", [("lora", None), ("dora", None), ("pissa", None), ("fourierft", "zero"), ("miss", None), ("randlora", None)])
+@pytest.mark.parametrize("method,init", [("lora", None), ("dora", None), ("pissa", None), ("fourierft", "zero"), ("miss", None),
+                                         ("randlora", None)])
 def test_output_equals_base_at_init(method, init, tiny_lm):
     from deltawise.adapt import get_method
 

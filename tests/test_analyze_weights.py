@@ -43,8 +43,8 @@ def test_tall_masks_selfish_and_catastrophic():
 def test_analyze_weights_cli_on_llama_family(llama_family, tmp_path):
     before = {k: tree_digest(v) for k, v in llama_family.items()}
     out = tmp_path / "weights.json"
-    r = CliRunner().invoke(app, ["analyze", "weights", str(llama_family["base"]), str(llama_family["ft1"]), str(llama_family["ft2"]),
-                                 "-o", str(out), "--k", "4", "-q"])
+    r = CliRunner().invoke(app, ["analyze", "weights", str(llama_family["base"]), str(llama_family["ft1"]),
+                                 str(llama_family["ft2"]), "-o", str(out), "--k", "4", "-q"])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["schema"] == "deltawise.analyze.weights/1" and data["settings"]["k"] == 4
@@ -94,7 +94,8 @@ def test_interpolation_between_identical_models_is_flat(lm_pair):
 def test_interpolation_between_different_models(lm_pair, tmp_path):
     a, b, text = lm_pair
     out = tmp_path / "curve.json"
-    r = CliRunner().invoke(app, ["analyze", "interpolate", str(a), str(b), "--data", str(text), "--points", "3", "-o", str(out), "-q"])
+    r = CliRunner().invoke(app, ["analyze", "interpolate", str(a), str(b), "--data", str(text), "--points", "3",
+                                 "-o", str(out), "-q"])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["kind"] == "interpolation" and len(data["loss"]) == 3

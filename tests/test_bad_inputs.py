@@ -100,7 +100,8 @@ def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- 1, 2: shapes and names
 @pytest.mark.parametrize(
     "name, new_shape",
-    [(MID, (32, 16)), (MID, (16, 32)), ("model.layers.0.input_layernorm.weight", (31,)), ("model.embed_tokens.weight", (100, 32))],
+    [(MID, (32, 16)), (MID, (16, 32)), ("model.layers.0.input_layernorm.weight", (31,)),
+     ("model.embed_tokens.weight", (100, 32))],
 )
 def test_shape_mismatch_names_the_tensor(name, new_shape, llama_family, tmp_path):
     bad = edit_state(clone(llama_family["ft2"], tmp_path / "ft2-bad"), lambda s: s.__setitem__(name, torch.zeros(new_shape)))
@@ -168,7 +169,8 @@ def corrupt(kind: str, file: Path) -> None:
         rewrite_header(file, {"overlap": _overlap, "past_end": _past_end, "span_vs_shape": _span_vs_shape, "gap": _gap}[kind])
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "header_not_json", "overlap", "past_end", "span_vs_shape", "gap"])
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "header_not_json", "overlap", "past_end", "span_vs_shape",
+                                  "gap"])
 def test_corrupt_safetensors_names_the_file(kind, llama_family, tmp_path):
     bad = clone(llama_family["ft2"], tmp_path / "ft2-corrupt")
     corrupt(kind, bad / "model.safetensors")
@@ -178,7 +180,8 @@ def test_corrupt_safetensors_names_the_file(kind, llama_family, tmp_path):
 
 # --------------------------------------------------------------------------- 4: NaN / inf while streaming
 @pytest.mark.parametrize(
-    "role, value", [("model", float("nan")), ("model", float("inf")), ("base", float("-inf"))], ids=["nan", "inf", "base-neg-inf"],
+    "role, value", [("model", float("nan")), ("model", float("inf")), ("base", float("-inf"))],
+    ids=["nan", "inf", "base-neg-inf"],
 )
 @pytest.mark.parametrize("out_exists", [False, True], ids=["out-absent", "out-empty"])
 def test_non_finite_input_met_while_writing_leaves_no_output(role, value, out_exists, llama_family, tmp_path):
@@ -315,7 +318,8 @@ def test_unknown_parameter_and_missing_model_reported_together(llama_family, tmp
 
 def test_out_of_range_parameter_names_parameter_and_range(llama_family, tmp_path):
     recipe = {"merge_method": "ties", "base_model": str(llama_family["base"]),
-              "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"]), "parameters": {"density": 1.5}}]}
+              "models": [{"model": str(llama_family["ft1"])},
+                         {"model": str(llama_family["ft2"]), "parameters": {"density": 1.5}}]}
     message = refused(recipe, tmp_path / "out", RecipeError, says=["models[1]", "density=1.5", "[0.0, 1.0]"])
     assert message.count("density=1.5") == 1, "one bad value should be reported once, not once per tensor"
 

@@ -94,12 +94,14 @@ def test_bam_loop_trains_k_times_r_branches_on_disjoint_slices_and_merges_each_r
             done = json.loads((bdir / "done.json").read_text())
             assert done["slice"] == (j - 1) * K + k and done["steps"] == 1 and done["tokens"] > 0 and math.isfinite(done["loss"])
             # the branch trained on exactly its slice, starting from the round's start model
-            assert [json.loads(line)["text"] for line in (bdir / "data.jsonl").read_text().splitlines()] == [examples[i] for i in done["indices"]]
+            assert ([json.loads(line)["text"] for line in (bdir / "data.jsonl").read_text().splitlines()]
+                    == [examples[i] for i in done["indices"]])
             assert Path(json.loads((bdir / "train" / "deltawise_train.json").read_text())["base_model"]) == start
             seen += done["indices"]
             branches.append(load_state(bdir / "train"))
         start_state = load_state(start)
-        assert all(not torch.equal(b["model.layers.0.mlp.up_proj.weight"], start_state["model.layers.0.mlp.up_proj.weight"]) for b in branches)
+        assert all(not torch.equal(b["model.layers.0.mlp.up_proj.weight"], start_state["model.layers.0.mlp.up_proj.weight"])
+                   for b in branches)
         merged = load_state(work / f"round_{j}" / "merged" if j == 1 else bam_run)
         assert set(merged) == set(branches[0])
         for name, value in merged.items():  # linear merge, by hand: (θ_j1 + θ_j2) / 2 in float32
@@ -132,8 +134,10 @@ def test_interrupted_bam_resumes_without_retraining_and_matches_an_uninterrupted
     out = tmp_path / "out"
     work = tmp_path / "out.work"
     first = work / "round_1" / "branch_1"
-    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AFTER_FIRST_BRANCH, str(first / "done.json"), *bam_args(tiny_lm, bam_data, out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AFTER_FIRST_BRANCH, str(first / "done.json"),
+                           *bam_args(tiny_lm, bam_data, out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert not out.exists() and not (work / "round_1" / "branch_2" / "done.json").exists()
     digest = tree_digest(first)
@@ -157,7 +161,8 @@ def test_adapter_branches_are_folded_into_full_models_and_slerped(tiny_lm, bam_d
 
     out = tmp_path / "out"
     args = ["bam", str(tiny_lm["model"]), "--data", str(bam_data), "-o", str(out), "-k", "2", "-r", "1", "--method", "lora",
-            "--rank", "2", "--max-steps", "1", "--batch-size", "2", "--lr", "5e-2", "--warmup", "0", "--max-length", "32", "--quiet"]
+            "--rank", "2", "--max-steps", "1", "--batch-size", "2", "--lr", "5e-2", "--warmup", "0", "--max-length", "32",
+            "--quiet"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     branch = tmp_path / "out.work" / "round_1" / "branch_1"

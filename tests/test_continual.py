@@ -21,7 +21,8 @@ from deltawise.merge import merge
 from deltawise.merge.methods import opcm as opcm_module
 from deltawise.merge.methods.opcm import is_projected, project, split_rank
 
-SHAPES = {"embed_tokens.weight": (10, 6), "layers.0.proj.weight": (8, 6), "layers.0.proj.bias": (8,), "layers.1.proj.weight": (5, 8)}
+SHAPES = {"embed_tokens.weight": (10, 6), "layers.0.proj.weight": (8, 6), "layers.0.proj.bias": (8,),
+          "layers.1.proj.weight": (5, 8)}
 
 
 def family(make_folder, n: int, dtype=torch.float64, seed: int = 0, zero: tuple[str, ...] = ()):
@@ -35,7 +36,8 @@ def family(make_folder, n: int, dtype=torch.float64, seed: int = 0, zero: tuple[
         for k, v in base.items():
             tau = torch.randn(v.shape, generator=gen, dtype=dtype) * 0.1
             if v.dim() == 2:
-                tau += torch.randn(v.shape[0], 3, generator=gen, dtype=dtype) @ torch.randn(3, v.shape[1], generator=gen, dtype=dtype) / 3
+                tau += (torch.randn(v.shape[0], 3, generator=gen, dtype=dtype)
+                        @ torch.randn(3, v.shape[1], generator=gen, dtype=dtype) / 3)
             m[k] = v + (0 if (i == 0 and k in zero) else tau)
         models.append(m)
     paths = [make_folder("base", base)] + [make_folder(f"m{i}", m) for i, m in enumerate(models)]
@@ -189,7 +191,8 @@ def test_state_resumes_across_calls(make_folder, tmp_path):
     assert state_json(tmp_path / "s1")["count"] == 3
     assert all(torch.equal(load_state(tmp_path / "again")[k], c[k]) for k in SHAPES)
     with pytest.raises(RecipeError, match="already folded"):  # an old model after a new one
-        call("opcm", base_path, [make_folder("new", {k: v + 1 for k, v in load_state(paths[0]).items()}), paths[0]], tmp_path / "s1", tmp_path / "x")
+        call("opcm", base_path, [make_folder("new", {k: v + 1 for k, v in load_state(paths[0]).items()}), paths[0]],
+             tmp_path / "s1", tmp_path / "x")
 
 
 def test_state_refuses_another_base_or_other_parameters(make_folder, tmp_path):
@@ -287,7 +290,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     del base
     peaks, sizes = [], []
     for i, p in enumerate(paths):
-        recipe = {"merge_method": "opcm", "base_model": base_path, "models": [{"model": p}], "parameters": {"state": str(root / "state")}}
+        recipe = {"merge_method": "opcm", "base_model": base_path, "models": [{"model": p}],
+                  "parameters": {"state": str(root / "state")}}
         merge(recipe, str(root / f"out{i}"))
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         sizes.append(sum(f.stat().st_size for f in (root / "state").rglob("*") if f.is_file()))

@@ -81,7 +81,8 @@ def test_lora_extraction_is_exact_at_the_true_rank(rank3, tmp_path):
 
 def test_energy_picks_the_rank(rank3, tmp_path):
     s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])  # energies 16, 9, 4, 1 of 30
-    assert choose_rank(s, None, 16 / 30) == 1 and choose_rank(s, None, 0.83) == 2 and choose_rank(s, None, 0.84) == 3 and choose_rank(s, None, 0.99) == 4
+    assert (choose_rank(s, None, 16 / 30) == 1 and choose_rank(s, None, 0.83) == 2 and choose_rank(s, None, 0.84) == 3
+            and choose_rank(s, None, 0.99) == 4)
     assert choose_rank(s, 2, 0.99) == 2
     result = extract_lora(str(rank3["ft"]), str(rank3["base"]), tmp_path / "ad", energy=0.9999)
     assert {r.extra["rank"] for r in result.rows if r.kind == "lowrank"} == {3}
@@ -141,7 +142,8 @@ def test_cli_extract_apply(rank3, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert {t["name"] for t in report["tensors"]} == {Q0, UP1, NORM}
-    r = runner.invoke(app, ["apply", str(tmp_path / "ad"), "--base", str(rank3["base"]), "-o", str(tmp_path / "m"), "--scale", "0.5", "-q"])
+    r = runner.invoke(app, ["apply", str(tmp_path / "ad"), "--base", str(rank3["base"]), "-o", str(tmp_path / "m"),
+                            "--scale", "0.5", "-q"])
     assert r.exit_code == 0, r.output
     want = load_state(rank3["base"])[Q0] + 0.5 * (load_state(rank3["ft"])[Q0] - load_state(rank3["base"])[Q0])
     torch.testing.assert_close(load_state(tmp_path / "m")[Q0], want, rtol=0, atol=1e-6)

@@ -55,7 +55,8 @@ def test_recipe_with_a_delta_of_another_shape_fails_clearly(llama_family, tmp_pa
     extract_delta(str(wide_ft), str(other), tmp_path / "wide_delta")
     recipe = {"merge_method": "task_arithmetic", "base_model": str(llama_family["base"]),
               "models": [{"model": str(llama_family["ft1"])}, {"model": str(tmp_path / "wide_delta")}]}
-    with pytest.raises(RecipeError, match=r"(?s)wide_delta.*does not fit .*base.*model.norm.weight has shape \[48\] in the delta, \[32\] in the base"):
+    with pytest.raises(RecipeError, match=r"(?s)wide_delta.*does not fit .*base.*"
+                                          r"model.norm.weight has shape \[48\] in the delta, \[32\] in the base"):
         merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -74,6 +74,7 @@ def test_backward_transfer_on_constructed_matrix():
 
 
 def test_accuracy_matrix_from_results():
-    runs = [result(f"after{i}", [ds("a", "target", a), ds("b", "target", b)]) for i, (a, b) in enumerate([(0.9, 0.2), (0.6, 0.8)])]
+    runs = [result(f"after{i}", [ds("a", "target", a), ds("b", "target", b)])
+            for i, (a, b) in enumerate([(0.9, 0.2), (0.6, 0.8)])]
     assert accuracy_matrix(runs, ["a", "b"]) == [[0.9, 0.2], [0.6, 0.8]]
     assert backward_transfer(accuracy_matrix(runs, ["a", "b"])) == pytest.approx(-0.3)

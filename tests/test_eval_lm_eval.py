@@ -55,7 +55,8 @@ def test_local_lm_eval_task_matches_our_multiple_choice_scorer(tmp_path):
     r = runner.invoke(app, ["eval", str(model), "--tasks", "target:tiny_mc", "--lm-eval-tasks-dir", str(tasks),
                             "-o", str(tmp_path / "lm.json"), "-q"])
     assert r.exit_code == 0, (r.output, r.exception)
-    r = runner.invoke(app, ["eval", str(model), "--target", str(data), "--mc-norm", "total", "-o", str(tmp_path / "ours.json"), "-q"])
+    r = runner.invoke(app, ["eval", str(model), "--target", str(data), "--mc-norm", "total", "-o", str(tmp_path / "ours.json"),
+                            "-q"])
     assert r.exit_code == 0, (r.output, r.exception)
     (lm,) = load_result(tmp_path / "lm.json").datasets
     (ours,) = load_result(tmp_path / "ours.json").datasets
@@ -82,7 +83,8 @@ def test_lm_eval_log_likelihoods_equal_our_choice_scores(tmp_path):
     out = lm_eval.simple_evaluate(model=HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, backend="causal", batch_size=4),
                                   tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
     theirs = {str(s["doc_id"]): [float(r[0][0]) for r in s["resps"]] for s in out["samples"]["tiny_mc"]}
-    ours = {o.id: o.scores for o in multiple_choice(lm, load_items(data, require=("choices", "answer")), norm="total", max_length=64)}
+    ours = {o.id: o.scores
+            for o in multiple_choice(lm, load_items(data, require=("choices", "answer")), norm="total", max_length=64)}
     assert set(theirs) == set(ours)
     for k in ours:
         assert theirs[k] == pytest.approx(ours[k], abs=1e-4)

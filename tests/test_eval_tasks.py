@@ -33,7 +33,8 @@ def write_jsonl(path, rows):
 
 def test_fortune_and_blank_line_documents(tmp_path):
     # with '%' lines present only they separate (a blank line stays inside a fortune); else blank lines do
-    assert split_documents("%\nfirst\nline two\n%\nsecond\n%\n\nthird\n\n\nfourth\n") == ["first\nline two", "second", "third\n\n\nfourth"]
+    assert split_documents("%\nfirst\nline two\n%\nsecond\n%\n\nthird\n\n\nfourth\n") == ["first\nline two", "second",
+                                                                                         "third\n\n\nfourth"]
     assert split_documents("third\n\n\nfourth\n") == ["third", "fourth"]
     f = tmp_path / "computers"  # fortune files have no suffix
     f.write_text("one\n%\ntwo\n%\n")
@@ -97,13 +98,15 @@ def test_multiple_choice_scores_are_choice_log_likelihoods(models):
 def test_eval_cli_with_baseline(models, tmp_path):
     src = tmp_path / "en.txt"
     src.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n%\nAnd runs away again.\n")
-    tgt = write_jsonl(tmp_path / "quiz.jsonl", [{"question": f"q{i}?", "choices": ["yes", "no", "maybe"], "answer": i % 3} for i in range(6)])
+    tgt = write_jsonl(tmp_path / "quiz.jsonl",
+                      [{"question": f"q{i}?", "choices": ["yes", "no", "maybe"], "answer": i % 3} for i in range(6)])
     before = tree_digest(models["ft"])
     runner = CliRunner()
     args = ["--source", str(src), "--target", str(tgt), "--max-length", "32", "-q"]
     r = runner.invoke(app, ["eval", str(models["base"]), *args, "-o", str(tmp_path / "base.json")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["eval", str(models["ft"]), *args, "-o", str(tmp_path / "ft.json"), "--baseline", str(tmp_path / "base.json")])
+    r = runner.invoke(app, ["eval", str(models["ft"]), *args, "-o", str(tmp_path / "ft.json"),
+                            "--baseline", str(tmp_path / "base.json")])
     assert r.exit_code == 0, r.output
     res = load_result(tmp_path / "ft.json")
     raw = json.loads((tmp_path / "ft.json").read_text())

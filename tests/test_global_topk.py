@@ -22,7 +22,8 @@ def run_passes(order: OrderStatistics, chunks: list[list[torch.Tensor]]) -> None
 def test_order_statistics_are_exact(dtype_values):
     gen = torch.Generator().manual_seed(0)
     if dtype_values == "random":
-        pieces = [torch.randn(n, generator=gen) * 10 ** float(torch.randint(-4, 3, (1,), generator=gen)) for n in (1000, 37, 5000)]
+        pieces = [torch.randn(n, generator=gen) * 10 ** float(torch.randint(-4, 3, (1,), generator=gen))
+                  for n in (1000, 37, 5000)]
     else:  # many exact ties and zeros, as bf16 deltas have
         pieces = [torch.randint(-5, 6, (n,), generator=gen).float() / 4 for n in (800, 1200)]
     flat = torch.cat(pieces).abs().sort().values

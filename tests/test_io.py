@@ -154,7 +154,8 @@ def test_get_rows_past_the_end_never_returns_another_tensors_bytes(tmp_path):
     assert_bit_equal(got, a[2:6])  # clamping like slicing is fine too
 
 
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8,
+          torch.bool]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -399,7 +400,8 @@ def test_plan_shards_names_and_packing():
 
 def test_plan_shards_single_and_oversized():
     assert [s.filename for s in plan_shards(out_tensors(), 10**9).shards] == ["model.safetensors"]
-    big = [OutputTensor("small", (10,), torch.float32), OutputTensor("huge", (1000,), torch.float32), OutputTensor("tail", (10,), torch.float32)]
+    big = [OutputTensor("small", (10,), torch.float32), OutputTensor("huge", (1000,), torch.float32),
+           OutputTensor("tail", (10,), torch.float32)]
     shards = plan_shards(big, 100).shards
     assert [[t.name for t in s.tensors] for s in shards] == [["small"], ["huge"], ["tail"]]
     assert [s.filename for s in shards] == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]

@@ -66,7 +66,8 @@ def tradeoff(tiny_lm, tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(root / "base"), "models": [{"model": str(root / "ft")}]}))
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(root / "base"),
+                                      "models": [{"model": str(root / "ft")}]}))
     return {**files, "base": root / "base", "ft": root / "ft", "recipe": recipe, "root": root}
 
 
@@ -113,7 +114,8 @@ def test_pareto_front_is_the_non_dominated_set():
 def test_search_grid_defaults_and_refusals():
     ta = parse_recipe({"merge_method": "task_arithmetic", "base_model": "b", "models": ["m"]})
     assert search_grid(ta, {}) == {"lambda": [0.2, 0.4, 0.6, 0.8, 1.0]}
-    assert search_grid(parse_recipe({"merge_method": "slerp", "base_model": "b", "models": ["m"]}), {}) == {"t": [0.2, 0.4, 0.6, 0.8, 1.0]}
+    assert (search_grid(parse_recipe({"merge_method": "slerp", "base_model": "b", "models": ["m"]}), {})
+            == {"t": [0.2, 0.4, 0.6, 0.8, 1.0]})
     ties = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["m"]})
     assert search_grid(ties, {"density": [0.2, 0.5], "lambda": [1]}) == {"density": [0.2, 0.5], "lambda": [1.0]}
     with pytest.raises(RecipeError, match="no lambda or t"):
@@ -215,4 +217,5 @@ def test_infeasible_budget_writes_nothing_unless_the_most_retentive_point_is_ask
     assert res.exit_code == 0, res.output
     assert json.loads((out / "deltawise_budget.json").read_text())["chosen_params"] == {"lambda": 0.2}
     merged, base, ft = load_state(out), load_state(tradeoff["base"]), load_state(tradeoff["ft"])
-    torch.testing.assert_close(merged["lm_head.weight"], base["lm_head.weight"] + 0.2 * (ft["lm_head.weight"] - base["lm_head.weight"]))
+    torch.testing.assert_close(merged["lm_head.weight"],
+                               base["lm_head.weight"] + 0.2 * (ft["lm_head.weight"] - base["lm_head.weight"]))

@@ -320,7 +320,8 @@ def slerp(f):
         "merge_method": "slerp",
         "base_model": str(f["base"]),
         "models": [entry(f["base"]), entry(f["ft2"])],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]},
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]},
+                             {"value": 0.5}]},
     }
 
 
@@ -444,7 +445,8 @@ def test_bfloat16_recipe_within_one_ulp(llama_family, run_both):
     # not vacuous: the bf16 merge is still close to the float32 merge of the same recipe
     recipe["dtype"] = "float32"
     exact, _ = run_both(recipe)
-    assert_same_tensors({k: v.to(torch.bfloat16) for k, v in exact.items()}, ours, atol=BF16_ATOL, rtol=BF16_RTOL, label="bf16 vs f32")
+    assert_same_tensors({k: v.to(torch.bfloat16) for k, v in exact.items()}, ours, atol=BF16_ATOL, rtol=BF16_RTOL,
+                        label="bf16 vs f32")
 
 
 # --------------------------------------------------------------------------- DARE (random): statistics

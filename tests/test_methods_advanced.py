@@ -96,7 +96,8 @@ def test_consensus_ties_global_matches_flattened_restatement(make_folder, tmp_pa
     shapes = {"a.weight": (16, 8), "b.weight": (8, 8), "c.bias": (8,)}
     base, models, (base_path, *model_paths) = write_family(make_folder, shapes, 3)
     params = {"multi_task": "ties", "granularity": "global", "k": k, "lambda": 0.6}
-    recipe = {"merge_method": "consensus", "base_model": str(base_path), "models": [{"model": str(p)} for p in model_paths], "parameters": params}
+    recipe = {"merge_method": "consensus", "base_model": str(base_path), "models": [{"model": str(p)} for p in model_paths],
+              "parameters": params}
     merge(recipe, str(tmp_path / "out"))
     keys = sorted(shapes)
     taus = torch.stack([flat(m, keys) - flat(base, keys) for m in models])
@@ -111,7 +112,8 @@ def test_consensus_ties_global_matches_flattened_restatement(make_folder, tmp_pa
     expected = flat(base, keys) + 0.6 * multi * (count >= k)
     assert torch.allclose(flat(load_state(tmp_path / "out"), keys), expected, atol=1e-6)
     if k == 0:  # equals ties in global mode with the disjoint sum
-        ties = dict(recipe, merge_method="ties", parameters={"density": 0.2, "granularity": "global", "normalize": False, "lambda": 0.6})
+        ties = dict(recipe, merge_method="ties",
+                    parameters={"density": 0.2, "granularity": "global", "normalize": False, "lambda": 0.6})
         merge(ties, str(tmp_path / "ties"))
         for key, v in load_state(tmp_path / "ties").items():
             assert torch.equal(load_state(tmp_path / "out")[key], v), key
@@ -181,7 +183,8 @@ def test_pcb_single_model_keeps_the_clipped_top_entries():
 def test_pcb_tensor_mode_matches_released_algorithm(ratio, clip):
     base = randn(12, 9, seed=9)
     taus = [randn(12, 9, seed=s) * 0.01 * s for s in (10, 11, 12)]
-    out = run_method("pcb", base, [base + t for t in taus], {"ratio": ratio, "clip_ratio": clip, "lambda": 1.3, "granularity": "tensor"})
+    out = run_method("pcb", base, [base + t for t in taus],
+                     {"ratio": ratio, "clip_ratio": clip, "lambda": 1.3, "granularity": "tensor"})
     m = torch.stack([((base + t) - base).reshape(-1) for t in taus])
     expected = base.reshape(-1) + official_pcb(m, ratio, clip, 1.3)
     assert torch.allclose(out.reshape(-1), expected, atol=1e-6)

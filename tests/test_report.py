@@ -69,7 +69,8 @@ def run_chromium(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProc
 
 def console_errors(stderr: str) -> list[str]:
     """Console messages Chromium logs at warning/error level (``CONSOLE`` lines), and uncaught exceptions."""
-    return [line for line in stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line or ":WARNING:" in line)]
+    return [line for line in stderr.splitlines()
+            if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line or ":WARNING:" in line)]
 
 
 def test_console_error_detector_catches_an_error(tmp_path):

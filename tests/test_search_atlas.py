@@ -66,7 +66,8 @@ def _fine_tune(src, dst, data_path, steps=25):
     batch = next(batches(lm, encode(lm, load_data(data_path), 64), "classification", 64))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        loss = torch.nn.functional.cross_entropy(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -88,7 +89,8 @@ def test_learning_lowers_the_loss_and_the_output_is_the_composition(dd, tmp_path
     assert len(result.history) == 12 and result.history[-1]["validation"] >= result.history[0]["validation"]
 
     out = tmp_path / "out"
-    _atlas(dd["cls"], ft, "--data", dd["labelled"], "--val", dd["labelled"], "--steps", 12, "--lr", 0.08, "--batch-size", 9, "-o", out)
+    _atlas(dd["cls"], ft, "--data", dd["labelled"], "--val", dd["labelled"], "--steps", 12, "--lr", 0.08, "--batch-size", 9,
+           "-o", out)
     log = json.loads((out / "atlas.json").read_text())
     coeffs = log["coefficients"][str(ft)]
     merged, base, tuned = load_state(out), load_state(dd["cls"]), load_state(ft)

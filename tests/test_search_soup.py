@@ -51,7 +51,8 @@ def test_soup_end_to_end_rejects_the_harmful_ingredient(dd, tmp_path, accept_tie
     copy = shutil.copytree(dd["cls1"], tmp_path / "copy")  # identical to cls1: averaging with it changes nothing
     noisy = perturb(dd["cls1"], tmp_path / "noisy", seed=9, scale=3.0)  # ruins the classifier
     out = tmp_path / "soup"
-    text, log = _soup([noisy, copy, dd["cls1"]], dd["labelled"], out, "--metric", "loss", *(["--accept-ties"] if accept_ties else []))
+    text, log = _soup([noisy, copy, dd["cls1"]], dd["labelled"], out, "--metric", "loss",
+                      *(["--accept-ties"] if accept_ties else []))
     steps = log["steps"]
     # copy and cls1 tie as ingredients and keep their given order; the noisy model scores worst
     assert [s["model"] for s in steps] == [str(copy), str(dd["cls1"]), str(noisy)]
@@ -73,7 +74,8 @@ def _antithetic(src: Path, root: Path, scale: float) -> tuple[Path, Path]:
     out = []
     for sign, name in ((1, "plus"), (-1, "minus")):
         folder = shutil.copytree(src, root / name)
-        save_file({k: v + sign * delta[k] for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v + sign * delta[k] for k, v in state.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
         out.append(folder)
     return out[0], out[1]
 
@@ -89,7 +91,8 @@ def test_soup_accepts_an_ingredient_that_cancels_the_others_error(dd, tmp_path):
     base = load_model(dd["cls"], "classification")
     items = load_data(dd["labelled"]).items
     data = tmp_path / "self.jsonl"
-    data.write_text("".join(json.dumps({"text": i.text, "label": o.predicted}) + "\n" for i, o in zip(items, classify(base, items, max_length=64))))
+    data.write_text("".join(json.dumps({"text": i.text, "label": o.predicted}) + "\n"
+                            for i, o in zip(items, classify(base, items, max_length=64))))
     plus, minus = _antithetic(dd["cls"], tmp_path, 0.5)
     out = tmp_path / "soup"
     _, log = _soup([plus, minus], data, out, "--quiet")

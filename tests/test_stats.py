@@ -162,7 +162,8 @@ def test_fisher_merge_refuses_a_missing_or_mismatched_file(dd, tmp_path):
         merge(recipe, tmp_path / "out")
     gram = tmp_path / "g.safetensors"
     cli("gram", dd["cls1"], "--data", dd["labelled"], "-o", gram)
-    recipe["models"] = [{"model": str(dd["cls1"]), "parameters": {"fisher": str(gram)}}, {"model": str(dd["cls2"]), "parameters": {"fisher": str(gram)}}]
+    recipe["models"] = [{"model": str(dd["cls1"]), "parameters": {"fisher": str(gram)}},
+                        {"model": str(dd["cls2"]), "parameters": {"fisher": str(gram)}}]
     merge(recipe, tmp_path / "out2")  # a file without any Fisher: every tensor falls back to the average
     merged, a, b = load_state(tmp_path / "out2"), load_state(dd["cls1"]), load_state(dd["cls2"])
     for n in merged:

@@ -113,7 +113,8 @@ def test_replay_is_redrawn_each_epoch_inside_the_trainer(tiny_lm, tmp_path, monk
 
 def test_cli_train_causal_lm_writes_adapter_and_log(tiny_lm, tmp_path):
     out = tmp_path / "run"
-    res = _cli(tiny_lm["model"], "--data", tiny_lm["jsonl"], "-o", out, "--method", "lora", "--max-steps", "2", "--batch-size", "4", "--rank", "2")
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["jsonl"], "-o", out, "--method", "lora", "--max-steps", "2",
+               "--batch-size", "4", "--rank", "2")
     assert res.exit_code == 0, res.output
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     log = json.loads((out / "training_log.json").read_text())
@@ -136,7 +137,8 @@ def test_classification_label_names_are_saved_and_evaluated(tiny_lm, tmp_path):
     from deltawise.eval.runner import EvalOptions, evaluate
 
     out = tmp_path / "full"
-    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "full", "--max-steps", "1")
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "full",
+               "--max-steps", "1")
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
@@ -151,7 +153,8 @@ def test_classification_trains_head_and_reloads(tiny_lm, tmp_path):
     from adapt_util import base_model, batch_of, logits
 
     out = tmp_path / "cls"
-    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "lora", "--max-steps", "2", "--rank", "2", "--lr", "1e-2")
+    res = _cli(tiny_lm["model"], "--data", tiny_lm["cls"], "-o", out, "--task", "classification", "--method", "lora",
+               "--max-steps", "2", "--rank", "2", "--lr", "1e-2")
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "deltawise_train.json").read_text())
     assert meta["label2id"] == {"neg": 0, "pos": 1}
@@ -216,9 +219,12 @@ def test_real_tiny_gguf_converts_to_the_same_model_and_trains(tiny_lm, tmp_path,
     monkeypatch.setenv("DELTAWISE_CACHE", str(tmp_path / "cache"))
     folder = resolve_gguf(gguf_file)
     batch = batch_of(tiny_lm)
-    torch.testing.assert_close(logits(base_model(folder), batch), logits(base_model(tiny_lm["model"]), batch), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits(base_model(folder), batch), logits(base_model(tiny_lm["model"]), batch),
+                               atol=1e-6, rtol=1e-5)
     text = "Beautiful is better than ugly."
-    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_lm["model"])(text)["input_ids"]
-    res = _cli(gguf_file, "--data", tiny_lm["data"], "-o", tmp_path / "out", "--method", "lora", "--max-steps", "1", "--rank", "2")
+    assert (AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+            == AutoTokenizer.from_pretrained(tiny_lm["model"])(text)["input_ids"])
+    res = _cli(gguf_file, "--data", tiny_lm["data"], "-o", tmp_path / "out", "--method", "lora", "--max-steps", "1",
+               "--rank", "2")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

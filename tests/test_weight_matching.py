@@ -15,7 +15,8 @@ from deltawise.merge.permutation_specs import mlp_chain_spec
 
 
 def run(a, b, out, **params):
-    return merge({"merge_method": "weight_matching", "models": [{"model": str(a)}, {"model": str(b)}], "parameters": params, "seed": 3}, str(out))
+    return merge({"merge_method": "weight_matching", "models": [{"model": str(a)}, {"model": str(b)}], "parameters": params,
+                  "seed": 3}, str(out))
 
 
 def mlp(seed: int) -> dict[str, torch.Tensor]:
@@ -102,10 +103,13 @@ def permute_llama(state: dict, cfg, gen) -> dict:
             out[f"{p}mlp.{name}.weight"] = out[f"{p}mlp.{name}.weight"][units]
         out[f"{p}mlp.down_proj.weight"] = out[f"{p}mlp.down_proj.weight"][:, units]
         groups = torch.randperm(kv, generator=gen) if layer else torch.arange(kv).roll(1)  # layer 0 surely moves
-        out[f"{p}self_attn.q_proj.weight"] = out[f"{p}self_attn.q_proj.weight"].reshape(kv, -1, hidden)[groups].reshape(-1, hidden)
+        out[f"{p}self_attn.q_proj.weight"] = (out[f"{p}self_attn.q_proj.weight"].reshape(kv, -1, hidden)[groups]
+                                              .reshape(-1, hidden))
         for name in ("k_proj", "v_proj"):
-            out[f"{p}self_attn.{name}.weight"] = out[f"{p}self_attn.{name}.weight"].reshape(kv, hd, hidden)[groups].reshape(-1, hidden)
-        out[f"{p}self_attn.o_proj.weight"] = out[f"{p}self_attn.o_proj.weight"].reshape(hidden, kv, -1)[:, groups].reshape(hidden, -1)
+            out[f"{p}self_attn.{name}.weight"] = (out[f"{p}self_attn.{name}.weight"].reshape(kv, hd, hidden)[groups]
+                                                  .reshape(-1, hidden))
+        out[f"{p}self_attn.o_proj.weight"] = (out[f"{p}self_attn.o_proj.weight"].reshape(hidden, kv, -1)[:, groups]
+                                              .reshape(hidden, -1))
     return out
 
 
@@ -149,7 +153,8 @@ def test_llama_permuted_b_keeps_its_function(tmp_path):
 def test_bert_permuted_b_keeps_its_function(tmp_path):
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+                     max_position_embeddings=64)
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         BertModel(cfg).save_pretrained(tmp_path / name)
@@ -174,4 +179,5 @@ def test_refusals(make_folder, tmp_path):
     with pytest.raises(RecipeError, match="nothing to permute"):
         run(flat, flat2, tmp_path / "o")
     with pytest.raises(RecipeError, match="cannot be excluded"):
-        merge({"merge_method": "weight_matching", "models": [{"model": str(a)}, {"model": str(b)}], "exclude": ["layers\\.1\\.bias"]}, str(tmp_path / "o"))
+        merge({"merge_method": "weight_matching", "models": [{"model": str(a)}, {"model": str(b)}],
+               "exclude": ["layers\\.1\\.bias"]}, str(tmp_path / "o"))

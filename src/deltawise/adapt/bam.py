@@ -152,7 +152,8 @@ def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
     from deltawise.adapt.methods import get_method
     from deltawise.io.reader import ModelReader
 
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("model", "data", "output", "replay", "overwrite", "progress")}
+    train = {k: v for k, v in asdict(cfg.train).items()
+             if k not in ("model", "data", "output", "replay", "overwrite", "progress")}
     # resolved (validated, defaults filled), so giving a parameter its default value is the same run
     train["method_params"] = get_method(cfg.train.method, cfg.train.method_params).values
     return {
@@ -293,10 +294,12 @@ def _train_branch(tc: TrainConfig, start: Path, bdir: Path, j: int, k: int, inde
         shutil.rmtree(bdir)  # an unfinished branch (no done marker) is redone from scratch
     bdir.mkdir(parents=True)
     data = bdir / "data.jsonl"
-    data.write_text("".join(json.dumps(_example_record(e, tc.task), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    data.write_text("".join(json.dumps(_example_record(e, tc.task), ensure_ascii=False) + "\n" for e in examples),
+                    encoding="utf-8")
     tell(f"round {j} branch {k}: training {tc.method} on slice {index + 1} ({len(examples)} examples)")
     # every branch is its own run: the LR schedule (warmup + decay) restarts in each one
-    cfg = dataclasses.replace(tc, model=start, data=data, output=bdir / "train", seed=tc.seed + index, overwrite=True, progress=False)
+    cfg = dataclasses.replace(tc, model=start, data=data, output=bdir / "train", seed=tc.seed + index,
+                              overwrite=True, progress=False)
     result = run_train(cfg)
     model = materialize(bdir / "train", start, bdir / "model")
     record = {

@@ -68,7 +68,8 @@ def label_mapping(examples: list[Example]) -> dict[Any, int]:
     return {x: i for i, x in enumerate(sorted(str(x) for x in labels))}
 
 
-def tokenize(examples: list[Example], tokenizer, max_length: int, task: str, label2id: dict | None = None) -> list[dict[str, list[int]]]:
+def tokenize(examples: list[Example], tokenizer, max_length: int, task: str,
+             label2id: dict | None = None) -> list[dict[str, list[int]]]:
     """Tokenize to lists of ids. Causal LM: ``labels`` copy the ids, with prompt tokens masked out;
     an EOS token ends each document so the model learns where documents stop."""
     rows = []

@@ -112,7 +112,8 @@ def _make_trainer_class():
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                opt = self.method.make_optimizer(self.model, self.args.learning_rate, self.args.weight_decay, self.args.max_grad_norm)
+                opt = self.method.make_optimizer(self.model, self.args.learning_rate, self.args.weight_decay,
+                                                 self.args.max_grad_norm)
                 if opt is not None:
                     self.optimizer = opt
                     return opt
@@ -286,7 +287,8 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             tok.save_pretrained(staging)
             meta = {
                 "method": method.name, "kind": method.kind, "base_model": str(cfg.model), "task": cfg.task,
-                "trainable_params": trainable, "total_params": total, "label2id": {str(k): v for k, v in (label2id or {}).items()},
+                "trainable_params": trainable, "total_params": total,
+                "label2id": {str(k): v for k, v in (label2id or {}).items()},
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                 "method_params": method.values, "method_record": method.record(), "seconds": seconds,
                 "steps": trainer.state.global_step,

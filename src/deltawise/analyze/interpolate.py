@@ -51,12 +51,14 @@ def _differences(model: torch.nn.Module, b_path: Path) -> dict[str, torch.Tensor
     state = model.state_dict()
     reader = ModelReader(b_path)
     try:
-        problems = [f"{n!r} missing from {b_path}" for n, v in state.items() if v.is_floating_point() and n not in reader and not _tied(model, n)]
+        problems = [f"{n!r} missing from {b_path}" for n, v in state.items()
+                    if v.is_floating_point() and n not in reader and not _tied(model, n)]
         problems += [f"{n!r}: shape {tuple(reader.info(n).shape)} vs {tuple(state[n].shape)}" for n in reader.keys()
                      if n in state and tuple(reader.info(n).shape) != tuple(state[n].shape)]
         if problems:
             raise InputError("the two models differ in architecture:\n" + bullet_list(problems))
-        return {n: reader.get(n).to(state[n].dtype) - state[n] for n in reader.keys() if n in state and state[n].is_floating_point()}
+        return {n: reader.get(n).to(state[n].dtype) - state[n] for n in reader.keys()
+                if n in state and state[n].is_floating_point()}
     finally:
         reader.close()
 
@@ -86,7 +88,8 @@ def interpolation_curve(a_ref: str, b_ref: str, data: Path, options: Interpolati
         for step, lam in enumerate(lambdas):
             for n, d in diff.items():
                 params[n].copy_(start[n] + lam * d)
-            ppl = perplexity(lm_a.model, docs, max_length=max_length, stride=stride, batch_size=opts.batch_size, pad_id=lm_a.pad_id)
+            ppl = perplexity(lm_a.model, docs, max_length=max_length, stride=stride, batch_size=opts.batch_size,
+                             pad_id=lm_a.pad_id)
             losses.append(ppl.mean_nll)
             ppls.append(ppl.value)
             n_tokens = ppl.n_tokens

@@ -156,7 +156,8 @@ def _datasets_items(path: Path) -> list[Item]:
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
-        raise InputError(f"{path} is a `datasets` folder, but the `datasets` package is not installed (pip install datasets)") from None
+        raise InputError(f"{path} is a `datasets` folder, but the `datasets` package is not installed "
+                         "(pip install datasets)") from None
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         # A DatasetDict holds splits; evaluating on a test split is the only safe default.

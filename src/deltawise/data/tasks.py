@@ -73,7 +73,8 @@ def batches(lm: LoadedModel, rows: list[dict], task: Task, batch_size: int) -> I
         yield {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
 
 
-def endless_batches(lm: LoadedModel, rows: list[dict], task: Task, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def endless_batches(lm: LoadedModel, rows: list[dict], task: Task, batch_size: int,
+                    seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches forever (a new order every pass), for training loops that count steps."""
     rng = random.Random(seed)
     while True:

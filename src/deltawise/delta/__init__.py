@@ -2,7 +2,8 @@
 
 A fine-tuned model is ``base + delta``. Each tensor's delta has a type (``dense``, ``lowrank``,
 ``sparse``, ``ternary``, ``spectral``, ``tall``, and ``full`` for a new value taken as is); a
-delta folder stores many of them with the identity of the base they belong to. ``DeltaReader`` reads ``base + delta`` like a checkpoint.
+delta folder stores many of them with the identity of the base they belong to. ``DeltaReader`` reads
+``base + delta`` like a checkpoint.
 """
 
 from deltawise.delta.base import KINDS, TensorDelta

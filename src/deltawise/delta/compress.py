@@ -75,8 +75,10 @@ def compress_delta(
     if method not in ("compeft", "topk"):
         raise DeltawiseError(f"unknown compression method {method!r}; use compeft, topk or tall")
     source = open_source(delta, base)
-    header = {"method": method, "parameters": {"density": density, "alpha": alpha} if method == "compeft" else {"density": density},
-              "base": source.base, "source": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method")}}
+    header = {"method": method,
+              "parameters": {"density": density, "alpha": alpha} if method == "compeft" else {"density": density},
+              "base": source.base,
+              "source": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method")}}
     rows: list[TensorRow] = []
     names = source.names()
     with DeltaWriter(Path(out), header, [(delta, source.folder)], overwrite=overwrite) as writer:

@@ -68,7 +68,8 @@ def extract_lora(
         raise DeltawiseError(f"--energy is a fraction in (0, 1], got {energy}")
     pair = open_pair(finetuned, base)
     out = Path(out)
-    check_output_folder(out, [(base, f) for f in pair.base.input_folders()] + [(finetuned, f) for f in pair.finetuned.input_folders()], overwrite)
+    check_output_folder(out, [(base, f) for f in pair.base.input_folders()]
+                        + [(finetuned, f) for f in pair.finetuned.input_folders()], overwrite)
     architectures = (pair.base.config or {}).get("architectures") or []
     if task_type is None and any(a.endswith("ForCausalLM") for a in architectures):
         task_type = "CAUSAL_LM"
@@ -103,10 +104,12 @@ def extract_lora(
             f"module(s) {', '.join(sorted(bad_modules))} have both a LoRA weight and another changed tensor (e.g. a bias); "
             "PEFT cannot store both: pass --non-linear skip"
         )
-    sidecar = {"format": "deltawise-peft", "method": "lora-svd", "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear},
+    sidecar = {"format": "deltawise-peft", "method": "lora-svd",
+               "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear},
                "base": base_identity(pair.base), "finetuned": {"label": finetuned, "fingerprint": pair.finetuned.fingerprint()}}
     with staged_output(out) as staging:
         write_peft_adapter(staging, lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type, sidecar=sidecar)
     ranks = [d.rank for d in lowrank.values()]
-    summary = {"lora_tensors": len(lowrank), "modules_to_save": len(full), "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0)}
+    summary = {"lora_tensors": len(lowrank), "modules_to_save": len(full),
+               "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0)}
     return DeltaResult(out, rows, warnings, summary)

@@ -77,12 +77,15 @@ class PeftAdapter:
             raise InputError(f"adapter {self.folder}: cannot read {CONFIG} ({exc})") from None
         peft_type = str(self.config.get("peft_type", "")).upper()
         if peft_type not in SUPPORTED:
-            raise InputError(f"adapter {self.folder}: peft_type {peft_type or '?'} is not supported (supported: {', '.join(SUPPORTED)})")
+            raise InputError(f"adapter {self.folder}: peft_type {peft_type or '?'} is not supported "
+                             f"(supported: {', '.join(SUPPORTED)})")
         if self.config.get("use_dora"):
-            raise InputError(f"adapter {self.folder}: DoRA adapters rescale the weight column-wise and are not an additive delta; merge them with PEFT first")
+            raise InputError(f"adapter {self.folder}: DoRA adapters rescale the weight column-wise and are not an additive "
+                             "delta; merge them with PEFT first")
         weights = self.folder / WEIGHTS
         if not weights.is_file():
-            hint = " (adapter_model.bin is pickle: convert it to safetensors)" if (self.folder / "adapter_model.bin").exists() else ""
+            hint = (" (adapter_model.bin is pickle: convert it to safetensors)"
+                    if (self.folder / "adapter_model.bin").exists() else "")
             raise InputError(f"adapter {self.folder}: no {WEIGHTS}{hint}")
         self.reader = ModelReader(weights, label=str(self.folder))
         self.peft_type = peft_type
@@ -120,7 +123,8 @@ class PeftAdapter:
         if self.base_reader is None:
             raise InputError(f"adapter {self.folder}: {name} needs the base model ({why})")
         if name not in self.base_reader:
-            raise InputError(f"adapter {self.folder} changes {name!r}, which the base model {self.base_reader.label!r} does not have")
+            raise InputError(f"adapter {self.folder} changes {name!r}, "
+                             f"which the base model {self.base_reader.label!r} does not have")
         return self.base_reader
 
     # ------------------------------------------------------------ the DeltaSource interface

@@ -147,7 +147,8 @@ class DeltaFile:
                 raise InputError(f"delta {self.folder} holds one delta, not several tasks; drop --task")
             return None
         if task is None:
-            raise InputError(f"delta {self.folder} holds {len(self.tasks)} tasks ({', '.join(self.tasks)}); choose one with --task")
+            raise InputError(f"delta {self.folder} holds {len(self.tasks)} tasks ({', '.join(self.tasks)}); "
+                             "choose one with --task")
         if task in self.tasks:
             return self.tasks.index(task)
         if task.isdigit() and int(task) < len(self.tasks):

@@ -61,7 +61,8 @@ def run_lm_eval(
     try:
         out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, log_samples=True)
     except Exception as exc:  # lm-eval raises many kinds for missing offline data
-        raise InputError(f"lm-eval could not run {names} offline ({type(exc).__name__}: {exc}); only tasks with local data work") from None
+        raise InputError(f"lm-eval could not run {names} offline ({type(exc).__name__}: {exc}); "
+                         "only tasks with local data work") from None
     seconds = time.perf_counter() - start
     results = []
     for role, name in tasks:

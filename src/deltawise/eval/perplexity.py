@@ -61,7 +61,8 @@ def perplexity(
     pad_id: int = 0,
     progress: Progress | None = None,
 ) -> Perplexity:
-    """exp(total NLL / total predicted tokens) over tokenized documents (token-weighted, not a mean of per-document perplexities)."""
+    """exp(total NLL / total predicted tokens) over tokenized documents (token-weighted, not a mean of
+    per-document perplexities)."""
     spans, owner = [], []
     for d, ids in enumerate(documents):
         for span in windows(ids, max_length, stride):

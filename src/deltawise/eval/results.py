@@ -95,4 +95,5 @@ def load_result(path: str | Path) -> EvalResult:
     except FileNotFoundError:
         raise InputError(f"result file {str(path)!r} not found") from None
     except ValidationError as exc:
-        raise InputError(f"{path} is not a deltawise eval result ({SCHEMA}): {exc.error_count()} problem(s), first: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+        raise InputError(f"{path} is not a deltawise eval result ({SCHEMA}): {exc.error_count()} problem(s), "
+                         f"first: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None

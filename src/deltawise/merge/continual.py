@@ -190,8 +190,11 @@ class ContinualMethod(MergeMethod):
             raise RecipeError(f"the output {out} and the state folder {folder} must not contain each other")
         state = self._load(folder)
         if state is None:
-            compute = torch.float64 if any(m.reader.info(s).dtype == torch.float64 for t in plan.merged for m, s in zip(plan.inputs, t.sources)) else torch.float32
-            state = ContinualState(self.name, self._settings(plan), plan.base.reader.fingerprint(), str(compute).removeprefix("torch."))
+            compute = (torch.float64 if any(m.reader.info(s).dtype == torch.float64
+                                            for t in plan.merged for m, s in zip(plan.inputs, t.sources))
+                       else torch.float32)
+            state = ContinualState(self.name, self._settings(plan), plan.base.reader.fingerprint(),
+                                   str(compute).removeprefix("torch."))
             folder.mkdir(parents=True, exist_ok=True)
         else:
             problems = self._compatible(plan, folder, state)

@@ -184,7 +184,8 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     todo = writer.pending_tensors()
     loader = ChunkLoader(plan, device)
     try:
-        with _single_intraop_threads(device), ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="deltawise-merge") as pool:
+        with (_single_intraop_threads(device),
+              ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="deltawise-merge") as pool):
             stats = run_stats(plan, options, loader, pool) if todo else {}
 
             def produce(t: TensorPlan) -> int:
@@ -275,7 +276,8 @@ def _finish_folder(plan: MergePlan, staging_state: Staging, shard_plan, writer: 
         "deltawise_version": _version(),
         "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
         "inputs": [{"model": r.label, "fingerprint": r.fingerprint(), "bytes": r.total_bytes()} for r in plan.readers],
-        **({"statistics": [{"file": r.label, "fingerprint": r.fingerprint()} for r in plan.side_readers]} if plan.side_readers else {}),
+        **({"statistics": [{"file": r.label, "fingerprint": r.fingerprint()} for r in plan.side_readers]}
+           if plan.side_readers else {}),
         "shards": [{"file": s.filename, "bytes": s.size, "sha256": writer.completed[s.filename]} for s in shard_plan.shards],
         "warnings": plan.warnings,
     }

@@ -141,7 +141,8 @@ class ChunkLoader:
         """Side tensors every chunk of ``t`` needs whole (Gram matrices): read once per tensor."""
         return {s.key: self._side(s, t, None, None, self.compute_dtype(t)) for s in self.plan.side_inputs if s.whole}
 
-    def _side(self, s, t: TensorPlan, start: Optional[int], stop: Optional[int], dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+    def _side(self, s, t: TensorPlan, start: Optional[int], stop: Optional[int],
+              dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = []
         for i, (reader, source) in enumerate(zip(s.readers, t.sources)):
             name = s.name_of(source)

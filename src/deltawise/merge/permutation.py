@@ -75,7 +75,8 @@ def check_spec(spec: list[PermGroup], shapes: dict[str, tuple[int, ...]]) -> lis
     return problems
 
 
-def apply_perms(x: torch.Tensor, name: str, perms: dict[str, torch.Tensor], where: dict, skip: Optional[str] = None) -> torch.Tensor:
+def apply_perms(x: torch.Tensor, name: str, perms: dict[str, torch.Tensor], where: dict,
+                skip: Optional[str] = None) -> torch.Tensor:
     """``x`` (the whole tensor ``name``) under every permutation in ``perms`` except ``skip``."""
     for group, ax in where.get(name, ()):
         if group.name != skip:

@@ -58,7 +58,8 @@ def llama_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGro
         mlp = f"{p}mlp."
         if f"{mlp}down_proj.weight" in names:
             size = shapes[f"{mlp}down_proj.weight"][1]
-            spec.append(PermGroup(f"layer{layer}.mlp", size, _with_bias(names, mlp, [("gate_proj", 1), ("up_proj", 1)]) + [Axis(f"{mlp}down_proj.weight", 1)]))
+            spec.append(PermGroup(f"layer{layer}.mlp", size, _with_bias(names, mlp, [("gate_proj", 1), ("up_proj", 1)])
+                                  + [Axis(f"{mlp}down_proj.weight", 1)]))
         attn = f"{p}self_attn."
         axes = _with_bias(names, attn, [("q_proj", group * head_dim), ("k_proj", head_dim), ("v_proj", head_dim)])
         spec.append(PermGroup(f"layer{layer}.heads", kv, axes + [Axis(f"{attn}o_proj.weight", 1, group * head_dim)]))
@@ -73,7 +74,8 @@ def bert_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> list[PermGrou
     spec = []
     for p, layer in _layers(names, roles, _BERT_FIRST):
         size = shapes[f"{p}intermediate.dense.weight"][0]
-        spec.append(PermGroup(f"layer{layer}.intermediate", size, _with_bias(names, p, [("intermediate.dense", 1)]) + [Axis(f"{p}output.dense.weight", 1)]))
+        spec.append(PermGroup(f"layer{layer}.intermediate", size, _with_bias(names, p, [("intermediate.dense", 1)])
+                              + [Axis(f"{p}output.dense.weight", 1)]))
         axes = _with_bias(names, f"{p}attention.self.", [("query", head_dim), ("key", head_dim), ("value", head_dim)])
         spec.append(PermGroup(f"layer{layer}.heads", heads, axes + [Axis(f"{p}attention.output.dense.weight", 1, head_dim)]))
     return spec

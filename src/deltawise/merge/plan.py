@@ -121,7 +121,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     method = method_cls()
     specs = {p.name: p for p in method.params}
     known = ", ".join(sorted(specs)) or "none"
-    settings = [("parameters", recipe.parameters)] + [(f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models)]
+    settings = [("parameters", recipe.parameters)] + [(f"models[{i}].parameters", e.parameters)
+                                                      for i, e in enumerate(recipe.models)]
     for where, given in settings:
         for key, setting in given.items():
             if key not in specs:
@@ -155,7 +156,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     for ref in dict.fromkeys(refs + ([recipe.base_model] if recipe.base_model else [])):
         try:
             # a delta folder or PEFT adapter reads as base + delta (the recipe's base_model when given)
-            readers[ref] = open_model(ref, allow_pickle=allow_pickle, base_ref=recipe.base_model if ref != recipe.base_model else None)
+            readers[ref] = open_model(ref, allow_pickle=allow_pickle,
+                                      base_ref=recipe.base_model if ref != recipe.base_model else None)
             warnings.extend(getattr(readers[ref], "warnings", []))
         except InputError as exc:
             input_problems.append(str(exc))

@@ -32,7 +32,8 @@ def _label(ax, xlabel: str, ylabel: str, title: str, legend: bool = False) -> No
 
 
 def tradeoff(evals: list[tuple[str, EvalResult]]) -> str | None:
-    points = [(lab, r.forgetting) for lab, r in evals if r.forgetting and r.forgetting.target_gain is not None and r.forgetting.source_retention is not None]
+    points = [(lab, r.forgetting) for lab, r in evals
+              if r.forgetting and r.forgetting.target_gain is not None and r.forgetting.source_retention is not None]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))

@@ -31,18 +31,22 @@ def figure(fig_id: str, svg: str | None, caption: str) -> str:
 def render(runs: Runs, title: str = "deltawise audit report") -> str:
     parts = [f"<h1>{escape(title)}</h1>",
              f"<p>Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
-             f"{len(runs.evals)} evaluation(s), {len(runs.weights)} weight analysis(es), {len(runs.interpolations)} interpolation curve(s).</p>"]
+             f"{len(runs.evals)} evaluation(s), {len(runs.weights)} weight analysis(es), "
+             f"{len(runs.interpolations)} interpolation curve(s).</p>"]
     parts += ["<h2>Forgetting</h2>",
               figure("fig-tradeoff", figures.tradeoff(runs.evals),
-                     "Each run's source retention against its target gain, both relative to its baseline. Up and right is better; "
+                     "Each run's source retention against its target gain, both relative to its baseline. "
+                     "Up and right is better; "
                      "points below the dashed line forgot."),
               tables.forgetting_table(runs.evals), "<h2>Evaluations</h2>", tables.eval_table(runs.evals)]
     parts += ["<h2>Interpolation curves</h2>",
               figure("fig-interpolation", figures.interpolation(runs.interpolations),
-                     "Loss along θ_A + λ(θ_B − θ_A); the barrier is the largest rise above the straight chord between the endpoints."),
+                     "Loss along θ_A + λ(θ_B − θ_A); the barrier is the largest rise above the straight chord "
+                     "between the endpoints."),
               tables.interpolation_table(runs.interpolations)]
     parts += ["<h2>Weight deltas</h2>",
-              figure("fig-layer-deltas", figures.layer_deltas(runs.weights), "Frobenius norm of each tensor's delta relative to the base tensor."),
+              figure("fig-layer-deltas", figures.layer_deltas(runs.weights),
+                     "Frobenius norm of each tensor's delta relative to the base tensor."),
               figure("fig-intruders", figures.intruder_counts(runs.weights),
                      "Top-k singular vectors of fine-tuned matrices with max |cos| < ε to every base singular vector."),
               tables.weights_table(runs.weights)]

@@ -53,7 +53,8 @@ def load_runs(paths: list[Path]) -> Runs:
         try:
             parsed = KINDS[kind].model_validate(data)
         except ValidationError as exc:
-            raise InputError(f"{f}: a {kind!r} result that does not match its schema ({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']})") from None
+            raise InputError(f"{f}: a {kind!r} result that does not match its schema "
+                             f"({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']})") from None
         {"eval": runs.evals, "weights": runs.weights, "interpolation": runs.interpolations}[kind].append((label, parsed))
     if runs.empty():
         raise InputError(f"no deltawise results (eval/analyze JSON) found in {[str(p) for p in paths]}")

@@ -26,7 +26,8 @@ def table(table_id: str, header: Sequence[str], rows: Iterable[Sequence[object]]
 def eval_table(evals: list[tuple[str, EvalResult]]) -> str:
     rows = [(lab, d.name, d.role, d.task, d.metric, d.value, d.n_items, d.n_tokens or None, d.seconds, d.tokens_per_s)
             for lab, r in evals for d in r.datasets]
-    return table("table-eval", ["run", "dataset", "role", "task", "metric", "value", "items", "tokens", "seconds", "tokens/s"], rows)
+    return table("table-eval", ["run", "dataset", "role", "task", "metric", "value", "items", "tokens", "seconds", "tokens/s"],
+                 rows)
 
 
 def forgetting_table(evals: list[tuple[str, EvalResult]]) -> str:
@@ -36,16 +37,20 @@ def forgetting_table(evals: list[tuple[str, EvalResult]]) -> str:
         if f is None:
             continue
         flips = sum(c.negative_flips.count for c in f.datasets if c.negative_flips)
-        rows.append((lab, f.baseline_model, f.target_gain, f.source_retention, f.source_retention_difference, f.forgetting_score, flips))
-    return table("table-forgetting", ["run", "baseline", "target gain", "source retention", "retention diff", "forgetting score", "negative flips"], rows)
+        rows.append((lab, f.baseline_model, f.target_gain, f.source_retention, f.source_retention_difference,
+                     f.forgetting_score, flips))
+    return table("table-forgetting", ["run", "baseline", "target gain", "source retention", "retention diff",
+                                      "forgetting score", "negative flips"], rows)
 
 
 def weights_table(analyses: list[tuple[str, WeightsAnalysis]]) -> str:
-    rows = [(lab, m.model, m.delta_norm, m.relative, m.intruders, m.matrices, a.summary.sign_conflict_rate, a.summary.selfish_rate,
-             a.summary.catastrophic_rate) for lab, a in analyses for m in a.summary.models]
-    return table("table-weights", ["run", "model", "‖Δ‖", "relative", "intruders", "matrices", "sign conflicts", "selfish", "catastrophic"], rows)
+    rows = [(lab, m.model, m.delta_norm, m.relative, m.intruders, m.matrices, a.summary.sign_conflict_rate,
+             a.summary.selfish_rate, a.summary.catastrophic_rate) for lab, a in analyses for m in a.summary.models]
+    return table("table-weights", ["run", "model", "‖Δ‖", "relative", "intruders", "matrices", "sign conflicts", "selfish",
+                                   "catastrophic"], rows)
 
 
 def interpolation_table(curves: list[tuple[str, Interpolation]]) -> str:
-    rows = [(lab, c.model_a.name, c.model_b.name, c.loss[0], c.loss[-1], c.barrier, c.barrier_lambda, len(c.lambdas)) for lab, c in curves]
+    rows = [(lab, c.model_a.name, c.model_b.name, c.loss[0], c.loss[-1], c.barrier, c.barrier_lambda, len(c.lambdas))
+            for lab, c in curves]
     return table("table-interpolation", ["run", "A", "B", "loss A", "loss B", "barrier", "at λ", "points"], rows)

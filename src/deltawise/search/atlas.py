@@ -115,7 +115,8 @@ def objective_loss(logits: torch.Tensor, batch: dict, task: str, objective: str)
     if objective == "ce":
         return F.cross_entropy(logits, batch["labels"])
     if objective == "lm":
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
     logp = torch.log_softmax(logits, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     if task == "classification":
@@ -198,7 +199,8 @@ def step_loss(model: torch.nn.Module, composer: Composer, batches: list[dict], t
     params = composer.params()
     total = torch.zeros((), device=composer.lam.device)
     for batch in batches:
-        logits = functional_call(model, params, (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+        logits = functional_call(model, params, (),
+                                 {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
         total = total + objective_loss(logits, batch, task, objective)
     return total
 
@@ -211,8 +213,8 @@ def validate(lm: LoadedModel, composer: Composer, valid: list[TaskData], options
     try:
         for n, value in composed.items():
             params[n].copy_(value)
-        scores = [score_model(lm, d, resolve_metric(d.task, "auto"), max_length=options.max_length, batch_size=options.batch_size).score
-                  for d in valid]
+        scores = [score_model(lm, d, resolve_metric(d.task, "auto"), max_length=options.max_length,
+                              batch_size=options.batch_size).score for d in valid]
     finally:
         for n, value in composer.theta0.items():
             params[n].copy_(value)
@@ -235,7 +237,8 @@ def run_atlas(base: str, models: list[str], data: list[Path], out: Path, options
     result, _, _ = learn(base, models, data, options, val)
     recipe = parse_recipe({
         "merge_method": "task_arithmetic", "base_model": base,
-        "models": [{"model": m, "parameters": {"weight": weight_rules(result.blocks, row)}} for m, row in zip(models, result.coefficients)],
+        "models": [{"model": m, "parameters": {"weight": weight_rules(result.blocks, row)}}
+                   for m, row in zip(models, result.coefficients)],
     }, "aTLAS")
     result.out = str(out)
     run_merge(build_plan(recipe), out, MergeOptions(device=options.device, threads=options.threads, overwrite=options.overwrite,

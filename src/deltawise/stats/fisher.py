@@ -53,7 +53,8 @@ def _variant(task: str, variant: str) -> str:
     return variant
 
 
-def example_log_likelihoods(logits: torch.Tensor, batch: dict, task: str, variant: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def example_log_likelihoods(logits: torch.Tensor, batch: dict, task: str, variant: str,
+                            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-likelihoods whose squared gradients are averaged, and their weights.
 
     Classification: one entry per class (``exact``, weighted by p(y|x)) or the chosen label;
@@ -79,7 +80,8 @@ def example_log_likelihoods(logits: torch.Tensor, batch: dict, task: str, varian
     return ll[None], torch.ones(1)
 
 
-def diagonal_fisher(model: torch.nn.Module, batches_of_one, task: str, variant: str, *, seed: int = 0, progress=None, total: int = 0) -> dict[str, torch.Tensor]:
+def diagonal_fisher(model: torch.nn.Module, batches_of_one, task: str, variant: str, *, seed: int = 0, progress=None,
+                    total: int = 0) -> dict[str, torch.Tensor]:
     """Per parameter name, the average over examples of the weighted squared gradients."""
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]

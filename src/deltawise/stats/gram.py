@@ -37,7 +37,8 @@ def gram_key(weight_name: str) -> Optional[str]:
 
 
 @torch.no_grad()
-def input_grams(model: torch.nn.Module, batch_iter, *, progress=None, total: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def input_grams(model: torch.nn.Module, batch_iter, *, progress=None,
+                total: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Per nn.Linear module name: sum of x x^T over its real input rows, and the row count."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}

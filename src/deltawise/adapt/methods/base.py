@@ -58,7 +58,8 @@ class Method:
         """Called right after ``optimizer.step()`` on every process (e.g. LIFT writes its masked
         entries back and refreshes its masks)."""
 
-    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer | None:
+    def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float,
+                       max_grad_norm: float) -> torch.optim.Optimizer | None:
         """A method-specific optimizer, or None for the trainer's AdamW over trainable parameters."""
         return None
 

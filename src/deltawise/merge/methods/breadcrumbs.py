@@ -20,7 +20,8 @@ from deltawise.merge.params import Param
 from deltawise.merge.sparsify import band_mask_rows, combine, trim
 from deltawise.merge.thresholds import GlobalTopK, band_passes
 
-GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0, help="fraction of largest-magnitude entries removed as outliers")
+GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0,
+              help="fraction of largest-magnitude entries removed as outliers")
 GRANULARITY = Param(
     "granularity", str, "tensor", choices=("tensor", "row", "global"),
     help="rank magnitudes per tensor (mergekit), per row (paper code) or over the whole model",

@@ -66,7 +66,8 @@ class Consensus(MergeMethod):
     def check(self, plan):
         if not _uses_ties(plan):
             return []
-        if len({t.params["multi_task"] for t in plan.merged}) > 1 and any(t.params["granularity"] == "global" for t in plan.merged):
+        if (len({t.params["multi_task"] for t in plan.merged}) > 1
+                and any(t.params["granularity"] == "global" for t in plan.merged)):
             return ["with granularity: global, multi_task must be the same for every tensor"]
         return Ties().check(plan)
 

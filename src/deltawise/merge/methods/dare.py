@@ -40,7 +40,8 @@ class _Dare(MergeMethod):
     def kept(job: TensorJob) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(task vector, its randomly kept part) per model; the masks depend only on the job's seed."""
         deltas = job.deltas()
-        return [(d, d * bernoulli_mask(d, p["density"], job.uniform(i))) for i, (d, p) in enumerate(zip(deltas, job.model_params))]
+        return [(d, d * bernoulli_mask(d, p["density"], job.uniform(i)))
+                for i, (d, p) in enumerate(zip(deltas, job.model_params))]
 
     def dropped(self, job: TensorJob) -> list[torch.Tensor]:
         kept = [k for _, k in self.kept(job)]

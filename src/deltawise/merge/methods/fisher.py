@@ -56,7 +56,8 @@ class Fisher(MergeMethod):
         Param("fisher", str, REQUIRED, scope="model", help="the model's Fisher file (.safetensors from `deltawise fisher`)"),
         WEIGHT,
         Param("normalize", bool, True, help="divide each model's Fisher by its L2 norm over all entries (official default)"),
-        Param("floor", float, 1e-6, low=0.0, help="lower bound of every (normalised) Fisher entry; avoids 0/0 for unused parameters"),
+        Param("floor", float, 1e-6, low=0.0,
+              help="lower bound of every (normalised) Fisher entry; avoids 0/0 for unused parameters"),
     )
 
     def side_inputs(self, plan):

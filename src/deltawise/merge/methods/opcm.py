@@ -40,7 +40,8 @@ ALPHA = Param(
     "alpha", float, 0.5, low=0.0, low_open=True,
     help="energy threshold: the top singular directions of the merged task vector holding this share are protected",
 )
-ZERO_DIAGONAL = Param("zero_diagonal", bool, False, help="also zero P's diagonal (the FusionBench variant; the official code does not)")
+ZERO_DIAGONAL = Param("zero_diagonal", bool, False,
+                      help="also zero P's diagonal (the FusionBench variant; the official code does not)")
 SVD_DTYPE = Param("svd_dtype", str, "float32", choices=("float32", "float64"), help="precision of the SVD")
 
 
@@ -55,7 +56,8 @@ def split_rank(s: torch.Tensor, alpha: float) -> int:
     return int((ratio > alpha).to(torch.int8).argmax())
 
 
-def project(merged_delta: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool = False, svd_dtype=torch.float32) -> torch.Tensor:
+def project(merged_delta: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool = False,
+            svd_dtype=torch.float32) -> torch.Tensor:
     """tau~: tau without its component in the top-r x top-r singular block of merged_delta."""
     d = merged_delta.to(svd_dtype)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
@@ -76,7 +78,8 @@ def project(merged_delta: torch.Tensor, tau: torch.Tensor, alpha: float, zero_di
 @register
 class Opcm(ContinualMethod):
     name = "opcm"
-    summary = "continual merging: project each new task vector off the merged one's top singular directions, rescale to the mean norm"
+    summary = ("continual merging: project each new task vector off the merged one's top singular directions, "
+               "rescale to the mean norm")
     reference = "https://arxiv.org/abs/2501.09522"
     min_models = 1
     params = (STATE, ALPHA, ZERO_DIAGONAL, SVD_DTYPE)
@@ -129,7 +132,8 @@ class Opcm(ContinualMethod):
         reader = ModelReader(unnormalised)  # pass 2: theta_bar = theta_0 + S / lambda_t
         writer = io.writer(target)
         for t in tensors:
-            write_tensor(writer, t, ((a, reader.get_rows(t.name, a, b).to(io.device).div_(lam).add_(io.base(t, a, b))) for a, b in io.rows(t)))
+            write_tensor(writer, t, ((a, reader.get_rows(t.name, a, b).to(io.device).div_(lam).add_(io.base(t, a, b)))
+                                     for a, b in io.rows(t)))
         writer.finish_empty_shards()
         reader.close()
         shutil.rmtree(unnormalised)

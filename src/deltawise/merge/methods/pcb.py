@@ -37,7 +37,8 @@ from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import LAMBDA, WEIGHT
 from deltawise.merge.params import Param
 
-RATIO = Param("ratio", float, 0.1, low=0.0, high=1.0, low_open=True, help="fraction r of entries of each task kept after balancing")
+RATIO = Param("ratio", float, 0.1, low=0.0, high=1.0, low_open=True,
+              help="fraction r of entries of each task kept after balancing")
 CLIP_RATIO = Param(
     "clip_ratio", float, 0.01, low=0.0, high=0.5, high_open=True,
     help="fraction of smallest and of largest |tau| clipped in each task before scoring (NLP code 0.01)",

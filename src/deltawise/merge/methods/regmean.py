@@ -93,7 +93,8 @@ class RegMean(MergeMethod):
                 if width is None or r.info(n).shape != (width, width):
                     problems.append(f"{r.label}: {n} has shape {list(r.info(n).shape)}; {t.name} needs [{width}, {width}]")
         if averaged:
-            plan.warnings.append(f"regmean: {averaged} tensor(s) without a Gram matrix in every file (biases, norms, embeddings) are averaged by weight")
+            plan.warnings.append(f"regmean: {averaged} tensor(s) without a Gram matrix in every file "
+                                 "(biases, norms, embeddings) are averaged by weight")
         return problems
 
     def merge(self, job: TensorJob) -> torch.Tensor:

@@ -67,7 +67,8 @@ class WeightMatching(MergeMethod):
             return ["weight_matching found nothing to permute: it supports Llama-like and BERT-like models and plain MLP chains"]
         problems = check_spec(spec, {t.name: tuple(t.out.shape) for t in plan.tensors})
         merged = {t.name for t in plan.merged}
-        problems += [f"{ax.tensor} is permuted with other tensors, so it cannot be excluded" for g in spec for ax in g.axes if ax.tensor not in merged]
+        problems += [f"{ax.tensor} is permuted with other tensors, so it cannot be excluded"
+                     for g in spec for ax in g.axes if ax.tensor not in merged]
         for key in ("max_iter",):
             if len({t.params[key] for t in plan.merged}) > 1:
                 problems.append(f"{key} must be the same for every tensor")
