@@ -45,6 +45,26 @@ def test_report_lists_forgetting_per_run(report):
     assert forgetting.count("<tr>") == 3  # header + the two runs with a baseline
 
 
+def test_report_shows_the_intervals_of_runs_that_have_them(tmp_path):
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.results import DatasetResult, EvalResult
+
+    def run(name, items):
+        ds = DatasetResult(name="qa", role="source", task="classification", path="qa", metric="accuracy",
+                           value=sum(items.values()) / len(items), higher_is_better=True, per_item=items)
+        return EvalResult(model=name, fingerprint=name, created="2026-01-01T00:00:00+00:00", datasets=[ds])
+
+    base = run("base", {str(i): 1.0 for i in range(50)})
+    ft = run("ft", {str(i): float(i % 5 != 0) for i in range(50)})
+    ft.forgetting = forgetting(ft, base)
+    base.save(tmp_path / "base.json")
+    ft.save(tmp_path / "ft.json")
+    build_report([tmp_path / "base.json", tmp_path / "ft.json"], tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    lo, hi = ft.forgetting.forgetting_score_ci
+    assert f"20 [{lo:.4g}, {hi:.4g}]" in html and "95% paired bootstrap interval" in html
+
+
 def test_report_refuses_folder_without_results(tmp_path):
     (tmp_path / "x.json").write_text('{"hello": 1}')
     with pytest.raises(InputError, match="no deltawise results"):

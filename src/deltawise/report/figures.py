@@ -40,7 +40,12 @@ def tradeoff(evals: list[tuple[str, EvalResult]]) -> str | None:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     for lab, f in points:
-        ax.scatter(f.target_gain, f.source_retention, s=36)
+        # interval bars where the run has them (paired bootstrap, eval/intervals.py)
+        xerr = (None if f.target_gain_ci is None
+                else [[f.target_gain - f.target_gain_ci[0]], [f.target_gain_ci[1] - f.target_gain]])
+        yerr = (None if f.source_retention_ci is None
+                else [[f.source_retention - f.source_retention_ci[0]], [f.source_retention_ci[1] - f.source_retention]])
+        ax.errorbar(f.target_gain, f.source_retention, xerr=xerr, yerr=yerr, fmt="o", ms=6, capsize=3, lw=1)
         ax.annotate(lab, (f.target_gain, f.source_retention), textcoords="offset points", xytext=(4, 4), fontsize=8)
     _label(ax, "target gain (mean ratio to base − 1; > 0 is better)", "source retention (mean ratio to base; 1 = nothing lost)",
            "Trade-off: what each run gained vs what it kept")

@@ -37,10 +37,20 @@ def forgetting_table(evals: list[tuple[str, EvalResult]]) -> str:
         if f is None:
             continue
         flips = sum(c.negative_flips.count for c in f.datasets if c.negative_flips)
-        rows.append((lab, f.baseline_model, f.target_gain, f.source_retention, f.source_retention_difference,
-                     f.forgetting_score, flips))
-    return table("table-forgetting", ["run", "baseline", "target gain", "source retention", "retention diff",
-                                      "forgetting score", "negative flips"], rows)
+        rows.append((lab, f.baseline_model, with_interval(f.target_gain, f.target_gain_ci),
+                     with_interval(f.source_retention, f.source_retention_ci),
+                     with_interval(f.forgetting_score, f.forgetting_score_ci), flips))
+    level = next((r.forgetting.intervals["level"] for _, r in evals if r.forgetting and r.forgetting.intervals), None)
+    caption = "" if level is None else f" [lo, hi]: {level:.0%} paired bootstrap interval over the items"
+    return table("table-forgetting", ["run", "baseline", "target gain", "source retention", "forgetting score",
+                                      "negative flips"], rows) + (f"<p class=\"note\">{escape(caption)}</p>" if caption else "")
+
+
+def with_interval(value: float | None, bounds) -> str:
+    """``0.981 [0.962, 0.999]``, or the value alone when it has no interval."""
+    if value is None or bounds is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(bounds[0])}, {fmt(bounds[1])}]"
 
 
 def weights_table(analyses: list[tuple[str, WeightsAnalysis]]) -> str:
