@@ -22,7 +22,9 @@ class Passthrough(MergeMethod):
     base_policy = "input"
     min_models = 1
     max_models = 1
-    params = (Param("scale", float, None, scope="model", help="factor on the model's tensors (default: none, copied as they are)"),)
+    params = (
+        Param("scale", float, None, scope="model", help="factor on the model's tensors (default: none, copied as they are)"),
+    )
     propagates_nonfinite = True  # a copy or a scaling of each entry
 
     def merge(self, job: TensorJob) -> torch.Tensor:
