@@ -345,3 +345,14 @@ def test_passthrough_without_scale_copies_the_bytes(bf16_family, tmp_path):
 def test_input_counts_refused_as_mergekit_does(llama_family, tmp_path, recipe, message):
     with pytest.raises(RecipeError, match=message):
         run_deltawise(write_recipe(tmp_path / "recipe.yaml", recipe(llama_family)), tmp_path / "out")
+
+
+def test_multislerp_of_cancelling_inputs_falls_back_or_is_refused():
+    """As mergekit: a vanishing weighted mean falls back to the weighted sum for two models and
+    is an error for more."""
+    from deltawise.errors import DeltawiseError
+
+    a = torch.arange(1.0, 7.0).reshape(2, 3)
+    torch.testing.assert_close(merge_in_memory("multislerp", None, [a, -a]), 0.5 * a + 0.5 * -a)
+    with pytest.raises(DeltawiseError, match="antipodal"):
+        merge_in_memory("multislerp", None, [a, -a, a.flip(0)], model_params=[{"weight": 1.0}, {"weight": 1.0}, {"weight": 0.0}])
