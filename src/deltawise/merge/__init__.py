@@ -2,6 +2,7 @@
 
 import os
 
+from deltawise.merge.api import merge_state_dicts
 from deltawise.merge.base import REGISTRY, MergeMethod, TensorJob, register
 from deltawise.merge.engine import MergeOptions, MergeResult, run_merge
 from deltawise.merge.plan import MergePlan, build_plan
@@ -10,6 +11,7 @@ from deltawise.merge.recipe import Recipe, load_recipe, parse_recipe
 __all__ = [
     "REGISTRY", "MergeMethod", "TensorJob", "register", "MergeOptions", "MergeResult", "run_merge",
     "MergePlan", "build_plan", "Recipe", "load_recipe", "parse_recipe", "merge",
+    "merge_state_dicts",
 ]
 
 

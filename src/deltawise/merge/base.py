@@ -134,8 +134,9 @@ class MergeMethod:
     summary: ClassVar[str]
     reference: ClassVar[str] = ""
     # "required": tensors are merged relative to base_model; "input": base_model, if given, is
-    # one more input (appended when not listed under models, as mergekit does)
-    base_policy: ClassVar[Literal["required", "input"]] = "required"
+    # one more input (appended when not listed under models, as mergekit does); "optional":
+    # relative to base_model when one is given (job.base), of the models themselves otherwise
+    base_policy: ClassVar[Literal["required", "input", "optional"]] = "required"
     min_models: ClassVar[int] = 1  # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     params: ClassVar[tuple[Param, ...]] = ()

@@ -60,7 +60,7 @@ class ChunkLoader:
     def __init__(self, plan: MergePlan, device: torch.device):
         self.plan = plan
         self.device = device
-        self.base_reader = plan.base.reader if plan.base is not None and plan.method.base_policy == "required" else None
+        self.base_reader = plan.base.reader if plan.base is not None and plan.method.base_policy != "input" else None
         self.buffers = ScratchBuffers(pin=device.type == "cuda")
         # methods whose every output entry turns NaN/inf when any input entry is: their
         # inputs need no screen of their own, the (cheaper, single) check of the result covers them

@@ -169,7 +169,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     if recipe.base_model is not None:
         base_entry = next((m for ref, m in entries.items() if same_model(ref, recipe.base_model)), None)
         base = base_entry or InputModel(recipe.base_model, readers[recipe.base_model])
-    if method.base_policy == "required":
+    if method.base_policy != "input":
         inputs = [m for m in entries.values() if base is None or m is not base]
     else:
         inputs = list(entries.values()) + ([base] if base is not None and all(m is not base for m in entries.values()) else [])
@@ -186,7 +186,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     num_layers = roles.num_layers(template.reader.keys())
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
-    base_reader = base.reader if (base and method.base_policy == "required") else None
+    base_reader = base.reader if (base and method.base_policy != "input") else None
 
     tensors: list[TensorPlan] = []
     vocab_warned: set[str] = set()
