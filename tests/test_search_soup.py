@@ -95,7 +95,7 @@ def test_soup_accepts_an_ingredient_that_cancels_the_others_error(dd, tmp_path):
                             for i, o in zip(items, classify(base, items, max_length=64))))
     plus, minus = _antithetic(dd["cls"], tmp_path, 0.5)
     out = tmp_path / "soup"
-    _, log = _soup([plus, minus], data, out, "--quiet")
+    _, log = _soup([plus, minus], data, out, "--quiet", "--heldout-fraction", "0")  # every item, in-sample
     alone = [s["ingredient_value"] for s in log["steps"]]
     assert max(alone) < 1.0
     assert [s["accepted"] for s in log["steps"]] == [True, True] and log["value"] == 1.0
@@ -104,3 +104,33 @@ def test_soup_accepts_an_ingredient_that_cancels_the_others_error(dd, tmp_path):
         assert torch.equal(soup[k], (a[k] + b[k]) / 2)
     got = score_model(load_model(out, "classification"), load_data(data), "accuracy", max_length=256)
     assert got.value == log["value"]
+
+
+def test_soup_chooses_on_the_selection_split_and_reports_on_held_out_items(dd, tmp_path):
+    from deltawise.data.read import load_items
+    from deltawise.search.splits import split_items
+
+    out = tmp_path / "soup"
+    text, log = _soup([dd["cls1"], dd["cls2"]], dd["labelled"], out, "--split-seed", "2")
+    selection, heldout = split_items(load_items(dd["labelled"]), 0.5, 2, 0)
+    assert log["split"] == {"file": str(dd["labelled"]), "heldout_file": None, "selection_items": len(selection),
+                            "heldout_items": len(heldout)}
+    held = log["heldout"]
+    assert held["items"] == len(heldout) and held["metric"] == "accuracy"
+    assert held["best_ingredient"]["model"] == log["steps"][0]["model"]
+    # the held-out numbers are what eval reports for the written soup and that ingredient on those items
+    from deltawise.eval.runner import EvalOptions, evaluate
+    from deltawise.search.splits import write_items
+
+    held_file = write_items(tmp_path / "held.jsonl", heldout)
+    opts = EvalOptions(max_length=256)
+    soup_acc = evaluate(str(out), [held_file], [], opts).datasets[0].value
+    best_acc = evaluate(held["best_ingredient"]["model"], [held_file], [], opts).datasets[0].value
+    assert held["soup"] == pytest.approx(soup_acc) and held["best_ingredient"]["value"] == pytest.approx(best_acc)
+    assert held["ratio_ci"] is None or held["ratio_ci"][0] <= held["ratio_to_best_ingredient"] <= held["ratio_ci"][1]
+    assert "held out" in text and "in-sample" not in text
+
+
+def test_an_in_sample_soup_says_so(dd, tmp_path):
+    text, log = _soup([dd["cls1"], dd["cls2"]], dd["labelled"], tmp_path / "soup", "--heldout-fraction", "0")
+    assert log["heldout"] is None and any("in-sample" in w for w in log["warnings"]) and "in-sample" in text

@@ -190,6 +190,15 @@ class EngineOptions:
 
 
 @dataclass
+class SplitOptions:
+    """Choose on one split of the data, report on another (search/splits.py): a seeded cut by item."""
+
+    heldout_fraction: float = option(0.5, "share of the search data's items held out: the search chooses on the rest "
+                                     "and reports its choice on these", min=0.0, max=0.95)
+    split_seed: int = option(0, "seed of the selection/held-out cut")
+
+
+@dataclass
 class BudgetSearchOptions:
     """Retention-budget merging (docs/merging.md): search the method's parameters for the best target
     score that keeps every source's retention above its minimum."""
@@ -204,9 +213,6 @@ class BudgetSearchOptions:
     baseline: Optional[str] = option(None, "the model retention is measured against (default: base_model)")
     report: Optional[Path] = option(None, "write the search (every point, Pareto front, choice) as JSON here "
                                     "(default: OUTPUT/deltawise_budget.json)")
-    heldout_fraction: float = option(0.5, "share of each --retain/--target file's items held out: points are chosen on "
-                                     "the rest, the chosen one is reported on these", min=0.05, max=0.95)
-    split_seed: int = option(0, "seed of the selection/held-out cut")
     heldout_retain: list[Path] = option(factory=list, help="held-out file for the --retain of the same position "
                                         "(repeatable; instead of cutting the --retain files)")
     heldout_target: list[Path] = option(factory=list, help="held-out file for the --target of the same position (repeatable)")

@@ -18,7 +18,7 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, RunOptions
+from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, RunOptions, SplitOptions
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -72,20 +72,21 @@ def merge(
 
 
 @options("intervals", IntervalOptions)
+@options("split", SplitOptions)
 @options("search", BudgetSearchOptions)
 @options("engine", EngineOptions)
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...,
-           intervals: IntervalOptions = ...) -> None:
+           split: SplitOptions = ..., intervals: IntervalOptions = ...) -> None:
     """Retention-budget merging: search the recipe method's parameters for the best --target score
     that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md).
 
     Points are chosen on a selection split of the data and the chosen one is reported on a held-out split."""
-    _run_budget(recipe, run, engine, search, intervals)
+    _run_budget(recipe, run, engine, search, intervals, split)
 
 
 def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions,
-                intervals: IntervalOptions | None = None) -> None:
+                intervals: IntervalOptions | None = None, split: SplitOptions | None = None) -> None:
     from deltawise.eval.runner import EvalOptions
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, load_recipe
@@ -98,8 +99,8 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
         budget_options = BudgetOptions(
             retain=[RetentionBudget.parse(r) for r in search.retain], targets=list(search.target),
             grid=_search_grid(search.search_param), refine=search.refine, most_retentive=search.most_retentive,
-            baseline=search.baseline, allow_pickle=engine.allow_pickle, heldout_fraction=search.heldout_fraction,
-            split_seed=search.split_seed, heldout_retain=list(search.heldout_retain),
+            baseline=search.baseline, allow_pickle=engine.allow_pickle, split=split or SplitOptions(),
+            heldout_retain=list(search.heldout_retain),
             heldout_targets=list(search.heldout_target), intervals=intervals or IntervalOptions(),
             eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device),
             merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),

@@ -9,9 +9,13 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress, warn
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, RunOptions
+from deltawise.options import DataOptions, IntervalOptions, RunOptions, SplitOptions
 
 
+@options("intervals", IntervalOptions)
+@options("split", SplitOptions, override={"heldout_fraction": {
+    "help": "share of --data's items held out: ingredients are chosen on the rest, the soup is reported on these "
+            "(0: in-sample, with a warning)"}})
 @options("data_options", DataOptions, override={"max_examples": {"help": "score on the first N examples"},
                                                 "max_length": {"help": "tokens per example / window"},
                                                 "batch_size": {"help": "sequences per forward pass"}})
@@ -21,14 +25,19 @@ from deltawise.options import DataOptions, RunOptions
     "quiet": {"help": "no progress bar or table"}})
 def soup(
     models: list[str] = typer.Argument(..., help="ingredient models (fine-tuned from one init, same architecture)"),
-    data: Path = typer.Option(..., "--data", help="held-out data: JSONL text+label (classifiers) or text (causal LMs)"),
+    data: Path = typer.Option(..., "--data", help="validation data: JSONL text+label (classifiers) or text (causal LMs)"),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="data to report the soup on, instead of cutting --data"),
     run: RunOptions = ...,
     metric: str = typer.Option("auto", help="auto (accuracy for labelled data, loss for text), accuracy, loss or perplexity"),
     accept_ties: bool = typer.Option(False, "--accept-ties", help="keep an ingredient that leaves the score unchanged "
                                                                   "(default: strictly better only)"),
     data_options: DataOptions = ...,
+    split: SplitOptions = ...,
+    intervals: IntervalOptions = ...,
 ) -> None:
-    """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
+    """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA.
+
+    The choices are made on a selection split of DATA; the soup is reported on the held-out split."""
     from rich.table import Table
 
     from deltawise.search.soup import SoupOptions, greedy_soup
@@ -36,7 +45,8 @@ def soup(
     with steps_progress(run.quiet) as progress:
         opts = SoupOptions(metric=metric, accept_ties=accept_ties, task=data_options.task, max_examples=data_options.max_examples,
                            max_length=data_options.max_length, batch_size=data_options.batch_size, device=run.device,
-                           overwrite=run.overwrite, progress=stage_factory(progress)("evaluations"))
+                           overwrite=run.overwrite, split=split, heldout=heldout, intervals=intervals,
+                           progress=stage_factory(progress)("evaluations"))
         result = greedy_soup(models, data, run.output, opts)
     if not run.quiet:
         table = Table(title=f"greedy soup ({result.metric}, {'higher' if result.metric == 'accuracy' else 'lower'} is better)")
@@ -49,8 +59,15 @@ def soup(
         out.print(table)
     for warning in result.warnings:
         warn(warning)
-    out.print(f"soup of {len(result.members)} of {len(models)} models, {result.metric} = {result.value:.6g}; "
-              f"wrote {escape(str(result.out))} (decisions in soup.json)", highlight=False)
+    out.print(f"soup of {len(result.members)} of {len(models)} models, {result.metric} = {result.value:.6g} on the "
+              f"selection split; wrote {escape(str(result.out))} (decisions in soup.json)", highlight=False)
+    if result.heldout is not None:
+        h = result.heldout
+        ci = h["ratio_ci"]
+        shown = f"{h['ratio_to_best_ingredient']:.4f}" + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+        out.print(f"held out ({h['items']} items): soup {h['metric']} {h['soup']:.6g}, best ingredient "
+                  f"{h['best_ingredient']['value']:.6g}; soup relative to it {shown} "
+                  f"({h['intervals']['level']:.0%} paired bootstrap)", highlight=False)
 
 
 @options("data_options", DataOptions, override={"max_examples": {"help": "use the first N examples of each training set"},

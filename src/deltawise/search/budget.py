@@ -38,7 +38,7 @@ from deltawise.errors import DeltawiseError, InputError, RecipeError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate, unique_names
-from deltawise.options import IntervalOptions
+from deltawise.options import IntervalOptions, SplitOptions
 from deltawise.merge.engine import MergeOptions, check_output, run_merge
 from deltawise.merge.params import ParamError
 from deltawise.merge.plan import build_plan
@@ -90,8 +90,7 @@ class BudgetOptions:
     eval: EvalOptions = field(default_factory=EvalOptions)
     merge: MergeOptions = field(default_factory=MergeOptions)
     allow_pickle: bool = False
-    heldout_fraction: float = 0.5  # share of each search file's items held out for the report
-    split_seed: int = 0
+    split: SplitOptions = field(default_factory=SplitOptions)  # the seeded selection/held-out cut
     heldout_retain: list[Path] = field(default_factory=list)  # one per --retain, instead of cutting
     heldout_targets: list[Path] = field(default_factory=list)  # one per --target
     intervals: IntervalOptions = field(default_factory=IntervalOptions)
@@ -279,7 +278,7 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
         if given and (len(options.heldout_retain) != len(options.retain) or len(options.heldout_targets) != len(options.targets)):
             raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none "
                              "(then each file is split)")
-        splits = make_splits(files, given or None, options.heldout_fraction, options.split_seed, folder)
+        splits = make_splits(files, given or None, options.split.heldout_fraction, options.split.split_seed, folder)
         return _search(recipe, out, options, grid, baseline_ref, _Search(recipe, out, options, splits), splits)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

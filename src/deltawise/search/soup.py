@@ -7,11 +7,18 @@
 3. The soup is written by the merge engine as a ``linear`` merge of the members in the order they
    joined: the same float32 arithmetic as the candidate that was scored, written atomically with
    the manifest, and ``soup.json`` (every score and decision) inside the output folder.
+4. Steps 1-2 score on a selection split of the data; the soup and the best single ingredient are
+   then scored on the held-out split (search/splits.py: a seeded cut, or a ``heldout`` file), and the
+   soup's score relative to that ingredient is reported with a paired bootstrap interval
+   (eval/intervals.py). A fraction of 0 keeps every item for the selection and reports in-sample, with
+   a warning.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +33,8 @@ from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
+from deltawise.options import IntervalOptions, SplitOptions
+from deltawise.search.splits import make_splits
 
 State = dict[str, torch.Tensor]
 
@@ -41,6 +50,9 @@ class SoupOptions:
     device: str = "cpu"
     threads: int = 2
     overwrite: bool = False
+    split: SplitOptions = field(default_factory=SplitOptions)
+    heldout: Optional[Path] = None  # a held-out file instead of cutting the data
+    intervals: IntervalOptions = field(default_factory=IntervalOptions)
     progress: Optional[Callable[[int, int], None]] = None
 
 
@@ -60,9 +72,11 @@ class SoupResult:
     accept_ties: bool
     steps: list[Step]
     members: list[str]
-    value: float  # the soup's metric
+    value: float  # the soup's metric on the selection split
     out: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
+    split: Optional[dict] = None  # the selection/held-out cut (files, item counts)
+    heldout: Optional[dict] = None  # the soup and the best ingredient on the held-out split
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,12 +137,24 @@ class _Vessel:
 
 
 def greedy_soup(models: list[str], data: Path, out: Path, options: SoupOptions) -> SoupResult:
-    from deltawise.merge import MergeOptions, build_plan, parse_recipe, run_merge
-
     if len(models) < 2:
         raise InputError("a greedy soup needs at least two ingredient models")
     paths = [resolve_model(m) for m in models]
     check_output_folder(out, [(m, p) for m, p in zip(models, paths)], options.overwrite)
+    if options.split.heldout_fraction == 0 and options.heldout is None:
+        return _soup(models, data, None, out, options)
+    folder = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.soup-splits-", dir=Path(out).parent))
+    try:
+        split = make_splits([data], [options.heldout] if options.heldout else None, options.split.heldout_fraction,
+                            options.split.split_seed, folder)[0]
+        return _soup(models, split.selection, split, out, options)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _soup(models: list[str], data: Path, split, out: Path, options: SoupOptions) -> SoupResult:
+    from deltawise.merge import MergeOptions, build_plan, parse_recipe, run_merge
+
     task_data = load_data(data, options.task, limit=options.max_examples)
     metric = resolve_metric(task_data.task, options.metric)
     vessel = _Vessel(load_model(models[0], head_for(task_data.task), device=options.device))
@@ -149,12 +175,19 @@ def greedy_soup(models: list[str], data: Path, out: Path, options: SoupOptions) 
     alone = [(m, counted(vessel.load(m))) for m in models]
     ranked = sorted(alone, key=lambda pair: -pair[1].score)  # stable: ties keep the given order
     steps, members, best = greedy_select(ranked, vessel.load, counted, options.accept_ties)
-    result = SoupResult(metric, str(data), options.accept_ties, steps, members, best.value)
+    result = SoupResult(metric, str(data if split is None else split.source), options.accept_ties, steps, members, best.value)
+    if split is None:
+        result.warnings.append("the soup's score is in-sample: it was chosen and scored on the same items "
+                               "(a held-out fraction above 0, or a held-out file, reports it on others)")
+    else:
+        result.split = split.to_json()
+        result.heldout = _heldout_report(vessel, members, ranked[0][0], split.heldout, options)
     recipe = parse_recipe({"merge_method": "linear", "models": [{"model": m} for m in members]}, "greedy soup")
     plan = build_plan(recipe)
     merged = run_merge(plan, out, MergeOptions(device=options.device, threads=options.threads, overwrite=options.overwrite,
                                                extra_files={"soup.json": json.dumps(_with_out(result, out), indent=2) + "\n"}))
-    result.out, result.warnings = str(merged.out), merged.warnings
+    result.out = str(merged.out)
+    result.warnings += merged.warnings
     return result
 
 
@@ -162,3 +195,34 @@ def _with_out(result: SoupResult, out: Path) -> dict:
     data = result.to_json()
     data["out"] = str(out)
     return data
+
+
+def _heldout_report(vessel: _Vessel, members: list[str], best_ingredient: str, heldout: Path,
+                    options: SoupOptions) -> dict:
+    """The soup and the ingredient ranked first, scored on the held-out items with ``deltawise eval``'s scoring;
+    the soup relative to that ingredient with a paired bootstrap interval."""
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.results import EvalResult
+    from deltawise.eval.runner import score_dataset
+
+    held = load_data(heldout, options.task)
+    task = "classification" if held.task == "classification" else "perplexity"
+    window = min(options.max_length, vessel.lm.context_length)
+
+    def scored(state: State, label: str) -> EvalResult:
+        vessel.set(state)
+        ds = score_dataset(vessel.lm, held.items, task, name="heldout", role="target", path=str(heldout),
+                           max_length=window, stride=max(window // 2, 1), batch_size=options.batch_size)
+        return EvalResult(model=label, fingerprint=label, created="", datasets=[ds])
+
+    total = {k: v.clone() for k, v in vessel.load(members[0]).items()}
+    for member in members[1:]:  # the float32 sum in joining order, as the greedy pass formed it
+        for k, v in vessel.load(member).items():
+            total[k].add_(v)
+    soup_state = {k: v / len(members) for k, v in total.items()}
+    soup, alone = scored(soup_state, "soup"), scored(vessel.load(best_ingredient), best_ingredient)
+    comparison = forgetting(soup, alone, options.intervals).datasets[0]
+    return {"data": str(heldout), "items": len(held.items), "metric": soup.datasets[0].metric,
+            "soup": soup.datasets[0].value, "best_ingredient": {"model": best_ingredient, "value": alone.datasets[0].value},
+            "ratio_to_best_ingredient": comparison.ratio, "ratio_ci": comparison.ratio_ci,
+            "intervals": options.intervals.describe()}
