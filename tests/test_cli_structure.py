@@ -287,7 +287,7 @@ def test_merge_retain_is_a_hidden_way_into_budget(monkeypatch, tmp_path):
     import deltawise.commands.merge as merge_cmd
 
     calls = []
-    monkeypatch.setattr(merge_cmd, "_run_budget", lambda recipe, run, engine, search, intervals=None: calls.append(
+    monkeypatch.setattr(merge_cmd, "_run_budget", lambda recipe, run, engine, search, *groups: calls.append(
         (run.output, search.retain, search.refine)))
     old = CliRunner().invoke(app, ["merge", "r.yaml", str(tmp_path / "o"), "--retain", "en.txt:0.9", "--target", "de.txt",
                                    "--refine", "2"])

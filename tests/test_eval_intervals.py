@@ -32,16 +32,16 @@ def test_the_interval_covers_the_true_mean_at_about_its_level():
     trials = 200
     for t in range(trials):
         x = rng.normal(1.0, 1.0, 60)
-        lo, hi = percentile(bootstrap_mean(x, IntervalSettings(replicates=500, seed=t)), 0.9)
+        lo, hi = percentile(bootstrap_mean(x, IntervalSettings(replicates=500, bootstrap_seed=t)), 0.9)
         covered += lo <= 1.0 <= hi
     assert 0.82 <= covered / trials <= 0.96  # 90% nominal; the percentile interval runs a little narrow at n = 60
 
 
 def test_same_seed_same_interval_other_seed_other_interval():
     x = np.random.default_rng(0).normal(size=50)
-    a = percentile(bootstrap_mean(x, IntervalSettings(seed=3)), 0.95)
-    assert a == percentile(bootstrap_mean(x, IntervalSettings(seed=3)), 0.95)
-    assert a != percentile(bootstrap_mean(x, IntervalSettings(seed=4)), 0.95)
+    a = percentile(bootstrap_mean(x, IntervalSettings(bootstrap_seed=3)), 0.95)
+    assert a == percentile(bootstrap_mean(x, IntervalSettings(bootstrap_seed=3)), 0.95)
+    assert a != percentile(bootstrap_mean(x, IntervalSettings(bootstrap_seed=4)), 0.95)
 
 
 def test_settings_refuse_nonsense():

@@ -108,3 +108,28 @@ def test_lm_and_entropy_objectives_run(dd, tmp_path):
     unlabelled.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["good", "bad day", "fine"]))
     result, _, _ = learn(str(dd["cls"]), [str(dd["cls1"])], [unlabelled], AtlasOptions(steps=1, task="classification"))
     assert result.objective == "entropy" and any(v != 0 for v in result.coefficients[0])
+
+
+def test_test_data_reports_the_chosen_coefficients_out_of_sample(dd, tmp_path):
+    from deltawise.eval.runner import EvalOptions, evaluate
+
+    test = tmp_path / "test.txt"
+    test.write_text("\n\n".join(["good food day", "sad play song", "nice warm sun", "awful day", "fine song play"]) + "\n")
+    out = tmp_path / "out"
+    _atlas(dd["lm"], dd["lm1"], dd["lm2"], "--data", dd["text"], "--test", test, "--steps", 2, "--batch-size", 4, "-o", out)
+    report = json.loads((out / "atlas.json").read_text())["test"]
+    task = report["tasks"]["test"]
+    # the same numbers as `deltawise eval` of the written model and of the base on the test file
+    opts = EvalOptions(max_length=64)
+    merged = evaluate(str(out), [], [test], opts).datasets[0].value
+    base = evaluate(str(dd["lm"]), [], [test], opts).datasets[0].value
+    assert task["atlas"] == pytest.approx(merged, rel=1e-4) and task["base"] == pytest.approx(base, rel=1e-6)
+    assert task["ratio"] == pytest.approx(base / merged, rel=1e-4) and task["items"] == 5
+    assert task["ratio_ci"][0] <= task["ratio"] <= task["ratio_ci"][1]
+
+
+def test_test_data_that_is_also_training_data_is_refused(dd, tmp_path):
+    result = CliRunner().invoke(app, ["atlas", str(dd["lm"]), str(dd["lm1"]), "--data", str(dd["text"]), "--test",
+                                      str(dd["text"]), "--steps", "1", "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code != 0 and "not be out of sample" in str(result.exception)
+    assert not (tmp_path / "out").exists()

@@ -99,7 +99,7 @@ class IntervalOptions:
 
     level: float = option(0.95, "two-sided confidence level of every interval", long="--confidence", min=0.5, max=0.999)
     replicates: int = option(2000, "bootstrap replicates per interval", long="--bootstrap-replicates", min=100)
-    seed: int = option(0, "seed of the bootstrap draws (same seed, same intervals)", long="--bootstrap-seed")
+    bootstrap_seed: int = option(0, "seed of the bootstrap draws (same seed, same intervals)")
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.level < 1.0:
@@ -109,7 +109,7 @@ class IntervalOptions:
 
     def describe(self) -> dict[str, object]:
         return {"method": "paired percentile bootstrap over items", "level": self.level,
-                "replicates": self.replicates, "seed": self.seed}
+                "replicates": self.replicates, "seed": self.bootstrap_seed}
 
 
 SCHEDULES = ("linear", "cosine", "constant", "cpt")

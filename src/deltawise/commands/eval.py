@@ -81,7 +81,7 @@ def forgetting_lines(f, intervals: IntervalOptions) -> list[str]:
         if value is not None:
             lines.append(f"{label}: {with_interval(value, ci, spec)}")
     lines.append(f"[lo, hi]: {intervals.level:.0%} paired bootstrap intervals over items "
-                 f"({intervals.replicates} replicates, seed {intervals.seed})")
+                 f"({intervals.replicates} replicates, seed {intervals.bootstrap_seed})")
     return lines
 
 

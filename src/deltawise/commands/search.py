@@ -70,6 +70,7 @@ def soup(
                   f"({h['intervals']['level']:.0%} paired bootstrap)", highlight=False)
 
 
+@options("intervals", IntervalOptions)
 @options("data_options", DataOptions, override={"max_examples": {"help": "use the first N examples of each training set"},
                                                 "batch_size": {"help": "examples per task per step"}})
 @options("run", RunOptions, override={
@@ -83,6 +84,8 @@ def atlas(
                                                         "(repeatable)"),
     run: RunOptions = ...,
     val: list[Path] = typer.Option([], "--val", help="validation data (once, or once per model): keep the best coefficients"),
+    test: list[Path] = typer.Option([], "--test", help="test data (repeatable), used for nothing but the report: the "
+                                                       "chosen coefficients against the base, with intervals"),
     objective: str = typer.Option("auto", help="auto, ce (labelled classification), lm (text) or entropy (unlabelled: "
                                                "test-time adaptation)"),
     data_options: DataOptions = ...,
@@ -91,6 +94,7 @@ def atlas(
     lr: float = typer.Option(1e-3, help="AdamW learning rate"),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="data order"),
+    intervals: IntervalOptions = ...,
 ) -> None:
     """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
     from deltawise.search.atlas import AtlasOptions, run_atlas
@@ -101,12 +105,17 @@ def atlas(
                             batch_size=data_options.batch_size, max_length=data_options.max_length,
                             max_examples=data_options.max_examples, seed=seed, device=run.device, overwrite=run.overwrite,
                             progress=stage_factory(progress)("steps"))
-        result = run_atlas(base, models, data, run.output, opts, val or None)
+        result = run_atlas(base, models, data, run.output, opts, val or None, test or None, intervals)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
     out.print(f"aTLAS ({result.objective}) learned {len(result.models)} x {len(result.blocks)} coefficients"
               f"{'; ' + summary if summary else ''}; best at step {result.best_step}; wrote {escape(str(result.out))}",
               highlight=False)
+    for name, t in (result.test or {}).get("tasks", {}).items():
+        ci = t["ratio_ci"]
+        shown = f"{t['ratio']:.4f}" + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+        out.print(f"test {escape(name)} ({t['items']} items): {t['metric']} {t['base']:.4g} (base) -> {t['atlas']:.4g}, "
+                  f"ratio {shown}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

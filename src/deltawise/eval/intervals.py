@@ -51,7 +51,7 @@ def lower_bound(replicates: np.ndarray, level: float) -> Optional[float]:
 
 def draws(n: int, settings: IntervalSettings, stream: int) -> np.ndarray:
     """``replicates x n`` item indices drawn with replacement; ``stream`` separates datasets."""
-    rng = np.random.default_rng([settings.seed, stream])
+    rng = np.random.default_rng([settings.bootstrap_seed, stream])
     return rng.integers(0, n, size=(settings.replicates, n))
 
 

@@ -12,7 +12,9 @@ Every step takes one batch from each task's data and sums the task losses:
 - ``lm``: next-token loss on text;
 - ``entropy``: entropy of the predictions on unlabelled data (the paper's test-time adaptation).
 With validation data, Lambda is evaluated after every epoch (accuracy for labelled classification
-data, else minus the loss) and the best one is kept. The model is written by the merge engine
+data, else minus the loss) and the best one is kept. With test data (never used for training or the
+choice) the chosen Lambda and the base are scored on it with ``deltawise eval``'s scoring, and each
+task's ratio to the base gets a paired bootstrap interval: the numbers to report. The model is written by the merge engine
 as the task-arithmetic merge theta0 + sum_t w_t tau_t with per-tensor weights w = Lambda, and the
 coefficients go to ``atlas.json`` inside the output folder.
 """
@@ -37,6 +39,7 @@ from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
+from deltawise.options import IntervalOptions
 
 OBJECTIVES = ("auto", "ce", "lm", "entropy")
 
@@ -70,12 +73,13 @@ class AtlasResult:
     history: list[dict] = field(default_factory=list)  # per evaluation: step, train loss, validation score
     best_step: int = 0
     out: Optional[str] = None
+    test: Optional[dict] = None  # the chosen coefficients and the base on the test data
 
     def to_json(self) -> dict:
         return {
             "base": self.base, "models": self.models, "objective": self.objective, "best_step": self.best_step,
             "coefficients": {m: dict(zip(self.blocks, row)) for m, row in zip(self.models, self.coefficients)},
-            "history": self.history, "out": self.out,
+            "history": self.history, "out": self.out, "test": self.test,
         }
 
 
@@ -228,13 +232,54 @@ def weight_rules(blocks: list[str], row: list[float]) -> list[dict]:
     return [{"filter": blocks[b], "value": row[b]} for b in order] + [{"value": 0.0}]
 
 
+@torch.no_grad()
+def test_report(lm: LoadedModel, composer: Composer, coefficients: list[list[float]], tests: list[Path],
+                options: AtlasOptions, intervals: IntervalOptions) -> dict:
+    """The model with ``coefficients`` against the base (Lambda = 0) on each test file: per task the score, the ratio
+    to the base and its paired bootstrap interval, with ``deltawise eval``'s scoring."""
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.results import EvalResult
+    from deltawise.eval.runner import score_dataset, unique_names
+
+    data = [load_data(p, "auto") for p in tests]
+    params = dict(lm.model.named_parameters())
+    window = min(options.max_length, lm.context_length)
+
+    def scored(label: str, composed: dict[str, torch.Tensor]) -> EvalResult:
+        for n, value in composed.items():
+            params[n].copy_(value)
+        datasets = [score_dataset(lm, d.items, "classification" if d.task == "classification" else "perplexity", name=name,
+                                  role="target", path=str(d.path), max_length=window, stride=max(window // 2, 1),
+                                  batch_size=options.batch_size) for name, d in zip(unique_names(list(tests)), data)]
+        return EvalResult(model=label, fingerprint=label, created="", datasets=datasets)
+
+    chosen_lam = torch.tensor(coefficients, dtype=composer.lam.dtype, device=composer.lam.device)
+    composed = {n: composer.theta0[n] + torch.tensordot(chosen_lam[:, b], composer.tau[n], dims=1)
+                for b, n in enumerate(composer.blocks)}
+    merged = scored("atlas", composed)
+    base = scored("base", composer.theta0)  # also puts the base weights back
+    comparison = forgetting(merged, base, intervals)
+    return {"tasks": {c.name: {"data": d.path.as_posix(), "items": len(d.items), "metric": c.metric, "base": c.base,
+                               "atlas": c.model, "ratio": c.ratio, "ratio_ci": c.ratio_ci}
+                      for c, d in zip(comparison.datasets, data)},
+            "mean_ratio": comparison.target_gain + 1.0, "mean_ratio_ci": None if comparison.target_gain_ci is None
+            else [v + 1.0 for v in comparison.target_gain_ci], "intervals": intervals.describe()}
+
+
 def run_atlas(base: str, models: list[str], data: list[Path], out: Path, options: AtlasOptions,
-              val: Optional[list[Path]] = None) -> AtlasResult:
+              val: Optional[list[Path]] = None, test: Optional[list[Path]] = None,
+              intervals: Optional[IntervalOptions] = None) -> AtlasResult:
     from deltawise.merge import MergeOptions, build_plan, parse_recipe, run_merge
 
     refs = [base, *models]
     check_output_folder(out, [(m, resolve_model(m)) for m in refs], options.overwrite)
-    result, _, _ = learn(base, models, data, options, val)
+    overlap = {Path(p).resolve() for p in test or []} & {Path(p).resolve() for p in [*data, *(val or [])]}
+    if overlap:
+        raise InputError(f"{sorted(map(str, overlap))[0]} is both test data and training or validation data: "
+                         "the test report would not be out of sample")
+    result, composer, lm = learn(base, models, data, options, val)
+    if test:
+        result.test = test_report(lm, composer, result.coefficients, test, options, intervals or IntervalOptions())
     recipe = parse_recipe({
         "merge_method": "task_arithmetic", "base_model": base,
         "models": [{"model": m, "parameters": {"weight": weight_rules(result.blocks, row)}}
