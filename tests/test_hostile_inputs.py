@@ -251,8 +251,11 @@ def test_nan_in_the_finetuned_model_is_refused_by_extract_naming_the_tensor(make
     assert not (tmp_path / "delta").exists()
 
 
-def test_nan_in_a_delta_is_refused_by_compress_naming_the_tensor(pair, tmp_path):
+@pytest.mark.parametrize("method", ["compeft", "tall"])
+def test_nan_in_a_delta_is_refused_by_compress_naming_the_tensor(method, pair, make_folder, tmp_path):
     from deltawise.delta.compress import compress_delta
+    from deltawise.delta.extract import extract_delta
+    from deltawise.delta.tall_compress import compress_tall
 
     from safetensors import safe_open
 
@@ -262,8 +265,14 @@ def test_nan_in_a_delta_is_refused_by_compress_naming_the_tensor(pair, tmp_path)
     key = next(iter(state))
     state[key] = torch.full_like(state[key], float("nan"))
     save_file(state, file, metadata=metadata)
-    with pytest.raises(InputError, match="NaN"):
-        compress_delta(str(pair["delta"]), tmp_path / "out")
+    with pytest.raises(InputError, match=f"{key.split('::')[0]}.*NaN"):
+        if method == "tall":
+            other = make_folder("ft2", {k: v - 0.25 for k, v in TENSORS.items()})
+            extract_delta(str(other), str(pair["base"]), tmp_path / "delta2")
+            compress_tall([str(tmp_path / "delta2"), str(pair["delta"])], tmp_path / "out")
+        else:
+            compress_delta(str(pair["delta"]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- silent before

@@ -57,8 +57,8 @@ def pickle_refusal(path: Path) -> InputError:
     return InputError(
         f"{path} is a pickle checkpoint; loading pickle can run arbitrary code. "
         "Convert it to safetensors (transformers: from_pretrained, then save_pretrained writes safetensors). "
-        "Commands that list --allow-pickle in their --help (merge, budget) can instead load it with "
-        "torch.load(weights_only=True); the others (eval, analyze, extract, apply, ...) do not read pickle checkpoints."
+        "Commands with an --allow-pickle option (see their --help; merge and budget have one) can instead load it "
+        "with torch.load(weights_only=True); the others, such as eval, extract and apply, do not read pickle checkpoints."
     )
 
 
@@ -170,20 +170,19 @@ class ModelReader:
         The name is checked lexically, before symlinks are followed: in the hub cache every shard
         is a symlink into ``blobs/``, which is allowed, while ``/etc/passwd`` or ``../other/x``
         as a name is not."""
-        def refuse(why: str) -> InputError:
-            return InputError(f"model {self.label!r}: index {index_path.name} names shard {rel!r}, {why}; "
-                              "refusing to read outside the model folder")
+        def refuse(why: str, rule: str = "refusing to read outside the model folder") -> InputError:
+            return InputError(f"model {self.label!r}: index {index_path.name} names shard {rel!r}, {why}; {rule}")
 
         if not isinstance(rel, str) or not rel:
             raise refuse("which is not a file name")
-        if os.path.isabs(rel) or rel.startswith("~"):
+        if os.path.isabs(rel):
             raise refuse("an absolute path")
         folder = os.path.abspath(index_path.parent)  # normalised, symlinks not followed
         joined = os.path.abspath(os.path.join(folder, rel))
         if os.path.commonpath([folder, joined]) != folder or joined == folder:
             raise refuse("a path that leaves the model folder")
         if not rel.endswith(suffix):
-            raise refuse(f"which is not a {suffix} file")
+            raise refuse(f"which is not a {suffix} file", f"a *{suffix}.index.json index lists only {suffix} shards")
         return Path(joined).resolve()
 
     def _index_file(self, file: Path) -> None:
