@@ -270,8 +270,8 @@ def _recipe_folder_hint(ref: str, recipe: Recipe) -> str:
     beside = recipe.path.parent / path
     if not beside.exists() or os.path.realpath(recipe.path.parent) == os.path.realpath(Path.cwd()):
         return ""
-    return (f"; it does exist relative to the recipe's folder ({os.path.normpath(beside)}): run from "
-            f"{recipe.path.parent} or write the path as {os.path.normpath(beside)}")
+    return (f"; it does exist relative to the recipe's folder, as {os.path.abspath(beside)}: run from "
+            f"{os.path.abspath(recipe.path.parent)}, or write the path as {os.path.normpath(beside)}")
 
 
 def _check_tokenizer_source(plan: MergePlan) -> list[str]:
