@@ -212,6 +212,14 @@ def test_compress_alpha_must_be_finite(pair, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_retention_budget_minimum_must_be_finite(value):
+    from deltawise.search.budget import RetentionBudget
+
+    with pytest.raises(InputError, match="positive number"):
+        RetentionBudget.parse(f"en.jsonl:{value}")
+
+
 def test_every_float_option_of_every_command_refuses_non_finite_values():
     from deltawise.commands.flags import holds_float, reject_nonfinite
 
