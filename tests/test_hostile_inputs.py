@@ -314,6 +314,17 @@ def test_tokenizer_source_without_a_tokenizer_warns(llama_family, tmp_path):
     assert any("tokenizer_source" in w and "no tokenizer files" in w for w in plan.warnings), plan.warnings
 
 
+def test_tokenizer_source_that_does_not_exist_is_a_recipe_problem(llama_family):
+    from deltawise.merge import build_plan
+    from deltawise.merge.recipe import parse_recipe
+
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(llama_family["ft1"])},
+                                                                {"model": str(llama_family["ft2"])}],
+                           "tokenizer_source": "./no-such-tokenizer"})
+    with pytest.raises(RecipeError, match="tokenizer_source.*no-such-tokenizer"):
+        build_plan(recipe)
+
+
 # --------------------------------------------------------------------------- messages
 def test_one_wrong_recipe_value_is_one_line_and_other_problems_still_show():
     from deltawise.merge.recipe import parse_recipe

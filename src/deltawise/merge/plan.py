@@ -34,6 +34,7 @@ from deltawise.io.dtypes import parse_dtype
 from deltawise.io.files import TOKENIZER_FILES
 from deltawise.io.layout import natural_key
 from deltawise.io.reader import ModelReader
+from deltawise.io.resolve import looks_local
 from deltawise.io.writer import OutputTensor
 import deltawise.merge.methods  # noqa: F401  (importing the package registers every method)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
@@ -280,6 +281,9 @@ def _check_tokenizer_source(plan: MergePlan) -> list[str]:
     source = plan.recipe.tokenizer_source
     if source in (None, "base", "union"):
         return []
+    refs = [m.ref for m in plan.inputs + ([plan.base] if plan.base else [])]
+    if source not in refs and not Path(source).expanduser().exists() and not looks_local(source):
+        return []  # a hub id: fetched when the output is written, not while planning
     from deltawise.merge.card import tokenizer_folder
 
     try:
