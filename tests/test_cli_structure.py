@@ -221,6 +221,7 @@ def captured_train(monkeypatch, tmp_path):
     monkeypatch.setattr(deltawise.adapt, "run_train", fake_run_train)
     data = tmp_path / "d.txt"
     data.write_text("one\n%\ntwo\n")
+    (tmp_path / "model").mkdir()  # train refuses a model path that does not exist
     return seen, ["train", str(tmp_path / "model"), "--data", str(data), "-o", str(tmp_path / "out")]
 
 
@@ -254,6 +255,7 @@ def test_bam_r_still_means_rounds(monkeypatch, tmp_path):
     monkeypatch.setattr(deltawise.adapt.bam, "run_bam", fake_run_bam)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a", "label": "x"}) + "\n")
+    (tmp_path / "m").mkdir()  # bam refuses a model path that does not exist
     base = ["bam", str(tmp_path / "m"), "--data", str(data), "-o", str(tmp_path / "o")]
     res = CliRunner().invoke(app, [*base, "-r", "3", "--rank", "2"])
     assert res.exit_code == 0, res.output

@@ -121,15 +121,15 @@ class TrainingOptions(BatchOptions):
 
     epochs: float = option(1.0, "passes over the data (ignored when --max-steps > 0)")
     max_steps: int = option(-1, "optimizer steps; overrides --epochs when > 0")
-    lr: float = option(2e-4, "peak learning rate")
+    lr: float = option(2e-4, "peak learning rate", min=0)
     grad_accum: int = option(1, "gradient accumulation steps", min=1)
     seed: int = option(0, "random seed (init, data order, random bases and selections)")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", min=0)
     schedule: str = option("linear", "LR schedule: linear, cosine, constant, or cpt (re-warm + cosine to --min-lr-ratio)")
-    warmup: float = option(0.0, "warmup: fraction of steps (< 1) or number of steps")
-    min_lr_ratio: float = option(0.1, "cpt schedule: final lr as a fraction of --lr")
+    warmup: float = option(0.0, "warmup: fraction of steps (< 1) or number of steps", min=0)
+    min_lr_ratio: float = option(0.1, "cpt schedule: final lr as a fraction of --lr", min=0, max=1)
     replay: Optional[Path] = option(None, "source-domain data mixed into every batch (continual pre-training)")
-    replay_fraction: float = option(0.25, "share of each batch taken from --replay")
+    replay_fraction: float = option(0.25, "share of each batch taken from --replay", min=0, max=1)
 
 
 # The training methods' former flags, each now one NAME of --method-param NAME=VALUE.

@@ -54,8 +54,9 @@ def extract(
     base: str = typer.Option(..., "--base", help="the model it was fine-tuned from"),
     run: RunOptions = ...,
     lora: bool = typer.Option(False, "--lora", help="write a PEFT LoRA adapter (SVD of each linear weight delta)"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (with --energy: the largest rank allowed)"),
-    energy: Optional[float] = typer.Option(None, "--energy", help="LoRA: smallest rank keeping this fraction of spectral energy"),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (with --energy: the largest rank allowed)"),
+    energy: Optional[float] = typer.Option(None, "--energy", min=0, max=1,
+                                           help="LoRA: smallest rank keeping this fraction of spectral energy"),
     non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases/embeddings: save "
                                                                 "(modules_to_save) or skip"),
     dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, "
@@ -132,9 +133,9 @@ def compress(
     method: str = typer.Option("compeft", "--method", "-m", help="compeft (top-k signs x one scale), topk (top-k exact "
                                                                  "values) or tall"),
     run: RunOptions = ...,
-    density: float = typer.Option(0.1, "--density", help="compeft/topk: fraction of entries kept per tensor"),
+    density: float = typer.Option(0.1, "--density", min=0, max=1, help="compeft/topk: fraction of entries kept per tensor"),
     alpha: float = typer.Option(1.0, "--alpha", help="compeft: scale multiplier (scale = alpha * std of the dense delta)"),
-    lam: Optional[list[float]] = typer.Option(None, "--lam", help="tall: mask threshold lambda (once, or once per task)"),
+    lam: Optional[list[float]] = typer.Option(None, "--lam", min=0, help="tall: mask threshold lambda (once, or once per task)"),
     names: Optional[str] = typer.Option(None, "--names", help="tall: comma-separated task names (default: folder names)"),
     base: Optional[str] = typer.Option(None, "--base", help="base model, needed for PEFT adapters that store full values"),
     report: Optional[Path] = REPORT,

@@ -5,6 +5,9 @@ by one typer option per field of the group (flag names, short flag, range and he
 ``Flag``) and calls the command with a ``RunOptions`` instance. typer reads ``inspect.signature``, so
 the wrapper carries a built ``__signature__``. Decorators stack: each expands one group.
 
+Every float parameter of a decorated command (the groups' fields and the command's own options) refuses
+NaN and infinities at parsing: ``--scale nan`` would otherwise write a model that is NaN throughout.
+
 Old spellings kept for one release are hidden fields of their own (``MethodChoice``'s former
 per-parameter flags) or hidden typer options of the command that renamed them.
 """
@@ -14,21 +17,44 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import typing
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import typer
+from typer.models import ParameterInfo
 
 from deltawise.options import Flag, default_of, flag_of, option_fields
 
 
-def _typer_param(name: str, flag: Flag, default: Any, hidden: bool, positional: bool):
+def reject_nonfinite(value: Any) -> Any:
+    """typer callback of float parameters: NaN and infinities are refused (click's ranges let NaN through)."""
+    for number in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise typer.BadParameter(f"must be a finite number, got {number}")
+    return value
+
+
+def holds_float(annotation: Any) -> bool:
+    """Whether a parameter annotation is float, or contains one (``Optional[float]``, ``list[float]``)."""
+    return annotation is float or any(holds_float(arg) for arg in typing.get_args(annotation))
+
+
+def _screen_floats(parameter: inspect.Parameter, annotation: Any) -> None:
+    """Give a float typer parameter the finiteness callback (kept when it has a callback of its own)."""
+    if holds_float(annotation) and isinstance(parameter.default, ParameterInfo) and parameter.default.callback is None:
+        parameter.default.callback = reject_nonfinite
+
+
+def _typer_param(name: str, flag: Flag, default: Any, hidden: bool, positional: bool, annotation: Any = None):
+    callback = reject_nonfinite if holds_float(annotation) else None
     if positional:
         return typer.Argument(... if flag.required else default, help=flag.help, min=flag.min, max=flag.max,
-                              metavar=flag.metavar, hidden=hidden)
+                              metavar=flag.metavar, hidden=hidden, callback=callback)
     names = [flag.long_name(name)] + ([flag.short] if flag.short else [])
     return typer.Option(... if flag.required else default, *names, help=flag.help, min=flag.min, max=flag.max,
-                        hidden=hidden or flag.hidden, metavar=flag.metavar, show_default=not flag.required)
+                        hidden=hidden or flag.hidden, metavar=flag.metavar, show_default=not flag.required,
+                        callback=callback)
 
 
 def options(param: str, group: type, *, only: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
@@ -64,12 +90,14 @@ def options(param: str, group: type, *, only: Optional[Iterable[str]] = None, ex
         for p in signature.parameters.values():
             if p.name != param:
                 annotations[p.name] = hints.get(p.name, p.annotation)
+                _screen_floats(p, annotations[p.name])
                 parameters.append(p.replace(annotation=annotations[p.name]))
                 continue
             for name, flag, default in specs:
                 annotation = group_hints[name]
+                typer_param = _typer_param(name, flag, default, hidden, name in positional, annotation)
                 parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
-                                                    default=_typer_param(name, flag, default, hidden, name in positional)))
+                                                    default=typer_param))
                 annotations[name] = annotation
         annotations["return"] = hints.get("return", None)
 

@@ -91,8 +91,8 @@ def atlas(
     data_options: DataOptions = ...,
     epochs: int = typer.Option(1, min=0, help="passes over the largest task's data"),
     steps: Optional[int] = typer.Option(None, min=0, help="optimizer steps; overrides --epochs (0: the base model)"),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
+    lr: float = typer.Option(1e-3, min=0, help="AdamW learning rate"),
+    weight_decay: float = typer.Option(0.1, min=0, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="data order"),
     intervals: IntervalOptions = ...,
 ) -> None:

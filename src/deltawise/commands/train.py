@@ -59,8 +59,10 @@ def train(
     """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT."""
     from deltawise.adapt import TrainConfig, run_train
     from deltawise.io.gguf import resolve_gguf
+    from deltawise.io.resolve import require_local_or_hub_id
 
     assert run.output is not None
+    require_local_or_hub_id(str(model))
     cfg = TrainConfig(model=model, data=data, output=run.output, method=choice.method, task=resolve_task(data, data_options.task),
                       **asdict(training), overwrite=run.overwrite, progress=not run.quiet, method_params=method_params(choice))
     result = run_train(cfg, model_path=resolve_gguf(model))
@@ -110,9 +112,11 @@ def bam(
     from deltawise.adapt.bam import BamConfig, run_bam
     from deltawise.errors import InputError
     from deltawise.io.gguf import resolve_gguf
+    from deltawise.io.resolve import require_local_or_hub_id
     from deltawise.options import parse_assignments, scalar
 
     assert run.output is not None
+    require_local_or_hub_id(str(model))
     if rounds_old is not None:
         if rounds != 1:
             raise InputError("--rounds and its old spelling -r are both given")

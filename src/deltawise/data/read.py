@@ -13,7 +13,8 @@ Formats
       into documents by ``split_documents``; a document's id is its number (0-based).
 
 Refused with a message naming the file: structured or compressed formats that would read as garbage
-text (``REFUSED_SUFFIXES``), binary or non-UTF-8 files, folders that are not ``datasets`` folders.
+text (``REFUSED_SUFFIXES``), binary or non-UTF-8 files, folders that are not ``datasets`` folders, and
+FIFOs, devices or sockets (reading one would block or never end).
 
 What the fields mean (``text``; ``prompt`` + ``response``; ``text`` + ``label``; ``choices`` + ``answer``)
 is up to the caller: ``load_items`` checks that items carry the fields an evaluation needs, and
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deltawise.errors import InputError
+from deltawise.errors import InputError, require_regular_file
 
 Format = Literal["text", "jsonl", "datasets"]
 
@@ -94,6 +95,7 @@ def read_data(path: str | Path) -> DataFile:
         return DataFile(path, "datasets", _datasets_items(path))
     if path.suffix.lower() in REFUSED_SUFFIXES:
         raise InputError(f"{path}: unsupported dataset format {path.suffix!r}; {WHAT_TO_GIVE}")
+    require_regular_file(path, "dataset")  # reading a FIFO would wait for a writer forever
     text = _read_text(path)
     by_suffix = path.suffix.lower() in JSONL_SUFFIXES
     if by_suffix or text.lstrip().startswith("{"):

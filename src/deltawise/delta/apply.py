@@ -5,6 +5,8 @@ dense delta plus a chunk), writes sharded safetensors through the same atomic wr
 and copies config/tokenizer files from BASE. ``scale = -1`` removes a delta (task negation).
 A TALL folder needs ``task``. With ``original_base`` (the model the delta was extracted from)
 the per-tensor drift between it and BASE is reported (see ``transfer.py``).
+Every chunk is screened for NaN/inf as merge screens its output: the error names the tensor and
+whether the base, the delta or ``s · delta`` (too large for the dtype) is to blame.
 
 ``apply_to_model`` does the same to a model already in memory (a transformers ``nn.Module``):
 each tensor the delta names becomes ``p + s · τ`` in place (``full`` entries: ``value`` at s = 1).
@@ -12,6 +14,7 @@ each tensor the delta names becomes ``p + s · τ`` in place (``full`` entries: 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +24,8 @@ from deltawise.delta.reader import DeltaReader
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.source import open_delta
 from deltawise.delta.transfer import check_transfer, drift_report, summarize_drift
-from deltawise.errors import InputError
+from deltawise.errors import DeltawiseError, InputError
+from deltawise.io.finite import all_finite, require_finite
 from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES, natural_key
 from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.reader import ModelReader
@@ -38,6 +42,8 @@ def apply_delta(
     progress: Optional[Progress] = None,
 ) -> DeltaResult:
     out = Path(out)
+    if not math.isfinite(scale):
+        raise DeltawiseError(f"--scale must be a finite number, got {scale}")
     base_reader = ModelReader(resolve_model(base), label=base)
     source = open_delta(resolve_model(delta), task=task, base_reader=base_reader)
     warnings = check_transfer(source, base_reader, base, hint=original_base is None)
@@ -59,7 +65,10 @@ def apply_delta(
             done, total = 0, reader.total_bytes()
             for name in names:
                 for start, stop in row_ranges(reader.info(name).shape, CHUNK_ELEMENTS):
-                    writer.write(name, reader.get_rows(name, start, stop), row_start=start)
+                    rows_out = reader.get_rows(name, start, stop)
+                    if not all_finite(rows_out):
+                        raise nonfinite_error(reader, name, start, stop)
+                    writer.write(name, rows_out, row_start=start)
                 done += reader.info(name).nbytes
                 tick(progress, "applying", done, total)
             writer.finish_empty_shards()
@@ -78,6 +87,23 @@ def apply_delta(
         write_json_atomic(staging / MANIFEST, manifest)
     summary = {"scale": scale, "changed_tensors": len(rows), **({"drift": summarize_drift(drift)} if original_reader else {})}
     return DeltaResult(out, rows, warnings, summary, drift)
+
+
+def nonfinite_error(reader: DeltaReader, name: str, start: int, stop: int) -> DeltawiseError:
+    """The error for rows ``start:stop`` of ``name`` that came out NaN/inf: the base's, the delta's, or
+    finite inputs whose scaled sum does not fit the dtype."""
+    if name in reader.base:
+        base_rows = reader.base.get_rows(name, start, stop) if reader.base.info(name).shape else reader.base.get(name)
+        require_finite(base_rows, reader.base.label, name)
+    if name in reader.added:
+        require_finite(reader.get_rows(name, start, stop), reader.label, name)
+    else:
+        delta = reader.tensor_delta(name)
+        if not all_finite(delta.materialize(delta.natural_dtype)):
+            return InputError(f"delta {reader.label!r}: tensor {name!r} contains NaN or infinite values")
+    dtype = str(reader.info(name).dtype).replace("torch.", "")
+    return DeltawiseError(f"base + {reader.scale:g} x delta is NaN/inf for tensor {name!r} (too large for {dtype}); "
+                          "use a smaller --scale")
 
 
 @torch.no_grad()

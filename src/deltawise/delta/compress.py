@@ -22,6 +22,7 @@ trained classification head) are copied unchanged.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,7 +34,8 @@ from deltawise.delta.source import DeltaSource, open_delta
 from deltawise.delta.sparse import SparseDelta
 from deltawise.delta.store import DeltaWriter
 from deltawise.delta.ternary import TernaryDelta
-from deltawise.errors import DeltawiseError
+from deltawise.errors import DeltawiseError, InputError
+from deltawise.io.finite import all_finite
 from deltawise.io.dtypes import element_size
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
@@ -70,11 +72,14 @@ def compress_delta(
     delta: str, out: Path, *, method: Literal["compeft", "topk"] = "compeft", density: float = 0.1, alpha: float = 1.0,
     base: Optional[str] = None, overwrite: bool = False, progress: Optional[Progress] = None,
 ) -> DeltaResult:
+    if not math.isfinite(alpha):
+        raise DeltawiseError(f"--alpha must be a finite number, got {alpha}")
     if not 0 < density <= 1:
         raise DeltawiseError(f"--density is the kept fraction, in (0, 1]; got {density}")
     if method not in ("compeft", "topk"):
         raise DeltawiseError(f"unknown compression method {method!r}; use compeft, topk or tall")
     source = open_source(delta, base)
+    delta_ref = delta  # the loop below reuses the name for each tensor's delta
     header = {"method": method,
               "parameters": {"density": density, "alpha": alpha} if method == "compeft" else {"density": density},
               "base": source.base,
@@ -91,10 +96,15 @@ def compress_delta(
                 tick(progress, f"compressing ({method})", i, len(names))
                 continue
             tau = delta.materialize(torch.float32)
+            if not all_finite(tau):
+                raise InputError(f"delta {delta_ref!r}: tensor {name!r} contains NaN or infinite values")
             compressed = compress_tensor(tau, method, density, alpha, base_dtype)
+            restored = compressed.materialize()
+            if not all_finite(restored):
+                raise DeltawiseError(f"{method} produced NaN/inf for tensor {name!r}; check --alpha ({alpha:g})")
             writer.add(name, compressed, base_dtype)
             rows.append(TensorRow(name, compressed.kind, tau.numel() * element_size(base_dtype), compressed.nbytes,
-                                  relative_error(compressed.materialize(), tau), {"kept": int(topk_mask(tau, density).sum())}))
+                                  relative_error(restored, tau), {"kept": int(topk_mask(tau, density).sum())}))
             tick(progress, f"compressing ({method})", i, len(names))
         writer.finish(report={"tensors": {r.name: {"error": r.error, "ratio": r.ratio} for r in rows}})
     return DeltaResult(Path(out), rows, [], {"method": method, "density": density, "alpha": alpha})

@@ -77,7 +77,7 @@ def extract_lora(
     lowrank: dict[str, LowRankDelta] = {}
     full: dict[str, torch.Tensor] = {}
     rows: list[TensorRow] = []
-    warnings: list[str] = []
+    warnings: list[str] = pair.missing_warning()
     total, done = sum(pair.finetuned.info(n).nbytes for n in pair.names), 0
     for name, b, ft in pair.tensors():
         done += pair.finetuned.info(name).nbytes

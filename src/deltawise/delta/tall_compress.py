@@ -10,6 +10,8 @@ the masks bit-packed, per tensor (the flattening order is the tensor order of ``
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +23,7 @@ from deltawise.delta.bits import pack_bits
 from deltawise.delta.store import DeltaWriter
 from deltawise.delta.tall import TallDelta
 from deltawise.errors import DeltawiseError
+from deltawise.io.finite import require_finite
 from deltawise.io.dtypes import element_size
 
 DEFAULT_LAMBDA = 0.4
@@ -38,6 +41,8 @@ def compress_tall(
     if len(deltas) < 2:
         raise DeltawiseError("TALL masks need at least two deltas of the same base")
     lambdas = list(lambdas or [DEFAULT_LAMBDA])
+    if not all(math.isfinite(lam) for lam in lambdas):
+        raise DeltawiseError(f"--lam must be finite numbers, got {lambdas}")
     if len(lambdas) == 1:
         lambdas *= len(deltas)
     if len(lambdas) != len(deltas):
@@ -62,6 +67,8 @@ def compress_tall(
         for i, name in enumerate(tensor_names, 1):
             shape = next(tuple(s.shape(name)) for s in sources if name in s.entries)
             taus = [s.get(name).materialize(torch.float32) if name in s.entries else torch.zeros(shape) for s in sources]
+            for ref, tau in zip(deltas, taus):
+                require_finite(tau, ref, name)
             mtl, masks = tall_masks(taus, lambdas)
             delta = TallDelta(mtl, [pack_bits(m) for m in masks])
             base_dtype = next(s.base_dtype(name) for s in sources if name in s.entries)

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from deltawise.errors import InputError, bullet_list
+from deltawise.io.finite import require_finite
 from deltawise.io.reader import ModelReader
 from deltawise.io.resolve import resolve_model
 
@@ -18,10 +19,23 @@ class Pair:
     finetuned: ModelReader
     names: list[str]  # floating tensors present in both, in the fine-tuned model's order
     skipped: list[str]  # non-floating tensors that differ (copied from the base on apply)
+    missing: list[str]  # base tensors the fine-tuned model lacks (the delta leaves them unchanged)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Each (name, base tensor, fine-tuned tensor); InputError naming the tensor for NaN/inf in either."""
         for name in self.names:
-            yield name, self.base.get(name), self.finetuned.get(name)
+            base, finetuned = self.base.get(name), self.finetuned.get(name)
+            require_finite(base, self.base.label, name)
+            require_finite(finetuned, self.finetuned.label, name)
+            yield name, base, finetuned
+
+    def missing_warning(self) -> list[str]:
+        """One warning listing the base tensors the fine-tuned model lacks, or none."""
+        if not self.missing:
+            return []
+        shown = ", ".join(self.missing[:20]) + (f" and {len(self.missing) - 20} more" if len(self.missing) > 20 else "")
+        return [f"{len(self.missing)} tensor(s) of the base are missing from the fine-tuned model, so the delta leaves "
+                f"them unchanged (apply keeps the base's values): {shown}"]
 
 
 def open_pair(finetuned: str, base: str) -> Pair:
@@ -42,7 +56,8 @@ def open_pair(finetuned: str, base: str) -> Pair:
             skipped.append(name)
     if problems:
         raise InputError(f"{finetuned} is not a fine-tune of {base}:\n" + bullet_list(problems))
-    return Pair(b, ft, names, skipped)
+    missing = [name for name in b.keys() if name not in ft]
+    return Pair(b, ft, names, skipped, missing)
 
 
 def architecture_problems(a: ModelReader, b: ModelReader, a_name: str, b_name: str) -> list[str]:

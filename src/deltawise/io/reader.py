@@ -4,6 +4,11 @@ Supports a single ``model.safetensors``, a sharded folder with ``*.safetensors.i
 a folder of loose ``*.safetensors`` files, or one ``.safetensors`` file. Pickle checkpoints
 (``*.bin``/``*.pt``) are refused unless the caller opts in, and are then loaded with
 ``torch.load(weights_only=True)`` so that no code in them runs.
+
+Hostile folders (docs/safety.md): an index may only name shards inside the model folder, with the
+index's own suffix (a shard may be a symlink that points elsewhere, as in the hub cache, but its name
+may not); every file is checked to be a regular file before it is opened (a FIFO would block), and a
+header that names a tensor twice is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from deltawise.errors import InputError
+from deltawise.errors import InputError, require_regular_file
 from deltawise.io.dtypes import SAFETENSORS_TO_TORCH
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -51,9 +56,25 @@ class FileStamp:
 def pickle_refusal(path: Path) -> InputError:
     return InputError(
         f"{path} is a pickle checkpoint; loading pickle can run arbitrary code. "
-        "Convert it to safetensors, or pass --allow-pickle (allow_pickle=True) to load it "
-        "with torch.load(weights_only=True)."
+        "Convert it to safetensors (transformers: from_pretrained, then save_pretrained writes safetensors). "
+        "Commands with an --allow-pickle option (see their --help; merge and budget have one) can instead load it "
+        "with torch.load(weights_only=True); the others, such as eval, extract and apply, do not read pickle checkpoints."
     )
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` hook: a key given twice is an error (JSON parsers silently keep the last one,
+    so two tools could read different tensors from one file)."""
+    table: dict = {}
+    for key, value in pairs:
+        if key in table:
+            raise DuplicateKeyError(f"the key {key!r} appears twice")
+        table[key] = value
+    return table
 
 
 class ModelReader:
@@ -72,6 +93,8 @@ class ModelReader:
         self._fingerprint: str | None = None
         if not self.path.exists():
             raise InputError(f"model {self.label!r}: {self.path} does not exist")
+        if not self.path.is_dir():
+            require_regular_file(self.path, f"model {self.label!r}:")
         self.files = self._discover()
         for file in self.files:
             self._index_file(file)
@@ -98,7 +121,7 @@ class ModelReader:
             raise InputError(f"model {self.label!r}: {p} is neither a .safetensors file nor a model folder")
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if indexes:
-            return self._from_index(indexes[0])
+            return self._from_index(indexes[0], ".safetensors")
         single = p / "model.safetensors"
         if single.exists():
             return [single]
@@ -107,7 +130,7 @@ class ModelReader:
             return loose
         bin_index = sorted(p.glob("*.bin.index.json"))
         if bin_index:
-            return self._pickle_files(self._from_index(bin_index[0]))
+            return self._pickle_files(self._from_index(bin_index[0], ".bin"))
         pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
         if pickles:
             return self._pickle_files(pickles)
@@ -121,15 +144,19 @@ class ModelReader:
             raise pickle_refusal(files[0])
         return files
 
-    def _from_index(self, index_path: Path) -> list[Path]:
+    def _from_index(self, index_path: Path, shard_suffix: str) -> list[Path]:
+        require_regular_file(index_path, f"model {self.label!r}: index")
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
             weight_map = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"model {self.label!r}: cannot read index {index_path}: {exc}") from None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"model {self.label!r}: index {index_path.name}: weight_map must be an object mapping tensor "
+                             f"names to shard files, not a {type(weight_map).__name__}")
         files = []
         for name, rel in weight_map.items():
-            f = (index_path.parent / rel).resolve()
+            f = self._shard_path(index_path, rel, shard_suffix)
             if not f.exists():
                 raise InputError(f"model {self.label!r}: index {index_path.name} names missing shard {rel}")
             self._file_of[name] = f
@@ -137,7 +164,29 @@ class ModelReader:
                 files.append(f)
         return files
 
+    def _shard_path(self, index_path: Path, rel: object, suffix: str) -> Path:
+        """The shard an index entry names, refused unless the name stays inside the index's folder.
+
+        The name is checked lexically, before symlinks are followed: in the hub cache every shard
+        is a symlink into ``blobs/``, which is allowed, while ``/etc/passwd`` or ``../other/x``
+        as a name is not."""
+        def refuse(why: str, rule: str = "refusing to read outside the model folder") -> InputError:
+            return InputError(f"model {self.label!r}: index {index_path.name} names shard {rel!r}, {why}; {rule}")
+
+        if not isinstance(rel, str) or not rel:
+            raise refuse("which is not a file name")
+        if os.path.isabs(rel):
+            raise refuse("an absolute path")
+        folder = os.path.abspath(index_path.parent)  # normalised, symlinks not followed
+        joined = os.path.abspath(os.path.join(folder, rel))
+        if os.path.commonpath([folder, joined]) != folder or joined == folder:
+            raise refuse("a path that leaves the model folder")
+        if not rel.endswith(suffix):
+            raise refuse(f"which is not a {suffix} file", f"a *{suffix}.index.json index lists only {suffix} shards")
+        return Path(joined).resolve()
+
     def _index_file(self, file: Path) -> None:
+        require_regular_file(file, f"model {self.label!r}:")
         if file.suffix in PICKLE_SUFFIXES:
             state = self._load_pickle(file)
             entries = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -174,7 +223,9 @@ class ModelReader:
                 raise corrupt(f"header length {n} exceeds the file")
             raw = fh.read(n)
         try:
-            table = json.loads(raw)
+            table = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+        except DuplicateKeyError as exc:
+            raise corrupt(f"header names a tensor twice: {exc}") from None
         except ValueError as exc:
             raise corrupt(f"header is not JSON: {exc}") from None
         if not isinstance(table, dict):
@@ -320,6 +371,7 @@ class ModelReader:
         cfg = self.folder / "config.json"
         if not cfg.exists():
             return None
+        require_regular_file(cfg, f"model {self.label!r}:")
         try:
             return json.loads(cfg.read_text())
         except ValueError as exc:

@@ -26,6 +26,20 @@ def looks_local(ref: str) -> bool:
     return "/" in ref and Path(head).exists()
 
 
+def relative_to_cwd(ref: str) -> str:
+    """For a message about a missing relative path: the directory it was resolved against."""
+    if Path(ref).expanduser().is_absolute():
+        return ""
+    return f" (relative paths are resolved against the working directory {Path.cwd()})"
+
+
+def require_local_or_hub_id(ref: str) -> None:
+    """InputError unless ``ref`` exists on disk or can be a hub id (``owner/name``): what ``resolve_model``
+    accepts, for callers that hand ``ref`` to transformers, whose error for a missing path is about repo ids."""
+    if not ref.startswith("hf://") and not Path(ref).expanduser().exists() and (looks_local(ref) or not HUB_ID.match(ref)):
+        raise InputError(f"model {ref!r} not found: no such file or folder{relative_to_cwd(ref)}")
+
+
 def resolve_model(ref: str, *, revision: str | None = None, allow_pickle: bool = False) -> Path:
     """Local folder (or file) holding the model named by ``ref``."""
     forced_hub = ref.startswith("hf://")
@@ -34,7 +48,7 @@ def resolve_model(ref: str, *, revision: str | None = None, allow_pickle: bool =
         if local.exists():
             return local
         if looks_local(ref) or not HUB_ID.match(ref):
-            raise InputError(f"model {ref!r} not found: no such local path")
+            raise InputError(f"model {ref!r} not found: no such local path{relative_to_cwd(ref)}")
     repo_id = ref.removeprefix("hf://")
     if not HUB_ID.match(repo_id):
         raise InputError(f"{ref!r} is not a valid hub id (expected owner/name)")

@@ -31,8 +31,10 @@ from deltawise.architecture import architecture_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
+from deltawise.io.files import TOKENIZER_FILES
 from deltawise.io.layout import natural_key
 from deltawise.io.reader import ModelReader
+from deltawise.io.resolve import looks_local
 from deltawise.io.writer import OutputTensor
 import deltawise.merge.methods  # noqa: F401  (importing the package registers every method)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
@@ -160,7 +162,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                                       base_ref=recipe.base_model if ref != recipe.base_model else None)
             warnings.extend(getattr(readers[ref], "warnings", []))
         except InputError as exc:
-            input_problems.append(str(exc))
+            input_problems.append(str(exc) + _recipe_folder_hint(ref, recipe))
     if problems or input_problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + input_problems))
 
@@ -251,12 +253,49 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
 
     _note_tied_extras(template, inputs, warnings)
     result = MergePlan(recipe, method, base, inputs, template, tensors, warnings)
+    problems.extend(_check_tokenizer_source(result))
     if not problems:
         result.side_inputs = method.side_inputs(result)
         problems.extend(method.check(result))
     if problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(_unique(problems)))
     return result
+
+
+def _recipe_folder_hint(ref: str, recipe: Recipe) -> str:
+    """For a model path missing from the working directory: whether it exists next to the recipe file.
+
+    Paths in a recipe are resolved against the working directory, as mergekit does, so a recipe run
+    from another folder finds nothing; saying where the path does exist makes the fix obvious."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or path.exists() or recipe.path is None:
+        return ""
+    beside = recipe.path.parent / path
+    if not beside.exists() or os.path.realpath(recipe.path.parent) == os.path.realpath(Path.cwd()):
+        return ""
+    return (f"; it does exist relative to the recipe's folder, as {os.path.abspath(beside)}: run from "
+            f"{os.path.abspath(recipe.path.parent)}, or write the path as {os.path.normpath(beside)}")
+
+
+def _check_tokenizer_source(plan: MergePlan) -> list[str]:
+    """Problems with ``tokenizer_source`` (a path that does not exist); a warning when it names a folder
+    without tokenizer files, which would leave the merged model without a tokenizer."""
+    source = plan.recipe.tokenizer_source
+    if source in (None, "base", "union"):
+        return []
+    refs = [m.ref for m in plan.inputs + ([plan.base] if plan.base else [])]
+    if source not in refs and not Path(source).expanduser().exists() and not looks_local(source):
+        return []  # a hub id: fetched when the output is written, not while planning
+    from deltawise.merge.card import tokenizer_folder
+
+    try:
+        folder = tokenizer_folder(plan)
+    except InputError as exc:
+        return [str(exc) + _recipe_folder_hint(source, plan.recipe)]
+    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        plan.warnings.append(f"tokenizer_source {source!r}: {folder} holds no tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES[:4])}, ...); the merged model will have no tokenizer")
+    return []
 
 
 def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:

@@ -8,11 +8,12 @@ unchanged. deltawise adds ``exclude`` (tensor-name regexes copied unmerged from 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from deltawise.errors import RecipeError, bullet_list
 
@@ -55,6 +56,12 @@ class Recipe(BaseModel):
     modules: Optional[Any] = None
     tokenizer: Optional[Any] = None
     chat_template: Optional[str] = None
+    # the file the recipe was read from (load_recipe), for messages about relative paths
+    _path: Optional[Path] = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
 
     @field_validator("models", mode="before")
     @classmethod
@@ -88,8 +95,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError(f"{source} is invalid:\n{bullet_list(_dedupe(problems))}") from None
+        raise RecipeError(f"{source} is invalid:\n{bullet_list(validation_problems(exc))}") from None
     problems = recipe.unsupported()
     if problems:
         raise RecipeError(f"{source}:\n{bullet_list(problems)}")
@@ -106,15 +112,38 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    recipe._path = path
+    return recipe
 
 
-def _dedupe(items: list[str]) -> list[str]:
-    # pydantic reports one error per union branch; keep the first of each location
-    seen, out = set(), []
-    for item in items:
-        key = item.split(":", 1)[0]
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
+# pydantic names each branch of a union in the error's location: a type (bool, list[...]) or a class
+_UNION_BRANCH = re.compile(r"^(bool|int|float|str|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+SETTING_SHAPES = ("a number, string or true/false; a list of those (a gradient over the layers); "
+                  "{value: ..., filter: ...}; or a list of such mappings")
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per wrong value of the recipe, every one of them.
+
+    pydantic reports a value that fits no branch of a union once per branch (eight lines for one
+    parameter); those are folded into one line saying what the value may be, keeping a branch's
+    specific complaint (an unknown key of a ``{value, filter}`` mapping) when the value had that shape."""
+    groups: dict[str, list[dict]] = {}
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        cut = next((i for i, part in enumerate(loc) if _UNION_BRANCH.match(part)), len(loc))
+        place = ".".join(loc[:cut]) or "(top level)"
+        groups.setdefault(place, []).append({**error, "branch": loc[cut:]})
+    problems = []
+    for place, errors in groups.items():
+        if len(errors) == 1 or not any(e["branch"] for e in errors):
+            problems.extend(f"{place}: {e['msg']}" for e in errors)
+            continue
+        value = errors[0]["input"]
+        # a mapping was meant as {value, filter}: its own complaints say what is wrong with it
+        specific = [f"{'.'.join(e['branch'][1:])}: {e['msg']}" for e in errors
+                    if isinstance(value, dict) and e["branch"][:1] == ["ConditionalValue"] and len(e["branch"]) > 1]
+        detail = f" ({'; '.join(specific)})" if specific else ""
+        problems.append(f"{place}: {value!r} is not a valid setting{detail}; expected {SETTING_SHAPES}")
+    return problems

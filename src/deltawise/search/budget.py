@@ -28,6 +28,7 @@ with the highest retention.
 from __future__ import annotations
 
 import itertools
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ class RetentionBudget:
             minimum = float(value)
         except ValueError:
             minimum = None
-        if not sep or not path or minimum is None or minimum <= 0:
+        if not sep or not path or minimum is None or not math.isfinite(minimum) or minimum <= 0:
             raise InputError(f"--retain takes SOURCE:MIN_RETENTION with a positive number, e.g. en.jsonl:0.98; got {text!r}")
         return cls(Path(path), minimum)
 

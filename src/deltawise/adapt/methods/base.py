@@ -123,7 +123,10 @@ def default_targets(model: nn.Module) -> list[str]:
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in MAP:
-        raise MethodError(f"no default target modules for model type {model_type!r}; pass --targets")
+        linears = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+        shown = ", ".join(linears[:12]) + (", ..." if len(linears) > 12 else "")
+        raise MethodError(f"no default target modules for model type {model_type!r}: name the linear layers to adapt "
+                          f"with -p targets=NAME,NAME (this model's linear layers: {shown or 'none found'})")
     return list(MAP[model_type])
 
 

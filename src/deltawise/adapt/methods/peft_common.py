@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from deltawise.adapt.methods.base import Method
+from deltawise.adapt.methods.base import Method, default_targets
 
 
 def peft_task_type(task: str):
@@ -29,7 +29,14 @@ class PeftMethod(Method):
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(task, seed))
+        config = self.peft_config(task, seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            # PEFT has no default targets for this architecture: say which -p targets=... to pass
+            if getattr(config, "target_modules", ()) is None and "target_modules" in str(exc):
+                default_targets(model)
+            raise
 
     def save(self, model: nn.Module, out: Path, base=None) -> None:
         model.save_pretrained(out)
