@@ -66,7 +66,8 @@ class _Della(MergeMethod):
         ]
 
     def tensor_passes(self, params, model_params, numel, stats):
-        if params["rescale"]:
+        stats["scales"] = [1.0] * len(model_params)
+        if params["rescale"] and any(0 < p["density"] < 1 for p in model_params):
             l1 = L1Norms(self.kept)
             l1.label = "DELLA rescale norms"
             yield l1
@@ -89,8 +90,7 @@ class _Della(MergeMethod):
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         kept = [k for _, k in self.kept(job)]
-        if job.params["rescale"]:
-            kept = [k.mul_(s) if s != 1 else k for k, s in zip(kept, job.stats["scales"])]
+        kept = [k.mul_(s) if s != 1 else k for k, s in zip(kept, job.stats["scales"])]
         return combine(
             job.base, kept, job.weights(), consensus=self.consensus,
             normalize=job.params["normalize"], scale=job.params["lambda"],
