@@ -32,10 +32,15 @@ METHODS = {
     "pcb": ({"ratio": 0.3}, ("ft1", "ft2", "ft3"), True),
     "slerp": ({"t": 0.4}, ("ft1",), True),
     "weight_matching": ({}, ("ft1", "ft2"), False),
+    "della": ({"density": 0.5, "epsilon": 0.2}, ("ft1", "ft2", "ft3"), True),
+    "della_linear": ({"density": 0.5, "epsilon": 0.2}, ("ft1", "ft2", "ft3"), True),
+    "sce": ({"select_topk": 0.3}, ("ft1", "ft2", "ft3"), True),
+    "nearswap": ({"t": 0.01}, ("ft1",), True),
+    "arcee_fusion": ({}, ("ft1",), True),
 }
 # elementwise arithmetic: the GPU may contract a*b+c into one FMA, so a float32 result can differ
 # in its last bit, which moves a bf16/float32 output by at most one unit in the last place
-ELEMENTWISE = {"linear", "task_arithmetic", "dare_linear", "slerp"}
+ELEMENTWISE = {"linear", "task_arithmetic", "dare_linear", "slerp", "nearswap"}
 
 
 def _recipe(method: str, family: dict) -> dict:

@@ -187,6 +187,7 @@ class EngineOptions:
     threads: int = option(2, "worker threads reading and merging tensors", min=1)
     shard_size: str = option("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB")
     allow_pickle: bool = option(False, "accept .bin/.pt inputs (loaded with weights_only=True)")
+    strict: bool = option(False, "treat every recipe warning as an error (an ignored parameter, a cut vocabulary, ...)")
 
 
 @dataclass

@@ -53,7 +53,7 @@ def merge(
         warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
         _run_budget(recipe, run, engine, search)
         return
-    plan = build_plan(load_recipe(recipe), allow_pickle=engine.allow_pickle)
+    plan = build_plan(load_recipe(recipe), allow_pickle=engine.allow_pickle, strict=engine.strict)
     for warning in plan.warnings:
         warn(warning)
     if dry_run:
@@ -74,7 +74,7 @@ def merge(
 @options("intervals", IntervalOptions)
 @options("split", SplitOptions)
 @options("search", BudgetSearchOptions)
-@options("engine", EngineOptions)
+@options("engine", EngineOptions, exclude=("strict",))  # budget builds its plans itself
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...,
            split: SplitOptions = ..., intervals: IntervalOptions = ...) -> None:

@@ -22,5 +22,5 @@ def merge(recipe: "Recipe | dict | str | os.PathLike", out: "str | os.PathLike",
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     allow_pickle = options.pop("allow_pickle", False)
-    plan = build_plan(recipe, allow_pickle=allow_pickle)
+    plan = build_plan(recipe, allow_pickle=allow_pickle, strict=options.pop("strict", False))
     return run_merge(plan, out, MergeOptions(**options))

@@ -20,6 +20,7 @@ Rules (documented in docs/merging.md):
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -111,7 +112,9 @@ def same_model(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and os.path.realpath(pa) == os.path.realpath(pb)
 
 
-def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
+def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = False) -> MergePlan:
+    """The validated plan of ``recipe``; raises RecipeError listing every problem (``strict``: every
+    warning too, e.g. an ignored parameter)."""
     problems: list[str] = []
     warnings: list[str] = []
 
@@ -128,7 +131,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     for where, given in settings:
         for key, setting in given.items():
             if key not in specs:
-                problems.append(f"{where}.{key}: not a parameter of {method.name} (known: {known})")
+                is_error, message = _foreign_parameter(f"{where}.{key}", key, method.name, specs, known)
+                (problems if is_error else warnings).append(message)
             else:
                 problems.extend(f"{where}.{key}: {msg}" for msg in leaf_problems(specs[key], setting))
     for pattern in recipe.exclude:
@@ -259,6 +263,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         problems.extend(method.check(result))
     if problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(_unique(problems)))
+    if strict and warnings:
+        raise RecipeError("the recipe has warnings, which --strict makes errors:\n" + bullet_list(_unique(warnings)))
     return result
 
 
@@ -296,6 +302,24 @@ def _check_tokenizer_source(plan: MergePlan) -> list[str]:
         plan.warnings.append(f"tokenizer_source {source!r}: {folder} holds no tokenizer files "
                              f"({', '.join(TOKENIZER_FILES[:4])}, ...); the merged model will have no tokenizer")
     return []
+
+
+def _foreign_parameter(label: str, key: str, method: str, specs: dict, known: str) -> tuple[bool, str]:
+    """(is_error, message) for a recipe parameter that ``method`` does not take.
+
+    mergekit ignores such parameters, and recipes copied from model cards carry them (``density`` on
+    ``model_stock``): a parameter of another method is ignored with a warning. A name no method takes
+    but close to one that some method does is taken for a typo (``desnity``): an error naming the
+    likely parameter. Any other name is ignored with a warning."""
+    every = {p.name for cls in REGISTRY.values() for p in cls.params}
+    if key in every:
+        return False, f"{label}: not a parameter of {method}, ignored (it takes: {known})"
+    close = difflib.get_close_matches(key, sorted(specs), n=1, cutoff=0.8) or difflib.get_close_matches(
+        key, sorted(every), n=1, cutoff=0.8
+    )
+    if close:
+        return True, f"{label}: unknown parameter; did you mean {close[0]!r}? ({method} takes: {known})"
+    return False, f"{label}: not a parameter of any method, ignored ({method} takes: {known})"
 
 
 def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:

@@ -1,16 +1,19 @@
 """Merge methods, one module each; importing this package registers them all."""
 
 from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
+    arcee_fusion,
     breadcrumbs,
     consensus,
     continual_average,
     continual_task_arithmetic,
     dare,
+    della,
     fisher,
     karcher,
     linear,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
     opcm,
     passthrough,
@@ -18,6 +21,7 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     ram,
     ramplus_tl,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,

@@ -12,6 +12,8 @@ The masks come from ``seed`` in the recipe: the same seed gives the same output.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
@@ -59,16 +61,18 @@ class _Dare(MergeMethod):
 
 
 class L1Norms(StatsPass):
-    """Per model: ||tau||_1 over ||m * tau||_1 for the whole tensor (the L1 rescale factor)."""
+    """Per model: ||tau||_1 over ||m * tau||_1 for the whole tensor (the L1 rescale factor).
+    ``kept`` gives the (task vector, kept part) pairs of a job (DARE's by default; DELLA's)."""
 
     label = "DARE rescale norms"
 
-    def __init__(self):
+    def __init__(self, kept: Optional[Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]] = None):
+        self.kept = kept or _Dare.kept
         self.before: list[float] = []
         self.after: list[float] = []
 
     def update(self, job: TensorJob) -> None:
-        pairs = _Dare.kept(job)
+        pairs = self.kept(job)
         if not self.before:
             self.before, self.after = [0.0] * len(pairs), [0.0] * len(pairs)
         for i, (delta, kept) in enumerate(pairs):
