@@ -10,12 +10,13 @@ PYTHONPATH, so the checkout under test is the one that runs), and writes OUT.jso
 status, the sha256 of each file the step created or changed, and the loss sequence of every
 training_log.json it wrote.
 
-A file's sha256 is of its raw bytes, unless it holds run-specific parts; then it is of the content with them
-taken out, so that two runs in different folders compare equal:
-- JSON files with a key of VOLATILE_KEYS (at any depth: timings, memory, creation times) or the work folder's
-  path: parsed, those keys removed, the path replaced by ``<WORK>``, dumped canonically;
-- safetensors files whose header holds the path or a volatile metadata key: the header cleaned the same way
-  and dumped canonically, plus the raw tensor bytes (the header's padding depends on the path's length);
+Every run happens at the same absolute path (RUN_ROOT, under a lock; moved to DIR at the end), because deltawise
+hashes files that hold resolved paths (a delta's fingerprint is the sha256 of its delta.json, which names its base).
+A file's sha256 is of its raw bytes, unless it holds run-specific parts; then it is of the content with them taken out:
+- JSON files with a key of VOLATILE_KEYS (at any depth: timings, memory, creation times) or the run folder's path:
+  parsed, those keys removed, the path replaced by ``<WORK>``, dumped canonically;
+- safetensors files: the header dumped canonically (the safetensors library writes ``__metadata__`` in a random key
+  order), its metadata cleaned like JSON, plus the raw tensor bytes;
 - any other file holding the path: its bytes with the path replaced.
 ``how`` in the output says which applied to each file.
 
@@ -196,6 +197,8 @@ VOLATILE_KEYS = ["seconds", "created", "tokens_per_s", "peak_rss_mb", "rss_mb"]
 # Files in the work folder that no step's fingerprint includes: our own logs and the HF cache of the subprocesses.
 IGNORED_DIRS = ("logs", ".cache")
 WORK_PLACEHOLDER = "<WORK>"
+# Where every run happens before its folder is moved to --work (see run_in_fixed_place).
+RUN_ROOT = Path("/tmp/deltawise-fingerprint-run")
 # JSON files up to this size are also stored (cleaned), so that --compare can say which keys differ.
 JSON_KEPT_BYTES = 16_000
 
@@ -362,12 +365,12 @@ def file_digest(path: Path, work: str) -> dict[str, str]:
         except ValueError:
             header = None
         if isinstance(header, dict):
-            metadata = header.get("__metadata__")
-            if metadata is not None:
-                header["__metadata__"] = _clean(metadata, work)
-            if has_path or header.get("__metadata__") != metadata:
-                digest = hashlib.sha256(_canonical(header) + raw[8 + n :]).hexdigest()
-                return {"sha256": digest, "how": "safetensors: canonical header (metadata cleaned) + tensor bytes"}
+            # Always canonical: safetensors writes __metadata__ from a hash map, in another key order in every process.
+            # Tensor names, dtypes, shapes and data offsets are all in the canonical header, so layout changes still show.
+            if "__metadata__" in header:
+                header["__metadata__"] = _clean(header["__metadata__"], work)
+            digest = hashlib.sha256(_canonical(header) + raw[8 + n :]).hexdigest()
+            return {"sha256": digest, "how": "safetensors: canonical header (metadata cleaned) + tensor bytes"}
     if path.suffix == ".json":
         try:
             value = json.loads(raw.decode())
@@ -451,16 +454,43 @@ def registered_methods(env: dict[str, str], work: Path) -> list[str]:
     return sorted(set(names))
 
 
+def run_in_fixed_place(results: Path, run_root: Path, only: str | None) -> dict[str, Any]:
+    """Run everything in ``run_root`` (one run at a time: a lock file beside it), then move it all to ``results``.
+
+    deltawise stores some resolved paths and hashes of files that hold them (a delta's fingerprint is the sha256 of
+    its delta.json, which names its base's absolute path): a hash cannot be cleaned afterwards, so every run has
+    to happen at the same absolute path for its outputs to compare equal."""
+    import fcntl
+
+    results.mkdir(parents=True, exist_ok=True)
+    if any(results.iterdir()):
+        raise SystemExit(f"{results} is not empty: give a new or empty folder")
+    run_root.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_root.parent / f"{run_root.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another fingerprint run in {run_root}", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if run_root.exists():  # left by an interrupted run (we hold the lock: nobody else is using it)
+            shutil.rmtree(run_root)
+        run_root.mkdir()
+        result = run_all(run_root, only)
+        result["results_moved_to"] = str(results.resolve())
+        for entry in sorted(run_root.iterdir()):
+            shutil.move(str(entry), str(results / entry.name))
+        run_root.rmdir()
+    return result
+
+
 def run_all(work: Path, only: str | None) -> dict[str, Any]:
-    work.mkdir(parents=True, exist_ok=True)
-    if any(work.iterdir()):
-        raise SystemExit(f"{work} is not empty: give a new or empty folder")
+    """Build the inputs in the empty folder ``work``, run COMMANDS there and fingerprint what each step wrote."""
     work = work.resolve()
     env = cli_env(work)
     logs = work / "logs"
     logs.mkdir()
     result: dict[str, Any] = {"format": 1, "python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH", ""),
-                              "volatile_keys": VOLATILE_KEYS, "steps": {}}
+                              "ran_in": str(work), "volatile_keys": VOLATILE_KEYS, "steps": {}}
 
     started = time.time()
     before = snapshot(work)
@@ -582,7 +612,9 @@ def compare(path_a: Path, path_b: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, help="new or empty folder for the inputs and outputs")
+    parser.add_argument("--work", type=Path, help="new or empty folder that receives the inputs, outputs and logs")
+    parser.add_argument("--run-root", type=Path, default=RUN_ROOT,
+                        help=f"where the commands run, the same for every run (default {RUN_ROOT}); moved to --work at the end")
     parser.add_argument("--json", type=Path, help="fingerprint file to write")
     parser.add_argument("--only", help="run only the steps whose label matches this regular expression (for debugging the table)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), help="compare two fingerprint files")
@@ -591,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         return compare(*args.compare)
     if not args.work or not args.json:
         parser.error("--work and --json are needed (or --compare A B)")
-    result = run_all(args.work, args.only)
+    result = run_in_fixed_place(args.work, args.run_root, args.only)
     args.json.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     failed = [label for label, step in result["steps"].items() if step.get("rc")]
     failures = f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""

@@ -53,11 +53,13 @@ def test_plain_files_hash_raw_bytes(fp, tmp_path):
     assert digest == {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "how": "bytes", "json": {"b": 1, "a": 2}}
 
 
-def test_safetensors_hash_ignores_paths_in_metadata_but_not_tensor_bytes(fp, tmp_path):
+def test_safetensors_hash_ignores_paths_and_key_order_in_metadata_but_not_tensor_bytes(fp, tmp_path):
     a = _safetensors(tmp_path / "a.safetensors", {"data": "/w/a/data.txt", "seconds": "3"}, b"\x00" * 16)
     b = _safetensors(tmp_path / "b.safetensors", {"data": "/w/abcd/data.txt", "seconds": "4"}, b"\x00" * 16)
     c = _safetensors(tmp_path / "c.safetensors", {"data": "/w/a/data.txt", "seconds": "3"}, b"\x00" * 15 + b"\x01")
     assert fp.file_digest(a, "/w/a")["sha256"] == fp.file_digest(b, "/w/abcd")["sha256"]
+    reordered = _safetensors(tmp_path / "r.safetensors", {"seconds": "5", "data": "/w/a/data.txt"}, b"\x00" * 16)
+    assert fp.file_digest(reordered, "/w/a")["sha256"] == fp.file_digest(a, "/w/a")["sha256"]  # metadata key order
     assert fp.file_digest(a, "/w/a")["sha256"] != fp.file_digest(c, "/w/a")["sha256"]
 
 
