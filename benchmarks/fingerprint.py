@@ -193,6 +193,12 @@ OUTPUT_GROUPS = ["merge", "state", "extract", "apply", "compress", "train", "fis
 
 # JSON keys (at any depth, also in safetensors __metadata__) that hold wall times, memory or creation times.
 VOLATILE_KEYS = ["seconds", "created", "tokens_per_s", "peak_rss_mb", "rss_mb"]
+# Keys whose values deltawise itself does not reproduce: an input's "fingerprint" hashes its raw safetensors header, and
+# the safetensors library writes __metadata__ in a random key order in each process, so the fingerprints of delta folders
+# and fisher/gram files (several metadata keys) change from run to run. Replaced by UNSTABLE (also in merge cards).
+UNSTABLE_KEYS = ["fingerprint"]
+UNSTABLE = "<unstable>"
+CARD_FINGERPRINT = re.compile(r"`[0-9a-f]{16}…`")  # the fingerprint column of a merge's README.md
 
 # Files in the work folder that no step's fingerprint includes: our own logs and the HF cache of the subprocesses.
 IGNORED_DIRS = ("logs", ".cache")
@@ -332,7 +338,7 @@ def build_inputs(work: Path) -> None:
 def _clean(value: Any, work: str) -> Any:
     """JSON value with volatile keys dropped and the work folder's path replaced, recursively."""
     if isinstance(value, dict):
-        return {k: _clean(v, work) for k, v in value.items() if k not in VOLATILE_KEYS}
+        return {k: UNSTABLE if k in UNSTABLE_KEYS else _clean(v, work) for k, v in value.items() if k not in VOLATILE_KEYS}
     if isinstance(value, list):
         return [_clean(v, work) for v in value]
     if isinstance(value, str):
@@ -382,6 +388,9 @@ def file_digest(path: Path, work: str) -> dict[str, str]:
             if has_path or cleaned != value:
                 return {"sha256": hashlib.sha256(_canonical(cleaned)).hexdigest(), "how": "json: canonical, cleaned", **kept}
             return {"sha256": hashlib.sha256(raw).hexdigest(), "how": "bytes", **kept}
+    if path.name == "README.md" and CARD_FINGERPRINT.search(raw.decode(errors="replace")):
+        text = CARD_FINGERPRINT.sub(UNSTABLE, raw.decode(errors="replace")).replace(work, WORK_PLACEHOLDER)
+        return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "how": "text, fingerprints and work path replaced"}
     if has_path:
         cleaned_bytes = raw.replace(work.encode(), WORK_PLACEHOLDER.encode())
         return {"sha256": hashlib.sha256(cleaned_bytes).hexdigest(), "how": "bytes, work path replaced"}
@@ -490,7 +499,7 @@ def run_all(work: Path, only: str | None) -> dict[str, Any]:
     logs = work / "logs"
     logs.mkdir()
     result: dict[str, Any] = {"format": 1, "python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH", ""),
-                              "ran_in": str(work), "volatile_keys": VOLATILE_KEYS, "steps": {}}
+                              "ran_in": str(work), "volatile_keys": VOLATILE_KEYS, "unstable_keys": UNSTABLE_KEYS, "steps": {}}
 
     started = time.time()
     before = snapshot(work)
