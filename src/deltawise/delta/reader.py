@@ -102,6 +102,18 @@ class DeltaReader:
         dtype = compute_dtype(base, delta)
         return (base.to(dtype) + self.scale * delta.to(dtype)).to(base.dtype)
 
+    def delta_rows(self, name: str, start: int, stop: int) -> Optional[torch.Tensor]:
+        """``scale · delta`` in rows [start, stop) of ``name``, computed from the delta's own form (LoRA
+        factors, sparse values, ...) in float32 (float64 for float64 data), or None where the delta
+        leaves ``name`` as the base has it. For task-vector merges of adapters: ``get_rows`` gives
+        ``base + scale · delta`` rounded to the base dtype, and subtracting the base again from that
+        would lose the delta's low bits. A read-only tensor (it may be this reader's cache)."""
+        if name in self.added or not self.changes(name) or self.scale == 0:
+            return None
+        delta = self._dense(name)
+        rows = delta[max(0, start):max(start, stop)] if delta.dim() else delta
+        return rows * self.scale if self.scale != 1 else rows
+
     def _dense(self, name: str) -> torch.Tensor:
         with self._lock:
             if name in self._cache:
