@@ -144,3 +144,68 @@ def test_tie_order_keeps_exactly_k_in_mergekit_order():
     kept[band_pass.kept[0]] = True
     assert int(kept.sum()) == n_keep
     assert torch.equal(kept, (magnitude_outliers(tau, density=0.3, gamma=0.05) != 0).reshape(-1))
+
+
+def _stable_expected(base: dict, ft: dict, method: str) -> dict[str, torch.Tensor]:
+    """base + the task vector masked by a stable sort's top-k (TIES) or band (Breadcrumbs), per tensor."""
+    out = {}
+    for name, b in base.items():
+        tau = ft[name].float() - b.float()
+        magnitude = tau.abs().reshape(-1)
+        n = magnitude.numel()
+        keep = torch.zeros(n, dtype=torch.bool)
+        if method == "ties":
+            keep[torch.argsort(magnitude, descending=True, stable=True)[: max(1, int(0.2 * n))]] = True
+        else:
+            n_bot, n_keep = band_counts(n, 0.3, 0.05)
+            keep[torch.argsort(magnitude, stable=True)[n_bot : n_bot + n_keep]] = True
+        out[name] = b.float() + tau * keep.reshape(tau.shape)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_index_tie_rule_is_a_stable_sort_whatever_the_chunking(half_family, method, tmp_path, monkeypatch):
+    """One model, weight 1: the output is base + the kept task-vector entries, exactly."""
+    recipe = RECIPES[method](half_family, tie_rule="index")
+    recipe["models"] = recipe["models"][:1]
+    recipe["models"][0]["parameters"]["weight"] = 1.0
+    recipe["out_dtype"] = "float32"
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    expected = _stable_expected(load_folder(half_family["base"]), load_folder(half_family["ft1"]), method)
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 300)
+    for label in ("chunked", "whole"):
+        ours = run_deltawise(path, tmp_path / label)
+        assert {k for k in expected if not torch.equal(ours[k], expected[k])} == set(), label
+        monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 1 << 20)
+    # not vacuous: on these checkpoints mergekit's (unstable) order keeps other entries among the ties
+    recipe["parameters"]["tie_rule"] = "mergekit"
+    other = run_deltawise(write_recipe(tmp_path / "mergekit.yaml", recipe), tmp_path / "mergekit")
+    assert any(not torch.equal(other[k], v) for k, v in expected.items())
+
+
+def test_tie_index_ignores_the_order_chunks_arrive_in():
+    from deltawise.merge.thresholds import TieIndex
+
+    gen = torch.Generator().manual_seed(4)
+    tau = torch.randint(-9, 10, (30, 20), generator=gen).float() / 64
+    magnitudes = tau.abs().reshape(-1)
+    n, k = magnitudes.numel(), 150
+    kth = float(magnitudes.sort(descending=True).values[k - 1])
+    above, equal = int((magnitudes > kth).sum()), int((magnitudes == kth).sum())
+    assert equal > k - above > 0  # the boundary splits the ties
+
+    class Job:
+        def __init__(self, start: int):
+            self.models, self.row_start = [tau[start : start + 4]], start
+
+        def deltas(self):
+            return [self.models[0]]
+
+    tie_pass = TieIndex({0: _Window(descending=True, start=0, stop=k, boundaries=(kth,), before=(above,))})
+    for start in (28, 4, 16, 0, 24, 8, 12, 20):
+        tie_pass.update(Job(start))
+    kept = magnitudes > kth
+    kept[tie_pass.kept[0]] = True
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[torch.argsort(magnitudes, descending=True, stable=True)[:k]] = True
+    assert torch.equal(kept, expected)

@@ -23,6 +23,9 @@ many, since those formats have 256 and 1024 values per binade):
   the tensor's magnitudes, gathered whole (4 bytes per entry, plus torch's 8-byte indices), and
   only for a tensor whose boundary actually falls among equal values. mergekit run with
   ``--cuda`` sorts on the GPU and may keep other entries among equals.
+- tie_rule "index": exactly the count above, and among equal magnitudes the order of a stable
+  sort (the lower flat index ranks first, in the descending order of TIES as in the ascending
+  order of Breadcrumbs); one more streaming pass, nothing held whole (``TieIndex``).
 - tie_rule "all": every entry equal to a boundary value is kept (more than k when the k-th
   value is tied); streams without holding a tensor whole.
 - global granularity (official TIES code): keep |x| >= the threshold, every tie kept, as the
@@ -49,8 +52,9 @@ TENSOR_OR_GLOBAL = Param(
     help="rank magnitudes within each tensor (mergekit) or over the whole model (paper code)",
 )
 TIE_RULE = Param(
-    "tie_rule", str, "mergekit", choices=("mergekit", "all"),
-    help="per tensor, entries equal to the boundary magnitude: keep exactly k as mergekit does, or keep all of them",
+    "tie_rule", str, "mergekit", choices=("mergekit", "index", "all"),
+    help="per tensor, among entries equal to the boundary magnitude: keep exactly k as mergekit does (sorts a tensor whole), "
+         "exactly k by lowest index (streams), or all of them",
 )
 NOTHING = float("inf")
 
@@ -88,9 +92,10 @@ def topk_passes(
     windows = {}
     for i, (rank, nothing) in enumerate(plan):
         if rank is not None and not nothing and n - order.below[i][0] != n - rank + 1:
-            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],))
+            above = n - order.below[i][0] - order.equal[i][0]
+            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,))
     if windows:
-        tie_pass = TieOrder(n, windows)
+        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(plan))]
 
@@ -120,21 +125,24 @@ def band_passes(
         lower_splits = order.below[i][0] != first - 1
         upper_splits = order.below[i][1] + order.equal[i][1] != last
         if lower_splits or upper_splits:
-            windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]))
+            windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]),
+                                 before=tuple(order.below[i]))
     if windows:
-        tie_pass = TieOrder(n, windows)
+        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(ranks))]
 
 
 @dataclass(frozen=True)
 class _Window:
-    """Positions [start, stop) of the sorted magnitudes that are kept; ``boundaries``: the values at its ends."""
+    """Positions [start, stop) of the sorted magnitudes that are kept; ``boundaries``: the values at its
+    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order."""
 
     descending: bool
     start: int
     stop: int
     boundaries: tuple[float, ...]
+    before: tuple[int, ...] = ()
 
 
 def chunk_offset(job: TensorJob) -> int:
@@ -215,3 +223,47 @@ class GlobalTopK:
                 if [p.get(key) for p in t.model_params] != [p.get(key) for p in first.model_params]:
                     return [f"with granularity: global, {key} must not vary between tensors ({t.name} differs)"]
         return []
+
+
+class TieIndex(StatsPass):
+    """Which entries at a tied boundary magnitude a stable sort keeps, streaming.
+
+    In a stable sort the entries equal to a boundary value ``b`` come in flat-index order right
+    after the ``before`` entries that precede them, so the one with tie rank r (0-based, by index)
+    lands at position before + r: it is kept when that lies in the window. The pass records each
+    chunk's tied positions; ``kept[i]`` are then the sorted flat indices of the kept ties.
+    """
+
+    label = "tie ranks at the top-k boundary"
+
+    def __init__(self, windows: dict[int, _Window]):
+        self.windows = windows
+        self.found: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {i: [] for i in windows}
+        self._kept: Optional[dict[int, torch.Tensor]] = None
+
+    def update(self, job: TensorJob) -> None:
+        offset = chunk_offset(job)
+        deltas = job.deltas()
+        for i, window in self.windows.items():
+            flat = deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32)
+            values = torch.tensor(window.boundaries, dtype=torch.float32)
+            tied = torch.isin(flat, values).nonzero().squeeze(1)
+            self.found[i].append((offset, tied + offset, flat[tied]))
+
+    @property
+    def kept(self) -> dict[int, torch.Tensor]:
+        if self._kept is None:
+            self._kept = {i: self._select(self.found.pop(i), w) for i, w in self.windows.items()}
+        return self._kept
+
+    @staticmethod
+    def _select(found: list[tuple[int, torch.Tensor, torch.Tensor]], window: _Window) -> torch.Tensor:
+        found.sort(key=lambda part: part[0])  # chunk order, whatever order the chunks came in
+        positions = torch.cat([p for _, p, _ in found]) if found else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat([v for _, _, v in found]) if found else torch.zeros(0)
+        keep = torch.zeros_like(positions, dtype=torch.bool)
+        for boundary, before in dict(zip(window.boundaries, window.before)).items():
+            mine = (values == boundary).nonzero().squeeze(1)
+            rank = torch.arange(mine.numel()) + before
+            keep[mine[(rank >= window.start) & (rank < window.stop)]] = True
+        return positions[keep]

@@ -10,7 +10,8 @@ shrinks), row (the official code: per row of the last dimension, the outlier cut
 global (n = whole model, one band per model).
 Ties at the band's ends: with tensor granularity, tie_rule "mergekit" (the default) keeps exactly
 the band of mergekit 0.1.5 on CPU, positions [n_bot, n_bot + n_keep) of its unstable ascending
-sort (see ``thresholds.py``), "all" every entry equal to an end value; row granularity ranks by a
+sort (see ``thresholds.py``), "index" exactly that many with a stable sort's order (lower flat
+index first), "all" every entry equal to an end value; row granularity ranks by a
 stable sort (among equal magnitudes the lower column index ranks higher); global granularity
 keeps every entry equal to an end value.
 """

@@ -11,8 +11,9 @@ elect +) or global (official code: one threshold per model over all its tensors,
 |tau| >= the (d - int(d*density))-th smallest; zero sums take the model-wide majority sign).
 normalize: false gives the "dis-sum" variant.
 tie_rule (tensor granularity): "mergekit" keeps exactly k entries, choosing among magnitudes
-equal to the k-th largest the ones mergekit 0.1.5 keeps on CPU (see ``thresholds.py``); "all"
-keeps every entry equal to it. Global granularity keeps every tie, as the official code.
+equal to the k-th largest the ones mergekit 0.1.5 keeps on CPU (see ``thresholds.py``); "index"
+exactly k, lower flat index first among equals (streaming); "all" every entry equal to it.
+Global granularity keeps every tie, as the official code.
 """
 
 from __future__ import annotations
