@@ -79,8 +79,8 @@ def topk_passes(
     n: int, densities: list[float], rule, stats: dict[str, Any], tie_rule: str = "all",
 ) -> Iterator[StatsPass]:
     """Sets stats["thresholds"][i]: keep |tau_i| >= threshold, and stats["tie_keep"][i]: None, or
-    (tie_rule "mergekit", when the k-th magnitude is tied) the sorted flat indices of the tied
-    entries kept; the threshold is then exclusive (see ``select``)."""
+    (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
+    tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
     order = OrderStatistics(_deltas, [[rank] for rank, _ in plan])
     if any(rank is not None for rank, _ in plan):
