@@ -58,7 +58,7 @@ def apply_delta(
     reader = DeltaReader(source, base_reader, scale=scale, label=delta)
     names = sorted(reader.keys(), key=natural_key)
     shard_plan = plan_shards([OutputTensor(n, reader.info(n).shape, reader.info(n).dtype) for n in names], shard_size)
-    rows = [TensorRow(n, source.kind(n), reader.info(n).nbytes, 0) for n in source.names()]
+    rows = [TensorRow(n, source.kind(n), reader.info(reader.stored_name(n)).nbytes, 0) for n in source.names()]
     with staged_output(out) as staging:
         writer = StreamingShardWriter(staging, shard_plan)
         try:
@@ -115,7 +115,11 @@ def apply_to_model(model: torch.nn.Module, delta: Path, *, scale: float = 1.0, t
     missing = [n for n in source.names() if n not in tensors]
     if missing:
         raise InputError(f"delta {delta} changes tensors the model does not have: {', '.join(missing[:5])}")
+    done: set[int] = set()
     for name in source.names():
         t = tensors[name]
+        if id(t) in done:  # a tied head is the embedding's parameter: the delta names it twice, it changes once
+            continue
+        done.add(id(t))
         t.copy_(source.get(name).apply(t.detach().cpu(), scale))
     return model

@@ -9,6 +9,10 @@ are given). The relative error per tensor is ``√(Σ_{i>k} s_i²) / ‖ΔW‖``
 Changed tensors that are not linear weights (norms, biases, embeddings) cannot be LoRA
 factors: with ``non_linear="save"`` their fine-tuned values go into ``modules_to_save``
 (PEFT then replaces the whole module), with ``"skip"`` they are left out with a warning.
+A base with tied embeddings stores no output head, but PEFT replaces the input embedding module
+only, leaving the (tied) head at the base value: a saved input embedding is therefore saved
+under the head's name too (as mergekit's ``mergekit-extract-lora`` does), so PeftModel computes
+the logits of ``deltawise apply`` (which reads the head back through the tie).
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ def extract_lora(
     if task_type is None and any(a.endswith("ForCausalLM") for a in architectures):
         task_type = "CAUSAL_LM"
     roles = architecture_for(pair.base.config)
+    # input embedding -> the output heads tied to it that the base does not store
+    tied_heads: dict[str, list[str]] = {}
+    for head in roles.tied_outputs():
+        alias = roles.tied_alias(head, pair.base) if head not in pair.base else None
+        if alias is not None:
+            tied_heads.setdefault(alias, []).append(head)
     lowrank: dict[str, LowRankDelta] = {}
     full: dict[str, torch.Tensor] = {}
     rows: list[TensorRow] = []
@@ -94,6 +104,9 @@ def extract_lora(
         elif non_linear == "save":
             full[name] = ft
             rows.append(TensorRow(name, "modules_to_save", dense_bytes, dense_bytes, 0.0))
+            for head in tied_heads.get(name, ()):
+                full[head] = ft.clone()  # a separate tensor: safetensors refuses shared memory
+                rows.append(TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name}))
         else:
             warnings.append(f"{name} changed but is not a linear weight; skipped (pass --non-linear save to keep it)")
     if not lowrank and not full:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from deltawise.architecture import architecture_for
 from deltawise.delta.base import TensorDelta
 from deltawise.delta.full import FullDelta
 from deltawise.delta.lowrank import LowRankDelta
@@ -119,13 +120,18 @@ class PeftAdapter:
             entries[f"{module}.weight"] = _Entry("lora", (parts[a], parts[b]), scale, transpose)
         return entries
 
-    def _need_base(self, name: str, why: str) -> ModelReader:
+    def _need_base(self, name: str, why: str) -> tuple[ModelReader, str]:
+        """The base reader and the name ``name`` has in it: an output head of a tied base is stored
+        as its input embedding (PEFT saves it under the head's name, as mergekit's extraction does)."""
         if self.base_reader is None:
             raise InputError(f"adapter {self.folder}: {name} needs the base model ({why})")
-        if name not in self.base_reader:
-            raise InputError(f"adapter {self.folder} changes {name!r}, "
-                             f"which the base model {self.base_reader.label!r} does not have")
-        return self.base_reader
+        if name in self.base_reader:
+            return self.base_reader, name
+        alias = architecture_for(self.base_reader.config).tied_alias(name, self.base_reader)
+        if alias is None:
+            label = self.base_reader.label
+            raise InputError(f"adapter {self.folder} changes {name!r}, which the base model {label!r} does not have")
+        return self.base_reader, alias
 
     # ------------------------------------------------------------ the DeltaSource interface
     @property
@@ -158,7 +164,8 @@ class PeftAdapter:
             a, b = (self.reader.info(k).shape for k in entry.keys)
             return (a[1], b[0]) if entry.transpose else (b[0], a[1])
         if entry.how == "fourier":
-            return self._need_base(name, "FourierFT stores no shape").info(name).shape
+            reader, base_name = self._need_base(name, "FourierFT stores no shape")
+            return reader.info(base_name).shape
         return self.reader.info(entry.keys[0]).shape
 
     def get(self, name: str) -> TensorDelta:
@@ -170,7 +177,8 @@ class PeftAdapter:
             return LowRankDelta(A, B, entry.scale, entry.transpose)
         if entry.how == "fourier":
             return self._fourier(name, entry)
-        base = self._need_base(name, "it stores a full replacement value").get(name)
+        reader, base_name = self._need_base(name, "it stores a full replacement value")
+        base = reader.get(base_name)
         value = self.reader.get(entry.keys[0])
         if value.shape != base.shape:
             raise InputError(f"adapter {self.folder}: {name} has shape {list(value.shape)}, the base has {list(base.shape)}")

@@ -4,7 +4,10 @@ It lets everything that reads models (the merge engine, ``apply``) read a delta 
 PEFT adapter as if it were a full checkpoint: tensors the delta changes are computed on the
 fly (in float32, float64 for float64 data, cast to the base dtype); the others are the base's.
 A ``full`` entry (a new value) reads as ``base + scale · (value − base)``; one naming a tensor the
-base lacks (a new classification head) adds that tensor, as stored, to the model's tensors.
+base lacks (a new classification head) adds that tensor, as stored, to the model's tensors,
+except an output head of a base with tied embeddings (``lm_head.weight``, which such a base stores
+as its input embedding): its change is the embedding's (``architecture.tied_alias``), as PEFT and
+mergekit save a tied head beside the embedding; when the delta changes both, the two must agree.
 A tensor's dense delta is computed once and kept while its row chunks are read (a small
 LRU), so chunked readers do not redo an SVD product or an inverse FFT per chunk.
 """
@@ -19,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from deltawise.architecture import architecture_for
 from deltawise.delta.base import TensorDelta, compute_dtype
 from deltawise.delta.source import DeltaSource, is_delta, open_delta
 from deltawise.delta.transfer import check_transfer
@@ -41,9 +45,17 @@ class DeltaReader:
         self.warnings: list[str] = []  # for the merge plan: e.g. the base is not the one the delta recorded
         self.files = list(base.files) + list(source.files)
         self.stamps = list(base.stamps) + [ModelReader._stamp(f) for f in source.files]
+        # base embedding -> the tied output head the delta names instead of (or besides) it
+        roles = architecture_for(base.config)
+        self.through_tie: dict[str, str] = {}
+        for n in source.names():
+            alias = roles.tied_alias(n, base) if n not in base else None
+            if alias is not None:
+                self.through_tie[alias] = n
+        tied_outputs = set(self.through_tie.values())
         # tensors the delta adds: new values of tensors the base does not have
         self.added = {n: TensorInfo(tuple(source.shape(n)), source.base_dtype(n))
-                      for n in source.names() if source.kind(n) == "full" and n not in base}
+                      for n in source.names() if source.kind(n) == "full" and n not in base and n not in tied_outputs}
 
     # ------------------------------------------------------------ ModelReader interface
     @property
@@ -81,7 +93,7 @@ class DeltaReader:
             value = self.source.get(name).values  # a FullDelta: the tensor as stored
             return (value[start:stop] if value.dim() else value).to(self.added[name].dtype)
         base = self.base.get_rows(name, start, stop) if self.base.info(name).shape else self.base.get(name)
-        if name not in self.source.entries or self.scale == 0:
+        if not self.changes(name) or self.scale == 0:
             return base
         delta = self._dense(name)
         if delta.dim():
@@ -89,6 +101,18 @@ class DeltaReader:
             delta = delta[start:max(start, stop)]
         dtype = compute_dtype(base, delta)
         return (base.to(dtype) + self.scale * delta.to(dtype)).to(base.dtype)
+
+    def delta_rows(self, name: str, start: int, stop: int) -> Optional[torch.Tensor]:
+        """``scale · delta`` in rows [start, stop) of ``name``, computed from the delta's own form (LoRA
+        factors, sparse values, ...) in float32 (float64 for float64 data), or None where the delta
+        leaves ``name`` as the base has it. For task-vector merges of adapters: ``get_rows`` gives
+        ``base + scale · delta`` rounded to the base dtype, and subtracting the base again from that
+        would lose the delta's low bits. A read-only tensor (it may be this reader's cache)."""
+        if name in self.added or not self.changes(name) or self.scale == 0:
+            return None
+        delta = self._dense(name)
+        rows = delta[max(0, start):max(start, stop)] if delta.dim() else delta
+        return rows * self.scale if self.scale != 1 else rows
 
     def _dense(self, name: str) -> torch.Tensor:
         with self._lock:
@@ -103,8 +127,29 @@ class DeltaReader:
                 self._cache.popitem(last=False)
         return dense
 
+    def stored_name(self, name: str) -> str:
+        """The tensor of this model that the delta's entry ``name`` changes (a tied head's embedding)."""
+        return next((alias for alias, head in self.through_tie.items() if head == name and name not in self), name)
+
+    def changes(self, name: str) -> bool:
+        """Whether the delta changes the base tensor ``name`` (directly or through a tied output head)."""
+        return name in self.source.entries or name in self.through_tie
+
     def tensor_delta(self, name: str) -> TensorDelta:
-        delta = self.source.get(name)
+        own, tied = name in self.source.entries, self.through_tie.get(name)
+        delta = self._relative(name, name if own else tied)
+        if own and tied is not None:
+            other = self._relative(name, tied)
+            a, b = delta.materialize(torch.float32), other.materialize(torch.float32)
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max().clamp(min=1e-30))):
+                raise InputError(
+                    f"{self.label}: changes {name} and {tied} differently, but the base {self.base.label!r} ties them "
+                    "(one tensor): the result cannot be written as a tied model"
+                )
+        return delta
+
+    def _relative(self, name: str, entry: str) -> TensorDelta:
+        delta = self.source.get(entry)
         delta.check_shape(tuple(self.base.info(name).shape), f"base tensor {name} of {self.base.label!r}")
         return delta.relative_to(self.base.get(name)) if delta.replaces else delta
 

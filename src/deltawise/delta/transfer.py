@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+from deltawise.architecture import architecture_for
 from deltawise.delta.source import DeltaSource
 from deltawise.errors import InputError, bullet_list
 from deltawise.io.reader import ModelReader
@@ -34,7 +35,14 @@ def compatibility_problems(source: DeltaSource, base: ModelReader) -> list[str]:
     actual = (base.config or {}).get("architectures")
     if recorded and actual and list(recorded) != list(actual):
         problems.append(f"the delta is for {', '.join(recorded)}, the base is {', '.join(actual)}")
+    roles = architecture_for(base.config)
     for name in source.names():
+        alias = roles.tied_alias(name, base) if name not in base else None
+        if alias is not None:  # an output head tied to the input embedding: the change goes through the tie
+            shape, want = tuple(source.shape(name)), tuple(base.info(alias).shape)
+            if shape != want:
+                problems.append(f"{name} (tied to {alias}) has shape {list(shape)} in the delta, {list(want)} in the base")
+            continue
         if name not in base:
             if source.kind(name) != "full":  # a full entry may add a tensor (a new classification head)
                 problems.append(f"the base has no tensor {name!r}")

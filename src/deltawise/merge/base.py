@@ -66,6 +66,9 @@ class TensorJob:
     side: dict[str, list[Optional[torch.Tensor]]] = field(default_factory=dict)  # SideInput key -> per model
     # the engine's per-thread reusable memory (key, like) -> tensor; None: fresh tensors
     scratch_source: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = field(default=None, repr=False)
+    # per model: its task vector for these rows when the input is a delta or adapter of this base, read
+    # from the delta itself (exact), else None: tau = model - base
+    exact_deltas: Optional[list[Optional[torch.Tensor]]] = field(default=None, repr=False)
 
     def scratch(self, key: Any, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like ``like`` for the merge to fill (``out=``) and return.
@@ -82,9 +85,15 @@ class TensorJob:
         call per merge: a second call would overwrite the first's task vectors)."""
         if self.base is None:
             raise ValueError(f"{self.name}: this method needs a base model")
-        if not scratch:
-            return [m - self.base for m in self.models]
-        return [torch.sub(m, self.base, out=self.scratch(("delta", i), m)) for i, m in enumerate(self.models)]
+        exact = self.exact_deltas or [None] * len(self.models)
+        out = []
+        for i, (m, tau) in enumerate(zip(self.models, exact)):
+            target = self.scratch(("delta", i), m) if scratch else None
+            if tau is None:
+                out.append(torch.sub(m, self.base, out=target) if scratch else m - self.base)
+            else:  # a copy: callers modify task vectors in place, and ``tau`` may be a reader's cache
+                out.append(target.copy_(tau) if scratch else tau.to(dtype=m.dtype, device=m.device, copy=True))
+        return out
 
     def weights(self, default: float = 1.0) -> torch.Tensor:
         ref = self.models[0]

@@ -65,6 +65,13 @@ class ChunkLoader:
         # methods whose every output entry turns NaN/inf when any input entry is: their
         # inputs need no screen of their own, the (cheaper, single) check of the result covers them
         self.screen_inputs = not plan.method.propagates_nonfinite
+        # inputs that are a delta or adapter of this very base: their task vectors come from the delta
+        # (LoRA factors, ...) instead of (base + delta) - base, which would round the delta's low bits
+        base_print = self.base_reader.fingerprint() if self.base_reader is not None else None
+        self.exact_inputs = [
+            base_print is not None and hasattr(m.reader, "delta_rows") and m.reader.base.fingerprint() == base_print
+            for m in plan.inputs
+        ]
 
     def compute_dtype(self, t: TensorPlan) -> torch.dtype:
         readers = [m.reader for m in self.plan.inputs]
@@ -130,12 +137,20 @@ class ChunkLoader:
             base = self._read(-1, self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
         models = [self._read(i, m.reader, s, start, stop, dtype, m.ref)
                   for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
+        exact = None
+        if any(self.exact_inputs):
+            exact = [self._exact_delta(m.reader, s, start, stop, dtype) if use else None
+                     for use, m, s in zip(self.exact_inputs, self.plan.inputs, t.sources)]
         side = dict(whole_side if whole_side is not None else self.whole_side(t))
         for s in self.plan.side_inputs:
             if not s.whole:
                 side[s.key] = self._side(s, t, start, stop, dtype)
         return TensorJob(t.name, base, models, t.params, t.model_params, stats, seed, row_start=start, side=side,
-                         scratch_source=self._scratch)
+                         scratch_source=self._scratch, exact_deltas=exact)
+
+    def _exact_delta(self, reader, name: str, start: int, stop: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        tau = reader.delta_rows(name, start, stop)
+        return None if tau is None else tau.to(dtype=dtype, device=self.device)
 
     def whole_side(self, t: TensorPlan) -> dict[str, list[Optional[torch.Tensor]]]:
         """Side tensors every chunk of ``t`` needs whole (Gram matrices): read once per tensor."""

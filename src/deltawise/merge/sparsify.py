@@ -51,6 +51,34 @@ def trim(delta: torch.Tensor, lower: Optional[float] = None, upper: Optional[flo
     return delta
 
 
+def trim_listed(
+    delta: torch.Tensor,
+    lower: Optional[float],
+    upper: Optional[float],
+    listed: Optional[torch.Tensor],
+    offset: int = 0,
+) -> torch.Tensor:
+    """Zero the entries of ``delta`` outside a top-k selection, in place.
+
+    ``listed`` None: the bounds are inclusive (``trim``). Otherwise the bounds are exclusive and
+    the entries at the ``listed`` sorted flat indices of the whole tensor are kept besides (the
+    tied entries a tie rule chose at a boundary); ``delta`` is the chunk of that tensor whose
+    first entry has flat index ``offset``.
+    """
+    if listed is None:
+        return trim(delta, lower, upper)
+    magnitude = delta.abs()
+    keep = torch.ones_like(magnitude, dtype=torch.bool)
+    if lower is not None:
+        keep &= magnitude > lower
+    if upper is not None:
+        keep &= magnitude < upper
+    first, last = (int(i) for i in torch.searchsorted(listed, torch.tensor([offset, offset + delta.numel()])))
+    if last > first:
+        keep.view(-1)[(listed[first:last] - offset).to(delta.device)] = True
+    return delta.masked_fill_(keep.logical_not_(), 0)
+
+
 def combine(
     base: torch.Tensor,
     deltas: list[torch.Tensor],

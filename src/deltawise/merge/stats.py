@@ -65,18 +65,22 @@ class OrderStatistics:
     """For each model, the values of |x| at the requested 1-indexed ascending ranks.
 
     ``ranks[i]`` lists the ranks wanted for model i (None entries are passed through as None).
-    Run the passes from ``passes()`` through the engine, then read ``values``.
+    Run the passes from ``passes()`` through the engine, then read ``values``; ``below`` and
+    ``equal`` count the entries smaller than and equal to each value (how many ties a rank
+    falls among, which exact top-k selection needs).
     """
 
     def __init__(self, source: Source, ranks: list[list[Optional[int]]]):
         self.source = source
         self.ranks = ranks
         self.values: list[list[Optional[float]]] = [[None] * len(r) for r in ranks]
+        self.below: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
+        self.equal: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
 
     def passes(self) -> Iterator[StatsPass]:
         high = _HighPass(self.source, len(self.ranks))
         yield high
-        located: list[list[Optional[tuple[int, int]]]] = []
+        located: list[list[Optional[tuple[int, int, int]]]] = []  # (high bin, rank in bin, count below bin)
         for i, ranks in enumerate(self.ranks):
             cum = high.counts[i].cumsum(0)
             total = int(cum[-1])
@@ -89,7 +93,7 @@ class OrderStatistics:
                     raise ValueError(f"rank {r} outside 1..{total}")
                 hi = int(torch.searchsorted(cum, r))
                 below = int(cum[hi - 1]) if hi > 0 else 0
-                row.append((hi, r - below))
+                row.append((hi, r - below, below))
             located.append(row)
         low = _LowPass(self.source, [{loc[0] for loc in row if loc} for row in located])
         yield low
@@ -97,7 +101,11 @@ class OrderStatistics:
             for j, loc in enumerate(row):
                 if loc is None:
                     continue
-                hi, r = loc
-                lo = int(torch.searchsorted(low.counts[i][hi].cumsum(0), r))
+                hi, r, below_bin = loc
+                counts = low.counts[i][hi].cpu()
+                cum = counts.cumsum(0)
+                lo = int(torch.searchsorted(cum, r))
+                self.below[i][j] = below_bin + (int(cum[lo - 1]) if lo > 0 else 0)
+                self.equal[i][j] = int(counts[lo])
                 bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32)  # on the host, whatever the counts' device
                 self.values[i][j] = float(bits.view(torch.float32))

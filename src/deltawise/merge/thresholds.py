@@ -11,11 +11,33 @@ Counting rules (n entries, keep fraction k):
 - "official" (global TIES): keep |x| >= s_(n - int(k*n)), as the paper's ``topk_values_mask``;
 - Breadcrumbs band: ascending ranks (n_bot, n_bot + n_keep], see ``sparsify.band_counts``.
 A threshold of None keeps everything; +inf keeps nothing.
+
+Tie rules (entries whose magnitude equals a boundary value; in bfloat16 and float16 there are
+many, since those formats have 256 and 1024 values per binade):
+- tie_rule "mergekit" (per-tensor TIES and Breadcrumbs, the default): exactly the count above,
+  and among equal magnitudes the entries mergekit 0.1.5 keeps: it takes the first k positions of
+  ``torch.argsort(|tau|.float(), descending=True)`` (sparsify.py ``magnitude``) or the band
+  ``torch.sort(|tau|.float()).indices[n_bot:n_bot + n_keep]`` (``magnitude_outliers``). On CPU
+  that sort is not stable (std::sort, an introsort), so which of the equal entries it keeps
+  depends on every value of the tensor: ``TieOrder`` reproduces it by running the same sort on
+  the tensor's magnitudes, gathered whole (4 bytes per entry, plus torch's 8-byte indices), and
+  only for a tensor whose boundary actually falls among equal values. mergekit run with
+  ``--cuda`` sorts on the GPU and may keep other entries among equals.
+- tie_rule "index": exactly the count above, and among equal magnitudes the order of a stable
+  sort (the lower flat index ranks first, in the descending order of TIES as in the ascending
+  order of Breadcrumbs); one more streaming pass, nothing held whole (``TieIndex``).
+- tie_rule "all": every entry equal to a boundary value is kept (more than k when the k-th
+  value is tied); streams without holding a tensor whole.
+- global granularity (official TIES code): keep |x| >= the threshold, every tie kept, as the
+  paper's ``topk_values_mask`` (``kthvalue`` then ``>=``); Breadcrumbs' global band likewise.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
+
+import torch
 
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.params import Param
@@ -28,6 +50,11 @@ if TYPE_CHECKING:
 TENSOR_OR_GLOBAL = Param(
     "granularity", str, "tensor", choices=("tensor", "global"),
     help="rank magnitudes within each tensor (mergekit) or over the whole model (paper code)",
+)
+TIE_RULE = Param(
+    "tie_rule", str, "mergekit", choices=("mergekit", "index", "all"),
+    help="per tensor, among entries equal to the boundary magnitude: keep exactly k as mergekit does (sorts a tensor whole), "
+         "exactly k by lowest index (streams), or all of them",
 )
 NOTHING = float("inf")
 
@@ -48,17 +75,36 @@ def keep_rank(n: int, density: float, rule: Literal["mergekit", "official"]) -> 
     return (rank if rank > 0 else None), False
 
 
-def topk_passes(n: int, densities: list[float], rule, stats: dict[str, Any]) -> Iterator[StatsPass]:
-    """Sets stats["thresholds"][i]: keep |tau_i| >= threshold."""
+def topk_passes(
+    n: int, densities: list[float], rule, stats: dict[str, Any], tie_rule: str = "all",
+) -> Iterator[StatsPass]:
+    """Sets stats["thresholds"][i]: keep |tau_i| >= threshold, and stats["tie_keep"][i]: None, or
+    (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
+    tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
     order = OrderStatistics(_deltas, [[rank] for rank, _ in plan])
     if any(rank is not None for rank, _ in plan):
         yield from order.passes()
     stats["thresholds"] = [NOTHING if nothing else values[0] for (_, nothing), values in zip(plan, order.values)]
+    stats["tie_keep"] = [None] * len(plan)
+    if tie_rule == "all":
+        return
+    windows = {}
+    for i, (rank, nothing) in enumerate(plan):
+        if rank is not None and not nothing and n - order.below[i][0] != n - rank + 1:
+            above = n - order.below[i][0] - order.equal[i][0]
+            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,))
+    if windows:
+        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
+        yield tie_pass
+        stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(plan))]
 
 
-def band_passes(n: int, densities: list[float], gammas: list[float], stats: dict[str, Any]) -> Iterator[StatsPass]:
-    """Sets stats["bands"][i] = (lower, upper): keep lower <= |tau_i| <= upper."""
+def band_passes(
+    n: int, densities: list[float], gammas: list[float], stats: dict[str, Any], tie_rule: str = "all",
+) -> Iterator[StatsPass]:
+    """Sets stats["bands"][i] = (lower, upper): keep lower <= |tau_i| <= upper, and stats["tie_keep"]
+    as ``topk_passes`` (with listed ties, both bounds are exclusive)."""
     ranks, empty = [], []
     for k, g in zip(densities, gammas):
         n_bot, n_keep = band_counts(n, k, g)
@@ -69,6 +115,87 @@ def band_passes(n: int, densities: list[float], gammas: list[float], stats: dict
     if any(r[0] is not None for r in ranks):
         yield from order.passes()
     stats["bands"] = [(NOTHING, 0.0) if e else (lo, hi) for e, (lo, hi) in zip(empty, order.values)]
+    stats["tie_keep"] = [None] * len(ranks)
+    if tie_rule == "all":
+        return
+    windows = {}
+    for i, (first, last) in enumerate(ranks):
+        if first is None:
+            continue
+        lower_splits = order.below[i][0] != first - 1
+        upper_splits = order.below[i][1] + order.equal[i][1] != last
+        if lower_splits or upper_splits:
+            windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]),
+                                 before=tuple(order.below[i]))
+    if windows:
+        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
+        yield tie_pass
+        stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(ranks))]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Positions [start, stop) of the sorted magnitudes that are kept; ``boundaries``: the values at its
+    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order."""
+
+    descending: bool
+    start: int
+    stop: int
+    boundaries: tuple[float, ...]
+    before: tuple[int, ...] = ()
+
+
+def chunk_offset(job: TensorJob) -> int:
+    """Flat index of the chunk's first entry within the whole tensor (chunks are whole rows)."""
+    like = job.models[0]
+    if like.dim() == 0 or like.shape[0] == 0:
+        return 0
+    return job.row_start * (like.numel() // like.shape[0])
+
+
+class TieOrder(StatsPass):
+    """Which entries at a tied boundary magnitude mergekit keeps, for some models of one tensor.
+
+    Gathers the tensor's |tau| as float32 on the CPU (mergekit's ``w = tensor.abs().reshape(-1).float()``)
+    and sorts it with the very call mergekit makes, so the unstable sort orders the ties the same
+    way; ``kept[i]`` are the sorted flat indices of the entries inside the kept window whose value
+    is one of its boundary values (entries strictly inside are kept by the bounds themselves).
+    """
+
+    label = "tie order at the top-k boundary"
+
+    def __init__(self, n: int, windows: dict[int, _Window]):
+        self.windows = windows
+        self.magnitudes = {i: torch.empty(n, dtype=torch.float32) for i in windows}
+        self._kept: Optional[dict[int, torch.Tensor]] = None
+
+    def update(self, job: TensorJob) -> None:
+        offset = chunk_offset(job)
+        deltas = job.deltas()
+        for i, buffer in self.magnitudes.items():
+            flat = deltas[i].abs().reshape(-1)
+            buffer[offset : offset + flat.numel()] = flat.to(device="cpu", dtype=torch.float32)
+
+    @property
+    def kept(self) -> dict[int, torch.Tensor]:
+        if self._kept is None:
+            self._kept = {i: self._select(self.magnitudes.pop(i), w) for i, w in self.windows.items()}
+        return self._kept
+
+    @staticmethod
+    def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
+        # the same calls as mergekit 0.1.5 sparsify.py (magnitude / magnitude_outliers): the
+        # order of equal values follows from the sort algorithm and the whole input
+        if window.descending:
+            order = torch.argsort(magnitudes, descending=True)
+        else:
+            order = torch.sort(magnitudes, descending=False).indices
+        inside = order[window.start : window.stop]
+        values = magnitudes[inside]
+        at_boundary = torch.zeros_like(values, dtype=torch.bool)
+        for boundary in set(window.boundaries):
+            at_boundary |= values == boundary
+        return inside[at_boundary].sort().values
 
 
 class GlobalTopK:
@@ -96,3 +223,47 @@ class GlobalTopK:
                 if [p.get(key) for p in t.model_params] != [p.get(key) for p in first.model_params]:
                     return [f"with granularity: global, {key} must not vary between tensors ({t.name} differs)"]
         return []
+
+
+class TieIndex(StatsPass):
+    """Which entries at a tied boundary magnitude a stable sort keeps, streaming.
+
+    In a stable sort the entries equal to a boundary value ``b`` come in flat-index order right
+    after the ``before`` entries that precede them, so the one with tie rank r (0-based, by index)
+    lands at position before + r: it is kept when that lies in the window. The pass records each
+    chunk's tied positions; ``kept[i]`` are then the sorted flat indices of the kept ties.
+    """
+
+    label = "tie ranks at the top-k boundary"
+
+    def __init__(self, windows: dict[int, _Window]):
+        self.windows = windows
+        self.found: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {i: [] for i in windows}
+        self._kept: Optional[dict[int, torch.Tensor]] = None
+
+    def update(self, job: TensorJob) -> None:
+        offset = chunk_offset(job)
+        deltas = job.deltas()
+        for i, window in self.windows.items():
+            flat = deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32)
+            values = torch.tensor(window.boundaries, dtype=torch.float32)
+            tied = torch.isin(flat, values).nonzero().squeeze(1)
+            self.found[i].append((offset, tied + offset, flat[tied]))
+
+    @property
+    def kept(self) -> dict[int, torch.Tensor]:
+        if self._kept is None:
+            self._kept = {i: self._select(self.found.pop(i), w) for i, w in self.windows.items()}
+        return self._kept
+
+    @staticmethod
+    def _select(found: list[tuple[int, torch.Tensor, torch.Tensor]], window: _Window) -> torch.Tensor:
+        found.sort(key=lambda part: part[0])  # chunk order, whatever order the chunks came in
+        positions = torch.cat([p for _, p, _ in found]) if found else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat([v for _, _, v in found]) if found else torch.zeros(0)
+        keep = torch.zeros_like(positions, dtype=torch.bool)
+        for boundary, before in dict(zip(window.boundaries, window.before)).items():
+            mine = (values == boundary).nonzero().squeeze(1)
+            rank = torch.arange(mine.numel()) + before
+            keep[mine[(rank >= window.start) & (rank < window.stop)]] = True
+        return positions[keep]

@@ -8,6 +8,12 @@ Davari & Belilovsky 2024, "Model Breadcrumbs" (arXiv 2312.06795).
 granularity: tensor (mergekit default: n = tensor size; if density+gamma > 1 the outlier cut
 shrinks), row (the official code: per row of the last dimension, the outlier cut is kept), or
 global (n = whole model, one band per model).
+Ties at the band's ends: with tensor granularity, tie_rule "mergekit" (the default) keeps exactly
+the band of mergekit 0.1.5 on CPU, positions [n_bot, n_bot + n_keep) of its unstable ascending
+sort (see ``thresholds.py``), "index" exactly that many with a stable sort's order (lower flat
+index first), "all" every entry equal to an end value; row granularity ranks by a
+stable sort (among equal magnitudes the lower column index ranks higher); global granularity
+keeps every entry equal to an end value.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ import torch
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
-from deltawise.merge.sparsify import band_mask_rows, combine, trim
-from deltawise.merge.thresholds import GlobalTopK, band_passes
+from deltawise.merge.sparsify import band_mask_rows, combine, trim_listed
+from deltawise.merge.thresholds import TIE_RULE, GlobalTopK, band_passes, chunk_offset
 
 GAMMA = Param("gamma", float, 0.01, scope="model", low=0.0, high=1.0,
               help="fraction of largest-magnitude entries removed as outliers")
@@ -42,15 +48,18 @@ class _Breadcrumbs(MergeMethod):
 
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
-            yield from band_passes(numel, [p["density"] for p in model_params], [p["gamma"] for p in model_params], stats)
+            densities, gammas = [p["density"] for p in model_params], [p["gamma"] for p in model_params]
+            yield from band_passes(numel, densities, gammas, stats, params["tie_rule"])
 
     def masked(self, job: TensorJob) -> list[torch.Tensor]:
         out = []
+        offset = chunk_offset(job)
+        ties = job.stats.get("tie_keep") or [None] * len(job.models)
         for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
             if job.params["granularity"] == "row":
                 out.append(delta.mul_(band_mask_rows(delta, p["density"], p["gamma"])))
             else:
-                out.append(trim(delta, *job.stats["bands"][i]))
+                out.append(trim_listed(delta, *job.stats["bands"][i], ties[i], offset))
         return out
 
     def merge(self, job: TensorJob) -> torch.Tensor:
@@ -64,7 +73,7 @@ class _Breadcrumbs(MergeMethod):
 class Breadcrumbs(_Breadcrumbs):
     name = "breadcrumbs"
     summary = "keep a middle band of task-vector magnitudes, then task arithmetic"
-    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY)
+    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY, TIE_RULE)
 
 
 @register
@@ -72,4 +81,4 @@ class BreadcrumbsTies(_Breadcrumbs):
     name = "breadcrumbs_ties"
     summary = "Breadcrumbs masks, then TIES sign consensus"
     consensus = "mergekit"
-    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY, INT8_MASK)
+    params = (WEIGHT, DENSITY, GAMMA, LAMBDA, normalize(False), GRANULARITY, TIE_RULE, INT8_MASK)

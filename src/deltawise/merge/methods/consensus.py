@@ -19,7 +19,10 @@ each lambda_t from {0.2, ..., 0.6} on that task's validation split and alpha fro
 this data-free method uses lambda_t = 0.4 (middle of the grid) and alpha = 1.0 unless set.
 The task-arithmetic variant is elementwise (no statistics pass); the TIES variant reuses the
 ``ties`` method's trim thresholds, per tensor (mergekit counting, the default) or over the whole
-model (``granularity: global``, the official counting and majority-sign tie-break).
+model (``granularity: global``, the official counting and majority-sign tie-break), with its
+tie rule: per tensor ``tie_rule`` (exactly k, mergekit's order among equal magnitudes, or all
+ties), globally every entry equal to the threshold. The TALL masks compare strictly, so an
+entry with |tau_t| equal to lambda_t * |tau_MTL - tau_t| is not selected.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import LAMBDA
 from deltawise.merge.methods.ties import Ties, merged_vector
 from deltawise.merge.params import Param
-from deltawise.merge.thresholds import TENSOR_OR_GLOBAL
+from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, TIE_RULE
 
 MASK_LAMBDA = Param(
     "mask_lambda", float, 0.4, scope="model", low=0.0,
@@ -61,7 +64,7 @@ class Consensus(MergeMethod):
     name = "consensus"
     summary = "task arithmetic (or TIES) restricted to weights that at least k tasks' TALL masks select"
     reference = "https://arxiv.org/abs/2405.07813"
-    params = (MASK_LAMBDA, K, LAMBDA, MULTI_TASK, DENSITY, TENSOR_OR_GLOBAL)
+    params = (MASK_LAMBDA, K, LAMBDA, MULTI_TASK, DENSITY, TENSOR_OR_GLOBAL, TIE_RULE)
 
     def check(self, plan):
         if not _uses_ties(plan):

@@ -7,7 +7,8 @@ Yu et al. 2024, "Language Models are Super Mario" (arXiv 2311.03099).
     s = ||tau||_1 / ||m * tau||_1 (rescale_mode: l1, mergekit's default)
     dare_linear: theta_0 + lambda * sum_t w_t tau~_t      (/ sum w if normalize)
     dare_ties:   sign election + disjoint merge of w_t tau~_t, as in TIES without the trim
-The masks come from ``seed`` in the recipe: the same seed gives the same output.
+The masks come from ``seed`` in the recipe: the same seed gives the same output. DARE ranks
+nothing (each entry is kept at random), so equal magnitudes need no tie rule.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ the paper's softmax form; clip_ratio defaults to 0.01 (NLP code; the standalone 
 would divide by zero). granularity: global (official: d = every merged entry of the model,
 held in memory as T x d float32 while the statistics are gathered) or tensor (d = one tensor;
 a deviation from the paper, for models whose T x d does not fit in memory).
+Equal values: q_lo, q_hi and q_r are values at sorted positions (``kthvalue``) and clipping and the
+drop act on values, so equal entries are always treated alike; every score equal to q_r gets weight
+0 (as in the released code), which can drop more than 1 - r of the entries when q_r is tied.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ granularity: tensor (mergekit, the default: k = max(1, int(density*n)) per tenso
 elect +) or global (official code: one threshold per model over all its tensors, keeping
 |tau| >= the (d - int(d*density))-th smallest; zero sums take the model-wide majority sign).
 normalize: false gives the "dis-sum" variant.
+tie_rule (tensor granularity): "mergekit" keeps exactly k entries, choosing among magnitudes
+equal to the k-th largest the ones mergekit 0.1.5 keeps on CPU (see ``thresholds.py``); "index"
+exactly k, lower flat index first among equals (streaming); "all" every entry equal to it.
+Global granularity keeps every tie, as the official code.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import torch
 
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
-from deltawise.merge.sparsify import aggregate, trim
-from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, GlobalTopK, topk_passes
+from deltawise.merge.sparsify import aggregate, trim, trim_listed
+from deltawise.merge.thresholds import TENSOR_OR_GLOBAL, TIE_RULE, GlobalTopK, chunk_offset, topk_passes
 
 
 @register
@@ -27,7 +31,7 @@ class Ties(MergeMethod):
     name = "ties"
     summary = "trim small task-vector entries, elect signs, average agreeing entries"
     reference = "https://arxiv.org/abs/2306.01708"
-    params = (WEIGHT, DENSITY, LAMBDA, normalize(True), TENSOR_OR_GLOBAL, INT8_MASK)
+    params = (WEIGHT, DENSITY, LAMBDA, normalize(True), TENSOR_OR_GLOBAL, TIE_RULE, INT8_MASK)
 
     def check(self, plan):
         return GlobalTopK.check(plan)
@@ -43,7 +47,7 @@ class Ties(MergeMethod):
 
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
-            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats)
+            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats, params.get("tie_rule", "all"))
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         merged = merged_vector(job, normalize=job.params["normalize"])
@@ -56,7 +60,12 @@ class Ties(MergeMethod):
 def merged_vector(job: TensorJob, *, normalize: bool) -> torch.Tensor:
     """The TIES task vector tau_m (trim, elect, disjoint mean or sum), before lambda and the base.
     Needs the thresholds (and, for global granularity, the majority sign) from Ties' passes."""
-    trimmed = [trim(d, thr) for d, thr in zip(job.deltas(scratch=True), job.stats["thresholds"])]
+    offset = chunk_offset(job)
+    ties = job.stats.get("tie_keep") or [None] * len(job.models)
+    trimmed = [
+        trim_listed(d, thr, None, listed, offset)
+        for d, thr, listed in zip(job.deltas(scratch=True), job.stats["thresholds"], ties)
+    ]
     official = job.params["granularity"] == "global"
     return aggregate(
         trimmed, job.weights(), consensus="ties" if official else "mergekit", normalize=normalize,
