@@ -9,9 +9,10 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress, warn
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, RunOptions
+from deltawise.options import DataOptions, LoadOptions, RunOptions
 
 
+@options("load", LoadOptions)
 @options("data_options", DataOptions, override={"max_examples": {"help": "score on the first N examples"},
                                                 "max_length": {"help": "tokens per example / window"},
                                                 "batch_size": {"help": "sequences per forward pass"}})
@@ -27,6 +28,7 @@ def soup(
     accept_ties: bool = typer.Option(False, "--accept-ties", help="keep an ingredient that leaves the score unchanged "
                                                                   "(default: strictly better only)"),
     data_options: DataOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA."""
     from rich.table import Table
@@ -36,7 +38,8 @@ def soup(
     with steps_progress(run.quiet) as progress:
         opts = SoupOptions(metric=metric, accept_ties=accept_ties, task=data_options.task, max_examples=data_options.max_examples,
                            max_length=data_options.max_length, batch_size=data_options.batch_size, device=run.device,
-                           overwrite=run.overwrite, progress=stage_factory(progress)("evaluations"))
+                           overwrite=run.overwrite, progress=stage_factory(progress)("evaluations"),
+                           trust_remote_code=load.trust_remote_code)
         result = greedy_soup(models, data, run.output, opts)
     if not run.quiet:
         table = Table(title=f"greedy soup ({result.metric}, {'higher' if result.metric == 'accuracy' else 'lower'} is better)")
@@ -53,6 +56,7 @@ def soup(
               f"wrote {escape(str(result.out))} (decisions in soup.json)", highlight=False)
 
 
+@options("load", LoadOptions)
 @options("data_options", DataOptions, override={"max_examples": {"help": "use the first N examples of each training set"},
                                                 "batch_size": {"help": "examples per task per step"}})
 @options("run", RunOptions, override={
@@ -74,6 +78,7 @@ def atlas(
     lr: float = typer.Option(1e-3, help="AdamW learning rate"),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="data order"),
+    load: LoadOptions = ...,
 ) -> None:
     """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
     from deltawise.search.atlas import AtlasOptions, run_atlas
@@ -83,7 +88,7 @@ def atlas(
                             weight_decay=weight_decay,
                             batch_size=data_options.batch_size, max_length=data_options.max_length,
                             max_examples=data_options.max_examples, seed=seed, device=run.device, overwrite=run.overwrite,
-                            progress=stage_factory(progress)("steps"))
+                            progress=stage_factory(progress)("steps"), trust_remote_code=load.trust_remote_code)
         result = run_atlas(base, models, data, run.output, opts, val or None)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")

@@ -42,6 +42,7 @@ class SoupOptions:
     threads: int = 2
     overwrite: bool = False
     progress: Optional[Callable[[int, int], None]] = None
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def greedy_soup(models: list[str], data: Path, out: Path, options: SoupOptions) 
     check_output_folder(out, [(m, p) for m, p in zip(models, paths)], options.overwrite)
     task_data = load_data(data, options.task, limit=options.max_examples)
     metric = resolve_metric(task_data.task, options.metric)
-    vessel = _Vessel(load_model(models[0], head_for(task_data.task), device=options.device))
+    vessel = _Vessel(load_model(models[0], head_for(task_data.task), device=options.device,
+                                trust_remote_code=options.trust_remote_code))
 
     def score(state: State) -> Score:
         vessel.set(state)
