@@ -21,17 +21,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import deltawise
 from adapt_util import tiny_lm, train_cfg  # noqa: F401  (fixture)
 from conftest import tree_digest
 from deltawise.cli import app
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io import writer as writer_module
-from deltawise.io.output import check_output_folder, output_lock
+from deltawise.io.output import check_output_folder
 from deltawise.io.verify import verify_folder
 from deltawise.merge import merge
 from deltawise.merge.staging import staging_folder
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+# the child processes import the deltawise this test process imported
+SRC = str(Path(deltawise.__file__).resolve().parents[1])
 EVIL_CONFIG = """
 from pathlib import Path
 Path({marker!r}).write_text("the folder's code ran")
@@ -165,6 +167,7 @@ def test_extract_and_apply_reports_are_refused_on_inputs(llama_family, tmp_path)
 
 
 def test_statistics_output_equal_to_the_data_is_refused(inputs):
+    # a regression guard: fisher refused this before (its output must end with .safetensors); now the shared check does
     refused(["fisher", str(inputs["model"]), "--data", str(inputs["data"]), "-o", str(inputs["data"]), "--overwrite", "-q"],
             [inputs["data"]])
 
@@ -237,7 +240,32 @@ def test_two_merges_racing_for_one_output_never_both_succeed(race_family, tmp_pa
         assert not staging_folder(out).exists() and not (tmp_path / f".out{pair}.lock").exists()
 
 
+def test_two_merge_processes_racing_for_one_output_never_both_succeed(race_family, tmp_path):
+    """The same race between processes (the lock is the OS's, not the interpreter's); a few pairs, as each start costs seconds."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    recipes = []
+    for weight in (0.3, 0.7):
+        recipes.append(tmp_path / f"recipe{weight}.yaml")
+        recipes[-1].write_text(json.dumps(linear_recipe(race_family, weight)))
+    for pair in range(3):
+        out = tmp_path / f"out{pair}"
+        procs = [subprocess.Popen([sys.executable, "-m", "deltawise", "merge", str(r), str(out), "-q", "--threads", "1",
+                                   "--shard-size", "140000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in recipes]
+        results = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
+        for proc in procs:
+            proc.stdout.close()
+            proc.stderr.close()
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 1], results
+        message = next(text for code, text in results if code == 1)
+        assert "another deltawise run" in message or "not empty" in message, message
+        assert verify_folder(out).ok and not staging_folder(out).exists()
+
+
 def test_a_second_writer_is_told_which_process_holds_the_output(race_family, tmp_path):
+    from deltawise.io.output import output_lock
+
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(linear_recipe(race_family, 0.5)))
     out = tmp_path / "out"
@@ -250,6 +278,7 @@ def test_a_second_writer_is_told_which_process_holds_the_output(race_family, tmp
 
 def test_continual_state_folder_and_bam_work_folder_are_locked(race_family, tmp_path, tiny_lm):  # noqa: F811
     from deltawise.adapt.bam import BamConfig, run_bam
+    from deltawise.io.output import output_lock
 
     state = tmp_path / "state"
     recipe = {"merge_method": "opcm", "base_model": str(race_family["base"]), "models": [{"model": str(race_family["ft1"])}],
