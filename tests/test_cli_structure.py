@@ -287,8 +287,8 @@ def test_merge_retain_is_a_hidden_way_into_budget(monkeypatch, tmp_path):
     import deltawise.commands.merge as merge_cmd
 
     calls = []
-    monkeypatch.setattr(merge_cmd, "_run_budget", lambda recipe, run, engine, search: calls.append((run.output, search.retain,
-                                                                                                    search.refine)))
+    monkeypatch.setattr(merge_cmd, "_run_budget", lambda recipe, run, engine, search, load=None: calls.append(
+        (run.output, search.retain, search.refine)))
     old = CliRunner().invoke(app, ["merge", "r.yaml", str(tmp_path / "o"), "--retain", "en.txt:0.9", "--target", "de.txt",
                                    "--refine", "2"])
     new = CliRunner().invoke(app, ["budget", "r.yaml", str(tmp_path / "o"), "--retain", "en.txt:0.9", "--target", "de.txt",

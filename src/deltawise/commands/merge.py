@@ -18,7 +18,6 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.io.output import check_output_file
 from deltawise.options import BudgetSearchOptions, EngineOptions, LoadOptions, RunOptions
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
@@ -93,6 +92,8 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
     assert run.output is not None
     output = run.output
     if search.report is not None:
+        from deltawise.io.output import check_output_file
+
         check_output_file(search.report, [("recipe", recipe), *_recipe_inputs(recipe),
                                           *[("retain source", Path(r.rpartition(":")[0] or r)) for r in search.retain],
                                           *[("target", t) for t in search.target]], outputs=[output])

@@ -8,7 +8,6 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress
 from deltawise.commands.flags import options
-from deltawise.io.output import check_output_file
 from deltawise.options import DataOptions, LoadOptions, RunOptions
 
 DATA_HELP = "text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"
@@ -33,6 +32,7 @@ def fisher(
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
     from deltawise.stats.collect import CollectOptions
+    from deltawise.io.output import check_output_file
     from deltawise.stats.fisher import compute_fisher
 
     assert run.output is not None
@@ -60,6 +60,7 @@ def gram(
 ) -> None:
     """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
     from deltawise.stats.collect import CollectOptions
+    from deltawise.io.output import check_output_file
     from deltawise.stats.gram import compute_grams
 
     assert run.output is not None

@@ -86,7 +86,7 @@ def check_output_file(out: Path, inputs: Iterable[tuple[str, Optional[Path]]], *
         if target == src:
             raise OutputError(f"output {out} is the input {label!r} ({src}); choose another file")
         if src.is_dir() and src in target.parents:
-            raise OutputError(f"output {out} is inside the folder of input {label!r} ({src}); write it outside that folder")
+            raise OutputError(f"output {out} is inside the {label} folder {src}, an input; write it outside that folder")
     if target.is_dir():
         raise OutputError(f"output {out} is a folder; give a file name")
     if not target.parent.is_dir():
