@@ -291,6 +291,25 @@ def test_continual_state_folder_and_bam_work_folder_are_locked(race_family, tmp_
         run_bam(cfg)
 
 
+def test_extract_apply_and_train_outputs_are_locked(llama_family, tiny_lm, tmp_path):  # noqa: F811
+    from deltawise.adapt import run_train
+    from deltawise.delta.apply import apply_delta
+    from deltawise.delta.extract import extract_delta
+    from deltawise.io.output import output_lock
+
+    delta = tmp_path / "delta"
+    extract_delta(str(llama_family["ft1"]), str(llama_family["base"]), delta)
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(OutputError, match="another deltawise run"):
+            extract_delta(str(llama_family["ft1"]), str(llama_family["base"]), out)
+        with pytest.raises(OutputError, match="another deltawise run"):
+            apply_delta(str(delta), str(llama_family["base"]), out)
+        with pytest.raises(OutputError, match="another deltawise run"):
+            run_train(train_cfg(tiny_lm, out, "lora"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta"]  # no output, staging folder or lock file left
+
+
 # --- failure 7: pickle checkpoints only with --allow-pickle ---------------------------------------------------------
 
 def test_train_refuses_a_pickle_checkpoint_without_allow_pickle(tiny_lm, tmp_path):  # noqa: F811

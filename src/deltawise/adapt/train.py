@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read
 from deltawise.adapt.dist import world_size
 from deltawise.adapt.methods import Method, get_method
 from deltawise.errors import InputError, OutputError
+from deltawise.io.output import output_lock, unwritable
 from deltawise.io.reader import ModelReader
 from deltawise.options import SCHEDULES, TrainingOptions
 
@@ -264,10 +266,21 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         sampler = ReplayMixSampler(len(rows), len(replay_rows), cfg.batch_size, cfg.replay_fraction, cfg.seed)
         rows = rows + replay_rows  # the sampler's indices: target rows first, then replay rows
 
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    held = ExitStack()
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the output locks it; the others only train
+            held.enter_context(output_lock(cfg.output))
+            _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
+        staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        held.close()
+        raise unwritable(cfg.output, exc) from None
+    except BaseException:
+        held.close()
+        raise
     try:
         # before the model is prepared, so a method may already talk to the other processes
         args = _training_arguments(cfg, staging / "_trainer")
@@ -319,6 +332,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        held.close()
     return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records,
                        trainer._tokens, trainer.is_world_process_zero())
 
