@@ -219,7 +219,9 @@ def test_two_merges_racing_for_one_output_never_both_succeed(race_family, tmp_pa
         def run(weight: float) -> None:
             start.wait()
             try:
-                merge(linear_recipe(race_family, weight), out, threads=1, shard_size=140_000)
+                # every other pair, the second merge also passes --restart (discard an interrupted merge)
+                restart = weight == 0.7 and pair % 2 == 1
+                merge(linear_recipe(race_family, weight), out, threads=1, shard_size=140_000, restart=restart)
                 outcomes[weight] = "ok"
             except DeltawiseError as exc:
                 outcomes[weight] = exc
