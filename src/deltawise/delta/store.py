@@ -64,6 +64,7 @@ class DeltaWriter:
             check_output_folder(self.out, inputs, overwrite)
             self._lock.enter_context(output_lock(self.out))
             try:
+                check_output_folder(self.out, inputs, overwrite)  # again under the lock: another run may have finished
                 self.staging = prepare_staging(self.out)
             except BaseException:
                 self._lock.close()

@@ -96,7 +96,7 @@ def check_output_file(out: Path, inputs: Iterable[tuple[str, Optional[Path]]], *
 
 
 def lock_path(out: Path) -> Path:
-    """The hidden lock file beside ``out``; it exists only while a run holds the lock."""
+    """The hidden lock file beside ``out``; an exclusive holder removes it when done (shared holders leave it)."""
     return out.parent / f".{out.name}.lock"
 
 
