@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -242,27 +243,48 @@ def test_two_merges_racing_for_one_output_never_both_succeed(race_family, tmp_pa
         assert not staging_folder(out).exists() and not (tmp_path / f".out{pair}.lock").exists()
 
 
-def test_two_merge_processes_racing_for_one_output_never_both_succeed(race_family, tmp_path):
-    """The same race between processes (the lock is the OS's, not the interpreter's); a few pairs, as each start costs seconds."""
+# imports first, then waits for the start file: the two merges start within milliseconds of each other
+RACER = """
+import os, sys, time
+from deltawise.cli import main
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.002)
+sys.argv = ["deltawise", *sys.argv[2:]]
+main()
+"""
+
+
+def test_two_merge_processes_racing_for_one_output_never_both_succeed(tmp_path):
+    """The same race between processes (the lock is the OS's, not the interpreter's), on merges long enough to overlap."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    family = {}
+    for name in ("ft1", "ft2"):
+        (tmp_path / name).mkdir()
+        save_file({f"model.layers.{i}.w": torch.randn(512, 512, generator=gen) for i in range(8)},
+                  tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        family[name] = tmp_path / name
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     recipes = []
     for weight in (0.3, 0.7):
         recipes.append(tmp_path / f"recipe{weight}.yaml")
-        recipes[-1].write_text(json.dumps(linear_recipe(race_family, weight)))
+        recipes[-1].write_text(json.dumps(linear_recipe(family, weight)))
     for pair in range(3):
-        out = tmp_path / f"out{pair}"
-        procs = [subprocess.Popen([sys.executable, "-m", "deltawise", "merge", str(r), str(out), "-q", "--threads", "1",
-                                   "--shard-size", "140000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, go = tmp_path / f"out{pair}", tmp_path / f"go{pair}"
+        procs = [subprocess.Popen([sys.executable, "-c", RACER, str(go), "merge", str(r), str(out), "-q", "--threads", "1",
+                                   "--shard-size", "2100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r in recipes]
-        results = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
-        for proc in procs:
-            proc.stdout.close()
-            proc.stderr.close()
-        codes = sorted(code for code, _ in results)
+        time.sleep(8)  # both have imported torch and wait
+        go.touch()
+        results = [proc.communicate(timeout=300) + (proc.returncode,) for proc in procs]
+        codes = sorted(code for _, _, code in results)
         assert codes == [0, 1], results
-        message = next(text for code, text in results if code == 1)
+        message = next(err for _, err, code in results if code == 1)
         assert "another deltawise run" in message or "not empty" in message, message
-        assert verify_folder(out).ok and not staging_folder(out).exists()
+        report = verify_folder(out)
+        assert report.ok and not staging_folder(out).exists(), report.problems
 
 
 def test_a_second_writer_is_told_which_process_holds_the_output(race_family, tmp_path):
