@@ -41,15 +41,33 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         _exit(1)
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: nothing was written under the output name; "
-                  "a merge can be continued with --resume", highlight=False)
-        sys.exit(130)
+        _interrupted()
     except SystemExit as done:  # typer ends every command this way
+        if _caused_by_interrupt(done):  # typer turns Ctrl-C into Exit(130) before we see it
+            _interrupted()
         code = done.code
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
         _exit(code or 0)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while handling a KeyboardInterrupt (Ctrl-C, or SIGTERM through ``_terminate``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _interrupted() -> None:
+    err.print("[bold red]interrupted[/]: nothing was written under the output name; "
+              "a merge can be continued with --resume", highlight=False)
+    sys.exit(130)
 
 
 def _exit(code: int) -> None:

@@ -78,6 +78,14 @@ class RunOptions:
 
 
 @dataclass
+class LoadOptions:
+    """What loading a model folder through transformers may do (docs/safety.md, "Inputs")."""
+
+    trust_remote_code: bool = option(False, "run the Python code a model folder ships (config auto_map: modeling_*.py, "
+                                            "tokenization_*.py) for an architecture transformers lacks; read it first")
+
+
+@dataclass
 class BatchOptions:
     """How text is cut into token windows and batched: shared by the data and the training groups."""
 

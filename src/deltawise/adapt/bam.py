@@ -41,7 +41,7 @@ from deltawise.adapt.data import Example, read_examples
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig, run_train
 from deltawise.errors import InputError, OutputError
-from deltawise.io.output import check_output_folder, staged_output
+from deltawise.io.output import check_output_folder, output_lock, staged_output, unwritable
 from deltawise.io.writer import write_json_atomic
 
 STATE = "bam_state.json"
@@ -152,12 +152,13 @@ def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
     from deltawise.adapt.methods import get_method
     from deltawise.io.reader import ModelReader
 
-    train = {k: v for k, v in asdict(cfg.train).items()
-             if k not in ("model", "data", "output", "replay", "overwrite", "progress")}
+    # permissions to load (remote code, pickle) change no result: a run continues whichever is given
+    skipped = ("model", "data", "output", "replay", "overwrite", "progress", "trust_remote_code", "allow_pickle")
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in skipped}
     # resolved (validated, defaults filled), so giving a parameter its default value is the same run
     train["method_params"] = get_method(cfg.train.method, cfg.train.method_params).values
     return {
-        "model": ModelReader(model_path, allow_pickle=True).fingerprint(),
+        "model": ModelReader(model_path, allow_pickle=cfg.train.allow_pickle).fingerprint(),
         "data": _file_sha256(Path(cfg.train.data)),
         "replay": _file_sha256(Path(cfg.train.replay) if cfg.train.replay else None),
         "branches": cfg.branches, "rounds": cfg.rounds,
@@ -199,7 +200,21 @@ def _last_loss(log: list[dict[str, Any]]) -> Optional[float]:
 def run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Optional[Progress] = None,
             note: Optional[Note] = None) -> BamResult:
     """Run (or continue) BaM; write the final model to ``cfg.train.output`` unless only one branch
-    was asked for. ``model_path`` overrides the folder loaded for ``cfg.train.model`` (GGUF input)."""
+    was asked for. ``model_path`` overrides the folder loaded for ``cfg.train.model`` (GGUF input).
+
+    The work folder is locked for the run (``output_lock``): exclusively by a whole run or a
+    ``--merge-only`` one, shared by ``--branch-index`` runs, which lock their own branch besides."""
+    work = cfg.work_dir
+    try:
+        work.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(work, exc) from None
+    with output_lock(work, "BaM work folder", shared=cfg.branch_index is not None):
+        return _run_bam(cfg, model_path=model_path, progress=progress, note=note)
+
+
+def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Optional[Progress] = None,
+             note: Optional[Note] = None) -> BamResult:
     from deltawise.merge import merge
 
     started = time.time()
@@ -255,7 +270,10 @@ def run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opti
             elif cfg.branch_index is not None and k != cfg.branch_index:
                 continue  # another process trains it
             else:
-                record = _train_branch(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index], tell)
+                rdir.mkdir(parents=True, exist_ok=True)
+                with output_lock(bdir, "BaM branch"):
+                    record = _train_branch(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index],
+                                           tell)
                 branch_logs.append({**record, "skipped": False})
                 models.append(bdir / record["model"])
             done_branches += 1
@@ -301,7 +319,7 @@ def _train_branch(tc: TrainConfig, start: Path, bdir: Path, j: int, k: int, inde
     cfg = dataclasses.replace(tc, model=start, data=data, output=bdir / "train", seed=tc.seed + index,
                               overwrite=True, progress=False)
     result = run_train(cfg)
-    model = materialize(bdir / "train", start, bdir / "model")
+    model = materialize(bdir / "train", start, bdir / "model", trust_remote_code=tc.trust_remote_code)
     record = {
         "round": j, "branch": k, "slice": index + 1, "examples": len(examples), "indices": indices,
         "start_model": str(start), "model": str(model.relative_to(bdir)), "steps": result.steps,

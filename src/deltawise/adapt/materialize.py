@@ -30,7 +30,7 @@ def train_record(folder: Path) -> dict:
 
 
 @torch.no_grad()
-def materialize(trained: Path, start_model: Path, out: Path) -> Path:
+def materialize(trained: Path, start_model: Path, out: Path, *, trust_remote_code: bool = False) -> Path:
     """The full model of the train output ``trained`` (made from ``start_model``): ``trained``
     itself for a full fine-tune, else a new folder ``out`` holding start model + adapter."""
     record = train_record(trained)
@@ -38,9 +38,10 @@ def materialize(trained: Path, start_model: Path, out: Path) -> Path:
     if kind == "full":
         return Path(trained)
     task = record.get("task", "causal_lm")
-    tok = load_tokenizer(start_model)
+    tok = load_tokenizer(start_model, trust_remote_code=trust_remote_code)
     labels = record.get("label2id") or {}
-    model = load_model(start_model, task, len(labels) if labels else None, tok.pad_token_id)
+    model = load_model(start_model, task, len(labels) if labels else None, tok.pad_token_id,
+                       trust_remote_code=trust_remote_code)
     if kind == "peft":
         from peft import PeftModel
 

@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read
 from deltawise.adapt.dist import world_size
 from deltawise.adapt.methods import Method, get_method
 from deltawise.errors import InputError, OutputError
+from deltawise.io.output import output_lock, unwritable
 from deltawise.io.reader import ModelReader
 from deltawise.options import SCHEDULES, TrainingOptions
 
@@ -52,6 +54,8 @@ class TrainConfig(TrainingOptions):
     logging_steps: int = 1
     overwrite: bool = False
     progress: bool = True
+    trust_remote_code: bool = False  # run Python code shipped in the model folder (--trust-remote-code)
+    allow_pickle: bool = False  # accept a .bin/.pt checkpoint, read with weights_only=True (--allow-pickle)
     # the method's parameters by name (raw text from the command line, or typed values); validated and
     # completed with the method's defaults by ``get_method``
     method_params: dict[str, Any] = field(default_factory=dict)
@@ -161,23 +165,39 @@ def _check_paths(cfg: TrainConfig) -> None:
         raise OutputError(f"output {cfg.output} exists and is not empty (pass --overwrite to replace it)")
 
 
-def load_model(model_path: Path, task: str, num_labels: int | None = None, pad_token_id: int | None = None) -> nn.Module:
-    """Load the base model in float32 (optimizer states and updates need full precision)."""
+def load_model(model_path: Path, task: str, num_labels: int | None = None, pad_token_id: int | None = None, *,
+               trust_remote_code: bool = False) -> nn.Module:
+    """Load the base model in float32 (optimizer states and updates need full precision). Code in the
+    folder runs only with ``trust_remote_code`` (``deltawise.eval.models.refuse_remote_code``); a pickle
+    checkpoint is read by transformers with ``torch.load(weights_only=True)``, once ``refuse_pickle`` let it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from deltawise.eval.models import refuse_remote_code
+
+    refuse_remote_code(model_path, trust_remote_code)
     if task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id  # needed to find the last token of padded rows
         return model
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(model_path: Path):
+def refuse_pickle(model_path: Path, allow_pickle: bool, label: str) -> None:
+    """A folder whose weights are only a pickle checkpoint (.bin/.pt) is read only with ``--allow-pickle``:
+    the README's promise, the same as merge's. ``ModelReader`` raises the refusal while indexing."""
+    ModelReader(model_path, allow_pickle=allow_pickle, label=label).close()
+
+
+def load_tokenizer(model_path: Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from deltawise.eval.models import refuse_remote_code
+
+    refuse_remote_code(model_path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(model_path)
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {model_path}: {e}") from None
     if tok.pad_token_id is None:
@@ -231,9 +251,12 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
     if cfg.task not in TASKS:
         raise InputError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
     _check_paths(cfg)
+    if not cfg.max_steps > 0 and not cfg.epochs > 0:
+        raise InputError(f"--epochs {cfg.epochs:g} trains nothing; give --epochs > 0 or --max-steps > 0")
     model_path = Path(model_path or cfg.model)
     method = get_method(cfg.method, cfg.method_params)
-    tok = load_tokenizer(model_path)
+    refuse_pickle(model_path, cfg.allow_pickle, str(cfg.model))
+    tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
 
     examples = read_examples(cfg.data, cfg.task)
     label2id = label_mapping(examples) if cfg.task == "classification" else None
@@ -244,22 +267,34 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         sampler = ReplayMixSampler(len(rows), len(replay_rows), cfg.batch_size, cfg.replay_fraction, cfg.seed)
         rows = rows + replay_rows  # the sampler's indices: target rows first, then replay rows
 
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    held = ExitStack()
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the output locks it; the others only train
+            held.enter_context(output_lock(cfg.output))
+            _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
+        staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        held.close()
+        raise unwritable(cfg.output, exc) from None
+    except BaseException:
+        held.close()
+        raise
     try:
         # before the model is prepared, so a method may already talk to the other processes
         args = _training_arguments(cfg, staging / "_trainer")
         set_seed(cfg.seed)
-        model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id)
+        model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id,
+                           trust_remote_code=cfg.trust_remote_code)
         if label2id and any(isinstance(k, str) for k in label2id):
             # label names go into the saved config, so eval, fisher, soup ... accept the same JSONL
             model.config.label2id = dict(label2id)
             model.config.id2label = {i: name for name, i in label2id.items()}
         # a delta records the identity (fingerprint) of the weights it was trained from; transformers
-        # has just loaded them, so a pickle checkpoint is read here too
-        base = ModelReader(model_path, label=str(cfg.model), allow_pickle=True) if method.kind == "delta" else None
+        # has just loaded them, so a pickle checkpoint (allowed above) is read here too
+        base = ModelReader(model_path, label=str(cfg.model), allow_pickle=cfg.allow_pickle) if method.kind == "delta" else None
         model = method.prepare(model, cfg.task, cfg.seed)
         trainable, total = method.count_params(model)
         method.before_training(model, staging)
@@ -299,6 +334,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        held.close()
     return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records,
                        trainer._tokens, trainer.is_world_process_zero())
 

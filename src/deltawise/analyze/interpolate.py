@@ -35,6 +35,7 @@ class InterpolationOptions:
     batch_size: int = 8
     device: str = "cpu"
     progress: Callable[[int, int], None] | None = None
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 def loss_barrier(lambdas: list[float], loss: list[float]) -> tuple[float, float]:
@@ -72,7 +73,7 @@ def interpolation_curve(a_ref: str, b_ref: str, data: Path, options: Interpolati
     opts = options or InterpolationOptions()
     if opts.points < 2:
         raise InputError("an interpolation curve needs at least 2 points")
-    lm_a = load_model(a_ref, device=opts.device)
+    lm_a = load_model(a_ref, device=opts.device, trust_remote_code=opts.trust_remote_code)
     lm_b_path = resolve_model(b_ref)
     b_fingerprint = model_fingerprint(lm_b_path)
     diff = _differences(lm_a.model, lm_b_path)

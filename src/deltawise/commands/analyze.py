@@ -11,7 +11,7 @@ from deltawise.commands.console import escape, out, stage_factory, steps_progres
 from deltawise.commands.eval import WINDOW_DEFAULTS
 from deltawise.commands.flags import options
 from deltawise.errors import InputError
-from deltawise.options import DataOptions, RunOptions
+from deltawise.options import DataOptions, LoadOptions, RunOptions
 
 analyze_app = typer.Typer(help="Weight-space analyses: delta norms, intruder dimensions, sign conflicts, masks, interpolation "
                                "curves.",
@@ -35,8 +35,10 @@ def weights(
 ) -> None:
     """Per-tensor delta norms, spectra and intruder dimensions, sign conflicts and TALL mask overlaps, streamed."""
     from deltawise.analyze.weights import WeightsOptions, analyze_weights
+    from deltawise.io.output import check_output_file
 
     assert run.output is not None
+    check_output_file(run.output, [("base", Path(base)), *[("model", Path(m)) for m in models]])
     if side not in ("left", "right"):
         raise typer.BadParameter("--side must be left or right")
     if tall_lambda is not None:
@@ -59,6 +61,7 @@ def weights(
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
 
 
+@options("load", LoadOptions)
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "curve JSON to write"}, "quiet": {"help": "no progress bars"}, "device": {"help": "cpu or cuda"}})
@@ -69,14 +72,18 @@ def interpolate(
     run: RunOptions = ...,
     points: int = typer.Option(11, min=2, help="number of lambdas in linspace(0, 1, points)"),
     data_options: DataOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """Loss and perplexity along the straight line between two models, and the loss barrier."""
     from deltawise.analyze.interpolate import InterpolationOptions, interpolation_curve
+    from deltawise.io.output import check_output_file
 
     assert run.output is not None
+    check_output_file(run.output, [("model A", Path(model_a)), ("model B", Path(model_b)), ("data", data)])
     with steps_progress(run.quiet) as progress:
         opts = InterpolationOptions(points=points, max_length=data_options.max_length, batch_size=data_options.batch_size,
-                                    device=run.device, progress=stage_factory(progress)("interpolation points"))
+                                    device=run.device, progress=stage_factory(progress)("interpolation points"),
+                                    trust_remote_code=load.trust_remote_code)
         result = interpolation_curve(model_a, model_b, data, opts)
     result.save(run.output)
     out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; "

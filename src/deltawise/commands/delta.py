@@ -33,6 +33,16 @@ def _rows_table(title: str, result, *, limit: int = 30, error_label: str = "rel.
     return table
 
 
+def check_report(report: Optional[Path], output: Optional[Path], inputs: list[tuple[str, Optional[str]]]) -> None:
+    """Refuse a --report path that is an input, inside an input's folder, or the output folder itself,
+    before the work starts rather than after it."""
+    if report is None:
+        return
+    from deltawise.io.output import check_output_file
+
+    check_output_file(report, [(label, Path(ref) if ref else None) for label, ref in inputs], outputs=[output])
+
+
 def _finish(result, report: Optional[Path], what: str) -> None:
     import json
 
@@ -66,6 +76,7 @@ def extract(
     """Extract FINETUNED − BASE as a delta folder, or as a PEFT LoRA adapter with --lora."""
     if non_linear not in ("save", "skip"):
         raise DeltawiseError(f"--non-linear must be save or skip, got {non_linear!r}")
+    check_report(report, run.output, [("fine-tuned model", finetuned), ("base", base)])
     with bytes_progress(run.quiet) as progress:
         reporter = ProgressReporter(progress)
         if lora:
@@ -102,6 +113,7 @@ def apply(
     from deltawise.delta.apply import apply_delta
     from deltawise.io.writer import parse_size
 
+    check_report(report, run.output, [("delta", delta), ("base", base), ("original base", original_base)])
     with bytes_progress(run.quiet) as progress:
         result = apply_delta(delta, base, run.output, scale=scale, task=task, original_base=original_base,  # type: ignore[arg-type]
                              overwrite=run.overwrite, shard_size=parse_size(engine.shard_size),
@@ -141,6 +153,7 @@ def compress(
     report: Optional[Path] = REPORT,
 ) -> None:
     """Compress deltas: ComPEFT ternary, top-k sparse, or TALL masks (several deltas of one base)."""
+    check_report(report, run.output, [*[("delta", d) for d in deltas], ("base", base)])
     with bytes_progress(run.quiet) as progress:
         reporter = ProgressReporter(progress)
         if method == "tall":

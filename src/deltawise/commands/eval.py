@@ -9,7 +9,7 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, IntervalOptions, RunOptions
+from deltawise.options import DataOptions, IntervalOptions, LoadOptions, RunOptions
 
 WINDOW_DEFAULTS = {
     "max_length": {"default": None, "help": "tokens per window (default: model context, at most 1024)"},
@@ -18,6 +18,7 @@ WINDOW_DEFAULTS = {
 
 
 @options("intervals", IntervalOptions)
+@options("load", LoadOptions)
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "result JSON to write"}, "device": {"help": "cpu or cuda"}, "quiet": {"help": "no progress bars"}})
@@ -36,13 +37,17 @@ def eval_(
     mc_norm: str = typer.Option("total", help="multiple-choice score: total | token | byte (log-likelihood per token/byte)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     intervals: IntervalOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """Evaluate MODEL: perplexity on text, accuracy on labelled or multiple-choice JSONL."""
     from deltawise.eval.forgetting import forgetting
     from deltawise.eval.results import load_result
     from deltawise.eval.runner import EvalOptions, evaluate
+    from deltawise.io.output import check_output_file
 
     assert run.output is not None
+    check_output_file(run.output, [("model", Path(model)), *[("source", p) for p in source], *[("target", p) for p in target],
+                                   ("baseline", baseline), ("lm-eval tasks", lm_eval_tasks_dir)])
     if mc_norm not in ("total", "token", "byte"):
         raise typer.BadParameter("--mc-norm must be total, token or byte")
     base = load_result(baseline) if baseline else None  # a bad baseline fails before the long run
@@ -51,7 +56,8 @@ def eval_(
     with steps_progress(run.quiet) as progress:
         eval_options = EvalOptions(max_length=data_options.max_length, stride=stride, batch_size=data_options.batch_size,
                                    mc_norm=mc_norm, dtype=dtype, device=run.device,  # type: ignore[arg-type]
-                                   progress=stage_factory(progress), lm_eval_tasks=lm_tasks, lm_eval_tasks_dir=lm_eval_tasks_dir)
+                                   progress=stage_factory(progress), lm_eval_tasks=lm_tasks, lm_eval_tasks_dir=lm_eval_tasks_dir,
+                                   trust_remote_code=load.trust_remote_code)
         result = evaluate(model, source, target, eval_options)
     if base is not None:
         result.forgetting = forgetting(result, base, intervals)

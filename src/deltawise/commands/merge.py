@@ -18,7 +18,7 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, RunOptions, SplitOptions
+from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, LoadOptions, RunOptions, SplitOptions
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -73,20 +73,22 @@ def merge(
 
 @options("intervals", IntervalOptions)
 @options("split", SplitOptions)
+@options("load", LoadOptions)
 @options("search", BudgetSearchOptions)
 @options("engine", EngineOptions, exclude=("strict",))  # budget builds its plans itself
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...,
-           split: SplitOptions = ..., intervals: IntervalOptions = ...) -> None:
+           split: SplitOptions = ..., intervals: IntervalOptions = ..., load: LoadOptions = ...) -> None:
     """Retention-budget merging: search the recipe method's parameters for the best --target score
     that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md).
 
     Points are chosen on a selection split of the data and the chosen one is reported on a held-out split."""
-    _run_budget(recipe, run, engine, search, intervals, split)
+    _run_budget(recipe, run, engine, search, load, intervals, split)
 
 
 def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions,
-                intervals: IntervalOptions | None = None, split: SplitOptions | None = None) -> None:
+                load: LoadOptions = LoadOptions(), intervals: IntervalOptions | None = None,
+                split: SplitOptions | None = None) -> None:
     from deltawise.eval.runner import EvalOptions
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, load_recipe
@@ -94,6 +96,12 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
 
     assert run.output is not None
     output = run.output
+    if search.report is not None:
+        from deltawise.io.output import check_output_file
+
+        check_output_file(search.report, [("recipe", recipe), *_recipe_inputs(recipe),
+                                          *[("retain source", Path(r.rpartition(":")[0] or r)) for r in search.retain],
+                                          *[("target", t) for t in search.target]], outputs=[output])
     no_transformers_bars()
     with steps_progress(run.quiet) as progress:
         budget_options = BudgetOptions(
@@ -102,12 +110,26 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
             baseline=search.baseline, allow_pickle=engine.allow_pickle, split=split or SplitOptions(),
             heldout_retain=list(search.heldout_retain),
             heldout_targets=list(search.heldout_target), intervals=intervals or IntervalOptions(),
-            eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device),
+            eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device,
+                             trust_remote_code=load.trust_remote_code),
             merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),
                                overwrite=run.overwrite),
             note=None if run.quiet else note(False), progress=ProgressReporter(progress),
         )
         _budget_report(lambda: run_budget(load_recipe(recipe), output, budget_options), search.report, output)
+
+
+def _recipe_inputs(recipe: Path) -> list[tuple[str, Path]]:
+    """The model folders a recipe names, for the output checks; an unreadable recipe is reported by the merge itself."""
+    from deltawise.errors import DeltawiseError
+    from deltawise.merge import load_recipe
+
+    try:
+        parsed = load_recipe(recipe)
+    except DeltawiseError:
+        return []
+    refs = [m.model for m in parsed.models] + ([parsed.base_model] if parsed.base_model else [])
+    return [("model", Path(ref)) for ref in refs if isinstance(ref, str)]
 
 
 def _search_grid(items: list[str]) -> dict[str, list]:

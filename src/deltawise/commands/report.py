@@ -18,9 +18,11 @@ def report(
     title: str = typer.Option("deltawise audit report", help="page title"),
 ) -> None:
     """One self-contained HTML page: trade-off plot, interpolation curves, per-layer deltas, intruders, tables."""
+    from deltawise.io.output import check_output_file
     from deltawise.report.html import build_report
 
     assert run.output is not None
+    check_output_file(run.output, [("run", path) for path in runs])
     result = build_report(runs, run.output, title)
     for skipped in result.skipped:
         err.print(f"[yellow]skipped:[/] {escape(skipped)}", highlight=False)

@@ -9,9 +9,10 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress, warn
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, IntervalOptions, RunOptions, SplitOptions
+from deltawise.options import DataOptions, IntervalOptions, LoadOptions, RunOptions, SplitOptions
 
 
+@options("load", LoadOptions)
 @options("intervals", IntervalOptions)
 @options("split", SplitOptions, override={"heldout_fraction": {
     "help": "share of --data's items held out: ingredients are chosen on the rest, the soup is reported on these "
@@ -34,6 +35,7 @@ def soup(
     data_options: DataOptions = ...,
     split: SplitOptions = ...,
     intervals: IntervalOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """Greedy soup: add ingredients best-first, keeping each only if the averaged soup scores better on DATA.
 
@@ -46,7 +48,7 @@ def soup(
         opts = SoupOptions(metric=metric, accept_ties=accept_ties, task=data_options.task, max_examples=data_options.max_examples,
                            max_length=data_options.max_length, batch_size=data_options.batch_size, device=run.device,
                            overwrite=run.overwrite, split=split, heldout=heldout, intervals=intervals,
-                           progress=stage_factory(progress)("evaluations"))
+                           progress=stage_factory(progress)("evaluations"), trust_remote_code=load.trust_remote_code)
         result = greedy_soup(models, data, run.output, opts)
     if not run.quiet:
         table = Table(title=f"greedy soup ({result.metric}, {'higher' if result.metric == 'accuracy' else 'lower'} is better)")
@@ -71,6 +73,7 @@ def soup(
 
 
 @options("intervals", IntervalOptions)
+@options("load", LoadOptions)
 @options("data_options", DataOptions, override={"max_examples": {"help": "use the first N examples of each training set"},
                                                 "batch_size": {"help": "examples per task per step"}})
 @options("run", RunOptions, override={
@@ -95,6 +98,7 @@ def atlas(
     weight_decay: float = typer.Option(0.1, min=0, help="AdamW weight decay"),
     seed: int = typer.Option(0, help="data order"),
     intervals: IntervalOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """aTLAS: learn one coefficient per (task vector, tensor) on DATA and write BASE + sum of scaled task vectors."""
     from deltawise.search.atlas import AtlasOptions, run_atlas
@@ -104,7 +108,7 @@ def atlas(
                             weight_decay=weight_decay,
                             batch_size=data_options.batch_size, max_length=data_options.max_length,
                             max_examples=data_options.max_examples, seed=seed, device=run.device, overwrite=run.overwrite,
-                            progress=stage_factory(progress)("steps"))
+                            progress=stage_factory(progress)("steps"), trust_remote_code=load.trust_remote_code)
         result = run_atlas(base, models, data, run.output, opts, val or None, test or None, intervals)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")

@@ -8,13 +8,14 @@ import typer
 
 from deltawise.commands.console import escape, out, stage_factory, steps_progress
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, RunOptions
+from deltawise.options import DataOptions, LoadOptions, RunOptions
 
 DATA_HELP = "text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"
 FILE_OUTPUT = {"overwrite": {"help": "replace an existing output file"}, "quiet": {"help": "no progress bar"},
                "device": {"help": "cpu or cuda"}}
 
 
+@options("load", LoadOptions)
 @options("data_options", DataOptions, exclude=("batch_size",),
          override={"max_examples": {"help": "use the first N examples (official Fisher merging: 4096)"}})
 @options("run", RunOptions, override={
@@ -27,19 +28,25 @@ def fisher(
     variant: str = typer.Option("auto", help="classification: exact (default), sampled or empirical; causal LM: empirical "
                                              "(default) or sampled"),
     seed: int = typer.Option(0, help="seed of the sampled variant"),
+    load: LoadOptions = ...,
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
     from deltawise.stats.collect import CollectOptions
+    from deltawise.io.output import check_output_file
     from deltawise.stats.fisher import compute_fisher
 
+    assert run.output is not None
+    check_output_file(run.output, [("model", Path(model)), ("data", data)], overwrite=run.overwrite)
     with steps_progress(run.quiet) as progress:
         opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
-                              seed=seed, device=run.device, overwrite=run.overwrite, progress=stage_factory(progress)("examples"))
+                              seed=seed, device=run.device, overwrite=run.overwrite, progress=stage_factory(progress)("examples"),
+                              trust_remote_code=load.trust_remote_code)
         result = compute_fisher(model, data, run.output, opts, variant=variant)
     out.print(f"{result.variant} Fisher of {escape(model)} ({result.task}) on {result.examples} examples, "
               f"{result.tensors} tensors, {result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)
 
 
+@options("load", LoadOptions)
 @options("data_options", DataOptions,
          override={"batch_size": {"help": "examples per forward pass (padding is excluded from the Grams)"}})
 @options("run", RunOptions, override={
@@ -49,15 +56,19 @@ def gram(
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     run: RunOptions = ...,
     data_options: DataOptions = ...,
+    load: LoadOptions = ...,
 ) -> None:
     """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
     from deltawise.stats.collect import CollectOptions
+    from deltawise.io.output import check_output_file
     from deltawise.stats.gram import compute_grams
 
+    assert run.output is not None
+    check_output_file(run.output, [("model", Path(model)), ("data", data)], overwrite=run.overwrite)
     with steps_progress(run.quiet) as progress:
         opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
                               batch_size=data_options.batch_size, device=run.device, overwrite=run.overwrite,
-                              progress=stage_factory(progress)("examples"))
+                              progress=stage_factory(progress)("examples"), trust_remote_code=load.trust_remote_code)
         result = compute_grams(model, data, run.output, opts)
     out.print(f"Gram matrices of {result.layers} linear layers of {escape(model)} on {result.examples} examples, "
               f"{result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)

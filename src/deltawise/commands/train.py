@@ -14,7 +14,7 @@ import typer
 
 from deltawise.commands.console import ProgressReporter, escape, no_transformers_bars, note, out, steps_progress, warn
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, MethodChoice, RunOptions, TrainingOptions
+from deltawise.options import DataOptions, EngineOptions, LoadOptions, MethodChoice, RunOptions, TrainingOptions
 
 DATA_HELP = "training data: text (documents separated by % lines or blank lines) or JSONL (text | prompt+response | text+label)"
 # bam restarts the schedule in every branch and starts each from a merged full model
@@ -42,6 +42,9 @@ def method_params(choice: MethodChoice) -> dict[str, Any]:
     return choice.params()
 
 
+@options("engine", EngineOptions, only=("allow_pickle",),
+         override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
+@options("load", LoadOptions)
 @options("choice", MethodChoice)
 @options("training", TrainingOptions)
 @options("data_options", DataOptions, only=("task",))
@@ -55,6 +58,8 @@ def train(
     data_options: DataOptions = ...,
     training: TrainingOptions = ...,
     choice: MethodChoice = ...,
+    load: LoadOptions = ...,
+    engine: EngineOptions = ...,
 ) -> None:
     """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT."""
     from deltawise.adapt import TrainConfig, run_train
@@ -64,7 +69,8 @@ def train(
     assert run.output is not None
     require_local_or_hub_id(str(model))
     cfg = TrainConfig(model=model, data=data, output=run.output, method=choice.method, task=resolve_task(data, data_options.task),
-                      **asdict(training), overwrite=run.overwrite, progress=not run.quiet, method_params=method_params(choice))
+                      **asdict(training), overwrite=run.overwrite, progress=not run.quiet, method_params=method_params(choice),
+                      trust_remote_code=load.trust_remote_code, allow_pickle=engine.allow_pickle)
     result = run_train(cfg, model_path=resolve_gguf(model))
     if not result.is_main_process:
         return  # torchrun / accelerate launch: rank 0 reports
@@ -74,6 +80,9 @@ def train(
     )
 
 
+@options("engine", EngineOptions, only=("allow_pickle",),
+         override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
+@options("load", LoadOptions)
 @options("choice", MethodChoice, override={"method": {"default": "full"}, "rank": {"short": None}})
 @options("training", TrainingOptions, override=BAM_TRAINING_DEFAULTS)
 @options("data_options", DataOptions, only=("task",))
@@ -102,6 +111,8 @@ def bam(
     data_options: DataOptions = ...,
     training: TrainingOptions = ...,
     choice: MethodChoice = ...,
+    load: LoadOptions = ...,
+    engine: EngineOptions = ...,
 ) -> None:
     """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
 
@@ -124,7 +135,8 @@ def bam(
         rounds = rounds_old
     train_cfg = TrainConfig(model=model, data=data, output=run.output, method=choice.method,
                             task=resolve_task(data, data_options.task), **asdict(training), overwrite=run.overwrite,
-                            progress=False, method_params=method_params(choice))
+                            progress=False, method_params=method_params(choice), trust_remote_code=load.trust_remote_code,
+                            allow_pickle=engine.allow_pickle)
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
                     restart=restart, branch_index=branch_index, merge_only=merge_only)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ from deltawise.delta.base import KINDS, TensorDelta
 from deltawise.delta.tall import TallDelta
 from deltawise.errors import InputError
 from deltawise.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
-from deltawise.io.output import check_output_folder, prepare_staging, swap_into_place
+from deltawise.io.output import check_output_folder, output_lock, prepare_staging, swap_into_place
 from deltawise.io.reader import ModelReader
 from deltawise.io.writer import write_json_atomic
 
@@ -58,9 +59,16 @@ class DeltaWriter:
                  overwrite: bool = False, shard_bytes: int = 1 << 30, staged: bool = True):
         self.out = Path(out)
         self.staged = staged
+        self._lock = ExitStack()  # a staged output is locked (output_lock) until finish or abort
         if staged:
             check_output_folder(self.out, inputs, overwrite)
-            self.staging = prepare_staging(self.out)
+            self._lock.enter_context(output_lock(self.out))
+            try:
+                check_output_folder(self.out, inputs, overwrite)  # again under the lock: another run may have finished
+                self.staging = prepare_staging(self.out)
+            except BaseException:
+                self._lock.close()
+                raise
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             self.staging = self.out
@@ -98,11 +106,13 @@ class DeltaWriter:
         write_json_atomic(self.staging / HEADER_FILE, {**self.header, **extra, "tensors": self.tensors})
         if self.staged:
             swap_into_place(self.staging, self.out)
+        self._lock.close()
         return self.out
 
     def abort(self) -> None:
         if self.staged:  # unstaged, the folder is the caller's to remove
             shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.close()
 
     def __enter__(self) -> "DeltaWriter":
         return self

@@ -1,7 +1,15 @@
-"""Load a model folder for evaluation: the network, its tokenizer, and the weights' fingerprint."""
+"""Load a model folder for evaluation: the network, its tokenizer, and the weights' fingerprint.
+
+Also the one guard against code shipped in a model folder (``refuse_remote_code``), used by every
+loader (eval, analyze interpolate, fisher, gram, soup, atlas, budget here; train and bam through
+``deltawise.adapt.train``): transformers is always called with an explicit ``trust_remote_code``,
+so it never asks on the terminal (it would read the answer from stdin), and a folder whose
+architecture exists only as its own Python files is refused unless ``--trust-remote-code`` is given.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,29 +49,74 @@ def model_fingerprint(path: Path) -> str:
         reader.close()
 
 
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+def remote_code_files(path: Path) -> tuple[list[str], list[str]]:
+    """(config files with an ``auto_map``, Python files) of a model folder: the code transformers would import."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [], []
+    mapped = []
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            mapped.append(name)
+    return mapped, sorted(p.name for p in folder.glob("*.py"))
+
+
+def needs_remote_code(path: Path) -> bool:
+    """True when the folder's ``model_type`` is unknown to transformers: only the folder's own code could load it."""
+    from transformers import CONFIG_MAPPING
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # no readable config: transformers reports that itself
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return not isinstance(model_type, str) or model_type not in CONFIG_MAPPING
+
+
+def refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a folder that ships code (``auto_map``) transformers cannot replace with its own classes,
+    unless the user passed ``--trust-remote-code``. A folder with an ``auto_map`` whose architecture
+    transformers knows loads with the built-in classes; its code is never imported."""
+    if trust_remote_code:
+        return
+    mapped, code = remote_code_files(path)
+    if mapped and needs_remote_code(path):
+        files = ", ".join(mapped + code)
+        raise InputError(f"model {str(path)!r} can only be loaded by running the Python code in the folder ({files}); "
+                         "deltawise does not run it unless you pass --trust-remote-code (read the files first)")
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    refuse_remote_code(path, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
         raise InputError(f"model {str(path)!r}: no usable tokenizer in the folder ({type(exc).__name__}: {exc})") from None
 
 
-def load_model(ref: str | Path, head: str = "causal_lm", *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load ``ref`` with a causal-LM head (``head="causal_lm"``) or a sequence-classification head."""
+def load_model(ref: str | Path, head: str = "causal_lm", *, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``ref`` with a causal-LM head (``head="causal_lm"``) or a sequence-classification head;
+    code in the folder runs only with ``trust_remote_code`` (``refuse_remote_code``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model(str(ref))
     auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    refuse_remote_code(path, trust_remote_code)
     try:
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"model {str(path)!r} cannot be loaded as a {head.replace('_', ' ')} model: {exc}") from None
     model.to(device).eval()
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id will do
     if head != "causal_lm" and model.config.pad_token_id is None:

@@ -34,6 +34,7 @@ class EvalOptions:
     progress: ProgressFactory | None = None
     lm_eval_tasks: list[tuple[Role, str]] = field(default_factory=list)
     lm_eval_tasks_dir: Path | None = None  # extra lm-eval task YAMLs (TaskManager include_path)
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 def detect_task(items: list[Item]) -> Task:
@@ -69,7 +70,8 @@ class Evaluator:
 
     def model(self, head: str) -> LoadedModel:
         if head not in self._models:
-            self._models[head] = load_model(self.ref, head, dtype=self.options.dtype, device=self.options.device)
+            self._models[head] = load_model(self.ref, head, dtype=self.options.dtype, device=self.options.device,
+                                            trust_remote_code=self.options.trust_remote_code)
         return self._models[head]
 
     def loaded(self) -> list[LoadedModel]:

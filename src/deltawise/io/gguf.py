@@ -28,7 +28,8 @@ def _convert_with_transformers(gguf: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the GGUF's folder may hold other files (a config.json with auto_map): never run code from it
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     # the weights are already dequantized to float32; transformers still marks the model as
     # "quantized with gguf" and refuses save_pretrained, so drop that marker before saving
     model.hf_quantizer = None
@@ -38,7 +39,7 @@ def _convert_with_transformers(gguf: Path, dest: Path) -> None:
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
     model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False).save_pretrained(dest)
 
 
 def resolve_gguf(model: Path, cache_dir: Path | None = None, converter: Callable[[Path, Path], None] | None = None) -> Path:

@@ -351,6 +351,15 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to a hidden file beside ``path`` and rename it over ``path``: a reader sees the old
+    file or the new one, never half of one. The temporary name is per process, so two writers do
+    not write into the same file; a write that fails leaves nothing behind (the OSError goes on to the
+    caller, which knows whether the run can be resumed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

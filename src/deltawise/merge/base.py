@@ -163,6 +163,10 @@ class MergeMethod:
         a string identifying the result, which becomes part of the resume key, or None."""
         return None
 
+    def locked_folders(self, plan: "MergePlan") -> list[Path]:
+        """Folders the method writes besides the output (continual merging's state), locked for the whole merge."""
+        return []
+
     def side_inputs(self, plan: "MergePlan") -> list[SideInput]:
         """Statistics files read beside the weights, opened at plan time (raise RecipeError)."""
         return []

@@ -183,6 +183,10 @@ class ContinualMethod(MergeMethod):
                 problems.append(f"state {folder} holds other tensors than this recipe merges (was 'exclude' changed?)")
         return problems
 
+    def locked_folders(self, plan: "MergePlan") -> list[Path]:
+        """One process per state folder: the merge engine holds its lock while this call folds and writes."""
+        return [self._folder(plan)]
+
     def prepare(self, plan: "MergePlan", out: Path, device: torch.device) -> Optional[str]:
         folder = self._folder(plan)
         real_out, real_state = Path(os.path.realpath(out)), Path(os.path.realpath(folder))

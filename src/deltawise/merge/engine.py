@@ -19,7 +19,7 @@ import errno
 import json
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +29,14 @@ import torch
 
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
-from deltawise.io.output import MANIFEST, check_output_folder, swap_into_place
+from deltawise.io.output import MANIFEST, check_free_space, check_output_folder, output_lock, swap_into_place, unwritable
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
 import deltawise.merge.fused as fused
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.loader import ChunkLoader, all_finite
 from deltawise.merge.card import copy_model_files, model_card, output_config
 from deltawise.merge.plan import MergePlan, TensorPlan
-from deltawise.merge.staging import Staging, open_staging, plan_key
+from deltawise.merge.staging import Staging, open_staging, plan_key, plan_parts
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total) in bytes
@@ -64,10 +64,11 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_output(plan: MergePlan, out: Path, overwrite: bool) -> None:
+def check_output(plan: MergePlan, out: Path, overwrite: bool, need_bytes: Optional[int] = None) -> None:
+    """``need_bytes``: free space required (default: the whole output; a resumed merge checks what is left later)."""
     inputs = [(r.label, folder) for r in plan.readers for folder in r.input_folders()]
     inputs += [(r.label, r.path) for r in plan.side_readers]  # a statistics file, not its folder
-    check_output_folder(out, inputs, overwrite, plan.output_bytes())
+    check_output_folder(out, inputs, overwrite, plan.output_bytes() if need_bytes is None else need_bytes)
 
 
 def _row_ranges(t: TensorPlan) -> list[tuple[int, int]]:
@@ -170,15 +171,32 @@ def run_stats(plan: MergePlan, options: MergeOptions, loader: ChunkLoader, pool:
 
 
 def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] = None) -> MergeResult:
+    """Merge ``plan`` into ``out``. The output (with its staging folder) and any folder the method keeps
+    state in are locked for the whole run: a second merge into the same output is refused."""
     options = options or MergeOptions()
     out = Path(out)
-    started = time.time()
     device = _device(options.device)
-    check_output(plan, out, options.overwrite)
+    check_output(plan, out, options.overwrite, need_bytes=0 if options.resume else None)
+    with ExitStack() as held:
+        held.enter_context(output_lock(out))
+        for folder in plan.method.locked_folders(plan):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(output_lock(folder, "state folder"))
+        return _run_locked(plan, out, options, device)
+
+
+def _run_locked(plan: MergePlan, out: Path, options: MergeOptions, device: torch.device) -> MergeResult:
+    started = time.time()
+    # checked again under the lock: another run may have filled the output since the first check
+    check_output(plan, out, options.overwrite, need_bytes=0)
     prepared = plan.method.prepare(plan, out, device)
     shard_plan = plan_shards([t.out for t in plan.tensors], options.shard_size)
-    key = _plan_key(plan, shard_plan, prepared)
-    staging = open_staging(out, key, shard_plan, resume=options.resume, restart=options.restart)
+    description = _plan_description(plan, shard_plan, prepared)
+    staging = open_staging(out, plan_key(description), shard_plan, resume=options.resume, restart=options.restart,
+                           parts=plan_parts(description))
+    if options.resume:  # only the shards still to write need room
+        left = sum(s.size for s in shard_plan.shards if s.filename not in staging.completed)
+        check_free_space(out, staging.folder, left)
     writer = StreamingShardWriter(staging.folder, shard_plan, skip_shards=staging.completed, on_complete=staging.record,
                                   durable=options.fsync)
     todo = writer.pending_tensors()
@@ -220,6 +238,8 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
         kept = f"; {len(writer.completed)} completed shard(s) kept in {staging.folder}, rerun with --resume"
         if exc.errno == errno.ENOSPC:
             raise OutputError(f"disk full while writing {out}{kept}") from None
+        if exc.errno == errno.EROFS:
+            raise unwritable(out, exc) from None
         raise OutputError(f"cannot write {out}: {exc}{kept}") from None
     except BaseException:
         writer.abort()  # interrupted: completed shards stay for --resume
@@ -244,16 +264,16 @@ def _single_intraop_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _plan_key(plan: MergePlan, shard_plan, prepared: Optional[str] = None) -> str:
+def _plan_description(plan: MergePlan, shard_plan, prepared: Optional[str] = None) -> dict[str, Any]:
     """Everything that determines the output bytes; a resumed merge must match it exactly."""
-    return plan_key({
+    return {
         "prepared": prepared,
         "version": _version(),
         "rng_block": RNG_BLOCK_ELEMENTS,
         "recipe": plan.recipe.model_dump(mode="json"),
         "inputs": [(r.label, r.fingerprint()) for r in plan.readers + plan.side_readers],
         "shards": [(s.filename, [(t.name, t.shape, str(t.dtype)) for t in s.tensors]) for s in shard_plan.shards],
-    })
+    }
 
 
 def _device(name: str) -> torch.device:

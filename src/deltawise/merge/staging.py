@@ -25,8 +25,24 @@ PLAN_FILE = ".deltawise-plan.json"
 PROGRESS_FILE = ".deltawise-progress.json"
 
 
+# what a change in each part of the plan description means to the user
+PART_NAMES = {
+    "recipe": "a different recipe",
+    "inputs": "different input files",
+    "shards": "a different shard layout (was --shard-size changed?)",
+    "version": "another deltawise version",
+    "prepared": "a different method state (continual merging state or permutation search)",
+    "rng_block": "another random-number layout",
+}
+
+
 def plan_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_parts(description: dict[str, Any]) -> dict[str, str]:
+    """A hash per part of the description, kept in the plan file so that a refused resume says what differs."""
+    return {name: plan_key({name: value}) for name, value in description.items()}
 
 
 @dataclass
@@ -48,8 +64,10 @@ class Staging:
             (self.folder / name).unlink(missing_ok=True)
 
 
-def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, restart: bool) -> Staging:
-    """A fresh staging folder, or the interrupted one when resuming the same plan."""
+def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, restart: bool,
+                 parts: dict[str, str] | None = None) -> Staging:
+    """A fresh staging folder, or the interrupted one when resuming the same plan. The caller holds
+    the output's lock (``output_lock``), so no other run uses the folder."""
     folder = staging_folder(out)
     if folder.exists():
         if not (folder / STAGING_MARK).exists():
@@ -57,10 +75,8 @@ def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, re
         previous = _read_json(folder / PLAN_FILE)
         if resume:
             if previous.get("plan") != key:
-                raise OutputError(
-                    f"{folder} holds an interrupted merge of a different recipe or different inputs; "
-                    "run with --restart to discard it"
-                )
+                raise OutputError(f"{folder} holds an interrupted merge with {_what_differs(previous, parts)}; "
+                                  "run with --restart to discard it, or rerun it as it was")
             return Staging(folder, key, _verified_shards(folder, shard_plan, key))
         done = len(_read_json(folder / PROGRESS_FILE).get("completed", {}))
         if not restart and done:  # with no completed shard there is nothing to lose
@@ -72,8 +88,16 @@ def open_staging(out: Path, key: str, shard_plan: ShardPlan, *, resume: bool, re
     elif resume:
         raise OutputError(f"nothing to resume: {folder} does not exist")
     folder = prepare_staging(out)
-    write_json_atomic(folder / PLAN_FILE, {"plan": key})
+    write_json_atomic(folder / PLAN_FILE, {"plan": key, **({"parts": parts} if parts else {})})
     return Staging(folder, key)
+
+
+def _what_differs(previous: dict, parts: dict[str, str] | None) -> str:
+    old = previous.get("parts")
+    if not isinstance(old, dict) or not parts:
+        return "a different recipe or different inputs"
+    changed = [PART_NAMES.get(name, name) for name in parts if old.get(name) != parts[name]]
+    return ", ".join(changed) if changed else "a different recipe or different inputs"
 
 
 def _verified_shards(folder: Path, shard_plan: ShardPlan, key: str) -> dict[str, str]:

@@ -61,6 +61,7 @@ class AtlasOptions:
     threads: int = 2
     overwrite: bool = False
     progress: Optional[Callable[[int, int], None]] = None
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 @dataclass
@@ -160,7 +161,7 @@ def learn(base: str, models: list[str], data: list[Path], options: AtlasOptions,
         raise InputError("all --data sets must be of one task (all labelled classification or all text)")
     objective = _objective(task, options.objective, all(d.labelled for d in train))
     valid = [load_data(p, task) for p in _per_task(val, len(models), "--val")] if val else []
-    lm = load_model(base, head_for(task), device=options.device)
+    lm = load_model(base, head_for(task), device=options.device, trust_remote_code=options.trust_remote_code)
     composer = Composer(lm, models)
     rows = [encode(lm, d, options.max_length) for d in train]
     streams = [endless_batches(lm, r, task, options.batch_size, options.seed + i) for i, r in enumerate(rows)]

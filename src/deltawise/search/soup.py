@@ -54,6 +54,7 @@ class SoupOptions:
     heldout: Optional[Path] = None  # a held-out file instead of cutting the data
     intervals: IntervalOptions = field(default_factory=IntervalOptions)
     progress: Optional[Callable[[int, int], None]] = None
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _soup(models: list[str], data: Path, split, out: Path, options: SoupOptions)
 
     task_data = load_data(data, options.task, limit=options.max_examples)
     metric = resolve_metric(task_data.task, options.metric)
-    vessel = _Vessel(load_model(models[0], head_for(task_data.task), device=options.device))
+    vessel = _Vessel(load_model(models[0], head_for(task_data.task), device=options.device,
+                                trust_remote_code=options.trust_remote_code))
 
     def score(state: State) -> Score:
         vessel.set(state)

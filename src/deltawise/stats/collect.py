@@ -25,6 +25,7 @@ class CollectOptions:
     device: str = "cpu"
     overwrite: bool = False
     progress: Optional[Progress] = None
+    trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class CollectRun:
 
 def start(model: str, data: Path, out: Path, options: CollectOptions, *, need_labels: bool = False) -> CollectRun:
     task_data = load_data(data, options.task, need_labels=need_labels, limit=options.max_examples)
-    lm = load_model(model, head_for(task_data.task), device=options.device)
+    lm = load_model(model, head_for(task_data.task), device=options.device, trust_remote_code=options.trust_remote_code)
     check_stats_output(out, [lm.path], options.overwrite)
     rows = encode(lm, task_data, options.max_length)
     return CollectRun(lm, task_data, rows, ModelReader(lm.path))
