@@ -438,3 +438,21 @@ def test_train_with_zero_epochs_is_refused(tiny_lm, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="--epochs"):
         run_train(train_cfg(tiny_lm, tmp_path / "out", "lora", epochs=0, max_steps=-1))
     assert not (tmp_path / "out").exists() and tree_digest(tiny_lm["model"]) == before
+
+
+def test_a_staged_output_written_by_another_run_after_the_check_is_not_replaced(tmp_path):
+    """apply / extract --lora / bam check OUT, work, then take the lock: a run that finished in between must not be
+    replaced without --overwrite (the check is repeated under the lock)."""
+    from deltawise.io.output import staged_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the other run's result")  # appeared after this run's first check
+    with pytest.raises(OutputError, match="written by another run meanwhile"):
+        with staged_output(out, overwrite=False) as staging:
+            (staging / "x").write_text("mine")
+    assert (out / "model.safetensors").read_bytes() == b"the other run's result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder or lock file left behind
+    with staged_output(out, overwrite=True) as staging:  # --overwrite replaces it, once the new one is complete
+        (staging / "x").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["x"]

@@ -298,7 +298,7 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
         "train": json.loads(json.dumps(asdict(tc), default=str)), "work": str(work),
         "rounds_log": rounds_log, "seconds": time.time() - started,
     }
-    with staged_output(out) as staging:
+    with staged_output(out, tc.overwrite) as staging:
         for f in sorted(start.iterdir()):
             if f.is_file():
                 shutil.copy2(f, staging / f.name)

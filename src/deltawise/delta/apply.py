@@ -59,7 +59,7 @@ def apply_delta(
     names = sorted(reader.keys(), key=natural_key)
     shard_plan = plan_shards([OutputTensor(n, reader.info(n).shape, reader.info(n).dtype) for n in names], shard_size)
     rows = [TensorRow(n, source.kind(n), reader.info(reader.stored_name(n)).nbytes, 0) for n in source.names()]
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         writer = StreamingShardWriter(staging, shard_plan)
         try:
             done, total = 0, reader.total_bytes()

@@ -120,7 +120,7 @@ def extract_lora(
     sidecar = {"format": "deltawise-peft", "method": "lora-svd",
                "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear},
                "base": base_identity(pair.base), "finetuned": {"label": finetuned, "fingerprint": pair.finetuned.fingerprint()}}
-    with staged_output(out) as staging:
+    with staged_output(out, overwrite) as staging:
         write_peft_adapter(staging, lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type, sidecar=sidecar)
     ranks = [d.rank for d in lowrank.values()]
     summary = {"lora_tensors": len(lowrank), "modules_to_save": len(full),

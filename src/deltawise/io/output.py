@@ -194,10 +194,13 @@ def swap_into_place(staging: Path, out: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def staged_output(out: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a fresh staging folder; on success it becomes OUT, on any error it is removed.
-    OUT is locked (``output_lock``) until then."""
+    OUT is locked (``output_lock``) until then. Without ``overwrite``, OUT is checked again once the
+    lock is held: a run that finished between this command's first check and its lock is not replaced."""
     with output_lock(out):
+        if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise OutputError(f"output {out} was written by another run meanwhile; pass --overwrite to replace it")
         staging = prepare_staging(out)
         try:
             yield staging
