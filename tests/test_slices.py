@@ -152,3 +152,23 @@ def test_slice_parameters_are_checked_like_any_other(six):
                                        "parameters": {"t": "half"}}]})
     with pytest.raises(RecipeError, match=r"slices\[0\]\.parameters\.t"):
         build_plan(recipe)
+
+
+def test_tied_embeddings_frankenmerge_matches_mergekit(tmp_path_factory, run_both):
+    # no lm_head.weight in tied checkpoints: the output stays tied, as mergekit skips the optional head
+    root = tmp_path_factory.mktemp("llama_tied6")
+    base = save_llama(root / "base", seed=4, num_hidden_layers=4, tie_word_embeddings=True)
+    ft = perturb(base, root / "ft", seed=41)
+    recipe = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [src(base, 0, 3)]}, {"sources": [src(ft, 1, 4), ]}]}
+    mk, dw, out = run_both(recipe)
+    assert_same_tensors(mk, dw, label="tied frankenmerge")
+    assert "lm_head.weight" not in dw and layers_in(out) == 6
+
+
+def test_several_modules_are_refused(six):
+    slices = [{"sources": [src(six["ft1"], 0, 2)]}]
+    recipe = parse_recipe({"merge_method": "passthrough",
+                           "modules": {"text_decoder": {"slices": slices}, "vision_tower": {"slices": slices}}})
+    with pytest.raises(RecipeError, match="single-module"):
+        build_plan(recipe)

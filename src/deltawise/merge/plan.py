@@ -41,7 +41,9 @@ import deltawise.merge.methods  # noqa: F401  (importing the package registers e
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
-from deltawise.merge.slices import SliceLayout, expand, parameter_settings, same_model, source_refs
+from deltawise.merge.sources import find_source, tensor_source
+from deltawise.merge.slices import (SliceLayout, expand, parameter_settings, same_model, slice_groups, slice_parameters,
+                                    source_refs)
 
 
 @dataclass
@@ -218,7 +220,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
         involved = ([(base, base_reader)] if base_reader else []) + list(zip(inputs, readers_in))
         ok = True
         for k, (model, reader) in enumerate(involved):
-            source = _source(name, name, info.shape, model, template.ref, problems, warnings, vocab_warned)
+            source = tensor_source(name, name, info.shape, model, template.ref, problems, warnings, vocab_warned)
             if source is None:
                 ok = False
             elif base_reader is not None and k == 0:
@@ -264,56 +266,36 @@ def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelRe
     """The plan of a ``slices:``/``modules:`` recipe (``deltawise.merge.slices`` has the rules)."""
     layout, found = expand(recipe, lambda ref: list(readers[ref].keys()), lambda ref: architecture_for(readers[ref].config))
     models = {ref: InputModel(ref, reader) for ref, reader in readers.items()}
-    groups: list[tuple[Optional[int], list[int]]] = []  # per slice: the base's position among its sources, the inputs'
-    for i, sl in enumerate(layout.slices):
-        base_ref, base_at = sl.base_model or recipe.base_model, None
-        if base_ref is not None and method.base_policy != "input":
-            base_at = next((j for j, s in enumerate(sl.sources) if same_model(s.model, base_ref)), None)
-            if base_at is None:
-                found.append(f"slices[{i}]: base_model {base_ref} is not one of the slice's sources; list it there "
-                             f"with a layer_range (as mergekit requires)")
-        elif method.base_policy == "required":
-            found.append(f"slices[{i}]: {method.name} needs base_model, one of the slice's sources")
-        members = [j for j in range(len(sl.sources)) if j != base_at]
-        if not method.min_models <= len(members) <= (method.max_models or len(members)):
-            found.append(f"slices[{i}]: {method.name} takes {method.min_models}-{method.max_models or 'any'} model(s) "
-                         f"besides the base, got {len(members)}")
-        groups.append((base_at, members))
-    if type(method).prepare is not MergeMethod.prepare or type(method).side_inputs is not MergeMethod.side_inputs:
-        found.append(f"{method.name} works on whole models; it cannot merge slices")
+    groups = slice_groups(layout, recipe, method, found)
     if found:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + found))
     template = models[recipe.base_model] if recipe.base_model else models[layout.slices[0].sources[0].model]
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
-    exclude = [re.compile(p) for p in recipe.exclude]
-    shared = [layout.module_parameters, recipe.parameters]
+    exclude, shared = [re.compile(p) for p in recipe.exclude], [layout.module_parameters, recipe.parameters]
     tensors, vocab_warned = [], set()
     for st in sorted(layout.tensors, key=lambda st: natural_key(st.name)):
         sl, (base_at, members) = layout.slices[st.slice_index], groups[st.slice_index]
         order = ([base_at] if base_at is not None else []) + members
         first = models[sl.sources[order[0]].model]
-        if st.source_names[order[0]] not in first.reader:
+        first_name = find_source(st.source_names[order[0]], first, first.reader)
+        if first_name is None:
             problems.append(f"{first.ref} has no tensor {st.source_names[order[0]]!r}")
             continue
-        info = first.reader.info(st.source_names[order[0]])
+        info = first.reader.info(first_name)
         floating = info.dtype.is_floating_point
         out = OutputTensor(st.name, info.shape, out_dtype if (out_dtype is not None and floating) else info.dtype)
         if not floating or any(p.search(st.name) for p in exclude):  # copied from the slice's base or first source
-            tensors.append(TensorPlan(st.name, out, merge=False, sources=[st.source_names[order[0]]], inputs=[first]))
+            tensors.append(TensorPlan(st.name, out, merge=False, sources=[first_name], inputs=[first]))
             continue
         plan = TensorPlan(st.name, out, merge=True, inputs=[models[sl.sources[j].model] for j in members],
                           base=first if base_at is not None else None)
-        names = [_source(st.name, st.source_names[j], info.shape, models[sl.sources[j].model], first.ref, problems,
+        names = [tensor_source(st.name, st.source_names[j], info.shape, models[sl.sources[j].model], first.ref, problems,
                          warnings, vocab_warned) for j in order]
         if None in names:
             continue
         plan.base_source, plan.sources = (names[0], names[1:]) if base_at is not None else (None, names)
         try:
-            plan.params = {p.name: resolve(p, [sl.parameters] + shared, st.name, st.t)
-                           for p in method.params if p.scope == "global"}
-            plan.model_params = [{p.name: resolve(p, [sl.sources[j].parameters, sl.parameters] + shared,
-                                                  st.source_names[j], st.t) for p in method.params if p.scope == "model"}
-                                 for j in members]
+            plan.params, plan.model_params = slice_parameters(method, st, sl, members, shared)
         except ParamError as exc:
             problems.append(f"{st.name}: {exc}")
             continue
@@ -377,46 +359,6 @@ def _foreign_parameter(label: str, key: str, method: str, specs: dict, known: st
     if close:
         return True, f"{label}: unknown parameter; did you mean {close[0]!r}? ({method} takes: {known})"
     return False, f"{label}: not a parameter of any method, ignored ({method} takes: {known})"
-
-
-def _source(name: str, wanted: str, shape: tuple, model: InputModel, template_ref: str, problems: list[str],
-            warnings: list[str], vocab_warned: set[str]) -> Optional[str]:
-    """The tensor of ``model`` read for output ``name`` (``wanted``, or the input embedding it ties to),
-    checked against the output's ``shape``; None after adding the problem to ``problems``."""
-    reader = model.reader
-    source = _find_source(wanted, model, reader)
-    if source is None:
-        problems.append(f"{model.ref} has no tensor {wanted!r}")
-        return None
-    found = reader.info(source).shape
-    if found != shape:
-        if not _is_vocab_tensor(source, found, shape, model.config):
-            problems.append(f"{model.ref}: {wanted} has shape {list(found)}, {template_ref} has {list(shape)}")
-            return None
-        if found[0] < shape[0]:
-            problems.append(f"{model.ref}: {wanted} has {found[0]} vocabulary rows, fewer than the {template_ref}'s "
-                            f"{shape[0]}; put the model with the largest vocabulary as base_model")
-            return None
-        if model.ref not in vocab_warned:  # the loader reads only the output's rows, which is the cut itself
-            vocab_warned.add(model.ref)
-            warnings.append(f"{model.ref} has a larger vocabulary ({found[0]} rows in {wanted}); only the first "
-                            f"{shape[0]} rows (the {template_ref} vocabulary) are merged")
-    if source != wanted:
-        warnings.append(f"{model.ref} ties {name} to {source}; its {source} is used for {name}")
-    return source
-
-
-def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:
-    if name in reader:
-        return name
-    return architecture_for(model.config).tied_alias(name, reader)
-
-
-def _is_vocab_tensor(name: str, shape: tuple, target: tuple, config: Optional[dict]) -> bool:
-    if len(shape) != len(target) or len(shape) == 0 or shape[1:] != target[1:]:
-        return False
-    vocab = (config or {}).get("vocab_size")
-    return architecture_for(config).is_vocabulary(name) or (vocab is not None and shape[0] == vocab)
 
 
 def _note_tied_extras(template: InputModel, inputs: list[InputModel], warnings: list[str]) -> None:

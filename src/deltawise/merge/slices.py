@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from deltawise.architecture import EMBEDDING_ROLES, TensorRoles
+from deltawise.merge.base import MergeMethod
+from deltawise.merge.params import resolve
 from deltawise.merge.recipe import OutputSlice, Recipe, SliceSource
 
 
@@ -171,3 +173,38 @@ def _slice_problems(label: str, sl: OutputSlice, names_of, roles_of) -> list[str
         problems.append(f"{label}: the sources cover different numbers of layers ({', '.join(map(str, lengths))}); "
                         f"output layer k of a slice merges layer start+k of every source")
     return problems
+
+
+def slice_groups(layout: SliceLayout, recipe: Recipe, method: MergeMethod,
+                 problems: list[str]) -> list[tuple[Optional[int], list[int]]]:
+    """Per slice: the position of its base among its sources (None: no base) and those of the models the
+    method combines. As mergekit: a base (the slice's base_model, else the recipe's) must be one of the
+    slice's sources, except for methods that take every model as an input (passthrough, linear)."""
+    groups = []
+    for i, sl in enumerate(layout.slices):
+        base_ref, base_at = sl.base_model or recipe.base_model, None
+        if base_ref is not None and method.base_policy != "input":
+            base_at = next((j for j, s in enumerate(sl.sources) if same_model(s.model, base_ref)), None)
+            if base_at is None:
+                problems.append(f"slices[{i}]: base_model {base_ref} is not one of the slice's sources; list it there "
+                                f"with a layer_range (as mergekit requires)")
+        elif method.base_policy == "required":
+            problems.append(f"slices[{i}]: {method.name} needs base_model, one of the slice's sources")
+        members = [j for j in range(len(sl.sources)) if j != base_at]
+        if not method.min_models <= len(members) <= (method.max_models or len(members)):
+            problems.append(f"slices[{i}]: {method.name} takes {method.min_models} to {method.max_models or 'any number of'} "
+                            f"model(s) besides the base, got {len(members)}")
+        groups.append((base_at, members))
+    if type(method).prepare is not MergeMethod.prepare or type(method).side_inputs is not MergeMethod.side_inputs:
+        problems.append(f"{method.name} works on whole models (a search or statistics files); it cannot merge slices")
+    return groups
+
+
+def slice_parameters(method: MergeMethod, tensor: SlicedTensor, sl: OutputSlice, members: list[int],
+                     shared: list[dict]) -> tuple[dict, list[dict]]:
+    """(global, per-model) parameters of one output tensor. As mergekit, a per-model filter is matched
+    against the tensor's name in that model, a global one against the output name."""
+    params = {p.name: resolve(p, [sl.parameters] + shared, tensor.name, tensor.t) for p in method.params if p.scope == "global"}
+    model_params = [{p.name: resolve(p, [sl.sources[j].parameters, sl.parameters] + shared, tensor.source_names[j], tensor.t)
+                     for p in method.params if p.scope == "model"} for j in members]
+    return params, model_params
