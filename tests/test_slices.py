@@ -172,3 +172,22 @@ def test_several_modules_are_refused(six):
                            "modules": {"text_decoder": {"slices": slices}, "vision_tower": {"slices": slices}}})
     with pytest.raises(RecipeError, match="single-module"):
         build_plan(recipe)
+
+
+def test_per_layer_config_entries_follow_their_layers(tmp_path):
+    # Qwen2's layer_types (full/sliding attention per layer) must keep one entry per output layer, or
+    # transformers refuses the config; each entry is the one of the layer the output layer came from
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, use_sliding_window=True, max_window_layers=1)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(tmp_path / "qwen"), "layer_range": [0, 2]}]},
+                                                        {"sources": [{"model": str(tmp_path / "qwen"), "layer_range": [0, 3]}]}]}
+    out = run_deltawise(write_recipe(tmp_path / "recipe.yaml", recipe), tmp_path / "out")
+    loaded = AutoConfig.from_pretrained(tmp_path / "out")
+    assert loaded.num_hidden_layers == 5
+    assert loaded.layer_types == ["full_attention", "sliding_attention", "full_attention", "sliding_attention",
+                                  "sliding_attention"]
+    assert len([k for k in out if k.endswith("self_attn.q_proj.weight")]) == 5

@@ -2,7 +2,8 @@
 
 A mergekit recipe using ``merge_method``, ``models``, ``base_model``, ``parameters`` (scalars,
 depth gradients, ``filter`` lists), ``dtype``/``out_dtype`` and ``tokenizer_source`` runs
-unchanged. deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
+unchanged, as does one with ``slices`` or ``modules`` instead of ``models`` (layer stacks:
+``deltawise.merge.slices``). deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
 ``seed`` (reproducible random methods). Unknown keys are errors, so a typo cannot be ignored.
 """
 
