@@ -7,7 +7,8 @@ differences and tied embeddings.
 
 Rules (documented in docs/merging.md):
 - Output tensors are the base model's (or, without a base, the first model's), in natural
-  order (layer 2 before layer 10).
+  order (layer 2 before layer 10). A ``slices:``/``modules:`` recipe lists its layers itself
+  (``deltawise.merge.slices``); each tensor then names the models it combines (``TensorPlan.inputs``).
 - Integer/bool tensors and tensors matching ``exclude`` are copied from that template model.
 - Tied embeddings: a model without its output head (``lm_head.weight``) whose config ties word
   embeddings contributes its input embedding in its place. If the template itself is tied, the
