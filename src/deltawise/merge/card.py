@@ -41,6 +41,13 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
     if config is None:
         return None
     config = dict(config)
+    if plan.layout is not None:  # a sliced recipe stacks its own number of layers
+        key = "n_layer" if "n_layer" in config and "num_hidden_layers" not in config else "num_hidden_layers"
+        config[key] = plan.layout.num_layers
+        if isinstance(config.get("layer_types"), list):  # per-layer kinds (sliding/full attention) follow their layers
+            configs = {m.ref: m.config or {} for m in plan.inputs}
+            config["layer_types"] = [configs[ref].get("layer_types", config["layer_types"])[layer]
+                                     for ref, layer in plan.layout.layer_origins]
     wanted = plan.recipe.out_dtype or plan.recipe.dtype
     if wanted:
         name = dtype_name(parse_dtype(wanted))

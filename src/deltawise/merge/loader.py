@@ -60,21 +60,31 @@ class ChunkLoader:
     def __init__(self, plan: MergePlan, device: torch.device):
         self.plan = plan
         self.device = device
-        self.base_reader = plan.base.reader if plan.base is not None and plan.method.base_policy != "input" else None
         self.buffers = ScratchBuffers(pin=device.type == "cuda")
         # methods whose every output entry turns NaN/inf when any input entry is: their
         # inputs need no screen of their own, the (cheaper, single) check of the result covers them
         self.screen_inputs = not plan.method.propagates_nonfinite
-        # inputs that are a delta or adapter of this very base: their task vectors come from the delta
-        # (LoRA factors, ...) instead of (base + delta) - base, which would round the delta's low bits
-        base_print = self.base_reader.fingerprint() if self.base_reader is not None else None
-        self.exact_inputs = [
-            base_print is not None and hasattr(m.reader, "delta_rows") and m.reader.base.fingerprint() == base_print
-            for m in plan.inputs
-        ]
+        self._exact: dict[tuple[int, int], bool] = {}
+
+    def _base_reader(self, t: TensorPlan):
+        base = self.plan.base_of(t)
+        return None if base is None else base.reader
+
+    def exact_inputs(self, t: TensorPlan) -> list[bool]:
+        """Per input of ``t``: a delta or adapter of this very base, whose task vectors come from the delta
+        (LoRA factors, ...) instead of (base + delta) - base, which would round the delta's low bits."""
+        base = self._base_reader(t)
+        out = []
+        for m in self.plan.inputs_of(t):
+            key = (id(m.reader), id(base))
+            if key not in self._exact:
+                self._exact[key] = (base is not None and hasattr(m.reader, "delta_rows")
+                                    and m.reader.base.fingerprint() == base.fingerprint())
+            out.append(self._exact[key])
+        return out
 
     def compute_dtype(self, t: TensorPlan) -> torch.dtype:
-        readers = [m.reader for m in self.plan.inputs]
+        readers = [m.reader for m in self.plan.inputs_of(t)]
         stored = [r.info(s).dtype for r, s in zip(readers, t.sources)]
         return torch.float64 if torch.float64 in stored else torch.float32
 
@@ -105,11 +115,12 @@ class ChunkLoader:
         if self.device.type != "cpu" or not fused.available() or self.plan.side_inputs:
             return None
         spec = self.plan.method.fused(t.params, t.model_params)
-        if spec is None or (spec.kind == "task_arithmetic") != (self.base_reader is not None):
+        base_reader = self._base_reader(t)
+        if spec is None or (spec.kind == "task_arithmetic") != (base_reader is not None):
             return None
-        sources = [(m.reader, s) for m, s in zip(self.plan.inputs, t.sources)]
-        if self.base_reader is not None:
-            sources.append((self.base_reader, t.base_source))
+        sources = [(m.reader, s) for m, s in zip(self.plan.inputs_of(t), t.sources)]
+        if base_reader is not None:
+            sources.append((base_reader, t.base_source))
         if not all(hasattr(r, "read_rows_into") for r, _ in sources):
             return None
         return spec if fused.supports([r.info(s).dtype for r, s in sources] + [t.out.dtype]) else None
@@ -117,30 +128,31 @@ class ChunkLoader:
     def fused_chunk(self, t: TensorPlan, spec: fused.FusedSpec, start: int, stop: int) -> tuple[torch.Tensor, int]:
         """Rows [start, stop) of ``t`` merged by the kernel straight into the output dtype, and
         how many of them were NaN/inf."""
-        models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
-        base = self._raw(-1, self.base_reader, t.base_source, start, stop) if self.base_reader is not None else None
+        models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs_of(t), t.sources))]
+        base_reader = self._base_reader(t)
+        base = self._raw(-1, base_reader, t.base_source, start, stop) if base_reader is not None else None
         out = self.buffers.get("out", tuple(models[0].shape), t.out.dtype, torch.device("cpu"))
         return out, fused.run(spec, out, models, base)
 
     def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
         """A tensor taken unmerged from the template model (integer buffers, `exclude` matches)."""
-        reader = self.plan.template.reader
-        raw = reader.get_rows(t.name, start, stop) if t.out.shape else reader.get(t.name)
+        model, name = (self.plan.template, t.name) if t.inputs is None else (t.inputs[0], t.sources[0])
+        raw = model.reader.get_rows(name, start, stop) if t.out.shape else model.reader.get(name)
         if raw.is_floating_point():
-            require_finite(raw, self.plan.template.ref, t.name)
+            require_finite(raw, model.ref, name)
         return raw
 
     def job(self, t: TensorPlan, start: int, stop: int, stats: dict, seed: int, whole_side: Optional[dict] = None) -> TensorJob:
         dtype = self.compute_dtype(t)
-        base = None
-        if self.base_reader is not None:
-            base = self._read(-1, self.base_reader, t.base_source, start, stop, dtype, self.plan.base.ref)
-        models = [self._read(i, m.reader, s, start, stop, dtype, m.ref)
-                  for i, (m, s) in enumerate(zip(self.plan.inputs, t.sources))]
-        exact = None
-        if any(self.exact_inputs):
+        base, base_model = None, self.plan.base_of(t)
+        if base_model is not None:
+            base = self._read(-1, base_model.reader, t.base_source, start, stop, dtype, base_model.ref)
+        inputs = self.plan.inputs_of(t)
+        models = [self._read(i, m.reader, s, start, stop, dtype, m.ref) for i, (m, s) in enumerate(zip(inputs, t.sources))]
+        exact, use_exact = None, self.exact_inputs(t)
+        if any(use_exact):
             exact = [self._exact_delta(m.reader, s, start, stop, dtype) if use else None
-                     for use, m, s in zip(self.exact_inputs, self.plan.inputs, t.sources)]
+                     for use, m, s in zip(use_exact, inputs, t.sources)]
         side = dict(whole_side if whole_side is not None else self.whole_side(t))
         for s in self.plan.side_inputs:
             if not s.whole:
@@ -180,8 +192,8 @@ class ChunkLoader:
     def blame_inputs(self, t: TensorPlan, job: TensorJob) -> None:
         """Raise the input error for a non-finite result whose inputs were not screened."""
         if job.base is not None:
-            require_finite(job.base, self.plan.base.ref, t.base_source)
-        for m, s, x in zip(self.plan.inputs, t.sources, job.models):
+            require_finite(job.base, self.plan.base_of(t).ref, t.base_source)
+        for m, s, x in zip(self.plan.inputs_of(t), t.sources, job.models):
             require_finite(x, m.ref, s)
 
     def cast(self, t: TensorPlan, result: torch.Tensor) -> torch.Tensor:

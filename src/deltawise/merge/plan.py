@@ -7,7 +7,8 @@ differences and tied embeddings.
 
 Rules (documented in docs/merging.md):
 - Output tensors are the base model's (or, without a base, the first model's), in natural
-  order (layer 2 before layer 10).
+  order (layer 2 before layer 10). A ``slices:``/``modules:`` recipe lists its layers itself
+  (``deltawise.merge.slices``); each tensor then names the models it combines (``TensorPlan.inputs``).
 - Integer/bool tensors and tensors matching ``exclude`` are copied from that template model.
 - Tied embeddings: a model without its output head (``lm_head.weight``) whose config ties word
   embeddings contributes its input embedding in its place. If the template itself is tied, the
@@ -41,6 +42,9 @@ import deltawise.merge.methods  # noqa: F401  (importing the package registers e
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
+from deltawise.merge.sources import find_source, tensor_source
+from deltawise.merge.slices import (SliceLayout, expand, parameter_settings, same_model, slice_groups, slice_parameters,
+                                    source_refs)
 
 
 @dataclass
@@ -63,6 +67,10 @@ class TensorPlan:
     base_source: Optional[str] = None
     params: dict[str, Any] = field(default_factory=dict)
     model_params: list[dict[str, Any]] = field(default_factory=list)
+    # the models this tensor combines and its base, where they are not the plan's (each slice of a
+    # sliced recipe has its own); None: the plan's inputs and base (MergePlan.inputs_of, base_of)
+    inputs: Optional[list[InputModel]] = None
+    base: Optional[InputModel] = None
 
     @property
     def out_numel(self) -> int:
@@ -82,6 +90,16 @@ class MergePlan:
     tensors: list[TensorPlan]
     warnings: list[str]
     side_inputs: list[SideInput] = field(default_factory=list)  # statistics files (Fisher, Gram)
+    layout: Optional[SliceLayout] = None  # a sliced recipe's layer stack (the output's layer count)
+
+    def inputs_of(self, t: TensorPlan) -> list[InputModel]:
+        return self.inputs if t.inputs is None else t.inputs
+
+    def base_of(self, t: TensorPlan) -> Optional[InputModel]:
+        """The model ``t``'s task vectors are taken against (None: the method combines the inputs alone)."""
+        if t.inputs is not None:
+            return t.base
+        return self.base if self.method.base_policy != "input" else None
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -105,13 +123,6 @@ class MergePlan:
         return sum(t.out.nbytes for t in self.tensors)
 
 
-def same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and os.path.realpath(pa) == os.path.realpath(pb)
-
-
 def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = False) -> MergePlan:
     """The validated plan of ``recipe``; raises RecipeError listing every problem (``strict``: every
     warning too, e.g. an ignored parameter)."""
@@ -127,7 +138,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     specs = {p.name: p for p in method.params}
     known = ", ".join(sorted(specs)) or "none"
     settings = [("parameters", recipe.parameters)] + [(f"models[{i}].parameters", e.parameters)
-                                                      for i, e in enumerate(recipe.models)]
+                                                      for i, e in enumerate(recipe.models)] + parameter_settings(recipe)
     for where, given in settings:
         for key, setting in given.items():
             if key not in specs:
@@ -148,12 +159,12 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
             except RecipeError as exc:
                 problems.append(f"{key}: {exc}")
 
-    refs = [e.model for e in recipe.models]
+    refs = source_refs(recipe) if recipe.sliced else [e.model for e in recipe.models]
     for i, ref in enumerate(refs):
-        first = next((j for j in range(i) if same_model(ref, refs[j])), None)
+        first = None if recipe.sliced else next((j for j in range(i) if same_model(ref, refs[j])), None)
         if first is not None:  # one line per repeat, naming the first listing
             problems.append(f"models[{i}] ({ref}) is the same model as models[{first}]")
-    if method.base_policy == "required" and recipe.base_model is None:
+    if method.base_policy == "required" and recipe.base_model is None and not recipe.sliced:
         problems.append(f"{method.name} needs base_model (task vectors are taken relative to it)")
 
     # open every input (headers only); report all unreadable inputs at once
@@ -169,6 +180,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
             input_problems.append(str(exc) + _recipe_folder_hint(ref, recipe))
     if problems or input_problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + input_problems))
+    if recipe.sliced:
+        return _finish(_sliced_plan(recipe, method, readers, problems, warnings), problems, strict)
 
     entries = {e.model: InputModel(e.model, readers[e.model], dict(e.parameters)) for e in recipe.models}
     base = None
@@ -208,35 +221,10 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
         involved = ([(base, base_reader)] if base_reader else []) + list(zip(inputs, readers_in))
         ok = True
         for k, (model, reader) in enumerate(involved):
-            source = _find_source(name, model, reader)
+            source = tensor_source(name, name, info.shape, model, template.ref, problems, warnings, vocab_warned)
             if source is None:
-                problems.append(f"{model.ref} has no tensor {name!r}")
                 ok = False
-                continue
-            shape = reader.info(source).shape
-            if shape != info.shape:
-                if _is_vocab_tensor(source, shape, info.shape, model.config):
-                    if shape[0] < info.shape[0]:
-                        problems.append(
-                            f"{model.ref}: {name} has {shape[0]} vocabulary rows, fewer than the "
-                            f"{template.ref}'s {info.shape[0]}; put the model with the largest vocabulary as base_model"
-                        )
-                        ok = False
-                    else:
-                        # the loader reads only the output's rows, which is the cut itself
-                        if model.ref not in vocab_warned:
-                            vocab_warned.add(model.ref)
-                            warnings.append(
-                                f"{model.ref} has a larger vocabulary ({shape[0]} rows in {name}); only the first "
-                                f"{info.shape[0]} rows (the {template.ref} vocabulary) are merged"
-                            )
-                else:
-                    problems.append(f"{model.ref}: {name} has shape {list(shape)}, {template.ref} has {list(info.shape)}")
-                    ok = False
-                    continue
-            if source != name:
-                warnings.append(f"{model.ref} ties {name} to {source}; its {source} is used for {name}")
-            if base_reader is not None and k == 0:
+            elif base_reader is not None and k == 0:
                 plan.base_source = source
             else:
                 plan.sources.append(source)
@@ -256,7 +244,13 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
         tensors.append(plan)
 
     _note_tied_extras(template, inputs, warnings)
-    result = MergePlan(recipe, method, base, inputs, template, tensors, warnings)
+    return _finish(MergePlan(recipe, method, base, inputs, template, tensors, warnings), problems, strict)
+
+
+def _finish(result: MergePlan, problems: list[str], strict: bool) -> MergePlan:
+    """Checks of the whole plan (tokenizer source, the method's own); raises with every problem."""
+    warnings = result.warnings
+    method = result.method
     problems.extend(_check_tokenizer_source(result))
     if not problems:
         result.side_inputs = method.side_inputs(result)
@@ -266,6 +260,52 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     if strict and warnings:
         raise RecipeError("the recipe has warnings, which --strict makes errors:\n" + bullet_list(_unique(warnings)))
     return result
+
+
+def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelReader], problems: list[str],
+                 warnings: list[str]) -> MergePlan:
+    """The plan of a ``slices:``/``modules:`` recipe (``deltawise.merge.slices`` has the rules)."""
+    layout, found = expand(recipe, lambda ref: list(readers[ref].keys()), lambda ref: architecture_for(readers[ref].config))
+    models = {ref: InputModel(ref, reader) for ref, reader in readers.items()}
+    groups = slice_groups(layout, recipe, method, found)
+    if found:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + found))
+    template = models[recipe.base_model] if recipe.base_model else models[layout.slices[0].sources[0].model]
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
+    exclude, shared = [re.compile(p) for p in recipe.exclude], [layout.module_parameters, recipe.parameters]
+    tensors, vocab_warned = [], set()
+    for st in sorted(layout.tensors, key=lambda st: natural_key(st.name)):
+        sl, (base_at, members) = layout.slices[st.slice_index], groups[st.slice_index]
+        order = ([base_at] if base_at is not None else []) + members
+        first = models[sl.sources[order[0]].model]
+        first_name = find_source(st.source_names[order[0]], first, first.reader)
+        if first_name is None:
+            problems.append(f"{first.ref} has no tensor {st.source_names[order[0]]!r}")
+            continue
+        info = first.reader.info(first_name)
+        floating = info.dtype.is_floating_point
+        out = OutputTensor(st.name, info.shape, out_dtype if (out_dtype is not None and floating) else info.dtype)
+        if not floating or any(p.search(st.name) for p in exclude):  # copied from the slice's base or first source
+            tensors.append(TensorPlan(st.name, out, merge=False, sources=[first_name], inputs=[first]))
+            continue
+        plan = TensorPlan(st.name, out, merge=True, inputs=[models[sl.sources[j].model] for j in members],
+                          base=first if base_at is not None else None)
+        names = [tensor_source(st.name, st.source_names[j], info.shape, models[sl.sources[j].model], first.ref, problems,
+                         warnings, vocab_warned) for j in order]
+        if None in names:
+            continue
+        plan.base_source, plan.sources = (names[0], names[1:]) if base_at is not None else (None, names)
+        try:
+            plan.params, plan.model_params = slice_parameters(method, st, sl, members, shared)
+        except ParamError as exc:
+            problems.append(f"{st.name}: {exc}")
+            continue
+        tensors.append(plan)
+    if any(t.params.get("granularity") == "global" for t in tensors):
+        problems.append("granularity: global needs the same models for every tensor; a sliced recipe merges per slice")
+    inputs = [models[ref] for ref in dict.fromkeys(s.model for sl in layout.slices for s in sl.sources)]
+    base = models[recipe.base_model] if recipe.base_model else None
+    return MergePlan(recipe, method, base, inputs, template, tensors, warnings, layout=layout)
 
 
 def _recipe_folder_hint(ref: str, recipe: Recipe) -> str:
@@ -320,19 +360,6 @@ def _foreign_parameter(label: str, key: str, method: str, specs: dict, known: st
     if close:
         return True, f"{label}: unknown parameter; did you mean {close[0]!r}? ({method} takes: {known})"
     return False, f"{label}: not a parameter of any method, ignored ({method} takes: {known})"
-
-
-def _find_source(name: str, model: InputModel, reader: ModelReader) -> Optional[str]:
-    if name in reader:
-        return name
-    return architecture_for(model.config).tied_alias(name, reader)
-
-
-def _is_vocab_tensor(name: str, shape: tuple, target: tuple, config: Optional[dict]) -> bool:
-    if len(shape) != len(target) or len(shape) == 0 or shape[1:] != target[1:]:
-        return False
-    vocab = (config or {}).get("vocab_size")
-    return architecture_for(config).is_vocabulary(name) or (vocab is not None and shape[0] == vocab)
 
 
 def _note_tied_extras(template: InputModel, inputs: list[InputModel], warnings: list[str]) -> None:

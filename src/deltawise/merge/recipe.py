@@ -2,7 +2,8 @@
 
 A mergekit recipe using ``merge_method``, ``models``, ``base_model``, ``parameters`` (scalars,
 depth gradients, ``filter`` lists), ``dtype``/``out_dtype`` and ``tokenizer_source`` runs
-unchanged. deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
+unchanged, as does one with ``slices`` or ``modules`` instead of ``models`` (layer stacks:
+``deltawise.merge.slices``). deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
 ``seed`` (reproducible random methods). Unknown keys are errors, so a typo cannot be ignored.
 """
 
@@ -38,6 +39,34 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One source of an output slice: layers ``layer_range`` = [start, end) of ``model`` (mergekit's InputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers, each merged from the same-offset layer of every source (mergekit's OutputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None  # accepted as mergekit 0.1.5 accepts it; neither tool uses it
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputModule(BaseModel):
+    """mergekit's ``modules:`` entry: whole models or slices, with the module's own parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    slices: Optional[list[OutputSlice]] = None
+    models: Optional[list[ModelEntry]] = None
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,9 +80,10 @@ class Recipe(BaseModel):
     # deltawise extensions
     exclude: list[str] = Field(default_factory=list, description="regexes of tensor names copied from the base unmerged")
     seed: int = Field(0, description="seed for random methods (DARE); the same seed gives the same output")
+    # layer stacks (frankenmerges, per-range parameters): deltawise.merge.slices
+    slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, OutputModule]] = None
     # mergekit features not supported yet: accepted by the parser so the error can say so clearly
-    slices: Optional[Any] = None
-    modules: Optional[Any] = None
     tokenizer: Optional[Any] = None
     chat_template: Optional[str] = None
     # the file the recipe was read from (load_recipe), for messages about relative paths
@@ -71,15 +101,24 @@ class Recipe(BaseModel):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @property
+    def sliced(self) -> bool:
+        """A ``slices:`` or ``modules:`` recipe: the output layers are listed per source range."""
+        return bool(self.slices or self.modules)
+
     def unsupported(self) -> list[str]:
         problems = []
-        if self.slices is not None or self.modules is not None:
-            problems.append("mergekit 'slices'/'modules' recipes are not supported yet; list whole models under 'models'")
+        given = [key for key in ("models", "slices", "modules") if getattr(self, key)]
+        if len(given) > 1:
+            problems.append(f"give exactly one of 'models', 'slices' or 'modules', not {' and '.join(given)}")
+        for name, module in (self.modules or {}).items():
+            if bool(module.slices) == bool(module.models):
+                problems.append(f"modules.{name}: give either 'slices' or 'models'")
         if self.tokenizer is not None:
             problems.append("the mergekit 'tokenizer' section (vocabulary union) is not supported; use tokenizer_source: base")
         if self.tokenizer_source == "union":
             problems.append("tokenizer_source: union is not supported; use 'base' or a model path")
-        if not self.models:
+        if not given:
             problems.append("'models' is empty: list at least one model to merge")
         return problems
 
