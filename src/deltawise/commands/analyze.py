@@ -86,8 +86,21 @@ def interpolate(
                                     trust_remote_code=load.trust_remote_code)
         result = interpolation_curve(model_a, model_b, data, opts)
     result.save(run.output)
+    out.print(curve_table(result))
     out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; "
               f"wrote {escape(str(run.output))}", highlight=False)
+
+
+def curve_table(result):
+    """The interpolation curve as a table (lambda, loss, perplexity), so the barrier can be read against it."""
+    from rich.table import Table
+
+    table = Table(title=f"loss from {escape(result.model_a.name)} (lambda = 0) to {escape(result.model_b.name)} (lambda = 1)")
+    for column in ("lambda", "loss (nats/token)", "perplexity"):
+        table.add_column(column, justify="right")
+    for lam, loss, ppl in zip(result.lambdas, result.loss, result.perplexity):
+        table.add_row(f"{lam:.2f}", f"{loss:.4f}", f"{ppl:.4g}")
+    return table
 
 
 analyze_app.command("weights")(weights)
