@@ -66,8 +66,10 @@ def weights(
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "curve JSON to write"}, "quiet": {"help": "no progress bars"}, "device": {"help": "cpu or cuda"}})
 def interpolate(
-    model_a: str = typer.Argument(..., help="first model (lambda = 0)"),
-    model_b: str = typer.Argument(..., help="second model (lambda = 1)"),
+    model_a: str = typer.Argument(..., help="first model (lambda = 0); a model, or a delta or PEFT adapter folder"),
+    model_b: str = typer.Argument(..., help="second model (lambda = 1); a model, or a delta or PEFT adapter folder"),
+    base_model: Optional[str] = typer.Option(None, "--base", help="the base of a delta or adapter given as A or B "
+                                                                  "(default: the base it records)"),
     data: Path = typer.Option(..., "--data", help="text data to measure loss on"),
     run: RunOptions = ...,
     points: int = typer.Option(11, min=2, help="number of lambdas in linspace(0, 1, points)"),
@@ -79,11 +81,12 @@ def interpolate(
     from deltawise.io.output import check_output_file
 
     assert run.output is not None
-    check_output_file(run.output, [("model A", Path(model_a)), ("model B", Path(model_b)), ("data", data)])
+    check_output_file(run.output, [("model A", Path(model_a)), ("model B", Path(model_b)), ("data", data),
+                                   ("base", Path(base_model) if base_model else None)])
     with steps_progress(run.quiet) as progress:
         opts = InterpolationOptions(points=points, max_length=data_options.max_length, batch_size=data_options.batch_size,
                                     device=run.device, progress=stage_factory(progress)("interpolation points"),
-                                    trust_remote_code=load.trust_remote_code)
+                                    trust_remote_code=load.trust_remote_code, base=base_model)
         result = interpolation_curve(model_a, model_b, data, opts)
     result.save(run.output)
     out.print(curve_table(result))

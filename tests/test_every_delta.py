@@ -1,0 +1,85 @@
+"""Every command that runs a network takes a delta folder or a PEFT adapter as it takes a model: it loads as the
+base plus the delta (the base the delta records, or ``--base``), with the numbers of the model ``apply`` writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from adapt_util import tiny_lm, train_cfg  # noqa: F401
+from typer.testing import CliRunner
+
+from deltawise.adapt import run_train
+from deltawise.cli import app
+from deltawise.delta.apply import apply_delta
+from deltawise.eval.models import load_model, model_fingerprint
+
+
+@pytest.fixture(scope="module")
+def sorsa_delta(tiny_lm, tmp_path_factory):  # noqa: F811
+    """Our own ``train --method sorsa`` output: a delta folder recording its base, and that delta applied."""
+    root = tmp_path_factory.mktemp("sorsa")
+    run_train(train_cfg(tiny_lm, root / "delta", "sorsa", {"rank": 4, "targets": ["q_proj", "v_proj"]}, max_steps=3))
+    apply_delta(str(root / "delta"), str(tiny_lm["model"]), root / "applied")
+    return {"delta": root / "delta", "applied": root / "applied", **tiny_lm}
+
+
+def _eval(model: str, data, out, *extra: str) -> dict:
+    r = CliRunner().invoke(app, ["eval", model, "--target", str(data), "-o", str(out), "-q", *extra])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return json.loads(out.read_text())
+
+
+def test_eval_takes_our_own_trained_delta_folder(sorsa_delta, tmp_path):
+    """Failed with transformers' "Should have a `model_type` key" before the delta was loaded on its base."""
+    on_delta = _eval(str(sorsa_delta["delta"]), sorsa_delta["data"], tmp_path / "d.json")
+    on_applied = _eval(str(sorsa_delta["applied"]), sorsa_delta["data"], tmp_path / "a.json")
+    (got,), (want,) = on_delta["datasets"], on_applied["datasets"]
+    assert got["value"] == pytest.approx(want["value"], rel=1e-5)
+    assert got["per_item_nll"] == pytest.approx(want["per_item_nll"], rel=1e-5)
+    base = _eval(str(sorsa_delta["model"]), sorsa_delta["data"], tmp_path / "b.json")["datasets"][0]
+    assert got["value"] != pytest.approx(base["value"], rel=1e-6)  # the delta was applied, not only the base loaded
+    assert on_delta["fingerprint"] == model_fingerprint(sorsa_delta["delta"]) != on_applied["fingerprint"]
+
+
+def test_loaded_delta_has_the_applied_models_weights(sorsa_delta):
+    on_delta, applied = load_model(sorsa_delta["delta"]), load_model(sorsa_delta["applied"])
+    want = applied.model.state_dict()
+    for name, value in on_delta.model.state_dict().items():
+        assert value.equal(want[name]), name
+    assert on_delta.path == sorsa_delta["delta"] and on_delta.warnings == []
+
+
+def test_peft_adapter_evaluates_on_its_recorded_base_or_on_base(sorsa_delta, tmp_path):
+    """An adapter ``extract --lora`` wrote (PEFT format) evaluates directly; ``--base`` names the base explicitly."""
+    model, applied, data = sorsa_delta["model"], sorsa_delta["applied"], sorsa_delta["data"]
+    r = CliRunner().invoke(app, ["extract", str(applied), "--base", str(model), "-o", str(tmp_path / "ad"), "--lora",
+                                 "--rank", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    apply_delta(str(tmp_path / "ad"), str(model), tmp_path / "ad_applied")
+    want = _eval(str(tmp_path / "ad_applied"), data, tmp_path / "w.json")["datasets"][0]["value"]
+    assert _eval(str(tmp_path / "ad"), data, tmp_path / "g.json")["datasets"][0]["value"] == pytest.approx(want, rel=1e-5)
+    given = _eval(str(tmp_path / "ad"), data, tmp_path / "b.json", "--base", str(model))["datasets"][0]["value"]
+    assert given == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_base_option_overrides_the_recorded_base(sorsa_delta, tmp_path):
+    """``--base`` adds the delta to another model of the same shapes: here the applied model, so the delta counts twice."""
+    delta, applied, data = sorsa_delta["delta"], sorsa_delta["applied"], sorsa_delta["data"]
+    apply_delta(str(delta), str(sorsa_delta["model"]), tmp_path / "twice", scale=2.0)
+    want = _eval(str(tmp_path / "twice"), data, tmp_path / "w.json")["datasets"][0]["value"]
+    got = _eval(str(delta), data, tmp_path / "g.json", "--base", str(applied))["datasets"][0]["value"]
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_interpolate_between_a_base_and_a_delta(sorsa_delta, tmp_path):
+    """B given as a delta folder: the curve ends at the applied model's loss, as with the applied folder itself."""
+    curves = []
+    for name, b in (("delta", sorsa_delta["delta"]), ("applied", sorsa_delta["applied"])):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(app, ["analyze", "interpolate", str(sorsa_delta["model"]), str(b), "--data",
+                                     str(sorsa_delta["data"]), "--points", "3", "-o", str(out), "-q"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        curves.append(json.loads(out.read_text()))
+    assert curves[0]["loss"] == pytest.approx(curves[1]["loss"], rel=1e-5)
+    assert curves[0]["loss"][0] != pytest.approx(curves[0]["loss"][-1], rel=1e-6)
