@@ -68,8 +68,9 @@ def test_eval_base_option_overrides_the_recorded_base(sorsa_delta, tmp_path):
     delta, applied, data = sorsa_delta["delta"], sorsa_delta["applied"], sorsa_delta["data"]
     apply_delta(str(delta), str(sorsa_delta["model"]), tmp_path / "twice", scale=2.0)
     want = _eval(str(tmp_path / "twice"), data, tmp_path / "w.json")["datasets"][0]["value"]
-    got = _eval(str(delta), data, tmp_path / "g.json", "--base", str(applied))["datasets"][0]["value"]
-    assert got == pytest.approx(want, rel=1e-4)
+    result = _eval(str(delta), data, tmp_path / "g.json", "--base", str(applied))
+    assert result["datasets"][0]["value"] == pytest.approx(want, rel=1e-4)
+    assert any("transfer to a new base" in w for w in result["settings"]["warnings"]), result["settings"]
 
 
 def test_interpolate_between_a_base_and_a_delta(sorsa_delta, tmp_path):

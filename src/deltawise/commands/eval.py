@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from deltawise.commands.console import escape, out, stage_factory, steps_progress
+from deltawise.commands.console import escape, out, stage_factory, steps_progress, warn
 from deltawise.commands.flags import options
 from deltawise.options import DataOptions, IntervalOptions, LoadOptions, RunOptions
 
@@ -63,6 +63,8 @@ def eval_(
                                    progress=stage_factory(progress), lm_eval_tasks=lm_tasks, lm_eval_tasks_dir=lm_eval_tasks_dir,
                                    trust_remote_code=load.trust_remote_code, base=base_model)
         result = evaluate(model, source, target, eval_options)
+    for warning in result.settings.get("warnings", []):  # type: ignore[union-attr]
+        warn(warning)
     if base is not None:
         result.forgetting = forgetting(result, base, intervals)
     result.save(run.output)

@@ -139,5 +139,8 @@ def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: 
     settings: dict[str, object] = {k: getattr(options, k) for k in ("batch_size", "mc_norm", "dtype", "device")}
     for lm in evaluator.loaded():
         settings["max_length"], settings["stride"] = evaluator.limits(lm)
+    warnings = sorted({w for lm in evaluator.loaded() for w in lm.warnings})
+    if warnings:  # a delta on a base other than the one it records
+        settings["warnings"] = warnings
     return EvalResult(model=str(path), fingerprint=fingerprint, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       settings=settings, datasets=datasets)
