@@ -84,3 +84,22 @@ def test_interpolate_between_a_base_and_a_delta(sorsa_delta, tmp_path):
         curves.append(json.loads(out.read_text()))
     assert curves[0]["loss"] == pytest.approx(curves[1]["loss"], rel=1e-5)
     assert curves[0]["loss"][0] != pytest.approx(curves[0]["loss"][-1], rel=1e-6)
+
+
+def test_classification_delta_evaluates_with_its_string_labels(tiny_lm, tmp_path):  # noqa: F811
+    """A sorsa classifier trained on string labels: eval on the same JSONL maps them through the saved label2id
+    and scores as the model that ``train``'s own materialization writes."""
+    from deltawise.adapt.materialize import materialize
+
+    delta = tmp_path / "cls_delta"
+    run_train(train_cfg(tiny_lm, delta, "sorsa", {"rank": 4, "targets": ["q_proj", "v_proj"]}, data=tiny_lm["cls"],
+                        task="classification", max_steps=3))
+    full = materialize(delta, tiny_lm["model"], tmp_path / "cls_full")
+    got = _eval(str(delta), tiny_lm["cls"], tmp_path / "d.json")["datasets"][0]
+    want = _eval(str(full), tiny_lm["cls"], tmp_path / "f.json")["datasets"][0]
+    assert got["metric"] == "accuracy" and got["n_items"] == want["n_items"]
+    assert got["per_item"] == want["per_item"]
+    loaded = load_model(delta, "classification")
+    recorded = json.loads((delta / "deltawise_train.json").read_text())["label2id"]
+    assert set(recorded) == {"neg", "pos"} and loaded.model.config.label2id == recorded
+    assert loaded.model.config.num_labels == 2

@@ -117,11 +117,12 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(ref: str | Path, head: str = "causal_lm", *, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, base: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, base: str | None = None, num_labels: int | None = None) -> LoadedModel:
     """Load ``ref`` with a causal-LM head (``head="causal_lm"``) or a sequence-classification head;
     code in the folder runs only with ``trust_remote_code`` (``refuse_remote_code``).
 
-    A delta or adapter folder loads as its base plus the delta (``base`` overrides the recorded base)."""
+    A delta or adapter folder loads as its base plus the delta (``base`` overrides the recorded base).
+    ``num_labels`` sizes a classification head the checkpoint does not have (a causal LM's new head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model(str(ref))
@@ -132,7 +133,8 @@ def load_model(ref: str | Path, head: str = "causal_lm", *, dtype: str = "float3
         raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     refuse_remote_code(path, trust_remote_code)
     try:
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        sized = {"num_labels": num_labels} if num_labels and head != "causal_lm" else {}
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **sized)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"model {str(path)!r} cannot be loaded as a {head.replace('_', ' ')} model: {exc}") from None
     model.to(device).eval()
@@ -159,10 +161,17 @@ def load_base_plus_delta(delta: Path, head: str = "causal_lm", *, dtype: str = "
     reader = open_model(str(delta), base_ref=base)  # raises when the delta does not fit the base
     try:
         base_folder, fingerprint, warnings = Path(reader.base.folder), reader.fingerprint(), list(reader.warnings)
+        added_heads = [info.shape[0] for info in reader.added.values() if len(info.shape) == 2]
     finally:
         reader.close()
-    loaded = load_model(base_folder, head, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    label2id = trained_labels(delta) if head != "causal_lm" else {}
+    num_labels = len(label2id) or (added_heads[0] if len(added_heads) == 1 else None)
+    loaded = load_model(base_folder, head, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                        num_labels=num_labels)
     apply_to_model(loaded.model, delta)
+    if label2id:  # string labels as train mapped them, so eval reads the same JSONL
+        loaded.model.config.label2id = dict(label2id)
+        loaded.model.config.id2label = {int(v): k for k, v in label2id.items()}
     loaded.model.to(device).eval()
     tokenizer = loaded.tokenizer
     if (delta / "tokenizer_config.json").is_file():
@@ -170,3 +179,13 @@ def load_base_plus_delta(delta: Path, head: str = "causal_lm", *, dtype: str = "
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(delta, loaded.model, tokenizer, fingerprint, warnings)
+
+
+def trained_labels(folder: Path) -> dict[str, int]:
+    """The ``label2id`` that ``train`` recorded in ``deltawise_train.json`` beside a classification delta ({} if none)."""
+    try:
+        record = json.loads((Path(folder) / "deltawise_train.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    labels = record.get("label2id") if isinstance(record, dict) else None
+    return {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
