@@ -103,3 +103,12 @@ def test_classification_delta_evaluates_with_its_string_labels(tiny_lm, tmp_path
     recorded = json.loads((delta / "deltawise_train.json").read_text())["label2id"]
     assert set(recorded) == {"neg", "pos"} and loaded.model.config.label2id == recorded
     assert loaded.model.config.num_labels == 2
+
+
+def test_analyze_weights_names_a_delta_and_how_to_make_it_a_model(sorsa_delta, tmp_path):
+    """It used to report every tensor the delta does not store as missing (25 on SmolLM2)."""
+    r = CliRunner().invoke(app, ["analyze", "weights", str(sorsa_delta["model"]), str(sorsa_delta["delta"]),
+                                 "-o", str(tmp_path / "w.json"), "-q"])
+    assert r.exit_code == 1 and not (tmp_path / "w.json").exists()
+    message = str(r.exception)
+    assert str(sorsa_delta["delta"]) in message and "deltawise apply" in message and "missing" not in message

@@ -41,6 +41,7 @@ def weights(
     check_output_file(run.output, [("base", Path(base)), *[("model", Path(m)) for m in models]])
     if side not in ("left", "right"):
         raise typer.BadParameter("--side must be left or right")
+    refuse_deltas(base, models)
     if tall_lambda is not None:
         if lam != TALL_LAMBDA_DEFAULT:
             raise InputError("--lam and its old spelling --tall-lambda are both given")
@@ -59,6 +60,17 @@ def weights(
         out.print(f"sign conflicts: {summary.sign_conflict_rate:.3%} of entries; selfish {summary.selfish_rate:.3%}, "
                   f"catastrophic {summary.catastrophic_rate:.3%}", highlight=False)
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
+
+
+def refuse_deltas(base: str, models: list[str]) -> None:
+    """``analyze weights`` reads full checkpoints; name a delta or adapter folder and the way to make it one,
+    rather than report every tensor it does not store as missing."""
+    from deltawise.eval.models import is_delta_ref
+
+    deltas = [ref for ref in [base, *models] if is_delta_ref(ref)]
+    if deltas:
+        raise InputError(f"{', '.join(repr(d) for d in deltas)}: a delta or adapter folder; analyze weights compares full "
+                         f"models, so write it as one first: deltawise apply DELTA --base {base} -o FOLDER")
 
 
 @options("load", LoadOptions)
