@@ -97,3 +97,24 @@ def test_unknown_lm_eval_task_names_the_folder(tmp_path):
                                  "-o", str(tmp_path / "r.json"), "-q"])
     assert r.exit_code != 0
     assert "no_such_task" in str(r.exception) and str(tasks) in str(r.exception)
+
+
+def test_lm_eval_outside_a_git_checkout_prints_no_git_error(tmp_path, monkeypatch, capfd):
+    """lm-eval logs ``git describe`` of the working folder; outside a checkout git's "fatal:" must not reach the user."""
+    model = save_tiny_lm(tmp_path / "model")
+    tasks = write_task(tmp_path, tmp_path / "tiny_mc.jsonl")
+    outside = tmp_path / "not_a_checkout"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find a repository above tmp_path
+    r = CliRunner().invoke(app, ["eval", str(model), "--tasks", "target:tiny_mc", "--lm-eval-tasks-dir", str(tasks),
+                                 "-o", str(tmp_path / "lm.json"), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    captured = capfd.readouterr()
+    assert "not a git repository" not in captured.err + captured.out + r.output
+    import lm_eval.evaluator
+
+    from deltawise.eval.lm_eval_bridge import git_hash_without_stderr
+
+    assert lm_eval.evaluator.get_git_commit_hash is not git_hash_without_stderr  # lm-eval's own name is restored
+    assert git_hash_without_stderr() is None

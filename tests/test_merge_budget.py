@@ -216,6 +216,7 @@ def test_infeasible_budget_writes_nothing_unless_the_most_retentive_point_is_ask
     res = _budget_cli(tradeoff, out, 1.5, (0.2, 0.6), "--most-retentive")
     assert res.exit_code == 0, res.output
     assert json.loads((out / "deltawise_budget.json").read_text())["chosen_params"] == {"lambda": 0.2}
+    assert "chose lambda = 0.2 on the selection split" in res.output
     merged, base, ft = load_state(out), load_state(tradeoff["base"]), load_state(tradeoff["ft"])
     torch.testing.assert_close(merged["lm_head.weight"],
                                base["lm_head.weight"] + 0.2 * (ft["lm_head.weight"] - base["lm_head.weight"]))

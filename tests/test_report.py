@@ -45,6 +45,23 @@ def test_report_lists_forgetting_per_run(report):
     assert forgetting.count("<tr>") == 3  # header + the two runs with a baseline
 
 
+def _table(html: str, table_id: str) -> list[list[str]]:
+    """The cells of each row of the table ``table_id`` (header first)."""
+    start = html.index(f'id="{table_id}"')
+    body = html[start : html.index("</table>", start)]
+    return [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def test_report_gives_rates_across_models_once_per_run_not_on_every_model_row(report):
+    html = report.read_text()
+    per_model = _table(html, "table-weights")
+    assert per_model[0] == ["run", "model", "‖Δ‖", "relative", "intruders", "matrices"]
+    assert [row[1] for row in per_model[1:]] == ["ft-small", "ft-large"]
+    across = _table(html, "table-weights-across")
+    assert across == [["run", "models", "sign conflicts", "selfish", "catastrophic"],
+                      ["analysis/weights", "ft-small, ft-large", "0.5008", "0.8413", "0"]]
+
+
 def test_report_shows_the_intervals_of_runs_that_have_them(tmp_path):
     from deltawise.eval.forgetting import forgetting
     from deltawise.eval.results import DatasetResult, EvalResult

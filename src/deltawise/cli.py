@@ -21,6 +21,34 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def installed_version() -> str:
+    """The version pip installed (``importlib.metadata``), or the source tree's ``__version__`` when run uninstalled."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltawise")
+    except PackageNotFoundError:
+        from deltawise import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"deltawise {installed_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the installed version and exit"),
+) -> None:
+    pass
+
+
 # registration order = the order of `deltawise --help`
 COMMAND_MODULES = (merge, delta, train, eval_command, analyze, report, stats, search)
 for _module in COMMAND_MODULES:

@@ -24,7 +24,7 @@ from deltawise.errors import InputError, bullet_list
 from deltawise.eval.models import load_model, model_fingerprint
 from deltawise.io.resolve import resolve_model
 from deltawise.eval.perplexity import perplexity
-from deltawise.io.reader import ModelReader
+from deltawise.delta.reader import open_model
 
 
 @dataclass
@@ -36,6 +36,7 @@ class InterpolationOptions:
     device: str = "cpu"
     progress: Callable[[int, int], None] | None = None
     trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
+    base: str | None = None  # the base of A or B when either is a delta/adapter folder (default: the recorded one)
 
 
 def loss_barrier(lambdas: list[float], loss: list[float]) -> tuple[float, float]:
@@ -47,10 +48,11 @@ def loss_barrier(lambdas: list[float], loss: list[float]) -> tuple[float, float]
     return gaps[i], lambdas[i]
 
 
-def _differences(model: torch.nn.Module, b_path: Path) -> dict[str, torch.Tensor]:
-    """B - A for every floating parameter/buffer B's files hold; refuses mismatched architectures."""
+def _differences(model: torch.nn.Module, b_path: Path, base: str | None = None) -> dict[str, torch.Tensor]:
+    """B - A for every floating parameter/buffer B's files hold (B a checkpoint, or a delta on its base);
+    refuses mismatched architectures."""
     state = model.state_dict()
-    reader = ModelReader(b_path)
+    reader = open_model(str(b_path), base_ref=base)
     try:
         problems = [f"{n!r} missing from {b_path}" for n, v in state.items()
                     if v.is_floating_point() and n not in reader and not _tied(model, n)]
@@ -73,10 +75,10 @@ def interpolation_curve(a_ref: str, b_ref: str, data: Path, options: Interpolati
     opts = options or InterpolationOptions()
     if opts.points < 2:
         raise InputError("an interpolation curve needs at least 2 points")
-    lm_a = load_model(a_ref, device=opts.device, trust_remote_code=opts.trust_remote_code)
+    lm_a = load_model(a_ref, device=opts.device, trust_remote_code=opts.trust_remote_code, base=opts.base)
     lm_b_path = resolve_model(b_ref)
-    b_fingerprint = model_fingerprint(lm_b_path)
-    diff = _differences(lm_a.model, lm_b_path)
+    b_fingerprint = model_fingerprint(lm_b_path, base=opts.base)
+    diff = _differences(lm_a.model, lm_b_path, opts.base)
     params = lm_a.model.state_dict()
     start = {n: params[n].clone() for n in diff}
     items = load_items(data)

@@ -41,6 +41,7 @@ def weights(
     check_output_file(run.output, [("base", Path(base)), *[("model", Path(m)) for m in models]])
     if side not in ("left", "right"):
         raise typer.BadParameter("--side must be left or right")
+    refuse_deltas(base, models)
     if tall_lambda is not None:
         if lam != TALL_LAMBDA_DEFAULT:
             raise InputError("--lam and its old spelling --tall-lambda are both given")
@@ -61,13 +62,26 @@ def weights(
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
 
 
+def refuse_deltas(base: str, models: list[str]) -> None:
+    """``analyze weights`` reads full checkpoints; name a delta or adapter folder and the way to make it one,
+    rather than report every tensor it does not store as missing."""
+    from deltawise.eval.models import is_delta_ref
+
+    deltas = [ref for ref in [base, *models] if is_delta_ref(ref)]
+    if deltas:
+        raise InputError(f"{', '.join(repr(d) for d in deltas)}: a delta or adapter folder; analyze weights compares full "
+                         f"models, so write it as one first: deltawise apply DELTA --base {base} -o FOLDER")
+
+
 @options("load", LoadOptions)
 @options("data_options", DataOptions, only=("max_length", "batch_size"), override=WINDOW_DEFAULTS)
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "curve JSON to write"}, "quiet": {"help": "no progress bars"}, "device": {"help": "cpu or cuda"}})
 def interpolate(
-    model_a: str = typer.Argument(..., help="first model (lambda = 0)"),
-    model_b: str = typer.Argument(..., help="second model (lambda = 1)"),
+    model_a: str = typer.Argument(..., help="first model (lambda = 0); a model, or a delta or PEFT adapter folder"),
+    model_b: str = typer.Argument(..., help="second model (lambda = 1); a model, or a delta or PEFT adapter folder"),
+    base_model: Optional[str] = typer.Option(None, "--base", help="the base of a delta or adapter given as A or B "
+                                                                  "(default: the base it records)"),
     data: Path = typer.Option(..., "--data", help="text data to measure loss on"),
     run: RunOptions = ...,
     points: int = typer.Option(11, min=2, help="number of lambdas in linspace(0, 1, points)"),
@@ -79,15 +93,29 @@ def interpolate(
     from deltawise.io.output import check_output_file
 
     assert run.output is not None
-    check_output_file(run.output, [("model A", Path(model_a)), ("model B", Path(model_b)), ("data", data)])
+    check_output_file(run.output, [("model A", Path(model_a)), ("model B", Path(model_b)), ("data", data),
+                                   ("base", Path(base_model) if base_model else None)])
     with steps_progress(run.quiet) as progress:
         opts = InterpolationOptions(points=points, max_length=data_options.max_length, batch_size=data_options.batch_size,
                                     device=run.device, progress=stage_factory(progress)("interpolation points"),
-                                    trust_remote_code=load.trust_remote_code)
+                                    trust_remote_code=load.trust_remote_code, base=base_model)
         result = interpolation_curve(model_a, model_b, data, opts)
     result.save(run.output)
+    out.print(curve_table(result))
     out.print(f"loss barrier {result.barrier:.4g} nats/token at lambda = {result.barrier_lambda:.2f}; "
               f"wrote {escape(str(run.output))}", highlight=False)
+
+
+def curve_table(result):
+    """The interpolation curve as a table (lambda, loss, perplexity), so the barrier can be read against it."""
+    from rich.table import Table
+
+    table = Table(title=f"loss from {escape(result.model_a.name)} (lambda = 0) to {escape(result.model_b.name)} (lambda = 1)")
+    for column in ("lambda", "loss (nats/token)", "perplexity"):
+        table.add_column(column, justify="right")
+    for lam, loss, ppl in zip(result.lambdas, result.loss, result.perplexity):
+        table.add_row(f"{lam:.2f}", f"{loss:.4f}", f"{ppl:.4g}")
+    return table
 
 
 analyze_app.command("weights")(weights)

@@ -52,9 +52,19 @@ def _finish(result, report: Optional[Path], what: str) -> None:
         from deltawise.io.writer import write_json_atomic
 
         write_json_atomic(report, result.to_json())
-    ratio = result.dense_bytes / result.stored_bytes if result.stored_bytes else float("inf")
     out.print(f"{what} {escape(str(result.out))}: {len(result.rows)} tensors, {result.stored_bytes} bytes stored "
-              f"({ratio:.2f}x smaller than dense); {escape(json.dumps(result.summary, default=str))}", highlight=False)
+              f"({size_versus_dense(result.dense_bytes, result.stored_bytes)}); "
+              f"{escape(json.dumps(result.summary, default=str))}", highlight=False)
+
+
+def size_versus_dense(dense_bytes: int, stored_bytes: int) -> str:
+    """Stored size against the dense size, in the direction it goes: "4.00x smaller than dense" or "2.00x larger than
+    dense" (never a ratio below 1 called smaller)."""
+    if stored_bytes == 0:
+        return "nothing stored"
+    if stored_bytes <= dense_bytes:
+        return f"{dense_bytes / stored_bytes:.2f}x smaller than dense"
+    return f"{stored_bytes / dense_bytes:.2f}x larger than dense" if dense_bytes else "dense size 0"
 
 
 @options("run", RunOptions, exclude=("device",), override={

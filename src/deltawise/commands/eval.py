@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from deltawise.commands.console import escape, out, stage_factory, steps_progress
+from deltawise.commands.console import escape, out, stage_factory, steps_progress, warn
 from deltawise.commands.flags import options
 from deltawise.options import DataOptions, IntervalOptions, LoadOptions, RunOptions
 
@@ -23,7 +23,10 @@ WINDOW_DEFAULTS = {
 @options("run", RunOptions, exclude=("overwrite",), override={
     "output": {"help": "result JSON to write"}, "device": {"help": "cpu or cuda"}, "quiet": {"help": "no progress bars"}})
 def eval_(
-    model: str = typer.Argument(..., help="model folder (causal LM for text and choices; classifier for labelled data)"),
+    model: str = typer.Argument(..., help="model folder (causal LM for text and choices; classifier for labelled data), "
+                                          "or a delta or PEFT adapter folder, evaluated on its base"),
+    base_model: Optional[str] = typer.Option(None, "--base", help="MODEL is a delta or adapter: the base to add it to "
+                                                                  "(default: the base it records)"),
     source: list[Path] = typer.Option([], "--source", help="data whose performance must be retained (repeatable)"),
     target: list[Path] = typer.Option([], "--target", help="data the adaptation aims at (repeatable)"),
     tasks: list[str] = typer.Option([], "--tasks", help="lm-eval task (needs lm-eval installed, offline data); 'target:NAME' "
@@ -46,7 +49,8 @@ def eval_(
     from deltawise.io.output import check_output_file
 
     assert run.output is not None
-    check_output_file(run.output, [("model", Path(model)), *[("source", p) for p in source], *[("target", p) for p in target],
+    check_output_file(run.output, [("model", Path(model)), ("base", Path(base_model) if base_model else None),
+                                   *[("source", p) for p in source], *[("target", p) for p in target],
                                    ("baseline", baseline), ("lm-eval tasks", lm_eval_tasks_dir)])
     if mc_norm not in ("total", "token", "byte"):
         raise typer.BadParameter("--mc-norm must be total, token or byte")
@@ -57,8 +61,10 @@ def eval_(
         eval_options = EvalOptions(max_length=data_options.max_length, stride=stride, batch_size=data_options.batch_size,
                                    mc_norm=mc_norm, dtype=dtype, device=run.device,  # type: ignore[arg-type]
                                    progress=stage_factory(progress), lm_eval_tasks=lm_tasks, lm_eval_tasks_dir=lm_eval_tasks_dir,
-                                   trust_remote_code=load.trust_remote_code)
+                                   trust_remote_code=load.trust_remote_code, base=base_model)
         result = evaluate(model, source, target, eval_options)
+    for warning in result.settings.get("warnings", []):  # type: ignore[union-attr]
+        warn(warning)
     if base is not None:
         result.forgetting = forgetting(result, base, intervals)
     result.save(run.output)

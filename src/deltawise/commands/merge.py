@@ -153,7 +153,8 @@ def _budget_report(search, report: Path | None, output: Path) -> None:
     out.print(budget_table(result))
     write_json_atomic(report or output / "deltawise_budget.json", result.to_json())
     chosen = result.candidates[result.chosen]
-    out.print(f"chose {escape(str(chosen.params))} on the selection split; wrote {escape(str(output))}", highlight=False)
+    chosen_text = ", ".join(f"{name} = {value}" for name, value in chosen.params.items())
+    out.print(f"chose {escape(chosen_text)} on the selection split; wrote {escape(str(output))}", highlight=False)
     for line in heldout_lines(result):
         out.print(escape(line), highlight=False)
 

@@ -11,8 +11,11 @@ either tasks already in the datasets cache, or local task YAMLs in a folder give
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from deltawise.errors import DeltawiseError, InputError
 from deltawise.eval.models import LoadedModel
@@ -31,6 +34,38 @@ def lm_eval_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def git_hash_without_stderr() -> str | None:
+    """``git describe --always`` of the working folder, as lm-eval records it, with git's own stderr discarded."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)  # noqa: S607
+    except OSError:  # git not installed
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+@contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """While lm-eval evaluates, record its git hash without git printing "fatal: not a git repository".
+
+    ``simple_evaluate`` logs the hash of the current folder by running ``git describe`` with stderr inherited
+    (``lm_eval.loggers.utils.get_git_commit_hash``), so outside a git checkout every ``deltawise eval --tasks``
+    printed git's error. The name ``simple_evaluate`` looks up is replaced for the call only, and only if present.
+    """
+    import lm_eval.evaluator as evaluator
+
+    if not hasattr(evaluator, "get_git_commit_hash"):
+        yield
+        return
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash_without_stderr
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def run_lm_eval(
@@ -59,7 +94,8 @@ def run_lm_eval(
     model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, backend="causal", batch_size=batch_size)
     start = time.perf_counter()
     try:
-        out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, log_samples=True)
+        with quiet_git_hash():
+            out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, log_samples=True)
     except Exception as exc:  # lm-eval raises many kinds for missing offline data
         raise InputError(f"lm-eval could not run {names} offline ({type(exc).__name__}: {exc}); "
                          "only tasks with local data work") from None

@@ -35,6 +35,7 @@ class EvalOptions:
     lm_eval_tasks: list[tuple[Role, str]] = field(default_factory=list)
     lm_eval_tasks_dir: Path | None = None  # extra lm-eval task YAMLs (TaskManager include_path)
     trust_remote_code: bool = False  # run Python code shipped in a model folder (--trust-remote-code)
+    base: str | None = None  # a delta or adapter model: its base, instead of the one it records (--base)
 
 
 def detect_task(items: list[Item]) -> Task:
@@ -71,7 +72,7 @@ class Evaluator:
     def model(self, head: str) -> LoadedModel:
         if head not in self._models:
             self._models[head] = load_model(self.ref, head, dtype=self.options.dtype, device=self.options.device,
-                                            trust_remote_code=self.options.trust_remote_code)
+                                            trust_remote_code=self.options.trust_remote_code, base=self.options.base)
         return self._models[head]
 
     def loaded(self) -> list[LoadedModel]:
@@ -127,7 +128,7 @@ def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: 
     if not sources and not targets and not options.lm_eval_tasks:
         raise InputError("nothing to evaluate: give --source and/or --target data (or --tasks)")
     path = resolve_model(model_ref)
-    fingerprint = model_fingerprint(path)  # fail on a broken folder before any dataset is read
+    fingerprint = model_fingerprint(path, base=options.base)  # fail on a broken folder (or a misfit delta) before any data
     evaluator = Evaluator(model_ref, options)
     roles: list[Role] = ["source"] * len(sources) + ["target"] * len(targets)
     paths = list(sources) + list(targets)
@@ -138,5 +139,8 @@ def evaluate(model_ref: str, sources: list[Path], targets: list[Path], options: 
     settings: dict[str, object] = {k: getattr(options, k) for k in ("batch_size", "mc_norm", "dtype", "device")}
     for lm in evaluator.loaded():
         settings["max_length"], settings["stride"] = evaluator.limits(lm)
+    warnings = sorted({w for lm in evaluator.loaded() for w in lm.warnings})
+    if warnings:  # a delta on a base other than the one it records
+        settings["warnings"] = warnings
     return EvalResult(model=str(path), fingerprint=fingerprint, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       settings=settings, datasets=datasets)

@@ -54,10 +54,17 @@ def with_interval(value: float | None, bounds) -> str:
 
 
 def weights_table(analyses: list[tuple[str, WeightsAnalysis]]) -> str:
-    rows = [(lab, m.model, m.delta_norm, m.relative, m.intruders, m.matrices, a.summary.sign_conflict_rate,
-             a.summary.selfish_rate, a.summary.catastrophic_rate) for lab, a in analyses for m in a.summary.models]
-    return table("table-weights", ["run", "model", "‖Δ‖", "relative", "intruders", "matrices", "sign conflicts", "selfish",
-                                   "catastrophic"], rows)
+    """Per-model delta sizes, then one row per run for the rates measured across all its models together.
+
+    Sign conflicts and the TALL-mask rates describe the set of deltas, not any one model, so they get a row
+    per run instead of the same value repeated on every model's row.
+    """
+    per_model = [(lab, m.model, m.delta_norm, m.relative, m.intruders, m.matrices)
+                 for lab, a in analyses for m in a.summary.models]
+    across = [(lab, ", ".join(m.model for m in a.summary.models), a.summary.sign_conflict_rate, a.summary.selfish_rate,
+               a.summary.catastrophic_rate) for lab, a in analyses]
+    return (table("table-weights", ["run", "model", "‖Δ‖", "relative", "intruders", "matrices"], per_model)
+            + table("table-weights-across", ["run", "models", "sign conflicts", "selfish", "catastrophic"], across))
 
 
 def interpolation_table(curves: list[tuple[str, Interpolation]]) -> str:
