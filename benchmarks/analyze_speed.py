@@ -35,6 +35,15 @@ def default_base() -> Path:
     return Path(found[0]).parent
 
 
+def spectral_norm(w: torch.Tensor, gen: torch.Generator, steps: int = 30) -> float:
+    """The largest singular value, by power iteration (a full SVD per matrix would cost as much as the analysis)."""
+    v = torch.randn(w.shape[1], generator=gen, dtype=w.dtype)
+    for _ in range(steps):
+        v = w.T @ (w @ v)
+        v /= v.norm()
+    return float((w @ v).norm())
+
+
 def write_fine_tunes(base: Path, work: Path) -> list[Path]:
     """Each fine-tune is one safetensors file plus the base's config; rewritten only when missing."""
     state = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -50,11 +59,11 @@ def write_fine_tunes(base: Path, work: Path) -> list[Path]:
         for key, w in state.items():
             if w.ndim == 2 and "layers." in key:
                 w64 = w.double()
-                top = torch.linalg.matrix_norm(w64, ord=2)
+                top = spectral_norm(w64, gen)
                 a = torch.randn(w.shape[0], rank, generator=gen, dtype=torch.float64)
                 b = torch.randn(rank, w.shape[1], generator=gen, dtype=torch.float64)
                 low_rank = a @ b
-                low_rank *= strength * top / torch.linalg.matrix_norm(low_rank, ord=2)
+                low_rank *= strength * top / torch.linalg.matrix_norm(torch.linalg.qr(a).R @ b, ord=2)  # ||a b|| = ||R b||
                 jitter = noise * w64.std() * torch.randn(w.shape, generator=gen, dtype=torch.float64)
                 ft[key] = (w64 + low_rank + jitter).to(w.dtype)
             else:
