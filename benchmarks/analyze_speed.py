@@ -6,7 +6,7 @@ linear weight, with the low-rank part at three strengths (small: no intruders ex
 Both runs read the same folders; the script prints the times, their ratio, and how far the fast path's
 numbers are from the exact ones (counts must be equal).
 
-    python benchmarks/analyze_speed.py [--base DIR] [--work DIR] [--k 5] [--skip-exact]
+    python benchmarks/analyze_speed.py [--base DIR] [--work DIR] [--k 5] [--skip-exact] [--layers 0,15,29]
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def write_fine_tunes(base: Path, work: Path) -> list[Path]:
 
 
 def run(base: Path, models: list[Path], k: int, method: str) -> tuple[float, dict]:
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = analyze_weights(str(base), [str(m) for m in models], WeightsOptions(k=k, intruder_method=method))
+    print(f"  ({method}: {time.process_time() - start_cpu:.1f} s CPU)")
     return time.perf_counter() - start, result.model_dump(mode="json", by_alias=True)
 
 
@@ -95,15 +96,53 @@ def compare(exact: dict, fast: dict) -> dict:
     return {"count_mismatches": count_mismatch, "max_abs_similarity_diff": sim_diff, "max_rel_singular_value_diff": sv_rel_diff}
 
 
+def per_layer(base: Path, models: list[Path], k: int, layers: list[int]) -> None:
+    """The intruder computation alone, both methods on the same matrices of the given layers (for a loaded machine,
+    where the whole exact run takes too long): times, counts and differences."""
+    from deltawise.analyze.intruders import base_singular, intruder_dimensions, is_analysed_matrix
+    from deltawise.io.reader import ModelReader
+
+    readers = [ModelReader(p) for p in [base, *models]]
+    names = [n for n in readers[0].keys() if any(f"layers.{i}." in n for i in layers)
+             and is_analysed_matrix(n, tuple(readers[0].info(n).shape))]
+    seconds = {"fast": 0.0, "exact": 0.0}
+    cpu = {"fast": 0.0, "exact": 0.0}  # process CPU time: on a shared machine, steadier than wall time
+    counts: dict[str, list[int]] = {"fast": [], "exact": []}
+    sim_diff, sv_diff = 0.0, 0.0
+    for name in names:
+        w0, *fts = [r.get(name).float() for r in readers]
+        got = {}
+        for method in ("fast", "exact"):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            svd = base_singular(w0, "left", method)
+            got[method] = [intruder_dimensions(w0, ft, k=k, base_svd=svd, method=method) for ft in fts]
+            seconds[method] += time.perf_counter() - start
+            cpu[method] += time.process_time() - start_cpu
+            counts[method] += [r.count for r in got[method]]
+        for f, e in zip(got["fast"], got["exact"]):
+            sim_diff = max([sim_diff] + [abs(a - b) for a, b in zip(f.similarities, e.similarities)])
+            sv_diff = max([sv_diff] + [abs(a - b) / b for a, b in zip(f.singular_values + f.base_singular_values,
+                                                                      e.singular_values + e.base_singular_values)])
+    print(f"layers {layers}: {len(names)} matrices x {len(models)} models, k={k}")
+    for method in ("fast", "exact"):
+        print(f"  {method:5}: {seconds[method]:7.2f} s wall, {cpu[method]:7.2f} s CPU, intruders {sum(counts[method])}")
+    print(f"  ratio exact/fast {seconds['exact'] / seconds['fast']:.1f}x wall, {cpu['exact'] / cpu['fast']:.1f}x CPU; counts equal: {counts['fast'] == counts['exact']}; "
+          f"max |similarity diff| {sim_diff:.2e}; max relative singular value diff {sv_diff:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltawise-analyze-speed"))
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--layers", default=None, help="comma-separated layer indices: time the intruder part only")
     args = parser.parse_args()
     base = args.base or default_base()
     models = write_fine_tunes(base, args.work)
+    if args.layers:
+        per_layer(base, models, args.k, [int(i) for i in args.layers.split(",")])
+        return
     print(f"base {base}; fine-tunes {[m.name for m in models]}; k={args.k}; torch threads {torch.get_num_threads()}")
     fast_s, fast = run(base, models, args.k, "fast")
     print(f"fast : {fast_s:7.1f} s  intruders {[(m['model'], m['intruders']) for m in fast['summary']['models']]}")
