@@ -126,7 +126,8 @@ def per_layer(base: Path, models: list[Path], k: int, layers: list[int]) -> None
     print(f"layers {layers}: {len(names)} matrices x {len(models)} models, k={k}")
     for method in ("fast", "exact"):
         print(f"  {method:5}: {seconds[method]:7.2f} s wall, {cpu[method]:7.2f} s CPU, intruders {sum(counts[method])}")
-    print(f"  ratio exact/fast {seconds['exact'] / seconds['fast']:.1f}x wall, {cpu['exact'] / cpu['fast']:.1f}x CPU; counts equal: {counts['fast'] == counts['exact']}; "
+    print(f"  ratio exact/fast {seconds['exact'] / seconds['fast']:.1f}x wall, {cpu['exact'] / cpu['fast']:.1f}x CPU; "
+          f"counts equal: {counts['fast'] == counts['exact']}; "
           f"max |similarity diff| {sim_diff:.2e}; max relative singular value diff {sv_diff:.2e}")
 
 
