@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from deltawise.analyze.interpolate import InterpolationOptions, interpolation_curve, loss_barrier
 from deltawise.analyze.overlap import mask_overlap, sign_conflict, tall_masks
-from deltawise.analyze.weights import analyze_weights
+from deltawise.analyze.weights import WeightsOptions, analyze_weights
 from deltawise.cli import app
 from conftest import load_state, tree_digest
 from eval_util import save_tiny_lm
@@ -59,6 +59,22 @@ def test_analyze_weights_cli_on_llama_family(llama_family, tmp_path):
     assert embed["intruders"] is None
     assert {m["model"] for m in data["summary"]["models"]} == {"ft1", "ft2"}
     assert before == {k: tree_digest(v) for k, v in llama_family.items()}
+
+
+def test_fast_intruders_equal_the_exact_svds_on_a_model_family(llama_family):
+    models = [str(llama_family["ft1"]), str(llama_family["ft2"])]
+    results = {m: analyze_weights(str(llama_family["base"]), models, WeightsOptions(k=4, intruder_method=m)).model_dump()
+               for m in ("fast", "exact")}
+    fast, exact = results["fast"], results["exact"]
+    assert fast["summary"]["models"] == exact["summary"]["models"]  # intruder counts and matrices, norms
+    searched = [(tf, te) for tf, te in zip(fast["tensors"], exact["tensors"]) if te["intruders"]]
+    assert searched
+    for tf, te in searched:
+        for i_f, ie in zip(tf["intruders"], te["intruders"]):
+            assert i_f["count"] == ie["count"]
+            assert i_f["similarities"] == pytest.approx(ie["similarities"], abs=1e-6)
+            assert i_f["singular_values"] == pytest.approx(ie["singular_values"], rel=1e-9)
+            assert i_f["base_singular_values"] == pytest.approx(ie["base_singular_values"], rel=1e-9)
 
 
 def test_analyze_weights_refuses_mismatched_models(llama_family, make_folder):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from deltawise.analyze.intruders import Side, base_singular, intruder_dimensions, is_analysed_matrix
+from deltawise.analyze.intruders import Method, Side, base_singular, intruder_dimensions, is_analysed_matrix
 from deltawise.analyze.overlap import mask_overlap, sign_conflict
 from deltawise.analyze.results import (
     DeltaNorm, IntruderStats, MaskStats, ModelRef, ModelSummary, SignStats, TensorAnalysis, WeightsAnalysis, WeightsSummary,
@@ -31,6 +31,8 @@ class WeightsOptions:
     side: Side = "left"
     tall_lambda: float = 0.4
     intruders: bool = True
+    # "fast": Gram eigendecompositions, top k only for the fine-tunes; "exact": full float64 SVDs (the reference)
+    intruder_method: Method = "fast"
     progress: Callable[[int, int], None] | None = None
 
 
@@ -70,9 +72,10 @@ def _tensor(name: str, w0: torch.Tensor, fts: list[torch.Tensor], labels: list[s
     )
     if opts.intruders and is_analysed_matrix(name, tuple(w0.shape), roles):
         out.intruders = []
-        base_svd = base_singular(w0, opts.side)  # once per tensor, not once per model
+        base_svd = base_singular(w0, opts.side, opts.intruder_method)  # once per tensor, not once per model
         for lab, ft in zip(labels, fts):
-            r = intruder_dimensions(w0, ft.float(), k=opts.k, eps=opts.eps, side=opts.side, base_svd=base_svd)
+            r = intruder_dimensions(w0, ft.float(), k=opts.k, eps=opts.eps, side=opts.side, base_svd=base_svd,
+                                    method=opts.intruder_method)
             out.intruders.append(IntruderStats(model=lab, **r.__dict__))
     if len(deltas) >= 2:
         sc = sign_conflict(deltas)
