@@ -1,0 +1,97 @@
+"""The faster span scorer (trimmed logits, grouped windows, inference mode) gives the numbers of the plain one.
+
+``reference_scores`` restates the scorer as it was before the speed work: every logit computed, spans batched
+longest-first with ties in input order. Changing which spans share a batch changes only the shapes of the padded
+matrix products, so per-span NLLs may move by float32 rounding: we allow 1e-6 relative (float32's epsilon is 1.2e-7,
+and a span's NLL sums up to a few hundred log-probabilities).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deltawise.eval.models import load_model
+from deltawise.eval.perplexity import perplexity, windows
+from deltawise.eval.scoring import Span, batch_order, keeps_last_logits, score_spans
+from eval_util import save_tiny_lm
+
+REL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model(save_tiny_lm(tmp_path_factory.mktemp("score") / "lm", max_position_embeddings=256))
+
+
+def reference_scores(model: torch.nn.Module, spans: list[Span], batch_size: int, pad_id: int) -> list[float]:
+    order = sorted(range(len(spans)), key=lambda i: -len(spans[i].ids))
+    out = [0.0] * len(spans)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = [spans[i] for i in order[start : start + batch_size]]
+            width = max(len(s.ids) for s in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, span in enumerate(batch):
+                ids[row, : len(span.ids)] = torch.tensor(span.ids)
+                mask[row, : len(span.ids)] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for row, span in enumerate(batch):
+                pred = logits[row, span.score_from - 1 : len(span.ids) - 1].float()
+                target = ids[row, span.score_from : len(span.ids)]
+                out[order[start + row]] = -torch.log_softmax(pred, -1).gather(1, target[:, None]).sum().item()
+    return out
+
+
+def random_documents(seed: int, n: int, longest: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(4, 100) for _ in range(rng.randrange(1, longest))] for _ in range(n)]
+
+
+def test_the_tiny_llama_takes_logits_to_keep(lm):
+    assert keeps_last_logits(lm.model)  # otherwise the tests below would not exercise the trimmed path
+    assert not keeps_last_logits(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 16])
+@pytest.mark.parametrize("max_length,stride", [(64, 32), (48, 48), (40, 7)])
+def test_sliding_window_scores_equal_the_plain_scorer(lm, batch_size, max_length, stride):
+    docs = random_documents(batch_size * 7 + stride, 12, 120)
+    spans = [s for d in docs for s in windows(d, max_length, stride)]
+    assert any(s.score_from > 1 for s in spans) == (stride < max_length) and len({len(s.ids) for s in spans}) > 5
+    got = score_spans(lm.model, spans, batch_size=batch_size, pad_id=lm.pad_id)
+    want = reference_scores(lm.model, spans, batch_size, lm.pad_id)
+    assert [g.n_tokens for g in got] == [s.n_scored for s in spans]
+    assert [g.nll for g in got] == pytest.approx(want, rel=REL)
+
+
+def test_per_document_nll_equals_the_plain_scorer(lm):
+    docs = random_documents(5, 30, 200)
+    got = perplexity(lm.model, docs, max_length=64, stride=32, batch_size=16, pad_id=lm.pad_id)
+    spans, owner = [], []
+    for d, ids in enumerate(docs):
+        for span in windows(ids, 64, 32):
+            spans.append(span)
+            owner.append(d)
+    want = [0.0] * len(docs)
+    for d, nll in zip(owner, reference_scores(lm.model, spans, 16, lm.pad_id)):
+        want[d] += nll
+    assert got.per_document_nll == pytest.approx(want, rel=REL)
+    assert got.per_document_tokens == [len(d) - 1 for d in docs]
+
+
+def test_later_windows_are_grouped_apart_from_first_windows():
+    spans = [Span(tuple(range(10)), 1), Span(tuple(range(10)), 5), Span(tuple(range(4)), 1), Span(tuple(range(10)), 1),
+             Span(tuple(range(10)), 5)]
+    assert batch_order(spans) == [1, 4, 0, 3, 2]
+
+
+def test_scores_are_plain_floats_outside_inference_mode(lm):
+    # the model stays usable for training after scoring (inference mode must not leak into its parameters)
+    score_spans(lm.model, [Span((1, 5, 6, 7), 1)])
+    loss = lm.model(input_ids=torch.tensor([[1, 5, 6, 7]]), labels=torch.tensor([[1, 5, 6, 7]])).loss
+    loss.backward()
+    assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
