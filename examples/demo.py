@@ -221,7 +221,7 @@ def run_demo(
                       _fmt(f.forgetting_score if f else None, ".2f", f.forgetting_score_ci if f else None))
     console.print(table)
     console.print("[dim]target gain = base ppl / model ppl - 1 on German; source retention = the same ratio on English "
-                  "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention); [lo, hi]: 95% paired bootstrap "
+                  "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention); \\[lo, hi]: 95% paired bootstrap "
                   "intervals over the evaluated texts[/]")
     report = root / "report.html"
     build_report([p for _, p in evals.values()] + [results / "weights.json"], report,

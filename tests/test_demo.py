@@ -55,7 +55,7 @@ def test_demo_pipeline_on_tiny_model(tmp_path):
     for name in ("german.jsonl", "english.jsonl"):
         assert not set((data / name).read_text().splitlines()) & set((data / "selection" / name).read_text().splitlines())
     assert budget["splits"][0]["heldout_file"] == str(data / "english.jsonl")
-    assert "held out:" in text
+    assert "held out:" in text and "[lo, hi]: 95% paired bootstrap" in text.replace("\n", " ")
     weights = json.loads(paths["weights"].read_text())
     assert len(weights["models"]) == 3 and weights["tensors"]
     assert "fig-layer-deltas" in html and "table-weights" in html

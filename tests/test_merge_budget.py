@@ -220,3 +220,21 @@ def test_infeasible_budget_writes_nothing_unless_the_most_retentive_point_is_ask
     merged, base, ft = load_state(out), load_state(tradeoff["base"]), load_state(tradeoff["ft"])
     torch.testing.assert_close(merged["lm_head.weight"],
                                base["lm_head.weight"] + 0.2 * (ft["lm_head.weight"] - base["lm_head.weight"]))
+
+
+def test_the_budget_table_shows_its_bracketed_labels():
+    """Rich reads "[...]" as markup: the lower-bound labels must reach the terminal."""
+    import io
+
+    from rich.console import Console
+
+    from deltawise.search.budget import BudgetResult, Candidate, budget_table
+
+    result = BudgetResult(method="task_arithmetic", grid={"lambda": [0.5]}, budgets={"en": 0.98}, baseline="b",
+                          baseline_values={}, chosen=0, intervals={"level": 0.95},
+                          candidates=[Candidate({"lambda": 0.5}, {"en": 1.0}, {"de": 1.2}, {}, retention_lower={"en": 0.99},
+                                                feasible=True)])
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(budget_table(result))
+    text = buf.getvalue()
+    assert "retention en [lower bound ≥ 0.98]" in text and "[lower bound]: one-sided 95%" in text and "1.0000 [0.9900]" in text

@@ -342,7 +342,7 @@ def budget_table(result: BudgetResult):
     for name in result.grid:
         table.add_column(name, justify="right")
     for name, minimum in result.budgets.items():
-        table.add_column(f"retention {name} [lower bound ≥ {minimum:g}]", justify="right")
+        table.add_column(f"retention {name} \\[lower bound ≥ {minimum:g}]", justify="right")  # \\[ is a bracket, not rich markup
     for name in result.candidates[0].target if result.candidates else []:
         table.add_column(f"target {name}", justify="right")
     for col in ("within budget", "Pareto", "chosen"):
@@ -356,7 +356,7 @@ def budget_table(result: BudgetResult):
                       "yes" if c.feasible else "no", "*" if c.pareto else "", "<-" if i == result.chosen else "")
     level = result.intervals.get("level", 0.95)
     table.caption = ("retention and target: ratio to the baseline (ppl_base/ppl, acc/acc_base); > 1 is better; "
-                     f"[lower bound]: one-sided {level:.0%} paired bootstrap bound, which must clear the budget")
+                     f"\\[lower bound]: one-sided {level:.0%} paired bootstrap bound, which must clear the budget")
     return table
 
 
