@@ -90,6 +90,20 @@ def run_deltawise(recipe_path: Path, out: Path, cli: bool = False) -> dict[str, 
     return load_folder(out)
 
 
+@pytest.fixture
+def run_both(tmp_path):
+    """``run(recipe)``: the recipe written once, merged by mergekit and by deltawise; (theirs, ours)."""
+    runs = iter(range(1000))
+
+    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        work = tmp_path / f"run{next(runs)}"
+        work.mkdir()
+        path = write_recipe(work / "recipe.yaml", recipe)
+        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, work / "deltawise_out")
+
+    return run
+
+
 def max_diffs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a if k in b}
 

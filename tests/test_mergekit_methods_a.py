@@ -26,6 +26,7 @@ from test_mergekit_compat import (
     assert_same_tensors,
     entry,
     load_folder,
+    run_both,
     run_deltawise,
     run_mergekit,
     write_recipe,
@@ -55,19 +56,6 @@ def bf16_family(llama_family, tmp_path_factory) -> dict[str, Path]:
         (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
         family[name] = out
     return family
-
-
-@pytest.fixture
-def run_both(tmp_path):
-    runs = iter(range(1000))
-
-    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        work = tmp_path / f"run{next(runs)}"
-        work.mkdir()
-        path = write_recipe(work / "recipe.yaml", recipe)
-        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, work / "deltawise_out")
-
-    return run
 
 
 def nearswap(f, t=0.01):

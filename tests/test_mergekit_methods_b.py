@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from conftest import perturb, save_llama
 from test_mergekit_compat import (
     BF16_ATOL, BF16_RTOL, assert_not_a_copy, assert_same_tensors, entry, load_folder, run_deltawise, run_mergekit,
-    write_recipe,
+    run_both, write_recipe,
 )
 
 from deltawise.errors import RecipeError
@@ -70,19 +70,6 @@ def sparse_family(tmp_path_factory) -> dict[str, Path]:
     for i in (1, 2, 3):
         family[f"ft{i}"] = _sparse_perturb(base, root / f"ft{i}", seed=30 + i)
     return family
-
-
-@pytest.fixture
-def run_both(tmp_path):
-    runs = iter(range(1000))
-
-    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        work = tmp_path / f"run{next(runs)}"
-        work.mkdir()
-        recipe_path = write_recipe(work / "recipe.yaml", recipe)
-        return run_mergekit(recipe_path, work / "mergekit_out"), run_deltawise(recipe_path, work / "deltawise_out")
-
-    return run
 
 
 # --------------------------------------------------------------------------- recipes
