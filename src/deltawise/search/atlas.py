@@ -240,19 +240,17 @@ def test_report(lm: LoadedModel, composer: Composer, coefficients: list[list[flo
     to the base and its paired bootstrap interval, with ``deltawise eval``'s scoring."""
     from deltawise.eval.forgetting import forgetting
     from deltawise.eval.results import EvalResult
-    from deltawise.eval.runner import score_dataset, unique_names
+    from deltawise.eval.runner import unique_names
+    from deltawise.search.scoring import as_result, score_data
 
     data = [load_data(p, "auto") for p in tests]
     params = dict(lm.model.named_parameters())
-    window = min(options.max_length, lm.context_length)
 
     def scored(label: str, composed: dict[str, torch.Tensor]) -> EvalResult:
         for n, value in composed.items():
             params[n].copy_(value)
-        datasets = [score_dataset(lm, d.items, "classification" if d.task == "classification" else "perplexity", name=name,
-                                  role="target", path=str(d.path), max_length=window, stride=max(window // 2, 1),
-                                  batch_size=options.batch_size) for name, d in zip(unique_names(list(tests)), data)]
-        return EvalResult(model=label, fingerprint=label, created="", datasets=datasets)
+        return as_result(label, [score_data(lm, d, name=name, max_length=options.max_length, batch_size=options.batch_size)
+                                 for name, d in zip(unique_names(list(tests)), data)])
 
     chosen_lam = torch.tensor(coefficients, dtype=composer.lam.dtype, device=composer.lam.device)
     composed = {n: composer.theta0[n] + torch.tensordot(chosen_lam[:, b], composer.tau[n], dims=1)

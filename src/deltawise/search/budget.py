@@ -234,9 +234,10 @@ class _Search:
                   f"{'' if cand.feasible else ' (over budget)'}")
         return cand
 
-    def heldout_report(self, out: Path) -> dict[str, Any]:
+    def heldout_report(self, out: Path, baseline_ref: str) -> dict[str, Any]:
         """The written model against the baseline on the held-out split: the numbers to report."""
-        f = forgetting(self.evaluate_model(str(out), heldout=True), self.heldout_baseline, self.o.intervals)
+        baseline = self.evaluate_model(baseline_ref, heldout=True)
+        f = forgetting(self.evaluate_model(str(out), heldout=True), baseline, self.o.intervals)
         budgets = dict(zip(self.source_names, (b.minimum for b in self.o.retain)))
         return {
             "retention": {c.name: c.ratio for c in f.datasets if c.role == "source"},
@@ -329,8 +330,7 @@ def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, l
     run_merge(build_plan(with_params(recipe, cands[result.chosen].params), allow_pickle=options.allow_pickle), out, options.merge)
     result.out = out
     search.tell("evaluating the written merge on the held-out split")
-    search.heldout_baseline = search.evaluate_model(baseline_ref, heldout=True)
-    result.heldout = search.heldout_report(out)
+    result.heldout = search.heldout_report(out, baseline_ref)
     return result
 
 

@@ -16,6 +16,7 @@ from deltawise.data.tasks import TaskData
 from deltawise.errors import InputError
 from deltawise.eval.classify import class_logits, label_index
 from deltawise.eval.models import LoadedModel
+from deltawise.eval.results import DatasetResult, EvalResult
 from deltawise.eval.runner import score_dataset
 
 METRICS = ("auto", "accuracy", "loss", "perplexity")
@@ -57,7 +58,20 @@ def score_model(lm: LoadedModel, data: TaskData, metric: str, *, max_length: int
         labels = torch.tensor([label_index(lm, i) for i in data.items])
         logits = torch.cat([x.float().cpu() for x in class_logits(lm, data.items, max_length=max_length, batch_size=batch_size)])
         return Score(metric, float(torch.nn.functional.cross_entropy(logits, labels)))
-    window = min(max_length, lm.context_length)
-    result = score_dataset(lm, data.items, "perplexity", name=data.path.name, role="target", path=str(data.path),
-                           max_length=window, stride=max(window // 2, 1), batch_size=batch_size)
+    result = score_data(lm, data, name=data.path.name, max_length=max_length, batch_size=batch_size)
     return Score(metric, result.value if metric == "perplexity" else result.mean_nll)
+
+
+@torch.no_grad()
+def score_data(lm: LoadedModel, data: TaskData, *, name: str, max_length: int, batch_size: int) -> DatasetResult:
+    """``deltawise eval``'s scores of the loaded model on ``data`` (accuracy for classification, else perplexity),
+    per-item results kept, in windows of at most the model's context."""
+    window = min(max_length, lm.context_length)
+    task = "classification" if data.task == "classification" else "perplexity"
+    return score_dataset(lm, data.items, task, name=name, role="target", path=str(data.path), max_length=window,
+                         stride=max(window // 2, 1), batch_size=batch_size)
+
+
+def as_result(label: str, datasets: list[DatasetResult]) -> EvalResult:
+    """Scores of an in-memory model wrapped as an ``EvalResult``, so that ``eval.forgetting`` can compare two."""
+    return EvalResult(model=label, fingerprint=label, created="", datasets=datasets)

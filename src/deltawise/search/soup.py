@@ -205,17 +205,14 @@ def _heldout_report(vessel: _Vessel, members: list[str], best_ingredient: str, h
     the soup relative to that ingredient with a paired bootstrap interval."""
     from deltawise.eval.forgetting import forgetting
     from deltawise.eval.results import EvalResult
-    from deltawise.eval.runner import score_dataset
+    from deltawise.search.scoring import as_result, score_data
 
     held = load_data(heldout, options.task)
-    task = "classification" if held.task == "classification" else "perplexity"
-    window = min(options.max_length, vessel.lm.context_length)
 
     def scored(state: State, label: str) -> EvalResult:
         vessel.set(state)
-        ds = score_dataset(vessel.lm, held.items, task, name="heldout", role="target", path=str(heldout),
-                           max_length=window, stride=max(window // 2, 1), batch_size=options.batch_size)
-        return EvalResult(model=label, fingerprint=label, created="", datasets=[ds])
+        return as_result(label, [score_data(vessel.lm, held, name="heldout", max_length=options.max_length,
+                                            batch_size=options.batch_size)])
 
     total = {k: v.clone() for k, v in vessel.load(members[0]).items()}
     for member in members[1:]:  # the float32 sum in joining order, as the greedy pass formed it

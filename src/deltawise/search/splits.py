@@ -29,8 +29,7 @@ class Split:
     heldout: Path
     selection_ids: tuple[str, ...]
     heldout_ids: tuple[str, ...]
-    given: bool  # the held-out file was named by the user (nothing was cut)
-    heldout_source: Optional[Path]  # that file
+    heldout_source: Optional[Path]  # the held-out file the user named (None: the search file was cut)
 
     def to_json(self) -> dict[str, object]:
         return {"file": str(self.source), "heldout_file": None if self.heldout_source is None else str(self.heldout_source),
@@ -73,7 +72,7 @@ def make_splits(files: Sequence[Path], heldout: Optional[Sequence[Path]], fracti
             # written under the search file's stem, so both splits' datasets carry one name
             copy = write_items(folder / "heldout" / str(position) / f"{_stem(source)}.jsonl", held_items)
             splits.append(Split(Path(source), Path(source), copy, tuple(i.id for i in load_items(source, require=())),
-                                tuple(i.id for i in held_items), True, Path(held)))
+                                tuple(i.id for i in held_items), Path(held)))
         return splits
     if not 0 < fraction < 1:
         raise InputError(f"the held-out fraction must be between 0 and 1, got {fraction}")
@@ -83,7 +82,7 @@ def make_splits(files: Sequence[Path], heldout: Optional[Sequence[Path]], fracti
         stem = _stem(source)
         splits.append(Split(Path(source), write_items(folder / "selection" / str(position) / f"{stem}.jsonl", selection),
                             write_items(folder / "heldout" / str(position) / f"{stem}.jsonl", held),
-                            tuple(i.id for i in selection), tuple(i.id for i in held), False, None))
+                            tuple(i.id for i in selection), tuple(i.id for i in held), None))
     return splits
 
 
