@@ -9,6 +9,7 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     dare,
     della,
     fisher,
+    iso,
     karcher,
     linear,
     model_stock,
@@ -25,5 +26,6 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     slerp,
     task_arithmetic,
     ties,
+    tsv,
     weight_matching,
 )
