@@ -6,6 +6,7 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     consensus,
     continual_average,
     continual_task_arithmetic,
+    continual_ties,
     dare,
     della,
     fisher,
