@@ -86,7 +86,8 @@ def merge_bodies(method: str, base: Path, bodies: list[Path], params: dict, out:
 
     if not any(out.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
-        models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, model_params or [{}] * len(bodies))]
+        per_model = model_params or [{}] * len(bodies)
+        models = [{"model": str(b), **({"parameters": p} if p else {})} for b, p in zip(bodies, per_model)]
         recipe = {"merge_method": method, "models": models, "parameters": params, "seed": 0}
         if REGISTRY[method].base_policy == "required":  # elsewhere a base_model would be one more input
             recipe["base_model"] = str(base)
@@ -254,6 +255,12 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
     return done
 
 
+def without_items(run: dict) -> dict:
+    """A seed's results without the per-item test scores (kept in its own cache only)."""
+    merges = {m: {k: v for k, v in x.items() if k != "test_items"} for m, x in run["merges"].items()}
+    return {**run, "merges": merges}
+
+
 def write_json(path: Path, payload: dict) -> None:
     from deltawise.io.writer import write_text_atomic
 
@@ -294,7 +301,8 @@ def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
 def fmt(s: dict, scale: float = 100, signed: bool = False) -> str:
     if s["n"] < 2:
         return f"{scale * s['mean']:{'+' if signed else ''}.1f}"
-    return f"{scale * s['mean']:{'+' if signed else ''}.1f} ± {scale * s['sd']:.1f} [{scale * s['low']:+.1f}, {scale * s['high']:+.1f}]"
+    interval = f"[{scale * s['low']:+.1f}, {scale * s['high']:+.1f}]"
+    return f"{scale * s['mean']:{'+' if signed else ''}.1f} ± {scale * s['sd']:.1f} {interval}"
 
 
 def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
@@ -396,9 +404,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "benchmark": "task_merging", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "host": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads",
-        "grid": GRID, "seeds": {str(s): {k: v for k, v in r.items() if k != "merges"}
-                                | {"merges": {m: {k: v for k, v in x.items() if k != "test_items"} for m, x in r["merges"].items()}}
-                                for s, r in per_seed.items()},
+        "grid": GRID, "seeds": {str(s): without_items(r) for s, r in per_seed.items()},
         "summary": summary, "seconds": time.time() - started,
     }
     write_json(args.work / "task_merging.json", payload)
