@@ -16,11 +16,18 @@ __all__ = [
 
 
 def merge(recipe: "Recipe | dict | str | os.PathLike", out: "str | os.PathLike", **options) -> MergeResult:
-    """Merge from a Recipe, a dict in recipe form, or a recipe YAML path; write the model to ``out``."""
+    """Merge from a Recipe, a dict in recipe form, or a recipe YAML path; write the model to ``out``
+    (a PEFT LoRA adapter when the recipe has an ``adapter:`` key: ``adapter_out.run_adapter_merge``)."""
     if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     allow_pickle = options.pop("allow_pickle", False)
     plan = build_plan(recipe, allow_pickle=allow_pickle, strict=options.pop("strict", False))
+    if recipe.adapter is not None:
+        from deltawise.merge.adapter_out import AdapterSettings, run_adapter_merge
+
+        settings = AdapterSettings(recipe.adapter.rank, recipe.adapter.energy)
+        return run_adapter_merge(plan, out, settings, overwrite=options.pop("overwrite", False),
+                                 progress=options.pop("progress", None))
     return run_merge(plan, out, MergeOptions(**options))
