@@ -56,14 +56,14 @@ def merge(
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
     assert run.output is not None
-    parsed = load_recipe(recipe)
-    settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy)
     if search.requested and not dry_run:
-        if settings is not None:
+        if adapter.output_format == "adapter" or adapter.adapter_rank is not None or adapter.adapter_energy is not None:
             raise typer.BadParameter("the deprecated budget flags write a model; drop them for an adapter output")
         warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
         _run_budget(recipe, run, engine, search)
         return
+    parsed = load_recipe(recipe)
+    settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy)
     plan = build_plan(parsed, allow_pickle=engine.allow_pickle, strict=engine.strict)
     for warning in plan.warnings:
         warn(warning)
@@ -89,15 +89,17 @@ def merge(
 
 def _merge_into_adapter(plan, settings, run: RunOptions, dry_run: bool) -> None:
     """``merge --output-format adapter``: write a PEFT LoRA adapter and print how exact it is."""
+    from deltawise.architecture import architecture_for
     from deltawise.merge.adapter_inputs import adapter_inputs
-    from deltawise.merge.adapter_out import describe, run_adapter_merge
+    from deltawise.merge.adapter_out import describe, run_adapter_merge, svd_tensors
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
     assert run.output is not None
     if dry_run:
-        adapter_inputs(plan)  # raises on inputs that cannot make one adapter
+        inputs = adapter_inputs(plan)  # raises on inputs that cannot make one adapter
         check_output(plan, run.output, run.overwrite, need_bytes=0)
-        print(to_json({**dump_plan(plan), "output_format": "adapter", "adapter": vars(settings)}))
+        by_svd = svd_tensors(plan, inputs, architecture_for(inputs.base.config))
+        print(to_json({**dump_plan(plan), "output_format": "adapter", "adapter": vars(settings), "svd_tensors": by_svd}))
         return
     with bytes_progress(run.quiet) as progress:
         result = run_adapter_merge(plan, run.output, settings, overwrite=run.overwrite, progress=ProgressReporter(progress))

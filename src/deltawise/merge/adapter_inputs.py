@@ -131,7 +131,8 @@ def _recorded_base_problems(deltas: list[InputModel]) -> list[str]:
         if seen[key] != identity:
             first = next(d.ref for d in deltas if _recorded_identity(d.reader.source.base) == seen[key])
             return [f"{first} and {m.ref} are adapters of different bases ({seen[key]} and {identity}); "
-                    "adapters of different bases cannot make one adapter"]
+                    "adapters of different bases cannot make one adapter (if both are the same model under two "
+                    "names, give the adapters one base_model_name_or_path)"]
     return []
 
 

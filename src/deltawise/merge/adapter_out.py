@@ -122,7 +122,7 @@ class _Parts:
 
     lowrank: dict[str, LowRankDelta] = field(default_factory=dict)
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
-    dense_1d: dict[str, torch.Tensor] = field(default_factory=dict)  # merged deltas that are not LoRA weights
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # merged deltas that are not LoRA weights
     rows: dict[str, MatrixRow] = field(default_factory=dict)
 
 
@@ -136,8 +136,14 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
     inputs = adapter_inputs(plan)
     check_output(plan, out, overwrite, need_bytes=0)
     roles = architecture_for(inputs.base.config)
+    if settings.rank is None and settings.energy is None:
+        needs_svd = svd_tensors(plan, inputs, roles)
+        if needs_svd:  # said before any tensor is merged
+            listed = ", ".join(needs_svd[:5]) + (f" and {len(needs_svd) - 5} more" if len(needs_svd) > 5 else "")
+            raise RecipeError(f"{plan.method.name} of these inputs is not an exact sum of LoRA factors for {listed}: give "
+                              "--adapter-rank or --adapter-energy (or adapter: {rank: N} in the recipe) to write it by SVD")
     factor_dtype = _factor_dtype(plan.recipe)
-    parts, needs_rank = _Parts(), []
+    parts = _Parts()
     dense_deltas = _DenseDeltas(plan, inputs)
     total = sum(t.out.nbytes for t in plan.tensors)
     done = 0
@@ -145,7 +151,7 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
         done += t.out.nbytes
         if progress is not None:
             progress("merging into an adapter", done, total)
-        delta = _exact_lora(plan, inputs, t, settings)
+        delta = _exact_lora(plan, inputs, t, settings, roles)
         if delta is not None:
             parts.lowrank[t.name], parts.rows[t.name] = delta
             continue
@@ -154,19 +160,13 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
             continue
         norm = float(dense.double().norm())
         if roles.is_linear_weight(t.name, tuple(dense.shape)):
-            if settings.rank is None and settings.energy is None:
-                needs_rank.append(t.name)
-                continue
+            # without a rank or energy (a tensor no input changes that the method moves): full rank
             factors, error = lowrank_factors(dense, settings.rank, settings.energy)
             parts.lowrank[t.name] = LowRankDelta(factors.A.to(factor_dtype), factors.B.to(factor_dtype))
             parts.rows[t.name] = MatrixRow(t.name, "svd", factors.rank, error, norm)
         else:
-            parts.dense_1d[t.name] = dense
+            parts.dense[t.name] = dense
             parts.rows[t.name] = MatrixRow(t.name, "full", None, 0.0, norm)
-    if needs_rank:
-        listed = ", ".join(needs_rank[:5]) + (f" and {len(needs_rank) - 5} more" if len(needs_rank) > 5 else "")
-        raise RecipeError(f"{plan.method.name} of these inputs is not an exact sum of LoRA factors for {listed}: give "
-                          "--adapter-rank or --adapter-energy (or adapter: {rank: N} in the recipe) to write it by SVD")
     warnings = list(plan.warnings)
     full = _place_other_tensors(parts, inputs, roles, factor_dtype, warnings)
     if not parts.lowrank and not full:
@@ -182,16 +182,30 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
     return result
 
 
+def svd_tensors(plan: MergePlan, inputs: AdapterInputs, roles) -> list[str]:
+    """The linear weights whose merge is not a sum of the inputs' LoRA factors (from the plan: nothing is read)."""
+    names = []
+    for t in plan.merged:
+        if not roles.is_linear_weight(t.name, tuple(t.out.shape)):
+            continue
+        changed = [(m, s) for m, s in zip(plan.inputs_of(t), t.sources) if inputs.changes(m, s)]
+        if changed and (linear_coefficients(plan, t) is None or any(
+                inputs.kind(m) != "delta" or s not in m.reader.source.entries or m.reader.source.kind(s) != "lowrank"
+                for m, s in changed)):
+            names.append(t.name)
+    return names
+
+
 def _factor_dtype(recipe: Recipe) -> torch.dtype:
     """LoRA factors are stored in float32 unless the recipe asks for an output dtype."""
     given = recipe.out_dtype or recipe.dtype
     return parse_dtype(given) if given else torch.float32
 
 
-def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan,
-                settings: AdapterSettings) -> Optional[tuple[LowRankDelta, MatrixRow]]:
+def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings: AdapterSettings,
+                roles) -> Optional[tuple[LowRankDelta, MatrixRow]]:
     """The merged delta of ``t`` as concatenated LoRA factors, when the algebra allows (module docstring)."""
-    if not t.merge or len(t.out.shape) != 2:
+    if not t.merge or not roles.is_linear_weight(t.name, tuple(t.out.shape)):
         return None
     coefficients = linear_coefficients(plan, t)
     if coefficients is None:
@@ -296,7 +310,7 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles, dtype: tor
     base = inputs.base
     whole: set[str] = set()
     biased: set[str] = set()
-    for name in parts.dense_1d:
+    for name in parts.dense:
         module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         weight = f"{module}.weight"
         if leaf == "bias" and weight in base and roles.is_linear_weight(weight, tuple(base.info(weight).shape)):
@@ -311,10 +325,10 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles, dtype: tor
     for name in list(parts.lowrank):  # a module saved whole carries its weight whole too
         if name.rsplit(".", 1)[0] in whole:
             lowrank = parts.lowrank.pop(name)
-            parts.dense_1d[name] = lowrank.materialize(torch.float64 if lowrank.A.dtype == torch.float64 else torch.float32)
+            parts.dense[name] = lowrank.materialize(torch.float64 if lowrank.A.dtype == torch.float64 else torch.float32)
             parts.rows[name] = MatrixRow(name, "full", None, 0.0, parts.rows[name].norm)
     full: dict[str, torch.Tensor] = {}
-    for name, dense in parts.dense_1d.items():
+    for name, dense in parts.dense.items():
         module = name.rsplit(".", 1)[0]
         if module in whole:
             value = base.get(name)
