@@ -114,10 +114,11 @@ def test_linear_adapter_runs_in_peft_like_the_full_merge(adapters, tmp_path):
     torch.testing.assert_close(got[Q0], deltas["plain"][Q0] / 5 + 3 * deltas["rslora"][Q0] / 5, rtol=1e-5, atol=1e-6)
 
 
-def test_ties_is_written_by_svd_within_the_reported_error(adapters, tmp_path):
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_sparsifying_merges_are_written_by_svd_within_the_reported_error(adapters, tmp_path, method):
     models = {"plain": 1.0, "rslora": 1.0}
-    merge(recipe(adapters, "ties", models, density=0.5), tmp_path / "full")
-    merge(recipe(adapters, "ties", models, adapter={"rank": 3}, density=0.5), tmp_path / "ad")
+    merge(recipe(adapters, method, models, density=0.5), tmp_path / "full")
+    merge(recipe(adapters, method, models, adapter={"rank": 3}, density=0.5), tmp_path / "ad")
     report = sidecar(tmp_path / "ad")
     assert report["exactness"] == "svd" and 0 < report["total_relative_error"] < 1
     full, base = load_state(tmp_path / "full"), adapters["base_state"]
@@ -191,6 +192,28 @@ def test_a_full_model_input_needs_base_model_and_then_merges(adapters, tmp_path)
     for name in base:  # norms and embeddings saved whole, linear weights at full rank
         torch.testing.assert_close(got[name], want[name] - base[name], rtol=1e-4, atol=1e-5, msg=name)
     assert result.summary()["modules_to_save_tensors"] > 0
+
+
+def test_a_merge_that_moves_untouched_tensors_writes_them_too(adapters, tmp_path):
+    """linear with normalize: false and weights 1 + 1 (the adapter and the base) doubles the base: every
+    tensor changes, and the adapter must say so (norms and embeddings whole, linear weights at full rank)."""
+    scaled = recipe(adapters, "linear", {"plain": 1.0}, normalize=False)
+    merge(scaled, tmp_path / "full")
+    merge({**scaled, "adapter": {"energy": 1.0}}, tmp_path / "ad")
+    want, base = load_state(tmp_path / "full"), adapters["base_state"]
+    got = peft_delta(adapters, tmp_path / "ad")
+    for name in base:
+        torch.testing.assert_close(got[name], want[name] - base[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.allclose(got["model.norm.weight"], base["model.norm.weight"])  # the base, once more
+
+
+def test_full_model_writers_refuse_a_recipe_that_asks_for_an_adapter(adapters, tmp_path):
+    from deltawise.merge import build_plan, parse_recipe, run_merge
+
+    plan = build_plan(parse_recipe(recipe(adapters, "linear", {"plain": 1.0}, adapter={})))
+    with pytest.raises(RecipeError, match="adapter"):
+        run_merge(plan, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_adapters_of_different_bases_are_refused(adapters, tmp_path):
