@@ -206,9 +206,9 @@ class AdapterOutputOptions:
     """What ``merge`` writes: a full model, or a PEFT LoRA adapter of the inputs' base (docs/merging.md,
     "Adapter output"). The recipe's ``adapter:`` key says the same; the two must agree."""
 
-    output_format: Optional[str] = option(None, "model or adapter (a PEFT LoRA adapter of base_model; every input must be "
-                                                "an adapter or delta of it, or base_model itself); default: adapter when "
-                                                "the recipe has an adapter: key, else model", metavar="FORMAT")
+    output_format: Optional[str] = option(None, "model or adapter (a PEFT LoRA adapter of the inputs' one base: each input "
+                                                "an adapter or delta of it, or, with base_model, a full model); default: "
+                                                "adapter when the recipe has an adapter: key, else model", metavar="FORMAT")
     adapter_rank: Optional[int] = option(None, "adapter output: rank per matrix where the merge is not an exact sum of "
                                                "LoRA factors (SVD of the merged delta); caps the exact sums too", min=1)
     adapter_energy: Optional[float] = option(None, "adapter output: keep the fewest singular values holding this fraction "
