@@ -139,6 +139,20 @@ def test_sparsifying_merges_are_written_by_svd_within_the_reported_error(adapter
     assert changed == {r["tensor"] for r in report["tensors"]}  # every tensor the merge changes is in the adapter
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "model_stock", "karcher", "pcb"])
+def test_at_full_rank_any_tensorwise_method_gives_the_full_merge(adapters, tmp_path, method):
+    plain = recipe(adapters, method, {"plain": 1.0, "rslora": 1.0})
+    for entry in plain["models"]:
+        entry["parameters"] = {}
+    merge(plain, tmp_path / "full")
+    result = merge({**plain, "adapter": {"energy": 1.0}}, tmp_path / "ad")
+    want, base = load_state(tmp_path / "full"), adapters["base_state"]
+    got = peft_delta(adapters, tmp_path / "ad")
+    for name in base:
+        torch.testing.assert_close(got[name], want[name] - base[name], rtol=1e-4, atol=2e-6, msg=name)
+    assert result.rows and result.total_relative_error < 1e-5
+
+
 def test_dora_input_is_its_induced_dense_delta(adapters, tmp_path):
     """DoRA rescales rows of W + s·BA: not a LoRA, so the sum goes through SVD (full rank: no loss)."""
     models = {"dora": 1.0, "plain": 0.5}

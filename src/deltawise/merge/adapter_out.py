@@ -36,7 +36,7 @@ from deltawise.delta.lora_extract import lowrank_factors
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.store import base_identity
-from deltawise.errors import InputError, RecipeError
+from deltawise.errors import DeltawiseError, InputError, RecipeError
 from deltawise.io.dtypes import parse_dtype
 from deltawise.io.output import staged_output
 from deltawise.merge.adapter_inputs import AdapterInputs, adapter_inputs, linear_coefficients
@@ -158,6 +158,8 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
         dense = dense_deltas.of(t)
         if dense is None or not bool(dense.any()):
             continue
+        if not bool(torch.isfinite(dense).all()):
+            raise DeltawiseError(f"{plan.method.name} produced NaN/inf for {t.name}; check the parameters")
         norm = float(dense.double().norm())
         if roles.is_linear_weight(t.name, tuple(dense.shape)):
             # without a rank or energy (a tensor no input changes that the method moves): full rank
