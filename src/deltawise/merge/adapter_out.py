@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from deltawise.architecture import architecture_for
+from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.delta.lora_extract import lowrank_factors
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.peft_io import write_peft_adapter
@@ -184,7 +184,7 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
     return result
 
 
-def svd_tensors(plan: MergePlan, inputs: AdapterInputs, roles) -> list[str]:
+def svd_tensors(plan: MergePlan, inputs: AdapterInputs, roles: TensorRoles) -> list[str]:
     """The linear weights whose merge is not a sum of the inputs' LoRA factors (from the plan: nothing is read)."""
     names = []
     for t in plan.merged:
@@ -205,7 +205,7 @@ def _factor_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings: AdapterSettings,
-                roles) -> Optional[tuple[LowRankDelta, MatrixRow]]:
+                roles: TensorRoles) -> Optional[tuple[LowRankDelta, MatrixRow]]:
     """The merged delta of ``t`` as concatenated LoRA factors, when the algebra allows (module docstring)."""
     if not t.merge or not roles.is_linear_weight(t.name, tuple(t.out.shape)):
         return None
@@ -301,7 +301,7 @@ class _DenseDeltas:
         return merged - self.inputs.base.get(t.name).to(work)
 
 
-def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles, dtype: torch.dtype,
+def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRoles, dtype: torch.dtype,
                          warnings: list[str]) -> dict[str, torch.Tensor]:
     """Biases of LoRA modules become ``lora_B.bias``; the other changed tensors (and every changed tensor of
     their module) are saved whole, as ``base + merged delta`` in the base dtype (``modules_to_save``).
@@ -348,7 +348,7 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles, dtype: tor
     return full
 
 
-def _tied_heads(full: dict[str, torch.Tensor], inputs: AdapterInputs, roles) -> dict[str, torch.Tensor]:
+def _tied_heads(full: dict[str, torch.Tensor], inputs: AdapterInputs, roles: TensorRoles) -> dict[str, torch.Tensor]:
     """A saved input embedding of a tied base, saved under the output head's name too (as ``extract --lora`` does):
     PEFT replaces the embedding module only, which would leave the tied head at the base value."""
     heads = {}
