@@ -15,7 +15,8 @@ needs the base. KaSA and other variants whose forward is not ``B A`` are refused
 Writing (``write_peft_adapter``): each low-rank delta's scale is folded into B and every
 module gets ``lora_alpha = r`` (scale 1), with ``rank_pattern``/``alpha_pattern`` entries for
 modules whose rank differs from the most common one; target modules are listed by full name,
-so nothing else in the model is touched. A ``deltawise.json`` sidecar records the base.
+so nothing else in the model is touched; bias changes of LoRA modules go into ``lora_B.bias``
+(``lora_bias: true``). A ``deltawise.json`` sidecar records the base.
 """
 
 from __future__ import annotations
@@ -243,13 +244,12 @@ class PeftAdapter:
 def write_peft_adapter(
     folder: Path, lowrank: dict[str, LowRankDelta], full: dict[str, torch.Tensor], *,
     base_ref: Optional[str], task_type: Optional[str], sidecar: dict[str, Any],
-    bias: Optional[dict[str, torch.Tensor]] = None, extra_config: Optional[dict[str, Any]] = None,
+    bias: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into an existing (staging)
     folder. Keys of ``lowrank`` and ``full`` are base tensor names (``<module>.weight``).
     ``bias``: bias deltas of LoRA modules (``<module>.bias``), written as ``lora_B.bias`` with
-    ``lora_bias: true`` (zeros for the other LoRA modules, as PEFT then gives every one a bias);
-    ``extra_config``: further ``adapter_config.json`` entries (which must not change the forward)."""
+    ``lora_bias: true`` (zeros for the other LoRA modules, as PEFT then gives every one a bias)."""
     tensors: dict[str, torch.Tensor] = {}
     bias = bias or {}
     for name in bias:
@@ -276,7 +276,7 @@ def write_peft_adapter(
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks), "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in full}) or None,
         "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "lora_bias": bool(bias), **(extra_config or {}),
+        "init_lora_weights": True, "inference_mode": True, "lora_bias": bool(bias),
     }
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     write_json_atomic(folder / CONFIG, config)
