@@ -6,7 +6,9 @@ prefix is stripped and ``<module>.weight`` is the base tensor changed. Per modul
 matches (PEFT's own rule: ``(.*\\.)?(pattern)$``) and ``r_m`` the stored rank.
 ``lora_embedding_A/B`` (LoRA on embeddings) and ``fan_in_fan_out`` layers give ``(B A)ᵀ``.
 Any other stored tensor (``modules_to_save`` copies, trained biases) replaces the base value,
-so its delta is ``value − base``. DoRA and other non-additive variants are refused.
+so its delta is ``value − base``; one the base lacks (the new ``score``/``classifier`` head PEFT
+saves for a ``SEQ_CLS`` task) is a ``full`` entry, added to the model as stored, as the heads our
+own methods train. DoRA and other non-additive variants are refused.
 
 Writing (``write_peft_adapter``): each low-rank delta's scale is folded into B and every
 module gets ``lora_alpha = r`` (scale 1), with ``rank_pattern``/``alpha_pattern`` entries for
@@ -151,7 +153,16 @@ class PeftAdapter:
         return list(self.entries)
 
     def kind(self, name: str) -> str:
-        return {"lora": "lowrank", "fourier": "spectral", "full": "dense"}[self.entries[name].how]
+        how = self.entries[name].how
+        if how == "full" and not self._base_has(name):
+            return "full"  # a new value with no base tensor to subtract: a new classification head, added as stored
+        return {"lora": "lowrank", "fourier": "spectral", "full": "dense"}[how]
+
+    def _base_has(self, name: str) -> bool:
+        """Whether the base stores ``name`` (itself, or as the embedding its tied output head is); unknown
+        without a base reader, where a stored value can only replace the model's tensor (``FullDelta``)."""
+        reader = self.base_reader
+        return reader is not None and (name in reader or architecture_for(reader.config).tied_alias(name, reader) is not None)
 
     def base_dtype(self, name: str) -> torch.dtype:
         if self.base_reader is not None and name in self.base_reader:
@@ -177,6 +188,8 @@ class PeftAdapter:
             return LowRankDelta(A, B, entry.scale, entry.transpose)
         if entry.how == "fourier":
             return self._fourier(name, entry)
+        if not self._base_has(name):  # a new head (modules_to_save on a SEQ_CLS model), or no base at hand
+            return FullDelta(self.reader.get(entry.keys[0]))
         reader, base_name = self._need_base(name, "it stores a full replacement value")
         base = reader.get(base_name)
         value = self.reader.get(entry.keys[0])
