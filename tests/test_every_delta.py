@@ -143,3 +143,24 @@ def test_analyze_weights_base_option_and_foreign_base_warning(sorsa_delta, tmp_p
     for g, w in zip(got["tensors"], want["tensors"]):
         assert g["deltas"][0]["norm"] == pytest.approx(w["deltas"][0]["norm"], rel=1e-4, abs=1e-7), g["name"]
     assert any("differ from the analysed base" in w for w in got["settings"]["warnings"])
+
+
+def test_fisher_and_soup_take_a_delta_folder(sorsa_delta, tmp_path):
+    """Both read the model's tensors by name beside running it; they opened a delta folder as a checkpoint
+    ("no safetensors"). Now the statistics of the delta are the applied model's, and a soup takes it as an ingredient."""
+    from safetensors.torch import load_file
+
+    stats = {}
+    for name in ("delta", "applied"):
+        out = tmp_path / f"{name}.safetensors"
+        r = CliRunner().invoke(app, ["fisher", str(sorsa_delta[name]), "--data", str(sorsa_delta["data"]), "-o", str(out),
+                                     "-q", "--max-examples", "3"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        stats[name] = load_file(out)
+    assert stats["delta"].keys() == stats["applied"].keys() and stats["delta"]
+    for key, value in stats["delta"].items():
+        assert value.allclose(stats["applied"][key], rtol=1e-4, atol=1e-12), key
+    r = CliRunner().invoke(app, ["soup", str(sorsa_delta["delta"]), str(sorsa_delta["model"]), "--data",
+                                 str(sorsa_delta["data"]), "-o", str(tmp_path / "soup"), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert (tmp_path / "soup" / "soup.json").is_file()
