@@ -164,3 +164,22 @@ def test_fisher_and_soup_take_a_delta_folder(sorsa_delta, tmp_path):
                                  str(sorsa_delta["data"]), "-o", str(tmp_path / "soup"), "-q"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert (tmp_path / "soup" / "soup.json").is_file()
+
+
+def test_report_takes_a_train_output_folder(sorsa_delta, tmp_path):
+    """A delta folder given to report adds its training run (from train's record and log); before, every JSON in
+    it was skipped and a report of the folder alone failed with "no deltawise results"."""
+    import re
+
+    delta = sorsa_delta["delta"]
+    r = CliRunner().invoke(app, ["report", str(delta), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "skipped" not in r.output
+    html = (tmp_path / "r.html").read_text()
+    row = re.search(r'<table id="table-training">.*?<tbody><tr>(.*?)</tr>', html).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    log = json.loads((delta / "training_log.json").read_text())
+    record = json.loads((delta / "deltawise_train.json").read_text())
+    assert cells[:3] == ["delta", "sorsa", "delta"] and cells[5] == str(record["steps"]) == "3"
+    assert cells[6].startswith(f"{record['trainable_params']:,} (")
+    assert cells[8] == f"{log[0]['loss']:.4g}" and cells[9] == f"{log[-1]['loss']:.4g}"
