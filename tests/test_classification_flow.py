@@ -147,3 +147,11 @@ def test_heads_for_different_labels_are_not_merged(classifiers, tmp_path):
     r = CliRunner().invoke(app, ["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"])
     assert r.exit_code != 0 and "different labels" in str(r.exception) + r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_string_labels_on_a_model_without_label_names_say_where_the_names_are(classifiers, tmp_path):
+    r = CliRunner().invoke(app, ["eval", str(classifiers["model"]), "--target", str(classifiers["cls"]),
+                                 "-o", str(tmp_path / "b.json"), "-q"])
+    message = str(r.exception)
+    assert r.exit_code == 1 and "'neg' is not one of the model's labels ['LABEL_0', 'LABEL_1']" in message
+    assert "the folder train wrote" in message and not (tmp_path / "b.json").exists()
