@@ -105,10 +105,81 @@ def test_classification_delta_evaluates_with_its_string_labels(tiny_lm, tmp_path
     assert loaded.model.config.num_labels == 2
 
 
-def test_analyze_weights_names_a_delta_and_how_to_make_it_a_model(sorsa_delta, tmp_path):
-    """It used to report every tensor the delta does not store as missing (25 on SmolLM2)."""
-    r = CliRunner().invoke(app, ["analyze", "weights", str(sorsa_delta["model"]), str(sorsa_delta["delta"]),
-                                 "-o", str(tmp_path / "w.json"), "-q"])
-    assert r.exit_code == 1 and not (tmp_path / "w.json").exists()
-    message = str(r.exception)
-    assert str(sorsa_delta["delta"]) in message and "deltawise apply" in message and "missing" not in message
+def _weights(tmp_path, name: str, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    r = CliRunner().invoke(app, ["analyze", "weights", *args, "-o", str(out), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return json.loads(out.read_text())
+
+
+def test_analyze_weights_takes_a_delta_folder_as_the_applied_model(sorsa_delta, tmp_path):
+    """It used to report every tensor the delta does not store as missing (25 on SmolLM2), then to refuse it.
+    Read as base + delta, every per-tensor delta norm and intruder count is the applied model's."""
+    base, delta, applied = (str(sorsa_delta[k]) for k in ("model", "delta", "applied"))
+    on_delta = _weights(tmp_path, "d", base, delta, applied)
+    want = _weights(tmp_path, "a", base, applied, applied)
+    assert [t["name"] for t in on_delta["tensors"]] == [t["name"] for t in want["tensors"]]
+    changed = 0
+    for got, ref in zip(on_delta["tensors"], want["tensors"]):
+        (d, a1), (r, r1) = got["deltas"], ref["deltas"]
+        assert d["norm"] == pytest.approx(r["norm"], rel=1e-5, abs=1e-7), got["name"]
+        assert a1["norm"] == pytest.approx(r1["norm"], rel=1e-5, abs=1e-7)
+        assert [i["count"] for i in got.get("intruders") or []] == [i["count"] for i in ref.get("intruders") or []]
+        changed += d["norm"] > 0
+    assert changed == 4  # q_proj and v_proj of two layers: what sorsa trained, and nothing else
+    # the delta against itself (applied): no conflicts, as between two copies of one fine-tune
+    assert on_delta["summary"]["sign_conflict_rate"] == 0
+    assert on_delta["models"][0]["fingerprint"] == model_fingerprint(sorsa_delta["delta"])
+    assert on_delta["settings"]["warnings"] == []
+
+
+def test_analyze_weights_base_option_and_foreign_base_warning(sorsa_delta, tmp_path):
+    """``--base`` adds the delta to another model: on the applied model the delta counts twice, and
+    against BASE that is reported, since its delta then holds the two bases' difference."""
+    base, delta, applied = (str(sorsa_delta[k]) for k in ("model", "delta", "applied"))
+    apply_delta(delta, base, tmp_path / "twice", scale=2.0)
+    got = _weights(tmp_path, "g", base, delta, "--base", applied)
+    want = _weights(tmp_path, "w", base, str(tmp_path / "twice"))
+    for g, w in zip(got["tensors"], want["tensors"]):
+        assert g["deltas"][0]["norm"] == pytest.approx(w["deltas"][0]["norm"], rel=1e-4, abs=1e-7), g["name"]
+    assert any("differ from the analysed base" in w for w in got["settings"]["warnings"])
+
+
+def test_fisher_and_soup_take_a_delta_folder(sorsa_delta, tmp_path):
+    """Both read the model's tensors by name beside running it; they opened a delta folder as a checkpoint
+    ("no safetensors"). Now the statistics of the delta are the applied model's, and a soup takes it as an ingredient."""
+    from safetensors.torch import load_file
+
+    stats = {}
+    for name in ("delta", "applied"):
+        out = tmp_path / f"{name}.safetensors"
+        r = CliRunner().invoke(app, ["fisher", str(sorsa_delta[name]), "--data", str(sorsa_delta["data"]), "-o", str(out),
+                                     "-q", "--max-examples", "3"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        stats[name] = load_file(out)
+    assert stats["delta"].keys() == stats["applied"].keys() and stats["delta"]
+    for key, value in stats["delta"].items():
+        assert value.allclose(stats["applied"][key], rtol=1e-4, atol=1e-12), key
+    r = CliRunner().invoke(app, ["soup", str(sorsa_delta["delta"]), str(sorsa_delta["model"]), "--data",
+                                 str(sorsa_delta["data"]), "-o", str(tmp_path / "soup"), "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert (tmp_path / "soup" / "soup.json").is_file()
+
+
+def test_report_takes_a_train_output_folder(sorsa_delta, tmp_path):
+    """A delta folder given to report adds its training run (from train's record and log); before, every JSON in
+    it was skipped and a report of the folder alone failed with "no deltawise results"."""
+    import re
+
+    delta = sorsa_delta["delta"]
+    r = CliRunner().invoke(app, ["report", str(delta), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "skipped" not in r.output
+    html = (tmp_path / "r.html").read_text()
+    row = re.search(r'<table id="table-training">.*?<tbody><tr>(.*?)</tr>', html).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    log = json.loads((delta / "training_log.json").read_text())
+    record = json.loads((delta / "deltawise_train.json").read_text())
+    assert cells[:3] == ["delta", "sorsa", "delta"] and cells[5] == str(record["steps"]) == "3"
+    assert cells[6].startswith(f"{record['trainable_params']:,} (")
+    assert cells[8] == f"{log[0]['loss']:.4g}" and cells[9] == f"{log[-1]['loss']:.4g}"

@@ -1,7 +1,8 @@
 """``deltawise analyze weights``: one streaming pass over the tensors of a base and its fine-tunes.
 
 Only one tensor per model is in memory at a time (read through ModelReader), so models larger
-than memory can be analysed.
+than memory can be analysed. A delta or PEFT adapter folder reads as its base plus the delta
+(``delta.reader.open_model``, as in merge), so a train output is analysed without ``apply``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from deltawise.analyze.results import (
 )
 from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.errors import InputError
+from deltawise.delta.reader import DeltaReader, open_model
 from deltawise.io.reader import ModelReader
-from deltawise.io.resolve import resolve_model
 
 
 @dataclass
@@ -34,10 +35,36 @@ class WeightsOptions:
     # "fast": Gram eigendecompositions, top k only for the fine-tunes; "exact": full float64 SVDs (the reference)
     intruder_method: Method = "fast"
     progress: Callable[[int, int], None] | None = None
+    delta_base: str | None = None  # the base of a delta or adapter folder given as a model (default: the one it records)
 
 
-def _open(ref: str) -> ModelReader:
-    return ModelReader(resolve_model(ref), label=ref)
+def _open(ref: str, delta_base: str | None = None) -> ModelReader:
+    """A checkpoint, or a delta or adapter folder read as its base plus the delta (``delta_base``, else the
+    base it records): the one reader of "a model, or base + delta" that merge and eval use too."""
+    return open_model(ref, base_ref=delta_base, label=ref)
+
+
+def _fine_tuned(model: ModelReader, name: str, w0: torch.Tensor, exact: bool) -> torch.Tensor:
+    """``name`` of a fine-tuned model; for a delta on the analysed base (``exact``) ``w0 + delta`` in float32
+    from the delta's own form, so a bfloat16 base does not round the delta's low bits away."""
+    if exact and isinstance(model, DeltaReader):
+        delta = model.delta_rows(name, 0, w0.shape[0] if w0.dim() else 1)
+        if delta is not None:
+            return w0.float() + delta.float()
+    return model.get(name)
+
+
+def _on_base(model: ModelReader, base: ModelReader, label: str, warnings: list[str]) -> bool:
+    """Whether the delta ``model`` is added to the analysed base itself; warns when it is added to another model,
+    whose difference from the base then counts in the delta analysed."""
+    if not isinstance(model, DeltaReader):
+        return False
+    warnings.extend(model.warnings)
+    if model.base.fingerprint() == base.fingerprint():
+        return True
+    warnings.append(f"{label}: a delta on {model.base.label}, whose weights differ from the analysed base "
+                    f"{base.label}: its delta here also holds the difference of the two bases (give --base)")
+    return False
 
 
 def _ref(reader: ModelReader, ref: str) -> ModelRef:
@@ -112,15 +139,19 @@ def analyze_weights(base_ref: str, model_refs: list[str], options: WeightsOption
         raise InputError("give at least one fine-tuned model to compare with the base")
     if opts.k < 1 or not 0 < opts.eps <= 1:
         raise InputError(f"need k >= 1 and 0 < eps <= 1 (got k={opts.k}, eps={opts.eps})")
-    base = _open(base_ref)
-    models = [_open(r) for r in model_refs]
+    base = _open(base_ref, opts.delta_base)
+    models = [_open(r, opts.delta_base) for r in model_refs]
     try:
         names = _analysed_names(base, models)
         labels = _unique([Path(r).name or r for r in model_refs])
+        warnings: list[str] = []
+        exact = [_on_base(m, base, r, warnings) for m, r in zip(models, model_refs)]
         tensors = []
         roles = architecture_for(base.config)
         for i, name in enumerate(names):
-            tensors.append(_tensor(name, base.get(name), [m.get(name) for m in models], labels, opts, roles))
+            w0 = base.get(name)
+            fts = [_fine_tuned(m, name, w0, e) for m, e in zip(models, exact)]
+            tensors.append(_tensor(name, w0, fts, labels, opts, roles))
             if opts.progress:
                 opts.progress(i + 1, len(names))
         refs = [_ref(m, r) for m, r in zip(models, model_refs)]
@@ -128,7 +159,8 @@ def analyze_weights(base_ref: str, model_refs: list[str], options: WeightsOption
             ref.name = lab
         return WeightsAnalysis(
             base=_ref(base, base_ref), models=refs, tensors=tensors, summary=_summary(tensors, labels),
-            settings={"k": opts.k, "eps": opts.eps, "side": opts.side, "tall_lambda": opts.tall_lambda},
+            settings={"k": opts.k, "eps": opts.eps, "side": opts.side, "tall_lambda": opts.tall_lambda,
+                      **({"delta_base": opts.delta_base} if opts.delta_base else {}), "warnings": warnings},
         )
     finally:
         for r in [base, *models]:

@@ -23,8 +23,11 @@ TALL_LAMBDA_DEFAULT = 0.4
                                                                 "quiet": {"help": "no progress bars"}})
 def weights(
     base: str = typer.Argument(..., help="base (pre-trained) model folder"),
-    models: list[str] = typer.Argument(..., help="fine-tuned model folders (two or more add sign conflicts and mask overlaps)"),
+    models: list[str] = typer.Argument(..., help="fine-tuned models, or delta or PEFT adapter folders (two or more add sign "
+                                                 "conflicts and mask overlaps)"),
     run: RunOptions = ...,
+    delta_base: Optional[str] = typer.Option(None, "--base", help="the base of a delta or adapter folder given as a model "
+                                                                  "(default: the base it records)"),
     k: int = typer.Option(10, min=1, help="top singular vectors of each fine-tuned matrix searched for intruders"),
     eps: float = typer.Option(0.5, min=0.0, max=1.0, help="intruder threshold on max |cos| with the base's singular vectors"),
     side: str = typer.Option("left", help="singular vectors compared: left (U) or right (V)"),
@@ -38,10 +41,10 @@ def weights(
     from deltawise.io.output import check_output_file
 
     assert run.output is not None
-    check_output_file(run.output, [("base", Path(base)), *[("model", Path(m)) for m in models]])
+    check_output_file(run.output, [("base", Path(base)), *[("model", Path(m)) for m in models],
+                                   ("delta base", Path(delta_base) if delta_base else None)])
     if side not in ("left", "right"):
         raise typer.BadParameter("--side must be left or right")
-    refuse_deltas(base, models)
     if tall_lambda is not None:
         if lam != TALL_LAMBDA_DEFAULT:
             raise InputError("--lam and its old spelling --tall-lambda are both given")
@@ -49,9 +52,11 @@ def weights(
         lam = tall_lambda
     with steps_progress(run.quiet) as progress:
         opts = WeightsOptions(k=k, eps=eps, side=side, tall_lambda=lam, intruders=not no_intruders,  # type: ignore[arg-type]
-                              progress=stage_factory(progress)("tensors"))
+                              progress=stage_factory(progress)("tensors"), delta_base=delta_base)
         result = analyze_weights(base, models, opts)
     result.save(run.output)
+    for message in result.settings.get("warnings") or []:
+        warn(str(message))
     for m in result.summary.models:
         out.print(f"{escape(m.model)}: |delta| = {m.delta_norm:.4g} (relative {m.relative or 0:.3g}), "
                   f"{m.intruders} intruder dimension(s) in {m.matrices} matrices", highlight=False)
@@ -60,17 +65,6 @@ def weights(
         out.print(f"sign conflicts: {summary.sign_conflict_rate:.3%} of entries; selfish {summary.selfish_rate:.3%}, "
                   f"catastrophic {summary.catastrophic_rate:.3%}", highlight=False)
     out.print(f"wrote {escape(str(run.output))}", highlight=False)
-
-
-def refuse_deltas(base: str, models: list[str]) -> None:
-    """``analyze weights`` reads full checkpoints; name a delta or adapter folder and the way to make it one,
-    rather than report every tensor it does not store as missing."""
-    from deltawise.eval.models import is_delta_ref
-
-    deltas = [ref for ref in [base, *models] if is_delta_ref(ref)]
-    if deltas:
-        raise InputError(f"{', '.join(repr(d) for d in deltas)}: a delta or adapter folder; analyze weights compares full "
-                         f"models, so write it as one first: deltawise apply DELTA --base {base} -o FOLDER")
 
 
 @options("load", LoadOptions)

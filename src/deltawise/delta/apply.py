@@ -2,7 +2,8 @@
 
 Streams tensor by tensor in row chunks through a ``DeltaReader`` (bounded memory: one tensor's
 dense delta plus a chunk), writes sharded safetensors through the same atomic writer as merge,
-and copies config/tokenizer files from BASE. ``scale = -1`` removes a delta (task negation).
+and copies config/tokenizer files from BASE (the config with the labels of a classification head the delta
+adds: ``delta/labels.py``). ``scale = -1`` removes a delta (task negation).
 A TALL folder needs ``task``. With ``original_base`` (the model the delta was extracted from)
 the per-tensor drift between it and BASE is reported (see ``transfer.py``).
 Every chunk is screened for NaN/inf as merge screens its output: the error names the tensor and
@@ -20,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from deltawise.architecture import architecture_for
+from deltawise.delta.labels import added_head_rows, head_labels, with_labels
 from deltawise.delta.reader import DeltaReader
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.source import open_delta
@@ -78,6 +81,9 @@ def apply_delta(
         if len(shard_plan.shards) > 1:
             write_json_atomic(staging / "model.safetensors.index.json", shard_plan.index())
         copy_present(base_reader.folder, staging, ("config.json", *TOKENIZER_FILES, *OTHER_FILES))
+        head_rows = added_head_rows(reader.added, architecture_for(base_reader.config))
+        if head_rows is not None and base_reader.config is not None:  # a classifier: its labels, as eval reads them
+            write_json_atomic(staging / "config.json", with_labels(base_reader.config, head_labels(source.folder, head_rows)))
         manifest = {
             "delta": {"ref": delta, "fingerprint": source.fingerprint(), "method": source.header.get("method"), "task": task},
             "base": {"ref": base, "fingerprint": base_reader.fingerprint()},

@@ -6,7 +6,9 @@ prefix is stripped and ``<module>.weight`` is the base tensor changed. Per modul
 matches (PEFT's own rule: ``(.*\\.)?(pattern)$``) and ``r_m`` the stored rank.
 ``lora_embedding_A/B`` (LoRA on embeddings) and ``fan_in_fan_out`` layers give ``(B A)ᵀ``.
 Any other stored tensor (``modules_to_save`` copies, trained biases, an embedding's saved
-``base_layer``) replaces the base value, so its delta is ``value − base``.
+``base_layer``) replaces the base value, so its delta is ``value − base``; one the base lacks (the
+new ``score``/``classifier`` head PEFT saves for a ``SEQ_CLS`` task) is a ``full`` entry, added to
+the model as stored, as the heads our own methods train.
 ``lora_bias: true`` (``lora_B.bias``) changes ``<module>.bias`` by ``scale · bias``. DoRA
 (``use_dora``) is read as the dense delta it induces on the base weight ``W`` (PEFT's merge,
 row norms of the ``(out, in)`` weight): ``ΔW = m / ‖W + s·B A‖_row · (W + s·B A) − W``, so it
@@ -172,8 +174,16 @@ class PeftAdapter:
         return list(self.entries)
 
     def kind(self, name: str) -> str:
-        return {"lora": "lowrank", "lora_bias": "dense", "dora": "dense", "fourier": "spectral",
-                "full": "dense"}[self.entries[name].how]
+        how = self.entries[name].how
+        if how == "full" and not self._base_has(name):
+            return "full"  # a new value with no base tensor to subtract: a new classification head, added as stored
+        return {"lora": "lowrank", "lora_bias": "dense", "dora": "dense", "fourier": "spectral", "full": "dense"}[how]
+
+    def _base_has(self, name: str) -> bool:
+        """Whether the base stores ``name`` (itself, or as the embedding its tied output head is); unknown
+        without a base reader, where a stored value can only replace the model's tensor (``FullDelta``)."""
+        reader = self.base_reader
+        return reader is not None and (name in reader or architecture_for(reader.config).tied_alias(name, reader) is not None)
 
     def base_dtype(self, name: str) -> torch.dtype:
         if self.base_reader is not None and name in self.base_reader:
@@ -204,6 +214,8 @@ class PeftAdapter:
             return DenseDelta(entry.scale * bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32))
         if entry.how == "dora":
             return self._dora(name, entry)
+        if not self._base_has(name):  # a new head (modules_to_save on a SEQ_CLS model), or no base at hand
+            return FullDelta(self.reader.get(entry.keys[0]))
         reader, base_name = self._need_base(name, "it stores a full replacement value")
         base = reader.get(base_name)
         value = self.reader.get(entry.keys[0])

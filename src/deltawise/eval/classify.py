@@ -32,7 +32,10 @@ def label_index(lm: LoadedModel, item: Item) -> int:
     if isinstance(label, str):
         label2id = lm.model.config.label2id or {}
         if label not in label2id:
-            raise InputError(f"{item.where}: label {label!r} is not one of the model's labels {sorted(label2id)}")
+            unnamed = all(name == f"LABEL_{i}" for name, i in label2id.items())
+            hint = ("; the model's config names no labels: evaluate the folder train wrote (it records label2id) or "
+                    "the model apply or merge made from it, which carries the names") if unnamed else ""
+            raise InputError(f"{item.where}: label {label!r} is not one of the model's labels {sorted(label2id)}{hint}")
         label = int(label2id[label])
     if not 0 <= label < n:
         raise InputError(f"{item.where}: label {label} outside the model's {n} classes")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from deltawise.delta.labels import trained_labels
 from deltawise.errors import InputError
 from deltawise.io.resolve import resolve_model
 
@@ -180,12 +181,3 @@ def load_base_plus_delta(delta: Path, head: str = "causal_lm", *, dtype: str = "
             tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(delta, loaded.model, tokenizer, fingerprint, warnings)
 
-
-def trained_labels(folder: Path) -> dict[str, int]:
-    """The ``label2id`` that ``train`` recorded in ``deltawise_train.json`` beside a classification delta ({} if none)."""
-    try:
-        record = json.loads((Path(folder) / "deltawise_train.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    labels = record.get("label2id") if isinstance(record, dict) else None
-    return {str(k): int(v) for k, v in labels.items()} if isinstance(labels, dict) else {}

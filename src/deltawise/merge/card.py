@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from deltawise.errors import InputError
 from deltawise.io.dtypes import dtype_name, parse_dtype
+from deltawise.delta.labels import with_labels
 from deltawise.io.files import OTHER_FILES, TOKENIZER_FILES, copy_present
 from deltawise.io.resolve import resolve_model
 
@@ -48,6 +49,8 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
             configs = {m.ref: m.config or {} for m in plan.inputs}
             config["layer_types"] = [configs[ref].get("layer_types", config["layer_types"])[layer]
                                      for ref, layer in plan.layout.layer_origins]
+    if plan.labels:  # a classification head the inputs added (merge/heads.py): its labels, as eval reads them
+        config = with_labels(config, plan.labels)
     wanted = plan.recipe.out_dtype or plan.recipe.dtype
     if wanted:
         name = dtype_name(parse_dtype(wanted))

@@ -10,6 +10,8 @@ Rules (documented in docs/merging.md):
   order (layer 2 before layer 10). A ``slices:``/``modules:`` recipe lists its layers itself
   (``deltawise.merge.slices``); each tensor then names the models it combines (``TensorPlan.inputs``).
 - Integer/bool tensors and tensors matching ``exclude`` are copied from that template model.
+- A classification head the inputs add to a base without one is copied, or averaged over the
+  inputs that have it (``deltawise.merge.heads``), and its labels go into the output's config.
 - Tied embeddings: a model without its output head (``lm_head.weight``) whose config ties word
   embeddings contributes its input embedding in its place. If the template itself is tied, the
   output stays tied and other models' separate output head is ignored (with a warning). Which
@@ -40,6 +42,7 @@ from deltawise.io.resolve import looks_local
 from deltawise.io.writer import OutputTensor
 import deltawise.merge.methods  # noqa: F401  (importing the package registers every method)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
+from deltawise.merge.heads import added_heads
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
 from deltawise.merge.sources import find_source, tensor_source
@@ -91,6 +94,7 @@ class MergePlan:
     warnings: list[str]
     side_inputs: list[SideInput] = field(default_factory=list)  # statistics files (Fisher, Gram)
     layout: Optional[SliceLayout] = None  # a sliced recipe's layer stack (the output's layer count)
+    labels: Optional[dict[str, int]] = None  # label2id of a classification head the inputs add (merge/heads.py)
 
     def inputs_of(self, t: TensorPlan) -> list[InputModel]:
         return self.inputs if t.inputs is None else t.inputs
@@ -243,8 +247,15 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
             continue
         tensors.append(plan)
 
+    heads, labels = added_heads(template, inputs, problems, warnings)
+    for head in heads:  # copied from the one input that has it, or the mean of several (merge/heads.py)
+        dtype = out_dtype if out_dtype is not None else head.info.dtype
+        source = head.source if isinstance(head.source, InputModel) else InputModel(head.source_ref, head.source)
+        tensors.append(TensorPlan(head.name, OutputTensor(head.name, head.info.shape, dtype), merge=False,
+                                  sources=[head.name], inputs=[source]))
     _note_tied_extras(template, inputs, warnings)
-    return _finish(MergePlan(recipe, method, base, inputs, template, tensors, warnings), problems, strict)
+    return _finish(MergePlan(recipe, method, base, inputs, template, tensors, warnings, labels=labels), problems,
+                   strict)
 
 
 def _finish(result: MergePlan, problems: list[str], strict: bool) -> MergePlan:

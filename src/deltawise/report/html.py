@@ -9,6 +9,7 @@ from pathlib import Path
 from deltawise.io.writer import write_text_atomic
 from deltawise.report import figures, tables
 from deltawise.report.runs import Runs, load_runs
+from deltawise.report.training import TRAINING_HEADER, training_rows
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -32,7 +33,10 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
     parts = [f"<h1>{escape(title)}</h1>",
              f"<p>Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
              f"{len(runs.evals)} evaluation(s), {len(runs.weights)} weight analysis(es), "
-             f"{len(runs.interpolations)} interpolation curve(s).</p>"]
+             f"{len(runs.interpolations)} interpolation curve(s)"
+             + (f", {len(runs.trainings)} training run(s)" if runs.trainings else "") + ".</p>"]
+    if runs.trainings:
+        parts += ["<h2>Training runs</h2>", tables.table("table-training", TRAINING_HEADER, training_rows(runs.trainings))]
     parts += ["<h2>Forgetting</h2>",
               figure("fig-tradeoff", figures.tradeoff(runs.evals),
                      "Each run's source retention against its target gain, both relative to its baseline. "

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from deltawise.analyze.results import Interpolation, WeightsAnalysis
 from deltawise.errors import InputError
 from deltawise.eval.results import EvalResult
+from deltawise.report.training import TrainingRun, is_training_run, load_training_run
 
 KINDS = {"eval": EvalResult, "weights": WeightsAnalysis, "interpolation": Interpolation}
 
@@ -20,16 +21,19 @@ class Runs:
     evals: list[tuple[str, EvalResult]] = field(default_factory=list)  # (label, result)
     weights: list[tuple[str, WeightsAnalysis]] = field(default_factory=list)
     interpolations: list[tuple[str, Interpolation]] = field(default_factory=list)
+    trainings: list[tuple[str, TrainingRun]] = field(default_factory=list)  # train outputs (report/training.py)
     skipped: list[str] = field(default_factory=list)  # JSON files that are not deltawise results
 
     def empty(self) -> bool:
-        return not (self.evals or self.weights or self.interpolations)
+        return not (self.evals or self.weights or self.interpolations or self.trainings)
 
 
-def _files(paths: list[Path]) -> list[tuple[str, Path]]:
+def _files(paths: list[Path], runs: Runs) -> list[tuple[str, Path]]:
     found = []
     for p in paths:
-        if p.is_dir():
+        if is_training_run(p):  # an adapter, delta or model that train wrote: its record, not its configs
+            runs.trainings.append((p.name, load_training_run(p)))
+        elif p.is_dir():
             found += [(f"{p.name}/{f.relative_to(p).with_suffix('')}", f) for f in sorted(p.rglob("*.json"))]
         elif p.is_file():
             found.append((p.stem, p))
@@ -40,7 +44,7 @@ def _files(paths: list[Path]) -> list[tuple[str, Path]]:
 
 def load_runs(paths: list[Path]) -> Runs:
     runs = Runs()
-    for label, f in _files(paths):
+    for label, f in _files(paths, runs):
         try:
             data = json.loads(f.read_text())
         except ValueError:
@@ -57,5 +61,5 @@ def load_runs(paths: list[Path]) -> Runs:
                              f"({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']})") from None
         {"eval": runs.evals, "weights": runs.weights, "interpolation": runs.interpolations}[kind].append((label, parsed))
     if runs.empty():
-        raise InputError(f"no deltawise results (eval/analyze JSON) found in {[str(p) for p in paths]}")
+        raise InputError(f"no deltawise results (eval/analyze JSON or train outputs) found in {[str(p) for p in paths]}")
     return runs

@@ -37,7 +37,7 @@ from deltawise.search.scoring import resolve_metric, score_model
 from deltawise.errors import InputError
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder
-from deltawise.io.reader import ModelReader
+from deltawise.delta.reader import open_model
 from deltawise.io.resolve import resolve_model
 from deltawise.options import IntervalOptions
 
@@ -88,7 +88,7 @@ class Composer:
     """Holds theta0, the stacked task vectors of each block and Lambda; composes the parameters."""
 
     def __init__(self, lm: LoadedModel, models: list[str]):
-        base_reader = ModelReader(lm.path)
+        base_reader = open_model(str(lm.path))
         try:
             self.names = checkpoint_names(lm.model, base_reader)  # parameter name -> checkpoint name
         finally:
@@ -98,7 +98,7 @@ class Composer:
         self.theta0 = {n: params[n].detach().float().clone() for n in self.blocks}
         taus: dict[str, list[torch.Tensor]] = {n: [] for n in self.blocks}
         for ref in models:
-            reader = ModelReader(resolve_model(ref))
+            reader = open_model(ref)  # a model, or a delta or adapter folder on its base
             try:
                 for n in self.blocks:
                     ckpt = self.names[n]

@@ -31,7 +31,7 @@ from deltawise.search.scoring import Score, resolve_metric, score_model
 from deltawise.errors import InputError
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.io.output import check_output_folder
-from deltawise.io.reader import ModelReader
+from deltawise.delta.reader import open_model
 from deltawise.io.resolve import resolve_model
 from deltawise.options import IntervalOptions, SplitOptions
 from deltawise.search.splits import make_splits
@@ -111,7 +111,7 @@ class _Vessel:
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
-        reader = ModelReader(lm.path)
+        reader = open_model(str(lm.path))
         try:
             self.names = checkpoint_names(lm.model, reader)
         finally:
@@ -119,7 +119,7 @@ class _Vessel:
         self.params = dict(lm.model.named_parameters())
 
     def load(self, ref: str) -> State:
-        reader = ModelReader(resolve_model(ref))
+        reader = open_model(ref)  # a model, or a delta or adapter folder on its base
         try:
             missing = [c for c in self.names.values() if c not in reader]
             if missing:

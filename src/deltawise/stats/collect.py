@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 from deltawise.data.tasks import TaskData, encode, head_for, load_data
 from deltawise.stats.statsfile import check_stats_output, save_stats
 from deltawise.eval.models import LoadedModel, load_model
+from deltawise.delta.reader import open_model
 from deltawise.io.reader import ModelReader
 
 Progress = Callable[[int, int], None]
@@ -48,7 +49,7 @@ def start(model: str, data: Path, out: Path, options: CollectOptions, *, need_la
     lm = load_model(model, head_for(task_data.task), device=options.device, trust_remote_code=options.trust_remote_code)
     check_stats_output(out, [lm.path], options.overwrite)
     rows = encode(lm, task_data, options.max_length)
-    return CollectRun(lm, task_data, rows, ModelReader(lm.path))
+    return CollectRun(lm, task_data, rows, open_model(str(lm.path)))
 
 
 def finish(run: CollectRun, out: Path, tensors: dict, metadata: dict[str, Any]) -> float:
