@@ -233,6 +233,27 @@ class BudgetSearchOptions:
         return bool(self.retain or self.target or self.search_param)
 
 
+@dataclass
+class RepairSearchOptions:
+    """The edits ``deltawise repair`` tries on a delta (search/repair.py): comma-separated values in [0, 1]."""
+
+    scales: str = option("0.25,0.5,0.75,1", "global scales of the delta to try")
+    intruder_levels: str = option("0.5,1", "how much of the delta's component along intruder dimensions to remove (1: all)")
+    group_scales: str = option("0,0.5,1", "factors to try per tensor group (embeddings, attention/MLP of early/late layers, "
+                               "other)")
+    rounds: int = option(1, "passes of the coordinate search over all edits", min=1)
+    intruder_k: int = option(10, "top singular vectors of each fine-tuned matrix checked for intruders", min=1)
+    intruder_eps: float = option(0.5, "a singular vector is an intruder when its largest |cos| with the base's is below this",
+                                 min=0.0, max=1.0)
+
+    @staticmethod
+    def values(text: str, flag: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"{flag} takes comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
+
+
 def scalar(text: str) -> Any:
     """A YAML scalar: 0.5 -> float, 3 -> int, true -> bool, anything else stays a string."""
     try:
