@@ -254,6 +254,21 @@ class RepairSearchOptions:
             raise InputError(f"{flag} takes comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
 
 
+@dataclass
+class LrSweepOptions:
+    """The learning-rate grid of ``deltawise lr-sweep`` (search/lr_sweep.py): short runs, scored for gain and retention."""
+
+    lrs: str = option("1e-5,1e-4,1e-3", "learning rates to try, comma-separated")
+    steps: int = option(50, "optimizer steps of each short run", min=1)
+    jobs: int = option(1, "runs trained at once, in separate processes (each gets its share of the CPU threads)", min=1)
+
+    def rates(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in self.lrs.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"--lrs takes comma-separated numbers, e.g. 1e-5,1e-4,1e-3; got {self.lrs!r}") from None
+
+
 def scalar(text: str) -> Any:
     """A YAML scalar: 0.5 -> float, 3 -> int, true -> bool, anything else stays a string."""
     try:
