@@ -19,9 +19,9 @@ each tried over its values with the others held at the best point so far (the in
 A point beats the incumbent when it is feasible and the incumbent is not, or both are feasible and
 its target score is higher, or neither is and its worst retention margin (lower bound minus budget)
 is larger. So the search first walks towards the budget, then along it towards gain. With the
-defaults a round costs at most 2 + 4 + 3·G evaluations (G ≤ 6 groups; a point already scored,
-such as the incumbent's own value, is not scored again): at most 24 scorings of the selection split,
-known in advance. A coordinate search rather than CMA-ES: the parameters are few,
+defaults one round scores at most 1 + 2 + 4 + 3·G points (the delta as given, then each
+coordinate's values; G ≤ 6 groups; a point already scored is not scored again): at most 25
+evaluations of the selection split, known in advance. A coordinate search rather than CMA-ES: the parameters are few,
 bounded and nearly separable (a group's scale matters through its own tensors), the values tried are
 round numbers a user can read and reuse, the evaluation count is fixed, and it adds no dependency.
 
@@ -166,7 +166,7 @@ def planned_evaluations(edits: DeltaEdits, options: RepairOptions) -> int:
     """The most evaluations the search makes (points already scored are not scored again)."""
     per_round = len(options.scales) + len(edits.present_groups()) * len(options.group_scales)
     per_round += len(options.intruder_levels) if edits.intruder_part else 0
-    return options.rounds * per_round
+    return 1 + options.rounds * per_round
 
 
 def coordinate_search(scorer: _Scorer, options: RepairOptions) -> list[Candidate]:
@@ -187,6 +187,7 @@ def coordinate_search(scorer: _Scorer, options: RepairOptions) -> list[Candidate
                 if scorer.key(cand) > scorer.key(best):
                     best = cand
             incumbent = best
+    tick("evaluations", len(scorer.candidates), len(scorer.candidates))  # points scored before are not counted twice
     return scorer.candidates
 
 
