@@ -267,3 +267,12 @@ def test_a_delta_folder_repairs_like_the_fine_tuned_model_it_was_extracted_from(
     for a, b in zip(from_delta.candidates, from_model.candidates):
         assert a.retention["src"] == pytest.approx(b.retention["src"], rel=1e-5)
         assert a.target["tgt"] == pytest.approx(b.target["tgt"], rel=1e-5)
+
+
+def test_the_planned_evaluation_count_is_what_the_first_round_scores(planted, tmp_path):
+    ticks = []
+    opts = _options(planted, BUDGET, progress=lambda stage, done, total: ticks.append((done, total)))
+    result = run_repair(str(planted["harmed"]), str(planted["base"]), tmp_path / "out", opts)
+    assert ticks[-1] == (len(result.candidates), len(result.candidates))
+    # 1 (the delta as given) + 2 intruder levels + 3 new scales + 2 new factors for each of the groups the delta touches
+    assert len(result.candidates) == 1 + 2 + 3 + 2 * len(result.groups)

@@ -19,8 +19,8 @@ each tried over its values with the others held at the best point so far (the in
 A point beats the incumbent when it is feasible and the incumbent is not, or both are feasible and
 its target score is higher, or neither is and its worst retention margin (lower bound minus budget)
 is larger. So the search first walks towards the budget, then along it towards gain. With the
-defaults one round scores at most 1 + 2 + 4 + 3·G points (the delta as given, then each
-coordinate's values; G ≤ 6 groups; a point already scored is not scored again): at most 25
+defaults the first round scores exactly 1 + 2 + 3 + 2·G points (the delta as given, then each
+coordinate's values but its current one, which is already scored; G ≤ 6 groups): at most 18
 evaluations of the selection split, known in advance. A coordinate search rather than CMA-ES: the parameters are few,
 bounded and nearly separable (a group's scale matters through its own tensors), the values tried are
 round numbers a user can read and reuse, the evaluation count is fixed, and it adds no dependency.
@@ -163,10 +163,17 @@ class _Scorer:
 
 
 def planned_evaluations(edits: DeltaEdits, options: RepairOptions) -> int:
-    """The most evaluations the search makes (points already scored are not scored again)."""
-    per_round = len(options.scales) + len(edits.present_groups()) * len(options.group_scales)
-    per_round += len(options.intruder_levels) if edits.intruder_part else 0
-    return 1 + options.rounds * per_round
+    """The points the search scores: exact for the first round (each coordinate is tried once, from its identity
+    value, which is already scored), an upper bound for later ones (a point scored before is not scored again)."""
+    identity = edits.identity()
+    coordinates = _coordinates(edits, options)
+    first = sum(len({float(v) for v in values} - {identity[name]}) for name, values in coordinates)
+    return 1 + first + (options.rounds - 1) * sum(len(set(values)) for _, values in coordinates)
+
+
+def _coordinates(edits: DeltaEdits, options: RepairOptions) -> list[tuple[str, tuple[float, ...]]]:
+    coordinates = ([(INTRUDERS, options.intruder_levels)] if edits.intruder_part else []) + [(SCALE, options.scales)]
+    return coordinates + [(group, options.group_scales) for group in edits.present_groups()]
 
 
 def coordinate_search(scorer: _Scorer, options: RepairOptions) -> list[Candidate]:
@@ -174,8 +181,7 @@ def coordinate_search(scorer: _Scorer, options: RepairOptions) -> list[Candidate
     edits = scorer.edits
     total = planned_evaluations(edits, options)
     tick = options.progress or (lambda _s, _d, _t: None)
-    coordinates = ([(INTRUDERS, options.intruder_levels)] if edits.intruder_part else []) + [(SCALE, options.scales)]
-    coordinates += [(group, options.group_scales) for group in edits.present_groups()]
+    coordinates = _coordinates(edits, options)
     incumbent = scorer.point(edits.identity())  # the delta as given: its retention and gain, the search's start
     tick("evaluations", len(scorer.candidates), total)
     for _ in range(options.rounds):
@@ -187,7 +193,6 @@ def coordinate_search(scorer: _Scorer, options: RepairOptions) -> list[Candidate
                 if scorer.key(cand) > scorer.key(best):
                     best = cand
             incumbent = best
-    tick("evaluations", len(scorer.candidates), len(scorer.candidates))  # points scored before are not counted twice
     return scorer.candidates
 
 
