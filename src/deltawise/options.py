@@ -150,8 +150,8 @@ class MethodChoice:
     """The training method and its parameters; the hidden fields are the old per-parameter flags,
     which feed the same NAME=VALUE dictionary (``method_params``)."""
 
-    method: str = option("lora", "training method: lora, dora, pissa, corda, lora_fa, fourierft, miss/bone, randlora, full, hft, "
-                                 "lift, sorsa, loldu, kasa (`deltawise methods --kind adapter`)", short="-m")
+    method: str = option("lora", "training method: lora, dora, pissa, corda, lora_fa, fourierft, miss/bone, randlora, osf, full, "
+                                 "hft, lift, sorsa, loldu, kasa (`deltawise methods --kind adapter`)", short="-m")
     method_param: list[str] = option(factory=list, help="method parameter NAME=VALUE (repeatable), e.g. -p rank=16 -p "
                                      "targets=q_proj,v_proj; `deltawise methods --kind adapter` lists them", short="-p")
     rank: Optional[int] = option(None, "deprecated: -p rank=N", hidden=True, short="-r")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from deltawise.adapt.methods import (  # noqa: F401
-    corda, dora, fourierft, full, hft, kasa, lift, lora, lora_fa, loldu, miss, pissa, randlora, sorsa,
+    corda, dora, fourierft, full, hft, kasa, lift, lora, lora_fa, loldu, miss, osf, pissa, randlora, sorsa,
 )
 from deltawise.adapt.methods.base import REGISTRY, Method, MethodError
 
