@@ -276,3 +276,12 @@ def test_the_planned_evaluation_count_is_what_the_first_round_scores(planted, tm
     assert ticks[-1] == (len(result.candidates), len(result.candidates))
     # 1 (the delta as given) + 2 intruder levels + 3 new scales + 2 new factors for each of the groups the delta touches
     assert len(result.candidates) == 1 + 2 + 3 + 2 * len(result.groups)
+
+
+def test_most_retentive_writes_the_point_with_the_highest_retention_when_none_meets_the_budget(planted, tmp_path):
+    opts = _options(planted, 1.5, most_retentive=True, scales=(0.5, 1.0), group_scales=(1.0,), intruder_levels=(1.0,))
+    result = run_repair(str(planted["harmed"]), str(planted["base"]), tmp_path / "out", opts)
+    assert not any(c.feasible for c in result.candidates)
+    best = max(result.candidates, key=lambda c: c.retention_min)
+    assert result.candidates[result.chosen] is best
+    assert not result.heldout["within_budget"] and (tmp_path / "out" / "deltawise_repair.json").is_file()
