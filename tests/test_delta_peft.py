@@ -90,8 +90,34 @@ def test_peft_fourierft_adapter_is_a_spectral_delta(llama_family, tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_dora_is_refused(llama_family, tmp_path):
-    config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+def test_dora_applies_like_merge_and_unload(llama_family, tmp_path):
+    """DoRA is read as the dense delta it induces: m / ||W + s·BA||_row · (W + s·BA) - W."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    want = _peft_made(llama_family["base"], tmp_path / "ad", config)
+    result = apply_delta(str(tmp_path / "ad"), str(llama_family["base"]), tmp_path / "ours")
+    assert {r.kind for r in result.rows} == {"dense"}
+    got, base = load_state(tmp_path / "ours"), load_state(llama_family["base"])
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.allclose(got[Q0], base[Q0], atol=1e-3)
+
+
+def test_embedding_lora_with_its_saved_base_layer_applies_like_merge_and_unload(llama_family, tmp_path):
+    """PEFT saves the embedding's base layer beside lora_embedding_A/B: it is that embedding's value."""
+    config = peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])
+    want = _peft_made(llama_family["base"], tmp_path / "ad", config)
+    apply_delta(str(tmp_path / "ad"), str(llama_family["base"]), tmp_path / "ours")
+    got, base = load_state(tmp_path / "ours"), load_state(llama_family["base"])
+    assert set(got) == set(base)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.allclose(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"], atol=1e-3)
+
+
+def test_kasa_adapter_is_refused(llama_family, tmp_path):
+    from peft.tuners.lora.config import KasaConfig
+
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig())
     _peft_made(llama_family["base"], tmp_path / "ad", config)
-    with pytest.raises(InputError, match="DoRA"):
+    with pytest.raises(InputError, match="kasa_config"):
         apply_delta(str(tmp_path / "ad"), str(llama_family["base"]), tmp_path / "o")

@@ -198,6 +198,32 @@ class EngineOptions:
     strict: bool = option(False, "treat every recipe warning as an error (an ignored parameter, a cut vocabulary, ...)")
 
 
+OUTPUT_FORMATS = ("model", "adapter")
+
+
+@dataclass
+class AdapterOutputOptions:
+    """What ``merge`` writes: a full model, or a PEFT LoRA adapter of the inputs' base (docs/merging.md,
+    "Adapter output"). The recipe's ``adapter:`` key says the same; the two must agree."""
+
+    output_format: Optional[str] = option(None, "model or adapter (a PEFT LoRA adapter of the inputs' one base: each input "
+                                                "an adapter or delta of it, or, with base_model, a full model); default: "
+                                                "adapter when the recipe has an adapter: key, else model", metavar="FORMAT")
+    adapter_rank: Optional[int] = option(None, "adapter output: rank per matrix where the merge is not an exact sum of "
+                                               "LoRA factors (SVD of the merged delta); caps the exact sums too", min=1)
+    adapter_energy: Optional[float] = option(None, "adapter output: keep the fewest singular values holding this fraction "
+                                                   "of each merged delta's squared norm (with --adapter-rank: the smaller)",
+                                             min=0.0, max=1.0)
+
+    def __post_init__(self) -> None:
+        if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
+            raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
+        if self.adapter_energy is not None and not 0 < self.adapter_energy <= 1:
+            raise InputError(f"--adapter-energy is a fraction in (0, 1], got {self.adapter_energy}")
+        if self.output_format == "model" and (self.adapter_rank is not None or self.adapter_energy is not None):
+            raise InputError("--adapter-rank/--adapter-energy shape an adapter output; drop them or use --output-format adapter")
+
+
 @dataclass
 class SplitOptions:
     """Choose on one split of the data, report on another (search/splits.py): a seeded cut by item."""

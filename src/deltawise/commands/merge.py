@@ -18,7 +18,8 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import BudgetSearchOptions, EngineOptions, IntervalOptions, LoadOptions, RunOptions, SplitOptions
+from deltawise.options import (AdapterOutputOptions, BudgetSearchOptions, EngineOptions, IntervalOptions, LoadOptions,
+                               RunOptions, SplitOptions)
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -26,12 +27,14 @@ MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input
 
 
 @options("search", BudgetSearchOptions, hidden=True)  # deprecated: `deltawise budget`
+@options("adapter", AdapterOutputOptions)
 @options("engine", EngineOptions)
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def merge(
     recipe: Path = RECIPE,
     run: RunOptions = ...,
     engine: EngineOptions = ...,
+    adapter: AdapterOutputOptions = ...,
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and inputs, print the plan, write nothing"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted merge of the same recipe and inputs"),
     restart: bool = typer.Option(False, "--restart", help="discard an interrupted merge and start over"),
@@ -43,19 +46,32 @@ def merge(
 
     An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
     beside OUTPUT; rerun with --resume to merge only the rest. To search the method's parameters
-    under a retention budget first, use `deltawise budget` (docs/merging.md)."""
+    under a retention budget first, use `deltawise budget` (docs/merging.md).
+
+    With --output-format adapter (or an adapter: key in RECIPE) the merge of adapters of one base
+    is written as a PEFT LoRA adapter: exact for linear/task arithmetic of LoRAs, else by SVD."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
+    from deltawise.merge.adapter_out import adapter_settings
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
     assert run.output is not None
     if search.requested and not dry_run:
+        if adapter.output_format == "adapter" or adapter.adapter_rank is not None or adapter.adapter_energy is not None:
+            raise typer.BadParameter("the deprecated budget flags write a model; drop them for an adapter output")
         warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
         _run_budget(recipe, run, engine, search)
         return
-    plan = build_plan(load_recipe(recipe), allow_pickle=engine.allow_pickle, strict=engine.strict)
+    parsed = load_recipe(recipe)
+    settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy)
+    plan = build_plan(parsed, allow_pickle=engine.allow_pickle, strict=engine.strict)
     for warning in plan.warnings:
         warn(warning)
+    if settings is not None:
+        if resume or restart:
+            raise typer.BadParameter("--resume/--restart continue a model output; an adapter is written in one go")
+        _merge_into_adapter(plan, settings, run, dry_run)
+        return
     if dry_run:
         check_output(plan, run.output, run.overwrite)
         print(to_json(dump_plan(plan)))  # plain stdout: the plan must stay valid JSON
@@ -69,6 +85,28 @@ def merge(
     gb = result.bytes_written / 1e9
     out.print(f"merged with {plan.method.name} into {escape(str(result.out))} ({gb:.3f} GB, {result.seconds:.1f} s)",
               highlight=False)
+
+
+def _merge_into_adapter(plan, settings, run: RunOptions, dry_run: bool) -> None:
+    """``merge --output-format adapter``: write a PEFT LoRA adapter and print how exact it is."""
+    from deltawise.architecture import architecture_for
+    from deltawise.merge.adapter_inputs import adapter_inputs
+    from deltawise.merge.adapter_out import describe, run_adapter_merge, svd_tensors
+    from deltawise.merge.engine import check_output, dump_plan, to_json
+
+    assert run.output is not None
+    if dry_run:
+        inputs = adapter_inputs(plan)  # raises on inputs that cannot make one adapter
+        check_output(plan, run.output, run.overwrite, need_bytes=0)
+        by_svd = svd_tensors(plan, inputs, architecture_for(inputs.base.config))
+        print(to_json({**dump_plan(plan), "output_format": "adapter", "adapter": vars(settings), "svd_tensors": by_svd}))
+        return
+    with bytes_progress(run.quiet) as progress:
+        result = run_adapter_merge(plan, run.output, settings, overwrite=run.overwrite, progress=ProgressReporter(progress))
+    out.print(f"merged with {plan.method.name} into the PEFT adapter {escape(str(result.out))} ({result.seconds:.1f} s)",
+              highlight=False)
+    for line in describe(result):
+        out.print(escape(line), highlight=False)
 
 
 @options("intervals", IntervalOptions)

@@ -5,13 +5,18 @@ prefix is stripped and ``<module>.weight`` is the base tensor changed. Per modul
 ``scale = α_m / r_m`` (``α_m / √r_m`` with rsLoRA), ``α_m`` from ``alpha_pattern`` when a pattern
 matches (PEFT's own rule: ``(.*\\.)?(pattern)$``) and ``r_m`` the stored rank.
 ``lora_embedding_A/B`` (LoRA on embeddings) and ``fan_in_fan_out`` layers give ``(B A)ᵀ``.
-Any other stored tensor (``modules_to_save`` copies, trained biases) replaces the base value,
-so its delta is ``value − base``. DoRA and other non-additive variants are refused.
+Any other stored tensor (``modules_to_save`` copies, trained biases, an embedding's saved
+``base_layer``) replaces the base value, so its delta is ``value − base``.
+``lora_bias: true`` (``lora_B.bias``) changes ``<module>.bias`` by ``scale · bias``. DoRA
+(``use_dora``) is read as the dense delta it induces on the base weight ``W`` (PEFT's merge,
+row norms of the ``(out, in)`` weight): ``ΔW = m / ‖W + s·B A‖_row · (W + s·B A) − W``, so it
+needs the base. KaSA and other variants whose forward is not ``B A`` are refused.
 
 Writing (``write_peft_adapter``): each low-rank delta's scale is folded into B and every
 module gets ``lora_alpha = r`` (scale 1), with ``rank_pattern``/``alpha_pattern`` entries for
 modules whose rank differs from the most common one; target modules are listed by full name,
-so nothing else in the model is touched. A ``deltawise.json`` sidecar records the base.
+so nothing else in the model is touched; bias changes of LoRA modules go into ``lora_B.bias``
+(``lora_bias: true``). A ``deltawise.json`` sidecar records the base.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from safetensors.torch import save_file
 
 from deltawise.architecture import architecture_for
 from deltawise.delta.base import TensorDelta
+from deltawise.delta.dense import DenseDelta
 from deltawise.delta.full import FullDelta
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.spectral import SpectralDelta
@@ -42,6 +48,11 @@ WEIGHTS = "adapter_model.safetensors"
 SIDECAR = "deltawise.json"
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
+LORA_BIAS_KEY = re.compile(r"^(?P<module>.+)\.lora_B(\.[^.]+)?\.bias$")
+DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")
+# LoRA variants whose forward is not base + s·B A (or whose merge PEFT itself refuses): not a delta we can read
+UNSUPPORTED_VARIANTS = ("kasa_config", "use_qalora", "use_bdlora", "monteclora_config", "alora_invocation_tokens",
+                        "arrow_config", "velora_config")
 FOURIER_KEY = re.compile(r"^(?P<module>.+)\.fourierft_spectrum(\.[^.]+)?$")
 SUPPORTED = ("LORA", "FOURIERFT")
 
@@ -60,7 +71,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 @dataclass
 class _Entry:
-    how: str  # "lora" | "fourier" | "full"
+    how: str  # "lora" | "lora_bias" | "dora" | "fourier" | "full"
     keys: tuple[str, ...]
     scale: float = 1.0
     transpose: bool = False
@@ -80,9 +91,10 @@ class PeftAdapter:
         if peft_type not in SUPPORTED:
             raise InputError(f"adapter {self.folder}: peft_type {peft_type or '?'} is not supported "
                              f"(supported: {', '.join(SUPPORTED)})")
-        if self.config.get("use_dora"):
-            raise InputError(f"adapter {self.folder}: DoRA adapters rescale the weight column-wise and are not an additive "
-                             "delta; merge them with PEFT first")
+        variants = [key for key in UNSUPPORTED_VARIANTS if self.config.get(key)]
+        if variants:
+            raise InputError(f"adapter {self.folder}: {', '.join(variants)} is set; this LoRA variant's forward is not "
+                             "base + scale * B A, so it is not read as a delta (merge it with PEFT first)")
         weights = self.folder / WEIGHTS
         if not weights.is_file():
             hint = (" (adapter_model.bin is pickle: convert it to safetensors)"
@@ -100,14 +112,16 @@ class PeftAdapter:
         entries: dict[str, _Entry] = {}
         for key in self.reader.keys():
             short = key.removeprefix(PREFIX)
-            if "lora_magnitude_vector" in short:
-                raise InputError(f"adapter {self.folder}: {key} is a DoRA magnitude; DoRA is not an additive delta")
-            if self.peft_type == "LORA" and (m := LORA_KEY.match(short)):
+            if self.peft_type == "LORA" and (m := LORA_BIAS_KEY.match(short)):
+                lora.setdefault(m["module"], {})["bias"] = key  # before LORA_KEY, which would take it for lora_B
+            elif self.peft_type == "LORA" and (m := DORA_KEY.match(short)):
+                lora.setdefault(m["module"], {})["magnitude"] = key
+            elif self.peft_type == "LORA" and (m := LORA_KEY.match(short)):
                 lora.setdefault(m["module"], {})[m["which"]] = key
             elif self.peft_type == "FOURIERFT" and (m := FOURIER_KEY.match(short)):
                 entries[f"{m['module']}.weight"] = _Entry("fourier", (key,), float(self.config.get("scaling", 150.0)))
-            else:
-                entries[short] = _Entry("full", (key,))  # modules_to_save copy or trained bias
+            else:  # modules_to_save copy, trained bias, or an embedding's base layer (save_embedding_layers)
+                entries[short.replace(".base_layer.", ".")] = _Entry("full", (key,))
         for module, parts in lora.items():
             embedding = "embedding_A" in parts or "embedding_B" in parts
             a, b = ("embedding_A", "embedding_B") if embedding else ("A", "B")
@@ -117,7 +131,14 @@ class PeftAdapter:
             alpha = float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8)))
             scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
             transpose = embedding or bool(self.config.get("fan_in_fan_out"))
-            entries[f"{module}.weight"] = _Entry("lora", (parts[a], parts[b]), scale, transpose)
+            dora = "magnitude" in parts
+            if dora and transpose:
+                raise InputError(f"adapter {self.folder}: DoRA on {module} (an embedding or fan_in_fan_out layer) "
+                                 "is not supported")
+            keys = (parts[a], parts[b], parts["magnitude"]) if dora else (parts[a], parts[b])
+            entries[f"{module}.weight"] = _Entry("dora" if dora else "lora", keys, scale, transpose)
+            if "bias" in parts:
+                entries[f"{module}.bias"] = _Entry("lora_bias", (parts["bias"],), scale)
         return entries
 
     def _need_base(self, name: str, why: str) -> tuple[ModelReader, str]:
@@ -151,7 +172,8 @@ class PeftAdapter:
         return list(self.entries)
 
     def kind(self, name: str) -> str:
-        return {"lora": "lowrank", "fourier": "spectral", "full": "dense"}[self.entries[name].how]
+        return {"lora": "lowrank", "lora_bias": "dense", "dora": "dense", "fourier": "spectral",
+                "full": "dense"}[self.entries[name].how]
 
     def base_dtype(self, name: str) -> torch.dtype:
         if self.base_reader is not None and name in self.base_reader:
@@ -160,8 +182,8 @@ class PeftAdapter:
 
     def shape(self, name: str) -> tuple[int, ...]:
         entry = self.entries[name]
-        if entry.how == "lora":
-            a, b = (self.reader.info(k).shape for k in entry.keys)
+        if entry.how in ("lora", "dora"):
+            a, b = (self.reader.info(k).shape for k in entry.keys[:2])
             return (a[1], b[0]) if entry.transpose else (b[0], a[1])
         if entry.how == "fourier":
             reader, base_name = self._need_base(name, "FourierFT stores no shape")
@@ -177,12 +199,31 @@ class PeftAdapter:
             return LowRankDelta(A, B, entry.scale, entry.transpose)
         if entry.how == "fourier":
             return self._fourier(name, entry)
+        if entry.how == "lora_bias":
+            bias = self.reader.get(entry.keys[0])
+            return DenseDelta(entry.scale * bias.to(torch.float64 if bias.dtype == torch.float64 else torch.float32))
+        if entry.how == "dora":
+            return self._dora(name, entry)
         reader, base_name = self._need_base(name, "it stores a full replacement value")
         base = reader.get(base_name)
         value = self.reader.get(entry.keys[0])
         if value.shape != base.shape:
             raise InputError(f"adapter {self.folder}: {name} has shape {list(value.shape)}, the base has {list(base.shape)}")
         return FullDelta(value).relative_to(base)  # value − base, in float64 (see full.py)
+
+    def _dora(self, name: str, entry: _Entry) -> DenseDelta:
+        """The dense delta of a DoRA layer: ``m / ‖V‖_row · V − W`` with ``V = W + s·B A`` (PEFT's merge)."""
+        reader, base_name = self._need_base(name, "a DoRA delta depends on the base weight")
+        A, B, magnitude = (self.reader.get(k) for k in entry.keys)
+        weight = reader.get(base_name)
+        work = torch.float64 if torch.float64 in (weight.dtype, A.dtype, B.dtype) else torch.float32
+        if magnitude.reshape(-1).shape[0] != weight.shape[0]:
+            raise InputError(f"adapter {self.folder}: the DoRA magnitude of {name} has {magnitude.numel()} entries, "
+                             f"the base weight {weight.shape[0]} rows")
+        base = weight.to(work)
+        direction = base + entry.scale * (B.to(work) @ A.to(work))
+        norm = torch.linalg.norm(direction, dim=1, keepdim=True)
+        return DenseDelta(magnitude.to(work).reshape(-1, 1) / norm * direction - base)
 
     def _fourier(self, name: str, entry: _Entry) -> SpectralDelta:
         shape = self.shape(name)
@@ -203,10 +244,17 @@ class PeftAdapter:
 def write_peft_adapter(
     folder: Path, lowrank: dict[str, LowRankDelta], full: dict[str, torch.Tensor], *,
     base_ref: Optional[str], task_type: Optional[str], sidecar: dict[str, Any],
+    bias: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into an existing (staging)
-    folder. Keys of ``lowrank`` and ``full`` are base tensor names (``<module>.weight``)."""
+    folder. Keys of ``lowrank`` and ``full`` are base tensor names (``<module>.weight``).
+    ``bias``: bias deltas of LoRA modules (``<module>.bias``), written as ``lora_B.bias`` with
+    ``lora_bias: true`` (zeros for the other LoRA modules, as PEFT then gives every one a bias)."""
     tensors: dict[str, torch.Tensor] = {}
+    bias = bias or {}
+    for name in bias:
+        if f"{name.removesuffix('.bias')}.weight" not in lowrank:
+            raise ValueError(f"{name}: a LoRA bias needs LoRA factors of the module's weight")
     ranks: dict[str, int] = {}
     for name, d in lowrank.items():
         if d.transpose:
@@ -215,6 +263,10 @@ def write_peft_adapter(
         ranks[module] = d.rank
         tensors[f"{PREFIX}{module}.lora_A.weight"] = d.A.contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = (d.B * d.scale).to(d.B.dtype).contiguous()
+        if bias:
+            value = bias.get(f"{module}.bias")
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = (torch.zeros(d.B.shape[0], dtype=d.B.dtype) if value is None
+                                                        else value.to(d.B.dtype).contiguous())
     for name, value in full.items():
         tensors[f"{PREFIX}{name}"] = value.contiguous()
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
@@ -224,7 +276,7 @@ def write_peft_adapter(
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks), "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in full}) or None,
         "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True,
+        "init_lora_weights": True, "inference_mode": True, "lora_bias": bool(bias),
     }
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     write_json_atomic(folder / CONFIG, config)

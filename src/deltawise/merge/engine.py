@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from deltawise.errors import DeltawiseError, InputError, OutputError
+from deltawise.errors import DeltawiseError, InputError, OutputError, RecipeError
 from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
 from deltawise.io.output import MANIFEST, check_free_space, check_output_folder, output_lock, swap_into_place, unwritable
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
@@ -174,6 +174,9 @@ def run_merge(plan: MergePlan, out: str | Path, options: Optional[MergeOptions] 
     """Merge ``plan`` into ``out``. The output (with its staging folder) and any folder the method keeps
     state in are locked for the whole run: a second merge into the same output is refused."""
     options = options or MergeOptions()
+    if plan.recipe.adapter is not None:  # a full model must not silently replace the adapter the recipe asks for
+        raise RecipeError("the recipe asks for a PEFT adapter output (adapter:), which this writes as a full model; "
+                          "run `deltawise merge` (deltawise.merge.adapter_out.run_adapter_merge), or drop the key")
     out = Path(out)
     device = _device(options.device)
     check_output(plan, out, options.overwrite, need_bytes=0 if options.resume else None)

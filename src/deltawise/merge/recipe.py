@@ -4,7 +4,8 @@ A mergekit recipe using ``merge_method``, ``models``, ``base_model``, ``paramete
 depth gradients, ``filter`` lists), ``dtype``/``out_dtype`` and ``tokenizer_source`` runs
 unchanged, as does one with ``slices`` or ``modules`` instead of ``models`` (layer stacks:
 ``deltawise.merge.slices``). deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
-``seed`` (reproducible random methods). Unknown keys are errors, so a typo cannot be ignored.
+``seed`` (reproducible random methods) and ``adapter`` (write a PEFT LoRA adapter: ``adapter: {rank: 16}``,
+``adapter: {energy: 0.99}`` or ``adapter: {}``). Unknown keys are errors, so a typo cannot be ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ class OutputModule(BaseModel):
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
+class AdapterSpec(BaseModel):
+    """``adapter:`` -- write the merge as a PEFT LoRA adapter of base_model (``deltawise.merge.adapter_out``);
+    ``rank``/``energy`` truncate the matrices whose merge is not an exact sum of LoRA factors."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: Optional[int] = Field(None, ge=1)
+    energy: Optional[float] = Field(None, gt=0, le=1)
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +90,7 @@ class Recipe(BaseModel):
     # deltawise extensions
     exclude: list[str] = Field(default_factory=list, description="regexes of tensor names copied from the base unmerged")
     seed: int = Field(0, description="seed for random methods (DARE); the same seed gives the same output")
+    adapter: Optional[AdapterSpec] = Field(None, description="write a PEFT LoRA adapter instead of a model")
     # layer stacks (frankenmerges, per-range parameters): deltawise.merge.slices
     slices: Optional[list[OutputSlice]] = None
     modules: Optional[dict[str, OutputModule]] = None
@@ -92,6 +103,15 @@ class Recipe(BaseModel):
     @property
     def path(self) -> Optional[Path]:
         return self._path
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_flag(cls, value: Any) -> Any:
+        # `adapter: true` or a bare `adapter:` (called only for a key that is present) asks for an adapter
+        # without a rank or energy; `false` for none
+        if value is True or value is None:
+            return {}
+        return None if value is False else value
 
     @field_validator("models", mode="before")
     @classmethod

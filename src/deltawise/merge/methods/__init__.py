@@ -6,9 +6,11 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     consensus,
     continual_average,
     continual_task_arithmetic,
+    continual_ties,
     dare,
     della,
     fisher,
+    iso,
     karcher,
     linear,
     model_stock,
@@ -25,5 +27,6 @@ from deltawise.merge.methods import (  # noqa: F401  (imported for registration)
     slerp,
     task_arithmetic,
     ties,
+    tsv,
     weight_matching,
 )
