@@ -24,7 +24,7 @@ def test_unknown_parameter_is_refused_with_the_known_names():
         get_method("lora", {"rank": 4, "filter_rank": 2})
     message = str(info.value)
     assert "'filter_rank'" in message and "lora" in message
-    assert "alpha, dropout, rank, targets" in message  # the names lora does take
+    assert "alpha, dropout, rank, rslora, targets" in message  # the names lora does take
     with pytest.raises(MethodError, match="full has no parameter 'rank'; it takes: no parameters"):
         get_method("full", {"rank": 4})
 
@@ -52,7 +52,7 @@ def test_defaults_are_filled_and_given_values_typed():
     assert get_method("lift").values == {"rank": 8, "filter_rank": 8, "refresh_interval": 100}
     # text from the command line becomes typed values; a comma list becomes a list of names
     lora = get_method("lora", {"rank": "4", "alpha": "16", "targets": " q_proj , v_proj"}).values
-    assert lora == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+    assert lora == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], "rslora": False}
     assert isinstance(lora["rank"], int) and isinstance(lora["alpha"], float)
 
 

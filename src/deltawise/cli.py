@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from deltawise.commands import analyze, delta, merge, report, search, stats, train
+from deltawise.commands import analyze, delta, merge, repair, report, search, stats, sweep, train
 from deltawise.commands import eval as eval_command
 from deltawise.commands.console import err, escape
 from deltawise.errors import DeltawiseError
@@ -50,7 +50,7 @@ def _options(
 
 
 # registration order = the order of `deltawise --help`
-COMMAND_MODULES = (merge, delta, train, eval_command, analyze, report, stats, search)
+COMMAND_MODULES = (merge, delta, train, eval_command, analyze, report, stats, search, repair, sweep)
 for _module in COMMAND_MODULES:
     _module.register(app)
 

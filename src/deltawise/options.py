@@ -150,8 +150,8 @@ class MethodChoice:
     """The training method and its parameters; the hidden fields are the old per-parameter flags,
     which feed the same NAME=VALUE dictionary (``method_params``)."""
 
-    method: str = option("lora", "training method: lora, dora, pissa, lora_fa, fourierft, miss/bone, randlora, full, hft, "
-                                 "lift, sorsa, loldu, kasa (`deltawise methods --kind adapter`)", short="-m")
+    method: str = option("lora", "training method: lora, dora, pissa, corda, lora_fa, fourierft, miss/bone, randlora, osf, full, "
+                                 "hft, lift, sorsa, loldu, kasa (`deltawise methods --kind adapter`)", short="-m")
     method_param: list[str] = option(factory=list, help="method parameter NAME=VALUE (repeatable), e.g. -p rank=16 -p "
                                      "targets=q_proj,v_proj; `deltawise methods --kind adapter` lists them", short="-p")
     rank: Optional[int] = option(None, "deprecated: -p rank=N", hidden=True, short="-r")
@@ -257,6 +257,42 @@ class BudgetSearchOptions:
     @property
     def requested(self) -> bool:
         return bool(self.retain or self.target or self.search_param)
+
+
+@dataclass
+class RepairSearchOptions:
+    """The edits ``deltawise repair`` tries on a delta (search/repair.py): comma-separated values in [0, 1]."""
+
+    scales: str = option("0.25,0.5,0.75,1", "global scales of the delta to try")
+    intruder_levels: str = option("0.5,1", "how much of the delta's component along intruder dimensions to remove (1: all)")
+    group_scales: str = option("0,0.5,1", "factors to try per tensor group (embeddings, attention/MLP of early/late layers, "
+                               "other)")
+    rounds: int = option(1, "passes of the coordinate search over all edits", min=1)
+    intruder_k: int = option(10, "top singular vectors of each fine-tuned matrix checked for intruders", min=1)
+    intruder_eps: float = option(0.5, "a singular vector is an intruder when its largest |cos| with the base's is below this",
+                                 min=0.0, max=1.0)
+
+    @staticmethod
+    def values(text: str, flag: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"{flag} takes comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
+
+
+@dataclass
+class LrSweepOptions:
+    """The learning-rate grid of ``deltawise lr-sweep`` (search/lr_sweep.py): short runs, scored for gain and retention."""
+
+    lrs: str = option("1e-5,1e-4,1e-3", "learning rates to try, comma-separated")
+    steps: int = option(50, "optimizer steps of each short run", min=1)
+    jobs: int = option(1, "runs trained at once, in separate processes (each gets its share of the CPU threads)", min=1)
+
+    def rates(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in self.lrs.split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"--lrs takes comma-separated numbers, e.g. 1e-5,1e-4,1e-3; got {self.lrs!r}") from None
 
 
 def scalar(text: str) -> Any:

@@ -107,3 +107,16 @@ def is_analysed_matrix(name: str, shape: tuple[int, ...], roles: TensorRoles | N
     (LM head, classification head) are excluded, as are matrices with a dimension below 2."""
     roles = roles or architecture_for(None)
     return roles.is_linear_weight(name, shape) and not roles.is_head(name) and min(shape) >= 2
+
+
+def intruder_directions(w0: torch.Tensor, w_ft: torch.Tensor, *, k: int = 10, eps: float = 0.5, side: Side = "left",
+                        method: Method = "fast") -> torch.Tensor:
+    """The intruders themselves, as columns (float64): those of ``w_ft``'s top-k singular vectors on ``side`` whose
+    largest |cos| with every singular vector of ``w0`` is below ``eps``; ``intruder_dimensions(...).count`` of them."""
+    if w0.ndim != 2 or w0.shape != w_ft.shape:
+        raise ValueError(f"need two matrices of one shape, got {tuple(w0.shape)} and {tuple(w_ft.shape)}")
+    base_vecs, _ = base_singular(w0, side, method)
+    vecs, _ = _svd(w_ft, side) if method == "exact" else _gram_singular(w_ft, side, k)
+    top = vecs[:, : min(k, vecs.shape[1])]
+    sims = (top.T @ base_vecs.to(top.dtype)).abs().amax(dim=1)
+    return top[:, sims < eps].to(torch.float64)

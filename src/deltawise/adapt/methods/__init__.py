@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from deltawise.adapt.methods import dora, fourierft, full, hft, kasa, lift, lora, lora_fa, loldu, miss, pissa, randlora, sorsa  # noqa: F401
+from deltawise.adapt.methods import (  # noqa: F401
+    corda, dora, fourierft, full, hft, kasa, lift, lora, lora_fa, loldu, miss, osf, pissa, randlora, sorsa,
+)
 from deltawise.adapt.methods.base import REGISTRY, Method, MethodError
 
 __all__ = ["REGISTRY", "Method", "MethodError", "get_method"]

@@ -16,4 +16,7 @@ TARGETS = Param("targets", list, None,
                      "(Llama: q_proj,v_proj)")
 LORA_ALPHA = Param("alpha", float, None, low=0.0, low_open=True,
                    help="scale numerator: the update is scaled by s = alpha/rank; default: the rank (s = 1)")
-LORA_PARAMS: tuple[Param, ...] = (RANK, LORA_ALPHA, DROPOUT, TARGETS)
+RSLORA = Param("rslora", bool, False,
+               help="rank-stabilised scaling s = alpha/sqrt(rank) instead of alpha/rank (rsLoRA, Kalajdzievski 2023; "
+                    "PEFT's use_rslora): at a large rank the update is not scaled down towards zero")
+LORA_PARAMS: tuple[Param, ...] = (RANK, LORA_ALPHA, DROPOUT, TARGETS, RSLORA)

@@ -24,7 +24,8 @@ class LoRAFA(LoRA):
         from peft.optimizers import create_lorafa_optimizer
 
         # also sets requires_grad=False on every lora_A
-        return create_lorafa_optimizer(model, r=self.values["rank"], lora_alpha=self.alpha(), lr=lr, weight_decay=weight_decay)
+        return create_lorafa_optimizer(model, r=self.values["rank"], lora_alpha=self.alpha(), lr=lr, weight_decay=weight_decay,
+                                       use_rslora=self.values["rslora"])
 
     def prepare(self, model: nn.Module, task: str, seed: int) -> nn.Module:
         model = super().prepare(model, task, seed)

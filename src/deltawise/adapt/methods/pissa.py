@@ -35,7 +35,7 @@ class PiSSA(LoRA):
         # PEFT's documented recipe: save the initial adapter marked as plain-init, then restore
         config.init_lora_weights = True
         model.save_pretrained(self._init_dir)
-        config.init_lora_weights = "pissa"
+        config.init_lora_weights = self.lora_kwargs["init_lora_weights"]
 
     def save(self, model: nn.Module, out: Path, base=None) -> None:
         if self._init_dir is None:
