@@ -26,6 +26,10 @@ from deltawise.io.output import STAGING_MARK, prepare_staging, staging_folder
 from deltawise.io.writer import write_json_atomic
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from deltawise.adapt.methods import Method
     from deltawise.adapt.train import TrainConfig
 
 RUN_FILE = ".deltawise-train.json"
@@ -98,6 +102,37 @@ def open_run_staging(out: Path, key: dict[str, Any], *, resume: bool) -> tuple[P
     folder = prepare_staging(out)
     write_json_atomic(folder / RUN_FILE, {"key": key})
     return folder, None
+
+
+def save_method_state(method: Method, checkpoint: Path) -> None:
+    """Write the method's own state (``Method.resume_state``) into a checkpoint folder, when it has any."""
+    state = method.resume_state()
+    if state:
+        from safetensors.torch import save_file
+
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, checkpoint / METHOD_STATE)
+
+
+def load_method_state(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Hand the method what ``save_method_state`` wrote (nothing: an empty dict, for the method to refuse if it needs state)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / METHOD_STATE
+    method.load_resume_state(model, optimizer, load_file(path) if path.is_file() else {})
+
+
+def previous_records(checkpoint: Optional[Path]) -> list[dict[str, Any]]:
+    """The training and evaluation log of the run up to ``checkpoint`` (Trainer keeps it in trainer_state.json)."""
+    if checkpoint is None:
+        return []
+    history = json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", [])
+    return [{"step": r["step"], **{k: v for k, v in r.items() if k != "step"}} for r in history
+            if "step" in r and ("loss" in r or "eval_loss" in r)]
+
+
+def checkpoint_step(checkpoint: Optional[Path]) -> Optional[int]:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
 
 
 def discard_unless_resumable(staging: Path) -> bool:

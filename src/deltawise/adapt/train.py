@@ -30,18 +30,18 @@ import psutil
 import torch
 from torch import nn
 
-from deltawise.adapt.checkpoints import (METHOD_STATE, RUN_FILE, TRAINER_DIR, discard_unless_resumable, latest_checkpoint,
-                                        open_run_staging, run_key)
+from deltawise.adapt.checkpoints import (RUN_FILE, TRAINER_DIR, checkpoint_step, discard_unless_resumable,
+                                        latest_checkpoint, load_method_state, open_run_staging, previous_records, run_key,
+                                        save_method_state)
 from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read_examples, tokenize
-from deltawise.adapt.dist import world_size
 from deltawise.adapt.evaluation import IGNORE_OUTPUTS, LOSS_KEY, metrics_of, per_example_sums
 from deltawise.adapt.methods import Method, get_method
 from deltawise.adapt.reporting import Note, Progress, reporter_callback
-from deltawise.adapt.runtime import compute_arguments
+from deltawise.adapt.runtime import training_arguments
 from deltawise.errors import InputError, OutputError
 from deltawise.io.output import output_lock, staging_folder, swap_into_place, unwritable
 from deltawise.io.reader import ModelReader
-from deltawise.options import SCHEDULES, CheckpointOptions, TrainingOptions
+from deltawise.options import CheckpointOptions, TrainingOptions
 
 TASKS = ("causal_lm", "classification")
 
@@ -175,24 +175,17 @@ def _make_trainer_class():
             return output
 
         def _save_checkpoint(self, model, trial):
-            state = self.method.resume_state()
-            if state and self.args.should_save:
-                from safetensors.torch import save_file
+            if self.args.should_save:  # before Trainer's files: its trainer_state.json marks the checkpoint complete
                 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-                # written before Trainer's trainer_state.json, which marks the checkpoint complete
-                folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                folder.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / METHOD_STATE)
+                run_dir = Path(self._get_output_dir(trial=trial))
+                save_method_state(self.method, run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             super()._save_checkpoint(model, trial)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
             if checkpoint is not None:
-                from safetensors.torch import load_file
-
-                path = Path(checkpoint) / METHOD_STATE
-                self.method.load_resume_state(self.model, self.optimizer, load_file(path) if path.is_file() else {})
+                load_method_state(self.method, self.model, self.optimizer, Path(checkpoint))
 
     return DeltawiseTrainer, _MethodHooks
 
@@ -247,51 +240,6 @@ def load_tokenizer(model_path: Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.schedule == "cpt":
-        # continual pre-training (Ibrahim et al. 2024, arXiv 2403.08763): re-warm linearly, then cosine down to min_lr_ratio·lr
-        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio}}
-    return {"lr_scheduler_type": cfg.schedule}
-
-
-def _training_arguments(cfg: TrainConfig, output_dir: Path):
-    """TrainingArguments for ``cfg``; building them sets up the process group of a multi-process launch."""
-    from transformers import TrainingArguments
-    from transformers.training_args import ParallelMode
-
-    warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)
-    n_proc = world_size()
-    evaluate = cfg.eval_data is not None and cfg.eval_every > 0
-    save = cfg.save_every > 0
-    args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        warmup_steps=warmup, logging_steps=cfg.logging_steps, report_to=[],
-        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every if evaluate else None,
-        # one checkpoint is all --resume needs: the older one goes once the newer is complete
-        save_strategy="steps" if save else "no", save_steps=cfg.save_every if save else None, save_total_limit=1,
-        label_names=["labels"], seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, **compute_arguments(cfg.device, cfg.dtype, cfg.gradient_checkpointing, n_proc),
-        **_lr_schedule(cfg),
-    )
-    if n_proc > 1 and (args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size != n_proc):
-        raise InputError(f"launched as {n_proc} processes, but transformers set up {args.world_size} "
-                         f"({args.parallel_mode}); each process would train alone")
-    return args
-
-
-def _previous_records(checkpoint: Optional[Path]) -> list[dict[str, Any]]:
-    """The training and evaluation log of the run up to ``checkpoint`` (Trainer keeps it in trainer_state.json)."""
-    if checkpoint is None:
-        return []
-    history = json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", [])
-    return [{"step": r["step"], **{k: v for k, v in r.items() if k != "step"}} for r in history
-            if "step" in r and ("loss" in r or "eval_loss" in r)]
-
-
 def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list | None = None, *,
               progress: Optional[Progress] = None, note: Optional[Note] = None) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and write the result to ``cfg.output``.
@@ -332,19 +280,18 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
     staging = staging_folder(cfg.output)
     # before the staging folder: sets up the process group (the other ranks wait for rank 0's folder)
     # and checks device and dtype before anything is written
-    args = _training_arguments(cfg, staging / TRAINER_DIR)
+    args = training_arguments(cfg, staging / TRAINER_DIR)
     main = args.process_index == 0
     held = ExitStack()
     resume_from: Optional[Path] = None
-    trainer = None
     try:
         with args.main_process_first(local=False, desc="staging folder"):
             if main:  # the process that writes the output locks it and prepares its staging folder
                 cfg.output.parent.mkdir(parents=True, exist_ok=True)
                 held.enter_context(output_lock(cfg.output))
                 _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
-                key = run_key(cfg, method.values, ModelReader(model_path, allow_pickle=cfg.allow_pickle,
-                                                                          label=str(cfg.model)).fingerprint())
+                fingerprint = ModelReader(model_path, allow_pickle=cfg.allow_pickle, label=str(cfg.model)).fingerprint()
+                key = run_key(cfg, method.values, fingerprint)
                 staging, resume_from = open_run_staging(cfg.output, key, resume=cfg.resume)
             elif cfg.resume:
                 resume_from = latest_checkpoint(staging)
@@ -388,7 +335,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             # sequence-classification heads take **kwargs but average their loss per batch and ignore
             # num_items_in_batch; left on, Trainer would multiply that mean by the process count
             trainer.model_accepts_loss_kwargs = False
-        earlier = _previous_records(resume_from)  # read now: the checkpoint is rotated out once a newer one is kept
+        earlier = previous_records(resume_from)  # read now: the checkpoint is rotated out once a newer one is kept
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None, ignore_keys_for_eval=IGNORE_OUTPUTS)
         if eval_rows and not (trainer.records and trainer.records[-1].get("step") == trainer.state.global_step
@@ -406,7 +353,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 "label2id": {str(k): v for k, v in (label2id or {}).items()},
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                 "method_params": method.values, "method_record": method.record(), "seconds": seconds,
-                "steps": trainer.state.global_step, "resumed_from_step": _step_of(resume_from),
+                "steps": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
             }
             (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
             (staging / "training_log.json").write_text(json.dumps(records, indent=2))
@@ -415,16 +362,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
         succeeded = True
     finally:
-        if main and not succeeded:
-            kept = cfg.save_every > 0 and discard_unless_resumable(staging)
-            if not kept:
-                shutil.rmtree(staging, ignore_errors=True)
-            elif note is not None:
-                note(f"kept the checkpoint in {staging}: rerun the command with --resume to continue")
+        # a checkpoint (this run's, or the one a resumed run started from) stays for --resume
+        if main and not succeeded and discard_unless_resumable(staging) and note is not None:
+            note(f"kept the checkpoint in {staging}: rerun the command with --resume to continue")
         held.close()
     return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, records,
                        trainer._tokens, trainer.is_world_process_zero())
-
-
-def _step_of(checkpoint: Optional[Path]) -> Optional[int]:
-    return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
