@@ -152,6 +152,10 @@ def test_classification_eval_reports_accuracy(tiny_lm, tmp_path):  # noqa: F811
     expected_loss = float(torch.nn.functional.cross_entropy(scores, batch["labels"]))
     assert record["eval_accuracy"] == pytest.approx(float((scores.argmax(-1) == batch["labels"]).float().mean()))
     assert record["eval_loss"] == pytest.approx(expected_loss, rel=1e-4)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "Flat is better.", "label": "neutral"}) + "\n")
+    with pytest.raises(InputError, match=r"label\(s\) \['neutral'\] do not occur in --data"):
+        run_train(train_cfg(tiny_lm, tmp_path / "x", "full", {}, task="classification", data=tiny_lm["cls"], eval_data=other))
 
 
 # --- data formats and output ---------------------------------------------------------------------

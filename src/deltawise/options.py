@@ -141,7 +141,8 @@ class TrainingOptions(BatchOptions):
     device: str = option("auto", "where training runs: auto (the accelerator when there is one), cpu, cuda or cuda:N")
     dtype: str = option("float32", "compute dtype: float32, or bfloat16 / float16 mixed precision (float32 master "
                                    "weights; float16 needs a GPU)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, one more "
+                                                 "forward pass of compute")
     eval_data: Optional[Path] = option(None, "held-out data (same formats as --data): evaluation loss and perplexity "
                                        "(accuracy for classification) logged to training_log.json")
     eval_every: int = option(0, "evaluate on --eval-data every N optimizer steps (0: once, at the end)", min=0)

@@ -268,7 +268,11 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
     refuse_pickle(model_path, cfg.allow_pickle, str(cfg.model))
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
 
-    label2id = label_mapping(examples + (eval_examples or [])) if cfg.task == "classification" else None
+    label2id = label_mapping(examples) if cfg.task == "classification" else None
+    unseen = {e.label for e in eval_examples or []} - {e.label for e in examples} if label2id else set()
+    if unseen:
+        raise InputError(f"{cfg.eval_data}: label(s) {sorted(map(str, unseen))} do not occur in --data; the classifier "
+                         "learns only the training labels")
     rows = tokenize(examples, tok, cfg.max_length, cfg.task, label2id)
     eval_rows = tokenize(eval_examples, tok, cfg.max_length, cfg.task, label2id) if eval_examples else None
     sampler = None
