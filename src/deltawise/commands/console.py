@@ -92,9 +92,10 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
         hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if quiet else "default")
             for category in (FutureWarning, DeprecationWarning):
                 warnings.simplefilter("ignore", category)
+            if quiet:
+                warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
