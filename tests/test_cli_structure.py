@@ -178,7 +178,7 @@ def test_train_and_bam_show_the_same_training_options():
     assert set(train) == fields and train == bam
     visible = [f for f in option_fields(TrainingOptions) + option_fields(MethodChoice) if not flag_of(f).hidden]
     for name in ("train", "bam"):
-        text = CliRunner().invoke(app, [name, "--help"], terminal_width=400).output
+        text = CliRunner().invoke(app, [name, "--help"], terminal_width=400, env={"COLUMNS": "400"}).output
         for f in visible:
             assert flag_of(f).long_name(f.name) in text, (name, f.name)
         assert "--method-option" not in text and "--filter-rank" not in text  # old spellings are hidden
@@ -214,7 +214,7 @@ def captured_train(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_train(cfg, model_path=None):
+    def fake_run_train(cfg, model_path=None, **_reporting):
         seen["cfg"] = cfg
         raise SystemExit(0)
 

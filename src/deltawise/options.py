@@ -138,6 +138,23 @@ class TrainingOptions(BatchOptions):
     min_lr_ratio: float = option(0.1, "cpt schedule: final lr as a fraction of --lr", min=0, max=1)
     replay: Optional[Path] = option(None, "source-domain data mixed into every batch (continual pre-training)")
     replay_fraction: float = option(0.25, "share of each batch taken from --replay", min=0, max=1)
+    device: str = option("auto", "where training runs: auto (the accelerator when there is one), cpu, cuda or cuda:N")
+    dtype: str = option("float32", "compute dtype: float32, or bfloat16 / float16 mixed precision (float32 master "
+                                   "weights; float16 needs a GPU)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, one more "
+                                                 "forward pass of compute")
+    eval_data: Optional[Path] = option(None, "held-out data (same formats as --data): evaluation loss and perplexity "
+                                       "(accuracy for classification) logged to training_log.json")
+    eval_every: int = option(0, "evaluate on --eval-data every N optimizer steps (0: once, at the end)", min=0)
+
+
+@dataclass
+class CheckpointOptions:
+    """Checkpoints of one ``train`` run, kept beside the output until it succeeds, and resuming from them
+    (docs/adapt.md, "Resuming")."""
+
+    save_every: int = option(0, "keep a checkpoint every N optimizer steps beside OUTPUT, for --resume (0: none)", min=0)
+    resume: bool = option(False, "continue an interrupted run of the same command from its last checkpoint")
 
 
 # The training methods' former flags, each now one NAME of --method-param NAME=VALUE.

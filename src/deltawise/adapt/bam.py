@@ -127,6 +127,8 @@ def split_slices(n: int, count: int, seed: int) -> list[list[int]]:
 def _example_record(ex: Example, task: str) -> dict[str, Any]:
     if task == "classification":
         return {"text": ex.text, "label": ex.label}
+    if ex.messages:
+        return {"messages": [{"role": role, "content": content} for role, content in ex.messages]}
     if ex.prompt:
         return {"prompt": ex.prompt, "response": ex.text}
     return {"text": ex.text}

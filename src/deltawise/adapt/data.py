@@ -6,6 +6,8 @@ in ``deltawise.data.read``); what a record means to training:
 - plain text: each document is one example (every token in the loss);
 - a record with a ``text`` field: one example;
 - a record with ``prompt`` and ``response``: the loss covers the response tokens only;
+- a record with ``messages`` (role/content list, TRL's conversational format): rendered with the tokenizer's
+  chat template, the loss covers the assistant turns only (``deltawise.adapt.chat``);
 - classification (``task="classification"``): records with ``text`` and ``label`` (int or string).
 """
 
@@ -19,19 +21,22 @@ from typing import Any
 
 import torch
 
+from deltawise.adapt.chat import IGNORE_INDEX, Messages, chat_row, parse_messages, require_chat_template
 from deltawise.data.read import Item, read_data
 from deltawise.errors import InputError
 
-IGNORE_INDEX = -100  # the label value transformers' losses skip
+__all__ = ["IGNORE_INDEX", "Collator", "Example", "ReplayMixSampler", "label_mapping", "read_examples", "tokenize"]
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example before tokenization. ``prompt`` is excluded from the loss."""
+    """One training example before tokenization. ``prompt`` is excluded from the loss; ``messages``: a chat
+    conversation (``text`` is then empty)."""
 
     text: str
     prompt: str = ""
     label: Any = None
+    messages: Messages = ()
 
 
 def read_examples(path: Path, task: str = "causal_lm") -> list[Example]:
@@ -53,11 +58,13 @@ def _example(item: Item, task: str) -> Example:
         if "text" not in rec or "label" not in rec:
             raise InputError(f"{item.origin}: classification records need 'text' and 'label'")
         return Example(text=str(rec["text"]), label=rec["label"])
+    if "messages" in rec:
+        return Example(text="", messages=parse_messages(rec["messages"], item.origin))
     if "prompt" in rec and "response" in rec:
         return Example(text=str(rec["response"]), prompt=str(rec["prompt"]))
     if "text" in rec:
         return Example(text=str(rec["text"]))
-    raise InputError(f"{item.origin}: need a 'text' field or 'prompt' and 'response' fields")
+    raise InputError(f"{item.origin}: need a 'text' field, 'prompt' and 'response' fields, or chat 'messages'")
 
 
 def label_mapping(examples: list[Example]) -> dict[Any, int]:
@@ -71,9 +78,17 @@ def label_mapping(examples: list[Example]) -> dict[Any, int]:
 def tokenize(examples: list[Example], tokenizer, max_length: int, task: str,
              label2id: dict | None = None) -> list[dict[str, list[int]]]:
     """Tokenize to lists of ids. Causal LM: ``labels`` copy the ids, with prompt tokens masked out;
-    an EOS token ends each document so the model learns where documents stop."""
+    an EOS token ends each document so the model learns where documents stop. Chat examples go through
+    the tokenizer's chat template (``deltawise.adapt.chat``)."""
     rows = []
+    if task != "classification" and any(ex.messages for ex in examples):
+        require_chat_template(tokenizer)
     for ex in examples:
+        if ex.messages and task != "classification":
+            row = chat_row(ex.messages, tokenizer, max_length)
+            if row is not None:
+                rows.append(row)
+            continue
         if task == "classification":
             ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
             key = ex.label if ex.label in label2id else str(ex.label)

@@ -7,43 +7,52 @@ prepares the model identically (same seed; rank 0's choice where a method picks 
 so the run equals one process with ``processes × --batch-size`` examples per step.
 
 The run trains into a staging folder next to the output and renames it into place at the end,
-so an interrupted run never leaves a half-written output. Our own methods (kind ``delta``) save a
-deltawise delta folder (``delta.json`` + shards, recording the base's identity) into it.
+so an interrupted run never leaves a half-written output; with ``--save-every`` the folder keeps
+checkpoints that ``--resume`` continues from (``deltawise.adapt.checkpoints``). Our own methods (kind
+``delta``) save a deltawise delta folder (``delta.json`` + shards, recording the base's identity) into it.
+Device and precision: ``deltawise.adapt.runtime``; evaluation during training:
+``deltawise.adapt.evaluation``; progress and log lines: ``deltawise.adapt.reporting``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 import torch
 from torch import nn
 
+from deltawise.adapt.checkpoints import (RUN_FILE, TRAINER_DIR, checkpoint_step, discard_unless_resumable,
+                                        latest_checkpoint, load_method_state, open_run_staging, previous_records, run_key,
+                                        save_method_state)
 from deltawise.adapt.data import Collator, ReplayMixSampler, label_mapping, read_examples, tokenize
-from deltawise.adapt.dist import world_size
+from deltawise.adapt.evaluation import IGNORE_OUTPUTS, LOSS_KEY, metrics_of, per_example_sums
 from deltawise.adapt.methods import Method, get_method
+from deltawise.adapt.reporting import Note, Progress, reporter_callback
+from deltawise.adapt.runtime import training_arguments
 from deltawise.errors import InputError, OutputError
-from deltawise.io.output import output_lock, unwritable
+from deltawise.io.output import output_lock, staging_folder, swap_into_place, unwritable
 from deltawise.io.reader import ModelReader
-from deltawise.options import SCHEDULES, TrainingOptions
+from deltawise.options import CheckpointOptions, TrainingOptions
 
 TASKS = ("causal_lm", "classification")
 
 
 @dataclass(kw_only=True)
-class TrainConfig(TrainingOptions):
+class TrainConfig(TrainingOptions, CheckpointOptions):
     """One training run: what to train, on what, into where; the optimisation settings are the
     fields of ``TrainingOptions`` (deltawise/options.py, the same declaration the CLI's ``train``
-    and ``bam`` read). ``method_params``: the method's parameters by name, as strings from the
-    command line or typed values from Python."""
+    and ``bam`` read), checkpoints and resuming those of ``CheckpointOptions`` (``train`` only).
+    ``method_params``: the method's parameters by name, as strings from the command line or typed
+    values from Python."""
 
     model: Path
     data: Path
@@ -53,7 +62,7 @@ class TrainConfig(TrainingOptions):
     max_grad_norm: float = 1.0
     logging_steps: int = 1
     overwrite: bool = False
-    progress: bool = True
+    progress: bool = True  # report through run_train's progress/note callbacks (transformers' own bars are never drawn)
     trust_remote_code: bool = False  # run Python code shipped in the model folder (--trust-remote-code)
     allow_pickle: bool = False  # accept a .bin/.pt checkpoint, read with weights_only=True (--allow-pickle)
     # the method's parameters by name (raw text from the command line, or typed values); validated and
@@ -98,7 +107,9 @@ def _make_trainer_class():
 
     class DeltawiseTrainer(Trainer):
         """Trainer plus: a method's extra loss and optimizer, the replay-mixing sampler (redrawn
-        every epoch; the trainer calls its ``set_epoch``), and a log with tokens/s and memory."""
+        every epoch; the trainer calls its ``set_epoch``), a log with tokens/s and memory, the
+        token-weighted evaluation loss (``deltawise.adapt.evaluation``), and the method's own state in
+        every checkpoint (``Method.resume_state``)."""
 
         def __init__(self, *a, method: Method, sampler: ReplayMixSampler | None, **kw):
             super().__init__(*a, **kw)
@@ -124,8 +135,10 @@ def _make_trainer_class():
             return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self._tokens += int(inputs["attention_mask"].sum())
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if not model.training:
+                return result  # evaluation: the task loss alone, and its tokens are not training tokens
+            self._tokens += int(inputs["attention_mask"].sum())
             reg = self.method.regularizer(model)
             if reg is None:
                 return result
@@ -150,14 +163,36 @@ def _make_trainer_class():
                     logs["cuda_max_allocated_mb"] = float(every[:, 3].max())
                 self.records.append({"step": self.state.global_step, **logs})
                 self._tokens_at_log, self._time_at_log = self._tokens, now
+            elif "eval_loss" in logs:
+                self.records.append({"step": self.state.global_step, **logs})
             super().log(logs, *args, **kwargs)
+
+        def evaluation_loop(self, *args, **kwargs):
+            output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            if f"{prefix}_{LOSS_KEY}" in output.metrics:  # the token-weighted loss replaces Trainer's batch average
+                output.metrics[f"{prefix}_loss"] = output.metrics.pop(f"{prefix}_{LOSS_KEY}")
+            return output
+
+        def _save_checkpoint(self, model, trial):
+            if self.args.should_save:  # before Trainer's files: its trainer_state.json marks the checkpoint complete
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                run_dir = Path(self._get_output_dir(trial=trial))
+                save_method_state(self.method, run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            super()._save_checkpoint(model, trial)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None:
+                load_method_state(self.method, self.model, self.optimizer, Path(checkpoint))
 
     return DeltawiseTrainer, _MethodHooks
 
 
 def _check_paths(cfg: TrainConfig) -> None:
     out = cfg.output.resolve()
-    for src in [cfg.model, cfg.data] + ([cfg.replay] if cfg.replay else []):
+    for src in [cfg.model, cfg.data] + [p for p in (cfg.replay, cfg.eval_data) if p]:
         s = Path(src).resolve()
         if out == s or s.is_relative_to(out) or (s.is_dir() and out.is_relative_to(s)):
             raise OutputError(f"output {cfg.output} overlaps the input {src}; choose another output folder")
@@ -205,46 +240,16 @@ def load_tokenizer(model_path: Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def _lr_schedule(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if cfg.schedule == "cpt":
-        # continual pre-training (Ibrahim et al. 2024, arXiv 2403.08763): re-warm linearly, then cosine down to min_lr_ratio·lr
-        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio}}
-    return {"lr_scheduler_type": cfg.schedule}
-
-
-def _training_arguments(cfg: TrainConfig, output_dir: Path):
-    """TrainingArguments for ``cfg``; building them sets up the process group of a multi-process launch."""
-    from transformers import TrainingArguments
-    from transformers.training_args import ParallelMode
-
-    warmup = cfg.warmup if cfg.warmup < 1 else int(cfg.warmup)
-    n_proc = world_size()
-    # without this, accelerate on a machine with no accelerator starts the process group but trains
-    # each process on its own (no DDP); with it, CPU processes train together over gloo
-    use_cpu = n_proc > 1 and not torch.accelerator.is_available()
-    args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        warmup_steps=warmup, logging_steps=cfg.logging_steps, save_strategy="no", report_to=[],
-        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not cfg.progress, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=use_cpu, **_lr_schedule(cfg),
-    )
-    if n_proc > 1 and (args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size != n_proc):
-        raise InputError(f"launched as {n_proc} processes, but transformers set up {args.world_size} "
-                         f"({args.parallel_mode}); each process would train alone")
-    return args
-
-
-def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list | None = None) -> TrainResult:
+def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list | None = None, *,
+              progress: Optional[Progress] = None, note: Optional[Note] = None) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and write the result to ``cfg.output``.
 
     ``model_path`` overrides ``cfg.model`` as the folder to load (the CLI passes the converted
     folder of a GGUF input here while ``cfg.model`` keeps what the user named). ``callbacks``:
-    extra transformers ``TrainerCallback`` objects. In a multi-process run every process calls
-    this; rank 0 writes the output and all return once it is in place.
+    extra transformers ``TrainerCallback`` objects. ``progress(stage, done, total)`` hears of every
+    optimizer step and ``note`` gets one line per log (loss, evaluation), when ``cfg.progress``.
+    In a multi-process run every process calls this; rank 0 writes the output and all return once
+    it is in place.
     """
     from transformers import set_seed
 
@@ -253,38 +258,55 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
     _check_paths(cfg)
     if not cfg.max_steps > 0 and not cfg.epochs > 0:
         raise InputError(f"--epochs {cfg.epochs:g} trains nothing; give --epochs > 0 or --max-steps > 0")
+    if cfg.eval_every > 0 and cfg.eval_data is None:
+        raise InputError("--eval-every needs --eval-data (the held-out data to evaluate on)")
     model_path = Path(model_path or cfg.model)
     method = get_method(cfg.method, cfg.method_params)
+    # the data first: a file train cannot read is refused before a model is loaded
+    examples = read_examples(cfg.data, cfg.task)
+    eval_examples = read_examples(cfg.eval_data, cfg.task) if cfg.eval_data is not None else None
     refuse_pickle(model_path, cfg.allow_pickle, str(cfg.model))
     tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
 
-    examples = read_examples(cfg.data, cfg.task)
     label2id = label_mapping(examples) if cfg.task == "classification" else None
+    unseen = {e.label for e in eval_examples or []} - {e.label for e in examples} if label2id else set()
+    if unseen:
+        raise InputError(f"{cfg.eval_data}: label(s) {sorted(map(str, unseen))} do not occur in --data; the classifier "
+                         "learns only the training labels")
     rows = tokenize(examples, tok, cfg.max_length, cfg.task, label2id)
+    eval_rows = tokenize(eval_examples, tok, cfg.max_length, cfg.task, label2id) if eval_examples else None
     sampler = None
     if cfg.replay is not None:
         replay_rows = tokenize(read_examples(cfg.replay, cfg.task), tok, cfg.max_length, cfg.task, label2id)
         sampler = ReplayMixSampler(len(rows), len(replay_rows), cfg.batch_size, cfg.replay_fraction, cfg.seed)
         rows = rows + replay_rows  # the sampler's indices: target rows first, then replay rows
 
+    staging = staging_folder(cfg.output)
+    # before the staging folder: sets up the process group (the other ranks wait for rank 0's folder)
+    # and checks device and dtype before anything is written
+    args = training_arguments(cfg, staging / TRAINER_DIR)
+    main = args.process_index == 0
     held = ExitStack()
+    resume_from: Optional[Path] = None
     try:
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        if int(os.environ.get("RANK", "0")) == 0:  # the process that writes the output locks it; the others only train
-            held.enter_context(output_lock(cfg.output))
-            _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
-        staging = cfg.output.parent / f".{cfg.output.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        with args.main_process_first(local=False, desc="staging folder"):
+            if main:  # the process that writes the output locks it and prepares its staging folder
+                cfg.output.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(output_lock(cfg.output))
+                _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
+                fingerprint = ModelReader(model_path, allow_pickle=cfg.allow_pickle, label=str(cfg.model)).fingerprint()
+                key = run_key(cfg, method.values, fingerprint)
+                staging, resume_from = open_run_staging(cfg.output, key, resume=cfg.resume)
+            elif cfg.resume:
+                resume_from = latest_checkpoint(staging)
     except OSError as exc:
         held.close()
         raise unwritable(cfg.output, exc) from None
     except BaseException:
         held.close()
         raise
+    succeeded = False
     try:
-        # before the model is prepared, so a method may already talk to the other processes
-        args = _training_arguments(cfg, staging / "_trainer")
         set_seed(cfg.seed)
         model = load_model(model_path, cfg.task, len(label2id) if label2id else None, tok.pad_token_id,
                            trust_remote_code=cfg.trust_remote_code)
@@ -297,27 +319,36 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         base = ModelReader(model_path, label=str(cfg.model), allow_pickle=cfg.allow_pickle) if method.kind == "delta" else None
         model = method.prepare(model, cfg.task, cfg.seed)
         trainable, total = method.count_params(model)
-        method.before_training(model, staging)
+        # the other ranks of a multi-process run get a folder of their own: only rank 0's output is kept
+        method.before_training(model, staging if main else Path(held.enter_context(tempfile.TemporaryDirectory())))
         Trainer, Hooks = _make_trainer_class()
         hooks = Hooks(method, cfg.lr)
+        reporters = [reporter_callback(progress, note)] if cfg.progress and (progress or note) else []
         trainer = Trainer(
-            model=model, args=args, train_dataset=rows, data_collator=Collator(tok.pad_token_id, cfg.task),
-            method=method, sampler=sampler, callbacks=[hooks, *(callbacks or [])],
+            model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
+            data_collator=Collator(tok.pad_token_id, cfg.task), method=method, sampler=sampler,
+            callbacks=[hooks, *reporters, *(callbacks or [])],
+            compute_metrics=metrics_of(cfg.task) if eval_rows else None,
+            preprocess_logits_for_metrics=per_example_sums(cfg.task) if eval_rows else None,
         )
         hooks.model = trainer.model
-        if not cfg.progress:
-            from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import PrinterCallback
 
-            trainer.remove_callback(PrinterCallback)  # without bars, Trainer would print every log dict instead
+        trainer.remove_callback(PrinterCallback)  # log lines go to ``note``; Trainer would print every log dict
         if cfg.task == "classification":
             # sequence-classification heads take **kwargs but average their loss per batch and ignore
             # num_items_in_batch; left on, Trainer would multiply that mean by the process count
             trainer.model_accepts_loss_kwargs = False
+        earlier = previous_records(resume_from)  # read now: the checkpoint is rotated out once a newer one is kept
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None, ignore_keys_for_eval=IGNORE_OUTPUTS)
+        if eval_rows and not (trainer.records and trainer.records[-1].get("step") == trainer.state.global_step
+                              and "eval_loss" in trainer.records[-1]):
+            trainer.evaluate(ignore_keys=IGNORE_OUTPUTS)  # the final model, unless the last step was just evaluated
         seconds = time.perf_counter() - t0
-        shutil.rmtree(staging / "_trainer", ignore_errors=True)
+        records = earlier + trainer.records
         if trainer.is_world_process_zero():
+            shutil.rmtree(staging / TRAINER_DIR, ignore_errors=True)
             method.save(trainer.model, staging, base=base)
             tok.save_pretrained(staging)
             meta = {
@@ -326,24 +357,18 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 "label2id": {str(k): v for k, v in (label2id or {}).items()},
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                 "method_params": method.values, "method_record": method.record(), "seconds": seconds,
-                "steps": trainer.state.global_step,
+                "steps": trainer.state.global_step, "resumed_from_step": checkpoint_step(resume_from),
             }
             (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
-            (staging / "training_log.json").write_text(json.dumps(trainer.records, indent=2))
-            _move_into_place(staging, cfg.output)
+            (staging / "training_log.json").write_text(json.dumps(records, indent=2))
+            (staging / RUN_FILE).unlink(missing_ok=True)
+            swap_into_place(staging, cfg.output)
         trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
+        succeeded = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # a checkpoint (this run's, or the one a resumed run started from) stays for --resume
+        if main and not succeeded and discard_unless_resumable(staging) and note is not None:
+            note(f"kept the checkpoint in {staging}: rerun the command with --resume to continue")
         held.close()
-    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, trainer.records,
+    return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, records,
                        trainer._tokens, trainer.is_world_process_zero())
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,9 @@ stdout can be piped. Both soft-wrap: never a line break inside a path, JSON or m
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,8 +17,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-__all__ = ["ProgressReporter", "bytes_progress", "err", "escape", "no_transformers_bars", "note", "out", "stage_factory",
-           "steps_progress", "warn"]
+__all__ = ["ProgressReporter", "bytes_progress", "err", "escape", "no_transformers_bars", "note", "out", "quiet_libraries",
+           "stage_factory", "steps_progress", "warn"]
 
 
 class ProgressReporter:
@@ -72,3 +74,32 @@ def no_transformers_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def quiet_libraries(quiet: bool) -> Iterator[None]:
+    """For a command that draws its own progress (train): no transformers / huggingface_hub bars, and
+    when ``quiet`` none of their log messages or Python warnings either (deprecation notices meant for
+    library developers, never): restored afterwards."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars_were_off = hf_logging.get_verbosity(), are_progress_bars_disabled()
+    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.simplefilter("ignore", category)
+            if quiet:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
+        if not bars_were_off:
+            enable_progress_bars()

@@ -12,11 +12,14 @@ from typing import Any, Optional
 
 import typer
 
-from deltawise.commands.console import ProgressReporter, escape, no_transformers_bars, note, out, steps_progress, warn
+from deltawise.commands.console import (ProgressReporter, escape, no_transformers_bars, note, out, quiet_libraries,
+                                        steps_progress, warn)
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, EngineOptions, LoadOptions, MethodChoice, RunOptions, TrainingOptions
+from deltawise.options import (CheckpointOptions, DataOptions, EngineOptions, LoadOptions, MethodChoice, RunOptions,
+                               TrainingOptions)
 
-DATA_HELP = "training data: text (documents separated by % lines or blank lines) or JSONL (text | prompt+response | text+label)"
+DATA_HELP = ("training data: text (documents separated by % lines or blank lines), JSONL (text | prompt+response | "
+             "chat messages | text+label) or a datasets folder")
 # bam restarts the schedule in every branch and starts each from a merged full model
 BAM_TRAINING_DEFAULTS = {"lr": {"default": 5e-5}, "schedule": {"default": "cpt"}, "warmup": {"default": 0.01}}
 
@@ -45,11 +48,13 @@ def method_params(choice: MethodChoice) -> dict[str, Any]:
 @options("engine", EngineOptions, only=("allow_pickle",),
          override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
 @options("load", LoadOptions)
+@options("checkpoint", CheckpointOptions)
 @options("choice", MethodChoice)
 @options("training", TrainingOptions)
 @options("data_options", DataOptions, only=("task",))
 @options("run", RunOptions, exclude=("device",), override={
-    "output": {"help": "output folder (written atomically; must not be an input)"}, "quiet": {"help": "no progress bars"},
+    "output": {"help": "output folder (written atomically; must not be an input)"},
+    "quiet": {"help": "print nothing but errors and the result line"},
     "overwrite": {"help": "replace a non-empty output folder once training succeeds"}})
 def train(
     model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file (converted once, cached)"),
@@ -58,6 +63,7 @@ def train(
     data_options: DataOptions = ...,
     training: TrainingOptions = ...,
     choice: MethodChoice = ...,
+    checkpoint: CheckpointOptions = ...,
     load: LoadOptions = ...,
     engine: EngineOptions = ...,
 ) -> None:
@@ -69,9 +75,11 @@ def train(
     assert run.output is not None
     require_local_or_hub_id(str(model))
     cfg = TrainConfig(model=model, data=data, output=run.output, method=choice.method, task=resolve_task(data, data_options.task),
-                      **asdict(training), overwrite=run.overwrite, progress=not run.quiet, method_params=method_params(choice),
-                      trust_remote_code=load.trust_remote_code, allow_pickle=engine.allow_pickle)
-    result = run_train(cfg, model_path=resolve_gguf(model))
+                      **asdict(training), **asdict(checkpoint), overwrite=run.overwrite, progress=not run.quiet,
+                      method_params=method_params(choice), trust_remote_code=load.trust_remote_code,
+                      allow_pickle=engine.allow_pickle)
+    with quiet_libraries(run.quiet), steps_progress(run.quiet) as progress:
+        result = run_train(cfg, model_path=resolve_gguf(model), progress=ProgressReporter(progress), note=note(run.quiet))
     if not result.is_main_process:
         return  # torchrun / accelerate launch: rank 0 reports
     out.print(

@@ -63,6 +63,14 @@ class Method:
         """A method-specific optimizer, or None for the trainer's AdamW over trainable parameters."""
         return None
 
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        """Per-run state beyond the model's weights and the optimizer that a run continued from a checkpoint
+        needs (e.g. LIFT's masks); saved with every checkpoint. Empty: ``prepare`` rebuilds all of it."""
+        return {}
+
+    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``resume_state`` saved, once the checkpoint's weights and optimizer are loaded."""
+
     def before_training(self, model: nn.Module, staging: Path) -> None:
         """Hook run once the model is prepared and before the first step (e.g. PiSSA saves its init)."""
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltawise.adapt.dist import broadcast_from_rank0
-from deltawise.adapt.methods.base import DeltaMethod, head_names, register, set_submodule
+from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register, set_submodule
 from deltawise.architecture import architecture_for
 from deltawise.delta.sparse import SparseDelta
 from deltawise.params import Param
@@ -153,6 +153,22 @@ class LIFT(DeltaMethod):
             added = new_cpu[~torch.isin(new_cpu, idx)]
             if added.numel():  # first time in a mask: the current value is still the base value
                 self.seen[name] = (torch.cat([idx, added]), torch.cat([base, m.weight.detach().cpu().view(-1)[added]]))
+
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        # the masks move at each refresh, and the base values of every entry ever masked are needed for the delta
+        state = {"steps": torch.tensor(self.steps)}
+        for name, m in self.modules.items():
+            idx, base = self.seen[name]
+            state.update({f"mask/{name}": m.mask, f"seen_index/{name}": idx, f"seen_base/{name}": base})
+        return state
+
+    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+        if "steps" not in state:
+            raise MethodError("the checkpoint holds no LIFT state (masks); it cannot be resumed, start the run again")
+        self.steps = int(state["steps"])
+        for name, m in self.modules.items():
+            m.mask = state[f"mask/{name}"].to(m.mask.device)
+            self.seen[name] = (state[f"seen_index/{name}"], state[f"seen_base/{name}"])
 
     def deltas(self, model: nn.Module) -> dict[str, SparseDelta]:
         out = {}

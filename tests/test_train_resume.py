@@ -1,0 +1,109 @@
+"""``train --save-every N --resume``: a run interrupted after a checkpoint and resumed ends with exactly
+the weights and log of the uninterrupted run (PEFT LoRA with dropout, and our own SORSA and LIFT, whose
+masks move across the interruption), and the refusals around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from adapt_util import tiny_lm, train_cfg  # noqa: F401
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from deltawise.adapt import run_train
+from deltawise.adapt.methods import MethodError
+from deltawise.cli import app
+from deltawise.errors import OutputError
+from deltawise.io.output import staging_folder
+
+STEPS, SAVE_EVERY, STOP_AT = 6, 2, 3
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises at the end of step ``step``: the run dies as a Ctrl-C or crash would, after its checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+def _cfg(tiny_lm, out: Path, method: str, params: dict, **kw):  # noqa: F811
+    return train_cfg(tiny_lm, out, method, params, max_steps=STEPS, batch_size=2, save_every=SAVE_EVERY, **kw)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _interrupt(cfg) -> Path:
+    with pytest.raises(Interrupted):
+        run_train(cfg, callbacks=[StopAt(STOP_AT)])
+    staging = staging_folder(cfg.output)
+    assert not cfg.output.exists() and (staging / "_trainer" / f"checkpoint-{SAVE_EVERY}").is_dir()
+    return staging
+
+
+@pytest.mark.parametrize("method, params", [
+    ("lora", {"rank": 2, "dropout": 0.1}),  # dropout: the RNG state must be restored too
+    ("sorsa", {"rank": 2}),
+    ("lift", {"rank": 2, "filter_rank": 2, "refresh_interval": 2}),  # masks refreshed at steps 2 and 4
+])
+def test_resumed_run_equals_the_uninterrupted_run_exactly(tiny_lm, tmp_path, method, params):  # noqa: F811
+    whole = run_train(_cfg(tiny_lm, tmp_path / "whole", method, params))
+    _interrupt(_cfg(tiny_lm, tmp_path / "resumed", method, params))
+    resumed = run_train(_cfg(tiny_lm, tmp_path / "resumed", method, params, resume=True))
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.steps == STEPS
+    keys = ("step", "loss", "learning_rate", "grad_norm")
+    assert [[r[k] for k in keys] for r in resumed.log] == [[r[k] for k in keys] for r in whole.log]  # the log from step 1
+    meta = json.loads((tmp_path / "resumed" / "deltawise_train.json").read_text())
+    assert meta["resumed_from_step"] == SAVE_EVERY and meta["steps"] == STEPS
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging folder renamed into place
+
+
+def test_lift_resume_needs_its_masks(tiny_lm, tmp_path):  # noqa: F811
+    """Without LIFT's saved masks the resumed run could not match: the checkpoint is refused instead."""
+    params = {"rank": 2, "filter_rank": 2, "refresh_interval": 2}
+    staging = _interrupt(_cfg(tiny_lm, tmp_path / "o", "lift", params))
+    (staging / "_trainer" / f"checkpoint-{SAVE_EVERY}" / "deltawise_method_state.safetensors").unlink()
+    with pytest.raises(MethodError, match="no LIFT state"):
+        run_train(_cfg(tiny_lm, tmp_path / "o", "lift", params, resume=True))
+    assert staging.is_dir()  # the checkpoint is still there
+
+
+def test_refusals_around_an_interrupted_run(tiny_lm, tmp_path):  # noqa: F811
+    params = {"rank": 2}
+    with pytest.raises(OutputError, match="nothing to resume"):
+        run_train(_cfg(tiny_lm, tmp_path / "o", "lora", params, resume=True))
+    staging = _interrupt(_cfg(tiny_lm, tmp_path / "o", "lora", params))
+    with pytest.raises(OutputError, match="pass --resume to continue it"):
+        run_train(_cfg(tiny_lm, tmp_path / "o", "lora", params))
+    with pytest.raises(OutputError, match=r"differs in: --lr, --method-params"):
+        run_train(_cfg(tiny_lm, tmp_path / "o", "lora", {"rank": 4}, lr=1e-3, resume=True))
+    assert staging.is_dir()
+    # through the command line: the same run continues
+    res = CliRunner().invoke(app, ["train", str(tiny_lm["model"]), "--data", str(tiny_lm["data"]), "-o", str(tmp_path / "o"),
+                                   "-p", "rank=2", "--max-steps", str(STEPS), "--batch-size", "2", "--lr", "1e-2",
+                                   "--save-every", str(SAVE_EVERY), "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "deltawise_train.json").read_text())["resumed_from_step"] == SAVE_EVERY
+    assert not staging.exists()
+
+
+def test_a_failed_run_without_checkpoints_leaves_nothing(tiny_lm, tmp_path):  # noqa: F811
+    with pytest.raises(Interrupted):
+        run_train(train_cfg(tiny_lm, tmp_path / "o", "lora", {"rank": 2}, max_steps=STEPS, batch_size=2),
+                  callbacks=[StopAt(STOP_AT)])
+    assert list(tmp_path.iterdir()) == []
