@@ -15,8 +15,8 @@ import typer
 from deltawise.commands.console import (ProgressReporter, escape, no_transformers_bars, note, out, quiet_libraries,
                                         steps_progress, warn)
 from deltawise.commands.flags import options
-from deltawise.options import (CheckpointOptions, DataOptions, EngineOptions, LoadOptions, MethodChoice, RunOptions,
-                               TrainingOptions)
+from deltawise.options import (CheckpointOptions, DataOptions, EngineOptions, ExecutorOptions, LoadOptions, MethodChoice,
+                               RunOptions, TrainingOptions)
 
 DATA_HELP = ("training data: text (documents separated by % lines or blank lines), JSONL (text | prompt+response | "
              "chat messages | text+label) or a datasets folder")
@@ -90,6 +90,7 @@ def train(
 
 @options("engine", EngineOptions, only=("allow_pickle",),
          override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
+@options("executor", ExecutorOptions)
 @options("load", LoadOptions)
 @options("choice", MethodChoice, override={"method": {"default": "full"}, "rank": {"short": None}})
 @options("training", TrainingOptions, override=BAM_TRAINING_DEFAULTS)
@@ -121,6 +122,7 @@ def bam(
     choice: MethodChoice = ...,
     load: LoadOptions = ...,
     engine: EngineOptions = ...,
+    executor: ExecutorOptions = ...,
 ) -> None:
     """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
 
@@ -147,7 +149,7 @@ def bam(
                             allow_pickle=engine.allow_pickle)
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
-                    restart=restart, branch_index=branch_index, merge_only=merge_only)
+                    restart=restart, branch_index=branch_index, merge_only=merge_only, **asdict(executor))
     no_transformers_bars()
     with steps_progress(run.quiet) as progress:
         result = run_bam(cfg, model_path=resolve_gguf(model), progress=ProgressReporter(progress), note=note(run.quiet))
