@@ -14,10 +14,21 @@ import typer
 
 from deltawise.commands.console import ProgressReporter, escape, no_transformers_bars, note, out, steps_progress, warn
 from deltawise.commands.flags import options
-from deltawise.options import DataOptions, EngineOptions, LoadOptions, MethodChoice, RunOptions, TrainingOptions
+from deltawise.options import (BudgetSearchOptions, DataOptions, EngineOptions, GuardOptions, LoadOptions, MethodChoice,
+                               RunOptions, SplitOptions, TrainingOptions)
 
 DATA_HELP = "training data: text (documents separated by % lines or blank lines) or JSONL (text | prompt+response | text+label)"
 # bam restarts the schedule in every branch and starts each from a merged full model
+# --retain/--target come from the budget search's group; their help says what they mean to a training run
+GUARD_BUDGET = {"only": ("retain", "target", "eval_max_length", "eval_batch_size"), "override": {
+    "retain": {"help": "forgetting budget SOURCE:MIN (repeatable): keep the best checkpoint whose retention on SOURCE "
+                       "(lower confidence bound) is >= MIN, e.g. en.jsonl:0.98"},
+    "target": {"help": "--retain: data whose gain picks the checkpoint (default: a held-out tenth of --data)"},
+    "eval_max_length": {"help": "--retain: tokens per scoring window (default: --max-length)"},
+    "eval_batch_size": {"help": "--retain: sequences per scoring forward pass"}}}
+GUARD_SPLIT = {"heldout_fraction": {"help": "--retain: share of each --retain/--target file's items held out to report the "
+                                            "written model on; the rest is the monitor split"},
+               "split_seed": {"help": "--retain: seed of the monitor/held-out cut"}}
 BAM_TRAINING_DEFAULTS = {"lr": {"default": 5e-5}, "schedule": {"default": "cpt"}, "warmup": {"default": 0.01}}
 
 
@@ -51,6 +62,9 @@ def method_params(choice: MethodChoice) -> dict[str, Any]:
 @options("run", RunOptions, exclude=("device",), override={
     "output": {"help": "output folder (written atomically; must not be an input)"}, "quiet": {"help": "no progress bars"},
     "overwrite": {"help": "replace a non-empty output folder once training succeeds"}})
+@options("budget", BudgetSearchOptions, **GUARD_BUDGET)
+@options("guard", GuardOptions)
+@options("split", SplitOptions, override=GUARD_SPLIT)
 def train(
     model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file (converted once, cached)"),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
@@ -60,8 +74,14 @@ def train(
     choice: MethodChoice = ...,
     load: LoadOptions = ...,
     engine: EngineOptions = ...,
+    budget: BudgetSearchOptions = ...,
+    guard: GuardOptions = ...,
+    split: SplitOptions = ...,
 ) -> None:
-    """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT."""
+    """Fine-tune MODEL on DATA with an adapter, sparse or full method; write the adapter/delta/model to OUTPUT.
+
+    With --retain SOURCE:MIN, retention on SOURCE is checked while training and the best checkpoint within
+    the budget is written (docs/adapt.md, "Training with a forgetting budget")."""
     from deltawise.adapt import TrainConfig, run_train
     from deltawise.io.gguf import resolve_gguf
     from deltawise.io.resolve import require_local_or_hub_id
@@ -71,13 +91,23 @@ def train(
     cfg = TrainConfig(model=model, data=data, output=run.output, method=choice.method, task=resolve_task(data, data_options.task),
                       **asdict(training), overwrite=run.overwrite, progress=not run.quiet, method_params=method_params(choice),
                       trust_remote_code=load.trust_remote_code, allow_pickle=engine.allow_pickle)
-    result = run_train(cfg, model_path=resolve_gguf(model))
+    from deltawise.adapt.guarded import chosen_lines, guarded_train, request_from
+
+    request = request_from(budget, guard, split)
+    guarded = None
+    if request is None:
+        result = run_train(cfg, model_path=resolve_gguf(model))
+    else:
+        guarded = guarded_train(cfg, request, model_path=resolve_gguf(model), note=note(run.quiet))
+        result = guarded.train
     if not result.is_main_process:
         return  # torchrun / accelerate launch: rank 0 reports
     out.print(
         f"trained {result.method} ({result.trainable_params:,} of {result.total_params:,} parameters) for "
         f"{result.steps} steps in {result.seconds:.1f} s; wrote {escape(str(result.output))}", highlight=False,
     )
+    for line in chosen_lines(guarded.record) if guarded else []:
+        out.print(escape(line), highlight=False)
 
 
 @options("engine", EngineOptions, only=("allow_pickle",),
