@@ -95,6 +95,16 @@ def test_guard_keeps_a_checkpoint_within_the_budget_where_plain_training_ends_be
     lo, hi = held["retention_ci"]["en"]
     assert lo <= held["retention"]["en"] <= hi and held["gain"] > 0
     assert json.loads((tmp_path / "out" / "deltawise_train.json").read_text())["steps"] == 12
+    # the report draws the trajectory from training_log.json and marks the kept step
+    from deltawise.report.html import build_report
+
+    runs = build_report([tmp_path / "out"], tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert [label for label, _, _ in runs.trainings] == ["out/training_log"]
+    table = page[page.index('id="table-guard-'):]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 1 + 4 and table.count("&lt;-") == 1
+    assert 'id="fig-guard-out/training_log"' in page and "<svg" in page
 
 
 def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, tmp_path):

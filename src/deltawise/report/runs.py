@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from deltawise.analyze.results import Interpolation, WeightsAnalysis
 from deltawise.errors import InputError
 from deltawise.eval.results import EvalResult
+from deltawise.report.guard import guard_checks
 
 KINDS = {"eval": EvalResult, "weights": WeightsAnalysis, "interpolation": Interpolation}
 
@@ -21,9 +22,10 @@ class Runs:
     weights: list[tuple[str, WeightsAnalysis]] = field(default_factory=list)
     interpolations: list[tuple[str, Interpolation]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # JSON files that are not deltawise results
+    trainings: list[tuple[str, Path, list]] = field(default_factory=list)  # (label, training_log.json, records) of guarded runs
 
     def empty(self) -> bool:
-        return not (self.evals or self.weights or self.interpolations)
+        return not (self.evals or self.weights or self.interpolations or self.trainings)
 
 
 def _files(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -45,6 +47,9 @@ def load_runs(paths: list[Path]) -> Runs:
             data = json.loads(f.read_text())
         except ValueError:
             runs.skipped.append(f"{f} (not JSON)")
+            continue
+        if f.name == "training_log.json" and guard_checks(data):  # a guarded training run (report/guard.py)
+            runs.trainings.append((label, f, data))
             continue
         kind = data.get("kind") if isinstance(data, dict) else None
         if kind not in KINDS:
