@@ -4,6 +4,7 @@ feasible point reported on held-out items, and bad requests fail before training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -211,3 +212,24 @@ def test_cli_prints_the_written_point_and_its_held_out_numbers(langs, tmp_path):
     target = record["splits"][1]
     assert target["selection_items"] + target["heldout_items"] == 3 and record["target_from_training"]
     assert record["chosen"]["heldout"]["retention"]["en"] > 0
+
+
+def test_bam_writes_the_best_round_within_the_budget(langs, tmp_path):
+    """BaM's checkpoints are its rounds: the later rounds forget too much, so the first round's merge is written."""
+    from deltawise.adapt.bam import BamConfig
+    from deltawise.adapt.bam_guard import guarded_bam
+
+    tc = TrainConfig(model=langs["base"], data=langs["de"], output=tmp_path / "bam", method="full", max_steps=3, lr=3e-3,
+                     schedule="constant", warmup=0, batch_size=8, progress=False)
+    cfg = BamConfig(train=tc, branches=2, rounds=3)
+    _, record = guarded_bam(cfg, GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)], targets=[langs["de_target"]]))
+    log = json.loads((tmp_path / "bam" / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3] and not log[-1]["guard"]["feasible"]
+    kept = [r for r in log if r["guard"]["kept"]]
+    assert len(kept) == 1 and kept[0]["guard"]["feasible"] and record["chosen"]["point"] == f"round {kept[0]['step']} of 3"
+    written = load_file(tmp_path / "bam" / "model.safetensors")
+    merged = load_file(cfg.work_dir / f"round_{kept[0]['step']}" / "merged" / "model.safetensors")
+    assert written.keys() == merged.keys() and all(torch.equal(written[k], merged[k]) for k in merged)
+    assert (tmp_path / "bam" / "bam.json").exists() and record["chosen"]["heldout"]["within_budget"] in (True, False)
+    with pytest.raises(InputError, match="--branch-index"):
+        guarded_bam(dataclasses.replace(cfg, branch_index=1), GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)]))

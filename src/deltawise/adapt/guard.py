@@ -99,6 +99,32 @@ class GuardState:
     every: list[int] = field(default_factory=list)  # the interval in force at each check
 
 
+def compare(result: EvalResult, baseline: EvalResult, intervals: IntervalOptions) -> dict[str, Any]:
+    """Retention per source and mean target gain, with intervals, of ``result`` against ``baseline``."""
+    f = forgetting(result, baseline, intervals)
+    sources = [c for c in f.datasets if c.role == "source"]
+    return {
+        "retention": {c.name: c.ratio for c in sources},
+        "retention_ci": {c.name: None if c.ratio_ci is None else list(c.ratio_ci) for c in sources},
+        "retention_lower": {c.name: c.ratio if c.ratio_lower is None else c.ratio_lower for c in sources},
+        "gain": f.target_gain, "gain_ci": None if f.target_gain_ci is None else list(f.target_gain_ci),
+    }
+
+
+def best_feasible(points: list[GuardPoint]) -> Optional[GuardPoint]:
+    """The feasible point with the largest target gain (ties: the larger retention bound, then the earlier step)."""
+    feasible = [p for p in points if p.feasible]
+    if not feasible:
+        return None
+    return max(feasible, key=lambda p: (-math.inf if p.gain is None else p.gain, p.retention_min, -p.step))
+
+
+def most_retentive(points: list[GuardPoint]) -> Optional[GuardPoint]:
+    """The infeasible point with the largest retention lower bound: what is kept when no point is feasible."""
+    infeasible = [p for p in points if not p.feasible]
+    return max(infeasible, key=lambda p: (p.retention_min, -p.step)) if infeasible else None
+
+
 def _checksum(t: torch.Tensor) -> tuple[float, float]:
     x = t.detach().double()
     return float(x.sum()), float((x * x).sum())
@@ -145,15 +171,7 @@ class RetentionGuard(TrainerCallback):
         return as_result(label, datasets)
 
     def compare(self, result: EvalResult, baseline: EvalResult) -> dict[str, Any]:
-        """Retention per source and mean target gain, with intervals, of ``result`` against ``baseline``."""
-        f = forgetting(result, baseline, self.intervals)
-        sources = [c for c in f.datasets if c.role == "source"]
-        return {
-            "retention": {c.name: c.ratio for c in sources},
-            "retention_ci": {c.name: None if c.ratio_ci is None else list(c.ratio_ci) for c in sources},
-            "retention_lower": {c.name: c.ratio if c.ratio_lower is None else c.ratio_lower for c in sources},
-            "gain": f.target_gain, "gain_ci": None if f.target_gain_ci is None else list(f.target_gain_ci),
-        }
+        return compare(result, baseline, self.intervals)
 
     # -- weights -------------------------------------------------------------------------------
     def _changing(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -228,14 +246,10 @@ class RetentionGuard(TrainerCallback):
         return point
 
     def _kept_point(self) -> Optional[GuardPoint]:
-        feasible = [p for p in self.state.points if p.feasible]
-        if not feasible:
-            return None
-        return max(feasible, key=lambda p: (-math.inf if p.gain is None else p.gain, p.retention_min, -p.step))
+        return best_feasible(self.state.points)
 
     def _fallback(self) -> Optional[GuardPoint]:
-        infeasible = [p for p in self.state.points if not p.feasible]
-        return max(infeasible, key=lambda p: (p.retention_min, -p.step)) if infeasible else None
+        return most_retentive(self.state.points)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.state.points:

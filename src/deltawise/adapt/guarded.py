@@ -109,6 +109,18 @@ def _default_target(cfg: TrainConfig, request: GuardRequest, work: Path) -> tupl
     return write_items(work / "train" / f"{stem}.jsonl", train), write_items(work / "target" / f"{stem}.jsonl", as_text)
 
 
+def prepare_data(cfg: TrainConfig, request: GuardRequest, work: Path) -> tuple[TrainConfig, MonitorData]:
+    """The monitor/held-out splits under ``work``, and the training config (its data without the default target's items)."""
+    train_cfg, targets = cfg, list(request.targets)
+    if not targets:
+        train_file, target_file = _default_target(cfg, request, work)
+        train_cfg, targets = dataclasses.replace(cfg, data=train_file), [target_file]
+    files = [b.data for b in request.retain] + targets
+    splits = make_splits(files, None, request.split.heldout_fraction, request.split.split_seed, work / "splits")
+    names = unique_names(files)
+    return train_cfg, MonitorData(splits, names, dict(zip(names, (b.minimum for b in request.retain))))
+
+
 def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[Path] = None,
                   note: Optional[Note] = None, callbacks: Optional[list] = None) -> GuardedResult:
     """Train ``cfg`` under ``request``'s budgets and write the chosen model to ``cfg.output`` (module docstring);
@@ -119,15 +131,7 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.guard-", dir=cfg.output.parent))
     try:
-        train_cfg, targets = cfg, list(request.targets)
-        if not targets:
-            train_file, target_file = _default_target(cfg, request, work)
-            train_cfg, targets = dataclasses.replace(cfg, data=train_file), [target_file]
-        files = [b.data for b in request.retain] + targets
-        splits = make_splits(files, None, request.split.heldout_fraction, request.split.split_seed, work / "splits")
-        names = unique_names(files)
-        budgets = dict(zip(names, (b.minimum for b in request.retain)))
-        data = MonitorData(splits, names, budgets)
+        train_cfg, data = prepare_data(cfg, request, work)
         window = request.eval_max_length or cfg.max_length or 256
         opts = request.options
         guard = RetentionGuard(data, load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code), model_path,
@@ -135,11 +139,11 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
                                final_to=work / "final" if opts.interpolate else None, max_length=window,
                                batch_size=request.eval_batch_size, intervals=request.intervals, note=tell)
         result = run_train(train_cfg, model_path=model_path, callbacks=[guard, *(callbacks or [])])
-        record = _record(cfg, request, guard, data, targets, train_cfg is not cfg)
+        record = guard_record(cfg, request, guard.state, data, train_cfg is not cfg)
         if request.options.interpolate and guard.final_weights is not None:
-            from deltawise.adapt.interpolate import interpolate
+            from deltawise.adapt.interpolate import interpolate_training
 
-            record = interpolate(cfg, request, model_path, guard, data, record, work, window, tell)
+            record = interpolate_training(cfg, request, model_path, guard, data, record, work, window, tell)
         else:
             write_json_atomic(cfg.output / RECORD, record)
         return GuardedResult(result, guard.state, record)
@@ -147,9 +151,9 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _record(cfg: TrainConfig, request: GuardRequest, guard: RetentionGuard, data: MonitorData, targets: list[Path],
-            target_from_training: bool) -> dict[str, Any]:
-    state = guard.state
+def guard_record(cfg: TrainConfig, request: GuardRequest, state: GuardState, data: MonitorData,
+                 target_from_training: bool) -> dict[str, Any]:
+    """What ``deltawise_guard.json`` holds before any interpolation."""
     kept = next(p for p in state.points if p.kept) if state.points else None
     total = state.train_seconds + state.monitor_seconds
     why = ("no checked step met the budget: the most retentive one is kept" if not state.budget_met else

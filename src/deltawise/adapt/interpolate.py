@@ -65,18 +65,33 @@ def _heldout(held: dict[str, Any]) -> dict[str, Any]:
             "gain": f["target_gain"], "gain_ci": f["target_gain_ci"], "within_budget": held["within_budget"]}
 
 
-def interpolate(cfg: TrainConfig, request, model_path: Path, guard: RetentionGuard, data: MonitorData,
-                record: dict[str, Any], work: Path, window: int, tell: Callable[[str], None]) -> dict[str, Any]:
-    """Search both segments, write the winner to ``cfg.output`` (atomically) and return the updated record."""
+def interpolate_training(cfg: TrainConfig, request, model_path: Path, guard: RetentionGuard, data: MonitorData,
+                         record: dict[str, Any], work: Path, window: int, tell: Callable[[str], None]) -> dict[str, Any]:
+    """``--interpolate`` after ``train``: the final weights (saved by the guard under ``work/final``) and the kept
+    checkpoint (the output) as full models, then ``interpolate``."""
     trust = cfg.trust_remote_code
     final = materialize(work / "final", model_path, work / "final_model", trust_remote_code=trust)
     kept_step, last_step = guard.state.kept_step, guard.state.points[-1].step
+    kept = None if kept_step == last_step else materialize(cfg.output, model_path, work / "kept_model", trust_remote_code=trust)
+    embed = {"train": json.loads((cfg.output / TRAIN_RECORD).read_text())}
+    return interpolate(cfg.output, request, model_path, data, record, work, window, tell, final=final, kept=kept,
+                       budget_met=guard.state.budget_met, steps=(kept_step, last_step), carry=["training_log.json"], embed=embed)
+
+
+def interpolate(output: Path, request, model_path: Path, data: MonitorData, record: dict[str, Any], work: Path, window: int,
+                tell: Callable[[str], None], *, final: Path, kept: Path | None, budget_met: bool, steps: tuple[Any, Any],
+                carry: list[str], embed: dict[str, Any]) -> dict[str, Any]:
+    """Search both segments (only WiSE-FT when ``kept`` is None: the kept point is the final one), write the
+    winner to ``output`` (atomically; with the ``carry`` files of the old output and ``embed`` in its record)
+    and return the updated record."""
+    kept_step, last_step = steps
     starts = {"wise-ft": model_path}
-    if kept_step != last_step:
-        starts["kept-final"] = materialize(cfg.output, model_path, work / "kept_model", trust_remote_code=trust)
-    kept = record["chosen"]
+    if kept is not None:
+        starts["kept-final"] = kept
+    kept_choice = record["chosen"]
     # the kept checkpoint's target score on the monitor split, as the searches score theirs (mean target ratio)
-    best_kept = 1.0 + kept["monitor"]["gain"] if guard.state.budget_met and kept["monitor"]["gain"] is not None else None
+    gain = kept_choice["monitor"]["gain"] if kept_choice["monitor"] else None
+    best_kept = 1.0 + gain if budget_met and gain is not None else None
     best = ("kept", best_kept)
     searches: dict[str, Any] = {}
     results: dict[str, BudgetResult] = {}
@@ -91,9 +106,9 @@ def interpolate(cfg: TrainConfig, request, model_path: Path, guard: RetentionGua
                 best = (name, score)
     record = {**record, "interpolation": searches}
     if best[0] == "kept":
-        record["chosen"] = {**kept, "why": kept["why"] + "; no interpolated point within the budget has a larger target score"
-                            + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
-        write_json_atomic(cfg.output / "deltawise_guard.json", record)
+        why = kept_choice["why"] + "; no interpolated point within the budget has a larger target score"
+        record["chosen"] = {**kept_choice, "why": why + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
+        write_json_atomic(output / "deltawise_guard.json", record)
         return record
     name, score = best
     result = results[name]
@@ -105,12 +120,13 @@ def interpolate(cfg: TrainConfig, request, model_path: Path, guard: RetentionGua
                f"{'not within the budget' if best_kept is None else format(best_kept, '.4f')})",
         "heldout": _heldout(result.heldout), "monitor": {"target_score": score, **_candidate(result)},
     }
-    with staged_output(cfg.output, overwrite=True) as staging:
+    record.update(embed)  # e.g. the training run's record: the folder now holds a full model, not the method's output
+    with staged_output(output, overwrite=True) as staging:
         for item in Path(result.out).iterdir():
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        shutil.copy2(cfg.output / "training_log.json", staging / "training_log.json")
-        train_record = json.loads((cfg.output / TRAIN_RECORD).read_text())
-        record["train"] = train_record  # the run's record; the folder now holds a full model, not the method's output
+        for name in carry:
+            if (output / name).exists():
+                shutil.copy2(output / name, staging / name)
         (staging / "deltawise_guard.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
 

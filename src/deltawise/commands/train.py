@@ -119,6 +119,9 @@ def train(
 @options("run", RunOptions, exclude=("device",), override={
     "output": {"help": "final model folder (written atomically at the end, with bam.json)"},
     "overwrite": {"help": "replace a non-empty OUTPUT once the run succeeds"}})
+@options("budget", BudgetSearchOptions, **GUARD_BUDGET)
+@options("guard", GuardOptions, only=("interpolate",))
+@options("split", SplitOptions, override=GUARD_SPLIT)
 def bam(
     model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file"),
     data: Path = typer.Option(..., "--data", help="training data (as for train); shuffled with --seed and cut into "
@@ -143,12 +146,16 @@ def bam(
     choice: MethodChoice = ...,
     load: LoadOptions = ...,
     engine: EngineOptions = ...,
+    budget: BudgetSearchOptions = ...,
+    guard: GuardOptions = ...,
+    split: SplitOptions = ...,
 ) -> None:
     """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
 
     Each branch trains as `train` does (adapters are folded into the weights before merging); the
     LR schedule restarts in every branch, and branch i (1-based over all rounds) trains with seed + i - 1.
-    Rerunning the same command continues an interrupted run: finished branches and rounds are skipped."""
+    Rerunning the same command continues an interrupted run: finished branches and rounds are skipped.
+    With --retain SOURCE:MIN, every round's merged model is checked and the best round within the budget is written."""
     from deltawise.adapt import TrainConfig
     from deltawise.adapt.bam import BamConfig, run_bam
     from deltawise.errors import InputError
@@ -170,12 +177,24 @@ def bam(
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
                     restart=restart, branch_index=branch_index, merge_only=merge_only)
+    from deltawise.adapt.guarded import chosen_lines, request_from
+
+    request = request_from(budget, guard, split)
+    record = None
     no_transformers_bars()
     with steps_progress(run.quiet) as progress:
-        result = run_bam(cfg, model_path=resolve_gguf(model), progress=ProgressReporter(progress), note=note(run.quiet))
+        if request is None:
+            result = run_bam(cfg, model_path=resolve_gguf(model), progress=ProgressReporter(progress), note=note(run.quiet))
+        else:
+            from deltawise.adapt.bam_guard import guarded_bam
+
+            result, record = guarded_bam(cfg, request, model_path=resolve_gguf(model), progress=ProgressReporter(progress),
+                                         note=note(run.quiet))
     if result.output is not None:
         out.print(f"BaM: {rounds} round(s) x {branches} branch(es) merged with {result.log['merge']['method']}; "
                   f"wrote {escape(str(result.output))} ({result.log['seconds']:.1f} s)", highlight=False)
+    for line in chosen_lines(record) if record else []:
+        out.print(escape(line), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
