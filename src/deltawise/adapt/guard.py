@@ -35,6 +35,7 @@ import torch
 from transformers import TrainerCallback
 
 from deltawise.data.tasks import TaskData, load_data
+from deltawise.errors import DeltawiseError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.models import LoadedModel
 from deltawise.eval.results import EvalResult
@@ -264,6 +265,11 @@ class RetentionGuard(TrainerCallback):
         kept.kept = True
         self.state.kept_step = kept.step
         if kept is not self.state.points[-1]:
+            # a frozen tensor a method first wrote after the kept snapshot cannot be put back (its start value is not held)
+            late = sorted(set(self._changing(model)) - set(self.kept_weights))
+            if late:
+                raise DeltawiseError(f"the guard cannot restore step {kept.step}: {', '.join(late[:3])} changed only after it "
+                                     "(a method that writes frozen weights late); train without --retain or check every step")
             self._load(model, self.kept_weights)
         self.state.heldout = self.compare(self._score(model, self.data.sets(heldout=True), f"step {kept.step}"),
                                           self.baseline_heldout)

@@ -69,7 +69,7 @@ def trajectory_figure(label: str, checks: list[dict[str, Any]], record: dict[str
     top.set_title(f"{label}: retention and target gain over training (shaded: over budget)")
     top.legend(fontsize=7)
     bottom.set_ylabel("target gain (ratio − 1)")
-    bottom.set_xlabel("optimizer step")
+    bottom.set_xlabel("optimizer step (bam: round)")
     if chosen.get("segment"):
         bottom.set_title(f"written: {chosen.get('point')}", fontsize=8)
     return figures.to_svg(fig)
