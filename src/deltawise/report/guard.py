@@ -62,11 +62,12 @@ def trajectory_figure(label: str, checks: list[dict[str, Any]], record: dict[str
         top.plot([r["step"]], [min(r["guard"]["retention"].values())], "o", ms=12, mfc="none", mec="black", label=mark)
         if r["guard"]["gain"] is not None:
             bottom.plot([r["step"]], [r["guard"]["gain"]], "o", ms=12, mfc="none", mec="black")
-    infeasible = [r["step"] for r in checks if not r["guard"]["feasible"]]
-    for step in infeasible:
-        top.axvspan(step - 0.5, step + 0.5, color="#f2dcdb", lw=0)
+    over = [r for r in checks if not r["guard"]["feasible"]]
+    if over:
+        top.plot([r["step"] for r in over], [min(r["guard"]["retention_lower"].values()) for r in over], "x", color="#c0504d",
+                 ms=7, label="over budget")
     top.set_ylabel("retention (ratio to base)")
-    top.set_title(f"{label}: retention and target gain over training (shaded: over budget)")
+    top.set_title(f"{label}: retention and target gain over training")
     top.legend(fontsize=7)
     bottom.set_ylabel("target gain (ratio − 1)")
     bottom.set_xlabel("optimizer step (bam: round)")
