@@ -7,7 +7,7 @@ from html import escape
 from pathlib import Path
 
 from deltawise.io.writer import write_text_atomic
-from deltawise.report import figures, tables
+from deltawise.report import figures, guard, tables
 from deltawise.report.runs import Runs, load_runs
 from deltawise.report.training import TRAINING_HEADER, training_rows
 
@@ -54,6 +54,7 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
               figure("fig-intruders", figures.intruder_counts(runs.weights),
                      "Top-k singular vectors of fine-tuned matrices with max |cos| < ε to every base singular vector."),
               tables.weights_table(runs.weights)]
+    parts += guard.section(runs.trainings)
     if runs.skipped:
         parts.append('<p class="note">Skipped: ' + escape("; ".join(runs.skipped)) + "</p>")
     return page(title, parts)

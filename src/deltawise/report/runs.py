@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from deltawise.analyze.results import Interpolation, WeightsAnalysis
 from deltawise.errors import InputError
 from deltawise.eval.results import EvalResult
+from deltawise.report.guard import guard_checks
 from deltawise.report.training import TrainingRun, is_training_run, load_training_run
 
 KINDS = {"eval": EvalResult, "weights": WeightsAnalysis, "interpolation": Interpolation}
@@ -23,6 +24,7 @@ class Runs:
     interpolations: list[tuple[str, Interpolation]] = field(default_factory=list)
     trainings: list[tuple[str, TrainingRun]] = field(default_factory=list)  # train outputs (report/training.py)
     skipped: list[str] = field(default_factory=list)  # JSON files that are not deltawise results
+    trainings: list[tuple[str, Path, list]] = field(default_factory=list)  # (label, training_log.json, records) of guarded runs
 
     def empty(self) -> bool:
         return not (self.evals or self.weights or self.interpolations or self.trainings)
@@ -49,6 +51,9 @@ def load_runs(paths: list[Path]) -> Runs:
             data = json.loads(f.read_text())
         except ValueError:
             runs.skipped.append(f"{f} (not JSON)")
+            continue
+        if f.name == "training_log.json" and guard_checks(data):  # a guarded training run (report/guard.py)
+            runs.trainings.append((label, f, data))
             continue
         kind = data.get("kind") if isinstance(data, dict) else None
         if kind not in KINDS:
