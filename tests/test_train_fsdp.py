@@ -37,7 +37,6 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
             "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +66,7 @@ def fsdp_runs(tiny_lm, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [r["name"] for r in RUNS])
 def test_fsdp_matches_one_process(name, fsdp_runs):
     root = fsdp_runs
@@ -82,6 +82,7 @@ def test_fsdp_matches_one_process(name, fsdp_runs):
     assert json.loads((root / "fsdp" / name / "deltawise_train.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow
 def test_fsdp_outputs_equal_one_process_outputs(fsdp_runs):
     """What rank 0 wrote (model folder, delta shards, adapter) is the same as the single process's output."""
     root = fsdp_runs
@@ -105,3 +106,19 @@ def test_methods_that_index_whole_matrices_are_refused_under_fsdp(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(InputError, match="fsdp_version: 2"):
         check_fsdp("full", "full")
+
+
+def test_deepspeed_zero3_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(InputError, match="ZeRO-3 is not supported"):
+        check_fsdp("full", "full")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    with pytest.raises(InputError, match="ZeRO-3"):
+        check_fsdp("lora", "peft")
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    check_fsdp("full", "full")  # ZeRO-2 keeps whole parameters on every rank

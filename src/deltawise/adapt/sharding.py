@@ -15,6 +15,7 @@ copy for the duration of the save and puts the shards back afterwards.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,8 +33,27 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage of an ``accelerate launch`` with DeepSpeed (from its config keys or its JSON file), else None."""
+    import json
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    try:
+        stage = json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") if path else None
+    except (OSError, ValueError):
+        return None  # accelerate reports an unreadable DeepSpeed config itself
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+
+
 def check_fsdp(method_name: str, method_kind: str) -> None:
     """Refuse a sharded run we cannot do correctly, before a model is loaded."""
+    if deepspeed_zero_stage() == 3:
+        raise InputError("DeepSpeed ZeRO-3 is not supported: its partitioned parameters would be saved empty; use FSDP "
+                         "(fsdp_version: 2) to shard a model, or ZeRO-1/2 (docs/adapt.md, \"Sharded training\")")
     if not fsdp_requested():
         return
     version = os.environ.get("FSDP_VERSION", "1")
