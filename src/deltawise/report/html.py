@@ -54,7 +54,7 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
               figure("fig-intruders", figures.intruder_counts(runs.weights),
                      "Top-k singular vectors of fine-tuned matrices with max |cos| < ε to every base singular vector."),
               tables.weights_table(runs.weights)]
-    parts += guard.section(runs.trainings)
+    parts += guard.section(runs.guarded)
     if runs.skipped:
         parts.append('<p class="note">Skipped: ' + escape("; ".join(runs.skipped)) + "</p>")
     return page(title, parts)

@@ -24,10 +24,10 @@ class Runs:
     interpolations: list[tuple[str, Interpolation]] = field(default_factory=list)
     trainings: list[tuple[str, TrainingRun]] = field(default_factory=list)  # train outputs (report/training.py)
     skipped: list[str] = field(default_factory=list)  # JSON files that are not deltawise results
-    trainings: list[tuple[str, Path, list]] = field(default_factory=list)  # (label, training_log.json, records) of guarded runs
+    guarded: list[tuple[str, Path, list]] = field(default_factory=list)  # (label, training_log.json, records) of guarded runs
 
     def empty(self) -> bool:
-        return not (self.evals or self.weights or self.interpolations or self.trainings)
+        return not (self.evals or self.weights or self.interpolations or self.trainings or self.guarded)
 
 
 def _files(paths: list[Path], runs: Runs) -> list[tuple[str, Path]]:
@@ -35,6 +35,7 @@ def _files(paths: list[Path], runs: Runs) -> list[tuple[str, Path]]:
     for p in paths:
         if is_training_run(p):  # an adapter, delta or model that train wrote: its record, not its configs
             runs.trainings.append((p.name, load_training_run(p)))
+            _guarded_log(p, runs)
         elif p.is_dir():
             found += [(f"{p.name}/{f.relative_to(p).with_suffix('')}", f) for f in sorted(p.rglob("*.json"))]
         elif p.is_file():
@@ -42,6 +43,17 @@ def _files(paths: list[Path], runs: Runs) -> list[tuple[str, Path]]:
         else:
             raise InputError(f"run {str(p)!r} not found")
     return found
+
+
+def _guarded_log(folder: Path, runs: Runs) -> None:
+    """The retention checks of a guarded train output (its training_log.json), for report/guard.py."""
+    log = folder / "training_log.json"
+    try:
+        data = json.loads(log.read_text()) if log.is_file() else None
+    except ValueError:
+        return
+    if data is not None and guard_checks(data):
+        runs.guarded.append((folder.name, log, data))
 
 
 def load_runs(paths: list[Path]) -> Runs:
@@ -53,7 +65,7 @@ def load_runs(paths: list[Path]) -> Runs:
             runs.skipped.append(f"{f} (not JSON)")
             continue
         if f.name == "training_log.json" and guard_checks(data):  # a guarded training run (report/guard.py)
-            runs.trainings.append((label, f, data))
+            runs.guarded.append((label, f, data))
             continue
         kind = data.get("kind") if isinstance(data, dict) else None
         if kind not in KINDS:
