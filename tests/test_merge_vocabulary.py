@@ -131,6 +131,18 @@ def test_union_task_arithmetic_with_token_section_matches_mergekit(vocab_family,
     assert state["model.embed_tokens.weight"].shape[0] % 8 == 0
 
 
+def test_sliced_union_matches_mergekit(vocab_family, tmp_path):
+    """A slices: recipe (SLERP with a gradient) with a union vocabulary: the embeddings and LM head,
+    outside the slices, are aligned the same way."""
+    f = vocab_family
+    recipe = {"merge_method": "slerp", "base_model": str(f["a"]),
+              "slices": [{"sources": [{"model": str(f["a"]), "layer_range": [0, 2]},
+                                      {"model": str(f["b"]), "layer_range": [0, 2]}]}],
+              "parameters": {"t": [0.2, 0.8]}, "tokenizer_source": "union", "dtype": "float32"}
+    theirs, ours = _run_both(tmp_path, recipe)
+    _compare_token_by_token(theirs, ours)
+
+
 def test_row_rules_by_hand(vocab_family, tmp_path):
     """Linear, weights 0.5/0.5, union: a token only model a has takes a's row in both models (so the
     merged row is a's); a token both have is the mean of their rows; a padding row is the mean of the

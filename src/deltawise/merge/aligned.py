@@ -30,10 +30,16 @@ class VocabularyRows:
         self._defaults: dict[str, dict[int, torch.Tensor]] = {}
         self._means: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._vocabulary_tensors: dict[tuple[str, str], bool] = {}
 
     def is_vocabulary(self, ref: str, name: str) -> bool:
-        reader = self.readers[ref]
-        return name in reader and bool(reader.info(name).shape) and architecture_for(reader.config).is_vocabulary(name)
+        key = (ref, name)
+        found = self._vocabulary_tensors.get(key)
+        if found is None:
+            reader = self.readers[ref]
+            found = name in reader and bool(reader.info(name).shape) and architecture_for(reader.config).is_vocabulary(name)
+            self._vocabulary_tensors[key] = found
+        return found
 
     def _tensor_of(self, ref: str, name: str) -> Optional[str]:
         """``name`` in model ``ref``, or the tensor it is tied to there."""
