@@ -118,7 +118,8 @@ def build_vocabulary(recipe: Recipe, readers: dict[str, "ModelReader"], refs: li
     if section.source == "base":
         out = base_tok
     elif section.source == "union":
-        out = union_tokenizer(base_tok, [(ref, tokenizers[ref], sizes[ref]) for ref in refs if ref in tokenizers], warnings)
+        order = [base_ref] + [ref for ref in refs if ref != base_ref and ref in tokenizers]  # the base first, as mergekit
+        out = union_tokenizer(base_tok, [(ref, tokenizers[ref], sizes[ref]) for ref in order], warnings)
     else:
         out = load_tokenizer(source_folder, section.source)
     existing = set(out.get_vocab())
