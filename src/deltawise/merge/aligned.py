@@ -18,7 +18,9 @@ import torch
 from deltawise.architecture import architecture_for
 from deltawise.io.layout import CHUNK_ELEMENTS
 from deltawise.io.safetensors_files import TensorInfo
-from deltawise.merge.vocabulary import Vocabulary
+from deltawise.errors import InputError, RecipeError, bullet_list
+from deltawise.merge.recipe import Recipe
+from deltawise.merge.vocabulary import Vocabulary, build_vocabulary, chat_template, tokenizer_settings
 
 
 class VocabularyRows:
@@ -52,8 +54,6 @@ class VocabularyRows:
         stored = self._tensor_of(ref, name)
         reader = self.readers[ref]
         if stored is None or not 0 <= row < reader.info(stored).shape[0]:
-            from deltawise.errors import InputError
-
             raise InputError(f"{ref} has no row {row} of {name} (a token's embedding source)")
         return reader.get_rows(stored, row, row + 1)[0].to(torch.float32)
 
@@ -203,3 +203,18 @@ def aligned_readers(vocabulary: Vocabulary, readers: dict[str, Any]) -> dict[str
     shared = VocabularyRows(vocabulary, dict(readers))
     return {ref: (AlignedDeltaReader if hasattr(r, "delta_rows") else AlignedReader)(r, ref, shared)
             for ref, r in readers.items()}
+
+
+def vocabulary_for(recipe: Recipe, readers: dict[str, Any],
+                   warnings: list[str]) -> tuple[Optional[Vocabulary], dict[str, Any]]:
+    """The recipe's output vocabulary and the readers seen through it, or (None, ``readers``) without
+    ``tokenizer_source``/``tokenizer:``. Raises RecipeError for a tokenizer that cannot be built."""
+    if tokenizer_settings(recipe) is None:
+        if recipe.chat_template:  # checked now, applied to the copied tokenizer
+            chat_template(recipe, {})
+        return None, readers
+    try:
+        vocabulary = build_vocabulary(recipe, readers, list(readers), warnings)
+    except (InputError, RecipeError) as exc:
+        raise RecipeError("the recipe cannot run:\n" + bullet_list([str(exc)])) from None
+    return vocabulary, aligned_readers(vocabulary, readers)

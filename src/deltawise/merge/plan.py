@@ -43,7 +43,8 @@ from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
 from deltawise.merge.sources import find_source, tensor_source
-from deltawise.merge.vocabulary import Vocabulary, tokenizer_settings, vocabulary_for, vocabulary_problems
+from deltawise.merge.aligned import vocabulary_for
+from deltawise.merge.vocabulary import Vocabulary, tokenizer_settings, vocabulary_problems
 from deltawise.merge.slices import (SliceLayout, expand, parameter_settings, same_model, slice_groups, slice_parameters,
                                     source_refs)
 

@@ -304,24 +304,6 @@ NAMED_TEMPLATES = {
 }
 
 
-def vocabulary_for(recipe: Recipe, readers: dict[str, "ModelReader"],
-                   warnings: list[str]) -> tuple[Optional[Vocabulary], dict[str, "ModelReader"]]:
-    """The recipe's output vocabulary and the readers seen through it, or (None, ``readers``) without
-    ``tokenizer_source``/``tokenizer:``. Raises RecipeError for a tokenizer that cannot be built."""
-    from deltawise.errors import bullet_list
-    from deltawise.merge.aligned import aligned_readers
-
-    if tokenizer_settings(recipe) is None:
-        if recipe.chat_template:  # checked now, applied to the copied tokenizer
-            chat_template(recipe, {})
-        return None, readers
-    try:
-        vocabulary = build_vocabulary(recipe, readers, list(readers), warnings)
-    except (InputError, RecipeError) as exc:
-        raise RecipeError("the recipe cannot run:\n" + bullet_list([str(exc)])) from None
-    return vocabulary, aligned_readers(vocabulary, readers)
-
-
 # the files that decide which token each row stands for
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
 
