@@ -143,3 +143,15 @@ def test_matches_mergekit_multi(llama_family, tmp_path):
     assert res.exit_code == 0, res.output
     run_stages(recipe, tmp_path / "ours", tmp_path / "work", MergeOptions())
     assert_same_tensors(load_folder(tmp_path / "theirs"), load_state(tmp_path / "ours"))
+
+
+def test_dry_run_lists_the_stages_and_writes_nothing(llama_family, tmp_path):
+    import json
+
+    recipe = _write(tmp_path / "multi.yaml", _stages(llama_family))
+    res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--dry-run", "--work-dir", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    stages = json.loads(res.stdout)
+    assert [s["stage"] for s in stages] == ["soup", "ta", "final"] and stages[1]["uses"] == ["soup"]
+    assert stages[1]["recipe"]["models"][0]["model"] == str((tmp_path / "w" / "soup").resolve())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
