@@ -206,3 +206,16 @@ def test_chat_template_without_tokenizer_source(vocab_family, tmp_path):
     assert tok.get_vocab() == _vocab(f["base"])
     with pytest.raises(RecipeError, match="neither a template name"):
         deltawise_merge({**recipe, "chat_template": "nosuch"}, tmp_path / "out2")
+
+
+def test_chat_template_without_any_tokenizer_warns(llama_family, tmp_path):
+    """As mergekit: the merge runs, a warning says that the template has no tokenizer to go into."""
+    from deltawise.merge import build_plan
+    from deltawise.merge.recipe import parse_recipe
+
+    recipe = {"merge_method": "linear", "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"])}],
+              "chat_template": "chatml"}
+    plan = build_plan(parse_recipe(recipe))
+    assert any("chat_template" in w and "no tokenizer files" in w for w in plan.warnings), plan.warnings
+    deltawise_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()

@@ -31,6 +31,10 @@ def tokenizer_folder(plan: "MergePlan") -> Optional[Path]:
     return path if path.is_dir() else path.parent
 
 
+def has_tokenizer(folder: Optional[Path]) -> bool:
+    return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def copy_model_files(plan: "MergePlan", dest: Path) -> None:
     if plan.vocabulary is not None:  # the merged vocabulary's tokenizer, written afresh
         plan.vocabulary.save(dest)
@@ -46,13 +50,13 @@ def _set_chat_template(plan: "MergePlan", dest: Path) -> None:
     from deltawise.merge.vocabulary import chat_template, load_tokenizer
 
     folder = tokenizer_folder(plan)
-    if folder is None or not any((dest / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(f"chat_template: {folder} holds no tokenizer to attach the template to")
+    if not has_tokenizer(dest):  # the plan warned: there is no tokenizer to hold the template
+        return
     tokenizer = load_tokenizer(dest, "the merged model")
     sources = {"template": tokenizer}
     if plan.recipe.chat_template == "auto":  # the most common template among the models that have a tokenizer
         for m in plan.inputs:
-            if m.reader.folder != folder and any((m.reader.folder / name).is_file() for name in TOKENIZER_FILES):
+            if m.reader.folder != folder and has_tokenizer(m.reader.folder):
                 sources[m.ref] = load_tokenizer(m.reader.folder, m.ref)
     template = chat_template(plan.recipe, sources)
     if template is not None:

@@ -258,6 +258,11 @@ def _finish(result: MergePlan, problems: list[str], strict: bool, vocabulary: Op
     result.vocabulary = vocabulary
     if vocabulary is None and tokenizer_settings(result.recipe) is None and not problems:
         problems.extend(vocabulary_problems(result))
+        from deltawise.merge.card import has_tokenizer, tokenizer_folder
+
+        if result.recipe.chat_template and not has_tokenizer(tokenizer_folder(result)):
+            warnings.append(f"chat_template: {tokenizer_folder(result)} holds no tokenizer files, so the merged model has "
+                            "no tokenizer to hold the template; it is not written")
     if not problems:
         result.side_inputs = method.side_inputs(result)
         problems.extend(method.check(result))
