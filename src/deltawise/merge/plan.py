@@ -245,6 +245,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
         except ParamError as exc:
             problems.append(f"{name}: {exc}")
             continue
+        plan.merge = not method.copies(plan.params, plan.model_params)
         tensors.append(plan)
 
     _note_tied_extras(template, inputs, warnings)
@@ -311,6 +312,7 @@ def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelRe
         except ParamError as exc:
             problems.append(f"{st.name}: {exc}")
             continue
+        plan.merge = not method.copies(plan.params, plan.model_params)
         tensors.append(plan)
     if any(t.params.get("granularity") == "global" for t in tensors):
         problems.append("granularity: global needs the same models for every tensor; a sliced recipe merges per slice")
