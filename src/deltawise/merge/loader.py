@@ -135,9 +135,13 @@ class ChunkLoader:
         return out, fused.run(spec, out, models, base)
 
     def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
-        """A tensor taken unmerged from the template model (integer buffers, `exclude` matches)."""
-        model, name = (self.plan.template, t.name) if t.inputs is None else (t.inputs[0], t.sources[0])
-        raw = model.reader.get_rows(name, start, stop) if t.out.shape else model.reader.get(name)
+        """A tensor taken unmerged from the template model (integer buffers, `exclude` matches) or,
+        where the method copies (passthrough), from its one input; read into a reused buffer."""
+        if t.sources:
+            model, name = self.plan.inputs_of(t)[0], t.sources[0]
+        else:
+            model, name = self.plan.template, t.name
+        raw = self._raw("copy", model.reader, name, start, stop)
         if raw.is_floating_point():
             require_finite(raw, model.ref, name)
         return raw
