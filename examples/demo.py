@@ -224,7 +224,7 @@ def run_demo(
                   "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention); \\[lo, hi]: 95% paired bootstrap "
                   "intervals over the evaluated texts[/]")
     report = root / "report.html"
-    build_report([p for _, p in evals.values()] + [results / "weights.json"], report,
+    build_report([p for _, p in evals.values()] + [results / "budget.json", results / "weights.json"], report,
                  title="deltawise demo: SmolLM2-135M adapted to German")
     console.print(f"report:  {report}")
     console.print(f"run dir: {root}  (results/*.json, models/, adapters/, data/)")

@@ -58,4 +58,7 @@ def test_demo_pipeline_on_tiny_model(tmp_path):
     assert "held out:" in text and "[lo, hi]: 95% paired bootstrap" in text.replace("\n", " ")
     weights = json.loads(paths["weights"].read_text())
     assert len(weights["models"]) == 3 and weights["tensors"]
-    assert "fig-layer-deltas" in html and "table-weights" in html
+    assert "fig-layers" in html and "table-weights" in html
+    # the report shows the budget search: its points on the trade-off plot, its table, no empty section
+    assert 'id="table-budget-budget"' in html and "lambda=1.5" in html and "No data" not in html
+    assert "Interpolation" not in html
