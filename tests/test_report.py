@@ -112,9 +112,9 @@ def test_report_shows_the_budget_search(report):
     assert rows[0][0] == "lambda" and rows[0][1] == "retention en [lower bound ≥ 0.98]"
     assert [r[0] for r in rows[1:]] == ["0.25", "0.5", "1"]
     assert [r[-3:] for r in rows[1:]] == [["yes", "★", ""], ["yes", "★", "←"], ["no", "★", ""]]
-    assert rows[3][1] == "0.9 [0.88]"
+    assert rows[3][1] == "0.900 [0.880]"
     held = _table(html, "table-heldout-search")
-    assert held[1] == ["retention en", "0.99 [0.97, 1.01]", "≥ 0.98"]
+    assert held[1] == ["retention en", "0.990 [0.970, 1.010]", "≥ 0.98"]
     assert "it meets the budget" in html
     tradeoff = html[html.index('id="fig-tradeoff"') : html.index("</figure>", html.index('id="fig-tradeoff"'))]
     # every searched point is annotated, the budget line is in the legend
@@ -172,7 +172,7 @@ def test_report_shows_the_intervals_of_runs_that_have_them(tmp_path):
     build_report([tmp_path / "base.json", tmp_path / "ft.json"], tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     lo, hi = ft.forgetting.forgetting_score_ci
-    assert f"20 [{lo:.4g}, {hi:.4g}]" in html and "95% paired bootstrap interval" in html
+    assert f"20.0 [{lo:.1f}, {hi:.1f}]" in html and "95% paired bootstrap interval" in html
 
 
 def test_report_refuses_folder_without_results(tmp_path):

@@ -43,6 +43,11 @@ def tradeoff(runs: Runs) -> str | None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    baselines = {runs.model_label(f.baseline_model) for _, f in points}
+    if len(baselines) == 1:  # every run's point is relative to this one model, which sits where the dashed lines cross
+        ax.plot([0.0], [1.0], marker="*", ms=11, color="#555555", zorder=3)
+        ax.annotate(f"{baselines.pop()} (baseline)", (0.0, 1.0), textcoords="offset points", xytext=(6, -12), fontsize=8,
+                    color="#555555")
     for lab, search in searches:
         _searched_points(ax, lab, search, several=len(searches) > 1)
     for k, (lab, f) in enumerate(points):

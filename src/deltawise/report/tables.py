@@ -18,6 +18,10 @@ class Cell:
     title: str
 
 
+class Numeric(str):
+    """Text of a number (a value with its interval): set right-aligned like the numbers."""
+
+
 def fmt(value: object) -> str:
     if value is None:
         return "–"
@@ -29,6 +33,8 @@ def fmt(value: object) -> str:
 def _cell(value: object) -> str:
     if isinstance(value, Cell):
         return f'<td title="{escape(value.title)}">{escape(fmt(value.value))}</td>'
+    if isinstance(value, (int, float, Numeric)) and not isinstance(value, bool):
+        return f'<td class="num">{escape(fmt(value))}</td>'
     return f"<td>{escape(fmt(value))}</td>"
 
 
@@ -58,7 +64,7 @@ def forgetting_table(runs: Runs) -> str:
             continue
         flips = sum(c.negative_flips.count for c in f.datasets if c.negative_flips)
         rows.append((run_cell(runs, lab), Cell(runs.model_label(f.baseline_model), f.baseline_model),
-                     with_interval(f.target_gain, f.target_gain_ci),
+                     with_interval(f.target_gain, f.target_gain_ci, signed=True),
                      with_interval(f.source_retention, f.source_retention_ci),
                      with_interval(f.forgetting_score, f.forgetting_score_ci), flips))
     level = next((r.forgetting.intervals["level"] for _, r in runs.evals if r.forgetting and r.forgetting.intervals), None)
@@ -67,11 +73,14 @@ def forgetting_table(runs: Runs) -> str:
                                       "negative flips"], rows) + (f"<p class=\"note\">{escape(caption)}</p>" if caption else "")
 
 
-def with_interval(value: float | None, bounds) -> str:
-    """``0.981 [0.962, 0.999]``, or the value alone when it has no interval."""
+def with_interval(value: float | None, bounds, signed: bool = False) -> str:
+    """``0.981 [0.962, 0.999]``: the value and its interval at one precision (3 decimals, 1 from 10 up),
+    ``signed`` for a gain; the value alone (4 significant digits) when it has no interval."""
     if value is None or bounds is None:
         return fmt(value)
-    return f"{fmt(value)} [{fmt(bounds[0])}, {fmt(bounds[1])}]"
+    decimals = 3 if max(abs(value), abs(bounds[0]), abs(bounds[1])) < 10 else 1
+    spec = f"{'+' if signed else ''}.{decimals}f"
+    return Numeric(f"{value:{spec}} [{bounds[0]:{spec}}, {bounds[1]:{spec}}]")
 
 
 def params_text(params: dict[str, object]) -> str:
@@ -88,7 +97,7 @@ def budget_table(label: str, search: BudgetSearch) -> str:
     for i in order:
         c = search.candidates[i]
         rows.append([*[c.params.get(n) for n in search.grid],
-                     *[f"{fmt(c.retention[s])} [{fmt(c.retention_lower.get(s, c.retention[s]))}]" for s in sources],
+                     *[Numeric(f"{c.retention[s]:.3f} [{c.retention_lower.get(s, c.retention[s]):.3f}]") for s in sources],
                      *[with_interval(c.target[t], c.intervals.get(t)) for t in targets],
                      "yes" if c.feasible else "no", "★" if c.pareto else "", "←" if i == search.chosen else ""])
     return table(f"table-budget-{slug(label)}", header, rows)
