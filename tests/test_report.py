@@ -34,7 +34,7 @@ def write_budget(folder: Path) -> Path:
              for lam, ret, tgt in zip(LAMBDAS, (1.02, 1.0, 0.9), (1.1, 1.3, 1.5))]
     cands[1].pareto = cands[2].pareto = cands[0].pareto = True
     result = BudgetResult("task_arithmetic", {"lambda": list(LAMBDAS)}, {"en": 0.98}, "/models/base",
-                          {"en": 20.0, "de": 30.0}, cands, chosen=1, out=Path("/models/merged"),
+                          {"en": 20.0, "de": 30.0}, cands, chosen=1, out=Path("/models/ft-small"),  # as if it wrote ft-small
                           intervals={"level": 0.95},
                           heldout={"retention": {"en": 0.99}, "retention_ci": {"en": [0.97, 1.01]}, "target": {"de": 1.25},
                                    "target_ci": {"de": [1.15, 1.35]}, "within_budget": True, "forgetting": None})

@@ -61,6 +61,13 @@ def tradeoff(runs: Runs) -> str | None:
                     color=colour, zorder=3)
         ax.annotate(lab, (f.target_gain, f.source_retention), textcoords="offset points", xytext=(6, 5), fontsize=9,
                     color=colour, fontweight="bold")
+    for lab, search in searches:  # the chosen point (selection texts) to its written model's evaluation (held-out texts)
+        run = next((r.forgetting for _, r in runs.evals if search.output and r.model == search.output and r.forgetting
+                    and r.forgetting.target_gain is not None and r.forgetting.source_retention is not None), None)
+        if run is not None and search.chosen is not None:
+            chosen = search.candidates[search.chosen]
+            ax.annotate("", xy=(run.target_gain, run.source_retention), xytext=(chosen.target_score - 1, chosen.retention_min),
+                        arrowprops={"arrowstyle": "->", "color": "#777777", "lw": 0.8, "ls": "--"}, zorder=1)
     _label(ax, "target gain (mean ratio to base − 1; > 0 is better)", "source retention (ratio to base; 1 = nothing lost)",
            "Trade-off: what each run gained vs what it kept", legend=bool(searches))
     return to_svg(fig)

@@ -56,7 +56,8 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
                          "paired bootstrap interval bars. Up and right is better; points below the dashed line at 1 forgot."
                          + (" Hollow points: a budget search's candidates, scored on its selection texts (the smallest "
                             "retention over its sources; the tick below each is the one-sided lower bound that must clear "
-                            "the dotted budget line)." if runs.budgets else "")),
+                            "the dotted budget line); a dashed arrow leads from the chosen point to the evaluation of "
+                            "the merge it wrote." if runs.budgets else "")),
                   tables.forgetting_table(runs) if compared else ""]
     for lab, search in runs.budgets:
         parts += [f"<h2>Retention-budget search: {escape(lab)}</h2>", budget_summary(search),

@@ -33,7 +33,7 @@ def fmt(value: object) -> str:
 def _cell(value: object) -> str:
     if isinstance(value, Cell):
         return f'<td title="{escape(value.title)}">{escape(fmt(value.value))}</td>'
-    if isinstance(value, (int, float, Numeric)) and not isinstance(value, bool):
+    if value is None or (isinstance(value, (int, float, Numeric)) and not isinstance(value, bool)):
         return f'<td class="num">{escape(fmt(value))}</td>'
     return f"<td>{escape(fmt(value))}</td>"
 
