@@ -40,7 +40,7 @@ def tradeoff(runs: Runs) -> str | None:
     searches = [(lab, b) for lab, b in runs.budgets if b.candidates]
     if not points and not searches:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     baselines = {runs.model_label(f.baseline_model) for _, f in points}
@@ -60,7 +60,8 @@ def tradeoff(runs: Runs) -> str | None:
         ax.errorbar(f.target_gain, f.source_retention, xerr=xerr, yerr=yerr, fmt="o", ms=7, capsize=3, lw=1.2,
                     color=colour, zorder=3)
         ax.annotate(lab, (f.target_gain, f.source_retention), textcoords="offset points", xytext=(6, 5), fontsize=9,
-                    color=colour, fontweight="bold")
+                    color=colour, fontweight="bold", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})  # legible over bars
     for lab, search in searches:  # the chosen point (selection texts) to its written model's evaluation (held-out texts)
         run = next((r.forgetting for _, r in runs.evals if search.output and r.model == search.output and r.forgetting
                     and r.forgetting.target_gain is not None and r.forgetting.source_retention is not None), None)
