@@ -44,7 +44,7 @@ def budget_summary(budget: Optional[dict]) -> Optional[dict]:
     held = budget["heldout"]
     (name, retention), = held["retention"].items()
     (target_name, target), = held["target"].items()
-    return {"lambda": budget["chosen_params"]["lambda"], "budget": budget["budgets"][name],
+    return {"lambda": budget["chosen_params"]["lambda"], "budget": next(iter(budget["budgets"].values())),
             "met_on_selection": budget["candidates"][budget["chosen"]]["feasible"],
             "heldout_prose_retention": retention, "heldout_prose_retention_ci": held["retention_ci"][name],
             "heldout_target_gain": target - 1, "heldout_target_gain_ci": _shift(held["target_ci"][target_name], -1),
