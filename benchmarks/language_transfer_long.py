@@ -221,7 +221,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     methods = lt_methods.select(args.methods)
     runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
     if args.plan:
-        pilot_state = f"done (forgets at step {args.steps})" if pilot_file.is_file() else "not run"
+        at = json.loads(pilot_file.read_text())["forgets_at"] if pilot_file.is_file() else None
+        pilot_state = "not run" if not pilot_file.is_file() else (
+            f"done: English prose measurably forgotten from step {at}" if at else "done: no checkpoint forgets (train longer)")
         console.print(f"pilot: {pilot_state}")
         console.print(plan_table(runs, args))
         return

@@ -177,6 +177,9 @@ def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, O
         model = folder / "model"
         if not trained(run, folder):
             per_branch = max(1, args.steps // (2 * args.bam_rounds))
+            if per_branch < 10:  # each branch warms up from lr 0 over its first 10%: a few steps barely move it
+                console.print(f"    [yellow]bam: {per_branch} steps per branch; with warm-up restarting in each branch "
+                              "they train little (fewer --bam-rounds or more --steps)[/]")
             cfg = TrainConfig(**common, output=model, method="full", max_steps=per_branch, logging_steps=max(1, per_branch // 5))
             t0 = time.time()
             run_bam(BamConfig(train=cfg, branches=2, rounds=args.bam_rounds, merge=m.bam, work=folder / "bam-work"),

@@ -127,6 +127,10 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
     table.caption = DEFINITIONS + "; budget: λ chosen on the selection sets, numbers on the evaluation sets"
     console.print(table)
     matched = matched_gain(summary, levels)
+    if not matched["levels"]:
+        console.print("matched target gain: no gain that every method's learning-rate sweep reaches (run the sweeps, "
+                      "or name levels with --gain-levels)")
+        return {"summary": summary, "matched_gain": matched, "definitions": DEFINITIONS}
     front = Table(title="prose retention at matched target gain (linear interpolation along each method's lr sweep)")
     front.add_column("method")
     for g in matched["levels"]:
