@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
 import torch
 
+from deltawise.merge import fused_sparse
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.params import Param
 from deltawise.merge.sparsify import band_counts
@@ -82,7 +83,7 @@ def topk_passes(
     (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
     tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
-    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan])
+    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True)
     if any(rank is not None for rank, _ in plan):
         yield from order.passes()
     stats["thresholds"] = [NOTHING if nothing else values[0] for (_, nothing), values in zip(plan, order.values)]
@@ -93,7 +94,8 @@ def topk_passes(
     for i, (rank, nothing) in enumerate(plan):
         if rank is not None and not nothing and n - order.below[i][0] != n - rank + 1:
             above = n - order.below[i][0] - order.equal[i][0]
-            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,))
+            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,),
+                                 ties=order.equal[i][0])
     if windows:
         tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
         yield tie_pass
@@ -111,7 +113,7 @@ def band_passes(
         full = k >= 1 or n == 0
         ranks.append([None, None] if full or n_keep == 0 else [n_bot + 1, n_bot + n_keep])
         empty.append(not full and n_keep == 0)
-    order = OrderStatistics(_deltas, ranks)
+    order = OrderStatistics(_deltas, ranks, raw=True)
     if any(r[0] is not None for r in ranks):
         yield from order.passes()
     stats["bands"] = [(NOTHING, 0.0) if e else (lo, hi) for e, (lo, hi) in zip(empty, order.values)]
@@ -126,7 +128,7 @@ def band_passes(
         upper_splits = order.below[i][1] + order.equal[i][1] != last
         if lower_splits or upper_splits:
             windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]),
-                                 before=tuple(order.below[i]))
+                                 before=tuple(order.below[i]), ties=sum(order.equal[i]))
     if windows:
         tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
         yield tie_pass
@@ -136,13 +138,15 @@ def band_passes(
 @dataclass(frozen=True)
 class _Window:
     """Positions [start, stop) of the sorted magnitudes that are kept; ``boundaries``: the values at its
-    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order."""
+    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order;
+    ``ties``: how many entries equal a boundary value in all (0: unknown)."""
 
     descending: bool
     start: int
     stop: int
     boundaries: tuple[float, ...]
     before: tuple[int, ...] = ()
+    ties: int = 0
 
 
 def chunk_offset(job: TensorJob) -> int:
@@ -176,6 +180,11 @@ class TieOrder(StatsPass):
             flat = deltas[i].abs().reshape(-1)
             buffer[offset : offset + flat.numel()] = flat.to(device="cpu", dtype=torch.float32)
 
+    def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        n = chunk.base.numel()
+        fused_sparse.gather(chunk, [self.magnitudes[i][chunk.offset : chunk.offset + n] if i in self.magnitudes else None
+                                    for i in range(len(chunk.models))])
+
     @property
     def kept(self) -> dict[int, torch.Tensor]:
         if self._kept is None:
@@ -184,6 +193,15 @@ class TieOrder(StatsPass):
 
     @staticmethod
     def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
+        if fused_sparse.available() and magnitudes.numel() < 1 << 32:
+            # the same sort, run only where a window edge lies (tests/test_fused_sparse.py checks it against torch)
+            capacity = min(window.stop - window.start, window.ties) if window.ties else window.stop - window.start
+            return fused_sparse.tie_select(magnitudes, window.descending, window.start, window.stop, window.boundaries,
+                                           capacity)
+        return TieOrder._sort_select(magnitudes, window)
+
+    @staticmethod
+    def _sort_select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
         # the same calls as mergekit 0.1.5 sparsify.py (magnitude / magnitude_outliers): the
         # order of equal values follows from the sort algorithm and the whole input
         if window.descending:
@@ -242,13 +260,20 @@ class TieIndex(StatsPass):
         self._kept: Optional[dict[int, torch.Tensor]] = None
 
     def update(self, job: TensorJob) -> None:
-        offset = chunk_offset(job)
         deltas = job.deltas()
-        for i, window in self.windows.items():
-            flat = deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32)
-            values = torch.tensor(window.boundaries, dtype=torch.float32)
-            tied = torch.isin(flat, values).nonzero().squeeze(1)
-            self.found[i].append((offset, tied + offset, flat[tied]))
+        for i in self.windows:
+            self._record(i, chunk_offset(job), deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32))
+
+    def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        magnitudes = {i: torch.empty(chunk.base.numel(), dtype=torch.float32) for i in self.windows}
+        fused_sparse.gather(chunk, [magnitudes.get(i) for i in range(len(chunk.models))])
+        for i, flat in magnitudes.items():
+            self._record(i, chunk.offset, flat)
+
+    def _record(self, i: int, offset: int, flat: torch.Tensor) -> None:
+        values = torch.tensor(self.windows[i].boundaries, dtype=torch.float32)
+        tied = torch.isin(flat, values).nonzero().squeeze(1)
+        self.found[i].append((offset, tied + offset, flat[tied]))
 
     @property
     def kept(self) -> dict[int, torch.Tensor]:
