@@ -25,6 +25,9 @@ typedef struct {
     int64_t *counts[MAX_INPUTS]; /* per model: 32768 (high) or 65536 (low) bins; NULL: skip */
     int32_t high[MAX_INPUTS];    /* low pass: the upper bin counted; -1 for the high pass */
     float *gather[MAX_INPUTS];   /* optional: |delta| stored here (tie order) */
+    uint32_t *tables;            /* high pass: 4 interleaved 32768-bin tables, so that runs of equal bins
+                                    do not wait on each other's increments */
+    int magnitudes;              /* in[0] holds float32 magnitudes already (no base) */
     HalfLoad half_load;
     HalfStore half_store;
 } HistJob;
@@ -37,17 +40,22 @@ DW_INLINE Py_ssize_t histogram_body(const HistJob *job) {
     conv.half_load = job->half_load;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t n = job->n - start < BLOCK ? job->n - start : BLOCK;
-        load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, &conv);
+        if (!job->magnitudes)
+            load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, &conv);
         for (int k = 0; k < job->count; k++) {
             if (job->counts[k] == NULL && job->gather[k] == NULL)
                 continue;
-            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, &conv);
-            for (Py_ssize_t i = 0; i < n; i++) {
-                float d = x[i] - b[i];
-                uint32_t u;
-                memcpy(&u, &d, 4);
-                bits[i] = u & 0x7fffffffu;
-                bad += bits[i] >= 0x7f800000u;
+            if (job->magnitudes) {
+                memcpy(bits, job->in[k] + start * 4, (size_t)n * 4);
+            } else {
+                load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, &conv);
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    float d = x[i] - b[i];
+                    uint32_t u;
+                    memcpy(&u, &d, 4);
+                    bits[i] = u & 0x7fffffffu;
+                    bad += bits[i] >= 0x7f800000u;
+                }
             }
             if (job->gather[k] != NULL)
                 memcpy(job->gather[k] + start, bits, (size_t)n * 4);
@@ -55,20 +63,54 @@ DW_INLINE Py_ssize_t histogram_body(const HistJob *job) {
             if (c == NULL)
                 continue;
             if (job->high[k] < 0) {
-                for (Py_ssize_t i = 0; i < n; i++)
-                    c[bits[i] >> 16]++;
+                uint32_t *t = job->tables + (size_t)k * 4 * 32768;
+                Py_ssize_t i = 0;
+                for (; i + 4 <= n; i += 4) {
+                    t[bits[i] >> 16]++;
+                    t[32768 + (bits[i + 1] >> 16)]++;
+                    t[2 * 32768 + (bits[i + 2] >> 16)]++;
+                    t[3 * 32768 + (bits[i + 3] >> 16)]++;
+                }
+                for (; i < n; i++)
+                    t[bits[i] >> 16]++;
             } else {
                 uint32_t want = (uint32_t)job->high[k];
-                for (Py_ssize_t i = 0; i < n; i++)
-                    if ((bits[i] >> 16) == want)
-                        c[bits[i] & 0xffffu]++;
+                for (Py_ssize_t i = 0; i < n; i += 16) { /* few entries fall in the wanted bin: test 16 at once */
+                    Py_ssize_t stop = i + 16 < n ? i + 16 : n;
+                    uint32_t any = 0;
+                    for (Py_ssize_t j = i; j < stop; j++)
+                        any |= (bits[j] >> 16) == want;
+                    if (any)
+                        for (Py_ssize_t j = i; j < stop; j++)
+                            if ((bits[j] >> 16) == want)
+                                c[bits[j] & 0xffffu]++;
+                }
             }
         }
+    }
+    for (int k = 0; k < job->count; k++) {
+        if (job->counts[k] == NULL || job->high[k] >= 0)
+            continue;
+        const uint32_t *t = job->tables + (size_t)k * 4 * 32768;
+        for (int j = 0; j < 32768; j++)
+            job->counts[k][j] += (int64_t)t[j] + t[32768 + j] + t[2 * 32768 + j] + t[3 * 32768 + j];
     }
     return bad;
 }
 
 /* ---- the sparse merge ---------------------------------------------------------------- */
+
+static inline uint32_t float_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+static inline float bits_float(uint32_t u) {
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
 
 enum { TRIM_NONE = 0, TRIM_WINDOW = 1, TRIM_MASK = 2 };
 
@@ -148,7 +190,7 @@ DW_INLINE void trimmed_block(float *d, const float *b, const SparseJob *job, int
     } else if (t->trim == TRIM_MASK) {
         const uint8_t *m = t->mask + start;
         for (Py_ssize_t i = 0; i < n; i++)
-            d[i] = d[i] * (m[i] ? 1.0f : 0.0f);
+            d[i] = d[i] * (float)m[i]; /* m is 0 or 1: d * mask as torch computes it (dropped: +-0) */
     }
     if (t->rescale == 1) {
         float f = t->factor;
@@ -199,25 +241,28 @@ DW_INLINE Py_ssize_t sparse_body(const SparseJob *job) {
         }
         float *result = total;
         if (job->consensus) {
-            int zp = job->zero_positive;
+            /* branch-free (bit masks) so that the loops vectorise; the same values as the selects */
+            uint32_t zp = job->zero_positive ? 1u : 0u;
             for (Py_ssize_t i = 0; i < n; i++) {
-                int positive = total[i] > 0.0f || (zp && total[i] == 0.0f);
-                total[i] = positive ? 1.0f : -1.0f; /* the elected sign */
+                uint32_t positive = 0u - (uint32_t)((total[i] > 0.0f) | (zp & (total[i] == 0.0f)));
+                total[i] = bits_float(0xbf800000u ^ (positive & 0x80000000u)); /* the elected sign, +1 or -1 */
                 mixed[i] = 0.0f;
                 divisor[i] = 0.0f;
             }
             for (int k = 0; k < job->count; k++) {
                 const float *d = job->work + (size_t)k * BLOCK;
-                float w = job->trim[k].weight;
+                uint32_t w = float_bits(job->trim[k].weight);
                 for (Py_ssize_t i = 0; i < n; i++) {
-                    int agree = d[i] * total[i] > 0.0f;
-                    mixed[i] = mixed[i] + (agree ? d[i] : 0.0f);
-                    divisor[i] = divisor[i] + (agree ? w : 0.0f);
+                    uint32_t agree = 0u - (uint32_t)(d[i] * total[i] > 0.0f);
+                    mixed[i] = mixed[i] + bits_float(float_bits(d[i]) & agree);  /* +0 where it disagrees */
+                    divisor[i] = divisor[i] + bits_float(w & agree);
                 }
             }
             if (job->normalize)
-                for (Py_ssize_t i = 0; i < n; i++)
-                    mixed[i] = mixed[i] / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    uint32_t zero = 0u - (uint32_t)(divisor[i] == 0.0f);
+                    mixed[i] = mixed[i] / bits_float((float_bits(divisor[i]) & ~zero) | (0x3f800000u & zero));
+                }
             result = mixed;
         } else if (job->divide) {
             float dv = job->divisor;
@@ -451,14 +496,23 @@ DW_INLINE void l1_body(const HistJob *job, const uint8_t *const *masks, double *
         for (int k = 0; k < job->count; k++) {
             load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, &conv);
             const uint8_t *m = masks[k] + start;
-            double all = 0.0, kept = 0.0;
-            for (Py_ssize_t i = 0; i < n; i++) {
+            /* eight partial sums so that the loop vectorises (float64 sums in another order than torch's:
+               the same to float64 rounding, far below the float32 rescale factor's) */
+            double all[8] = {0}, kept[8] = {0};
+            Py_ssize_t i = 0;
+            for (; i + 8 <= n; i += 8)
+                for (int j = 0; j < 8; j++) {
+                    double a = fabsf(x[i + j] - b[i + j]);
+                    all[j] += a;
+                    kept[j] += a * (double)m[i + j];
+                }
+            for (; i < n; i++) {
                 double a = fabsf(x[i] - b[i]);
-                all += a;
-                kept += m[i] ? a : 0.0;
+                all[0] += a;
+                kept[0] += a * (double)m[i];
             }
-            before[k] += all;
-            after[k] += kept;
+            before[k] += ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
+            after[k] += ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
         }
     }
 }
@@ -568,7 +622,8 @@ PyDoc_STRVAR(delta_histogram_doc,
 "For each model k with counts[k] not None (int64, writable): counts of the upper 16 bits of the float32\n"
 "bits of |x_k - b| (highs[k] < 0, 32768 bins), or of the lower 16 bits of the entries whose upper bits\n"
 "are highs[k] (65536 bins), added to counts[k]. gathers[k], when not None (float32, writable), receives\n"
-"|x_k - b|. Returns the number of non-finite task-vector entries seen.");
+"|x_k - b|. base None: inputs is one float32 buffer of magnitudes, counted as they are.\n"
+"Returns the number of non-finite task-vector entries seen.");
 
 static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     PyObject *base, *inputs, *dtypes, *counts, *highs, *gathers;
@@ -581,13 +636,30 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     memset(&job, 0, sizeof job);
     Held held = {.held = 0};
     Py_ssize_t bad = -1;
-    job.base = hold(&held, base, 0, 0, "base");
-    if (job.base == NULL)
-        goto done;
-    job.base_dtype = base_dtype;
-    job.n = held.views[0].len / itemsize(base_dtype);
-    if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
-        goto done;
+    if (base == Py_None) { /* one input of float32 magnitudes */
+        job.magnitudes = 1;
+        PyObject *first = PySequence_Size(inputs) == 1 ? PySequence_GetItem(inputs, 0) : NULL;
+        if (first == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "without a base, one input of float32 magnitudes");
+            goto done;
+        }
+        job.in[0] = hold(&held, first, 0, 0, "magnitudes");
+        Py_DECREF(first);
+        if (job.in[0] == NULL)
+            goto done;
+        job.n = held.views[0].len / 4;
+        job.count = 1;
+        job.in_dtype[0] = DT_F32;
+    } else {
+        job.base = hold(&held, base, 0, 0, "base");
+        if (job.base == NULL)
+            goto done;
+        job.base_dtype = base_dtype;
+        job.n = held.views[0].len / itemsize(base_dtype);
+        if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
+            goto done;
+    }
     if (PySequence_Size(counts) != job.count || PySequence_Size(highs) != job.count
         || PySequence_Size(gathers) != job.count) {
         PyErr_SetString(PyExc_ValueError, "counts, highs and gathers need one entry per input");
@@ -617,11 +689,17 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
         if (item != Py_None && job.gather[k] == NULL)
             goto done;
     }
+    job.tables = calloc((size_t)job.count * 4 * 32768, sizeof(uint32_t));
+    if (job.tables == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     choose_half(&job.half_load, &job.half_store);
     Py_BEGIN_ALLOW_THREADS
     bad = histogram_kernel(&job);
     Py_END_ALLOW_THREADS
 done:
+    free(job.tables);
     release_all(&held);
     return bad < 0 ? NULL : PyLong_FromSsize_t(bad);
 }
