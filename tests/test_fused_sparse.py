@@ -255,3 +255,21 @@ def test_engine_output_is_the_same_with_and_without_the_kernels(make_folder, tmp
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(_bits(a[k]), _bits(b[k])), k
+
+
+@pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"tie_rule": "index"}), ("breadcrumbs", {"gamma": 0.05})])
+def test_large_tensors_read_again_instead_of_keeping_magnitudes(make_folder, tmp_path, monkeypatch, method, params):
+    """Above thresholds.KEEP_BYTES the radix and tie passes read the inputs again: the same bits."""
+    from deltawise.merge import engine, thresholds
+
+    family = _family(make_folder)
+    recipe = {"merge_method": method, "base_model": str(family["base"]),
+              "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.3}} for m in ("ft1", "ft2")],
+              "parameters": params}
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    merge(recipe, str(tmp_path / "kept"), threads=2)
+    monkeypatch.setattr(thresholds, "KEEP_BYTES", 0)
+    merge(recipe, str(tmp_path / "reread"), threads=2)
+    a, b = load_state(tmp_path / "kept"), load_state(tmp_path / "reread")
+    for k in a:
+        assert torch.equal(_bits(a[k]), _bits(b[k])), k

@@ -87,13 +87,21 @@ def _codes(models: list[torch.Tensor]) -> list[int]:
     return [fused.DTYPE_CODES[m.dtype] for m in models]
 
 
-def histogram(chunk: RawChunk, counts: list[Optional[torch.Tensor]], highs: list[int]) -> None:
+def histogram(chunk: RawChunk, counts: list[Optional[torch.Tensor]], highs: list[int],
+              gathers: Optional[list[Optional[torch.Tensor]]] = None) -> None:
     """Adds to counts[i] (int64, contiguous CPU) the radix counts of |tau_i| in this chunk: upper 16 bits
-    (highs[i] < 0) or lower 16 bits within upper bin highs[i]; None skips model i."""
+    (highs[i] < 0) or lower 16 bits within upper bin highs[i]; None skips model i. ``gathers[i]``: also
+    store |tau_i| there (float32, chunk-sized)."""
+    gathers = gathers or [None] * len(chunk.models)
     bad = _kernels.delta_histogram(_raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], [_raw(m) for m in chunk.models],
                                    _codes(chunk.models), [None if c is None else c.numpy() for c in counts], highs,
-                                   [None] * len(chunk.models))
+                                   [None if g is None else g.numpy() for g in gathers])
     chunk.checked(bad)
+
+
+def histogram_magnitudes(values: torch.Tensor, counts: torch.Tensor, high: int) -> None:
+    """``histogram`` over float32 magnitudes already computed (one model)."""
+    _kernels.delta_histogram(None, 0, [values.numpy()], [0], [counts.numpy()], [high], [None])
 
 
 def gather(chunk: RawChunk, targets: list[Optional[torch.Tensor]]) -> None:

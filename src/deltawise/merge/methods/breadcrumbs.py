@@ -50,7 +50,7 @@ class _Breadcrumbs(MergeMethod):
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
             densities, gammas = [p["density"] for p in model_params], [p["gamma"] for p in model_params]
-            yield from band_passes(numel, densities, gammas, stats, params["tie_rule"])
+            yield from band_passes(numel, densities, gammas, stats, params["tie_rule"], per_tensor=True)
 
     def masked(self, job: TensorJob) -> list[torch.Tensor]:
         out = []

@@ -48,7 +48,8 @@ class Ties(MergeMethod):
 
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
-            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats, params.get("tie_rule", "all"))
+            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats, params.get("tie_rule", "all"),
+                                   per_tensor=True)
 
     def fused(self, params, model_params):
         election = "ties" if params["granularity"] == "global" else "mergekit"
