@@ -376,7 +376,46 @@ static void move_median_to_first(Entry *result, Entry *a, Entry *b, Entry *c, in
         entry_swap(result, b);
 }
 
+#define PART_BLOCK 64
+
+/* std::__unguarded_partition. The k-th entry from the left that may not stay left is swapped with the
+   k-th from the right that may not stay right, as long as they have not crossed: far from the
+   crossing, those entries are found branch-free 64 at a time on each side (as BlockQuicksort does)
+   and swapped pair by pair in the same order; the scalar loop then finishes from the same state. */
 static Entry *unguarded_partition(Entry *first, Entry *last, Entry *pivot, int desc) {
+    const Entry p = *pivot;
+    uint8_t left[PART_BLOCK], right[PART_BLOCK];
+    int n_left = 0, s_left = 0, n_right = 0, s_right = 0;
+    Entry *l = first, *r = last, *left_base = first, *right_base = last; /* [l, r): not scanned yet */
+    while (r - l >= 2 * PART_BLOCK) {
+        if (n_left == 0) {
+            left_base = l;
+            s_left = 0;
+            for (int k = 0; k < PART_BLOCK; k++) {
+                left[n_left] = (uint8_t)k;
+                n_left += !TIE_LESS(desc, l[k], p);
+            }
+            l += PART_BLOCK;
+        }
+        if (n_right == 0) {
+            right_base = r;
+            s_right = 0;
+            for (int k = 0; k < PART_BLOCK; k++) {
+                right[n_right] = (uint8_t)k;
+                n_right += !TIE_LESS(desc, p, r[-1 - k]);
+            }
+            r -= PART_BLOCK;
+        }
+        int m = n_left < n_right ? n_left : n_right;
+        for (int t = 0; t < m; t++)
+            entry_swap(left_base + left[s_left + t], right_base - 1 - right[s_right + t]);
+        s_left += m;
+        n_left -= m;
+        s_right += m;
+        n_right -= m;
+    }
+    first = n_left ? left_base + left[s_left] : l;
+    last = n_right ? right_base - right[s_right] : r;
     while (1) {
         while (TIE_LESS(desc, *first, *pivot))
             ++first;
