@@ -393,7 +393,11 @@ static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
     return run_kernel(task_arithmetic_kernel, &job, out, out_dtype, base, inputs, dtypes, weights, divisor);
 }
 
-#include "_fused_sparse.c" /* the sparsifying merges' kernels, sharing the helpers above */
+/* the sparsifying merges' kernels, sharing the helpers above */
+#include "_fused_sparse.c"
+#include "_fused_stats.c"
+#include "_fused_rng.c"
+#include "_fused_select.c"
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
