@@ -26,7 +26,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from deltawise.merge import fused
+import deltawise.merge.fused as fused
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS
 
 _kernels = fused._kernels

@@ -16,7 +16,7 @@ import torch
 from deltawise.io.finite import all_finite, require_finite  # noqa: F401 (all_finite: the engine imports it here)
 from deltawise.io.layout import CHUNK_ELEMENTS
 import deltawise.merge.fused as fused
-from deltawise.merge import fused_sparse
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import TensorJob
 from deltawise.merge.plan import MergePlan, TensorPlan
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from deltawise.merge import fused_sparse
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import StatsPass, TensorJob
 
 HIGH_BINS = 1 << 15  # sign bit is 0 for |x|

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
 import torch
 
-from deltawise.merge import fused_sparse
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.params import Param
 from deltawise.merge.sparsify import band_counts

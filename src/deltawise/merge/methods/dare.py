@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deltawise.merge import fused_sparse
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
