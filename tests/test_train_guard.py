@@ -101,11 +101,12 @@ def test_guard_keeps_a_checkpoint_within_the_budget_where_plain_training_ends_be
 
     runs = build_report([tmp_path / "out"], tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
-    assert [label for label, _, _ in runs.trainings] == ["out/training_log"]
+    assert [label for label, _, _ in runs.guarded] == ["out"]  # the train output, also listed as a training run
+    assert [label for label, _ in runs.trainings] == ["out"]
     table = page[page.index('id="table-guard-'):]
     table = table[: table.index("</table>")]
     assert table.count("<tr>") == 1 + 4 and table.count("&lt;-") == 1
-    assert 'id="fig-guard-out/training_log"' in page and "<svg" in page
+    assert 'id="fig-guard-out"' in page and "<svg" in page
 
 
 def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, tmp_path):
