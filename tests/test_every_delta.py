@@ -177,7 +177,7 @@ def test_report_takes_a_train_output_folder(sorsa_delta, tmp_path):
     assert "skipped" not in r.output
     html = (tmp_path / "r.html").read_text()
     row = re.search(r'<table id="table-training">.*?<tbody><tr>(.*?)</tr>', html).group(1)
-    cells = re.findall(r"<td>(.*?)</td>", row)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
     log = json.loads((delta / "training_log.json").read_text())
     record = json.loads((delta / "deltawise_train.json").read_text())
     assert cells[:3] == ["delta", "sorsa", "delta"] and cells[5] == str(record["steps"]) == "3"

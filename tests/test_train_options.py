@@ -187,3 +187,19 @@ def test_progress_is_reported_as_lines_not_trainer_dicts(tiny_lm, tmp_path):  # 
     assert res.exit_code == 0, res.output
     assert "step 1/2  loss " in res.output and "step 2/2  eval loss " in res.output and "perplexity " in res.output
     assert "{'loss'" not in res.output and "it/s]" not in res.output
+
+
+def test_report_shows_the_evaluations_of_a_train_output(tiny_lm, tmp_path):  # noqa: F811
+    """--eval-data results reach the report: the training table's last evaluation and the loss curves."""
+    import re
+
+    out = tmp_path / "out"
+    res = _cli(tiny_lm, out, "--max-steps", "4", "--lr", "1e-2", "--eval-data", str(tiny_lm["jsonl"]), "--eval-every", "2")
+    assert res.exit_code == 0, res.output
+    r = CliRunner().invoke(app, ["report", str(out), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    html = (tmp_path / "r.html").read_text()
+    last = [e for e in json.loads((out / "training_log.json").read_text()) if "eval_loss" in e][-1]
+    row = re.search(r'<table id="table-training">.*?<tbody><tr>(.*?)</tr>', html, re.S).group(1)
+    assert f"perplexity {last['eval_perplexity']:.4g} at step 4" in row
+    assert 'id="fig-training"' in html and "Training and evaluation loss" in html

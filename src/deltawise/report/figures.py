@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from deltawise.analyze.results import Interpolation, WeightsAnalysis  # noqa: E402
 from deltawise.report import layers  # noqa: E402
 from deltawise.report.runs import BudgetSearch, Runs  # noqa: E402
+from deltawise.report.training import TrainingRun  # noqa: E402
 
 plt.rcParams.update({"svg.hashsalt": "deltawise", "svg.fonttype": "none", "font.size": 9})
 
@@ -137,6 +138,20 @@ def budget_search(search: BudgetSearch) -> str | None:
     bottom.legend(fontsize=7)
     _label(bottom, f"{name} (dashed: chosen)", "target gain (ratio − 1)", "")
     top.set_title(f"{search.method}: the searched points on the selection split")
+    return to_svg(fig)
+
+
+def training_curves(trainings: list[tuple[str, TrainingRun]]) -> str | None:
+    """Training loss and --eval-data loss over the steps of each train output that logged an evaluation."""
+    shown = [(lab, r) for lab, r in trainings if r.evaluations]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for lab, r in shown:
+        line, = ax.plot([s for s, _ in r.losses], [v for _, v in r.losses], alpha=0.5, label=f"{lab} (training)")
+        ax.plot([e["step"] for e in r.evaluations], [e["eval_loss"] for e in r.evaluations], marker="o",
+                color=line.get_color(), label=f"{lab} (evaluation)")
+    _label(ax, "step", "loss", "Training and evaluation loss", legend=True)
     return to_svg(fig)
 
 

@@ -51,7 +51,9 @@ def render(runs: Runs, title: str = "deltawise audit report") -> str:
              f"{escape(', '.join(c for c in counts if not c.startswith('0 ')))}. Runs are named by their result files; "
              "hover a name for its path (all paths are listed under Sources).</p>"]
     if runs.trainings:
-        parts += ["<h2>Training runs</h2>", tables.table("table-training", TRAINING_HEADER, training_rows(runs.trainings))]
+        parts += ["<h2>Training runs</h2>", tables.table("table-training", TRAINING_HEADER, training_rows(runs.trainings)),
+                  shown("fig-training", figures.training_curves(runs.trainings),
+                        "Loss per logged step on the training data, and on --eval-data at each evaluation.")]
     compared = [lab for lab, r in runs.evals if r.forgetting is not None]
     if compared or runs.budgets:
         parts += ["<h2>Forgetting</h2>",

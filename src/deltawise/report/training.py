@@ -2,7 +2,8 @@
 
 Such a folder, given to ``report`` as a run, adds one row to the report's training table from the
 record ``train`` keeps beside its output (``deltawise_train.json``: method, base, task, steps,
-trainable parameters, seconds) and its log (``training_log.json``: the loss per logged step). Its
+trainable parameters, seconds) and its log (``training_log.json``: the loss per logged step and,
+with ``--eval-data``, the evaluation loss and perplexity or accuracy, drawn as curves over the steps). Its
 other JSON files (adapter and tokenizer configs) are part of the model, not results, so they are
 not listed as skipped.
 """
@@ -34,6 +35,8 @@ class TrainingRun:
     first_loss: Optional[float]
     last_loss: Optional[float]
     labels: list[str]
+    losses: list[tuple[int, float]]  # (step, training loss) of each logged step
+    evaluations: list[dict[str, float]]  # --eval-data records: step, eval_loss, eval_perplexity or eval_accuracy
 
 
 def is_training_run(path: Path) -> bool:
@@ -51,15 +54,30 @@ def load_training_run(folder: Path) -> TrainingRun:
         log = json.loads((folder / TRAINING_LOG).read_text())
     except (OSError, ValueError):
         log = []
-    losses = [float(r["loss"]) for r in log if isinstance(r, dict) and isinstance(r.get("loss"), (int, float))]
+    rows = [r for r in log if isinstance(r, dict)] if isinstance(log, list) else []
+    losses = [(int(r.get("step", i)), float(r["loss"])) for i, r in enumerate(rows) if isinstance(r.get("loss"), (int, float))]
+    evaluations = [{k: float(v) for k, v in r.items() if (k == "step" or k.startswith("eval_")) and isinstance(v, (int, float))}
+                   for r in rows if isinstance(r.get("eval_loss"), (int, float))]
     labels = record.get("label2id") or {}
     return TrainingRun(
         folder=folder, method=str(record["method"]), kind=str(record.get("kind", "")),
         base_model=str(record.get("base_model", "")), task=str(record.get("task", "")), steps=record.get("steps"),
         trainable_params=record.get("trainable_params"), total_params=record.get("total_params"),
-        seconds=record.get("seconds"), first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-        labels=sorted(labels, key=lambda name: labels[name]) if isinstance(labels, dict) else [],
+        seconds=record.get("seconds"), first_loss=losses[0][1] if losses else None, last_loss=losses[-1][1] if losses else None,
+        labels=sorted(labels, key=lambda name: labels[name]) if isinstance(labels, dict) else [], losses=losses,
+        evaluations=evaluations,
     )
+
+
+def last_evaluation(run: TrainingRun) -> str:
+    """The last --eval-data result, e.g. ``perplexity 12.3 at step 200`` (empty without evaluation data)."""
+    if not run.evaluations:
+        return ""
+    last = run.evaluations[-1]
+    for key, name in (("eval_perplexity", "perplexity"), ("eval_accuracy", "accuracy"), ("eval_loss", "loss")):
+        if key in last:
+            return f"{name} {last[key]:.4g} at step {int(last.get('step', 0))}"
+    return ""
 
 
 def training_rows(runs: list[tuple[str, TrainingRun]]) -> list[tuple[object, ...]]:
@@ -69,11 +87,12 @@ def training_rows(runs: list[tuple[str, TrainingRun]]) -> list[tuple[object, ...
         share = (f"{r.trainable_params:,} ({100 * r.trainable_params / r.total_params:.3g}%)"
                  if r.trainable_params is not None and r.total_params else r.trainable_params)
         rows.append((label, r.method, r.kind, r.base_model, r.task + (f" ({', '.join(r.labels)})" if r.labels else ""),
-                     r.steps, share, r.seconds, r.first_loss, r.last_loss))
+                     r.steps, share, r.seconds, r.first_loss, r.last_loss, last_evaluation(r)))
     return rows
 
 
-TRAINING_HEADER = ["run", "method", "output", "base", "task", "steps", "trainable", "seconds", "first loss", "last loss"]
+TRAINING_HEADER = ["run", "method", "output", "base", "task", "steps", "trainable", "seconds", "first loss", "last loss",
+                   "evaluation (--eval-data)"]
 
 
 def guard_checks(records: Any) -> list[dict[str, Any]]:
