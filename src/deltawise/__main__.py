@@ -1,3 +1,3 @@
-from deltawise.cli import main
+from deltawise.launch import main
 
 main()

@@ -33,7 +33,7 @@ SWEPT = ("lr", "max_steps", "epochs")  # set by the sweep itself
                        "SOURCE's retention >= MIN"},
     "target": {"help": "data the target gain is measured on (repeatable)"}})
 @options("choice", MethodChoice)
-@options("training", TrainingOptions, exclude=SWEPT)
+@options("training", TrainingOptions, exclude=(*SWEPT, "device"))  # --device is the run group's
 @options("sweep", LrSweepOptions)
 @options("data_options", DataOptions, only=("max_examples",), override={
     "max_examples": {"help": "train each short run on the first N items of --data (default: all)"}})
