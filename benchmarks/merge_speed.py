@@ -14,7 +14,10 @@ What it measures
     50 ms; anonymous RSS in brackets), the bytes the method reads (the safetensors files of
     every model in the recipe, the base included when the recipe names a ``base_model``),
     the effective throughput (bytes read / wall seconds) and that throughput as a share of
-    the raw read bandwidth of the same files.
+    the raw read bandwidth of the same files. ``--methods passthrough,della`` measures two more
+    recipes (``synthetic.build_recipe``): a frankenmerge of the first two fine-tunes' layer slices
+    and DELLA (density 0.2, epsilon 0.1); "read GB" counts every file of their inputs, of which a
+    passthrough reads three quarters.
 
     Raw read bandwidth: right before the merges the script streams every input file once
     with sequential 64 MiB ``readinto`` calls and times it, twice, reporting the share of the

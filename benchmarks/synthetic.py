@@ -52,7 +52,9 @@ BASE_STD = 0.02
 DELTA_STD = 1e-3
 SAMPLE_INTERVAL_S = 0.05
 INDEX_NAME = "model.safetensors.index.json"
-ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+ALL_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the default --methods
+# also measurable on request: a frankenmerge (layer slices of two models) and DELLA
+KNOWN_METHODS = ALL_METHODS + ("passthrough", "della")
 
 # Wide enough for the tables when output is piped to a file or log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -168,9 +170,9 @@ def parse_size(text: str) -> int:
 def parse_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """The comma-separated --methods list, refused through ``parser`` when empty or unknown."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    unknown = sorted(set(methods) - set(KNOWN_METHODS))
     if unknown or not methods:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(KNOWN_METHODS)}")
     return methods
 
 
@@ -276,14 +278,24 @@ def build_recipe(method: str, base: Path, models: list[Path]) -> dict:
     """The benchmark recipe for ``method``: every method but linear names the base model.
 
     Every model gets an explicit ``weight`` (mergekit requires it for these methods);
-    ties and dare_ties keep 20% of each delta (``density: 0.2``).
+    ties, dare_ties and della keep 20% of each delta (``density: 0.2``; della's ``epsilon: 0.1``).
+    passthrough is a frankenmerge of the first two models: the first three quarters of the first
+    one's layers, then the last three quarters of the second one's (1.5x the layers).
     """
+    if method == "passthrough":
+        layers = _num_layers(models[0])
+        cut = layers * 3 // 4
+        slices = [{"sources": [{"model": str(models[0].resolve()), "layer_range": [0, cut]}]},
+                  {"sources": [{"model": str(models[1].resolve()), "layer_range": [layers - cut, layers]}]}]
+        return {"merge_method": "passthrough", "slices": slices, "dtype": "bfloat16"}
     if method == "linear":
         params: dict = {"weight": 1.0}
     elif method == "task_arithmetic":
         params = {"weight": 0.5}
     elif method in ("ties", "dare_ties"):
         params = {"weight": 1.0, "density": 0.2}
+    elif method == "della":
+        params = {"weight": 1.0, "density": 0.2, "epsilon": 0.1}
     else:
         raise ValueError(f"unknown method {method!r}")
     recipe: dict = {"merge_method": method}
@@ -294,8 +306,14 @@ def build_recipe(method: str, base: Path, models: list[Path]) -> dict:
     return recipe
 
 
+def _num_layers(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+
+
 def recipe_inputs(method: str, base: Path, models: list[Path]) -> list[Path]:
     """The checkpoint folders a merge of ``build_recipe(method, ...)`` reads."""
+    if method == "passthrough":
+        return list(models[:2])
     return list(models) + ([base] if method != "linear" else [])
 
 

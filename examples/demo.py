@@ -54,6 +54,10 @@ class MethodRun:
 METHODS = [MethodRun("lora", 2e-2), MethodRun("hft", 1e-3)]  # rates high enough that English is visibly forgotten
 RETAIN = 0.98  # English prose perplexity may rise by at most ~2% (retention = ppl_base / ppl)
 GRID = (0.25, 0.5, 0.75, 1.0, 1.5)  # lambda: scale of the averaged task vector added to the base
+# Texts per evaluation set, sized by benchmarks/demo_eval_size.py on a 30-text run (README, "The demo"): English retention
+# separated every row at 30; German gain needed about 50 to separate HFT from LoRA, so 80 leaves a margin
+TARGET_ITEMS, SOURCE_ITEMS = 80, 30
+SELECTION_ITEMS = 30  # texts per language the budget search chooses on (other texts than the evaluation sets)
 
 
 def fetch_smollm2(console: Console, cache: Optional[Path] = None) -> Path:
@@ -111,7 +115,8 @@ def _fmt(x: Optional[float], spec: str, bounds: Optional[tuple[float, float]] = 
 @quiet_libraries(True)
 def run_demo(
     workdir: Optional[Path], console: Console, *, steps: int = 15, quick: bool = False, model: Optional[Path] = None,
-    target_docs: Optional[list[str]] = None, source_docs: Optional[list[str]] = None, eval_items: int = 30,
+    target_docs: Optional[list[str]] = None, source_docs: Optional[list[str]] = None, target_items: int = TARGET_ITEMS,
+    source_items: int = SOURCE_ITEMS, selection_items: int = SELECTION_ITEMS,
     max_length: int = 64, batch_size: int = 8, methods: Sequence[MethodRun] = tuple(METHODS),
     retain: float = RETAIN, grid: Sequence[float] = GRID,
 ) -> dict[str, Path]:
@@ -123,7 +128,8 @@ def run_demo(
     from deltawise.report.html import build_report
 
     if quick:
-        steps, eval_items = min(steps, 4), min(eval_items, 10)
+        steps, target_items, source_items, selection_items = min(steps, 4), *(min(n, 10) for n in
+                                                                               (target_items, source_items, selection_items))
     started = time.time()
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="deltawise-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -147,17 +153,18 @@ def run_demo(
     en = list(source_docs) if source_docs is not None else realtext.english_prose()
     rng.shuffle(de)
     rng.shuffle(en)
-    n_de, n_en = min(eval_items, len(de) // 3), min(eval_items, len(en) // 2)
+    n_de, n_en = min(target_items, len(de) // 3), min(source_items, len(en) // 2)
+    s_de, s_en = min(selection_items, len(de) // 3), min(selection_items, len(en) - n_en)
     # evaluation sets, the budget search's selection sets and the training text never share a text
     target = write_jsonl(data / "german.jsonl", de[:n_de])
     source = write_jsonl(data / "english.jsonl", en[:n_en])
     (data / "selection").mkdir(exist_ok=True)
-    target_sel = write_jsonl(data / "selection" / "german.jsonl", de[n_de : 2 * n_de])
-    source_sel = write_jsonl(data / "selection" / "english.jsonl", en[n_en : 2 * n_en])
+    target_sel = write_jsonl(data / "selection" / "german.jsonl", de[n_de : n_de + s_de])
+    source_sel = write_jsonl(data / "selection" / "english.jsonl", en[n_en : n_en + s_en])
     train = data / "german_train.txt"
-    train.write_text("\n%\n".join(de[2 * n_de :]) + "\n", encoding="utf-8")
+    train.write_text("\n%\n".join(de[n_de + s_de :]) + "\n", encoding="utf-8")
     console.print(f"  evaluation: {n_de} German fortunes (target), {n_en} English prose paragraphs (source); "
-                  f"the budget search chooses on {n_de} + {n_en} others; training: {len(de) - 2 * n_de} other German fortunes")
+                  f"the budget search chooses on {s_de} + {s_en} others; training: {len(de) - n_de - s_de} other German fortunes")
 
     def run_eval(label: str, ref: Path, baseline=None):
         with Progress(TextColumn("  {task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -228,7 +235,7 @@ def run_demo(
                   "(1 = nothing forgotten); forgetting score = 100 x max(0, 1 - retention); \\[lo, hi]: 95% paired bootstrap "
                   "intervals over the evaluated texts[/]")
     report = root / "report.html"
-    build_report([p for _, p in evals.values()] + [results / "weights.json"], report,
+    build_report([p for _, p in evals.values()] + [results / "budget.json", results / "weights.json"], report,
                  title="deltawise demo: SmolLM2-135M adapted to German")
     console.print(f"report:  {report}")
     console.print(f"run dir: {root}  (results/*.json, models/, adapters/, data/)")
@@ -241,7 +248,7 @@ def main(
     workdir: Optional[Path] = typer.Option(None, help="run folder for data, models, result JSONs and the report "
                                                       "(default: a temporary folder)"),
     steps: int = typer.Option(15, min=1, help="training steps per method (batch 8 x 64 tokens)"),
-    quick: bool = typer.Option(False, "--quick", help="4 steps and 10 eval texts per set: a smoke run"),
+    quick: bool = typer.Option(False, "--quick", help="4 steps and 10 texts per evaluation and selection set: a smoke run"),
 ) -> None:
     """Adapt SmolLM2-135M to German with LoRA and HFT, merge them with a retention budget on English, print the
     forgetting table and write the HTML report."""

@@ -28,7 +28,8 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capfd):
     buf = io.StringIO()
     console = Console(file=buf, width=160)
     paths = run_demo(tmp_path / "run", console, steps=2, model=model, target_docs=GERMAN, source_docs=ENGLISH,
-                     eval_items=4, max_length=32, batch_size=4, methods=[MethodRun("lora", 1e-3), MethodRun("hft", 1e-4)])
+                     target_items=5, source_items=3, selection_items=3, max_length=32, batch_size=4,
+                     methods=[MethodRun("lora", 1e-3), MethodRun("hft", 1e-4)])
     text = buf.getvalue()
     library_noise = capfd.readouterr()
     # no transformers bars ("Loading weights"), log lines or FutureWarnings around the demo's own output
@@ -59,7 +60,17 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capfd):
     for name in ("german.jsonl", "english.jsonl"):
         assert not set((data / name).read_text().splitlines()) & set((data / "selection" / name).read_text().splitlines())
     assert budget["splits"][0]["heldout_file"] == str(data / "english.jsonl")
+    sizes = {name: len((data / name).read_text().splitlines()) for name in
+             ("german.jsonl", "english.jsonl", "selection/german.jsonl", "selection/english.jsonl")}
+    assert sizes == {"german.jsonl": 5, "english.jsonl": 3, "selection/german.jsonl": 3, "selection/english.jsonl": 3}
+    training = set((data / "german_train.txt").read_text().strip().split("\n%\n"))
+    held = {json.loads(line)["text"] for name in ("german.jsonl", "selection/german.jsonl")
+            for line in (data / name).read_text().splitlines()}
+    assert len(training) == len(GERMAN) - 5 - 3 and not training & held and training | held == set(GERMAN)
     assert "held out:" in text and "[lo, hi]: 95% paired bootstrap" in text.replace("\n", " ")
     weights = json.loads(paths["weights"].read_text())
     assert len(weights["models"]) == 3 and weights["tensors"]
-    assert "fig-layer-deltas" in html and "table-weights" in html
+    assert "fig-layers" in html and "table-weights" in html
+    # the report shows the budget search: its points on the trade-off plot, its table, no empty section
+    assert 'id="table-budget-budget"' in html and "lambda=1.5" in html and "No data" not in html
+    assert "Interpolation" not in html

@@ -303,15 +303,16 @@ def test_extract_from_a_finetune_missing_tensors_warns_with_the_list(make_folder
     assert any("c.bias" in w and "missing from the fine-tuned model" in w for w in result.warnings), result.warnings
 
 
-def test_tokenizer_source_without_a_tokenizer_warns(llama_family, tmp_path):
+def test_tokenizer_source_without_a_tokenizer_is_a_recipe_problem(llama_family, tmp_path):
+    """Rows are matched by token string, which needs the tokenizers: models without one are refused."""
     from deltawise.merge import build_plan
     from deltawise.merge.recipe import parse_recipe
 
     recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(llama_family["ft1"])},
                                                                 {"model": str(llama_family["ft2"])}],
                            "tokenizer_source": str(llama_family["ft1"])})
-    plan = build_plan(recipe)
-    assert any("tokenizer_source" in w and "no tokenizer files" in w for w in plan.warnings), plan.warnings
+    with pytest.raises(RecipeError, match="no tokenizer files; rows are matched by token string"):
+        build_plan(recipe)
 
 
 def test_tokenizer_source_that_does_not_exist_is_a_recipe_problem(llama_family):

@@ -393,14 +393,25 @@ static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
     return run_kernel(task_arithmetic_kernel, &job, out, out_dtype, base, inputs, dtypes, weights, divisor);
 }
 
+/* the sparsifying merges' kernels, sharing the helpers above */
+#include "_fused_sparse.c"
+#include "_fused_stats.c"
+#include "_fused_rng.c"
+#include "_fused_select.c"
+
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
     {"task_arithmetic", py_task_arithmetic, METH_VARARGS, task_arithmetic_doc},
+    {"delta_histogram", py_delta_histogram, METH_VARARGS, delta_histogram_doc},
+    {"sparse_merge", py_sparse_merge, METH_VARARGS, sparse_merge_doc},
+    {"dare_mask", py_dare_mask, METH_VARARGS, dare_mask_doc},
+    {"tie_select", py_tie_select, METH_VARARGS, tie_select_doc},
+    {"delta_l1", py_delta_l1, METH_VARARGS, delta_l1_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "deltawise._fused", "Fused float32 kernels for linear and task-arithmetic merges.", -1, methods,
+    PyModuleDef_HEAD_INIT, "deltawise._fused", "Fused float32 kernels for linear, task-arithmetic and sparsifying merges.", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__fused(void) {

@@ -312,6 +312,20 @@ class LrSweepOptions:
             raise InputError(f"--lrs takes comma-separated numbers, e.g. 1e-5,1e-4,1e-3; got {self.lrs!r}") from None
 
 
+@dataclass
+class GuardOptions:
+    """Training with a forgetting budget (docs/adapt.md, "Training with a forgetting budget"): with ``--retain``,
+    check retention while training and keep the best checkpoint within the budget (adapt/guard.py)."""
+
+    monitor_every: int = option(0, "--retain: optimizer steps between retention checks (0: as often as keeps the checks "
+                                   "at about 10% of the training time, measured while training)", min=0)
+    stop_early: bool = option(False, "--retain: stop once retention is below the budget and the target gain has not "
+                                     "improved for --patience checks")
+    patience: int = option(2, "--stop-early: checks without a target gain improvement before stopping", min=1)
+    interpolate: bool = option(False, "--retain: at the end, search base->final (WiSE-FT) and kept->final for the best "
+                                      "model within the budget (writes a full model when an interpolated point wins)")
+
+
 def scalar(text: str) -> Any:
     """A YAML scalar: 0.5 -> float, 3 -> int, true -> bool, anything else stays a string."""
     try:

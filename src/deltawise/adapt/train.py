@@ -361,6 +361,10 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             }
             (staging / "deltawise_train.json").write_text(json.dumps(meta, indent=2, default=str))
             (staging / "training_log.json").write_text(json.dumps(records, indent=2))
+            for callback in callbacks or []:  # e.g. the retention guard (adapt/guard.py): its log, the final weights
+                if hasattr(callback, "finish_output"):
+                    callback.finish_output(staging, trainer.model,
+                                           lambda folder: _save_to(method, trainer.model, tok, folder, base))
             (staging / RUN_FILE).unlink(missing_ok=True)
             swap_into_place(staging, cfg.output)
         trainer.accelerator.wait_for_everyone()  # every process returns once the output is in place
@@ -372,3 +376,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         held.close()
     return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, records,
                        trainer._tokens, trainer.is_world_process_zero())
+
+
+def _save_to(method: Method, model: nn.Module, tok, folder: Path, base: ModelReader | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    method.save(model, folder, base=base)
+    tok.save_pretrained(folder)

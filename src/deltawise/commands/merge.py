@@ -41,17 +41,22 @@ def merge(
     fsync: bool = typer.Option(False, "--fsync", help="flush each shard to disk before it counts as done (survives a power "
                                                       "loss; slower: waits for the disk)"),
     search: BudgetSearchOptions = ...,
+    work_dir: Path = typer.Option(None, "--work-dir", help="multi-stage recipes: folder for the named stages' outputs "
+                                                          "(default: OUTPUT.stages beside OUTPUT)"),
 ) -> None:
     """Merge models as described by RECIPE into OUTPUT.
 
     An interrupted merge (Ctrl-C, SIGTERM, a crash, a full disk) keeps its completed shards
-    beside OUTPUT; rerun with --resume to merge only the rest. To search the method's parameters
-    under a retention budget first, use `deltawise budget` (docs/merging.md).
+    beside OUTPUT; rerun with --resume to merge only the rest. A file of several recipes (YAML
+    documents, mergekit-multi's format) runs them all: named stages into --work-dir, finished
+    ones not redone. To search the method's parameters under a retention budget first, use
+    `deltawise budget` (docs/merging.md).
 
     With --output-format adapter (or an adapter: key in RECIPE) the merge of adapters of one base
     is written as a PEFT LoRA adapter: exact for linear/task arithmetic of LoRAs, else by SVD."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
+    from deltawise.errors import InputError
     from deltawise.merge.adapter_out import adapter_settings
     from deltawise.merge.engine import check_output, dump_plan, to_json
 
@@ -61,6 +66,16 @@ def merge(
             raise typer.BadParameter("the deprecated budget flags write a model; drop them for an adapter output")
         warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
         _run_budget(recipe, run, engine, search)
+        return
+    from deltawise.merge.multi import is_multi_stage
+
+    if is_multi_stage(recipe):
+        if adapter.output_format == "adapter":
+            raise InputError("--output-format adapter is not supported for multi-stage recipes; "
+                             "write the last stage as its own recipe with an adapter: key")
+        _run_stages(recipe, run, engine, work_dir, dry_run, MergeOptions(
+            device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size), overwrite=run.overwrite,
+            resume=resume, restart=restart, fsync=fsync))
         return
     parsed = load_recipe(recipe)
     settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy)
@@ -107,6 +122,34 @@ def _merge_into_adapter(plan, settings, run: RunOptions, dry_run: bool) -> None:
               highlight=False)
     for line in describe(result):
         out.print(escape(line), highlight=False)
+
+
+def _run_stages(recipe: Path, run: RunOptions, engine: EngineOptions, work_dir: Path | None, dry_run: bool,
+                merge_options) -> None:
+    """A multi-stage recipe (``deltawise.merge.multi``): every stage in dependency order."""
+    from dataclasses import replace
+
+    from deltawise.merge.engine import to_json
+    from deltawise.merge.multi import load_stages, run_stages
+
+    assert run.output is not None
+    work = work_dir if work_dir is not None else run.output.parent / f"{run.output.name}.stages"
+    if dry_run:
+        stages = load_stages(recipe, work.resolve())
+        print(to_json([{"stage": s.name or "final", "output": str(work / s.name if s.name else run.output),
+                        "uses": s.needs, "recipe": s.data} for s in stages]))
+        return
+
+    def announce(stage, target: Path, done: bool) -> None:
+        what = "verified, already merged" if done else "merging"
+        out.print(f"stage {escape(stage.name or 'final')}: {what} -> {escape(str(target))}", highlight=False)
+
+    with bytes_progress(run.quiet) as progress:
+        options = replace(merge_options, progress=ProgressReporter(progress))
+        results = run_stages(recipe, run.output, work, options, allow_pickle=engine.allow_pickle, strict=engine.strict,
+                             on_stage=None if run.quiet else announce)
+    out.print(f"merged {len(results)} stage(s) into {escape(str(run.output))} "
+              f"({sum(r.skipped for r in results)} already done)", highlight=False)
 
 
 @options("intervals", IntervalOptions)

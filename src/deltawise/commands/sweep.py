@@ -33,14 +33,14 @@ SWEPT = ("lr", "max_steps", "epochs")  # set by the sweep itself
                        "SOURCE's retention >= MIN"},
     "target": {"help": "data the target gain is measured on (repeatable)"}})
 @options("choice", MethodChoice)
-@options("training", TrainingOptions, exclude=(*SWEPT, "device"))  # --device is the run group's
+@options("training", TrainingOptions, exclude=SWEPT)
 @options("sweep", LrSweepOptions)
 @options("data_options", DataOptions, only=("max_examples",), override={
     "max_examples": {"help": "train each short run on the first N items of --data (default: all)"}})
-@options("run", RunOptions, override={
+@options("run", RunOptions, exclude=("device",), override={
     "output": {"help": "sweep folder: cached runs, sweep.json and sweep.png (an interrupted sweep resumes from it)"},
     "overwrite": {"help": "discard the runs cached in the sweep folder and train every rate again"},
-    "quiet": {"help": "no progress bar or messages"}, "device": {"help": "where the runs are scored: cpu or cuda"}})
+    "quiet": {"help": "no progress bar or messages"}})
 def lr_sweep(
     model: str = typer.Argument(..., help="base model (a Hugging Face folder): each run starts from it"),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
@@ -58,6 +58,7 @@ def lr_sweep(
     against retention, and recommend the largest gain within the budget (docs/repair.md, "Learning-rate sweep").
 
     Short runs rank the rates by early forgetting; they do not predict a full run's final numbers."""
+    from deltawise.adapt.runtime import resolve_device
     from deltawise.eval.runner import EvalOptions
     from deltawise.search.budget import RetentionBudget
     from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
@@ -71,7 +72,9 @@ def lr_sweep(
         max_examples=data_options.max_examples, jobs=sweep.jobs, overwrite=run.overwrite,
         trust_remote_code=load.trust_remote_code, split=split, heldout_retain=list(search.heldout_retain),
         heldout_targets=list(search.heldout_target), intervals=intervals,
-        eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size, device=run.device,
+        # the runs are scored where they train (--device); a cuda:N index is kept by torch's default device
+        eval=EvalOptions(max_length=search.eval_max_length, batch_size=search.eval_batch_size,
+                         device="cuda" if resolve_device(training.device).startswith("cuda") else "cpu",
                          trust_remote_code=load.trust_remote_code),
         note=None if run.quiet else note(False))
     with steps_progress(run.quiet) as progress:

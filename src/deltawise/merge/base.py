@@ -190,6 +190,11 @@ class MergeMethod:
         engine then calls ``merge``. A spec must give exactly the bits ``merge`` gives."""
         return None
 
+    def copies(self, params: dict[str, Any], model_params: list[dict[str, Any]]) -> bool:
+        """Whether this merge of a tensor is its one input unchanged (passthrough without a scale): the
+        engine then copies the stored rows instead of converting them to float32 and back."""
+        return False
+
     @classmethod
     def param(cls, name: str) -> Param:
         return next(p for p in cls.params if p.name == name)

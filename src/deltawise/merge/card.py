@@ -32,9 +32,37 @@ def tokenizer_folder(plan: "MergePlan") -> Optional[Path]:
     return path if path.is_dir() else path.parent
 
 
+def has_tokenizer(folder: Optional[Path]) -> bool:
+    return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def copy_model_files(plan: "MergePlan", dest: Path) -> None:
-    copy_present(tokenizer_folder(plan), dest, TOKENIZER_FILES)
+    if plan.vocabulary is not None:  # the merged vocabulary's tokenizer, written afresh
+        plan.vocabulary.save(dest)
+    else:
+        copy_present(tokenizer_folder(plan), dest, TOKENIZER_FILES)
+        if plan.recipe.chat_template:
+            _set_chat_template(plan, dest)
     copy_present(plan.template.reader.folder, dest, OTHER_FILES)
+
+
+def _set_chat_template(plan: "MergePlan", dest: Path) -> None:
+    """The copied tokenizer saved again with the recipe's chat template (mergekit does the same)."""
+    from deltawise.merge.vocabulary import chat_template, load_tokenizer
+
+    folder = tokenizer_folder(plan)
+    if not has_tokenizer(dest):  # the plan warned: there is no tokenizer to hold the template
+        return
+    tokenizer = load_tokenizer(dest, "the merged model")
+    sources = {"template": tokenizer}
+    if plan.recipe.chat_template == "auto":  # the most common template among the models that have a tokenizer
+        for m in plan.inputs:
+            if m.reader.folder != folder and has_tokenizer(m.reader.folder):
+                sources[m.ref] = load_tokenizer(m.reader.folder, m.ref)
+    template = chat_template(plan.recipe, sources)
+    if template is not None:
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(str(dest))
 
 
 def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
@@ -51,6 +79,8 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
                                      for ref, layer in plan.layout.layer_origins]
     if plan.labels:  # a classification head the inputs added (merge/heads.py): its labels, as eval reads them
         config = with_labels(config, plan.labels)
+    if plan.vocabulary is not None:
+        config["vocab_size"] = plan.vocabulary.rows
     wanted = plan.recipe.out_dtype or plan.recipe.dtype
     if wanted:
         name = dtype_name(parse_dtype(wanted))

@@ -19,7 +19,7 @@ import errno
 import json
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +102,17 @@ class _TensorRun:
         self.stats = dict(global_stats)
         # a tensor that fits in one chunk is read once and reused by every pass and the merge
         self._single = None
+        self._single_raw = None
         self._whole_side: Optional[dict] = None
+        # where the fused kernels merge this tensor, passes that can count raw chunks do (``update_raw``)
+        self.spec = loader.fused_spec(t)
+
+    def raw(self, start: int, stop: int):
+        if len(self.ranges) == 1:
+            if self._single_raw is None:
+                self._single_raw = self.loader.raw_chunk(self.t, start, stop)
+            return self._single_raw
+        return self.loader.raw_chunk(self.t, start, stop)
 
     def job(self, start: int, stop: int) -> TensorJob:
         if self._whole_side is None:
@@ -115,7 +125,13 @@ class _TensorRun:
 
     def visit(self, stats_pass: StatsPass, lock: Optional[threading.Lock] = None) -> None:
         """Feed every chunk to ``stats_pass``; ``lock`` guards a pass shared between threads."""
+        raw = self.spec is not None and self.spec.kind == "sparse" and hasattr(stats_pass, "update_raw")
         for start, stop in self.ranges:
+            if raw:
+                chunk = self.raw(start, stop)
+                with lock or nullcontext():
+                    stats_pass.update_raw(chunk)
+                continue
             job = self.job(start, stop)
             if lock is None:
                 stats_pass.update(job)
@@ -125,10 +141,13 @@ class _TensorRun:
 
     def merged_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         method = self.plan.method
-        spec = self.loader.fused_spec(self.t)
+        spec = self.spec
         if spec is not None:
+            for stats_pass in method.tensor_passes(self.t.params, self.t.model_params, self.t.out_numel, self.stats):
+                self.visit(stats_pass)
             for start, stop in self.ranges:
-                result, nonfinite = self.loader.fused_chunk(self.t, spec, start, stop)
+                chunk = self.raw(start, stop) if spec.kind == "sparse" else None
+                result, nonfinite = self.loader.fused_chunk(self.t, spec, start, stop, self.stats, chunk)
                 if nonfinite:
                     self.loader.blame_inputs(self.t, self.loader.job(self.t, start, stop, {}, 0, {}))
                     raise self.nonfinite_error()

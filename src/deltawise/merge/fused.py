@@ -10,7 +10,7 @@ the engine runs the method's torch code instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -30,13 +30,15 @@ class FusedSpec:
 
     linear:           cast(sum_k w_k x_k [/ divisor])
     task_arithmetic:  cast(b + scale * (sum_k w_k (x_k - b) [/ divisor]))
+    sparse:           TIES, DARE, Breadcrumbs (``fused_sparse.py``), with the tensor's statistics
     Weights, divisor and scale are rounded to float32 by the kernel, as torch rounds scalars.
     """
 
-    kind: Literal["linear", "task_arithmetic"]
+    kind: Literal["linear", "task_arithmetic", "sparse"]
     weights: tuple[float, ...]
     divisor: Optional[float] = None
     scale: float = 1.0
+    sparse: Optional[Any] = None  # kind "sparse": a fused_sparse.SparseSpec (run by fused_sparse.run)
 
 
 def available() -> bool:

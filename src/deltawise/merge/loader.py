@@ -16,6 +16,7 @@ import torch
 from deltawise.io.finite import all_finite, require_finite  # noqa: F401 (all_finite: the engine imports it here)
 from deltawise.io.layout import CHUNK_ELEMENTS
 import deltawise.merge.fused as fused
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import TensorJob
 from deltawise.merge.plan import MergePlan, TensorPlan
 
@@ -116,7 +117,9 @@ class ChunkLoader:
             return None
         spec = self.plan.method.fused(t.params, t.model_params)
         base_reader = self._base_reader(t)
-        if spec is None or (spec.kind == "task_arithmetic") != (base_reader is not None):
+        if spec is None or (spec.kind != "linear") != (base_reader is not None):
+            return None
+        if spec.kind == "sparse" and not fused_sparse.available():
             return None
         sources = [(m.reader, s) for m, s in zip(self.plan.inputs_of(t), t.sources)]
         if base_reader is not None:
@@ -125,9 +128,26 @@ class ChunkLoader:
             return None
         return spec if fused.supports([r.info(s).dtype for r, s in sources] + [t.out.dtype]) else None
 
-    def fused_chunk(self, t: TensorPlan, spec: fused.FusedSpec, start: int, stop: int) -> tuple[torch.Tensor, int]:
+    def raw_chunk(self, t: TensorPlan, start: int, stop: int) -> fused_sparse.RawChunk:
+        """Rows [start, stop) of every input and the base as stored (for the fused passes and merge);
+        valid until this thread reads its next chunk."""
+        models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs_of(t), t.sources))]
+        base = self._raw(-1, self._base_reader(t), t.base_source, start, stop)
+        row = models[0][0].numel() if models[0].dim() > 0 and models[0].shape[0] else 0
+        return fused_sparse.RawChunk(t.name, base, models, start, start * row,
+                                     lambda: self.blame_inputs(t, self.job(t, start, stop, {}, 0, {})),
+                                     seed=self.plan.recipe.seed, shape=tuple(models[0].shape))
+
+    def fused_chunk(self, t: TensorPlan, spec: fused.FusedSpec, start: int, stop: int, stats: Optional[dict] = None,
+                    chunk: Optional[fused_sparse.RawChunk] = None) -> tuple[torch.Tensor, int]:
         """Rows [start, stop) of ``t`` merged by the kernel straight into the output dtype, and
-        how many of them were NaN/inf."""
+        how many of them were NaN/inf. A sparse spec takes the tensor's ``stats`` (and the raw
+        ``chunk`` when the caller has it already)."""
+        if spec.kind == "sparse":
+            chunk = chunk or self.raw_chunk(t, start, stop)
+            out = self.buffers.get("out", chunk.shape, t.out.dtype, torch.device("cpu"))
+            masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim == "random" else None
+            return out, fused_sparse.run(spec.sparse, out, chunk, stats or {}, masks)
         models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs_of(t), t.sources))]
         base_reader = self._base_reader(t)
         base = self._raw(-1, base_reader, t.base_source, start, stop) if base_reader is not None else None
@@ -135,9 +155,13 @@ class ChunkLoader:
         return out, fused.run(spec, out, models, base)
 
     def copied(self, t: TensorPlan, start: int, stop: int) -> torch.Tensor:
-        """A tensor taken unmerged from the template model (integer buffers, `exclude` matches)."""
-        model, name = (self.plan.template, t.name) if t.inputs is None else (t.inputs[0], t.sources[0])
-        raw = model.reader.get_rows(name, start, stop) if t.out.shape else model.reader.get(name)
+        """A tensor taken unmerged from the template model (integer buffers, `exclude` matches) or,
+        where the method copies (passthrough), from its one input; read into a reused buffer."""
+        if t.sources:
+            model, name = self.plan.inputs_of(t)[0], t.sources[0]
+        else:
+            model, name = self.plan.template, t.name
+        raw = self._raw("copy", model.reader, name, start, stop)
         if raw.is_floating_point():
             require_finite(raw, model.ref, name)
         return raw

@@ -16,7 +16,9 @@ Rules (documented in docs/merging.md):
   embeddings contributes its input embedding in its place. If the template itself is tied, the
   output stays tied and other models' separate output head is ignored (with a warning). Which
   names pair up is the architecture module's table (``deltawise.architecture``).
-- Vocabulary: an embedding-like tensor (first dimension = the model's vocab_size, or a token
+- Vocabulary: with ``tokenizer_source`` or ``tokenizer:``, rows are matched by token string
+  (``deltawise.merge.vocabulary``). Without, models whose tokenizers give a merged row different
+  tokens are refused; an embedding-like tensor (first dimension = the model's vocab_size, or a token
   embedding/LM head by its role) with more rows than the template's is cut to the template's rows,
   with a warning; fewer rows is an error. Any other shape difference is an error.
 """
@@ -35,10 +37,8 @@ from deltawise.architecture import architecture_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
-from deltawise.io.files import TOKENIZER_FILES
 from deltawise.io.layout import natural_key
 from deltawise.io.reader import ModelReader
-from deltawise.io.resolve import looks_local
 from deltawise.io.writer import OutputTensor
 import deltawise.merge.methods  # noqa: F401  (importing the package registers every method)
 from deltawise.merge.base import REGISTRY, MergeMethod, SideInput
@@ -46,6 +46,8 @@ from deltawise.merge.heads import added_heads
 from deltawise.merge.params import ParamError, layer_position, leaf_problems, resolve
 from deltawise.merge.recipe import Recipe
 from deltawise.merge.sources import find_source, tensor_source
+from deltawise.merge.aligned import vocabulary_for
+from deltawise.merge.vocabulary import Vocabulary, tokenizer_settings, vocabulary_problems
 from deltawise.merge.slices import (SliceLayout, expand, parameter_settings, same_model, slice_groups, slice_parameters,
                                     source_refs)
 
@@ -95,6 +97,7 @@ class MergePlan:
     side_inputs: list[SideInput] = field(default_factory=list)  # statistics files (Fisher, Gram)
     layout: Optional[SliceLayout] = None  # a sliced recipe's layer stack (the output's layer count)
     labels: Optional[dict[str, int]] = None  # label2id of a classification head the inputs add (merge/heads.py)
+    vocabulary: Optional[Vocabulary] = None  # tokenizer_source/tokenizer: rows matched by token string
 
     def inputs_of(self, t: TensorPlan) -> list[InputModel]:
         return self.inputs if t.inputs is None else t.inputs
@@ -184,8 +187,9 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
             input_problems.append(str(exc) + _recipe_folder_hint(ref, recipe))
     if problems or input_problems:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + input_problems))
+    vocabulary, readers = vocabulary_for(recipe, readers, warnings)
     if recipe.sliced:
-        return _finish(_sliced_plan(recipe, method, readers, problems, warnings), problems, strict)
+        return _finish(_sliced_plan(recipe, method, readers, problems, warnings), problems, strict, vocabulary)
 
     entries = {e.model: InputModel(e.model, readers[e.model], dict(e.parameters)) for e in recipe.models}
     base = None
@@ -245,6 +249,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
         except ParamError as exc:
             problems.append(f"{name}: {exc}")
             continue
+        plan.merge = not method.copies(plan.params, plan.model_params)
         tensors.append(plan)
 
     heads, labels = added_heads(template, inputs, problems, warnings)
@@ -255,14 +260,21 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
                                   sources=[head.name], inputs=[source]))
     _note_tied_extras(template, inputs, warnings)
     return _finish(MergePlan(recipe, method, base, inputs, template, tensors, warnings, labels=labels), problems,
-                   strict)
+                   strict, vocabulary)
 
 
-def _finish(result: MergePlan, problems: list[str], strict: bool) -> MergePlan:
-    """Checks of the whole plan (tokenizer source, the method's own); raises with every problem."""
+def _finish(result: MergePlan, problems: list[str], strict: bool, vocabulary: Optional[Vocabulary] = None) -> MergePlan:
+    """Checks of the whole plan (vocabularies, the method's own); raises with every problem."""
     warnings = result.warnings
     method = result.method
-    problems.extend(_check_tokenizer_source(result))
+    result.vocabulary = vocabulary
+    if vocabulary is None and tokenizer_settings(result.recipe) is None and not problems:
+        problems.extend(vocabulary_problems(result))
+        from deltawise.merge.card import has_tokenizer, tokenizer_folder
+
+        if result.recipe.chat_template and not has_tokenizer(tokenizer_folder(result)):
+            warnings.append(f"chat_template: {tokenizer_folder(result)} holds no tokenizer files, so the merged model has "
+                            "no tokenizer to hold the template; it is not written")
     if not problems:
         result.side_inputs = method.side_inputs(result)
         problems.extend(method.check(result))
@@ -311,6 +323,7 @@ def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelRe
         except ParamError as exc:
             problems.append(f"{st.name}: {exc}")
             continue
+        plan.merge = not method.copies(plan.params, plan.model_params)
         tensors.append(plan)
     if any(t.params.get("granularity") == "global" for t in tensors):
         problems.append("granularity: global needs the same models for every tensor; a sliced recipe merges per slice")
@@ -332,27 +345,6 @@ def _recipe_folder_hint(ref: str, recipe: Recipe) -> str:
         return ""
     return (f"; it does exist relative to the recipe's folder, as {os.path.abspath(beside)}: run from "
             f"{os.path.abspath(recipe.path.parent)}, or write the path as {os.path.normpath(beside)}")
-
-
-def _check_tokenizer_source(plan: MergePlan) -> list[str]:
-    """Problems with ``tokenizer_source`` (a path that does not exist); a warning when it names a folder
-    without tokenizer files, which would leave the merged model without a tokenizer."""
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base", "union"):
-        return []
-    refs = [m.ref for m in plan.inputs + ([plan.base] if plan.base else [])]
-    if source not in refs and not Path(source).expanduser().exists() and not looks_local(source):
-        return []  # a hub id: fetched when the output is written, not while planning
-    from deltawise.merge.card import tokenizer_folder
-
-    try:
-        folder = tokenizer_folder(plan)
-    except InputError as exc:
-        return [str(exc) + _recipe_folder_hint(source, plan.recipe)]
-    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        plan.warnings.append(f"tokenizer_source {source!r}: {folder} holds no tokenizer files "
-                             f"({', '.join(TOKENIZER_FILES[:4])}, ...); the merged model will have no tokenizer")
-    return []
 
 
 def _foreign_parameter(label: str, key: str, method: str, specs: dict, known: str) -> tuple[bool, str]:

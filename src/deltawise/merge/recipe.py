@@ -1,8 +1,8 @@
 """Merge recipes: YAML validated with pydantic; a superset of mergekit's ``models`` format.
 
 A mergekit recipe using ``merge_method``, ``models``, ``base_model``, ``parameters`` (scalars,
-depth gradients, ``filter`` lists), ``dtype``/``out_dtype`` and ``tokenizer_source`` runs
-unchanged, as does one with ``slices`` or ``modules`` instead of ``models`` (layer stacks:
+depth gradients, ``filter`` lists), ``dtype``/``out_dtype``, ``tokenizer_source``, ``tokenizer`` and
+``chat_template`` runs unchanged, as does one with ``slices`` or ``modules`` instead of ``models`` (layer stacks:
 ``deltawise.merge.slices``). deltawise adds ``exclude`` (tensor-name regexes copied unmerged from the base) and
 ``seed`` (reproducible random methods) and ``adapter`` (write a PEFT LoRA adapter: ``adapter: {rank: 16}``,
 ``adapter: {energy: 0.99}`` or ``adapter: {}``). Unknown keys are errors, so a typo cannot be ignored.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from deltawise.errors import RecipeError, bullet_list
 
@@ -77,6 +77,47 @@ class AdapterSpec(BaseModel):
     energy: Optional[float] = Field(None, gt=0, le=1)
 
 
+class ModelTokenSource(BaseModel):
+    """``{kind: model_token, model: M, token: T}`` (or ``token_id``): the row of token T in model M."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """Where one output token's embedding row comes from (mergekit's TokenEmbeddingConfig): a model
+    (its row for this token), a token of a model, or zeros; ``force`` applies it to every model,
+    even one that has the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Union[ModelTokenSource, ZeroSource, str, None] = None
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` section; ``new_rows`` is a deltawise extension (docs/merging.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"  # "union", "base" or a model
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = Field(None, ge=1)
+    new_rows: Literal["mergekit", "mean"] = "mergekit"
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,8 +135,8 @@ class Recipe(BaseModel):
     # layer stacks (frankenmerges, per-range parameters): deltawise.merge.slices
     slices: Optional[list[OutputSlice]] = None
     modules: Optional[dict[str, OutputModule]] = None
-    # mergekit features not supported yet: accepted by the parser so the error can say so clearly
-    tokenizer: Optional[Any] = None
+    # vocabularies matched by token string (deltawise.merge.vocabulary)
+    tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[str] = None
     # the file the recipe was read from (load_recipe), for messages about relative paths
     _path: Optional[Path] = PrivateAttr(default=None)
@@ -134,10 +175,6 @@ class Recipe(BaseModel):
         for name, module in (self.modules or {}).items():
             if bool(module.slices) == bool(module.models):
                 problems.append(f"modules.{name}: give either 'slices' or 'models'")
-        if self.tokenizer is not None:
-            problems.append("the mergekit 'tokenizer' section (vocabulary union) is not supported; use tokenizer_source: base")
-        if self.tokenizer_source == "union":
-            problems.append("tokenizer_source: union is not supported; use 'base' or a model path")
         if not given:
             problems.append("'models' is empty: list at least one model to merge")
         return problems

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import StatsPass, TensorJob
 
 HIGH_BINS = 1 << 15  # sign bit is 0 for |x|
@@ -30,9 +31,22 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 class _HighPass(StatsPass):
     label = "whole-model magnitudes (1/2)"
 
-    def __init__(self, source: Source, n_models: int):
+    def __init__(self, source: Source, n_models: int, raw: bool = False, keep_numel: Optional[int] = None):
         self.source = source
         self.counts = torch.zeros(n_models, HIGH_BINS, dtype=torch.int64)
+        self.keep_numel = keep_numel
+        self.magnitudes: Optional[list[torch.Tensor]] = None  # |x| of the whole tensor, kept from raw chunks
+        if raw:  # the source is the plain task vectors: the fused kernel can count raw chunks
+            self.update_raw = self._update_raw
+
+    def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        gathers = None
+        if self.keep_numel is not None:
+            if self.magnitudes is None:
+                self.magnitudes = [torch.empty(self.keep_numel, dtype=torch.float32) for _ in range(len(self.counts))]
+            n = chunk.base.numel()
+            gathers = [m[chunk.offset : chunk.offset + n] for m in self.magnitudes]
+        fused_sparse.histogram(chunk, list(self.counts), [-1] * len(self.counts), gathers)
 
     def update(self, job: TensorJob) -> None:
         for i, values in enumerate(self.source(job)):
@@ -45,9 +59,27 @@ class _HighPass(StatsPass):
 class _LowPass(StatsPass):
     label = "whole-model magnitudes (2/2)"
 
-    def __init__(self, source: Source, wanted: list[set[int]]):
+    def __init__(self, source: Source, wanted: list[set[int]], raw: bool = False,
+                 magnitudes: Optional[list[torch.Tensor]] = None):
         self.source = source
         self.counts = [{hi: torch.zeros(LOW_BINS, dtype=torch.int64) for hi in bins} for bins in wanted]
+        self.magnitudes = magnitudes  # the whole tensor's |x| from the first pass: counted once, not chunk by chunk
+        if raw:
+            self.update_raw = self._update_raw
+
+    def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        if self.magnitudes is not None:
+            for values, counters in zip(self.magnitudes, self.counts):
+                for hi, counts in counters.items():
+                    fused_sparse.histogram_magnitudes(values, counts, hi)
+            self.magnitudes = None
+            self.update_raw = lambda chunk: None  # the remaining chunks are counted already
+            return
+        # one kernel call per round of wanted bins (a Breadcrumbs band wants two per model)
+        wanted = [sorted(c) for c in self.counts]
+        for j in range(max((len(w) for w in wanted), default=0)):
+            fused_sparse.histogram(chunk, [self.counts[i][w[j]] if j < len(w) else None for i, w in enumerate(wanted)],
+                                   [w[j] if j < len(w) else -1 for w in wanted])
 
     def update(self, job: TensorJob) -> None:
         for i, values in enumerate(self.source(job)):
@@ -67,18 +99,25 @@ class OrderStatistics:
     ``ranks[i]`` lists the ranks wanted for model i (None entries are passed through as None).
     Run the passes from ``passes()`` through the engine, then read ``values``; ``below`` and
     ``equal`` count the entries smaller than and equal to each value (how many ties a rank
-    falls among, which exact top-k selection needs).
+    falls among, which exact top-k selection needs). With ``raw`` (the source is ``job.deltas``)
+    the passes also count raw chunks with the fused kernel (``update_raw``).
     """
 
-    def __init__(self, source: Source, ranks: list[list[Optional[int]]]):
+    def __init__(self, source: Source, ranks: list[list[Optional[int]]], raw: bool = False,
+                 keep_numel: Optional[int] = None):
         self.source = source
+        self.raw = raw  # source is the plain task vectors (job.deltas): the passes also take raw chunks
+        # per-tensor ranks of a tensor this small: the first raw pass keeps |x| (4 bytes an entry per model), the
+        # second counts from it and the tie passes read it, instead of each reading the inputs again
+        self.keep_numel = keep_numel
+        self.magnitudes: Optional[list[torch.Tensor]] = None
         self.ranks = ranks
         self.values: list[list[Optional[float]]] = [[None] * len(r) for r in ranks]
         self.below: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
         self.equal: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
 
     def passes(self) -> Iterator[StatsPass]:
-        high = _HighPass(self.source, len(self.ranks))
+        high = _HighPass(self.source, len(self.ranks), self.raw, self.keep_numel)
         yield high
         located: list[list[Optional[tuple[int, int, int]]]] = []  # (high bin, rank in bin, count below bin)
         for i, ranks in enumerate(self.ranks):
@@ -95,7 +134,8 @@ class OrderStatistics:
                 below = int(cum[hi - 1]) if hi > 0 else 0
                 row.append((hi, r - below, below))
             located.append(row)
-        low = _LowPass(self.source, [{loc[0] for loc in row if loc} for row in located])
+        self.magnitudes = high.magnitudes
+        low = _LowPass(self.source, [{loc[0] for loc in row if loc} for row in located], self.raw, high.magnitudes)
         yield low
         for i, row in enumerate(located):
             for j, loc in enumerate(row):

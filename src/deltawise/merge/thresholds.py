@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
 import torch
 
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import StatsPass, TensorJob
 from deltawise.merge.params import Param
 from deltawise.merge.sparsify import band_counts
@@ -57,6 +58,13 @@ TIE_RULE = Param(
          "exactly k by lowest index (streams), or all of them",
 )
 NOTHING = float("inf")
+# per-tensor ranks keep the tensor's |tau| (4 bytes an entry per model) up to this size, so that the
+# second radix pass and the tie passes need not read the inputs again (larger tensors are read again)
+KEEP_BYTES = 256 * 2**20
+
+
+def _keep_numel(n: int, n_models: int, per_tensor: bool) -> Optional[int]:
+    return n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None
 
 
 def _deltas(job: TensorJob):
@@ -76,13 +84,13 @@ def keep_rank(n: int, density: float, rule: Literal["mergekit", "official"]) -> 
 
 
 def topk_passes(
-    n: int, densities: list[float], rule, stats: dict[str, Any], tie_rule: str = "all",
+    n: int, densities: list[float], rule, stats: dict[str, Any], tie_rule: str = "all", per_tensor: bool = False,
 ) -> Iterator[StatsPass]:
     """Sets stats["thresholds"][i]: keep |tau_i| >= threshold, and stats["tie_keep"][i]: None, or
     (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
     tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
-    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan])
+    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True, keep_numel=_keep_numel(n, len(plan), per_tensor))
     if any(rank is not None for rank, _ in plan):
         yield from order.passes()
     stats["thresholds"] = [NOTHING if nothing else values[0] for (_, nothing), values in zip(plan, order.values)]
@@ -93,15 +101,17 @@ def topk_passes(
     for i, (rank, nothing) in enumerate(plan):
         if rank is not None and not nothing and n - order.below[i][0] != n - rank + 1:
             above = n - order.below[i][0] - order.equal[i][0]
-            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,))
+            windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,),
+                                 ties=order.equal[i][0])
     if windows:
-        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
+        tie_pass = TieOrder(n, windows, order.magnitudes) if tie_rule == "mergekit" else TieIndex(windows, order.magnitudes)
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(plan))]
 
 
 def band_passes(
     n: int, densities: list[float], gammas: list[float], stats: dict[str, Any], tie_rule: str = "all",
+    per_tensor: bool = False,
 ) -> Iterator[StatsPass]:
     """Sets stats["bands"][i] = (lower, upper): keep lower <= |tau_i| <= upper, and stats["tie_keep"]
     as ``topk_passes`` (with listed ties, both bounds are exclusive)."""
@@ -111,7 +121,7 @@ def band_passes(
         full = k >= 1 or n == 0
         ranks.append([None, None] if full or n_keep == 0 else [n_bot + 1, n_bot + n_keep])
         empty.append(not full and n_keep == 0)
-    order = OrderStatistics(_deltas, ranks)
+    order = OrderStatistics(_deltas, ranks, raw=True, keep_numel=_keep_numel(n, len(ranks), per_tensor))
     if any(r[0] is not None for r in ranks):
         yield from order.passes()
     stats["bands"] = [(NOTHING, 0.0) if e else (lo, hi) for e, (lo, hi) in zip(empty, order.values)]
@@ -126,9 +136,9 @@ def band_passes(
         upper_splits = order.below[i][1] + order.equal[i][1] != last
         if lower_splits or upper_splits:
             windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]),
-                                 before=tuple(order.below[i]))
+                                 before=tuple(order.below[i]), ties=sum(order.equal[i]))
     if windows:
-        tie_pass = TieOrder(n, windows) if tie_rule == "mergekit" else TieIndex(windows)
+        tie_pass = TieOrder(n, windows, order.magnitudes) if tie_rule == "mergekit" else TieIndex(windows, order.magnitudes)
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(ranks))]
 
@@ -136,13 +146,15 @@ def band_passes(
 @dataclass(frozen=True)
 class _Window:
     """Positions [start, stop) of the sorted magnitudes that are kept; ``boundaries``: the values at its
-    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order."""
+    ends; ``before[j]``: how many entries precede those equal to ``boundaries[j]`` in that order;
+    ``ties``: how many entries equal a boundary value in all (0: unknown)."""
 
     descending: bool
     start: int
     stop: int
     boundaries: tuple[float, ...]
     before: tuple[int, ...] = ()
+    ties: int = 0
 
 
 def chunk_offset(job: TensorJob) -> int:
@@ -164,9 +176,12 @@ class TieOrder(StatsPass):
 
     label = "tie order at the top-k boundary"
 
-    def __init__(self, n: int, windows: dict[int, _Window]):
+    def __init__(self, n: int, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None):
         self.windows = windows
-        self.magnitudes = {i: torch.empty(n, dtype=torch.float32) for i in windows}
+        # the magnitudes the radix passes kept from raw chunks, when they did: nothing left to gather
+        self.preloaded = kept_magnitudes is not None
+        self.magnitudes = {i: kept_magnitudes[i] if kept_magnitudes is not None else torch.empty(n, dtype=torch.float32)
+                           for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
 
     def update(self, job: TensorJob) -> None:
@@ -176,6 +191,13 @@ class TieOrder(StatsPass):
             flat = deltas[i].abs().reshape(-1)
             buffer[offset : offset + flat.numel()] = flat.to(device="cpu", dtype=torch.float32)
 
+    def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        if self.preloaded:
+            return
+        n = chunk.base.numel()
+        fused_sparse.gather(chunk, [self.magnitudes[i][chunk.offset : chunk.offset + n] if i in self.magnitudes else None
+                                    for i in range(len(chunk.models))])
+
     @property
     def kept(self) -> dict[int, torch.Tensor]:
         if self._kept is None:
@@ -184,6 +206,15 @@ class TieOrder(StatsPass):
 
     @staticmethod
     def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
+        if fused_sparse.available() and magnitudes.numel() < 1 << 32:
+            # the same sort, run only where a window edge lies (tests/test_fused_sparse.py checks it against torch)
+            capacity = min(window.stop - window.start, window.ties) if window.ties else window.stop - window.start
+            return fused_sparse.tie_select(magnitudes, window.descending, window.start, window.stop, window.boundaries,
+                                           capacity)
+        return TieOrder._sort_select(magnitudes, window)
+
+    @staticmethod
+    def _sort_select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
         # the same calls as mergekit 0.1.5 sparsify.py (magnitude / magnitude_outliers): the
         # order of equal values follows from the sort algorithm and the whole input
         if window.descending:
@@ -236,19 +267,33 @@ class TieIndex(StatsPass):
 
     label = "tie ranks at the top-k boundary"
 
-    def __init__(self, windows: dict[int, _Window]):
+    def __init__(self, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None):
         self.windows = windows
         self.found: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {i: [] for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
+        self.kept_magnitudes = kept_magnitudes  # the whole tensor's |tau| from the radix passes, if they kept it
 
     def update(self, job: TensorJob) -> None:
-        offset = chunk_offset(job)
         deltas = job.deltas()
-        for i, window in self.windows.items():
-            flat = deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32)
-            values = torch.tensor(window.boundaries, dtype=torch.float32)
-            tied = torch.isin(flat, values).nonzero().squeeze(1)
-            self.found[i].append((offset, tied + offset, flat[tied]))
+        for i in self.windows:
+            self._record(i, chunk_offset(job), deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32))
+
+    def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        if self.kept_magnitudes is not None:  # the whole tensor at once, on the first chunk
+            for i in self.windows:
+                self._record(i, 0, self.kept_magnitudes[i])
+            self.kept_magnitudes = None
+            self.update_raw = lambda chunk: None
+            return
+        magnitudes = {i: torch.empty(chunk.base.numel(), dtype=torch.float32) for i in self.windows}
+        fused_sparse.gather(chunk, [magnitudes.get(i) for i in range(len(chunk.models))])
+        for i, flat in magnitudes.items():
+            self._record(i, chunk.offset, flat)
+
+    def _record(self, i: int, offset: int, flat: torch.Tensor) -> None:
+        values = torch.tensor(self.windows[i].boundaries, dtype=torch.float32)
+        tied = torch.isin(flat, values).nonzero().squeeze(1)
+        self.found[i].append((offset, tied + offset, flat[tied]))
 
     @property
     def kept(self) -> dict[int, torch.Tensor]:

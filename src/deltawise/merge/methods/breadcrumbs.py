@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
@@ -49,7 +50,7 @@ class _Breadcrumbs(MergeMethod):
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
             densities, gammas = [p["density"] for p in model_params], [p["gamma"] for p in model_params]
-            yield from band_passes(numel, densities, gammas, stats, params["tie_rule"])
+            yield from band_passes(numel, densities, gammas, stats, params["tie_rule"], per_tensor=True)
 
     def masked(self, job: TensorJob) -> list[torch.Tensor]:
         out = []
@@ -61,6 +62,11 @@ class _Breadcrumbs(MergeMethod):
             else:
                 out.append(trim_listed(delta, *job.stats["bands"][i], ties[i], offset))
         return out
+
+    def fused(self, params, model_params):
+        if params["granularity"] == "row":
+            return None
+        return fused_spec(model_params, "band", self.consensus, params["normalize"], params["lambda"])
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         return combine(

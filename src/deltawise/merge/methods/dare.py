@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+import deltawise.merge.fused_sparse as fused_sparse
+from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.params import Param
@@ -33,9 +35,13 @@ class _Dare(MergeMethod):
     consensus: str | None = None
     reference = "https://arxiv.org/abs/2311.03099"
 
+    def fused(self, params, model_params):
+        rescale = params["rescale_mode"] if params["rescale"] else None
+        return fused_spec(model_params, "random", self.consensus, params["normalize"], params["lambda"], rescale)
+
     def tensor_passes(self, params, model_params, numel, stats):
         if params["rescale"] and params["rescale_mode"] == "l1":
-            l1 = L1Norms()
+            l1 = L1Norms(densities=[p["density"] for p in model_params])
             yield l1
             stats["scales"] = l1.scales()
 
@@ -67,10 +73,25 @@ class L1Norms(StatsPass):
 
     label = "DARE rescale norms"
 
-    def __init__(self, kept: Optional[Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]] = None):
+    def __init__(self, kept: Optional[Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]] = None,
+                 densities: Optional[list[float]] = None):
         self.kept = kept or _Dare.kept
         self.before: list[float] = []
         self.after: list[float] = []
+        if kept is None and densities is not None:  # DARE's own masks: the fused kernel can sum raw chunks
+            self.densities = tuple(densities)
+            self.update_raw = self._update_raw
+
+    def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        spec = fused_sparse.SparseSpec((), "random", None, False, 1.0, self.densities)
+        masks = [torch.ones(chunk.base.numel(), dtype=torch.uint8) if m is None else m
+                 for m in fused_sparse.keep_masks(chunk, spec)]
+        sums = fused_sparse.l1_norms(chunk, masks)
+        if not self.before:
+            self.before, self.after = [0.0] * len(sums), [0.0] * len(sums)
+        for i, (before, after) in enumerate(sums):
+            self.before[i] += before
+            self.after[i] += after
 
     def update(self, job: TensorJob) -> None:
         pairs = self.kept(job)

@@ -8,6 +8,8 @@ is the recipe format's business, not the method's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
@@ -26,6 +28,9 @@ class Passthrough(MergeMethod):
         Param("scale", float, None, scope="model", help="factor on the model's tensors (default: none, copied as they are)"),
     )
     propagates_nonfinite = True  # a copy or a scaling of each entry
+
+    def copies(self, params: dict[str, Any], model_params: list[dict[str, Any]]) -> bool:
+        return model_params[0]["scale"] is None
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         scale = job.model_params[0]["scale"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.base import MergeMethod, StatsPass, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.sparsify import aggregate, trim, trim_listed
@@ -47,7 +48,12 @@ class Ties(MergeMethod):
 
     def tensor_passes(self, params, model_params, numel, stats):
         if params["granularity"] == "tensor":
-            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats, params.get("tie_rule", "all"))
+            yield from topk_passes(numel, [p["density"] for p in model_params], "mergekit", stats, params.get("tie_rule", "all"),
+                                   per_tensor=True)
+
+    def fused(self, params, model_params):
+        election = "ties" if params["granularity"] == "global" else "mergekit"
+        return fused_spec(model_params, "topk", election, params["normalize"], params["lambda"])
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         merged = merged_vector(job, normalize=job.params["normalize"])

@@ -1,0 +1,265 @@
+"""Language transfer in the forgetting regime: SmolLM2-135M English -> German for hundreds of steps.
+
+    .venv/bin/python benchmarks/language_transfer_long.py --pilot            # 1. how many steps forget English?
+    .venv/bin/python benchmarks/language_transfer_long.py --plan             # 2. the runs, and which are done
+    .venv/bin/python benchmarks/language_transfer_long.py [--methods full,lora] [--seeds 0,1,2]   # 3. run (in parts)
+
+Data (seeded, written once under WORK/data; benchmarks/README.md has the counts):
+* target: German fortunes (Debian ``fortunes-de``): 300 evaluation items, 150 selection items, the rest
+  (~16.7k) for training;
+* source, perplexity: English prose paragraphs (licence texts, Python docstrings; examples/realtext.py):
+  300 evaluation, 150 selection;
+* source, not perplexity: WordNet gloss -> lemma multiple choice (benchmarks/wordnet_mc.py), 400
+  items, accuracy through ``eval``'s choice format (byte-normalised log-likelihood);
+* English training text (replay, and the English-only control): the Python language reference
+  (``pydoc_data``) and the prose paragraphs left over, none of them in an evaluation or selection set.
+
+The pilot trains full fine-tuning at its usual rate (1e-4) for ``--pilot-steps``, saves a checkpoint
+every ``--pilot-every`` steps, evaluates each and prints the curve with paired bootstrap intervals;
+the first step whose prose-retention interval lies below 1 is where English is measurably
+forgotten, and becomes the main runs' ``--steps``.
+
+Main runs (lt_methods.py has the table): every method over a small learning-rate sweep (seeds
+``--seeds`` at its usual rate, ``--sweep-seeds`` elsewhere), each run at the usual rate followed by a
+retention-budget merge with the base (``task_arithmetic``, lambda searched; selected on the
+selection sets, reported on the evaluation sets). Methods are compared at matched target gain
+(lt_fronts.py). Every training run, evaluation and budget search is cached under WORK/runs/KEY and
+skipped when present, so the benchmark can be run in parts and on several machines sharing WORK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import lt_methods  # noqa: E402
+import lt_report  # noqa: E402
+from language_transfer import console  # noqa: E402
+from lt_methods import Data, Run, prepare_data  # noqa: E402
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the GPU when there is one. ``cpu`` hides the GPUs before CUDA starts, so training
+    (transformers picks the accelerator itself) stays on the CPU too."""
+    if name == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def machine(device: str) -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else ""
+    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}"
+
+
+def eval_options(args):
+    from deltawise.eval.runner import EvalOptions
+
+    return EvalOptions(max_length=256, batch_size=args.eval_batch_size, mc_norm="byte", device=args.device)
+
+
+def evaluate(model: Path, label: str, data: Data, out: Path, baseline, args):
+    """Prose and WordNet (sources) and German (target) in one result, compared with ``baseline``."""
+    from deltawise.eval.forgetting import forgetting
+    from deltawise.eval.results import load_result
+    from deltawise.eval.runner import evaluate as run_eval
+
+    if not out.is_file():
+        result = run_eval(str(model), [data.prose_eval, data.mc], [data.german_eval], eval_options(args))
+        result.model = label
+        if baseline is not None:
+            result.forgetting = forgetting(result, baseline)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.save(out)
+    return load_result(out)
+
+
+def checkpoint_callback(folder: Path, every: int, base: Path, skip: set[int]):
+    """Saves the model every ``every`` steps (a transformers TrainerCallback), atomically."""
+    from transformers import AutoTokenizer, TrainerCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    class SaveEvery(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            out = folder / f"step-{step:05d}"
+            if step % every or step in skip or out.is_dir():
+                return
+            staging = folder / f".{out.name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            staging.rename(out)
+
+    return SaveEvery()
+
+
+def pilot(base: Path, data: Data, args) -> dict:
+    """Full fine-tuning at 1e-4 with a checkpoint every ``--pilot-every`` steps, each evaluated."""
+    from deltawise.adapt.train import TrainConfig, run_train
+
+    folder = args.work / "pilot"
+    steps = list(range(args.pilot_every, args.pilot_steps + 1, args.pilot_every))
+    results = folder / "results"
+    done = {s for s in steps if (results / f"step-{s:05d}.json").is_file()}
+    t0 = time.time()
+    if set(steps) - done and not (folder / "train" / "deltawise_train.json").is_file():
+        cfg = TrainConfig(model=base, data=data.german_train, output=folder / "train", method="full", lr=args.pilot_lr,
+                          max_steps=args.pilot_steps, batch_size=args.batch_size, max_length=args.max_length, warmup=0.1,
+                          schedule="cosine", logging_steps=args.pilot_every, overwrite=True, progress=console.is_terminal,
+                          seed=args.seeds[0])
+        run_train(cfg, callbacks=[checkpoint_callback(folder / "checkpoints", args.pilot_every, base, done)])
+    train_s = time.time() - t0
+    base_eval = evaluate(base, "base", data, folder.parent / "base.json", None, args)
+    curve = []
+    for step in steps:
+        ckpt = folder / "checkpoints" / f"step-{step:05d}"
+        out = results / f"step-{step:05d}.json"
+        if not out.is_file() and not ckpt.is_dir():
+            raise SystemExit(f"{ckpt} is missing and {out} was never written: delete {folder / 'train'} and rerun --pilot")
+        res = evaluate(ckpt, f"full@{step}", data, out, base_eval, args)
+        shutil.rmtree(ckpt, ignore_errors=True)  # 0.5 GB each; the evaluation stays
+        curve.append({"step": step, **lt_report.measures(res, data)})
+    forgets_at = next((p["step"] for p in curve if p["prose_retention_ci"] and p["prose_retention_ci"][1] < 1), None)
+    record = {"lr": args.pilot_lr, "steps": args.pilot_steps, "every": args.pilot_every, "train_seconds": train_s,
+              "curve": curve, "forgets_at": forgets_at,
+              "rule": "first checkpoint whose 95% paired bootstrap interval of prose retention lies below 1"}
+    (folder / "pilot.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_one(run: Run, base: Path, data: Data, base_eval, args) -> dict:
+    """Train, evaluate and (at the usual rate) budget-merge one run; each stage cached in its folder."""
+    folder = args.work / "runs" / run.key
+    folder.mkdir(parents=True, exist_ok=True)
+    times_file = folder / "seconds.json"
+    seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    model, train_seconds = lt_methods.train(run, base, data, folder, args)
+    if train_seconds is not None:
+        seconds["train"] = train_seconds
+    result_file = folder / "eval.json"
+    if not result_file.is_file():
+        t0 = time.time()
+        evaluate(model, run.key, data, result_file, base_eval, args)
+        seconds["eval"] = time.time() - t0
+    budget = None
+    if run.budget:
+        t0 = time.time()
+        cached = (folder / "budget.json").is_file()
+        budget = lt_methods.budget_merge(model, base, data, folder, args, eval_options(args))
+        if not cached:
+            seconds["budget"] = time.time() - t0
+    times_file.write_text(json.dumps(seconds))
+    lt_methods.prune(folder)
+    from deltawise.eval.results import load_result
+
+    return {"key": run.key, "label": run.method.label, "lr": run.lr, "seed": run.seed, "steps": args.steps,
+            "seconds": seconds, **lt_report.measures(load_result(result_file), data),
+            "budget": lt_report.budget_summary(budget)}
+
+
+def plan_table(runs: list[Run], args) -> Table:
+    table = Table(title=f"language transfer (long): {len(runs)} runs, {args.steps or '?'} steps each, work {args.work}")
+    for col in ("run", "method", "lr", "seed", "trained", "evaluated", "budget merge"):
+        table.add_column(col)
+    for run in runs:
+        folder = args.work / "runs" / run.key
+        trained = lt_methods.trained(run, folder)
+        table.add_row(run.key, run.method.label, f"{run.lr:g}", str(run.seed), "done" if trained else "",
+                      "done" if (folder / "eval.json").is_file() else "",
+                      ("done" if (folder / "budget.json").is_file() else "") if run.budget else "-")
+    return table
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("bench-work/language_transfer_long"))
+    ap.add_argument("--pilot", action="store_true", help="run the pilot (step count at which English is forgotten)")
+    ap.add_argument("--plan", action="store_true", help="print the runs and which are done; run nothing")
+    ap.add_argument("--methods", default="all", help="comma-separated method labels (" + ",".join(lt_methods.LABELS) + ")")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of each method at its usual learning rate")
+    ap.add_argument("--sweep-seeds", default="0", help="seeds at the other learning rates of the sweep")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the pilot's result)")
+    ap.add_argument("--pilot-steps", type=int, default=1000)
+    ap.add_argument("--pilot-every", type=int, default=100)
+    ap.add_argument("--pilot-lr", type=float, default=1e-4)
+    ap.add_argument("--bam-rounds", type=int, default=4, help="BaM rounds of 2 branches; each branch trains steps/(2·rounds)")
+    ap.add_argument("--budget", type=float, default=0.99, help="retention budget of the merge with the base (English prose)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--eval-items", type=int, default=300, help="evaluation items per perplexity set")
+    ap.add_argument("--select-items", type=int, default=150, help="selection items per set (budget merges)")
+    ap.add_argument("--mc-items", type=int, default=400, help="WordNet multiple-choice items")
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--gain-levels", default="", help="target gains to compare methods at (default: 4 common to all fronts)")
+    ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s]
+    pilot_file = args.work / "pilot" / "pilot.json"
+    if args.steps is None and pilot_file.is_file():
+        args.steps = json.loads(pilot_file.read_text())["forgets_at"]
+    methods = lt_methods.select(args.methods)
+    runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
+    if args.plan:
+        at = json.loads(pilot_file.read_text())["forgets_at"] if pilot_file.is_file() else None
+        pilot_state = "not run" if not pilot_file.is_file() else (
+            f"done: English prose measurably forgotten from step {at}" if at else "done: no checkpoint forgets (train longer)")
+        console.print(f"pilot: {pilot_state}")
+        console.print(plan_table(runs, args))
+        return
+
+    args.device = resolve_device(args.device)
+    from demo import fetch_smollm2
+
+    started = time.time()
+    base = fetch_smollm2(console)
+    data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)
+    payload = {"benchmark": "language_transfer_long", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(args.device),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "data": data.counts()}
+    if args.pilot:
+        record = pilot(base, data, args)
+        console.print(lt_report.pilot_table(record))
+        payload["pilot"] = record
+    else:
+        if not args.steps:
+            raise SystemExit("no --steps: run --pilot first (it finds the step count) or give --steps N")
+        base_eval = evaluate(base, "base", data, args.work / "base.json", None, args)
+        rows = []
+        for run in runs:
+            t0 = time.time()
+            rows.append(run_one(run, base, data, base_eval, args))
+            console.print(f"  {run.key}: gain {rows[-1]['target_gain']:+.3f}, prose retention "
+                          f"{rows[-1]['prose_retention']:.4f} ({time.time() - t0:.0f} s)")
+        levels = [float(x) for x in args.gain_levels.split(",") if x]
+        payload |= lt_report.tables(rows, levels, console)
+        payload["runs"] = rows
+    payload["seconds"] = time.time() - started
+    out = args.work / ("pilot_summary.json" if args.pilot else "language_transfer_long.json")
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    console.print(f"JSON: {out}; done in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

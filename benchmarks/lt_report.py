@@ -1,0 +1,142 @@
+"""Tables of the long language-transfer benchmark (language_transfer_long.py): the pilot's curve, the
+per-method rows with seed spread and paired bootstrap intervals, the budget merges and the
+matched-target-gain comparison (lt_fronts.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional
+
+from rich.table import Table
+
+import lt_fronts
+
+DEFINITIONS = ("target gain = ppl_base / ppl − 1 on held-out German fortunes; prose retention = ppl_base / ppl on English "
+               "prose (1 = nothing forgotten); WordNet = accuracy / base accuracy on the gloss → lemma test; [ ]: 95% paired "
+               "bootstrap intervals over items (a row of several seeds: the envelope of the seeds' intervals); ± : sd over seeds")
+
+
+def measures(result, data) -> dict[str, Any]:
+    """The numbers one evaluation contributes, by the data files' names (their stems)."""
+    by_name = {c.name: c for c in result.forgetting.datasets}
+    values = {d.name: d.value for d in result.datasets}
+    german, prose, mc = by_name[data.german_eval.stem], by_name[data.prose_eval.stem], by_name[data.mc.stem]
+    return {
+        "target_gain": german.ratio - 1, "target_gain_ci": _shift(german.ratio_ci, -1),
+        "prose_retention": prose.ratio, "prose_retention_ci": _pair(prose.ratio_ci),
+        "wordnet_ratio": mc.ratio, "wordnet_ratio_ci": _pair(mc.ratio_ci),
+        "german_ppl": values[data.german_eval.stem], "prose_ppl": values[data.prose_eval.stem],
+        "wordnet_accuracy": values[data.mc.stem], "wordnet_base_accuracy": mc.base,
+    }
+
+
+def _pair(ci) -> Optional[list[float]]:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+def _shift(ci, by: float) -> Optional[list[float]]:
+    return None if ci is None else [float(ci[0]) + by, float(ci[1]) + by]
+
+
+def budget_summary(budget: Optional[dict]) -> Optional[dict]:
+    if budget is None:
+        return None
+    held = budget["heldout"]
+    (name, retention), = held["retention"].items()
+    (target_name, target), = held["target"].items()
+    return {"lambda": budget["chosen_params"]["lambda"], "budget": next(iter(budget["budgets"].values())),
+            "met_on_selection": budget["candidates"][budget["chosen"]]["feasible"],
+            "heldout_prose_retention": retention, "heldout_prose_retention_ci": held["retention_ci"][name],
+            "heldout_target_gain": target - 1, "heldout_target_gain_ci": _shift(held["target_ci"][target_name], -1),
+            "heldout_within_budget": held["within_budget"]}
+
+
+def _ci(ci) -> str:
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _mean_sd(s: dict) -> str:
+    return f"{s['mean']:.3f}" + ("" if s["sd"] is None else f" ± {s['sd']:.3f}")
+
+
+def pilot_table(record: dict) -> Table:
+    table = Table(title=f"pilot: full fine-tuning at lr {record['lr']:g}, a checkpoint every {record['every']} steps")
+    for col in ("step", "German ppl", "target gain", "prose ppl", "prose retention", "WordNet acc", "WordNet ratio", "forgets"):
+        table.add_column(col, justify="right")
+    for p in record["curve"]:
+        forgets = p["prose_retention_ci"] is not None and p["prose_retention_ci"][1] < 1
+        table.add_row(str(p["step"]), f"{p['german_ppl']:.1f}", f"{p['target_gain']:+.3f}{_ci(p['target_gain_ci'])}",
+                      f"{p['prose_ppl']:.2f}", f"{p['prose_retention']:.3f}{_ci(p['prose_retention_ci'])}",
+                      f"{p['wordnet_accuracy']:.3f}", f"{p['wordnet_ratio']:.3f}{_ci(p['wordnet_ratio_ci'])}",
+                      "yes" if forgets else "")
+    at = record["forgets_at"]
+    table.caption = (f"English prose is measurably forgotten from step {at} on (interval below 1)" if at else
+                     "no checkpoint's prose-retention interval lies below 1: train longer (--pilot-steps) or faster")
+    return table
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (method, lr): seed means, sds and interval envelopes; the budget merges alike."""
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["label"], r["lr"])].append(r)
+    out = []
+    for (label, lr), rs in groups.items():
+        row: dict[str, Any] = {"label": label, "lr": lr, "seeds": [r["seed"] for r in rs]}
+        for key in ("target_gain", "prose_retention", "wordnet_ratio"):
+            row[key] = lt_fronts.seed_summary([r[key] for r in rs])
+            row[key + "_ci"] = lt_fronts.interval_envelope([r[key + "_ci"] for r in rs])
+        row["train_seconds"] = lt_fronts.seed_summary([r["seconds"].get("train", float("nan")) for r in rs])["mean"]
+        budgets = [r["budget"] for r in rs if r["budget"]]
+        if budgets:
+            row["budget"] = {key: lt_fronts.seed_summary([b[key] for b in budgets])
+                             for key in ("lambda", "heldout_prose_retention", "heldout_target_gain")}
+            row["budget"]["heldout_within_budget"] = sum(b["heldout_within_budget"] for b in budgets)
+            row["budget"]["n"] = len(budgets)
+        out.append(row)
+    return out
+
+
+def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
+    """Each method's prose retention read off its learning-rate front at common target gains."""
+    fronts = {}
+    for row in summary:
+        if row["label"] == "english-only":
+            continue  # the control has no German gain to match
+        fronts.setdefault(row["label"], []).append(
+            (row["target_gain"]["mean"], row["prose_retention"]["mean"], row["prose_retention_ci"]))
+    levels = levels or lt_fronts.common_levels(fronts)
+    return {"levels": levels, "retention": {label: [lt_fronts.at_gain(front, g) for g in levels]
+                                            for label, front in fronts.items()}}
+
+
+def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
+    summary = summarise(rows)
+    table = Table(title="SmolLM2-135M English → German, long runs: gain vs English retention")
+    for col in ("method", "lr", "seeds", "target gain", "prose retention", "WordNet ratio", "train s",
+                "budget λ", "budget: held-out retention", "budget: held-out gain"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in summary:
+        b = r.get("budget")
+        table.add_row(r["label"], f"{r['lr']:g}", str(len(r["seeds"])),
+                      _mean_sd(r["target_gain"]) + _ci(r["target_gain_ci"]),
+                      _mean_sd(r["prose_retention"]) + _ci(r["prose_retention_ci"]),
+                      _mean_sd(r["wordnet_ratio"]) + _ci(r["wordnet_ratio_ci"]), f"{r['train_seconds']:.0f}",
+                      _mean_sd(b["lambda"]) if b else "", _mean_sd(b["heldout_prose_retention"]) if b else "",
+                      _mean_sd(b["heldout_target_gain"]) if b else "")
+    table.caption = DEFINITIONS + "; budget: λ chosen on the selection sets, numbers on the evaluation sets"
+    console.print(table)
+    matched = matched_gain(summary, levels)
+    if not matched["levels"]:
+        console.print("matched target gain: no gain that every method's learning-rate sweep reaches (run the sweeps, "
+                      "or name levels with --gain-levels)")
+        return {"summary": summary, "matched_gain": matched, "definitions": DEFINITIONS}
+    front = Table(title="prose retention at matched target gain (linear interpolation along each method's lr sweep)")
+    front.add_column("method")
+    for g in matched["levels"]:
+        front.add_column(f"gain {g:+.3f}", justify="right")
+    for label, values in matched["retention"].items():
+        front.add_row(label, *["—" if v is None else f"{v[0]:.3f}{_ci(v[1])}" for v in values])
+    front.caption = "—: outside the gains the method's sweep reached (no extrapolation); [ ]: the interpolated interval bounds"
+    console.print(front)
+    return {"summary": summary, "matched_gain": matched, "definitions": DEFINITIONS}

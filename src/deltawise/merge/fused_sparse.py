@@ -1,0 +1,227 @@
+"""The fused CPU path of the sparsifying merges (TIES, DARE, Breadcrumbs): raw chunks in, output out.
+
+Kernels in ``deltawise/_fused_sparse.c``. Each works on the bytes the engine has read (bfloat16,
+float16 or float32) without making float32 copies of the chunk:
+
+- ``histogram`` / ``gather``: the radix-select passes of ``stats.OrderStatistics`` and the tie
+  passes of ``thresholds.py`` over |x - b|;
+- ``run``: the merge itself, ``sparsify.combine``'s float32 arithmetic operation for operation
+  (trim, rescale, weight, sign election, disjoint mean or sum, lambda, + base, cast), so the same
+  bits as the torch path (tests/test_fused_sparse.py);
+- ``keep_mask``: DARE's keep mask, the numbers ``TensorJob.uniform`` draws (torch's MT19937,
+  seeded per block), so the same masks;
+- ``tie_select``: the entries torch's CPU sort (libstdc++'s introsort) places in a window,
+  following only the ranges that hold a window edge: mergekit's order among tied magnitudes
+  without sorting the tensor.
+
+The engine takes this path where ``ChunkLoader.fused_spec`` allows it (CPU, extension built,
+inputs read from files, no float64); elsewhere the methods' torch code runs, with the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+
+import deltawise.merge.fused as fused
+from deltawise.merge.base import RNG_BLOCK_ELEMENTS
+
+_kernels = fused._kernels
+NONE, WINDOW, MASK = 0, 1, 2  # trim modes of the kernel
+NO_RESCALE, MULTIPLY, DIVIDE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """A sparsifying merge as the kernel runs it; the per-tensor parts come from the stats at run time.
+
+    trim: "topk" (stats thresholds and tie_keep), "band" (stats bands and tie_keep), "random" (DARE
+    keep masks with ``densities``, rescaled per ``rescale``: None, "l1" from stats scales, or
+    "inverse_density"), or "none". election: None (plain sum, divided by the summed weights if
+    ``normalize``), "mergekit" (a zero sum elects +) or "ties" (a zero sum elects the model's
+    majority sign, stats["majority_sign"])."""
+
+    weights: tuple[float, ...]
+    trim: Literal["topk", "band", "random", "none"]
+    election: Optional[Literal["mergekit", "ties"]]
+    normalize: bool
+    scale: float
+    densities: tuple[float, ...] = ()
+    rescale: Optional[Literal["l1", "inverse_density"]] = None
+
+
+@dataclass
+class RawChunk:
+    """Rows of one tensor as stored (contiguous CPU tensors), for the passes that take raw chunks.
+
+    ``offset``: flat index of the first entry; ``blame``: raises the error naming the input at
+    fault when a kernel counted non-finite task-vector entries (and returns if none is)."""
+
+    name: str
+    base: torch.Tensor
+    models: list[torch.Tensor]
+    row_start: int
+    offset: int
+    blame: Callable[[], None]
+    seed: int = 0
+    shape: tuple[int, ...] = ()  # the chunk's shape
+    masks: Optional[dict] = None  # keep masks drawn for this chunk, by (model, density)
+
+    def checked(self, nonfinite: int) -> None:
+        if nonfinite:
+            self.blame()
+
+
+def available() -> bool:
+    return _kernels is not None and hasattr(_kernels, "sparse_merge")
+
+
+def _raw(t: torch.Tensor):
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _codes(models: list[torch.Tensor]) -> list[int]:
+    return [fused.DTYPE_CODES[m.dtype] for m in models]
+
+
+def histogram(chunk: RawChunk, counts: list[Optional[torch.Tensor]], highs: list[int],
+              gathers: Optional[list[Optional[torch.Tensor]]] = None) -> None:
+    """Adds to counts[i] (int64, contiguous CPU) the radix counts of |tau_i| in this chunk: upper 16 bits
+    (highs[i] < 0) or lower 16 bits within upper bin highs[i]; None skips model i. ``gathers[i]``: also
+    store |tau_i| there (float32, chunk-sized)."""
+    gathers = gathers or [None] * len(chunk.models)
+    bad = _kernels.delta_histogram(_raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], [_raw(m) for m in chunk.models],
+                                   _codes(chunk.models), [None if c is None else c.numpy() for c in counts], highs,
+                                   [None if g is None else g.numpy() for g in gathers])
+    chunk.checked(bad)
+
+
+def histogram_magnitudes(values: torch.Tensor, counts: torch.Tensor, high: int) -> None:
+    """``histogram`` over float32 magnitudes already computed (one model)."""
+    _kernels.delta_histogram(None, 0, [values.numpy()], [0], [counts.numpy()], [high], [None])
+
+
+def gather(chunk: RawChunk, targets: list[Optional[torch.Tensor]]) -> None:
+    """|tau_i| of this chunk as float32 into targets[i] (contiguous CPU, chunk-sized; None skips)."""
+    bad = _kernels.delta_histogram(_raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], [_raw(m) for m in chunk.models],
+                                   _codes(chunk.models), [None] * len(chunk.models), [-1] * len(chunk.models),
+                                   [None if t is None else t.numpy() for t in targets])
+    chunk.checked(bad)
+
+
+def l1_norms(chunk: RawChunk, masks: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """Per model (sum |tau|, sum |tau| where kept) over this chunk, in float64."""
+    return _kernels.delta_l1(_raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], [_raw(m) for m in chunk.models],
+                             _codes(chunk.models), [m.numpy() for m in masks])
+
+
+def tie_select(magnitudes: torch.Tensor, descending: bool, start: int, stop: int, boundaries: tuple[float, ...],
+               capacity: int) -> torch.Tensor:
+    """Sorted flat indices of the entries that torch.sort(magnitudes, descending) on the CPU places at
+    positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them)."""
+    out = torch.empty(max(capacity, 1), dtype=torch.int64)
+    found = _kernels.tie_select(magnitudes.contiguous().numpy(), descending, start, stop, sorted(set(boundaries)),
+                                out.numpy())
+    return out[:found].sort().values
+
+
+def block_seed(seed: int, name: str, model_index: int, block: int) -> int:
+    """The torch.Generator seed of one RNG block (``TensorJob._block_rand``)."""
+    key = f"{seed}|{name}|{model_index}|{block}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def keep_mask(out: torch.Tensor, seed: int, name: str, model_index: int, shape: tuple[int, ...], row_start: int,
+              density: float) -> torch.Tensor:
+    """``TensorJob.uniform(model_index) < density`` for the chunk of ``shape`` at ``row_start`` as uint8
+    into ``out`` (contiguous CPU, numel of the chunk): the same draws, without materialising them."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    seeds, skips, lengths = [], [], []
+    if len(shape) < 2:
+        seeds, skips, lengths = [block_seed(seed, name, model_index, 0)], [0], [numel]
+    else:
+        row = numel // shape[0] if shape[0] else 0
+        block = max(1, RNG_BLOCK_ELEMENTS // max(1, row))
+        first, last = row_start, row_start + shape[0]
+        for k in range(first // block, (last - 1) // block + 1) if last > first else ():
+            lo, hi = max(first, k * block), min(last, (k + 1) * block)
+            seeds.append(block_seed(seed, name, model_index, k))
+            skips.append((lo - k * block) * row)
+            lengths.append((hi - lo) * row)
+    _kernels.dare_mask(out.numpy(), seeds, skips, lengths, float(density))
+    return out
+
+
+def _trims(spec: SparseSpec, stats: dict, n_models: int, masks: Optional[list[Optional[torch.Tensor]]]) -> list[tuple]:
+    out = []
+    ties = stats.get("tie_keep") or [None] * n_models
+    for i, w in enumerate(spec.weights):
+        mode, lower, upper, listed, mask, rescale, factor = NONE, None, None, None, None, NO_RESCALE, 1.0
+        if spec.trim == "topk":
+            lower = stats["thresholds"][i]
+            listed = ties[i]
+            mode = NONE if lower is None else WINDOW
+        elif spec.trim == "band":
+            lower, upper = stats["bands"][i]
+            listed = ties[i]
+            mode = NONE if lower is None and upper is None else WINDOW
+        elif spec.trim == "random":
+            mask = masks[i] if masks is not None else None
+            mode = NONE if mask is None else MASK
+            density = spec.densities[i]
+            if spec.rescale == "l1":
+                rescale, factor = MULTIPLY, stats["scales"][i]
+            elif spec.rescale == "inverse_density" and 0 < density < 1:
+                rescale, factor = DIVIDE, density
+        out.append((float(w), mode, lower, upper, None if listed is None else listed.numpy(),
+                    None if mask is None else mask.numpy(), rescale, float(factor)))
+    return out
+
+
+def run(spec: SparseSpec, out: torch.Tensor, chunk: RawChunk, stats: dict,
+        masks: Optional[list[Optional[torch.Tensor]]] = None) -> int:
+    """Fill ``out`` with the merged chunk; returns how many stored entries are NaN or infinite."""
+    divisor = None
+    if spec.election is None and spec.normalize:
+        total = sum(float(torch.tensor(w, dtype=torch.float32)) for w in spec.weights)  # as job.weights() sums
+        divisor = total if abs(total) >= 1e-8 else None
+    zero_positive = spec.election == "mergekit" or (spec.election == "ties" and stats.get("majority_sign", 1.0) > 0)
+    return _kernels.sparse_merge(
+        _raw(out), fused.DTYPE_CODES[out.dtype], _raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype],
+        [_raw(m) for m in chunk.models], _codes(chunk.models), _trims(spec, stats, len(chunk.models), masks),
+        spec.election is not None, zero_positive, spec.normalize, divisor, None if spec.scale == 1 else float(spec.scale),
+        chunk.offset,
+    )
+
+
+def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]]:
+    """DARE's keep mask of each model for this chunk (uint8; None: density >= 1, every entry kept), cached on the chunk."""
+    if chunk.masks is None:
+        chunk.masks = {}
+    out: list[Optional[torch.Tensor]] = []
+    for i, density in enumerate(spec.densities):
+        if density >= 1:
+            out.append(None)
+            continue
+        key = (i, density)
+        if key not in chunk.masks:
+            mask = torch.empty(chunk.base.numel(), dtype=torch.uint8)
+            chunk.masks[key] = mask.zero_() if density <= 0 else keep_mask(
+                mask, chunk.seed, chunk.name, i, chunk.shape, chunk.row_start, density)
+        out.append(chunk.masks[key])
+    return out
+
+
+def fused_spec(model_params: list[dict], trim: Literal["topk", "band", "random", "none"],
+               election: Optional[Literal["mergekit", "ties"]], normalize: bool, scale: float,
+               rescale: Optional[Literal["l1", "inverse_density"]] = None) -> fused.FusedSpec:
+    """The ``MergeMethod.fused`` answer of a sparsifying merge (weights and densities as ``job.weights`` reads them)."""
+    weights = tuple(float(p.get("weight", 1.0)) for p in model_params)
+    densities = tuple(float(p.get("density", 1.0)) for p in model_params)
+    sparse = SparseSpec(weights, trim, election, bool(normalize), float(scale), densities, rescale)
+    return fused.FusedSpec("sparse", weights, scale=float(scale), sparse=sparse)
