@@ -10,5 +10,7 @@ from setuptools import Extension, setup
 # Contraction stays off so the kernels round exactly like the torch path (see _fused.c).
 flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
-setup(ext_modules=[Extension("deltawise._fused", ["src/deltawise/_fused.c"], depends=[f"src/deltawise/_fused_{part}.c" for part in ("sparse", "stats", "rng", "select")],
-                            extra_compile_args=flags, optional=True)])
+# _fused.c includes the other kernel files: they are dependencies, not separate sources
+parts = [f"src/deltawise/_fused_{part}.c" for part in ("sparse", "stats", "rng", "select")]
+setup(ext_modules=[Extension("deltawise._fused", ["src/deltawise/_fused.c"], depends=parts, extra_compile_args=flags,
+                             optional=True)])

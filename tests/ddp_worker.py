@@ -1,4 +1,4 @@
-"""Run by ``torchrun`` in tests/test_train_ddp.py (and by hand): train several methods in one
+"""Run by ``torchrun`` in tests/test_train_ddp.py and tests/test_train_fsdp.py (and by hand): train several methods in one
 multi-process launch and save every rank's final weights.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py SPEC.json
@@ -26,7 +26,12 @@ class SaveWeights(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(self.path))
+        from deltawise.adapt.sharding import full_parameters, is_sharded
+
+        sharded = is_sharded(model)  # recorded, so that the FSDP test knows the run really was sharded
+        with full_parameters(model, keep=True) as full:  # FSDP: every rank gathers its full weights
+            save_file({n: p.detach().cpu().contiguous() for n, p in full.named_parameters()}, str(self.path),
+                      metadata={"sharded": str(sharded)})
 
 
 def config(spec: dict, run: dict, out: Path):
@@ -37,10 +42,34 @@ def config(spec: dict, run: dict, out: Path):
                        **run.get("train", {}))
 
 
+def allow_fsdp_on_cpu() -> None:
+    """accelerate turns ``ACCELERATE_USE_FSDP`` into FSDP only on accelerators; in a multi-CPU (gloo) launch it
+    keeps plain DDP. Tests on a CPU machine mark the state FSDP after accelerate built it, so that its own
+    FSDP2 preparation (``fully_shard``, optimizer, gradient clipping) runs on gloo as it runs on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
 def main(spec_path: str) -> None:
     import os
 
     from deltawise.adapt import run_train
+
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        import torch
+
+        if not torch.cuda.is_available():
+            allow_fsdp_on_cpu()
 
     spec = json.loads(Path(spec_path).read_text())
     root = Path(spec["out"])

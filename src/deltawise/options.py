@@ -298,6 +298,18 @@ class RepairSearchOptions:
 
 
 @dataclass
+class ExecutorOptions:
+    """Where independent jobs run (adapt/executors.py): BaM's branches of a round (docs/adapt.md, "Running
+    branches on a cluster")."""
+
+    executor: str = option("inline", "where a round's branches train: inline (this process, one after another), local "
+                                     "(processes on this machine) or ray (Ray tasks; pip install 'deltawise[ray]')")
+    jobs: int = option(0, "local executor: branches trained at once (0: all branches of a round)", min=0)
+    branch_cpus: float = option(1.0, "ray executor: CPUs each branch task asks for", min=0)
+    branch_gpus: float = option(0.0, "ray executor: GPUs each branch task asks for (1: a GPU per branch)", min=0)
+
+
+@dataclass
 class LrSweepOptions:
     """The learning-rate grid of ``deltawise lr-sweep`` (search/lr_sweep.py): short runs, scored for gain and retention."""
 

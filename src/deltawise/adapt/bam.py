@@ -23,6 +23,11 @@ Work folder (resumable; a rerun of the same command skips what is finished)::
 
 A branch without ``done.json`` is trained again from scratch; a round with ``merge.json`` is
 not merged again. OUT (θ^(R) plus ``bam.json``) is written atomically at the end.
+
+The branches of a round are independent jobs for an executor (``deltawise.adapt.executors``): one
+after another in this process (``inline``, the default), in local processes, or as Ray tasks with
+the CPUs/GPUs each asks for. Every job reads and writes only its branch folder, so the work folder
+on shared storage is all the nodes of a cluster share (docs/adapt.md, "Running branches on a cluster").
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deltawise.adapt.data import Example, read_examples
+from deltawise.adapt.executors import EXECUTORS, JobsFailed, Resources, make_executor
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig, run_train
 from deltawise.errors import InputError, OutputError
@@ -69,11 +76,41 @@ class BamConfig:
     branch_index: Optional[int] = None  # train only this branch (1-based) of the first unmerged round
     merge_only: bool = False  # train nothing: merge the rounds whose branches are all finished
     merge_threads: int = 2
+    executor: str = "inline"  # where a round's branches train: inline (this process, in turn), local (processes), ray
+    jobs: int = 0  # local executor: branches trained at once (0: all of a round's)
+    branch_cpus: float = 1.0  # ray executor: CPUs each branch task asks for
+    branch_gpus: float = 0.0  # ray executor: GPUs each branch task asks for
 
     @property
     def work_dir(self) -> Path:
         out = Path(self.train.output)
         return Path(self.work) if self.work is not None else out.parent / f"{out.name}.work"
+
+
+@dataclass
+class BranchJob:
+    """One branch of a round, as an executor ships it to a worker (picklable)."""
+
+    train: TrainConfig
+    start: Path
+    folder: Path
+    round: int
+    branch: int
+    index: int
+    examples: list[Example]
+    indices: list[int]
+    threads: Optional[int] = None  # torch threads in a worker process (None: leave as is)
+
+
+def train_branch_job(job: BranchJob, tell: Optional[Note] = None) -> dict[str, Any]:
+    """Train one branch under its own lock and return its ``done.json`` record (run in any process)."""
+    if job.threads is not None:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    with output_lock(job.folder, "BaM branch"):
+        return _train_branch(job.train, job.start, job.folder, job.round, job.branch, job.index, job.examples, job.indices,
+                             tell or (lambda _msg: None))
 
 
 @dataclass
@@ -230,6 +267,14 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
         raise InputError("--branch-index trains one branch and --merge-only trains none; give one of them")
     if cfg.branch_index is not None and not 1 <= cfg.branch_index <= K:
         raise InputError(f"--branch-index must be between 1 and --branches ({K}), got {cfg.branch_index}")
+    if cfg.executor not in EXECUTORS:
+        raise InputError(f"unknown --executor {cfg.executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if cfg.branch_index is not None and cfg.executor != "inline":
+        raise InputError("--branch-index trains one branch in this process; leave out --executor")
+    jobs = cfg.jobs or K
+    # a local process per branch shares this machine's cores; a Ray worker gets the CPUs its task asked for
+    threads = {"local": max(1, (os.cpu_count() or 1) // min(jobs, K)), "ray": max(1, int(cfg.branch_cpus))}.get(cfg.executor)
+    executor = make_executor(cfg.executor, processes=jobs, resources=Resources(cfg.branch_cpus, cfg.branch_gpus))
     base = Path(model_path or tc.model)
     out, work = Path(tc.output), cfg.work_dir
     # an input file may sit beside the outputs, but no output may be or contain an input
@@ -257,29 +302,44 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
             tick("branches", done_branches, K * R)
             start = merged
             continue
-        branch_logs, models = [], []
+        finished: dict[int, dict[str, Any]] = {}
+        todo: list[BranchJob] = []
         for k in range(1, K + 1):
             bdir = rdir / f"branch_{k}"
             index = (j - 1) * K + (k - 1)
             if (bdir / DONE).is_file():
-                record = json.loads((bdir / DONE).read_text())
-                branch_logs.append({**record, "skipped": True})
-                models.append(bdir / record["model"])
+                finished[k] = {**json.loads((bdir / DONE).read_text()), "skipped": True}
                 tell(f"round {j} branch {k}: finished earlier, skipped")
+                done_branches += 1
+                tick("branches", done_branches, K * R)
             elif cfg.merge_only:
                 tell(f"round {j} branch {k} is not finished; nothing more to merge")
                 return BamResult(None, {"rounds": rounds_log})
             elif cfg.branch_index is not None and k != cfg.branch_index:
                 continue  # another process trains it
             else:
-                rdir.mkdir(parents=True, exist_ok=True)
-                with output_lock(bdir, "BaM branch"):
-                    record = _train_branch(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index],
-                                           tell)
-                branch_logs.append({**record, "skipped": False})
-                models.append(bdir / record["model"])
-            done_branches += 1
-            tick("branches", done_branches, K * R)
+                todo.append(BranchJob(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index],
+                                      threads))
+        if todo:
+            rdir.mkdir(parents=True, exist_ok=True)
+
+            def trained(i: int, record: dict[str, Any]) -> None:
+                nonlocal done_branches
+                finished[todo[i].branch] = {**record, "skipped": False}
+                done_branches += 1
+                tick("branches", done_branches, K * R)
+
+            if executor.name != "inline":
+                tell(f"round {j}: training {len(todo)} branch(es) with the {executor.name} executor")
+            train = (lambda job: train_branch_job(job, tell)) if executor.name == "inline" else train_branch_job
+            try:
+                executor.run(train, todo, on_done=trained)
+            except JobsFailed as exc:
+                failed = ", ".join(str(todo[i].branch) for i in sorted(exc.failures))
+                raise OutputError(f"round {j}: branch(es) {failed} failed ({exc}); finished branches are kept in {work}: "
+                                  "rerun the same command to continue") from None
+        branch_logs = [finished[k] for k in sorted(finished)]
+        models = [rdir / f"branch_{k}" / finished[k]["model"] for k in sorted(finished)]
         if cfg.branch_index is not None:
             tell(f"round {j} branch {cfg.branch_index} is trained; rerun without --branch-index once all {K} are")
             return BamResult(None, {"rounds": [{"round": j, "branches": branch_logs}]})

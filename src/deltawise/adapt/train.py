@@ -38,6 +38,7 @@ from deltawise.adapt.evaluation import IGNORE_OUTPUTS, LOSS_KEY, metrics_of, per
 from deltawise.adapt.methods import Method, get_method
 from deltawise.adapt.reporting import Note, Progress, reporter_callback
 from deltawise.adapt.runtime import training_arguments
+from deltawise.adapt.sharding import check_fsdp, full_parameters
 from deltawise.errors import InputError, OutputError
 from deltawise.io.output import output_lock, staging_folder, swap_into_place, unwritable
 from deltawise.io.reader import ModelReader
@@ -262,6 +263,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         raise InputError("--eval-every needs --eval-data (the held-out data to evaluate on)")
     model_path = Path(model_path or cfg.model)
     method = get_method(cfg.method, cfg.method_params)
+    check_fsdp(method.name, method.kind)
     # the data first: a file train cannot read is refused before a model is loaded
     examples = read_examples(cfg.data, cfg.task)
     eval_examples = read_examples(cfg.eval_data, cfg.task) if cfg.eval_data is not None else None
@@ -347,9 +349,12 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             trainer.evaluate(ignore_keys=IGNORE_OUTPUTS)  # the final model, unless the last step was just evaluated
         seconds = time.perf_counter() - t0
         records = earlier + trainer.records
+        # sharded (FSDP): every process gathers the full weights with the others, rank 0 saves them
+        with full_parameters(trainer.model, keep=trainer.is_world_process_zero()) as trained:
+            if trainer.is_world_process_zero():
+                shutil.rmtree(staging / TRAINER_DIR, ignore_errors=True)
+                method.save(trained, staging, base=base)
         if trainer.is_world_process_zero():
-            shutil.rmtree(staging / TRAINER_DIR, ignore_errors=True)
-            method.save(trainer.model, staging, base=base)
             tok.save_pretrained(staging)
             meta = {
                 "method": method.name, "kind": method.kind, "base_model": str(cfg.model), "task": cfg.task,

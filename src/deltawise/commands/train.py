@@ -15,8 +15,8 @@ import typer
 from deltawise.commands.console import (ProgressReporter, escape, no_transformers_bars, note, out, quiet_libraries,
                                         steps_progress, warn)
 from deltawise.commands.flags import options
-from deltawise.options import (BudgetSearchOptions, CheckpointOptions, DataOptions, EngineOptions, GuardOptions, LoadOptions,
-                               MethodChoice, RunOptions, SplitOptions, TrainingOptions)
+from deltawise.options import (BudgetSearchOptions, CheckpointOptions, DataOptions, EngineOptions, ExecutorOptions, GuardOptions,
+                               LoadOptions, MethodChoice, RunOptions, SplitOptions, TrainingOptions)
 
 DATA_HELP = ("training data: text (documents separated by % lines or blank lines), JSONL (text | prompt+response | "
              "chat messages | text+label) or a datasets folder")
@@ -119,6 +119,7 @@ def train(
 
 @options("engine", EngineOptions, only=("allow_pickle",),
          override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
+@options("executor", ExecutorOptions)
 @options("load", LoadOptions)
 @options("choice", MethodChoice, override={"method": {"default": "full"}, "rank": {"short": None}})
 @options("training", TrainingOptions, override=BAM_TRAINING_DEFAULTS)
@@ -156,6 +157,7 @@ def bam(
     budget: BudgetSearchOptions = ...,
     guard: GuardOptions = ...,
     split: SplitOptions = ...,
+    executor: ExecutorOptions = ...,
 ) -> None:
     """Branch-and-Merge: per round, train K branches from the current model on disjoint data slices and merge them.
 
@@ -183,7 +185,7 @@ def bam(
                             allow_pickle=engine.allow_pickle)
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
-                    restart=restart, branch_index=branch_index, merge_only=merge_only)
+                    restart=restart, branch_index=branch_index, merge_only=merge_only, **asdict(executor))
     from deltawise.adapt.guarded import chosen_lines, request_from
 
     request = request_from(budget, guard, split)

@@ -13,16 +13,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from deltawise.report import figures, tables
+from deltawise.report.training import guard_checks
 
 LOG = "training_log.json"
 RECORD = "deltawise_guard.json"
-
-
-def guard_checks(records: Any) -> list[dict[str, Any]]:
-    """The guard's checks among a training log's records, by step (empty for an unguarded run's log)."""
-    if not isinstance(records, list):
-        return []
-    return sorted((r for r in records if isinstance(r, dict) and isinstance(r.get("guard"), dict)), key=lambda r: r["step"])
 
 
 def _record(log: Path) -> dict[str, Any]:

@@ -44,8 +44,8 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 def render(runs: Runs, title: str = "deltawise audit report") -> str:
     """The page; a section whose results are absent from ``runs`` is left out, not printed empty."""
     counts = [plural(len(runs.evals), "evaluation"), plural(len(runs.budgets), "budget search"),
-              plural(len(runs.weights), "weight analysis", "weight analyses"), plural(len(runs.interpolations), "interpolation curve"),
-              plural(len(runs.trainings), "training run")]
+              plural(len(runs.weights), "weight analysis", "weight analyses"),
+              plural(len(runs.interpolations), "interpolation curve"), plural(len(runs.trainings), "training run")]
     parts = [f"<h1>{escape(title)}</h1>",
              f"<p>Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from "
              f"{escape(', '.join(c for c in counts if not c.startswith('0 ')))}. Runs are named by their result files; "

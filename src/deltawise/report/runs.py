@@ -12,8 +12,7 @@ from pydantic import BaseModel, ValidationError
 from deltawise.analyze.results import Interpolation, WeightsAnalysis
 from deltawise.errors import InputError
 from deltawise.eval.results import Bounds, EvalResult, Forgetting
-from deltawise.report.guard import guard_checks
-from deltawise.report.training import TrainingRun, is_training_run, load_training_run
+from deltawise.report.training import TrainingRun, guard_checks, is_training_run, load_training_run
 
 BUDGET_SCHEMA = "deltawise.budget/"  # written by search/budget.py (`deltawise budget`, the demo); it has no "kind"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from deltawise.delta.labels import TRAIN_RECORD
 from deltawise.errors import InputError
@@ -74,3 +74,10 @@ def training_rows(runs: list[tuple[str, TrainingRun]]) -> list[tuple[object, ...
 
 
 TRAINING_HEADER = ["run", "method", "output", "base", "task", "steps", "trainable", "seconds", "first loss", "last loss"]
+
+
+def guard_checks(records: Any) -> list[dict[str, Any]]:
+    """The guard's checks among a training log's records, by step (empty for an unguarded run's log)."""
+    if not isinstance(records, list):
+        return []
+    return sorted((r for r in records if isinstance(r, dict) and isinstance(r.get("guard"), dict)), key=lambda r: r["step"])

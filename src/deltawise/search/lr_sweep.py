@@ -28,9 +28,7 @@ import hashlib
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -236,13 +234,16 @@ def _execute(pending: list[_Run], options: SweepOptions, tell: Note, done: int, 
             done += 1
             tick("runs", done, total)
         return
-    # spawn, not fork: the parent may hold torch threads and locks that a forked child would inherit mid-use
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=get_context("spawn")) as pool:
-        tell(f"training {len(pending)} rates in {min(options.jobs, len(pending))} processes")
-        for future in [pool.submit(_train_and_score, run) for run in pending]:
-            future.result()
-            done += 1
-            tick("runs", done, total)
+    from deltawise.adapt.executors import LocalExecutor
+
+    def finished(_index: int, _result: None) -> None:
+        nonlocal done
+        done += 1
+        tick("runs", done, total)
+
+    tell(f"training {len(pending)} rates in {min(options.jobs, len(pending))} processes")
+    # a failed run leaves the others finished and cached: a rerun of the sweep trains only what failed
+    LocalExecutor(options.jobs).run(_train_and_score, pending, on_done=finished)
 
 
 def _baseline(out: Path, model: str, runs: list[_Run], options: SweepOptions) -> dict[str, EvalResult]:

@@ -1,0 +1,162 @@
+"""Where independent jobs run: in this process, in local worker processes, or as Ray tasks.
+
+A job is a picklable argument to a module-level function (a BaM branch today; lr-sweep runs,
+retention-budget candidates and benchmark cells have the same shape). ``Executor.run`` starts every
+job, waits for all of them, and returns their results in order; when some fail, the others still
+finish (their work is kept on storage) and one ``JobsFailed`` names the failures, so a rerun of the
+same command continues from what is done. Ray schedules each job with the resources it asks for
+(``Resources``) on a local instance or on the cluster at ``RAY_ADDRESS``; Ray is the optional
+``deltawise[ray]`` extra, imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, Optional
+
+from deltawise.errors import DeltawiseError, InputError
+
+EXECUTORS = ("inline", "local", "ray")
+Done = Callable[[int, Any], None]  # (job index, result), as each job finishes
+
+
+class JobsFailed(DeltawiseError):
+    """Some jobs failed (raised once all jobs have ended); ``failures`` maps job index -> message."""
+
+    def __init__(self, failures: dict[int, str], total: int):
+        self.failures = failures
+        lines = "; ".join(f"job {i + 1}: {msg}" for i, msg in sorted(failures.items()))
+        super().__init__(f"{len(failures)} of {total} job(s) failed: {lines}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks the scheduler for (Ray's num_cpus / num_gpus; a fraction shares a device)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+class Executor:
+    name = ""
+
+    def run(self, fn: Callable[[Any], Any], jobs: Sequence[Any], on_done: Optional[Done] = None) -> list[Any]:
+        raise NotImplementedError
+
+
+class InlineExecutor(Executor):
+    """One job after another in this process; the first error propagates as it was raised."""
+
+    name = "inline"
+
+    def run(self, fn, jobs, on_done=None):
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(fn(job))
+            if on_done is not None:
+                on_done(i, results[-1])
+        return results
+
+
+class LocalExecutor(Executor):
+    """``processes`` worker processes on this machine (spawned, not forked: the parent may hold torch
+    threads and locks a forked child would inherit mid-use)."""
+
+    name = "local"
+
+    def __init__(self, processes: int):
+        if processes < 1:
+            raise InputError(f"the local executor needs at least 1 process, got {processes}")
+        self.processes = processes
+
+    def run(self, fn, jobs, on_done=None):
+        if not jobs:
+            return []
+        results: list[Any] = [None] * len(jobs)
+        failures: dict[int, str] = {}
+        with ProcessPoolExecutor(max_workers=min(self.processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # noqa: BLE001 - every failure is reported together below
+                    failures[i] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if on_done is not None:
+                    on_done(i, results[i])
+        if failures:
+            raise JobsFailed(failures, len(jobs))
+        return results
+
+
+class RayExecutor(Executor):
+    """Each job a Ray task with ``resources``; tasks are not retried (a rerun continues instead, and a
+    retried job would redo work another attempt may have half written). Joins the running Ray instance
+    (``ray.init`` called earlier, or ``RAY_ADDRESS``), else starts a local one for the duration of ``run``."""
+
+    name = "ray"
+
+    def __init__(self, resources: Resources, address: Optional[str] = None):
+        self.resources = resources
+        self.address = address
+
+    def run(self, fn, jobs, on_done=None):
+        ray = import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=self.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        try:
+            return self._run(ray, fn, jobs, on_done)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray, fn, jobs, on_done):
+        task = ray.remote(num_cpus=self.resources.cpus, num_gpus=self.resources.gpus, max_retries=0)(fn)
+        refs = {task.remote(job): i for i, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
+        failures: dict[int, str] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = refs[ready[0]]
+            try:
+                results[i] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:  # the job raised: report its own error
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                failures[i] = f"{type(cause).__name__}: {cause}"
+                continue
+            except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory) or the node was lost
+                failures[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                continue
+            if on_done is not None:
+                on_done(i, results[i])
+        if failures:
+            raise JobsFailed(failures, len(jobs))
+        return results
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--executor ray needs Ray: pip install 'deltawise[ray]' (or use --executor local)") from None
+    return ray
+
+
+def make_executor(name: str, *, processes: int = 1, resources: Resources = Resources(),
+                  address: Optional[str] = None) -> Executor:
+    """The executor called ``name`` (one of ``EXECUTORS``)."""
+    if name == "inline":
+        return InlineExecutor()
+    if name == "local":
+        return LocalExecutor(processes)
+    if name == "ray":
+        import_ray()  # refuse before any work starts
+        return RayExecutor(resources, address)
+    raise InputError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,102 @@
+"""Sharded training (FSDP2 through accelerate) for models larger than one device.
+
+A user asks for it the way accelerate expects: ``accelerate launch --config_file fsdp.yaml`` with
+``distributed_type: FSDP`` and ``fsdp_version: 2`` (docs/adapt.md, "Sharded training"), which sets
+``ACCELERATE_USE_FSDP`` / ``FSDP_*`` in every process; transformers' Trainer then shards the prepared
+model with torch's ``fully_shard``. Each parameter becomes a DTensor holding 1/N of its rows.
+
+Two things are ours to get right: methods whose hooks index whole weight matrices (LIFT's masked
+entries, SORSA's orthonormal step ...) cannot run on row shards, so they are refused up front; and
+saving needs the full tensors, which every process must gather together (a collective) before the
+main process writes them, so ``full_parameters`` swaps each sharded parameter for its gathered CPU
+copy for the duration of the save and puts the shards back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from deltawise.errors import InputError
+
+# methods whose hooks work parameter by parameter (or not at all) and whose save reads ``named_parameters``
+# or ``save_pretrained``: tested sharded (tests/test_train_fsdp.py: full, hft, lora) or the same code path (PEFT)
+FSDP_METHODS_OWN = ("full", "hft")
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate's environment variable, set by ``accelerate launch``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage of an ``accelerate launch`` with DeepSpeed (from its config keys or its JSON file), else None."""
+    import json
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    try:
+        stage = json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") if path else None
+    except (OSError, ValueError):
+        return None  # accelerate reports an unreadable DeepSpeed config itself
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+
+
+def check_fsdp(method_name: str, method_kind: str) -> None:
+    """Refuse a sharded run we cannot do correctly, before a model is loaded."""
+    if deepspeed_zero_stage() == 3:
+        raise InputError("DeepSpeed ZeRO-3 is not supported: its partitioned parameters would be saved empty; use FSDP "
+                         "(fsdp_version: 2) to shard a model, or ZeRO-1/2 (docs/adapt.md, \"Sharded training\")")
+    if not fsdp_requested():
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise InputError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
+                         "(torch's fully_shard; docs/adapt.md, \"Sharded training\")")
+    if method_kind != "peft" and method_name not in FSDP_METHODS_OWN:
+        raise InputError(f"-m {method_name} does not run sharded (FSDP): its updates index whole weight matrices; "
+                         f"use {', '.join(FSDP_METHODS_OWN)} or a PEFT adapter (lora, dora, ...), or DDP if the model "
+                         "fits one device")
+
+
+@contextmanager
+def full_parameters(model: nn.Module, keep: bool) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s sharded parameters are full CPU tensors on processes with ``keep``.
+
+    Every process must enter (each DTensor is all-gathered, one parameter at a time, so the peak is
+    one full matrix per device). Without sharded parameters (one process, DDP) nothing happens. Tied
+    parameters (one object in several modules) are gathered once and stay tied."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    gathered: dict[int, nn.Parameter] = {}
+    try:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not isinstance(param, DTensor):
+                    continue
+                if id(param) not in gathered:
+                    full = param.detach().full_tensor().cpu()
+                    gathered[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad)
+                if keep:
+                    swapped.append((module, name, param))
+                    module._parameters[name] = gathered[id(param)]
+        yield model
+    finally:
+        for module, name, param in reversed(swapped):
+            module._parameters[name] = param
+        gathered.clear()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
