@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import realtext
+from deltawise.commands.console import quiet_libraries
 
 if TYPE_CHECKING:
     from deltawise.search.budget import BudgetResult
@@ -109,6 +110,9 @@ def _fmt(x: Optional[float], spec: str, bounds: Optional[tuple[float, float]] = 
     return format(x, spec) + ("" if bounds is None else f" [{format(bounds[0], spec)}, {format(bounds[1], spec)}]")
 
 
+# The demo draws its own stages and bars; transformers' weight-loading bars, its log lines and libraries'
+# FutureWarnings would only bury them (as in `deltawise train -q`).
+@quiet_libraries(True)
 def run_demo(
     workdir: Optional[Path], console: Console, *, steps: int = 15, quick: bool = False, model: Optional[Path] = None,
     target_docs: Optional[list[str]] = None, source_docs: Optional[list[str]] = None, target_items: int = TARGET_ITEMS,

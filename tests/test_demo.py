@@ -20,16 +20,20 @@ ENGLISH = ["The licenses for most software are designed to take away your freedo
            "Finally, every program is threatened constantly by software patents."]
 
 
-def test_demo_pipeline_on_tiny_model(tmp_path):
+def test_demo_pipeline_on_tiny_model(tmp_path, capfd):
     from tiny_models import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "tiny", GERMAN + ENGLISH, hidden=32, layers=2, vocab=96)
+    capfd.readouterr()
     buf = io.StringIO()
     console = Console(file=buf, width=160)
     paths = run_demo(tmp_path / "run", console, steps=2, model=model, target_docs=GERMAN, source_docs=ENGLISH,
                      target_items=5, source_items=3, selection_items=3, max_length=32, batch_size=4,
                      methods=[MethodRun("lora", 1e-3), MethodRun("hft", 1e-4)])
     text = buf.getvalue()
+    library_noise = capfd.readouterr()
+    # no transformers bars ("Loading weights"), log lines or FutureWarnings around the demo's own output
+    assert "Loading weights" not in library_noise.err and "Warning" not in library_noise.err, library_noise.err[-2000:]
     assert "forgetting score" in text and "budget_merge" in text and "retention budget search" in text
     assert str(paths["report"]) in text.replace("\n", "")
     for label in ("base", "lora", "hft", "budget_merge"):
