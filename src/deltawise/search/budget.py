@@ -44,7 +44,7 @@ from deltawise.merge.engine import MergeOptions, check_output, run_merge
 from deltawise.merge.params import ParamError
 from deltawise.merge.plan import build_plan
 from deltawise.merge.recipe import Recipe
-from deltawise.search.splits import Split, make_splits
+from deltawise.search.splits import Split, budget_splits
 
 SCHEMA = "deltawise.budget/2"
 STRENGTH = ("lambda", "t")  # searched by default, the first the method has
@@ -275,12 +275,8 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
 
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.budget-splits-", dir=out.parent))
     try:
-        files = [b.data for b in options.retain] + list(options.targets)
-        given = list(options.heldout_retain) + list(options.heldout_targets)
-        if given and (len(options.heldout_retain) != len(options.retain) or len(options.heldout_targets) != len(options.targets)):
-            raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none "
-                             "(then each file is split)")
-        splits = make_splits(files, given or None, options.split.heldout_fraction, options.split.split_seed, folder)
+        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
+                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed, folder)
         return _search(recipe, out, options, grid, baseline_ref, _Search(recipe, out, options, splits), splits)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -41,7 +41,7 @@ from deltawise.io.output import check_output_folder, output_lock
 from deltawise.io.writer import write_json_atomic
 from deltawise.options import IntervalOptions, SplitOptions
 from deltawise.search.budget import RetentionBudget
-from deltawise.search.splits import Split, make_splits, write_items
+from deltawise.search.splits import Split, budget_splits, write_items
 
 SCHEMA = "deltawise.lr_sweep/1"
 MARKER = ".deltawise-lr-sweep"
@@ -205,11 +205,9 @@ def run_lr_sweep(model: str, data: Path, out: str | Path, options: SweepOptions)
         subset = items[: options.max_examples] if options.max_examples else items
         train_file = out / "data" / f"{data.stem or 'data'}.jsonl"
         write_items(train_file, subset)
-        files = [b.data for b in options.retain] + list(options.targets)
-        given = list(options.heldout_retain) + list(options.heldout_targets)
-        if given and (len(options.heldout_retain) != len(options.retain) or len(options.heldout_targets) != len(options.targets)):
-            raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none")
-        splits = make_splits(files, given or None, options.split.heldout_fraction, options.split.split_seed, out / "splits")
+        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
+                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed,
+                               out / "splits")
         pairs = tuple((s.selection, s.heldout) for s in splits)
         n = len(options.retain)
         common = dict(model=Path(model), data=train_file, method=options.method, method_params=dict(options.method_params),

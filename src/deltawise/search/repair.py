@@ -53,7 +53,7 @@ from deltawise.options import IntervalOptions, SplitOptions
 from deltawise.search.budget import BudgetNotMet, BudgetResult, Candidate, RetentionBudget, pareto_front
 from deltawise.search.repair_edits import INTRUDERS, SCALE, DeltaEdits
 from deltawise.search.scoring import as_result
-from deltawise.search.splits import Split, make_splits
+from deltawise.search.splits import Split, budget_splits
 
 SCHEMA = "deltawise.repair/1"
 REPORT = "deltawise_repair.json"
@@ -217,12 +217,8 @@ def run_repair(delta: str, base: str, out: str | Path, options: RepairOptions) -
     del fine_tuned
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.repair-splits-", dir=out.parent))
     try:
-        files = [b.data for b in options.retain] + list(options.targets)
-        given = list(options.heldout_retain) + list(options.heldout_targets)
-        if given and (len(options.heldout_retain) != len(options.retain) or len(options.heldout_targets) != len(options.targets)):
-            raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none "
-                             "(then each file is split)")
-        splits = make_splits(files, given or None, options.split.heldout_fraction, options.split.split_seed, folder)
+        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
+                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed, folder)
         with torch.no_grad():
             edits.apply({SCALE: 0.0})  # the base itself: the baseline
             scorer = _Scorer(working, edits, splits, options)

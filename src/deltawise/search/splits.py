@@ -86,5 +86,16 @@ def make_splits(files: Sequence[Path], heldout: Optional[Sequence[Path]], fracti
     return splits
 
 
+def budget_splits(retain: Sequence[Path], targets: Sequence[Path], heldout_retain: Sequence[Path],
+                  heldout_targets: Sequence[Path], fraction: float, seed: int, folder: Path) -> list[Split]:
+    """The splits of a search with a retention budget (budget, repair, lr-sweep): the retain files then the
+    target files, each with its given held-out file (all or none, in the same order) or cut in two."""
+    given = list(heldout_retain) + list(heldout_targets)
+    if given and (len(heldout_retain) != len(retain) or len(heldout_targets) != len(targets)):
+        raise InputError("held-out files: give one per --retain and one per --target, in the same order, or none "
+                         "(then each file is split)")
+    return make_splits(list(retain) + list(targets), given or None, fraction, seed, folder)
+
+
 def _stem(path: Path) -> str:
     return Path(path).stem or Path(path).name
