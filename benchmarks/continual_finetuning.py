@@ -264,6 +264,7 @@ def merged_steps(ctx: Context, label: str, method: str, params: dict, batch: boo
         raise SystemExit(f"{cache} was made for the order {done['order']}, not {ctx.order}: remove it")
     ex = ctx.experts
     scorer = ctx.scorer(ex.heads)
+    (folder / "continual").mkdir(parents=True, exist_ok=True)  # the merge engine writes only into an existing folder
     fold = None if batch else continual_steps(method, params, ctx.order, ex, folder / "continual")
     for step in range(len(done["steps"]) + 1, len(ctx.order) + 1):
         t0 = time.time()
