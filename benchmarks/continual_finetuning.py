@@ -374,7 +374,7 @@ def print_table(summary: dict, seeds: list[int]) -> None:
         d = e.get("vs_" + BASELINE)
         verdict = ""
         if d and d["bwt"]["low"] == d["bwt"]["low"]:
-            verdict = "yes" if d["bwt"]["low"] > 0 else "no (less BWT)" if d["bwt"]["high"] < 0 else "inconclusive"
+            verdict = "yes" if d["bwt"]["low"] > 0 else "no (forgets more)" if d["bwt"]["high"] < 0 else "inconclusive"
         table.add_row(label, fmt(e["acc"]), fmt(e["bwt"], True), fmt(e["fwt"], True), fmt(d["acc"], True) if d else "",
                       fmt(d["bwt"], True) if d else "", verdict, f"{e['seconds']:.0f}")
     console.print(table)
