@@ -103,7 +103,14 @@ def check_disjoint(tasks: dict[str, dict[str, list[dict]]]) -> None:
 def train_expert(base: Path, train: Path, out: Path, epochs: float, lr: float, seed: int, progress: bool) -> Path:
     from deltawise.adapt.train import TrainConfig, run_train
 
-    if (out / "deltawise_train.json").is_file():
+    record = out / "deltawise_train.json"
+    if record.is_file():
+        config = json.loads(record.read_text()).get("config", {})
+        wanted = {"epochs": epochs, "lr": lr, "seed": seed}
+        have = {k: config.get(k) for k in wanted}
+        if have != wanted:  # a cache trained otherwise (e.g. a --quick run in this folder) must not pass for this one
+            raise SystemExit(f"{out} holds an expert trained with {have}, not {wanted}: use another --work/--experts "
+                             "folder or delete it")
         return out
     cfg = TrainConfig(model=base, data=train, output=out, method="full", task="classification", epochs=epochs, lr=lr,
                       batch_size=32, max_length=64, warmup=0.1, logging_steps=10, overwrite=True, progress=progress, seed=seed)
