@@ -168,6 +168,7 @@ def continual_steps(method: str, params: dict, order: list[str], ex: Experts, fo
         if not any(out.glob("*.safetensors")):
             if t == 1:
                 shutil.rmtree(state, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)  # merge writes beside its output, never creates its parents
             recipe = {"merge_method": method, "base_model": str(ex.base), "models": [{"model": str(ex.bodies[order[t - 1]])}],
                       "parameters": {"state": str(state), **params}}
             merge(recipe, out, overwrite=True)
