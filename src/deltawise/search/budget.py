@@ -249,6 +249,20 @@ class _Search:
         }
 
 
+def most_retentive(result: "BudgetResult", allowed: bool, tell: Callable[[str], None], *, point: str, remedy: str) -> int:
+    """When no point meets the budget: the most retentive one (ties: the better target) if ``allowed``
+    (--most-retentive), else ``BudgetNotMet`` naming it; nothing has been written either way."""
+    cands = result.candidates
+    best = max(range(len(cands)), key=lambda i: (cands[i].retention_min, cands[i].target_score))
+    if not allowed:
+        budget = ", ".join(f"{n} >= {m:g}" for n, m in result.budgets.items())
+        raise BudgetNotMet(f"no {point} meets the retention budget ({budget}); the most retentive, "
+                           f"{cands[best].params}, retains {cands[best].retention_min:.4f}. Nothing was written; "
+                           f"{remedy} to write that point", result)
+    tell(f"no point meets the budget; writing the most retentive one, {cands[best].params}")
+    return best
+
+
 def _best(candidates: list[Candidate]) -> Optional[int]:
     feasible = [i for i, c in enumerate(candidates) if c.feasible]
     if not feasible:
@@ -315,14 +329,8 @@ def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, l
         chosen=_best(cands), splits=[s.to_json() for s in splits], intervals=options.intervals.describe(),
     )
     if result.chosen is None:
-        best_ret = max(range(len(cands)), key=lambda i: (cands[i].retention_min, cands[i].target_score))
-        if not options.most_retentive:
-            budget = ", ".join(f"{n} >= {m:g}" for n, m in result.budgets.items())
-            raise BudgetNotMet(f"no searched point meets the retention budget ({budget}); the most retentive, "
-                               f"{cands[best_ret].params}, retains {cands[best_ret].retention_min:.4f}. Nothing was written; "
-                               "lower the budget, search smaller values, or pass --most-retentive to write that point", result)
-        result.chosen = best_ret
-        search.tell(f"no point meets the budget; writing the most retentive one, {cands[best_ret].params}")
+        result.chosen = most_retentive(result, options.most_retentive, search.tell, point="searched point",
+                                       remedy="lower the budget, search smaller values, or pass --most-retentive")
     run_merge(build_plan(with_params(recipe, cands[result.chosen].params), allow_pickle=options.allow_pickle), out, options.merge)
     result.out = out
     search.tell("evaluating the written merge on the held-out split")

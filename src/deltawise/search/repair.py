@@ -50,7 +50,7 @@ from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import write_json_atomic
 from deltawise.options import IntervalOptions, SplitOptions
-from deltawise.search.budget import BudgetNotMet, BudgetResult, Candidate, RetentionBudget, pareto_front
+from deltawise.search.budget import BudgetResult, Candidate, RetentionBudget, most_retentive, pareto_front
 from deltawise.search.repair_edits import INTRUDERS, SCALE, DeltaEdits
 from deltawise.search.scoring import as_result
 from deltawise.search.splits import Split, budget_splits
@@ -232,14 +232,8 @@ def run_repair(delta: str, base: str, out: str | Path, options: RepairOptions) -
             groups={g: sorted(n for n, grp in edits.groups.items() if grp == g) for g in edits.present_groups()},
             intruder_dimensions=dict(edits.intruder_counts))
         if result.chosen is None:
-            best = max(range(len(cands)), key=lambda i: (cands[i].retention_min, cands[i].target_score))
-            if not options.most_retentive:
-                budget = ", ".join(f"{n} >= {m:g}" for n, m in result.budgets.items())
-                raise BudgetNotMet(f"no repair point meets the retention budget ({budget}); the most retentive, "
-                                   f"{cands[best].params}, retains {cands[best].retention_min:.4f}. Nothing was written; "
-                                   "lower the budget or pass --most-retentive to write that point", result)
-            result.chosen = best
-            tell(f"no point meets the budget; writing the most retentive one, {cands[best].params}")
+            result.chosen = most_retentive(result, options.most_retentive, tell, point="repair point",
+                                           remedy="lower the budget or pass --most-retentive")
         edits.apply(cands[result.chosen].params)
         with staged_output(out, options.overwrite) as staging:
             working.model.save_pretrained(staging, safe_serialization=True)
