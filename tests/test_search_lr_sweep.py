@@ -18,6 +18,7 @@ from deltawise.data.read import load_items
 from deltawise.errors import InputError, OutputError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.runner import EvalOptions, evaluate
+from deltawise.options import ExecutorOptions
 from deltawise.search.budget import RetentionBudget
 from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
 from deltawise.search.splits import split_items, write_items
@@ -147,7 +148,7 @@ def test_a_rerun_reuses_every_finished_run_and_a_changed_setting_does_not(tradeo
 @pytest.mark.slow  # two spawned processes each import torch and transformers: about a minute on two busy cores
 def test_parallel_runs_give_the_serial_results(tradeoff, swept, tmp_path):
     parallel = run_lr_sweep(str(tradeoff["base"]), tradeoff["train"], tmp_path / "par",
-                            _options(tradeoff, BUDGET, lrs=LRS[:2], jobs=2))
+                            _options(tradeoff, BUDGET, lrs=LRS[:2], executor=ExecutorOptions(jobs=2)))
     for a, b in zip(parallel.points, swept["result"].points[:2]):
         assert a.selection["retention"]["src"] == pytest.approx(b.selection["retention"]["src"], rel=1e-5)
         assert a.selection["target"]["tgt"] == pytest.approx(b.selection["target"]["tgt"], rel=1e-5)
@@ -160,7 +161,7 @@ def test_bad_inputs_are_refused_with_clear_errors(tradeoff, swept, tmp_path):
              (_options(tradeoff, 0.9, lrs=(1e-3, -1.0)), "positive learning rates"),
              (_options(tradeoff, 0.9, lrs=(1e-3, 1e-3)), "names a rate twice"),
              (_options(tradeoff, 0.9, steps=0), "--steps"),
-             (_options(tradeoff, 0.9, jobs=0), "--jobs")]
+             (_options(tradeoff, 0.9, executor=ExecutorOptions(jobs=0)), "--jobs")]
     for opts, message in cases:
         with pytest.raises(InputError, match=message):
             run_lr_sweep(base, train, tmp_path / "o", opts)

@@ -297,16 +297,43 @@ class RepairSearchOptions:
             raise InputError(f"{flag} takes comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
 
 
+EXECUTOR_CHOICES = ("auto", "inline", "local", "ray")
+
+
 @dataclass
 class ExecutorOptions:
-    """Where independent jobs run (adapt/executors.py): BaM's branches of a round (docs/adapt.md, "Running
-    branches on a cluster")."""
+    """Where independent jobs run (adapt/executors.py): BaM's branches of a round, lr-sweep's runs, the budget
+    search's candidates (docs/adapt.md, "Running branches on a cluster"). A local process gets its share of
+    this machine's CPU threads; a Ray task the CPUs it asks for."""
 
-    executor: str = option("inline", "where a round's branches train: inline (this process, one after another), local "
-                                     "(processes on this machine) or ray (Ray tasks; pip install 'deltawise[ray]')")
-    jobs: int = option(0, "local executor: branches trained at once (0: all branches of a round)", min=0)
-    branch_cpus: float = option(1.0, "ray executor: CPUs each branch task asks for", min=0)
-    branch_gpus: float = option(0.0, "ray executor: GPUs each branch task asks for (1: a GPU per branch)", min=0)
+    executor: str = option("auto", "where the jobs run: inline (this process, one after another), local (--jobs "
+                                   "processes on this machine), ray (Ray tasks; pip install 'deltawise[ray]'), or auto "
+                                   "(local when --jobs is not 1, else inline)")
+    jobs: int = option(1, "local executor: jobs run at once, each in its own process (0: all of them)", min=0)
+    job_cpus: float = option(1.0, "ray executor: CPUs each job asks for", min=0)
+    job_gpus: float = option(0.0, "ray executor: GPUs each job asks for (1: a GPU per job)", min=0)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTOR_CHOICES:
+            raise InputError(f"unknown --executor {self.executor!r}; choose one of {', '.join(EXECUTOR_CHOICES)}")
+        if self.jobs < 0:
+            raise InputError(f"--jobs must be at least 0 (0: all jobs at once), got {self.jobs}")
+
+    @property
+    def name(self) -> str:
+        """The executor that runs: ``auto`` resolved by ``jobs``."""
+        if self.executor == "auto":
+            return "inline" if self.jobs == 1 else "local"
+        return self.executor
+
+
+# bam's spelling of the group: the defaults and flag names it had before the group was shared
+BAM_EXECUTOR = {"executor": {"default": "inline", "help": "where a round's branches train: inline (this process, one after "
+                             "another), local (processes on this machine) or ray (Ray tasks; pip install 'deltawise[ray]')"},
+                "jobs": {"default": 0, "help": "local executor: branches trained at once (0: all branches of a round)"},
+                "job_cpus": {"long": "--branch-cpus", "help": "ray executor: CPUs each branch task asks for"},
+                "job_gpus": {"long": "--branch-gpus", "help": "ray executor: GPUs each branch task asks for (1: a GPU per "
+                                                              "branch)"}}
 
 
 @dataclass
@@ -315,7 +342,6 @@ class LrSweepOptions:
 
     lrs: str = option("1e-5,1e-4,1e-3", "learning rates to try, comma-separated")
     steps: int = option(50, "optimizer steps of each short run", min=1)
-    jobs: int = option(1, "runs trained at once, in separate processes (each gets its share of the CPU threads)", min=1)
 
     def rates(self) -> tuple[float, ...]:
         try:

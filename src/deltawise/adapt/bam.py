@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -44,12 +43,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deltawise.adapt.data import Example, read_examples
-from deltawise.adapt.executors import EXECUTORS, JobsFailed, Resources, make_executor
+from deltawise.adapt.executors import EXECUTORS, JobsFailed, executor_for
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig, run_train
 from deltawise.errors import InputError, OutputError
 from deltawise.io.output import check_output_folder, output_lock, staged_output, unwritable
 from deltawise.io.writer import write_json_atomic
+from deltawise.options import ExecutorOptions
 
 STATE = "bam_state.json"
 DONE = "done.json"
@@ -271,10 +271,7 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
         raise InputError(f"unknown --executor {cfg.executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cfg.branch_index is not None and cfg.executor != "inline":
         raise InputError("--branch-index trains one branch in this process; leave out --executor")
-    jobs = cfg.jobs or K
-    # a local process per branch shares this machine's cores; a Ray worker gets the CPUs its task asked for
-    threads = {"local": max(1, (os.cpu_count() or 1) // min(jobs, K)), "ray": max(1, int(cfg.branch_cpus))}.get(cfg.executor)
-    executor = make_executor(cfg.executor, processes=jobs, resources=Resources(cfg.branch_cpus, cfg.branch_gpus))
+    executor, threads = executor_for(ExecutorOptions(cfg.executor, cfg.jobs, cfg.branch_cpus, cfg.branch_gpus), K)
     base = Path(model_path or tc.model)
     out, work = Path(tc.output), cfg.work_dir
     # an input file may sit beside the outputs, but no output may be or contain an input

@@ -1,12 +1,13 @@
 """Where independent jobs run: in this process, in local worker processes, or as Ray tasks.
 
-A job is a picklable argument to a module-level function (a BaM branch today; lr-sweep runs,
-retention-budget candidates and benchmark cells have the same shape). ``Executor.run`` starts every
+A job is a picklable argument to a module-level function: a BaM branch, an lr-sweep run, a
+retention-budget candidate (a merge and its evaluation), a task-merging benchmark cell. ``Executor.run`` starts every
 job, waits for all of them, and returns their results in order; when some fail, the others still
 finish (their work is kept on storage) and one ``JobsFailed`` names the failures, so a rerun of the
 same command continues from what is done. Ray schedules each job with the resources it asks for
 (``Resources``) on a local instance or on the cluster at ``RAY_ADDRESS``; Ray is the optional
-``deltawise[ray]`` extra, imported only when chosen.
+``deltawise[ray]`` extra, imported only when chosen. ``executor_for`` turns the command line's
+``ExecutorOptions`` (declared once, in options.py) into an executor and each job's torch thread count.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from multiprocessing import get_context
 from typing import Any, Optional
 
 from deltawise.errors import DeltawiseError, InputError
+from deltawise.options import ExecutorOptions
 
 EXECUTORS = ("inline", "local", "ray")
 Done = Callable[[int, Any], None]  # (job index, result), as each job finishes
@@ -27,10 +29,11 @@ Done = Callable[[int, Any], None]  # (job index, result), as each job finishes
 class JobsFailed(DeltawiseError):
     """Some jobs failed (raised once all jobs have ended); ``failures`` maps job index -> message."""
 
-    def __init__(self, failures: dict[int, str], total: int):
-        self.failures = failures
-        lines = "; ".join(f"job {i + 1}: {msg}" for i, msg in sorted(failures.items()))
-        super().__init__(f"{len(failures)} of {total} job(s) failed: {lines}")
+    def __init__(self, failures: dict[int, str], total: int, labels: Optional[Sequence[str]] = None, hint: str = ""):
+        self.failures, self.total = failures, total
+        name = (lambda i: labels[i]) if labels is not None else (lambda i: f"job {i + 1}")
+        lines = "; ".join(f"{name(i)}: {msg}" for i, msg in sorted(failures.items()))
+        super().__init__(f"{len(failures)} of {total} job(s) failed: {lines}" + (f"; {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,14 @@ def make_executor(name: str, *, processes: int = 1, resources: Resources = Resou
         import_ray()  # refuse before any work starts
         return RayExecutor(resources, address)
     raise InputError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def executor_for(options: ExecutorOptions, count: int) -> tuple[Executor, Optional[int]]:
+    """The executor ``options`` name for ``count`` jobs, and the torch threads each job should set: a local
+    process gets its share of this machine's cores, a Ray task the CPUs it asked for (at least 1), an
+    inline job leaves this process as it is (None)."""
+    name = options.name
+    processes = options.jobs or max(count, 1)
+    threads = {"local": max(1, (os.cpu_count() or 1) // max(1, min(processes, count))),
+               "ray": max(1, int(options.job_cpus))}.get(name)
+    return make_executor(name, processes=processes, resources=Resources(options.job_cpus, options.job_gpus)), threads

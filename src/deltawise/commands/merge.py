@@ -18,8 +18,8 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import (AdapterOutputOptions, BudgetSearchOptions, EngineOptions, IntervalOptions, LoadOptions,
-                               RunOptions, SplitOptions)
+from deltawise.options import (AdapterOutputOptions, BudgetSearchOptions, EngineOptions, ExecutorOptions, IntervalOptions,
+                               LoadOptions, RunOptions, SplitOptions)
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -152,6 +152,8 @@ def _run_stages(recipe: Path, run: RunOptions, engine: EngineOptions, work_dir: 
               f"({sum(r.skipped for r in results)} already done)", highlight=False)
 
 
+@options("executor", ExecutorOptions, override={"jobs": {"help": "local executor: candidates merged and scored at once, "
+                                                          "each in its own process (0: all of them)"}})
 @options("intervals", IntervalOptions)
 @options("split", SplitOptions)
 @options("load", LoadOptions)
@@ -159,17 +161,20 @@ def _run_stages(recipe: Path, run: RunOptions, engine: EngineOptions, work_dir: 
 @options("engine", EngineOptions, exclude=("strict",))  # budget builds its plans itself
 @options("run", RunOptions, positional=("output",), override=MERGE_OUTPUT)
 def budget(recipe: Path = RECIPE, run: RunOptions = ..., engine: EngineOptions = ..., search: BudgetSearchOptions = ...,
-           split: SplitOptions = ..., intervals: IntervalOptions = ..., load: LoadOptions = ...) -> None:
+           split: SplitOptions = ..., intervals: IntervalOptions = ..., load: LoadOptions = ...,
+           executor: ExecutorOptions = ...) -> None:
     """Retention-budget merging: search the recipe method's parameters for the best --target score
     that keeps each --retain SOURCE's retention >= MIN, and merge with the chosen point (docs/merging.md).
 
-    Points are chosen on a selection split of the data and the chosen one is reported on a held-out split."""
-    _run_budget(recipe, run, engine, search, load, intervals, split)
+    Points are chosen on a selection split of the data and the chosen one is reported on a held-out split.
+    Candidates are independent jobs (--executor, --jobs); each is kept in OUTPUT.budget-work until the search
+    ends, so a rerun after a failure scores only the rest."""
+    _run_budget(recipe, run, engine, search, load, intervals, split, executor)
 
 
 def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: BudgetSearchOptions,
                 load: LoadOptions = LoadOptions(), intervals: IntervalOptions | None = None,
-                split: SplitOptions | None = None) -> None:
+                split: SplitOptions | None = None, executor: ExecutorOptions | None = None) -> None:
     from deltawise.eval.runner import EvalOptions
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, load_recipe
@@ -195,7 +200,8 @@ def _run_budget(recipe: Path, run: RunOptions, engine: EngineOptions, search: Bu
                              trust_remote_code=load.trust_remote_code),
             merge=MergeOptions(device=run.device, threads=engine.threads, shard_size=parse_size(engine.shard_size),
                                overwrite=run.overwrite),
-            note=None if run.quiet else note(False), progress=ProgressReporter(progress),
+            executor=executor or ExecutorOptions(), note=None if run.quiet else note(False),
+            progress=ProgressReporter(progress),
         )
         _budget_report(lambda: run_budget(load_recipe(recipe), output, budget_options), search.report, output)
 

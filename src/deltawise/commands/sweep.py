@@ -13,6 +13,7 @@ from deltawise.commands.train import DATA_HELP, method_params
 from deltawise.options import (
     BudgetSearchOptions,
     DataOptions,
+    ExecutorOptions,
     IntervalOptions,
     LoadOptions,
     LrSweepOptions,
@@ -35,6 +36,8 @@ SWEPT = ("lr", "max_steps", "epochs")  # set by the sweep itself
 @options("choice", MethodChoice)
 @options("training", TrainingOptions, exclude=SWEPT)
 @options("sweep", LrSweepOptions)
+@options("executor", ExecutorOptions, override={"jobs": {"min": 1, "help": "local executor: runs trained at once, in "
+                                                          "separate processes (each gets its share of the CPU threads)"}})
 @options("data_options", DataOptions, only=("max_examples",), override={
     "max_examples": {"help": "train each short run on the first N items of --data (default: all)"}})
 @options("run", RunOptions, exclude=("device",), override={
@@ -47,6 +50,7 @@ def lr_sweep(
     run: RunOptions = ...,
     data_options: DataOptions = ...,
     sweep: LrSweepOptions = ...,
+    executor: ExecutorOptions = ...,
     training: TrainingOptions = ...,
     choice: MethodChoice = ...,
     search: BudgetSearchOptions = ...,
@@ -60,7 +64,7 @@ def lr_sweep(
     Short runs rank the rates by early forgetting; they do not predict a full run's final numbers."""
     from deltawise.adapt.runtime import resolve_device
     from deltawise.eval.runner import EvalOptions
-    from deltawise.search.budget import RetentionBudget
+    from deltawise.search.budgeted import RetentionBudget
     from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
 
     assert run.output is not None
@@ -69,7 +73,7 @@ def lr_sweep(
     opts = SweepOptions(
         retain=[RetentionBudget.parse(r) for r in search.retain], targets=list(search.target), lrs=sweep.rates(),
         steps=sweep.steps, method=choice.method, method_params=method_params(choice), training=settings,
-        max_examples=data_options.max_examples, jobs=sweep.jobs, overwrite=run.overwrite,
+        max_examples=data_options.max_examples, executor=executor, overwrite=run.overwrite,
         trust_remote_code=load.trust_remote_code, split=split, heldout_retain=list(search.heldout_retain),
         heldout_targets=list(search.heldout_target), intervals=intervals,
         # the runs are scored where they train (--device); a cuda:N index is kept by torch's default device

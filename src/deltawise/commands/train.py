@@ -15,8 +15,8 @@ import typer
 from deltawise.commands.console import (ProgressReporter, escape, no_transformers_bars, note, out, quiet_libraries,
                                         steps_progress, warn)
 from deltawise.commands.flags import options
-from deltawise.options import (BudgetSearchOptions, CheckpointOptions, DataOptions, EngineOptions, ExecutorOptions, GuardOptions,
-                               LoadOptions, MethodChoice, RunOptions, SplitOptions, TrainingOptions)
+from deltawise.options import (BAM_EXECUTOR, BudgetSearchOptions, CheckpointOptions, DataOptions, EngineOptions, ExecutorOptions,
+                               GuardOptions, LoadOptions, MethodChoice, RunOptions, SplitOptions, TrainingOptions)
 
 DATA_HELP = ("training data: text (documents separated by % lines or blank lines), JSONL (text | prompt+response | "
              "chat messages | text+label) or a datasets folder")
@@ -119,7 +119,7 @@ def train(
 
 @options("engine", EngineOptions, only=("allow_pickle",),
          override={"allow_pickle": {"help": "accept a .bin/.pt base model (read with torch.load(weights_only=True))"}})
-@options("executor", ExecutorOptions)
+@options("executor", ExecutorOptions, override=BAM_EXECUTOR)
 @options("load", LoadOptions)
 @options("choice", MethodChoice, override={"method": {"default": "full"}, "rank": {"short": None}})
 @options("training", TrainingOptions, override=BAM_TRAINING_DEFAULTS)
@@ -185,7 +185,8 @@ def bam(
                             allow_pickle=engine.allow_pickle)
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
-                    restart=restart, branch_index=branch_index, merge_only=merge_only, **asdict(executor))
+                    restart=restart, branch_index=branch_index, merge_only=merge_only, executor=executor.name,
+                    jobs=executor.jobs, branch_cpus=executor.job_cpus, branch_gpus=executor.job_gpus)
     from deltawise.adapt.guarded import chosen_lines, request_from
 
     request = request_from(budget, guard, split)

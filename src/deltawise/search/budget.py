@@ -18,40 +18,49 @@ Searched points: a grid (the method's strength parameter, ``lambda`` or ``t``, a
 default; ``--search-param NAME=v1,v2,…`` replaces it and may name any of the method's parameters,
 several giving their Cartesian product), then optionally ``refine`` rounds of successive
 refinement for one parameter: the midpoints between the best feasible value and its evaluated
-neighbours are tried. Each point is merged by the streaming engine into a temporary folder beside
-OUT, evaluated with the eval code, and deleted. The Pareto front is taken over (smallest
-retention among the sources, target score). The chosen point is merged again into OUT (atomic);
-when no point meets the budget nothing is written, unless ``most_retentive`` asks for the point
-with the highest retention.
+neighbours are tried. The Pareto front is taken over (smallest retention among the sources, target
+score).
+
+Each point is a job for an executor (adapt/executors.py: inline, local processes or Ray tasks, each
+with its share of the CPU threads): the streaming engine merges it into the work folder
+(``OUT.budget-work`` beside OUT), the eval code scores the merge on the selection split, the merge is
+deleted and the scores are kept as ``candidates/<key>.json``; ``<key>`` hashes all that decides them
+(the recipe with the point's values, the inputs' fingerprints, the selection files, the scoring
+settings). Every executor reads the scores back from that file, so the choice is the same whichever
+ran the jobs; a rerun after a failed or interrupted search scores only the points not yet kept.
+The chosen point is merged again into OUT (atomic), and the work folder removed; when no point
+meets the budget nothing is written, unless ``most_retentive`` asks for the point with the highest
+retention.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import math
+import json
 import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from deltawise.errors import DeltawiseError, InputError, RecipeError
+from deltawise.errors import DeltawiseError, InputError, OutputError, RecipeError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate, unique_names
-from deltawise.options import IntervalOptions, SplitOptions
+from deltawise.io.output import check_output_folder, output_lock
+from deltawise.io.writer import write_json_atomic
 from deltawise.merge.engine import MergeOptions, check_output, run_merge
 from deltawise.merge.params import ParamError
 from deltawise.merge.plan import build_plan
 from deltawise.merge.recipe import Recipe
-from deltawise.search.splits import Split, budget_splits
+from deltawise.options import ExecutorOptions
+from deltawise.search.budgeted import BudgetedOptions, RetentionBudget  # noqa: F401 - RetentionBudget: imported from here
+from deltawise.search.splits import Split
 
 SCHEMA = "deltawise.budget/2"
+WORK_MARKER = ".deltawise-budget"
 STRENGTH = ("lambda", "t")  # searched by default, the first the method has
 DEFAULT_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
-
-Note = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 
 
 class BudgetNotMet(DeltawiseError):
@@ -62,41 +71,55 @@ class BudgetNotMet(DeltawiseError):
         self.result = result
 
 
-@dataclass(frozen=True)
-class RetentionBudget:
-    data: Path
-    minimum: float
-
-    @classmethod
-    def parse(cls, text: str) -> "RetentionBudget":
-        """``SOURCE:0.98``: the data file and the smallest acceptable retention."""
-        path, sep, value = text.rpartition(":")
-        try:
-            minimum = float(value)
-        except ValueError:
-            minimum = None
-        if not sep or not path or minimum is None or not math.isfinite(minimum) or minimum <= 0:
-            raise InputError(f"--retain takes SOURCE:MIN_RETENTION with a positive number, e.g. en.jsonl:0.98; got {text!r}")
-        return cls(Path(path), minimum)
-
-
 @dataclass
-class BudgetOptions:
-    retain: list[RetentionBudget]
-    targets: list[Path]
+class BudgetOptions(BudgetedOptions):
+    """The budgets, targets, splits and scoring of ``BudgetedOptions`` (progress counts "candidates"), the grid,
+    the merges, and where the candidates run (``executor``: inline, local processes or Ray tasks)."""
+
     grid: dict[str, list[Any]] = field(default_factory=dict)  # empty: the method's strength parameter
     refine: int = 0
     most_retentive: bool = False
     baseline: Optional[str] = None  # model retention is measured against (default: the recipe's base_model)
-    eval: EvalOptions = field(default_factory=EvalOptions)
     merge: MergeOptions = field(default_factory=MergeOptions)
     allow_pickle: bool = False
-    split: SplitOptions = field(default_factory=SplitOptions)  # the seeded selection/held-out cut
-    heldout_retain: list[Path] = field(default_factory=list)  # one per --retain, instead of cutting
-    heldout_targets: list[Path] = field(default_factory=list)  # one per --target
-    intervals: IntervalOptions = field(default_factory=IntervalOptions)
-    note: Optional[Note] = None
-    progress: Optional[Progress] = None  # ("candidates", done, total)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
+    work: Optional[Path] = None  # the candidates' cache (default: OUT.budget-work beside OUT)
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """One searched point as an executor ships it (picklable): merge ``recipe`` into ``folder``, score the merge on
+    the selection split, keep the scores in ``result``; a finished candidate (``result`` exists) is not redone."""
+
+    recipe: Recipe  # with the point's parameters set
+    folder: Path
+    result: Path
+    sources: tuple[Path, ...]  # selection files of the --retain sources, then of the --targets
+    targets: tuple[Path, ...]
+    eval: EvalOptions
+    merge: MergeOptions
+    allow_pickle: bool
+    threads: Optional[int] = None  # torch threads in a worker (None: leave this process as it is)
+
+
+def score_candidate(job: CandidateJob) -> dict[str, Any]:
+    """Merge and score one candidate unless its scores are cached; returns them as stored (JSON), so a cached,
+    a local and a Ray candidate read the same numbers. Runs in any process."""
+    if job.threads is not None:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    if not job.result.is_file():
+        plan = build_plan(job.recipe, allow_pickle=job.allow_pickle)
+        shutil.rmtree(job.folder, ignore_errors=True)  # an interrupted attempt's partial merge
+        job.folder.mkdir(parents=True)
+        try:
+            run_merge(plan, job.folder / "model", job.merge)
+            scores = evaluate(str(job.folder / "model"), list(job.sources), list(job.targets), job.eval)
+        finally:
+            shutil.rmtree(job.folder, ignore_errors=True)
+        write_json_atomic(job.result, scores.model_dump(mode="json"))
+    return json.loads(job.result.read_text())
 
 
 @dataclass
@@ -197,28 +220,56 @@ def with_params(recipe: Recipe, values: dict[str, Any]) -> Recipe:
 
 
 class _Search:
-    def __init__(self, recipe: Recipe, out: Path, options: BudgetOptions, splits: list[Split]):
-        self.recipe, self.out, self.o = recipe, out, options
+    def __init__(self, recipe: Recipe, out: Path, options: BudgetOptions, splits: list[Split], work: Path, inputs: list[str]):
+        self.recipe, self.out, self.o, self.work = recipe, out, options, work
         self.source_splits, self.target_splits = splits[: len(options.retain)], splits[len(options.retain) :]
         names = unique_names([b.data for b in options.retain] + list(options.targets))
         self.source_names, self.target_names = names[: len(options.retain)], names[len(options.retain) :]
         self.candidates: list[Candidate] = []
         self.tell = options.note or (lambda _m: None)
+        self.eval = replace(options.eval, progress=None)
+        # what decides every candidate's scores besides its recipe: the inputs as opened, the selection files, scoring
+        self.common = {"inputs": inputs, "splits": [_file_digest(s.selection) for s in splits], "device": options.merge.device,
+                       "eval": {k: v for k, v in asdict(self.eval).items() if k != "progress"}}
 
     def evaluate_model(self, ref: str, heldout: bool = False) -> EvalResult:
         pick = (lambda s: s.heldout) if heldout else (lambda s: s.selection)
         return evaluate(ref, [pick(s) for s in self.source_splits], [pick(s) for s in self.target_splits], self.o.eval)
 
-    def point(self, params: dict[str, Any], baseline: EvalResult) -> Candidate:
-        plan = build_plan(with_params(self.recipe, params), allow_pickle=self.o.allow_pickle)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.budget-", dir=self.out.parent))
+    def job(self, params: dict[str, Any]) -> CandidateJob:
+        recipe = with_params(self.recipe, params)
+        key = _key({**self.common, "recipe": recipe.model_dump(mode="json")})
+        folder = self.work / "candidates" / key
+        merge = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads, shard_size=self.o.merge.shard_size)
+        return CandidateJob(recipe, folder, folder.with_suffix(".json"), tuple(s.selection for s in self.source_splits),
+                            tuple(s.selection for s in self.target_splits), self.eval, merge, self.o.allow_pickle)
+
+    def run(self, points: list[dict[str, Any]], baseline: EvalResult, tick: Callable[[], None]) -> None:
+        """Score ``points`` as jobs of the chosen executor (cached ones are read back) and add them in order."""
+        from deltawise.adapt.executors import JobsFailed, executor_for
+
+        jobs = [self.job(params) for params in points]
+        cached = [i for i, job in enumerate(jobs) if job.result.is_file()]
+        if cached:
+            self.tell(f"reusing {len(cached)} finished candidate(s): " + "; ".join(_shown(points[i]) for i in cached))
+        executor, threads = executor_for(self.o.executor, len(jobs) - len(cached))
+        jobs = [replace(job, threads=threads) for job in jobs]
+        done: dict[int, Candidate] = {}
+
+        def finished(i: int, scores: dict[str, Any]) -> None:
+            done[i] = self.candidate(points[i], EvalResult.model_validate(scores), baseline)
+            tick()
+
+        if executor.name != "inline" and len(jobs) > len(cached):
+            self.tell(f"scoring {len(jobs) - len(cached)} candidate(s) with the {executor.name} executor")
         try:
-            merge_opts = MergeOptions(device=self.o.merge.device, threads=self.o.merge.threads,
-                                      shard_size=self.o.merge.shard_size)
-            run_merge(plan, tmp / "model", merge_opts)
-            result = self.evaluate_model(str(tmp / "model"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            executor.run(score_candidate, jobs, on_done=finished)
+        except JobsFailed as exc:
+            raise JobsFailed(exc.failures, exc.total, labels=[_shown(p) for p in points],
+                             hint=f"finished candidates are kept in {self.work}: rerun the same command to continue") from None
+        self.candidates += [done[i] for i in range(len(points))]
+
+    def candidate(self, params: dict[str, Any], result: EvalResult, baseline: EvalResult) -> Candidate:
         comps = {c.name: c for c in forgetting(result, baseline, self.o.intervals).datasets}
         cand = Candidate(params, {n: comps[n].ratio for n in self.source_names}, {n: comps[n].ratio for n in self.target_names},
                          {n: comps[n].model for n in comps})
@@ -228,10 +279,9 @@ class _Search:
         cand.intervals = {n: list(c.ratio_ci) for n, c in comps.items() if c.ratio_ci is not None}
         budgets = dict(zip(self.source_names, (b.minimum for b in self.o.retain)))
         cand.feasible = all(cand.retention_lower[n] >= budgets[n] for n in self.source_names)
-        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         lowest = min(cand.retention_lower.values())
-        self.tell(f"{shown}: retention {cand.retention_min:.4f} (lower bound {lowest:.4f}), target {cand.target_score:.4f}"
-                  f"{'' if cand.feasible else ' (over budget)'}")
+        self.tell(f"{_shown(params)}: retention {cand.retention_min:.4f} (lower bound {lowest:.4f}), target "
+                  f"{cand.target_score:.4f}{'' if cand.feasible else ' (over budget)'}")
         return cand
 
     def heldout_report(self, out: Path, baseline_ref: str) -> dict[str, Any]:
@@ -271,12 +321,13 @@ def _best(candidates: list[Candidate]) -> Optional[int]:
 
 
 def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> BudgetResult:
-    """Search, report every point, and write the chosen one to ``out`` (see the module docstring)."""
+    """Search, report every point, and write the chosen one to ``out`` (see the module docstring).
+
+    The work folder (``options.work``, default ``OUT.budget-work``) holds the splits and every scored
+    candidate while the search runs; it is kept when a candidate fails, so that the same command continues
+    from it, and removed once the search has decided (a point written, or ``BudgetNotMet``)."""
     out = Path(out)
-    if not options.retain:
-        raise InputError("give at least one --retain SOURCE:MIN_RETENTION")
-    if not options.targets:
-        raise InputError("give at least one --target dataset to maximise")
+    options.check()
     grid = search_grid(recipe, options.grid)
     if options.refine and len(grid) != 1:
         raise InputError(f"--refine works on one searched parameter; {len(grid)} are searched ({', '.join(grid)})")
@@ -286,25 +337,41 @@ def run_budget(recipe: Recipe, out: str | Path, options: BudgetOptions) -> Budge
                          "with --baseline")
     first = build_plan(with_params(recipe, {k: v[0] for k, v in grid.items()}), allow_pickle=options.allow_pickle)
     check_output(first, out, options.merge.overwrite)  # fail before the long search, not after it
-
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.budget-splits-", dir=out.parent))
-    try:
-        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
-                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed, folder)
-        return _search(recipe, out, options, grid, baseline_ref, _Search(recipe, out, options, splits), splits)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    work = Path(options.work) if options.work is not None else out.parent / f"{out.name}.budget-work"
+    inputs = [(r.label, folder) for r in first.readers for folder in r.input_folders()]
+    inputs += [(r.label, r.path) for r in first.side_readers]
+    inputs += [("retain source", b.data) for b in options.retain] + [("target", t) for t in options.targets]
+    check_output_folder(work, inputs + [("output", out)], overwrite=True)  # a work folder is resumed, not replaced
+    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).exists():
+        raise OutputError(f"{work} is not empty and is not a budget search's work folder; move it away")
+    with output_lock(work, "budget work folder"):
+        work.mkdir(exist_ok=True)
+        (work / WORK_MARKER).write_text("deltawise budget work folder: scored candidates, reused by a rerun\n")
+        fingerprints = [r.fingerprint() for r in first.readers + first.side_readers]
+        search = _Search(recipe, out, options, options.splits(work / "splits"), work, fingerprints)
+        try:
+            result = _search(recipe, out, options, grid, baseline_ref, search)
+        except BudgetNotMet:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        return result
 
 
 def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, list[Any]], baseline_ref: str,
-            search: _Search, splits: list[Split]) -> BudgetResult:
+            search: _Search) -> BudgetResult:
     baseline = search.evaluate_model(baseline_ref)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     total = len(points) + 2 * options.refine
     tick = options.progress or (lambda _s, _d, _t: None)
-    for params in points:
-        search.candidates.append(search.point(params, baseline))
-        tick("candidates", len(search.candidates), total)
+    count = 0
+
+    def one_more() -> None:
+        nonlocal count
+        count += 1
+        tick("candidates", count, total)
+
+    search.run(points, baseline, one_more)
     name = next(iter(grid))
     for _ in range(options.refine):
         best = _best(search.candidates)
@@ -315,18 +382,16 @@ def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, l
         if not isinstance(v, float):
             break  # midpoints of an integer or choice parameter are not values of it
         at = tried.index(v)
-        for neighbour in tried[max(0, at - 1) : at] + tried[at + 1 : at + 2]:
-            mid = (v + neighbour) / 2
-            if all(abs(mid - t) > 1e-12 for t in tried):
-                search.candidates.append(search.point({name: mid}, baseline))
-                tick("candidates", len(search.candidates), total)
+        mids = [(v + neighbour) / 2 for neighbour in tried[max(0, at - 1) : at] + tried[at + 1 : at + 2]]
+        search.run([{name: mid} for mid in mids if all(abs(mid - t) > 1e-12 for t in tried)], baseline, one_more)
     cands = search.candidates
     for i in pareto_front([(c.retention_min, c.target_score) for c in cands]):
         cands[i].pareto = True
     result = BudgetResult(
         method=recipe.merge_method, grid=grid, budgets=dict(zip(search.source_names, (b.minimum for b in options.retain))),
         baseline=baseline_ref, baseline_values={d.name: d.value for d in baseline.datasets}, candidates=cands,
-        chosen=_best(cands), splits=[s.to_json() for s in splits], intervals=options.intervals.describe(),
+        chosen=_best(cands), splits=[s.to_json() for s in search.source_splits + search.target_splits],
+        intervals=options.intervals.describe(),
     )
     if result.chosen is None:
         result.chosen = most_retentive(result, options.most_retentive, search.tell, point="searched point",
@@ -336,6 +401,18 @@ def _search(recipe: Recipe, out: Path, options: BudgetOptions, grid: dict[str, l
     search.tell("evaluating the written merge on the held-out split")
     result.heldout = search.heldout_report(out, baseline_ref)
     return result
+
+
+def _shown(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _key(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def budget_table(result: BudgetResult):

@@ -13,7 +13,8 @@ The sweep folder (OUT) caches every run: ``runs/lr-<rate>-<key>/`` is a finished
 (written atomically by ``run_train``) with its scores in ``sweep_scores.json``; ``<key>`` hashes all
 that decides the run (model, training data subset, method and parameters, rate, steps, settings), so
 a rerun after an interruption trains only what is missing and a changed setting never reuses a stale
-run. Runs go to ``jobs`` worker processes at a time (each with its share of the CPU threads).
+run. Runs are jobs of an executor (adapt/executors.py): one after another in this process, ``--jobs`` worker
+processes at a time (each with its share of the CPU threads), or Ray tasks.
 
 What short runs predict: the ordering of rates by how fast they forget and gain early, which is
 where a too-large rate shows (retention collapses in the first hundred steps). What they do not: the
@@ -27,10 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, ClassVar, Optional
 
 from deltawise.data.read import load_items
 from deltawise.errors import InputError, OutputError
@@ -39,52 +39,42 @@ from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate, unique_names
 from deltawise.io.output import check_output_folder, output_lock
 from deltawise.io.writer import write_json_atomic
-from deltawise.options import IntervalOptions, SplitOptions
-from deltawise.search.budget import RetentionBudget
-from deltawise.search.splits import Split, budget_splits, write_items
+from deltawise.options import ExecutorOptions
+from deltawise.search.budgeted import BudgetedOptions, Note
+from deltawise.search.splits import Split, write_items
 
 SCHEMA = "deltawise.lr_sweep/1"
 MARKER = ".deltawise-lr-sweep"
 SCORES = "sweep_scores.json"
 
-Note = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass
-class SweepOptions:
-    retain: list[RetentionBudget]
-    targets: list[Path]
+class SweepOptions(BudgetedOptions):
+    """The budgets, targets, splits and scoring of ``BudgetedOptions`` (progress counts "runs"), the grid, the runs'
+    training settings, and where the runs train (``executor``: inline, local processes or Ray tasks)."""
+
     lrs: tuple[float, ...]
     steps: int
     method: str = "lora"
     method_params: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # other TrainingOptions fields (batch size, seed, schedule, ...)
     max_examples: Optional[int] = None  # the training subset: the first N items of --data
-    jobs: int = 1
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     overwrite: bool = False  # discard the cached runs
     trust_remote_code: bool = False
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    split: SplitOptions = field(default_factory=SplitOptions)
-    heldout_retain: list[Path] = field(default_factory=list)
-    heldout_targets: list[Path] = field(default_factory=list)
-    intervals: IntervalOptions = field(default_factory=IntervalOptions)
-    note: Optional[Note] = None
-    progress: Optional[Progress] = None  # ("runs", done, total)
+
+    target_use: ClassVar[str] = "to measure the gain on"
 
     def check(self) -> None:
-        if not self.retain:
-            raise InputError("give at least one --retain SOURCE:MIN_RETENTION")
-        if not self.targets:
-            raise InputError("give at least one --target dataset to measure the gain on")
+        super().check()
         if not self.lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.lrs):
             raise InputError(f"--lrs takes positive learning rates, e.g. 1e-5,1e-4,1e-3; got {list(self.lrs)}")
         if len(set(self.lrs)) != len(self.lrs):
             raise InputError(f"--lrs names a rate twice: {list(self.lrs)}")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, got {self.steps}")
-        if self.jobs < 1:
-            raise InputError(f"--jobs must be at least 1, got {self.jobs}")
+        if self.executor.jobs < 1:
+            raise InputError(f"--jobs must be at least 1, got {self.executor.jobs}")
 
 
 @dataclass
@@ -137,7 +127,7 @@ class _Run:
     sources: tuple[tuple[Path, Path], ...]  # (selection, held-out) per --retain
     targets: tuple[tuple[Path, Path], ...]
     eval: EvalOptions
-    threads: int
+    threads: Optional[int]  # torch threads in a worker (None: leave this process as it is)
 
 
 def _key(data: dict[str, Any]) -> str:
@@ -168,7 +158,8 @@ def _train_and_score(run: _Run) -> None:
 
     from deltawise.adapt.train import TrainConfig, run_train
 
-    torch.set_num_threads(run.threads)
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
     if not (run.folder / "deltawise_train.json").is_file():
         run_train(TrainConfig(**run.config, output=run.folder, overwrite=True))
     if (run.folder / SCORES).is_file():
@@ -205,16 +196,13 @@ def run_lr_sweep(model: str, data: Path, out: str | Path, options: SweepOptions)
         subset = items[: options.max_examples] if options.max_examples else items
         train_file = out / "data" / f"{data.stem or 'data'}.jsonl"
         write_items(train_file, subset)
-        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
-                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed,
-                               out / "splits")
+        splits = options.splits(out / "splits")
         pairs = tuple((s.selection, s.heldout) for s in splits)
         n = len(options.retain)
         common = dict(model=Path(model), data=train_file, method=options.method, method_params=dict(options.method_params),
                       max_steps=options.steps, progress=False, trust_remote_code=options.trust_remote_code, **options.training)
-        threads = max(1, (os.cpu_count() or 1) // options.jobs)
         runs = [_Run(lr, out / "runs" / f"lr-{lr:g}-{_run_key(common, lr, pairs, options)}", {**common, "lr": lr}, str(model),
-                     pairs[:n], pairs[n:], options.eval, threads) for lr in options.lrs]
+                     pairs[:n], pairs[n:], options.eval, None) for lr in options.lrs]
         cached = [r for r in runs if (r.folder / SCORES).is_file()]
         if cached:
             tell(f"reusing {len(cached)} finished run(s): " + ", ".join(f"lr {r.lr:g}" for r in cached))
@@ -223,25 +211,28 @@ def run_lr_sweep(model: str, data: Path, out: str | Path, options: SweepOptions)
 
 
 def _execute(pending: list[_Run], options: SweepOptions, tell: Note, done: int, total: int) -> None:
+    """Train and score the runs not cached yet, on the chosen executor; a failed run leaves the others finished
+    and cached, so a rerun of the sweep trains only what failed."""
+    from deltawise.adapt.executors import executor_for
+
     tick = options.progress or (lambda _s, _d, _t: None)
     tick("runs", done, total)
-    if options.jobs == 1 or len(pending) <= 1:
-        for run in pending:
-            tell(f"training lr {run.lr:g} for {run.config['max_steps']} steps")
-            _train_and_score(run)
-            done += 1
-            tick("runs", done, total)
-        return
-    from deltawise.adapt.executors import LocalExecutor
+    executor, threads = executor_for(options.executor, len(pending))
+    pending = [replace(run, threads=threads) for run in pending]
 
     def finished(_index: int, _result: None) -> None:
         nonlocal done
         done += 1
         tick("runs", done, total)
 
-    tell(f"training {len(pending)} rates in {min(options.jobs, len(pending))} processes")
-    # a failed run leaves the others finished and cached: a rerun of the sweep trains only what failed
-    LocalExecutor(options.jobs).run(_train_and_score, pending, on_done=finished)
+    if executor.name == "inline":
+        for run in pending:
+            tell(f"training lr {run.lr:g} for {run.config['max_steps']} steps")
+            _train_and_score(run)
+            finished(0, None)
+        return
+    tell(f"training {len(pending)} rates with the {executor.name} executor")
+    executor.run(_train_and_score, pending, on_done=finished)
 
 
 def _baseline(out: Path, model: str, runs: list[_Run], options: SweepOptions) -> dict[str, EvalResult]:

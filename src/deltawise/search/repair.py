@@ -36,7 +36,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -45,27 +45,24 @@ from deltawise.errors import InputError
 from deltawise.eval.forgetting import forgetting
 from deltawise.eval.models import LoadedModel, load_model
 from deltawise.eval.results import EvalResult
-from deltawise.eval.runner import REQUIRED, EvalOptions, detect_task, evaluate, score_dataset, unique_names
+from deltawise.eval.runner import REQUIRED, detect_task, evaluate, score_dataset, unique_names
 from deltawise.io.output import check_output_folder, staged_output
 from deltawise.io.resolve import resolve_model
 from deltawise.io.writer import write_json_atomic
-from deltawise.options import IntervalOptions, SplitOptions
-from deltawise.search.budget import BudgetResult, Candidate, RetentionBudget, most_retentive, pareto_front
+from deltawise.search.budget import BudgetResult, Candidate, most_retentive, pareto_front
+from deltawise.search.budgeted import BudgetedOptions
 from deltawise.search.repair_edits import INTRUDERS, SCALE, DeltaEdits
 from deltawise.search.scoring import as_result
-from deltawise.search.splits import Split, budget_splits
+from deltawise.search.splits import Split
 
 SCHEMA = "deltawise.repair/1"
 REPORT = "deltawise_repair.json"
 
-Note = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass
-class RepairOptions:
-    retain: list[RetentionBudget]
-    targets: list[Path]
+class RepairOptions(BudgetedOptions):
+    """The budgets, targets, splits and scoring of ``BudgetedOptions`` (progress counts "evaluations"), and the edits."""
+
     scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     intruder_levels: tuple[float, ...] = (0.5, 1.0)
     group_scales: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -74,19 +71,11 @@ class RepairOptions:
     intruder_eps: float = 0.5
     most_retentive: bool = False
     overwrite: bool = False
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    split: SplitOptions = field(default_factory=SplitOptions)
-    heldout_retain: list[Path] = field(default_factory=list)
-    heldout_targets: list[Path] = field(default_factory=list)
-    intervals: IntervalOptions = field(default_factory=IntervalOptions)
-    note: Optional[Note] = None
-    progress: Optional[Progress] = None  # ("evaluations", done, total)
+
+    target_use: ClassVar[str] = "whose gain repair should keep"
 
     def check(self) -> None:
-        if not self.retain:
-            raise InputError("give at least one --retain SOURCE:MIN_RETENTION")
-        if not self.targets:
-            raise InputError("give at least one --target dataset whose gain repair should keep")
+        super().check()
         for label, values in (("--scales", self.scales), ("--intruder-levels", self.intruder_levels),
                               ("--group-scales", self.group_scales)):
             if not values or any(not 0.0 <= v <= 1.0 for v in values):
@@ -217,8 +206,7 @@ def run_repair(delta: str, base: str, out: str | Path, options: RepairOptions) -
     del fine_tuned
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.repair-splits-", dir=out.parent))
     try:
-        splits = budget_splits([b.data for b in options.retain], options.targets, options.heldout_retain,
-                               options.heldout_targets, options.split.heldout_fraction, options.split.split_seed, folder)
+        splits = options.splits(folder)
         with torch.no_grad():
             edits.apply({SCALE: 0.0})  # the base itself: the baseline
             scorer = _Scorer(working, edits, splits, options)
