@@ -149,9 +149,17 @@ def test_eva_is_lora_s_alone_and_refused_on_the_command_line_before_training(tin
     assert not (tmp_path / "o").exists()
 
 
-def test_an_svd_that_cannot_converge_is_an_error_not_an_endless_loop(tiny_lm):
-    batch = {k: v[:1] for k, v in batch_of(tiny_lm).items()}  # one short document: fewer tokens than ρ·r components
+def test_an_svd_that_cannot_step_or_converge_is_an_error_not_an_endless_loop(tiny_lm, monkeypatch):
+    from deltawise.adapt.methods import eva
+
+    batch = batch_of(tiny_lm)
+    short = {k: v[:1] for k, v in batch.items()}  # one short document: fewer tokens than ρ·r = 16 components
+    assert int(short["attention_mask"].sum()) < 16 <= int(batch["attention_mask"].sum())
     method = get_method("lora", {"rank": 8, "init": "eva"})
-    model = method.prepare(base_model(tiny_lm["model"]), "causal_lm", 0)
-    with pytest.raises(MethodError, match=r"did not converge in 10 passes over 1 batches.*rho·rank = 16"):
-        method.initialise(model, [batch], None, None)
+    with pytest.raises(MethodError, match=r"every batch holds fewer tokens than rho·rank = 16 components"):
+        method.initialise(method.prepare(base_model(tiny_lm["model"]), "causal_lm", 0), [short, short], None, None)
+    monkeypatch.setattr(eva, "MAX_STEPS", 3)  # two different batches in turn: tau 0.9999 takes more than 3 steps
+    method = get_method("lora", {"rank": 2, "init": "eva", "eva_tau": 0.9999})
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    with pytest.raises(MethodError, match=r"did not converge in 3 batches; lower -p eva_tau \(now 0.9999\)"):
+        method.initialise(method.prepare(base_model(tiny_lm["model"]), "causal_lm", 0), halves, None, None)

@@ -7,7 +7,8 @@ masked prompt; PEFT's label mask), centred: X = U S Vᵀ. The adapter starts as 
 vectors of largest singular value (the directions of largest activation variance), and B = 0, so the model
 equals the base at init and LoRA starts learning in those directions. PEFT computes the SVD incrementally
 (incremental PCA, one ``partial_fit`` per batch, cycling over the batches until the top components' cosine
-similarity between two consecutive batches reaches ``eva_tau``).
+similarity between two consecutive batches reaches ``eva_tau``; it gives up with an error after ``MAX_STEPS``
+batches, or at once when no batch holds the ρ·r tokens a step needs).
 
 Ranks are data-driven: each layer may take up to round(ρ·r) components, and the budget Σ r (r per adapted
 layer) goes to the components with the largest explained variance ratio S_i² / Σ_j S_j² across all layers, so
@@ -23,6 +24,8 @@ process of a multi-process run reads the same ones, so all start from the same a
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any, Callable, Optional
@@ -51,7 +54,7 @@ EVA_PARAMS: tuple[Param, ...] = (
           help="init=eva: training batches (--batch-size rows, drawn with --seed) the SVD reads, cycled until it "
                "converges; default: all of --data (PEFT's guide: the fine-tuning dataloader)"),
 )
-MAX_PASSES = 10  # passes over the batches before EVA gives up on convergence (PEFT's loop would cycle forever)
+MAX_STEPS = 1000  # SVD steps (batches) before EVA gives up on convergence (PEFT's loop would cycle forever)
 
 
 def eva_requested(values: Mapping[str, Any]) -> bool:
@@ -93,6 +96,13 @@ class _Batches:
             yield {k: v for k, v in batch.items() if not (k == "labels" and v.dim() < 2)}
 
 
+def _tokens_read(inputs: Mapping[str, torch.Tensor]) -> int:
+    """The tokens of a batch PEFT's SVD reads: not padding, and not label-masked (a prompt) where labels are per token."""
+    mask = inputs["attention_mask"].bool()
+    labels = inputs.get("labels")
+    return int((mask & (labels != -100) if labels is not None and labels.dim() == 2 else mask).sum())
+
+
 def initialise_eva(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], values: Mapping[str, Any],
                    device: torch.device | str | None = None, note: Optional[Callable[[str], None]] = None) -> dict[str, int]:
     """Run PEFT's EVA on the prepared PEFT model ``model`` (built with ``eva_lora_kwargs``) over the first
@@ -105,25 +115,28 @@ def initialise_eva(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], 
     if device is not None:
         model.to(device)
     layers = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
-    limit = MAX_PASSES * len(batches) + 1  # + PEFT's first forward, which only finds layers with equal inputs
-    seen = 0
+    need = round(values["eva_rho"] * values["rank"])  # PEFT skips a batch with fewer tokens than components
+    steps, usable = 0, False
     if note is not None:
         note(f"EVA: SVD of the inputs of {layers} layers on up to {len(batches)} training batches "
              f"(rho {values['eva_rho']:g}, tau {values['eva_tau']:g})")
 
     def forward(model: nn.Module, inputs: dict[str, torch.Tensor]):
-        nonlocal seen
-        seen += 1
-        if seen > limit:
-            raise MethodError(f"init=eva: the SVD did not converge in {MAX_PASSES} passes over {len(batches)} batches; "
-                              f"lower -p eva_tau (now {values['eva_tau']:g}), or, if a batch holds fewer tokens than "
-                              f"rho·rank = {round(values['eva_rho'] * values['rank'])} (PEFT skips it), raise "
-                              "--batch-size or lower -p eva_rho / -p rank")
+        nonlocal steps, usable
+        steps += 1
+        usable = usable or _tokens_read(inputs) >= need
+        if steps > len(batches) + 1 and not usable:  # every batch seen (after PEFT's first look), none usable
+            raise MethodError(f"init=eva: every batch holds fewer tokens than rho·rank = {need} components (PEFT "
+                              "skips such batches): raise --batch-size, or lower -p eva_rho or -p rank")
+        if steps > MAX_STEPS + 1:
+            raise MethodError(f"init=eva: the SVD did not converge in {MAX_STEPS} batches; lower -p eva_tau "
+                              f"(now {values['eva_tau']:g})")
         return model(**inputs)
 
-    try:
-        initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False,
-                                    gather_distributed_inputs=False)  # every process reads the same batches
+    try:  # PEFT prints a line per layer for each batch it skips: the checks above say it once
+        with contextlib.redirect_stdout(io.StringIO()):
+            initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False,
+                                        gather_distributed_inputs=False)  # every process reads the same batches
     except ValueError as exc:
         raise MethodError(f"init=eva: {exc}") from None
     ranks = {name.removeprefix("base_model.model."): m.lora_A["default"].weight.shape[0]
@@ -131,6 +144,6 @@ def initialise_eva(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], 
     if not ranks:
         raise MethodError("init=eva left no layer adapted")
     if note is not None:
-        note(f"EVA: {seen - 1} batches read; ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} "
+        note(f"EVA: {steps - 1} SVD steps; ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} "
              f"layers (budget {values['rank'] * layers}), {layers - len(ranks)} layers left unadapted")
     return ranks
