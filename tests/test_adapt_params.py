@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from deltawise.adapt import MethodError, get_method
 from deltawise.adapt.methods import REGISTRY
 from deltawise.adapt.methods.common import LORA_PARAMS
+from deltawise.adapt.methods.eva import EVA_PARAMS
 from deltawise.params import Param, ParamError
 
 METHODS_DIR = Path(__file__).parent.parent / "src" / "deltawise" / "adapt" / "methods"
@@ -24,7 +25,8 @@ def test_unknown_parameter_is_refused_with_the_known_names():
         get_method("lora", {"rank": 4, "filter_rank": 2})
     message = str(info.value)
     assert "'filter_rank'" in message and "lora" in message
-    assert "alpha, dropout, rank, rslora, targets" in message  # the names lora does take
+    assert "alpha, dropout, eva_adjust_scaling, eva_batches, eva_rho, eva_tau, eva_whiten, init, rank, rslora, targets" \
+        in message  # the names lora does take
     with pytest.raises(MethodError, match="full has no parameter 'rank'; it takes: no parameters"):
         get_method("full", {"rank": 4})
 
@@ -52,7 +54,9 @@ def test_defaults_are_filled_and_given_values_typed():
     assert get_method("lift").values == {"rank": 8, "filter_rank": 8, "refresh_interval": 100}
     # text from the command line becomes typed values; a comma list becomes a list of names
     lora = get_method("lora", {"rank": "4", "alpha": "16", "targets": " q_proj , v_proj"}).values
-    assert lora == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], "rslora": False}
+    assert lora == {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"], "rslora": False,
+                    "init": "kaiming", "eva_rho": 2.0, "eva_tau": 0.99, "eva_whiten": False, "eva_adjust_scaling": True,
+                    "eva_batches": None}
     assert isinstance(lora["rank"], int) and isinstance(lora["alpha"], float)
 
 
@@ -92,8 +96,9 @@ def test_every_method_documents_itself_and_each_parameter():
 
 
 def test_lora_family_shares_one_parameter_tuple():
-    for name in ("lora", "dora", "pissa", "lora_fa"):
+    for name in ("dora", "pissa", "lora_fa"):
         assert REGISTRY[name].params is LORA_PARAMS
+    assert REGISTRY["lora"].params == LORA_PARAMS + EVA_PARAMS  # the same tuple plus LoRA's own init=eva
 
 
 def test_no_default_is_hidden_in_a_get_call():

@@ -56,6 +56,8 @@ def _interrupt(cfg) -> Path:
 
 @pytest.mark.parametrize("method, params", [
     ("lora", {"rank": 2, "dropout": 0.1}),  # dropout: the RNG state must be restored too
+    # EVA's initialisation is computed again on resume: the same batches, the same ranks and A
+    ("lora", {"rank": 2, "init": "eva", "eva_rho": 4, "targets": "q_proj,down_proj"}),
     ("sorsa", {"rank": 2}),
     ("lift", {"rank": 2, "filter_rank": 2, "refresh_interval": 2}),  # masks refreshed at steps 2 and 4
 ])

@@ -38,7 +38,7 @@ from deltawise.adapt.evaluation import IGNORE_OUTPUTS, LOSS_KEY, metrics_of, per
 from deltawise.adapt.methods import Method, get_method
 from deltawise.adapt.reporting import Note, Progress, reporter_callback
 from deltawise.adapt.runtime import training_arguments
-from deltawise.adapt.sharding import check_fsdp, full_parameters
+from deltawise.adapt.sharding import check_fsdp, fsdp_requested, full_parameters
 from deltawise.errors import InputError, OutputError
 from deltawise.io.output import output_lock, staging_folder, swap_into_place, unwritable
 from deltawise.io.reader import ModelReader
@@ -277,6 +277,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                          "learns only the training labels")
     rows = tokenize(examples, tok, cfg.max_length, cfg.task, label2id)
     eval_rows = tokenize(eval_examples, tok, cfg.max_length, cfg.task, label2id) if eval_examples else None
+    target_rows = rows
     sampler = None
     if cfg.replay is not None:
         replay_rows = tokenize(read_examples(cfg.replay, cfg.task), tok, cfg.max_length, cfg.task, label2id)
@@ -320,6 +321,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         # has just loaded them, so a pickle checkpoint (allowed above) is read here too
         base = ModelReader(model_path, label=str(cfg.model), allow_pickle=cfg.allow_pickle) if method.kind == "delta" else None
         model = method.prepare(model, cfg.task, cfg.seed)
+        # a data-driven initialisation (LoRA's init=eva) reads training batches; every process the same ones
+        method.initialise(model, _init_batches(target_rows, tok.pad_token_id, cfg), _init_device(args),
+                          note if main and cfg.progress else None)
         trainable, total = method.count_params(model)
         # the other ranks of a multi-process run get a folder of their own: only rank 0's output is kept
         method.before_training(model, staging if main else Path(held.enter_context(tempfile.TemporaryDirectory())))
@@ -381,6 +385,20 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         held.close()
     return TrainResult(cfg.output, method.name, trainable, total, trainer.state.global_step, seconds, records,
                        trainer._tokens, trainer.is_world_process_zero())
+
+
+def _init_batches(rows: list[dict[str, Any]], pad_id: int, cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    """The training rows in batches of ``--batch-size``, collated as for training and shuffled with ``--seed``
+    (the same order in every process), for a method's data-driven initialisation."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                                       collate_fn=Collator(pad_id, cfg.task))
+
+
+def _init_device(args) -> torch.device:
+    """Where a data-driven initialisation runs: the training device (Trainer moves the model there anyway),
+    except in a sharded run, whose model may not fit one device before FSDP splits it."""
+    return torch.device("cpu") if fsdp_requested() else args.device
 
 
 def _save_to(method: Method, model: nn.Module, tok, folder: Path, base: ModelReader | None) -> None:

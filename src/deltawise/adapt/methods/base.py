@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +70,12 @@ class Method:
 
     def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
         """Restore what ``resume_state`` saved, once the checkpoint's weights and optimizer are loaded."""
+
+    def initialise(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str | None,
+                   note: Callable[[str], None] | None) -> None:
+        """Data-driven initialisation of the prepared model, before the first step (LoRA's ``init=eva``):
+        ``batches`` (a sized iterable) gives training batches as the trainer collates them, drawn with the run's
+        seed; ``device`` is where training runs; ``note`` hears progress lines. Most methods need none."""
 
     def before_training(self, model: nn.Module, staging: Path) -> None:
         """Hook run once the model is prepared and before the first step (e.g. PiSSA saves its init)."""

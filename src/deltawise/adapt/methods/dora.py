@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import LORA_PARAMS
 from deltawise.adapt.methods.lora import LoRA
 
 
@@ -18,3 +19,4 @@ class DoRA(LoRA):
     name = "dora"
     summary = "LoRA on the direction of each weight column plus a trainable magnitude per column (PEFT)"
     lora_kwargs: ClassVar[dict[str, Any]] = {"use_dora": True}
+    params = LORA_PARAMS  # LoRA's own init=eva is not theirs

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import LORA_PARAMS
 from deltawise.adapt.methods.lora import LoRA
 
 
@@ -19,6 +20,7 @@ from deltawise.adapt.methods.lora import LoRA
 class LoRAFA(LoRA):
     name = "lora_fa"
     summary = "LoRA with A frozen and B's gradient projected by (AAᵀ)⁻¹/s² (PEFT's LoRA-FA optimizer)"
+    params = LORA_PARAMS  # LoRA's own init=eva is not theirs
 
     def make_optimizer(self, model: nn.Module, lr: float, weight_decay: float, max_grad_norm: float) -> torch.optim.Optimizer:
         from peft.optimizers import create_lorafa_optimizer

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from deltawise.adapt.methods.base import register
+from deltawise.adapt.methods.common import LORA_PARAMS
 from deltawise.adapt.methods.lora import LoRA
 
 
@@ -27,6 +28,7 @@ class PiSSA(LoRA):
     name = "pissa"
     summary = "LoRA whose factors start at the top-r singular components of W, the rest of W frozen (PEFT)"
     lora_kwargs: ClassVar[dict[str, Any]] = {"init_lora_weights": "pissa"}
+    params = LORA_PARAMS  # LoRA's own init=eva is not theirs
     _init_dir: Path | None = None
 
     def before_training(self, model: nn.Module, staging: Path) -> None:
