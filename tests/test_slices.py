@@ -171,7 +171,7 @@ def test_several_modules_of_a_text_model_are_refused(six):
     slices = [{"sources": [src(six["ft1"], 0, 2)]}]
     recipe = parse_recipe({"merge_method": "passthrough",
                            "modules": {"text_decoder": {"slices": slices}, "vision_tower": {"slices": slices}}})
-    with pytest.raises(RecipeError, match="is LlamaForCausalLM, which deltawise merges as a single module"):
+    with pytest.raises(RecipeError, match="is LlamaForCausalLM, whose modules deltawise does not know"):
         build_plan(recipe)
 
 

@@ -124,7 +124,7 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
     refs = source_refs(recipe)
     template = recipe.base_model or (refs[0] if refs else None)
     table = modules_for(config_of(template)) if template else None
-    problems = _module_problems(recipe, table, template, refs, config_of)
+    problems = _module_problems(recipe, table, template, refs, config_of) if template else []
     if problems:
         return SliceLayout([]), problems
     layout = SliceLayout([])
@@ -166,8 +166,9 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
     if table is None:
         if len(given) > 1:
             known = ", ".join(name for t in MODULE_TABLES for name in t.architectures)
-            return [f"modules: {', '.join(given)}: {template} is {arch}, which deltawise merges as a single module "
-                    f"(give one module; mergekit names it 'default'); deltawise knows the modules of {known} only"]
+            return [f"modules: {', '.join(given)}: {template} is {arch}, whose modules deltawise does not know "
+                    f"(it knows those of {known}); it is merged as a single module: give one module "
+                    f"(mergekit names it 'default')"]
         return []
     if recipe.slices:
         return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}); "
