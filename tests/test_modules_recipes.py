@@ -95,11 +95,18 @@ def layer_counts(folder: Path) -> tuple[int, int]:
     return config["text_config"]["num_hidden_layers"], config["vision_config"]["num_hidden_layers"]
 
 
+def loads_whole(cls, folder: Path):
+    """The model of ``folder``, every tensor where its config puts one: none missing, extra or misshapen."""
+    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model
+
+
 def runs_in_transformers(folder: Path) -> None:
     """The output loads as a LLaVA (every tensor where its config says) and runs on text and an image."""
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    model = loads_whole(LlavaForConditionalGeneration, folder)
     ids = torch.tensor([[1] + [63] * 4 + [5, 7]])  # 63: the image token; an 8x8 image is 2x2 patches: 4 features
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 8, 8)).logits
@@ -181,7 +188,7 @@ def test_checkpoints_in_the_hub_layout_merge_alike_under_their_own_names(llava, 
     assert layer_counts(tmp_path / "old_out") == (4, 1)
     from transformers import LlavaForConditionalGeneration
 
-    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "old_out").state_dict()
+    loaded = loads_whole(LlavaForConditionalGeneration, tmp_path / "old_out").state_dict()
     assert set(loaded) == set(new)
     for name, value in new.items():
         assert torch.equal(loaded[name], value), name
@@ -246,3 +253,46 @@ def test_models_of_two_checkpoint_layouts_in_one_module_are_refused(llava, tmp_p
         llava, **{TEXT: {"slices": [{"sources": [src(llava["ft1"], 0, 3), src(legacy, 0, 3)]}]}})})
     with pytest.raises(RecipeError, match=f"modules.{TEXT}: the models name this module's layers differently"):
         build_plan(recipe)
+
+
+def test_a_models_recipe_runs_each_gradient_over_its_own_stack_as_mergekit(llava, run_both):
+    # mergekit turns `models:` into every module with those models: a depth gradient runs over the text
+    # decoder's 3 layers and, separately, over the vision encoder's 2
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(llava["ft1"])}, {"model": str(llava["ft2"]), "parameters": {"weight": [0.1, 0.9]}}],
+              "parameters": {"weight": 0.5}}
+    mk, dw, out = run_both(recipe)
+    assert_same_tensors(mk, dw, label="LLaVA models: with a gradient")
+    ft1, ft2 = load_folder(llava["ft1"]), load_folder(llava["ft2"])
+    name = f"{VISION}.1.mlp.fc1.weight"  # the last vision layer: weight 0.9 for ft2
+    assert torch.allclose(dw[name], (0.5 * ft1[name] + 0.9 * ft2[name]) / 1.4, atol=1e-6)
+    assert layer_counts(out) == (3, 2)
+
+
+def test_llava_next_has_the_same_modules(tmp_path, run_both):
+    # LLaVA-NeXT adds model.image_newline (a tensor of default) to LLaVA's layout
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = llava_config().to_dict()
+    config = LlavaNextConfig(text_config=config["text_config"], vision_config=config["vision_config"], image_token_index=63,
+                             image_grid_pinpoints=[[8, 8]], tie_word_embeddings=False)
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    folders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        folder = tmp_path / f"next{seed}"
+        folder.mkdir()
+        config.save_pretrained(folder)
+        state = LlavaNextForConditionalGeneration(config).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders.append(folder)
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "modules": {
+        "default": {"slices": [{"sources": [src(folders[1], 0, 0)]}]},
+        TEXT: {"slices": [{"sources": [src(folders[0], 0, 3)]}, {"sources": [src(folders[1], 2, 3)]}]},
+        VISION: {"slices": [{"sources": [src(folders[0], 1, 2)]}]},
+    }}
+    mk, dw, out = run_both(recipe)
+    assert_same_tensors(mk, dw, label="LLaVA-NeXT frankenmerge")
+    assert torch.equal(dw["model.image_newline"], load_folder(folders[1])["model.image_newline"])
+    assert layer_counts(out) == (4, 1)
+    loads_whole(LlavaNextForConditionalGeneration, out)

@@ -377,6 +377,15 @@ class ModelModules:
     def names(self) -> tuple[str, ...]:
         return (DEFAULT_MODULE,) + tuple(s.name for s in self.stacks)
 
+    def depth(self, name: str, config: Any) -> tuple[Optional[int], Optional[int]]:
+        """(layer index, layer count) of ``name`` within its own stack; (None, None) outside the stacks."""
+        for stack in self.stacks:
+            found = stack.split(name)
+            if found:
+                count = config_value(config, stack.count_key)
+                return found[1], count if isinstance(count, int) else None
+        return None, None
+
     def stack(self, module: str) -> Optional[LayerStack]:
         """The stack a recipe's module name means (any of its paths); None for ``default`` or an unknown name."""
         return next((s for s in self.stacks if module in s.paths), None)

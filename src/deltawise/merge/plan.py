@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from deltawise.architecture import architecture_for
+from deltawise.architecture import architecture_for, modules_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
@@ -211,6 +211,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     roles = architecture_for(template.config)
     num_layers = roles.num_layers(template.reader.keys())
+    stacks = modules_for(template.config)  # a vision-language model: depth within each stack, as mergekit's modules
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
     base_reader = base.reader if (base and method.base_policy != "input") else None
@@ -238,7 +239,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
                 plan.sources.append(source)
         if not ok:
             continue
-        t = layer_position(roles.layer_index(name), num_layers)
+        layer, count = stacks.depth(name, template.config) if stacks else (roles.layer_index(name), num_layers)
+        t = layer_position(layer, count)
         global_sources = [recipe.parameters]
         try:
             plan.params = {p.name: resolve(p, global_sources, name, t) for p in method.params if p.scope == "global"}
