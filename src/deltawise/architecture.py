@@ -325,3 +325,110 @@ def architecture_for(config: Any = None) -> TensorRoles:
         ties_embeddings=bool(_setting(config, "tie_word_embeddings", True)),
         num_layers_setting=layers if isinstance(layers, int) else None,
     )
+
+
+# --------------------------------------------------------------------------- modules of multi-module models
+#
+# A vision-language model holds several layer stacks (a text decoder and a vision encoder), each with its
+# own layer count in a sub-config. A mergekit ``modules:`` recipe merges each stack on its own; for the
+# models below mergekit 0.1.5 has no architecture file and infers the modules from the tensor names
+# (``mergekit/architecture/auto.py``): one module per layer stack, named by the stack's path (the part
+# before ``.<layer index>.``), plus ``default`` holding every tensor outside the stacks (embeddings,
+# norms, the projector, the LM head), with no layers of its own. This table gives the same modules from
+# the config, so that the same recipe runs here.
+
+DEFAULT_MODULE = "default"
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """One layer stack of a multi-module model: its paths and the config key of its layer count.
+
+    ``paths`` holds the stack's container in each checkpoint layout (the tensors of its layer ``i`` are
+    ``<path>.<i>.<rest>``); the first is the layout transformers 5 builds in memory, which is the name
+    mergekit 0.1.5 infers for the module; a recipe may name the module by any of them."""
+
+    paths: tuple[str, ...]
+    count_key: str  # dotted key into config.json: "text_config.num_hidden_layers"
+
+    @property
+    def name(self) -> str:
+        return self.paths[0]
+
+    def split(self, name: str) -> Optional[tuple[str, int, str]]:
+        """``(path, index, rest)`` when ``name`` is a tensor of this stack's layer ``index``, else None."""
+        for path in self.paths:
+            if name.startswith(path + "."):
+                index, _, rest = name[len(path) + 1:].partition(".")
+                if rest and _DIGITS.fullmatch(index):
+                    return path, int(index), rest
+        return None
+
+
+@dataclass(frozen=True)
+class ModelModules:
+    """The layer stacks of one family of multi-module models; everything else is ``default``'s."""
+
+    architectures: tuple[str, ...]  # the config's ``architectures`` entry, for messages
+    model_types: tuple[str, ...]  # the config's ``model_type``, which selects the table
+    stacks: tuple[LayerStack, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (DEFAULT_MODULE,) + tuple(s.name for s in self.stacks)
+
+    def depth(self, name: str, config: Any) -> tuple[Optional[int], Optional[int]]:
+        """(layer index, layer count) of ``name`` within its own stack; (None, None) outside the stacks."""
+        for stack in self.stacks:
+            found = stack.split(name)
+            if found:
+                count = config_value(config, stack.count_key)
+                return found[1], count if isinstance(count, int) else None
+        return None, None
+
+    def stack(self, module: str) -> Optional[LayerStack]:
+        """The stack a recipe's module name means (any of its paths); None for ``default`` or an unknown name."""
+        return next((s for s in self.stacks if module in s.paths), None)
+
+
+# LLaVA (1.5) and LLaVA-NeXT: a Llama-like text decoder and a CLIP vision encoder. Layouts: transformers 5
+# in memory (model.language_model / model.vision_tower), transformers 4 checkpoints on the hub
+# (language_model.model / vision_tower.vision_model), and transformers 5's save_pretrained.
+_LLAVA_STACKS = (
+    LayerStack(("model.language_model.layers", "language_model.model.layers"), "text_config.num_hidden_layers"),
+    LayerStack(("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers",
+                "vision_tower.vision_model.encoder.layers", "vision_tower.encoder.layers"),
+               "vision_config.num_hidden_layers"),
+)
+
+MODULE_TABLES: tuple[ModelModules, ...] = (
+    ModelModules(architectures=("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"),
+                 model_types=("llava", "llava_next"), stacks=_LLAVA_STACKS),
+)
+
+_MODULES_BY_TYPE = {model_type: table for table in MODULE_TABLES for model_type in table.model_types}
+
+
+def modules_for(config: Any) -> Optional[ModelModules]:
+    """The modules of a multi-module model from its config; None for a single-module model or an unknown one."""
+    model_type = _setting(config, "model_type")
+    return _MODULES_BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+
+
+def architecture_name(config: Any) -> str:
+    """How a model calls its architecture, for messages: ``architectures[0]``, else its model_type."""
+    names = _setting(config, "architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0]
+    model_type = _setting(config, "model_type")
+    return f"model_type {model_type}" if isinstance(model_type, str) else "an architecture without a config"
+
+
+def config_value(config: Any, key: str) -> Any:
+    """The value of a dotted key (``text_config.num_hidden_layers``) in a config dict or object; None if absent."""
+    value = config
+    for part in key.split("."):
+        value = _setting(value, part)
+        if value is None:
+            return None
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from deltawise.architecture import config_value
 from deltawise.errors import InputError
 from deltawise.io.dtypes import dtype_name, parse_dtype
 from deltawise.delta.labels import with_labels
@@ -70,13 +71,20 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
     if config is None:
         return None
     config = dict(config)
-    if plan.layout is not None:  # a sliced recipe stacks its own number of layers
-        key = "n_layer" if "n_layer" in config and "num_hidden_layers" not in config else "num_hidden_layers"
-        config[key] = plan.layout.num_layers
-        if isinstance(config.get("layer_types"), list):  # per-layer kinds (sliding/full attention) follow their layers
-            configs = {m.ref: m.config or {} for m in plan.inputs}
-            config["layer_types"] = [configs[ref].get("layer_types", config["layer_types"])[layer]
-                                     for ref, layer in plan.layout.layer_origins]
+    if plan.layout is not None:  # a sliced recipe stacks its own number of layers, per module
+        configs = {m.ref: m.config or {} for m in plan.inputs}
+        for module in plan.layout.modules:
+            if module.count_key is None:  # mergekit's default module of a multi-module model: no layers
+                continue
+            *path, leaf = module.count_key.split(".")
+            config = _with_copied(config, path)
+            section = config
+            for part in path:
+                section = section[part]
+            section[leaf] = module.num_layers
+            if isinstance(section.get("layer_types"), list):  # per-layer kinds (sliding/full attention) follow their layers
+                section["layer_types"] = [(config_value(configs[ref], ".".join(path + ["layer_types"])) or
+                                           section["layer_types"])[layer] for ref, layer in module.layer_origins]
     if plan.labels:  # a classification head the inputs added (merge/heads.py): its labels, as eval reads them
         config = with_labels(config, plan.labels)
     if plan.vocabulary is not None:
@@ -88,6 +96,16 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "torch_dtype":
                 config[key] = name
+    return config
+
+
+def _with_copied(config: dict[str, Any], path: list[str]) -> dict[str, Any]:
+    """``config`` with the sub-configs along ``path`` copied, so that writing into them leaves the input's alone."""
+    config = dict(config)
+    section = config
+    for part in path:
+        section[part] = dict(section.get(part) or {})
+        section = section[part]
     return config
 
 

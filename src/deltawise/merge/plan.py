@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from deltawise.architecture import architecture_for
+from deltawise.architecture import architecture_for, modules_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
@@ -95,7 +95,7 @@ class MergePlan:
     tensors: list[TensorPlan]
     warnings: list[str]
     side_inputs: list[SideInput] = field(default_factory=list)  # statistics files (Fisher, Gram)
-    layout: Optional[SliceLayout] = None  # a sliced recipe's layer stack (the output's layer count)
+    layout: Optional[SliceLayout] = None  # a sliced recipe's layer stacks (the output's layer counts)
     labels: Optional[dict[str, int]] = None  # label2id of a classification head the inputs add (merge/heads.py)
     vocabulary: Optional[Vocabulary] = None  # tokenizer_source/tokenizer: rows matched by token string
 
@@ -211,6 +211,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     roles = architecture_for(template.config)
     num_layers = roles.num_layers(template.reader.keys())
+    stacks = modules_for(template.config)  # a vision-language model: depth within each stack, as mergekit's modules
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
     base_reader = base.reader if (base and method.base_policy != "input") else None
@@ -238,7 +239,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
                 plan.sources.append(source)
         if not ok:
             continue
-        t = layer_position(roles.layer_index(name), num_layers)
+        layer, count = stacks.depth(name, template.config) if stacks else (roles.layer_index(name), num_layers)
+        t = layer_position(layer, count)
         global_sources = [recipe.parameters]
         try:
             plan.params = {p.name: resolve(p, global_sources, name, t) for p in method.params if p.scope == "global"}
@@ -288,14 +290,15 @@ def _finish(result: MergePlan, problems: list[str], strict: bool, vocabulary: Op
 def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelReader], problems: list[str],
                  warnings: list[str]) -> MergePlan:
     """The plan of a ``slices:``/``modules:`` recipe (``deltawise.merge.slices`` has the rules)."""
-    layout, found = expand(recipe, lambda ref: list(readers[ref].keys()), lambda ref: architecture_for(readers[ref].config))
+    layout, found = expand(recipe, lambda ref: list(readers[ref].keys()), lambda ref: architecture_for(readers[ref].config),
+                           lambda ref: readers[ref].config)
     models = {ref: InputModel(ref, reader) for ref, reader in readers.items()}
     groups = slice_groups(layout, recipe, method, found)
     if found:
         raise RecipeError("the recipe cannot run:\n" + bullet_list(problems + found))
     template = models[recipe.base_model] if recipe.base_model else models[layout.slices[0].sources[0].model]
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
-    exclude, shared = [re.compile(p) for p in recipe.exclude], [layout.module_parameters, recipe.parameters]
+    exclude = [re.compile(p) for p in recipe.exclude]
     tensors, vocab_warned = [], set()
     for st in sorted(layout.tensors, key=lambda st: natural_key(st.name)):
         sl, (base_at, members) = layout.slices[st.slice_index], groups[st.slice_index]
@@ -319,6 +322,7 @@ def _sliced_plan(recipe: Recipe, method: MergeMethod, readers: dict[str, ModelRe
             continue
         plan.base_source, plan.sources = (names[0], names[1:]) if base_at is not None else (None, names)
         try:
+            shared = [layout.module_of(st.slice_index).parameters, recipe.parameters]
             plan.params, plan.model_params = slice_parameters(method, st, sl, members, shared)
         except ParamError as exc:
             problems.append(f"{st.name}: {exc}")

@@ -14,6 +14,12 @@ Names only: which output tensor is merged from which tensor of which source, at 
 - Parameters, highest precedence first: the source's, the slice's, the module's, the recipe's.
 - ``modules:`` with one module (mergekit's ``default`` for text models) is the same recipe with module
   parameters; its ``models:`` become one slice of whole models (plus base_model when not listed).
+- Several modules (a vision-language model, ``deltawise.architecture.MODULE_TABLES``): one module per
+  layer stack, each stacked on its own by the rules above with its own slices and parameters, and
+  ``default`` holding every tensor outside the stacks, merged at ``t = 0`` from its first slice's
+  sources (mergekit's inferred modules put them all before the layers). Every module of the model
+  is listed (else the output would lack tensors); ``default`` has no layers, so its ranges are
+  ``[0, 0]``. Each stack's output layer count goes to its config key (``text_config.num_hidden_layers``).
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from deltawise.architecture import EMBEDDING_ROLES, TensorRoles
+from deltawise.architecture import (DEFAULT_MODULE, EMBEDDING_ROLES, MODULE_TABLES, LayerStack, ModelModules,
+                                    TensorRoles, architecture_name, config_value, modules_for)
 from deltawise.merge.base import MergeMethod
 from deltawise.merge.params import resolve
-from deltawise.merge.recipe import OutputSlice, Recipe, SliceSource
+from deltawise.merge.recipe import OutputModule, OutputSlice, Recipe, SliceSource
+
+Split = Callable[[str], Optional[tuple[str, int, str]]]  # tensor name -> (layer path prefix, index, rest)
 
 
 def same_model(a: str, b: str) -> bool:
@@ -48,32 +57,46 @@ class SlicedTensor:
 
 
 @dataclass
-class SliceLayout:
-    slices: list[OutputSlice]
-    module_parameters: dict = field(default_factory=dict)
-    tensors: list[SlicedTensor] = field(default_factory=list)
+class ModuleLayout:
+    """One module of the output: its own layer stack, parameters and slices."""
+
+    name: str  # as the recipe names it ("" for a plain ``slices:`` recipe)
+    parameters: dict = field(default_factory=dict)
+    count_key: Optional[str] = None  # dotted config key of its output layer count; None: it has no layers
+    stack: Optional[LayerStack] = None  # a stack of a multi-module model; None: the model's own layers
     num_layers: int = 0  # of the output
     # output layer -> (model, layer) of the first source it comes from (per-layer config entries follow it)
     layer_origins: list[tuple[str, int]] = field(default_factory=list)
 
 
-def module_of(recipe: Recipe) -> tuple[Optional[list[OutputSlice]], dict, list[str]]:
-    """(the recipe's slices, or None for a module of whole models; module parameters; problems)."""
+@dataclass
+class SliceLayout:
+    slices: list[OutputSlice]  # every module's, in order
+    labels: list[str] = field(default_factory=list)  # per slice, for messages: "modules.default.slices[0]"
+    slice_modules: list[int] = field(default_factory=list)  # per slice, the index of its module
+    modules: list[ModuleLayout] = field(default_factory=list)
+    tensors: list[SlicedTensor] = field(default_factory=list)
+
+    def module_of(self, slice_index: int) -> ModuleLayout:
+        return self.modules[self.slice_modules[slice_index]]
+
+
+def _module_entries(recipe: Recipe) -> list[tuple[str, Optional[OutputModule]]]:
+    """(label, module) per module of the recipe; a plain ``slices:`` recipe is one unnamed module."""
     if recipe.slices:
-        return recipe.slices, {}, []
-    if len(recipe.modules) != 1:
-        return None, {}, [f"modules: {', '.join(recipe.modules)}: deltawise merges single-module (text) models only; "
-                          f"give one module (mergekit names it 'default')"]
-    module = next(iter(recipe.modules.values()))
-    return module.slices, module.parameters, []
+        return [("", None)]
+    return list((recipe.modules or {}).items())
 
 
 def source_refs(recipe: Recipe) -> list[str]:
     """Every model a sliced recipe reads, in order of first mention."""
-    slices, _, _ = module_of(recipe)
-    refs = [s.model for sl in (slices or []) for s in sl.sources] + [sl.base_model for sl in (slices or []) if sl.base_model]
-    if slices is None and recipe.modules and len(recipe.modules) == 1:
-        refs = [e.model for e in next(iter(recipe.modules.values())).models or []]
+    refs: list[str] = []
+    for _, module in _module_entries(recipe):
+        slices = recipe.slices if module is None else module.slices
+        if slices:
+            refs += [s.model for sl in slices for s in sl.sources] + [sl.base_model for sl in slices if sl.base_model]
+        else:
+            refs += [e.model for e in module.models or []]
     return list(dict.fromkeys(refs))
 
 
@@ -95,70 +118,176 @@ def _slice_settings(label: str, slices: list[OutputSlice]) -> list[tuple[str, di
     return out
 
 
-def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]],
-           roles_of: Callable[[str], TensorRoles]) -> tuple[SliceLayout, list[str]]:
+def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: Callable[[str], TensorRoles],
+           config_of: Callable[[str], Optional[dict]] = lambda ref: None) -> tuple[SliceLayout, list[str]]:
     """The output tensors of a sliced recipe, or the problems that stop it (every one found)."""
-    slices, module_parameters, problems = module_of(recipe)
+    refs = source_refs(recipe)
+    template = recipe.base_model or (refs[0] if refs else None)
+    table = modules_for(config_of(template)) if template else None
+    problems = _module_problems(recipe, table, template, refs, config_of) if template else []
     if problems:
         return SliceLayout([]), problems
-    if slices is None:  # a module of whole models: one slice over every layer, as mergekit normalises it
-        entries = next(iter(recipe.modules.values())).models
-        refs = [e.model for e in entries]
-        sources = [SliceSource(model=e.model, layer_range=(0, _layer_count(e.model, names_of, roles_of)),
-                               parameters=e.parameters) for e in entries]
-        if recipe.base_model and not any(same_model(r, recipe.base_model) for r in refs):
-            sources.append(SliceSource(model=recipe.base_model,
-                                       layer_range=(0, _layer_count(recipe.base_model, names_of, roles_of))))
-        slices = [OutputSlice(sources=sources)]
-    layout = SliceLayout(slices, module_parameters)
-    label = "slices" if recipe.slices else f"modules.{next(iter(recipe.modules))}.slices"
-    for i, sl in enumerate(slices):
-        problems += _slice_problems(f"{label}[{i}]", sl, names_of, roles_of)
-    if problems:
-        return layout, problems
-    by_layer = {ref: _layers(names_of(ref), roles_of(ref)) for ref in dict.fromkeys(s.model for sl in slices for s in sl.sources)}
-    first = slices[0].sources[0].model
-    for name in names_of(first):
-        if roles_of(first).layer_split(name) is None:
-            pre = roles_of(first).role(name) in EMBEDDING_ROLES
-            index = 0 if pre else len(slices) - 1
-            layout.tensors.append(SlicedTensor(name, index, [name] * len(slices[index].sources), 0.0))
+    layout = SliceLayout([])
+    for label, module in _module_entries(recipe):
+        stack = table.stack(label) if table is not None else None
+        if table is None:  # the model's one layer stack, split by its architecture's rules
+            config = (config_of(template) if template else None) or {}
+            key = "n_layer" if "n_layer" in config and "num_hidden_layers" not in config else "num_hidden_layers"
+            out = ModuleLayout(label, module.parameters if module else {}, key)
+            split_of = _roles_split(roles_of)
+            count_of = _roles_count(roles_of, names_of)
+        else:
+            out = ModuleLayout(label, module.parameters, stack.count_key if stack else None, stack)
+            split_of, count_of = _stack_split(stack), _stack_count(stack, names_of, config_of)
+        slices = recipe.slices if module is None else module.slices
+        if slices is None:  # a module of whole models: one slice over every layer, as mergekit normalises it
+            slices = [_whole_models(module, recipe.base_model, count_of)]
+        prefix = "slices" if module is None else f"modules.{label}.slices"
+        found = [p for i, sl in enumerate(slices) for p in _slice_problems(f"{prefix}[{i}]", sl, count_of)]
+        if stack is not None:
+            found += _layout_problems(f"modules.{label}", stack, [s.model for sl in slices for s in sl.sources], names_of)
+        if found:
+            problems += found
+            continue
+        first = len(layout.slices)
+        layout.modules.append(out)
+        layout.slices += slices
+        layout.labels += [f"{prefix}[{i}]" for i in range(len(slices))]
+        layout.slice_modules += [len(layout.modules) - 1] * len(slices)
+        _expand_module(layout, out, first, slices, names_of, roles_of, split_of, table)
+    return layout, problems
+
+
+def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: str, refs: list[str],
+                     config_of: Callable[[str], Optional[dict]]) -> list[str]:
+    """Whether the recipe's modules are the model's: one for a text model, every one for a multi-module model."""
+    given = list(recipe.modules or {})
+    arch = architecture_name(config_of(template))
+    if table is None:
+        if len(given) > 1:
+            known = ", ".join(name for t in MODULE_TABLES for name in t.architectures)
+            return [f"modules: {', '.join(given)}: {template} is {arch}, whose modules deltawise does not know "
+                    f"(it knows those of {known}); it is merged as a single module: give one module "
+                    f"(mergekit names it 'default')"]
+        return []
+    if recipe.slices:
+        return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}); "
+                f"write a modules: recipe with one entry per module, as mergekit requires"]
+    problems = []
+    for ref in refs:
+        if modules_for(config_of(ref)) is not table:
+            problems.append(f"{ref} is {architecture_name(config_of(ref))}, not {arch} as {template}; "
+                            f"a modules: recipe merges models of one architecture")
+    meant = {name: (table.stack(name).name if table.stack(name) else name) for name in given}
+    for name in given:
+        if name != DEFAULT_MODULE and table.stack(name) is None:
+            problems.append(f"modules.{name}: {arch} has no module {name!r}; its modules are {', '.join(table.names)}")
+    missing = [m for m in table.names if m not in meant.values()]
+    if missing and not problems:
+        problems.append(f"modules: {arch} has the modules {', '.join(table.names)}; the recipe lacks "
+                        f"{', '.join(missing)}, whose tensors the output would not have (list each module)")
+    twice = [m for m in table.names if list(meant.values()).count(m) > 1]
+    problems += [f"modules: {m} is listed twice (under {' and '.join(n for n in given if meant[n] == m)})" for m in twice]
+    return problems
+
+
+def _roles_split(roles_of: Callable[[str], TensorRoles]) -> Callable[[str], Split]:
+    return lambda ref: roles_of(ref).layer_split
+
+
+def _roles_count(roles_of: Callable[[str], TensorRoles], names_of) -> Callable[[str], int]:
+    return lambda ref: roles_of(ref).num_layers(names_of(ref)) or 0
+
+
+def _stack_split(stack: Optional[LayerStack]) -> Callable[[str], Split]:
+    def split(name: str) -> Optional[tuple[str, int, str]]:
+        found = stack.split(name) if stack is not None else None
+        return (found[0] + ".", found[1], found[2]) if found else None
+
+    return lambda ref: split
+
+
+def _layout_problems(label: str, stack: LayerStack, refs: list[str], names_of) -> list[str]:
+    """Every model of a module must name the stack's layers alike (checkpoints of one transformers layout)."""
+    paths = {ref: next((found[0] for found in map(stack.split, names_of(ref)) if found), None) for ref in dict.fromkeys(refs)}
+    if len(set(paths.values())) <= 1:
+        return []
+    listed = "; ".join(f"{ref}: {path or 'none'}" for ref, path in paths.items())
+    return [f"{label}: the models name this module's layers differently ({listed}); they are checkpoints of "
+            f"different transformers layouts: save them in one layout (load and save_pretrained with one version)"]
+
+
+def _stack_count(stack: Optional[LayerStack], names_of, config_of) -> Callable[[str], int]:
+    """A model's layer count in ``stack``: its config key, else one more than the highest index (0 for default)."""
+    def count(ref: str) -> int:
+        if stack is None:
+            return 0
+        value = config_value(config_of(ref), stack.count_key)
+        if isinstance(value, int):
+            return value
+        return max((found[1] + 1 for found in map(stack.split, names_of(ref)) if found), default=0)
+
+    return count
+
+
+def _whole_models(module: OutputModule, base_model: Optional[str], count_of: Callable[[str], int]) -> OutputSlice:
+    sources = [SliceSource(model=e.model, layer_range=(0, count_of(e.model)), parameters=e.parameters)
+               for e in module.models]
+    if base_model and not any(same_model(e.model, base_model) for e in module.models):
+        sources.append(SliceSource(model=base_model, layer_range=(0, count_of(base_model))))
+    return OutputSlice(sources=sources)
+
+
+def _expand_module(layout: SliceLayout, module: ModuleLayout, first: int, slices: list[OutputSlice],
+                   names_of, roles_of, split_of: Callable[[str], Split], table: Optional[ModelModules]) -> None:
+    """Append the output tensors of one module (its slices are ``layout.slices[first:]``)."""
+    by_layer = {ref: _layers(names_of(ref), split_of(ref)) for ref in dict.fromkeys(s.model for sl in slices for s in sl.sources)}
+    lead = slices[0].sources[0].model
+    if table is None:  # embeddings from the first slice, the rest after the stack from the last
+        for name in names_of(lead):
+            if roles_of(lead).layer_split(name) is None:
+                index = 0 if roles_of(lead).role(name) in EMBEDDING_ROLES else len(slices) - 1
+                layout.tensors.append(SlicedTensor(name, first + index, [name] * len(slices[index].sources), 0.0))
+    elif module.stack is None:  # default: every tensor outside the stacks, from its first slice
+        for name in names_of(lead):
+            if not any(stack.split(name) for stack in table.stacks):
+                layout.tensors.append(SlicedTensor(name, first, [name] * len(slices[0].sources), 0.0))
     for i, sl in enumerate(slices):
         start0, end0 = sl.sources[0].layer_range
         n = end0 - start0
         for k in range(n):
-            out_layer = layout.num_layers
-            layout.layer_origins.append((sl.sources[0].model, start0 + k))
+            out_layer = module.num_layers
+            module.layer_origins.append((sl.sources[0].model, start0 + k))
             for prefix, rest in by_layer[sl.sources[0].model].get(start0 + k, []):
                 names = [f"{prefix}{s.layer_range[0] + k}.{rest}" for s in sl.sources]
-                layout.tensors.append(SlicedTensor(f"{prefix}{out_layer}.{rest}", i, names, k / (n - 1) if n > 1 else 1.0))
-            layout.num_layers += 1
-    return layout, []
+                layout.tensors.append(SlicedTensor(f"{prefix}{out_layer}.{rest}", first + i, names,
+                                                   k / (n - 1) if n > 1 else 1.0))
+            module.num_layers += 1
 
 
-def _layer_count(ref: str, names_of, roles_of) -> int:
-    return roles_of(ref).num_layers(names_of(ref)) or 0
-
-
-def _layers(names: Iterable[str], roles: TensorRoles) -> dict[int, list[tuple[str, str]]]:
+def _layers(names: Iterable[str], split: Split) -> dict[int, list[tuple[str, str]]]:
     """Layer index -> (prefix up to the index, rest) of each tensor in that layer."""
     out: dict[int, list[tuple[str, str]]] = {}
     for name in names:
-        split = roles.layer_split(name)
-        if split is not None:
-            block, index, rest = split
-            out.setdefault(index, []).append((block[: len(block) - len(str(index))], rest))
+        found = split(name)
+        if found is not None:
+            block, index, rest = found
+            prefix = block if block.endswith(".") else block[: len(block) - len(str(index))]
+            out.setdefault(index, []).append((prefix, rest))
     return out
 
 
-def _slice_problems(label: str, sl: OutputSlice, names_of, roles_of) -> list[str]:
+def _slice_problems(label: str, sl: OutputSlice, count_of: Callable[[str], int]) -> list[str]:
     if not sl.sources:
         return [f"{label}: 'sources' is empty; a slice lists at least one model with a layer_range"]
     problems = []
     for j, s in enumerate(sl.sources):
         start, end = s.layer_range
-        count = _layer_count(s.model, names_of, roles_of)
-        if start < 0 or end <= start:
+        count = count_of(s.model)
+        if count == 0 and (start, end) != (0, 0):
+            problems.append(f"{label}.sources[{j}]: layer_range [{start}, {end}], but this module holds no layers "
+                            f"(the tensors outside the layer stacks); its layer_range is [0, 0]")
+        elif count > 0 and (start < 0 or end <= start):
             problems.append(f"{label}.sources[{j}]: layer_range [{start}, {end}] is empty or reversed; "
                             f"it is [first, end) with first < end")
         elif end > count:
@@ -186,13 +315,14 @@ def slice_groups(layout: SliceLayout, recipe: Recipe, method: MergeMethod,
         if base_ref is not None and method.base_policy != "input":
             base_at = next((j for j, s in enumerate(sl.sources) if same_model(s.model, base_ref)), None)
             if base_at is None:
-                problems.append(f"slices[{i}]: base_model {base_ref} is not one of the slice's sources; list it there "
+                problems.append(f"{layout.labels[i]}: base_model {base_ref} is not one of the slice's sources; list it there "
                                 f"with a layer_range (as mergekit requires)")
         elif method.base_policy == "required":
-            problems.append(f"slices[{i}]: {method.name} needs base_model, one of the slice's sources")
+            problems.append(f"{layout.labels[i]}: {method.name} needs base_model, one of the slice's sources")
         members = [j for j in range(len(sl.sources)) if j != base_at]
         if not method.min_models <= len(members) <= (method.max_models or len(members)):
-            problems.append(f"slices[{i}]: {method.name} takes {method.min_models} to {method.max_models or 'any number of'} "
+            most = method.max_models or "any number of"
+            problems.append(f"{layout.labels[i]}: {method.name} takes {method.min_models} to {most} "
                             f"model(s) besides the base, got {len(members)}")
         groups.append((base_at, members))
     if type(method).prepare is not MergeMethod.prepare or type(method).side_inputs is not MergeMethod.side_inputs:
