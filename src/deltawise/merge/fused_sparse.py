@@ -1,4 +1,4 @@
-"""The fused CPU path of the sparsifying merges (TIES, DARE, Breadcrumbs): raw chunks in, output out.
+"""The fused CPU path of the sparsifying merges (TIES, DARE, Breadcrumbs, DELLA): raw chunks in, output out.
 
 Kernels in ``deltawise/_fused_sparse.c``. Each works on the bytes the engine has read (bfloat16,
 float16 or float32) without making float32 copies of the chunk:
@@ -10,6 +10,8 @@ float16 or float32) without making float32 copies of the chunk:
   bits as the torch path (tests/test_fused_sparse.py);
 - ``keep_mask``: DARE's keep mask, the numbers ``TensorJob.uniform`` draws (torch's MT19937,
   seeded per block), so the same masks;
+- ``della_mask``: DELLA's keep mask, the same draws against the keep probability of each entry's
+  magnitude rank within its row (a stable radix sort per row, ``_fused_della.c``);
 - ``tie_select``: the entries torch's CPU sort (libstdc++'s introsort) places in a window,
   following only the ranges that hold a window edge: mergekit's order among tied magnitudes
   without sorting the tensor.
@@ -28,6 +30,7 @@ import torch
 
 import deltawise.merge.fused as fused
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS
+from deltawise.merge.sparsify import rank_probabilities
 
 _kernels = fused._kernels
 NONE, WINDOW, MASK = 0, 1, 2  # trim modes of the kernel
@@ -40,17 +43,19 @@ class SparseSpec:
 
     trim: "topk" (stats thresholds and tie_keep), "band" (stats bands and tie_keep), "random" (DARE
     keep masks with ``densities``, rescaled per ``rescale``: None, "l1" from stats scales, or
-    "inverse_density"), or "none". election: None (plain sum, divided by the summed weights if
+    "inverse_density"), "della" (DELLA's rank-based keep masks with ``densities`` and ``epsilons``,
+    rescaled as "random"), or "none". election: None (plain sum, divided by the summed weights if
     ``normalize``), "mergekit" (a zero sum elects +) or "ties" (a zero sum elects the model's
     majority sign, stats["majority_sign"])."""
 
     weights: tuple[float, ...]
-    trim: Literal["topk", "band", "random", "none"]
+    trim: Literal["topk", "band", "random", "della", "none"]
     election: Optional[Literal["mergekit", "ties"]]
     normalize: bool
     scale: float
     densities: tuple[float, ...] = ()
     rescale: Optional[Literal["l1", "inverse_density"]] = None
+    epsilons: tuple[float, ...] = ()
 
 
 @dataclass
@@ -68,7 +73,7 @@ class RawChunk:
     blame: Callable[[], None]
     seed: int = 0
     shape: tuple[int, ...] = ()  # the chunk's shape
-    masks: Optional[dict] = None  # keep masks drawn for this chunk, by (model, density)
+    masks: Optional[dict] = None  # keep masks drawn for this chunk, by (trim, model, density, epsilon)
 
     def checked(self, nonfinite: int) -> None:
         if nonfinite:
@@ -134,26 +139,56 @@ def block_seed(seed: int, name: str, model_index: int, block: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def _segments(seed: int, name: str, model_index: int, shape: tuple[int, ...], row_start: int):
+    """(seeds, skips, lengths) of the RNG blocks that the chunk of ``shape`` at ``row_start`` draws from, as
+    ``TensorJob._draw_uniform`` cuts them (blocks of whole rows; a 0-d or 1-d tensor is one stream)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if len(shape) < 2:
+        return [block_seed(seed, name, model_index, 0)], [0], [numel]
+    seeds, skips, lengths = [], [], []
+    row = numel // shape[0] if shape[0] else 0
+    block = max(1, RNG_BLOCK_ELEMENTS // max(1, row))
+    first, last = row_start, row_start + shape[0]
+    for k in range(first // block, (last - 1) // block + 1) if last > first else ():
+        lo, hi = max(first, k * block), min(last, (k + 1) * block)
+        seeds.append(block_seed(seed, name, model_index, k))
+        skips.append((lo - k * block) * row)
+        lengths.append((hi - lo) * row)
+    return seeds, skips, lengths
+
+
 def keep_mask(out: torch.Tensor, seed: int, name: str, model_index: int, shape: tuple[int, ...], row_start: int,
               density: float) -> torch.Tensor:
     """``TensorJob.uniform(model_index) < density`` for the chunk of ``shape`` at ``row_start`` as uint8
     into ``out`` (contiguous CPU, numel of the chunk): the same draws, without materialising them."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    seeds, skips, lengths = [], [], []
-    if len(shape) < 2:
-        seeds, skips, lengths = [block_seed(seed, name, model_index, 0)], [0], [numel]
-    else:
-        row = numel // shape[0] if shape[0] else 0
-        block = max(1, RNG_BLOCK_ELEMENTS // max(1, row))
-        first, last = row_start, row_start + shape[0]
-        for k in range(first // block, (last - 1) // block + 1) if last > first else ():
-            lo, hi = max(first, k * block), min(last, (k + 1) * block)
-            seeds.append(block_seed(seed, name, model_index, k))
-            skips.append((lo - k * block) * row)
-            lengths.append((hi - lo) * row)
+    seeds, skips, lengths = _segments(seed, name, model_index, shape, row_start)
     _kernels.dare_mask(out.numpy(), seeds, skips, lengths, float(density))
+    return out
+
+
+def della_mask(out: torch.Tensor, chunk: RawChunk, model_index: int, density: float, epsilon: float) -> torch.Tensor:
+    """``TensorJob.uniform(i) < della.keep_probabilities(tau_i, density, epsilon)`` for model i of ``chunk`` as
+    uint8 into ``out`` (contiguous CPU, numel of the chunk): each entry's rank within its row (dimension 1)
+    and the same draws, so the same mask as the torch path."""
+    shape = chunk.shape
+    numel = chunk.base.numel()
+    if len(shape) < 2:
+        slab = line = max(numel, 1)
+        stride = 1
+    else:
+        line = max(shape[1], 1)
+        stride = max(1, numel // (shape[0] * line)) if shape[0] and line else 1
+        slab = line * stride
+    if numel == 0:
+        return out
+    model = chunk.models[model_index]
+    probs = rank_probabilities(line, density, epsilon)
+    seeds, skips, lengths = _segments(chunk.seed, chunk.name, model_index, shape, chunk.row_start)
+    bad = _kernels.della_mask(out.numpy(), _raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], _raw(model),
+                              fused.DTYPE_CODES[model.dtype], slab, line, stride, probs.numpy(), seeds, skips, lengths)
+    chunk.checked(bad)
     return out
 
 
@@ -170,10 +205,12 @@ def _trims(spec: SparseSpec, stats: dict, n_models: int, masks: Optional[list[Op
             lower, upper = stats["bands"][i]
             listed = ties[i]
             mode = NONE if lower is None and upper is None else WINDOW
-        elif spec.trim == "random":
+        elif spec.trim in ("random", "della"):
             mask = masks[i] if masks is not None else None
             mode = NONE if mask is None else MASK
             density = spec.densities[i]
+            if spec.trim == "della" and density <= 0:  # della.py keeps zeros_like(tau): +0, not tau * 0
+                mode, lower, mask = WINDOW, float("inf"), None
             if spec.rescale == "l1":
                 rescale, factor = MULTIPLY, stats["scales"][i]
             elif spec.rescale == "inverse_density" and 0 < density < 1:
@@ -200,7 +237,8 @@ def run(spec: SparseSpec, out: torch.Tensor, chunk: RawChunk, stats: dict,
 
 
 def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]]:
-    """DARE's keep mask of each model for this chunk (uint8; None: density >= 1, every entry kept), cached on the chunk."""
+    """DARE's (trim "random") or DELLA's (trim "della") keep mask of each model for this chunk (uint8; None:
+    density >= 1, every entry kept), cached on the chunk."""
     if chunk.masks is None:
         chunk.masks = {}
     out: list[Optional[torch.Tensor]] = []
@@ -208,20 +246,28 @@ def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]
         if density >= 1:
             out.append(None)
             continue
-        key = (i, density)
+        epsilon = spec.epsilons[i] if spec.trim == "della" else None
+        key = (spec.trim, i, density, epsilon)
         if key not in chunk.masks:
             mask = torch.empty(chunk.base.numel(), dtype=torch.uint8)
-            chunk.masks[key] = mask.zero_() if density <= 0 else keep_mask(
-                mask, chunk.seed, chunk.name, i, chunk.shape, chunk.row_start, density)
+            if density <= 0:
+                mask.zero_()
+            elif spec.trim == "della":
+                della_mask(mask, chunk, i, density, epsilon)
+            else:
+                keep_mask(mask, chunk.seed, chunk.name, i, chunk.shape, chunk.row_start, density)
+            chunk.masks[key] = mask
         out.append(chunk.masks[key])
     return out
 
 
-def fused_spec(model_params: list[dict], trim: Literal["topk", "band", "random", "none"],
+def fused_spec(model_params: list[dict], trim: Literal["topk", "band", "random", "della", "none"],
                election: Optional[Literal["mergekit", "ties"]], normalize: bool, scale: float,
                rescale: Optional[Literal["l1", "inverse_density"]] = None) -> fused.FusedSpec:
-    """The ``MergeMethod.fused`` answer of a sparsifying merge (weights and densities as ``job.weights`` reads them)."""
+    """The ``MergeMethod.fused`` answer of a sparsifying merge (weights, densities and epsilons as the
+    torch path reads them)."""
     weights = tuple(float(p.get("weight", 1.0)) for p in model_params)
     densities = tuple(float(p.get("density", 1.0)) for p in model_params)
-    sparse = SparseSpec(weights, trim, election, bool(normalize), float(scale), densities, rescale)
+    epsilons = tuple(float(p.get("epsilon", 0.0)) for p in model_params) if trim == "della" else ()
+    sparse = SparseSpec(weights, trim, election, bool(normalize), float(scale), densities, rescale, epsilons)
     return fused.FusedSpec("sparse", weights, scale=float(scale), sparse=sparse)
