@@ -193,3 +193,30 @@ def test_engine_della_is_the_same_with_and_without_the_kernels(make_folder, tmp_
         assert ours.keys() == torch_out.keys()
         for k in ours:
             assert torch.equal(_bits(ours[k]), _bits(torch_out[k])), (name, k)
+
+
+@pytest.mark.parametrize("method", ["della_linear", "dare_ties"])
+def test_masks_drawn_by_the_rescale_pass_are_kept_for_the_merge(make_folder, tmp_path, monkeypatch, method):
+    """Up to thresholds.KEEP_BYTES a tensor's keep masks are drawn once (by the L1 pass), above it drawn
+    again for the merge: the same bits either way."""
+    from deltawise.merge import engine, thresholds
+
+    family = _family(make_folder)
+    recipe = {"merge_method": method, "base_model": str(family["base"]), "seed": 9,
+              "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.2}
+                          if method.startswith("della") else {"weight": 1.0, "density": 0.4}} for m in ("ft1", "ft2")]}
+    drawn = []
+    for kernel in ("della_mask", "keep_mask"):
+        real = getattr(fused_sparse, kernel)
+        monkeypatch.setattr(fused_sparse, kernel, lambda *a, real=real, **k: drawn.append(1) or real(*a, **k))
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    merge(recipe, str(tmp_path / "kept"), threads=2)
+    kept_draws, drawn[:] = len(drawn), []
+    monkeypatch.setattr(thresholds, "KEEP_BYTES", 0)
+    merge(recipe, str(tmp_path / "drawn-again"), threads=2)
+    # in chunks of at most 1000 entries embed.weight (300 x 16) is 5 chunks and layer.weight (48 x 40) 2: their
+    # 7 chunks' masks of 2 models are drawn again; single-chunk tensors are read once and keep theirs anyway
+    assert len(drawn) == kept_draws + 7 * 2
+    a, b = load_state(tmp_path / "kept"), load_state(tmp_path / "drawn-again")
+    for k in a:
+        assert torch.equal(_bits(a[k]), _bits(b[k])), k
