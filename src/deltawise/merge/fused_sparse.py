@@ -1,4 +1,5 @@
-"""The fused CPU path of the sparsifying merges (TIES, DARE, Breadcrumbs, DELLA): raw chunks in, output out.
+"""The fused CPU path of the sparsifying merges (TIES, DARE, Breadcrumbs, DELLA, Consensus): raw chunks in,
+output out.
 
 Kernels in ``deltawise/_fused_sparse.c``. Each works on the bytes the engine has read (bfloat16,
 float16 or float32) without making float32 copies of the chunk:
@@ -6,8 +7,9 @@ float16 or float32) without making float32 copies of the chunk:
 - ``histogram`` / ``gather``: the radix-select passes of ``stats.OrderStatistics`` and the tie
   passes of ``thresholds.py`` over |x - b|;
 - ``run``: the merge itself, ``sparsify.combine``'s float32 arithmetic operation for operation
-  (trim, rescale, weight, sign election, disjoint mean or sum, lambda, + base, cast), so the same
-  bits as the torch path (tests/test_fused_sparse.py);
+  (trim, rescale, weight, sign election, disjoint mean or sum, Consensus's TALL masks, lambda,
+  + base, cast), so the same bits as the torch path (tests/test_fused_sparse.py,
+  tests/test_fused_della.py);
 - ``keep_mask``: DARE's keep mask, the numbers ``TensorJob.uniform`` draws (torch's MT19937,
   seeded per block), so the same masks;
 - ``della_mask``: DELLA's keep mask, the same draws against the keep probability of each entry's
@@ -46,7 +48,7 @@ class SparseSpec:
     "inverse_density"), "della" (DELLA's rank-based keep masks with ``densities`` and ``epsilons``,
     rescaled as "random"), or "none". election: None (plain sum, divided by the summed weights if
     ``normalize``), "mergekit" (a zero sum elects +) or "ties" (a zero sum elects the model's
-    majority sign, stats["majority_sign"])."""
+    majority sign, stats["majority_sign"]). tall: Consensus's selection of the aggregate by TALL masks."""
 
     weights: tuple[float, ...]
     trim: Literal["topk", "band", "random", "della", "none"]
@@ -56,6 +58,7 @@ class SparseSpec:
     densities: tuple[float, ...] = ()
     rescale: Optional[Literal["l1", "inverse_density"]] = None
     epsilons: tuple[float, ...] = ()
+    tall: Optional[tuple[int, tuple[float, ...]]] = None  # Consensus: (k, lambda_t per model), see ``run``
 
 
 @dataclass
@@ -222,7 +225,11 @@ def _trims(spec: SparseSpec, stats: dict, n_models: int, masks: Optional[list[Op
 
 def run(spec: SparseSpec, out: torch.Tensor, chunk: RawChunk, stats: dict,
         masks: Optional[list[Optional[torch.Tensor]]] = None) -> int:
-    """Fill ``out`` with the merged chunk; returns how many stored entries are NaN or infinite."""
+    """Fill ``out`` with the merged chunk; returns how many task-vector entries and stored entries are NaN or
+    infinite (the caller names the input at fault, or refuses the output).
+
+    With ``spec.tall`` = (k, lambdas) the aggregate tau_m is kept only where at least k models have
+    |tau_t| > lambda_t |tau_m - tau_t| (tau_t untrimmed, unweighted), else 0, before lambda and the base."""
     divisor = None
     if spec.election is None and spec.normalize:
         total = sum(float(torch.tensor(w, dtype=torch.float32)) for w in spec.weights)  # as job.weights() sums
@@ -232,7 +239,7 @@ def run(spec: SparseSpec, out: torch.Tensor, chunk: RawChunk, stats: dict,
         _raw(out), fused.DTYPE_CODES[out.dtype], _raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype],
         [_raw(m) for m in chunk.models], _codes(chunk.models), _trims(spec, stats, len(chunk.models), masks),
         spec.election is not None, zero_positive, spec.normalize, divisor, None if spec.scale == 1 else float(spec.scale),
-        chunk.offset,
+        chunk.offset, None if spec.tall is None else (int(spec.tall[0]), [float(x) for x in spec.tall[1]]),
     )
 
 
@@ -263,11 +270,12 @@ def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]
 
 def fused_spec(model_params: list[dict], trim: Literal["topk", "band", "random", "della", "none"],
                election: Optional[Literal["mergekit", "ties"]], normalize: bool, scale: float,
-               rescale: Optional[Literal["l1", "inverse_density"]] = None) -> fused.FusedSpec:
+               rescale: Optional[Literal["l1", "inverse_density"]] = None,
+               tall: Optional[tuple[int, tuple[float, ...]]] = None) -> fused.FusedSpec:
     """The ``MergeMethod.fused`` answer of a sparsifying merge (weights, densities and epsilons as the
     torch path reads them)."""
     weights = tuple(float(p.get("weight", 1.0)) for p in model_params)
     densities = tuple(float(p.get("density", 1.0)) for p in model_params)
     epsilons = tuple(float(p.get("epsilon", 0.0)) for p in model_params) if trim == "della" else ()
-    sparse = SparseSpec(weights, trim, election, bool(normalize), float(scale), densities, rescale, epsilons)
+    sparse = SparseSpec(weights, trim, election, bool(normalize), float(scale), densities, rescale, epsilons, tall)
     return fused.FusedSpec("sparse", weights, scale=float(scale), sparse=sparse)
