@@ -33,7 +33,7 @@ def _kernel_mask(x: torch.Tensor, base: torch.Tensor, density: float, epsilon: f
                  row_start: int = 0) -> torch.Tensor:
     chunk = _chunk(base, [x], seed, name, row_start)
     out = torch.empty(max(1, x.numel()), dtype=torch.uint8)[: x.numel()]
-    return fused_sparse.della_mask(out, chunk, 0, density, epsilon).bool()
+    return fused_sparse.della_mask(out, chunk, 0, density, epsilon)[0].bool()
 
 
 # ---- the masks ---------------------------------------------------------------------------------------
@@ -107,6 +107,23 @@ def test_della_masks_ignore_threads_and_chunking():
         with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(chunk, bounds))
         assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("shape", [(7,), (40, 600), (6, 5, 4)])
+def test_della_mask_sums_the_rescale_norms(shape):
+    """The kernel's (sum |tau|, sum |tau| kept) are the L1 kernel's sums over the same mask (float64, in
+    another order: equal to float64 rounding) and the torch path's norms."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(shape, generator=gen).bfloat16()
+    x = (base.float() + torch.randn(shape, generator=gen) * 0.01).bfloat16()
+    chunk = _chunk(base, [x], 2, "w")
+    mask, before, after = fused_sparse.della_mask(torch.empty(x.numel(), dtype=torch.uint8), chunk, 0, 0.3, 0.2)
+    (ref_before, ref_after), = fused_sparse.l1_norms(chunk, [mask])
+    assert before == pytest.approx(ref_before, rel=1e-12) and after == pytest.approx(ref_after, rel=1e-12)
+    tau = (x.float() - base.float()).reshape(-1)
+    assert before == pytest.approx(float(tau.abs().sum(dtype=torch.float64)), rel=1e-12)
+    assert after == pytest.approx(float((tau * mask).abs().sum(dtype=torch.float64)), rel=1e-12)
+    assert 0 < after < before
 
 
 def test_della_mask_counts_non_finite_task_vectors():

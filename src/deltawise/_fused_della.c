@@ -118,8 +118,9 @@ typedef struct {
     HalfLoad half_load;
 } DellaJob;
 
-DW_INLINE Py_ssize_t della_body(const DellaJob *job) {
+DW_INLINE Py_ssize_t della_body(const DellaJob *job, double *l1) {
     float x[BLOCK], b[BLOCK];
+    double all[8] = {0}, kept[8] = {0};
     Job conv; /* load_block reads only the half conversion */
     conv.half_load = job->half_load;
     Py_ssize_t bad = 0, pos = 0, slab = job->slab, line = job->line, stride = job->stride;
@@ -151,30 +152,50 @@ DW_INLINE Py_ssize_t della_body(const DellaJob *job) {
                 }
             }
             mt_keep(&s, job->out + pos, slab, job->p, 0.0f);
+            /* the L1 norms of the task vector and of its kept part (DELLA's rescale), in float64; the kept
+               magnitude is the key's bits masked (+0 where dropped), so that the loop vectorises */
+            const uint8_t *m = job->out + pos;
+            const uint32_t *k = job->keys;
+            Py_ssize_t i = 0;
+            for (; i + 8 <= slab; i += 8)
+                for (int q = 0; q < 8; q++) {
+                    all[q] += (double)bits_float(k[i + q]);
+                    kept[q] += (double)bits_float(k[i + q] & (0u - (uint32_t)m[i + q]));
+                }
+            for (; i < slab; i++) {
+                all[0] += (double)bits_float(k[i]);
+                kept[0] += (double)bits_float(k[i] & (0u - (uint32_t)m[i]));
+            }
         }
     }
+    l1[0] = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
+    l1[1] = ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
     return bad;
 }
 
 #ifdef DW_X86_DISPATCH
-__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t della_avx2(const DellaJob *job) { return della_body(job); }
+__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t della_avx2(const DellaJob *job, double *l1) {
+    return della_body(job, l1);
+}
 #endif
 
-static Py_ssize_t della_kernel(const DellaJob *job) {
+static Py_ssize_t della_kernel(const DellaJob *job, double *l1) {
 #ifdef DW_X86_DISPATCH
     if (use_avx2 > 0)
-        return della_avx2(job);
+        return della_avx2(job, l1);
 #endif
-    return della_body(job);
+    return della_body(job, l1);
 }
 
 PyDoc_STRVAR(della_mask_doc,
-"della_mask(out, base, base_dtype, model, model_dtype, slab, line, stride, probs, seeds, skips, lengths) -> int\n\n"
+"della_mask(out, base, base_dtype, model, model_dtype, slab, line, stride, probs, seeds, skips, lengths)\n"
+"    -> (int, float, float)\n\n"
 "DELLA's keep mask of one model for a chunk, as uint8 into out (writable, one byte per entry): within each\n"
 "line (`line` entries `stride` apart, `slab` = line * stride entries per row of dimension 0) r is the\n"
 "ascending stable rank of |model - base|, and keep = u < probs[r] (probs: float32, `line` entries) with u\n"
 "the draws of dare_mask's segments (seeds, skips, lengths; each a whole number of slabs).\n"
-"Returns the number of non-finite task-vector entries seen.");
+"Returns (the number of non-finite task-vector entries seen, sum |model - base|, sum of it where kept), the\n"
+"sums in float64.");
 
 static PyObject *py_della_mask(PyObject *self, PyObject *args) {
     PyObject *out, *base, *model, *probs, *seeds, *skips, *lengths;
@@ -190,6 +211,7 @@ static PyObject *py_della_mask(PyObject *self, PyObject *args) {
     Segments g;
     Held held = {.held = 0};
     Py_ssize_t bad = -1;
+    double l1[2] = {0.0, 0.0};
     if (take_segments(&g, seeds, skips, lengths) < 0)
         goto done;
     if (line < 1 || stride < 1 || slab != line * stride || (uint64_t)line >= ((uint64_t)1 << 32)) {
@@ -226,7 +248,7 @@ static PyObject *py_della_mask(PyObject *self, PyObject *args) {
     HalfStore unused;
     choose_half(&job.half_load, &unused);
     Py_BEGIN_ALLOW_THREADS
-    bad = della_kernel(&job);
+    bad = della_kernel(&job, l1);
     Py_END_ALLOW_THREADS
 done:
     free(job.p);
@@ -237,5 +259,5 @@ done:
     free(job.hist);
     release_all(&held);
     free_segments(&g);
-    return bad < 0 ? NULL : PyLong_FromSsize_t(bad);
+    return bad < 0 ? NULL : Py_BuildValue("(ndd)", bad, l1[0], l1[1]);
 }

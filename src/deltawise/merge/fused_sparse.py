@@ -76,7 +76,7 @@ class RawChunk:
     blame: Callable[[], None]
     seed: int = 0
     shape: tuple[int, ...] = ()  # the chunk's shape
-    masks: Optional[dict] = None  # keep masks drawn for this chunk, by (trim, model, density, epsilon)
+    masks: Optional[dict] = None  # keep masks drawn for this chunk, by (trim, model, density, epsilon); ("l1", *that): norms
 
     def checked(self, nonfinite: int) -> None:
         if nonfinite:
@@ -171,10 +171,12 @@ def keep_mask(out: torch.Tensor, seed: int, name: str, model_index: int, shape: 
     return out
 
 
-def della_mask(out: torch.Tensor, chunk: RawChunk, model_index: int, density: float, epsilon: float) -> torch.Tensor:
+def della_mask(out: torch.Tensor, chunk: RawChunk, model_index: int, density: float,
+               epsilon: float) -> tuple[torch.Tensor, float, float]:
     """``TensorJob.uniform(i) < della.keep_probabilities(tau_i, density, epsilon)`` for model i of ``chunk`` as
     uint8 into ``out`` (contiguous CPU, numel of the chunk): each entry's rank within its row (dimension 1)
-    and the same draws, so the same mask as the torch path."""
+    and the same draws, so the same mask as the torch path. Also returns sum |tau_i| and sum |tau_i| where
+    kept over the chunk (float64), DELLA's rescale norms."""
     shape = chunk.shape
     numel = chunk.base.numel()
     if len(shape) < 2:
@@ -185,14 +187,15 @@ def della_mask(out: torch.Tensor, chunk: RawChunk, model_index: int, density: fl
         stride = max(1, numel // (shape[0] * line)) if shape[0] and line else 1
         slab = line * stride
     if numel == 0:
-        return out
+        return out, 0.0, 0.0
     model = chunk.models[model_index]
     probs = rank_probabilities(line, density, epsilon)
     seeds, skips, lengths = _segments(chunk.seed, chunk.name, model_index, shape, chunk.row_start)
-    bad = _kernels.della_mask(out.numpy(), _raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], _raw(model),
-                              fused.DTYPE_CODES[model.dtype], slab, line, stride, probs.numpy(), seeds, skips, lengths)
+    bad, before, after = _kernels.della_mask(
+        out.numpy(), _raw(chunk.base), fused.DTYPE_CODES[chunk.base.dtype], _raw(model), fused.DTYPE_CODES[model.dtype],
+        slab, line, stride, probs.numpy(), seeds, skips, lengths)
     chunk.checked(bad)
-    return out
+    return out, before, after
 
 
 def _trims(spec: SparseSpec, stats: dict, n_models: int, masks: Optional[list[Optional[torch.Tensor]]]) -> list[tuple]:
@@ -243,6 +246,15 @@ def run(spec: SparseSpec, out: torch.Tensor, chunk: RawChunk, stats: dict,
     )
 
 
+def kept_norms(chunk: RawChunk, spec: SparseSpec) -> Optional[list[tuple[float, float]]]:
+    """Per model (sum |tau|, sum |tau| where kept) over the chunk as ``keep_masks`` found them on the way (DELLA's
+    masks), or None where it did not for every model (then ``l1_norms`` sums them)."""
+    if spec.trim != "della" or chunk.masks is None:
+        return None
+    sums = [chunk.masks.get(("l1", spec.trim, i, d, e)) for i, (d, e) in enumerate(zip(spec.densities, spec.epsilons))]
+    return None if any(s is None for s in sums) else sums
+
+
 def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]]:
     """DARE's (trim "random") or DELLA's (trim "della") keep mask of each model for this chunk (uint8; None:
     density >= 1, every entry kept), cached on the chunk."""
@@ -259,8 +271,9 @@ def keep_masks(chunk: RawChunk, spec: SparseSpec) -> list[Optional[torch.Tensor]
             mask = torch.empty(chunk.base.numel(), dtype=torch.uint8)
             if density <= 0:
                 mask.zero_()
-            elif spec.trim == "della":
-                della_mask(mask, chunk, i, density, epsilon)
+            elif spec.trim == "della":  # the norms come with the mask: L1Norms need not read the chunk again
+                _, before, after = della_mask(mask, chunk, i, density, epsilon)
+                chunk.masks[("l1", *key)] = (before, after)
             else:
                 keep_mask(mask, chunk.seed, chunk.name, i, chunk.shape, chunk.row_start, density)
             chunk.masks[key] = mask

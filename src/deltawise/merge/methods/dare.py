@@ -87,7 +87,7 @@ class L1Norms(StatsPass):
     def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
         masks = [torch.ones(chunk.base.numel(), dtype=torch.uint8) if m is None else m
                  for m in fused_sparse.keep_masks(chunk, self.raw)]
-        sums = fused_sparse.l1_norms(chunk, masks)
+        sums = fused_sparse.kept_norms(chunk, self.raw) or fused_sparse.l1_norms(chunk, masks)
         if not self.before:
             self.before, self.after = [0.0] * len(sums), [0.0] * len(sums)
         for i, (before, after) in enumerate(sums):
