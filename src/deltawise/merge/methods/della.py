@@ -16,7 +16,8 @@ with DARE's block generator (``TensorJob.uniform``): the same seed gives the sam
 device and chunking, but not mergekit's bits (its masks come from torch's global generator).
 Where we differ: the paper rescales each survivor by 1/p_j; mergekit (and we) rescale each
 tensor to its L1 norm. A row of one entry is kept with probability density (mergekit divides by
-zero there).
+zero there). On the CPU the fused kernel (``_fused_della.c``, ``fused_sparse.della_mask``) draws the same
+masks: a stable radix rank per row and the same draws against ``rank_probabilities``' table.
 """
 
 from __future__ import annotations
