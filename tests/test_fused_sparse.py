@@ -68,7 +68,7 @@ def _fused(method, base, models, params, model_params, out_dtype, seed=0, stats=
             job = job or TensorJob("w", base.float(), [m.float() for m in models], params, model_params, stats, seed)
             stats_pass.update(job)
     out = torch.empty(models[0].shape, dtype=out_dtype)
-    masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim == "random" else None
+    masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim in ("random", "della") else None
     assert fused_sparse.run(spec.sparse, out, chunk, stats, masks) == 0
     return out, stats
 

@@ -398,6 +398,7 @@ static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
 #include "_fused_stats.c"
 #include "_fused_rng.c"
 #include "_fused_select.c"
+#include "_fused_della.c"
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
@@ -407,6 +408,7 @@ static PyMethodDef methods[] = {
     {"dare_mask", py_dare_mask, METH_VARARGS, dare_mask_doc},
     {"tie_select", py_tie_select, METH_VARARGS, tie_select_doc},
     {"delta_l1", py_delta_l1, METH_VARARGS, delta_l1_doc},
+    {"della_mask", py_della_mask, METH_VARARGS, della_mask_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -33,34 +33,113 @@ static void mt_twist(Mt19937 *mt) {
     mt->index = 0;
 }
 
-/* Fills keep[0..n) for draws [skip, skip + n) of the stream seeded by seed. */
-static void mt_mask(uint8_t *keep, uint32_t seed, Py_ssize_t skip, Py_ssize_t n, float density) {
+/* A position in the stream of one seed: draws come from state[index..] after the last twist. */
+typedef struct {
     Mt19937 mt;
-    mt_seed(&mt, seed);
+    Py_ssize_t index;
+} MtStream;
+
+/* Positions s at draw `skip` of the stream seeded by seed (whole twists skipped still have to be computed). */
+static void mt_start(MtStream *s, uint32_t seed, Py_ssize_t skip) {
+    mt_seed(&s->mt, seed);
     Py_ssize_t pos = 0;
-    while (pos + 624 <= skip) { /* whole twists that are skipped still have to be computed */
-        mt_twist(&mt);
+    while (pos + 624 <= skip) {
+        mt_twist(&s->mt);
         pos += 624;
     }
-    mt_twist(&mt);
-    Py_ssize_t i = skip - pos, done = 0;
+    mt_twist(&s->mt);
+    s->index = skip - pos;
+}
+
+/* keep[j] = u_j < (p ? p[j] : density) for the next n draws u_j, decided in float32 as torch does. */
+DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p, float density) {
+    Py_ssize_t done = 0;
     while (done < n) {
-        if (i == 624) {
-            mt_twist(&mt);
-            i = 0;
+        if (s->index == 624) {
+            mt_twist(&s->mt);
+            s->index = 0;
         }
-        Py_ssize_t take = 624 - i < n - done ? 624 - i : n - done;
-        for (Py_ssize_t j = 0; j < take; j++) {
-            uint32_t y = mt.state[i + j];
-            y ^= y >> 11;
-            y ^= (y << 7) & 0x9d2c5680u;
-            y ^= (y << 15) & 0xefc60000u;
-            y ^= y >> 18;
-            keep[done + j] = (float)(y & 0xffffffu) * 0x1p-24f < density;
+        Py_ssize_t take = 624 - s->index < n - done ? 624 - s->index : n - done;
+        const uint32_t *state = s->mt.state + s->index;
+        uint8_t *out = keep + done;
+        if (p == NULL) {
+            for (Py_ssize_t j = 0; j < take; j++) {
+                uint32_t y = state[j];
+                y ^= y >> 11;
+                y ^= (y << 7) & 0x9d2c5680u;
+                y ^= (y << 15) & 0xefc60000u;
+                y ^= y >> 18;
+                out[j] = (float)(y & 0xffffffu) * 0x1p-24f < density;
+            }
+        } else {
+            const float *q = p + done;
+            for (Py_ssize_t j = 0; j < take; j++) {
+                uint32_t y = state[j];
+                y ^= y >> 11;
+                y ^= (y << 7) & 0x9d2c5680u;
+                y ^= (y << 15) & 0xefc60000u;
+                y ^= y >> 18;
+                out[j] = (float)(y & 0xffffffu) * 0x1p-24f < q[j];
+            }
         }
-        i += take;
+        s->index += take;
         done += take;
     }
+}
+
+/* Fills keep[0..n) for draws [skip, skip + n) of the stream seeded by seed. */
+static void mt_mask(uint8_t *keep, uint32_t seed, Py_ssize_t skip, Py_ssize_t n, float density) {
+    MtStream s;
+    mt_start(&s, seed, skip);
+    mt_keep(&s, keep, n, NULL, density);
+}
+
+/* The RNG segments of a chunk: segment j holds draws [skip[j], skip[j] + length[j]) of the stream of seed[j]. */
+typedef struct {
+    Py_ssize_t parts, total;
+    uint32_t *seed;
+    Py_ssize_t *skip, *length;
+} Segments;
+
+static void free_segments(Segments *g) {
+    free(g->seed);
+    free(g->skip);
+    free(g->length);
+}
+
+/* Reads seeds, skips and lengths (sequences of one length); -1 with an exception set on error. */
+static int take_segments(Segments *g, PyObject *seeds, PyObject *skips, PyObject *lengths) {
+    memset(g, 0, sizeof *g);
+    g->parts = PySequence_Size(seeds);
+    if (g->parts < 0 || PySequence_Size(skips) != g->parts || PySequence_Size(lengths) != g->parts) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "seeds, skips and lengths must have the same length");
+        return -1;
+    }
+    g->seed = malloc((size_t)(g->parts + 1) * sizeof(uint32_t));
+    g->skip = malloc((size_t)(g->parts + 1) * sizeof(Py_ssize_t));
+    g->length = malloc((size_t)(g->parts + 1) * sizeof(Py_ssize_t));
+    if (!g->seed || !g->skip || !g->length) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < g->parts; j++) {
+        PyObject *a = PySequence_GetItem(seeds, j), *b = PySequence_GetItem(skips, j), *c = PySequence_GetItem(lengths, j);
+        g->seed[j] = a ? (uint32_t)(PyLong_AsUnsignedLongLongMask(a) & 0xffffffffu) : 0;
+        g->skip[j] = b ? PyLong_AsSsize_t(b) : -1;
+        g->length[j] = c ? PyLong_AsSsize_t(c) : -1;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(c);
+        if (PyErr_Occurred())
+            return -1;
+        if (g->skip[j] < 0 || g->length[j] < 0) {
+            PyErr_SetString(PyExc_ValueError, "skips and lengths must be non-negative");
+            return -1;
+        }
+        g->total += g->length[j];
+    }
+    return 0;
 }
 
 PyDoc_STRVAR(dare_mask_doc,
@@ -73,51 +152,23 @@ static PyObject *py_dare_mask(PyObject *self, PyObject *args) {
     double density;
     if (!PyArg_ParseTuple(args, "OOOOd", &out, &seeds, &skips, &lengths, &density))
         return NULL;
-    Py_ssize_t parts = PySequence_Size(seeds);
-    if (parts < 0 || PySequence_Size(skips) != parts || PySequence_Size(lengths) != parts) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "seeds, skips and lengths must have the same length");
-        return NULL;
-    }
-    uint32_t *seed = malloc((size_t)(parts + 1) * sizeof(uint32_t));
-    Py_ssize_t *skip = malloc((size_t)(parts + 1) * sizeof(Py_ssize_t)), *length = malloc((size_t)(parts + 1) * sizeof(Py_ssize_t));
+    Segments g;
     Held held = {.held = 0};
     PyObject *result = NULL;
-    Py_ssize_t total = 0;
-    if (!seed || !skip || !length) {
-        PyErr_NoMemory();
+    if (take_segments(&g, seeds, skips, lengths) < 0)
         goto done;
-    }
-    for (Py_ssize_t j = 0; j < parts; j++) {
-        PyObject *a = PySequence_GetItem(seeds, j), *b = PySequence_GetItem(skips, j), *c = PySequence_GetItem(lengths, j);
-        seed[j] = a ? (uint32_t)(PyLong_AsUnsignedLongLongMask(a) & 0xffffffffu) : 0;
-        skip[j] = b ? PyLong_AsSsize_t(b) : -1;
-        length[j] = c ? PyLong_AsSsize_t(c) : -1;
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        Py_XDECREF(c);
-        if (PyErr_Occurred())
-            goto done;
-        if (skip[j] < 0 || length[j] < 0) {
-            PyErr_SetString(PyExc_ValueError, "skips and lengths must be non-negative");
-            goto done;
-        }
-        total += length[j];
-    }
-    uint8_t *keep = hold(&held, out, 1, total, "out");
+    uint8_t *keep = hold(&held, out, 1, g.total, "out");
     if (keep == NULL)
         goto done;
     float dens = (float)density;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t j = 0, pos = 0; j < parts; pos += length[j], j++)
-        mt_mask(keep + pos, seed[j], skip[j], length[j], dens);
+    for (Py_ssize_t j = 0, pos = 0; j < g.parts; pos += g.length[j], j++)
+        mt_mask(keep + pos, g.seed[j], g.skip[j], g.length[j], dens);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
     release_all(&held);
-    free(seed);
-    free(skip);
-    free(length);
+    free_segments(&g);
     return result;
 }

@@ -1,16 +1,19 @@
-/* Fused kernels of the sparsifying merges (TIES, DARE, Breadcrumbs), included by _fused.c (one
- * translation unit: they share its loads, stores and SIMD dispatch), in four files:
+/* Fused kernels of the sparsifying merges (TIES, DARE, Breadcrumbs, DELLA, Consensus), included by
+ * _fused.c (one translation unit: they share its loads, stores and SIMD dispatch), in five files:
  *
  * _fused_sparse.c   sparse_merge: trim (magnitude window, listed tie entries, a keep mask), rescale,
- *                   weight, sign election, disjoint mean or sum, lambda, + base, cast: the torch path
- *                   of sparsify.aggregate/combine operation for operation, so the same bits; and the
- *                   argument helpers the others use.
+ *                   weight, sign election, disjoint mean or sum, Consensus's TALL-mask selection,
+ *                   lambda, + base, cast: the torch path of sparsify.aggregate/combine (and
+ *                   consensus.py) operation for operation, so the same bits; and the argument
+ *                   helpers the others use.
  * _fused_stats.c    delta_histogram, delta_l1: the radix-select passes of merge/stats.py and DARE's
  *                   L1 norms over raw chunks (no float32 copy of a chunk is made).
  * _fused_rng.c      dare_mask: DARE's Bernoulli keep mask, the very numbers TensorJob.uniform draws
  *                   with torch.rand (MT19937 seeded per block, 24-bit uniforms), without torch.
  * _fused_select.c   tie_select: which entries std::sort (torch's CPU sort, libstdc++ introsort)
  *                   places in a window of positions, following only the ranges that hold a window edge.
+ * _fused_della.c    della_mask: DELLA's keep mask, from each entry's magnitude rank within its row
+ *                   (a stable radix sort) and dare_mask's draws.
  */
 
 static void choose_half(HalfLoad *load, HalfStore *store) {
@@ -123,18 +126,25 @@ typedef struct {
     float divisor;
     int has_scale;
     float scale;
+    int tall;              /* Consensus: keep the aggregate only where >= tall_k TALL masks select the entry */
+    int tall_k;
+    float tall_lambda[MAX_INPUTS];
     float *work;           /* count * BLOCK floats */
     HalfLoad half_load;
     HalfStore half_store;
 } SparseJob;
 
 /* trimmed, rescaled, weighted task vector of model k for entries [start, start + n) */
-DW_INLINE void trimmed_block(float *d, const float *b, const SparseJob *job, int k, Py_ssize_t start, Py_ssize_t n,
-                             Py_ssize_t *cursor, const Job *conv) {
+/* (returns how many task-vector entries are NaN or infinite: a trim or an election could hide them) */
+DW_INLINE Py_ssize_t trimmed_block(float *d, const float *b, const SparseJob *job, int k, Py_ssize_t start, Py_ssize_t n,
+                                   Py_ssize_t *cursor, const Job *conv) {
     const ModelTrim *t = &job->trim[k];
     load_block(d, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, conv);
-    for (Py_ssize_t i = 0; i < n; i++)
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
         d[i] = d[i] - b[i];
+        bad += (int32_t)(float_bits(d[i]) & 0x7fffffffu) >= (int32_t)0x7f800000u;
+    }
     if (t->trim == TRIM_WINDOW) {
         if (t->listed == NULL) {
             float lo = t->has_lower ? t->lower : 0.0f, hi = t->has_upper ? t->upper : INFINITY;
@@ -186,6 +196,33 @@ DW_INLINE void trimmed_block(float *d, const float *b, const SparseJob *job, int
         for (Py_ssize_t i = 0; i < n; i++)
             d[i] = d[i] * w;
     }
+    return bad;
+}
+
+/* Consensus (TALL masks): result = result where at least tall_k models have |tau_k| > lambda_k |result - tau_k|,
+   else +0 (tau_k untrimmed and unweighted: the work buffer where no trim, rescale or weight touched it) */
+DW_INLINE void tall_block(float *result, const float *b, const SparseJob *job, Py_ssize_t start, Py_ssize_t n,
+                          const Job *conv) {
+    int32_t count[BLOCK];
+    float raw[BLOCK];
+    for (Py_ssize_t i = 0; i < n; i++)
+        count[i] = 0;
+    for (int k = 0; k < job->count; k++) {
+        const ModelTrim *t = &job->trim[k];
+        const float *d = job->work + (size_t)k * BLOCK;
+        if (t->trim != TRIM_NONE || t->rescale != 0 || t->weight != 1.0f) {
+            load_block(raw, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, conv);
+            for (Py_ssize_t i = 0; i < n; i++)
+                raw[i] = raw[i] - b[i];
+            d = raw;
+        }
+        float lam = job->tall_lambda[k];
+        for (Py_ssize_t i = 0; i < n; i++)
+            count[i] += fabsf(d[i]) > fabsf(result[i] - d[i]) * lam;
+    }
+    int32_t least = job->tall_k;
+    for (Py_ssize_t i = 0; i < n; i++)
+        result[i] = count[i] >= least ? result[i] : 0.0f;
 }
 
 DW_INLINE Py_ssize_t sparse_body(const SparseJob *job) {
@@ -210,7 +247,7 @@ DW_INLINE Py_ssize_t sparse_body(const SparseJob *job) {
         Py_ssize_t n = job->n - start < BLOCK ? job->n - start : BLOCK;
         load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, &conv);
         for (int k = 0; k < job->count; k++)
-            trimmed_block(job->work + (size_t)k * BLOCK, b, job, k, start, n, &cursor[k], &conv);
+            bad += trimmed_block(job->work + (size_t)k * BLOCK, b, job, k, start, n, &cursor[k], &conv);
         const float *d0 = job->work;
         for (Py_ssize_t i = 0; i < n; i++)
             total[i] = d0[i];
@@ -249,6 +286,8 @@ DW_INLINE Py_ssize_t sparse_body(const SparseJob *job) {
             for (Py_ssize_t i = 0; i < n; i++)
                 total[i] = total[i] / dv;
         }
+        if (job->tall)
+            tall_block(result, b, job, start, n, &conv);
         if (job->has_scale) {
             float s = job->scale;
             for (Py_ssize_t i = 0; i < n; i++)
@@ -307,19 +346,21 @@ static int take_trim(Held *h, PyObject *spec, ModelTrim *t, Py_ssize_t n) {
 
 PyDoc_STRVAR(sparse_merge_doc,
 "sparse_merge(out, out_dtype, base, base_dtype, inputs, dtypes, trims, consensus, zero_positive, normalize,\n"
-"             divisor, scale, offset) -> int\n\n"
+"             divisor, scale, offset, tall) -> int\n\n"
 "out = cast(b + scale * aggregate_k(w_k * rescale(trim(x_k - b)))): sparsify.combine's arithmetic.\n"
 "trims[k] = (weight, mode 0 none/1 window/2 mask, lower, upper, listed int64 indices or None, uint8 mask or\n"
 "None, rescale 0 none/1 multiply/2 divide, factor). consensus: sign election and disjoint merge (divided by\n"
 "the agreeing weights if normalize); else a sum divided by divisor (None: not divided). scale None: not\n"
-"scaled. offset: flat index of out's first entry in the tensor (for listed). Returns the non-finite count.");
+"scaled. offset: flat index of out's first entry in the tensor (for listed). tall None, or (k, lambdas): before\n"
+"the scale, keep the aggregate only where at least k models have |x_k - b| > lambda_k |aggregate - (x_k - b)|\n"
+"(Consensus's TALL masks), else 0. Returns the count of non-finite task-vector entries plus non-finite outputs.");
 
 static PyObject *py_sparse_merge(PyObject *self, PyObject *args) {
-    PyObject *out, *base, *inputs, *dtypes, *trims, *divisor, *scale;
+    PyObject *out, *base, *inputs, *dtypes, *trims, *divisor, *scale, *tall;
     int out_dtype, base_dtype, consensus, zero_positive, normalize;
     Py_ssize_t offset;
-    if (!PyArg_ParseTuple(args, "OiOiOOOpppOOn", &out, &out_dtype, &base, &base_dtype, &inputs, &dtypes, &trims,
-                          &consensus, &zero_positive, &normalize, &divisor, &scale, &offset))
+    if (!PyArg_ParseTuple(args, "OiOiOOOpppOOnO", &out, &out_dtype, &base, &base_dtype, &inputs, &dtypes, &trims,
+                          &consensus, &zero_positive, &normalize, &divisor, &scale, &offset, &tall))
         return NULL;
     if (check_dtype(out_dtype, "output") < 0 || check_dtype(base_dtype, "base") < 0)
         return NULL;
@@ -359,6 +400,26 @@ static PyObject *py_sparse_merge(PyObject *self, PyObject *args) {
     job.scale = job.has_scale ? (float)PyFloat_AsDouble(scale) : 1.0f;
     if (PyErr_Occurred())
         goto done;
+    if (tall != Py_None) {
+        PyObject *lambdas;
+        long least;
+        if (!PyArg_ParseTuple(tall, "lO", &least, &lambdas))
+            goto done;
+        if (PySequence_Size(lambdas) != job.count) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "tall needs one lambda per input");
+            goto done;
+        }
+        job.tall = 1;
+        job.tall_k = least > INT32_MAX ? INT32_MAX : (least < INT32_MIN ? INT32_MIN : (int)least);
+        for (int k = 0; k < job.count; k++) {
+            PyObject *item = PySequence_GetItem(lambdas, k);
+            job.tall_lambda[k] = item ? (float)PyFloat_AsDouble(item) : 0.0f;
+            Py_XDECREF(item);
+            if (PyErr_Occurred())
+                goto done;
+        }
+    }
     job.work = malloc((size_t)job.count * BLOCK * sizeof(float));
     if (job.work == NULL) {
         PyErr_NoMemory();

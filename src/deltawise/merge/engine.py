@@ -32,6 +32,7 @@ from deltawise.io.layout import CHUNK_ELEMENTS, SHARD_BYTES
 from deltawise.io.output import MANIFEST, check_free_space, check_output_folder, output_lock, swap_into_place, unwritable
 from deltawise.io.writer import StreamingShardWriter, plan_shards, row_ranges, write_json_atomic, write_text_atomic
 import deltawise.merge.fused as fused
+import deltawise.merge.thresholds as thresholds
 from deltawise.merge.base import RNG_BLOCK_ELEMENTS, StatsPass, TensorJob
 from deltawise.merge.loader import ChunkLoader, all_finite
 from deltawise.merge.card import copy_model_files, model_card, output_config
@@ -106,13 +107,22 @@ class _TensorRun:
         self._whole_side: Optional[dict] = None
         # where the fused kernels merge this tensor, passes that can count raw chunks do (``update_raw``)
         self.spec = loader.fused_spec(t)
+        # the random keep masks (DARE, DELLA) a pass draws for a chunk are kept for its merge, not drawn
+        # again, up to thresholds.KEEP_BYTES per tensor (one byte an entry per model)
+        self._masks: Optional[dict[int, dict]] = None
+        if (self.spec is not None and self.spec.kind == "sparse" and self.spec.sparse.trim in ("random", "della")
+                and len(self.ranges) > 1 and t.out_numel * len(t.sources) <= thresholds.KEEP_BYTES):
+            self._masks = {}
 
     def raw(self, start: int, stop: int):
         if len(self.ranges) == 1:
             if self._single_raw is None:
                 self._single_raw = self.loader.raw_chunk(self.t, start, stop)
             return self._single_raw
-        return self.loader.raw_chunk(self.t, start, stop)
+        chunk = self.loader.raw_chunk(self.t, start, stop)
+        if self._masks is not None:
+            chunk.masks = self._masks.setdefault(start, {})
+        return chunk
 
     def job(self, start: int, stop: int) -> TensorJob:
         if self._whole_side is None:
@@ -148,6 +158,8 @@ class _TensorRun:
             for start, stop in self.ranges:
                 chunk = self.raw(start, stop) if spec.kind == "sparse" else None
                 result, nonfinite = self.loader.fused_chunk(self.t, spec, start, stop, self.stats, chunk)
+                if self._masks is not None:
+                    self._masks.pop(start, None)
                 if nonfinite:
                     self.loader.blame_inputs(self.t, self.loader.job(self.t, start, stop, {}, 0, {}))
                     raise self.nonfinite_error()

@@ -30,7 +30,7 @@ class FusedSpec:
 
     linear:           cast(sum_k w_k x_k [/ divisor])
     task_arithmetic:  cast(b + scale * (sum_k w_k (x_k - b) [/ divisor]))
-    sparse:           TIES, DARE, Breadcrumbs (``fused_sparse.py``), with the tensor's statistics
+    sparse:           TIES, DARE, Breadcrumbs, DELLA, Consensus (``fused_sparse.py``), with the tensor's statistics
     Weights, divisor and scale are rounded to float32 by the kernel, as torch rounds scalars.
     """
 

@@ -146,7 +146,7 @@ class ChunkLoader:
         if spec.kind == "sparse":
             chunk = chunk or self.raw_chunk(t, start, stop)
             out = self.buffers.get("out", chunk.shape, t.out.dtype, torch.device("cpu"))
-            masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim == "random" else None
+            masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim in ("random", "della") else None
             return out, fused_sparse.run(spec.sparse, out, chunk, stats or {}, masks)
         models = [self._raw(i, m.reader, s, start, stop) for i, (m, s) in enumerate(zip(self.plan.inputs_of(t), t.sources))]
         base_reader = self._base_reader(t)

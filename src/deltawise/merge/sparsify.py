@@ -39,6 +39,15 @@ def bernoulli_mask(delta: torch.Tensor, density: float, uniform: torch.Tensor) -
     return uniform < density
 
 
+def rank_probabilities(n: int, density: float, epsilon: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DELLA's (MagPrune) keep probability of each ascending magnitude rank r = 0..n-1 of a row of n:
+    (density - epsilon) + 2 epsilon r / (n - 1), in ``dtype`` as della.py has always computed it; a row of one
+    entry keeps it with probability density. The fused kernel reads the same table."""
+    if n <= 1:
+        return torch.full((max(n, 0),), density, dtype=dtype)
+    return (density - epsilon) + torch.arange(n).to(dtype).div_(n - 1).mul_(2 * epsilon)
+
+
 def trim(delta: torch.Tensor, lower: Optional[float] = None, upper: Optional[float] = None) -> torch.Tensor:
     """Zero the entries of ``delta`` outside lower <= |x| <= upper, in place (None: unbounded)."""
     if lower is None and upper is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from deltawise.merge.base import MergeMethod, TensorJob, register
+from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.methods.common import LAMBDA
 from deltawise.merge.methods.ties import Ties, merged_vector
 from deltawise.merge.params import Param
@@ -73,6 +74,14 @@ class Consensus(MergeMethod):
                 and any(t.params["granularity"] == "global" for t in plan.merged)):
             return ["with granularity: global, multi_task must be the same for every tensor"]
         return Ties().check(plan)
+
+    def fused(self, params, model_params):
+        tall = (int(params["k"]), tuple(float(p["mask_lambda"]) for p in model_params))
+        if params["multi_task"] == "ties":  # the disjoint sum (not normalized) of the TIES-trimmed task vectors
+            election = "ties" if params["granularity"] == "global" else "mergekit"
+            return fused_spec(model_params, "topk", election, False, params["lambda"], tall=tall)
+        # the plain, unweighted sum of the task vectors
+        return fused_spec([{} for _ in model_params], "none", None, False, params["lambda"], tall=tall)
 
     def stats_passes(self, plan, stats):
         if _uses_ties(plan):

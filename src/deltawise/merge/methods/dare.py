@@ -41,7 +41,8 @@ class _Dare(MergeMethod):
 
     def tensor_passes(self, params, model_params, numel, stats):
         if params["rescale"] and params["rescale_mode"] == "l1":
-            l1 = L1Norms(densities=[p["density"] for p in model_params])
+            densities = tuple(float(p["density"]) for p in model_params)
+            l1 = L1Norms(raw=fused_sparse.SparseSpec((), "random", None, False, 1.0, densities))
             yield l1
             stats["scales"] = l1.scales()
 
@@ -69,24 +70,24 @@ class _Dare(MergeMethod):
 
 class L1Norms(StatsPass):
     """Per model: ||tau||_1 over ||m * tau||_1 for the whole tensor (the L1 rescale factor).
-    ``kept`` gives the (task vector, kept part) pairs of a job (DARE's by default; DELLA's)."""
+    ``kept`` gives the (task vector, kept part) pairs of a job (DARE's by default; DELLA's); ``raw``, the
+    same masks as a fused-kernel spec (trim "random" or "della"), lets the pass sum raw chunks."""
 
     label = "DARE rescale norms"
 
     def __init__(self, kept: Optional[Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]] = None,
-                 densities: Optional[list[float]] = None):
+                 raw: Optional["fused_sparse.SparseSpec"] = None):
         self.kept = kept or _Dare.kept
         self.before: list[float] = []
         self.after: list[float] = []
-        if kept is None and densities is not None:  # DARE's own masks: the fused kernel can sum raw chunks
-            self.densities = tuple(densities)
+        if raw is not None:  # the fused kernels can draw the masks and sum raw chunks
+            self.raw = raw
             self.update_raw = self._update_raw
 
     def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
-        spec = fused_sparse.SparseSpec((), "random", None, False, 1.0, self.densities)
         masks = [torch.ones(chunk.base.numel(), dtype=torch.uint8) if m is None else m
-                 for m in fused_sparse.keep_masks(chunk, spec)]
-        sums = fused_sparse.l1_norms(chunk, masks)
+                 for m in fused_sparse.keep_masks(chunk, self.raw)]
+        sums = fused_sparse.kept_norms(chunk, self.raw) or fused_sparse.l1_norms(chunk, masks)
         if not self.before:
             self.before, self.after = [0.0] * len(sums), [0.0] * len(sums)
         for i, (before, after) in enumerate(sums):

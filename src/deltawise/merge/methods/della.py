@@ -16,18 +16,21 @@ with DARE's block generator (``TensorJob.uniform``): the same seed gives the sam
 device and chunking, but not mergekit's bits (its masks come from torch's global generator).
 Where we differ: the paper rescales each survivor by 1/p_j; mergekit (and we) rescale each
 tensor to its L1 norm. A row of one entry is kept with probability density (mergekit divides by
-zero there).
+zero there). On the CPU the fused kernel (``_fused_della.c``, ``fused_sparse.della_mask``) draws the same
+masks: a stable radix rank per row and the same draws against ``rank_probabilities``' table.
 """
 
 from __future__ import annotations
 
 import torch
 
+import deltawise.merge.fused_sparse as fused_sparse
 from deltawise.merge.base import MergeMethod, TensorJob, register
 from deltawise.merge.methods.common import DENSITY, INT8_MASK, LAMBDA, WEIGHT, normalize
 from deltawise.merge.methods.dare import RESCALE, L1Norms
+from deltawise.merge.fused_sparse import fused_spec
 from deltawise.merge.params import Param
-from deltawise.merge.sparsify import combine
+from deltawise.merge.sparsify import combine, rank_probabilities
 
 EPSILON = Param(
     "epsilon", float, 0.15, scope="model", low=0.0, high=1.0,
@@ -43,9 +46,8 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     if n <= 1:
         return torch.full_like(delta, density)
     order = rows.abs().argsort(dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
-    probs = (density - epsilon) + rank.to(delta.dtype).div_(n - 1).mul_(2 * epsilon)
+    table = rank_probabilities(n, density, epsilon, delta.dtype).to(delta.device)
+    probs = torch.empty_like(rows).scatter_(-1, order, table.expand_as(order))  # probs[j] = table[rank of j]
     return probs.reshape(delta.shape) if delta.dim() < 2 else probs.movedim(-1, 1)
 
 
@@ -65,10 +67,17 @@ class _Della(MergeMethod):
             for d, e in bad[:3]
         ]
 
+    def fused(self, params, model_params):
+        rescale = "l1" if params["rescale"] else None
+        return fused_spec(model_params, "della", self.consensus, params["normalize"], params["lambda"], rescale)
+
     def tensor_passes(self, params, model_params, numel, stats):
         stats["scales"] = [1.0] * len(model_params)
         if params["rescale"] and any(0 < p["density"] < 1 for p in model_params):
-            l1 = L1Norms(self.kept)
+            densities = tuple(float(p["density"]) for p in model_params)
+            epsilons = tuple(float(p["epsilon"]) for p in model_params)
+            l1 = L1Norms(self.kept, raw=fused_sparse.SparseSpec((), "della", None, False, 1.0, densities,
+                                                                epsilons=epsilons))
             l1.label = "DELLA rescale norms"
             yield l1
             stats["scales"] = l1.scales()

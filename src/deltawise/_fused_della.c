@@ -1,0 +1,263 @@
+/* DELLA's MagPrune keep masks (merge/methods/della.py) over raw chunks; see _fused_sparse.c.
+ *
+ * Deep et al. 2024 (arXiv 2406.11617), as della.py computes them: within each line (dimension 1 of
+ * the tensor; a 0-d or 1-d tensor is one line) r_j is the ascending rank of |x_j - b_j|, equal
+ * magnitudes in index order (torch.argsort(stable=True)); p_j = probs[r_j], the keep-probability
+ * table that Python computes with della.py's own float32 expression; m_j = u_j < p_j with u_j the
+ * number TensorJob.uniform draws for entry j (the DARE block streams of _fused_rng.c). So the masks
+ * are the torch path's, bit for bit, for any chunking and thread count.
+ *
+ * The rank comes from an LSD radix sort of the float32 bits of |x - b| (non-negative floats order as
+ * their bits), on only the bits where a line's keys differ, in one to three digits of at most 11 bits:
+ * linear in the line's length, against torch's comparison sort.
+ */
+
+/* ---- the keep probability of each entry of a line, by its stable ascending rank --------------- */
+
+#define RANK_MAX_BITS 11 /* digits of at most 11 bits: at most 3 passes, histograms of at most 2048 bins */
+
+/* p[j * stride] = probs[rank_j] for the n keys of a line, rank_j the position of key j in the ascending
+   order with equal keys in index order (torch.argsort(stable=True)). Only the bits where the keys differ
+   are sorted on (LSD radix sort, stable), in one to three digits; the last pass writes p directly.
+   a, b: scratch of n entries each; hist: scratch of 3 << RANK_MAX_BITS counts. */
+static void line_probs(const uint32_t *key, Py_ssize_t n, float *p, Py_ssize_t stride, const float *probs, uint64_t *a,
+                       uint64_t *b, uint32_t *hist) {
+    if (n <= 32) { /* insertion sort, moving only past strictly larger keys: stable */
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint64_t v = ((uint64_t)key[j] << 32) | (uint32_t)j; /* index in the low half: unique, ordered */
+            Py_ssize_t i = j;
+            for (; i > 0 && a[i - 1] > v; i--)
+                a[i] = a[i - 1];
+            a[i] = v;
+        }
+        for (Py_ssize_t q = 0; q < n; q++)
+            p[(Py_ssize_t)(uint32_t)a[q] * stride] = probs[q];
+        return;
+    }
+    uint32_t k0 = key[0], differ = 0;
+    for (Py_ssize_t j = 0; j < n; j++)
+        differ |= key[j] ^ k0;
+    if (differ == 0) { /* all equal: the ranks are the indices */
+        for (Py_ssize_t j = 0; j < n; j++)
+            p[j * stride] = probs[j];
+        return;
+    }
+    int lo = __builtin_ctz(differ), width = 32 - __builtin_clz(differ) - lo;
+    int max_bits = 8;
+    while (max_bits < RANK_MAX_BITS && ((Py_ssize_t)1 << (max_bits + 1)) <= n) /* bins no more than entries */
+        max_bits++;
+    int passes = (width + max_bits - 1) / max_bits;
+    passes = passes > 3 ? 3 : passes; /* width <= 31: three digits of at most 11 bits */
+    int bits = (width + passes - 1) / passes;
+    uint32_t mask = (1u << bits) - 1u, bins = 1u << bits;
+    uint32_t *h0 = hist, *h1 = hist + bins, *h2 = hist + 2 * bins;
+    memset(hist, 0, (size_t)passes * bins * sizeof(uint32_t));
+    if (passes == 1) {
+        for (Py_ssize_t j = 0; j < n; j++)
+            h0[(key[j] >> lo) & mask]++;
+    } else if (passes == 2) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t k = key[j] >> lo;
+            h0[k & mask]++;
+            h1[(k >> bits) & mask]++;
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t k = key[j] >> lo;
+            h0[k & mask]++;
+            h1[(k >> bits) & mask]++;
+            h2[(k >> 2 * bits) & mask]++;
+        }
+    }
+    for (int q = 0; q < passes; q++) { /* counts to first positions */
+        uint32_t sum = 0, *h = hist + (size_t)q * bins;
+        for (uint32_t d = 0; d < bins; d++) {
+            uint32_t c = h[d];
+            h[d] = sum;
+            sum += c;
+        }
+    }
+    if (passes == 1) { /* counting sort: in index order, each entry takes the next position of its bin */
+        for (Py_ssize_t j = 0; j < n; j++)
+            p[j * stride] = probs[h0[(key[j] >> lo) & mask]++];
+        return;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) { /* the first digit, packing (sorted bits, index) */
+        uint32_t k = key[j] >> lo;
+        a[h0[k & mask]++] = ((uint64_t)k << 32) | (uint32_t)j;
+    }
+    if (passes == 3) {
+        for (Py_ssize_t j = 0; j < n; j++)
+            b[h1[(a[j] >> (32 + bits)) & mask]++] = a[j];
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    uint32_t *last = passes == 3 ? h2 : h1;
+    int shift = 32 + (passes - 1) * bits;
+    for (Py_ssize_t j = 0; j < n; j++) /* the last digit gives the rank */
+        p[(Py_ssize_t)(uint32_t)a[j] * stride] = probs[last[(a[j] >> shift) & mask]++];
+}
+
+/* ---- the masks ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const char *x, *b;     /* the model's and the base's entries of the chunk, as stored */
+    int x_dtype, b_dtype;
+    Py_ssize_t slab;       /* entries per row of dimension 0 (the whole tensor when 0-d or 1-d) */
+    Py_ssize_t line;       /* entries per line: dimension 1 (the whole tensor when 0-d or 1-d) */
+    Py_ssize_t stride;     /* distance between neighbours in a line: the product of dimensions 2.. */
+    const float *probs;    /* keep probability by ascending rank, `line` entries */
+    const Segments *g;     /* the chunk's RNG segments, each a whole number of slabs */
+    uint8_t *out;
+    float *p;              /* scratch: slab floats */
+    uint32_t *keys;        /* scratch: slab keys */
+    uint32_t *line_keys;   /* scratch: line keys (lines with stride > 1) */
+    uint64_t *sort_a, *sort_b; /* scratch: line entries each */
+    uint32_t *hist;        /* scratch: 3 << RANK_MAX_BITS counts */
+    HalfLoad half_load;
+} DellaJob;
+
+DW_INLINE Py_ssize_t della_body(const DellaJob *job, double *l1) {
+    float x[BLOCK], b[BLOCK];
+    double all[8] = {0}, kept[8] = {0};
+    Job conv; /* load_block reads only the half conversion */
+    conv.half_load = job->half_load;
+    Py_ssize_t bad = 0, pos = 0, slab = job->slab, line = job->line, stride = job->stride;
+    Py_ssize_t xsize = itemsize(job->x_dtype), bsize = itemsize(job->b_dtype);
+    for (Py_ssize_t seg = 0; seg < job->g->parts; seg++) {
+        MtStream s;
+        mt_start(&s, job->g->seed[seg], job->g->skip[seg]);
+        for (Py_ssize_t end = pos + job->g->length[seg]; pos < end; pos += slab) {
+            for (Py_ssize_t start = 0; start < slab; start += BLOCK) {
+                Py_ssize_t n = slab - start < BLOCK ? slab - start : BLOCK;
+                load_block(x, job->x + (pos + start) * xsize, job->x_dtype, n, &conv);
+                load_block(b, job->b + (pos + start) * bsize, job->b_dtype, n, &conv);
+                uint32_t *k = job->keys + start;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    float d = x[i] - b[i];
+                    uint32_t u;
+                    memcpy(&u, &d, 4);
+                    k[i] = u & 0x7fffffffu; /* |d|: non-negative floats order as their bits */
+                    bad += k[i] >= 0x7f800000u;
+                }
+            }
+            if (stride == 1) {
+                line_probs(job->keys, line, job->p, 1, job->probs, job->sort_a, job->sort_b, job->hist);
+            } else {
+                for (Py_ssize_t r = 0; r < stride; r++) {
+                    for (Py_ssize_t j = 0; j < line; j++)
+                        job->line_keys[j] = job->keys[r + j * stride];
+                    line_probs(job->line_keys, line, job->p + r, stride, job->probs, job->sort_a, job->sort_b, job->hist);
+                }
+            }
+            mt_keep(&s, job->out + pos, slab, job->p, 0.0f);
+            /* the L1 norms of the task vector and of its kept part (DELLA's rescale), in float64; the kept
+               magnitude is the key's bits masked (+0 where dropped), so that the loop vectorises */
+            const uint8_t *m = job->out + pos;
+            const uint32_t *k = job->keys;
+            Py_ssize_t i = 0;
+            for (; i + 8 <= slab; i += 8)
+                for (int q = 0; q < 8; q++) {
+                    all[q] += (double)bits_float(k[i + q]);
+                    kept[q] += (double)bits_float(k[i + q] & (0u - (uint32_t)m[i + q]));
+                }
+            for (; i < slab; i++) {
+                all[0] += (double)bits_float(k[i]);
+                kept[0] += (double)bits_float(k[i] & (0u - (uint32_t)m[i]));
+            }
+        }
+    }
+    l1[0] = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
+    l1[1] = ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
+    return bad;
+}
+
+#ifdef DW_X86_DISPATCH
+__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t della_avx2(const DellaJob *job, double *l1) {
+    return della_body(job, l1);
+}
+#endif
+
+static Py_ssize_t della_kernel(const DellaJob *job, double *l1) {
+#ifdef DW_X86_DISPATCH
+    if (use_avx2 > 0)
+        return della_avx2(job, l1);
+#endif
+    return della_body(job, l1);
+}
+
+PyDoc_STRVAR(della_mask_doc,
+"della_mask(out, base, base_dtype, model, model_dtype, slab, line, stride, probs, seeds, skips, lengths)\n"
+"    -> (int, float, float)\n\n"
+"DELLA's keep mask of one model for a chunk, as uint8 into out (writable, one byte per entry): within each\n"
+"line (`line` entries `stride` apart, `slab` = line * stride entries per row of dimension 0) r is the\n"
+"ascending stable rank of |model - base|, and keep = u < probs[r] (probs: float32, `line` entries) with u\n"
+"the draws of dare_mask's segments (seeds, skips, lengths; each a whole number of slabs).\n"
+"Returns (the number of non-finite task-vector entries seen, sum |model - base|, sum of it where kept), the\n"
+"sums in float64.");
+
+static PyObject *py_della_mask(PyObject *self, PyObject *args) {
+    PyObject *out, *base, *model, *probs, *seeds, *skips, *lengths;
+    int base_dtype, model_dtype;
+    Py_ssize_t slab, line, stride;
+    if (!PyArg_ParseTuple(args, "OOiOinnnOOOO", &out, &base, &base_dtype, &model, &model_dtype, &slab, &line, &stride,
+                          &probs, &seeds, &skips, &lengths))
+        return NULL;
+    if (check_dtype(base_dtype, "base") < 0 || check_dtype(model_dtype, "input") < 0)
+        return NULL;
+    DellaJob job;
+    memset(&job, 0, sizeof job);
+    Segments g;
+    Held held = {.held = 0};
+    Py_ssize_t bad = -1;
+    double l1[2] = {0.0, 0.0};
+    if (take_segments(&g, seeds, skips, lengths) < 0)
+        goto done;
+    if (line < 1 || stride < 1 || slab != line * stride || (uint64_t)line >= ((uint64_t)1 << 32)) {
+        PyErr_SetString(PyExc_ValueError, "slab must be line * stride, both positive (line below 2**32)");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < g.parts; j++)
+        if (g.length[j] % slab) {
+            PyErr_SetString(PyExc_ValueError, "each RNG segment must hold whole rows");
+            goto done;
+        }
+    job.out = hold(&held, out, 1, g.total, "out");
+    job.b = job.out ? hold(&held, base, 0, g.total * itemsize(base_dtype), "base") : NULL;
+    job.x = job.b ? hold(&held, model, 0, g.total * itemsize(model_dtype), "input") : NULL;
+    job.probs = job.x ? hold(&held, probs, 0, line * 4, "probs") : NULL;
+    if (job.probs == NULL)
+        goto done;
+    job.b_dtype = base_dtype;
+    job.x_dtype = model_dtype;
+    job.slab = slab;
+    job.line = line;
+    job.stride = stride;
+    job.g = &g;
+    job.p = malloc((size_t)slab * sizeof(float));
+    job.keys = malloc((size_t)slab * sizeof(uint32_t));
+    job.line_keys = malloc((size_t)line * sizeof(uint32_t));
+    job.sort_a = malloc((size_t)line * sizeof(uint64_t));
+    job.sort_b = malloc((size_t)line * sizeof(uint64_t));
+    job.hist = malloc(((size_t)3 << RANK_MAX_BITS) * sizeof(uint32_t));
+    if (!job.p || !job.keys || !job.line_keys || !job.sort_a || !job.sort_b || !job.hist) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    HalfStore unused;
+    choose_half(&job.half_load, &unused);
+    Py_BEGIN_ALLOW_THREADS
+    bad = della_kernel(&job, l1);
+    Py_END_ALLOW_THREADS
+done:
+    free(job.p);
+    free(job.keys);
+    free(job.line_keys);
+    free(job.sort_a);
+    free(job.sort_b);
+    free(job.hist);
+    release_all(&held);
+    free_segments(&g);
+    return bad < 0 ? NULL : Py_BuildValue("(ndd)", bad, l1[0], l1[1]);
+}
