@@ -51,6 +51,15 @@ static void mt_start(MtStream *s, uint32_t seed, Py_ssize_t skip) {
     s->index = skip - pos;
 }
 
+/* MT19937's tempering of one state word, then torch's float draw from its low 24 bits. */
+DW_INLINE float mt_uniform(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return (float)(y & 0xffffffu) * 0x1p-24f;
+}
+
 /* keep[j] = u_j < (p ? p[j] : density) for the next n draws u_j, decided in float32 as torch does. */
 DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p, float density) {
     Py_ssize_t done = 0;
@@ -64,22 +73,12 @@ DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p,
         uint8_t *out = keep + done;
         if (p == NULL) {
             for (Py_ssize_t j = 0; j < take; j++) {
-                uint32_t y = state[j];
-                y ^= y >> 11;
-                y ^= (y << 7) & 0x9d2c5680u;
-                y ^= (y << 15) & 0xefc60000u;
-                y ^= y >> 18;
-                out[j] = (float)(y & 0xffffffu) * 0x1p-24f < density;
+                out[j] = mt_uniform(state[j]) < density;
             }
         } else {
             const float *q = p + done;
             for (Py_ssize_t j = 0; j < take; j++) {
-                uint32_t y = state[j];
-                y ^= y >> 11;
-                y ^= (y << 7) & 0x9d2c5680u;
-                y ^= (y << 15) & 0xefc60000u;
-                y ^= y >> 18;
-                out[j] = (float)(y & 0xffffffu) * 0x1p-24f < q[j];
+                out[j] = mt_uniform(state[j]) < q[j];
             }
         }
         s->index += take;
