@@ -89,14 +89,6 @@ def test_local_executor_bam_equals_the_sequential_run(tiny_lm, data, sequential,
     assert [b["branch"] for b in log["rounds_log"][0]["branches"]] == [1, 2]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_executor_bam_equals_the_sequential_run(local_ray, tiny_lm, data, sequential, tmp_path):
     bam(tiny_lm, data, tmp_path / "out", "--executor", "ray", "--branch-cpus", "1")
@@ -104,12 +96,19 @@ def test_ray_executor_bam_equals_the_sequential_run(local_ray, tiny_lm, data, se
 
 
 def _kill_first_branch_task(stop: threading.Event) -> int | None:
-    """SIGKILL the first Ray worker seen running a branch (Ray titles a busy worker ``ray::FUNCTION``)."""
+    """SIGKILL the first Ray worker seen running a branch (Ray titles a busy worker ``ray::FUNCTION``).
+
+    Only this process's own Ray instance is searched (its raylet and workers descend from it): under
+    pytest-xdist another worker may run a Ray branch of its own test at the same time."""
     while not stop.is_set():
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any("ray::train_branch_job" in part for part in proc.info["cmdline"] or ()):
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                cmdline = proc.cmdline()
+            except psutil.Error:  # ended between listing and reading
+                continue
+            if any("ray::train_branch_job" in part for part in cmdline):
                 proc.send_signal(signal.SIGKILL)
-                return proc.info["pid"]
+                return proc.pid
         time.sleep(0.05)
     return None
 

@@ -96,14 +96,6 @@ def test_a_failing_candidate_is_named_and_a_rerun_continues_from_the_cache(trade
     assert not work.exists()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_executor_chooses_the_inline_point_with_the_same_numbers(local_ray, tradeoff, inline, tmp_path):
     result = _search(tradeoff, tmp_path / "out", executor=ExecutorOptions("ray", job_cpus=1))
