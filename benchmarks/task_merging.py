@@ -8,14 +8,15 @@ Per seed (the tasks and experts are ``minilm_tasks.py``'s; everything is cached 
 method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended with a seed):
 1. Data: eight tasks, seeded class-balanced train / validation / test splits, no text in two tasks.
 2. Experts: one fully fine-tuned all-MiniLM-L6-v2 per task; each task keeps its own head.
-3. Batch merging: the expert *bodies* merged by every method of ``SETTINGS``; a method's
-   ``lambda`` is chosen on the validation splits (average normalized accuracy) from ``GRID``;
-   test accuracy is reported for that choice only. The (method, lambda) cells of a seed are independent
-   jobs of ``--executor`` (deltawise's executors: inline by default, ``--jobs`` local processes, or
-   Ray tasks; the same numbers whichever runs them). Controls: TIES per tensor and with the
-   paper's whole-model threshold; TIES with the disjoint sum (``ties_sum``), the aggregation
-   Consensus-TIES uses, so that Consensus is compared with the same rule; Consensus with each
-   task's TALL-mask lambda tuned on that task's validation split, as its paper does.
+3. Batch merging: the expert *bodies* merged by every method of ``SETTINGS``; a method's ``lambda`` is
+   chosen on the validation splits (average normalized accuracy) from ``GRID``, extended upwards through
+   ``EDGE_EXTENSION`` while the best value is the largest tried (a choice at the grid's edge says the
+   range was too narrow); test accuracy is reported for that choice only. The (method, lambda) cells of
+   a seed are independent jobs of ``--executor`` (deltawise's executors: inline by default, ``--jobs``
+   local processes, or Ray tasks; the same numbers whichever runs them). Controls: TIES per tensor and
+   with the paper's whole-model threshold; TIES with the disjoint sum (``ties_sum``), the aggregation
+   Consensus-TIES uses, so that Consensus is compared with the same rule; Consensus with each task's
+   TALL-mask lambda tuned on that task's validation split, as its paper does.
 4. Sequential merging over ``--orders`` seeded task orders: continual task arithmetic, running
    average, continual TIES (FusionBench's form) and OPCM over an alpha sweep; the first order is
    scored after every arrival, every order at the end.
@@ -51,6 +52,7 @@ from deltawise.options import ExecutorOptions, flag_of, option_fields  # noqa: E
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
+EDGE_EXTENSION = [2.5, 3.0, 4.0, 5.0, 7.0, 10.0]  # tried one at a time, only while the top of the grid wins
 # label: (method, fixed parameters); "lambda" is searched over GRID when the method has it
 SETTINGS: dict[str, tuple[str, dict]] = {
     "linear": ("linear", {}),
@@ -148,6 +150,12 @@ def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Pa
     scores = runner.run(run_cell, cells)
     tried = [{"params": c.params, "folder": c.folder, "val_normalized": v} for c, v in zip(cells, scores)]
     best = max(tried, key=lambda r: r["val_normalized"])
+    for lam in EDGE_EXTENSION if grid[0] is not None else []:
+        if best is not tried[-1]:
+            break
+        cell = replace(cells[-1], params={**fixed, "lambda": lam}, folder=work / "merged" / f"{label}_{lam}")
+        tried.append({"params": cell.params, "folder": cell.folder, "val_normalized": runner.run(run_cell, [cell])[0]})
+        best = max(tried, key=lambda r: r["val_normalized"])
     body = load_body(best["folder"])
     correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
     for r in tried:  # the merges are cheap to redo; keep the disk small
@@ -468,7 +476,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "benchmark": "task_merging", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "host": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads",
-        "grid": GRID, "seeds": {str(s): without_items(r) for s, r in per_seed.items()},
+        "grid": GRID, "edge_extension": EDGE_EXTENSION, "seeds": {str(s): without_items(r) for s, r in per_seed.items()},
         "summary": summary, "seconds": time.time() - started,
     }
     write_json(args.work / "task_merging.json", payload)

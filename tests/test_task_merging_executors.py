@@ -57,3 +57,13 @@ def test_local_cells_give_the_inline_results(experts, tmp_path):
     inline = _run(experts, tmp_path / "inline")
     local = _run(experts, tmp_path / "local", ExecutorOptions("local", jobs=2))
     assert local == inline
+
+
+def test_a_choice_at_the_grid_top_extends_the_grid_until_it_falls(experts, tmp_path):
+    # both tasks sit at base + 3 * (sum of task vectors): the score rises through GRID and peaks at 3.0
+    far = [b + 3.0 * ((a - b) + (c - b)) for b, a, c in zip(BASE, A, B)]
+    r = run_method("task_arithmetic", "task_arithmetic", {}, experts["base"], [experts["a"], experts["b"]],
+                   tmp_path / "work", DistanceScorer({"a": far, "b": far}), {"a": 1.0, "b": 1.0})
+    lambdas = [g["params"]["lambda"] for g in r["grid"]]
+    assert lambdas == GRID + [2.5, 3.0, 4.0]  # 4.0 scores below 3.0, so the extension stops there
+    assert r["params"]["lambda"] == 3.0
