@@ -63,13 +63,13 @@ def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], cou
     def compeft(density):
         def at(alpha):
             parts = {k: compress_tensor(v, "compeft", density, alpha, torch.float32) for k, v in tau.items()}
-            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes() for p in parts.values())
+            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
         return at
 
     def topk(density):
         def at(_):
             parts = {k: compress_tensor(v, "topk", density, 1.0, torch.float32) for k, v in tau.items()}
-            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes() for p in parts.values())
+            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
         return at
 
     def lowrank(rank):
@@ -78,7 +78,7 @@ def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], cou
             for k, v in tau.items():
                 if v.dim() == 2 and min(v.shape) > rank:
                     factors, _ = lowrank_factors(v, rank, None)
-                    out[k], size = factors.materialize(), size + factors.nbytes()
+                    out[k], size = factors.materialize(), size + factors.nbytes
                 else:
                     out[k], size = v, size + v.numel() * 4
             return out, size
