@@ -27,11 +27,11 @@ used: under FSDP the SVD runs on the CPU before sharding, where NCCL cannot gath
 rank but not another would hang the collective). Then rank 0's result is sent to all (``share_rank0``): first
 each layer's rank, then each A, before the Trainer wraps the model. An SVD that differs in its last bits between
 devices can move a component across the rank budget and so change module shapes: without this step DDP stopped at
-its parameter-shape check and FSDP at a gloo size mismatch (tried by hand with tests/test_train_eva_ddp.py's
-skewed rank 1, whose test now passes); equal
-shapes with different values would have trained a different adapter per FSDP shard. ``--resume`` computes the
-initialisation again before loading the checkpoint (same data and global batch, same ranks); the global batch's
-rows are in the run's key, so a resume with another process count is refused instead of failing on shapes.
+its parameter-shape check and FSDP at a gloo size mismatch (tried by hand with the skewed rank 1 of
+tests/test_train_eva_ddp.py, which now passes), and equal shapes with different values would have trained a
+different adapter per FSDP shard. ``--resume`` computes the initialisation again before loading the checkpoint
+(same data and global batch, same ranks); the global batch's rows are in the run's key, so a resume with another
+process count is refused instead of failing on shapes.
 """
 
 from __future__ import annotations
