@@ -5,7 +5,10 @@ multi-process launch and save every rank's final weights.
 
 SPEC.json: {"model": ..., "data": ..., "out": ..., "runs": [{"name": ..., "method": ..., "task": ...,
 "method_params": {...}, "train": {...TrainConfig fields...}}]}. Each run writes ``out/NAME`` (rank 0) and
-``out/NAME.rank{R}.safetensors`` (every rank's parameters when training ended).
+``out/NAME.rank{R}.safetensors`` (every rank's parameters when training ended). A run with ``"save_init": true``
+also writes ``out/NAME.init{R}.safetensors`` (the trainable parameters when training began, as the wrapped model
+holds them), and one with ``"skew_rank1_init": true`` hands rank 1 other batches for its data-driven
+initialisation (another seed, 3 rows a batch), as a device whose SVD differs from rank 0's would.
 """
 
 from __future__ import annotations
@@ -24,14 +27,27 @@ class SaveWeights(TrainerCallback):
         self.path = path
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.save(model)
+
+    def save(self, model, trainable_only: bool = False) -> None:
         from safetensors.torch import save_file
 
         from deltawise.adapt.sharding import full_parameters, is_sharded
 
         sharded = is_sharded(model)  # recorded, so that the FSDP test knows the run really was sharded
         with full_parameters(model, keep=True) as full:  # FSDP: every rank gathers its full weights
-            save_file({n: p.detach().cpu().contiguous() for n, p in full.named_parameters()}, str(self.path),
-                      metadata={"sharded": str(sharded)})
+            save_file({n: p.detach().cpu().contiguous() for n, p in full.named_parameters()
+                       if p.requires_grad or not trainable_only}, str(self.path), metadata={"sharded": str(sharded)})
+
+
+class SaveInit(SaveWeights):
+    """Saves the trainable parameters when training begins (the model already wrapped in DDP or sharded)."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        pass
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.save(model, trainable_only=True)
 
 
 def config(spec: dict, run: dict, out: Path):
@@ -73,12 +89,30 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     root = Path(spec["out"])
+    import deltawise.adapt.train as train
+
+    init_batches = train._init_batches
     for run in spec["runs"]:
         rank = int(os.environ.get("RANK", "0"))  # the process group starts inside run_train
-        result = run_train(config(spec, run, root / run["name"]),
-                           callbacks=[SaveWeights(root / f"{run['name']}.rank{rank}.safetensors")])
+        callbacks = [SaveWeights(root / f"{run['name']}.rank{rank}.safetensors")]
+        if run.get("save_init"):
+            callbacks.append(SaveInit(root / f"{run['name']}.init{rank}.safetensors"))
+        if run.get("skew_rank1_init") and rank == 1:
+            train._init_batches = skewed(init_batches)
+        try:
+            result = run_train(config(spec, run, root / run["name"]), callbacks=callbacks)
+        finally:
+            train._init_batches = init_batches
         if result.is_main_process:
             print(f"ok {run['name']} steps={result.steps}", flush=True)
+
+
+def skewed(init_batches):
+    """``train._init_batches`` drawing batches of 3 rows with another seed (on tests/adapt_util.py's data: other EVA
+    ranks, tests/test_train_eva_ddp.py)."""
+    from dataclasses import replace
+
+    return lambda rows, pad_id, cfg, size: init_batches(rows, pad_id, replace(cfg, seed=cfg.seed + 1), 3)
 
 
 if __name__ == "__main__":

@@ -55,16 +55,22 @@ def data_sha256(path: Optional[Path]) -> Optional[str]:
     return h.hexdigest()
 
 
-def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: str) -> dict[str, Any]:
-    """Everything the trained result depends on, as JSON-able parts (compared part by part on resume)."""
+def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: str,
+            init_batch_rows: Optional[int] = None) -> dict[str, Any]:
+    """Everything the trained result depends on, as JSON-able parts (compared part by part on resume).
+    ``init_batch_rows``: the rows of each batch a data-driven initialisation (LoRA's init=eva) reads, processes ×
+    --batch-size, which is not among the options; a part of the key only for such a method."""
     options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     options["method_params"] = method_values  # resolved: giving a parameter its default is the same run
-    return {
+    key = {
         "options": json.loads(json.dumps(options, default=str)),
         "model": model_fingerprint,
         "data": data_sha256(Path(cfg.data)),
         "replay": data_sha256(Path(cfg.replay) if cfg.replay else None),
     }
+    if init_batch_rows is not None:
+        key["init_batch_rows"] = init_batch_rows
+    return key
 
 
 def latest_checkpoint(staging: Path) -> Optional[Path]:
@@ -153,7 +159,9 @@ def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
         if name == "options" and isinstance(old, dict) and isinstance(new, dict):
             parts += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         else:
-            parts.append({"model": "model weights", "data": "--data contents", "replay": "--replay contents"}.get(name, name))
+            parts.append({"model": "model weights", "data": "--data contents", "replay": "--replay contents",
+                          "init_batch_rows": f"the rows of the initialisation's batches (processes × --batch-size: "
+                                             f"{old} then, {new} now)"}.get(name, name))
     return ", ".join(parts)
 
 

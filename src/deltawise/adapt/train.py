@@ -289,6 +289,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
     # and checks device and dtype before anything is written
     args = training_arguments(cfg, staging / TRAINER_DIR)
     main = args.process_index == 0
+    init_rows = cfg.batch_size * args.world_size  # a data-driven initialisation's batch: one global batch
     held = ExitStack()
     resume_from: Optional[Path] = None
     try:
@@ -298,7 +299,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 held.enter_context(output_lock(cfg.output))
                 _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
                 fingerprint = ModelReader(model_path, allow_pickle=cfg.allow_pickle, label=str(cfg.model)).fingerprint()
-                key = run_key(cfg, method.values, fingerprint)
+                key = run_key(cfg, method.values, fingerprint, init_rows if method.initialises_from_data() else None)
                 staging, resume_from = open_run_staging(cfg.output, key, resume=cfg.resume)
             elif cfg.resume:
                 resume_from = latest_checkpoint(staging)
@@ -321,8 +322,8 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
         # has just loaded them, so a pickle checkpoint (allowed above) is read here too
         base = ModelReader(model_path, label=str(cfg.model), allow_pickle=cfg.allow_pickle) if method.kind == "delta" else None
         model = method.prepare(model, cfg.task, cfg.seed)
-        # a data-driven initialisation (LoRA's init=eva) reads training batches; every process the same ones
-        method.initialise(model, _init_batches(target_rows, tok.pad_token_id, cfg), _init_device(args),
+        # a data-driven initialisation (LoRA's init=eva) reads global training batches; every process the same ones
+        method.initialise(model, _init_batches(target_rows, tok.pad_token_id, cfg, init_rows), _init_device(args),
                           note if main and cfg.progress else None)
         trainable, total = method.count_params(model)
         # the other ranks of a multi-process run get a folder of their own: only rank 0's output is kept
@@ -387,11 +388,12 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                        trainer._tokens, trainer.is_world_process_zero())
 
 
-def _init_batches(rows: list[dict[str, Any]], pad_id: int, cfg: TrainConfig) -> torch.utils.data.DataLoader:
-    """The training rows in batches of ``--batch-size``, collated as for training and shuffled with ``--seed``
-    (the same order in every process), for a method's data-driven initialisation."""
+def _init_batches(rows: list[dict[str, Any]], pad_id: int, cfg: TrainConfig, size: int) -> torch.utils.data.DataLoader:
+    """The training rows in batches of ``size`` (the global batch, processes × ``--batch-size``), collated as for
+    training and shuffled with ``--seed`` (the same order in every process, and the order one process with that
+    batch size reads), for a method's data-driven initialisation."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    return torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+    return torch.utils.data.DataLoader(rows, batch_size=size, shuffle=True, generator=generator,
                                        collate_fn=Collator(pad_id, cfg.task))
 
 

@@ -77,6 +77,11 @@ class Method:
         ``batches`` (a sized iterable) gives training batches as the trainer collates them, drawn with the run's
         seed; ``device`` is where training runs; ``note`` hears progress lines. Most methods need none."""
 
+    def initialises_from_data(self) -> bool:
+        """Whether ``initialise`` reads training batches: their size (processes × --batch-size) then decides the
+        initialisation, so it joins the run's key for ``--resume``."""
+        return False
+
     def before_training(self, model: nn.Module, staging: Path) -> None:
         """Hook run once the model is prepared and before the first step (e.g. PiSSA saves its init)."""
 

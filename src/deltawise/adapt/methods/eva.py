@@ -17,9 +17,21 @@ ranks in ``rank_pattern`` (and, with ``eva_adjust_scaling``, α_l = α·k/r in `
 keeps the scale α/r); PEFT and deltawise's adapter reader (delta/peft_io.py) honour both. ``eva_whiten``
 divides row i of A by √S_i. Layers with equal inputs (q_proj, k_proj, v_proj of one block) share one SVD.
 
-The batches are ``--batch-size`` rows of ``--data`` drawn with ``--seed``, as collated for training; every
-process of a multi-process run reads the same ones, so all start from the same adapter. A run continued with
-``--resume`` computes the initialisation again before loading the checkpoint (same data, same ranks).
+The batches are rows of ``--data`` drawn with ``--seed``, as collated for training, one SVD step per global
+batch: processes × ``--batch-size`` rows (one process: ``--batch-size``), so a run of N processes starts from
+the adapter of one process with N times the batch, as its training steps equal that process's.
+
+Several processes (DDP, FSDP): every process computes the SVD alone on those same global batches (PEFT's
+``gather_distributed_inputs``, which all-gathers each layer's inputs from per-rank shards inside its hooks, is not
+used: under FSDP the SVD runs on the CPU before sharding, where NCCL cannot gather, and a hook that stops on one
+rank but not another would hang the collective). Then rank 0's result is sent to all (``share_rank0``): first
+each layer's rank, then each A, before the Trainer wraps the model. An SVD that differs in its last bits between
+devices can move a component across the rank budget and so change module shapes: without this step DDP stopped at
+its parameter-shape check and FSDP at a gloo size mismatch (tried by hand with the skewed rank 1 of
+tests/test_train_eva_ddp.py, which now passes), and equal shapes with different values would have trained a
+different adapter per FSDP shard. ``--resume`` computes the initialisation again before loading the checkpoint
+(same data and global batch, same ranks); the global batch's rows are in the run's key, so a resume with another
+process count is refused instead of failing on shapes.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from deltawise.adapt.dist import broadcast_from_rank0, is_distributed, world_size
 from deltawise.adapt.methods.base import MethodError
 from deltawise.params import Param
 
@@ -51,8 +64,8 @@ EVA_PARAMS: tuple[Param, ...] = (
           help="init=eva: a layer given k components gets alpha·k/rank, so its scale stays alpha/rank (without "
                "rslora; PEFT's adjust_scaling_factors, default true)"),
     Param("eva_batches", int, None, low=1,
-          help="init=eva: training batches (--batch-size rows, drawn with --seed) the SVD reads, cycled until it "
-               "converges; default: all of --data (PEFT's guide: the fine-tuning dataloader)"),
+          help="init=eva: training batches (processes × --batch-size rows, drawn with --seed) the SVD reads, cycled "
+               "until it converges; default: all of --data (PEFT's guide: the fine-tuning dataloader)"),
 )
 MAX_STEPS = 1000  # SVD steps (batches) before EVA gives up on convergence (PEFT's loop would cycle forever)
 
@@ -103,11 +116,26 @@ def _tokens_read(inputs: Mapping[str, torch.Tensor]) -> int:
     return int((mask & (labels != -100) if labels is not None and labels.dim() == 2 else mask).sum())
 
 
+def share_rank0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's EVA result (PEFT's ``eva_state_dict``: adapted module -> A, one row per component) on every process
+    of a multi-process run; in one process, ``state`` itself. The ranks go first, as they fix the shapes the others
+    receive A into. Every process holds the same modules (the same model and targets), named in the same order."""
+    if not is_distributed():
+        return state
+    names = sorted(state)
+    ranks = broadcast_from_rank0(torch.tensor([state[n].shape[0] for n in names], dtype=torch.int64))
+    shared = {}
+    for name, k in zip(names, ranks.tolist()):
+        a = state[name] if state[name].shape[0] == k else state[name].new_empty((k, *state[name].shape[1:]))
+        shared[name] = broadcast_from_rank0(a.contiguous()) if k else a
+    return shared
+
+
 def initialise_eva(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], values: Mapping[str, Any],
                    device: torch.device | str | None = None, note: Optional[Callable[[str], None]] = None) -> dict[str, int]:
     """Run PEFT's EVA on the prepared PEFT model ``model`` (built with ``eva_lora_kwargs``) over the first
     ``eva_batches`` batches of ``loader``; returns each adapted module's rank."""
-    from peft import initialize_lora_eva_weights
+    from peft import get_eva_state_dict, initialize_lora_eva_weights
 
     batches = _Batches(loader, values["eva_batches"])
     if len(batches) == 0:
@@ -135,15 +163,17 @@ def initialise_eva(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], 
 
     try:  # PEFT prints a line per layer for each batch it skips: the checks above say it once
         with contextlib.redirect_stdout(io.StringIO()):
-            initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False,
-                                        gather_distributed_inputs=False)  # every process reads the same batches
+            state = get_eva_state_dict(model, dataloader=batches, forward_fn=forward, show_progress_bar=False,
+                                       gather_distributed_inputs=False)  # every process reads the same batches
     except ValueError as exc:
         raise MethodError(f"init=eva: {exc}") from None
+    initialize_lora_eva_weights(model, eva_state_dict=share_rank0(state))
     ranks = {name.removeprefix("base_model.model."): m.lora_A["default"].weight.shape[0]
              for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     if not ranks:
         raise MethodError("init=eva left no layer adapted")
     if note is not None:
-        note(f"EVA: {steps - 1} SVD steps; ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} "
+        shared = f"; rank 0's adapter sent to all {world_size()} processes" if is_distributed() else ""
+        note(f"EVA: {steps - 1} SVD steps{shared}; ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} "
              f"layers (budget {values['rank'] * layers}), {layers - len(ranks)} layers left unadapted")
     return ranks

@@ -67,5 +67,8 @@ class LoRA(PeftMethod):
         if eva_requested(self.values):
             self._eva_ranks = initialise_eva(model, batches, self.values, device, note)
 
+    def initialises_from_data(self) -> bool:
+        return eva_requested(self.values)
+
     def record(self) -> dict[str, Any]:
         return {"eva_ranks": self._eva_ranks} if self._eva_ranks else {}
