@@ -49,6 +49,20 @@ def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
     return dst
 
 
+def noisy_family(root: Path, count: int, side: int) -> dict[str, Path]:
+    """``base`` (``count`` float32 tensors ``model.layers.{i}.w`` of side x side, seed 0) and ``ft1``/``ft2`` (base +
+    0.01 / 0.02 Gaussian noise), one-file model folders under root."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.w": torch.randn(side, side, generator=gen) for i in range(count)}
+    paths = {}
+    for name, scale in (("base", 0.0), ("ft1", 0.01), ("ft2", 0.02)):
+        (root / name).mkdir()
+        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
+        paths[name] = root / name
+    return paths
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under folder: proves an input was not modified."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
