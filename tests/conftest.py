@@ -34,8 +34,9 @@ def save_llama(path: Path, seed: int = 0, **config_overrides) -> Path:
     return path
 
 
-def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
-    """Copy a checkpoint folder, adding seeded Gaussian noise to every floating tensor."""
+def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01, keep: float | None = None) -> Path:
+    """Copy a checkpoint folder, adding seeded Gaussian noise to every floating tensor; ``keep``: to about that
+    share of the entries only (a random mask drawn after the noise)."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -44,7 +45,8 @@ def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
         state = load_file(f)
         for k, v in state.items():
             if v.is_floating_point():
-                state[k] = v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                noise = scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                state[k] = v + (noise if keep is None else noise * (torch.rand(v.shape, generator=gen) < keep))
         save_file(state, f, metadata={"format": "pt"})
     return dst
 
