@@ -30,7 +30,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,16 +41,18 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     GB,
     MB,
     LlamaShape,
+    add_workdir_options,
     build_recipe,
     choose_shape,
     console,
     ensure_checkpoints,
     host_info,
     parse_methods,
-    parse_size,
+    parse_shard_size,
     recipe_inputs,
     run_measured,
     safetensors_bytes,
+    work_dir,
     write_recipe,
 )
 
@@ -162,10 +163,7 @@ def write_json(path: Path, results: list[MergeResult], shape: LlamaShape, args: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where checkpoints, recipes and outputs go (default: a fresh temp dir under /tmp, "
-                             "deleted at the end unless --keep); complete checkpoints found here are reused")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir and every merge output")
+    add_workdir_options(parser, "checkpoints, recipes and outputs", "keep the work dir and every merge output")
     parser.add_argument("--size-gb", type=float, default=1.1, help="size of each checkpoint in GB (default 1.1)")
     parser.add_argument("--models", type=int, default=3, help="number of fine-tuned checkpoints to merge (default 3)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated merge methods")
@@ -176,19 +174,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = parse_methods(parser, args.methods)
     if args.models < 1 or args.size_gb <= 0:
         parser.error("--models must be >= 1 and --size-gb > 0")
-    try:
-        args.shard_bytes = parse_size(args.shard_size)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+    args.shard_bytes = parse_shard_size(parser, args.shard_size)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    temporary = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="deltawise-merge-bench-", dir="/tmp")) if temporary else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.workdir, "deltawise-merge-bench-", args.keep) as workdir:
         shape = choose_shape(int(args.size_gb * GB))
         console.print(f"work dir {workdir}; model shape {shape} = {shape.total_bytes() / GB:.2f} GB per checkpoint")
         base, models = ensure_checkpoints(workdir, shape, args.models, args.shard_bytes)
@@ -203,11 +195,6 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, results, shape, args)
             console.print(f"wrote {args.json}")
         return 0 if all(r.ok for r in results) else 1
-    finally:
-        if temporary and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif args.keep:
-            console.print(f"kept {workdir}")
 
 
 if __name__ == "__main__":

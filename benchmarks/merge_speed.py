@@ -76,7 +76,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +89,7 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     NAMED_SHAPES,
     LlamaShape,
     RunResult,
+    add_workdir_options,
     build_recipe,
     cached_fraction,
     evict,
@@ -97,12 +97,13 @@ from synthetic import (  # noqa: E402  (benchmarks/ is not a package)
     ensure_checkpoints,
     host_info,
     parse_methods,
-    parse_size,
+    parse_shard_size,
     read_files,
     recipe_inputs,
     run_measured,
     safetensors_bytes,
     safetensors_files,
+    work_dir,
     write_recipe,
 )
 
@@ -507,10 +508,8 @@ def write_json(path: Path, results: list[MethodResult], raw: RawRead, shape: Lla
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where checkpoints, recipes, logs and outputs go (default: a fresh temp dir under /tmp, "
-                             "deleted at the end unless --keep); complete checkpoints found here are reused")
-    parser.add_argument("--keep", action="store_true", help="keep a temporary work dir (checkpoints, recipes, logs)")
+    add_workdir_options(parser, "checkpoints, recipes, logs and outputs",
+                        "keep a temporary work dir (checkpoints, recipes, logs)")
     parser.add_argument("--keep-outputs", action="store_true",
                         help="keep every merge output (default: each is deleted after its run)")
     parser.add_argument("--shape", choices=sorted(NAMED_SHAPES), default="llama-1b",
@@ -537,20 +536,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = parse_methods(parser, args.methods)
     if args.models < 1 or args.timeout <= 0 or args.threads < 1:
         parser.error("--models and --threads must be >= 1 and --timeout > 0")
-    try:
-        args.shard_bytes = parse_size(args.shard_size)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+    args.shard_bytes = parse_shard_size(parser, args.shard_size)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mergekit = find_mergekit(args.mergekit)
-    temporary = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="deltawise-speed-bench-", dir="/tmp")) if temporary else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.workdir, "deltawise-speed-bench-", args.keep) as workdir:
         shape = NAMED_SHAPES[args.shape]
         console.print(f"work dir {workdir}; shape {args.shape} = {shape} = {shape.parameters() / 1e9:.3f} B parameters, "
                       f"{shape.total_bytes() / GB:.2f} GB per checkpoint")
@@ -591,11 +584,6 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, results, raw, shape, args, mergekit, verdict_lines, source)
             console.print(f"wrote {args.json}")
         return 0 if all(r.deltawise.ok for r in results) else 1
-    finally:
-        if temporary and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif args.keep:
-            console.print(f"kept {workdir}")
 
 
 if __name__ == "__main__":

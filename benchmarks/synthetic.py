@@ -33,8 +33,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,6 +177,38 @@ def parse_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(KNOWN_METHODS)}")
     return methods
+
+
+def parse_shard_size(parser: argparse.ArgumentParser, text: str) -> int:
+    """``--shard-size`` in bytes, refused through ``parser`` when deltawise would refuse it."""
+    try:
+        return parse_size(text)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+
+
+def add_workdir_options(parser: argparse.ArgumentParser, holds: str, keep_help: str) -> None:
+    """``--workdir`` (``holds``: what goes there) and ``--keep``, as ``work_dir`` treats them."""
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help=f"where {holds} go (default: a fresh temp dir under /tmp, "
+                             "deleted at the end unless --keep); complete checkpoints found here are reused")
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+
+
+@contextmanager
+def work_dir(given: Path | None, prefix: str, keep: bool) -> Iterator[Path]:
+    """``given`` (made if missing), else a fresh folder under /tmp deleted at the end unless ``keep``;
+    with ``keep`` the folder is named at the end."""
+    temporary = given is None
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")) if temporary else given
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield workdir
+    finally:
+        if temporary and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif keep:
+            console.print(f"kept {workdir}")
 
 
 def host_info() -> dict:

@@ -34,8 +34,9 @@ def save_llama(path: Path, seed: int = 0, **config_overrides) -> Path:
     return path
 
 
-def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
-    """Copy a checkpoint folder, adding seeded Gaussian noise to every floating tensor."""
+def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01, keep: float | None = None) -> Path:
+    """Copy a checkpoint folder, adding seeded Gaussian noise to every floating tensor; ``keep``: to about that
+    share of the entries only (a random mask drawn after the noise)."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -44,9 +45,24 @@ def perturb(src: Path, dst: Path, seed: int, scale: float = 0.01) -> Path:
         state = load_file(f)
         for k, v in state.items():
             if v.is_floating_point():
-                state[k] = v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                noise = scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                state[k] = v + (noise if keep is None else noise * (torch.rand(v.shape, generator=gen) < keep))
         save_file(state, f, metadata={"format": "pt"})
     return dst
+
+
+def noisy_family(root: Path, count: int, side: int) -> dict[str, Path]:
+    """``base`` (``count`` float32 tensors ``model.layers.{i}.w`` of side x side, seed 0) and ``ft1``/``ft2`` (base +
+    0.01 / 0.02 Gaussian noise), one-file model folders under root."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.w": torch.randn(side, side, generator=gen) for i in range(count)}
+    paths = {}
+    for name, scale in (("base", 0.0), ("ft1", 0.01), ("ft2", 0.02)):
+        (root / name).mkdir()
+        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
+        paths[name] = root / name
+    return paths
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

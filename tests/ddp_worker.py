@@ -9,6 +9,7 @@ SPEC.json: {"model": ..., "data": ..., "out": ..., "runs": [{"name": ..., "metho
 also writes ``out/NAME.init{R}.safetensors`` (the trainable parameters when training began, as the wrapped model
 holds them), and one with ``"skew_rank1_init": true`` hands rank 1 other batches for its data-driven
 initialisation (another seed, 3 rows a batch), as a device whose SVD differs from rank 0's would.
+``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references.
 """
 
 from __future__ import annotations
@@ -56,6 +57,56 @@ def config(spec: dict, run: dict, out: Path):
     return TrainConfig(model=Path(spec["model"]), data=Path(run.get("data", spec["data"])), output=out, method=run["method"],
                        task=run.get("task", "causal_lm"), progress=False, method_params=run.get("method_params", {}),
                        **run.get("train", {}))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
+    """``spec``'s runs under ``torchrun --nproc_per_node 2`` (gloo; ``env`` added to the launch's environment) into
+    ``spec["out"]``, the spec written to ``root / "spec.json"``. Skips without gloo."""
+    import os
+    import subprocess
+
+    import pytest
+    import torch
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tests = Path(__file__).parent
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(tests / "ddp_worker.py"),
+           str(root / "spec.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
+    """``launch_two_ranks``, then the same runs in this process with one thread and the global batch (twice each
+    run's batch_size) into ``root / "single"`` as ``NAME`` and ``NAME.single.safetensors``. Skips without gloo."""
+    import torch
+
+    from deltawise.adapt import run_train
+
+    launch_two_ranks(spec, root, env)
+    single = {**spec, "out": str(root / "single")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run in spec["runs"]:
+            run = {**run, "train": {**run["train"], "batch_size": 2 * run["train"]["batch_size"]}}
+            out = Path(single["out"])
+            run_train(config(single, run, out / run["name"]), callbacks=[SaveWeights(out / f"{run['name']}.single.safetensors")])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def allow_fsdp_on_cpu() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tree_digest
+from conftest import noisy_family, tree_digest
 from deltawise.errors import InputError, OutputError
 from deltawise.io import writer as writer_module
 from deltawise.io.verify import verify_folder
@@ -28,19 +28,7 @@ SHARD = 2_100_000  # bytes: about two 1 MB tensors per shard
 @pytest.fixture(scope="module")
 def big_family(tmp_path_factory) -> dict[str, Path]:
     """Base + 2 models, 24 tensors of 512x512 float32 (1 MB each): merges take long enough to interrupt."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("big")
-    gen = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.w": torch.randn(512, 512, generator=gen) for i in range(24)}
-    paths = {}
-    for name, scale in (("base", 0.0), ("ft1", 0.01), ("ft2", 0.02)):
-        folder = root / name
-        folder.mkdir()
-        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        paths[name] = folder
-    return paths
+    return noisy_family(tmp_path_factory.mktemp("big"), 24, 512)
 
 
 def write_recipe(path: Path, family: dict[str, Path], **params) -> Path:

@@ -16,6 +16,7 @@ from deltawise.errors import DeltawiseError, InputError
 from deltawise.merge import fused, merge
 from deltawise.merge.methods.linear import weighted_average, weighted_sum
 from deltawise.merge.sparsify import combine
+from fused_util import HALF, SIZES, assert_kernels_change_nothing, bits, fused_family
 
 if not fused.available():
     if shutil.which("cc") or shutil.which("gcc"):
@@ -23,8 +24,6 @@ if not fused.available():
                     pytrace=False)
     pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
 
-SIZES = [1, 7, 511, 512, 513, 4099]  # around the kernel's 512-entry block
-HALF = torch.float16 in fused.DTYPE_CODES  # the compiler had _Float16 (gcc 12+, clang)
 needs_half = pytest.mark.skipif(not HALF, reason="deltawise._fused was built without float16")
 
 
@@ -38,10 +37,6 @@ def _ta_ref(base, models, weights, normalize, scale, out_dtype):
     b = base.float()
     w = torch.tensor(weights, dtype=torch.float32)
     return combine(b, [m.float() - b for m in models], w, consensus=None, normalize=normalize, scale=scale).to(out_dtype)
-
-
-def _bits(t):
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
 def _models(n, dtypes, seed):
@@ -66,7 +61,7 @@ def test_linear_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, out_dtype, 
     out = torch.empty(n, dtype=out_dtype)
     spec = fused.FusedSpec("linear", tuple(weights), sum(weights) if normalize else None)
     assert fused.run(spec, out, models) == 0
-    assert torch.equal(_bits(out), _bits(_linear_ref(models, weights, normalize, out_dtype)))
+    assert torch.equal(bits(out), bits(_linear_ref(models, weights, normalize, out_dtype)))
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -85,7 +80,7 @@ def test_task_arithmetic_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, ou
     out = torch.empty(n, dtype=out_dtype)
     spec = fused.FusedSpec("task_arithmetic", tuple(w32), sum(w32) if normalize else None, scale)
     assert fused.run(spec, out, models, base) == 0
-    assert torch.equal(_bits(out), _bits(_ta_ref(base, models, weights, normalize, scale, out_dtype)))
+    assert torch.equal(bits(out), bits(_ta_ref(base, models, weights, normalize, scale, out_dtype)))
 
 
 def test_hand_computed_results():
@@ -112,33 +107,33 @@ def test_float16_rounding_and_overflow():
     # 1 + 2^-11 is halfway between two float16 values: ties to even; 70001 is past float16's range
     assert fused.run(fused.FusedSpec("linear", (1.0, 1.0)), out, [one, step]) == 1
     assert out[:2].tolist() == [1.0, 1.001953125] and out[2].item() == float("inf")
-    assert torch.equal(_bits(out[:2]), _bits((one + step)[:2].half()))
+    assert torch.equal(bits(out[:2]), bits((one + step)[:2].half()))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, pytest.param(torch.float16, marks=needs_half)])
 def test_the_nonfinite_count_is_that_of_the_stored_output(out_dtype):
     # float32 bit patterns on both sides of where each dtype's rounding reaches infinity
     limits = [0x477FF000, 0x7F7F8000, 0x7F800000]  # float16, bfloat16, float32
-    bits = [b + d for b in limits for d in (-1, 0, 1)] + [0x3F800000, 0x7FC00000, 0x00000001]
-    x = torch.tensor(bits + [b | -0x80000000 for b in bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    patterns = [b + d for b in limits for d in (-1, 0, 1)] + [0x3F800000, 0x7FC00000, 0x00000001]
+    x = torch.tensor(patterns + [b | -0x80000000 for b in patterns], dtype=torch.int64).to(torch.int32).view(torch.float32)
     out = torch.empty(len(x), dtype=out_dtype)
     bad = fused.run(fused.FusedSpec("linear", (1.0,)), out, [x])
     ref = x.to(out_dtype)
     assert bad == int((~torch.isfinite(ref)).sum()) > 0
     same = ~torch.isnan(ref)  # NaN payloads may differ
-    assert torch.equal(_bits(out)[same], _bits(ref)[same]) and torch.isnan(out[~same]).all()
+    assert torch.equal(bits(out)[same], bits(ref)[same]) and torch.isnan(out[~same]).all()
 
 
 def test_properties_one_model_and_constant_tensors():
     x = torch.randn(1000).bfloat16()
     out = torch.empty_like(x)
     fused.run(fused.FusedSpec("linear", (1.0,), 1.0), out, [x])
-    assert torch.equal(_bits(out), _bits(x))  # merging one model returns it
+    assert torch.equal(bits(out), bits(x))  # merging one model returns it
     c = torch.full((1000,), 0.8125, dtype=torch.bfloat16)
     fused.run(fused.FusedSpec("linear", (0.25, 0.25, 0.5)), out, [c, c, c])
     assert torch.equal(out, c)  # weights summing to one keep a constant tensor
     fused.run(fused.FusedSpec("task_arithmetic", (0.7, 0.3)), out, [x, x], x)
-    assert torch.equal(_bits(out), _bits(x))  # no task vector: the base comes back
+    assert torch.equal(bits(out), bits(x))  # no task vector: the base comes back
 
 
 def test_nonfinite_results_are_counted():
@@ -192,14 +187,8 @@ def test_the_baseline_copy_of_the_kernels_gives_the_same_bits():
 
 
 def _bf16_family(make_folder):
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40), "layer.bias": (40,), "scale": ()}
-    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
-    family = {"base": make_folder("base", base)}
-    for i in (1, 2, 3):
-        family[f"ft{i}"] = make_folder(f"ft{i}", {k: (v.float() + 0.02 * i * torch.randn(v.shape, generator=gen)).to(v.dtype)
-                                                  for k, v in base.items()})
-    return family
+    """Gaussian fine-tunes, ft_i = base + 0.02 i N(0, 1)."""
+    return fused_family(make_folder, noise=lambda v, i, gen: 0.02 * i * torch.randn(v.shape, generator=gen))
 
 
 def _recipe(method, family, params):
@@ -216,22 +205,9 @@ def _recipe(method, family, params):
     ("task_arithmetic", {"lambda": 0.8}), ("task_arithmetic", {"normalize": True}),
 ])
 def test_engine_output_is_the_same_with_and_without_the_kernels(make_folder, tmp_path, monkeypatch, method, params):
-    from deltawise.merge import engine
-
     family = _bf16_family(make_folder)
-    calls = []
-    real_run = fused.run
-    monkeypatch.setattr(fused, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # several chunks for the embedding
-    merge(_recipe(method, family, params), str(tmp_path / "fused"), threads=2)
-    assert len(calls) >= 6, "the fused path was not taken"
-    monkeypatch.setattr(fused, "available", lambda: False)
-    merge(_recipe(method, family, params), str(tmp_path / "torch"), threads=2)
-    assert len(calls) >= 6
-    a, b = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == torch.bfloat16 and torch.equal(_bits(a[k]), _bits(b[k])), k
+    out = assert_kernels_change_nothing(_recipe(method, family, params), tmp_path, monkeypatch, module=fused)
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
 
 
 def test_float64_inputs_take_the_torch_path(make_folder, tmp_path, monkeypatch):
@@ -255,7 +231,7 @@ def test_float16_models_merge_the_same_with_and_without_the_kernels(make_folder,
     monkeypatch.setattr(fused, "available", lambda: False)
     merge(recipe, str(tmp_path / "torch"))
     got, ref = load_state(tmp_path / "fused")["w"], load_state(tmp_path / "torch")["w"]
-    assert got.dtype == torch.float16 and torch.equal(_bits(got), _bits(ref))
+    assert got.dtype == torch.float16 and torch.equal(bits(got), bits(ref))
 
 
 @pytest.mark.parametrize("kernels", [True, False])

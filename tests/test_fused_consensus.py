@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_state
 from deltawise.errors import InputError
 from deltawise.merge import fused_sparse, merge
-from test_fused_sparse import DTYPES, _bits, _fused, _inputs, _job, _params
+from fused_util import (DTYPES, assert_kernels_change_nothing, bits, fused_family, fused_run, method_params,
+                        quantised_inputs, torch_job)
 
 if not fused_sparse.available():
     pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
@@ -24,12 +24,12 @@ MODEL_PARAMS = [{"mask_lambda": 0.4, "density": 0.3}, {"mask_lambda": 0.3, "dens
     {"multi_task": "ties", "tie_rule": "index", "k": 1}, {"multi_task": "ties", "tie_rule": "all", "lambda": 1.3},
 ])
 def test_consensus_kernel_matches_the_torch_path(n, dtypes, base_dtype, out_dtype, extra):
-    base, models = _inputs(n, dtypes, base_dtype, seed=n)
-    method, params = _params("consensus", **extra)
+    base, models = quantised_inputs(n, dtypes, base_dtype, seed=n)
+    method, params = method_params("consensus", **extra)
     model_params = MODEL_PARAMS[: len(models)]
-    job = _job(method, base, models, params, model_params)
-    ours, _ = _fused(method, base, models, params, model_params, out_dtype)
-    assert torch.equal(_bits(ours), _bits(method.merge(job).to(out_dtype)))
+    job = torch_job(method, base, models, params, model_params)
+    ours, _ = fused_run(method, base, models, params, model_params, out_dtype)
+    assert torch.equal(bits(ours), bits(method.merge(job).to(out_dtype)))
 
 
 @pytest.mark.parametrize("k,expected", [(2, [2.0, 0.25, 0.0, 0.0]), (1, [2.0, 0.25, -0.8, 0.1]), (3, [0.0] * 4)])
@@ -39,59 +39,32 @@ def test_hand_computed_consensus(k, expected):
     m_2 = [1 > 0.4, 0.25 > 0.2, 0.2 > 0.4, 0 > 0.04] = the first two: counts [2, 2, 1, 1]."""
     base = torch.zeros(4)
     models = [torch.tensor([1.0, 0.5, -1.0, 0.1]), torch.tensor([1.0, -0.25, 0.2, 0.0])]
-    method, params = _params("consensus", k=k)
-    ours, _ = _fused(method, base, models, params, [{"mask_lambda": 0.4}] * 2, torch.float32)
+    method, params = method_params("consensus", k=k)
+    ours, _ = fused_run(method, base, models, params, [{"mask_lambda": 0.4}] * 2, torch.float32)
     assert torch.allclose(ours, torch.tensor(expected))
-    assert (_bits(ours)[torch.tensor(expected) == 0] == 0).all()  # dropped entries are +0, as masked_fill_
+    assert (bits(ours)[torch.tensor(expected) == 0] == 0).all()  # dropped entries are +0, as masked_fill_
 
 
 def test_consensus_with_k_zero_is_task_arithmetic():
     """Property: every entry passes k = 0, so the output is theta_0 + lambda * sum_t tau_t, operation for operation."""
-    base, models = _inputs(4099, (torch.bfloat16,) * 3, torch.bfloat16, seed=2)
-    method, params = _params("consensus", k=0, **{"lambda": 0.7})
-    ours, _ = _fused(method, base, models, params, MODEL_PARAMS, torch.float32)
+    base, models = quantised_inputs(4099, (torch.bfloat16,) * 3, torch.bfloat16, seed=2)
+    method, params = method_params("consensus", k=0, **{"lambda": 0.7})
+    ours, _ = fused_run(method, base, models, params, MODEL_PARAMS, torch.float32)
     deltas = [m.float() - base.float() for m in models]
     expected = (deltas[0] + deltas[1] + deltas[2]).mul_(0.7).add_(base.float())
-    assert torch.equal(_bits(ours), _bits(expected))
-
-
-def _family(make_folder, nan: bool = False):
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40), "layer.bias": (40,), "scale": ()}
-    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
-    family = {"base": make_folder("base", base)}
-    for i in (1, 2, 3):
-        tensors = {k: (v.float() + torch.randint(-8, 9, v.shape, generator=gen).float() / 128).to(v.dtype)
-                   for k, v in base.items()}
-        if nan and i == 2:
-            tensors["embed.weight"][123, 4] = float("nan")
-        family[f"ft{i}"] = make_folder(f"ft{i}", tensors)
-    return family
+    assert torch.equal(bits(ours), bits(expected))
 
 
 @pytest.mark.parametrize("params", [
     {}, {"k": 1, "lambda": 0.9}, {"multi_task": "ties"}, {"multi_task": "ties", "granularity": "global"},
 ])
 def test_engine_consensus_is_the_same_with_and_without_the_kernels(make_folder, tmp_path, monkeypatch, params):
-    from deltawise.merge import engine
-
-    family = _family(make_folder)
+    family = fused_family(make_folder)
     recipe = {"merge_method": "consensus", "base_model": str(family["base"]),
               "models": [{"model": str(family[m]), "parameters": {"mask_lambda": lam, "density": d}}
                          for m, lam, d in (("ft1", 0.4, 0.3), ("ft2", 0.3, 0.5), ("ft3", 0.5, 0.2))],
               "parameters": params}
-    calls = []
-    real_run = fused_sparse.run
-    monkeypatch.setattr(fused_sparse, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # several chunks for the embedding
-    merge(recipe, str(tmp_path / "fused"), threads=2)
-    assert len(calls) >= 6, "the fused path was not taken"
-    monkeypatch.setattr(fused_sparse, "available", lambda: False)
-    merge(recipe, str(tmp_path / "torch"), threads=2)
-    a, b = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+    assert_kernels_change_nothing(recipe, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("method,params", [
@@ -101,7 +74,7 @@ def test_engine_consensus_is_the_same_with_and_without_the_kernels(make_folder, 
 def test_a_non_finite_input_is_named_on_the_fused_path(make_folder, tmp_path, method, params):
     """A NaN task-vector entry that a mask, the TALL selection or the sign election would hide from the output
     is still refused, naming the input, as the torch path's input screen does."""
-    family = _family(make_folder, nan=True)
+    family = fused_family(make_folder, nan=True)
     recipe = {"merge_method": method, "base_model": str(family["base"]), "seed": 1,
               "models": [{"model": str(family[m]), "parameters": dict(params) if method != "consensus" else {}}
                          for m in ("ft1", "ft2", "ft3")],

@@ -7,13 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import load_state
 from deltawise.merge import base as base_module
 from deltawise.merge import fused_sparse, merge
 from deltawise.merge.base import TensorJob
 from deltawise.merge.methods.della import keep_probabilities
 from deltawise.merge.sparsify import rank_probabilities
-from test_fused_sparse import DTYPES, MODEL_PARAMS, _bits, _chunk, _fused, _inputs, _job, _params
+from fused_util import (DTYPES, MODEL_PARAMS, assert_same_bits, bits, count_calls, fused_family, fused_run, method_params,
+                        quantised_inputs, raw_chunk, torch_job)
 
 if not fused_sparse.available():
     pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
@@ -31,7 +31,7 @@ def _torch_mask(x: torch.Tensor, base: torch.Tensor, density: float, epsilon: fl
 
 def _kernel_mask(x: torch.Tensor, base: torch.Tensor, density: float, epsilon: float, seed: int, name: str,
                  row_start: int = 0) -> torch.Tensor:
-    chunk = _chunk(base, [x], seed, name, row_start)
+    chunk = raw_chunk(base, [x], seed, name, row_start)
     out = torch.empty(max(1, x.numel()), dtype=torch.uint8)[: x.numel()]
     return fused_sparse.della_mask(out, chunk, 0, density, epsilon)[0].bool()
 
@@ -116,7 +116,7 @@ def test_della_mask_sums_the_rescale_norms(shape):
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(shape, generator=gen).bfloat16()
     x = (base.float() + torch.randn(shape, generator=gen) * 0.01).bfloat16()
-    chunk = _chunk(base, [x], 2, "w")
+    chunk = raw_chunk(base, [x], 2, "w")
     mask, before, after = fused_sparse.della_mask(torch.empty(x.numel(), dtype=torch.uint8), chunk, 0, 0.3, 0.2)
     (ref_before, ref_after), = fused_sparse.l1_norms(chunk, [mask])
     assert before == pytest.approx(ref_before, rel=1e-12) and after == pytest.approx(ref_after, rel=1e-12)
@@ -144,42 +144,37 @@ def test_della_mask_counts_non_finite_task_vectors():
     ("della", {"rescale": False, "normalize": False, "lambda": 0.7}),
 ])
 def test_della_kernel_matches_the_torch_path(n, rows, dtypes, base_dtype, out_dtype, method_name, extra):
-    base, models = _inputs(n, dtypes, base_dtype, seed=n + rows, rows=rows)
-    method, params = _params(method_name, **extra)
+    base, models = quantised_inputs(n, dtypes, base_dtype, seed=n + rows, rows=rows)
+    method, params = method_params(method_name, **extra)
     model_params = DELLA_PARAMS[: len(models)]
-    job = _job(method, base, models, params, model_params, seed=5)
-    ours, stats = _fused(method, base, models, params, model_params, out_dtype, seed=5)
+    job = torch_job(method, base, models, params, model_params, seed=5)
+    ours, stats = fused_run(method, base, models, params, model_params, out_dtype, seed=5)
     if "scales" in job.stats:  # float64 sums in another order: the same float32 factor
         assert [float(torch.tensor(s, dtype=torch.float32)) for s in stats["scales"]] == [
             float(torch.tensor(s, dtype=torch.float32)) for s in job.stats["scales"]]
-    assert torch.equal(_bits(ours), _bits(method.merge(job).to(out_dtype)))
+    assert torch.equal(bits(ours), bits(method.merge(job).to(out_dtype)))
 
 
 @pytest.mark.parametrize("method_name", ["della", "della_linear"])
 def test_della_density_zero_and_one(method_name):
     """A model at density 1 is kept whole, one at density 0 dropped (+0, as della.py's zeros_like)."""
-    base, models = _inputs(1024, (torch.bfloat16,) * 3, torch.bfloat16, seed=3, rows=8)
+    base, models = quantised_inputs(1024, (torch.bfloat16,) * 3, torch.bfloat16, seed=3, rows=8)
     base[0, :4] = -0.0  # where +0 and -0 task vectors would give different output bits
-    method, params = _params(method_name)
+    method, params = method_params(method_name)
     model_params = [dict(DELLA_PARAMS[0], density=1.0), dict(DELLA_PARAMS[1], density=0.0), DELLA_PARAMS[2]]
-    job = _job(method, base, models, params, model_params, seed=2)
-    ours, _ = _fused(method, base, models, params, model_params, torch.bfloat16, seed=2)
-    assert torch.equal(_bits(ours), _bits(method.merge(job).to(torch.bfloat16)))
+    job = torch_job(method, base, models, params, model_params, seed=2)
+    ours, _ = fused_run(method, base, models, params, model_params, torch.bfloat16, seed=2)
+    assert torch.equal(bits(ours), bits(method.merge(job).to(torch.bfloat16)))
 
 
 # ---- through the engine ------------------------------------------------------------------------------
 
 
 def _family(make_folder):
-    gen = torch.Generator().manual_seed(0)
+    """fused_util's family with a 3-d tensor too (a convolution's weight), between the matrices and the vectors."""
     shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40), "conv.weight": (12, 6, 5), "layer.bias": (40,),
               "scale": ()}
-    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
-    family = {"base": make_folder("base", base)}
-    for i in (1, 2, 3):
-        family[f"ft{i}"] = make_folder(f"ft{i}", {
-            k: (v.float() + torch.randint(-8, 9, v.shape, generator=gen).float() / 128).to(v.dtype) for k, v in base.items()})
-    return family
+    return fused_family(make_folder, shapes)
 
 
 @pytest.mark.parametrize("method,params,threads", [
@@ -194,9 +189,7 @@ def test_engine_della_is_the_same_with_and_without_the_kernels(make_folder, tmp_
               "models": [{"model": str(family[m]), "parameters": {"weight": w, "density": d, "epsilon": e}}
                          for m, w, d, e in (("ft1", 0.5, 0.3, 0.1), ("ft2", 0.3, 0.5, 0.2), ("ft3", 0.9, 0.2, 0.15))],
               "parameters": params}
-    calls = []
-    real_mask = fused_sparse.della_mask
-    monkeypatch.setattr(fused_sparse, "della_mask", lambda *a, **k: calls.append(1) or real_mask(*a, **k))
+    calls = count_calls(monkeypatch, fused_sparse, "della_mask")
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # several chunks for the embedding
     merge(recipe, str(tmp_path / "fused"), threads=threads)
     assert len(calls) >= 6, "the fused path was not taken"
@@ -204,12 +197,8 @@ def test_engine_della_is_the_same_with_and_without_the_kernels(make_folder, tmp_
     merge(recipe, str(tmp_path / "fused-other-chunks"), threads=3 - threads)
     monkeypatch.setattr(fused_sparse, "available", lambda: False)
     merge(recipe, str(tmp_path / "torch"), threads=threads)
-    torch_out = load_state(tmp_path / "torch")
     for name in ("fused", "fused-other-chunks"):
-        ours = load_state(tmp_path / name)
-        assert ours.keys() == torch_out.keys()
-        for k in ours:
-            assert torch.equal(_bits(ours[k]), _bits(torch_out[k])), (name, k)
+        assert_same_bits(tmp_path / name, tmp_path / "torch", label=name)
 
 
 @pytest.mark.parametrize("method", ["della_linear", "dare_ties"])
@@ -222,10 +211,7 @@ def test_masks_drawn_by_the_rescale_pass_are_kept_for_the_merge(make_folder, tmp
     recipe = {"merge_method": method, "base_model": str(family["base"]), "seed": 9,
               "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.2}
                           if method.startswith("della") else {"weight": 1.0, "density": 0.4}} for m in ("ft1", "ft2")]}
-    drawn = []
-    for kernel in ("della_mask", "keep_mask"):
-        real = getattr(fused_sparse, kernel)
-        monkeypatch.setattr(fused_sparse, kernel, lambda *a, real=real, **k: drawn.append(1) or real(*a, **k))
+    drawn = count_calls(monkeypatch, fused_sparse, "della_mask", "keep_mask")
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
     merge(recipe, str(tmp_path / "kept"), threads=2)
     kept_draws, drawn[:] = len(drawn), []
@@ -234,6 +220,4 @@ def test_masks_drawn_by_the_rescale_pass_are_kept_for_the_merge(make_folder, tmp
     # in chunks of at most 1000 entries embed.weight (300 x 16) is 5 chunks and layer.weight (48 x 40) 2: their
     # 7 chunks' masks of 2 models are drawn again; single-chunk tensors are read once and keep theirs anyway
     assert len(drawn) == kept_draws + 7 * 2
-    a, b = load_state(tmp_path / "kept"), load_state(tmp_path / "drawn-again")
-    for k in a:
-        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+    assert_same_bits(tmp_path / "kept", tmp_path / "drawn-again")

@@ -7,79 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import load_state
 from deltawise.merge import base as base_module
-from deltawise.merge import fused, fused_sparse, merge
-from deltawise.merge.base import REGISTRY, TensorJob
-from deltawise.merge.fused_sparse import RawChunk
+from deltawise.merge import fused_sparse, merge
+from deltawise.merge.base import TensorJob
+from fused_util import (DTYPES, MODEL_PARAMS, SIZES, assert_kernels_change_nothing, assert_same_bits, bits, fused_family,
+                        fused_run, method_params, quantised_inputs, raw_chunk, torch_job)
 
 if not fused_sparse.available():
     pytest.skip("deltawise._fused is not built (no C compiler at install time)", allow_module_level=True)
-
-SIZES = [1, 7, 511, 512, 513, 4099]  # around the kernel's 512-entry block
-HALF = torch.float16 in fused.DTYPE_CODES
-DTYPES = [
-    ((torch.bfloat16,) * 3, torch.bfloat16, torch.bfloat16),
-    ((torch.float32,) * 2, torch.float32, torch.float32),
-    ((torch.bfloat16, torch.float32, torch.bfloat16), torch.float32, torch.bfloat16),
-] + ([((torch.float16, torch.bfloat16, torch.float32), torch.float16, torch.float16)] if HALF else [])
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
-
-
-def _inputs(n: int, dtypes, base_dtype, seed: int = 0, rows: int = 1):
-    """Quantised task vectors (many equal magnitudes, so thresholds fall among ties)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (rows, n // rows) if rows > 1 else (n,)
-    base = torch.randn(shape, generator=gen).to(base_dtype)
-    models = [(base.float() + torch.randint(-12, 13, shape, generator=gen).float() / 256).to(d) for d in dtypes]
-    return base, models
-
-
-def _job(method, base, models, params, model_params, seed=0, name="w", row_start=0) -> TensorJob:
-    """The torch path's job: inputs as float32 (the engine's compute dtype), passes run on it."""
-    job = TensorJob(name, base.float(), [m.float() for m in models], params, model_params, {}, seed, row_start=row_start)
-    for stats_pass in method.tensor_passes(params, model_params, models[0].numel(), job.stats):
-        stats_pass.update(job)
-    return job
-
-
-def _chunk(base, models, seed=0, name="w", row_start=0) -> RawChunk:
-    def blame():
-        raise AssertionError("non-finite task vector")
-
-    row = models[0][0].numel() if models[0].dim() > 0 else 0
-    return RawChunk(name, base.contiguous(), [m.contiguous() for m in models], row_start, row_start * row, blame,
-                    seed=seed, shape=tuple(models[0].shape))
-
-
-def _fused(method, base, models, params, model_params, out_dtype, seed=0, stats=None):
-    """The fused path: passes on the raw chunk where they take one, then the kernel."""
-    spec = method.fused(params, model_params)
-    chunk = _chunk(base, models, seed)
-    stats = {} if stats is None else stats
-    job = None
-    for stats_pass in method.tensor_passes(params, model_params, models[0].numel(), stats):
-        if hasattr(stats_pass, "update_raw"):
-            stats_pass.update_raw(chunk)
-        else:
-            job = job or TensorJob("w", base.float(), [m.float() for m in models], params, model_params, stats, seed)
-            stats_pass.update(job)
-    out = torch.empty(models[0].shape, dtype=out_dtype)
-    masks = fused_sparse.keep_masks(chunk, spec.sparse) if spec.sparse.trim in ("random", "della") else None
-    assert fused_sparse.run(spec.sparse, out, chunk, stats, masks) == 0
-    return out, stats
-
-
-def _params(method_name, **given):
-    method = REGISTRY[method_name]()
-    params = {p.name: given.get(p.name, p.default) for p in method.params if p.scope != "model"}
-    return method, params
-
-
-MODEL_PARAMS = [{"weight": 0.5, "density": 0.3}, {"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.2}]
 
 
 # ---- the sparse merge against the torch path -------------------------------------------------------
@@ -89,36 +24,36 @@ MODEL_PARAMS = [{"weight": 0.5, "density": 0.3}, {"weight": 1.0, "density": 0.5}
 @pytest.mark.parametrize("dtypes,base_dtype,out_dtype", DTYPES)
 @pytest.mark.parametrize("tie_rule", ["mergekit", "index", "all"])
 def test_ties_kernel_matches_the_torch_path_bit_for_bit(n, dtypes, base_dtype, out_dtype, tie_rule):
-    base, models = _inputs(n, dtypes, base_dtype, seed=n)
-    method, params = _params("ties", tie_rule=tie_rule, **{"lambda": 0.9})
+    base, models = quantised_inputs(n, dtypes, base_dtype, seed=n)
+    method, params = method_params("ties", tie_rule=tie_rule, **{"lambda": 0.9})
     model_params = MODEL_PARAMS[: len(models)]
-    job = _job(method, base, models, params, model_params)
-    ours, stats = _fused(method, base, models, params, model_params, out_dtype)
+    job = torch_job(method, base, models, params, model_params)
+    ours, stats = fused_run(method, base, models, params, model_params, out_dtype)
     # the raw-chunk passes find the same thresholds and tied entries as the torch passes
     assert stats["thresholds"] == job.stats["thresholds"]
     for a, b in zip(stats["tie_keep"], job.stats["tie_keep"]):
         assert (a is None and b is None) or torch.equal(a, b)
     expected = method.merge(job).to(out_dtype)
-    assert torch.equal(_bits(ours), _bits(expected))
+    assert torch.equal(bits(ours), bits(expected))
 
 
 def test_ties_tie_lists_are_exercised_and_normalize_off():
     """On quantised task vectors the k-th magnitude is tied: the kept ties come from the tie rule."""
-    base, models = _inputs(4099, (torch.bfloat16,) * 3, torch.bfloat16, seed=1)
-    method, params = _params("ties", normalize=False)
-    ours, stats = _fused(method, base, models, params, MODEL_PARAMS, torch.bfloat16)
+    base, models = quantised_inputs(4099, (torch.bfloat16,) * 3, torch.bfloat16, seed=1)
+    method, params = method_params("ties", normalize=False)
+    ours, stats = fused_run(method, base, models, params, MODEL_PARAMS, torch.bfloat16)
     assert all(t is not None and t.numel() > 0 for t in stats["tie_keep"])
-    expected = method.merge(_job(method, base, models, params, MODEL_PARAMS)).to(torch.bfloat16)
-    assert torch.equal(_bits(ours), _bits(expected))
+    expected = method.merge(torch_job(method, base, models, params, MODEL_PARAMS)).to(torch.bfloat16)
+    assert torch.equal(bits(ours), bits(expected))
 
 
 def test_hand_computed_ties_merge():
     """Two models, density 0.5 (k = 2 of 4), weights 1 and 3, normalize on, as the paper's formula."""
     base = torch.zeros(4)
     models = [torch.tensor([0.5, -0.25, 1.0, 0.125]), torch.tensor([-1.0, 0.75, 0.0625, 0.5])]
-    method, params = _params("ties")
+    method, params = method_params("ties")
     model_params = [{"weight": 1.0, "density": 0.5}, {"weight": 3.0, "density": 0.5}]
-    ours, _ = _fused(method, base, models, params, model_params, torch.float32)
+    ours, _ = fused_run(method, base, models, params, model_params, torch.float32)
     # trimmed: [0.5, 0, 1, 0] and [-1, 0.75, 0, 0]; weighted sums: 0.5 - 3 < 0, +2.25, +1, 0 (elects +)
     # entry 0: only model 2 agrees -> -3/3; entry 1: 2.25/3; entry 2: 1/1; entry 3: nothing agrees -> 0
     assert torch.equal(ours, torch.tensor([-1.0, 0.75, 1.0, 0.0]))
@@ -131,12 +66,12 @@ def test_hand_computed_ties_merge():
     ("breadcrumbs", {"tie_rule": "all", "lambda": 0.5}),
 ])
 def test_breadcrumbs_kernel_matches_the_torch_path(n, dtypes, base_dtype, out_dtype, method_name, extra):
-    base, models = _inputs(n, dtypes, base_dtype, seed=n + 1)
-    method, params = _params(method_name, **extra)
+    base, models = quantised_inputs(n, dtypes, base_dtype, seed=n + 1)
+    method, params = method_params(method_name, **extra)
     model_params = [dict(p, gamma=0.05) for p in MODEL_PARAMS[: len(models)]]
-    expected = method.merge(_job(method, base, models, params, model_params)).to(out_dtype)
-    ours, _ = _fused(method, base, models, params, model_params, out_dtype)
-    assert torch.equal(_bits(ours), _bits(expected))
+    expected = method.merge(torch_job(method, base, models, params, model_params)).to(out_dtype)
+    ours, _ = fused_run(method, base, models, params, model_params, out_dtype)
+    assert torch.equal(bits(ours), bits(expected))
 
 
 @pytest.mark.parametrize("n", [1, 513, 4099])
@@ -146,16 +81,16 @@ def test_breadcrumbs_kernel_matches_the_torch_path(n, dtypes, base_dtype, out_dt
     ("dare_ties", {"rescale_mode": "inverse_density"}), ("dare_ties", {"rescale": False, "normalize": True}),
 ])
 def test_dare_kernel_matches_the_torch_path(n, dtypes, base_dtype, out_dtype, method_name, extra):
-    base, models = _inputs(n, dtypes, base_dtype, seed=n + 2)
-    method, params = _params(method_name, **extra)
+    base, models = quantised_inputs(n, dtypes, base_dtype, seed=n + 2)
+    method, params = method_params(method_name, **extra)
     model_params = MODEL_PARAMS[: len(models)]
-    job = _job(method, base, models, params, model_params, seed=5)
-    ours, stats = _fused(method, base, models, params, model_params, out_dtype, seed=5)
+    job = torch_job(method, base, models, params, model_params, seed=5)
+    ours, stats = fused_run(method, base, models, params, model_params, out_dtype, seed=5)
     if "scales" in job.stats:  # float64 sums in another order: equal to float32 precision, and here exactly
         assert stats["scales"] == pytest.approx(job.stats["scales"], rel=1e-12)
         assert [float(torch.tensor(s, dtype=torch.float32)) for s in stats["scales"]] == [
             float(torch.tensor(s, dtype=torch.float32)) for s in job.stats["scales"]]
-    assert torch.equal(_bits(ours), _bits(method.merge(job).to(out_dtype)))
+    assert torch.equal(bits(ours), bits(method.merge(job).to(out_dtype)))
 
 
 # ---- DARE's keep masks -------------------------------------------------------------------------------
@@ -220,41 +155,17 @@ def test_tie_select_is_torch_sorts_order(n, descending):
 # ---- through the engine -------------------------------------------------------------------------
 
 
-def _family(make_folder):
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40), "layer.bias": (40,), "scale": ()}
-    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
-    family = {"base": make_folder("base", base)}
-    for i in (1, 2, 3):
-        family[f"ft{i}"] = make_folder(f"ft{i}", {
-            k: (v.float() + torch.randint(-8, 9, v.shape, generator=gen).float() / 128).to(v.dtype) for k, v in base.items()})
-    return family
-
-
 @pytest.mark.parametrize("method,params", [
     ("ties", {}), ("ties", {"tie_rule": "index", "normalize": False}), ("ties", {"granularity": "global"}),
     ("dare_ties", {}), ("dare_linear", {"rescale_mode": "inverse_density"}), ("breadcrumbs_ties", {"gamma": 0.05}),
 ])
 def test_engine_output_is_the_same_with_and_without_the_kernels(make_folder, tmp_path, monkeypatch, method, params):
-    from deltawise.merge import engine
-
-    family = _family(make_folder)
+    family = fused_family(make_folder)
     recipe = {"merge_method": method, "base_model": str(family["base"]), "seed": 4,
               "models": [{"model": str(family[m]), "parameters": {"weight": w, "density": d}}
                          for m, w, d in (("ft1", 0.5, 0.3), ("ft2", 0.3, 0.5), ("ft3", 0.9, 0.2))],
               "parameters": params}
-    calls = []
-    real_run = fused_sparse.run
-    monkeypatch.setattr(fused_sparse, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # several chunks for the embedding
-    merge(recipe, str(tmp_path / "fused"), threads=2)
-    assert len(calls) >= 6, "the fused path was not taken"
-    monkeypatch.setattr(fused_sparse, "available", lambda: False)
-    merge(recipe, str(tmp_path / "torch"), threads=2)
-    a, b = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+    assert_kernels_change_nothing(recipe, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"tie_rule": "index"}), ("breadcrumbs", {"gamma": 0.05})])
@@ -262,7 +173,7 @@ def test_large_tensors_read_again_instead_of_keeping_magnitudes(make_folder, tmp
     """Above thresholds.KEEP_BYTES the radix and tie passes read the inputs again: the same bits."""
     from deltawise.merge import engine, thresholds
 
-    family = _family(make_folder)
+    family = fused_family(make_folder)
     recipe = {"merge_method": method, "base_model": str(family["base"]),
               "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.3}} for m in ("ft1", "ft2")],
               "parameters": params}
@@ -270,6 +181,4 @@ def test_large_tensors_read_again_instead_of_keeping_magnitudes(make_folder, tmp
     merge(recipe, str(tmp_path / "kept"), threads=2)
     monkeypatch.setattr(thresholds, "KEEP_BYTES", 0)
     merge(recipe, str(tmp_path / "reread"), threads=2)
-    a, b = load_state(tmp_path / "kept"), load_state(tmp_path / "reread")
-    for k in a:
-        assert torch.equal(_bits(a[k]), _bits(b[k])), k
+    assert_same_bits(tmp_path / "kept", tmp_path / "reread")

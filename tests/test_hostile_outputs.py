@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import deltawise
 from adapt_util import tiny_lm, train_cfg  # noqa: F401  (fixture)
-from conftest import tree_digest
+from conftest import noisy_family, tree_digest
 from deltawise.cli import app
 from deltawise.errors import DeltawiseError, InputError, OutputError
 from deltawise.io import writer as writer_module
@@ -192,18 +192,7 @@ def test_single_file_outputs_are_written_atomically(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def race_family(tmp_path_factory) -> dict[str, Path]:
     """Base + 2 models of 6 tensors 128x128 float32 (64 kB each): several shards, merged in a few ms."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("race")
-    gen = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.w": torch.randn(128, 128, generator=gen) for i in range(6)}
-    paths = {}
-    for name, scale in (("base", 0.0), ("ft1", 0.01), ("ft2", 0.02)):
-        (root / name).mkdir()
-        state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-        save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
-        paths[name] = root / name
-    return paths
+    return noisy_family(tmp_path_factory.mktemp("race"), 6, 128)
 
 
 def linear_recipe(family: dict[str, Path], weight: float) -> dict:

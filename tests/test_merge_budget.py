@@ -13,72 +13,31 @@ import pytest
 import torch
 import yaml
 from adapt_util import DOCS, base_model, batch_of, tiny_lm  # noqa: F401
+from search_util import fit, hand_splits, one_thread, save, source_base, versus_base, write_texts  # noqa: F401
 from typer.testing import CliRunner
 
 from conftest import load_state
 from deltawise.cli import app
 from deltawise.errors import InputError, RecipeError
-from deltawise.data.read import load_items
-from deltawise.eval.forgetting import forgetting
-from deltawise.eval.runner import EvalOptions, evaluate
 from deltawise.search.budget import RetentionBudget, pareto_front, search_grid
-from deltawise.search.splits import split_items, write_items
 from deltawise.merge.recipe import parse_recipe
 
 GRID = (0.2, 0.6, 1.0, 3.0, 4.0)
-
-
-def _fit(model, batch, steps: int, lr: float) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """32-wide models: more torch threads only contend for the shared cores (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def tradeoff(tiny_lm, tmp_path_factory) -> dict[str, Path]:
     """``base`` fits the source docs; ``ft`` is base after two steps on the target docs (the same
     words in reverse order), so moving towards ft gains target and loses source perplexity."""
-    from deltawise.adapt.train import load_tokenizer
-
     root = tmp_path_factory.mktemp("budget")
-    target_docs = [" ".join(reversed(d.split())) for d in DOCS]
-    files = {"src_txt": root / "src.txt", "tgt_txt": root / "tgt.txt", "src": root / "src.jsonl", "tgt": root / "tgt.jsonl"}
-    files["src_txt"].write_text("\n%\n".join(DOCS) + "\n")
-    files["tgt_txt"].write_text("\n%\n".join(target_docs) + "\n")
-    files["src"].write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    files["tgt"].write_text("".join(json.dumps({"text": d}) + "\n" for d in target_docs))
-    torch.manual_seed(0)
-    model, tok = base_model(tiny_lm["model"]), load_tokenizer(tiny_lm["model"])
-    for name, data, steps, lr in (("base", files["src_txt"], 15, 1e-2), ("ft", files["tgt_txt"], 2, 3e-3)):
-        _fit(model, batch_of(tiny_lm, data=data), steps, lr)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    files = write_texts(root)
+    model, tok = source_base(tiny_lm, files, root / "base")
+    fit(model, batch_of(tiny_lm, data=files["tgt_txt"]), 2, 3e-3)
+    save(model, tok, root / "ft")
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(root / "base"),
                                       "models": [{"model": str(root / "ft")}]}))
     return {**files, "base": root / "base", "ft": root / "ft", "recipe": recipe, "root": root}
-
-
-def _split_files(tradeoff, folder: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
-    """The (selection, held-out) files the search cuts from src and tgt: the same seeded rule, applied by hand."""
-    splits = {}
-    for position, name in enumerate(("src", "tgt")):
-        selection, heldout = split_items(load_items(tradeoff[name]), 0.5, seed, position)
-        splits[name] = (write_items(folder / "selection" / f"{name}.jsonl", selection),
-                        write_items(folder / "heldout" / f"{name}.jsonl", heldout))
-    return splits
 
 
 def _hand_merge(tradeoff, lam: float, folder: Path) -> Path:
@@ -90,14 +49,6 @@ def _hand_merge(tradeoff, lam: float, folder: Path) -> Path:
     shutil.copy(tradeoff["base"] / "tokenizer.json", folder)
     shutil.copy(tradeoff["base"] / "tokenizer_config.json", folder)
     return folder
-
-
-def _hand_comparison(tradeoff, model: Path, files: dict[str, tuple[Path, Path]], which: int):
-    """The model against the base on the selection (0) or held-out (1) files, with the default intervals."""
-    opts = EvalOptions()
-    ref = evaluate(str(tradeoff["base"]), [files["src"][which]], [files["tgt"][which]], opts)
-    got = evaluate(str(model), [files["src"][which]], [files["tgt"][which]], opts)
-    return {c.name: c for c in forgetting(got, ref).datasets}
 
 
 def _budget_cli(tradeoff, out: Path, budget: float, grid: tuple[float, ...], *extra: str):
@@ -130,8 +81,8 @@ def test_search_grid_defaults_and_refusals():
 
 
 def test_budget_chooses_on_the_selection_split_by_lower_bound_and_reports_on_held_out_items(tradeoff, tmp_path):
-    files = _split_files(tradeoff, tmp_path / "split")
-    hand = {lam: _hand_comparison(tradeoff, _hand_merge(tradeoff, lam, tmp_path / f"hand-{lam}"), files, 0) for lam in GRID}
+    files = hand_splits(tradeoff, tmp_path / "split")
+    hand = {lam: versus_base(tradeoff["base"], _hand_merge(tradeoff, lam, tmp_path / f"hand-{lam}"), files, 0) for lam in GRID}
     ret = [hand[lam]["src"].ratio for lam in GRID]
     lower = [hand[lam]["src"].ratio_lower for lam in GRID]
     tgt = [hand[lam]["tgt"].ratio for lam in GRID]
@@ -162,7 +113,7 @@ def test_budget_chooses_on_the_selection_split_by_lower_bound_and_reports_on_hel
     for name in base:
         torch.testing.assert_close(merged[name], base[name] + lam * (ft[name] - base[name]), atol=1e-6, rtol=1e-6)
     # reported on the held-out split: the written model evaluated on items the search never scored
-    held = _hand_comparison(tradeoff, out, files, 1)
+    held = versus_base(tradeoff["base"], out, files, 1)
     assert found["heldout"]["retention"]["src"] == pytest.approx(held["src"].ratio, rel=1e-6)
     assert found["heldout"]["target"]["tgt"] == pytest.approx(held["tgt"].ratio, rel=1e-6)
     assert found["heldout"]["retention_ci"]["src"] == pytest.approx(list(held["src"].ratio_ci), rel=1e-6)
@@ -188,7 +139,7 @@ def test_a_seeded_rerun_makes_the_same_split_and_the_same_choice(tradeoff, tmp_p
 
 
 def test_held_out_files_given_by_the_user_are_used_and_an_in_sample_one_is_refused(tradeoff, tmp_path):
-    files = _split_files(tradeoff, tmp_path / "split", seed=3)
+    files = hand_splits(tradeoff, tmp_path / "split", seed=3)
     args = ["budget", str(tradeoff["recipe"]), str(tmp_path / "out"), "--retain", f"{files['src'][0]}:0.1",
             "--target", str(files["tgt"][0]), "--heldout-retain", str(files["src"][1]), "--heldout-target",
             str(files["tgt"][1]), "--search-param", "lambda=0.2,0.6", "--threads", "1", "--quiet"]
@@ -196,7 +147,7 @@ def test_held_out_files_given_by_the_user_are_used_and_an_in_sample_one_is_refus
     assert res.exit_code == 0, res.output
     found = json.loads((tmp_path / "out" / "deltawise_budget.json").read_text())
     assert found["splits"][0]["heldout_file"] == str(files["src"][1])
-    held = _hand_comparison(tradeoff, tmp_path / "out", files, 1)
+    held = versus_base(tradeoff["base"], tmp_path / "out", files, 1)
     assert found["heldout"]["retention"]["src"] == pytest.approx(held["src"].ratio, rel=1e-6)
     same = [*args[:4], f"{files['src'][0]}:0.1", "--target", str(files["tgt"][0]), "--heldout-retain", str(files["src"][0]),
             "--heldout-target", str(files["tgt"][1]), "--search-param", "lambda=0.2", "--threads", "1", "--quiet"]

@@ -90,18 +90,31 @@ def run_deltawise(recipe_path: Path, out: Path, cli: bool = False) -> dict[str, 
     return load_folder(out)
 
 
-@pytest.fixture
-def run_both(tmp_path):
-    """``run(recipe)``: the recipe written once, merged by mergekit and by deltawise; (theirs, ours)."""
+def _runner(tmp_path: Path) -> Callable[..., tuple[dict, dict, Path]]:
+    """``run(recipe, cli=False)``: the recipe written once to a fresh folder under tmp_path, merged by mergekit and
+    by deltawise; (theirs, ours, deltawise's output folder)."""
     runs = iter(range(1000))
 
-    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def run(recipe: dict, *, cli: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Path]:
         work = tmp_path / f"run{next(runs)}"
         work.mkdir()
         path = write_recipe(work / "recipe.yaml", recipe)
-        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, work / "deltawise_out")
+        out = work / "deltawise_out"
+        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, out, cli=cli), out
 
     return run
+
+
+@pytest.fixture
+def merge_both(tmp_path) -> Callable[..., tuple[dict, dict, Path]]:
+    """``merge_both(recipe)``: (mergekit's tensors, deltawise's tensors, deltawise's output folder)."""
+    return _runner(tmp_path)
+
+
+def layer_source(path: Path, first: int, end: int, **parameters) -> dict:
+    """A slice's source entry: ``path``'s layers first..end-1, with its parameters when given."""
+    entry = {"model": str(path), "layer_range": [first, end]}
+    return {**entry, "parameters": parameters} if parameters else entry
 
 
 def max_diffs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -205,18 +218,13 @@ def mixed_family(llama_family, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def run_both(tmp_path) -> Callable[..., tuple[dict, dict]]:
-    """Write one recipe file, run it with mergekit and with deltawise, return both outputs."""
-
-    runs = iter(range(1000))
+    """Llama recipes: ``_runner``'s (theirs, ours), both output configs checked to name LlamaForCausalLM."""
+    both = _runner(tmp_path)
 
     def run(recipe: dict, *, cli: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        work = tmp_path / f"run{next(runs)}"
-        work.mkdir()
-        recipe_path = write_recipe(work / "recipe.yaml", recipe)
-        theirs = run_mergekit(recipe_path, work / "mergekit_out")
-        ours = run_deltawise(recipe_path, work / "deltawise_out", cli=cli)
+        theirs, ours, out = both(recipe, cli=cli)
         for folder in ("mergekit_out", "deltawise_out"):
-            config = json.loads((work / folder / "config.json").read_text())
+            config = json.loads((out.parent / folder / "config.json").read_text())
             assert config["architectures"] == ["LlamaForCausalLM"], f"{folder}/config.json: {config.get('architectures')}"
         return theirs, ours
 

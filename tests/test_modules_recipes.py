@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_mergekit_compat import assert_not_a_copy, assert_same_tensors, load_folder, run_deltawise, run_mergekit, write_recipe
+from test_mergekit_compat import assert_not_a_copy, assert_same_tensors, load_folder, run_deltawise, write_recipe
+from test_mergekit_compat import layer_source as src, merge_both  # noqa: F401 (merge_both: a fixture)
 
 from deltawise.errors import RecipeError
 from deltawise.merge import build_plan, parse_recipe
@@ -71,25 +72,6 @@ def llava(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture
-def run_both(tmp_path):
-    runs = iter(range(1000))
-
-    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Path]:
-        work = tmp_path / f"run{next(runs)}"
-        work.mkdir()
-        path = write_recipe(work / "recipe.yaml", recipe)
-        out = work / "deltawise_out"
-        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, out), out
-
-    return run
-
-
-def src(path: Path, first: int, end: int, **parameters) -> dict:
-    entry = {"model": str(path), "layer_range": [first, end]}
-    return {**entry, "parameters": parameters} if parameters else entry
-
-
 def layer_counts(folder: Path) -> tuple[int, int]:
     config = json.loads((folder / "config.json").read_text())
     return config["text_config"]["num_hidden_layers"], config["vision_config"]["num_hidden_layers"]
@@ -113,7 +95,7 @@ def runs_in_transformers(folder: Path) -> None:
     assert logits.shape == (1, 7, 64) and torch.isfinite(logits).all()
 
 
-def test_layer_stacking_per_module_matches_mergekit(llava, run_both):
+def test_layer_stacking_per_module_matches_mergekit(llava, merge_both):
     # the text decoder becomes a 4-layer frankenmerge (layers 0-1 of ft1, 1-2 of ft2); the vision encoder
     # is ft2's; everything outside the stacks (embeddings, projector, norms, LM head) is ft1's
     recipe = {"merge_method": "passthrough", "dtype": "float32", "modules": {
@@ -121,7 +103,7 @@ def test_layer_stacking_per_module_matches_mergekit(llava, run_both):
         TEXT: {"slices": [{"sources": [src(llava["ft1"], 0, 2)]}, {"sources": [src(llava["ft2"], 1, 3)]}]},
         VISION: {"slices": [{"sources": [src(llava["ft2"], 0, 2)]}]},
     }}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="LLaVA frankenmerge")
     ft1, ft2 = load_folder(llava["ft1"]), load_folder(llava["ft2"])
     assert len(dw) == len(ft1) + 9  # one more text layer of 9 tensors
@@ -135,7 +117,7 @@ def test_layer_stacking_per_module_matches_mergekit(llava, run_both):
     runs_in_transformers(out)
 
 
-def test_slerp_with_per_module_slices_parameters_and_gradients_matches_mergekit(llava, run_both):
+def test_slerp_with_per_module_slices_parameters_and_gradients_matches_mergekit(llava, merge_both):
     # each module its own t: default by module parameters, the text stack by a gradient over its slice,
     # the vision stack by a slice parameter overriding its module's; the recipe's t is the fallback
     recipe = {"merge_method": "slerp", "base_model": str(llava["ft1"]), "dtype": "float32", "parameters": {"t": 0.5},
@@ -147,13 +129,13 @@ def test_slerp_with_per_module_slices_parameters_and_gradients_matches_mergekit(
                   VISION: {"slices": [{"sources": [src(llava["ft1"], 0, 2), src(llava["ft2"], 0, 2)],
                                        "parameters": {"t": 0.8}}], "parameters": {"t": 0.1}},
               }}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="LLaVA slerp")
     assert_not_a_copy(dw, {"ft1": load_folder(llava["ft1"]), "ft2": load_folder(llava["ft2"])})
     assert layer_counts(out) == (3, 2)
 
 
-def test_linear_with_whole_models_per_module_matches_mergekit(llava, run_both):
+def test_linear_with_whole_models_per_module_matches_mergekit(llava, merge_both):
     # three models, a different weighting per module (module parameters, then a model's own)
     models = [{"model": str(llava[k])} for k in ("base", "ft1", "ft2")]
     recipe = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}, "modules": {
@@ -161,7 +143,7 @@ def test_linear_with_whole_models_per_module_matches_mergekit(llava, run_both):
         TEXT: {"models": [models[0], {**models[1], "parameters": {"weight": 3.0}}, models[2]]},
         VISION: {"models": models, "parameters": {"weight": [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 1.0}]}},
     }}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="LLaVA linear")
     states = [load_folder(llava[k]) for k in ("base", "ft1", "ft2")]
     name = f"{TEXT}.2.self_attn.q_proj.weight"  # by hand: (1 * base + 3 * ft1 + 1 * ft2) / 5
@@ -255,13 +237,13 @@ def test_models_of_two_checkpoint_layouts_in_one_module_are_refused(llava, tmp_p
         build_plan(recipe)
 
 
-def test_a_models_recipe_runs_each_gradient_over_its_own_stack_as_mergekit(llava, run_both):
+def test_a_models_recipe_runs_each_gradient_over_its_own_stack_as_mergekit(llava, merge_both):
     # mergekit turns `models:` into every module with those models: a depth gradient runs over the text
     # decoder's 3 layers and, separately, over the vision encoder's 2
     recipe = {"merge_method": "linear", "dtype": "float32",
               "models": [{"model": str(llava["ft1"])}, {"model": str(llava["ft2"]), "parameters": {"weight": [0.1, 0.9]}}],
               "parameters": {"weight": 0.5}}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="LLaVA models: with a gradient")
     ft1, ft2 = load_folder(llava["ft1"]), load_folder(llava["ft2"])
     name = f"{VISION}.1.mlp.fc1.weight"  # the last vision layer: weight 0.9 for ft2
@@ -269,7 +251,7 @@ def test_a_models_recipe_runs_each_gradient_over_its_own_stack_as_mergekit(llava
     assert layer_counts(out) == (3, 2)
 
 
-def test_llava_next_has_the_same_modules(tmp_path, run_both):
+def test_llava_next_has_the_same_modules(tmp_path, merge_both):
     # LLaVA-NeXT adds model.image_newline (a tensor of default) to LLaVA's layout
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -291,7 +273,7 @@ def test_llava_next_has_the_same_modules(tmp_path, run_both):
         TEXT: {"slices": [{"sources": [src(folders[0], 0, 3)]}, {"sources": [src(folders[1], 2, 3)]}]},
         VISION: {"slices": [{"sources": [src(folders[0], 1, 2)]}]},
     }}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="LLaVA-NeXT frankenmerge")
     assert torch.equal(dw["model.image_newline"], load_folder(folders[1])["model.image_newline"])
     assert layer_counts(out) == (4, 1)

@@ -9,54 +9,26 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from adapt_util import DOCS, base_model, batch_of, tiny_lm  # noqa: F401
+from adapt_util import tiny_lm  # noqa: F401
+from search_util import hand_splits, one_thread, source_base, versus_base, write_texts  # noqa: F401
 from typer.testing import CliRunner
 
 from deltawise.cli import app
-from deltawise.data.read import load_items
 from deltawise.errors import InputError, OutputError
-from deltawise.eval.forgetting import forgetting
-from deltawise.eval.runner import EvalOptions, evaluate
+from deltawise.eval.runner import EvalOptions
 from deltawise.options import ExecutorOptions
 from deltawise.search.budget import RetentionBudget
 from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
-from deltawise.search.splits import split_items, write_items
 
 LRS = (1e-4, 1e-3, 3e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tradeoff(tiny_lm, tmp_path_factory) -> dict[str, Path]:
-    from deltawise.adapt.train import load_tokenizer
-
     root = tmp_path_factory.mktemp("sweep")
-    target_docs = [" ".join(reversed(d.split())) for d in DOCS]
-    files = {"src": root / "src.jsonl", "tgt": root / "tgt.jsonl", "train": root / "train.txt", "src_txt": root / "src.txt"}
-    files["src"].write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    files["tgt"].write_text("".join(json.dumps({"text": d}) + "\n" for d in target_docs))
-    files["train"].write_text("\n%\n".join(target_docs) + "\n")
-    files["src_txt"].write_text("\n%\n".join(DOCS) + "\n")
-    torch.manual_seed(0)
-    model, tok = base_model(tiny_lm["model"]), load_tokenizer(tiny_lm["model"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = batch_of(tiny_lm, data=files["src_txt"])
-    model.train()
-    for _ in range(15):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    return {**files, "base": root / "base", "root": root}
+    files = write_texts(root)
+    source_base(tiny_lm, files, root / "base")
+    return {**files, "train": files["tgt_txt"], "base": root / "base", "root": root}
 
 
 def _options(tradeoff, budget: float, **kw) -> SweepOptions:
@@ -76,29 +48,14 @@ def swept(tradeoff):
     return {"result": result, "notes": notes, "out": tradeoff["root"] / "sweep"}
 
 
-def _hand_splits(tradeoff, folder: Path) -> dict[str, tuple[Path, Path]]:
-    splits = {}
-    for position, name in enumerate(("src", "tgt")):
-        selection, heldout = split_items(load_items(tradeoff[name]), 0.5, 0, position)
-        splits[name] = (write_items(folder / "selection" / f"{name}.jsonl", selection),
-                        write_items(folder / "heldout" / f"{name}.jsonl", heldout))
-    return splits
-
-
-def _versus_base(tradeoff, model: Path, src: Path, tgt: Path):
-    opts = EvalOptions(base=str(tradeoff["base"]))
-    ref = evaluate(str(tradeoff["base"]), [src], [tgt], EvalOptions())
-    return {c.name: c for c in forgetting(evaluate(str(model), [src], [tgt], opts), ref).datasets}
-
-
 def test_the_recommendation_is_the_largest_gain_within_budget_and_honours_it_on_held_out_items(tradeoff, swept, tmp_path):
     result = swept["result"]
-    files = _hand_splits(tradeoff, tmp_path / "split")
+    files = hand_splits(tradeoff, tmp_path / "split")
     assert [p.lr for p in result.points] == list(LRS)
     for p in result.points:
         # scored on the selection split exactly as a hand evaluation of the trained run; reported on the held-out one
-        sel = _versus_base(tradeoff, p.folder, files["src"][0], files["tgt"][0])
-        held = _versus_base(tradeoff, p.folder, files["src"][1], files["tgt"][1])
+        sel = versus_base(tradeoff["base"], p.folder, files, 0, EvalOptions(base=str(tradeoff["base"])))
+        held = versus_base(tradeoff["base"], p.folder, files, 1, EvalOptions(base=str(tradeoff["base"])))
         assert p.selection["retention"]["src"] == pytest.approx(sel["src"].ratio, rel=1e-6)
         assert p.selection["retention_lower"]["src"] == pytest.approx(sel["src"].ratio_lower, rel=1e-6)
         assert p.selection["target"]["tgt"] == pytest.approx(sel["tgt"].ratio, rel=1e-6)

@@ -11,41 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from adapt_util import DOCS, base_model, batch_of, tiny_lm  # noqa: F401
+from search_util import fit, hand_splits, one_thread, save, source_base, versus_base, write_texts  # noqa: F401
 from typer.testing import CliRunner
 
 from conftest import load_state
 from deltawise.analyze.intruders import intruder_dimensions, intruder_directions
 from deltawise.architecture import architecture_for
 from deltawise.cli import app
-from deltawise.data.read import load_items
 from deltawise.errors import InputError
-from deltawise.eval.forgetting import forgetting
-from deltawise.eval.runner import EvalOptions, evaluate
 from deltawise.search.budget import RetentionBudget
 from deltawise.search.repair import RepairOptions, run_repair
 from deltawise.search.repair_edits import DeltaEdits, tensor_group
-from deltawise.search.splits import split_items, write_items
 
 HARM = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
         "model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.gate_proj.weight")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _fit(model, batch, steps: int, lr: float) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def _harmful(w0: torch.Tensor, strength: float) -> torch.Tensor:
@@ -62,49 +41,19 @@ def _harmful(w0: torch.Tensor, strength: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def planted(tiny_lm, tmp_path_factory) -> dict[str, Path]:
-    from deltawise.adapt.train import load_tokenizer
-
     root = tmp_path_factory.mktemp("repair")
-    target_docs = [" ".join(reversed(d.split())) for d in DOCS]
-    src, tgt, tgt_txt = root / "src.jsonl", root / "tgt.jsonl", root / "tgt.txt"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tgt.write_text("".join(json.dumps({"text": d}) + "\n" for d in target_docs))
-    tgt_txt.write_text("\n%\n".join(target_docs) + "\n")
-    src_txt = root / "src.txt"
-    src_txt.write_text("\n%\n".join(DOCS) + "\n")
-    torch.manual_seed(0)
-    model, tok = base_model(tiny_lm["model"]), load_tokenizer(tiny_lm["model"])
-    _fit(model, batch_of(tiny_lm, data=src_txt), 15, 1e-2)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    files = write_texts(root)
+    model, tok = source_base(tiny_lm, files, root / "base")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _fit(model, batch_of(tiny_lm, data=tgt_txt), 1, 2e-3)
-    model.save_pretrained(root / "useful")
-    tok.save_pretrained(root / "useful")
+    fit(model, batch_of(tiny_lm, data=files["tgt_txt"]), 1, 2e-3)
+    save(model, tok, root / "useful")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in HARM:
                 p.add_(_harmful(base[name], 4.0))
-    model.save_pretrained(root / "harmed")
-    tok.save_pretrained(root / "harmed")
-    return {"root": root, "src": src, "tgt": tgt, "base": root / "base", "useful": root / "useful", "harmed": root / "harmed"}
-
-
-def _hand_splits(planted, folder: Path) -> dict[str, tuple[Path, Path]]:
-    """The (selection, held-out) files repair cuts from src and tgt: the same seeded rule, applied by hand."""
-    splits = {}
-    for position, name in enumerate(("src", "tgt")):
-        selection, heldout = split_items(load_items(planted[name]), 0.5, 0, position)
-        splits[name] = (write_items(folder / "selection" / f"{name}.jsonl", selection),
-                        write_items(folder / "heldout" / f"{name}.jsonl", heldout))
-    return splits
-
-
-def _versus_base(planted, model: Path, src: Path, tgt: Path):
-    """The model against the base on these files, with the default intervals: what repair computes."""
-    opts = EvalOptions()
-    ref = evaluate(str(planted["base"]), [src], [tgt], opts)
-    return {c.name: c for c in forgetting(evaluate(str(model), [src], [tgt], opts), ref).datasets}
+    save(model, tok, root / "harmed")
+    return {"root": root, "src": files["src"], "tgt": files["tgt"], "base": root / "base", "useful": root / "useful",
+            "harmed": root / "harmed"}
 
 
 def _options(planted, budget: float, **kw) -> RepairOptions:
@@ -157,10 +106,10 @@ def test_an_edit_is_base_plus_the_scaled_delta_minus_its_intruder_part(planted):
 
 
 def test_repair_recovers_a_planted_loss_within_budget_and_keeps_most_of_the_gain(planted, tmp_path):
-    files = _hand_splits(planted, tmp_path / "split")
+    files = hand_splits(planted, tmp_path / "split")
     # the constructed case: the useful delta alone meets the budget, the harmed one does not
-    useful_held = _versus_base(planted, planted["useful"], files["src"][1], files["tgt"][1])
-    harmed_held = _versus_base(planted, planted["harmed"], files["src"][1], files["tgt"][1])
+    useful_held = versus_base(planted["base"], planted["useful"], files, 1)
+    harmed_held = versus_base(planted["base"], planted["harmed"], files, 1)
     assert useful_held["src"].ratio > BUDGET + 0.05 and harmed_held["src"].ratio < BUDGET - 0.1
     assert useful_held["tgt"].ratio > 1.3
 
@@ -186,17 +135,17 @@ def test_repair_recovers_a_planted_loss_within_budget_and_keeps_most_of_the_gain
 
 
 def test_repair_chooses_on_the_selection_split_and_reports_on_held_out_items_only(planted, tmp_path):
-    files = _hand_splits(planted, tmp_path / "split")
+    files = hand_splits(planted, tmp_path / "split")
     out = tmp_path / "out"
     result = run_repair(str(planted["harmed"]), str(planted["base"]), out, _options(planted, BUDGET))
     # the first point is the delta as given, scored on the selection split exactly as a hand evaluation of it
-    first = _versus_base(planted, planted["harmed"], files["src"][0], files["tgt"][0])
+    first = versus_base(planted["base"], planted["harmed"], files, 0)
     assert result.candidates[0].params == {**result.candidates[0].params, "scale": 1.0, "intruders": 0.0}
     assert result.candidates[0].retention["src"] == pytest.approx(first["src"].ratio, rel=1e-4)
     assert result.candidates[0].retention_lower["src"] == pytest.approx(first["src"].ratio_lower, rel=1e-4)
     assert result.candidates[0].target["tgt"] == pytest.approx(first["tgt"].ratio, rel=1e-4)
     # the report: the written model on the held-out items, which the selection never saw
-    held = _versus_base(planted, out, files["src"][1], files["tgt"][1])
+    held = versus_base(planted["base"], out, files, 1)
     assert result.heldout["retention"]["src"] == pytest.approx(held["src"].ratio, rel=1e-6)
     assert result.heldout["target"]["tgt"] == pytest.approx(held["tgt"].ratio, rel=1e-6)
     assert result.heldout["retention_ci"]["src"] == pytest.approx(list(held["src"].ratio_ci), rel=1e-6)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import perturb, save_llama
-from test_mergekit_compat import assert_not_a_copy, assert_same_tensors, load_folder, run_deltawise, run_mergekit, write_recipe
+from test_mergekit_compat import assert_not_a_copy, assert_same_tensors, load_folder, run_deltawise, write_recipe
+from test_mergekit_compat import layer_source as src, merge_both  # noqa: F401 (merge_both: a fixture)
 
 from deltawise.errors import RecipeError
 from deltawise.merge import build_plan, parse_recipe
@@ -28,34 +29,15 @@ def six(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "ft1": perturb(base, root / "ft1", seed=31), "ft2": perturb(base, root / "ft2", seed=32)}
 
 
-@pytest.fixture
-def run_both(tmp_path):
-    runs = iter(range(1000))
-
-    def run(recipe: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Path]:
-        work = tmp_path / f"run{next(runs)}"
-        work.mkdir()
-        path = write_recipe(work / "recipe.yaml", recipe)
-        out = work / "deltawise_out"
-        return run_mergekit(path, work / "mergekit_out"), run_deltawise(path, out), out
-
-    return run
-
-
-def src(path: Path, first: int, end: int, **parameters) -> dict:
-    entry = {"model": str(path), "layer_range": [first, end]}
-    return {**entry, "parameters": parameters} if parameters else entry
-
-
 def layers_in(config_folder: Path) -> int:
     return json.loads((config_folder / "config.json").read_text())["num_hidden_layers"]
 
 
-def test_passthrough_frankenmerge_stacks_overlapping_ranges_as_mergekit(six, run_both):
+def test_passthrough_frankenmerge_stacks_overlapping_ranges_as_mergekit(six, merge_both):
     # mergekit's orcamini-platy-44layer.yml in miniature: layers 0-3 of ft1, then 2-5 of ft2 (overlapping)
     recipe = {"merge_method": "passthrough", "dtype": "float32",
               "slices": [{"sources": [src(six["ft1"], 0, 4)]}, {"sources": [src(six["ft2"], 2, 6)]}]}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="frankenmerge")
     assert layers_in(out) == 8
     ft1, ft2 = load_folder(six["ft1"]), load_folder(six["ft2"])
@@ -66,50 +48,50 @@ def test_passthrough_frankenmerge_stacks_overlapping_ranges_as_mergekit(six, run
                                                                                      ft2["model.norm.weight"])  # last
 
 
-def test_gradient_slerp_over_a_slice_matches_mergekit(six, run_both):
+def test_gradient_slerp_over_a_slice_matches_mergekit(six, merge_both):
     # mergekit's gradient-slerp.yml in miniature: the t gradient runs over the slice's layers
     recipe = {"merge_method": "slerp", "base_model": str(six["ft1"]), "dtype": "float32",
               "slices": [{"sources": [src(six["ft1"], 0, 6), src(six["ft2"], 0, 6)]}],
               "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
                                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="gradient slerp")
     assert_not_a_copy(dw, {"ft1": load_folder(six["ft1"]), "ft2": load_folder(six["ft2"])})
     assert layers_in(out) == 6
 
 
-def test_two_slerp_slices_with_their_own_gradients_and_ranges(six, run_both):
+def test_two_slerp_slices_with_their_own_gradients_and_ranges(six, merge_both):
     # each slice restarts the gradient (t = k / (n - 1) within it); the second pairs different layers
     recipe = {"merge_method": "slerp", "base_model": str(six["ft1"]), "dtype": "float32",
               "slices": [{"sources": [src(six["ft1"], 0, 3), src(six["ft2"], 0, 3)], "parameters": {"t": [0.1, 0.9]}},
                          {"sources": [src(six["ft1"], 3, 6), src(six["ft2"], 1, 4)]},
                          {"sources": [src(six["ft1"], 5, 6), src(six["ft2"], 5, 6)], "parameters": {"t": [0.0, 0.8]}}],
               "parameters": {"t": [0.2, 0.6]}}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="sliced slerp")
     assert layers_in(out) == 7
 
 
-def test_task_arithmetic_slices_resolve_source_then_slice_then_recipe_parameters(six, run_both):
+def test_task_arithmetic_slices_resolve_source_then_slice_then_recipe_parameters(six, merge_both):
     recipe = {"merge_method": "task_arithmetic", "base_model": str(six["base"]), "dtype": "float32",
               "parameters": {"weight": 0.1},
               "slices": [{"sources": [src(six["base"], 0, 3), src(six["ft1"], 0, 3, weight=0.5), src(six["ft2"], 0, 3)]},
                          {"sources": [src(six["base"], 3, 6), src(six["ft1"], 3, 6), src(six["ft2"], 3, 6, weight=0.9)],
                           "parameters": {"weight": 0.7}}]}
-    mk, dw, _ = run_both(recipe)
+    mk, dw, _ = merge_both(recipe)
     assert_same_tensors(mk, dw, label="sliced task arithmetic")
 
 
-def test_modules_recipes_with_slices_and_with_models(six, run_both):
+def test_modules_recipes_with_slices_and_with_models(six, merge_both):
     sliced = {"merge_method": "passthrough", "dtype": "float32",
               "modules": {"default": {"slices": [{"sources": [src(six["ft2"], 0, 2)]}, {"sources": [src(six["ft1"], 1, 6)]}]}}}
-    mk, dw, out = run_both(sliced)
+    mk, dw, out = merge_both(sliced)
     assert_same_tensors(mk, dw, label="modules slices")
     assert layers_in(out) == 7
     models = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0},
               "modules": {"default": {"models": [{"model": str(six["ft1"])}, {"model": str(six["ft2"])}],
                                       "parameters": {"weight": [0.2, 0.9]}}}}
-    mk, dw, out = run_both(models)
+    mk, dw, out = merge_both(models)
     assert_same_tensors(mk, dw, label="modules models")
     assert layers_in(out) == 6
 
@@ -154,14 +136,14 @@ def test_slice_parameters_are_checked_like_any_other(six):
         build_plan(recipe)
 
 
-def test_tied_embeddings_frankenmerge_matches_mergekit(tmp_path_factory, run_both):
+def test_tied_embeddings_frankenmerge_matches_mergekit(tmp_path_factory, merge_both):
     # no lm_head.weight in tied checkpoints: the output stays tied, as mergekit skips the optional head
     root = tmp_path_factory.mktemp("llama_tied6")
     base = save_llama(root / "base", seed=4, num_hidden_layers=4, tie_word_embeddings=True)
     ft = perturb(base, root / "ft", seed=41)
     recipe = {"merge_method": "passthrough", "dtype": "float32",
               "slices": [{"sources": [src(base, 0, 3)]}, {"sources": [src(ft, 1, 4), ]}]}
-    mk, dw, out = run_both(recipe)
+    mk, dw, out = merge_both(recipe)
     assert_same_tensors(mk, dw, label="tied frankenmerge")
     assert "lm_head.weight" not in dw and layers_in(out) == 6
 

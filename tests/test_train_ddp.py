@@ -12,23 +12,17 @@ gradient at an orthonormal init is float noise scaled up, so it differs between 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from adapt_util import base_model, tiny_lm  # noqa: F401
-from ddp_worker import SaveWeights, config
+from ddp_worker import two_ranks_and_one
 from safetensors.torch import load_file
 
-from deltawise.adapt import run_train
 from deltawise.delta.apply import apply_to_model
 from deltawise.delta.store import DeltaFile
 
-TESTS = Path(__file__).parent
 LIFT = {"rank": 2, "filter_rank": 4, "refresh_interval": 2}
 ADAPTER = {"rank": 2, "targets": ["q_proj", "v_proj"]}
 RUNS = [
@@ -40,38 +34,13 @@ RUNS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_lm, tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     root = tmp_path_factory.mktemp("ddp")
     runs = [{**r, "data": str(tiny_lm[r.get("data", "data")]),
              "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}} for r in RUNS]
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "ddp"), "runs": runs}
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TESTS / "ddp_worker.py"),
-           str(root / "spec.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the same runs in this process, one thread, 8 examples a step
-    single = {**spec, "out": str(root / "single")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for run in runs:
-            run = {**run, "train": {**run["train"], "batch_size": 8}}
-            out = Path(single["out"])
-            run_train(config(single, run, out / run["name"]), callbacks=[SaveWeights(out / f"{run['name']}.single.safetensors")])
-    finally:
-        torch.set_num_threads(threads)
+    two_ranks_and_one(spec, root)  # the single-process references: one thread, 8 examples a step
     return root, tiny_lm
 
 

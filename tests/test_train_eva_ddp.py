@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from adapt_util import base_model, tiny_lm, train_cfg  # noqa: F401
-from ddp_worker import SaveInit, SaveWeights, config, skewed
+from ddp_worker import SaveInit, SaveWeights, config, launch_two_ranks, skewed
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_ddp import _free_port
 from test_train_fsdp import FSDP_ENV
 
 from deltawise.adapt import get_method, run_train
@@ -37,21 +36,13 @@ RUNS = [{"name": "eva", "method": "lora", "method_params": EVA, "save_init": Tru
 
 def _launch(tiny_lm, root: Path, env: dict[str, str]) -> Path:
     runs = [{**r, "train": TRAIN} for r in RUNS]
-    spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root), "runs": runs}
-    (root.parent / f"{root.name}.json").write_text(json.dumps(spec))
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TESTS / "ddp_worker.py"),
-           str(root.parent / f"{root.name}.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two_ranks({"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root), "runs": runs},
+                     root.parent / f"{root.name}-spec", env)
     return root
 
 
 @pytest.fixture(scope="module")
 def launches(tiny_lm, tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     root = tmp_path_factory.mktemp("eva_ddp")
     out = {"ddp": _launch(tiny_lm, root / "ddp", {}), "fsdp": _launch(tiny_lm, root / "fsdp", FSDP_ENV)}
     # one process, one thread (like each torchrun process), the global batch of 8: its init and its final weights

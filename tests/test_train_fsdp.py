@@ -9,24 +9,18 @@ Marked slow (one torchrun launch of three 3-step runs on a 2-layer Llama); the r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from adapt_util import tiny_lm  # noqa: F401
-from ddp_worker import SaveWeights, config
+from ddp_worker import two_ranks_and_one
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_ddp import _free_port
 
-from deltawise.adapt import run_train
 from deltawise.adapt.sharding import check_fsdp
 from deltawise.errors import InputError
 
-TESTS = Path(__file__).parent
 RUNS = [
     {"name": "full", "method": "full", "method_params": {}},
     {"name": "hft", "method": "hft", "method_params": {}},
@@ -38,31 +32,12 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
             "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
 
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_lm, tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     root = tmp_path_factory.mktemp("fsdp")
     runs = [{**r, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}} for r in RUNS]
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "fsdp"), "runs": runs}
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, **FSDP_ENV, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TESTS / "ddp_worker.py"),
-           str(root / "spec.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = {**spec, "out": str(root / "single")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for run in runs:
-            run = {**run, "train": {**run["train"], "batch_size": 8}}
-            out = Path(single["out"])
-            run_train(config(single, run, out / run["name"]), callbacks=[SaveWeights(out / f"{run['name']}.single.safetensors")])
-    finally:
-        torch.set_num_threads(threads)
+    two_ranks_and_one(spec, root, FSDP_ENV)
     return root
 
 

@@ -13,7 +13,7 @@ same command continues from what is done. Ray schedules each job with the resour
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -51,6 +51,29 @@ class Executor:
         raise NotImplementedError
 
 
+def gather(finished: Iterable[tuple[int, Callable[[], Any]]], total: int, on_done: Optional[Done],
+           describe: Callable[[Exception], Optional[str]]) -> list[Any]:
+    """The results of ``total`` jobs in job order. ``finished`` yields (job index, result getter) as jobs end; a
+    getter's exception that ``describe`` turns into a message is a job failure: the other jobs are still collected
+    and one ``JobsFailed`` names every failure at the end (``describe`` -> None: the exception propagates)."""
+    results: list[Any] = [None] * total
+    failures: dict[int, str] = {}
+    for i, result in finished:
+        try:
+            results[i] = result()
+        except Exception as exc:  # noqa: BLE001 - every failure is reported together below
+            message = describe(exc)
+            if message is None:
+                raise
+            failures[i] = message
+            continue
+        if on_done is not None:
+            on_done(i, results[i])
+    if failures:
+        raise JobsFailed(failures, total)
+    return results
+
+
 class InlineExecutor(Executor):
     """One job after another in this process; the first error propagates as it was raised."""
 
@@ -79,22 +102,10 @@ class LocalExecutor(Executor):
     def run(self, fn, jobs, on_done=None):
         if not jobs:
             return []
-        results: list[Any] = [None] * len(jobs)
-        failures: dict[int, str] = {}
         with ProcessPoolExecutor(max_workers=min(self.processes, len(jobs)), mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except Exception as exc:  # noqa: BLE001 - every failure is reported together below
-                    failures[i] = f"{type(exc).__name__}: {exc}"
-                    continue
-                if on_done is not None:
-                    on_done(i, results[i])
-        if failures:
-            raise JobsFailed(failures, len(jobs))
-        return results
+            return gather(((futures[f], f.result) for f in as_completed(futures)), len(jobs), on_done,
+                          lambda exc: f"{type(exc).__name__}: {exc}")
 
 
 class RayExecutor(Executor):
@@ -122,26 +133,22 @@ class RayExecutor(Executor):
     def _run(self, ray, fn, jobs, on_done):
         task = ray.remote(num_cpus=self.resources.cpus, num_gpus=self.resources.gpus, max_retries=0)(fn)
         refs = {task.remote(job): i for i, job in enumerate(jobs)}
-        results: list[Any] = [None] * len(jobs)
-        failures: dict[int, str] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            i = refs[ready[0]]
-            try:
-                results[i] = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:  # the job raised: report its own error
+
+        def finished():
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield refs[ready[0]], lambda ref=ready[0]: ray.get(ref)
+
+        def describe(exc: Exception) -> Optional[str]:
+            if isinstance(exc, ray.exceptions.RayTaskError):  # the job raised: report its own error
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                failures[i] = f"{type(cause).__name__}: {cause}"
-                continue
-            except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory) or the node was lost
-                failures[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                continue
-            if on_done is not None:
-                on_done(i, results[i])
-        if failures:
-            raise JobsFailed(failures, len(jobs))
-        return results
+                return f"{type(cause).__name__}: {cause}"
+            if isinstance(exc, ray.exceptions.RayError):  # the worker died (killed, out of memory) or the node was lost
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return None
+
+        return gather(finished(), len(jobs), on_done, describe)
 
 
 def import_ray():

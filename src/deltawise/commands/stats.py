@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 
@@ -13,6 +14,22 @@ from deltawise.options import DataOptions, LoadOptions, RunOptions
 DATA_HELP = "text, JSONL (text | text+label) or a datasets folder saved with save_to_disk"
 FILE_OUTPUT = {"overwrite": {"help": "replace an existing output file"}, "quiet": {"help": "no progress bar"},
                "device": {"help": "cpu or cuda"}}
+
+
+def _collect(model: str, data: Path, run: RunOptions, data_options: DataOptions, load: LoadOptions,
+             compute: Callable[[Any], Any], **collect: Any) -> Any:
+    """Checks the output file (never an input), then ``compute(CollectOptions)`` under a progress bar; ``collect``:
+    the command's own CollectOptions fields."""
+    from deltawise.io.output import check_output_file
+    from deltawise.stats.collect import CollectOptions
+
+    assert run.output is not None
+    check_output_file(run.output, [("model", Path(model)), ("data", data)], overwrite=run.overwrite)
+    with steps_progress(run.quiet) as progress:
+        return compute(CollectOptions(task=data_options.task, max_examples=data_options.max_examples,
+                                      max_length=data_options.max_length, device=run.device, overwrite=run.overwrite,
+                                      progress=stage_factory(progress)("examples"), trust_remote_code=load.trust_remote_code,
+                                      **collect))
 
 
 @options("load", LoadOptions)
@@ -31,17 +48,10 @@ def fisher(
     load: LoadOptions = ...,
 ) -> None:
     """Diagonal Fisher information of MODEL on DATA (one backward pass per example; per class for the exact variant)."""
-    from deltawise.stats.collect import CollectOptions
-    from deltawise.io.output import check_output_file
     from deltawise.stats.fisher import compute_fisher
 
-    assert run.output is not None
-    check_output_file(run.output, [("model", Path(model)), ("data", data)], overwrite=run.overwrite)
-    with steps_progress(run.quiet) as progress:
-        opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
-                              seed=seed, device=run.device, overwrite=run.overwrite, progress=stage_factory(progress)("examples"),
-                              trust_remote_code=load.trust_remote_code)
-        result = compute_fisher(model, data, run.output, opts, variant=variant)
+    result = _collect(model, data, run, data_options, load,
+                      lambda opts: compute_fisher(model, data, run.output, opts, variant=variant), seed=seed)
     out.print(f"{result.variant} Fisher of {escape(model)} ({result.task}) on {result.examples} examples, "
               f"{result.tensors} tensors, {result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)
 
@@ -59,17 +69,10 @@ def gram(
     load: LoadOptions = ...,
 ) -> None:
     """Input Gram matrices X^T X / n of every linear layer of MODEL on DATA, for the regmean merge."""
-    from deltawise.stats.collect import CollectOptions
-    from deltawise.io.output import check_output_file
     from deltawise.stats.gram import compute_grams
 
-    assert run.output is not None
-    check_output_file(run.output, [("model", Path(model)), ("data", data)], overwrite=run.overwrite)
-    with steps_progress(run.quiet) as progress:
-        opts = CollectOptions(task=data_options.task, max_examples=data_options.max_examples, max_length=data_options.max_length,
-                              batch_size=data_options.batch_size, device=run.device, overwrite=run.overwrite,
-                              progress=stage_factory(progress)("examples"), trust_remote_code=load.trust_remote_code)
-        result = compute_grams(model, data, run.output, opts)
+    result = _collect(model, data, run, data_options, load, lambda opts: compute_grams(model, data, run.output, opts),
+                      batch_size=data_options.batch_size)
     out.print(f"Gram matrices of {result.layers} linear layers of {escape(model)} on {result.examples} examples, "
               f"{result.seconds:.1f} s; wrote {escape(str(result.out))}", highlight=False)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from deltawise.merge.base import MergeMethod, TensorJob, register
-from deltawise.merge.methods.whole_matrix import WholeDeltas, add_rows, orthonormal_factor
+from deltawise.merge.base import register
+from deltawise.merge.methods.whole_matrix import WholeMatrixMethod, orthonormal_factor
 from deltawise.merge.params import Param
 
 ISO_LAMBDA = Param("lambda", float, 1.0, help="scale of the merged task vector (the paper's alpha; tune it on validation)")
@@ -61,36 +61,23 @@ def iso_cts_merge(deltas: list[torch.Tensor], common_fraction: float) -> torch.T
 
 
 @register
-class IsoC(MergeMethod):
+class IsoC(WholeMatrixMethod):
     name = "iso_c"
     summary = "Iso-C: sum of task vectors with its singular spectrum flattened to the mean"
     reference = "https://arxiv.org/abs/2502.04959"
     params = (ISO_LAMBDA,)
 
-    def tensor_passes(self, params, model_params, numel, stats):
-        whole = WholeDeltas(numel)
-        yield whole
-        stats["merged"] = None if whole.matrices is None else iso_c_merge(whole.matrices)
-
-    def merge(self, job: TensorJob) -> torch.Tensor:
-        return add_rows(job, job.stats.get("merged"), float(job.params["lambda"]))
+    def merge_matrices(self, deltas, params):
+        return iso_c_merge(deltas)
 
 
 @register
-class IsoCTS(MergeMethod):
+class IsoCTS(WholeMatrixMethod):
     name = "iso_cts"
     summary = "Iso-CTS: Iso-C over the common subspace plus each task's own top directions"
     reference = "https://arxiv.org/abs/2502.04959"
     min_models = 2
     params = (ISO_LAMBDA, COMMON_FRACTION)
 
-    def tensor_passes(self, params, model_params, numel, stats):
-        whole = WholeDeltas(numel)
-        yield whole
-        merged = None
-        if whole.matrices is not None:
-            merged = iso_cts_merge(whole.matrices, float(params["common_space_fraction"]))
-        stats["merged"] = merged
-
-    def merge(self, job: TensorJob) -> torch.Tensor:
-        return add_rows(job, job.stats.get("merged"), float(job.params["lambda"]))
+    def merge_matrices(self, deltas, params):
+        return iso_cts_merge(deltas, float(params["common_space_fraction"]))

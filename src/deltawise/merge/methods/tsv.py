@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from deltawise.merge.base import MergeMethod, TensorJob, register
-from deltawise.merge.methods.whole_matrix import WholeDeltas, add_rows, orthonormal_factor
+from deltawise.merge.base import register
+from deltawise.merge.methods.whole_matrix import WholeMatrixMethod, orthonormal_factor
 from deltawise.merge.params import Param
 
 TSV_LAMBDA = Param("lambda", float, 1.0, help="scale of the merged task vector (the paper's alpha; 1.0 as its default)")
@@ -42,17 +42,12 @@ def tsv_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 
 @register
-class TaskSingularVectors(MergeMethod):
+class TaskSingularVectors(WholeMatrixMethod):
     name = "tsv"
     summary = "TSV-M: each task's top singular directions, decorrelated (whitened) and summed"
     reference = "https://arxiv.org/abs/2412.00081"
     min_models = 2
     params = (TSV_LAMBDA,)
 
-    def tensor_passes(self, params, model_params, numel, stats):
-        whole = WholeDeltas(numel)
-        yield whole
-        stats["merged"] = None if whole.matrices is None else tsv_merge(whole.matrices)
-
-    def merge(self, job: TensorJob) -> torch.Tensor:
-        return add_rows(job, job.stats.get("merged"), float(job.params["lambda"]))
+    def merge_matrices(self, deltas, params):
+        return tsv_merge(deltas)

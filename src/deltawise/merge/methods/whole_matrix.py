@@ -3,7 +3,8 @@ Iso-CTS): an SVD needs the whole matrix, not row chunks.
 
 ``WholeDeltas`` is a per-tensor pass that copies each chunk's task vectors into full float32
 (float64 when stored so) matrices; the method then computes the merged task vector once and
-``rows_of`` hands each chunk its rows. Memory bound: for the 2-D tensors being merged at one time
+``add_rows`` hands each chunk its rows. ``WholeMatrixMethod`` is that shape, theta_0 + lambda * tau_m, for a
+method that only says how it merges the matrices. Memory bound: for the 2-D tensors being merged at one time
 (one per merge thread), the T task-vector matrices plus the method's SVD work (a few more
 matrices of the same size); 1-D tensors are merged in row chunks as usual.
 """
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from deltawise.merge.base import StatsPass, TensorJob
+from deltawise.merge.base import MergeMethod, StatsPass, TensorJob
 
 
 class WholeDeltas(StatsPass):
@@ -63,3 +64,19 @@ def orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
     matrix with orthonormal columns (rows when wider), used to decorrelate stacked singular vectors."""
     u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     return u @ vh
+
+
+class WholeMatrixMethod(MergeMethod):
+    """theta_0 + lambda * tau_m, where tau_m is ``merge_matrices`` of each 2-D tensor's whole task-vector matrices
+    and the mean task vector of other tensors; the method declares a ``lambda`` parameter."""
+
+    def merge_matrices(self, deltas: list[torch.Tensor], params: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensor_passes(self, params, model_params, numel, stats):
+        whole = WholeDeltas(numel)
+        yield whole
+        stats["merged"] = None if whole.matrices is None else self.merge_matrices(whole.matrices, params)
+
+    def merge(self, job: TensorJob) -> torch.Tensor:
+        return add_rows(job, job.stats.get("merged"), float(job.params["lambda"]))
