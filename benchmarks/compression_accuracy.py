@@ -56,28 +56,34 @@ def ratio_interval(compressed: list[int], expert: list[int], seed: int) -> tuple
 
 
 def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], count: int, quick: bool):
-    """(method, setting, tunable values, function value -> (compressed tau, bytes)) for one task vector."""
-    from deltawise.delta.compress import compress_tensor
+    """(method, setting, tunable values, function value -> (compressed tau, bytes)) for one task vector.
+    The work a setting's values share is done once: a density's top-k mask (ComPEFT's alpha only rescales),
+    a matrix's SVD (every rank truncates it)."""
+    from dataclasses import replace
+
+    from deltawise.delta.compress import compeft_scale, compress_tensor
     from deltawise.delta.lora_extract import lowrank_factors
 
+    def sized(parts: dict) -> tuple[dict[str, torch.Tensor], int]:
+        return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
+
     def compeft(density):
-        def at(alpha):
-            parts = {k: compress_tensor(v, "compeft", density, alpha, torch.float32) for k, v in tau.items()}
-            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
-        return at
+        at_one = {k: compress_tensor(v, "compeft", density, 1.0, torch.float32) for k, v in tau.items()}
+        return lambda alpha: sized({k: replace(p, scale=compeft_scale(tau[k], alpha)) for k, p in at_one.items()})
 
     def topk(density):
-        def at(_):
-            parts = {k: compress_tensor(v, "topk", density, 1.0, torch.float32) for k, v in tau.items()}
-            return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
-        return at
+        return lambda _: sized({k: compress_tensor(v, "topk", density, 1.0, torch.float32) for k, v in tau.items()})
+
+    svds: dict[str, tuple] = {}
 
     def lowrank(rank):
         def at(_):
             out, size = {}, 0
             for k, v in tau.items():
                 if v.dim() == 2 and min(v.shape) > rank:
-                    factors, _ = lowrank_factors(v, rank, None)
+                    if k not in svds:
+                        svds[k] = torch.linalg.svd(v.float(), full_matrices=False)
+                    factors, _ = lowrank_factors(v, rank, None, svds[k])
                     out[k], size = factors.materialize(), size + factors.nbytes
                 else:
                     out[k], size = v, size + v.numel() * 4
@@ -101,8 +107,9 @@ def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], cou
 def run_seed(seed: int, args, minilm: Path) -> dict:
     work = args.experts / f"seed-{seed}"
     cache = args.work / f"seed-{seed}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if done.get("complete"):
+        return done
     specs = TASKS[:3] if args.quick else TASKS
     tasks = prepare_tasks(work / "data", seed, specs, say=lambda m: console.print(f"  {m}"))
     ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=lambda m: console.print(f"  {m}"))
@@ -112,8 +119,11 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
     taus = {t: {k: v - base[k] for k, v in load_body(ex.bodies[t]).items()} for t in names}
     mtl = {k: sum(taus[t][k] for t in names) for k in base}
     dense_bytes = sum(v.numel() * 4 for v in base.values())
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = done.get("rows", {})
+    args.work.mkdir(parents=True, exist_ok=True)
     for t in names:
+        if all(t in row["tasks"] for row in rows.values()) and rows:
+            continue  # this task's rows were cached by an earlier, interrupted run
         expert_items = scorer.correct(load_body(ex.bodies[t]), t, "test")
         for method, setting, values, build in compressions(taus[t], mtl, len(names), args.quick):
             t0 = time.time()
@@ -132,8 +142,8 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
             row["tasks"][t] = {"choice": choice, "bytes": size, "compression": dense_bytes / size, "ratio": ratio,
                                "low": low, "high": high, "seconds": time.time() - t0}
         console.print(f"  {t}: done")
-    result = {"seed": seed, "dense_bytes": dense_bytes, "rows": rows}
-    args.work.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"seed": seed, "dense_bytes": dense_bytes, "rows": rows}, indent=1))
+    result = {"seed": seed, "dense_bytes": dense_bytes, "rows": rows, "complete": True}
     cache.write_text(json.dumps(result, indent=1))
     return result
 

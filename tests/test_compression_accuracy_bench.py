@@ -69,3 +69,23 @@ def test_tall_mask_selects_the_multitask_vector_where_the_task_dominates(builds)
         assert torch.equal(out[k], torch.where(mask, mtl[k], 0.0))
     # a quarter of the shared float32 vector (4 tasks) plus one bit per entry
     assert size == int(sum(v.numel() * 4 / 4 + (v.numel() + 7) // 8 for v in tau.values()))
+
+
+def test_entries_that_did_not_move_are_not_stored(builds):
+    tau, mtl, _ = builds
+    still = {**tau, "e": torch.cat([torch.zeros(95), torch.linspace(1, 5, 5)])}  # 95% exactly zero, as untouched rows
+    table = {(m, s): build for m, s, _, build in compressions(still, {**mtl, "e": still["e"]}, 4, quick=False)}
+    out, size = table[("topk", "density 0.2")](None)
+    assert torch.equal(out["e"], still["e"])  # the 5 moved entries, nothing else
+    _, without = {(m, s): b for m, s, _, b in compressions(tau, mtl, 4, quick=False)}[("topk", "density 0.2")](None)
+    assert size - without == (100 + 7) // 8 + 5 * 4  # the mask's bits and five float32 values
+
+
+def test_compeft_alphas_share_one_mask_and_scale_linearly(builds):
+    tau, _, table = builds
+    build = table[("compeft", "density 0.2")][1]
+    one, size_one = build(1.0)
+    three, size_three = build(3.0)
+    assert size_one == size_three
+    for k in tau:
+        assert torch.allclose(three[k], 3 * one[k], rtol=1e-6)

@@ -57,7 +57,9 @@ def compeft_scale(tau: torch.Tensor, alpha: float) -> float:
 
 
 def compress_tensor(tau: torch.Tensor, method: str, density: float, alpha: float, dtype: torch.dtype) -> TensorDelta:
-    mask = topk_mask(tau, density)
+    # an entry that did not move is no part of the delta: storing it would only cost bytes (when more than
+    # 1 - density of a tensor is exactly zero, e.g. embedding rows no example touched, the threshold is 0)
+    mask = topk_mask(tau, density) & (tau != 0)
     if method == "compeft":
         return TernaryDelta.from_dense(tau, mask, compeft_scale(tau, alpha))
     return SparseDelta.from_dense(tau, mask, dtype)

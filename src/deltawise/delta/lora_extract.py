@@ -47,9 +47,12 @@ def choose_rank(s: torch.Tensor, rank: Optional[int], energy: Optional[float]) -
     return max(1, min(k, s.numel()))
 
 
-def lowrank_factors(delta: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> tuple[LowRankDelta, float]:
+def lowrank_factors(delta: torch.Tensor, rank: Optional[int], energy: Optional[float],
+                    svd: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> tuple[LowRankDelta, float]:
+    """``delta``'s truncated SVD as LoRA factors (B = U√S, A = √S Vh) and the relative Frobenius error left out.
+    ``svd``: ``delta``'s thin SVD when the caller already has it (several ranks of one matrix)."""
     work = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    U, S, Vh = torch.linalg.svd(delta.to(work), full_matrices=False)
+    U, S, Vh = svd if svd is not None else torch.linalg.svd(delta.to(work), full_matrices=False)
     k = choose_rank(S, rank, energy)
     root = S[:k].sqrt()
     B = (U[:, :k] * root).contiguous()
