@@ -127,13 +127,16 @@ def l1_norms(chunk: RawChunk, masks: list[torch.Tensor]) -> list[tuple[float, fl
 
 
 def tie_select(magnitudes: torch.Tensor, descending: bool, start: int, stop: int, boundaries: tuple[float, ...],
-               capacity: int) -> torch.Tensor:
+               capacity: int, overwrite: bool = False) -> torch.Tensor:
     """Sorted flat indices of the entries that torch.sort(magnitudes, descending) on the CPU places at
-    positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them)."""
+    positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them).
+    ``overwrite``: sort in the buffer of ``magnitudes`` (contiguous float32), leaving it scrambled, instead
+    of a copy."""
     out = torch.empty(max(capacity, 1), dtype=torch.int64)
-    found = _kernels.tie_select(magnitudes.contiguous().numpy(), descending, start, stop, sorted(set(boundaries)),
-                                out.numpy())
-    return out[:found].sort().values
+    if not (overwrite and magnitudes.is_contiguous()):
+        magnitudes, overwrite = magnitudes.contiguous(), False
+    found = _kernels.tie_select(magnitudes.numpy(), descending, start, stop, list(boundaries), out.numpy(), overwrite)
+    return out[:found]
 
 
 def block_seed(seed: int, name: str, model_index: int, block: int) -> int:

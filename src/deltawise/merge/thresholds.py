@@ -206,11 +206,12 @@ class TieOrder(StatsPass):
 
     @staticmethod
     def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
-        if fused_sparse.available() and magnitudes.numel() < 1 << 32:
-            # the same sort, run only where a window edge lies (tests/test_fused_sparse.py checks it against torch)
+        if fused_sparse.available() and magnitudes.numel() < 1 << 30:
+            # the same sort, run only where a window edge lies, in the magnitudes' own buffer (not read again)
+            # (tests/test_fused_sparse.py checks it against torch)
             capacity = min(window.stop - window.start, window.ties) if window.ties else window.stop - window.start
             return fused_sparse.tie_select(magnitudes, window.descending, window.start, window.stop, window.boundaries,
-                                           capacity)
+                                           capacity, overwrite=True)
         return TieOrder._sort_select(magnitudes, window)
 
     @staticmethod
