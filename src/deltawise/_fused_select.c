@@ -65,34 +65,95 @@ DW_INLINE void move_median_to_first(Key *result, Key *a, Key *b, Key *c, int des
 
 #define PART_BLOCK 64
 
+/* Offsets (0 .. 63) of the entries of a 64-entry block that may not stay on their side, ascending: on the
+   left, of l[0 .. 64) that are >= lo (descending: <= hi); on the right, the k such that r[-1 - k] is <= hi
+   (descending: >= lo). Returns how many; `offsets` holds 8 bytes of slack. */
+DW_INLINE int stoppers_scalar(const Key *block, int right, Key bound, int at_least, uint8_t *offsets) {
+    int count = 0;
+    for (int k = 0; k < PART_BLOCK; k++) {
+        Key x = right ? block[-1 - k] : block[k];
+        offsets[count] = (uint8_t)k;
+        count += at_least ? x >= bound : x <= bound;
+    }
+    return count;
+}
+
+#ifdef DW_X86_DISPATCH
+#include <immintrin.h>
+
+static uint8_t set_bits[256][8]; /* positions of the set bits of a byte, ascending */
+static uint8_t set_bits_reversed[256][8]; /* 7 - position, for the bits from the highest down */
+
+static void init_set_bits(void) {
+    for (int m = 0; m < 256; m++) {
+        int c = 0, d = 0;
+        for (int b = 0; b < 8; b++)
+            if (m >> b & 1)
+                set_bits[m][c++] = (uint8_t)b;
+        for (int b = 7; b >= 0; b--)
+            if (m >> b & 1)
+                set_bits_reversed[m][d++] = (uint8_t)(7 - b);
+    }
+}
+
+/* stoppers_scalar with 8-entry compares and the offsets of each byte of the mask from a table */
+__attribute__((target("avx2"))) static inline int stoppers_avx2(const Key *block, int right, Key bound, int at_least,
+                                                               uint8_t *offsets) {
+    const Key *first = right ? block - PART_BLOCK : block;
+    __m256i b = _mm256_set1_epi32((int)bound);
+    uint64_t mask = 0; /* bit j: first[j] may not stay */
+    for (int j = 0; j < PART_BLOCK / 8; j++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(first + 8 * j));
+        __m256i keep = _mm256_cmpeq_epi32(at_least ? _mm256_max_epu32(x, b) : _mm256_min_epu32(x, b), x);
+        mask |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(keep)) << (8 * j);
+    }
+    int count = 0;
+    for (int j = 0; j < PART_BLOCK / 8; j++) {
+        /* left: byte j holds offsets 8j ..; right: offset k is entry 63 - k, so byte 7 - j holds offsets 8j .. */
+        unsigned m = right ? (unsigned)(mask >> (8 * (7 - j))) & 0xffu : (unsigned)(mask >> (8 * j)) & 0xffu;
+        uint64_t add = 0x0101010101010101ull * (uint64_t)(8 * j), list;
+        memcpy(&list, right ? set_bits_reversed[m] : set_bits[m], 8);
+        list += add;
+        memcpy(offsets + count, &list, 8);
+        count += __builtin_popcount(m);
+    }
+    return count;
+}
+#endif
+
 /* std::__unguarded_partition. The k-th entry from the left that may not stay left is swapped with the
    k-th from the right that may not stay right, as long as they have not crossed: far from the
    crossing, those entries are found branch-free 64 at a time on each side (as BlockQuicksort does)
    and swapped pair by pair in the same order; the scalar loop then finishes from the same state.
    Against the pivot's value (keys lo .. hi), an entry x stays left when x < lo (descending: x > hi)
    and stays right when x > hi (descending: x < lo). */
-DW_INLINE Key *unguarded_partition(Key *first, Key *last, const Key *pivot, int desc, const Ranges *r) {
+DW_INLINE Key *unguarded_partition(Key *first, Key *last, const Key *pivot, int desc, int simd, const Ranges *r) {
     const Key lo = range_lo(r, *pivot), hi = range_hi(r, *pivot);
-    uint8_t left[PART_BLOCK], right[PART_BLOCK];
+    uint8_t left[PART_BLOCK + 8], right[PART_BLOCK + 8];
     int n_left = 0, s_left = 0, n_right = 0, s_right = 0;
     Key *l = first, *rt = last, *left_base = first, *right_base = last; /* [l, rt): not scanned yet */
+    (void)simd;
     while (rt - l >= 2 * PART_BLOCK) {
         if (n_left == 0) {
             left_base = l;
             s_left = 0;
-            for (int k = 0; k < PART_BLOCK; k++) {
-                left[n_left] = (uint8_t)k;
-                n_left += desc ? l[k] <= hi : l[k] >= lo;
-            }
+#ifdef DW_X86_DISPATCH
+            if (simd)
+                n_left = stoppers_avx2(l, 0, desc ? hi : lo, !desc, left);
+            else
+#endif
+                n_left = stoppers_scalar(l, 0, desc ? hi : lo, !desc, left);
             l += PART_BLOCK;
         }
         if (n_right == 0) {
             right_base = rt;
             s_right = 0;
-            for (int k = 0; k < PART_BLOCK; k++) {
-                right[n_right] = (uint8_t)k;
-                n_right += desc ? rt[-1 - k] >= lo : rt[-1 - k] <= hi;
-            }
+#ifdef DW_X86_DISPATCH
+            if (simd)
+                n_right = stoppers_avx2(rt, 1, desc ? lo : hi, desc, right);
+            else
+#endif
+                n_right = stoppers_scalar(rt, 1, desc ? lo : hi, desc, right);
             rt -= PART_BLOCK;
         }
         int m = n_left < n_right ? n_left : n_right;
@@ -195,7 +256,8 @@ static int holds_edge(const Key *base, const Key *first, const Key *last, const 
    at most 16 get the final insertion sort's effect (it never moves an entry across a partition).
    desc is a constant in each caller below, so the partition is compiled once per order. */
 DW_INLINE void select_body(Key *base, Key *first, Key *last, int depth, const Py_ssize_t *edges, int n_edges, int desc,
-                           const Ranges *r, void (*recurse)(Key *, Key *, Key *, int, const Py_ssize_t *, int, const Ranges *)) {
+                           int simd, const Ranges *r,
+                           void (*recurse)(Key *, Key *, Key *, int, const Py_ssize_t *, int, const Ranges *)) {
     while (last - first > 16) {
         if (!holds_edge(base, first, last, edges, n_edges))
             return;
@@ -206,7 +268,7 @@ DW_INLINE void select_body(Key *base, Key *first, Key *last, int depth, const Py
         --depth;
         Key *mid = first + (last - first) / 2;
         move_median_to_first(first, first + 1, mid, last - 1, desc, r);
-        Key *cut = unguarded_partition(first + 1, last, first, desc, r);
+        Key *cut = unguarded_partition(first + 1, last, first, desc, simd, r);
         recurse(base, cut, last, depth, edges, n_edges, r);
         last = cut;
     }
@@ -214,12 +276,34 @@ DW_INLINE void select_body(Key *base, Key *first, Key *last, int depth, const Py
         insertion_sort(first, last, desc, r);
 }
 
+typedef void (*SelectFn)(Key *, Key *, Key *, int, const Py_ssize_t *, int, const Ranges *);
+
 static void select_desc(Key *base, Key *first, Key *last, int depth, const Py_ssize_t *edges, int n_edges, const Ranges *r) {
-    select_body(base, first, last, depth, edges, n_edges, 1, r, select_desc);
+    select_body(base, first, last, depth, edges, n_edges, 1, 0, r, select_desc);
 }
 
 static void select_asc(Key *base, Key *first, Key *last, int depth, const Py_ssize_t *edges, int n_edges, const Ranges *r) {
-    select_body(base, first, last, depth, edges, n_edges, 0, r, select_asc);
+    select_body(base, first, last, depth, edges, n_edges, 0, 0, r, select_asc);
+}
+
+#ifdef DW_X86_DISPATCH
+__attribute__((target("avx2"))) static void select_desc_avx2(Key *base, Key *first, Key *last, int depth,
+                                                             const Py_ssize_t *edges, int n_edges, const Ranges *r) {
+    select_body(base, first, last, depth, edges, n_edges, 1, 1, r, select_desc_avx2);
+}
+
+__attribute__((target("avx2"))) static void select_asc_avx2(Key *base, Key *first, Key *last, int depth,
+                                                            const Py_ssize_t *edges, int n_edges, const Ranges *r) {
+    select_body(base, first, last, depth, edges, n_edges, 0, 1, r, select_asc_avx2);
+}
+#endif
+
+static SelectFn select_fn(int descending) {
+#ifdef DW_X86_DISPATCH
+    if (use_avx2 > 0)
+        return descending ? select_desc_avx2 : select_asc_avx2;
+#endif
+    return descending ? select_desc : select_asc;
 }
 
 /* ---- the keys ------------------------------------------------------------------------------ */
@@ -335,10 +419,7 @@ static Py_ssize_t tie_select_keys(Key *keys, Py_ssize_t n, int descending, Py_ss
     int depth = 0;
     for (Py_ssize_t m = n; m > 1; m >>= 1)
         depth++;
-    if (descending)
-        select_desc(keys, keys, keys + n, 2 * depth, edges, 2, &r);
-    else
-        select_asc(keys, keys, keys + n, 2 * depth, edges, 2, &r);
+    select_fn(descending)(keys, keys, keys + n, 2 * depth, edges, 2, &r);
     Py_ssize_t total = tied.ties[0] + (tied.n > 1 ? tied.ties[1] : 0);
     hit = calloc((size_t)total, 1);
     if (hit == NULL) {

@@ -10,6 +10,7 @@ bins only. Memory: a few hundred KB per requested rank, whatever the model size.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -22,6 +23,20 @@ LOW_BINS = 1 << 16
 
 # a function from a job to the per-model tensors whose magnitudes are ranked
 Source = Callable[[TensorJob], list[torch.Tensor]]
+
+
+_kept = threading.local()
+
+
+def kept_buffers(count: int, numel: int) -> list[torch.Tensor]:
+    """``count`` float32 buffers of ``numel`` entries for one tensor's kept magnitudes, in memory this thread
+    reuses for its next tensor (the engine ranks a tensor's chunks on one thread and is done with them before
+    that thread starts another): pages faulted in afresh for every tensor cost more than the pass filling them."""
+    buffer = getattr(_kept, "buffer", None)
+    if buffer is None or buffer.numel() < count * numel:
+        buffer = _kept.buffer = None  # the old one is freed before the larger one is allocated
+        buffer = _kept.buffer = torch.empty(count * numel, dtype=torch.float32)
+    return [buffer[i * numel : (i + 1) * numel] for i in range(count)]
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +58,7 @@ class _HighPass(StatsPass):
         gathers = None
         if self.keep_numel is not None:
             if self.magnitudes is None:
-                self.magnitudes = [torch.empty(self.keep_numel, dtype=torch.float32) for _ in range(len(self.counts))]
+                self.magnitudes = kept_buffers(len(self.counts), self.keep_numel)
             n = chunk.base.numel()
             gathers = [m[chunk.offset : chunk.offset + n] for m in self.magnitudes]
         fused_sparse.histogram(chunk, list(self.counts), [-1] * len(self.counts), gathers)
