@@ -63,8 +63,15 @@ NOTHING = float("inf")
 KEEP_BYTES = 256 * 2**20
 
 
-def _keep_numel(n: int, n_models: int, per_tensor: bool) -> Optional[int]:
-    return n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None
+# tie_rule "mergekit" per tensor keeps a tensor's |tau| whatever its size when the inputs are bfloat16 or float16:
+# their boundary magnitudes are nearly always tied, and TieOrder then needs them whole anyway
+KEEP_WHOLE_16BIT = True
+
+
+def _keep(n: int, n_models: int, per_tensor: bool, tie_rule: str) -> dict[str, Optional[int]]:
+    """OrderStatistics' keep_numel and keep_16bit."""
+    return {"keep_numel": n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None,
+            "keep_16bit": n if per_tensor and tie_rule == "mergekit" and KEEP_WHOLE_16BIT else None}
 
 
 def _deltas(job: TensorJob):
@@ -90,7 +97,7 @@ def topk_passes(
     (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
     tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
-    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True, keep_numel=_keep_numel(n, len(plan), per_tensor))
+    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True, **_keep(n, len(plan), per_tensor, tie_rule))
     if any(rank is not None for rank, _ in plan):
         yield from order.passes()
     stats["thresholds"] = [NOTHING if nothing else values[0] for (_, nothing), values in zip(plan, order.values)]
@@ -121,7 +128,7 @@ def band_passes(
         full = k >= 1 or n == 0
         ranks.append([None, None] if full or n_keep == 0 else [n_bot + 1, n_bot + n_keep])
         empty.append(not full and n_keep == 0)
-    order = OrderStatistics(_deltas, ranks, raw=True, keep_numel=_keep_numel(n, len(ranks), per_tensor))
+    order = OrderStatistics(_deltas, ranks, raw=True, **_keep(n, len(ranks), per_tensor, tie_rule))
     if any(r[0] is not None for r in ranks):
         yield from order.passes()
     stats["bands"] = [(NOTHING, 0.0) if e else (lo, hi) for e, (lo, hi) in zip(empty, order.values)]
@@ -179,7 +186,7 @@ class TieOrder(StatsPass):
     def __init__(self, n: int, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None):
         self.windows = windows
         # the magnitudes the radix passes kept from raw chunks, when they did: nothing left to gather
-        self.preloaded = kept_magnitudes is not None
+        self.preloaded = self.kept_input = kept_magnitudes is not None
         self.magnitudes = {i: kept_magnitudes[i] if kept_magnitudes is not None else torch.empty(n, dtype=torch.float32)
                            for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
@@ -273,6 +280,13 @@ class TieIndex(StatsPass):
         self.found: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {i: [] for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
         self.kept_magnitudes = kept_magnitudes  # the whole tensor's |tau| from the radix passes, if they kept it
+        self.kept_input = kept_magnitudes is not None
+
+    def update_kept(self) -> None:
+        if self.kept_magnitudes is not None:  # the whole tensor at once
+            for i in self.windows:
+                self._record(i, 0, self.kept_magnitudes[i])
+            self.kept_magnitudes = None
 
     def update(self, job: TensorJob) -> None:
         deltas = job.deltas()
@@ -280,10 +294,8 @@ class TieIndex(StatsPass):
             self._record(i, chunk_offset(job), deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32))
 
     def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
-        if self.kept_magnitudes is not None:  # the whole tensor at once, on the first chunk
-            for i in self.windows:
-                self._record(i, 0, self.kept_magnitudes[i])
-            self.kept_magnitudes = None
+        if self.kept_input:  # the whole tensor at once, on the first chunk
+            self.update_kept()
             self.update_raw = lambda chunk: None
             return
         magnitudes = {i: torch.empty(chunk.base.numel(), dtype=torch.float32) for i in self.windows}
