@@ -96,8 +96,8 @@ class _LowPass(StatsPass):
     def update_kept(self) -> None:
         if self.magnitudes is not None:
             for values, counters in zip(self.magnitudes, self.counts):
-                for hi, counts in counters.items():
-                    fused_sparse.histogram_magnitudes(values, counts, hi)
+                if counters:
+                    fused_sparse.histogram_magnitudes(values, counters)
             self.magnitudes = None
 
     def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:

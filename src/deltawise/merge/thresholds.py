@@ -20,9 +20,12 @@ many, since those formats have 256 and 1024 values per binade):
   ``torch.sort(|tau|.float()).indices[n_bot:n_bot + n_keep]`` (``magnitude_outliers``). On CPU
   that sort is not stable (std::sort, an introsort), so which of the equal entries it keeps
   depends on every value of the tensor: ``TieOrder`` reproduces it by running the same sort on
-  the tensor's magnitudes, gathered whole (4 bytes per entry, plus torch's 8-byte indices), and
-  only for a tensor whose boundary actually falls among equal values. mergekit run with
-  ``--cuda`` sorts on the GPU and may keep other entries among equals.
+  the tensor's magnitudes, gathered whole (4 bytes per entry: the fused kernel sorts them in place,
+  following only the partitions that hold the window's edges; the torch fallback adds torch's
+  8-byte indices), and only for a tensor whose boundary actually falls among equal values. Where
+  every input is bfloat16 or float16 (whose boundaries are nearly always tied) the radix passes keep
+  a tensor's magnitudes whole whatever its size, so the tie pass reads nothing again. mergekit run
+  with ``--cuda`` sorts on the GPU and may keep other entries among equals.
 - tie_rule "index": exactly the count above, and among equal magnitudes the order of a stable
   sort (the lower flat index ranks first, in the descending order of TIES as in the ascending
   order of Breadcrumbs); one more streaming pass, nothing held whole (``TieIndex``).
