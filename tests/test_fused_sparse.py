@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from conftest import load_state
+
 from deltawise.merge import base as base_module
 from deltawise.merge import fused_sparse, merge
 from deltawise.merge.base import TensorJob
@@ -152,6 +154,98 @@ def test_tie_select_is_torch_sorts_order(n, descending):
             assert torch.equal(got, expected)
 
 
+def _torch_window_ties(magnitudes, descending, start, stop):
+    order = torch.argsort(magnitudes, descending=True) if descending else torch.sort(magnitudes).indices
+    inside = order[start:stop]
+    bounds = (float(magnitudes[order[start]]), float(magnitudes[order[stop - 1]]))
+    return bounds, inside[torch.isin(magnitudes[inside], torch.tensor(bounds))].sort().values
+
+
+def _dense(n, gen, around):
+    """Magnitudes whose float32 bit patterns are nearly every integer next to ``around``'s: no free keys beside the
+    boundary values, so the keys made for tied entries must move the others out of the way."""
+    bits = torch.tensor(around, dtype=torch.float32).view(torch.int32) + torch.randint(-5, 6, (n,), generator=gen,
+                                                                                       dtype=torch.int32)
+    return bits.clamp_(min=0).view(torch.float32)
+
+
+@pytest.mark.parametrize("n", [300, 5000])
+@pytest.mark.parametrize("around", [1e-3, 3.0e38, 1e-44])  # ordinary, next to the largest float, subnormal
+@pytest.mark.parametrize("descending", [True, False])
+def test_tie_select_with_dense_bit_patterns(n, around, descending):
+    """Tied values whose neighbouring bit patterns are all taken (float32 inputs), near the largest float (the
+    shifted keys must not overflow) and among subnormals and zeros: torch.sort's order all the same, in place too."""
+    gen = torch.Generator().manual_seed(n)
+    magnitudes = _dense(n, gen, around)
+    magnitudes[torch.randint(0, n, (n // 10,), generator=gen)] = 0.0
+    for _ in range(4):
+        start = 0 if descending else int(torch.randint(0, n, (1,), generator=gen))
+        stop = int(torch.randint(start + 1, n + 1, (1,), generator=gen))
+        bounds, expected = _torch_window_ties(magnitudes, descending, start, stop)
+        assert torch.equal(fused_sparse.tie_select(magnitudes, descending, start, stop, bounds, stop - start), expected)
+        scratch = magnitudes.clone()
+        got = fused_sparse.tie_select(scratch, descending, start, stop, bounds, stop - start, overwrite=True)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_tie_select_keeps_exactly_the_window(descending):
+    """Property, whatever the sort's order among equals: the window holds every entry strictly between its
+    boundary values, so the tied entries kept number (stop - start) minus those, all at a boundary value."""
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(20):
+        n = int(torch.randint(2, 3000, (1,), generator=gen))
+        magnitudes = torch.randint(0, int(torch.randint(1, 50, (1,), generator=gen)), (n,), generator=gen).float() / 64
+        start = 0 if descending else int(torch.randint(0, n, (1,), generator=gen))
+        stop = int(torch.randint(start + 1, n + 1, (1,), generator=gen))
+        ordered = magnitudes.sort(descending=descending).values
+        bounds = (float(ordered[start]), float(ordered[stop - 1]))
+        got = fused_sparse.tie_select(magnitudes, descending, start, stop, bounds, stop - start)
+        lo, hi = min(bounds), max(bounds)
+        strictly = int(((magnitudes > lo) & (magnitudes < hi)).sum())
+        assert got.numel() == stop - start - strictly
+        assert torch.isin(magnitudes[got], torch.tensor(bounds)).all()
+        assert torch.equal(got, got.unique())  # ascending, no repeats
+
+
+def test_tie_select_refuses_negative_or_nonfinite_magnitudes():
+    for bad in (-1.0, float("inf"), float("nan")):
+        magnitudes = torch.tensor([0.5, bad, 0.25, 0.5])
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            fused_sparse.tie_select(magnitudes, True, 0, 2, (0.5,), 2)
+
+
+def test_magnitude_bins_count_two_bins_in_one_read():
+    """The low radix pass over kept magnitudes: the lower 16 bits of the entries in each wanted upper bin."""
+    gen = torch.Generator().manual_seed(3)
+    magnitudes = (torch.randn(50_000, generator=gen) * 1e-3).abs().bfloat16().float() + torch.rand(50_000, generator=gen) * 1e-9
+    bits = magnitudes.view(torch.int32)
+    highs = (bits >> 16).unique()
+    wanted = [int(h) for h in highs[torch.randperm(highs.numel(), generator=gen)[:3]]]
+    counters = {h: torch.zeros(65536, dtype=torch.int64) for h in wanted}
+    fused_sparse.histogram_magnitudes(magnitudes, counters)  # three bins: two reads
+    for h in wanted:
+        expected = torch.bincount(bits[(bits >> 16) == h] & 0xFFFF, minlength=65536)
+        assert torch.equal(counters[h], expected), h
+
+
+def test_the_baseline_copy_of_the_tie_kernels_gives_the_same_indices():
+    """On x86-64 the AVX2 copy of the tie selection normally runs; CPUs without it take the baseline copy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("DELTAWISE_FUSED_NO_SIMD"):
+        pytest.skip("this run is the baseline run")
+    env = dict(os.environ, DELTAWISE_FUSED_NO_SIMD="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+                          "-k", "tie_select or magnitude_bins"], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
 # ---- through the engine -------------------------------------------------------------------------
 
 
@@ -182,3 +276,33 @@ def test_large_tensors_read_again_instead_of_keeping_magnitudes(make_folder, tmp
     monkeypatch.setattr(thresholds, "KEEP_BYTES", 0)
     merge(recipe, str(tmp_path / "reread"), threads=2)
     assert_same_bits(tmp_path / "kept", tmp_path / "reread")
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("method,params", [("ties", {}), ("breadcrumbs", {"gamma": 0.05})])
+def test_whole_tensor_magnitudes_of_16bit_inputs_give_the_same_bits(make_folder, tmp_path, monkeypatch, mixed, method,
+                                                                    params):
+    """tie_rule mergekit keeps a tensor's magnitudes whole, above thresholds.KEEP_BYTES too, when every input is
+    16-bit (mixed: one fine-tune in float32, so it reads again): the same bits as reading again and as torch."""
+    from deltawise.merge import engine, thresholds
+
+    family = fused_family(make_folder)
+    if mixed:
+        family["ft2"] = make_folder("ft2_f32", {k: v.float() for k, v in load_state(family["ft2"]).items()})
+    recipe = {"merge_method": method, "base_model": str(family["base"]),
+              "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.3}} for m in ("ft1", "ft2")],
+              "parameters": params}
+    gathered = []
+    real_gather = fused_sparse.gather
+    monkeypatch.setattr(fused_sparse, "gather", lambda *a, **k: gathered.append(1) or real_gather(*a, **k))
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(thresholds, "KEEP_BYTES", 0)
+    merge(recipe, str(tmp_path / "whole"), threads=2)
+    assert bool(gathered) == mixed  # the tie pass read the inputs again only where they are not all 16-bit
+    monkeypatch.setattr(thresholds, "KEEP_WHOLE_16BIT", False)
+    merge(recipe, str(tmp_path / "reread"), threads=2)
+    assert gathered
+    monkeypatch.setattr(fused_sparse, "available", lambda: False)
+    merge(recipe, str(tmp_path / "torch"), threads=2)
+    assert_same_bits(tmp_path / "whole", tmp_path / "reread")
+    assert_same_bits(tmp_path / "whole", tmp_path / "torch")

@@ -404,6 +404,7 @@ static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
     {"task_arithmetic", py_task_arithmetic, METH_VARARGS, task_arithmetic_doc},
     {"delta_histogram", py_delta_histogram, METH_VARARGS, delta_histogram_doc},
+    {"magnitude_bins", py_magnitude_bins, METH_VARARGS, magnitude_bins_doc},
     {"sparse_merge", py_sparse_merge, METH_VARARGS, sparse_merge_doc},
     {"dare_mask", py_dare_mask, METH_VARARGS, dare_mask_doc},
     {"tie_select", py_tie_select, METH_VARARGS, tie_select_doc},
@@ -418,6 +419,9 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fused(void) {
     choose_path();
+#ifdef DW_X86_DISPATCH
+    init_set_bits(); /* tie_select's tables */
+#endif
 #ifdef DW_X86_DISPATCH
     const char *path = use_avx2 ? "avx2+fma" : "baseline";
 #else

@@ -6,12 +6,14 @@
  *                   lambda, + base, cast: the torch path of sparsify.aggregate/combine (and
  *                   consensus.py) operation for operation, so the same bits; and the argument
  *                   helpers the others use.
- * _fused_stats.c    delta_histogram, delta_l1: the radix-select passes of merge/stats.py and DARE's
- *                   L1 norms over raw chunks (no float32 copy of a chunk is made).
+ * _fused_stats.c    delta_histogram, magnitude_bins, delta_l1: the radix-select passes of merge/stats.py
+ *                   over raw chunks (no float32 copy of a chunk is made) or kept magnitudes, and DARE's
+ *                   L1 norms.
  * _fused_rng.c      dare_mask: DARE's Bernoulli keep mask, the very numbers TensorJob.uniform draws
  *                   with torch.rand (MT19937 seeded per block, 24-bit uniforms), without torch.
  * _fused_select.c   tie_select: which entries std::sort (torch's CPU sort, libstdc++ introsort)
- *                   places in a window of positions, following only the ranges that hold a window edge.
+ *                   places in a window of positions, following only the ranges that hold a window edge,
+ *                   on 4-byte keys in place of the magnitudes.
  * _fused_della.c    della_mask: DELLA's keep mask, from each entry's magnitude rank within its row
  *                   (a stable radix sort) and dare_mask's draws.
  */

@@ -14,7 +14,6 @@ typedef struct {
     float *gather[MAX_INPUTS];   /* optional: |delta| stored here (tie order) */
     uint32_t *tables;            /* high pass: 4 interleaved 32768-bin tables, so that runs of equal bins
                                     do not wait on each other's increments */
-    int magnitudes;              /* in[0] holds float32 magnitudes already (no base) */
     HalfLoad half_load;
     HalfStore half_store;
 } HistJob;
@@ -27,22 +26,17 @@ DW_INLINE Py_ssize_t histogram_body(const HistJob *job) {
     conv.half_load = job->half_load;
     for (Py_ssize_t start = 0; start < job->n; start += BLOCK) {
         Py_ssize_t n = job->n - start < BLOCK ? job->n - start : BLOCK;
-        if (!job->magnitudes)
-            load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, &conv);
+        load_block(b, job->base + start * itemsize(job->base_dtype), job->base_dtype, n, &conv);
         for (int k = 0; k < job->count; k++) {
             if (job->counts[k] == NULL && job->gather[k] == NULL)
                 continue;
-            if (job->magnitudes) {
-                memcpy(bits, job->in[k] + start * 4, (size_t)n * 4);
-            } else {
-                load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, &conv);
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    float d = x[i] - b[i];
-                    uint32_t u;
-                    memcpy(&u, &d, 4);
-                    bits[i] = u & 0x7fffffffu;
-                    bad += bits[i] >= 0x7f800000u;
-                }
+            load_block(x, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, &conv);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                float d = x[i] - b[i];
+                uint32_t u;
+                memcpy(&u, &d, 4);
+                bits[i] = u & 0x7fffffffu;
+                bad += bits[i] >= 0x7f800000u;
             }
             if (job->gather[k] != NULL)
                 memcpy(job->gather[k] + start, bits, (size_t)n * 4);
@@ -83,6 +77,103 @@ DW_INLINE Py_ssize_t histogram_body(const HistJob *job) {
             job->counts[k][j] += (int64_t)t[j] + t[32768 + j] + t[2 * 32768 + j] + t[3 * 32768 + j];
     }
     return bad;
+}
+
+/* ---- the low radix pass over kept magnitudes: one read for up to two upper bins --------------- */
+
+DW_INLINE void bins_body(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0, int64_t *c1) {
+    for (Py_ssize_t i = 0; i < n; i += 16) { /* few entries fall in a wanted bin: test 16 at once */
+        Py_ssize_t stop = i + 16 < n ? i + 16 : n;
+        uint32_t any = 0;
+        for (Py_ssize_t j = i; j < stop; j++)
+            any |= ((bits[j] >> 16) == want0) | ((bits[j] >> 16) == want1);
+        if (any)
+            for (Py_ssize_t j = i; j < stop; j++) {
+                uint32_t high = bits[j] >> 16;
+                if (high == want0)
+                    c0[bits[j] & 0xffffu]++;
+                else if (high == want1)
+                    c1[bits[j] & 0xffffu]++;
+            }
+    }
+}
+
+#ifdef DW_X86_DISPATCH
+#include <immintrin.h>
+
+/* bins_body with the matches of 8 entries found by one compare per bin, and only they visited */
+__attribute__((target("avx2"))) static void bins_avx2(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1,
+                                                      int64_t *c0, int64_t *c1) {
+    const __m256i w0 = _mm256_set1_epi32((int)want0), w1 = _mm256_set1_epi32((int)want1);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i high = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(bits + i)), 16);
+        unsigned m0 = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, w0)));
+        unsigned m1 = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, w1)));
+        for (; m0; m0 &= m0 - 1)
+            c0[bits[i + __builtin_ctz(m0)] & 0xffffu]++;
+        for (; m1; m1 &= m1 - 1)
+            c1[bits[i + __builtin_ctz(m1)] & 0xffffu]++;
+    }
+    bins_body(bits + i, n - i, want0, want1, c0, c1);
+}
+#endif
+
+PyDoc_STRVAR(magnitude_bins_doc,
+"magnitude_bins(magnitudes, highs, counts) -> None\n\n"
+"For one or two upper bins highs[j] (distinct, 0 .. 32767): adds to counts[j] (int64, 65536, writable) the\n"
+"counts of the lower 16 bits of the float32 magnitudes whose upper 16 bits are highs[j], in one read.");
+
+static PyObject *py_magnitude_bins(PyObject *self, PyObject *args) {
+    PyObject *magnitudes, *highs, *counts;
+    if (!PyArg_ParseTuple(args, "OOO", &magnitudes, &highs, &counts))
+        return NULL;
+    Py_ssize_t m = PySequence_Size(highs);
+    if (m < 1 || m > 2 || PySequence_Size(counts) != m) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "one or two bins, with one counts buffer each");
+        return NULL;
+    }
+    Held held = {.held = 0};
+    PyObject *result = NULL;
+    uint32_t want[2] = {0xffffffffu, 0xffffffffu}; /* no upper 16 bits match 2**32 - 1 */
+    int64_t *c[2] = {NULL, NULL};
+    const uint32_t *bits = hold(&held, magnitudes, 0, 0, "magnitudes");
+    if (bits == NULL)
+        goto done;
+    Py_ssize_t n = held.views[0].len / 4;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        PyObject *item = PySequence_GetItem(highs, j);
+        long high = item ? PyLong_AsLong(item) : -1;
+        Py_XDECREF(item);
+        if (PyErr_Occurred())
+            goto done;
+        if (high < 0 || high > 0xffff || (j == 1 && (uint32_t)high == want[0])) {
+            PyErr_SetString(PyExc_ValueError, "bins are distinct and within 0 .. 65535");
+            goto done;
+        }
+        want[j] = (uint32_t)high;
+        item = PySequence_GetItem(counts, j);
+        c[j] = item ? hold(&held, item, 1, 65536 * 8, "counts") : NULL;
+        Py_XDECREF(item);
+        if (c[j] == NULL)
+            goto done;
+    }
+    if (c[1] == NULL)
+        c[1] = c[0]; /* never written: want[1] matches nothing */
+    Py_BEGIN_ALLOW_THREADS
+#ifdef DW_X86_DISPATCH
+    if (use_avx2 > 0)
+        bins_avx2(bits, n, want[0], want[1], c[0], c[1]);
+    else
+#endif
+        bins_body(bits, n, want[0], want[1], c[0], c[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    release_all(&held);
+    return result;
 }
 
 /* ---- L1 norms of the task vectors and their kept parts (DARE's rescale) ------------------- */
@@ -142,23 +233,12 @@ static void l1_kernel(const HistJob *job, const uint8_t *const *masks, double *b
     l1_body(job, masks, before, after);
 }
 
-/* The base (its length sets job->n) and the models of a HistJob, held in `held`; -1 with an exception set on error. */
-static int take_base_and_models(Held *held, HistJob *job, PyObject *base, int base_dtype, PyObject *inputs,
-                                PyObject *dtypes) {
-    job->base = hold(held, base, 0, 0, "base");
-    if (job->base == NULL)
-        return -1;
-    job->base_dtype = base_dtype;
-    job->n = held->views[held->held - 1].len / itemsize(base_dtype);
-    return take_models(held, inputs, dtypes, job->n, &job->count, job->in, job->in_dtype);
-}
-
 PyDoc_STRVAR(delta_histogram_doc,
 "delta_histogram(base, base_dtype, inputs, dtypes, counts, highs, gathers) -> int\n\n"
 "For each model k with counts[k] not None (int64, writable): counts of the upper 16 bits of the float32\n"
 "bits of |x_k - b| (highs[k] < 0, 32768 bins), or of the lower 16 bits of the entries whose upper bits\n"
 "are highs[k] (65536 bins), added to counts[k]. gathers[k], when not None (float32, writable), receives\n"
-"|x_k - b|. base None: inputs is one float32 buffer of magnitudes, counted as they are.\n"
+"|x_k - b| (magnitudes kept already: magnitude_bins).\n"
 "Returns the number of non-finite task-vector entries seen.");
 
 static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
@@ -172,25 +252,13 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     memset(&job, 0, sizeof job);
     Held held = {.held = 0};
     Py_ssize_t bad = -1;
-    if (base == Py_None) { /* one input of float32 magnitudes */
-        job.magnitudes = 1;
-        PyObject *first = PySequence_Size(inputs) == 1 ? PySequence_GetItem(inputs, 0) : NULL;
-        if (first == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "without a base, one input of float32 magnitudes");
-            goto done;
-        }
-        job.in[0] = hold(&held, first, 0, 0, "magnitudes");
-        Py_DECREF(first);
-        if (job.in[0] == NULL)
-            goto done;
-        job.n = held.views[0].len / 4;
-        job.count = 1;
-        job.in_dtype[0] = DT_F32;
-    } else {
-        if (take_base_and_models(&held, &job, base, base_dtype, inputs, dtypes) < 0)
-            goto done;
-    }
+    job.base = hold(&held, base, 0, 0, "base");
+    if (job.base == NULL)
+        goto done;
+    job.base_dtype = base_dtype;
+    job.n = held.views[0].len / itemsize(base_dtype);
+    if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
+        goto done;
     if (PySequence_Size(counts) != job.count || PySequence_Size(highs) != job.count
         || PySequence_Size(gathers) != job.count) {
         PyErr_SetString(PyExc_ValueError, "counts, highs and gathers need one entry per input");
@@ -252,7 +320,12 @@ static PyObject *py_delta_l1(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     const uint8_t *mask[MAX_INPUTS];
     double before[MAX_INPUTS] = {0}, after[MAX_INPUTS] = {0};
-    if (take_base_and_models(&held, &job, base, base_dtype, inputs, dtypes) < 0)
+    job.base = hold(&held, base, 0, 0, "base");
+    if (job.base == NULL)
+        goto done;
+    job.base_dtype = base_dtype;
+    job.n = held.views[0].len / itemsize(base_dtype);
+    if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
         goto done;
     if (PySequence_Size(masks) != job.count) {
         PyErr_SetString(PyExc_ValueError, "masks need one entry per input");

@@ -133,9 +133,15 @@ class StatsPass:
     """One streaming pass over every merged tensor, collecting whole-model statistics."""
 
     label = "collecting statistics"
+    # True when the pass has all it needs from what an earlier pass kept (a tensor's magnitudes): where the
+    # fused kernels run, the engine then calls ``update_kept`` once instead of reading the chunks again
+    kept_input = False
 
     def update(self, job: TensorJob) -> None:
         raise NotImplementedError
+
+    def update_kept(self) -> None:
+        pass
 
 
 class MergeMethod:

@@ -136,6 +136,10 @@ class _TensorRun:
     def visit(self, stats_pass: StatsPass, lock: Optional[threading.Lock] = None) -> None:
         """Feed every chunk to ``stats_pass``; ``lock`` guards a pass shared between threads."""
         raw = self.spec is not None and self.spec.kind == "sparse" and hasattr(stats_pass, "update_raw")
+        if raw and getattr(stats_pass, "kept_input", False):
+            with lock or nullcontext():
+                stats_pass.update_kept()
+            return
         for start, stop in self.ranges:
             if raw:
                 chunk = self.raw(start, stop)

@@ -5,7 +5,8 @@ Kernels in ``deltawise/_fused_sparse.c``. Each works on the bytes the engine has
 float16 or float32) without making float32 copies of the chunk:
 
 - ``histogram`` / ``gather``: the radix-select passes of ``stats.OrderStatistics`` and the tie
-  passes of ``thresholds.py`` over |x - b|;
+  passes of ``thresholds.py`` over |x - b|; ``histogram_magnitudes``: the second radix pass over
+  magnitudes the first one kept (two upper bins per read);
 - ``run``: the merge itself, ``sparsify.combine``'s float32 arithmetic operation for operation
   (trim, rescale, weight, sign election, disjoint mean or sum, Consensus's TALL masks, lambda,
   + base, cast), so the same bits as the torch path (tests/test_fused_sparse.py,
@@ -16,7 +17,8 @@ float16 or float32) without making float32 copies of the chunk:
   magnitude rank within its row (a stable radix sort per row, ``_fused_della.c``);
 - ``tie_select``: the entries torch's CPU sort (libstdc++'s introsort) places in a window,
   following only the ranges that hold a window edge: mergekit's order among tied magnitudes
-  without sorting the tensor.
+  without sorting the tensor, on one 4-byte key per entry (the magnitude's bits; the tied entries
+  tagged in a range of keys that compares as one value), in place of the kept magnitudes.
 
 The engine takes this path where ``ChunkLoader.fused_spec`` allows it (CPU, extension built,
 inputs read from files, no float64); elsewhere the methods' torch code runs, with the same result.
@@ -107,9 +109,13 @@ def histogram(chunk: RawChunk, counts: list[Optional[torch.Tensor]], highs: list
     chunk.checked(bad)
 
 
-def histogram_magnitudes(values: torch.Tensor, counts: torch.Tensor, high: int) -> None:
-    """``histogram`` over float32 magnitudes already computed (one model)."""
-    _kernels.delta_histogram(None, 0, [values.numpy()], [0], [counts.numpy()], [high], [None])
+def histogram_magnitudes(values: torch.Tensor, counters: dict[int, torch.Tensor]) -> None:
+    """``histogram``'s lower-16-bit counts over float32 magnitudes already computed (one model): adds to
+    counters[high] for each upper bin wanted, two bins per read of ``values``."""
+    wanted = sorted(counters)
+    for j in range(0, len(wanted), 2):
+        highs = wanted[j : j + 2]
+        _kernels.magnitude_bins(values.numpy(), highs, [counters[h].numpy() for h in highs])
 
 
 def gather(chunk: RawChunk, targets: list[Optional[torch.Tensor]]) -> None:
@@ -127,13 +133,16 @@ def l1_norms(chunk: RawChunk, masks: list[torch.Tensor]) -> list[tuple[float, fl
 
 
 def tie_select(magnitudes: torch.Tensor, descending: bool, start: int, stop: int, boundaries: tuple[float, ...],
-               capacity: int) -> torch.Tensor:
+               capacity: int, overwrite: bool = False) -> torch.Tensor:
     """Sorted flat indices of the entries that torch.sort(magnitudes, descending) on the CPU places at
-    positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them)."""
+    positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them).
+    ``overwrite``: sort in the buffer of ``magnitudes`` (contiguous float32), leaving it scrambled, instead
+    of a copy."""
     out = torch.empty(max(capacity, 1), dtype=torch.int64)
-    found = _kernels.tie_select(magnitudes.contiguous().numpy(), descending, start, stop, sorted(set(boundaries)),
-                                out.numpy())
-    return out[:found].sort().values
+    if not (overwrite and magnitudes.is_contiguous()):
+        magnitudes, overwrite = magnitudes.contiguous(), False
+    found = _kernels.tie_select(magnitudes.numpy(), descending, start, stop, list(boundaries), out.numpy(), overwrite)
+    return out[:found]
 
 
 def block_seed(seed: int, name: str, model_index: int, block: int) -> int:

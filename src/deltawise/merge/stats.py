@@ -10,6 +10,7 @@ bins only. Memory: a few hundred KB per requested rank, whatever the model size.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -24,6 +25,24 @@ LOW_BINS = 1 << 16
 Source = Callable[[TensorJob], list[torch.Tensor]]
 
 
+_kept = threading.local()
+POOL_BYTES = 256 * 2**20  # kept magnitudes up to this size stay allocated for the thread's next tensor
+
+
+def kept_buffers(count: int, numel: int) -> list[torch.Tensor]:
+    """``count`` float32 buffers of ``numel`` entries for one tensor's kept magnitudes. Up to POOL_BYTES in all
+    they lie in memory this thread reuses for its next tensor (the engine ranks a tensor's chunks on one thread
+    and is done with them before that thread starts another): pages faulted in afresh for every tensor cost
+    more than the pass that fills them. Larger ones are allocated for this tensor alone."""
+    if count * numel * 4 > POOL_BYTES:
+        return [torch.empty(numel, dtype=torch.float32) for _ in range(count)]
+    buffer = getattr(_kept, "buffer", None)
+    if buffer is None or buffer.numel() < count * numel:
+        buffer = _kept.buffer = None  # the old one is freed before the larger one is allocated
+        buffer = _kept.buffer = torch.empty(count * numel, dtype=torch.float32)
+    return [buffer[i * numel : (i + 1) * numel] for i in range(count)]
+
+
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().to(torch.float32).reshape(-1).view(torch.int32)
 
@@ -31,19 +50,25 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 class _HighPass(StatsPass):
     label = "whole-model magnitudes (1/2)"
 
-    def __init__(self, source: Source, n_models: int, raw: bool = False, keep_numel: Optional[int] = None):
+    def __init__(self, source: Source, n_models: int, raw: bool = False, keep_numel: Optional[int] = None,
+                 keep_16bit: Optional[int] = None):
         self.source = source
         self.counts = torch.zeros(n_models, HIGH_BINS, dtype=torch.int64)
         self.keep_numel = keep_numel
+        self.keep_16bit = keep_16bit  # kept whatever the size where every input is bfloat16 or float16
         self.magnitudes: Optional[list[torch.Tensor]] = None  # |x| of the whole tensor, kept from raw chunks
         if raw:  # the source is the plain task vectors: the fused kernel can count raw chunks
             self.update_raw = self._update_raw
 
     def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
         gathers = None
+        if self.keep_16bit is not None:  # decided on the first chunk
+            if all(t.dtype in (torch.bfloat16, torch.float16) for t in [chunk.base, *chunk.models]):
+                self.keep_numel = self.keep_16bit
+            self.keep_16bit = None
         if self.keep_numel is not None:
             if self.magnitudes is None:
-                self.magnitudes = [torch.empty(self.keep_numel, dtype=torch.float32) for _ in range(len(self.counts))]
+                self.magnitudes = kept_buffers(len(self.counts), self.keep_numel)
             n = chunk.base.numel()
             gathers = [m[chunk.offset : chunk.offset + n] for m in self.magnitudes]
         fused_sparse.histogram(chunk, list(self.counts), [-1] * len(self.counts), gathers)
@@ -64,16 +89,20 @@ class _LowPass(StatsPass):
         self.source = source
         self.counts = [{hi: torch.zeros(LOW_BINS, dtype=torch.int64) for hi in bins} for bins in wanted]
         self.magnitudes = magnitudes  # the whole tensor's |x| from the first pass: counted once, not chunk by chunk
+        self.kept_input = magnitudes is not None
         if raw:
             self.update_raw = self._update_raw
 
-    def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+    def update_kept(self) -> None:
         if self.magnitudes is not None:
             for values, counters in zip(self.magnitudes, self.counts):
-                for hi, counts in counters.items():
-                    fused_sparse.histogram_magnitudes(values, counts, hi)
+                if counters:
+                    fused_sparse.histogram_magnitudes(values, counters)
             self.magnitudes = None
-            self.update_raw = lambda chunk: None  # the remaining chunks are counted already
+
+    def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
+        if self.kept_input:  # counted from the kept magnitudes, once
+            self.update_kept()
             return
         # one kernel call per round of wanted bins (a Breadcrumbs band wants two per model)
         wanted = [sorted(c) for c in self.counts]
@@ -104,12 +133,14 @@ class OrderStatistics:
     """
 
     def __init__(self, source: Source, ranks: list[list[Optional[int]]], raw: bool = False,
-                 keep_numel: Optional[int] = None):
+                 keep_numel: Optional[int] = None, keep_16bit: Optional[int] = None):
         self.source = source
         self.raw = raw  # source is the plain task vectors (job.deltas): the passes also take raw chunks
         # per-tensor ranks of a tensor this small: the first raw pass keeps |x| (4 bytes an entry per model), the
         # second counts from it and the tie passes read it, instead of each reading the inputs again
+        # (keep_16bit: of a tensor this size whose inputs are all bfloat16 or float16)
         self.keep_numel = keep_numel
+        self.keep_16bit = keep_16bit
         self.magnitudes: Optional[list[torch.Tensor]] = None
         self.ranks = ranks
         self.values: list[list[Optional[float]]] = [[None] * len(r) for r in ranks]
@@ -117,7 +148,7 @@ class OrderStatistics:
         self.equal: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
 
     def passes(self) -> Iterator[StatsPass]:
-        high = _HighPass(self.source, len(self.ranks), self.raw, self.keep_numel)
+        high = _HighPass(self.source, len(self.ranks), self.raw, self.keep_numel, self.keep_16bit)
         yield high
         located: list[list[Optional[tuple[int, int, int]]]] = []  # (high bin, rank in bin, count below bin)
         for i, ranks in enumerate(self.ranks):

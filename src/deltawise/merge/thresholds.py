@@ -20,9 +20,12 @@ many, since those formats have 256 and 1024 values per binade):
   ``torch.sort(|tau|.float()).indices[n_bot:n_bot + n_keep]`` (``magnitude_outliers``). On CPU
   that sort is not stable (std::sort, an introsort), so which of the equal entries it keeps
   depends on every value of the tensor: ``TieOrder`` reproduces it by running the same sort on
-  the tensor's magnitudes, gathered whole (4 bytes per entry, plus torch's 8-byte indices), and
-  only for a tensor whose boundary actually falls among equal values. mergekit run with
-  ``--cuda`` sorts on the GPU and may keep other entries among equals.
+  the tensor's magnitudes, gathered whole (4 bytes per entry: the fused kernel sorts them in place,
+  following only the partitions that hold the window's edges; the torch fallback adds torch's
+  8-byte indices), and only for a tensor whose boundary actually falls among equal values. Where
+  every input is bfloat16 or float16 (whose boundaries are nearly always tied) the radix passes keep
+  a tensor's magnitudes whole whatever its size, so the tie pass reads nothing again. mergekit run
+  with ``--cuda`` sorts on the GPU and may keep other entries among equals.
 - tie_rule "index": exactly the count above, and among equal magnitudes the order of a stable
   sort (the lower flat index ranks first, in the descending order of TIES as in the ascending
   order of Breadcrumbs); one more streaming pass, nothing held whole (``TieIndex``).
@@ -63,8 +66,15 @@ NOTHING = float("inf")
 KEEP_BYTES = 256 * 2**20
 
 
-def _keep_numel(n: int, n_models: int, per_tensor: bool) -> Optional[int]:
-    return n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None
+# tie_rule "mergekit" per tensor keeps a tensor's |tau| whatever its size when the inputs are bfloat16 or float16:
+# their boundary magnitudes are nearly always tied, and TieOrder then needs them whole anyway
+KEEP_WHOLE_16BIT = True
+
+
+def _keep(n: int, n_models: int, per_tensor: bool, tie_rule: str) -> dict[str, Optional[int]]:
+    """OrderStatistics' keep_numel and keep_16bit."""
+    return {"keep_numel": n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None,
+            "keep_16bit": n if per_tensor and tie_rule == "mergekit" and KEEP_WHOLE_16BIT else None}
 
 
 def _deltas(job: TensorJob):
@@ -90,7 +100,7 @@ def topk_passes(
     (tie_rule "mergekit" or "index", when the k-th magnitude is tied) the sorted flat indices of the
     tied entries kept; the threshold is then exclusive (see ``sparsify.trim_listed``)."""
     plan = [keep_rank(n, k, rule) for k in densities]
-    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True, keep_numel=_keep_numel(n, len(plan), per_tensor))
+    order = OrderStatistics(_deltas, [[rank] for rank, _ in plan], raw=True, **_keep(n, len(plan), per_tensor, tie_rule))
     if any(rank is not None for rank, _ in plan):
         yield from order.passes()
     stats["thresholds"] = [NOTHING if nothing else values[0] for (_, nothing), values in zip(plan, order.values)]
@@ -121,7 +131,7 @@ def band_passes(
         full = k >= 1 or n == 0
         ranks.append([None, None] if full or n_keep == 0 else [n_bot + 1, n_bot + n_keep])
         empty.append(not full and n_keep == 0)
-    order = OrderStatistics(_deltas, ranks, raw=True, keep_numel=_keep_numel(n, len(ranks), per_tensor))
+    order = OrderStatistics(_deltas, ranks, raw=True, **_keep(n, len(ranks), per_tensor, tie_rule))
     if any(r[0] is not None for r in ranks):
         yield from order.passes()
     stats["bands"] = [(NOTHING, 0.0) if e else (lo, hi) for e, (lo, hi) in zip(empty, order.values)]
@@ -179,7 +189,7 @@ class TieOrder(StatsPass):
     def __init__(self, n: int, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None):
         self.windows = windows
         # the magnitudes the radix passes kept from raw chunks, when they did: nothing left to gather
-        self.preloaded = kept_magnitudes is not None
+        self.preloaded = self.kept_input = kept_magnitudes is not None
         self.magnitudes = {i: kept_magnitudes[i] if kept_magnitudes is not None else torch.empty(n, dtype=torch.float32)
                            for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
@@ -206,11 +216,12 @@ class TieOrder(StatsPass):
 
     @staticmethod
     def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
-        if fused_sparse.available() and magnitudes.numel() < 1 << 32:
-            # the same sort, run only where a window edge lies (tests/test_fused_sparse.py checks it against torch)
+        if fused_sparse.available() and magnitudes.numel() < 1 << 30:
+            # the same sort, run only where a window edge lies, in the magnitudes' own buffer (not read again)
+            # (tests/test_fused_sparse.py checks it against torch)
             capacity = min(window.stop - window.start, window.ties) if window.ties else window.stop - window.start
             return fused_sparse.tie_select(magnitudes, window.descending, window.start, window.stop, window.boundaries,
-                                           capacity)
+                                           capacity, overwrite=True)
         return TieOrder._sort_select(magnitudes, window)
 
     @staticmethod
@@ -272,6 +283,13 @@ class TieIndex(StatsPass):
         self.found: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {i: [] for i in windows}
         self._kept: Optional[dict[int, torch.Tensor]] = None
         self.kept_magnitudes = kept_magnitudes  # the whole tensor's |tau| from the radix passes, if they kept it
+        self.kept_input = kept_magnitudes is not None
+
+    def update_kept(self) -> None:
+        if self.kept_magnitudes is not None:  # the whole tensor at once
+            for i in self.windows:
+                self._record(i, 0, self.kept_magnitudes[i])
+            self.kept_magnitudes = None
 
     def update(self, job: TensorJob) -> None:
         deltas = job.deltas()
@@ -279,10 +297,8 @@ class TieIndex(StatsPass):
             self._record(i, chunk_offset(job), deltas[i].abs().reshape(-1).to(device="cpu", dtype=torch.float32))
 
     def update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
-        if self.kept_magnitudes is not None:  # the whole tensor at once, on the first chunk
-            for i in self.windows:
-                self._record(i, 0, self.kept_magnitudes[i])
-            self.kept_magnitudes = None
+        if self.kept_input:  # the whole tensor at once, on the first chunk
+            self.update_kept()
             self.update_raw = lambda chunk: None
             return
         magnitudes = {i: torch.empty(chunk.base.numel(), dtype=torch.float32) for i in self.windows}
@@ -292,7 +308,10 @@ class TieIndex(StatsPass):
 
     def _record(self, i: int, offset: int, flat: torch.Tensor) -> None:
         values = torch.tensor(self.windows[i].boundaries, dtype=torch.float32)
-        tied = torch.isin(flat, values).nonzero().squeeze(1)
+        hit = flat == values[0]  # one or two values: comparisons, not torch.isin (which sorts, ~20x slower here)
+        for value in values[1:]:
+            hit |= flat == value
+        tied = hit.nonzero().squeeze(1)
         self.found[i].append((offset, tied + offset, flat[tied]))
 
     @property
