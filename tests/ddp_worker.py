@@ -10,7 +10,9 @@ also writes ``out/NAME.init{R}.safetensors`` (the trainable parameters when trai
 holds them), and one with ``"skew_rank1_init": true`` hands rank 1 other batches for its data-driven
 initialisation (another seed, 3 rows a batch), as a device whose SVD differs from rank 0's would. A run with
 ``"guard": {"retain": [[FILE, MIN]], "targets": [...], "options": {...GuardOptions fields...}}`` trains under the
-retention guard (``guarded_train``) and writes ``out/NAME.guard{R}.json`` (every rank's checks and decisions).
+retention guard (``guarded_train``) and writes ``out/NAME.guard{R}.json`` (every rank's checks and decisions). A run
+with ``"stop_at": STEP`` is interrupted at the end of that step on every rank (its staging folder stays for a later
+run with ``"resume": true`` in ``train``); ``"output": DIR`` trains into ``out/DIR`` instead of ``out/NAME``.
 ``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references.
 """
 
@@ -61,8 +63,30 @@ def config(spec: dict, run: dict, out: Path):
                        **run.get("train", {}))
 
 
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises at the end of optimizer step ``step``, as a crash would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
 def train_run(cfg, run: dict, callbacks: list, guard_to: Path):
-    """``run_train``, or ``guarded_train`` for a run with a ``guard``, whose state goes to ``guard_to``."""
+    """``run_train``, or ``guarded_train`` for a run with a ``guard``, whose state goes to ``guard_to``; None for a
+    run interrupted by its ``stop_at``."""
+    if run.get("stop_at"):
+        try:
+            return train_run(cfg, {k: v for k, v in run.items() if k != "stop_at"}, [*callbacks, StopAt(run["stop_at"])],
+                             guard_to)
+        except Interrupted:
+            return None
     from dataclasses import asdict
 
     from deltawise.adapt import run_train
@@ -174,10 +198,11 @@ def main(spec_path: str) -> None:
         if run.get("skew_rank1_init") and rank == 1:
             train._init_batches = skewed(init_batches)
         try:
-            result = train_run(config(spec, run, root / run["name"]), run, callbacks, root / f"{run['name']}.guard{rank}.json")
+            result = train_run(config(spec, run, root / run.get("output", run["name"])), run, callbacks,
+                               root / f"{run['name']}.guard{rank}.json")
         finally:
             train._init_batches = init_batches
-        if result.is_main_process:
+        if result is not None and result.is_main_process:
             print(f"ok {run['name']} steps={result.steps}", flush=True)
 
 

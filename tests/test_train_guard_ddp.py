@@ -3,8 +3,9 @@ same steps (the checks, the kept step, stopping early; rank 0's broadcast), and 
 training_log.json, deltawise_guard.json, the kept weights) equal one process with the global batch (2 × 4 = 8).
 
 Run "fixed" checks every 3 steps; run "auto" measures the interval (rank 0's times decide), stops early with
-patience 1 and writes checkpoints with the guard's state every 4 steps (rank 0). A sharded (FSDP) launch is refused.
-Marked slow (about 30 s on 2 CPU cores), still in the normal suite."""
+patience 1 and writes checkpoints with the guard's state every 4 steps (rank 0); "cut" is "whole" interrupted at
+step 8 on both ranks and resumed from its step-6 checkpoint ("resumed"). A sharded (FSDP) launch is refused.
+Marked slow (about 60 s on 2 shared CPU cores), still in the normal suite."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import json
 
 import pytest
 import torch
-from ddp_worker import two_ranks_and_one
+from ddp_worker import config, launch_two_ranks, train_run
 from guard_util import guard_cfg, langs  # noqa: F401
 from safetensors.torch import load_file
 
+from deltawise.adapt.guard_resume import GUARD_STATE
 from deltawise.adapt.guarded import GuardRequest, guarded_train
+from deltawise.io.output import staging_folder
 from deltawise.errors import InputError
 from deltawise.search.budget import RetentionBudget
 
@@ -27,11 +30,25 @@ TRAIN = {"max_steps": 12, "batch_size": 4, "lr": 3e-3, "schedule": "constant", "
 def ddp_guard(langs, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("guard_ddp")
     guard = {"retain": [[str(langs["en"]), 0.8]], "targets": [str(langs["de_target"])]}
-    runs = [{"name": "fixed", "method": "full", "train": TRAIN, "guard": {**guard, "options": {"monitor_every": 3}}},
+    every3 = {**guard, "options": {"monitor_every": 3}}
+    saved = {**TRAIN, "save_every": 6}
+    runs = [{"name": "fixed", "method": "full", "train": TRAIN, "guard": every3},
             {"name": "auto", "method": "full", "train": {**TRAIN, "save_every": 4},
-             "guard": {**guard, "options": {"monitor_every": 0, "stop_early": True, "patience": 1}}}]
+             "guard": {**guard, "options": {"monitor_every": 0, "stop_early": True, "patience": 1}}},
+            {"name": "whole", "method": "full", "train": saved, "guard": every3},
+            {"name": "cut", "output": "resumed", "stop_at": 8, "method": "full", "train": saved, "guard": every3},
+            {"name": "resumed", "method": "full", "train": {**saved, "resume": True}, "guard": every3}]
     spec = {"model": str(langs["base"]), "data": str(langs["de"]), "out": str(root / "ddp"), "runs": runs}
-    two_ranks_and_one(spec, root)
+    launch_two_ranks(spec, root)
+    # the single-process reference of "fixed": one thread (as each torchrun process), the global batch of 8
+    single = {**spec, "out": str(root / "single")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = {**runs[0], "train": {**TRAIN, "batch_size": 2 * TRAIN["batch_size"]}}
+        train_run(config(single, run, root / "single" / "fixed"), run, [], root / "single" / "fixed.guard.json")
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
@@ -42,7 +59,7 @@ def _guard(root, name: str, suffix: str) -> dict:
     return json.loads((root / f"{name}.guard{suffix}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["fixed", "auto"])
+@pytest.mark.parametrize("name", ["fixed", "auto", "resumed"])
 def test_both_ranks_take_the_same_decisions(ddp_guard, name):
     r0, r1 = (_guard(ddp_guard / "ddp", name, str(r)) for r in (0, 1))
     assert r0 == r1  # every check, its numbers and times, the kept step, the stop, the held-out report: rank 0's
@@ -82,3 +99,17 @@ def test_a_sharded_launch_is_refused_before_training(langs, tmp_path, monkeypatc
     with pytest.raises(InputError, match="--retain does not run sharded"):
         guarded_train(guard_cfg(langs, tmp_path / "o"), GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)]))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_two_process_run_equals_the_uninterrupted_one(ddp_guard):
+    ddp = ddp_guard / "ddp"
+    assert not (ddp / "cut").exists() and not staging_folder(ddp / "resumed").exists()  # resumed, then renamed into place
+    whole, resumed = _guard(ddp, "whole", "0"), _guard(ddp, "resumed", "0")
+    for state in (whole, resumed):
+        for p in state["points"]:
+            p.pop("seconds")
+    assert resumed == whole and whole["kept_step"] <= 6  # the kept weights came from the checkpoint (rank 0's)
+    a, b = load_file(ddp / "whole" / "model.safetensors"), load_file(ddp / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((ddp / "resumed" / "deltawise_train.json").read_text())
+    assert meta["resumed_from_step"] == 6 and not list(ddp.glob(f"**/{GUARD_STATE}"))
