@@ -113,3 +113,13 @@ def test_a_resumed_two_process_run_equals_the_uninterrupted_one(ddp_guard):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((ddp / "resumed" / "deltawise_train.json").read_text())
     assert meta["resumed_from_step"] == 6 and not list(ddp.glob(f"**/{GUARD_STATE}"))
+
+
+def test_bam_retain_under_several_processes_is_refused(langs, tmp_path, monkeypatch):  # noqa: F811
+    from deltawise.adapt.bam import BamConfig
+    from deltawise.adapt.bam_guard import guarded_bam
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before any process group starts
+    with pytest.raises(InputError, match="bam --retain runs in one process"):
+        guarded_bam(BamConfig(train=guard_cfg(langs, tmp_path / "o")), GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)]))
+    assert not (tmp_path / "o").exists()
