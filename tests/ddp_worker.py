@@ -8,7 +8,11 @@ SPEC.json: {"model": ..., "data": ..., "out": ..., "runs": [{"name": ..., "metho
 ``out/NAME.rank{R}.safetensors`` (every rank's parameters when training ended). A run with ``"save_init": true``
 also writes ``out/NAME.init{R}.safetensors`` (the trainable parameters when training began, as the wrapped model
 holds them), and one with ``"skew_rank1_init": true`` hands rank 1 other batches for its data-driven
-initialisation (another seed, 3 rows a batch), as a device whose SVD differs from rank 0's would.
+initialisation (another seed, 3 rows a batch), as a device whose SVD differs from rank 0's would. A run with
+``"guard": {"retain": [[FILE, MIN]], "targets": [...], "options": {...GuardOptions fields...}}`` trains under the
+retention guard (``guarded_train``) and writes ``out/NAME.guard{R}.json`` (every rank's checks and decisions). A run
+with ``"stop_at": STEP`` is interrupted at the end of that step on every rank (its staging folder stays for a later
+run with ``"resume": true`` in ``train``); ``"output": DIR`` trains into ``out/DIR`` instead of ``out/NAME``.
 ``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references.
 """
 
@@ -59,6 +63,51 @@ def config(spec: dict, run: dict, out: Path):
                        **run.get("train", {}))
 
 
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises at the end of optimizer step ``step``, as a crash would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+def train_run(cfg, run: dict, callbacks: list, guard_to: Path):
+    """``run_train``, or ``guarded_train`` for a run with a ``guard``, whose state goes to ``guard_to``; None for a
+    run interrupted by its ``stop_at``."""
+    if run.get("stop_at"):
+        try:
+            return train_run(cfg, {k: v for k, v in run.items() if k != "stop_at"}, [*callbacks, StopAt(run["stop_at"])],
+                             guard_to)
+        except Interrupted:
+            return None
+    from dataclasses import asdict
+
+    from deltawise.adapt import run_train
+
+    if "guard" not in run:
+        return run_train(cfg, callbacks=callbacks)
+    from deltawise.adapt.guarded import GuardRequest, guarded_train
+    from deltawise.options import GuardOptions
+    from deltawise.search.budget import RetentionBudget
+
+    g = run["guard"]
+    request = GuardRequest(retain=[RetentionBudget(Path(f), m) for f, m in g["retain"]], targets=[Path(t) for t in g["targets"]],
+                           options=GuardOptions(**g.get("options", {})))
+    result = guarded_train(cfg, request, callbacks=callbacks)
+    state = result.state
+    guard_to.write_text(json.dumps({"points": [asdict(p) for p in state.points], "every": state.every,
+                                    "kept_step": state.kept_step, "budget_met": state.budget_met,
+                                    "stopped_early_at": state.stopped_early_at, "heldout": state.heldout}))
+    return result.train
+
+
 def _free_port() -> int:
     import socket
 
@@ -91,10 +140,9 @@ def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None) 
 
 def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
     """``launch_two_ranks``, then the same runs in this process with one thread and the global batch (twice each
-    run's batch_size) into ``root / "single"`` as ``NAME`` and ``NAME.single.safetensors``. Skips without gloo."""
+    run's batch_size) into ``root / "single"`` as ``NAME``, ``NAME.single.safetensors`` and, for a guarded run,
+    ``NAME.guard.json``. Skips without gloo."""
     import torch
-
-    from deltawise.adapt import run_train
 
     launch_two_ranks(spec, root, env)
     single = {**spec, "out": str(root / "single")}
@@ -104,7 +152,8 @@ def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None)
         for run in spec["runs"]:
             run = {**run, "train": {**run["train"], "batch_size": 2 * run["train"]["batch_size"]}}
             out = Path(single["out"])
-            run_train(config(single, run, out / run["name"]), callbacks=[SaveWeights(out / f"{run['name']}.single.safetensors")])
+            train_run(config(single, run, out / run["name"]), run, [SaveWeights(out / f"{run['name']}.single.safetensors")],
+                      out / f"{run['name']}.guard.json")
     finally:
         torch.set_num_threads(threads)
 
@@ -130,8 +179,6 @@ def allow_fsdp_on_cpu() -> None:
 def main(spec_path: str) -> None:
     import os
 
-    from deltawise.adapt import run_train
-
     if os.environ.get("ACCELERATE_USE_FSDP") == "true":
         import torch
 
@@ -151,10 +198,11 @@ def main(spec_path: str) -> None:
         if run.get("skew_rank1_init") and rank == 1:
             train._init_batches = skewed(init_batches)
         try:
-            result = run_train(config(spec, run, root / run["name"]), callbacks=callbacks)
+            result = train_run(config(spec, run, root / run.get("output", run["name"])), run, callbacks,
+                               root / f"{run['name']}.guard{rank}.json")
         finally:
             train._init_batches = init_batches
-        if result.is_main_process:
+        if result is not None and result.is_main_process:
             print(f"ok {run['name']} steps={result.steps}", flush=True)
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from guard_util import StepWeights, guard_cfg, langs, scripted_guard  # noqa: F401
 from safetensors.torch import load_file
-from transformers import TrainerCallback
-from transformers.trainer_callback import TrainerControl
 from typer.testing import CliRunner
 
 from deltawise.adapt import TrainConfig, run_train
@@ -24,43 +22,7 @@ from deltawise.errors import InputError
 from deltawise.options import GuardOptions
 from deltawise.search.budget import RetentionBudget
 
-EN = "the cat sat on a mat and the dog ran to the park while birds sang in green trees".split()
-DE = "der hund lief schnell zum grossen park und die katze schlief auf einer warmen decke".split()
-
-
-@pytest.fixture(scope="module")
-def langs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama trained on 'English' (the base), an English source file and a 'German' training file:
-    fine-tuning on German at a high learning rate makes the base forget English within a few steps."""
-    from tiny_models import save_tiny_llama
-
-    root = tmp_path_factory.mktemp("guard")
-    rng = random.Random(0)
-    en = [" ".join(rng.choice(EN) for _ in range(10)) for _ in range(40)]
-    de = [" ".join(rng.choice(DE) for _ in range(10)) for _ in range(40)]
-    (root / "en.txt").write_text("\n%\n".join(en) + "\n")
-    (root / "de.txt").write_text("\n%\n".join(de[:32]) + "\n")
-    (root / "de_target.txt").write_text("\n%\n".join(de[32:]) + "\n")
-    save_tiny_llama(root / "init", en + de, hidden=32, layers=2, vocab=128)
-    run_train(TrainConfig(model=root / "init", data=root / "en.txt", output=root / "base", method="full", max_steps=60,
-                          lr=1e-2, schedule="constant", batch_size=8, progress=False))
-    return {"root": root, "base": root / "base", "en": root / "en.txt", "de": root / "de.txt",
-            "de_target": root / "de_target.txt"}
-
-
-class StepWeights(TrainerCallback):
-    """The model's weights at the end of every optimizer step."""
-
-    def __init__(self):
-        self.at: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _cfg(langs, out: Path, steps: int = 12, lr: float = 3e-3) -> TrainConfig:
-    return TrainConfig(model=langs["base"], data=langs["de"], output=out, method="full", max_steps=steps, lr=lr,
-                       schedule="constant", batch_size=8, progress=False)
+_cfg = guard_cfg
 
 
 def test_guard_keeps_a_checkpoint_within_the_budget_where_plain_training_ends_below_it(langs, tmp_path):
@@ -131,40 +93,19 @@ def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, t
     assert (tmp_path / "out" / "training_log.json").exists()
 
 
-def _scripted_guard(numbers: list[tuple[float, float]], patience: int) -> tuple[RetentionGuard, list[bool]]:
-    """A guard whose checks return the scripted (retention lower bound, gain) pairs, budget 0.9."""
-    guard = RetentionGuard(MonitorData([], ["src"], {"src": 0.9}), None, Path("."), stop_early=True, patience=patience)
-    script = iter(numbers)
-    guard._score = lambda *a, **k: None
-    guard._snapshot = lambda model: {}
-
-    def compare(_result, _baseline):
-        lower, gain = next(script)
-        return {"retention": {"src": lower}, "retention_ci": {"src": None}, "retention_lower": {"src": lower},
-                "gain": gain, "gain_ci": None}
-
-    guard.compare = compare
-    stops = []
-    for step in range(1, len(numbers) + 1):
-        control = TrainerControl()
-        guard.check(None, step, control)
-        stops.append(control.should_training_stop)
-    return guard, stops
-
-
 def test_stop_early_needs_both_retention_below_budget_and_no_gain_improvement():
     # over budget from check 2 but still improving: no stop; then two checks without a better gain: stop
-    _, stops = _scripted_guard([(0.95, 0.1), (0.85, 0.2), (0.8, 0.3), (0.8, 0.25), (0.7, 0.29)], patience=2)
+    _, stops = scripted_guard([(0.95, 0.1), (0.85, 0.2), (0.8, 0.3), (0.8, 0.25), (0.7, 0.29)], patience=2)
     assert stops == [False, False, False, False, True]
     # gain stalls but retention stays within the budget: never stops
-    _, stops = _scripted_guard([(0.95, 0.3), (0.95, 0.2), (0.95, 0.1), (0.95, 0.0)], patience=1)
+    _, stops = scripted_guard([(0.95, 0.3), (0.95, 0.2), (0.95, 0.1), (0.95, 0.0)], patience=1)
     assert stops == [False] * 4
 
 
 def test_kept_point_is_the_best_feasible_gain_else_the_most_retentive():
-    guard, _ = _scripted_guard([(0.95, 0.1), (0.92, 0.4), (0.85, 0.9)], patience=5)
+    guard, _ = scripted_guard([(0.95, 0.1), (0.92, 0.4), (0.85, 0.9)], patience=5)
     assert guard._kept_point().step == 2
-    guard, _ = _scripted_guard([(0.8, 0.1), (0.85, 0.4), (0.7, 0.9)], patience=5)
+    guard, _ = scripted_guard([(0.8, 0.1), (0.85, 0.4), (0.7, 0.9)], patience=5)
     assert guard._kept_point() is None and guard._fallback().step == 2
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from deltawise.adapt.bam import LOG, BamConfig, BamResult, run_bam
+from deltawise.adapt.dist import world_size
 from deltawise.adapt.guard import GuardPoint, GuardState, MonitorData, best_feasible, compare, most_retentive
 from deltawise.adapt.guarded import RECORD, GuardRequest, Note, check_request, guard_record, prepare_data
 from deltawise.errors import InputError
@@ -45,6 +46,8 @@ def guarded_bam(cfg: BamConfig, request: GuardRequest, *, model_path: Optional[P
     if request.options.stop_early or request.options.monitor_every:
         raise InputError("bam --retain checks every round's merged model: --stop-early and --monitor-every apply to train")
     check_request(cfg.train, request)
+    if world_size() > 1:
+        raise InputError("bam --retain runs in one process: it scores and keeps every round's merged model on one copy")
     tell = note or (lambda _m: None)
     model_path = Path(model_path or cfg.train.model)
     out = Path(cfg.train.output)

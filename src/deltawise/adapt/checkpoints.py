@@ -3,7 +3,8 @@
 A run trains into ``.OUT.deltawise-partial`` beside OUT (``deltawise.io.output.staging_folder``) and
 renames it into place when it succeeds. With ``--save-every N``, Trainer keeps its latest checkpoint
 there (``_trainer/checkpoint-STEP``: the trained weights, optimizer, LR schedule, RNG states, the log so
-far) plus the method's own state (``METHOD_STATE``: e.g. LIFT's masks); after an interruption the folder
+far) plus the method's own state (``METHOD_STATE``: e.g. LIFT's masks) and a callback's (the retention
+guard's checks and kept weights, adapt/guard_resume.py); after an interruption the folder
 stays, and ``--resume`` continues from that checkpoint. The run file records a key of everything that
 determines the result (options, model fingerprint, data sha256), so a resume with other options or
 changed data is refused, naming what changed.
@@ -158,8 +159,11 @@ def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
             continue
         if name == "options" and isinstance(old, dict) and isinstance(new, dict):
             parts += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif name == "guard" and isinstance(old, dict) and isinstance(new, dict):
+            parts.append("the --retain guard's " + ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)))
         else:
             parts.append({"model": "model weights", "data": "--data contents", "replay": "--replay contents",
+                          "guard": "--retain (given to one run and not the other)",
                           "init_batch_rows": f"the rows of the initialisation's batches (processes × --batch-size: "
                                              f"{old} then, {new} now)"}.get(name, name))
     return ", ".join(parts)

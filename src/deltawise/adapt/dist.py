@@ -2,12 +2,14 @@
 
 Methods that choose something from the weights (LIFT's principal-weight masks) take rank 0's choice
 on every rank, so all processes train the same entries even if a decomposition is not bit-for-bit
-reproducible across devices.
+reproducible across devices. The retention guard (adapt/guard.py) shares its scores and decisions with
+the object collectives below.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -17,6 +19,13 @@ def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank: the initialised process group's, else the launcher's RANK (0 in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_distributed() -> bool:
@@ -36,3 +45,21 @@ def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
         return t
     torch.distributed.broadcast(t, src=0)
     return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every process; ``obj`` itself in one process and on rank 0."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return obj if torch.distributed.get_rank() == 0 else box[0]

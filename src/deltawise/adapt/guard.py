@@ -19,6 +19,21 @@ ceil(check seconds / (share x step seconds)) from the measured times. The last s
 The kept checkpoint is held in memory (a CPU copy of every parameter training changes: the
 trainable ones, and frozen ones a method writes back, found by a checksum) and put back into the
 model when training ends, so the method saves it exactly as it saves a final model.
+
+Several processes (torchrun / accelerate DDP): every process must take the same decision at the same
+step (check now, keep, stop), or the collectives of training and scoring wait for each other forever.
+The rule: the baseline and every check are scored by all processes, each on a contiguous share of the
+items, and the per-item scores are all-gathered (adapt/guard_shards.py: sums of per-item NLLs and token
+counts, so the intervals are exact); rank 0 alone compares them with the baseline and broadcasts the
+point, from which every process derives the same kept step and stop; with the automatic interval, rank
+0's measured times decide when to check and the decision is broadcast each step. Only rank 0 holds the
+kept weights (the process that saves, as the trainer does), so the held-out report at the end is scored
+by rank 0 alone while the others wait for its numbers. Sharded models (FSDP) are refused
+(adapt/guarded.py).
+
+``--resume``: the guard's state (the checks so far, the kept weights, the patience counter, the
+baseline scores) is written into every training checkpoint and read back (adapt/guard_resume.py), so a
+resumed run keeps the same checkpoint and trajectory as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -34,6 +49,8 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import TrainerCallback
 
+from deltawise.adapt.dist import broadcast_from_rank0, broadcast_object, is_distributed, rank, world_size
+from deltawise.adapt.guard_shards import gather_results, shard
 from deltawise.data.tasks import TaskData, load_data
 from deltawise.errors import DeltawiseError
 from deltawise.eval.forgetting import forgetting
@@ -155,21 +172,30 @@ class RetentionGuard(TrainerCallback):
         self._check_cost = 0.0  # seconds of one check (the baseline's, then a running mean)
         self._best_gain = -math.inf
         self._no_gain_checks = 0
+        self.main = True  # rank 0 of a multi-process run (set when training begins): it decides and keeps weights
+        self._resumed = False  # the state came from a checkpoint (load_checkpoint)
 
     # -- scoring -------------------------------------------------------------------------------
-    def _score(self, model: torch.nn.Module, sets: list[TaskData], label: str) -> EvalResult:
+    def _score(self, model: torch.nn.Module, sets: list[TaskData], label: str, *, alone: bool = False) -> EvalResult:
+        """``sets`` scored with ``eval``'s scoring; in a multi-process run each process scores its share of the
+        items and every process gets the whole result (module docstring), unless ``alone``."""
+        shared = is_distributed() and not alone
+        me, world = (rank(), world_size()) if shared else (0, 1)
         lm = LoadedModel(self.model_path, model, self.tokenizer, label)
         was_training = model.training
         model.eval()
         try:
-            datasets = []
+            mine = []
             for name, data in zip(self.data.names, sets):
-                result = score_data(lm, data, name=name, max_length=self.max_length, batch_size=self.batch_size)
-                result.role = "source" if name in self.data.budgets else "target"
-                datasets.append(result)
+                part = shard(data, me, world) if shared else data
+                result = score_data(lm, part, name=name, max_length=self.max_length, batch_size=self.batch_size) \
+                    if part.items else None
+                if result is not None:
+                    result.role = "source" if name in self.data.budgets else "target"
+                mine.append(result)
         finally:
             model.train(was_training)
-        return as_result(label, datasets)
+        return as_result(label, gather_results(mine) if shared else mine)
 
     def compare(self, result: EvalResult, baseline: EvalResult) -> dict[str, Any]:
         return compare(result, baseline, self.intervals)
@@ -191,8 +217,13 @@ class RetentionGuard(TrainerCallback):
 
     # -- trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._frozen_sums = {n: _checksum(p) for n, p in model.named_parameters() if not p.requires_grad}
+        self.main = state.is_world_process_zero
         self.monitor_sets = self.data.sets(heldout=False)
+        if self._resumed:  # the baseline, the checks so far and the kept weights came from the checkpoint
+            self.tell(f"guard: resumed at step {state.global_step} with {len(self.state.points)} check(s) so far")
+            self._last_end = time.perf_counter()
+            return
+        self._frozen_sums = {n: _checksum(p) for n, p in model.named_parameters() if not p.requires_grad}
         start = time.perf_counter()
         self.baseline = self._score(model, self.monitor_sets, "step 0")
         self._check_cost = time.perf_counter() - start
@@ -212,17 +243,26 @@ class RetentionGuard(TrainerCallback):
         self._since_check += 1
         steps_done = max(state.global_step, 1)
         every = self.interval(self.state.train_seconds / steps_done)
-        if self._since_check >= every or state.global_step >= state.max_steps:
+        due = self._since_check >= every or state.global_step >= state.max_steps
+        if self.every <= 0 and is_distributed():  # measured times differ between processes: rank 0's decide
+            due, every = (int(v) for v in broadcast_from_rank0(torch.tensor([int(due), every], dtype=torch.int64)))
+        if due:
             self.state.every.append(every)
             self.check(model, state.global_step, control)
         self._last_end = time.perf_counter()
 
     def check(self, model: torch.nn.Module, step: int, control) -> GuardPoint:
+        """Score the model, record the point and decide (keep, stop); in a multi-process run rank 0 compares and
+        broadcasts the point, and every process derives the same decisions from the same points."""
         start = time.perf_counter()
-        numbers = self.compare(self._score(model, self.monitor_sets, f"step {step}"), self.baseline)
-        feasible = all(numbers["retention_lower"][n] >= m for n, m in self.data.budgets.items())
-        seconds = time.perf_counter() - start
-        point = GuardPoint(step=step, **numbers, feasible=feasible, seconds=seconds)
+        result = self._score(model, self.monitor_sets, f"step {step}")
+        point = None
+        if self.main:
+            numbers = self.compare(result, self.baseline)
+            feasible = all(numbers["retention_lower"][n] >= m for n, m in self.data.budgets.items())
+            point = GuardPoint(step=step, **numbers, feasible=feasible, seconds=time.perf_counter() - start)
+        point = broadcast_object(point)
+        feasible, seconds = point.feasible, point.seconds
         self.state.points.append(point)
         self.state.monitor_seconds += seconds
         checks = len(self.state.points)
@@ -234,7 +274,7 @@ class RetentionGuard(TrainerCallback):
         else:
             self._no_gain_checks += 1
         kept = self._kept_point() or self._fallback()  # with no feasible step yet, the most retentive one is held
-        if kept is point:
+        if kept is point and self.main:
             self.kept_weights = self._snapshot(model)
         shown = ", ".join(f"{n} {point.retention[n]:.4f} (lower {point.retention_lower[n]:.4f})" for n in point.retention)
         self.tell(f"guard step {step}: retention {shown}; gain {gain:+.4f}{'' if feasible else ' (over budget)'}"
@@ -255,7 +295,7 @@ class RetentionGuard(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.state.points:
             return
-        if self.final_to is not None:
+        if self.final_to is not None and self.main:
             self.final_weights = self._snapshot(model)
         kept = self._kept_point()
         self.state.budget_met = kept is not None
@@ -264,6 +304,19 @@ class RetentionGuard(TrainerCallback):
             self.tell(f"guard: no checked step meets the budget; keeping the most retentive one, step {kept.step}")
         kept.kept = True
         self.state.kept_step = kept.step
+        # rank 0 alone holds the kept weights: it puts them back and scores the held-out split, the others wait
+        heldout, error = None, None
+        if self.main:
+            try:
+                heldout = self._restore_and_report(model, kept)
+            except DeltawiseError as exc:
+                error = str(exc)
+        heldout, error = broadcast_object((heldout, error))
+        if error is not None:
+            raise DeltawiseError(error)
+        self.state.heldout = heldout
+
+    def _restore_and_report(self, model: torch.nn.Module, kept: GuardPoint) -> dict[str, Any]:
         if kept is not self.state.points[-1]:
             # a frozen tensor a method first wrote after the kept snapshot cannot be put back (its start value is not held)
             late = sorted(set(self._changing(model)) - set(self.kept_weights))
@@ -271,9 +324,29 @@ class RetentionGuard(TrainerCallback):
                 raise DeltawiseError(f"the guard cannot restore step {kept.step}: {', '.join(late[:3])} changed only after it "
                                      "(a method that writes frozen weights late); train without --retain or check every step")
             self._load(model, self.kept_weights)
-        self.state.heldout = self.compare(self._score(model, self.data.sets(heldout=True), f"step {kept.step}"),
-                                          self.baseline_heldout)
-        self.state.heldout["within_budget"] = all(self.state.heldout["retention"][n] >= m for n, m in self.data.budgets.items())
+        heldout = self.compare(self._score(model, self.data.sets(heldout=True), f"step {kept.step}", alone=True),
+                               self.baseline_heldout)
+        heldout["within_budget"] = all(heldout["retention"][n] >= m for n, m in self.data.budgets.items())
+        return heldout
+
+    # -- --resume (adapt/guard_resume.py) ------------------------------------------------------
+    def resume_key(self) -> dict[str, Any]:
+        """The guard's part of the run key: a resume with other budgets, splits or checks is refused."""
+        from deltawise.adapt.guard_resume import guard_key
+
+        return {"guard": guard_key(self)}
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Called by the trainer (rank 0) while it writes a checkpoint, before the files that mark it complete."""
+        from deltawise.adapt.guard_resume import save_guard
+
+        save_guard(self, folder)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Called by every process before a resumed run trains: the state as the checkpoint's step left it."""
+        from deltawise.adapt.guard_resume import load_guard
+
+        load_guard(self, folder)
 
     def finish_output(self, staging: Path, model: torch.nn.Module, save: Callable[[Path], None]) -> None:
         """The training run's hook before its output moves into place (adapt/train.py): append the checks to

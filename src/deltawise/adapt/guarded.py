@@ -13,6 +13,12 @@ the monitor split clears every budget. With ``--interpolate`` the two searched s
 best point within the budget (chosen on the same monitor split); the one with the largest target
 score among the kept checkpoint and those points is written, and reported on the held-out split. The
 output folder's ``deltawise_guard.json`` records which point it is and why.
+
+Several processes (``torchrun`` / ``accelerate launch``, DDP): every process prepares the same splits (seeded)
+and runs the guard, which scores each check across the processes and takes rank 0's decisions (adapt/guard.py);
+rank 0 writes the output, ``deltawise_guard.json`` and, with ``--interpolate``, runs the search alone after
+training. The result equals one process with the global batch, to the tolerance of DDP's reduced gradients. A
+sharded (FSDP) run is refused: its parameters are slices, which the guard can neither snapshot nor score alone.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from deltawise.adapt.dist import world_size
+from deltawise.adapt.dist import rank
 from deltawise.adapt.guard import DEFAULT_SHARE, GuardState, MonitorData, RetentionGuard
+from deltawise.adapt.sharding import fsdp_requested
 from deltawise.adapt.train import TrainConfig, TrainResult, load_tokenizer, run_train
 from deltawise.data.read import load_items
 from deltawise.errors import InputError
@@ -92,8 +99,9 @@ def check_request(cfg: TrainConfig, request: GuardRequest) -> None:
             raise InputError(f"{label} {path} does not exist")
         if Path(path).resolve() == Path(cfg.data).resolve():
             raise InputError(f"{label} {path} is the training data: its scores would not be out of sample")
-    if world_size() > 1:
-        raise InputError("--retain runs in one process: the guard scores and keeps checkpoints on one copy of the model")
+    if fsdp_requested():
+        raise InputError("--retain does not run sharded (FSDP): the guard keeps and scores whole copies of the weights; "
+                         "launch the guarded run with DDP (torchrun, or accelerate without FSDP) or in one process")
 
 
 def _default_target(cfg: TrainConfig, request: GuardRequest, work: Path) -> tuple[Path, Path]:
@@ -126,7 +134,7 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
     """Train ``cfg`` under ``request``'s budgets and write the chosen model to ``cfg.output`` (module docstring);
     ``callbacks``: more transformers callbacks, run after the guard's."""
     check_request(cfg, request)
-    tell = note or (lambda _m: None)
+    tell = note if note is not None and rank() == 0 else (lambda _m: None)  # several processes: rank 0 reports
     model_path = Path(model_path or cfg.model)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.guard-", dir=cfg.output.parent))
@@ -140,6 +148,8 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
                                batch_size=request.eval_batch_size, intervals=request.intervals, note=tell)
         result = run_train(train_cfg, model_path=model_path, callbacks=[guard, *(callbacks or [])])
         record = guard_record(cfg, request, guard.state, data, train_cfg is not cfg)
+        if not result.is_main_process:  # rank 0 writes the record and runs any interpolation
+            return GuardedResult(result, guard.state, record)
         if request.options.interpolate and guard.final_weights is not None:
             from deltawise.adapt.interpolate import interpolate_training
 

@@ -179,8 +179,11 @@ def _make_trainer_class():
             if self.args.should_save:  # before Trainer's files: its trainer_state.json marks the checkpoint complete
                 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-                run_dir = Path(self._get_output_dir(trial=trial))
-                save_method_state(self.method, run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                save_method_state(self.method, folder)
+                for callback in self.callback_handler.callbacks:  # e.g. the retention guard's state (adapt/guard.py)
+                    if hasattr(callback, "save_checkpoint"):
+                        callback.save_checkpoint(folder)
             super()._save_checkpoint(model, trial)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
@@ -300,6 +303,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
                 fingerprint = ModelReader(model_path, allow_pickle=cfg.allow_pickle, label=str(cfg.model)).fingerprint()
                 key = run_key(cfg, method.values, fingerprint, init_rows if method.initialises_from_data() else None)
+                for callback in callbacks or []:  # e.g. the retention guard's settings: a resume must keep them
+                    if hasattr(callback, "resume_key"):
+                        key.update(callback.resume_key())
                 staging, resume_from = open_run_staging(cfg.output, key, resume=cfg.resume)
             elif cfg.resume:
                 resume_from = latest_checkpoint(staging)
@@ -347,6 +353,9 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
             # num_items_in_batch; left on, Trainer would multiply that mean by the process count
             trainer.model_accepts_loss_kwargs = False
         earlier = previous_records(resume_from)  # read now: the checkpoint is rotated out once a newer one is kept
+        for callback in (callbacks or []) if resume_from is not None else []:  # e.g. the retention guard's state
+            if hasattr(callback, "load_checkpoint"):
+                callback.load_checkpoint(resume_from)
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None, ignore_keys_for_eval=IGNORE_OUTPUTS)
         if eval_rows and not (trainer.records and trainer.records[-1].get("step") == trainer.state.global_step
