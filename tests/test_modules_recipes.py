@@ -4,8 +4,9 @@ Tiny LLaVA models (a 3-layer Llama text decoder, a 2-layer CLIP vision encoder) 
 itself and by deltawise from the same recipe file, and every tensor is compared. mergekit has no architecture
 file for LLaVA and infers its modules from the tensor names (mergekit/architecture/auto.py): one per layer
 stack, named by its path, and ``default`` for everything else; deltawise takes the same modules from its table
-(deltawise.architecture.MODULE_TABLES). mergekit leaves the output config's layer counts as they were (it has no
-config key for an inferred module and only warns), so those are checked against the count by hand.
+(deltawise.architecture.MODULE_TABLES, which adds the hub layout's names; other families: test_modules_inferred.py).
+mergekit leaves the output config's layer counts as they were (it has no config key for an inferred module and
+only warns), so those are checked against the count by hand.
 """
 
 from __future__ import annotations
@@ -177,20 +178,19 @@ def test_checkpoints_in_the_hub_layout_merge_alike_under_their_own_names(llava, 
     runs_in_transformers(tmp_path / "old_out")
 
 
-def test_an_architecture_without_known_modules_is_refused_naming_it(llava, tmp_path):
-    # a Qwen2-VL (modules deltawise does not know): its tensors are irrelevant, the config decides
+def test_a_model_of_another_architecture_in_the_recipe_is_refused_naming_it(llava, tmp_path):
+    # LLaVA's tensors under a Qwen2-VL config: the modules are LLaVA's, the architecture is not
     folder = tmp_path / "qwen2vl"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"],
                                                     "model_type": "qwen2_vl", "num_hidden_layers": 3}))
     save_file(load_folder(llava["ft1"]), str(folder / "model.safetensors"))
-    recipe = parse_recipe({"merge_method": "passthrough", "modules": {
-        "text": {"slices": [{"sources": [src(folder, 0, 2)]}]}, "vision": {"slices": [{"sources": [src(folder, 0, 2)]}]}}})
+    recipe = parse_recipe({"merge_method": "linear", "modules": _modules(
+        llava, **{TEXT: {"slices": [{"sources": [src(llava["ft1"], 0, 3), src(folder, 0, 3)]}]}})})
     with pytest.raises(RecipeError) as exc:
         build_plan(recipe)
-    message = str(exc.value)
-    assert "is Qwen2VLForConditionalGeneration, whose modules deltawise does not know" in message
-    assert "it knows those of LlavaForConditionalGeneration, LlavaNextForConditionalGeneration" in message
+    assert (f"{folder} is Qwen2VLForConditionalGeneration, not LlavaForConditionalGeneration as {llava['ft1']}; "
+            "a modules: recipe merges models of one architecture") in str(exc.value)
 
 
 def _modules(llava, **overrides) -> dict:

@@ -153,7 +153,8 @@ def test_several_modules_of_a_text_model_are_refused(six):
     slices = [{"sources": [src(six["ft1"], 0, 2)]}]
     recipe = parse_recipe({"merge_method": "passthrough",
                            "modules": {"text_decoder": {"slices": slices}, "vision_tower": {"slices": slices}}})
-    with pytest.raises(RecipeError, match="is LlamaForCausalLM, whose modules deltawise does not know"):
+    with pytest.raises(RecipeError, match=r"is LlamaForCausalLM, a model of one layer stack \(by its tensor names, as "
+                                          r"mergekit infers modules: model.layers\)"):
         build_plan(recipe)
 
 

@@ -329,15 +329,27 @@ def architecture_for(config: Any = None) -> TensorRoles:
 
 # --------------------------------------------------------------------------- modules of multi-module models
 #
-# A vision-language model holds several layer stacks (a text decoder and a vision encoder), each with its
-# own layer count in a sub-config. A mergekit ``modules:`` recipe merges each stack on its own; for the
-# models below mergekit 0.1.5 has no architecture file and infers the modules from the tensor names
-# (``mergekit/architecture/auto.py``): one module per layer stack, named by the stack's path (the part
-# before ``.<layer index>.``), plus ``default`` holding every tensor outside the stacks (embeddings,
-# norms, the projector, the LM head), with no layers of its own. This table gives the same modules from
-# the config, so that the same recipe runs here.
+# A vision-language model holds several layer stacks (a text decoder, a vision encoder, ...), each with its
+# own layer count in a sub-config. A mergekit ``modules:`` recipe merges each stack on its own. For the
+# models without a mergekit architecture file (LLaVA, PaliGemma, Idefics3/SmolVLM, Mllama, ...) mergekit
+# 0.1.5 infers the modules from the tensor names (``mergekit/architecture/auto.py``): one module per layer
+# stack, named by the part of a tensor name before its first ``.<digits>.`` (``model.text_model.layers``),
+# plus ``default`` holding every tensor outside the stacks (embeddings, norms, the projector, the LM head),
+# with no layers of its own. deltawise infers the same modules by the same rule (:func:`infer_stacks`),
+# and finds the config key of each stack's layer count by its value (:func:`count_keys`), so that a
+# recipe that changes a stack's depth updates the right count. :data:`MODULE_TABLES` adds, for LLaVA,
+# the names its stacks have in the hub's (transformers 4) checkpoint layout.
 
 DEFAULT_MODULE = "default"
+_STACK_INDEX = re.compile(r"\.(\d+)\.")  # mergekit's RE_LAYER_INDEX: the first ".<digits>." of a name
+# config keys that hold a layer count, at the top level or in a sub-config (text_config.num_hidden_layers)
+COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth", "num_global_layers",
+              "encoder_layers", "decoder_layers", "num_decoder_layers")
+# per-layer kinds given as index lists next to a count key (Mllama's cross-attention layers, Qwen2.5-VL's
+# full-attention blocks): an output layer is listed when the source layer it comes from was
+LAYER_INDEX_LISTS = ("cross_attention_layers", "fullatt_block_indexes")
+_SYNONYMS = {"language": "text", "visual": "vision"}  # words a stack's path and its sub-config spell differently
+_GENERIC_WORDS = frozenset({"num", "hidden", "layers", "layer", "n", "config", "depth", "model"})
 
 
 @dataclass(frozen=True)
@@ -346,10 +358,14 @@ class LayerStack:
 
     ``paths`` holds the stack's container in each checkpoint layout (the tensors of its layer ``i`` are
     ``<path>.<i>.<rest>``); the first is the layout transformers 5 builds in memory, which is the name
-    mergekit 0.1.5 infers for the module; a recipe may name the module by any of them."""
+    mergekit 0.1.5 infers for the module; a recipe may name the module by any of them. A stack inferred
+    from tensor names has one path, ``layers`` (its count by the names: mergekit's depth for gradients),
+    and ``count_key`` None with the reason in ``unresolved`` when no config key could be matched."""
 
     paths: tuple[str, ...]
-    count_key: str  # dotted key into config.json: "text_config.num_hidden_layers"
+    count_key: Optional[str]  # dotted key into config.json: "text_config.num_hidden_layers"
+    layers: int = 0  # inferred stacks: layer count by the tensor names; 0: a table's stack, counted by its key
+    unresolved: str = ""  # why count_key is None
 
     @property
     def name(self) -> str:
@@ -370,7 +386,7 @@ class ModelModules:
     """The layer stacks of one family of multi-module models; everything else is ``default``'s."""
 
     architectures: tuple[str, ...]  # the config's ``architectures`` entry, for messages
-    model_types: tuple[str, ...]  # the config's ``model_type``, which selects the table
+    model_types: tuple[str, ...]  # the config's ``model_type``, which selects a table
     stacks: tuple[LayerStack, ...]
 
     @property
@@ -382,7 +398,7 @@ class ModelModules:
         for stack in self.stacks:
             found = stack.split(name)
             if found:
-                count = config_value(config, stack.count_key)
+                count = stack.layers or config_value(config, stack.count_key or "")
                 return found[1], count if isinstance(count, int) else None
         return None, None
 
@@ -409,10 +425,84 @@ MODULE_TABLES: tuple[ModelModules, ...] = (
 _MODULES_BY_TYPE = {model_type: table for table in MODULE_TABLES for model_type in table.model_types}
 
 
-def modules_for(config: Any) -> Optional[ModelModules]:
-    """The modules of a multi-module model from its config; None for a single-module model or an unknown one."""
+def infer_stacks(names: Iterable[str]) -> dict[str, int]:
+    """Layer stacks by tensor names, as mergekit 0.1.5 infers modules: path before the first ``.<digits>.``
+    -> one more than the highest index under it (``model.visual.blocks.1.attn.qkv.weight``: ``model.visual.blocks``)."""
+    stacks: dict[str, int] = {}
+    for name in names:
+        found = _STACK_INDEX.search(name)
+        if found:
+            path = name[: found.start()]
+            stacks[path] = max(stacks.get(path, 0), int(found.group(1)) + 1)
+    return dict(sorted(stacks.items()))
+
+
+def _count_settings(config: Any) -> dict[str, int]:
+    """Dotted key -> value of the layer-count keys (:data:`COUNT_KEYS`) of a config and its sub-configs."""
+    if config is not None and not isinstance(config, Mapping) and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    out: dict[str, int] = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in _count_settings(value).items() if "." not in k})
+        elif key in COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _words(text: str) -> set[str]:
+    words = {_SYNONYMS.get(w, w) for w in re.split(r"[._]", text.lower()) if w}
+    return words - _GENERIC_WORDS
+
+
+def count_keys(stacks: Mapping[str, int], config: Any) -> dict[str, tuple[Optional[str], str]]:
+    """Per stack path, (the config key of its layer count, "") or (None, why not).
+
+    A key fits a stack when it holds the stack's count (by its tensor names) and shares a word with the
+    stack's path (its sub-config's or its own: ``text_config.num_hidden_layers`` fits
+    ``model.text_model.layers``, and ``model.language_model.layers``, as "language" counts as "text";
+    ``vision_config.num_global_layers`` fits ``model.vision_model.global_transformer.layers``). The key
+    sharing most words wins; a tie, or a key that two stacks would take, is left unresolved."""
+    settings = _count_settings(config)
+    picked: dict[str, tuple[Optional[str], str]] = {}
+    for path, count in stacks.items():
+        held = [key for key, value in settings.items() if value == count]
+        scored = sorted(((len(_words(key) & _words(path)), key) for key in held), reverse=True)
+        if not held:
+            picked[path] = (None, f"no config key ({', '.join(COUNT_KEYS)}, top level or in a sub-config) "
+                                  f"holds its {count} layers")
+        elif scored[0][0] == 0:
+            picked[path] = (None, f"{', '.join(held)} hold {count} but none shares a word with its path")
+        elif len(scored) > 1 and scored[1][0] == scored[0][0]:
+            tied = [key for score, key in scored if score == scored[0][0]]
+            picked[path] = (None, f"{' and '.join(sorted(tied))} both hold {count} and fit its path alike")
+        else:
+            picked[path] = (scored[0][1], "")
+    for path, (key, _) in list(picked.items()):
+        others = [p for p, (k, _) in picked.items() if k == key and p != path] if key else []
+        if others:
+            picked[path] = (None, f"{key} fits {', '.join(others)} as well")
+    return picked
+
+
+def modules_for(config: Any, names: Optional[Iterable[str]] = None) -> Optional[ModelModules]:
+    """The modules of a multi-module model from its config and tensor names; None for a model of one layer stack.
+
+    LLaVA's come from :data:`MODULE_TABLES` (with the hub layout's names); any other model whose tensor
+    names show two or more layer stacks (:func:`infer_stacks`, as mergekit) gets one module per stack,
+    except the text families of :data:`TABLES`, which have one stack by definition."""
     model_type = _setting(config, "model_type")
-    return _MODULES_BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+    model_type = model_type if isinstance(model_type, str) else None
+    table = _MODULES_BY_TYPE.get(model_type) if model_type else None
+    if table is not None or names is None or model_type in _BY_TYPE:
+        return table
+    stacks = infer_stacks(names)
+    if len(stacks) < 2:
+        return None
+    keys = count_keys(stacks, config)
+    return ModelModules(architectures=(architecture_name(config),), model_types=(model_type,) if model_type else (),
+                        stacks=tuple(LayerStack((path,), keys[path][0], count, keys[path][1])
+                                     for path, count in stacks.items()))
 
 
 def architecture_name(config: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from deltawise.architecture import config_value
+from deltawise.architecture import LAYER_INDEX_LISTS, config_value
 from deltawise.errors import InputError
 from deltawise.io.dtypes import dtype_name, parse_dtype
 from deltawise.delta.labels import with_labels
@@ -85,6 +85,10 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
             if isinstance(section.get("layer_types"), list):  # per-layer kinds (sliding/full attention) follow their layers
                 section["layer_types"] = [(config_value(configs[ref], ".".join(path + ["layer_types"])) or
                                            section["layer_types"])[layer] for ref, layer in module.layer_origins]
+            for key in LAYER_INDEX_LISTS:  # index lists (cross-attention layers) follow their layers too
+                if isinstance(section.get(key), list):
+                    section[key] = [out for out, (ref, layer) in enumerate(module.layer_origins)
+                                    if layer in (config_value(configs[ref], ".".join(path + [key])) or [])]
     if plan.labels:  # a classification head the inputs added (merge/heads.py): its labels, as eval reads them
         config = with_labels(config, plan.labels)
     if plan.vocabulary is not None:

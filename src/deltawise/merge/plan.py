@@ -211,7 +211,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype) if (recipe.out_dtype or recipe.dtype) else None
     roles = architecture_for(template.config)
     num_layers = roles.num_layers(template.reader.keys())
-    stacks = modules_for(template.config)  # a vision-language model: depth within each stack, as mergekit's modules
+    stacks = modules_for(template.config, template.reader.keys())  # several layer stacks: depth within each, as mergekit
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
     base_reader = base.reader if (base and method.base_policy != "input") else None

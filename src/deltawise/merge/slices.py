@@ -14,12 +14,13 @@ Names only: which output tensor is merged from which tensor of which source, at 
 - Parameters, highest precedence first: the source's, the slice's, the module's, the recipe's.
 - ``modules:`` with one module (mergekit's ``default`` for text models) is the same recipe with module
   parameters; its ``models:`` become one slice of whole models (plus base_model when not listed).
-- Several modules (a vision-language model, ``deltawise.architecture.MODULE_TABLES``): one module per
-  layer stack, each stacked on its own by the rules above with its own slices and parameters, and
-  ``default`` holding every tensor outside the stacks, merged at ``t = 0`` from its first slice's
-  sources (mergekit's inferred modules put them all before the layers). Every module of the model
-  is listed (else the output would lack tensors); ``default`` has no layers, so its ranges are
-  ``[0, 0]``. Each stack's output layer count goes to its config key (``text_config.num_hidden_layers``).
+- Several modules (a vision-language model: ``deltawise.architecture.modules_for``, the stacks mergekit
+  infers from the tensor names): one module per layer stack, each stacked on its own by the rules above
+  with its own slices and parameters, and ``default`` holding every tensor outside the stacks, merged at
+  ``t = 0`` from its first slice's sources (mergekit's inferred modules put them all before the layers).
+  Every module of the model is listed (else the output would lack tensors); ``default`` has no layers, so
+  its ranges are ``[0, 0]``. Each stack's output layer count goes to its config key
+  (``text_config.num_hidden_layers``); a stack whose key was not found may keep its depth, not change it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from deltawise.architecture import (DEFAULT_MODULE, EMBEDDING_ROLES, MODULE_TABLES, LayerStack, ModelModules,
-                                    TensorRoles, architecture_name, config_value, modules_for)
+from deltawise.architecture import (DEFAULT_MODULE, EMBEDDING_ROLES, LayerStack, ModelModules, TensorRoles,
+                                    architecture_name, config_value, infer_stacks, modules_for)
 from deltawise.merge.base import MergeMethod
 from deltawise.merge.params import resolve
 from deltawise.merge.recipe import OutputModule, OutputSlice, Recipe, SliceSource
@@ -123,8 +124,8 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
     """The output tensors of a sliced recipe, or the problems that stop it (every one found)."""
     refs = source_refs(recipe)
     template = recipe.base_model or (refs[0] if refs else None)
-    table = modules_for(config_of(template)) if template else None
-    problems = _module_problems(recipe, table, template, refs, config_of) if template else []
+    table = modules_for(config_of(template), names_of(template)) if template else None
+    problems = _module_problems(recipe, table, template, refs, config_of, names_of) if template else []
     if problems:
         return SliceLayout([]), problems
     layout = SliceLayout([])
@@ -155,29 +156,40 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
         layout.labels += [f"{prefix}[{i}]" for i in range(len(slices))]
         layout.slice_modules += [len(layout.modules) - 1] * len(slices)
         _expand_module(layout, out, first, slices, names_of, roles_of, split_of, table)
+        if stack is not None and stack.count_key is None and out.num_layers != count_of(template):
+            problems.append(f"modules.{label}: the output has {out.num_layers} layers in this stack, {template} "
+                            f"{count_of(template)}, but no config key can be told to hold its count "
+                            f"({stack.unresolved}), so the output config would not match its tensors; "
+                            f"a stack without a known count key keeps its {count_of(template)} layers")
     return layout, problems
 
 
 def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: str, refs: list[str],
-                     config_of: Callable[[str], Optional[dict]]) -> list[str]:
+                     config_of: Callable[[str], Optional[dict]], names_of) -> list[str]:
     """Whether the recipe's modules are the model's: one for a text model, every one for a multi-module model."""
     given = list(recipe.modules or {})
     arch = architecture_name(config_of(template))
     if table is None:
         if len(given) > 1:
-            known = ", ".join(name for t in MODULE_TABLES for name in t.architectures)
-            return [f"modules: {', '.join(given)}: {template} is {arch}, whose modules deltawise does not know "
-                    f"(it knows those of {known}); it is merged as a single module: give one module "
+            stacks = ", ".join(infer_stacks(names_of(template))) or "none"
+            return [f"modules: {', '.join(given)}: {template} is {arch}, a model of one layer stack (by its tensor names, "
+                    f"as mergekit infers modules: {stacks}); it is merged as a single module: give one module "
                     f"(mergekit names it 'default')"]
         return []
     if recipe.slices:
         return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}); "
                 f"write a modules: recipe with one entry per module, as mergekit requires"]
     problems = []
+    paths = [s.paths for s in table.stacks]
     for ref in refs:
-        if modules_for(config_of(ref)) is not table:
+        other = modules_for(config_of(ref), names_of(ref))
+        if architecture_name(config_of(ref)) != arch:
             problems.append(f"{ref} is {architecture_name(config_of(ref))}, not {arch} as {template}; "
                             f"a modules: recipe merges models of one architecture")
+        elif other is None or [s.paths for s in other.stacks] != paths:
+            problems.append(f"{ref}: its layer stacks ({', '.join(s.name for s in other.stacks) if other else 'one'}) are "
+                            f"not those of {template} ({', '.join(s.name for s in table.stacks)}); checkpoints of "
+                            f"different transformers layouts: save them in one layout")
     meant = {name: (table.stack(name).name if table.stack(name) else name) for name in given}
     for name in given:
         if name != DEFAULT_MODULE and table.stack(name) is None:
@@ -222,7 +234,7 @@ def _stack_count(stack: Optional[LayerStack], names_of, config_of) -> Callable[[
     def count(ref: str) -> int:
         if stack is None:
             return 0
-        value = config_value(config_of(ref), stack.count_key)
+        value = None if stack.layers else config_value(config_of(ref), stack.count_key)  # inferred: by names, as mergekit
         if isinstance(value, int):
             return value
         return max((found[1] + 1 for found in map(stack.split, names_of(ref)) if found), default=0)
