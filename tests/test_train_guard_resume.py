@@ -14,6 +14,7 @@ from guard_util import guard_cfg, langs, scripted_guard  # noqa: F401
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from ddp_worker import Interrupted, StopAt
 from deltawise.adapt import run_train
 from deltawise.adapt.guard import MonitorData, RetentionGuard
 from deltawise.adapt.guard_resume import GUARD_KEPT, GUARD_STATE
@@ -25,21 +26,6 @@ from deltawise.search.scoring import as_result
 from deltawise.search.budget import RetentionBudget
 
 STEPS, EVERY, SAVE_EVERY, STOP_AT = 12, 3, 6, 8
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    """Raises at the end of step ``step``, as a crash would, after the checkpoint of step SAVE_EVERY."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 def _request(langs, minimum: float = 0.8, **options) -> GuardRequest:  # noqa: F811

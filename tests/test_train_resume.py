@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
+from ddp_worker import Interrupted, StopAt
 from deltawise.adapt import run_train
 from deltawise.adapt.methods import MethodError
 from deltawise.cli import app
@@ -21,21 +22,6 @@ from deltawise.errors import OutputError
 from deltawise.io.output import staging_folder
 
 STEPS, SAVE_EVERY, STOP_AT = 6, 2, 3
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    """Raises at the end of step ``step``: the run dies as a Ctrl-C or crash would, after its checkpoint."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 def _cfg(tiny_lm, out: Path, method: str, params: dict, **kw):  # noqa: F811
