@@ -32,10 +32,10 @@ def modules_recipe(f: dict, family: str, text_layers: int = 3) -> dict:
     differ (the final norm and LM head follow the last slice, the embeddings the first), the vision tower by
     ``models:`` with a depth gradient, the projector by one slice with its own weights. (mergekit 0.1.5 with
     transformers 5 cannot save a config whose text depth changed: its ``layer_types`` keep the old length.)"""
-    p = PROJECTOR_LAYERS.get(family, 0)
+    p, n = PROJECTOR_LAYERS.get(family, 0), text_layers - 1
     return {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}, "modules": {
         "text_decoder": {"slices": [{"sources": [src(f["ft1"], 0, 2), src(f["ft2"], 0, 2)]},
-                                    {"sources": [src(f["ft1"], 1, text_layers - 1, weight=3.0), src(f["ft2"], 1, text_layers - 1)]}]},
+                                    {"sources": [src(f["ft1"], 1, n, weight=3.0), src(f["ft2"], 1, n)]}]},
         "vision_tower": {"models": [{"model": str(f["ft1"])}, {"model": str(f["ft2"]), "parameters": {"weight": [0.1, 0.9]}}]},
         "multi_modal_projector": {"slices": [{"sources": [src(f["ft1"], 0, p), src(f["ft2"], 0, p, weight=[0.5, 2.0])]}]},
     }}

@@ -194,8 +194,13 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
                     f"as mergekit infers modules: {stacks}); it is merged as a single module: give one module "
                     f"(mergekit names it 'default')"]
         return []
+    files = file_modules_for(config_of(template))
+    also = f" (or mergekit's {', '.join(files.names)}, from its {files.file})" if files else ""
+    if files is not None and not files.fits(names_of(template)):
+        also = (f" (mergekit's {', '.join(files.names)} need its tensor names in the hub's or transformers 5's layout, "
+                f"which {template}'s are not)")
     if recipe.slices:
-        return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}); "
+        return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}){also}; "
                 f"write a modules: recipe with one entry per module, as mergekit requires"]
     problems = []
     paths = [s.paths for s in table.stacks]
@@ -209,8 +214,6 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
                             f"not those of {template} ({', '.join(s.name for s in table.stacks)}); checkpoints of "
                             f"different transformers layouts: save them in one layout")
     meant = {name: (table.stack(name).name if table.stack(name) else name) for name in given}
-    files = file_modules_for(config_of(template))
-    also = f" (or mergekit's {', '.join(files.names)}, from its {files.file})" if files else ""
     for name in given:
         if name != DEFAULT_MODULE and table.stack(name) is None:
             problems.append(f"modules.{name}: {arch} has no module {name!r}; its modules are {', '.join(table.names)}{also}")
