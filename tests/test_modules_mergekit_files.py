@@ -11,8 +11,11 @@ loads whole in transformers.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from test_mergekit_compat import assert_not_a_copy, assert_same_tensors, load_folder, run_deltawise, write_recipe
 from test_mergekit_compat import layer_source as src, merge_both  # noqa: F401 (merge_both: a fixture)
@@ -131,3 +134,17 @@ def test_every_tensor_has_one_file_module(families):
             assert all(owners.values()), [n for n, m in owners.items() if m is None]
             for name, module in owners.items():
                 assert module is table.module_of(hub_name(family, name) if not hub else name)
+    config = config_of(families("qwen2_vl")["base"])  # names in neither layout: no file modules
+    assert file_modules_for(config, ["transformer.h.0.w", "vision.blocks.0.w"]) is None
+
+
+def test_a_tensor_outside_the_file_modules_is_refused(families, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(families("mistral3")["ft1"], folder)
+    state = load_folder(folder)
+    save_file({**state, "extra.scale": torch.ones(2)}, str(folder / "model.safetensors"))
+    recipe = modules_recipe({"ft1": folder, "ft2": families("mistral3")["ft2"]}, "mistral3")
+    with pytest.raises(RecipeError) as exc:
+        build_plan(parse_recipe(recipe))
+    assert ("1 tensor(s) (extra.scale) belong to none of the modules of mergekit's mistral3.json (text_decoder, "
+            "vision_tower, multi_modal_projector)") in str(exc.value)

@@ -131,7 +131,7 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
     if files is not None and not any(name in files.names for name in recipe.modules or {}):
         files = None  # the recipe names the inferred modules
     if files is not None:
-        problems = _file_module_problems(recipe, files, template, refs, config_of)
+        problems = _file_module_problems(recipe, files, template, refs, config_of, names_of)
     else:
         problems = _module_problems(recipe, table, template, refs, config_of, names_of) if template else []
     if problems:
@@ -227,9 +227,15 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
 
 
 def _file_module_problems(recipe: Recipe, files: FileModules, template: str, refs: list[str],
-                          config_of: Callable[[str], Optional[dict]]) -> list[str]:
-    """Whether the recipe lists exactly the modules of mergekit's architecture file, on models of its architecture."""
+                          config_of: Callable[[str], Optional[dict]], names_of) -> list[str]:
+    """Whether the recipe lists exactly the modules of mergekit's architecture file, on models of its architecture,
+    and every tensor belongs to one of them (else the output would silently lack it)."""
     arch = architecture_name(config_of(template))
+    orphans = [name for name in names_of(template) if files.module_of(name) is None]
+    if orphans:
+        return [f"{template}: {len(orphans)} tensor(s) ({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}) "
+                f"belong to none of the modules of mergekit's {files.file} ({', '.join(files.names)}); name the "
+                f"inferred modules instead"]
     problems = [f"{ref} is {architecture_name(config_of(ref))}, not {arch} as {template}; a modules: recipe merges "
                 f"models of one architecture" for ref in refs if architecture_name(config_of(ref)) != arch]
     given = list(recipe.modules or {})
