@@ -59,6 +59,22 @@ def build(family: str):
                                                      patch_size=2, temporal_patch_size=1, spatial_merge_size=1),
                                   image_token_id=63, video_token_id=62, vision_start_token_id=61)
         cls = tf.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        config = tf.Qwen2_5_VLConfig(text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+                                     vision_config=dict(depth=2, hidden_size=8, intermediate_size=16, out_hidden_size=16,
+                                                        num_heads=2, patch_size=2, temporal_patch_size=1,
+                                                        spatial_merge_size=1, fullatt_block_indexes=[1], window_size=4),
+                                     image_token_id=63, video_token_id=62, vision_start_token_id=61)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family == "gemma3":
+        config = tf.Gemma3Config(text_config=dict(TEXT, num_key_value_heads=1, head_dim=8, sliding_window=4),
+                                 vision_config=dict(VISION, vision_use_head=False), mm_tokens_per_image=4,
+                                 image_token_index=63, boi_token_index=62, eoi_token_index=61)
+        cls = tf.Gemma3ForConditionalGeneration
+    elif family == "mistral3":
+        config = tf.Mistral3Config(text_config=dict(TEXT, model_type="mistral", head_dim=8),
+                                   vision_config=dict(VISION, head_dim=4), image_token_index=63, spatial_merge_size=1)
+        cls = tf.Mistral3ForConditionalGeneration
     else:
         raise ValueError(family)
     config.architectures = [cls.__name__]
@@ -67,18 +83,41 @@ def build(family: str):
     return config, cls
 
 
-def save_family(root: Path, family: str) -> dict[str, Path]:
-    """A tiny ``family`` base and two fine-tunes (base + noise), as transformers 5 holds them in memory."""
+# transformers 4's (the hub's) names of these models, from transformers 5's: the names mergekit's architecture files use
+HUB_NAMES = {
+    "qwen2_vl": (("model.language_model.", "model."), ("model.visual.", "visual.")),
+    "qwen2_5_vl": (("model.language_model.", "model."), ("model.visual.", "visual.")),
+    "gemma3": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
+               ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),
+    "mistral3": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                 ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),
+}
+
+
+def hub_name(family: str, name: str) -> str:
+    """A tensor's name in the hub's layout of ``family``, from its transformers 5 name."""
+    old, new = next(((a, b) for a, b in HUB_NAMES[family] if name.startswith(a)), ("", ""))
+    return new + name[len(old):]
+
+
+def save_family(root: Path, family: str, hub: bool = False) -> dict[str, Path]:
+    """A tiny ``family`` base and two fine-tunes (base + noise), as transformers 5 holds them in memory, or with
+    ``hub`` under the hub's names (:data:`HUB_NAMES`; Qwen2-VL's text settings also at the config's top level)."""
     config, cls = build(family)
     torch.manual_seed(3)
     base = {k: v.detach().clone() for k, v in cls(config).state_dict().items()}
     out = {}
     for key, seed in (("base", 0), ("ft1", 1), ("ft2", 2)):
         gen = torch.Generator().manual_seed(seed)
-        folder = root / f"{family}_{key}"
+        folder = root / f"{family}{'_hub' if hub else ''}_{key}"
         folder.mkdir(parents=True)
         config.save_pretrained(folder)
-        state = {k: (v + 0.05 * torch.randn(v.shape, generator=gen) if seed and v.is_floating_point() else v).contiguous()
+        if hub and family == "qwen2_vl":  # mergekit's qwen2_vl.json counts text layers by the top-level key
+            saved = json.loads((folder / "config.json").read_text())
+            top = {k: v for k, v in saved["text_config"].items() if k != "layer_types"}  # (as transformers 4 wrote it)
+            (folder / "config.json").write_text(json.dumps({**top, **saved}))
+        state = {(hub_name(family, k) if hub else k):
+                 (v + 0.05 * torch.randn(v.shape, generator=gen) if seed and v.is_floating_point() else v).contiguous()
                  for k, v in base.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         out[key] = folder
@@ -88,12 +127,12 @@ def save_family(root: Path, family: str) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
-    made: dict[str, dict[str, Path]] = {}
+    made: dict[tuple[str, bool], dict[str, Path]] = {}
 
-    def get(family: str) -> dict[str, Path]:
-        if family not in made:
-            made[family] = save_family(root, family)
-        return made[family]
+    def get(family: str, hub: bool = False) -> dict[str, Path]:
+        if (family, hub) not in made:
+            made[family, hub] = save_family(root, family, hub)
+        return made[family, hub]
 
     return get
 

@@ -522,3 +522,125 @@ def config_value(config: Any, key: str) -> Any:
         if value is None:
             return None
     return value
+
+
+# --------------------------------------------------------------------------- mergekit's architecture files
+#
+# mergekit 0.1.5 reads Qwen2-VL, Qwen2.5-VL, Gemma3 and Mistral3 through its own architecture files
+# (mergekit/_data/architectures/{qwen2_vl,qwen2_5_vl,gemma3vl,mistral3}.json), whose modules are
+# ``text_decoder``, ``vision_tower`` and ``multi_modal_projector``. Each module owns its weights under a
+# prefix: the ones before its layers (``pre_weights``, merged from its first slice), its layers, and the ones
+# after (``post_weights``: the final norm and the LM head, merged from its last slice), all outside the layers
+# at t = 0. Qwen's projector declares ``override_num_layers: 2`` with layer templates that carry no index
+# (``visual.merger.mlp.0.weight``): mergekit plans them once per layer and the last one written stands, so
+# they come from the last slice at t = 1. The files name transformers 4 (hub) keys, on which mergekit runs;
+# :data:`FILE_TABLES` also lists the same modules under transformers 5's names, on which it stops, so that a
+# recipe written for mergekit runs unchanged on checkpoints of either layout.
+
+
+@dataclass(frozen=True)
+class FileModule:
+    """One module of a mergekit architecture file: the tensors under its prefixes (the longest prefix of all
+    modules wins), its layer stack if any, and which of its tensors mergekit plans after the layers."""
+
+    name: str
+    prefixes: tuple[str, ...]  # in each layout
+    stack: Optional[LayerStack] = None
+    post: str = ""  # fullmatch: post_weights (from the last slice)
+    repeated: str = ""  # fullmatch: index-free layer templates (from the last slice, at t = 1)
+    layers: int = 0  # override_num_layers of a module without a stack: its layer_range is [0, layers]
+
+
+@dataclass(frozen=True)
+class FileModules:
+    """The modules of one mergekit architecture file."""
+
+    file: str  # for messages: mergekit/_data/architectures/<file>
+    model_types: tuple[str, ...]
+    modules: tuple[FileModule, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modules)
+
+    def module(self, name: str) -> Optional[FileModule]:
+        return next((m for m in self.modules if m.name == name), None)
+
+    def module_of(self, tensor: str) -> Optional[FileModule]:
+        """The module owning tensor ``tensor`` (longest matching prefix), None when no module owns it."""
+        best = max(((len(p), m) for m in self.modules for p in m.prefixes if tensor.startswith(p)),
+                   key=lambda found: found[0], default=None)
+        return best[1] if best else None
+
+    def fits(self, names: Iterable[str]) -> bool:
+        """Whether tensor names are in a layout the table knows: each module's stack holds some of them."""
+        names = list(names)
+        return all(any(m.stack.split(n) for n in names) for m in self.modules if m.stack)
+
+    def depth(self, name: str, config: Any) -> tuple[Optional[int], Optional[int]]:
+        """(layer index, layer count) of ``name`` for gradients, as mergekit plans it; (None, None): t = 0."""
+        module = self.module_of(name)
+        if module is None:
+            return None, None
+        found = module.stack.split(name) if module.stack else None
+        if found:
+            count = config_value(config, file_count_key(module.stack, config))
+            return found[1], count if isinstance(count, int) else None
+        if module.repeated and re.fullmatch(module.repeated, name):
+            return module.layers - 1, module.layers
+        return None, None
+
+
+def _text_decoder(layers: tuple[str, ...], prefixes: tuple[str, ...], post: str) -> FileModule:
+    return FileModule("text_decoder", prefixes, LayerStack(layers, "text_config.num_hidden_layers"), post)
+
+
+_QWEN_VL = (
+    _text_decoder(("model.language_model.layers", "model.layers"), ("model.language_model.", "model.", "lm_head."),
+                  r"model\.(language_model\.)?norm\.weight|lm_head\.weight"),
+    FileModule("vision_tower", ("model.visual.", "visual."),
+               LayerStack(("model.visual.blocks", "visual.blocks"), "vision_config.depth")),
+    FileModule("multi_modal_projector", ("model.visual.merger.", "visual.merger."),
+               repeated=r"(model\.)?visual\.merger\.mlp\.\d+\.(weight|bias)", layers=2),
+)
+_TEXT_OF_CONDITIONAL = _text_decoder(
+    ("model.language_model.layers", "language_model.model.layers"), ("model.language_model.", "language_model.", "lm_head."),
+    r"(model\.language_model|language_model\.model)\.norm\.weight|(language_model\.)?lm_head\.weight")
+_PROJECTOR = FileModule("multi_modal_projector", ("model.multi_modal_projector.", "multi_modal_projector."))
+
+FILE_TABLES: tuple[FileModules, ...] = (
+    FileModules("qwen2_vl.json", ("qwen2_vl",), _QWEN_VL),
+    FileModules("qwen2_5_vl.json", ("qwen2_5_vl",), _QWEN_VL),
+    FileModules("gemma3vl.json", ("gemma3",), (
+        _TEXT_OF_CONDITIONAL,
+        FileModule("vision_tower", ("model.vision_tower.", "vision_tower."),
+                   LayerStack(("model.vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers",
+                               "model.vision_tower.vision_model.encoder.layers"), "vision_config.num_hidden_layers"),
+                   post=r".*\.post_layernorm\.(weight|bias)"),
+        _PROJECTOR)),
+    FileModules("mistral3.json", ("mistral3",), (
+        _TEXT_OF_CONDITIONAL,
+        FileModule("vision_tower", ("model.vision_tower.", "vision_tower."),
+                   LayerStack(("model.vision_tower.transformer.layers", "vision_tower.transformer.layers"),
+                              "vision_config.num_hidden_layers")),
+        _PROJECTOR)),
+)
+_FILES_BY_TYPE = {model_type: table for table in FILE_TABLES for model_type in table.model_types}
+
+
+def file_count_key(stack: LayerStack, config: Any) -> str:
+    """The config key of a file stack's layer count: its own, else (a text stack of a hub config written before
+    the text settings moved into ``text_config``, as Qwen2-VL's) the same key at the top level, mergekit's."""
+    key = stack.count_key or ""
+    if config_value(config, key) is None and key.startswith("text_config.") and \
+            config_value(config, key.partition(".")[2]) is not None:
+        return key.partition(".")[2]
+    return key
+
+
+def file_modules_for(config: Any, names: Optional[Iterable[str]] = None) -> Optional[FileModules]:
+    """The modules of mergekit's architecture file for this model's ``model_type``; None when it has none here,
+    or when ``names`` (the tensor names, if given) are in neither layout the table knows."""
+    model_type = _setting(config, "model_type")
+    table = _FILES_BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+    return table if table is not None and (names is None or table.fits(names)) else None

@@ -81,6 +81,8 @@ def output_config(plan: "MergePlan") -> Optional[dict[str, Any]]:
             section = config
             for part in path:
                 section = section[part]
+            if path == ["text_config"] and config.get(leaf) == section.get(leaf):  # a hub config's top-level copy
+                config[leaf] = module.num_layers  # (Qwen2-VL's: mergekit's key for its text layers)
             section[leaf] = module.num_layers
             if isinstance(section.get("layer_types"), list):  # per-layer kinds (sliding/full attention) follow their layers
                 section["layer_types"] = [(config_value(configs[ref], ".".join(path + ["layer_types"])) or

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from deltawise.architecture import architecture_for, modules_for
+from deltawise.architecture import architecture_for, file_modules_for, modules_for
 from deltawise.delta.reader import open_model
 from deltawise.errors import InputError, RecipeError, bullet_list
 from deltawise.io.dtypes import parse_dtype
@@ -212,6 +212,8 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False, strict: bool = Fal
     roles = architecture_for(template.config)
     num_layers = roles.num_layers(template.reader.keys())
     stacks = modules_for(template.config, template.reader.keys())  # several layer stacks: depth within each, as mergekit
+    # a model of one of mergekit's architecture files: depth within each of its modules, as mergekit plans it
+    stacks = file_modules_for(template.config, template.reader.keys()) or stacks
     exclude = [re.compile(p) for p in recipe.exclude]
     readers_in = [m.reader for m in inputs]
     base_reader = base.reader if (base and method.base_policy != "input") else None

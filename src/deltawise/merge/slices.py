@@ -26,12 +26,14 @@ Names only: which output tensor is merged from which tensor of which source, at 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from deltawise.architecture import (DEFAULT_MODULE, EMBEDDING_ROLES, LayerStack, ModelModules, TensorRoles,
-                                    architecture_name, config_value, infer_stacks, modules_for)
+from deltawise.architecture import (DEFAULT_MODULE, EMBEDDING_ROLES, FileModule, FileModules, LayerStack, ModelModules,
+                                    TensorRoles, architecture_name, config_value, file_count_key, file_modules_for,
+                                    infer_stacks, modules_for)
 from deltawise.merge.base import MergeMethod
 from deltawise.merge.params import resolve
 from deltawise.merge.recipe import OutputModule, OutputSlice, Recipe, SliceSource
@@ -125,13 +127,26 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
     refs = source_refs(recipe)
     template = recipe.base_model or (refs[0] if refs else None)
     table = modules_for(config_of(template), names_of(template)) if template else None
-    problems = _module_problems(recipe, table, template, refs, config_of, names_of) if template else []
+    files = file_modules_for(config_of(template), names_of(template)) if template else None
+    if files is not None and not any(name in files.names for name in recipe.modules or {}):
+        files = None  # the recipe names the inferred modules
+    if files is not None:
+        problems = _file_module_problems(recipe, files, template, refs, config_of, names_of)
+    else:
+        problems = _module_problems(recipe, table, template, refs, config_of, names_of) if template else []
     if problems:
         return SliceLayout([]), problems
     layout = SliceLayout([])
     for label, module in _module_entries(recipe):
         stack = table.stack(label) if table is not None else None
-        if table is None:  # the model's one layer stack, split by its architecture's rules
+        file_module = files.module(label) if files is not None else None
+        if file_module is not None:  # a module of mergekit's architecture file
+            stack = file_module.stack
+            key = file_count_key(stack, config_of(template)) if stack else None
+            out = ModuleLayout(label, module.parameters, key, stack)
+            split_of = _stack_split(stack)
+            count_of = _stack_count(stack, names_of, config_of) if stack else (lambda ref, n=file_module.layers: n)
+        elif table is None:  # the model's one layer stack, split by its architecture's rules
             config = (config_of(template) if template else None) or {}
             key = "n_layer" if "n_layer" in config and "num_hidden_layers" not in config else "num_hidden_layers"
             out = ModuleLayout(label, module.parameters if module else {}, key)
@@ -155,7 +170,10 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
         layout.slices += slices
         layout.labels += [f"{prefix}[{i}]" for i in range(len(slices))]
         layout.slice_modules += [len(layout.modules) - 1] * len(slices)
-        _expand_module(layout, out, first, slices, names_of, roles_of, split_of, table)
+        if file_module is not None:
+            _expand_file_module(layout, out, first, slices, names_of, split_of, files, file_module)
+        else:
+            _expand_module(layout, out, first, slices, names_of, roles_of, split_of, table)
         if stack is not None and stack.count_key is None and out.num_layers != count_of(template):
             problems.append(f"modules.{label}: the output has {out.num_layers} layers in this stack, {template} "
                             f"{count_of(template)}, but no config key can be told to hold its count "
@@ -176,8 +194,13 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
                     f"as mergekit infers modules: {stacks}); it is merged as a single module: give one module "
                     f"(mergekit names it 'default')"]
         return []
+    files = file_modules_for(config_of(template))
+    also = f" (or mergekit's {', '.join(files.names)}, from its {files.file})" if files else ""
+    if files is not None and not files.fits(names_of(template)):
+        also = (f" (mergekit's {', '.join(files.names)} need its tensor names in the hub's or transformers 5's layout, "
+                f"which {template}'s are not)")
     if recipe.slices:
-        return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}); "
+        return [f"slices: {template} is {arch}, a model of several modules ({', '.join(table.names)}){also}; "
                 f"write a modules: recipe with one entry per module, as mergekit requires"]
     problems = []
     paths = [s.paths for s in table.stacks]
@@ -193,13 +216,36 @@ def _module_problems(recipe: Recipe, table: Optional[ModelModules], template: st
     meant = {name: (table.stack(name).name if table.stack(name) else name) for name in given}
     for name in given:
         if name != DEFAULT_MODULE and table.stack(name) is None:
-            problems.append(f"modules.{name}: {arch} has no module {name!r}; its modules are {', '.join(table.names)}")
+            problems.append(f"modules.{name}: {arch} has no module {name!r}; its modules are {', '.join(table.names)}{also}")
     missing = [m for m in table.names if m not in meant.values()]
     if missing and not problems:
         problems.append(f"modules: {arch} has the modules {', '.join(table.names)}; the recipe lacks "
                         f"{', '.join(missing)}, whose tensors the output would not have (list each module)")
     twice = [m for m in table.names if list(meant.values()).count(m) > 1]
     problems += [f"modules: {m} is listed twice (under {' and '.join(n for n in given if meant[n] == m)})" for m in twice]
+    return problems
+
+
+def _file_module_problems(recipe: Recipe, files: FileModules, template: str, refs: list[str],
+                          config_of: Callable[[str], Optional[dict]], names_of) -> list[str]:
+    """Whether the recipe lists exactly the modules of mergekit's architecture file, on models of its architecture,
+    and every tensor belongs to one of them (else the output would silently lack it)."""
+    arch = architecture_name(config_of(template))
+    orphans = [name for name in names_of(template) if files.module_of(name) is None]
+    if orphans:
+        return [f"{template}: {len(orphans)} tensor(s) ({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}) "
+                f"belong to none of the modules of mergekit's {files.file} ({', '.join(files.names)}); name the "
+                f"inferred modules instead"]
+    problems = [f"{ref} is {architecture_name(config_of(ref))}, not {arch} as {template}; a modules: recipe merges "
+                f"models of one architecture" for ref in refs if architecture_name(config_of(ref)) != arch]
+    given = list(recipe.modules or {})
+    problems += [f"modules.{name}: {arch} has no module {name!r} in mergekit's {files.file}; its modules are "
+                 f"{', '.join(files.names)} (a recipe names either these or the inferred ones, not both)"
+                 for name in given if name not in files.names]
+    missing = [m for m in files.names if m not in given]
+    if missing and not problems:
+        problems.append(f"modules: {arch} has the modules {', '.join(files.names)} (mergekit's {files.file}); the "
+                        f"recipe lacks {', '.join(missing)}, whose tensors the output would not have (list each module)")
     return problems
 
 
@@ -251,11 +297,14 @@ def _whole_models(module: OutputModule, base_model: Optional[str], count_of: Cal
 
 
 def _expand_module(layout: SliceLayout, module: ModuleLayout, first: int, slices: list[OutputSlice],
-                   names_of, roles_of, split_of: Callable[[str], Split], table: Optional[ModelModules]) -> None:
+                   names_of, roles_of, split_of: Callable[[str], Split], table: Optional[ModelModules],
+                   layers_only: bool = False) -> None:
     """Append the output tensors of one module (its slices are ``layout.slices[first:]``)."""
     by_layer = {ref: _layers(names_of(ref), split_of(ref)) for ref in dict.fromkeys(s.model for sl in slices for s in sl.sources)}
     lead = slices[0].sources[0].model
-    if table is None:  # embeddings from the first slice, the rest after the stack from the last
+    if layers_only:
+        pass
+    elif table is None:  # embeddings from the first slice, the rest after the stack from the last
         for name in names_of(lead):
             if roles_of(lead).layer_split(name) is None:
                 index = 0 if roles_of(lead).role(name) in EMBEDDING_ROLES else len(slices) - 1
@@ -275,6 +324,26 @@ def _expand_module(layout: SliceLayout, module: ModuleLayout, first: int, slices
                 layout.tensors.append(SlicedTensor(f"{prefix}{out_layer}.{rest}", first + i, names,
                                                    k / (n - 1) if n > 1 else 1.0))
             module.num_layers += 1
+
+
+def _expand_file_module(layout: SliceLayout, module: ModuleLayout, first: int, slices: list[OutputSlice], names_of,
+                        split_of: Callable[[str], Split], files: FileModules, owner: FileModule) -> None:
+    """Append the output tensors of one module of mergekit's architecture file: its tensors outside its layers from
+    the first slice (pre_weights) or the last (post_weights, at t = 0; index-free layer templates at t = 1)."""
+    lead, last = slices[0].sources[0].model, len(slices) - 1
+    before, after = [], []
+    for name in names_of(lead):
+        if files.module_of(name) is not owner or split_of(lead)(name) is not None:
+            continue
+        if owner.repeated and re.fullmatch(owner.repeated, name):
+            after.append(SlicedTensor(name, first + last, [name] * len(slices[last].sources), 1.0))
+        elif owner.post and re.fullmatch(owner.post, name):
+            after.append(SlicedTensor(name, first + last, [name] * len(slices[last].sources), 0.0))
+        else:
+            before.append(SlicedTensor(name, first, [name] * len(slices[0].sources), 0.0))
+    layout.tensors += before
+    _expand_module(layout, module, first, slices, names_of, None, split_of, None, layers_only=True)
+    layout.tensors += after
 
 
 def _layers(names: Iterable[str], split: Split) -> dict[int, list[tuple[str, str]]]:
