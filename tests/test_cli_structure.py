@@ -33,7 +33,7 @@ def test_option_groups_import_without_torch():
     assert proc.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("module", ["deltawise.cli", *(m.__name__ for m in COMMAND_MODULES)])
+@pytest.mark.parametrize("module", ["deltawise.cli", *(f"deltawise.commands.{m}" for m in COMMAND_MODULES)])
 def test_each_command_module_imports_alone(module):
     """In a fresh interpreter, and without torch: a command's imports wait until it runs."""
     proc = _fresh(f"import sys, {module}\nprint('torch' in sys.modules)")
@@ -146,7 +146,7 @@ def shortest_cycle(graph: dict[str, set[str]], start: str) -> list[str]:
 
 def test_import_graph_sees_function_level_imports():
     graph = import_graph()
-    assert {m.__name__ for m in COMMAND_MODULES} <= graph["deltawise.cli"]
+    assert "deltawise.commands.console" in graph["deltawise.cli"]
     assert "deltawise.merge" in graph["deltawise.commands.merge"]  # imported inside the command function
     assert "deltawise.search.budget" in graph["deltawise.commands.merge"]  # inside the budget command
 

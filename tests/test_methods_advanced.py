@@ -236,11 +236,11 @@ def test_pcb_global_refuses_a_model_too_large_for_memory(make_folder, tmp_path, 
     _, _, (base_path, m0) = write_family(make_folder, {"a.weight": (64, 64)}, 1)
     recipe = {"merge_method": "pcb", "base_model": str(base_path), "models": [{"model": str(m0)}]}
     need = pcb.global_memory_bytes(1, 64 * 64)
-    monkeypatch.setattr(pcb.psutil, "virtual_memory", lambda: SimpleNamespace(available=need - 1))
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=need - 1))
     with pytest.raises(RecipeError, match="granularity: tensor"):
         merge(recipe, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(pcb.psutil, "virtual_memory", lambda: SimpleNamespace(available=need))
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=need))
     merge(recipe, str(tmp_path / "out"))  # just enough memory: it runs
 
 

@@ -1,5 +1,11 @@
 """The ``deltawise`` command line: registers the commands of ``deltawise.commands`` and runs them.
 
+A command module is imported when a command of it is needed: ``deltawise merge ...`` imports
+``deltawise.commands.merge`` and not the training, evaluation and analysis commands (their option
+groups and typer signatures cost 0.1 s, benchmarks/RESULTS.md "Fast start"). ``deltawise --help``, an
+unknown command name and ``app`` read from this module register every command, in the order of
+``COMMAND_MODULES``.
+
 ``main`` turns library errors into one red line and exit code 1, SIGTERM into the Ctrl-C path
 (an interrupted merge keeps its completed shards), and skips the interpreter's teardown once a
 command has finished."""
@@ -7,15 +13,14 @@ command has finished."""
 from __future__ import annotations
 
 import sys
+from typing import Sequence
 
 import typer
 
-from deltawise.commands import analyze, delta, merge, repair, report, search, stats, sweep, train
-from deltawise.commands import eval as eval_command
 from deltawise.commands.console import err, escape
 from deltawise.errors import DeltawiseError
 
-app = typer.Typer(
+_app = typer.Typer(
     help="deltawise: merge, compress, transfer and audit weight deltas of pretrained models.",
     no_args_is_help=True,
     add_completion=False,
@@ -41,7 +46,7 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the installed version and exit"),
@@ -49,10 +54,42 @@ def _options(
     pass
 
 
-# registration order = the order of `deltawise --help`
-COMMAND_MODULES = (merge, delta, train, eval_command, analyze, report, stats, search, repair, sweep)
-for _module in COMMAND_MODULES:
-    _module.register(app)
+# the modules of deltawise.commands; registration order = the order of `deltawise --help`
+COMMAND_MODULES = ("merge", "delta", "train", "eval", "analyze", "report", "stats", "search", "repair", "sweep")
+_registered: list[str] = []
+
+
+def _command_names(app: typer.Typer) -> set[str]:
+    """The names ``app`` answers to so far, spelled as typer derives them (``get_command_name``)."""
+    from typer.main import get_command_name
+
+    names = {info.name or get_command_name(info.callback.__name__) for info in app.registered_commands if info.callback}
+    return names | {info.name for info in app.registered_groups if info.name}
+
+
+def register_commands(command: str | None = None) -> typer.Typer:
+    """The command line with the modules of ``COMMAND_MODULES`` registered in order up to the one that provides
+    ``command``; every module when ``command`` is None or no module provides it (click then lists the choices)."""
+    for name in COMMAND_MODULES:
+        if command is not None and command in _command_names(_app):
+            break
+        if name not in _registered:
+            # __import__, not importlib.import_module: `python -X importtime` logs only the former
+            __import__(f"deltawise.commands.{name}", fromlist=["register"]).register(_app)
+            _registered.append(name)
+    return _app
+
+
+def command_in(args: Sequence[str]) -> str | None:
+    """The command that ``args`` (without the program name) run: the first one that is not an option (the group's
+    options, ``--help`` and ``--version``, take no value); None for a bare ``deltawise``."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def __getattr__(name: str):
+    if name == "app":  # the whole command line, for tests and tools: `from deltawise.cli import app`
+        return register_commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _terminate(signum, frame) -> None:
@@ -64,7 +101,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
+        register_commands(command_in(sys.argv[1:]))()
     except DeltawiseError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         _exit(1)

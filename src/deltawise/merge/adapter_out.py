@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from deltawise.architecture import TensorRoles, architecture_for
-from deltawise.delta.lora_extract import lowrank_factors
 from deltawise.delta.lowrank import LowRankDelta
 from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.store import base_identity
@@ -129,6 +128,7 @@ class _Parts:
 def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSettings, *, overwrite: bool = False,
                       progress: Optional[Progress] = None) -> AdapterMergeResult:
     """Merge ``plan`` and write the result as a PEFT LoRA adapter folder ``out`` (atomically)."""
+    from deltawise.delta.lora_extract import lowrank_factors  # SVD here only: not on a model merge's start
     from deltawise.merge.engine import check_output
 
     started = time.time()
@@ -231,6 +231,8 @@ def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings:
     norm = float(merged.materialize(work).double().norm())
     if settings.rank is not None and merged.rank > settings.rank:
         # the rank cap applies to sums too: the best rank-k approximation of the exact sum
+        from deltawise.delta.lora_extract import lowrank_factors  # SVD outputs only: not on a model merge's start
+
         factors_k, error = lowrank_factors(merged.materialize(work), settings.rank, settings.energy)
         return factors_k, MatrixRow(t.name, "svd", factors_k.rank, error, norm)
     dtype = _factor_dtype(plan.recipe)
