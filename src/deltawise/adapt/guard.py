@@ -346,7 +346,7 @@ class RetentionGuard(TrainerCallback):
         """Called by every process before a resumed run trains: the state as the checkpoint's step left it."""
         from deltawise.adapt.guard_resume import load_guard
 
-        load_guard(self, folder)
+        load_guard(self, folder, GuardPoint)
 
     def finish_output(self, staging: Path, model: torch.nn.Module, save: Callable[[Path], None]) -> None:
         """The training run's hook before its output moves into place (adapt/train.py): append the checks to

@@ -72,10 +72,11 @@ def save_guard(guard: RetentionGuard, folder: Path) -> None:
     })
 
 
-def load_guard(guard: RetentionGuard, folder: Path) -> None:
-    """Put the state ``save_guard`` wrote into ``guard`` (every process; the kept weights only on rank 0)."""
+def load_guard(guard: RetentionGuard, folder: Path, point: type) -> None:
+    """Put the state ``save_guard`` wrote into ``guard`` (every process; the kept weights only on rank 0). ``point``:
+    the guard's check record (adapt/guard.py's GuardPoint, passed in so that this module needs nothing from there
+    at run time)."""
     from deltawise.adapt.dist import rank
-    from deltawise.adapt.guard import GuardPoint
 
     path = folder / GUARD_STATE
     try:
@@ -86,7 +87,7 @@ def load_guard(guard: RetentionGuard, folder: Path) -> None:
     if saved.get("schema") != SCHEMA or saved.get("baseline") is None:
         raise OutputError(f"{path}: not a guard state this version reads (schema {saved.get('schema')!r})")
     s = guard.state
-    s.points = [GuardPoint(**p) for p in saved["points"]]
+    s.points = [point(**p) for p in saved["points"]]
     s.every, s.stopped_early_at = list(saved["every"]), saved["stopped_early_at"]
     s.monitor_seconds, s.train_seconds = saved["monitor_seconds"], saved["train_seconds"]
     guard._since_check, guard._check_cost = saved["since_check"], saved["check_cost"]
