@@ -26,8 +26,9 @@ from deltawise.architecture import file_modules_for
 from deltawise.errors import RecipeError
 from deltawise.merge import build_plan, parse_recipe
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3"]
-PROJECTOR_LAYERS = {"qwen2_vl": 2, "qwen2_5_vl": 2}  # mergekit's override_num_layers; 0 for the others
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "mistral3"]
+# mergekit's override_num_layers; 0 for the others (Qwen3-VL's: its 3 deepstack mergers, a stack of the projector)
+PROJECTOR_LAYERS = {"qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 3, "qwen3_vl_moe": 3}
 
 
 def modules_recipe(f: dict, family: str, text_layers: int = 3) -> dict:
@@ -69,10 +70,13 @@ def test_models_recipe_depths_match_mergekit_on_the_hub_layout(families, merge_b
     f = families(family, hub=True)
     mk, dw, _ = merge_both(models_recipe(f))
     assert_same_tensors(mk, dw, label=f"{family} models")
-    if family.startswith("qwen"):
-        ft1, ft2 = load_folder(f["ft1"]), load_folder(f["ft2"])
+    ft1, ft2 = load_folder(f["ft1"]), load_folder(f["ft2"])
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         name = "visual.merger.mlp.0.weight"
         assert torch.allclose(dw[name], (0.8 * ft1[name] + 0.5 * ft2[name]) / 1.3, atol=1e-6)
+    if family.startswith("qwen3"):  # deepstack merger 1 of 3: t = 0.5, ft1 weighs 0.5 as ft2
+        name = "model.visual.deepstack_merger_list.1.linear_fc1.weight"
+        assert torch.allclose(dw[name], (ft1[name] + ft2[name]) / 2, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
