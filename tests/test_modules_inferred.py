@@ -202,6 +202,12 @@ def test_count_keys_by_hand():
                       {"a_config": {"depth": 2}, "b_config": {"depth": 2}, "tower_config": {"num_layers": 2}})
     assert tied["model.a_tower.layers"] == (None, "a_config.depth and tower_config.num_layers both hold 2 and fit its "
                                                   "path alike")
+    # one key that two stacks would take (a tiny Qwen3-VL: 3 vision blocks, 3 deepstack mergers): neither, in any order
+    config = {"vision_config": {"depth": 3}}
+    for order in (["model.visual.blocks", "model.visual.deepstack_merger_list"],
+                  ["model.visual.deepstack_merger_list", "model.visual.blocks"]):
+        keys = count_keys(dict.fromkeys(order, 3), config)
+        assert [keys[path][0] for path in order] == [None, None], order
     assert infer_stacks(["model.layers.0.mlp.experts.3.w", "model.layers.11.w", "lm_head.weight"]) == {"model.layers": 12}
 
 

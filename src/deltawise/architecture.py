@@ -479,8 +479,9 @@ def count_keys(stacks: Mapping[str, int], config: Any) -> dict[str, tuple[Option
             picked[path] = (None, f"{' and '.join(sorted(tied))} both hold {count} and fit its path alike")
         else:
             picked[path] = (scored[0][1], "")
-    for path, (key, _) in list(picked.items()):
-        others = [p for p, (k, _) in picked.items() if k == key and p != path] if key else []
+    found = dict(picked)  # a key two stacks would take is left to neither, whichever comes first
+    for path, (key, _) in found.items():
+        others = [p for p, (k, _) in found.items() if k == key and p != path] if key else []
         if others:
             picked[path] = (None, f"{key} fits {', '.join(others)} as well")
     return picked
