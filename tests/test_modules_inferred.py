@@ -66,6 +66,16 @@ def build(family: str):
                                                         spatial_merge_size=1, fullatt_block_indexes=[1], window_size=4),
                                      image_token_id=63, video_token_id=62, vision_start_token_id=61)
         cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):  # 3 deepstack mergers: mergekit's files plan exactly 3
+        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, decoder_sparse_step=1)
+        config_cls = tf.Qwen3VLConfig if family == "qwen3_vl" else tf.Qwen3VLMoeConfig
+        config = config_cls(text_config=dict(TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]},
+                                             **(moe if family == "qwen3_vl_moe" else {})),
+                            vision_config=dict(depth=3, hidden_size=8, intermediate_size=16, out_hidden_size=16, num_heads=2,
+                                               patch_size=2, temporal_patch_size=1, spatial_merge_size=1,
+                                               num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+                            image_token_id=63, video_token_id=62, vision_start_token_id=61, vision_end_token_id=60)
+        cls = tf.Qwen3VLForConditionalGeneration if family == "qwen3_vl" else tf.Qwen3VLMoeForConditionalGeneration
     elif family == "gemma3":
         config = tf.Gemma3Config(text_config=dict(TEXT, num_key_value_heads=1, head_dim=8, sliding_window=4),
                                  vision_config=dict(VISION, vision_use_head=False), mm_tokens_per_image=4,
@@ -84,7 +94,9 @@ def build(family: str):
 
 
 # transformers 4's (the hub's) names of these models, from transformers 5's: the names mergekit's architecture files use
+# (Qwen3-VL's hub checkpoints already have transformers 5's names)
 HUB_NAMES = {
+    "qwen3_vl": (), "qwen3_vl_moe": (),
     "qwen2_vl": (("model.language_model.", "model."), ("model.visual.", "visual.")),
     "qwen2_5_vl": (("model.language_model.", "model."), ("model.visual.", "visual.")),
     "gemma3": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
@@ -190,6 +202,12 @@ def test_count_keys_by_hand():
                       {"a_config": {"depth": 2}, "b_config": {"depth": 2}, "tower_config": {"num_layers": 2}})
     assert tied["model.a_tower.layers"] == (None, "a_config.depth and tower_config.num_layers both hold 2 and fit its "
                                                   "path alike")
+    # one key that two stacks would take (a tiny Qwen3-VL: 3 vision blocks, 3 deepstack mergers): neither, in any order
+    config = {"vision_config": {"depth": 3}}
+    for order in (["model.visual.blocks", "model.visual.deepstack_merger_list"],
+                  ["model.visual.deepstack_merger_list", "model.visual.blocks"]):
+        keys = count_keys(dict.fromkeys(order, 3), config)
+        assert [keys[path][0] for path in order] == [None, None], order
     assert infer_stacks(["model.layers.0.mlp.experts.3.w", "model.layers.11.w", "lm_head.weight"]) == {"model.layers": 12}
 
 

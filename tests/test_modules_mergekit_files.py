@@ -1,10 +1,11 @@
 """``modules:`` recipes with the module names of mergekit 0.1.5's architecture files run unchanged.
 
-mergekit reads Qwen2-VL, Qwen2.5-VL, Gemma3 and Mistral3 through mergekit/_data/architectures/{qwen2_vl,
-qwen2_5_vl,gemma3vl,mistral3}.json: modules ``text_decoder``, ``vision_tower``, ``multi_modal_projector``,
-each owning the weights under its prefix (deltawise.architecture.FILE_TABLES). Those files name transformers 4
-(hub) keys, on which mergekit runs: there one recipe file goes through mergekit and deltawise and every tensor
-is compared. On transformers 5's layout mergekit stops; there the same recipe gives deltawise's hub-layout
+mergekit reads Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE), Gemma3 and Mistral3 through
+mergekit/_data/architectures/{qwen2_vl,qwen2_5_vl,qwen3_vl_dense,qwen3_vl,gemma3vl,mistral3}.json: modules
+``text_decoder``, ``vision_tower``, ``multi_modal_projector``, each owning the weights under its prefix
+(deltawise.architecture.FILE_TABLES). Those files name transformers 4 (hub) keys (Qwen3-VL's: its one layout,
+transformers 5's), on which mergekit runs: there one recipe file goes through mergekit and deltawise and every
+tensor is compared. On transformers 5's layout mergekit stops; there the same recipe gives deltawise's hub-layout
 tensors under the transformers 5 names (a property: the layout does not change the merge), and the output
 loads whole in transformers.
 """
@@ -26,8 +27,9 @@ from deltawise.architecture import file_modules_for
 from deltawise.errors import RecipeError
 from deltawise.merge import build_plan, parse_recipe
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3"]
-PROJECTOR_LAYERS = {"qwen2_vl": 2, "qwen2_5_vl": 2}  # mergekit's override_num_layers; 0 for the others
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "mistral3"]
+# mergekit's override_num_layers; 0 for the others (Qwen3-VL's: its 3 deepstack mergers, a stack of the projector)
+PROJECTOR_LAYERS = {"qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 3, "qwen3_vl_moe": 3}
 
 
 def modules_recipe(f: dict, family: str, text_layers: int = 3) -> dict:
@@ -69,10 +71,13 @@ def test_models_recipe_depths_match_mergekit_on_the_hub_layout(families, merge_b
     f = families(family, hub=True)
     mk, dw, _ = merge_both(models_recipe(f))
     assert_same_tensors(mk, dw, label=f"{family} models")
-    if family.startswith("qwen"):
-        ft1, ft2 = load_folder(f["ft1"]), load_folder(f["ft2"])
+    ft1, ft2 = load_folder(f["ft1"]), load_folder(f["ft2"])
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         name = "visual.merger.mlp.0.weight"
         assert torch.allclose(dw[name], (0.8 * ft1[name] + 0.5 * ft2[name]) / 1.3, atol=1e-6)
+    if family.startswith("qwen3"):  # deepstack merger 1 of 3: t = 0.5, ft1 weighs 0.5 as ft2
+        name = "model.visual.deepstack_merger_list.1.linear_fc1.weight"
+        assert torch.allclose(dw[name], (ft1[name] + ft2[name]) / 2, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -148,3 +153,22 @@ def test_a_tensor_outside_the_file_modules_is_refused(families, tmp_path):
         build_plan(parse_recipe(recipe))
     assert ("1 tensor(s) (extra.scale) belong to none of the modules of mergekit's mistral3.json (text_decoder, "
             "vision_tower, multi_modal_projector)") in str(exc.value)
+
+
+def test_qwen3_vl_deepstack_mergers_keep_their_count(families):
+    # the projector's layers are the 3 deepstack mergers (mergekit's override_num_layers); no config key holds
+    # their count (vision_config.deepstack_visual_indexes is a list), so a recipe may reorder them, not resize them
+    f = families("qwen3_vl")
+    recipe = modules_recipe(f, "qwen3_vl")
+    reordered = {"slices": [{"sources": [src(f["ft2"], 1, 3)]}, {"sources": [src(f["ft1"], 0, 1)]}]}
+    plan = build_plan(parse_recipe({**recipe, "modules": {**recipe["modules"], "multi_modal_projector": reordered}}))
+    merger = {t.name: (t.inputs[0].ref, t.sources[0]) for t in plan.tensors if ".deepstack_merger_list." in t.name}
+    assert len(merger) == 3 * 6
+    name = "model.visual.deepstack_merger_list.{}.norm.weight"
+    assert [merger[name.format(i)] for i in range(3)] == [(str(f["ft2"]), name.format(1)), (str(f["ft2"]), name.format(2)),
+                                                           (str(f["ft1"]), name.format(0))]
+    resized = {"slices": [{"sources": [src(f["ft1"], 0, 3)]}, {"sources": [src(f["ft2"], 2, 3)]}]}
+    with pytest.raises(RecipeError) as exc:
+        build_plan(parse_recipe({**recipe, "modules": {**recipe["modules"], "multi_modal_projector": resized}}))
+    assert (f"modules.multi_modal_projector: the output has 4 layers in this stack, {f['ft1']} 3, but no config key "
+            f"can be told to hold its count (mergekit's qwen3_vl files fix the deepstack mergers at 3") in str(exc.value)

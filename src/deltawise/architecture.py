@@ -364,7 +364,8 @@ class LayerStack:
 
     paths: tuple[str, ...]
     count_key: Optional[str]  # dotted key into config.json: "text_config.num_hidden_layers"
-    layers: int = 0  # inferred stacks: layer count by the tensor names; 0: a table's stack, counted by its key
+    layers: int = 0  # inferred stacks and a file stack without a count key: count by the tensor names (mergekit's
+    #                  depth for gradients); 0: a table's stack, counted by its key
     unresolved: str = ""  # why count_key is None
 
     @property
@@ -478,8 +479,9 @@ def count_keys(stacks: Mapping[str, int], config: Any) -> dict[str, tuple[Option
             picked[path] = (None, f"{' and '.join(sorted(tied))} both hold {count} and fit its path alike")
         else:
             picked[path] = (scored[0][1], "")
-    for path, (key, _) in list(picked.items()):
-        others = [p for p, (k, _) in picked.items() if k == key and p != path] if key else []
+    found = dict(picked)  # a key two stacks would take is left to neither, whichever comes first
+    for path, (key, _) in found.items():
+        others = [p for p, (k, _) in found.items() if k == key and p != path] if key else []
         if others:
             picked[path] = (None, f"{key} fits {', '.join(others)} as well")
     return picked
@@ -526,8 +528,9 @@ def config_value(config: Any, key: str) -> Any:
 
 # --------------------------------------------------------------------------- mergekit's architecture files
 #
-# mergekit 0.1.5 reads Qwen2-VL, Qwen2.5-VL, Gemma3 and Mistral3 through its own architecture files
-# (mergekit/_data/architectures/{qwen2_vl,qwen2_5_vl,gemma3vl,mistral3}.json), whose modules are
+# mergekit 0.1.5 reads Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE), Gemma3 and Mistral3 through its own
+# architecture files (mergekit/_data/architectures/{qwen2_vl,qwen2_5_vl,qwen3_vl_dense,qwen3_vl,gemma3vl,
+# mistral3}.json), whose modules are
 # ``text_decoder``, ``vision_tower`` and ``multi_modal_projector``. Each module owns its weights under a
 # prefix: the ones before its layers (``pre_weights``, merged from its first slice), its layers, and the ones
 # after (``post_weights``: the final norm and the LM head, merged from its last slice), all outside the layers
@@ -535,7 +538,9 @@ def config_value(config: Any, key: str) -> Any:
 # (``visual.merger.mlp.0.weight``): mergekit plans them once per layer and the last one written stands, so
 # they come from the last slice at t = 1. The files name transformers 4 (hub) keys, on which mergekit runs;
 # :data:`FILE_TABLES` also lists the same modules under transformers 5's names, on which it stops, so that a
-# recipe written for mergekit runs unchanged on checkpoints of either layout.
+# recipe written for mergekit runs unchanged on checkpoints of either layout. Qwen3-VL's files name the one
+# layout its checkpoints have (the hub's is transformers 5's); its projector's layers are the indexed deepstack
+# mergers (``override_num_layers: 3``), a stack of its own whose count no config key holds.
 
 
 @dataclass(frozen=True)
@@ -584,7 +589,7 @@ class FileModules:
             return None, None
         found = module.stack.split(name) if module.stack else None
         if found:
-            count = config_value(config, file_count_key(module.stack, config))
+            count = module.stack.layers or config_value(config, file_count_key(module.stack, config))
             return found[1], count if isinstance(count, int) else None
         if module.repeated and re.fullmatch(module.repeated, name):
             return module.layers - 1, module.layers
@@ -608,9 +613,24 @@ _TEXT_OF_CONDITIONAL = _text_decoder(
     r"(model\.language_model|language_model\.model)\.norm\.weight|(language_model\.)?lm_head\.weight")
 _PROJECTOR = FileModule("multi_modal_projector", ("model.multi_modal_projector.", "multi_modal_projector."))
 
+# Qwen3-VL (dense and MoE): one layout, the hub's and transformers 5's alike. The projector's layers are the
+# deepstack mergers (``override_num_layers: 3``, no config key: their count is the length of
+# vision_config.deepstack_visual_indexes, a list), so a recipe may merge them but not change their number.
+_QWEN3_VL = (
+    _text_decoder(("model.language_model.layers",), ("model.language_model.", "lm_head."),
+                  r"model\.language_model\.norm\.weight|lm_head\.weight"),
+    FileModule("vision_tower", ("model.visual.",), LayerStack(("model.visual.blocks",), "vision_config.depth")),
+    FileModule("multi_modal_projector", ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+               LayerStack(("model.visual.deepstack_merger_list",), None, 3,
+                          "mergekit's qwen3_vl files fix the deepstack mergers at 3 (override_num_layers); the model "
+                          "counts them by the list vision_config.deepstack_visual_indexes")),
+)
+
 FILE_TABLES: tuple[FileModules, ...] = (
     FileModules("qwen2_vl.json", ("qwen2_vl",), _QWEN_VL),
     FileModules("qwen2_5_vl.json", ("qwen2_5_vl",), _QWEN_VL),
+    FileModules("qwen3_vl_dense.json", ("qwen3_vl",), _QWEN3_VL),
+    FileModules("qwen3_vl.json", ("qwen3_vl_moe",), _QWEN3_VL),
     FileModules("gemma3vl.json", ("gemma3",), (
         _TEXT_OF_CONDITIONAL,
         FileModule("vision_tower", ("model.vision_tower.", "vision_tower."),

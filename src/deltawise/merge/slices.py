@@ -142,7 +142,7 @@ def expand(recipe: Recipe, names_of: Callable[[str], Iterable[str]], roles_of: C
         file_module = files.module(label) if files is not None else None
         if file_module is not None:  # a module of mergekit's architecture file
             stack = file_module.stack
-            key = file_count_key(stack, config_of(template)) if stack else None
+            key = file_count_key(stack, config_of(template)) if stack and stack.count_key else None
             out = ModuleLayout(label, module.parameters, key, stack)
             split_of = _stack_split(stack)
             count_of = _stack_count(stack, names_of, config_of) if stack else (lambda ref, n=file_module.layers: n)
