@@ -233,6 +233,17 @@ static void l1_kernel(const HistJob *job, const uint8_t *const *masks, double *b
     l1_body(job, masks, before, after);
 }
 
+/* The base and the models of a delta_histogram / delta_l1 call, held in ``held``; -1 with an exception set. */
+static int take_base_and_models(Held *held, HistJob *job, PyObject *base, int base_dtype, PyObject *inputs,
+                                PyObject *dtypes) {
+    job->base = hold(held, base, 0, 0, "base");
+    if (job->base == NULL)
+        return -1;
+    job->base_dtype = base_dtype;
+    job->n = held->views[0].len / itemsize(base_dtype);
+    return take_models(held, inputs, dtypes, job->n, &job->count, job->in, job->in_dtype);
+}
+
 PyDoc_STRVAR(delta_histogram_doc,
 "delta_histogram(base, base_dtype, inputs, dtypes, counts, highs, gathers) -> int\n\n"
 "For each model k with counts[k] not None (int64, writable): counts of the upper 16 bits of the float32\n"
@@ -252,12 +263,7 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     memset(&job, 0, sizeof job);
     Held held = {.held = 0};
     Py_ssize_t bad = -1;
-    job.base = hold(&held, base, 0, 0, "base");
-    if (job.base == NULL)
-        goto done;
-    job.base_dtype = base_dtype;
-    job.n = held.views[0].len / itemsize(base_dtype);
-    if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
+    if (take_base_and_models(&held, &job, base, base_dtype, inputs, dtypes) < 0)
         goto done;
     if (PySequence_Size(counts) != job.count || PySequence_Size(highs) != job.count
         || PySequence_Size(gathers) != job.count) {
@@ -320,12 +326,7 @@ static PyObject *py_delta_l1(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     const uint8_t *mask[MAX_INPUTS];
     double before[MAX_INPUTS] = {0}, after[MAX_INPUTS] = {0};
-    job.base = hold(&held, base, 0, 0, "base");
-    if (job.base == NULL)
-        goto done;
-    job.base_dtype = base_dtype;
-    job.n = held.views[0].len / itemsize(base_dtype);
-    if (take_models(&held, inputs, dtypes, job.n, &job.count, job.in, job.in_dtype) < 0)
+    if (take_base_and_models(&held, &job, base, base_dtype, inputs, dtypes) < 0)
         goto done;
     if (PySequence_Size(masks) != job.count) {
         PyErr_SetString(PyExc_ValueError, "masks need one entry per input");
