@@ -153,8 +153,10 @@ def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Pa
     for lam in EDGE_EXTENSION if grid[0] is not None else []:
         if best is not tried[-1]:
             break
-        cell = replace(cells[-1], params={**fixed, "lambda": lam}, folder=work / "merged" / f"{label}_{lam}")
-        tried.append({"params": cell.params, "folder": cell.folder, "val_normalized": runner.run(run_cell, [cell])[0]})
+        # one cell at a time: scored here with the loaded scorer, not in a worker that would rebuild it
+        cell = replace(cells[-1], params={**fixed, "lambda": lam}, folder=work / "merged" / f"{label}_{lam}",
+                       scorer=scorer, threads=None)
+        tried.append({"params": cell.params, "folder": cell.folder, "val_normalized": run_cell(cell)})
         best = max(tried, key=lambda r: r["val_normalized"])
     body = load_body(best["folder"])
     correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
