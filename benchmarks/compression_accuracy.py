@@ -11,11 +11,18 @@ minus the pretrained body; the task's own head is kept as trained, and not count
   density 0.1 the kept entries are about 1.6 sigma, so alpha = 1 roughly halves the update. alpha
   is chosen per task on its validation split from ``ALPHAS``.
 - ``topk``: the same entries with their exact values (what the ternary quantisation costs).
+- ``topk_scaled`` and ``scaled``: controls for ComPEFT's tuned alpha, which also amplifies the
+  update: the top-k entries with their exact values times alpha, and the whole (uncompressed) task
+  vector times alpha, alpha chosen on validation from the same grid. ComPEFT above ``topk_scaled``
+  is what the sign quantisation itself gains; ``scaled`` above 100% is what amplification alone
+  gains on an expert that stopped short of its task's optimum.
 - ``lowrank``: each 2-D matrix replaced by its rank-r truncated SVD (LoRA extraction, which for
   MiniLM's square-ish matrices is also TSV-C's per-task compression; 1-D tensors kept dense).
 - ``tall``: TALL-mask compression, theta_0 + m_t * tau_MTL with m_t = |tau_t| > lambda_t |tau_MTL -
   tau_t| (Wang et al. 2024, arXiv 2405.07813); stored: tau_MTL shared by the T tasks (1/T of it
   per task) plus one bit per entry; lambda_t chosen on task t's validation split.
+A tuned alpha's grid extends upwards by ``ALPHA_EXTENSION``, one value at a time, while its largest
+value wins on validation (a choice at the grid's edge says the range was too narrow).
 Reported per method and setting: bytes per task relative to the dense float32 task vector
 (compression x), and test accuracy as a share of the expert's, with a paired bootstrap 95%
 interval over test items (per task), averaged over tasks, then mean and t-interval over seeds.
@@ -28,7 +35,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,6 +48,7 @@ from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_ta
 console = Console(width=None if sys.stdout.isatty() else 200)
 DENSITIES = [0.05, 0.1, 0.2]
 ALPHAS = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
+ALPHA_EXTENSION = [5.0, 6.0, 8.0, 10.0, 14.0, 20.0]  # tried one at a time, only while the top wins
 RANKS = [4, 16, 64]
 TALL_LAMBDAS = [0.2, 0.3, 0.4, 0.5, 0.6]
 REPLICATES = 2000
@@ -67,12 +75,30 @@ def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], cou
     def sized(parts: dict) -> tuple[dict[str, torch.Tensor], int]:
         return {k: p.materialize() for k, p in parts.items()}, sum(p.nbytes for p in parts.values())
 
+    def once(make):
+        """``make()`` on the first call only: a setting that is cached needs none of its shared work."""
+        memo: list = []
+
+        def get():
+            if not memo:
+                memo.append(make())
+            return memo[0]
+        return get
+
     def compeft(density):
-        at_one = {k: compress_tensor(v, "compeft", density, 1.0, torch.float32) for k, v in tau.items()}
-        return lambda alpha: sized({k: replace(p, scale=compeft_scale(tau[k], alpha)) for k, p in at_one.items()})
+        at_one = once(lambda: {k: compress_tensor(v, "compeft", density, 1.0, torch.float32) for k, v in tau.items()})
+        return lambda alpha: sized({k: replace(p, scale=compeft_scale(tau[k], alpha)) for k, p in at_one().items()})
 
     def topk(density):
-        return lambda _: sized({k: compress_tensor(v, "topk", density, 1.0, torch.float32) for k, v in tau.items()})
+        kept = once(lambda: sized({k: compress_tensor(v, "topk", density, 1.0, torch.float32) for k, v in tau.items()}))
+
+        def at(alpha):
+            values, size = kept()
+            return ({k: alpha * v for k, v in values.items()} if alpha is not None else values), size
+        return at
+
+    def scaled(alpha):
+        return {k: alpha * v for k, v in tau.items()}, sum(v.numel() * 4 for v in tau.values())
 
     svds: dict[str, tuple] = {}
 
@@ -98,17 +124,57 @@ def compressions(tau: dict[str, torch.Tensor], mtl: dict[str, torch.Tensor], cou
     densities = DENSITIES[1:2] if quick else DENSITIES
     for d in densities:
         yield "compeft", f"density {d}", ALPHAS, compeft(d)
-        yield "topk", f"density {d}", [None], topk(d)
+        exact = topk(d)
+        yield "topk", f"density {d}", [None], exact
+        yield "topk_scaled", f"density {d}", ALPHAS, exact
     for r in (RANKS[1:2] if quick else RANKS):
         yield "lowrank", f"rank {r}", [None], lowrank(r)
     yield "tall", "λ_t tuned", TALL_LAMBDAS, tall
+    yield "scaled", "dense", ALPHAS, scaled
+
+
+def tune(values: list, extension: list, validation: Callable[[object], float], known: dict) -> tuple[object, dict]:
+    """The value of ``values`` best on validation (the smaller on ties), trying ``extension`` one value at a
+    time while the largest value tried wins. ``known`` holds scores from an earlier run: values it lacks are
+    scored, except that a grid an earlier run searched without keeping its scores is given as ``{choice:
+    score}`` with every other grid value marked ``None`` (scored below the choice)."""
+    scores = dict(known)
+    for v in values:
+        if v not in scores:
+            scores[v] = validation(v)
+
+    def best():
+        return max((v for v in scores if scores[v] is not None), key=lambda v: (scores[v], -v))
+
+    for v in extension:
+        if best() != max(scores):
+            break
+        scores[v] = validation(v)
+    return best(), scores
+
+
+SEARCH_VERSION = 2  # 1: ALPHAS only, no extension, no topk_scaled/scaled rows
+
+
+def searched(cached: Optional[dict], values: list) -> Optional[dict]:
+    """What an earlier run's entry already knows of a tuned search over ``values``: ``None`` when the
+    entry is final (untuned, or searched with the extension), else the scores to resume from (empty when
+    there is no entry). An entry from before the extension existed kept only its choice: its grid is
+    known to score below the choice, which only needs re-scoring when it is the grid's top."""
+    if cached is None:
+        return {}
+    if len(values) == 1 or "searched" in cached:
+        return None
+    if cached["choice"] != max(values):
+        return None
+    return {v: None for v in values if v != cached["choice"]}
 
 
 def run_seed(seed: int, args, minilm: Path) -> dict:
     work = args.experts / f"seed-{seed}"
     cache = args.work / f"seed-{seed}.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    if done.get("complete"):
+    if done.get("complete") == SEARCH_VERSION:
         return done
     specs = TASKS[:3] if args.quick else TASKS
     tasks = prepare_tasks(work / "data", seed, specs, say=lambda m: console.print(f"  {m}"))
@@ -122,28 +188,38 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
     rows: dict[str, dict] = done.get("rows", {})
     args.work.mkdir(parents=True, exist_ok=True)
     for t in names:
-        if all(t in row["tasks"] for row in rows.values()) and rows:
-            continue  # this task's rows were cached by an earlier, interrupted run
-        expert_items = scorer.correct(load_body(ex.bodies[t]), t, "test")
+        expert_items = None
         for method, setting, values, build in compressions(taus[t], mtl, len(names), args.quick):
+            row = rows.setdefault(f"{method} | {setting}", {"method": method, "setting": setting, "tasks": {}})
+            cached = row["tasks"].get(t)
+            known = searched(cached, values)
+            if cached is not None and known is None:
+                continue  # scored by an earlier run with this search
             t0 = time.time()
 
             def body(value):
                 compressed, size = build(value)
                 return {k: base[k] + compressed[k] for k in base}, size
 
-            choice = values[0]
+            choice, scores = values[0], {}
             if len(values) > 1:
-                choice = max(values, key=lambda v: scorer.accuracy(body(v)[0], t, "validation"))
+                extension = ALPHA_EXTENSION if values is ALPHAS else []
+                choice, scores = tune(values, extension,
+                                      lambda v: scorer.accuracy(body(v)[0], t, "validation"), known or {})
+            if cached is not None and cached["choice"] == choice:
+                cached["searched"] = {str(v): a for v, a in scores.items()}
+                continue  # the extension confirmed the earlier choice: its test scores stand
             weights, size = body(choice)
+            if expert_items is None:
+                expert_items = scorer.correct(load_body(ex.bodies[t]), t, "test")
             items = scorer.correct(weights, t, "test")
             ratio, low, high = ratio_interval(items, expert_items, seed)
-            row = rows.setdefault(f"{method} | {setting}", {"method": method, "setting": setting, "tasks": {}})
             row["tasks"][t] = {"choice": choice, "bytes": size, "compression": dense_bytes / size, "ratio": ratio,
-                               "low": low, "high": high, "seconds": time.time() - t0}
+                               "low": low, "high": high, "seconds": time.time() - t0,
+                               "searched": {str(v): a for v, a in scores.items()}}
+            cache.write_text(json.dumps({"seed": seed, "dense_bytes": dense_bytes, "rows": rows}, indent=1))
         console.print(f"  {t}: done")
-        cache.write_text(json.dumps({"seed": seed, "dense_bytes": dense_bytes, "rows": rows}, indent=1))
-    result = {"seed": seed, "dense_bytes": dense_bytes, "rows": rows, "complete": True}
+    result = {"seed": seed, "dense_bytes": dense_bytes, "rows": rows, "complete": SEARCH_VERSION}
     cache.write_text(json.dumps(result, indent=1))
     return result
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compression_accuracy import compressions  # noqa: E402
+from compression_accuracy import compressions, searched, tune  # noqa: E402
 
 
 @pytest.fixture()
@@ -89,3 +89,52 @@ def test_compeft_alphas_share_one_mask_and_scale_linearly(builds):
     assert size_one == size_three
     for k in tau:
         assert torch.allclose(three[k], 3 * one[k], rtol=1e-6)
+
+
+def test_scaled_controls_multiply_the_exact_values(builds):
+    tau, _, table = builds
+    values, build = table[("topk_scaled", "density 0.2")]
+    assert len(values) > 1  # alpha is tuned, as ComPEFT's
+    exact, size = table[("topk", "density 0.2")][1](None)
+    out, scaled_size = build(3.0)
+    assert scaled_size == size  # the scale is one number per tensor
+    for k in tau:
+        assert torch.equal(out[k], 3.0 * exact[k])
+    dense, dense_size = table[("scaled", "dense")][1](0.5)
+    assert dense_size == sum(v.numel() * 4 for v in tau.values())
+    for k, v in tau.items():
+        assert torch.equal(dense[k], 0.5 * v)
+
+
+def test_tune_extends_the_grid_only_while_its_top_wins():
+    tried = []
+
+    def peak_at(p):
+        def score(v):
+            tried.append(v)
+            return -abs(v - p)
+        return score
+
+    assert tune([1, 2, 3], [4, 6, 9], peak_at(2), {})[0] == 2
+    assert tried == [1, 2, 3]  # the top did not win: no extension
+    tried.clear()
+    choice, scores = tune([1, 2, 3], [4, 6, 9], peak_at(5), {})
+    assert (choice, tried) == (4, [1, 2, 3, 4, 6])  # 6 lost to 4: stop there
+    tried.clear()
+    assert tune([1, 2, 3], [4, 6], peak_at(100), {})[0] == 6  # the extension ran out
+    tried.clear()
+    flat = tune([1, 2, 3], [4], lambda v: tried.append(v) or 0.5, {})
+    assert flat[0] == 1  # ties go to the smaller value, and the top did not win alone
+
+
+def test_cached_search_resumes_only_where_an_old_choice_sat_on_the_grid_top():
+    grid = [0.5, 1.0, 4.0]
+    assert searched(None, grid) == {}  # nothing cached: search all
+    assert searched({"choice": 1.0}, grid) is None  # inside the old grid: final
+    assert searched({"choice": None}, [None]) is None  # untuned rows are final
+    assert searched({"choice": 1.0, "searched": {}}, grid) is None  # already searched with the extension
+    known = searched({"choice": 4.0}, grid)
+    assert known == {0.5: None, 1.0: None}  # below the old choice, never rescored
+    tried = []
+    choice, scores = tune(grid, [5.0, 6.0], lambda v: tried.append(v) or {4.0: 0.7, 5.0: 0.8, 6.0: 0.75}[v], known)
+    assert (choice, tried) == (5.0, [4.0, 5.0, 6.0])
