@@ -45,7 +45,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_tasks import TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list,  # noqa: E402
+                         seed_summary)
 
 from deltawise.options import ExecutorOptions, flag_of, option_fields  # noqa: E402
 
@@ -442,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/task_merging"), help="cache and output folder")
     ap.add_argument("--methods", default="all", help="comma-separated labels of SETTINGS (default: all registered)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (splits redrawn, experts retrained)")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds (splits redrawn, experts retrained)")
     ap.add_argument("--orders", type=int, default=5, help="task orders per seed for sequential merging")
     ap.add_argument("--no-sequential", action="store_true", help="skip sequential merging")
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs")
@@ -466,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.quick:
         methods, args.orders = methods[:3], min(args.orders, 2)
     methods = [m for m in methods if SETTINGS[m][0] in REGISTRY]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     minilm = fetch_minilm(say=lambda m: console.print(f"  {m}"))
     per_seed = {}
     for seed in seeds:
