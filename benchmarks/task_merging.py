@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 from rich.console import Console
@@ -201,21 +201,26 @@ def adapter_merge(rank: int, lam: float, base: Path, bodies: list[Path], out: Pa
     return merge(recipe, out)
 
 
-def adapter_bytes(folder: Path) -> dict[str, int]:
-    """Bytes of the adapter's weights file, and the share of its tensors: LoRA factors and their biases, and the
-    tensors saved whole (``modules_to_save``: embeddings, LayerNorms, a tied head's copy of the embedding)."""
+def adapter_bytes(folder: Path, body: Collection[str]) -> dict[str, int]:
+    """Bytes of the adapter's weights file, and the share of its tensors: LoRA factors and their biases, the
+    tensors saved whole (``modules_to_save``: embeddings, LayerNorms), and of those the ones that are not tensors of
+    the ``body`` (the tied LM head's copy of the word embedding that the adapter output writes for a BERT config)."""
     from safetensors import safe_open
 
+    from deltawise.delta.peft_io import PREFIX
+
     path = folder / "adapter_model.safetensors"
-    lora = whole = 0
+    lora = whole = foreign = 0
     with safe_open(str(path), "pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
+            size = t.numel() * t.element_size()
             if ".lora_A." in key or ".lora_B." in key:
-                lora += t.numel() * t.element_size()
+                lora += size
             else:
-                whole += t.numel() * t.element_size()
-    return {"file": path.stat().st_size, "lora": lora, "saved_whole": whole}
+                whole += size
+                foreign += size if key.removeprefix(PREFIX) not in body else 0
+    return {"file": path.stat().st_size, "lora": lora, "saved_whole": whole, "saved_whole_not_in_body": foreign}
 
 
 def paired_difference(items: dict[str, list[int]], reference: dict[str, list[int]],
@@ -254,10 +259,11 @@ def run_adapter_row(label: str, settings: dict, base: Path, bodies: list[Path], 
         apply_delta(str(folder / "adapter"), str(base), folder / "model")
         body = load_body(folder / "model")
         correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
-        stored = adapter_bytes(folder / "adapter")
+        base_body = load_body(base)
+        stored = adapter_bytes(folder / "adapter", base_body)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    dense = sum(v.numel() * 4 for v in load_body(base).values())  # the dense float32 task vector of the body
+    dense = sum(v.numel() * 4 for v in base_body.values())  # the dense float32 task vector of the body
     return {"method": label, "settings": settings,
             "params": {"lambda": settings["lambda"], "adapter_rank": settings["adapter_rank"]},
             "test": {t: mean(c) for t, c in correct.items()}, "test_items": correct,
@@ -509,14 +515,15 @@ def adapter_lines(adapter_rows: dict) -> list[list[str]]:
         for seed, r in seeds.items():
             b, d = r["bytes"], r["vs_task_arithmetic_items"]
             lines.append([row_name(label), seed, f"{r['params']['lambda']:g}",
-                          f"{b['file'] / 1e6:.1f} ({b['lora'] / 1e6:.1f} + {b['saved_whole'] / 1e6:.1f})",
+                          f"{b['file'] / 1e6:.1f} ({b['lora'] / 1e6:.1f} + {b['saved_whole'] / 1e6:.1f}, "
+                          f"{b['saved_whole_not_in_body'] / 1e6:.1f} not in the body)",
                           f"{b['dense_task_vector'] / b['file']:.2f}",
                           f"{r['svd']['total_relative_error']:.3f} ({r['svd']['max_relative_error']:.3f})",
                           "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"])
     return lines
 
 
-ADAPTER_COLUMNS = ["row", "seed", "λ", "stored MB (LoRA + saved whole)", "dense fp32 body / stored",
+ADAPTER_COLUMNS = ["row", "seed", "λ", "stored MB (LoRA + saved whole, of it not in the body)", "dense fp32 body / stored",
                    "SVD error, total (largest matrix)", "− dense task arithmetic, points [paired 95% CI over test items]"]
 
 
