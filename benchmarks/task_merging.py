@@ -259,11 +259,11 @@ def run_adapter_row(label: str, settings: dict, base: Path, bodies: list[Path], 
         apply_delta(str(folder / "adapter"), str(base), folder / "model")
         body = load_body(folder / "model")
         correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
-        base_body = load_body(base)
-        stored = adapter_bytes(folder / "adapter", base_body)
+        pretrained = load_body(base)
+        stored = adapter_bytes(folder / "adapter", pretrained)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    dense = sum(v.numel() * 4 for v in base_body.values())  # the dense float32 task vector of the body
+    dense = sum(v.numel() * 4 for v in pretrained.values())  # the dense float32 task vector of the body
     return {"method": label, "settings": settings,
             "params": {"lambda": settings["lambda"], "adapter_rank": settings["adapter_rank"]},
             "test": {t: mean(c) for t, c in correct.items()}, "test_items": correct,
