@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list, seed_summary  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 DENSITIES = [0.05, 0.1, 0.2]
@@ -229,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("bench-work/compression_accuracy"), help="cache and output folder")
     ap.add_argument("--experts", type=Path, default=Path("bench-work/task_merging"),
                     help="the task-merging benchmark's work folder (experts are trained there when missing)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds (the experts' seeds)")
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs (as task_merging.py)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, one setting per method")
@@ -240,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     started = time.time()
     minilm = fetch_minilm(say=lambda m: console.print(f"  {m}"))
     runs = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         console.print(f"[bold]seed {seed}[/]")
         runs.append(run_seed(seed, args, minilm))
     table = Table(title="Compression judged by accuracy (all-MiniLM-L6-v2 experts): test accuracy kept, "

@@ -62,7 +62,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_metrics import METRICS, accuracy_rows, bootstrap, interval, metrics  # noqa: E402
-from minilm_tasks import HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list,  # noqa: E402
+                         seed_summary)
 from task_merging import continual_steps, merge_bodies, write_json  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -385,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("bench-work/continual_finetuning"), help="cache and output folder")
     ap.add_argument("--experts", type=Path, default=Path("bench-work/task_merging"),
                     help="the task-merging benchmark's work folder (data and experts; trained there when missing)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (splits, experts and task order redrawn)")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2",
+                    help="comma-separated seeds (splits, experts and task order redrawn)")
     ap.add_argument("--methods", default="all", help=f"comma-separated, from: {', '.join([*RUNS, *MERGES])}")
     ap.add_argument("--epochs", type=float, default=3.0, help="epochs per task (sequential runs and experts)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
@@ -404,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         labels.insert(0, BASELINE)
     if args.quick:
         args.work, args.experts, args.epochs = args.work / "quick", args.experts / "quick", 0.3
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     minilm = fetch_minilm(say=lambda m: console.print(f"  {m}"))
     per_seed, results = {}, {}
     for seed in seeds:

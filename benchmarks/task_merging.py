@@ -17,6 +17,12 @@ method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended 
    with the paper's whole-model threshold; TIES with the disjoint sum (``ties_sum``), the aggregation
    Consensus-TIES uses, so that Consensus is compared with the same rule; Consensus with each task's
    TALL-mask lambda tuned on that task's validation split, as its paper does.
+   Adapter output (``ADAPTER_RANKS``): task arithmetic at the lambda it chose on validation, written as a PEFT
+   LoRA adapter by ``deltawise merge``'s adapter output (the experts are full fine-tunes, so every matrix of the
+   merged delta is cut to the rank by SVD; changed embeddings and LayerNorms are saved whole), applied to the
+   pretrained body as ``deltawise apply`` does and scored on test; reported with the adapter's stored bytes, the
+   SVD error the merge reports and a paired bootstrap interval over test items of its difference from the dense
+   task-arithmetic merge. Cached with its settings (rank, task arithmetic's lambda): reused only when they match.
 4. Sequential merging over ``--orders`` seeded task orders: continual task arithmetic, running
    average, continual TIES (FusionBench's form) and OPCM over an alpha sweep; the first order is
    scored after every arrival, every order at the end.
@@ -38,16 +44,17 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_tasks import TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list,  # noqa: E402
+                         seed_summary)
 
-from deltawise.options import ExecutorOptions, flag_of, option_fields  # noqa: E402
+from deltawise.options import ExecutorOptions, IntervalOptions, flag_of, option_fields  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -75,6 +82,11 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "fisher": ("fisher", {}),  # per-model "fisher:" files added in run_seed()
     "regmean": ("regmean", {"alpha": 0.9}),  # per-model "gram:" files added in run_seed()
 }
+# task arithmetic written as a PEFT LoRA adapter, by rank. 16: one expert's task vector kept 99.2% of its accuracy
+# at rank 16 (compression_accuracy.py, seed 0); 64: the rank of eight rank-8 LoRA experts concatenated, since a sum
+# of eight task vectors spreads over more directions than one. MiniLM's matrices are 384 x 384 and 384 x 1536.
+ADAPTER_RANKS = {"task_arithmetic_adapter_r16": 16, "task_arithmetic_adapter_r64": 64}
+ADAPTER_ROW_VERSION = 1  # part of an adapter row's cached settings: change it when the row's pipeline changes
 MASK_LAMBDAS = [0.2, 0.3, 0.4, 0.5, 0.6]  # the TALL-mask paper's range
 STATISTICS_EXAMPLES = 128  # training examples per expert for Fisher / Gram statistics
 SEQUENTIAL = {"task arithmetic (λ=0.3)": ("continual_task_arithmetic", {"lambda": 0.3}),
@@ -164,6 +176,119 @@ def run_method(label: str, method: str, fixed: dict, base: Path, bodies: list[Pa
         shutil.rmtree(r["folder"], ignore_errors=True)
     return {"method": label, "params": best["params"], "test": {t: mean(c) for t, c in correct.items()}, "test_items": correct,
             "grid": [{"params": r["params"], "val_normalized": r["val_normalized"]} for r in tried]}
+
+
+# ------------------------------------------------------------------------------ adapter output
+
+def row_name(label: str) -> str:
+    """The label a table shows: an adapter row reads "task_arithmetic as adapter (rank r)"."""
+    return f"task_arithmetic as adapter (rank {ADAPTER_RANKS[label]})" if label in ADAPTER_RANKS else label
+
+
+def adapter_row_settings(rank: int, lam: float) -> dict:
+    """What an adapter row's result depends on besides the seed's experts: a cached row is reused only when equal."""
+    return {"version": ADAPTER_ROW_VERSION, "method": "task_arithmetic", "lambda": lam, "adapter_rank": rank}
+
+
+def adapter_merge(rank: int, lam: float, base: Path, bodies: list[Path], out: Path):
+    """Task arithmetic of the expert bodies at ``lam`` written as a PEFT LoRA adapter of ``base`` at ``rank``:
+    deltawise's adapter output (``merge`` with an ``adapter:`` key, deltawise/merge/adapter_out.py), which cuts each
+    merged matrix delta to the rank by SVD and reports the error. Returns its ``AdapterMergeResult``."""
+    from deltawise.merge import merge
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(b)} for b in bodies],
+              "parameters": {"lambda": lam}, "seed": 0, "adapter": {"rank": rank}}
+    return merge(recipe, out)
+
+
+def adapter_bytes(folder: Path, body: Collection[str]) -> dict[str, int]:
+    """Bytes of the adapter's weights file, and the share of its tensors: LoRA factors and their biases, the
+    tensors saved whole (``modules_to_save``: embeddings, LayerNorms), and of those the ones that are not tensors of
+    the ``body`` (the tied LM head's copy of the word embedding that the adapter output writes for a BERT config)."""
+    from safetensors import safe_open
+
+    from deltawise.delta.peft_io import PREFIX
+
+    path = folder / "adapter_model.safetensors"
+    lora = whole = foreign = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            size = t.numel() * t.element_size()
+            if ".lora_A." in key or ".lora_B." in key:
+                lora += size
+            else:
+                whole += size
+                foreign += size if key.removeprefix(PREFIX) not in body else 0
+    return {"file": path.stat().st_size, "lora": lora, "saved_whole": whole, "saved_whole_not_in_body": foreign}
+
+
+def paired_difference(items: dict[str, list[int]], reference: dict[str, list[int]],
+                      settings: Optional[IntervalOptions] = None) -> dict:
+    """The average test accuracy over tasks of ``items`` minus that of ``reference`` (same items), with a paired
+    percentile bootstrap interval over test items: each task's items are drawn with replacement, the same draw for
+    both (deltawise/eval/intervals.py), and the tasks' differences averaged per replicate."""
+    import numpy as np
+
+    from deltawise.eval.intervals import PairedSample, combine, draws, percentile
+
+    settings = settings or IntervalOptions()
+    tasks = list(reference)
+    if set(items) != set(tasks) or any(len(items[t]) != len(reference[t]) for t in tasks):
+        raise ValueError("the two rows were not scored on the same test items")
+    reps = [PairedSample("accuracy", np.asarray(reference[t], float), np.asarray(items[t], float))
+            .replicates(draws(len(reference[t]), settings, i))["difference"] for i, t in enumerate(tasks)]
+    low, high = percentile(combine(reps, lambda r: r.mean(axis=0)), settings.level)
+    return {"difference": mean(mean(items[t]) - mean(reference[t]) for t in tasks), "low": low, "high": high,
+            **settings.describe()}
+
+
+def run_adapter_row(label: str, settings: dict, base: Path, bodies: list[Path], work: Path, scorer: Scorer,
+                    reference_items: Optional[dict[str, list[int]]]) -> dict:
+    """One adapter row: the adapter (``adapter_merge``), applied to the pretrained body by deltawise apply's function
+    (what ``deltawise apply ADAPTER --base BASE -o OUT`` runs; PEFT's load and merge give the same weights),
+    scored on test; with the stored bytes, the merge's reported SVD errors and, given the dense task-arithmetic
+    row's per-item test scores, the paired difference from it."""
+    from deltawise.delta.apply import apply_delta
+
+    folder = work / "merged" / label
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of an interrupted run
+    folder.mkdir(parents=True)
+    try:
+        result = adapter_merge(settings["adapter_rank"], settings["lambda"], base, bodies, folder / "adapter")
+        apply_delta(str(folder / "adapter"), str(base), folder / "model")
+        body = load_body(folder / "model")
+        correct = {t: scorer.correct(body, t, "test") for t in scorer.tasks}
+        pretrained = load_body(base)
+        stored = adapter_bytes(folder / "adapter", pretrained)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    dense = sum(v.numel() * 4 for v in pretrained.values())  # the dense float32 task vector of the body
+    return {"method": label, "settings": settings,
+            "params": {"lambda": settings["lambda"], "adapter_rank": settings["adapter_rank"]},
+            "test": {t: mean(c) for t, c in correct.items()}, "test_items": correct,
+            "bytes": {**stored, "dense_task_vector": dense}, "svd": result.summary(),
+            "vs_task_arithmetic_items": None if reference_items is None else paired_difference(correct, reference_items)}
+
+
+def update_adapter_row(label: str, merges: dict, base: Path, bodies: list[Path], work: Path, scorer: Scorer) -> bool:
+    """Compute adapter row ``label`` into ``merges`` unless it is cached there with the same settings (task
+    arithmetic's chosen lambda included); True when it was (re)computed."""
+    ta = merges.get("task_arithmetic")
+    if ta is None:
+        raise SystemExit(f"{label} needs task_arithmetic's row of this seed first (its lambda and test items)")
+    settings = adapter_row_settings(ADAPTER_RANKS[label], ta["params"]["lambda"])
+    if merges.get(label, {}).get("settings") == settings:
+        return False
+    t0 = time.time()
+    r = run_adapter_row(label, settings, base, bodies, work, scorer, ta.get("test_items"))
+    r["seconds"] = time.time() - t0
+    merges[label] = r
+    d = r["vs_task_arithmetic_items"]
+    vs = "" if d is None else f"  vs task arithmetic {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    console.print(f"  {row_name(label)}: {r['bytes']['file'] / 1e6:.1f} MB, SVD error {r['svd']['total_relative_error']:.3f}, "
+                  f"avg test {100 * mean(r['test'].values()):.1f}{vs}  ({r['seconds']:.0f} s)")
+    return True
 
 
 def tuned_mask_lambdas(ex: Experts, names: list[str], scorer: Scorer, scale: float) -> list[float]:
@@ -271,6 +396,10 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
     console.print("  expert test accuracy: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in done["experts"].items()))
     merges = done.setdefault("merges", {})
     for label in methods:
+        if label in ADAPTER_RANKS:
+            if update_adapter_row(label, merges, ex.base, [ex.bodies[t] for t in names], work, scorer):
+                write_json(cache, done)
+            continue
         if label in merges:
             continue
         t0 = time.time()
@@ -342,7 +471,11 @@ def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
     for run in per_seed.values():
         for label, finals in run.get("sequential", {}).get("final", {}).items():
             sequential.setdefault(label, []).extend(finals)
-    return {"methods": rows, "sequential_final": {k: seed_summary(v) for k, v in sequential.items()}}
+    adapters = {label: {str(seed): {k: run["merges"][label][k] for k in ("params", "bytes", "svd", "vs_task_arithmetic_items")}
+                        for seed, run in per_seed.items() if label in run["merges"]}
+                for label in methods if label in ADAPTER_RANKS}
+    return {"methods": rows, "sequential_final": {k: seed_summary(v) for k, v in sequential.items()},
+            "adapter_rows": {k: v for k, v in adapters.items() if v}}
 
 
 def fmt(s: dict, scale: float = 100, signed: bool = False) -> str:
@@ -361,15 +494,46 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
         d = row["vs_task_arithmetic"]
         verdict = "" if label in ("task_arithmetic", "heads_only") or d["n"] < 2 else (
             "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "inconclusive")
-        table.add_row("pretrained body + task heads" if label == "heads_only" else label, fmt(row["normalized"]),
+        table.add_row("pretrained body + task heads" if label == "heads_only" else row_name(label), fmt(row["normalized"]),
                       fmt(row["absolute"]), "" if label == "task_arithmetic" else fmt(d, signed=True), verdict)
     console.print(table)
+    if summary.get("adapter_rows"):
+        console.print(adapter_table(summary["adapter_rows"]))
     seq = Table(title="Sequential merging: final average test accuracy over all tasks (%), over seeds × orders")
     seq.add_column("method")
     seq.add_column("mean ± sd [95% t-interval]")
     for label, s in summary["sequential_final"].items():
         seq.add_row(label, fmt(s))
     console.print(seq)
+
+
+def adapter_lines(adapter_rows: dict) -> list[list[str]]:
+    """One line per adapter row and seed: stored bytes, the merge's SVD errors, and the paired difference from
+    dense task arithmetic on that seed's test items."""
+    lines = []
+    for label, seeds in adapter_rows.items():
+        for seed, r in seeds.items():
+            b, d = r["bytes"], r["vs_task_arithmetic_items"]
+            lines.append([row_name(label), seed, f"{r['params']['lambda']:g}",
+                          f"{b['file'] / 1e6:.1f} ({b['lora'] / 1e6:.1f} + {b['saved_whole'] / 1e6:.1f}, "
+                          f"{b['saved_whole_not_in_body'] / 1e6:.1f} not in the body)",
+                          f"{b['dense_task_vector'] / b['file']:.2f}",
+                          f"{r['svd']['total_relative_error']:.3f} ({r['svd']['max_relative_error']:.3f})",
+                          "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"])
+    return lines
+
+
+ADAPTER_COLUMNS = ["row", "seed", "λ", "stored MB (LoRA + saved whole, of it not in the body)", "dense fp32 body / stored",
+                   "SVD error, total (largest matrix)", "− dense task arithmetic, points [paired 95% CI over test items]"]
+
+
+def adapter_table(adapter_rows: dict) -> Table:
+    table = Table(title="Task arithmetic written as a PEFT LoRA adapter (merge --output-format adapter), per seed")
+    for col in ADAPTER_COLUMNS:
+        table.add_column(col, no_wrap=True)
+    for line in adapter_lines(adapter_rows):
+        table.add_row(*line)
+    return table
 
 
 def write_report(path: Path, payload: dict) -> None:
@@ -384,11 +548,11 @@ def write_report(path: Path, payload: dict) -> None:
     from deltawise.report.tables import table
 
     summary = payload["summary"]
-    rows = [[label, fmt(r["normalized"]), fmt(r["absolute"]), fmt(r["vs_task_arithmetic"], signed=True)]
+    rows = [[row_name(label), fmt(r["normalized"]), fmt(r["absolute"]), fmt(r["vs_task_arithmetic"], signed=True)]
             for label, r in summary["methods"].items()]
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1))
-    labels = list(summary["methods"])
-    means = [100 * summary["methods"][k]["normalized"]["mean"] for k in labels]
+    labels = [row_name(k) for k in summary["methods"]]
+    means = [100 * r["normalized"]["mean"] for r in summary["methods"].values()]
     errs = [[100 * (r["normalized"]["mean"] - r["normalized"]["low"]) if r["normalized"]["n"] > 1 else 0 for r in
              summary["methods"].values()],
             [100 * (r["normalized"]["high"] - r["normalized"]["mean"]) if r["normalized"]["n"] > 1 else 0 for r in
@@ -407,6 +571,8 @@ def write_report(path: Path, payload: dict) -> None:
              f"<p>{payload['date']} · {payload['host']} · seeds {', '.join(payload['seeds'])} · λ chosen on validation "
              f"from {payload['grid']}</p>",
              table("table-summary", ["method", "normalized %", "absolute %", "− task arithmetic"], rows),
+             *([table("table-adapter", ADAPTER_COLUMNS, adapter_lines(summary["adapter_rows"]))]
+               if summary.get("adapter_rows") else []),
              figure("fig-methods", to_svg(fig), "Mean over seeds; bars: 95% t-interval over seeds."),
              figure("fig-sequential", to_svg(fig2), "First seed, first task order: accuracy on the tasks seen so far.")]
     write_text_atomic(path, page("deltawise task merging benchmark", parts))
@@ -441,8 +607,9 @@ def join_ray() -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/task_merging"), help="cache and output folder")
-    ap.add_argument("--methods", default="all", help="comma-separated labels of SETTINGS (default: all registered)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (splits redrawn, experts retrained)")
+    ap.add_argument("--methods", default="all", help="comma-separated labels of SETTINGS and ADAPTER_RANKS "
+                                                     "(default: all registered)")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated seeds (splits redrawn, experts retrained)")
     ap.add_argument("--orders", type=int, default=5, help="task orders per seed for sequential merging")
     ap.add_argument("--no-sequential", action="store_true", help="skip sequential merging")
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs")
@@ -459,14 +626,19 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
-    methods = list(SETTINGS) if args.methods == "all" else args.methods.split(",")
-    unknown = [m for m in methods if m not in SETTINGS]
+    labels = [*SETTINGS, *ADAPTER_RANKS]
+    methods = labels if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in labels]
     if unknown:
-        raise SystemExit(f"unknown methods: {', '.join(unknown)} (have {', '.join(SETTINGS)})")
+        raise SystemExit(f"unknown methods: {', '.join(unknown)} (have {', '.join(labels)})")
     if args.quick:
         methods, args.orders = methods[:3], min(args.orders, 2)
-    methods = [m for m in methods if SETTINGS[m][0] in REGISTRY]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in methods if m in ADAPTER_RANKS or SETTINGS[m][0] in REGISTRY]
+    if any(m in ADAPTER_RANKS for m in methods):  # they take task arithmetic's lambda and are compared with it: last
+        methods = [m for m in methods if m not in ADAPTER_RANKS] + [m for m in methods if m in ADAPTER_RANKS]
+        if "task_arithmetic" not in methods:
+            methods.insert(0, "task_arithmetic")
+    seeds = args.seeds
     minilm = fetch_minilm(say=lambda m: console.print(f"  {m}"))
     per_seed = {}
     for seed in seeds:
