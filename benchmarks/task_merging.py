@@ -453,16 +453,21 @@ def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
 
     rows = {}
     for label in ["heads_only", *methods]:
-        values, diffs = [], []
-        for run in per_seed.values():
+        values, diffs, items = [], [], {}
+        for seed, run in per_seed.items():
             acc = run["heads_only"] if label == "heads_only" else run["merges"].get(label, {}).get("test")
             if acc is None:
                 continue
             values.append(normalized(run, acc))
             if "task_arithmetic" in run["merges"]:
                 diffs.append(values[-1] - normalized(run, run["merges"]["task_arithmetic"]["test"]))
+                mine = run["merges"].get(label, {}).get("test_items")
+                reference = run["merges"]["task_arithmetic"].get("test_items")
+                if mine and reference and label != "task_arithmetic":
+                    items[str(seed)] = paired_difference(mine, reference)
         if values:
             rows[label] = {"per_seed": values, "normalized": seed_summary(values), "vs_task_arithmetic": seed_summary(diffs),
+                           "vs_task_arithmetic_items": items,
                            "absolute": seed_summary([mean((run["heads_only"] if label == "heads_only"
                                                            else run["merges"][label]["test"]).values())
                                                      for run in per_seed.values()
@@ -488,14 +493,18 @@ def fmt(s: dict, scale: float = 100, signed: bool = False) -> str:
 def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
     seeds = ", ".join(map(str, per_seed))
     table = Table(title=f"Task merging, all-MiniLM-L6-v2, seeds {seeds}: test accuracy (%), mean ± sd [95% t-interval]")
-    for col in ("method", "normalized (% of expert)", "absolute", "normalized − task arithmetic", "verdict"):
+    for col in ("method", "normalized (% of expert)", "absolute", "normalized − task arithmetic", "verdict",
+                "absolute − task arithmetic per seed [paired 95% CI over test items]"):
         table.add_column(col, no_wrap=True)
     for label, row in summary["methods"].items():
         d = row["vs_task_arithmetic"]
         verdict = "" if label in ("task_arithmetic", "heads_only") or d["n"] < 2 else (
             "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "inconclusive")
+        per_seed_items = "; ".join(f"{seed}: {100 * x['difference']:+.1f} [{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+                                   for seed, x in row.get("vs_task_arithmetic_items", {}).items())
         table.add_row("pretrained body + task heads" if label == "heads_only" else row_name(label), fmt(row["normalized"]),
-                      fmt(row["absolute"]), "" if label == "task_arithmetic" else fmt(d, signed=True), verdict)
+                      fmt(row["absolute"]), "" if label == "task_arithmetic" else fmt(d, signed=True), verdict,
+                      per_seed_items)
     console.print(table)
     if summary.get("adapter_rows"):
         console.print(adapter_table(summary["adapter_rows"]))

@@ -197,3 +197,19 @@ def test_paired_difference_on_hand_made_items():
     assert better["level"] == 0.95 and better["replicates"] == 2000
     with pytest.raises(ValueError, match="same test items"):
         paired_difference({"a": [1, 1, 0]}, {"a": [1, 0, 0, 0]})
+
+
+def test_every_method_gets_its_per_seed_paired_item_interval_against_task_arithmetic():
+    ta_items = {"a": [1, 0, 0, 0, 1], "b": [1, 1, 0, 0]}
+    ties_items = {"a": [1, 1, 1, 0, 1], "b": [1, 1, 0, 0]}
+    run = {"experts": {"a": 1.0, "b": 1.0}, "heads_only": {"a": 0.2, "b": 0.25},
+           "merges": {"task_arithmetic": {"test": {t: sum(c) / len(c) for t, c in ta_items.items()}, "test_items": ta_items},
+                      "ties": {"test": {t: sum(c) / len(c) for t, c in ties_items.items()}, "test_items": ties_items},
+                      "linear": {"test": {"a": 0.2, "b": 0.5}}}}  # an old cache without per-item scores
+    summary = summarize({3: run}, ["task_arithmetic", "ties", "linear"])["methods"]
+    ties = summary["ties"]["vs_task_arithmetic_items"]["3"]
+    assert ties == paired_difference(ties_items, ta_items)
+    assert ties["difference"] == pytest.approx(0.2)  # (0.4 + 0) / 2
+    assert summary["linear"]["vs_task_arithmetic_items"] == {}
+    assert summary["task_arithmetic"]["vs_task_arithmetic_items"] == {}
+    task_merging.print_tables({**{"methods": summary}, "sequential_final": {}}, {3: run})
