@@ -308,3 +308,22 @@ def test_training_side_selections_match_the_former_rules():
         old_lift = [n for n in linears if not n.endswith("lm_head") and n.split(".")[0] not in ("score", "classifier")]
         assert [n for n in linears if not roles.is_head(f"{n}.weight")] == old_lift
     assert "lm_head" not in target_linears(models[1], ["lm_head", "q_proj"])
+
+
+def test_unstored_tied_heads_only_for_models_with_the_head():
+    stored = {"model.embed_tokens.weight", "model.norm.weight"}
+    causal = architecture_for({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    assert causal.unstored_tied_heads(stored) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert causal.unstored_tied_heads(stored | {"lm_head.weight"}) == {}  # stored: nothing to add
+    unknown = architecture_for({"model_type": "llama"})
+    assert unknown.unstored_tied_heads(stored) == {"lm_head.weight": "model.embed_tokens.weight"}  # unknown class
+    for headless in (["LlamaModel"], ["LlamaForSequenceClassification"], ["LlamaModel", "LlamaForTokenClassification"]):
+        roles = architecture_for({"model_type": "llama", "architectures": headless})
+        assert not roles.has_output_head() and roles.unstored_tied_heads(stored) == {}, headless
+    bert = {"embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"}
+    body = architecture_for({"model_type": "bert", "architectures": ["BertModel"]})
+    assert body.unstored_tied_heads(bert) == {}  # a sentence-embedding body (MiniLM) has no cls.predictions
+    mlm = architecture_for({"model_type": "bert", "architectures": ["BertForMaskedLM"]})
+    assert "cls.predictions.decoder.weight" in mlm.unstored_tied_heads(bert)
+    untied = architecture_for({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False})
+    assert untied.unstored_tied_heads(stored) == {}

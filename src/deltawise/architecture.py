@@ -172,6 +172,10 @@ _GENERIC_NORM = re.compile(r"(?i).*norm.*|ln(_.*)?|.*_ln")
 _GENERIC_EMBEDDING = re.compile(r".*embed(ding)?s?")
 
 
+# model classes whose head is not the LM head a tied embedding stands for
+_HEADLESS = re.compile(r"For(Sequence|Token|Audio|Image|AudioFrame)Classification$|ForQuestionAnswering$|ForMultipleChoice$")
+
+
 def _setting(config: Any, key: str, default: Any = None) -> Any:
     """A config value from a dict or a transformers config object."""
     if config is None:
@@ -200,6 +204,7 @@ class TensorRoles:
     model_type: Optional[str] = None
     ties_embeddings: bool = True  # the config's tie_word_embeddings
     num_layers_setting: Optional[int] = None  # num_hidden_layers / n_layer from the config
+    architectures: tuple[str, ...] = ()  # the config's model classes (``architectures``), () when unknown
 
     def _tables(self) -> tuple[Architecture, ...]:
         return (self.table, FALLBACK) if self.table is not None else (FALLBACK,)
@@ -314,6 +319,23 @@ class TensorRoles:
             return None
         return next((alias for alias in self._tied_pairs().get(name, ()) if alias in present), None)
 
+    def has_output_head(self) -> bool:
+        """Whether the model's class has an output head: False only when every class the config names is a
+        bare encoder/decoder (``BertModel``) or a task head that replaces the LM head (``...ForSequenceClassification``).
+        An unknown class counts as having one."""
+        return not self.architectures or not all(
+            name.endswith("Model") or _HEADLESS.search(name) for name in self.architectures)
+
+    def unstored_tied_heads(self, present: Container[str]) -> dict[str, str]:
+        """Output head -> the input embedding in ``present`` it is tied to, for heads the model has and the
+        checkpoint does not store. A PEFT adapter that saves the embedding whole must save these heads too (PEFT
+        replaces the embedding module only, which would leave a tied head at the base value); a model without
+        the head gets none (a ``BertModel`` body has no ``cls.predictions.decoder``)."""
+        if not self.has_output_head():
+            return {}
+        heads = {head: self.tied_alias(head, present) for head in self.tied_outputs() if head not in present}
+        return {head: alias for head, alias in heads.items() if alias is not None}
+
 
 def architecture_for(config: Any = None) -> TensorRoles:
     """Tensor roles for a model, from its config (a ``config.json`` dict, a ``model.config``, or None)."""
@@ -324,6 +346,7 @@ def architecture_for(config: Any = None) -> TensorRoles:
         model_type=model_type if isinstance(model_type, str) else None,
         ties_embeddings=bool(_setting(config, "tie_word_embeddings", True)),
         num_layers_setting=layers if isinstance(layers, int) else None,
+        architectures=tuple(a for a in _setting(config, "architectures", None) or () if isinstance(a, str)),
     )
 
 

@@ -83,10 +83,8 @@ def extract_lora(
     roles = architecture_for(pair.base.config)
     # input embedding -> the output heads tied to it that the base does not store
     tied_heads: dict[str, list[str]] = {}
-    for head in roles.tied_outputs():
-        alias = roles.tied_alias(head, pair.base) if head not in pair.base else None
-        if alias is not None:
-            tied_heads.setdefault(alias, []).append(head)
+    for head, alias in roles.unstored_tied_heads(pair.base).items():
+        tied_heads.setdefault(alias, []).append(head)
     lowrank: dict[str, LowRankDelta] = {}
     full: dict[str, torch.Tensor] = {}
     rows: list[TensorRow] = []

@@ -353,12 +353,7 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
 def _tied_heads(full: dict[str, torch.Tensor], inputs: AdapterInputs, roles: TensorRoles) -> dict[str, torch.Tensor]:
     """A saved input embedding of a tied base, saved under the output head's name too (as ``extract --lora`` does):
     PEFT replaces the embedding module only, which would leave the tied head at the base value."""
-    heads = {}
-    for head in roles.tied_outputs():
-        alias = roles.tied_alias(head, inputs.base) if head not in inputs.base else None
-        if alias is not None and alias in full:
-            heads[head] = full[alias].clone()
-    return heads
+    return {head: full[alias].clone() for head, alias in roles.unstored_tied_heads(inputs.base).items() if alias in full}
 
 
 def _report(plan: MergePlan, inputs: AdapterInputs, result: AdapterMergeResult) -> dict[str, Any]:
