@@ -43,7 +43,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list, seed_summary  # noqa: E402
+from bench_args import seed_list  # noqa: E402
+from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 DENSITIES = [0.05, 0.1, 0.2]

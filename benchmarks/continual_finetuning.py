@@ -62,7 +62,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_metrics import METRICS, accuracy_rows, bootstrap, interval, metrics  # noqa: E402
-from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list,  # noqa: E402
+from bench_args import seed_list  # noqa: E402
+from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 from task_merging import continual_steps, merge_bodies, write_json  # noqa: E402
 

@@ -45,6 +45,7 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import lt_methods  # noqa: E402
+from bench_args import seed_list, seed_list_or_none  # noqa: E402
 import lt_report  # noqa: E402
 from language_transfer import console  # noqa: E402
 from lt_methods import Data, Run, prepare_data  # noqa: E402
@@ -196,8 +197,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pilot", action="store_true", help="run the pilot (step count at which English is forgotten)")
     ap.add_argument("--plan", action="store_true", help="print the runs and which are done; run nothing")
     ap.add_argument("--methods", default="all", help="comma-separated method labels (" + ",".join(lt_methods.LABELS) + ")")
-    ap.add_argument("--seeds", default="0,1,2", help="seeds of each method at its usual learning rate")
-    ap.add_argument("--sweep-seeds", default="0", help="seeds at the other learning rates of the sweep")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="seeds of each method at its usual learning rate")
+    ap.add_argument("--sweep-seeds", type=seed_list_or_none, default="0", help="seeds at the other learning rates of the sweep")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the pilot's result)")
     ap.add_argument("--pilot-steps", type=int, default=1000)
     ap.add_argument("--pilot-every", type=int, default=100)
@@ -213,8 +214,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--gain-levels", default="", help="target gains to compare methods at (default: 4 common to all fronts)")
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
     args = ap.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s]
     pilot_file = args.work / "pilot" / "pilot.json"
     if args.steps is None and pilot_file.is_file():
         args.steps = json.loads(pilot_file.read_text())["forgets_at"]

