@@ -19,10 +19,11 @@ method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended 
    TALL-mask lambda tuned on that task's validation split, as its paper does.
    Adapter output (``ADAPTER_RANKS``): task arithmetic at the lambda it chose on validation, written as a PEFT
    LoRA adapter by ``deltawise merge``'s adapter output (the experts are full fine-tunes, so every matrix of the
-   merged delta is cut to the rank by SVD; changed embeddings and LayerNorms are saved whole), applied to the
-   pretrained body as ``deltawise apply`` does and scored on test; reported with the adapter's stored bytes, the
-   SVD error the merge reports and a paired bootstrap interval over test items of its difference from the dense
-   task-arithmetic merge. Cached with its settings (rank, task arithmetic's lambda): reused only when they match.
+   merged delta is cut to the rank by SVD, the embedding tables too, as LoRA-embedding factors:
+   ``--adapter-embeddings lora``; the changed LayerNorms are saved whole), applied to the pretrained body as
+   ``deltawise apply`` does and scored on test; reported with the adapter's stored bytes, the SVD error the merge
+   reports and a paired bootstrap interval over test items of its difference from the dense task-arithmetic merge.
+   Cached with its settings (rank, task arithmetic's lambda, the row version): reused only when they match.
 4. Sequential merging over ``--orders`` seeded task orders: continual task arithmetic, running
    average, continual TIES (FusionBench's form) and OPCM over an alpha sweep; the first order is
    scored after every arrival, every order at the end.
@@ -87,7 +88,9 @@ SETTINGS: dict[str, tuple[str, dict]] = {
 # at rank 16 (compression_accuracy.py, seed 0); 64: the rank of eight rank-8 LoRA experts concatenated, since a sum
 # of eight task vectors spreads over more directions than one. MiniLM's matrices are 384 x 384 and 384 x 1536.
 ADAPTER_RANKS = {"task_arithmetic_adapter_r16": 16, "task_arithmetic_adapter_r64": 64}
-ADAPTER_ROW_VERSION = 1  # part of an adapter row's cached settings: change it when the row's pipeline changes
+# part of an adapter row's cached settings: change it when the row's pipeline changes (2: embedding tables as LoRA)
+ADAPTER_ROW_VERSION = 2
+ADAPTER_EMBEDDINGS = "lora"  # the adapter rows' embedding tables: LoRA-embedding factors at the row's rank
 MASK_LAMBDAS = [0.2, 0.3, 0.4, 0.5, 0.6]  # the TALL-mask paper's range
 STATISTICS_EXAMPLES = 128  # training examples per expert for Fisher / Gram statistics
 SEQUENTIAL = {"task arithmetic (λ=0.3)": ("continual_task_arithmetic", {"lambda": 0.3}),
@@ -188,24 +191,28 @@ def row_name(label: str) -> str:
 
 def adapter_row_settings(rank: int, lam: float) -> dict:
     """What an adapter row's result depends on besides the seed's experts: a cached row is reused only when equal."""
-    return {"version": ADAPTER_ROW_VERSION, "method": "task_arithmetic", "lambda": lam, "adapter_rank": rank}
+    return {"version": ADAPTER_ROW_VERSION, "method": "task_arithmetic", "lambda": lam, "adapter_rank": rank,
+            "adapter_embeddings": ADAPTER_EMBEDDINGS}
 
 
 def adapter_merge(rank: int, lam: float, base: Path, bodies: list[Path], out: Path):
     """Task arithmetic of the expert bodies at ``lam`` written as a PEFT LoRA adapter of ``base`` at ``rank``:
     deltawise's adapter output (``merge`` with an ``adapter:`` key, deltawise/merge/adapter_out.py), which cuts each
-    merged matrix delta to the rank by SVD and reports the error. Returns its ``AdapterMergeResult``."""
+    merged matrix delta to the rank by SVD, the embedding tables' as LoRA-embedding factors (``embeddings: lora``),
+    and reports the error. Returns its ``AdapterMergeResult``."""
     from deltawise.merge import merge
 
     recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(b)} for b in bodies],
-              "parameters": {"lambda": lam}, "seed": 0, "adapter": {"rank": rank}}
+              "parameters": {"lambda": lam}, "seed": 0, "adapter": {"rank": rank, "embeddings": ADAPTER_EMBEDDINGS}}
     return merge(recipe, out)
 
 
 def adapter_bytes(folder: Path, body: Collection[str]) -> dict[str, int]:
-    """Bytes of the adapter's weights file, and the share of its tensors: LoRA factors and their biases, the
-    tensors saved whole (``modules_to_save``: embeddings, LayerNorms), and of those the ones that are not tensors of
-    the ``body`` (the tied LM head's copy of the word embedding that the adapter output writes for a BERT config)."""
+    """Bytes of the adapter's weights file, and the share of its tensors: LoRA factors (of linear weights and of
+    embedding tables) and the biases of LoRA modules (``lora_B.bias``, or ``base_layer.bias`` beside LoRA
+    embeddings), the tensors saved whole (``modules_to_save``: LayerNorms, embeddings written whole), and of those
+    the ones that are not tensors of the ``body`` (a tied LM head's copy of the word embedding, which the adapter
+    output writes only for a config whose class has that head)."""
     from safetensors import safe_open
 
     from deltawise.delta.peft_io import PREFIX
@@ -216,7 +223,7 @@ def adapter_bytes(folder: Path, body: Collection[str]) -> dict[str, int]:
         for key in f.keys():
             t = f.get_tensor(key)
             size = t.numel() * t.element_size()
-            if ".lora_A." in key or ".lora_B." in key:
+            if ".lora_" in key or ".base_layer." in key:
                 lora += size
             else:
                 whole += size
@@ -266,7 +273,8 @@ def run_adapter_row(label: str, settings: dict, base: Path, bodies: list[Path], 
         shutil.rmtree(folder, ignore_errors=True)
     dense = sum(v.numel() * 4 for v in pretrained.values())  # the dense float32 task vector of the body
     return {"method": label, "settings": settings,
-            "params": {"lambda": settings["lambda"], "adapter_rank": settings["adapter_rank"]},
+            "params": {"lambda": settings["lambda"], "adapter_rank": settings["adapter_rank"],
+                       "adapter_embeddings": settings["adapter_embeddings"]},
             "test": {t: mean(c) for t, c in correct.items()}, "test_items": correct,
             "bytes": {**stored, "dense_task_vector": dense}, "svd": result.summary(),
             "vs_task_arithmetic_items": None if reference_items is None else paired_difference(correct, reference_items)}

@@ -4,9 +4,11 @@ adapter output, applied to the base body, scored on test and compared with the d
 Tiny random BERT bodies (hidden 32, two layers) stand in for the MiniLM experts, and a scorer with three random
 classification heads stands in for the tasks (labels: the first expert's predictions). Checked: at full rank the
 row's per-item test scores are the dense merge's (difference 0, interval [0, 0]); the reported SVD error is the
-hand-computed SVD tail of the merged deltas and falls with the rank while the stored LoRA bytes grow; the adapter
-loaded by PEFT gives the body deltawise apply gives; a cached row is reused only with the same settings; the paired
-bootstrap difference on hand-made items."""
+hand-computed SVD tail of the merged deltas, embedding tables included (written as LoRA-embedding factors), and
+falls with the rank while the stored LoRA bytes grow, the bytes saved whole being the LayerNorms alone and the file
+smaller than with the tables saved whole; the adapter loaded by PEFT gives the body deltawise apply gives; a cached
+row is reused only with the same settings (an older row version is recomputed); the paired bootstrap difference on
+hand-made items."""
 
 from __future__ import annotations
 
@@ -96,7 +98,9 @@ def _row(family, rank: int, work: Path) -> dict:
 def test_at_full_rank_the_row_scores_what_the_dense_merge_scores(family, tmp_path):
     r = _row(family, 32, tmp_path)  # 32 = min(shape) of every matrix of the tiny body
     assert r["test_items"] == family["dense_items"]
-    assert r["svd"]["total_relative_error"] < 1e-5 and r["svd"]["svd_matrices"] == 13
+    # 13 linear matrices and the word, position and token-type tables
+    assert r["svd"]["total_relative_error"] < 1e-5 and r["svd"]["svd_matrices"] == 16
+    assert r["svd"]["lora_embedding_tables"] == 3
     d = r["vs_task_arithmetic_items"]
     assert (d["difference"], d["low"], d["high"]) == (0.0, 0.0, 0.0)
     assert not (tmp_path / "merged" / "row").exists()  # the adapter and the applied body are not kept
@@ -106,7 +110,9 @@ def test_at_full_rank_the_row_scores_what_the_dense_merge_scores(family, tmp_pat
 def test_the_reported_error_is_the_svd_tail_and_falls_with_rank(family, tmp_path):
     base = load_body(family["base"])
     merged = {k: LAMBDA * sum(load_body(b)[k] - base[k] for b in family["bodies"]) for k in base}
-    matrices = [k for k, v in merged.items() if v.dim() == 2 and "embeddings" not in k]
+    matrices = [k for k, v in merged.items() if v.dim() == 2]  # the linear weights and the embedding tables
+    tables = [k for k in matrices if "embeddings" in k]
+    assert len(tables) == 3
     total = sum(float(v.double().norm()) ** 2 for v in merged.values())
     rows = {}
     for rank in (2, 8, 32):
@@ -116,11 +122,22 @@ def test_the_reported_error_is_the_svd_tail_and_falls_with_rank(family, tmp_path
         assert r["svd"]["total_relative_error"] == pytest.approx((tail / total) ** 0.5, rel=1e-4, abs=1e-6)
         worst = max(float((s[rank:] ** 2).sum() / (s ** 2).sum()) ** 0.5 for s in svals.values())
         assert r["svd"]["max_relative_error"] == pytest.approx(worst, rel=1e-4, abs=1e-6)
-        # every LoRA factor of rank r: (out + in) * r float32 entries, and a float32 bias per module
-        assert r["bytes"]["lora"] == sum(4 * (sum(merged[k].shape) * rank + merged[k].shape[0]) for k in matrices)
+        # every LoRA factor of rank r: (out + in) * r float32 entries, and a float32 bias per linear module; a table's
+        # rank is at most its smaller side (the token-type table has 2 rows)
+        assert r["bytes"]["lora"] == sum(4 * (sum(merged[k].shape) * min(rank, *merged[k].shape)
+                                              + (0 if k in tables else merged[k].shape[0])) for k in matrices)
     errors = [rows[k]["svd"]["total_relative_error"] for k in (2, 8, 32)]
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.1
-    assert rows[2]["bytes"]["saved_whole"] == rows[32]["bytes"]["saved_whole"] > 0  # embeddings, LayerNorms
+    norms = sum(4 * v.numel() for k, v in base.items() if "LayerNorm" in k)
+    assert rows[2]["bytes"]["saved_whole"] == rows[32]["bytes"]["saved_whole"] == norms  # the LayerNorms alone
+    from deltawise.merge import merge
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(family["base"]), "parameters": {"lambda": LAMBDA},
+              "models": [{"model": str(b)} for b in family["bodies"]], "adapter": {"rank": 8, "embeddings": "whole"}}
+    merge(recipe, tmp_path / "whole")  # the tables saved whole: the word embedding is most of the file here too
+    whole = task_merging.adapter_bytes(tmp_path / "whole", base)
+    assert rows[8]["bytes"]["file"] < whole["file"] and whole["saved_whole"] - norms == sum(
+        4 * merged[k].numel() for k in tables)
     # of it, not a body tensor: nothing (a BertModel body has no tied LM head to save the embedding under)
     assert rows[2]["bytes"]["saved_whole_not_in_body"] == 0
     assert rows[2]["bytes"]["file"] < rows[8]["bytes"]["file"] < rows[32]["bytes"]["file"]
@@ -133,7 +150,7 @@ def test_peft_loads_the_adapter_into_the_body_deltawise_apply_writes(family, tmp
     from deltawise.delta.apply import apply_delta
 
     result = adapter_merge(4, LAMBDA, family["base"], family["bodies"], tmp_path / "adapter")
-    assert not result.exact
+    assert not result.exact and result.summary()["lora_embedding_tables"] == 3
     apply_delta(str(tmp_path / "adapter"), str(family["base"]), tmp_path / "applied")
     applied = load_body(tmp_path / "applied")
     model = BertForSequenceClassification.from_pretrained(family["root"] / "base_full")
@@ -164,6 +181,11 @@ def test_a_cached_row_is_reused_only_with_the_same_settings(family, tmp_path, mo
     monkeypatch.setattr(task_merging, "ADAPTER_ROW_VERSION", task_merging.ADAPTER_ROW_VERSION + 1)
     assert update_adapter_row(label, merges, *args) is True  # the pipeline changed
     assert calls == [(label, 0.4, 16), (label, 0.5, 16), (label, 0.5, 16)]
+    monkeypatch.undo()
+    monkeypatch.setattr(task_merging, "run_adapter_row", fake)
+    merges[label]["settings"] = {"version": 1, "method": "task_arithmetic", "lambda": 0.5, "adapter_rank": 16}
+    assert update_adapter_row(label, merges, *args) is True  # a row of version 1 (embeddings whole) is not reused
+    assert merges[label]["settings"]["adapter_embeddings"] == "lora" and task_merging.ADAPTER_ROW_VERSION == 2
     assert merges["ties"] == ties and set(merges) == {"task_arithmetic", "ties", label}
     with pytest.raises(SystemExit, match="needs task_arithmetic"):
         update_adapter_row(label, {}, *args)

@@ -93,6 +93,9 @@ class Architecture:
     attention: tuple[str, ...] = ()  # first component after the layer index
     mlp: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()  # last component of the module path
+    # tables whose module is not looked up by its own input (OPT's learned positions are fed the attention mask and
+    # add an offset): PEFT's LoRA on an embedding would index its factors with that input
+    unindexed_tables: tuple[str, ...] = ()
     tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # output weight -> input weights it may alias
 
     def __post_init__(self) -> None:
@@ -126,7 +129,7 @@ TABLES: tuple[Architecture, ...] = (
         model_types=("opt",),
         embeddings=("embed_tokens",), position_embeddings=("embed_positions",), lm_heads=("lm_head",), classifiers=("score",),
         layers=("layers",), attention=("self_attn",), mlp=("fc1", "fc2"),
-        norms=("self_attn_layer_norm", "final_layer_norm"),
+        norms=("self_attn_layer_norm", "final_layer_norm"), unindexed_tables=("embed_positions",),
         tied={"lm_head.weight": ("model.decoder.embed_tokens.weight", "decoder.embed_tokens.weight")},
     ),
     Architecture(
@@ -159,7 +162,7 @@ FALLBACK = Architecture(
     embeddings=("embed_tokens", "word_embeddings", "wte", "embed_in", "shared", "tok_embeddings"),
     position_embeddings=("wpe", "position_embeddings", "token_type_embeddings", "embed_positions"),
     lm_heads=("lm_head", "embed_out", "cls.predictions.decoder", "lm_head.decoder", "vocab_projector"),
-    classifiers=("score", "classifier", "pre_classifier"),
+    classifiers=("score", "classifier", "pre_classifier"), unindexed_tables=("embed_positions",),
     tied={"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                              "embed_tokens.weight")},
 )
@@ -284,6 +287,19 @@ class TensorRoles:
     def is_embedding(self, name: str) -> bool:
         """A lookup table: token, position or token-type embedding (not a linear map of the input)."""
         return self.role(name) in EMBEDDING_ROLES
+
+    def is_indexed_table(self, name: str, shape: tuple[int, ...]) -> bool:
+        """An embedding table that is an ``nn.Embedding`` looked up by its module's input ids, so that PEFT's LoRA on
+        embeddings (``lora_embedding_A/B``) can carry its change: a 2-D weight of a token, position or token-type table
+        the tables name. Not a table known by its name's look alone (``patch_embed`` may be a linear map), nor one
+        whose module is fed something else (``unindexed_tables``: OPT's ``embed_positions``)."""
+        if len(shape) != 2 or not name.endswith(".weight") or self.role(name) not in EMBEDDING_ROLES:
+            return False
+        module = name.split(".")[:-1]
+        tables = self._tables()
+        if any(_ends_with(module, t.unindexed_tables) for t in tables):
+            return False
+        return any(_ends_with(module, t.embeddings + t.position_embeddings) for t in tables)
 
     def is_head(self, name: str) -> bool:
         """Part of an output head: the LM head or a classification head."""

@@ -231,14 +231,36 @@ class AdapterOutputOptions:
     adapter_energy: Optional[float] = option(None, "adapter output: keep the fewest singular values holding this fraction "
                                                    "of each merged delta's squared norm (with --adapter-rank: the smaller)",
                                              min=0.0, max=1.0)
+    adapter_embeddings: Optional[str] = option(None, "adapter output: changed embedding tables (token, position, "
+                                                     "token-type) saved whole (exact, modules_to_save; the default) or "
+                                                     "as PEFT LoRA-embedding factors by SVD at the rank/energy of the "
+                                                     "linear weights (lora: much smaller for a full fine-tune)",
+                                               metavar="whole|lora")
 
     def __post_init__(self) -> None:
         if self.output_format is not None and self.output_format not in OUTPUT_FORMATS:
             raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
         if self.adapter_energy is not None and not 0 < self.adapter_energy <= 1:
             raise InputError(f"--adapter-energy is a fraction in (0, 1], got {self.adapter_energy}")
-        if self.output_format == "model" and (self.adapter_rank is not None or self.adapter_energy is not None):
-            raise InputError("--adapter-rank/--adapter-energy shape an adapter output; drop them or use --output-format adapter")
+        check_embedding_format(self.adapter_embeddings)
+        if self.output_format == "model" and self.shapes_adapter:
+            raise InputError("--adapter-rank/--adapter-energy/--adapter-embeddings shape an adapter output; drop them or "
+                             "use --output-format adapter")
+
+    @property
+    def shapes_adapter(self) -> bool:
+        """Whether an option that only an adapter output reads was given."""
+        return self.adapter_rank is not None or self.adapter_energy is not None or self.adapter_embeddings is not None
+
+
+EMBEDDING_FORMATS = ("whole", "lora")
+
+
+def check_embedding_format(value: Optional[str]) -> Optional[str]:
+    """``--adapter-embeddings`` (and the recipe's ``adapter.embeddings``): whole or lora, None for the default."""
+    if value is not None and value not in EMBEDDING_FORMATS:
+        raise InputError(f"--adapter-embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {value!r}")
+    return value
 
 
 @dataclass

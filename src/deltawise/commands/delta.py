@@ -10,7 +10,7 @@ import typer
 from deltawise.commands.console import ProgressReporter, bytes_progress, escape, out, warn
 from deltawise.commands.flags import options
 from deltawise.errors import DeltawiseError
-from deltawise.options import EngineOptions, RunOptions
+from deltawise.options import AdapterOutputOptions, EngineOptions, RunOptions
 
 REPORT = typer.Option(None, "--report", help="write the per-tensor report as JSON here")
 QUIET = {"help": "no progress bars or tables"}
@@ -67,6 +67,9 @@ def size_versus_dense(dense_bytes: int, stored_bytes: int) -> str:
     return f"{stored_bytes / dense_bytes:.2f}x larger than dense" if dense_bytes else "dense size 0"
 
 
+@options("adapter", AdapterOutputOptions, only=("adapter_embeddings",), override={"adapter_embeddings": {
+    "help": "LoRA: changed embedding tables (token, position, token-type) saved whole (modules_to_save, the default) or "
+            "as PEFT LoRA-embedding factors at --rank/--energy (lora)"}})
 @options("run", RunOptions, exclude=("device",), override={
     "output": {"help": "delta folder (or PEFT adapter folder with --lora) to create"}, "quiet": QUIET, "overwrite": OVERWRITE})
 def extract(
@@ -77,8 +80,9 @@ def extract(
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (with --energy: the largest rank allowed)"),
     energy: Optional[float] = typer.Option(None, "--energy", min=0, max=1,
                                            help="LoRA: smallest rank keeping this fraction of spectral energy"),
-    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases/embeddings: save "
-                                                                "(modules_to_save) or skip"),
+    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases (and embeddings saved "
+                                                                "whole): save (modules_to_save) or skip"),
+    adapter: AdapterOutputOptions = ...,
     dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, "
                                            "bfloat16, ..."),
     report: Optional[Path] = REPORT,
@@ -93,10 +97,10 @@ def extract(
             from deltawise.delta.lora_extract import extract_lora
 
             result = extract_lora(finetuned, base, run.output, rank=rank, energy=energy, non_linear=non_linear,  # type: ignore[arg-type]
-                                  overwrite=run.overwrite, progress=reporter)
+                                  embeddings=adapter.adapter_embeddings, overwrite=run.overwrite, progress=reporter)
         else:
-            if rank is not None or energy is not None:
-                raise DeltawiseError("--rank/--energy need --lora")
+            if rank is not None or energy is not None or adapter.adapter_embeddings is not None:
+                raise DeltawiseError("--rank/--energy/--adapter-embeddings need --lora")
             from deltawise.delta.extract import extract_delta
 
             result = extract_delta(finetuned, base, run.output, dtype=dtype, overwrite=run.overwrite, progress=reporter)  # type: ignore[arg-type]

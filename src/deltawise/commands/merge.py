@@ -53,7 +53,8 @@ def merge(
     `deltawise budget` (docs/merging.md).
 
     With --output-format adapter (or an adapter: key in RECIPE) the merge of adapters of one base
-    is written as a PEFT LoRA adapter: exact for linear/task arithmetic of LoRAs, else by SVD."""
+    is written as a PEFT LoRA adapter: exact for linear/task arithmetic of LoRAs, else by SVD; changed
+    embedding tables whole, or as LoRA-embedding factors with --adapter-embeddings lora."""
     from deltawise.io.writer import parse_size
     from deltawise.merge import MergeOptions, build_plan, load_recipe, run_merge
     from deltawise.errors import InputError
@@ -62,7 +63,7 @@ def merge(
 
     assert run.output is not None
     if search.requested and not dry_run:
-        if adapter.output_format == "adapter" or adapter.adapter_rank is not None or adapter.adapter_energy is not None:
+        if adapter.output_format == "adapter" or adapter.shapes_adapter:
             raise typer.BadParameter("the deprecated budget flags write a model; drop them for an adapter output")
         warn("merge --retain/--target/--search-param are deprecated; use `deltawise budget`")
         _run_budget(recipe, run, engine, search)
@@ -78,7 +79,8 @@ def merge(
             resume=resume, restart=restart, fsync=fsync))
         return
     parsed = load_recipe(recipe)
-    settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy)
+    settings = adapter_settings(parsed, adapter.output_format, adapter.adapter_rank, adapter.adapter_energy,
+                                adapter.adapter_embeddings)
     plan = build_plan(parsed, allow_pickle=engine.allow_pickle, strict=engine.strict)
     for warning in plan.warnings:
         warn(warning)
@@ -113,7 +115,7 @@ def _merge_into_adapter(plan, settings, run: RunOptions, dry_run: bool) -> None:
     if dry_run:
         inputs = adapter_inputs(plan)  # raises on inputs that cannot make one adapter
         check_output(plan, run.output, run.overwrite, need_bytes=0)
-        by_svd = svd_tensors(plan, inputs, architecture_for(inputs.base.config))
+        by_svd = svd_tensors(plan, inputs, architecture_for(inputs.base.config), settings.lora_tables)
         print(to_json({**dump_plan(plan), "output_format": "adapter", "adapter": vars(settings), "svd_tensors": by_svd}))
         return
     with bytes_progress(run.quiet) as progress:

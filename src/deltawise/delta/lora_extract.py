@@ -6,13 +6,17 @@ weights) is truncated to rank ``k`` and split evenly, ``B = U_k √S_k``, ``A = 
 ``energy`` the smallest ``k`` with ``Σ_{i≤k} s_i² ≥ energy · Σ s_i²`` (capped by ``rank`` when both
 are given). The relative error per tensor is ``√(Σ_{i>k} s_i²) / ‖ΔW‖``.
 
-Changed tensors that are not linear weights (norms, biases, embeddings) cannot be LoRA
-factors: with ``non_linear="save"`` their fine-tuned values go into ``modules_to_save``
-(PEFT then replaces the whole module), with ``"skip"`` they are left out with a warning.
+With ``embeddings="lora"`` (``--adapter-embeddings lora``) each changed embedding table (token, position or
+token-type ``nn.Embedding``: ``TensorRoles.is_indexed_table``) is cut the same way, from the SVD of ``ΔEᵀ``, and
+written as PEFT's LoRA-embedding factors (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r)).
+Other changed tensors that are not linear weights (norms, biases, embeddings with the default
+``embeddings="whole"``) cannot be LoRA factors: with ``non_linear="save"`` their fine-tuned values go into
+``modules_to_save`` (PEFT then replaces the whole module), with ``"skip"`` they are left out with a warning.
 A base with tied embeddings stores no output head, but PEFT replaces the input embedding module
-only, leaving the (tied) head at the base value: a saved input embedding is therefore saved
-under the head's name too (as mergekit's ``mergekit-extract-lora`` does), so PeftModel computes
-the logits of ``deltawise apply`` (which reads the head back through the tie).
+only (and its LoRA on an embedding adapts the lookup only), leaving the (tied) head at the base value
+in PeftModel's forward: a changed input embedding's head is therefore saved whole under the head's name
+(as mergekit's ``mergekit-extract-lora`` does; for a LoRA embedding ``base + (B A)ᵀ``, with a warning), so
+PeftModel computes the logits of ``deltawise apply`` (which reads the head back through the tie).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import torch
 
 from deltawise.architecture import architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.peft_io import write_peft_adapter
+from deltawise.delta.peft_io import complete_modules, write_peft_adapter
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.store import base_identity
 from deltawise.delta.walk import open_pair
 from deltawise.errors import DeltawiseError
 from deltawise.io.output import check_output_folder, staged_output
+from deltawise.options import check_embedding_format
 
 
 def choose_rank(s: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> int:
@@ -62,10 +67,18 @@ def lowrank_factors(delta: torch.Tensor, rank: Optional[int], energy: Optional[f
     return LowRankDelta(A, B), error
 
 
+def table_factors(delta: torch.Tensor, rank: Optional[int], energy: Optional[float]) -> tuple[LowRankDelta, float]:
+    """An embedding table's delta (vocab, dim) as PEFT's LoRA-embedding factors: the truncated SVD of ``deltaᵀ``,
+    ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B`` (dim, r), with ``(B A)ᵀ`` the delta's best rank-``k``
+    approximation (``transpose=True``); the same rank rule and error as ``lowrank_factors``."""
+    factors, error = lowrank_factors(delta.T, rank, energy)
+    return LowRankDelta(factors.A, factors.B, transpose=True), error
+
+
 def extract_lora(
     finetuned: str, base: str, out: Path, *, rank: Optional[int] = None, energy: Optional[float] = None,
-    non_linear: Literal["save", "skip"] = "save", task_type: Optional[str] = None, overwrite: bool = False,
-    progress: Optional[Progress] = None,
+    non_linear: Literal["save", "skip"] = "save", embeddings: Optional[str] = None, task_type: Optional[str] = None,
+    overwrite: bool = False, progress: Optional[Progress] = None,
 ) -> DeltaResult:
     if rank is None and energy is None:
         raise DeltawiseError("LoRA extraction needs --rank, --energy, or both")
@@ -73,6 +86,7 @@ def extract_lora(
         raise DeltawiseError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise DeltawiseError(f"--energy is a fraction in (0, 1], got {energy}")
+    lora_tables = check_embedding_format(embeddings) == "lora"
     pair = open_pair(finetuned, base)
     out = Path(out)
     check_output_folder(out, [(base, f) for f in pair.base.input_folders()]
@@ -98,7 +112,17 @@ def extract_lora(
         if not bool(delta.any()):
             continue
         dense_bytes = b.numel() * b.element_size()
-        if roles.is_linear_weight(name, tuple(b.shape)):
+        if lora_tables and roles.is_indexed_table(name, tuple(b.shape)):
+            d, error = table_factors(delta, rank, energy)
+            lowrank[name] = d
+            rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank, "embedding": True}))
+            for head in tied_heads.get(name, ()):
+                full[head] = (b.to(work) + d.materialize(work)).to(b.dtype)  # the embedding PEFT's merge gives
+                rows.append(TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name}))
+                warnings.append(f"{head} is tied to {name}, written as LoRA-embedding factors; PEFT's LoRA on an "
+                                f"embedding leaves a tied head at the base value in PeftModel's forward, so {head} is "
+                                "saved whole")
+        elif roles.is_linear_weight(name, tuple(b.shape)):
             d, error = lowrank_factors(delta, rank, energy)
             lowrank[name] = d
             rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank}))
@@ -118,12 +142,15 @@ def extract_lora(
             f"module(s) {', '.join(sorted(bad_modules))} have both a LoRA weight and another changed tensor (e.g. a bias); "
             "PEFT cannot store both: pass --non-linear skip"
         )
+    full.update(complete_modules(full, pair.base))
     sidecar = {"format": "deltawise-peft", "method": "lora-svd",
-               "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear},
+               "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear,
+                              "embeddings": "lora" if lora_tables else "whole"},
                "base": base_identity(pair.base), "finetuned": {"label": finetuned, "fingerprint": pair.finetuned.fingerprint()}}
     with staged_output(out, overwrite) as staging:
         write_peft_adapter(staging, lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type, sidecar=sidecar)
     ranks = [d.rank for d in lowrank.values()]
-    summary = {"lora_tensors": len(lowrank), "modules_to_save": len(full),
+    summary = {"lora_tensors": len(lowrank), "lora_embedding_tables": sum(d.transpose for d in lowrank.values()),
+               "modules_to_save": len(full),
                "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0)}
     return DeltaResult(out, rows, warnings, summary)

@@ -18,7 +18,11 @@ Writing (``write_peft_adapter``): each low-rank delta's scale is folded into B a
 module gets ``lora_alpha = r`` (scale 1), with ``rank_pattern``/``alpha_pattern`` entries for
 modules whose rank differs from the most common one; target modules are listed by full name,
 so nothing else in the model is touched; bias changes of LoRA modules go into ``lora_B.bias``
-(``lora_bias: true``). A ``deltawise.json`` sidecar records the base.
+(``lora_bias: true``). An embedding table's low-rank delta (``transpose``) is written as PEFT's LoRA on
+``nn.Embedding``: ``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), delta ``(B A)ᵀ``. PEFT has
+no ``lora_bias`` for embeddings, so beside them bias changes are written as the LoRA module's new bias
+(``<module>.base_layer.bias``, ``bias: "lora_only"``), which PEFT loads into the base layer and which is read
+back as a replaced value. A ``deltawise.json`` sidecar records the base.
 """
 
 from __future__ import annotations
@@ -253,32 +257,47 @@ class PeftAdapter:
         return h.hexdigest()
 
 
+def complete_modules(full: dict[str, torch.Tensor], base: ModelReader) -> dict[str, torch.Tensor]:
+    """The base values of the tensors of ``full``'s modules that ``full`` lacks (a LayerNorm whose weight changed
+    and bias did not): PEFT's ``modules_to_save`` replaces the whole module and loads every one of its tensors."""
+    modules = {n.rsplit(".", 1)[0] for n in full}
+    return {n: base.get(n) for n in base.keys() if n not in full and "." in n and n.rsplit(".", 1)[0] in modules}
+
+
 def write_peft_adapter(
     folder: Path, lowrank: dict[str, LowRankDelta], full: dict[str, torch.Tensor], *,
     base_ref: Optional[str], task_type: Optional[str], sidecar: dict[str, Any],
-    bias: Optional[dict[str, torch.Tensor]] = None,
+    bias: Optional[dict[str, torch.Tensor]] = None, bias_values: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into an existing (staging)
-    folder. Keys of ``lowrank`` and ``full`` are base tensor names (``<module>.weight``).
+    folder. Keys of ``lowrank`` and ``full`` are base tensor names (``<module>.weight``); a transposed
+    low-rank delta is an embedding table's, written as LoRA-embedding factors.
     ``bias``: bias deltas of LoRA modules (``<module>.bias``), written as ``lora_B.bias`` with
-    ``lora_bias: true`` (zeros for the other LoRA modules, as PEFT then gives every one a bias)."""
+    ``lora_bias: true`` (zeros for the other LoRA modules, as PEFT then gives every one a bias).
+    ``bias_values``: new bias values of LoRA modules, written as ``<module>.base_layer.bias`` (``bias: "lora_only"``):
+    the form beside LoRA embeddings, which PEFT refuses ``lora_bias`` for."""
     tensors: dict[str, torch.Tensor] = {}
-    bias = bias or {}
-    for name in bias:
+    bias, bias_values = bias or {}, bias_values or {}
+    if bias and bias_values:
+        raise ValueError("give bias deltas (lora_B.bias) or bias values (base_layer.bias), not both")
+    if bias and any(d.transpose for d in lowrank.values()):
+        raise ValueError("PEFT has no lora_bias for LoRA on embeddings: write the biases as bias_values")
+    for name in [*bias, *bias_values]:
         if f"{name.removesuffix('.bias')}.weight" not in lowrank:
             raise ValueError(f"{name}: a LoRA bias needs LoRA factors of the module's weight")
     ranks: dict[str, int] = {}
     for name, d in lowrank.items():
-        if d.transpose:
-            raise ValueError(f"{name}: transposed (embedding / fan_in_fan_out) LoRA is not written")
         module = name.removesuffix(".weight")
         ranks[module] = d.rank
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = d.A.contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = (d.B * d.scale).to(d.B.dtype).contiguous()
+        a, b = ("lora_embedding_A", "lora_embedding_B") if d.transpose else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{module}.{a}"] = d.A.contiguous()
+        tensors[f"{PREFIX}{module}.{b}"] = (d.B * d.scale).to(d.B.dtype).contiguous()
         if bias:
             value = bias.get(f"{module}.bias")
             tensors[f"{PREFIX}{module}.lora_B.bias"] = (torch.zeros(d.B.shape[0], dtype=d.B.dtype) if value is None
                                                         else value.to(d.B.dtype).contiguous())
+    for name, value in bias_values.items():
+        tensors[f"{PREFIX}{name.removesuffix('.bias')}.base_layer.bias"] = value.contiguous()
     for name, value in full.items():
         tensors[f"{PREFIX}{name}"] = value.contiguous()
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
@@ -287,8 +306,8 @@ def write_peft_adapter(
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_ref,
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks), "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in full}) or None,
-        "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "lora_bias": bool(bias),
+        "lora_dropout": 0.0, "bias": "lora_only" if bias_values else "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "lora_bias": bool(bias),
     }
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     write_json_atomic(folder / CONFIG, config)

@@ -30,9 +30,10 @@ def merge(recipe: "Recipe | dict | str | os.PathLike", out: "str | os.PathLike",
     allow_pickle = options.pop("allow_pickle", False)
     plan = build_plan(recipe, allow_pickle=allow_pickle, strict=options.pop("strict", False))
     if recipe.adapter is not None:
-        from deltawise.merge.adapter_out import AdapterSettings, run_adapter_merge
+        from deltawise.merge.adapter_out import adapter_settings, run_adapter_merge
 
-        settings = AdapterSettings(recipe.adapter.rank, recipe.adapter.energy)
+        settings = adapter_settings(recipe)
+        assert settings is not None
         return run_adapter_merge(plan, out, settings, overwrite=options.pop("overwrite", False),
                                  progress=options.pop("progress", None))
     return run_merge(plan, out, MergeOptions(**options))

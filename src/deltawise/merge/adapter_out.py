@@ -12,8 +12,16 @@ as a PEFT LoRA adapter of that base instead of a full model. Per output tensor `
   full model): the merged dense delta ``D = merged − base`` is computed as the full merge computes it
   and truncated to rank ``k`` (``--adapter-rank``, ``--adapter-energy``); the relative error
   ``‖D − D_k‖_F / ‖D‖_F`` is reported per matrix and in total (``√(Σ‖D − D_k‖²) / √(Σ‖D‖²)``).
-- a bias of a LoRA module is written as ``lora_B.bias`` (``lora_bias: true``); any other changed
-  tensor (a norm, an embedding, a head saved whole) as its merged value in ``modules_to_save``.
+- an embedding table (token, position or token-type ``nn.Embedding``: ``TensorRoles.is_indexed_table``) is saved
+  whole by default (``embeddings: whole``); with ``embeddings: lora`` (``--adapter-embeddings lora``) it is written as
+  PEFT's LoRA-embedding factors, ``(B A)ᵀ``, by the same two rules (concatenation of the inputs' LoRA-embedding
+  factors, else the SVD of ``Dᵀ`` at the same rank/energy, its error in the report and the total). PEFT's LoRA on an
+  embedding leaves a *tied* output head at the base value in ``PeftModel``'s forward (its ``merge_and_unload`` moves
+  the head with the embedding; with ``ensure_weight_tying`` the forward is right and the merge adds the delta twice,
+  PEFT 0.21): a head the model has and the base does not store is therefore saved whole, with a warning.
+- a bias of a LoRA module is written as ``lora_B.bias`` (``lora_bias: true``), or, beside LoRA embeddings (PEFT has
+  no ``lora_bias`` for them), as the module's new bias (``base_layer.bias``, ``bias: "lora_only"``); any other changed
+  tensor (a norm, an embedding saved whole, a head) as its merged value in ``modules_to_save``.
 
 A tensor that no input changes keeps the base value when the method maps equal inputs to
 themselves, which is checked on a small probe per parameter setting; where it does not (a linear
@@ -33,7 +41,7 @@ import torch
 
 from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.peft_io import write_peft_adapter
+from deltawise.delta.peft_io import complete_modules, write_peft_adapter
 from deltawise.delta.store import base_identity
 from deltawise.errors import DeltawiseError, InputError, RecipeError
 from deltawise.io.dtypes import parse_dtype
@@ -42,6 +50,7 @@ from deltawise.merge.adapter_inputs import AdapterInputs, adapter_inputs, linear
 from deltawise.merge.base import merge_tensor
 from deltawise.merge.plan import MergePlan, TensorPlan
 from deltawise.merge.recipe import Recipe
+from deltawise.options import check_embedding_format
 
 REPORT_FORMAT = "deltawise-adapter-merge"
 Progress = Callable[[str, int, int], None]
@@ -51,22 +60,30 @@ Progress = Callable[[str, int, int], None]
 class AdapterSettings:
     rank: Optional[int] = None
     energy: Optional[float] = None
+    embeddings: str = "whole"  # changed embedding tables: "whole" (modules_to_save) or "lora" (LoRA-embedding factors)
+
+    @property
+    def lora_tables(self) -> bool:
+        return self.embeddings == "lora"
 
 
 def adapter_settings(recipe: Recipe, output_format: Optional[str] = None, rank: Optional[int] = None,
-                     energy: Optional[float] = None) -> Optional[AdapterSettings]:
+                     energy: Optional[float] = None, embeddings: Optional[str] = None) -> Optional[AdapterSettings]:
     """The adapter output asked for by the flags and the recipe's ``adapter:`` key (None: write a model).
     The two must agree: a value given in both places must be the same."""
+    check_embedding_format(embeddings)
     spec = recipe.adapter
     if output_format == "model" and spec is not None:
         raise RecipeError("the recipe asks for an adapter output (adapter:) but --output-format model was given; "
                           "drop one of them")
     if output_format != "adapter" and spec is None:
-        if rank is not None or energy is not None:
-            raise InputError("--adapter-rank/--adapter-energy shape an adapter output: add --output-format adapter")
+        if rank is not None or energy is not None or embeddings is not None:
+            raise InputError("--adapter-rank/--adapter-energy/--adapter-embeddings shape an adapter output: add "
+                             "--output-format adapter")
         return None
     return AdapterSettings(_agree("rank", rank, spec.rank if spec else None),
-                           _agree("energy", energy, spec.energy if spec else None))
+                           _agree("energy", energy, spec.energy if spec else None),
+                           _agree("embeddings", embeddings, spec.embeddings if spec else None) or "whole")
 
 
 def _agree(key: str, flag: Any, recipe: Any) -> Any:
@@ -78,14 +95,15 @@ def _agree(key: str, flag: Any, recipe: Any) -> Any:
 @dataclass
 class MatrixRow:
     name: str
-    how: str  # "concat" (exact LoRA sum) | "svd" | "bias" (lora_B.bias) | "full" (modules_to_save value)
+    how: str  # "concat" (exact LoRA sum) | "svd" | "bias" (lora_B.bias / base_layer.bias) | "full" (modules_to_save)
     rank: Optional[int]
     relative_error: float
     norm: float  # ‖D‖_F of the merged delta
+    embedding: bool = False  # an embedding table written as LoRA-embedding factors
 
     def to_json(self) -> dict[str, Any]:
         return {"tensor": self.name, "how": self.how, "rank": self.rank, "relative_error": self.relative_error,
-                "delta_norm": self.norm}
+                "delta_norm": self.norm, "lora_embedding": self.embedding}
 
 
 @dataclass
@@ -112,6 +130,7 @@ class AdapterMergeResult:
                 "max_relative_error": max((r.relative_error for r in self.rows), default=0.0),
                 "lora_matrices": len(ranks), "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
                 "svd_matrices": sum(r.how == "svd" for r in self.rows),
+                "lora_embedding_tables": sum(r.embedding for r in self.rows),
                 "modules_to_save_tensors": sum(r.how == "full" for r in self.rows)}
 
 
@@ -120,7 +139,8 @@ class _Parts:
     """What the adapter stores, by base tensor name."""
 
     lowrank: dict[str, LowRankDelta] = field(default_factory=dict)
-    bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # bias deltas of LoRA modules
+    bias_values: dict[str, torch.Tensor] = field(default_factory=dict)  # their new values, beside LoRA embeddings
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # merged deltas that are not LoRA weights
     rows: dict[str, MatrixRow] = field(default_factory=dict)
 
@@ -128,7 +148,7 @@ class _Parts:
 def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSettings, *, overwrite: bool = False,
                       progress: Optional[Progress] = None) -> AdapterMergeResult:
     """Merge ``plan`` and write the result as a PEFT LoRA adapter folder ``out`` (atomically)."""
-    from deltawise.delta.lora_extract import lowrank_factors  # SVD here only: not on a model merge's start
+    from deltawise.delta.lora_extract import lowrank_factors, table_factors  # SVD here only: not on a model merge's start
     from deltawise.merge.engine import check_output
 
     started = time.time()
@@ -137,7 +157,7 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
     check_output(plan, out, overwrite, need_bytes=0)
     roles = architecture_for(inputs.base.config)
     if settings.rank is None and settings.energy is None:
-        needs_svd = svd_tensors(plan, inputs, roles)
+        needs_svd = svd_tensors(plan, inputs, roles, settings.lora_tables)
         if needs_svd:  # said before any tensor is merged
             listed = ", ".join(needs_svd[:5]) + (f" and {len(needs_svd) - 5} more" if len(needs_svd) > 5 else "")
             raise RecipeError(f"{plan.method.name} of these inputs is not an exact sum of LoRA factors for {listed}: give "
@@ -161,11 +181,13 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
         if not bool(torch.isfinite(dense).all()):
             raise DeltawiseError(f"{plan.method.name} produced NaN/inf for {t.name}; check the parameters")
         norm = float(dense.double().norm())
-        if roles.is_linear_weight(t.name, tuple(dense.shape)):
+        table = settings.lora_tables and roles.is_indexed_table(t.name, tuple(dense.shape))
+        if table or roles.is_linear_weight(t.name, tuple(dense.shape)):
             # without a rank or energy (a tensor no input changes that the method moves): full rank
-            factors, error = lowrank_factors(dense, settings.rank, settings.energy)
-            parts.lowrank[t.name] = LowRankDelta(factors.A.to(factor_dtype), factors.B.to(factor_dtype))
-            parts.rows[t.name] = MatrixRow(t.name, "svd", factors.rank, error, norm)
+            factors, error = (table_factors if table else lowrank_factors)(dense, settings.rank, settings.energy)
+            parts.lowrank[t.name] = LowRankDelta(factors.A.to(factor_dtype), factors.B.to(factor_dtype),
+                                                 transpose=table)
+            parts.rows[t.name] = MatrixRow(t.name, "svd", factors.rank, error, norm, table)
         else:
             parts.dense[t.name] = dense
             parts.rows[t.name] = MatrixRow(t.name, "full", None, 0.0, norm)
@@ -179,23 +201,31 @@ def run_adapter_merge(plan: MergePlan, out: str | Path, settings: AdapterSetting
     task_type = "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None
     with staged_output(out, overwrite) as staging:
         write_peft_adapter(staging, parts.lowrank, full, base_ref=inputs.base_ref, task_type=task_type, sidecar=sidecar,
-                           bias=parts.bias)
+                           bias=parts.bias, bias_values=parts.bias_values)
     result.seconds = time.time() - started
     return result
 
 
-def svd_tensors(plan: MergePlan, inputs: AdapterInputs, roles: TensorRoles) -> list[str]:
-    """The linear weights whose merge is not a sum of the inputs' LoRA factors (from the plan: nothing is read)."""
+def svd_tensors(plan: MergePlan, inputs: AdapterInputs, roles: TensorRoles, lora_tables: bool = False) -> list[str]:
+    """The linear weights (and with ``lora_tables`` the embedding tables) whose merge is not a sum of the inputs'
+    LoRA factors (from the plan: nothing is read)."""
     names = []
     for t in plan.merged:
-        if not roles.is_linear_weight(t.name, tuple(t.out.shape)):
+        table = lora_tables and roles.is_indexed_table(t.name, tuple(t.out.shape))
+        if not table and not roles.is_linear_weight(t.name, tuple(t.out.shape)):
             continue
         changed = [(m, s) for m, s in zip(plan.inputs_of(t), t.sources) if inputs.changes(m, s)]
         if changed and (linear_coefficients(plan, t) is None or any(
                 inputs.kind(m) != "delta" or s not in m.reader.source.entries or m.reader.source.kind(s) != "lowrank"
-                for m, s in changed)):
+                or _stored_transposed(m, s) != table for m, s in changed)):
             names.append(t.name)
     return names
+
+
+def _stored_transposed(model: Any, source: str) -> bool:
+    """Whether an adapter input stores ``source`` as transposed LoRA factors (LoRA on an embedding, fan_in_fan_out)."""
+    entry = model.reader.source.entries.get(source)  # a delta folder's header entry (a dict), or a PEFT adapter's
+    return bool(entry.get("transpose") if isinstance(entry, dict) else getattr(entry, "transpose", False))
 
 
 def _factor_dtype(recipe: Recipe) -> torch.dtype:
@@ -207,7 +237,8 @@ def _factor_dtype(recipe: Recipe) -> torch.dtype:
 def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings: AdapterSettings,
                 roles: TensorRoles) -> Optional[tuple[LowRankDelta, MatrixRow]]:
     """The merged delta of ``t`` as concatenated LoRA factors, when the algebra allows (module docstring)."""
-    if not t.merge or not roles.is_linear_weight(t.name, tuple(t.out.shape)):
+    table = settings.lora_tables and roles.is_indexed_table(t.name, tuple(t.out.shape))
+    if not t.merge or not (table or roles.is_linear_weight(t.name, tuple(t.out.shape))):
         return None
     coefficients = linear_coefficients(plan, t)
     if coefficients is None:
@@ -218,7 +249,7 @@ def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings:
         if not inputs.changes(m, source):
             continue
         d = inputs.tensor_delta(m, source)
-        if not isinstance(d, LowRankDelta) or d.transpose:
+        if not isinstance(d, LowRankDelta) or d.transpose != table:  # an embedding's LoRA factors are stored transposed
             return None
         if c != 0:
             factors.append((c * d.scale * getattr(m.reader, "scale", 1.0), d))
@@ -227,16 +258,18 @@ def _exact_lora(plan: MergePlan, inputs: AdapterInputs, t: TensorPlan, settings:
     work = torch.float64 if any(torch.float64 in (d.A.dtype, d.B.dtype) for _, d in factors) else torch.float32
     A = torch.cat([d.A.to(work) for _, d in factors])
     B = torch.cat([c * d.B.to(work) for c, d in factors], dim=1)
-    merged = LowRankDelta(A, B)
+    merged = LowRankDelta(A, B, transpose=table)
     norm = float(merged.materialize(work).double().norm())
     if settings.rank is not None and merged.rank > settings.rank:
         # the rank cap applies to sums too: the best rank-k approximation of the exact sum
-        from deltawise.delta.lora_extract import lowrank_factors  # SVD outputs only: not on a model merge's start
+        from deltawise.delta.lora_extract import lowrank_factors, table_factors  # SVD outputs only
 
-        factors_k, error = lowrank_factors(merged.materialize(work), settings.rank, settings.energy)
-        return factors_k, MatrixRow(t.name, "svd", factors_k.rank, error, norm)
+        factors_k, error = (table_factors if table else lowrank_factors)(merged.materialize(work), settings.rank,
+                                                                         settings.energy)
+        return factors_k, MatrixRow(t.name, "svd", factors_k.rank, error, norm, table)
     dtype = _factor_dtype(plan.recipe)
-    return LowRankDelta(A.to(dtype), B.to(dtype)), MatrixRow(t.name, "concat", merged.rank, 0.0, norm)
+    return LowRankDelta(A.to(dtype), B.to(dtype), transpose=table), MatrixRow(t.name, "concat", merged.rank, 0.0, norm,
+                                                                               table)
 
 
 class _DenseDeltas:
@@ -310,7 +343,8 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
 
     PEFT's ``lora_bias`` is one switch for every LoRA module, and PEFT cannot merge a LoRA bias into a
     layer without one: when some LoRA module's base layer has no bias, the modules with a bias delta
-    are saved whole instead (exact too, but larger)."""
+    are saved whole instead (exact too, but larger). Beside LoRA embeddings (PEFT has no ``lora_bias`` for
+    them) the biases are written as the modules' new values (``base_layer.bias``), which needs neither."""
     base = inputs.base
     whole: set[str] = set()
     biased: set[str] = set()
@@ -322,7 +356,8 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
         else:
             whole.add(module)
     lora_modules = ({n.rsplit(".", 1)[0] for n in parts.lowrank} | biased) - whole
-    if biased - whole and any(f"{m}.bias" not in base for m in lora_modules):
+    tables = any(d.transpose for d in parts.lowrank.values())
+    if not tables and biased - whole and any(f"{m}.bias" not in base for m in lora_modules):
         warnings.append(f"{len(biased - whole)} module(s) with a bias change saved whole (modules_to_save): PEFT's "
                         "lora_bias would also give a bias to LoRA modules whose base layer has none")
         whole |= biased
@@ -344,16 +379,35 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
             out_features, in_features = base.info(weight).shape
             parts.lowrank[weight] = LowRankDelta(torch.zeros(1, in_features, dtype=dtype),
                                                  torch.zeros(out_features, 1, dtype=dtype))
-        parts.bias[name] = dense.to(dtype)
+        if tables:
+            value = base.get(name)
+            parts.bias_values[name] = (value.to(dense.dtype) + dense).to(value.dtype)
+        else:
+            parts.bias[name] = dense.to(dtype)
         parts.rows[name] = MatrixRow(name, "bias", None, 0.0, parts.rows[name].norm)
-    full.update(_tied_heads(full, inputs, roles))
+    full.update(_tied_heads(full, parts, inputs, roles, warnings))
+    full.update(complete_modules(full, base))
     return full
 
 
-def _tied_heads(full: dict[str, torch.Tensor], inputs: AdapterInputs, roles: TensorRoles) -> dict[str, torch.Tensor]:
-    """A saved input embedding of a tied base, saved under the output head's name too (as ``extract --lora`` does):
-    PEFT replaces the embedding module only, which would leave the tied head at the base value."""
-    return {head: full[alias].clone() for head, alias in roles.unstored_tied_heads(inputs.base).items() if alias in full}
+def _tied_heads(full: dict[str, torch.Tensor], parts: _Parts, inputs: AdapterInputs, roles: TensorRoles,
+                warnings: list[str]) -> dict[str, torch.Tensor]:
+    """The output heads a tied base does not store, saved whole when their input embedding changes (as ``extract
+    --lora`` does): PEFT replaces a saved embedding module only, and its LoRA on an embedding adapts the lookup only,
+    either of which leaves the tied head at the base value in ``PeftModel``'s forward. A LoRA embedding's head is
+    ``base + (B A)ᵀ``, the embedding PEFT's merge gives."""
+    heads: dict[str, torch.Tensor] = {}
+    for head, alias in roles.unstored_tied_heads(inputs.base).items():
+        if alias in full:
+            heads[head] = full[alias].clone()
+        elif alias in parts.lowrank:
+            lowrank, value = parts.lowrank[alias], inputs.base.get(alias)
+            work = torch.float64 if torch.float64 in (value.dtype, lowrank.A.dtype) else torch.float32
+            heads[head] = (value.to(work) + lowrank.materialize(work)).to(value.dtype)
+            warnings.append(f"{head} is tied to {alias}, written as LoRA-embedding factors; PEFT's LoRA on an embedding "
+                            f"leaves a tied head at the base value in PeftModel's forward, so {head} is saved whole "
+                            f"({heads[head].numel() * heads[head].element_size() / 1e6:.1f} MB)")
+    return heads
 
 
 def _report(plan: MergePlan, inputs: AdapterInputs, result: AdapterMergeResult) -> dict[str, Any]:
@@ -362,7 +416,8 @@ def _report(plan: MergePlan, inputs: AdapterInputs, result: AdapterMergeResult) 
         "format": "deltawise-peft", "method": "merge", "report_format": REPORT_FORMAT,
         "merge_method": plan.method.name,
         "exactness": "exact" if result.exact else "svd",
-        "adapter": {"rank": result.settings.rank, "energy": result.settings.energy},
+        "adapter": {"rank": result.settings.rank, "energy": result.settings.energy,
+                    "embeddings": result.settings.embeddings},
         "recipe": plan.recipe.model_dump(mode="json", exclude_none=True),
         "inputs": [{"model": r.label, "fingerprint": r.fingerprint()} for r in plan.readers],
         "base": base_identity(inputs.base),
@@ -375,7 +430,8 @@ def _report(plan: MergePlan, inputs: AdapterInputs, result: AdapterMergeResult) 
 def describe(result: AdapterMergeResult, worst: int = 5) -> list[str]:
     """Lines for the terminal: how the adapter was made, its errors, the worst matrices."""
     s = result.summary()
-    lines = [f"{s['lora_matrices']} LoRA matrices (rank {s['rank_min']}-{s['rank_max']}), "
+    tables = f", {s['lora_embedding_tables']} of them embedding tables" if s["lora_embedding_tables"] else ""
+    lines = [f"{s['lora_matrices']} LoRA matrices (rank {s['rank_min']}-{s['rank_max']}{tables}), "
              f"{s['modules_to_save_tensors']} tensor(s) saved whole; "
              + ("exact: every matrix is a sum of the inputs' LoRA factors" if result.exact else
                 f"{s['svd_matrices']} matrix(es) by SVD, total relative error {s['total_relative_error']:.3g} "

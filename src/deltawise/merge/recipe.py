@@ -70,11 +70,13 @@ class OutputModule(BaseModel):
 
 class AdapterSpec(BaseModel):
     """``adapter:`` -- write the merge as a PEFT LoRA adapter of base_model (``deltawise.merge.adapter_out``);
-    ``rank``/``energy`` truncate the matrices whose merge is not an exact sum of LoRA factors."""
+    ``rank``/``energy`` truncate the matrices whose merge is not an exact sum of LoRA factors; ``embeddings: lora``
+    writes changed embedding tables as LoRA-embedding factors too (default ``whole``: saved whole, exact)."""
 
     model_config = ConfigDict(extra="forbid")
     rank: Optional[int] = Field(None, ge=1)
     energy: Optional[float] = Field(None, gt=0, le=1)
+    embeddings: Optional[Literal["whole", "lora"]] = None  # changed embedding tables: saved whole, or LoRA factors
 
 
 class ModelTokenSource(BaseModel):
