@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 
@@ -253,7 +253,8 @@ class AdapterOutputOptions:
         return self.adapter_rank is not None or self.adapter_energy is not None or self.adapter_embeddings is not None
 
 
-EMBEDDING_FORMATS = ("whole", "lora")
+EmbeddingFormat = Literal["whole", "lora"]  # the recipe's adapter.embeddings is validated against the same values
+EMBEDDING_FORMATS: tuple[str, ...] = get_args(EmbeddingFormat)
 
 
 def check_embedding_format(value: Optional[str]) -> Optional[str]:

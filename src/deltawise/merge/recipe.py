@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from deltawise.errors import RecipeError, bullet_list
+from deltawise.options import EmbeddingFormat
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -76,7 +77,7 @@ class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: Optional[int] = Field(None, ge=1)
     energy: Optional[float] = Field(None, gt=0, le=1)
-    embeddings: Optional[Literal["whole", "lora"]] = None  # changed embedding tables: saved whole, or LoRA factors
+    embeddings: Optional[EmbeddingFormat] = None  # changed embedding tables: saved whole, or LoRA factors
 
 
 class ModelTokenSource(BaseModel):
