@@ -19,6 +19,7 @@ import errno
 import json
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack, contextmanager, nullcontext
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -90,6 +91,42 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, limit:
             yield f.result()
     finally:
         for f in pending:
+            f.cancel()
+
+
+def _shard_ordered_map(pool: ThreadPoolExecutor, fn: Callable[[TensorPlan], Any], tensors: list[TensorPlan],
+                       shard_of: dict[str, str], limit: int) -> Iterator[Any]:
+    """Run fn over tensors, at most ``limit`` at a time, each worker in a shard no other worker writes
+    while there is one: results are yielded as they finish.
+
+    The writer hashes a shard as it is written (``StreamingShardWriter``): from memory when a chunk
+    extends the shard's written prefix, else by reading the bytes back from the page cache once the
+    prefix reaches them. Two workers in one shard make the one ahead read back everything it writes
+    (a passthrough of the 1B shape re-read 2.3 of its 3.4 GB that way). So a free worker takes the
+    next tensor, in order, of the first shard nobody writes; only when every shard with work left is
+    taken does it join the one with the most bytes left (finishing sooner, at the price of a read-back)."""
+    queues: dict[str, deque[TensorPlan]] = {}
+    for t in tensors:
+        queues.setdefault(shard_of[t.name], deque()).append(t)
+    left = {s: sum(t.out.nbytes for t in q) for s, q in queues.items()}
+    writers: dict[str, int] = {s: 0 for s in queues}
+    running: dict[Future, str] = {}
+    try:
+        while queues or running:
+            while queues and len(running) < limit:
+                shard = next((s for s in queues if not writers[s]), None) or max(queues, key=left.__getitem__)
+                t = queues[shard].popleft()
+                if not queues[shard]:
+                    del queues[shard]
+                left[shard] -= t.out.nbytes
+                writers[shard] += 1
+                running[pool.submit(fn, t)] = shard
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                writers[running.pop(f)] -= 1
+                yield f.result()
+    finally:
+        for f in running:
             f.cancel()
 
 
@@ -255,7 +292,9 @@ def _run_locked(plan: MergePlan, out: Path, options: MergeOptions, device: torch
 
             done = sum(t.out.nbytes for t in plan.tensors if t.name not in todo)
             total = plan.output_bytes()
-            for n in _bounded_map(pool, produce, (t for t in plan.tensors if t.name in todo), options.threads + 1):
+            shard_of = {t.name: shard.filename for shard in shard_plan.shards for t in shard.tensors}
+            for n in _shard_ordered_map(pool, produce, [t for t in plan.tensors if t.name in todo], shard_of,
+                                        max(1, options.threads)):
                 done += n
                 if options.progress:
                     options.progress("merging", done, total)
