@@ -1,11 +1,13 @@
-"""CPU seconds per phase of one ``deltawise merge`` in this process (threads' CPU summed per phase).
+"""CPU and wall seconds per phase of one ``deltawise merge`` in this process (threads' times summed per phase).
 
-    python benchmarks/passthrough_phases.py RECIPE.yaml OUT [--old-finite]
+    python benchmarks/passthrough_phases.py RECIPE.yaml OUT [--old-finite] [--shard-size 2GB]
 
 Phases: reading rows (preadv), the NaN/inf screen of the inputs, pwrite, the shards' sha256 (and the
 bytes it reads back from the page cache for chunks written out of order), planning, finishing the
-folder. ``--old-finite`` puts back the former screen (a float32 sum of every chunk) for a
-before/after run. Build the inputs with ``synthetic.ensure_checkpoints`` and ``build_recipe``.
+folder; then the merge's CPU (user, sys), wall seconds, page faults and the load average.
+``--old-finite`` puts back the former screen (a float32 sum of every chunk) for a before/after run;
+``--shard-size`` as the merge's (merge_speed.py passes 2GB). Build the inputs with
+``synthetic.ensure_checkpoints`` and ``build_recipe``.
 """
 
 from __future__ import annotations
