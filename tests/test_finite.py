@@ -25,6 +25,14 @@ def test_all_finite_agrees_with_isfinite_wherever_the_bad_entry_is(dtype):
     assert all_finite(torch.empty(0, dtype=dtype)) and not all_finite(torch.tensor(float("inf"), dtype=dtype))
 
 
+def test_a_parameter_that_requires_grad_is_screened_too():
+    w = torch.nn.Parameter(torch.randn(4, 5))
+    assert all_finite(w) and all_finite(w[1:3]) and all_finite(w.t())
+    with torch.no_grad():
+        w[2, 3] = float("nan")
+    assert not all_finite(w) and not all_finite(w[2:])
+
+
 def test_integers_are_finite():
     assert all_finite(torch.arange(5)) and all_finite(torch.zeros(3, dtype=torch.uint8))
 

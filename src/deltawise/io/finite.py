@@ -25,7 +25,7 @@ def all_finite(x: torch.Tensor) -> bool:
     # stored entries (all ones: NaN or inf), one read with no conversion, about 3x faster than
     # aminmax (a passthrough merge screens every byte it copies).
     if code is not None and _kernels is not None and x.device.type == "cpu" and x.is_contiguous():
-        return _kernels.nonfinite(x.reshape(-1).view(torch.uint8).numpy(), code) == 0
+        return _kernels.nonfinite(x.detach().reshape(-1).view(torch.uint8).numpy(), code) == 0
     # Otherwise: a NaN or inf anywhere makes the float32 sum non-finite, and one reduction is far
     # cheaper than isfinite(); the exact test only runs on the rare chunk whose sum overflowed or is
     # NaN. 16-bit floats: min and max in the stored dtype (aminmax propagates NaN into both, an inf
