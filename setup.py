@@ -11,6 +11,6 @@ from setuptools import Extension, setup
 flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 # _fused.c includes the other kernel files: they are dependencies, not separate sources
-parts = [f"src/deltawise/_fused_{part}.c" for part in ("sparse", "stats", "rng", "select", "della")]
+parts = [f"src/deltawise/_fused_{part}.c" for part in ("sparse", "stats", "rng", "select", "della", "finite")]
 setup(ext_modules=[Extension("deltawise._fused", ["src/deltawise/_fused.c"], depends=parts, extra_compile_args=flags,
                              optional=True)])

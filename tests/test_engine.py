@@ -261,3 +261,115 @@ def test_a_model_listed_three_times_is_reported_once_per_repeat(llama_family, tm
         merge(r, str(tmp_path / "out"))
     lines = [line for line in str(info.value).splitlines() if "same model" in line]
     assert lines == [f"  - models[{i}] ({llama_family['ft1']}) is the same model as models[0]" for i in (2, 3)], str(info.value)
+
+
+# ---- which tensor a free worker takes (engine._shard_ordered_map) ------------------------------------
+
+
+def _simulate_schedule(monkeypatch, shards: dict[str, list[int]], limit: int, finish_order: list[str]):
+    """Run the scheduler with a pool that only records submissions and a ``wait`` that finishes the
+    running tensors in ``finish_order``; returns the tensor names in submission order."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    tensors, shard_of = [], {}
+    for shard, sizes in shards.items():
+        for i, size in enumerate(sizes):
+            name = f"{shard}{i}"
+            tensors.append(SimpleNamespace(name=name, out=SimpleNamespace(nbytes=size)))
+            shard_of[name] = shard
+    submitted: list[str] = []
+    running: dict[str, Future] = {}
+
+    class Pool:
+        def submit(self, fn, t):
+            submitted.append(t.name)
+            f = running[t.name] = Future()
+            return f
+
+    order = iter(finish_order)
+
+    def wait(futures, return_when):
+        name = next(order)
+        assert running[name] in futures, f"{name} finished while not running (running: {sorted(running)})"
+        f = running.pop(name)
+        f.set_result(name)
+        return {f}, set(futures) - {f}
+
+    monkeypatch.setattr(engine_module, "wait", wait)
+    done = list(engine_module._shard_ordered_map(Pool(), None, tensors, shard_of, limit))
+    assert sorted(done) == sorted(t.name for t in tensors)  # each tensor exactly once
+    return submitted
+
+
+def test_a_free_worker_takes_a_shard_nobody_writes(monkeypatch):
+    """Hand-traced: two workers over shards A (3 tensors), B (1) and C (2) never share a shard, and
+    each shard's tensors go in file order, so every chunk is hashed from memory."""
+    submitted = _simulate_schedule(monkeypatch, {"A": [10, 10, 10], "B": [5], "C": [7, 7]}, limit=2,
+                                   finish_order=["B0", "A0", "C0", "A1", "C1", "A2"])
+    assert submitted == ["A0", "B0", "C0", "A1", "C1", "A2"]
+
+
+def test_with_every_shard_taken_a_worker_joins_the_one_with_most_left(monkeypatch):
+    """Three workers, two shards: the third joins A (30 bytes left against B's none), in order."""
+    submitted = _simulate_schedule(monkeypatch, {"A": [10, 10, 10], "B": [5]}, limit=3,
+                                   finish_order=["A0", "B0", "A1", "A2"])
+    assert submitted == ["A0", "B0", "A1", "A2"]
+    submitted = _simulate_schedule(monkeypatch, {"A": [1, 1], "B": [9, 9], "C": [4]}, limit=4,
+                                   finish_order=["A0", "B0", "C0", "A1", "B1"])
+    assert submitted[:3] == ["A0", "B0", "C0"] and submitted[3] == "B1"  # B has 9 left, A 1
+
+
+def test_schedule_property_order_within_a_shard_and_at_most_limit_running(monkeypatch):
+    """Random shard sizes, limits and finishing orders: within a shard tensors start in file order,
+    never more than ``limit`` run, and a second worker enters a shard only when every shard with work
+    left already has one."""
+    import random
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    rng = random.Random(0)
+    for trial in range(200):
+        shards = {f"S{k}": [rng.randint(1, 9) for _ in range(rng.randint(1, 4))] for k in range(rng.randint(1, 4))}
+        limit = rng.randint(1, 4)
+        shard_of = {f"{s}{i}": s for s, sizes in shards.items() for i in range(len(sizes))}
+        running: list[str] = []
+        started = {s: 0 for s in shards}  # tensors of each shard submitted so far
+
+        class Pool:
+            def submit(self, fn, t):
+                shard = shard_of[t.name]
+                free = [s for s in shards if started[s] < len(shards[s]) and all(shard_of[n] != s for n in running)]
+                assert len(running) < limit and (not free or shard in free), (trial, t.name, free)
+                assert t.name == f"{shard}{started[shard]}"  # file order within the shard
+                started[shard] += 1
+                running.append(t.name)
+                f = Future()
+                f.name = t.name
+                return f
+
+        def wait(futures, return_when):
+            f = rng.choice(sorted(futures, key=lambda f: f.name))  # any running tensor may finish first
+            running.remove(f.name)
+            f.set_result(f.name)
+            return {f}, set(futures) - {f}
+
+        tensors = [SimpleNamespace(name=f"{s}{i}", out=SimpleNamespace(nbytes=size))
+                   for s, sizes in shards.items() for i, size in enumerate(sizes)]
+        monkeypatch.setattr(engine_module, "wait", wait)
+        assert sorted(engine_module._shard_ordered_map(Pool(), None, tensors, shard_of, limit)) == sorted(shard_of)
+
+
+def test_a_failing_tensor_stops_the_schedule_and_cancels_the_rest(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    tensors = [SimpleNamespace(name=f"t{i}", out=SimpleNamespace(nbytes=1)) for i in range(6)]
+
+    def fn(t):
+        if t.name == "t1":
+            raise ValueError("bad tensor t1")
+        return t.name
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="bad tensor t1"):
+        list(engine_module._shard_ordered_map(pool, fn, tensors, {t.name: t.name[-1] for t in tensors}, 2))

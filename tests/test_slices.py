@@ -175,3 +175,54 @@ def test_per_layer_config_entries_follow_their_layers(tmp_path):
     assert loaded.layer_types == ["full_attention", "sliding_attention", "full_attention", "sliding_attention",
                                   "sliding_attention"]
     assert len([k for k in out if k.endswith("self_attn.q_proj.weight")]) == 5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_threaded_frankenmerge_is_the_same_bytes_and_hashes_in_flight(six, tmp_path, monkeypatch, dtype):
+    """A passthrough copied as stored (float32) or cast (bfloat16), in 6-row chunks, into many shards: one
+    worker and three give the same bytes; every manifest sha256 is the file's; the single worker, writing
+    each shard in order, hashes everything from memory (nothing read back); the copied tensors are the
+    sources' own rows, and the bits of the float32 round trip the copy path replaced."""
+    import hashlib
+    import os
+
+    import deltawise.io.writer as writer_module
+    from deltawise.merge import engine as engine_module, merge
+
+    class CountingOs:
+        read_back = 0
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def preadv(self, fd, buffers, offset):
+            n = os.preadv(fd, buffers, offset)
+            CountingOs.read_back += n
+            return n
+
+    monkeypatch.setattr(writer_module, "os", CountingOs())
+    # copies take 4 x 48 entries: 6 rows of a 32-wide matrix, so chunks end mid-tensor and the last one is short
+    monkeypatch.setattr(engine_module, "CHUNK_ELEMENTS", 48)
+    recipe = {"merge_method": "passthrough", "dtype": dtype,
+              "slices": [{"sources": [src(six["ft1"], 0, 4)]}, {"sources": [src(six["ft2"], 2, 6)]}]}
+    outs = {}
+    for threads in (1, 3):
+        CountingOs.read_back = 0
+        outs[threads] = tmp_path / f"t{threads}"
+        merge(recipe, str(outs[threads]), threads=threads, shard_size=20_000)
+        manifest = json.loads((outs[threads] / "deltawise_merge.json").read_text())
+        assert len(manifest["shards"]) >= 4
+        for shard in manifest["shards"]:
+            assert shard["sha256"] == hashlib.sha256((outs[threads] / shard["file"]).read_bytes()).hexdigest()
+        if threads == 1:
+            assert CountingOs.read_back == 0
+    # the float32 round trip (scale 1.0 is merged, not copied: x * 1.0, cast) writes the same shards
+    scaled = {**recipe, "slices": [{"sources": [src(six["ft1"], 0, 4, scale=1.0)]},
+                                   {"sources": [src(six["ft2"], 2, 6, scale=1.0)]}]}
+    merge(scaled, str(tmp_path / "scaled"), threads=2, shard_size=20_000)
+    for shard in manifest["shards"]:
+        data = (outs[1] / shard["file"]).read_bytes()
+        assert data == (outs[3] / shard["file"]).read_bytes() == (tmp_path / "scaled" / shard["file"]).read_bytes()
+    dw, ft2 = load_folder(outs[3]), load_folder(six["ft2"])
+    want = ft2["model.layers.3.self_attn.q_proj.weight"].to(getattr(torch, dtype))
+    assert torch.equal(dw["model.layers.5.self_attn.q_proj.weight"], want)

@@ -399,6 +399,7 @@ static PyObject *py_task_arithmetic(PyObject *self, PyObject *args) {
 #include "_fused_rng.c"
 #include "_fused_select.c"
 #include "_fused_della.c"
+#include "_fused_finite.c"
 
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
@@ -410,6 +411,7 @@ static PyMethodDef methods[] = {
     {"tie_select", py_tie_select, METH_VARARGS, tie_select_doc},
     {"delta_l1", py_delta_l1, METH_VARARGS, delta_l1_doc},
     {"della_mask", py_della_mask, METH_VARARGS, della_mask_doc},
+    {"nonfinite", py_nonfinite, METH_VARARGS, nonfinite_doc},
     {NULL, NULL, 0, NULL},
 };
 

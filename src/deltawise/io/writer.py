@@ -222,7 +222,10 @@ class StreamingShardWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[shard.filename] = fd
             self._pwrite_all(fd, memoryview(shard.header), 0)
-            self._progress[shard.filename].add(0, len(shard.header))
+            progress = self._progress[shard.filename]
+            progress.add(0, len(shard.header))
+            progress.sha.update(shard.header)  # hashed here, or the shard's first chunk would be read back with it
+            progress.hashed = len(shard.header)
         return fd
 
     @staticmethod
