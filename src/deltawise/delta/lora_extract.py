@@ -9,9 +9,13 @@ are given). The relative error per tensor is ``√(Σ_{i>k} s_i²) / ‖ΔW‖``
 With ``embeddings="lora"`` (``--adapter-embeddings lora``) each changed embedding table (token, position or
 token-type ``nn.Embedding``: ``TensorRoles.is_indexed_table``) is cut the same way, from the SVD of ``ΔEᵀ``, and
 written as PEFT's LoRA-embedding factors (``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r)).
-Other changed tensors that are not linear weights (norms, biases, embeddings with the default
-``embeddings="whole"``) cannot be LoRA factors: with ``non_linear="save"`` their fine-tuned values go into
-``modules_to_save`` (PEFT then replaces the whole module), with ``"skip"`` they are left out with a warning.
+Other changed tensors (biases, norms, embeddings with the default ``embeddings="whole"``) cannot be LoRA factors:
+with ``non_linear="save"`` they are placed by the rule the merge's adapter output uses (``lora_layout``): the bias of
+a linear layer as PEFT's ``lora_B.bias`` (``lora_bias: true``; zero rank-1 factors when its weight did not change),
+beside LoRA embeddings as the layer's new ``base_layer.bias``, saved whole when some LoRA module's base layer has no
+bias; the others' fine-tuned values go into ``modules_to_save`` (PEFT then replaces the whole module, a LoRA weight
+there included). So a full fine-tune of a BERT-style model, whose linear biases train too, extracts with the defaults.
+With ``"skip"`` they are all left out with a warning (an adapter of LoRA factors only).
 A base with tied embeddings stores no output head, but PEFT replaces the input embedding module
 only (and its LoRA on an embedding adapts the lookup only), leaving the (tied) head at the base value
 in PeftModel's forward: a changed input embedding's head is therefore saved whole under the head's name
@@ -28,7 +32,8 @@ import torch
 
 from deltawise.architecture import architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.peft_io import complete_modules, write_peft_adapter
+from deltawise.delta.lora_layout import lora_layout
+from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.store import base_identity
 from deltawise.delta.walk import open_pair
@@ -100,8 +105,9 @@ def extract_lora(
     for head, alias in roles.unstored_tied_heads(pair.base).items():
         tied_heads.setdefault(alias, []).append(head)
     lowrank: dict[str, LowRankDelta] = {}
-    full: dict[str, torch.Tensor] = {}
-    rows: list[TensorRow] = []
+    changed: dict[str, torch.Tensor] = {}  # deltas of the other changed tensors (placed by lora_layout)
+    heads: dict[str, torch.Tensor] = {}  # tied output heads the base does not store, saved whole
+    rows: dict[str, TensorRow] = {}
     warnings: list[str] = pair.missing_warning()
     total, done = sum(pair.finetuned.info(n).nbytes for n in pair.names), 0
     for name, b, ft in pair.tensors():
@@ -115,42 +121,51 @@ def extract_lora(
         if lora_tables and roles.is_indexed_table(name, tuple(b.shape)):
             d, error = table_factors(delta, rank, energy)
             lowrank[name] = d
-            rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank, "embedding": True}))
+            rows[name] = TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank, "embedding": True})
             for head in tied_heads.get(name, ()):
-                full[head] = (b.to(work) + d.materialize(work)).to(b.dtype)  # the embedding PEFT's merge gives
-                rows.append(TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name}))
+                heads[head] = (b.to(work) + d.materialize(work)).to(b.dtype)  # the embedding PEFT's merge gives
+                rows[head] = TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name})
                 warnings.append(f"{head} is tied to {name}, written as LoRA-embedding factors; PEFT's LoRA on an "
                                 f"embedding leaves a tied head at the base value in PeftModel's forward, so {head} is "
                                 "saved whole")
         elif roles.is_linear_weight(name, tuple(b.shape)):
             d, error = lowrank_factors(delta, rank, energy)
             lowrank[name] = d
-            rows.append(TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank}))
+            rows[name] = TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank})
         elif non_linear == "save":
-            full[name] = ft
-            rows.append(TensorRow(name, "modules_to_save", dense_bytes, dense_bytes, 0.0))
+            changed[name] = delta
+            rows[name] = TensorRow(name, "modules_to_save", dense_bytes, dense_bytes, 0.0)
             for head in tied_heads.get(name, ()):
-                full[head] = ft.clone()  # a separate tensor: safetensors refuses shared memory
-                rows.append(TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name}))
+                heads[head] = ft.clone()  # a separate tensor: safetensors refuses shared memory
+                rows[head] = TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name})
         else:
             warnings.append(f"{name} changed but is not a linear weight; skipped (pass --non-linear save to keep it)")
-    if not lowrank and not full:
+    if not lowrank and not changed and not heads:
         raise DeltawiseError(f"{finetuned} does not differ from {base} in any floating tensor: nothing to extract")
-    bad_modules = {n.rsplit(".", 1)[0] for n in full} & {n.rsplit(".", 1)[0] for n in lowrank}
-    if bad_modules:
-        raise DeltawiseError(
-            f"module(s) {', '.join(sorted(bad_modules))} have both a LoRA weight and another changed tensor (e.g. a bias); "
-            "PEFT cannot store both: pass --non-linear skip"
-        )
-    full.update(complete_modules(full, pair.base))
+    factor_dtype = torch.float64 if any(d.A.dtype == torch.float64 for d in lowrank.values()) else torch.float32
+    layout = lora_layout(lowrank, changed, pair.base, roles, factor_dtype,
+                         lambda name, _delta: pair.finetuned.get(name))  # whole: the fine-tuned value, exactly
+    warnings += layout.warnings
+    for name, how in layout.how.items():
+        row = rows[name]
+        if how == "full":
+            rows[name] = TensorRow(name, "modules_to_save", row.dense_bytes, row.dense_bytes, 0.0)
+            continue
+        stored = layout.bias.get(name, layout.bias_values.get(name))
+        weight = f"{name.rsplit('.', 1)[0]}.weight"
+        zero_factors = layout.lowrank[weight].nbytes if weight not in lowrank else 0  # carry a bias alone
+        rows[name] = TensorRow(name, "bias", row.dense_bytes, stored.numel() * stored.element_size() + zero_factors, 0.0,
+                               {"as": "lora_B.bias" if name in layout.bias else "base_layer.bias"})
+    full = {**layout.whole, **heads}
     sidecar = {"format": "deltawise-peft", "method": "lora-svd",
                "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear,
                               "embeddings": "lora" if lora_tables else "whole"},
                "base": base_identity(pair.base), "finetuned": {"label": finetuned, "fingerprint": pair.finetuned.fingerprint()}}
     with staged_output(out, overwrite) as staging:
-        write_peft_adapter(staging, lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type, sidecar=sidecar)
-    ranks = [d.rank for d in lowrank.values()]
-    summary = {"lora_tensors": len(lowrank), "lora_embedding_tables": sum(d.transpose for d in lowrank.values()),
-               "modules_to_save": len(full),
+        write_peft_adapter(staging, layout.lowrank, full, base_ref=sidecar["base"]["ref"], task_type=task_type,
+                           sidecar=sidecar, bias=layout.bias, bias_values=layout.bias_values)
+    ranks = [d.rank for n, d in layout.lowrank.items() if n in lowrank]
+    summary = {"lora_tensors": len(ranks), "lora_embedding_tables": sum(d.transpose for d in layout.lowrank.values()),
+               "lora_biases": len(layout.bias) + len(layout.bias_values), "modules_to_save": len(full),
                "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0)}
-    return DeltaResult(out, rows, warnings, summary)
+    return DeltaResult(out, list(rows.values()), warnings, summary)

@@ -41,7 +41,8 @@ import torch
 
 from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.peft_io import complete_modules, write_peft_adapter
+from deltawise.delta.lora_layout import lora_layout
+from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.store import base_identity
 from deltawise.errors import DeltawiseError, InputError, RecipeError
 from deltawise.io.dtypes import parse_dtype
@@ -338,55 +339,22 @@ class _DenseDeltas:
 
 def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRoles, dtype: torch.dtype,
                          warnings: list[str]) -> dict[str, torch.Tensor]:
-    """Biases of LoRA modules become ``lora_B.bias``; the other changed tensors (and every changed tensor of
-    their module) are saved whole, as ``base + merged delta`` in the base dtype (``modules_to_save``).
-
-    PEFT's ``lora_bias`` is one switch for every LoRA module, and PEFT cannot merge a LoRA bias into a
-    layer without one: when some LoRA module's base layer has no bias, the modules with a bias delta
-    are saved whole instead (exact too, but larger). Beside LoRA embeddings (PEFT has no ``lora_bias`` for
-    them) the biases are written as the modules' new values (``base_layer.bias``), which needs neither."""
+    """The changed tensors that are not LoRA factors placed by ``lora_layout`` (biases of LoRA modules as
+    ``lora_B.bias``, or ``base_layer.bias`` beside LoRA embeddings; the rest saved whole, as ``base + merged delta``
+    in the base dtype), and the tied heads; returns the tensors saved whole (``modules_to_save``)."""
     base = inputs.base
-    whole: set[str] = set()
-    biased: set[str] = set()
-    for name in parts.dense:
-        module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        weight = f"{module}.weight"
-        if leaf == "bias" and weight in base and roles.is_linear_weight(weight, tuple(base.info(weight).shape)):
-            biased.add(module)
-        else:
-            whole.add(module)
-    lora_modules = ({n.rsplit(".", 1)[0] for n in parts.lowrank} | biased) - whole
-    tables = any(d.transpose for d in parts.lowrank.values())
-    if not tables and biased - whole and any(f"{m}.bias" not in base for m in lora_modules):
-        warnings.append(f"{len(biased - whole)} module(s) with a bias change saved whole (modules_to_save): PEFT's "
-                        "lora_bias would also give a bias to LoRA modules whose base layer has none")
-        whole |= biased
-    for name in list(parts.lowrank):  # a module saved whole carries its weight whole too
-        if name.rsplit(".", 1)[0] in whole:
-            lowrank = parts.lowrank.pop(name)
-            parts.dense[name] = lowrank.materialize(torch.float64 if lowrank.A.dtype == torch.float64 else torch.float32)
-            parts.rows[name] = MatrixRow(name, "full", None, 0.0, parts.rows[name].norm)
-    full: dict[str, torch.Tensor] = {}
-    for name, dense in parts.dense.items():
-        module = name.rsplit(".", 1)[0]
-        if module in whole:
-            value = base.get(name)
-            full[name] = (value.to(dense.dtype) + dense).to(value.dtype)
-            parts.rows[name] = MatrixRow(name, "full", None, 0.0, parts.rows[name].norm)
-            continue
-        weight = f"{module}.weight"
-        if weight not in parts.lowrank:  # a bias whose weight no input changes: zero rank-1 factors carry it
-            out_features, in_features = base.info(weight).shape
-            parts.lowrank[weight] = LowRankDelta(torch.zeros(1, in_features, dtype=dtype),
-                                                 torch.zeros(out_features, 1, dtype=dtype))
-        if tables:
-            value = base.get(name)
-            parts.bias_values[name] = (value.to(dense.dtype) + dense).to(value.dtype)
-        else:
-            parts.bias[name] = dense.to(dtype)
-        parts.rows[name] = MatrixRow(name, "bias", None, 0.0, parts.rows[name].norm)
+
+    def new_value(name: str, delta: torch.Tensor) -> torch.Tensor:
+        value = base.get(name)
+        return (value.to(delta.dtype) + delta).to(value.dtype)
+
+    layout = lora_layout(parts.lowrank, parts.dense, base, roles, dtype, new_value)
+    warnings += layout.warnings
+    parts.lowrank, parts.bias, parts.bias_values = layout.lowrank, layout.bias, layout.bias_values
+    for name, how in layout.how.items():
+        parts.rows[name] = MatrixRow(name, how, None, 0.0, parts.rows[name].norm)
+    full = layout.whole
     full.update(_tied_heads(full, parts, inputs, roles, warnings))
-    full.update(complete_modules(full, base))
     return full
 
 
