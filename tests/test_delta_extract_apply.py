@@ -68,6 +68,8 @@ def test_lora_extraction_is_exact_at_the_true_rank(rank3, tmp_path):
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted([Q0.removesuffix(".weight"), UP1.removesuffix(".weight")])
     assert config["modules_to_save"] == ["model.norm"]
+    assert config["lora_bias"] is False and config["bias"] == "none"  # a Llama has no biases: none written
+    assert not any("bias" in k for k in load_file(tmp_path / "ad" / "adapter_model.safetensors"))
     apply_delta(str(tmp_path / "ad"), str(rank3["base"]), tmp_path / "back")
     want, got = load_state(rank3["ft"]), load_state(tmp_path / "back")
     for k in want:

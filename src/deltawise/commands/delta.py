@@ -80,8 +80,9 @@ def extract(
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (with --energy: the largest rank allowed)"),
     energy: Optional[float] = typer.Option(None, "--energy", min=0, max=1,
                                            help="LoRA: smallest rank keeping this fraction of spectral energy"),
-    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed norms/biases (and embeddings saved "
-                                                                "whole): save (modules_to_save) or skip"),
+    non_linear: str = typer.Option("save", "--non-linear", help="LoRA: changed biases, norms (and embeddings saved "
+                                                                "whole): save (biases as lora_B.bias, the rest in "
+                                                                "modules_to_save) or skip (left out)"),
     adapter: AdapterOutputOptions = ...,
     dtype: str = typer.Option("auto", help="dense delta dtype: auto (exact: one step wider than the weights), float32, "
                                            "bfloat16, ..."),
