@@ -264,3 +264,19 @@ def test_cli_flag_and_recipe_key_must_agree(adapters, tmp_path):
     flag = runner.invoke(app, ["merge", str(plain), str(tmp_path / "o4"), "--output-format", "adapter", "-q"])
     assert flag.exit_code == 0, flag.output
     assert "exact" in flag.output and sidecar(tmp_path / "o4")["exactness"] == "exact"
+
+
+def test_a_weight_cut_by_svd_and_saved_whole_with_its_module_reports_its_cut(adapters, tmp_path):
+    # ties is not a sum of factors: every changed weight is cut to rank 1; k_proj's bias change next to bias-free
+    # LoRA layers saves k_proj whole, so its weight goes into modules_to_save as the rank-1 cut
+    models = {"bias": 1.0, "rslora": 1.0}
+    merge(recipe(adapters, "ties", models, adapter={"rank": 1}, density=1.0), tmp_path / "ad")
+    merge(recipe(adapters, "ties", models, density=1.0), tmp_path / "dense")
+    rows = {r["tensor"]: r for r in sidecar(tmp_path / "ad")["tensors"]}
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert rows[k]["how"] == "full"
+    got = peft_delta(adapters, tmp_path / "ad")[k]
+    want = load_state(tmp_path / "dense")[k] - adapters["base_state"][k]
+    measured = float((got - want).norm() / want.norm())
+    assert measured > 0.05  # the cut is real
+    assert rows[k]["relative_error"] == pytest.approx(measured, rel=1e-3)

@@ -352,7 +352,10 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
     warnings += layout.warnings
     parts.lowrank, parts.bias, parts.bias_values = layout.lowrank, layout.bias, layout.bias_values
     for name, how in layout.how.items():
-        parts.rows[name] = MatrixRow(name, how, None, 0.0, parts.rows[name].norm)
+        # a weight cut by SVD and then saved whole with its module keeps the cut (the exact merged delta is gone by
+        # now), so it keeps its error too
+        error = parts.rows[name].relative_error if parts.rows[name].how == "svd" else 0.0
+        parts.rows[name] = MatrixRow(name, how, None, error, parts.rows[name].norm)
     full = layout.whole
     full.update(_tied_heads(full, parts, inputs, roles, warnings))
     return full
