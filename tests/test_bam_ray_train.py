@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from adapt_util import DOCS, tiny_lm  # noqa: F401
@@ -96,6 +101,53 @@ def test_ray_train_branches_equal_ddp_branches_and_merge_to_their_average(local_
     assert (out.parent / "out.work" / "round_1" / ".ray_train" / "branch_1").is_dir()  # Ray Train's record, in the work
 
 
+def _kill_a_training_ray_train_worker(round_dir: Path, stop: threading.Event) -> int | None:
+    """SIGKILL a Ray Train worker (Ray titles it ``ray::RayTrainWorker...``) once a branch trains: its slice is
+    written and it is not finished. (Ray Train starts a worker group again when a worker dies while starting.) Only
+    this process's descendants are searched: under pytest-xdist another test may run Ray workers of its own."""
+    while not stop.is_set():
+        if any((b / "data.jsonl").is_file() and not (b / "done.json").is_file() for b in round_dir.glob("branch_*")):
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = proc.cmdline()
+                except psutil.Error:  # ended between listing and reading
+                    continue
+                if any(part.startswith("ray::RayTrainWorker") for part in cmdline):
+                    proc.send_signal(signal.SIGKILL)
+                    return proc.pid
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.slow
+def test_ray_train_branch_whose_worker_is_killed_is_retrained_by_the_rerun(local_ray, tiny_lm, data, ddp_branches,
+                                                                          tmp_path):
+    pytest.importorskip("ray.train.torch")
+    out = tmp_path / "out"
+    work = tmp_path / "out.work" / "round_1"
+    args = bam_args(tiny_lm["model"], data, out, "--executor", "ray", "--branch-workers", "2", "--branch-cpus", "1")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=lambda: killed.append(_kill_a_training_ray_train_worker(work, stop)))
+    killer.start()
+    try:
+        res = CliRunner().invoke(app, args)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed[0] is not None
+    message = " ".join(str(res.exception).split())
+    assert res.exit_code == 1 and re.search(r"round 1: branch\(es\) \d failed .*worker rank \d.*rerun the same command",
+                                            message), message
+    finished = [(work / f"branch_{k}" / "done.json").is_file() for k in (1, 2)]
+    assert sorted(finished) == [False, True] and not out.exists()  # the other branch trained to the end
+
+    res = CliRunner().invoke(app, args)  # the rerun trains only the branch whose worker was killed
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    skipped = [b["skipped"] for b in json.loads((out / "bam.json").read_text())["rounds_log"][0]["branches"]]
+    assert skipped == finished
+    assert_bam_equals_ddp(out, ddp_branches)
+
+
 def _torchrun_bam(args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
@@ -136,6 +188,15 @@ def test_branch_workers_without_ray_train_are_refused_naming_torchrun(tiny_lm, d
     cfg = BamConfig(train=train, branches=2, merge="linear", executor="ray", branch_workers=2)
     with pytest.raises(InputError, match=r"need Ray Train .*deltawise\[ray\].*torchrun --nproc_per_node 2"):
         run_bam(cfg)
+    assert not (tmp_path / "out.work" / "round_1").exists()
+
+
+def test_a_multi_process_launch_of_bam_must_train_one_branch(tiny_lm, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (the process group starts later, in training)
+    train = TrainConfig(model=tiny_lm["model"], data=data, output=tmp_path / "out", method="full", progress=False, **TRAIN)
+    for merge_only in (False, True):
+        with pytest.raises(InputError, match="launch of 2 processes .* add --branch-index K, and merge with --merge-only"):
+            run_bam(BamConfig(train=train, branches=2, merge="linear", merge_only=merge_only))
     assert not (tmp_path / "out.work" / "round_1").exists()
 
 

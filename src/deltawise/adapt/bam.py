@@ -313,6 +313,9 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
         raise InputError(f"unknown --executor {cfg.executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cfg.branch_index is not None and cfg.executor != "inline":
         raise InputError("--branch-index trains one branch in this process; leave out --executor")
+    if world_size() > 1 and cfg.branch_index is None:  # each process would merge and write the same folders
+        raise InputError(f"a launch of {world_size()} processes (torchrun, accelerate launch) trains one branch of bam: "
+                         "add --branch-index K, and merge with --merge-only in one process")
     workers = _branch_workers(cfg)
     executor, threads = executor_for(ExecutorOptions(cfg.executor, cfg.jobs, cfg.branch_cpus, cfg.branch_gpus,
                                                      cfg.branch_workers), K)
