@@ -34,6 +34,7 @@ from deltawise.adapt.executors import executor_for
 from deltawise.adapt.train import TrainConfig
 from deltawise.cli import app
 from deltawise.errors import InputError
+from deltawise.io.output import staging_folder
 from deltawise.options import ExecutorOptions
 
 STEPS, BATCH, SEED = 2, 2, 0  # 4 examples a branch: one global batch of 2 x 2 a step under 2 processes
@@ -102,11 +103,13 @@ def test_ray_train_branches_equal_ddp_branches_and_merge_to_their_average(local_
 
 
 def _kill_a_training_ray_train_worker(round_dir: Path, stop: threading.Event) -> int | None:
-    """SIGKILL a Ray Train worker (Ray titles it ``ray::RayTrainWorker...``) once a branch trains: its slice is
-    written and it is not finished. (Ray Train starts a worker group again when a worker dies while starting.) Only
-    this process's descendants are searched: under pytest-xdist another test may run Ray workers of its own."""
+    """SIGKILL a Ray Train worker (Ray titles it ``ray::RayTrainWorker...``) once a branch trains: its training run's
+    staging folder is there and the branch is not finished. (Killed in the first second of the group, Ray Train 2.60
+    may take the death for a controller error and leave the group's placement group to the driver's end: a CLI
+    run ends there, this test's Ray instance would not.) Only this process's descendants are searched: under
+    pytest-xdist another test may run Ray workers of its own."""
     while not stop.is_set():
-        if any((b / "data.jsonl").is_file() and not (b / "done.json").is_file() for b in round_dir.glob("branch_*")):
+        if any(staging_folder(b / "train").is_dir() and not (b / "done.json").is_file() for b in round_dir.glob("branch_*")):
             for proc in psutil.Process().children(recursive=True):
                 try:
                     cmdline = proc.cmdline()
