@@ -56,7 +56,7 @@ from bench_args import seed_list  # noqa: E402
 from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 
-from deltawise.options import ExecutorOptions, IntervalOptions, flag_of, option_fields  # noqa: E402
+from deltawise.options import ONE_PROCESS_JOBS, ExecutorOptions, IntervalOptions, flag_of, option_fields  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -602,6 +602,8 @@ def add_executor_arguments(ap: argparse.ArgumentParser) -> None:
     """``ExecutorOptions``' flags (declared once, in deltawise/options.py) as argparse arguments: where the
     (method, lambda) cells of a seed run."""
     for f in option_fields(ExecutorOptions):
+        if f.name in ONE_PROCESS_JOBS:  # a cell runs in one process
+            continue
         flag = flag_of(f)
         ap.add_argument(flag.long_name(f.name), dest=f.name, type=type(f.default), default=f.default, help=flag.help)
 

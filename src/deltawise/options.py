@@ -335,12 +335,17 @@ class ExecutorOptions:
     jobs: int = option(1, "local executor: jobs run at once, each in its own process (0: all of them)", min=0)
     job_cpus: float = option(1.0, "ray executor: CPUs each job asks for", min=0)
     job_gpus: float = option(0.0, "ray executor: GPUs each job asks for (1: a GPU per job)", min=0)
+    # only bam's branches can span several processes: the other commands leave this field out of their flags
+    job_workers: int = option(1, "ray executor: processes each job trains on, as one DDP run through Ray Train's "
+                                 "TorchTrainer (--job-cpus/--job-gpus are then per process)", min=1)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTOR_CHOICES:
             raise InputError(f"unknown --executor {self.executor!r}; choose one of {', '.join(EXECUTOR_CHOICES)}")
         if self.jobs < 0:
             raise InputError(f"--jobs must be at least 0 (0: all jobs at once), got {self.jobs}")
+        if self.job_workers < 1:
+            raise InputError(f"a job needs at least 1 worker, got {self.job_workers}")
 
     @property
     def name(self) -> str:
@@ -354,9 +359,15 @@ class ExecutorOptions:
 BAM_EXECUTOR = {"executor": {"default": "inline", "help": "where a round's branches train: inline (this process, one after "
                              "another), local (processes on this machine) or ray (Ray tasks; pip install 'deltawise[ray]')"},
                 "jobs": {"default": 0, "help": "local executor: branches trained at once (0: all branches of a round)"},
-                "job_cpus": {"long": "--branch-cpus", "help": "ray executor: CPUs each branch task asks for"},
+                "job_cpus": {"long": "--branch-cpus", "help": "ray executor: CPUs each branch task asks for (per worker "
+                                                              "with --branch-workers)"},
                 "job_gpus": {"long": "--branch-gpus", "help": "ray executor: GPUs each branch task asks for (1: a GPU per "
-                                                              "branch)"}}
+                                                              "branch; per worker with --branch-workers)"},
+                "job_workers": {"long": "--branch-workers", "help": "ray executor: processes each branch trains on, as one "
+                                "DDP run (Ray Train TorchTrainer; a global batch of N x --batch-size), e.g. 2 with "
+                                "--branch-gpus 1 for 2 GPUs per branch"}}
+# the commands whose jobs run in one process each leave the multi-process field out
+ONE_PROCESS_JOBS = ("job_workers",)
 
 
 @dataclass

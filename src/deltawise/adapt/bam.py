@@ -20,6 +20,7 @@ Work folder (resumable; a rerun of the same command skips what is finished)::
     WORK/round_j/branch_k/done.json  written last: slice, loss, tokens, seconds
     WORK/round_j/merged/             θ^(j), written atomically by the merge engine
     WORK/round_j/merge.json          written last: method, parameters, seconds
+    WORK/round_j/.ray_train/branch_k Ray Train's record of a branch trained on several workers
 
 A branch without ``done.json`` is trained again from scratch; a round with ``merge.json`` is
 not merged again. OUT (θ^(R) plus ``bam.json``) is written atomically at the end.
@@ -28,6 +29,9 @@ The branches of a round are independent jobs for an executor (``deltawise.adapt.
 after another in this process (``inline``, the default), in local processes, or as Ray tasks with
 the CPUs/GPUs each asks for. Every job reads and writes only its branch folder, so the work folder
 on shared storage is all the nodes of a cluster share (docs/adapt.md, "Running branches on a cluster").
+A branch can itself span several processes: with ``--branch-workers N`` each Ray job is a Ray Train
+``TorchTrainer`` of N workers (adapt/ray_train.py) running ``train_branch_job`` as one DDP run, and so does
+``torchrun --nproc_per_node N ... bam --branch-index K``; rank 0 writes the branch, as one process would.
 """
 
 from __future__ import annotations
@@ -37,14 +41,18 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deltawise.adapt.data import Example, read_examples
+from deltawise.adapt.dist import broadcast_object, is_distributed, rank, world_size
 from deltawise.adapt.executors import EXECUTORS, JobsFailed, executor_for
 from deltawise.adapt.materialize import materialize
+from deltawise.adapt.ray_train import Workers
 from deltawise.adapt.train import TrainConfig, run_train
 from deltawise.errors import InputError, OutputError
 from deltawise.io.output import check_output_folder, output_lock, staged_output, unwritable
@@ -55,6 +63,7 @@ STATE = "bam_state.json"
 DONE = "done.json"
 MERGE_DONE = "merge.json"
 LOG = "bam.json"
+RAY_TRAIN = ".ray_train"  # in a round folder: Ray Train's records of multi-worker branches
 SCHEMA = "deltawise.bam/1"
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total): "rounds", "branches"
@@ -79,7 +88,8 @@ class BamConfig:
     executor: str = "inline"  # where a round's branches train: inline (this process, in turn), local (processes), ray
     jobs: int = 0  # local executor: branches trained at once (0: all of a round's)
     branch_cpus: float = 1.0  # ray executor: CPUs each branch task asks for
-    branch_gpus: float = 0.0  # ray executor: GPUs each branch task asks for
+    branch_gpus: float = 0.0  # ray executor: GPUs each branch task asks for (each worker's, with branch_workers > 1)
+    branch_workers: int = 1  # ray executor: processes (Ray Train workers) each branch trains on, as one DDP run
 
     @property
     def work_dir(self) -> Path:
@@ -100,17 +110,47 @@ class BranchJob:
     examples: list[Example]
     indices: list[int]
     threads: Optional[int] = None  # torch threads in a worker process (None: leave as is)
+    workers: Optional[Workers] = None  # several processes (Ray Train workers) train this branch together
 
 
 def train_branch_job(job: BranchJob, tell: Optional[Note] = None) -> dict[str, Any]:
-    """Train one branch under its own lock and return its ``done.json`` record (run in any process)."""
+    """Train one branch under its own lock and return its ``done.json`` record (run in any process).
+
+    In a multi-process run (Ray Train's workers, ``torchrun ... --branch-index``) every process calls this as one DDP
+    run: rank 0 locks and prepares the branch folder and writes the branch, the others train beside it from a copy
+    of the slice of their own, and every process returns rank 0's record."""
+    tell = tell or (lambda _msg: None)
     if job.threads is not None:
         import torch
 
         torch.set_num_threads(job.threads)
-    with output_lock(job.folder, "BaM branch"):
-        return _train_branch(job.train, job.start, job.folder, job.round, job.branch, job.index, job.examples, job.indices,
-                             tell or (lambda _msg: None))
+    if world_size() == 1:
+        with output_lock(job.folder, "BaM branch"):
+            return _train_branch(job, _write_slice(job), True, tell)
+    main = rank() == 0
+    with ExitStack() as held:
+        if main:
+            held.enter_context(output_lock(job.folder, "BaM branch"))
+            data = _write_slice(job)
+        else:  # rank 0 may still be clearing the branch folder: read the slice from a private copy
+            data = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="deltawise-bam-"))) / "data.jsonl"
+            data.write_text(_slice_text(job), encoding="utf-8")
+        if is_distributed():  # a group started before (Ray Train): the others go on once the folder is ready
+            import torch
+
+            torch.distributed.barrier()  # (under torchrun, the group starts in run_train, after rank 0's staging)
+        record = _train_branch(job, data, main, tell if main else (lambda _msg: None))
+    return broadcast_object(record)
+
+
+def train_branch_on_workers(job: BranchJob) -> dict[str, Any]:
+    """Train one branch on ``job.workers`` Ray Train workers (one DDP run of ``train_branch_job``) and return its
+    ``done.json`` record: a Ray task of ``--executor ray --branch-workers N``."""
+    from deltawise.adapt.ray_train import run_on_workers
+
+    assert job.workers is not None
+    return run_on_workers(train_branch_job, dataclasses.replace(job, workers=None), job.workers,
+                          job.folder.parent / RAY_TRAIN, job.folder.name)
 
 
 @dataclass
@@ -203,6 +243,8 @@ def fingerprint(cfg: BamConfig, model_path: Path) -> dict[str, Any]:
         "branches": cfg.branches, "rounds": cfg.rounds,
         "merge": list(merge_choice(cfg.branches, cfg.merge, cfg.merge_params)),
         "train": json.loads(json.dumps(train, default=str)),
+        # N workers train with N x --batch-size a step; one process keeps the fingerprint work folders already hold
+        **({"branch_workers": cfg.branch_workers} if cfg.branch_workers != 1 else {}),
     }
 
 
@@ -271,7 +313,12 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
         raise InputError(f"unknown --executor {cfg.executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cfg.branch_index is not None and cfg.executor != "inline":
         raise InputError("--branch-index trains one branch in this process; leave out --executor")
-    executor, threads = executor_for(ExecutorOptions(cfg.executor, cfg.jobs, cfg.branch_cpus, cfg.branch_gpus), K)
+    if world_size() > 1 and cfg.branch_index is None:  # each process would merge and write the same folders
+        raise InputError(f"a launch of {world_size()} processes (torchrun, accelerate launch) trains one branch of bam: "
+                         "add --branch-index K, and merge with --merge-only in one process")
+    workers = _branch_workers(cfg)
+    executor, threads = executor_for(ExecutorOptions(cfg.executor, cfg.jobs, cfg.branch_cpus, cfg.branch_gpus,
+                                                     cfg.branch_workers), K)
     base = Path(model_path or tc.model)
     out, work = Path(tc.output), cfg.work_dir
     # an input file may sit beside the outputs, but no output may be or contain an input
@@ -316,7 +363,7 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
                 continue  # another process trains it
             else:
                 todo.append(BranchJob(tc, start, bdir, j, k, index, [examples[i] for i in slices[index]], slices[index],
-                                      threads))
+                                      threads, workers))
         if todo:
             rdir.mkdir(parents=True, exist_ok=True)
 
@@ -329,6 +376,8 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
             if executor.name != "inline":
                 tell(f"round {j}: training {len(todo)} branch(es) with the {executor.name} executor")
             train = (lambda job: train_branch_job(job, tell)) if executor.name == "inline" else train_branch_job
+            if workers is not None:
+                train = train_branch_on_workers
             try:
                 executor.run(train, todo, on_done=trained)
             except JobsFailed as exc:
@@ -365,19 +414,52 @@ def _run_bam(cfg: BamConfig, *, model_path: Optional[Path] = None, progress: Opt
     return BamResult(out, log)
 
 
-def _train_branch(tc: TrainConfig, start: Path, bdir: Path, j: int, k: int, index: int, examples: list[Example],
-                  indices: list[int], tell: Note) -> dict[str, Any]:
-    if bdir.exists():
-        shutil.rmtree(bdir)  # an unfinished branch (no done marker) is redone from scratch
-    bdir.mkdir(parents=True)
-    data = bdir / "data.jsonl"
-    data.write_text("".join(json.dumps(_example_record(e, tc.task), ensure_ascii=False) + "\n" for e in examples),
-                    encoding="utf-8")
+def _branch_workers(cfg: BamConfig) -> Optional[Workers]:
+    """What each branch's Ray Train workers ask for (``--branch-workers N`` > 1), after checking they can run."""
+    n = cfg.branch_workers
+    if n < 1:
+        raise InputError(f"--branch-workers must be at least 1, got {n}")
+    if n == 1:
+        return None
+    alternative = (f"without Ray, train each branch on {n} processes with torchrun: torchrun --nproc_per_node {n} -m "
+                   "deltawise bam ... --branch-index K for every K, then deltawise bam ... --merge-only")
+    if cfg.executor != "ray":
+        raise InputError(f"--branch-workers {n} trains each branch on {n} Ray Train workers and needs --executor ray "
+                         f"(got {cfg.executor}); {alternative}")
+    from deltawise.adapt.ray_train import import_ray_train
+
+    import_ray_train(alternative)
+    # a CPU run keeps gloo even when the workers hold GPUs; else Ray Train's choice (nccl with GPUs)
+    return Workers(n, cfg.branch_cpus, cfg.branch_gpus, "gloo" if cfg.train.device == "cpu" else None)
+
+
+def _slice_text(job: BranchJob) -> str:
+    """The branch's slice as JSONL (``data.jsonl``)."""
+    return "".join(json.dumps(_example_record(e, job.train.task), ensure_ascii=False) + "\n" for e in job.examples)
+
+
+def _write_slice(job: BranchJob) -> Path:
+    """Empty the branch folder (an unfinished branch, without a done marker, is redone from scratch) and write its slice."""
+    if job.folder.exists():
+        shutil.rmtree(job.folder)
+    job.folder.mkdir(parents=True)
+    data = job.folder / "data.jsonl"
+    data.write_text(_slice_text(job), encoding="utf-8")
+    return data
+
+
+def _train_branch(job: BranchJob, data: Path, main: bool, tell: Note) -> Optional[dict[str, Any]]:
+    """Train the branch on ``data`` (its slice); the process that writes (``main``) folds an adapter into the model
+    and writes ``done.json``, and returns the record (the other ranks of a multi-process run: None)."""
+    tc, start, bdir, j, k, index, examples, indices = (job.train, job.start, job.folder, job.round, job.branch, job.index,
+                                                       job.examples, job.indices)
     tell(f"round {j} branch {k}: training {tc.method} on slice {index + 1} ({len(examples)} examples)")
     # every branch is its own run: the LR schedule (warmup + decay) restarts in each one
     cfg = dataclasses.replace(tc, model=start, data=data, output=bdir / "train", seed=tc.seed + index,
                               overwrite=True, progress=False)
     result = run_train(cfg)
+    if not main:
+        return None
     model = materialize(bdir / "train", start, bdir / "model", trust_remote_code=tc.trust_remote_code)
     record = {
         "round": j, "branch": k, "slice": index + 1, "examples": len(examples), "indices": indices,

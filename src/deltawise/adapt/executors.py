@@ -175,9 +175,15 @@ def make_executor(name: str, *, processes: int = 1, resources: Resources = Resou
 def executor_for(options: ExecutorOptions, count: int) -> tuple[Executor, Optional[int]]:
     """The executor ``options`` name for ``count`` jobs, and the torch threads each job should set: a local
     process gets its share of this machine's cores, a Ray task the CPUs it asked for (at least 1), an
-    inline job leaves this process as it is (None)."""
+    inline job leaves this process as it is (None).
+
+    A job of several workers (``job_workers`` > 1, Ray only) is a Ray task that asks for nothing and launches
+    the job's workers (adapt/ray_train.py), each asking for ``job_cpus``/``job_gpus`` and setting the threads."""
     name = options.name
+    if options.job_workers > 1 and name != "ray":
+        raise InputError(f"{options.job_workers} workers per job run through Ray Train: use the ray executor")
     processes = options.jobs or max(count, 1)
     threads = {"local": max(1, (os.cpu_count() or 1) // max(1, min(processes, count))),
                "ray": max(1, int(options.job_cpus))}.get(name)
-    return make_executor(name, processes=processes, resources=Resources(options.job_cpus, options.job_gpus)), threads
+    task = Resources(0, 0) if options.job_workers > 1 else Resources(options.job_cpus, options.job_gpus)
+    return make_executor(name, processes=processes, resources=task), threads

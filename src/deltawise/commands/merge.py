@@ -18,8 +18,8 @@ from deltawise.commands.console import (
     warn,
 )
 from deltawise.commands.flags import options
-from deltawise.options import (AdapterOutputOptions, BudgetSearchOptions, EngineOptions, ExecutorOptions, IntervalOptions,
-                               LoadOptions, RunOptions, SplitOptions)
+from deltawise.options import (ONE_PROCESS_JOBS, AdapterOutputOptions, BudgetSearchOptions, EngineOptions, ExecutorOptions,
+                               IntervalOptions, LoadOptions, RunOptions, SplitOptions)
 
 RECIPE = typer.Argument(..., help="merge recipe (YAML; mergekit recipes for shared methods work unchanged)")
 MERGE_OUTPUT = {"output": {"help": "output folder (created; must not be an input)"}, "quiet": {"help": "no progress bars"},
@@ -154,8 +154,8 @@ def _run_stages(recipe: Path, run: RunOptions, engine: EngineOptions, work_dir: 
               f"({sum(r.skipped for r in results)} already done)", highlight=False)
 
 
-@options("executor", ExecutorOptions, override={"jobs": {"help": "local executor: candidates merged and scored at once, "
-                                                          "each in its own process (0: all of them)"}})
+@options("executor", ExecutorOptions, exclude=ONE_PROCESS_JOBS, override={
+    "jobs": {"help": "local executor: candidates merged and scored at once, each in its own process (0: all of them)"}})
 @options("intervals", IntervalOptions)
 @options("split", SplitOptions)
 @options("load", LoadOptions)

@@ -11,6 +11,7 @@ from deltawise.commands.console import ProgressReporter, escape, no_transformers
 from deltawise.commands.flags import options
 from deltawise.commands.train import DATA_HELP, method_params
 from deltawise.options import (
+    ONE_PROCESS_JOBS,
     BudgetSearchOptions,
     DataOptions,
     ExecutorOptions,
@@ -36,8 +37,8 @@ SWEPT = ("lr", "max_steps", "epochs")  # set by the sweep itself
 @options("choice", MethodChoice)
 @options("training", TrainingOptions, exclude=SWEPT)
 @options("sweep", LrSweepOptions)
-@options("executor", ExecutorOptions, override={"jobs": {"min": 1, "help": "local executor: runs trained at once, in "
-                                                          "separate processes (each gets its share of the CPU threads)"}})
+@options("executor", ExecutorOptions, exclude=ONE_PROCESS_JOBS, override={"jobs": {
+    "min": 1, "help": "local executor: runs trained at once, in separate processes (each gets its share of the CPU threads)"}})
 @options("data_options", DataOptions, only=("max_examples",), override={
     "max_examples": {"help": "train each short run on the first N items of --data (default: all)"}})
 @options("run", RunOptions, exclude=("device",), override={

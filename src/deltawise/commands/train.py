@@ -186,7 +186,8 @@ def bam(
     params = {k: scalar(v) for k, v in parse_assignments(merge_param, "--merge-param").items()}
     cfg = BamConfig(train=train_cfg, branches=branches, rounds=rounds, merge=merge_method, merge_params=params, work=work,
                     restart=restart, branch_index=branch_index, merge_only=merge_only, executor=executor.name,
-                    jobs=executor.jobs, branch_cpus=executor.job_cpus, branch_gpus=executor.job_gpus)
+                    jobs=executor.jobs, branch_cpus=executor.job_cpus, branch_gpus=executor.job_gpus,
+                    branch_workers=executor.job_workers)
     from deltawise.adapt.guarded import chosen_lines, request_from
 
     request = request_from(budget, guard, split)
