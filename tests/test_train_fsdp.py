@@ -1,7 +1,8 @@
 """``deltawise train`` sharded with FSDP2 (accelerate's environment, as ``accelerate launch`` sets it from an
 ``fsdp_version: 2`` config) in 2 CPU processes (gloo): the weights each rank gathers at the end equal one
 process training with the same global batch (2 × 4 = 8 examples a step), for full fine-tuning, HFT (half
-the matrices frozen inside one shard group) and LoRA (PEFT), and the saved output holds the full tensors.
+the matrices frozen inside one shard group), LIFT (masks from whole matrices, one refresh) and LoRA (PEFT),
+and the saved output holds the full tensors.
 
 Marked slow (one torchrun launch of three 3-step runs on a 2-layer Llama); the reference runs in this process.
 """
@@ -24,6 +25,8 @@ from deltawise.errors import InputError
 RUNS = [
     {"name": "full", "method": "full", "method_params": {}},
     {"name": "hft", "method": "hft", "method_params": {}},
+    # LIFT: masks chosen from whole matrices, refreshed after step 2 (Adam moments carried over by shard)
+    {"name": "lift", "method": "lift", "method_params": {"rank": 2, "filter_rank": 2, "refresh_interval": 2}},
     {"name": "lora", "method": "lora", "method_params": {"rank": 2, "targets": ["q_proj", "v_proj"]}},
 ]
 # what ``accelerate launch`` exports for a config with distributed_type: FSDP and these fsdp_config keys
@@ -61,7 +64,8 @@ def test_fsdp_matches_one_process(name, fsdp_runs):
 def test_fsdp_outputs_equal_one_process_outputs(fsdp_runs):
     """What rank 0 wrote (model folder, delta shards, adapter) is the same as the single process's output."""
     root = fsdp_runs
-    for name, pattern in (("full", "*.safetensors"), ("hft", "*.safetensors"), ("lora", "adapter_model.safetensors")):
+    for name, pattern in (("full", "*.safetensors"), ("hft", "*.safetensors"), ("lift", "*.safetensors"),
+                          ("lora", "adapter_model.safetensors")):
         files = sorted((root / "fsdp" / name).glob(pattern))
         assert files, f"{name}: nothing saved"
         for f in files:
@@ -74,8 +78,10 @@ def test_fsdp_outputs_equal_one_process_outputs(fsdp_runs):
 def test_methods_that_index_whole_matrices_are_refused_under_fsdp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(InputError, match="does not run sharded"):
-        check_fsdp("lift", "delta")
+    for method in ("sorsa", "kasa", "loldu", "osf"):
+        with pytest.raises(InputError, match="does not run sharded"):
+            check_fsdp(method, "delta")
+    check_fsdp("lift", "delta")
     check_fsdp("lora", "peft")
     check_fsdp("full", "full")
     monkeypatch.setenv("FSDP_VERSION", "1")

@@ -5,8 +5,10 @@ A user asks for it the way accelerate expects: ``accelerate launch --config_file
 ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` in every process; transformers' Trainer then shards the prepared
 model with torch's ``fully_shard``. Each parameter becomes a DTensor holding 1/N of its rows.
 
-Two things are ours to get right: methods whose hooks index whole weight matrices (LIFT's masked
-entries, SORSA's orthonormal step ...) cannot run on row shards, so they are refused up front; and
+Two things are ours to get right: methods whose hooks index whole weight matrices (SORSA's orthonormal
+step, KaSA's and LoLDU's factors, OSF's subspaces) cannot run on row shards, so they are refused up front,
+except LIFT, which gathers each whole matrix where it chooses its mask and writes each rank's rows of the
+masked entries back (adapt/methods/lift.py); and
 saving needs the full tensors, which every process must gather together (a collective) before the
 main process writes them, so ``full_parameters`` swaps each sharded parameter for its gathered CPU
 copy for the duration of the save and puts the shards back afterwards.
@@ -24,8 +26,8 @@ from torch import nn
 from deltawise.errors import InputError
 
 # methods whose hooks work parameter by parameter (or not at all) and whose save reads ``named_parameters``
-# or ``save_pretrained``: tested sharded (tests/test_train_fsdp.py: full, hft, lora) or the same code path (PEFT)
-FSDP_METHODS_OWN = ("full", "hft")
+# or ``save_pretrained``: tested sharded (tests/test_train_fsdp.py: full, hft, lift, lora) or the same code path (PEFT)
+FSDP_METHODS_OWN = ("full", "hft", "lift")
 
 
 def fsdp_requested() -> bool:

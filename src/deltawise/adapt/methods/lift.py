@@ -16,6 +16,11 @@ decay only reaches the masked entries). After every optimizer step ``values`` is
 W; every K = ``refresh_interval`` steps the mask is recomputed from the current W, entries in both
 masks keep their Adam moments and new entries start at zero. In multi-process runs rank 0's mask
 is broadcast, so every rank trains the same entries.
+Sharded (FSDP2, adapt/sharding.py): W and ``values`` are DTensors holding 1/N of their rows between steps,
+and whole inside forward and backward, where FSDP gathers them. The mask is chosen from the whole matrix
+(every rank gathers W, in the same order, then rank 0's mask is broadcast) and kept whole on every rank; the
+write-back puts into each rank's rows of W the masked entries that fall in them, and a refresh writes each
+rank's share of the new ``values`` and Adam moments, so the sharded run trains what one process trains.
 Defaults: r_L = ``rank`` 8 here (paper 128), r_f = ``filter_rank`` 8 (paper 32–128), K = 100 (paper 400).
 Saved delta: sparse (bit-packed mask + float32 values), over the union of all masks used
 (entries outside never change).
@@ -44,6 +49,38 @@ def principal_mask(weight: torch.Tensor, filter_rank: int, lora_rank: int) -> to
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     approx = (u[:, :r] * s[:r]) @ vh[:r]
     return torch.topk(approx.abs().flatten(), k, sorted=False).indices.sort().values
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded (DTensor) ``t`` is gathered, a collective every rank must call in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows of ``t`` this rank holds (all of a plain tensor) and the index of the first one.
+
+    FSDP2 shards a parameter by rows (``Shard(0)``, as ``torch.chunk`` splits: ceil(m/N) rows a rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t.data, 0
+    if tuple(t.placements) != (Shard(0),):
+        raise MethodError(f"LIFT runs sharded only with parameters split by rows (Shard(0)), not {t.placements}")
+    m, size, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    start = min(rank * -(-m // size), m)
+    local = t.to_local()
+    if start + local.shape[0] > m:
+        raise MethodError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} rows from row {start}")
+    return local, start
+
+
+@torch.no_grad()
+def _assign(t: torch.Tensor, whole: torch.Tensor) -> None:
+    """Set ``t`` (plain or sharded by rows) to ``whole``, in place: a shard takes its own rows."""
+    local, start = _rows(t)
+    local.copy_(whole[start:start + local.shape[0]].to(local.dtype))
 
 
 class _MaskedGradLinear(torch.autograd.Function):
@@ -82,7 +119,15 @@ class PrincipalLinear(nn.Module):
 
     @torch.no_grad()
     def write_back(self) -> None:
-        self.weight.view(-1)[self.mask] = self.values
+        values = _whole(self.values)  # sharded: every rank gathers the k values (modules in the same order)
+        local, start = _rows(self.weight)
+        if start == 0 and local.shape == self.weight.shape:
+            self.weight.data.view(-1)[self.mask] = values.to(self.weight.dtype)
+            return
+        # this rank's rows of W: the masked entries in them are one run of the sorted flat mask
+        first, stop = start * self.in_features, (start + local.shape[0]) * self.in_features
+        a, b = torch.searchsorted(self.mask, torch.tensor([first, stop], device=self.mask.device)).tolist()
+        local.view(-1)[self.mask[a:b] - first] = values[a:b].to(local.dtype)
 
 
 def _remap_state(optimizer: torch.optim.Optimizer, p: nn.Parameter, old: torch.Tensor, new: torch.Tensor, numel: int) -> None:
@@ -92,8 +137,8 @@ def _remap_state(optimizer: torch.optim.Optimizer, p: nn.Parameter, old: torch.T
     for key, value in list(state.items()):
         if torch.is_tensor(value) and value.shape == p.shape:
             dense = torch.zeros(numel, dtype=value.dtype, device=value.device)
-            dense[old] = value
-            state[key] = dense[new]
+            dense[old] = _whole(value)  # sharded: gathered on every rank, in the same order
+            _assign(value, dense[new])
 
 
 @register
@@ -144,15 +189,16 @@ class LIFT(DeltaMethod):
     @torch.no_grad()
     def _refresh(self, optimizer: torch.optim.Optimizer) -> None:
         for name, m in self.modules.items():
-            new = self._mask(m.weight).to(m.mask.device)
+            weight = _whole(m.weight.detach())  # sharded: the whole matrix on every rank, modules in the same order
+            new = self._mask(weight).to(m.mask.device)
             _remap_state(optimizer, m.values, m.mask, new, m.weight.numel())
             m.mask = new
-            m.values.data = m.weight.detach().view(-1)[new].clone()
+            _assign(m.values, weight.view(-1)[new])  # k entries, as before: each rank keeps its share
             idx, base = self.seen[name]
             new_cpu = new.cpu()
             added = new_cpu[~torch.isin(new_cpu, idx)]
             if added.numel():  # first time in a mask: the current value is still the base value
-                self.seen[name] = (torch.cat([idx, added]), torch.cat([base, m.weight.detach().cpu().view(-1)[added]]))
+                self.seen[name] = (torch.cat([idx, added]), torch.cat([base, weight.cpu().view(-1)[added]]))
 
     def resume_state(self) -> dict[str, torch.Tensor]:
         # the masks move at each refresh, and the base values of every entry ever masked are needed for the delta
