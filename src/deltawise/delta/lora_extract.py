@@ -32,7 +32,7 @@ import torch
 
 from deltawise.architecture import architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.lora_layout import lora_layout
+from deltawise.delta.lora_layout import lora_layout, tied_heads
 from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.report import DeltaResult, Progress, TensorRow, tick
 from deltawise.delta.store import base_identity
@@ -100,13 +100,8 @@ def extract_lora(
     if task_type is None and any(a.endswith("ForCausalLM") for a in architectures):
         task_type = "CAUSAL_LM"
     roles = architecture_for(pair.base.config)
-    # input embedding -> the output heads tied to it that the base does not store
-    tied_heads: dict[str, list[str]] = {}
-    for head, alias in roles.unstored_tied_heads(pair.base).items():
-        tied_heads.setdefault(alias, []).append(head)
     lowrank: dict[str, LowRankDelta] = {}
     changed: dict[str, torch.Tensor] = {}  # deltas of the other changed tensors (placed by lora_layout)
-    heads: dict[str, torch.Tensor] = {}  # tied output heads the base does not store, saved whole
     rows: dict[str, TensorRow] = {}
     warnings: list[str] = pair.missing_warning()
     total, done = sum(pair.finetuned.info(n).nbytes for n in pair.names), 0
@@ -122,12 +117,6 @@ def extract_lora(
             d, error = table_factors(delta, rank, energy)
             lowrank[name] = d
             rows[name] = TensorRow(name, "lowrank", dense_bytes, d.nbytes, error, {"rank": d.rank, "embedding": True})
-            for head in tied_heads.get(name, ()):
-                heads[head] = (b.to(work) + d.materialize(work)).to(b.dtype)  # the embedding PEFT's merge gives
-                rows[head] = TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name})
-                warnings.append(f"{head} is tied to {name}, written as LoRA-embedding factors; PEFT's LoRA on an "
-                                f"embedding leaves a tied head at the base value in PeftModel's forward, so {head} is "
-                                "saved whole")
         elif roles.is_linear_weight(name, tuple(b.shape)):
             d, error = lowrank_factors(delta, rank, energy)
             lowrank[name] = d
@@ -135,12 +124,9 @@ def extract_lora(
         elif non_linear == "save":
             changed[name] = delta
             rows[name] = TensorRow(name, "modules_to_save", dense_bytes, dense_bytes, 0.0)
-            for head in tied_heads.get(name, ()):
-                heads[head] = ft.clone()  # a separate tensor: safetensors refuses shared memory
-                rows[head] = TensorRow(head, "modules_to_save", dense_bytes, dense_bytes, 0.0, {"tied_to": name})
         else:
             warnings.append(f"{name} changed but is not a linear weight; skipped (pass --non-linear save to keep it)")
-    if not lowrank and not changed and not heads:
+    if not lowrank and not changed:
         raise DeltawiseError(f"{finetuned} does not differ from {base} in any floating tensor: nothing to extract")
     factor_dtype = torch.float64 if any(d.A.dtype == torch.float64 for d in lowrank.values()) else torch.float32
     layout = lora_layout(lowrank, changed, pair.base, roles, factor_dtype,
@@ -156,6 +142,12 @@ def extract_lora(
         zero_factors = layout.lowrank[weight].nbytes if weight not in lowrank else 0  # carry a bias alone
         rows[name] = TensorRow(name, "bias", row.dense_bytes, stored.numel() * stored.element_size() + zero_factors, 0.0,
                                {"as": "lora_B.bias" if name in layout.bias else "base_layer.bias"})
+    heads, head_warnings = tied_heads(layout.whole, layout.lowrank, pair.base, roles)
+    warnings += head_warnings
+    for head, alias in roles.unstored_tied_heads(pair.base).items():
+        if head in heads:
+            size = heads[head].numel() * heads[head].element_size()
+            rows[head] = TensorRow(head, "modules_to_save", size, size, 0.0, {"tied_to": alias})
     full = {**layout.whole, **heads}
     sidecar = {"format": "deltawise-peft", "method": "lora-svd",
                "parameters": {"rank": rank, "energy": energy, "non_linear": non_linear,

@@ -92,3 +92,25 @@ def lora_layout(lowrank: dict[str, LowRankDelta], changed: dict[str, torch.Tenso
         layout.how[name] = "bias"
     layout.whole.update(complete_modules(layout.whole, base))
     return layout
+
+
+def tied_heads(whole: dict[str, torch.Tensor], lowrank: dict[str, LowRankDelta], base: ModelReader,
+               roles: TensorRoles) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The output heads a tied base does not store, saved whole when their input embedding changes (as mergekit's
+    ``mergekit-extract-lora`` does), with a warning per LoRA embedding's head: PEFT replaces a saved embedding module
+    only, and its LoRA on an embedding adapts the lookup only, either of which leaves the tied head at the base value
+    in ``PeftModel``'s forward. A saved embedding's head is its value (a copy: safetensors refuses shared memory); a
+    LoRA embedding's head is ``base + (B A)ᵀ``, the embedding PEFT's merge gives."""
+    heads: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    for head, alias in roles.unstored_tied_heads(base).items():
+        if alias in whole:
+            heads[head] = whole[alias].clone()
+        elif alias in lowrank:
+            factors, value = lowrank[alias], base.get(alias)
+            work = torch.float64 if torch.float64 in (value.dtype, factors.A.dtype) else torch.float32
+            heads[head] = (value.to(work) + factors.materialize(work)).to(value.dtype)
+            warnings.append(f"{head} is tied to {alias}, written as LoRA-embedding factors; PEFT's LoRA on an embedding "
+                            f"leaves a tied head at the base value in PeftModel's forward, so {head} is saved whole "
+                            f"({heads[head].numel() * heads[head].element_size() / 1e6:.1f} MB)")
+    return heads, warnings

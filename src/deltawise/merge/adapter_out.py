@@ -41,7 +41,7 @@ import torch
 
 from deltawise.architecture import TensorRoles, architecture_for
 from deltawise.delta.lowrank import LowRankDelta
-from deltawise.delta.lora_layout import lora_layout
+from deltawise.delta.lora_layout import lora_layout, tied_heads
 from deltawise.delta.peft_io import write_peft_adapter
 from deltawise.delta.store import base_identity
 from deltawise.errors import DeltawiseError, InputError, RecipeError
@@ -356,29 +356,9 @@ def _place_other_tensors(parts: _Parts, inputs: AdapterInputs, roles: TensorRole
         # now), so it keeps its error too
         error = parts.rows[name].relative_error if parts.rows[name].how == "svd" else 0.0
         parts.rows[name] = MatrixRow(name, how, None, error, parts.rows[name].norm)
-    full = layout.whole
-    full.update(_tied_heads(full, parts, inputs, roles, warnings))
-    return full
-
-
-def _tied_heads(full: dict[str, torch.Tensor], parts: _Parts, inputs: AdapterInputs, roles: TensorRoles,
-                warnings: list[str]) -> dict[str, torch.Tensor]:
-    """The output heads a tied base does not store, saved whole when their input embedding changes (as ``extract
-    --lora`` does): PEFT replaces a saved embedding module only, and its LoRA on an embedding adapts the lookup only,
-    either of which leaves the tied head at the base value in ``PeftModel``'s forward. A LoRA embedding's head is
-    ``base + (B A)ᵀ``, the embedding PEFT's merge gives."""
-    heads: dict[str, torch.Tensor] = {}
-    for head, alias in roles.unstored_tied_heads(inputs.base).items():
-        if alias in full:
-            heads[head] = full[alias].clone()
-        elif alias in parts.lowrank:
-            lowrank, value = parts.lowrank[alias], inputs.base.get(alias)
-            work = torch.float64 if torch.float64 in (value.dtype, lowrank.A.dtype) else torch.float32
-            heads[head] = (value.to(work) + lowrank.materialize(work)).to(value.dtype)
-            warnings.append(f"{head} is tied to {alias}, written as LoRA-embedding factors; PEFT's LoRA on an embedding "
-                            f"leaves a tied head at the base value in PeftModel's forward, so {head} is saved whole "
-                            f"({heads[head].numel() * heads[head].element_size() / 1e6:.1f} MB)")
-    return heads
+    heads, head_warnings = tied_heads(layout.whole, parts.lowrank, inputs.base, roles)
+    warnings += head_warnings
+    return {**layout.whole, **heads}
 
 
 def _report(plan: MergePlan, inputs: AdapterInputs, result: AdapterMergeResult) -> dict[str, Any]:
