@@ -15,6 +15,13 @@ DOCS = [
 ]
 
 
+def write_numbered_docs(path: Path) -> Path:
+    """DOCS as a '%'-separated text file, each doc numbered ("... Item 3."), so that BaM's seeded split into
+    branches is visible in the texts; returns ``path``."""
+    path.write_text("\n%\n".join(f"{d} Item {i}." for i, d in enumerate(DOCS)) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     """Read-only: ``model`` (Llama hidden 32, 2 layers, tokenizer), ``data`` (8 '%'-separated docs),

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from adapt_util import DOCS, tiny_lm  # noqa: F401
+from adapt_util import tiny_lm, write_numbered_docs  # noqa: F401
 from ddp_worker import _free_port, launch_two_ranks
 from typer.testing import CliRunner
 
@@ -49,9 +49,7 @@ def bam_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tiny_lm) -> Path:
-    path = tiny_lm["root"] / "ray_train_data.txt"
-    path.write_text("\n%\n".join(f"{d} Item {i}." for i, d in enumerate(DOCS)) + "\n")
-    return path
+    return write_numbered_docs(tiny_lm["root"] / "ray_train_data.txt")
 
 
 @pytest.fixture(scope="module")
