@@ -115,7 +115,9 @@ def checkpoint_callback(folder: Path, every: int, base: Path, skip: set[int]):
 
 
 def pilot(base: Path, data: Data, args) -> dict:
-    """Full fine-tuning at 1e-4 with a checkpoint every ``--pilot-every`` steps, each evaluated."""
+    """Full fine-tuning at 1e-4 with a checkpoint every ``--pilot-every`` steps, each evaluated. An interrupted pilot
+    continues from its last training checkpoint when rerun."""
+    from deltawise.adapt.checkpoints import interrupted_checkpoint
     from deltawise.adapt.train import TrainConfig, run_train
 
     folder = args.work / "pilot"
@@ -127,7 +129,8 @@ def pilot(base: Path, data: Data, args) -> dict:
         cfg = TrainConfig(model=base, data=data.german_train, output=folder / "train", method="full", lr=args.pilot_lr,
                           max_steps=args.pilot_steps, batch_size=args.batch_size, max_length=args.max_length, warmup=0.1,
                           schedule="cosine", logging_steps=args.pilot_every, overwrite=True, progress=console.is_terminal,
-                          seed=args.seeds[0])
+                          seed=args.seeds[0], save_every=args.pilot_every,
+                          resume=interrupted_checkpoint(folder / "train") is not None)
         run_train(cfg, callbacks=[checkpoint_callback(folder / "checkpoints", args.pilot_every, base, done)])
     train_s = time.time() - t0
     base_eval = evaluate(base, "base", data, folder.parent / "base.json", None, args)

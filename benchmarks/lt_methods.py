@@ -162,6 +162,7 @@ def trained(run: Run, folder: Path) -> bool:
 
 def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, Optional[float]]:
     """The run's full model (trained now unless cached) and the seconds training took now (None: cached)."""
+    from deltawise.adapt.checkpoints import interrupted_checkpoint
     from deltawise.adapt.materialize import materialize
     from deltawise.adapt.train import TrainConfig, run_train
 
@@ -187,8 +188,10 @@ def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, O
             seconds = time.time() - t0
         return model, seconds
     if not trained(run, folder):
+        every = max(1, args.steps // 10)  # a killed run continues from its last tenth when rerun
         cfg = TrainConfig(**common, output=folder / "train", method=m.method, max_steps=args.steps,
-                          logging_steps=max(1, args.steps // 10), method_params=dict(m.params))
+                          logging_steps=every, method_params=dict(m.params), save_every=every,
+                          resume=interrupted_checkpoint(folder / "train") is not None)
         t0 = time.time()
         run_train(cfg)
         seconds = time.time() - t0

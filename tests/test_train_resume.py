@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from ddp_worker import Interrupted, StopAt
 from deltawise.adapt import run_train
+from deltawise.adapt.checkpoints import interrupted_checkpoint
 from deltawise.adapt.methods import MethodError
 from deltawise.cli import app
 from deltawise.errors import OutputError
@@ -75,7 +76,9 @@ def test_refusals_around_an_interrupted_run(tiny_lm, tmp_path):  # noqa: F811
     params = {"rank": 2}
     with pytest.raises(OutputError, match="nothing to resume"):
         run_train(_cfg(tiny_lm, tmp_path / "o", "lora", params, resume=True))
+    assert interrupted_checkpoint(tmp_path / "o") is None
     staging = _interrupt(_cfg(tiny_lm, tmp_path / "o", "lora", params))
+    assert interrupted_checkpoint(tmp_path / "o") == staging / "_trainer" / f"checkpoint-{SAVE_EVERY}"
     with pytest.raises(OutputError, match="pass --resume to continue it"):
         run_train(_cfg(tiny_lm, tmp_path / "o", "lora", params))
     with pytest.raises(OutputError, match=r"differs in: --lr, --method-params"):
@@ -87,7 +90,7 @@ def test_refusals_around_an_interrupted_run(tiny_lm, tmp_path):  # noqa: F811
                                    "--save-every", str(SAVE_EVERY), "--resume", "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "deltawise_train.json").read_text())["resumed_from_step"] == SAVE_EVERY
-    assert not staging.exists()
+    assert not staging.exists() and interrupted_checkpoint(tmp_path / "o") is None
 
 
 def test_a_failed_run_without_checkpoints_leaves_nothing(tiny_lm, tmp_path):  # noqa: F811

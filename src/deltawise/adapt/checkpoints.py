@@ -82,6 +82,13 @@ def latest_checkpoint(staging: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def interrupted_checkpoint(out: Path) -> Optional[Path]:
+    """The checkpoint an interrupted run of ``out`` left to ``--resume`` from, or None (no such run, or none kept):
+    what a caller that reruns a command until it finishes passes as ``resume=``."""
+    folder = staging_folder(out)
+    return latest_checkpoint(folder) if (folder / STAGING_MARK).exists() else None
+
+
 def open_run_staging(out: Path, key: dict[str, Any], *, resume: bool) -> tuple[Path, Optional[Path]]:
     """The staging folder (fresh, or the interrupted one when resuming the same run) and the checkpoint to
     continue from. The caller holds the output's lock, so no other run uses the folder."""
