@@ -13,7 +13,8 @@ initialisation (another seed, 3 rows a batch), as a device whose SVD differs fro
 retention guard (``guarded_train``) and writes ``out/NAME.guard{R}.json`` (every rank's checks and decisions). A run
 with ``"stop_at": STEP`` is interrupted at the end of that step on every rank (its staging folder stays for a later
 run with ``"resume": true`` in ``train``); ``"output": DIR`` trains into ``out/DIR`` instead of ``out/NAME``.
-``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references.
+``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references (of every
+run without ``"sharded_only": true``).
 """
 
 from __future__ import annotations
@@ -139,9 +140,9 @@ def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None) 
 
 
 def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
-    """``launch_two_ranks``, then the same runs in this process with one thread and the global batch (twice each
-    run's batch_size) into ``root / "single"`` as ``NAME``, ``NAME.single.safetensors`` and, for a guarded run,
-    ``NAME.guard.json``. Skips without gloo."""
+    """``launch_two_ranks``, then the same runs (but those ``sharded_only``) in this process with one thread and the
+    global batch (twice each run's batch_size) into ``root / "single"`` as ``NAME``, ``NAME.single.safetensors``
+    and, for a guarded run, ``NAME.guard.json``. Skips without gloo."""
     import torch
 
     launch_two_ranks(spec, root, env)
@@ -150,6 +151,8 @@ def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None)
     torch.set_num_threads(1)
     try:
         for run in spec["runs"]:
+            if run.get("sharded_only"):
+                continue
             run = {**run, "train": {**run["train"], "batch_size": 2 * run["train"]["batch_size"]}}
             out = Path(single["out"])
             train_run(config(single, run, out / run["name"]), run, [SaveWeights(out / f"{run['name']}.single.safetensors")],
@@ -162,7 +165,7 @@ def allow_fsdp_on_cpu() -> None:
     """accelerate turns ``ACCELERATE_USE_FSDP`` into FSDP only on accelerators; in a multi-CPU (gloo) launch it
     keeps plain DDP. Tests on a CPU machine mark the state FSDP after accelerate built it, so that its own
     FSDP2 preparation (``fully_shard``, optimizer, gradient clipping) runs on gloo as it runs on GPUs."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -172,6 +175,9 @@ def allow_fsdp_on_cpu() -> None:
         if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # every later AcceleratorState() copies PartialState's type back: there too, or the checkpoint save
+            # (accelerate's FSDP2 state dicts) would take the multi-CPU path and meet sharded tensors
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init
 

@@ -1,10 +1,13 @@
 """``deltawise train`` sharded with FSDP2 (accelerate's environment, as ``accelerate launch`` sets it from an
 ``fsdp_version: 2`` config) in 2 CPU processes (gloo): the weights each rank gathers at the end equal one
 process training with the same global batch (2 × 4 = 8 examples a step), for full fine-tuning, HFT (half
-the matrices frozen inside one shard group), LIFT (masks from whole matrices, one refresh) and LoRA (PEFT),
-and the saved output holds the full tensors.
+the matrices frozen inside one shard group), LIFT (masks from whole matrices, one refresh), our own adapters
+SORSA and KaSA (regularisers over whole factors, weighted so that they move the result), LoLDU, OSF (PEFT's
+gradient projection, which FSDP's parameter swap would drop) and LoRA (PEFT), and the saved output holds the
+full tensors. A sharded run interrupted after its checkpoint and resumed sharded ends where the uninterrupted
+sharded run ends (full, LoRA).
 
-Marked slow (one torchrun launch of three 3-step runs on a 2-layer Llama); the reference runs in this process.
+Marked slow (one torchrun launch of 3-step runs on a 2-layer Llama); the references run in this process.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ddp_worker import two_ranks_and_one
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deltawise.adapt.sharding import check_fsdp
+from deltawise.adapt.sharding import FSDP_METHODS_OWN, check_fsdp
 from deltawise.errors import InputError
 
 RUNS = [
@@ -27,21 +30,51 @@ RUNS = [
     {"name": "hft", "method": "hft", "method_params": {}},
     # LIFT: masks chosen from whole matrices, refreshed after step 2 (Adam moments carried over by shard)
     {"name": "lift", "method": "lift", "method_params": {"rank": 2, "filter_rank": 2, "refresh_interval": 2}},
+    # SORSA: γ/η·∇L_o added before the step, over whole U and Vᵀ (γ/η = 10: its gradient dominates)
+    {"name": "sorsa", "method": "sorsa", "method_params": {"rank": 2, "gamma": 0.1}},
+    # KaSA: β‖d‖² + γ(‖BᵀB − I‖ + ‖AAᵀ − I‖) in the loss, over whole factors
+    {"name": "kasa", "method": "kasa", "method_params": {"rank": 2, "beta": 0.1, "gamma": 0.1}},
+    {"name": "loldu", "method": "loldu", "method_params": {"rank": 2}},
+    # OSF: the gradients of U_l and V_l projected away from the frozen top subspace (without it: 5e-3 apart)
+    {"name": "osf", "method": "osf", "method_params": {"targets": ["q_proj", "v_proj"]}},
     {"name": "lora", "method": "lora", "method_params": {"rank": 2, "targets": ["q_proj", "v_proj"]}},
 ]
+OUTPUTS = {"lora": "adapter_model.safetensors"}  # what each run's output folder holds (default: *.safetensors)
+RESUMED = ("full", "lora")  # interrupted after step 2 (checkpoint at step 1) and resumed, all sharded
 # what ``accelerate launch`` exports for a config with distributed_type: FSDP and these fsdp_config keys
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
             "FSDP_RESHARD_AFTER_FORWARD": "true"}
+TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}
+
+
+def _resumed_runs() -> list[dict]:
+    out = []
+    for name in RESUMED:
+        run = next(r for r in RUNS if r["name"] == name)
+        train = {**TRAIN, "save_every": 1}
+        out += [{**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "sharded_only": True},
+                {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "sharded_only": True}]
+    return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    runs = [{**r, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}} for r in RUNS]
+    runs = [{**r, "train": TRAIN} for r in RUNS] + _resumed_runs()
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "fsdp"), "runs": runs}
     two_ranks_and_one(spec, root, FSDP_ENV)
     return root
+
+
+def _assert_same_outputs(a: Path, b: Path, pattern: str, what: str) -> None:
+    files = sorted(a.glob(pattern))
+    assert files, f"{what}: nothing saved"
+    for f in files:
+        x, y = load_file(f), load_file(b / f.name)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], atol=1e-5, rtol=1e-4, msg=f"{what}/{f.name}: {k}")
 
 
 @pytest.mark.slow
@@ -64,26 +97,42 @@ def test_fsdp_matches_one_process(name, fsdp_runs):
 def test_fsdp_outputs_equal_one_process_outputs(fsdp_runs):
     """What rank 0 wrote (model folder, delta shards, adapter) is the same as the single process's output."""
     root = fsdp_runs
-    for name, pattern in (("full", "*.safetensors"), ("hft", "*.safetensors"), ("lift", "*.safetensors"),
-                          ("lora", "adapter_model.safetensors")):
-        files = sorted((root / "fsdp" / name).glob(pattern))
-        assert files, f"{name}: nothing saved"
-        for f in files:
-            sharded, single = load_file(f), load_file(root / "single" / name / f.name)
-            assert sharded.keys() == single.keys()
-            for k in sharded:
-                torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=1e-4, msg=f"{name}/{f.name}: {k}")
+    for r in RUNS:
+        _assert_same_outputs(root / "fsdp" / r["name"], root / "single" / r["name"],
+                             OUTPUTS.get(r["name"], "*.safetensors"), r["name"])
 
 
-def test_methods_that_index_whole_matrices_are_refused_under_fsdp(monkeypatch):
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RESUMED)
+def test_fsdp_resumed_run_equals_the_uninterrupted_sharded_run(name, fsdp_runs):
+    """Trainer's FSDP2 checkpoint (full state dicts of the model and the sharded optimizer) resumes sharded: the run
+    stopped after step 2 and continued from its step-1 checkpoint ends with the weights, output and log of the
+    uninterrupted run."""
+    out = fsdp_runs / "fsdp"
+    resumed, whole = load_file(out / f"{name}_resumed.rank0.safetensors"), load_file(out / f"{name}.rank0.safetensors")
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=1e-4, msg=f"{name} resumed: {k}")
+    _assert_same_outputs(out / f"{name}_resumed", out / name, OUTPUTS.get(name, "*.safetensors"), f"{name} resumed")
+    meta = json.loads((out / f"{name}_resumed" / "deltawise_train.json").read_text())
+    assert meta["resumed_from_step"] == 1 and meta["steps"] == 3
+    log, whole_log = (json.loads((out / n / "training_log.json").read_text()) for n in (f"{name}_resumed", name))
+    assert [r["step"] for r in log] == [1, 2, 3]  # step 1 from the checkpoint's log, steps 2-3 trained again
+    for a, b in zip(log, whole_log):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_only_methods_tested_sharded_run_under_fsdp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    for method in ("sorsa", "kasa", "loldu", "osf"):
-        with pytest.raises(InputError, match="does not run sharded"):
-            check_fsdp(method, "delta")
-    check_fsdp("lift", "delta")
+    for method in ("full", "hft", "lift", "sorsa", "kasa", "loldu", "osf"):  # each one trained sharded above
+        assert method in FSDP_METHODS_OWN
+        check_fsdp(method, "full" if method == "full" else "delta")
+    assert set(FSDP_METHODS_OWN) <= {r["method"] for r in RUNS}
+    with pytest.raises(InputError, match="does not run sharded"):
+        check_fsdp("an_untested_own_method", "delta")  # a method of ours not yet tested sharded is refused
     check_fsdp("lora", "peft")
-    check_fsdp("full", "full")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(InputError, match="fsdp_version: 2"):
         check_fsdp("full", "full")

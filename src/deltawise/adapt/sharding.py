@@ -21,13 +21,14 @@ from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from deltawise.errors import InputError
 
 # methods whose hooks work parameter by parameter (or not at all) and whose save reads ``named_parameters``
 # or ``save_pretrained``: tested sharded (tests/test_train_fsdp.py: full, hft, lift, lora) or the same code path (PEFT)
-FSDP_METHODS_OWN = ("full", "hft", "lift")
+FSDP_METHODS_OWN = ("full", "hft", "lift", "sorsa", "kasa", "loldu", "osf")
 
 
 def fsdp_requested() -> bool:
@@ -95,6 +96,42 @@ def full_parameters(model: nn.Module, keep: bool) -> Iterator[nn.Module]:
         for module, name, param in reversed(swapped):
             module._parameters[name] = param
         gathered.clear()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded (DTensor) ``t`` is all-gathered, a collective every rank must call in the same order;
+    a plain tensor is returned as it is. Differentiable: the gradient of each rank's rows reaches its shard (no
+    communication), so a term every rank computes alike from whole tensors gives each shard its full gradient."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows of ``t`` this rank holds (all of a plain tensor) and the index of the first one.
+
+    FSDP2 shards a parameter by rows (``Shard(0)``, as ``torch.chunk`` splits: ceil(m/N) rows a rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from deltawise.adapt.methods.base import MethodError
+
+    if not isinstance(t, DTensor):
+        return t.data, 0
+    if tuple(t.placements) != (Shard(0),):
+        raise MethodError(f"sharded training needs parameters split by rows (Shard(0)), not {t.placements}")
+    m, size, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    start = min(rank * -(-m // size), m)
+    local = t.to_local()
+    if start + local.shape[0] > m:
+        raise MethodError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} rows from row {start}")
+    return local, start
+
+
+@torch.no_grad()
+def assign_rows(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Set ``t`` (plain or sharded by rows) to ``full``, in place: a shard takes its own rows."""
+    local, start = local_rows(t)
+    local.copy_(full[start:start + local.shape[0]].to(local.dtype))
 
 
 def is_sharded(model: nn.Module) -> bool:

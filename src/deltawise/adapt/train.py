@@ -107,7 +107,7 @@ def _make_trainer_class():
             self.method.after_optimizer_step(self.model, optimizer)
 
     class DeltawiseTrainer(Trainer):
-        """Trainer plus: a method's extra loss and optimizer, the replay-mixing sampler (redrawn
+        """Trainer plus: a method's extra loss, optimizer and after-backward hook, the replay-mixing sampler (redrawn
         every epoch; the trainer calls its ``set_epoch``), a log with tokens/s and memory, the
         token-weighted evaluation loss (``deltawise.adapt.evaluation``), and the method's own state in
         every checkpoint (``Method.resume_state``)."""
@@ -134,6 +134,11 @@ def _make_trainer_class():
                     self.optimizer = opt
                     return opt
             return super().create_optimizer(model)
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.method.after_backward(self.model)
+            return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

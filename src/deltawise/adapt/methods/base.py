@@ -51,6 +51,9 @@ class Method:
         """Extra loss added to the task loss (before backward), or None."""
         return None
 
+    def after_backward(self, model: nn.Module) -> None:
+        """Called after each backward pass, before gradient clipping (e.g. OSF projects its gradients sharded)."""
+
     def before_optimizer_step(self, model: nn.Module, peak_lr: float) -> None:
         """Called after gradient clipping, just before ``optimizer.step()``."""
 

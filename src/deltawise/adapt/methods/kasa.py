@@ -20,6 +20,7 @@ from torch import nn
 from deltawise.adapt.methods.base import register
 from deltawise.adapt.methods.common import RANK, TARGETS
 from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+from deltawise.adapt.sharding import whole
 from deltawise.params import Param
 
 
@@ -68,9 +69,12 @@ class KaSA(OwnAdapterMethod):
     def regularizer(self, model: nn.Module) -> torch.Tensor:
         beta, gamma = self.values["beta"], self.values["gamma"]
         mods = list(self.modules.values())
-        l2 = sum((m.d**2).sum() for m in mods) / len(mods)
-        l3 = 0.0
+        l2, l3 = 0.0, 0.0
         for m in mods:
-            eye = torch.eye(m.d.numel(), device=m.d.device)
-            l3 = l3 + torch.linalg.matrix_norm(m.B.T @ m.B - eye) + torch.linalg.matrix_norm(m.A @ m.A.T - eye)
-        return beta * l2 + gamma * l3 / len(mods)
+            # sharded (FSDP): the factors are gathered whole (every rank, modules in the same order) and each
+            # rank's shard receives the rows of the gradient it holds
+            a, b, d = whole(m.A), whole(m.B), whole(m.d)
+            eye = torch.eye(d.numel(), device=d.device)
+            l2 = l2 + (d**2).sum()
+            l3 = l3 + torch.linalg.matrix_norm(b.T @ b - eye) + torch.linalg.matrix_norm(a @ a.T - eye)
+        return beta * (l2 / len(mods)) + gamma * l3 / len(mods)

@@ -34,6 +34,7 @@ from torch import nn
 
 from deltawise.adapt.dist import broadcast_from_rank0
 from deltawise.adapt.methods.base import DeltaMethod, MethodError, head_names, register, set_submodule
+from deltawise.adapt.sharding import assign_rows, local_rows, whole
 from deltawise.architecture import architecture_for
 from deltawise.delta.sparse import SparseDelta
 from deltawise.params import Param
@@ -49,38 +50,6 @@ def principal_mask(weight: torch.Tensor, filter_rank: int, lora_rank: int) -> to
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     approx = (u[:, :r] * s[:r]) @ vh[:r]
     return torch.topk(approx.abs().flatten(), k, sorted=False).indices.sort().values
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """``t`` whole: a sharded (DTensor) ``t`` is gathered, a collective every rank must call in the same order."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The rows of ``t`` this rank holds (all of a plain tensor) and the index of the first one.
-
-    FSDP2 shards a parameter by rows (``Shard(0)``, as ``torch.chunk`` splits: ceil(m/N) rows a rank)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(t, DTensor):
-        return t.data, 0
-    if tuple(t.placements) != (Shard(0),):
-        raise MethodError(f"LIFT runs sharded only with parameters split by rows (Shard(0)), not {t.placements}")
-    m, size, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
-    start = min(rank * -(-m // size), m)
-    local = t.to_local()
-    if start + local.shape[0] > m:
-        raise MethodError(f"unexpected shard of {tuple(t.shape)}: {tuple(local.shape)} rows from row {start}")
-    return local, start
-
-
-@torch.no_grad()
-def _assign(t: torch.Tensor, whole: torch.Tensor) -> None:
-    """Set ``t`` (plain or sharded by rows) to ``whole``, in place: a shard takes its own rows."""
-    local, start = _rows(t)
-    local.copy_(whole[start:start + local.shape[0]].to(local.dtype))
 
 
 class _MaskedGradLinear(torch.autograd.Function):
@@ -119,8 +88,8 @@ class PrincipalLinear(nn.Module):
 
     @torch.no_grad()
     def write_back(self) -> None:
-        values = _whole(self.values)  # sharded: every rank gathers the k values (modules in the same order)
-        local, start = _rows(self.weight)
+        values = whole(self.values)  # sharded: every rank gathers the k values (modules in the same order)
+        local, start = local_rows(self.weight)
         if start == 0 and local.shape == self.weight.shape:
             self.weight.data.view(-1)[self.mask] = values.to(self.weight.dtype)
             return
@@ -137,8 +106,8 @@ def _remap_state(optimizer: torch.optim.Optimizer, p: nn.Parameter, old: torch.T
     for key, value in list(state.items()):
         if torch.is_tensor(value) and value.shape == p.shape:
             dense = torch.zeros(numel, dtype=value.dtype, device=value.device)
-            dense[old] = _whole(value)  # sharded: gathered on every rank, in the same order
-            _assign(value, dense[new])
+            dense[old] = whole(value)  # sharded: gathered on every rank, in the same order
+            assign_rows(value, dense[new])
 
 
 @register
@@ -189,11 +158,11 @@ class LIFT(DeltaMethod):
     @torch.no_grad()
     def _refresh(self, optimizer: torch.optim.Optimizer) -> None:
         for name, m in self.modules.items():
-            weight = _whole(m.weight.detach())  # sharded: the whole matrix on every rank, modules in the same order
+            weight = whole(m.weight.detach())  # sharded: the whole matrix on every rank, modules in the same order
             new = self._mask(weight).to(m.mask.device)
             _remap_state(optimizer, m.values, m.mask, new, m.weight.numel())
             m.mask = new
-            _assign(m.values, weight.view(-1)[new])  # k entries, as before: each rank keeps its share
+            assign_rows(m.values, weight.view(-1)[new])  # k entries, as before: each rank keeps its share
             idx, base = self.seen[name]
             new_cpu = new.cpu()
             added = new_cpu[~torch.isin(new_cpu, idx)]

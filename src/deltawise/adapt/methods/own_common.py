@@ -55,6 +55,18 @@ class OwnAdapterMethod(DeltaMethod):
     def deltas(self, model: nn.Module) -> dict[str, LowRankDelta]:
         out = {}
         for name, mod in self.modules.items():
-            left, right = (t.detach().cpu() for t in mod.delta_factors())
+            left, right = (t.detach().cpu() for t in _on_cpu(mod).delta_factors())
             out[f"{name}.weight"] = LowRankDelta(A=right.contiguous(), B=left.contiguous())
         return out
+
+
+def _on_cpu(mod: AdaptedLinear) -> AdaptedLinear:
+    """A shallow copy of ``mod`` whose parameters and buffers are on the CPU: after a sharded (FSDP) run the
+    parameters being saved are gathered CPU copies (adapt/sharding.py ``full_parameters``) while the frozen
+    buffers stay on the training device, and ``delta_factors`` combines both."""
+    import copy
+
+    cpu = copy.copy(mod)
+    cpu._parameters = {k: None if p is None else p.detach().cpu() for k, p in mod._parameters.items()}
+    cpu._buffers = {k: None if b is None else b.cpu() for k, b in mod._buffers.items()}
+    return cpu

@@ -18,6 +18,7 @@ from torch import nn
 from deltawise.adapt.methods.base import register
 from deltawise.adapt.methods.common import RANK, TARGETS
 from deltawise.adapt.methods.own_common import AdaptedLinear, OwnAdapterMethod
+from deltawise.adapt.sharding import whole
 from deltawise.params import Param
 
 
@@ -28,9 +29,10 @@ class SORSALinear(AdaptedLinear):
         r = min(r, min(w.shape))
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         self.scale = scale
-        self.U = nn.Parameter(u[:, :r].clone())
+        # contiguous: the SVD's U is column-major, and FSDP shards only contiguous parameters
+        self.U = nn.Parameter(u[:, :r].contiguous())
         self.S = nn.Parameter(s[:r].clone())
-        self.Vh = nn.Parameter(vh[:r].clone())
+        self.Vh = nn.Parameter(vh[:r].contiguous())
         self.register_buffer("w_res", w - scale * (self.U.detach() * self.S.detach()) @ self.Vh.detach())
         self.register_buffer("U0", self.U.detach().clone())
         self.register_buffer("S0", self.S.detach().clone())
@@ -44,8 +46,11 @@ class SORSALinear(AdaptedLinear):
         return left, torch.cat([self.Vh, self.Vh0], dim=0)
 
     def orthonormal_error(self) -> torch.Tensor:
-        eye = torch.eye(self.S.numel(), device=self.S.device)
-        return torch.linalg.matrix_norm(self.Vh @ self.Vh.T - eye) + torch.linalg.matrix_norm(self.U.T @ self.U - eye)
+        # sharded (FSDP): U and Vh are gathered whole (every rank, modules in the same order) and each rank's
+        # shard receives the rows of the gradient it holds
+        u, vh = whole(self.U), whole(self.Vh)
+        eye = torch.eye(vh.shape[0], device=vh.device)
+        return torch.linalg.matrix_norm(vh @ vh.T - eye) + torch.linalg.matrix_norm(u.T @ u - eye)
 
 
 @register
