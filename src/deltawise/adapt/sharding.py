@@ -5,13 +5,16 @@ A user asks for it the way accelerate expects: ``accelerate launch --config_file
 ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` in every process; transformers' Trainer then shards the prepared
 model with torch's ``fully_shard``. Each parameter becomes a DTensor holding 1/N of its rows.
 
-Two things are ours to get right: methods whose hooks index whole weight matrices (SORSA's orthonormal
-step, KaSA's and LoLDU's factors, OSF's subspaces) cannot run on row shards, so they are refused up front,
-except LIFT, which gathers each whole matrix where it chooses its mask and writes each rank's rows of the
-masked entries back (adapt/methods/lift.py); and
-saving needs the full tensors, which every process must gather together (a collective) before the
-main process writes them, so ``full_parameters`` swaps each sharded parameter for its gathered CPU
-copy for the duration of the save and puts the shards back afterwards.
+Two things are ours to get right: methods whose hooks need whole matrices, and saving.
+Methods: LIFT gathers each whole matrix where it chooses its mask and writes each rank's rows of the masked
+entries back (adapt/methods/lift.py); SORSA, KaSA and LoLDU decompose the whole weights before the model is
+sharded, and SORSA's and KaSA's regularisers run on factors gathered with ``whole`` (every rank, in the same
+order; each shard receives its rows of the gradient); OSF projects its sharded gradients after each backward
+pass (adapt/methods/osf.py), since FSDP's shards do not carry PEFT's tensor hooks. A method of ours that is
+not in ``FSDP_METHODS_OWN`` (not tested sharded) is refused up front. Saving needs the full tensors, which
+every process must gather together (a collective) before the main process writes them, so
+``full_parameters`` swaps each sharded parameter for its gathered CPU copy for the duration of the save and
+puts the shards back afterwards. Checkpoints (``--save-every``/``--resume``) are the Trainer's FSDP ones.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from torch import nn
 
 from deltawise.errors import InputError
 
-# methods whose hooks work parameter by parameter (or not at all) and whose save reads ``named_parameters``
-# or ``save_pretrained``: tested sharded (tests/test_train_fsdp.py: full, hft, lift, lora) or the same code path (PEFT)
+# our methods (kind full or delta) that run sharded, each tested so in tests/test_train_fsdp.py; PEFT's adapters
+# (kind peft) train through transformers' FSDP support for PEFT models (lora tested)
 FSDP_METHODS_OWN = ("full", "hft", "lift", "sorsa", "kasa", "loldu", "osf")
 
 
@@ -64,7 +67,7 @@ def check_fsdp(method_name: str, method_kind: str) -> None:
         raise InputError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
                          "(torch's fully_shard; docs/adapt.md, \"Sharded training\")")
     if method_kind != "peft" and method_name not in FSDP_METHODS_OWN:
-        raise InputError(f"-m {method_name} does not run sharded (FSDP): its updates index whole weight matrices; "
+        raise InputError(f"-m {method_name} does not run sharded (FSDP): it is not tested with sharded parameters; "
                          f"use {', '.join(FSDP_METHODS_OWN)} or a PEFT adapter (lora, dora, ...), or DDP if the model "
                          "fits one device")
 
