@@ -5,7 +5,7 @@ the matrices frozen inside one shard group), LIFT (masks from whole matrices, on
 SORSA and KaSA (regularisers over whole factors, weighted so that they move the result), LoLDU, OSF (PEFT's
 gradient projection, which FSDP's parameter swap would drop) and LoRA (PEFT), and the saved output holds the
 full tensors. A sharded run interrupted after its checkpoint and resumed sharded ends where the uninterrupted
-sharded run ends (full, LoRA).
+sharded run ends (full; LIFT, whose masks ride in the checkpoint and refresh after the resume; LoRA).
 
 Marked slow (one torchrun launch of 3-step runs on a 2-layer Llama); the references run in this process.
 """
@@ -40,7 +40,8 @@ RUNS = [
     {"name": "lora", "method": "lora", "method_params": {"rank": 2, "targets": ["q_proj", "v_proj"]}},
 ]
 OUTPUTS = {"lora": "adapter_model.safetensors"}  # what each run's output folder holds (default: *.safetensors)
-RESUMED = ("full", "lora")  # interrupted after step 2 (checkpoint at step 1) and resumed, all sharded
+# interrupted after step 2 (checkpoint at step 1, before LIFT's first refresh) and resumed, all sharded
+RESUMED = ("full", "lift", "lora")
 # what ``accelerate launch`` exports for a config with distributed_type: FSDP and these fsdp_config keys
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ddp_worker import Interrupted, StopAt
 from deltawise.adapt import run_train
-from deltawise.adapt.checkpoints import interrupted_checkpoint
+from deltawise.adapt.checkpoints import interrupted_checkpoint, load_method_state, save_method_state
 from deltawise.adapt.methods import MethodError
 from deltawise.cli import app
 from deltawise.errors import OutputError
@@ -70,6 +70,26 @@ def test_lift_resume_needs_its_masks(tiny_lm, tmp_path):  # noqa: F811
     with pytest.raises(MethodError, match="no LIFT state"):
         run_train(_cfg(tiny_lm, tmp_path / "o", "lift", params, resume=True))
     assert staging.is_dir()  # the checkpoint is still there
+
+
+def test_method_state_entries_that_share_memory_are_saved(tmp_path):
+    """LIFT's mask and its record of masked entries are one tensor until the first refresh: a checkpoint taken then
+    (``--save-every 1`` with a later refresh) is still written, and reads back as it was."""
+
+    class Shared:
+        mask = torch.tensor([3, 1, 4])
+
+        def resume_state(self):
+            return {"mask/a": self.mask, "seen_index/a": self.mask, "view": self.mask[1:]}
+
+        def load_resume_state(self, model, optimizer, state):
+            self.loaded = state
+
+    method = Shared()
+    save_method_state(method, tmp_path / "checkpoint-1")
+    load_method_state(method, None, None, tmp_path / "checkpoint-1")
+    assert {k: v.tolist() for k, v in method.loaded.items()} == {"mask/a": [3, 1, 4], "seen_index/a": [3, 1, 4],
+                                                                 "view": [1, 4]}
 
 
 def test_refusals_around_an_interrupted_run(tiny_lm, tmp_path):  # noqa: F811

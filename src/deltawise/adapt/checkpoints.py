@@ -119,13 +119,15 @@ def open_run_staging(out: Path, key: dict[str, Any], *, resume: bool) -> tuple[P
 
 
 def save_method_state(method: Method, checkpoint: Path) -> None:
-    """Write the method's own state (``Method.resume_state``) into a checkpoint folder, when it has any."""
+    """Write the method's own state (``Method.resume_state``) into a checkpoint folder, when it has any. Each entry
+    is copied: entries may share memory (LIFT's mask and its record of masked entries, before the first refresh),
+    which safetensors refuses to write."""
     state = method.resume_state()
     if state:
         from safetensors.torch import save_file
 
         checkpoint.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, checkpoint / METHOD_STATE)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, checkpoint / METHOD_STATE)
 
 
 def load_method_state(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
