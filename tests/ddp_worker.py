@@ -117,9 +117,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
+def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None, timeout: float = 300) -> None:
     """``spec``'s runs under ``torchrun --nproc_per_node 2`` (gloo; ``env`` added to the launch's environment) into
-    ``spec["out"]``, the spec written to ``root / "spec.json"``. Skips without gloo."""
+    ``spec["out"]``, the spec written to ``root / "spec.json"``, within ``timeout`` seconds. Skips without gloo."""
     import os
     import subprocess
 
@@ -135,17 +135,17 @@ def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None) 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(tests / "ddp_worker.py"),
            str(root / "spec.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None) -> None:
+def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None, timeout: float = 300) -> None:
     """``launch_two_ranks``, then the same runs (but those ``sharded_only``) in this process with one thread and the
     global batch (twice each run's batch_size) into ``root / "single"`` as ``NAME``, ``NAME.single.safetensors``
     and, for a guarded run, ``NAME.guard.json``. Skips without gloo."""
     import torch
 
-    launch_two_ranks(spec, root, env)
+    launch_two_ranks(spec, root, env, timeout)
     single = {**spec, "out": str(root / "single")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,11 +3,17 @@
 process training with the same global batch (2 × 4 = 8 examples a step), for full fine-tuning, HFT (half
 the matrices frozen inside one shard group), LIFT (masks from whole matrices, one refresh), our own adapters
 SORSA and KaSA (regularisers over whole factors, weighted so that they move the result), LoLDU, OSF (PEFT's
-gradient projection, which FSDP's parameter swap would drop) and LoRA (PEFT), and the saved output holds the
-full tensors. A sharded run interrupted after its checkpoint and resumed sharded ends where the uninterrupted
-sharded run ends (full; LIFT, whose masks ride in the checkpoint and refresh after the resume; LoRA).
+gradient projection, which FSDP's parameter swap would drop), and every PEFT adapter whose mechanism differs
+from LoRA's: LoRA, LoRA-FA (its optimizer projects B's gradient with (AAᵀ)⁻¹ of the whole A), DoRA (magnitude
+vectors), PiSSA and CorDA (initialised from the weights / calibration data before sharding, converted to a
+plain LoRA on save), RandLoRA (shared frozen random bases), MiSS and FourierFT; the saved output holds the full
+tensors. (LoRA with ``-p init=eva`` is tested sharded in tests/test_train_eva_ddp.py.) A sharded run interrupted
+after its checkpoint and resumed sharded ends where the uninterrupted sharded run ends (full; LIFT, whose masks
+ride in the checkpoint and refresh after the resume; OSF, whose delta is taken against factors computed again
+at the resume; LoRA).
 
-Marked slow (one torchrun launch of 3-step runs on a 2-layer Llama); the references run in this process.
+Marked slow (one torchrun launch of 3-step runs on a 2-layer Llama; the file takes about 2.5 minutes on 2 cores); the references
+run in this process.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from ddp_worker import two_ranks_and_one
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from deltawise.adapt.sharding import FSDP_METHODS_OWN, check_fsdp
+from deltawise.adapt.methods.base import REGISTRY
+from deltawise.adapt.sharding import FSDP_METHODS_OWN, FSDP_METHODS_PEFT, check_fsdp
 from deltawise.errors import InputError
 
+QV = ["q_proj", "v_proj"]
 RUNS = [
     {"name": "full", "method": "full", "method_params": {}},
     {"name": "hft", "method": "hft", "method_params": {}},
@@ -36,12 +44,25 @@ RUNS = [
     {"name": "kasa", "method": "kasa", "method_params": {"rank": 2, "beta": 0.1, "gamma": 0.1}},
     {"name": "loldu", "method": "loldu", "method_params": {"rank": 2}},
     # OSF: the gradients of U_l and V_l projected away from the frozen top subspace (without it: 5e-3 apart)
-    {"name": "osf", "method": "osf", "method_params": {"targets": ["q_proj", "v_proj"]}},
-    {"name": "lora", "method": "lora", "method_params": {"rank": 2, "targets": ["q_proj", "v_proj"]}},
+    {"name": "osf", "method": "osf", "method_params": {"targets": QV}},
+    {"name": "lora", "method": "lora", "method_params": {"rank": 2, "targets": QV}},
+    # LoRA-FA: A frozen, B's gradient times (AAᵀ + δI)⁻¹/s² in PEFT's optimizer, from the whole A
+    {"name": "lora_fa", "method": "lora_fa", "method_params": {"rank": 2, "targets": QV}},
+    {"name": "dora", "method": "dora", "method_params": {"rank": 2, "targets": QV}},
+    # PiSSA, CorDA: factors from the SVD of W (CorDA: of W·C, C from --data) and W − s·BA before sharding; the
+    # saved adapter converted against the initial one (PEFT loads it into the model being saved)
+    {"name": "pissa", "method": "pissa", "method_params": {"rank": 2, "targets": QV}},
+    {"name": "corda", "method": "corda", "method_params": {"rank": 2, "targets": QV, "calibration": "--data",
+                                                           "calibration_examples": 4, "calibration_length": 16}},
+    {"name": "randlora", "method": "randlora", "method_params": {"rank": 4, "targets": QV}},
+    {"name": "miss", "method": "miss", "method_params": {"rank": 4, "targets": QV}},
+    {"name": "fourierft", "method": "fourierft", "method_params": {"n_frequency": 64, "targets": QV}},
 ]
-OUTPUTS = {"lora": "adapter_model.safetensors"}  # what each run's output folder holds (default: *.safetensors)
+PEFT = ("lora", "lora_fa", "dora", "pissa", "corda", "randlora", "miss", "fourierft")
+# what each run's output folder holds (default: *.safetensors)
+OUTPUTS = {name: "adapter_model.safetensors" for name in PEFT}
 # interrupted after step 2 (checkpoint at step 1, before LIFT's first refresh) and resumed, all sharded
-RESUMED = ("full", "lift", "lora")
+RESUMED = ("full", "lift", "osf", "lora")
 # what ``accelerate launch`` exports for a config with distributed_type: FSDP and these fsdp_config keys
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
@@ -63,8 +84,11 @@ def _resumed_runs() -> list[dict]:
 def fsdp_runs(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     runs = [{**r, "train": TRAIN} for r in RUNS] + _resumed_runs()
+    for r in runs:  # CorDA calibrates on the training data
+        if r["method_params"].get("calibration") == "--data":
+            r["method_params"] = {**r["method_params"], "calibration": str(tiny_lm["data"])}
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "fsdp"), "runs": runs}
-    two_ranks_and_one(spec, root, FSDP_ENV)
+    two_ranks_and_one(spec, root, FSDP_ENV, timeout=600)  # 23 runs in one launch
     return root
 
 
@@ -130,10 +154,15 @@ def test_only_methods_tested_sharded_run_under_fsdp(monkeypatch):
     for method in ("full", "hft", "lift", "sorsa", "kasa", "loldu", "osf"):  # each one trained sharded above
         assert method in FSDP_METHODS_OWN
         check_fsdp(method, "full" if method == "full" else "delta")
-    assert set(FSDP_METHODS_OWN) <= {r["method"] for r in RUNS}
-    with pytest.raises(InputError, match="does not run sharded"):
-        check_fsdp("an_untested_own_method", "delta")  # a method of ours not yet tested sharded is refused
-    check_fsdp("lora", "peft")
+    for method in PEFT:
+        assert method in FSDP_METHODS_PEFT
+        check_fsdp(method, "peft")
+    check_fsdp("bone", "peft")  # miss's old name
+    assert set(FSDP_METHODS_OWN) | set(FSDP_METHODS_PEFT) - {"bone"} <= {r["method"] for r in RUNS}
+    assert set(REGISTRY) == set(FSDP_METHODS_OWN) | set(FSDP_METHODS_PEFT)  # every method runs sharded
+    for kind in ("delta", "peft"):  # a method not yet tested sharded is refused, ours or PEFT's
+        with pytest.raises(InputError, match="does not run sharded"):
+            check_fsdp("an_untested_method", kind)
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(InputError, match="fsdp_version: 2"):
         check_fsdp("full", "full")

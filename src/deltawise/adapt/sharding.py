@@ -10,28 +10,34 @@ Methods: LIFT gathers each whole matrix where it chooses its mask and writes eac
 entries back (adapt/methods/lift.py); SORSA, KaSA and LoLDU decompose the whole weights before the model is
 sharded, and SORSA's and KaSA's regularisers run on factors gathered with ``whole`` (every rank, in the same
 order; each shard receives its rows of the gradient); OSF projects its sharded gradients after each backward
-pass (adapt/methods/osf.py), since FSDP's shards do not carry PEFT's tensor hooks. A method of ours that is
-not in ``FSDP_METHODS_OWN`` (not tested sharded) is refused up front. Saving needs the full tensors, which
-every process must gather together (a collective) before the main process writes them, so
-``full_parameters`` swaps each sharded parameter for its gathered CPU copy for the duration of the save and
-puts the shards back afterwards. Checkpoints (``--save-every``/``--resume``) are the Trainer's FSDP ones.
+pass (adapt/methods/osf.py), since FSDP's shards do not carry PEFT's tensor hooks. PEFT's adapters shard as
+any parameters; LoRA-FA's optimizer, whose (AAᵀ)⁻¹ needs the whole A, gathers every A each step
+(adapt/methods/lora_fa.py); PiSSA, CorDA and EVA initialise before the model is sharded. A method not in
+``FSDP_METHODS_OWN`` / ``FSDP_METHODS_PEFT`` (not tested sharded) is refused up front. Saving needs the full
+tensors, which every process must gather together (a collective) before the main process writes them, so
+``full_parameters`` swaps each sharded parameter for its gathered CPU copy for the duration of the save (with
+FSDP's load hooks held back, for PiSSA's and CorDA's conversion, which loads an adapter into the model) and puts
+the shards back afterwards. Checkpoints (``--save-every``/``--resume``) are the Trainer's FSDP ones.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from deltawise.errors import InputError
 
-# our methods (kind full or delta) that run sharded, each tested so in tests/test_train_fsdp.py; PEFT's adapters
-# (kind peft) train through transformers' FSDP support for PEFT models (lora tested)
+# the methods that run sharded, each tested so in tests/test_train_fsdp.py (LoRA's init=eva: tests/test_train_eva_ddp.py):
+# ours (kind full or delta), and PEFT's adapters (kind peft), which train through transformers' FSDP support for
+# PEFT models; bone is miss under its old name (one class)
 FSDP_METHODS_OWN = ("full", "hft", "lift", "sorsa", "kasa", "loldu", "osf")
+FSDP_METHODS_PEFT = ("lora", "lora_fa", "dora", "pissa", "corda", "randlora", "miss", "bone", "fourierft")
 
 
 def fsdp_requested() -> bool:
@@ -66,10 +72,9 @@ def check_fsdp(method_name: str, method_kind: str) -> None:
     if version != "2":
         raise InputError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
                          "(torch's fully_shard; docs/adapt.md, \"Sharded training\")")
-    if method_kind != "peft" and method_name not in FSDP_METHODS_OWN:
+    if method_name not in (FSDP_METHODS_PEFT if method_kind == "peft" else FSDP_METHODS_OWN):
         raise InputError(f"-m {method_name} does not run sharded (FSDP): it is not tested with sharded parameters; "
-                         f"use {', '.join(FSDP_METHODS_OWN)} or a PEFT adapter (lora, dora, ...), or DDP if the model "
-                         "fits one device")
+                         f"use {', '.join(FSDP_METHODS_OWN + FSDP_METHODS_PEFT)}, or DDP if the model fits one device")
 
 
 @contextmanager
@@ -78,10 +83,14 @@ def full_parameters(model: nn.Module, keep: bool) -> Iterator[nn.Module]:
 
     Every process must enter (each DTensor is all-gathered, one parameter at a time, so the peak is
     one full matrix per device). Without sharded parameters (one process, DDP) nothing happens. Tied
-    parameters (one object in several modules) are gathered once and stay tied."""
+    parameters (one object in several modules) are gathered once and stay tied. A module holding a
+    gathered parameter loses its ``load_state_dict`` post-hooks for the block: FSDP2's would take the
+    module's plain tensor for its shard and fail, and a save may load into the model (PiSSA's and CorDA's
+    conversion loads the initial adapter beside the trained one)."""
     from torch.distributed.tensor import DTensor
 
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    hooks: dict[nn.Module, dict] = {}
     gathered: dict[int, nn.Parameter] = {}
     try:
         for module in model.modules():
@@ -94,10 +103,15 @@ def full_parameters(model: nn.Module, keep: bool) -> Iterator[nn.Module]:
                 if keep:
                     swapped.append((module, name, param))
                     module._parameters[name] = gathered[id(param)]
+                    if module not in hooks:
+                        hooks[module] = module._load_state_dict_post_hooks
+                        module._load_state_dict_post_hooks = OrderedDict()
         yield model
     finally:
         for module, name, param in reversed(swapped):
             module._parameters[name] = param
+        for module, held in hooks.items():
+            module._load_state_dict_post_hooks = held
         gathered.clear()
 
 

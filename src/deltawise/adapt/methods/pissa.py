@@ -7,7 +7,8 @@ model output equals the base at init. Trainable per matrix: r·(in + out).
 Saving: the trained adapter is relative to the residual weight, so it is converted on save
 (PEFT ``path_initial_model_for_weight_conversion``) into a standard rank-2r LoRA relative to the
 original W: ΔW = s(BA − B0A0). The saved folder therefore loads on the unmodified base model.
-Parameters as LoRA.
+Sharded (FSDP2): the SVD runs before the model is sharded, and the conversion on the gathered weights
+(``sharding.full_parameters``). Parameters as LoRA.
 """
 
 from __future__ import annotations
