@@ -182,3 +182,33 @@ def test_deepspeed_zero3_is_refused(monkeypatch, tmp_path):
         check_fsdp("lora", "peft")
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     check_fsdp("full", "full")  # ZeRO-2 keeps whole parameters on every rank
+
+
+def test_a_state_dict_loaded_inside_full_parameters_meets_no_fsdp_hook():
+    """PiSSA's and CorDA's save loads the initial adapter into the model within ``full_parameters``: FSDP2's
+    load hook (which takes the module's tensor for its shard) is held back there and is back afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from deltawise.adapt.sharding import full_parameters
+
+    if dist.is_initialized() or not dist.is_gloo_available():
+        pytest.skip("needs its own gloo process group")
+    dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (1,)))
+        hooks = dict(model[0]._load_state_dict_post_hooks)
+        assert isinstance(model[0].weight, DTensor) and hooks
+        twos = {k: torch.full(v.shape, 2.0) for k, v in model.state_dict().items()}
+        with full_parameters(model, keep=True) as full:
+            assert not isinstance(full[0].weight, DTensor)
+            full.load_state_dict(twos)  # FSDP's hook would fail here: the module holds a plain tensor
+            assert torch.equal(full[0].weight, twos["0.weight"]) and not full[0]._load_state_dict_post_hooks
+        assert isinstance(model[0].weight, DTensor) and model[0]._load_state_dict_post_hooks == hooks
+        model.load_state_dict(model.state_dict())  # through FSDP's hooks again
+        assert isinstance(model[0].weight, DTensor)
+    finally:
+        dist.destroy_process_group()
