@@ -86,6 +86,24 @@ DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p,
     }
 }
 
+/* u[j] = the next n draws, as torch.rand gives them (float32). */
+DW_INLINE void mt_fill(MtStream *s, float *u, Py_ssize_t n) {
+    Py_ssize_t done = 0;
+    while (done < n) {
+        if (s->index == 624) {
+            mt_twist(&s->mt);
+            s->index = 0;
+        }
+        Py_ssize_t take = 624 - s->index < n - done ? 624 - s->index : n - done;
+        const uint32_t *state = s->mt.state + s->index;
+        float *out = u + done;
+        for (Py_ssize_t j = 0; j < take; j++)
+            out[j] = mt_uniform(state[j]);
+        s->index += take;
+        done += take;
+    }
+}
+
 /* Fills keep[0..n) for draws [skip, skip + n) of the stream seeded by seed. */
 static void mt_mask(uint8_t *keep, uint32_t seed, Py_ssize_t skip, Py_ssize_t n, float density) {
     MtStream s;
