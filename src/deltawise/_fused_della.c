@@ -108,6 +108,9 @@ static void line_probs(const uint32_t *key, Py_ssize_t n, float *p, Py_ssize_t s
 
 /* ---- the keep decision of each entry of a line, ranking exactly only where the draw needs it ----- */
 
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
 #define DECIDE_BINADES 16   /* the bins cover this many binades below a line's largest magnitude */
 #define DECIDE_MAX_BINS 2048 /* at most this many bins (besides the one below the range) */
 #define PENDING_MAX 32      /* exact ranks counted one by one for at most this many entries of a line */
@@ -174,20 +177,29 @@ DW_INLINE void line_keep(const uint32_t *restrict key, const float *restrict u, 
             undecided[j] = (uj >= p_min) & (uj < p_max);
         }
         memset(undecided + n, 0, 8);
-        /* the others (eight flags a word) by their bin: kept when u < probs[first], dropped when u >= probs[last];
-           between them the exact rank decides */
-        Py_ssize_t exact = 0;
+        /* their indices, eight flags at a time: the flags' byte mask picks the offsets from a table */
+        uint32_t *restrict list = pending;
+        Py_ssize_t count = 0;
         for (Py_ssize_t g = 0; g < n; g += 8) {
             uint64_t word;
             memcpy(&word, undecided + g, 8);
-            for (; word; word &= word - 1) {
-                uint32_t j = (uint32_t)(g + (__builtin_ctzll(word) >> 3)), t = bin[j];
-                float uj = u[j];
-                uint8_t kept = uj < probs[first[t]];
-                keep[j * stride] = kept;
-                pending[exact] = j;
-                exact += !kept & (uj < probs[first[t + 1] - 1]);
-            }
+            unsigned mask = (unsigned)((word * 0x0102040810204080ull) >> 56); /* bit q: flag of byte q (0 or 1) */
+            U8x8 offsets;
+            memcpy(&offsets, set_bits[mask], 8);
+            U32x8 at = __builtin_convertvector(offsets, U32x8) + (uint32_t)g;
+            memcpy(list + count, &at, 32);
+            count += __builtin_popcount(mask);
+        }
+        /* each by its bin: kept when u < probs[first], dropped when u >= probs[last]; between them the exact rank
+           decides */
+        Py_ssize_t exact = 0;
+        for (Py_ssize_t q = 0; q < count; q++) {
+            uint32_t j = list[q], t = bin[j];
+            float uj = u[j];
+            uint8_t kept = uj < probs[first[t]];
+            keep[j * stride] = kept;
+            pending[exact] = j;
+            exact += !kept & (uj < probs[first[t + 1] - 1]);
         }
         if (exact <= PENDING_MAX) {
             for (Py_ssize_t q = 0; q < exact; q++) {
@@ -203,11 +215,6 @@ DW_INLINE void line_keep(const uint32_t *restrict key, const float *restrict u, 
 }
 
 /* ---- the masks ------------------------------------------------------------------------------ */
-
-typedef uint8_t U8x8 __attribute__((vector_size(8)));
-typedef uint32_t U32x8 __attribute__((vector_size(32)));
-typedef float F32x4 __attribute__((vector_size(16)));
-typedef double F64x4 __attribute__((vector_size(32)));
 
 typedef struct {
     const char *x, *b;     /* the model's and the base's entries of the chunk, as stored */
@@ -227,9 +234,61 @@ typedef struct {
     HalfLoad half_load;
 } DellaJob;
 
+/* The L1 norms of the task vector and of its kept part (DELLA's rescale), in float64: sums[q] += |x| and
+   sums[8 + q] += |x| where kept, over entries q, q + 8, q + 16, ... of the n keys (the kept magnitude is the
+   key's bits masked: +0 where dropped). */
+static void l1_sums_generic(const uint32_t *k, const uint8_t *m, Py_ssize_t n, double *sums) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int q = 0; q < 8; q++) {
+            sums[q] += (double)bits_float(k[i + q]);
+            sums[8 + q] += (double)bits_float(k[i + q] & (0u - (uint32_t)m[i + q]));
+        }
+    for (; i < n; i++) {
+        sums[0] += (double)bits_float(k[i]);
+        sums[8] += (double)bits_float(k[i] & (0u - (uint32_t)m[i]));
+    }
+}
+
+#ifdef DW_X86_DISPATCH
+/* l1_sums_generic four lanes at a time: the same additions in the same order */
+__attribute__((target("avx2"))) static void l1_sums_avx2(const uint32_t *k, const uint8_t *m, Py_ssize_t n,
+                                                        double *sums) {
+    __m256d all_lo = _mm256_loadu_pd(sums), all_hi = _mm256_loadu_pd(sums + 4);
+    __m256d kept_lo = _mm256_loadu_pd(sums + 8), kept_hi = _mm256_loadu_pd(sums + 12);
+    __m256i zero = _mm256_setzero_si256();
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i key = _mm256_loadu_si256((const __m256i *)(k + i));
+        __m256i flag = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i)));
+        __m256 all = _mm256_castsi256_ps(key);
+        __m256 kept = _mm256_castsi256_ps(_mm256_and_si256(key, _mm256_sub_epi32(zero, flag)));
+        all_lo = _mm256_add_pd(all_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(all)));
+        all_hi = _mm256_add_pd(all_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(all, 1)));
+        kept_lo = _mm256_add_pd(kept_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(kept)));
+        kept_hi = _mm256_add_pd(kept_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(kept, 1)));
+    }
+    _mm256_storeu_pd(sums, all_lo);
+    _mm256_storeu_pd(sums + 4, all_hi);
+    _mm256_storeu_pd(sums + 8, kept_lo);
+    _mm256_storeu_pd(sums + 12, kept_hi);
+    l1_sums_generic(k + i, m + i, n - i, sums);
+}
+#endif
+
+DW_INLINE void l1_sums(const uint32_t *k, const uint8_t *m, Py_ssize_t n, double *sums) {
+#ifdef DW_X86_DISPATCH
+    if (use_avx2 > 0) {
+        l1_sums_avx2(k, m, n, sums);
+        return;
+    }
+#endif
+    l1_sums_generic(k, m, n, sums);
+}
+
 DW_INLINE Py_ssize_t della_body(const DellaJob *job, double *l1) {
     float x[BLOCK], b[BLOCK];
-    F64x4 all_lo = {0}, all_hi = {0}, kept_lo = {0}, kept_hi = {0};
+    double sums[16] = {0};
     Job conv; /* load_block reads only the half conversion */
     conv.half_load = job->half_load;
     Py_ssize_t bad = 0, pos = 0, slab = job->slab, line = job->line, stride = job->stride;
@@ -265,44 +324,17 @@ DW_INLINE Py_ssize_t della_body(const DellaJob *job, double *l1) {
                               scratch);
                 }
             }
-            /* the L1 norms of the task vector and of its kept part (DELLA's rescale), in float64, eight partial
-               sums each (lane q sums entries q, q + 8, ...); the kept magnitude is the key's bits masked (+0 where
-               dropped); in vector types, so that either build adds four lanes at once */
-            const uint8_t *m = job->out + pos;
-            const uint32_t *k = job->keys;
-            Py_ssize_t i = 0;
-            for (; i + 8 <= slab; i += 8) {
-                U8x8 m8;
-                U32x8 k8, kept8;
-                F32x4 a[2], b[2];
-                memcpy(&m8, m + i, 8);
-                memcpy(&k8, k + i, 32);
-                kept8 = k8 & (0u - __builtin_convertvector(m8, U32x8));
-                memcpy(a, &k8, 32);
-                memcpy(b, &kept8, 32);
-                all_lo += __builtin_convertvector(a[0], F64x4);
-                all_hi += __builtin_convertvector(a[1], F64x4);
-                kept_lo += __builtin_convertvector(b[0], F64x4);
-                kept_hi += __builtin_convertvector(b[1], F64x4);
-            }
-            for (; i < slab; i++) {
-                all_lo[0] += (double)bits_float(k[i]);
-                kept_lo[0] += (double)bits_float(k[i] & (0u - (uint32_t)m[i]));
-            }
+            l1_sums(job->keys, job->out + pos, slab, sums);
         }
     }
-    double all[8], kept[8];
-    memcpy(all, &all_lo, 32);
-    memcpy(all + 4, &all_hi, 32);
-    memcpy(kept, &kept_lo, 32);
-    memcpy(kept + 4, &kept_hi, 32);
+    const double *all = sums, *kept = sums + 8;
     l1[0] = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
     l1[1] = ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
     return bad;
 }
 
 #ifdef DW_X86_DISPATCH
-__attribute__((target("avx2,fma,f16c"))) static Py_ssize_t della_avx2(const DellaJob *job, double *l1) {
+__attribute__((target("avx2,fma,f16c,popcnt"))) static Py_ssize_t della_avx2(const DellaJob *job, double *l1) {
     return della_body(job, l1);
 }
 #endif
@@ -374,7 +406,7 @@ static PyObject *py_della_mask(PyObject *self, PyObject *args) {
     ls->first = malloc((DECIDE_MAX_BINS + 2) * 2 * sizeof(uint32_t));
     ls->bin = malloc((size_t)line * sizeof(uint32_t));
     ls->undecided = malloc((size_t)line + 8);
-    ls->pending = malloc((size_t)line * sizeof(uint32_t));
+    ls->pending = malloc(((size_t)line + 8) * sizeof(uint32_t));
     ls->p = malloc((size_t)line * sizeof(float));
     ls->a = malloc((size_t)line * sizeof(uint64_t));
     ls->b = malloc((size_t)line * sizeof(uint64_t));
