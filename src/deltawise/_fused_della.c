@@ -116,10 +116,10 @@ typedef uint32_t U32x8 __attribute__((vector_size(32)));
 #define PENDING_MAX 32      /* exact ranks counted one by one for at most this many entries of a line */
 
 typedef struct {
-    uint32_t *first;   /* DECIDE_MAX_BINS + 2 counts, then first positions */
+    uint32_t *first;   /* 2 (DECIDE_MAX_BINS + 2): the counts of even and odd entries, then first positions */
     uint32_t *bin;     /* line entries: each entry's bin */
     uint8_t *undecided; /* line entries + 8: the draw alone does not decide */
-    uint32_t *pending; /* line entries */
+    uint32_t *pending; /* line entries + 8: the undecided entries, then those that need the exact rank */
     float *p;          /* line entries: the exact path's probabilities */
     uint64_t *a, *b;   /* line entries each: the exact path's sort */
     uint32_t *hist;    /* 3 << RANK_MAX_BITS counts */
