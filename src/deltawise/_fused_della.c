@@ -10,10 +10,10 @@
  * Most entries need no exact rank (line_keep): the table rises with the rank, so an entry whose rank is
  * known to lie in [lo, hi] is kept when u < probs[lo] and dropped when u >= probs[hi], whatever its exact
  * rank. One counting pass over bins of the float32 bits of |x - b| (non-negative floats order as their
- * bits; bins of 1/2^m of a binade over the 16 binades below the line's largest magnitude, one bin for
- * all below) bounds every rank by its bin's first and last position; only the entries whose draw falls
- * between those two probabilities (about 2 epsilon (c - 1) / n of the entries of a bin of c) get their
- * exact rank, by counting the line's smaller keys. Where more than PENDING_MAX entries of a line need it,
+ * bits; bins of 1/2^m of a binade, about one for two entries, over the 16 binades below the line's largest
+ * magnitude, one bin for all below) bounds every rank by its bin's first and last position; only the entries
+ * whose draw falls between those two probabilities (about 2 epsilon (c - 1) / n of the entries of a bin of c)
+ * get their exact rank, by counting the line's smaller keys. Where more than PENDING_MAX entries of a line need it,
  * or the table is not monotone, the whole line is ranked exactly (line_probs): an LSD radix sort on only
  * the bits where a line's keys differ, in one to three digits of at most 11 bits. Either way the ranks
  * compared are the exact ones, so the masks are the same.
@@ -143,8 +143,8 @@ DW_INLINE void line_keep(const uint32_t *restrict key, const float *restrict u, 
         uint32_t top = 0;
         for (Py_ssize_t j = 0; j < n; j++)
             top = key[j] > top ? key[j] : top;
-        int m = 0; /* 2^m bins a binade: about one bin an entry */
-        while (m < 23 && ((Py_ssize_t)DECIDE_BINADES << (m + 1)) <= n && (DECIDE_BINADES << (m + 1)) <= DECIDE_MAX_BINS)
+        int m = 0; /* 2^m bins a binade: about one bin for two entries */
+        while (m < 23 && ((Py_ssize_t)DECIDE_BINADES << (m + 2)) <= n && (DECIDE_BINADES << (m + 1)) <= DECIDE_MAX_BINS)
             m++;
         int shift = 23 - m;
         int32_t bins = (DECIDE_BINADES << m) + 1, low = (int32_t)(top >> shift) - (bins - 1);
