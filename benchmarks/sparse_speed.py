@@ -8,7 +8,8 @@ What it measures
     once right before every run so that each starts page-cache-warm. It reports the median
     wall seconds of each, after/before, after/linear (the same run's linear merge), whether the
     two outputs are the same bits (the shard sha256 sums of the two manifests), and, for ties and
-    dare_ties, mergekit-yaml on the same recipe (once; ``--mergekit none`` skips it).
+    dare_ties, mergekit-yaml on the same recipe (once; ``--mergekit none`` skips it). A second table
+    gives each run's process CPU seconds (user + system, all threads), steadier on a shared machine.
 
     Recipes: density 0.2 for every sparsifying method (ties, ties with tie_rule index,
     dare_ties, dare_linear, breadcrumbs and breadcrumbs_ties with gamma 0.01, della and
@@ -80,18 +81,18 @@ def shard_sums(out: Path) -> list[str] | None:
 
 
 def run_once(label: str, cmd: list[str], out: Path, inputs: list[Path], env: dict,
-             timeout: float) -> tuple[float, list[str] | None]:
+             timeout: float) -> tuple[float, list[str] | None, float]:
     if out.exists():
         shutil.rmtree(out)
     read_files(inputs)  # page-cache-warm start, whatever the previous run evicted
     result = run_measured(cmd, out.parent / out.name, timeout_s=timeout, env=env)
     if not result.ok:
         console.print(f"  {label}: failed\n{result.stderr[-2000:]}", markup=False)
-        return float("nan"), None
+        return float("nan"), None, float("nan")
     sums = shard_sums(out) if label != "mergekit" else None
-    console.print(f"  {label}: {result.wall_s:.1f} s", markup=False)
+    console.print(f"  {label}: {result.wall_s:.1f} s ({result.cpu_s:.1f} CPU s)", markup=False)
     shutil.rmtree(out, ignore_errors=True)
-    return result.wall_s, sums
+    return result.wall_s, sums, result.cpu_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,21 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [f for folder in recipe_inputs(method, base, models) for f in safetensors_files(folder)]
         console.print(f"[bold]{name}[/]")
         times: dict[str, list[float]] = {label: [] for label, _ in versions}
+        cpu: dict[str, list[float]] = {label: [] for label, _ in versions}
         sums: dict[str, list[str] | None] = {}
         for _ in range(args.repeat):
             for label, src in versions:
                 env = {**os.environ, "PYTHONPATH": str(src), "CUDA_VISIBLE_DEVICES": ""}
                 cmd = [sys.executable, "-m", "deltawise", "merge", str(recipe), str(args.workdir / f"out_{label}"),
                        "--shard-size", "2GB", "--threads", str(args.threads)]
-                wall, sums[label] = run_once(label, cmd, args.workdir / f"out_{label}", inputs, env, args.timeout)
+                wall, sums[label], cpu_s = run_once(label, cmd, args.workdir / f"out_{label}", inputs, env, args.timeout)
                 times[label].append(wall)
+                cpu[label].append(cpu_s)
         row = {"method": name, **{label: statistics.median(t) for label, t in times.items()},
-               "runs": times, "same_bits": (sums.get("before") == sums.get("after")) if args.before else None}
+               **{f"{label}_cpu": statistics.median(c) for label, c in cpu.items()},
+               "runs": times, "cpu_runs": cpu,
+               "same_bits": (sums.get("before") == sums.get("after")) if args.before else None}
         if mergekit is not None and name in MERGEKIT_METHODS:
             cmd = [str(mergekit), str(recipe), str(args.workdir / "out_mergekit"), "--out-shard-size", str(2 * GB),
                    "--lazy-unpickle", "--no-copy-tokenizer"]
-            row["mergekit"], _ = run_once("mergekit", cmd, args.workdir / "out_mergekit", inputs,
-                                          {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, args.timeout)
+            row["mergekit"], _, row["mergekit_cpu"] = run_once("mergekit", cmd, args.workdir / "out_mergekit", inputs,
+                                                              {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, args.timeout)
         rows.append(row)
 
     linear = next((r["after"] for r in rows if r["method"] == "linear"), None)
@@ -152,6 +157,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{cell(r['after'] / r['before'] if r.get('before') else None, '{:.2f}')} | "
               f"{cell(r['after'] / linear if linear else None, '{:.2f}')} | {cell(r['same_bits'], '{}')} | "
               f"{cell(r.get('mergekit'))} | {cell(r['mergekit'] / r['after'] if r.get('mergekit') else None, '{:.1f}')} |")
+    # process CPU seconds (user + system, all threads): steadier than wall seconds on a shared machine
+    linear_cpu = next((r["after_cpu"] for r in rows if r["method"] == "linear"), None)
+    print("\n| method | before CPU s | after CPU s | after/before | after/linear | mergekit CPU s |")
+    print("|" + "---|" * 6)
+    for r in rows:
+        def cpu_cell(x, fmt="{:.1f}"):
+            return fmt.format(x) if x is not None else "-"
+        print(f"| {r['method']} | {cpu_cell(r.get('before_cpu'))} | {cpu_cell(r['after_cpu'])} | "
+              f"{cpu_cell(r['after_cpu'] / r['before_cpu'] if r.get('before_cpu') else None, '{:.2f}')} | "
+              f"{cpu_cell(r['after_cpu'] / linear_cpu if linear_cpu else None, '{:.2f}')} | "
+              f"{cpu_cell(r.get('mergekit_cpu'))} |")
     if args.json:
         args.json.write_text(json.dumps({"host": host_info(), "shape": args.shape, "rows": rows}, indent=2, default=str))
     return 0

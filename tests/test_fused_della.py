@@ -62,6 +62,56 @@ def test_della_mask_is_the_torch_paths(shape, row_start, levels, monkeypatch):
         assert torch.equal(got, expected)
 
 
+def _magnitudes(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of task vectors that drive each path of the kernel's rank decision (``line_keep``)."""
+    sign = torch.sign(torch.randn(rows, n, generator=gen)).clamp(min=0).mul(2).sub(1)
+    if kind == "wide":  # 40 binades: many entries below the bins' range share the bin underneath
+        return sign * torch.exp2(torch.rand(rows, n, generator=gen) * -40)
+    if kind == "one_bin":  # distinct magnitudes within 1/64 binade: one bin, too many exact ranks, the radix sort
+        return sign * (1 + torch.randperm(rows * n, generator=gen).reshape(rows, n).float() * 2.0**-23)
+    if kind == "few_in_bins":  # pairs of close magnitudes share bins: a few exact ranks a row
+        return sign * (1 + torch.randint(0, 2, (rows, n), generator=gen) * 2.0**-23) * torch.exp2(
+            torch.randint(-8, 0, (rows, n), generator=gen).float())
+    if kind == "ties":  # a handful of values, zeros among them: long runs of ties in index order
+        return sign * torch.randint(0, 5, (rows, n), generator=gen).float() / 4
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["wide", "one_bin", "few_in_bins", "ties"])
+@pytest.mark.parametrize("n", [33, 64, 100, 1024, 2048, 4099])
+def test_della_mask_rank_decision_paths(kind, n):
+    """The kernel decides most entries from the range of ranks of their magnitude's bin and ranks exactly only
+    where the draw falls inside that range's probabilities; rows whose bins leave too many such entries are
+    ranked whole (radix sort). Every path gives the torch path's mask (rows of 33 entries up to 4099: one to
+    128 bins a binade)."""
+    gen = torch.Generator().manual_seed(n)
+    rows = max(2, 8192 // n)
+    x = _magnitudes(kind, rows, n, gen)
+    base = torch.zeros(rows, n)
+    for density, epsilon in ((0.2, 0.1), (0.5, 0.45)):
+        assert torch.equal(_kernel_mask(x, base, density, epsilon, 5, "w"), _torch_mask(x, base, density, epsilon, 5, "w"))
+
+
+@pytest.mark.parametrize("table", ["falling", "flat", "nan"])
+def test_della_mask_any_probability_table(table):
+    """A keep-probability table that does not rise with the rank (DELLA's always does) is read by exact rank:
+    keep = u < probs[stable rank] whatever the table."""
+    rows, n = 6, 300
+    gen = torch.Generator().manual_seed(2)
+    x = _magnitudes("ties", rows, n, gen) + torch.randn(rows, n, generator=gen) * 0.01
+    base = torch.zeros(rows, n)
+    probs = {"falling": torch.linspace(0.9, 0.1, n), "flat": torch.full((n,), 0.3),
+             "nan": torch.linspace(0.1, 0.9, n).index_fill_(0, torch.tensor([7]), float("nan"))}[table]
+    seeds, skips, lengths = fused_sparse._segments(5, "w", 0, (rows, n), 0)
+    out = torch.empty(rows * n, dtype=torch.uint8)
+    fused_sparse._kernels.della_mask(out.numpy(), fused_sparse._raw(base), 0, fused_sparse._raw(x), 0, n, n, 1,
+                                     probs.numpy(), seeds, skips, lengths)
+    job = TensorJob("w", base, [x], {}, [{}], {}, 5)
+    order = x.abs().argsort(dim=-1, stable=True)
+    p = torch.empty_like(x).scatter_(-1, order, probs.expand_as(order))
+    assert torch.equal(out.bool(), (job.uniform(0) < p).reshape(-1))
+
+
 def test_della_mask_hand_computed():
     """One row [0.3, -0.1, 0.2, 0.1]: ascending stable ranks 3, 0, 2, 1 (the tied 0.1s in index order);
     density 0.5, epsilon 0.3 give p_r = 0.2 + 0.6 r / 3, so p = [0.8, 0.2, 0.6, 0.4], against the

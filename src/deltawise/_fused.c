@@ -421,9 +421,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fused(void) {
     choose_path();
-#ifdef DW_X86_DISPATCH
-    init_set_bits(); /* tie_select's tables */
-#endif
+    init_set_bits(); /* tie_select's and della_mask's tables */
 #ifdef DW_X86_DISPATCH
     const char *path = use_avx2 ? "avx2+fma" : "baseline";
 #else

@@ -60,8 +60,8 @@ DW_INLINE float mt_uniform(uint32_t y) {
     return (float)(y & 0xffffffu) * 0x1p-24f;
 }
 
-/* keep[j] = u_j < (p ? p[j] : density) for the next n draws u_j, decided in float32 as torch does. */
-DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p, float density) {
+/* keep[j] = u_j < density for the next n draws u_j, decided in float32 as torch does. */
+DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, float density) {
     Py_ssize_t done = 0;
     while (done < n) {
         if (s->index == 624) {
@@ -71,16 +71,26 @@ DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p,
         Py_ssize_t take = 624 - s->index < n - done ? 624 - s->index : n - done;
         const uint32_t *state = s->mt.state + s->index;
         uint8_t *out = keep + done;
-        if (p == NULL) {
-            for (Py_ssize_t j = 0; j < take; j++) {
-                out[j] = mt_uniform(state[j]) < density;
-            }
-        } else {
-            const float *q = p + done;
-            for (Py_ssize_t j = 0; j < take; j++) {
-                out[j] = mt_uniform(state[j]) < q[j];
-            }
+        for (Py_ssize_t j = 0; j < take; j++)
+            out[j] = mt_uniform(state[j]) < density;
+        s->index += take;
+        done += take;
+    }
+}
+
+/* u[j] = the next n draws, as torch.rand gives them (float32). */
+DW_INLINE void mt_fill(MtStream *s, float *u, Py_ssize_t n) {
+    Py_ssize_t done = 0;
+    while (done < n) {
+        if (s->index == 624) {
+            mt_twist(&s->mt);
+            s->index = 0;
         }
+        Py_ssize_t take = 624 - s->index < n - done ? 624 - s->index : n - done;
+        const uint32_t *state = s->mt.state + s->index;
+        float *out = u + done;
+        for (Py_ssize_t j = 0; j < take; j++)
+            out[j] = mt_uniform(state[j]);
         s->index += take;
         done += take;
     }
@@ -90,7 +100,7 @@ DW_INLINE void mt_keep(MtStream *s, uint8_t *keep, Py_ssize_t n, const float *p,
 static void mt_mask(uint8_t *keep, uint32_t seed, Py_ssize_t skip, Py_ssize_t n, float density) {
     MtStream s;
     mt_start(&s, seed, skip);
-    mt_keep(&s, keep, n, NULL, density);
+    mt_keep(&s, keep, n, density);
 }
 
 /* The RNG segments of a chunk: segment j holds draws [skip[j], skip[j] + length[j]) of the stream of seed[j]. */

@@ -78,10 +78,7 @@ DW_INLINE int stoppers_scalar(const Key *block, int right, Key bound, int at_lea
     return count;
 }
 
-#ifdef DW_X86_DISPATCH
-#include <immintrin.h>
-
-static uint8_t set_bits[256][8]; /* positions of the set bits of a byte, ascending */
+static uint8_t set_bits[256][8]; /* positions of the set bits of a byte, ascending (also della's line_keep) */
 static uint8_t set_bits_reversed[256][8]; /* 7 - position, for the bits from the highest down */
 
 static void init_set_bits(void) {
@@ -95,6 +92,9 @@ static void init_set_bits(void) {
                 set_bits_reversed[m][d++] = (uint8_t)(7 - b);
     }
 }
+
+#ifdef DW_X86_DISPATCH
+#include <immintrin.h>
 
 /* stoppers_scalar with 8-entry compares and the offsets of each byte of the mask from a table */
 __attribute__((target("avx2"))) static inline int stoppers_avx2(const Key *block, int right, Key bound, int at_least,
