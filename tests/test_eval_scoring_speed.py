@@ -1,9 +1,12 @@
-"""The faster span scorer (trimmed logits, grouped windows, inference mode) gives the numbers of the plain one.
+"""The faster span scorer (trimmed logits, grouped windows, inference mode, an attention mask that masks nothing,
+no key/value cache, log-probabilities as logsumexp minus the target logit in chunks) gives the numbers of the plain one.
 
 ``reference_scores`` restates the scorer as it was before the speed work: every logit computed, spans batched
 longest-first with ties in input order. Changing which spans share a batch changes only the shapes of the padded
 matrix products, so per-span NLLs may move by float32 rounding: we allow 1e-6 relative (float32's epsilon is 1.2e-7,
-and a span's NLL sums up to a few hundred log-probabilities).
+and a span's NLL sums up to a few hundred log-probabilities). Measured against the old scorer on the benchmark's models
+(benchmarks/RESULTS.md, 2026-12-03): largest per-span difference 2.4e-4 (2.0e-7 relative) on the random Llama,
+1.7e-3 (1.7e-6 relative) on SmolLM2-135M, where the old float32 log-softmax is the less exact of the two.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from deltawise.eval.models import load_model
 from deltawise.eval.perplexity import perplexity, windows
-from deltawise.eval.scoring import Span, batch_order, keeps_last_logits, score_spans
+from deltawise.eval.scoring import Span, batch_order, keeps_last_logits, score_spans, target_nll
 from eval_util import save_tiny_lm
 
 REL = 1e-6
@@ -95,3 +98,47 @@ def test_scores_are_plain_floats_outside_inference_mode(lm):
     loss = lm.model(input_ids=torch.tensor([[1, 5, 6, 7]]), labels=torch.tensor([[1, 5, 6, 7]])).loss
     loss.backward()
     assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 50, 64 * 7, 1 << 20])  # one row per chunk, 2, 7 (not dividing 13), all
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_nll_equals_minus_log_softmax_at_the_target(chunk_values, dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(13, 64, generator=g) * 8).to(dtype)
+    targets = torch.randint(0, 64, (13,), generator=g)
+    want = -torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+    got = target_nll(logits, targets, chunk_values)
+    assert got.dtype == torch.float32
+    assert got.double() == pytest.approx(want.tolist(), rel=1e-6, abs=1e-6)
+    # property: a constant added to a row's logits changes no probability
+    shifted = target_nll(logits.float() + torch.arange(13.0)[:, None] * 100, targets, chunk_values)
+    assert shifted.double() == pytest.approx(want.tolist(), rel=1e-4, abs=1e-4)
+    assert (got >= 0).all()
+
+
+class Bigram(torch.nn.Module):
+    """A causal "LM" whose logits at a position are a table row of the token there: NLLs computable by hand.
+
+    Its forward takes neither ``logits_to_keep`` nor ``use_cache`` (the scorer must not pass them)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask):
+        assert bool(attention_mask.all())  # right pads need no masking under causal attention
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_span_nll_of_a_bigram_model_equals_the_hand_computed_sum():
+    table = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    spans = [Span((0, 1, 2, 2), 1), Span((2, 0), 1), Span((1, 0, 1), 2)]
+
+    def nll(prev: int, nxt: int) -> float:
+        return float(torch.logsumexp(table[prev].double(), 0) - table[prev, nxt])
+
+    want = [nll(0, 1) + nll(1, 2) + nll(2, 2), nll(2, 0), nll(0, 1)]
+    for batch_size in (1, 2, 3):
+        got = score_spans(Bigram(table), spans, batch_size=batch_size, pad_id=2)
+        assert [g.nll for g in got] == pytest.approx(want, rel=1e-6)
+        assert [g.n_tokens for g in got] == [3, 1, 1]
