@@ -95,6 +95,28 @@ def run_once(label: str, cmd: list[str], out: Path, inputs: list[Path], env: dic
     return result.wall_s, sums, result.cpu_s
 
 
+def print_ratios(rows: list[dict], unit: str, suffix: str, *, with_same_bits: bool) -> None:
+    """One markdown table of the runs' ``before``/``after``/``mergekit`` figures (keys with ``suffix``: "" wall
+    seconds, "_cpu" process CPU seconds) and their ratios to before, to linear and (wall) of mergekit to after."""
+    def cell(x, fmt="{:.1f}"):
+        return fmt.format(x) if x is not None else "-"
+
+    linear = next((r["after" + suffix] for r in rows if r["method"] == "linear"), None)
+    columns = ["method", f"before {unit}", f"after {unit}", "after/before", "after/linear"]
+    columns += ["same bits", f"mergekit {unit}", "mergekit/after"] if with_same_bits else [f"mergekit {unit}"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        before, after, mergekit = r.get("before" + suffix), r["after" + suffix], r.get("mergekit" + suffix)
+        cells = [r["method"], cell(before), cell(after), cell(after / before if before else None, "{:.2f}"),
+                 cell(after / linear if linear else None, "{:.2f}")]
+        if with_same_bits:
+            cells += [cell(r["same_bits"], "{}"), cell(mergekit), cell(mergekit / after if mergekit else None)]
+        else:
+            cells += [cell(mergekit)]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench-work/sparse-speed"))
@@ -145,29 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                                                               {**os.environ, "CUDA_VISIBLE_DEVICES": ""}, args.timeout)
         rows.append(row)
 
-    linear = next((r["after"] for r in rows if r["method"] == "linear"), None)
     console.print(f"\n{args.shape}, {args.models} models, threads {args.threads}, median of {args.repeat}")
-    header = "| method | before s | after s | after/before | after/linear | same bits | mergekit s | mergekit/after |"
-    print(header)
-    print("|" + "---|" * 8)
-    for r in rows:
-        def cell(x, fmt="{:.1f}"):
-            return fmt.format(x) if x is not None else "-"
-        print(f"| {r['method']} | {cell(r.get('before'))} | {cell(r['after'])} | "
-              f"{cell(r['after'] / r['before'] if r.get('before') else None, '{:.2f}')} | "
-              f"{cell(r['after'] / linear if linear else None, '{:.2f}')} | {cell(r['same_bits'], '{}')} | "
-              f"{cell(r.get('mergekit'))} | {cell(r['mergekit'] / r['after'] if r.get('mergekit') else None, '{:.1f}')} |")
+    print_ratios(rows, "s", "", with_same_bits=True)
     # process CPU seconds (user + system, all threads): steadier than wall seconds on a shared machine
-    linear_cpu = next((r["after_cpu"] for r in rows if r["method"] == "linear"), None)
-    print("\n| method | before CPU s | after CPU s | after/before | after/linear | mergekit CPU s |")
-    print("|" + "---|" * 6)
-    for r in rows:
-        def cpu_cell(x, fmt="{:.1f}"):
-            return fmt.format(x) if x is not None else "-"
-        print(f"| {r['method']} | {cpu_cell(r.get('before_cpu'))} | {cpu_cell(r['after_cpu'])} | "
-              f"{cpu_cell(r['after_cpu'] / r['before_cpu'] if r.get('before_cpu') else None, '{:.2f}')} | "
-              f"{cpu_cell(r['after_cpu'] / linear_cpu if linear_cpu else None, '{:.2f}')} | "
-              f"{cpu_cell(r.get('mergekit_cpu'))} |")
+    print()
+    print_ratios(rows, "CPU s", "_cpu", with_same_bits=False)
     if args.json:
         args.json.write_text(json.dumps({"host": host_info(), "shape": args.shape, "rows": rows}, indent=2, default=str))
     return 0
