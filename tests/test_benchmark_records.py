@@ -1,0 +1,143 @@
+"""benchmarks/records.py and task_merging.run_seed's use of it: a seed's finished rows kept in a record in the
+repository, so a benchmark spans machines that keep no work folder.
+
+Checked with the seed's expensive steps replaced by fakes that count their calls: every finished row is written to
+the record; a fresh work folder with a complete record trains no expert and gives the recorded rows; a partial record
+is resumed (only the missing row is computed) once the retrained experts score as the record's; experts that score
+otherwise are refused, naming both; a record made with other settings is neither used nor overwritten; --quick
+never records."""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compression_accuracy  # noqa: E402
+import records  # noqa: E402
+import task_merging  # noqa: E402
+from minilm_tasks import Experts  # noqa: E402
+
+
+class FakeScorer:
+    accuracy_value = 0.75
+
+    def __init__(self, *args):
+        pass
+
+    def accuracy(self, body, task, split) -> float:
+        return self.accuracy_value
+
+    def scores(self, body, split) -> dict:
+        return {"a": 0.5, "b": 0.25}
+
+
+@pytest.fixture
+def seed_run(tmp_path, monkeypatch):
+    calls = {"experts": 0, "methods": []}
+
+    def experts_for(minilm, work, tasks, epochs, lr, seed, say=print):
+        calls["experts"] += 1
+        return Experts(work / "base", {t: work / t for t in tasks}, {}, {}, {})
+
+    def run_method(label, *args, **kwargs):
+        calls["methods"].append(label)
+        return {"method": label, "params": {"lambda": 0.4}, "test": {"a": 0.5, "b": 0.5},
+                "test_items": {"a": [1, 0], "b": [0, 1]}}
+
+    splits = {"train": [{}], "validation": [{}], "test": [{}]}
+    monkeypatch.setattr(task_merging, "prepare_tasks", lambda *a, **k: {"a": splits, "b": splits})
+    monkeypatch.setattr(task_merging, "experts_for", experts_for)
+    monkeypatch.setattr(task_merging, "Scorer", FakeScorer)
+    monkeypatch.setattr(task_merging, "load_body", lambda path: {})
+    monkeypatch.setattr(task_merging, "run_method", run_method)
+    monkeypatch.setattr(task_merging, "record_path", lambda benchmark, seed: records.record_path(benchmark, seed, tmp_path))
+
+    def run(work: str, methods: list[str], quick: bool = False, epochs: float = 3.0) -> dict:
+        args = Namespace(work=tmp_path / work, quick=quick, epochs=epochs, lr=1e-4, no_record=quick, no_sequential=True,
+                         executor="inline", jobs=None)
+        monkeypatch.setattr(task_merging, "executor_options", lambda a: None)
+        return task_merging.run_seed(5, args, methods, tmp_path / "minilm")
+
+    return run, calls, records.record_path("task_merging", 5, tmp_path)
+
+
+def test_rows_are_recorded_and_a_complete_record_needs_no_experts(seed_run):
+    run, calls, record = seed_run
+    first = run("machine-1", ["task_arithmetic", "ties"])
+    assert calls == {"experts": 1, "methods": ["task_arithmetic", "ties"]}
+    saved = json.loads(record.read_text())
+    assert set(saved["merges"]) == {"task_arithmetic", "ties"}
+    assert saved["merges"]["ties"]["test_items"] == {"a": [1, 0], "b": [0, 1]}
+    again = run("machine-2", ["task_arithmetic", "ties"])  # a new machine: empty work folder
+    assert calls["experts"] == 1 and calls["methods"] == ["task_arithmetic", "ties"]
+    assert again["merges"] == first["merges"]
+
+
+def test_a_partial_record_resumes_only_with_the_same_experts(seed_run, monkeypatch):
+    run, calls, record = seed_run
+    run("machine-1", ["task_arithmetic"])
+    run("machine-2", ["task_arithmetic", "ties"])
+    assert calls == {"experts": 2, "methods": ["task_arithmetic", "ties"]}  # retrained experts matched: one new row
+    assert set(json.loads(record.read_text())["merges"]) == {"task_arithmetic", "ties"}
+    monkeypatch.setattr(FakeScorer, "accuracy_value", 0.7)
+    with pytest.raises(SystemExit, match="differ from those its cached or recorded rows") as raised:
+        run("machine-3", ["task_arithmetic", "ties", "tsv"])
+    assert "0.7" in str(raised.value) and "0.75" in str(raised.value)
+    assert "tsv" not in calls["methods"] and "tsv" not in json.loads(record.read_text())["merges"]
+
+
+def test_a_record_with_other_settings_is_neither_used_nor_overwritten(seed_run):
+    run, calls, record = seed_run
+    run("machine-1", ["task_arithmetic"])
+    before = record.read_text()
+    run("machine-2", ["task_arithmetic"], epochs=1.0)
+    assert calls["methods"] == ["task_arithmetic", "task_arithmetic"] and record.read_text() == before
+    with pytest.raises(SystemExit, match="computed with other settings"):
+        run("machine-2", ["task_arithmetic"])  # the same work folder, back to the record's settings
+
+
+def test_quick_runs_never_record(seed_run):
+    run, calls, record = seed_run
+    run("quick", ["task_arithmetic"], quick=True)
+    assert calls["methods"] == ["task_arithmetic"] and not record.exists()
+
+
+def test_load_record_says_why_it_skips(tmp_path):
+    path = records.record_path("bench", 1, tmp_path)
+    assert records.load_record(path, {"x": 1}) is None
+    records.save_record(path, {"settings": {"x": 1}, "rows": [1, 2]})
+    assert records.load_record(path, {"x": 1}) == {"settings": {"x": 1}, "rows": [1, 2]}
+    said = []
+    assert records.load_record(path, {"x": 2}, say=said.append) is None
+    assert said and "other settings" in said[0]
+
+
+def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, monkeypatch):
+    trained = []
+    splits = {"train": [{}], "validation": [{}], "test": [{}]}
+    monkeypatch.setattr(compression_accuracy, "prepare_tasks", lambda *a, **k: {"a": splits})
+    monkeypatch.setattr(compression_accuracy, "experts_for", lambda minilm, work, tasks, *a, **k: trained.append(work)
+                        or Experts(work / "base", {"a": work / "a"}, {}, {}, {}))
+    monkeypatch.setattr(compression_accuracy, "Scorer", FakeScorer)
+    monkeypatch.setattr(compression_accuracy, "load_body", lambda path: {})
+    monkeypatch.setattr(compression_accuracy, "compressions", lambda *a: [])
+    monkeypatch.setattr(compression_accuracy, "record_path", lambda name, seed: records.record_path(name, seed, tmp_path))
+
+    def run(work: str) -> dict:
+        args = Namespace(work=tmp_path / work, experts=tmp_path / "experts", quick=False, epochs=3.0, lr=1e-4, no_record=False)
+        return compression_accuracy.run_seed(4, args, tmp_path / "minilm")
+
+    first = run("machine-1")
+    assert len(trained) == 1 and first["complete"] == compression_accuracy.SEARCH_VERSION and first["experts"] == {"a": 0.75}
+    assert run("machine-2") == first and len(trained) == 1  # complete record: no experts trained
+    record = records.record_path("compression_accuracy", 4, tmp_path)
+    partial = {k: v for k, v in json.loads(record.read_text()).items() if k != "complete"}
+    records.save_record(record, partial)
+    monkeypatch.setattr(FakeScorer, "accuracy_value", 0.5)
+    with pytest.raises(SystemExit, match="differ from those its cached or recorded rows"):
+        run("machine-3")
