@@ -37,7 +37,8 @@ Reported: ACC, BWT, FWT per method; over seeds the mean and 95% t-interval, and 
 paired difference from sequential full fine-tuning (same seed, order and test items); within a
 seed a paired bootstrap interval over test items. Everything is cached under ``WORK/seed-N/``
 (each step's model and each score; only the last finished step's model is kept), so an interrupted
-run resumes where it stopped. Writes ``continual_finetuning.json`` into the work folder.
+run resumes where it stopped; each finished run is also kept in ``benchmarks/records/continual_finetuning/``
+(``records.py``), so a new machine reuses it without the work folder. Writes ``continual_finetuning.json`` into the work folder.
 ``--quick``: 3 tasks, 0.3 epochs, a separate ``quick/`` cache in both folders: a pipeline check.
 """
 
@@ -63,6 +64,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_metrics import METRICS, accuracy_rows, bootstrap, interval, metrics  # noqa: E402
 from bench_args import seed_list  # noqa: E402
+from records import load_record, record_path, save_record  # noqa: E402
 from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 from task_merging import continual_steps, merge_bodies, write_json  # noqa: E402
@@ -297,24 +299,65 @@ def merged_steps(ctx: Context, label: str, method: str, params: dict, batch: boo
 
 # ------------------------------------------------------------------------------------------ seeds
 
+def run_definition(label: str) -> dict:
+    """What a method's run depends on besides the seed's experts and order: a recorded run is reused only when equal."""
+    if label in RUNS:
+        run = RUNS[label]
+        return {"method": run.method, "lr": run.lr, "params": run.params, "replay": run.replay,
+                "replay_fraction": REPLAY_FRACTION if run.replay else None}
+    method, params, batch = MERGES[label]
+    return {"method": method, "params": params, "batch": batch, "grid": BATCH_GRID if batch else None}
+
+
 def run_seed(seed: int, args, labels: list[str], minilm: Path) -> dict:
+    """One seed's runs, cached per step under ``WORK/seed-N`` and, unless ``--no-record``, each finished run kept in
+    the seed's record in the repository (``records.py``): a new machine reuses a recorded run (its definition, order
+    and experts equal), needing no experts when every requested run is recorded. A run is recorded only whole,
+    because an unfinished sequential run resumes from its last step's model, which only the work folder holds."""
     experts_work, work = args.experts / f"seed-{seed}", args.work / f"seed-{seed}"
     specs = TASKS[:3] if args.quick else TASKS
     say = lambda m: console.print(f"  {m}")  # noqa: E731
+    settings = {"epochs": args.epochs, "lr": args.lr, "tasks": [s.name for s in specs]}
+    record = None if args.no_record else record_path("continual_finetuning", seed)
+    recorded = None if record is None else load_record(record, settings, say)
+    if recorded is None and record is not None and record.is_file():
+        record = None  # another run's record: neither used nor overwritten
+    recorded = recorded or {"settings": settings, "runs": {}}
     tasks = prepare_tasks(experts_work / "data", seed, specs, say=say)
-    ex = experts_for(minilm, experts_work, tasks, args.epochs, args.lr, seed, say=say)
     order = list(tasks)
     random.Random(1000 * seed).shuffle(order)
     console.print(f"  order: {' -> '.join(order)}")
+
+    def reusable(label: str) -> bool:
+        run = recorded["runs"].get(label)
+        return (run is not None and recorded.get("order") == order and run.get("definition") == run_definition(label)
+                and len(run["steps"]) == len(order))
+
+    if "experts" in recorded and all(reusable(label) for label in labels):
+        say(f"every run from {record.relative_to(record.parents[2])}")
+        return {"order": order, "experts": recorded["experts"], "runs": {label: recorded["runs"][label] for label in labels}}
+    ex = experts_for(minilm, experts_work, tasks, args.epochs, args.lr, seed, say=say)
     ctx = Context(minilm, seed, args.epochs, tasks, experts_work / "data", ex, order)
     expert_items = {t: ctx.scorer(ex.heads).correct(load_body(ex.bodies[t]), t, "test") for t in order}
+    if recorded.setdefault("experts", expert_items) != expert_items:
+        raise SystemExit(f"seed {seed}: the experts trained here differ from those the record {record} was computed "
+                         f"with (their per-item test scores); its runs cannot be mixed with new ones. Move the record "
+                         f"away to compute the seed afresh")
+    recorded["order"] = order
     runs = {}
     for label in labels:
+        if reusable(label):
+            runs[label] = recorded["runs"][label]
+            say(f"{label}: from the record")
+            continue
         if label in RUNS:
             runs[label] = sequential_training(ctx, label, RUNS[label], work)
         else:
             method, params, batch = MERGES[label]
             runs[label] = merged_steps(ctx, label, method, params, batch, work)
+        if record is not None:
+            recorded["runs"][label] = {**runs[label], "definition": run_definition(label)}
+            save_record(record, recorded)
     return {"order": order, "experts": expert_items, "runs": runs}
 
 
@@ -393,7 +436,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="epochs per task (sequential runs and experts)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 0.3 epochs, caches under quick/: a pipeline check")
+    ap.add_argument("--no-record", action="store_true",
+                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
+                         "--quick)")
     args = ap.parse_args(argv)
+    args.no_record = args.no_record or args.quick
 
     from wheels import fetch_minilm
 

@@ -5,7 +5,8 @@ Checked with the seed's expensive steps replaced by fakes that count their calls
 the record; a fresh work folder with a complete record trains no expert and gives the recorded rows; a partial record
 is resumed (only the missing row is computed) once the retrained experts score as the record's; experts that score
 otherwise are refused, naming both; a record made with other settings is neither used nor overwritten; --quick
-never records."""
+never records. The same for compression_accuracy.py (per seed) and continual_finetuning.py (per finished run,
+reused only with the same definition)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compression_accuracy  # noqa: E402
+import continual_finetuning  # noqa: E402
 import records  # noqa: E402
 import task_merging  # noqa: E402
 from minilm_tasks import Experts  # noqa: E402
@@ -31,6 +33,9 @@ class FakeScorer:
 
     def accuracy(self, body, task, split) -> float:
         return self.accuracy_value
+
+    def correct(self, body, task, split) -> list[int]:
+        return [1, 1, 0] if self.accuracy_value == 0.75 else [1, 0, 0]
 
     def scores(self, body, split) -> dict:
         return {"a": 0.5, "b": 0.25}
@@ -141,3 +146,41 @@ def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, mo
     monkeypatch.setattr(FakeScorer, "accuracy_value", 0.5)
     with pytest.raises(SystemExit, match="differ from those its cached or recorded rows"):
         run("machine-3")
+
+
+def test_continual_records_whole_runs_and_reuses_them_by_definition(tmp_path, monkeypatch):
+    trained, computed = [], []
+    splits = {"train": [{}], "validation": [{}], "test": [{}]}
+    monkeypatch.setattr(continual_finetuning, "prepare_tasks", lambda *a, **k: {"a": splits, "b": splits, "c": splits})
+    monkeypatch.setattr(continual_finetuning, "experts_for", lambda minilm, work, tasks, *a, **k: trained.append(work)
+                        or Experts(work / "base", {t: work / t for t in tasks}, {}, {}, {}))
+    monkeypatch.setattr(continual_finetuning.Context, "scorer", lambda self, heads: FakeScorer())
+    monkeypatch.setattr(continual_finetuning, "load_body", lambda path: {})
+
+    def fake_run(ctx, label, *args):
+        computed.append(label)
+        return {"order": ctx.order, "steps": [{"task": t, "test_items": {t: [1]}} for t in ctx.order]}
+
+    monkeypatch.setattr(continual_finetuning, "sequential_training", fake_run)
+    monkeypatch.setattr(continual_finetuning, "merged_steps", fake_run)
+    monkeypatch.setattr(continual_finetuning, "record_path", lambda name, seed: records.record_path(name, seed, tmp_path))
+
+    def run(work: str, labels: list[str]) -> dict:
+        args = Namespace(work=tmp_path / work, experts=tmp_path / work / "experts", quick=False, epochs=3.0, lr=1e-4,
+                         no_record=False)
+        return continual_finetuning.run_seed(2, args, labels, tmp_path / "minilm")
+
+    first = run("machine-1", ["full", "opcm"])
+    assert computed == ["full", "opcm"] and len(trained) == 1
+    again = run("machine-2", ["full", "opcm"])
+    assert computed == ["full", "opcm"] and len(trained) == 1  # every run recorded: no experts, nothing computed
+    assert again["runs"]["full"]["steps"] == first["runs"]["full"]["steps"] and again["order"] == first["order"]
+    run("machine-3", ["full", "lora"])
+    assert computed == ["full", "opcm", "lora"] and len(trained) == 2  # only the missing run
+    monkeypatch.setitem(continual_finetuning.RUNS, "full", continual_finetuning.Run("full", 3e-4))
+    run("machine-4", ["full"])
+    assert computed[-1] == "full"  # another definition: recomputed
+    monkeypatch.setattr(FakeScorer, "accuracy_value", 0.5)  # experts that score otherwise
+    with pytest.raises(SystemExit, match="differ from those the record"):
+        run("machine-5", ["hft"])
+    assert "hft" not in computed
