@@ -436,6 +436,8 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
     merges = done.setdefault("merges", {})
     missing = [m for m in methods if not (adapter_row_current(m, merges) if m in ADAPTER_RANKS else m in merges)]
     if "experts" in done and not missing and ("sequential" in done or args.no_sequential):
+        if record is not None and load_record(record, settings) != done:
+            save()  # a work folder computed before its record was written (or with rows the record lacks)
         return done
     tasks = prepare_tasks(work / "data", seed, specs, say=say)
     ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)

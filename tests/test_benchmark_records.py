@@ -106,6 +106,15 @@ def test_a_record_with_other_settings_is_neither_used_nor_overwritten(seed_run):
         run("machine-2", ["task_arithmetic"])  # the same work folder, back to the record's settings
 
 
+def test_a_finished_work_folder_writes_its_missing_record(seed_run):
+    run, calls, record = seed_run
+    run("machine-1", ["task_arithmetic"])
+    record.unlink()
+    run("machine-1", ["task_arithmetic"])  # everything cached in the work folder: nothing computed, record written
+    assert calls == {"experts": 1, "methods": ["task_arithmetic"]}
+    assert "task_arithmetic" in json.loads(record.read_text())["merges"]
+
+
 def test_quick_runs_never_record(seed_run):
     run, calls, record = seed_run
     run("quick", ["task_arithmetic"], quick=True)
