@@ -9,8 +9,8 @@ vectors), PiSSA and CorDA (initialised from the weights / calibration data befor
 plain LoRA on save), RandLoRA (shared frozen random bases), MiSS and FourierFT; the saved output holds the full
 tensors. (LoRA with ``-p init=eva`` is tested sharded in tests/test_train_eva_ddp.py.) A sharded run interrupted
 after its checkpoint and resumed sharded ends where the uninterrupted sharded run ends (full; LIFT, whose masks
-ride in the checkpoint and refresh after the resume; OSF, whose delta is taken against factors computed again
-at the resume; LoRA).
+ride in the checkpoint and refresh after the resume; SORSA and KaSA, whose regularisers gather whole factors
+again after the resume; LoLDU; OSF, whose delta is taken against factors computed again at the resume; LoRA).
 
 Marked slow (one torchrun launch of 3-step runs on a 2-layer Llama; the file takes about 2.5 minutes on 2 cores); the references
 run in this process.
@@ -62,7 +62,7 @@ PEFT = ("lora", "lora_fa", "dora", "pissa", "corda", "randlora", "miss", "fourie
 # what each run's output folder holds (default: *.safetensors)
 OUTPUTS = {name: "adapter_model.safetensors" for name in PEFT}
 # interrupted after step 2 (checkpoint at step 1, before LIFT's first refresh) and resumed, all sharded
-RESUMED = ("full", "lift", "osf", "lora")
+RESUMED = ("full", "lift", "sorsa", "kasa", "loldu", "osf", "lora")
 # what ``accelerate launch`` exports for a config with distributed_type: FSDP and these fsdp_config keys
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
