@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from adapt_util import tiny_lm  # noqa: F401
-from ddp_worker import two_ranks_and_one
+from ddp_worker import launch_two_ranks, two_ranks_and_one
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -212,3 +212,59 @@ def test_a_state_dict_loaded_inside_full_parameters_meets_no_fsdp_hook():
         assert isinstance(model[0].weight, DTensor)
     finally:
         dist.destroy_process_group()
+
+
+# SHARDED_STATE_DICT: each process writes its own shards of the model and optimizer into the checkpoint
+SHARDED_RESUMED = ("full", "lora")
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint_runs(tiny_lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_sharded_checkpoints")
+    runs = []
+    for name in SHARDED_RESUMED:
+        run = next(r for r in RUNS if r["name"] == name)
+        train = {**TRAIN, "save_every": 1}
+        runs += [{**run, "train": train, "sharded_only": True},
+                 {**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "sharded_only": True},
+                 {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "sharded_only": True}]
+    full = next(r for r in RUNS if r["name"] == "full")  # left interrupted, for a resume without FSDP
+    runs.append({**full, "name": "left_cut", "output": "left", "stop_at": 2, "train": {**TRAIN, "save_every": 1},
+                 "sharded_only": True})
+    spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "fsdp"), "runs": runs}
+    launch_two_ranks(spec, root, {**FSDP_ENV, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, timeout=600)
+    return root / "fsdp"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHARDED_RESUMED)
+def test_sharded_state_dict_checkpoints_resume(name, sharded_checkpoint_runs):
+    """With ``fsdp_state_dict_type: SHARDED_STATE_DICT`` the checkpoint holds each process's shards; a run resumed
+    from it ends with the uninterrupted run's weights and output."""
+    out = sharded_checkpoint_runs
+    resumed, whole = load_file(out / f"{name}_resumed.rank0.safetensors"), load_file(out / f"{name}.rank0.safetensors")
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=1e-4, msg=f"{name} resumed: {k}")
+    _assert_same_outputs(out / f"{name}_resumed", out / name, OUTPUTS.get(name, "*.safetensors"), f"{name} resumed")
+    assert json.loads((out / f"{name}_resumed" / "deltawise_train.json").read_text())["resumed_from_step"] == 1
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumed_without_fsdp_is_refused_before_loading(tiny_lm, sharded_checkpoint_runs):
+    """Only an FSDP launch can load an FSDP checkpoint (its shards are DCP files): a resume in one process without
+    FSDP is refused by the run's key, naming the cause, and the interrupted run stays for a proper resume."""
+    from ddp_worker import config
+
+    from deltawise.adapt import run_train
+    from deltawise.errors import OutputError
+
+    out = sharded_checkpoint_runs
+    checkpoint = next((out / ".left.deltawise-partial" / "_trainer").glob("checkpoint-*"))
+    assert list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))  # a sharded checkpoint
+    spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"])}
+    full = next(r for r in RUNS if r["name"] == "full")
+    cfg = config(spec, {**full, "train": {**TRAIN, "save_every": 1, "resume": True}}, out / "left")
+    with pytest.raises(OutputError, match=r"differs in: sharding \(FSDP then, none now"):
+        run_train(cfg)
+    assert checkpoint.is_dir() and not (out / "left").exists()

@@ -57,10 +57,12 @@ def data_sha256(path: Optional[Path]) -> Optional[str]:
 
 
 def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: str,
-            init_batch_rows: Optional[int] = None) -> dict[str, Any]:
+            init_batch_rows: Optional[int] = None, sharded: bool = False) -> dict[str, Any]:
     """Everything the trained result depends on, as JSON-able parts (compared part by part on resume).
     ``init_batch_rows``: the rows of each batch a data-driven initialisation (LoRA's init=eva) reads, processes ×
-    --batch-size, which is not among the options; a part of the key only for such a method."""
+    --batch-size, which is not among the options; a part of the key only for such a method. ``sharded``: the run
+    trains under FSDP, whose checkpoints only an FSDP launch can load (the Trainer's own error would come after
+    the model is loaded); a part of the key only when true, so unsharded runs keep the key they had."""
     options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     options["method_params"] = method_values  # resolved: giving a parameter its default is the same run
     key = {
@@ -71,6 +73,8 @@ def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: 
     }
     if init_batch_rows is not None:
         key["init_batch_rows"] = init_batch_rows
+    if sharded:
+        key["sharding"] = "fsdp"
     return key
 
 
@@ -174,7 +178,9 @@ def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
             parts.append({"model": "model weights", "data": "--data contents", "replay": "--replay contents",
                           "guard": "--retain (given to one run and not the other)",
                           "init_batch_rows": f"the rows of the initialisation's batches (processes × --batch-size: "
-                                             f"{old} then, {new} now)"}.get(name, name))
+                                             f"{old} then, {new} now)",
+                          "sharding": f"sharding ({'FSDP' if old else 'none'} then, {'FSDP' if new else 'none'} now: "
+                                      f"resume with the launch configuration the run was started with)"}.get(name, name))
     return ", ".join(parts)
 
 
