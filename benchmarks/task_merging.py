@@ -569,12 +569,13 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
     console.print(table)
     if summary.get("adapter_rows"):
         console.print(adapter_table(summary["adapter_rows"]))
-    seq = Table(title="Sequential merging: final average test accuracy over all tasks (%), over seeds × orders")
-    seq.add_column("method")
-    seq.add_column("mean ± sd [95% t-interval]")
-    for label, s in summary["sequential_final"].items():
-        seq.add_row(label, fmt(s))
-    console.print(seq)
+    if summary["sequential_final"]:  # none with --no-sequential
+        seq = Table(title="Sequential merging: final average test accuracy over all tasks (%), over seeds × orders")
+        seq.add_column("method")
+        seq.add_column("mean ± sd [95% t-interval]")
+        for label, s in summary["sequential_final"].items():
+            seq.add_row(label, fmt(s))
+        console.print(seq)
 
 
 def adapter_lines(adapter_rows: dict) -> list[list[str]]:
@@ -630,21 +631,23 @@ def write_report(path: Path, payload: dict) -> None:
     ax.barh(labels, means, xerr=errs, color="#4c72b0")
     ax.invert_yaxis()
     ax.set_xlabel("normalized test accuracy (% of expert), 95% t-interval over seeds")
-    first = next(iter(payload["seeds"].values()))
-    fig2, ax2 = plt.subplots(figsize=(6.5, 3.6))
-    for label, curve in first.get("sequential", {}).get("curves", {}).items():
-        ax2.plot([c["tasks"] for c in curve], [100 * c["average"] for c in curve], marker="o", label=label)
-    ax2.set_xlabel("tasks merged so far")
-    ax2.set_ylabel("avg test accuracy on seen tasks (%)")
-    ax2.legend(fontsize=7)
+    curves = next(iter(payload["seeds"].values())).get("sequential", {}).get("curves", {})
+    sequential = []
+    if curves:  # none with --no-sequential: no empty figure
+        fig2, ax2 = plt.subplots(figsize=(6.5, 3.6))
+        for label, curve in curves.items():
+            ax2.plot([c["tasks"] for c in curve], [100 * c["average"] for c in curve], marker="o", label=label)
+        ax2.set_xlabel("tasks merged so far")
+        ax2.set_ylabel("avg test accuracy on seen tasks (%)")
+        ax2.legend(fontsize=7)
+        sequential = [figure("fig-sequential", to_svg(fig2), "First seed, first task order: accuracy on the tasks seen so far.")]
     parts = ["<h1>Task merging: all-MiniLM-L6-v2 on fortune classification tasks</h1>",
              f"<p>{payload['date']} · {payload['host']} · seeds {', '.join(payload['seeds'])} · λ chosen on validation "
              f"from {payload['grid']}</p>",
              table("table-summary", ["method", "normalized %", "absolute %", "− task arithmetic"], rows),
              *([table("table-adapter", ADAPTER_COLUMNS, adapter_lines(summary["adapter_rows"]))]
                if summary.get("adapter_rows") else []),
-             figure("fig-methods", to_svg(fig), "Mean over seeds; bars: 95% t-interval over seeds."),
-             figure("fig-sequential", to_svg(fig2), "First seed, first task order: accuracy on the tasks seen so far.")]
+             figure("fig-methods", to_svg(fig), "Mean over seeds; bars: 95% t-interval over seeds."), *sequential]
     write_text_atomic(path, page("deltawise task merging benchmark", parts))
 
 

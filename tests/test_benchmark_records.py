@@ -193,3 +193,22 @@ def test_continual_records_whole_runs_and_reuses_them_by_definition(tmp_path, mo
     with pytest.raises(SystemExit, match="differ from those the record"):
         run("machine-5", ["hft"])
     assert "hft" not in computed
+
+
+def test_report_without_sequential_merging_has_no_empty_figure(tmp_path, capsys):
+    """A ``--no-sequential`` run (rows from a record, say) prints no empty sequential table and draws no empty figure."""
+    run = {"experts": {"a": 1.0, "b": 0.5}, "heads_only": {"a": 0.5, "b": 0.25},
+           "merges": {"task_arithmetic": {"params": {"lambda": 0.4}, "test": {"a": 0.5, "b": 0.5},
+                                          "test_items": {"a": [1, 0], "b": [0, 1]}},
+                      "ties": {"params": {"lambda": 0.5}, "test": {"a": 1.0, "b": 0.5},
+                               "test_items": {"a": [1, 1], "b": [0, 1]}}}}
+    summary = task_merging.summarize({2: run}, ["task_arithmetic", "ties"])
+    task_merging.print_tables(summary, {2: run})
+    assert "Sequential merging" not in capsys.readouterr().out
+    payload = {"date": "d", "host": "h", "grid": task_merging.GRID, "seeds": {"2": run}, "summary": summary}
+    task_merging.write_report(tmp_path / "r.html", payload)
+    html = (tmp_path / "r.html").read_text()
+    assert "fig-methods" in html and "fig-sequential" not in html
+    run["sequential"] = {"curves": {"OPCM": [{"tasks": 1, "average": 0.5}, {"tasks": 2, "average": 0.6}]}}
+    task_merging.write_report(tmp_path / "r.html", payload)
+    assert "fig-sequential" in (tmp_path / "r.html").read_text()
