@@ -23,8 +23,10 @@ Main runs (lt_methods.py has the table): every method over a small learning-rate
 ``--seeds`` at its usual rate, ``--sweep-seeds`` elsewhere), each run at the usual rate followed by a
 retention-budget merge with the base (``task_arithmetic``, lambda searched; selected on the
 selection sets, reported on the evaluation sets). Methods are compared at matched target gain
-(lt_fronts.py). Every training run, evaluation and budget search is cached under WORK/runs/KEY and
-skipped when present, so the benchmark can be run in parts and on several machines sharing WORK.
+(lt_fronts.py). The forgetting-budget rows (lt_budget.py: guarded training, repair, the learning-rate
+search) are compared with full and LoRA at their own target gain, with their total cost. Every training
+run, evaluation and search is cached under WORK/runs/KEY and skipped when present, so the benchmark can be
+run in parts and on several machines sharing WORK. ``--base DIR`` runs it on another model (tests use a tiny one).
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import lt_budget  # noqa: E402
 import lt_methods  # noqa: E402
 from bench_args import seed_list, seed_list_or_none  # noqa: E402
 import lt_report  # noqa: E402
 from language_transfer import console  # noqa: E402
-from lt_methods import Data, Run, prepare_data  # noqa: E402
+from lt_methods import Data, Run, eval_options, prepare_data  # noqa: E402
 
 
 def resolve_device(name: str) -> str:
@@ -69,12 +72,6 @@ def machine(device: str) -> str:
 
     gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else ""
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}"
-
-
-def eval_options(args):
-    from deltawise.eval.runner import EvalOptions
-
-    return EvalOptions(max_length=256, batch_size=args.eval_batch_size, mc_norm="byte", device=args.device)
 
 
 def evaluate(model: Path, label: str, data: Data, out: Path, baseline, args):
@@ -151,8 +148,13 @@ def pilot(base: Path, data: Data, args) -> dict:
     return record
 
 
-def run_one(run: Run, base: Path, data: Data, base_eval, args) -> dict:
-    """Train, evaluate and (at the usual rate) budget-merge one run; each stage cached in its folder."""
+def run_one(run: Run, base: Path, data: Data, base_eval, args, merge: bool = True) -> dict:
+    """Train, evaluate and (at the usual rate, unless not ``merge``) budget-merge one run; each stage cached in its
+    folder. A forgetting-budget row (lt_budget.py) runs its tool, and the runs it builds on, instead."""
+    if run.method.tool:
+        bench = lt_budget.Bench(base, data, base_eval, args, evaluate,
+                                lambda needed: run_one(needed, base, data, base_eval, args, merge=False))
+        return lt_budget.run_row(run, bench)
     folder = args.work / "runs" / run.key
     folder.mkdir(parents=True, exist_ok=True)
     times_file = folder / "seconds.json"
@@ -166,10 +168,10 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args) -> dict:
         evaluate(model, run.key, data, result_file, base_eval, args)
         seconds["eval"] = time.time() - t0
     budget = None
-    if run.budget:
+    if run.budget and merge:
         t0 = time.time()
         cached = (folder / "budget.json").is_file()
-        budget = lt_methods.budget_merge(model, base, data, folder, args, eval_options(args))
+        budget = lt_methods.budget_merge(model, base, data, folder, args)
         if not cached:
             seconds["budget"] = time.time() - t0
     times_file.write_text(json.dumps(seconds))
@@ -178,7 +180,27 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args) -> dict:
 
     return {"key": run.key, "label": run.method.label, "lr": run.lr, "seed": run.seed, "steps": args.steps,
             "seconds": seconds, **lt_report.measures(load_result(result_file), data),
-            "budget": lt_report.budget_summary(budget)}
+            "budget": lt_report.budget_summary(budget), "tool": None,
+            "cost": {"total": seconds.get("train"), "parts": {"train": seconds.get("train")}}}
+
+
+def base_model(args) -> Path:
+    """``--base`` or SmolLM2. A work folder's cached runs belong to the base that made them, so another is refused
+    (SmolLM2 is recorded by name: machines sharing the folder keep it in different caches)."""
+    if args.base is None:
+        from demo import fetch_smollm2
+
+        base, name = fetch_smollm2(console), "SmolLM2-135M-Instruct (examples/demo.py)"
+    elif not (args.base / "config.json").is_file():
+        raise SystemExit(f"--base {args.base}: not a Hugging Face model folder (no config.json)")
+    else:
+        base, name = args.base, str(args.base.resolve())
+    record = args.work / "base.txt"
+    if record.is_file() and record.read_text().strip() != name:
+        raise SystemExit(f"{args.work} holds runs of the base {record.read_text().strip()}, not {name}: use another --work")
+    args.work.mkdir(parents=True, exist_ok=True)
+    record.write_text(name + "\n")
+    return base
 
 
 def plan_table(runs: list[Run], args) -> Table:
@@ -187,9 +209,12 @@ def plan_table(runs: list[Run], args) -> Table:
         table.add_column(col)
     for run in runs:
         folder = args.work / "runs" / run.key
-        trained = lt_methods.trained(run, folder)
-        table.add_row(run.key, run.method.label, f"{run.lr:g}", str(run.seed), "done" if trained else "",
-                      "done" if (folder / "eval.json").is_file() else "",
+        if run.method.tool:
+            trained, evaluated = lt_budget.status(run, args.work)
+        else:
+            trained, evaluated = lt_methods.trained(run, folder), (folder / "eval.json").is_file()
+        table.add_row(run.key, run.method.label, "search" if run.lr is None else f"{run.lr:g}", str(run.seed),
+                      "done" if trained else "", "done" if evaluated else "",
                       ("done" if (folder / "budget.json").is_file() else "") if run.budget else "-")
     return table
 
@@ -208,6 +233,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pilot-lr", type=float, default=1e-4)
     ap.add_argument("--bam-rounds", type=int, default=4, help="BaM rounds of 2 branches; each branch trains steps/(2·rounds)")
     ap.add_argument("--budget", type=float, default=0.99, help="retention budget of the merge with the base (English prose)")
+    ap.add_argument("--retain-budget", type=float, default=0.98,
+                    help="English prose retention budget of the forgetting-budget rows (full-guard, full-repair, full-lr-sweep)")
+    ap.add_argument("--lr-sweep-steps", type=int, default=None,
+                    help="steps of each short run of full-lr-sweep (default: a quarter of --steps)")
+    ap.add_argument("--lr-sweep-examples", type=int, default=2000,
+                    help="full-lr-sweep's short runs train on the first N German training texts")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--eval-items", type=int, default=300, help="evaluation items per perplexity set")
@@ -216,6 +247,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--gain-levels", default="", help="target gains to compare methods at (default: 4 common to all fronts)")
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="base model folder (default: SmolLM2-135M-Instruct, fetched by examples/demo.py); one per --work")
     args = ap.parse_args(argv)
     pilot_file = args.work / "pilot" / "pilot.json"
     if args.steps is None and pilot_file.is_file():
@@ -231,10 +264,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
 
     args.device = resolve_device(args.device)
-    from demo import fetch_smollm2
-
     started = time.time()
-    base = fetch_smollm2(console)
+    base = base_model(args)
     data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)
     payload = {"benchmark": "language_transfer_long", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(args.device),

@@ -18,6 +18,9 @@ Method settings (``METHODS``):
 * english-only (control): full fine-tuning on English training text only, same steps and rate: if
   it also lifts English prose retention above 1, "retention > 1" of the other runs is adaptation of
   the Q4_1-dequantised base to plain English text (quantisation repair), not transfer.
+* full-guard, full-repair, full-lr-sweep: full fine-tuning with the forgetting-budget tools (``tool``;
+  lt_budget.py runs them): guarded at the usual rate and at the top of full's sweep, the unguarded run at
+  the top rate repaired, and the rate the learning-rate search recommends.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from language_transfer import console, write_jsonl
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REPLAY_FRACTION = 0.25
+FULL_LRS = (3e-5, 1e-4, 3e-4)  # full fine-tuning's sweep; its top rate is the one that forgets
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,11 @@ class Method:
     replay: bool = False
     english_only: bool = False
     bam: Optional[str] = None  # the merge of each BaM round
+    tool: Optional[str] = None  # a forgetting-budget row (lt_budget.py): "guard", "repair" or "lr-sweep"
 
 
 METHODS = [
-    Method("full", "full", (3e-5, 1e-4, 3e-4), 1e-4),
+    Method("full", "full", FULL_LRS, 1e-4),
     Method("full-replay", "full", (3e-5, 1e-4, 3e-4), 1e-4, replay=True),
     Method("lora", "lora", (5e-4, 2e-3, 5e-3), 2e-3, (("rank", 16), ("alpha", 32.0), ("targets", ALL_LINEAR))),
     Method("hft", "hft", (3e-5, 1e-4, 3e-4), 1e-4),
@@ -60,25 +65,29 @@ METHODS = [
     Method("bam-slerp", "full", (3e-5, 1e-4, 3e-4), 1e-4, replay=True, bam="slerp"),
     Method("bam-linear", "full", (3e-5, 1e-4, 3e-4), 1e-4, replay=True, bam="linear"),
     Method("english-only", "full", (1e-4,), 1e-4, english_only=True),
+    Method("full-guard", "full", (1e-4, FULL_LRS[-1]), 1e-4, tool="guard"),
+    Method("full-repair", "full", (FULL_LRS[-1],), 1e-4, tool="repair"),
+    Method("full-lr-sweep", "full", FULL_LRS, 1e-4, tool="lr-sweep"),  # lrs: the rates the search tries
 ]
+FULL = METHODS[0]
 LABELS = [m.label for m in METHODS]
 
 
 @dataclass(frozen=True)
 class Run:
     method: Method
-    lr: float
+    lr: Optional[float]  # None: chosen by the run itself (the learning-rate search)
     seed: int
 
     @property
     def key(self) -> str:
-        return f"{self.method.label}_lr{self.lr:g}_s{self.seed}"
+        return f"{self.method.label}_s{self.seed}" if self.lr is None else f"{self.method.label}_lr{self.lr:g}_s{self.seed}"
 
     @property
     def budget(self) -> bool:
         """Runs at the usual rate are followed by a retention-budget merge with the base (not the
-        English-only control: it has no German gain to keep)."""
-        return self.lr == self.method.usual and not self.method.english_only
+        English-only control: it has no German gain to keep; not the forgetting-budget rows: they have a budget)."""
+        return self.lr == self.method.usual and not self.method.english_only and not self.method.tool
 
 
 def select(labels: str) -> list[Method]:
@@ -92,7 +101,12 @@ def select(labels: str) -> list[Method]:
 
 
 def plan(methods: list[Method], seeds: list[int], sweep_seeds: list[int]) -> list[Run]:
-    return [Run(m, lr, s) for m in methods for lr in m.lrs for s in (seeds if lr == m.usual else sweep_seeds)]
+    """``seeds`` at a method's usual rate, ``sweep_seeds`` at its other rates; the learning-rate search, whose rate is
+    its own choice, runs once per seed of ``seeds`` (a method's main row)."""
+    return [Run(m, lr, s) for m in methods
+            for lr, seeds_here in ([(None, seeds)] if m.tool == "lr-sweep" else
+                                   [(lr, seeds if lr == m.usual else sweep_seeds) for lr in m.lrs])
+            for s in seeds_here]
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,13 @@ class Data:
 
         return {f.parent.name + "/" + f.name: (sum(1 for _ in f.open(encoding="utf-8")) if f.suffix == ".jsonl"
                                                else len(split_documents(f.read_text(encoding="utf-8")))) for f in self.files()}
+
+
+def eval_options(args):
+    """How every model of the benchmark is scored (and how the budget tools score theirs)."""
+    from deltawise.eval.runner import EvalOptions
+
+    return EvalOptions(max_length=256, batch_size=args.eval_batch_size, mc_norm="byte", device=args.device)
 
 
 def prepare_data(folder: Path, n_eval: int, n_select: int, n_mc: int, seed: int) -> Data:
@@ -160,17 +181,34 @@ def trained(run: Run, folder: Path) -> bool:
     return (folder / "train" / "deltawise_train.json").is_file()
 
 
+def settings(run: Run, base: Path, data: Data, args) -> dict[str, Any]:
+    """The ``TrainConfig`` fields every run shares (the budget rows' short lr-sweep runs take them too)."""
+    m = run.method
+    return dict(model=base, data=data.english_train if m.english_only else data.german_train, lr=run.lr,
+                batch_size=args.batch_size, max_length=args.max_length, warmup=0.1, schedule="cosine", seed=run.seed,
+                replay=data.english_train if m.replay else None, replay_fraction=REPLAY_FRACTION, progress=console.is_terminal,
+                overwrite=True)
+
+
+def train_config(run: Run, base: Path, data: Data, output: Path, args):
+    """One training run of ``args.steps`` steps into ``output``, keeping a checkpoint every tenth of them: a killed
+    run continues from its last tenth when rerun."""
+    from deltawise.adapt.checkpoints import interrupted_checkpoint
+    from deltawise.adapt.train import TrainConfig
+
+    every = max(1, args.steps // 10)
+    return TrainConfig(**settings(run, base, data, args), output=output, method=run.method.method, max_steps=args.steps,
+                       logging_steps=every, method_params=dict(run.method.params), save_every=every,
+                       resume=interrupted_checkpoint(output) is not None)
+
+
 def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, Optional[float]]:
     """The run's full model (trained now unless cached) and the seconds training took now (None: cached)."""
-    from deltawise.adapt.checkpoints import interrupted_checkpoint
     from deltawise.adapt.materialize import materialize
     from deltawise.adapt.train import TrainConfig, run_train
 
     m = run.method
-    common = dict(model=base, data=data.english_train if m.english_only else data.german_train, lr=run.lr,
-                  batch_size=args.batch_size, max_length=args.max_length, warmup=0.1, schedule="cosine", seed=run.seed,
-                  replay=data.english_train if m.replay else None, replay_fraction=REPLAY_FRACTION, progress=console.is_terminal,
-                  overwrite=True)
+    common = settings(run, base, data, args)
     seconds = None
     if m.bam:
         from deltawise.adapt.bam import BamConfig, run_bam
@@ -188,10 +226,7 @@ def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, O
             seconds = time.time() - t0
         return model, seconds
     if not trained(run, folder):
-        every = max(1, args.steps // 10)  # a killed run continues from its last tenth when rerun
-        cfg = TrainConfig(**common, output=folder / "train", method=m.method, max_steps=args.steps,
-                          logging_steps=every, method_params=dict(m.params), save_every=every,
-                          resume=interrupted_checkpoint(folder / "train") is not None)
+        cfg = train_config(run, base, data, folder / "train", args)
         t0 = time.time()
         run_train(cfg)
         seconds = time.time() - t0
@@ -201,7 +236,7 @@ def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, O
     return materialize(folder / "train", base, model), seconds  # a full fine-tune: the train folder itself
 
 
-def budget_merge(model: Path, base: Path, data: Data, folder: Path, args, eval_options) -> dict:
+def budget_merge(model: Path, base: Path, data: Data, folder: Path, args) -> dict:
     """task_arithmetic of the run with the base, lambda searched (0.2 ... 1.0, one refinement round):
     selected on the selection sets (prose retention's lower bound >= ``--budget``), reported on the
     evaluation sets every other number of the benchmark is measured on."""
@@ -216,7 +251,7 @@ def budget_merge(model: Path, base: Path, data: Data, folder: Path, args, eval_o
     recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(model)}],
                            "out_dtype": "float32"})
     options = BudgetOptions(retain=[RetentionBudget(data.prose_select, args.budget)], targets=[data.german_select], refine=1,
-                            most_retentive=True, eval=eval_options, merge=MergeOptions(device=args.device, overwrite=True),
+                            most_retentive=True, eval=eval_options(args), merge=MergeOptions(device=args.device, overwrite=True),
                             heldout_retain=[data.prose_eval], heldout_targets=[data.german_eval],
                             note=lambda message: console.print(f"    budget: {message}"))
     out = folder / "budget-model"

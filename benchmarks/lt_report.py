@@ -87,6 +87,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             row[key] = lt_fronts.seed_summary([r[key] for r in rs])
             row[key + "_ci"] = lt_fronts.interval_envelope([r[key + "_ci"] for r in rs])
         row["train_seconds"] = lt_fronts.seed_summary([r["seconds"].get("train", float("nan")) for r in rs])["mean"]
+        row["cost"] = _mean_cost([r["cost"] for r in rs])
+        row["tool"] = rs[0]["tool"] is not None
+        row["choices"] = [r["tool"]["choice"] for r in rs if r["tool"]]
         budgets = [r["budget"] for r in rs if r["budget"]]
         if budgets:
             row["budget"] = {key: lt_fronts.seed_summary([b[key] for b in budgets])
@@ -97,17 +100,84 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _mean_cost(costs: list[dict]) -> dict[str, Any]:
+    """Seed means of the total and of each part (None where a seed lacks it)."""
+    def mean(values):
+        return None if not values or any(v is None for v in values) else lt_fronts.seed_summary(values)["mean"]
+
+    parts = {name: mean([c["parts"].get(name) for c in costs]) for name in costs[0]["parts"]}
+    return {"total": mean([c["total"] for c in costs]), "parts": parts}
+
+
+def fronts(summary: list[dict]) -> dict[str, list]:
+    """Each method's (gain, retention, retention interval) points over its learning-rate sweep: not the English-only
+    control (no German gain to match) nor the forgetting-budget rows (their rate is not swept)."""
+    found: dict[str, list] = {}
+    for row in summary:
+        if row["label"] != "english-only" and not row["tool"]:
+            found.setdefault(row["label"], []).append(
+                (row["target_gain"]["mean"], row["prose_retention"]["mean"], row["prose_retention_ci"]))
+    return found
+
+
 def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
     """Each method's prose retention read off its learning-rate front at common target gains."""
-    fronts = {}
-    for row in summary:
-        if row["label"] == "english-only":
-            continue  # the control has no German gain to match
-        fronts.setdefault(row["label"], []).append(
-            (row["target_gain"]["mean"], row["prose_retention"]["mean"], row["prose_retention_ci"]))
-    levels = levels or lt_fronts.common_levels(fronts)
+    by_method = fronts(summary)
+    levels = levels or lt_fronts.common_levels(by_method)
     return {"levels": levels, "retention": {label: [lt_fronts.at_gain(front, g) for g in levels]
-                                            for label, front in fronts.items()}}
+                                            for label, front in by_method.items()}}
+
+
+COMPARED = ("full", "lora")  # the fronts the forgetting-budget rows are read against
+COST = ("cost: wall seconds (evaluation on the evaluation sets excluded); full-guard: the whole guarded run, of it "
+        "train = optimizer steps, monitor = the guard's checks, interpolate = the --interpolate searches after training; "
+        "full-repair: train = the unguarded fine-tune + search = repair; full-lr-sweep: search = the sweep's short runs + "
+        "train = the full-length run at the rate taken; other rows: train")
+
+
+def budget_rows(summary: list[dict]) -> list[dict]:
+    """The forgetting-budget rows against full's and LoRA's fronts at each row's own target gain, with the rows
+    of those methods themselves for reference; each with its cost."""
+    found = fronts(summary)
+    out = []
+    for row in summary:
+        if not row["tool"] and row["label"] not in COMPARED:
+            continue
+        gain = row["target_gain"]["mean"]
+        at = {label: lt_fronts.at_gain(found[label], gain) if label in found and label != row["label"] else None
+              for label in COMPARED}
+        out.append({"label": row["label"], "lr": row["lr"], "seeds": row["seeds"], "target_gain": row["target_gain"],
+                    "target_gain_ci": row["target_gain_ci"], "prose_retention": row["prose_retention"],
+                    "prose_retention_ci": row["prose_retention_ci"], "wordnet_ratio": row["wordnet_ratio"],
+                    "wordnet_ratio_ci": row["wordnet_ratio_ci"], "at_matched_gain": at, "choices": row["choices"],
+                    "cost": row["cost"]})
+    return out
+
+
+def _seconds(cost: dict) -> tuple[str, str]:
+    def shown(v):
+        return "?" if v is None else f"{v:.0f}"
+
+    return shown(cost["total"]), " + ".join(f"{name} {shown(v)}" for name, v in cost["parts"].items())
+
+
+def budget_table(rows: list[dict]) -> Table:
+    table = Table(title=f"training with a forgetting budget (English prose retention ≥ budget) against {', '.join(COMPARED)} "
+                        "at matched target gain")
+    for col in ("row", "lr", "seeds", "target gain", "prose retention", "WordNet ratio",
+                *[f"{label} at this gain" for label in COMPARED], "chosen", "cost s", "cost parts"):
+        table.add_column(col, justify="left" if col in ("row", "chosen", "cost parts") else "right")
+    for r in rows:
+        total, parts = _seconds(r["cost"])
+        table.add_row(r["label"], f"{r['lr']:g}", str(len(r["seeds"])), _mean_sd(r["target_gain"]) + _ci(r["target_gain_ci"]),
+                      _mean_sd(r["prose_retention"]) + _ci(r["prose_retention_ci"]),
+                      _mean_sd(r["wordnet_ratio"]) + _ci(r["wordnet_ratio_ci"]),
+                      *["—" if v is None else f"{v[0]:.3f}{_ci(v[1])}" for v in r["at_matched_gain"].values()],
+                      "; ".join(r["choices"]), total, parts)
+    table.caption = (DEFINITIONS + "; X at this gain: X's prose retention interpolated along its lr sweep at the row's "
+                     "target gain (—: outside the sweep's gains, or the row's own method); chosen: what each seed's tool "
+                     "chose, on the selection sets only; " + COST)
+    return table
 
 
 def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
@@ -116,7 +186,7 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
     for col in ("method", "lr", "seeds", "target gain", "prose retention", "WordNet ratio", "train s",
                 "budget λ", "budget: held-out retention", "budget: held-out gain"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for r in summary:
+    for r in (r for r in summary if not r["tool"]):  # the forgetting-budget rows have their own table
         b = r.get("budget")
         table.add_row(r["label"], f"{r['lr']:g}", str(len(r["seeds"])),
                       _mean_sd(r["target_gain"]) + _ci(r["target_gain_ci"]),
@@ -126,11 +196,15 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
                       _mean_sd(b["heldout_target_gain"]) if b else "")
     table.caption = DEFINITIONS + "; budget: λ chosen on the selection sets, numbers on the evaluation sets"
     console.print(table)
-    matched = matched_gain(summary, levels)
+    budgeted = budget_rows(summary)
+    found = {"summary": summary, "forgetting_budget": budgeted, "definitions": DEFINITIONS, "cost": COST}
+    if any(r["label"] not in COMPARED for r in budgeted):
+        console.print(budget_table(budgeted))
+    matched = found["matched_gain"] = matched_gain(summary, levels)
     if not matched["levels"]:
         console.print("matched target gain: no gain that every method's learning-rate sweep reaches (run the sweeps, "
                       "or name levels with --gain-levels)")
-        return {"summary": summary, "matched_gain": matched, "definitions": DEFINITIONS}
+        return found
     front = Table(title="prose retention at matched target gain (linear interpolation along each method's lr sweep)")
     front.add_column("method")
     for g in matched["levels"]:
@@ -139,4 +213,4 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
         front.add_row(label, *["—" if v is None else f"{v[0]:.3f}{_ci(v[1])}" for v in values])
     front.caption = "—: outside the gains the method's sweep reached (no extrapolation); [ ]: the interpolated interval bounds"
     console.print(front)
-    return {"summary": summary, "matched_gain": matched, "definitions": DEFINITIONS}
+    return found

@@ -1,0 +1,161 @@
+"""benchmarks/language_transfer_long.py's forgetting-budget rows (lt_budget.py: guarded training, repair, the
+learning-rate search) run end to end on a tiny Llama and tiny sets: every row with its intervals and cost, the
+tools choosing on the selection sets only, --plan listing them, and a rerun computing nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import language_transfer_long  # noqa: E402
+
+EN = "the cat sat on a mat and the dog ran to the park while birds sang in green trees".split()
+DE = "der hund lief schnell zum grossen park und die katze schlief auf einer warmen decke".split()
+ITEMS = 12  # per evaluation and selection set
+MC = 12  # multiple-choice items: enough that the random base gets some right (its accuracy is the ratio's denominator)
+ROWS = ("full-guard_lr0.0001_s0", "full-guard_lr0.0003_s0", "full-repair_lr0.0003_s0", "full-lr-sweep_s0")
+ARGS = ["--device", "cpu", "--steps", "4", "--seeds", "0", "--sweep-seeds", "0",
+        "--methods", "full,lora,full-guard,full-repair,full-lr-sweep", "--eval-items", str(ITEMS), "--select-items",
+        str(ITEMS), "--mc-items", str(MC), "--batch-size", "4", "--max-length", "32", "--eval-batch-size", "8",
+        "--lr-sweep-steps", "2", "--lr-sweep-examples", "16"]
+
+
+def _texts(words: list[str], n: int, rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(words) for _ in range(10)) for _ in range(n)]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _write_data(data: Path, en: list[str], de: list[str]) -> None:
+    """The benchmark's data folder as prepare_data lays it out (its sizes.json makes the script reuse the sets instead
+    of drawing SmolLM2's)."""
+    _jsonl(data / "eval" / "german.jsonl", [{"text": t} for t in de[:ITEMS]])
+    _jsonl(data / "select" / "german.jsonl", [{"text": t} for t in de[ITEMS: 2 * ITEMS]])
+    _jsonl(data / "eval" / "english_prose.jsonl", [{"text": t} for t in en[:ITEMS]])
+    _jsonl(data / "select" / "english_prose.jsonl", [{"text": t} for t in en[ITEMS: 2 * ITEMS]])
+    _jsonl(data / "eval" / "wordnet_mc.jsonl", [{"id": f"mc-{i}", "question": f"A word like {EN[i]}:",
+                                                  "choices": [EN[i], EN[i + 1], DE[i], DE[i + 1]], "answer": i % 4}
+                                                 for i in range(MC)])
+    (data / "train").mkdir()
+    (data / "train" / "german.txt").write_text("\n%\n".join(de[2 * ITEMS:]) + "\n")
+    (data / "train" / "english.txt").write_text("\n%\n".join(en[2 * ITEMS:]) + "\n")
+    (data / "sizes.json").write_text(json.dumps({"eval": ITEMS, "select": ITEMS, "mc": MC, "seed": 0}))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny base and a work folder holding the benchmark's sets; ``fresh()`` makes another such work folder."""
+    from tiny_models import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("lt_budget")
+    rng = random.Random(0)
+    en, de = _texts(EN, 3 * ITEMS + 20, rng), _texts(DE, 2 * ITEMS + 40, rng)
+    base = save_tiny_llama(root / "base", en + de, hidden=32, layers=2, vocab=128)
+
+    def fresh(name: str) -> Path:
+        _write_data(root / name / "data", en, de)
+        return root / name
+
+    return {"base": base, "work": fresh("work"), "data": root / "work" / "data", "fresh": fresh}
+
+
+def _run(bench, monkeypatch, *extra: str, work: Path | None = None) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what --device cpu sets, undone after the test
+    language_transfer_long.main(["--work", str(work or bench["work"]), "--base", str(bench["base"]), *ARGS, *extra])
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_budget_rows_choose_on_selection_sets_report_intervals_and_cost_and_are_cached(bench, monkeypatch, capsys):
+    work, data = bench["work"], bench["data"]
+    _run(bench, monkeypatch)
+    printed = capsys.readouterr().out
+    payload = json.loads((work / "language_transfer_long.json").read_text())
+    rows = {(r["label"], r["lr"]): r for r in payload["forgetting_budget"]}
+    assert {label for label, _ in rows} == {"full", "lora", "full-guard", "full-repair", "full-lr-sweep"}
+    assert ("full-guard", 1e-4) in rows and ("full-guard", 3e-4) in rows and ("full-repair", 3e-4) in rows
+    sweep_record = json.loads((work / "runs" / "full-lr-sweep_s0" / "sweep.json").read_text())
+    taken = sweep_record["row_lr"]
+    assert taken in (3e-5, 1e-4, 3e-4) and ("full-lr-sweep", taken) in rows
+    assert f"lr {taken:g}" in rows[("full-lr-sweep", taken)]["choices"][0]  # the table states the rate it took
+    expected_parts = {"full-guard": {"train", "monitor", "interpolate"}, "full-repair": {"train", "search"},
+                      "full-lr-sweep": {"search", "train"}, "full": {"train"}, "lora": {"train"}}
+    for (label, _), row in rows.items():
+        for key in ("target_gain", "prose_retention", "wordnet_ratio"):
+            low, high = row[key + "_ci"]
+            assert low <= row[key]["mean"] <= high
+        assert set(row["cost"]["parts"]) == expected_parts[label]
+        assert all(v is not None and v > 0 for v in row["cost"]["parts"].values()) and row["cost"]["total"] > 0
+        if label.startswith("full-"):
+            assert set(row["at_matched_gain"]) == {"full", "lora"} and row["choices"]
+    # cost = its parts where the parts are the whole: repair and the sweep build on full's timed training run
+    full_train = {r["key"]: r["seconds"]["train"] for r in payload["runs"] if r["label"] == "full"}
+    repair = rows[("full-repair", 3e-4)]["cost"]
+    assert repair["parts"]["train"] == pytest.approx(full_train["full_lr0.0003_s0"])
+    assert repair["total"] == pytest.approx(sum(repair["parts"].values()))
+    guard = rows[("full-guard", 3e-4)]["cost"]
+    assert guard["total"] > guard["parts"]["train"] + guard["parts"]["monitor"]  # the whole run, its checks included
+    for name in ("full-guard", "full-repair", "full-lr-sweep"):
+        assert name in printed
+    # selection: each tool was given the selection sets (which it cut again), never an evaluation set
+    selection = [str(data / "select" / "english_prose.jsonl"), str(data / "select" / "german.jsonl")]
+    records = [work / "runs" / key / "train" / "deltawise_guard.json" for key in ROWS[:2]]
+    records += [work / "runs" / ROWS[2] / "repair.json", work / "runs" / ROWS[3] / "sweep.json"]
+    for record in records:
+        found = json.loads(record.read_text())
+        assert [s["file"] for s in found["splits"]] == selection
+        assert all(s["heldout_file"] is None for s in found["splits"])  # the held-out halves are cut from them too
+        assert str(data / "eval") not in record.read_text()
+    guard_record = json.loads(records[0].read_text())
+    assert guard_record["budgets"] == {"english_prose": 0.98} and guard_record["interpolation"]
+    # --plan lists the new rows as done
+    language_transfer_long.main(["--work", str(work), *ARGS, "--plan"])
+    plan = capsys.readouterr().out
+    for key in ROWS:
+        line = next(x for x in plan.splitlines() if key in x)
+        assert line.count("done") == 2, line
+    # a rerun computes nothing: no training, scoring or search is called, and no file changes
+    before = _files(work / "runs")
+
+    def computed(*_a, **_k):
+        raise AssertionError("a cached stage was computed again")
+
+    for module, name in (("deltawise.adapt.train", "run_train"), ("deltawise.adapt.guarded", "guarded_train"),
+                         ("deltawise.eval.runner", "evaluate"), ("deltawise.search.repair", "run_repair"),
+                         ("deltawise.search.lr_sweep", "run_lr_sweep"), ("deltawise.search.budget", "run_budget")):
+        monkeypatch.setattr(f"{module}.{name}", computed)
+    _run(bench, monkeypatch)
+    assert _files(work / "runs") == before
+    again = json.loads((work / "language_transfer_long.json").read_text())
+    assert again["forgetting_budget"] == payload["forgetting_budget"]
+
+
+@pytest.mark.slow
+def test_with_no_rate_within_the_budget_the_sweep_row_takes_the_most_retentive_and_another_budget_is_refused(
+        bench, monkeypatch, capsys):
+    work = bench["fresh"]("unmeetable")
+    # no model keeps 1.5 of the base's English: no rate is recommended
+    _run(bench, monkeypatch, "--methods", "full-lr-sweep", "--retain-budget", "1.5", work=work)
+    record = json.loads((work / "runs" / "full-lr-sweep_s0" / "sweep.json").read_text())
+    assert record["recommended_lr"] is None
+    lower = {r["lr"]: r["selection"]["retention_lower"]["english_prose"] for r in record["runs"]}
+    assert record["row_lr"] == max(lower, key=lower.get)
+    row = json.loads((work / "language_transfer_long.json").read_text())["forgetting_budget"][0]
+    assert row["lr"] == record["row_lr"] and "none within the budget" in row["choices"][0]
+    assert (work / "runs" / f"full_lr{record['row_lr']:g}_s0" / "eval.json").is_file()  # full's run at that rate
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="retention budget"):
+        _run(bench, monkeypatch, "--methods", "full-lr-sweep", work=work)  # the default 0.98: not what is cached
