@@ -71,12 +71,25 @@ def test_guard_keeps_a_checkpoint_within_the_budget_where_plain_training_ends_be
     assert 'id="fig-guard-out"' in page and "<svg" in page
 
 
-def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, tmp_path):
+def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, tmp_path, monkeypatch):
     """Only the last step is checked and it is over budget; the WiSE-FT search finds base + λ(final − base)
-    within it, and the output is exactly that model."""
+    within it, and the output is exactly that model. The search scores with the run's device and window."""
+    from deltawise.adapt import interpolate as interpolation
+
+    searched = []
+
+    def run_budget(recipe, out, options):
+        searched.append(options.eval)
+        return real_run_budget(recipe, out, options)
+
+    real_run_budget = interpolation.run_budget
+    monkeypatch.setattr(interpolation, "run_budget", run_budget)
     weights = StepWeights()
     request = GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)], options=GuardOptions(monitor_every=12, interpolate=True))
-    result = guarded_train(_cfg(langs, tmp_path / "out"), request, callbacks=[weights])
+    cfg = _cfg(langs, tmp_path / "out")
+    result = guarded_train(cfg, request, callbacks=[weights])
+    assert searched and all(e.device == "cpu" and e.max_length == cfg.max_length and e.trust_remote_code is False
+                            for e in searched)
     assert not result.state.budget_met
     chosen = result.chosen
     assert chosen["segment"] == "wise-ft" and 0 < chosen["lambda"] < 1
@@ -91,6 +104,21 @@ def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, t
     for name, final in weights.at[12].items():
         torch.testing.assert_close(written[name], base[name] + lam * (final - base[name]), rtol=1e-6, atol=1e-6)
     assert (tmp_path / "out" / "training_log.json").exists()
+
+
+def test_after_training_scoring_takes_the_runs_device_and_remote_code(langs, tmp_path, monkeypatch):
+    """BaM's rounds and --interpolate's searches score on the training device (not always the CPU) and with the run's
+    --trust-remote-code, through one rule."""
+    from deltawise.adapt import runtime
+    from deltawise.adapt.guarded import evaluation_options
+
+    asked = []
+    monkeypatch.setattr(runtime, "resolve_device", lambda name, n_processes=1: asked.append(name) or "cuda:1")
+    cfg = dataclasses.replace(_cfg(langs, tmp_path / "out"), device="auto", trust_remote_code=True)
+    options = evaluation_options(cfg, GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)], eval_batch_size=3))
+    assert asked == ["auto"] and options.device == "cuda:1" and options.trust_remote_code is True
+    assert options.batch_size == 3 and options.max_length == cfg.max_length
+    assert evaluation_options(cfg, GuardRequest(retain=[], eval_max_length=17)).max_length == 17
 
 
 def test_stop_early_needs_both_retention_below_budget_and_no_gain_improvement():

@@ -22,7 +22,8 @@ from typing import Any, Optional
 from deltawise.adapt.bam import LOG, BamConfig, BamResult, run_bam
 from deltawise.adapt.dist import world_size
 from deltawise.adapt.guard import GuardPoint, GuardState, MonitorData, best_feasible, compare, most_retentive
-from deltawise.adapt.guarded import RECORD, GuardRequest, Note, check_request, guard_record, prepare_data
+from deltawise.adapt.guarded import (RECORD, GuardRequest, Note, check_request, evaluation_options, guard_record,
+                                     prepare_data)
 from deltawise.errors import InputError
 from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate
@@ -56,9 +57,8 @@ def guarded_bam(cfg: BamConfig, request: GuardRequest, *, model_path: Optional[P
     try:
         train_cfg, data = prepare_data(cfg.train, request, work)
         result = run_bam(dataclasses.replace(cfg, train=train_cfg), model_path=model_path, progress=progress, note=note)
-        window = request.eval_max_length or cfg.train.max_length or 256
-        score = _scorer(data, EvalOptions(max_length=window, batch_size=request.eval_batch_size,
-                                          trust_remote_code=cfg.train.trust_remote_code))
+        evaluation = evaluation_options(cfg.train, request)
+        score = _scorer(data, evaluation)
         rounds = [cfg.work_dir / f"round_{j}" / "merged" for j in range(1, cfg.rounds + 1)]
         state = GuardState()
         baseline = score(model_path, False)
@@ -96,7 +96,7 @@ def guarded_bam(cfg: BamConfig, request: GuardRequest, *, model_path: Optional[P
             from deltawise.adapt.interpolate import interpolate
 
             last = len(rounds)
-            record = interpolate(out, request, model_path, data, record, work, window, tell, final=rounds[-1],
+            record = interpolate(out, request, model_path, data, record, work, evaluation, tell, final=rounds[-1],
                                  kept=None if kept.step == last else rounds[kept.step - 1], budget_met=state.budget_met,
                                  steps=(kept.step, last), carry=["training_log.json", LOG], embed={})
         return result, record

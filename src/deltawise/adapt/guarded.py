@@ -36,7 +36,7 @@ from deltawise.adapt.sharding import fsdp_requested
 from deltawise.adapt.train import TrainConfig, TrainResult, load_tokenizer, run_train
 from deltawise.data.read import load_items
 from deltawise.errors import InputError
-from deltawise.eval.runner import unique_names
+from deltawise.eval.runner import EvalOptions, unique_names
 from deltawise.io.writer import write_json_atomic
 from deltawise.options import BudgetSearchOptions, GuardOptions, IntervalOptions, SplitOptions
 from deltawise.search.budget import RetentionBudget
@@ -129,6 +129,21 @@ def prepare_data(cfg: TrainConfig, request: GuardRequest, work: Path) -> tuple[T
     return train_cfg, MonitorData(splits, names, dict(zip(names, (b.minimum for b in request.retain))))
 
 
+def evaluation_window(cfg: TrainConfig, request: GuardRequest) -> int:
+    """The token window the guard scores with: ``--eval-max-length``, else the training window."""
+    return request.eval_max_length or cfg.max_length or 256
+
+
+def evaluation_options(cfg: TrainConfig, request: GuardRequest) -> EvalOptions:
+    """How saved models are scored after training (BaM's rounds, ``--interpolate``'s searches): the guard's window
+    and batch size, on the training run's device (a GPU run's searches would otherwise score on the CPU) and with its
+    ``--trust-remote-code``."""
+    from deltawise.adapt.runtime import resolve_device
+
+    return EvalOptions(max_length=evaluation_window(cfg, request), batch_size=request.eval_batch_size,
+                       device=resolve_device(cfg.device), trust_remote_code=cfg.trust_remote_code)
+
+
 def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[Path] = None,
                   note: Optional[Note] = None, callbacks: Optional[list] = None) -> GuardedResult:
     """Train ``cfg`` under ``request``'s budgets and write the chosen model to ``cfg.output`` (module docstring);
@@ -140,7 +155,7 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
     work = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.guard-", dir=cfg.output.parent))
     try:
         train_cfg, data = prepare_data(cfg, request, work)
-        window = request.eval_max_length or cfg.max_length or 256
+        window = evaluation_window(cfg, request)
         opts = request.options
         guard = RetentionGuard(data, load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code), model_path,
                                every=opts.monitor_every, share=DEFAULT_SHARE, stop_early=opts.stop_early, patience=opts.patience,
@@ -153,7 +168,7 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
         if request.options.interpolate and guard.final_weights is not None:
             from deltawise.adapt.interpolate import interpolate_training
 
-            record = interpolate_training(cfg, request, model_path, guard, data, record, work, window, tell)
+            record = interpolate_training(cfg, request, model_path, guard, data, record, work, tell)
         else:
             write_json_atomic(cfg.output / RECORD, record)
         return GuardedResult(result, guard.state, record)

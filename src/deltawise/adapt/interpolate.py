@@ -36,15 +36,15 @@ def segment_recipe(start: Path, final: Path) -> Any:
                          "models": [{"model": str(final), "parameters": {"weight": 1.0}}]}, "guard interpolation")
 
 
-def search_segment(start: Path, final: Path, out: Path, model_path: Path, data: MonitorData, request, window: int,
-                   tell: Callable[[str], None]) -> BudgetResult:
+def search_segment(start: Path, final: Path, out: Path, model_path: Path, data: MonitorData, request,
+                   evaluation: EvalOptions, tell: Callable[[str], None]) -> BudgetResult:
     """The budget search along one segment, choosing on the monitor split and reporting on the held-out split."""
     sources, targets = data.splits[: len(data.budgets)], data.splits[len(data.budgets) :]
     options = BudgetOptions(
         retain=[RetentionBudget(s.selection, minimum) for s, minimum in zip(sources, data.budgets.values())],
         targets=[s.selection for s in targets], baseline=str(model_path),
         heldout_retain=[s.heldout for s in sources], heldout_targets=[s.heldout for s in targets],
-        eval=EvalOptions(max_length=window, batch_size=request.eval_batch_size), intervals=request.intervals,
+        eval=evaluation, intervals=request.intervals,
         note=tell,
     )
     try:
@@ -66,7 +66,7 @@ def _heldout(held: dict[str, Any]) -> dict[str, Any]:
 
 
 def interpolate_training(cfg: TrainConfig, request, model_path: Path, guard: RetentionGuard, data: MonitorData,
-                         record: dict[str, Any], work: Path, window: int, tell: Callable[[str], None]) -> dict[str, Any]:
+                         record: dict[str, Any], work: Path, tell: Callable[[str], None]) -> dict[str, Any]:
     """``--interpolate`` after ``train``: the final weights (saved by the guard under ``work/final``) and the kept
     checkpoint (the output) as full models, then ``interpolate``."""
     trust = cfg.trust_remote_code
@@ -74,13 +74,16 @@ def interpolate_training(cfg: TrainConfig, request, model_path: Path, guard: Ret
     kept_step, last_step = guard.state.kept_step, guard.state.points[-1].step
     kept = None if kept_step == last_step else materialize(cfg.output, model_path, work / "kept_model", trust_remote_code=trust)
     embed = {"train": json.loads((cfg.output / TRAIN_RECORD).read_text())}
-    return interpolate(cfg.output, request, model_path, data, record, work, window, tell, final=final, kept=kept,
+    from deltawise.adapt.guarded import evaluation_options
+
+    return interpolate(cfg.output, request, model_path, data, record, work, evaluation_options(cfg, request), tell,
+                       final=final, kept=kept,
                        budget_met=guard.state.budget_met, steps=(kept_step, last_step), carry=["training_log.json"], embed=embed)
 
 
-def interpolate(output: Path, request, model_path: Path, data: MonitorData, record: dict[str, Any], work: Path, window: int,
-                tell: Callable[[str], None], *, final: Path, kept: Path | None, budget_met: bool, steps: tuple[Any, Any],
-                carry: list[str], embed: dict[str, Any]) -> dict[str, Any]:
+def interpolate(output: Path, request, model_path: Path, data: MonitorData, record: dict[str, Any], work: Path,
+                evaluation: EvalOptions, tell: Callable[[str], None], *, final: Path, kept: Path | None, budget_met: bool,
+                steps: tuple[Any, Any], carry: list[str], embed: dict[str, Any]) -> dict[str, Any]:
     """Search both segments (only WiSE-FT when ``kept`` is None: the kept point is the final one), write the
     winner to ``output`` (atomically; with the ``carry`` files of the old output and ``embed`` in its record)
     and return the updated record."""
@@ -97,7 +100,7 @@ def interpolate(output: Path, request, model_path: Path, data: MonitorData, reco
     results: dict[str, BudgetResult] = {}
     for name, start in starts.items():
         tell(f"guard: searching the {SEGMENTS[name]}")
-        results[name] = search_segment(start, final, work / f"search-{name}", model_path, data, request, window, tell)
+        results[name] = search_segment(start, final, work / f"search-{name}", model_path, data, request, evaluation, tell)
         searches[name] = _summary(results[name])
         chosen = results[name].chosen
         if results[name].out is not None and results[name].candidates[chosen].feasible:
