@@ -47,7 +47,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
 from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
-from records import load_record, record_path, save_record  # noqa: E402
+from records import add_record_argument, open_record, other_experts, save_record, shown  # noqa: E402
 
 from deltawise.io.writer import write_text_atomic  # noqa: E402
 
@@ -190,14 +190,10 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
     settings = seed_settings(args, specs)
     say = lambda m: console.print(f"  {m}")  # noqa: E731
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    record = None if args.no_record else record_path("compression_accuracy", seed)
-    if record is not None:
-        recorded = load_record(record, settings, say)
-        if recorded is None and record.is_file():
-            record = None  # another run's record: neither used nor overwritten
-        elif recorded is not None and not done:
-            done = recorded
-            say(f"resumed from {record.relative_to(record.parents[2])}")
+    record, recorded = open_record("compression_accuracy", seed, settings, args, say)
+    if recorded is not None and not done:
+        done = recorded
+        say(f"resumed from {shown(record)}")
     if done.setdefault("settings", settings) != settings:
         raise SystemExit(f"{cache} holds seed {seed} computed with other settings ({done['settings']}, now {settings}): "
                          f"give another --work")
@@ -218,9 +214,7 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
     scorer = Scorer(minilm, ex.heads, ex.label2id, tasks)
     experts = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
     if done.setdefault("experts", experts) != experts:
-        raise SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were "
-                         f"computed with (test accuracy {experts} against {done['experts']}); their rows cannot be "
-                         f"mixed. Move {cache} and the record away to compute the seed afresh")
+        raise other_experts(seed, f"test accuracy {experts}", done["experts"], f"{cache} and the record")
     base = load_body(ex.base)
     taus = {t: {k: v - base[k] for k, v in load_body(ex.bodies[t]).items()} for t in names}
     mtl = {k: sum(taus[t][k] for t in names) for k in base}
@@ -273,11 +267,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs (as task_merging.py)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, one setting per method")
-    ap.add_argument("--no-record", action="store_true",
-                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
-                         "--quick)")
+    add_record_argument(ap)
     args = ap.parse_args(argv)
-    args.no_record = args.no_record or args.quick
 
     from wheels import fetch_minilm
 

@@ -64,7 +64,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_metrics import METRICS, accuracy_rows, bootstrap, interval, metrics  # noqa: E402
 from bench_args import seed_list  # noqa: E402
-from records import load_record, record_path, save_record  # noqa: E402
+from records import add_record_argument, open_record, other_experts, save_record, shown  # noqa: E402
 from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 from task_merging import continual_steps, merge_bodies, write_json  # noqa: E402
@@ -318,10 +318,7 @@ def run_seed(seed: int, args, labels: list[str], minilm: Path) -> dict:
     specs = TASKS[:3] if args.quick else TASKS
     say = lambda m: console.print(f"  {m}")  # noqa: E731
     settings = {"epochs": args.epochs, "lr": args.lr, "tasks": [s.name for s in specs]}
-    record = None if args.no_record else record_path("continual_finetuning", seed)
-    recorded = None if record is None else load_record(record, settings, say)
-    if recorded is None and record is not None and record.is_file():
-        record = None  # another run's record: neither used nor overwritten
+    record, recorded = open_record("continual_finetuning", seed, settings, args, say)
     recorded = recorded or {"settings": settings, "runs": {}}
     tasks = prepare_tasks(experts_work / "data", seed, specs, say=say)
     order = list(tasks)
@@ -334,15 +331,13 @@ def run_seed(seed: int, args, labels: list[str], minilm: Path) -> dict:
                 and len(run["steps"]) == len(order))
 
     if "experts" in recorded and all(reusable(label) for label in labels):
-        say(f"every run from {record.relative_to(record.parents[2])}")
+        say(f"every run from {shown(record)}")
         return {"order": order, "experts": recorded["experts"], "runs": {label: recorded["runs"][label] for label in labels}}
     ex = experts_for(minilm, experts_work, tasks, args.epochs, args.lr, seed, say=say)
     ctx = Context(minilm, seed, args.epochs, tasks, experts_work / "data", ex, order)
     expert_items = {t: ctx.scorer(ex.heads).correct(load_body(ex.bodies[t]), t, "test") for t in order}
     if recorded.setdefault("experts", expert_items) != expert_items:
-        raise SystemExit(f"seed {seed}: the experts trained here differ from those the record {record} was computed "
-                         f"with (their per-item test scores); its runs cannot be mixed with new ones. Move the record "
-                         f"away to compute the seed afresh")
+        raise other_experts(seed, "per-item test scores", "the record's", str(record))
     recorded["order"] = order
     runs = {}
     for label in labels:
@@ -436,11 +431,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="epochs per task (sequential runs and experts)")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate (as task_merging.py)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 0.3 epochs, caches under quick/: a pipeline check")
-    ap.add_argument("--no-record", action="store_true",
-                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
-                         "--quick)")
+    add_record_argument(ap)
     args = ap.parse_args(argv)
-    args.no_record = args.no_record or args.quick
 
     from wheels import fetch_minilm
 

@@ -11,15 +11,48 @@ record checks that before mixing (``task_merging.run_seed`` compares the retrain
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 RECORDS = Path(__file__).resolve().parent / "records"
 
 
-def record_path(benchmark: str, seed: int, root: Path = RECORDS) -> Path:
-    return root / benchmark / f"seed-{seed}.json"
+def record_path(benchmark: str, seed: int, root: Optional[Path] = None) -> Path:
+    return (root or RECORDS) / benchmark / f"seed-{seed}.json"
+
+
+def add_record_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-record", action="store_true",
+                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
+                         "--quick)")
+
+
+def open_record(benchmark: str, seed: int, settings: dict, args, say: Callable[[str], None] = print
+                ) -> tuple[Optional[Path], Optional[dict]]:
+    """The seed's record to write after each row, and what it holds when it was made with ``settings``. No record
+    with ``--no-record`` or ``--quick``; none to write when the file was made with other settings (another run's:
+    neither used nor overwritten, said)."""
+    if args.no_record or args.quick:
+        return None, None
+    path = record_path(benchmark, seed)
+    recorded = load_record(path, settings, say)
+    if recorded is None and path.is_file():
+        return None, None
+    return path, recorded
+
+
+def shown(path: Path) -> str:
+    """``records/<benchmark>/seed-N.json``: how a record is named in messages."""
+    return str(path.relative_to(path.parents[2]))
+
+
+def other_experts(seed: int, here, recorded, where: str) -> SystemExit:
+    """The refusal when a seed's retrained experts are not those its cached or recorded rows were computed with."""
+    return SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were computed "
+                      f"with ({here} against {recorded}); their rows cannot be mixed with new ones. Move {where} away to "
+                      f"compute the seed afresh")
 
 
 def load_record(path: Path, settings: dict, say=print) -> Optional[dict]:

@@ -55,7 +55,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
-from records import load_record, record_path, save_record  # noqa: E402
+from records import add_record_argument, load_record, open_record, other_experts, save_record, shown  # noqa: E402
 from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 
@@ -414,14 +414,10 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
     say = lambda m: console.print(f"  {m}")  # noqa: E731
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     done.setdefault("settings", settings)  # caches written before records existed: made by this command
-    record = None if args.no_record else record_path("task_merging", seed)
-    if record is not None:
-        recorded = load_record(record, settings, say)
-        if recorded is None and record.is_file():
-            record = None  # another run's record: neither used nor overwritten
-        elif recorded is not None and "merges" not in done:
-            done = recorded
-            say(f"resumed from {record.relative_to(record.parents[2])}: {', '.join(done.get('merges', {})) or 'no rows'}")
+    record, recorded = open_record("task_merging", seed, settings, args, say)
+    if recorded is not None and "merges" not in done:
+        done = recorded
+        say(f"resumed from {shown(record)}: {', '.join(done.get('merges', {})) or 'no rows'}")
 
     if done["settings"] != settings:
         raise SystemExit(f"{work} holds seed {seed} computed with other settings ({done['settings']}, now {settings}): "
@@ -452,9 +448,7 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
         done["train"] = ex.train_log
         save()
     elif done["experts"] != experts:
-        raise SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were "
-                         f"computed with (test accuracy {experts} against {done['experts']}); their rows cannot be mixed. "
-                         f"Move {cache} and the record away to compute the seed afresh")
+        raise other_experts(seed, f"test accuracy {experts}", done["experts"], f"{cache} and the record")
     console.print("  expert test accuracy: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in done["experts"].items()))
     for label in methods:
         if label in ADAPTER_RANKS:
@@ -690,12 +684,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0, help="expert training epochs")
     ap.add_argument("--lr", type=float, default=1e-4, help="expert learning rate")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 3 methods, 2 orders (with --epochs 0.3: a pipeline check)")
-    ap.add_argument("--no-record", action="store_true",
-                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
-                         "--quick)")
+    add_record_argument(ap)
     add_executor_arguments(ap)
     args = ap.parse_args(argv)
-    args.no_record = args.no_record or args.quick
     if executor_options(args).name == "ray":
         join_ray()
 

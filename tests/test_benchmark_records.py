@@ -60,7 +60,7 @@ def seed_run(tmp_path, monkeypatch):
     monkeypatch.setattr(task_merging, "Scorer", FakeScorer)
     monkeypatch.setattr(task_merging, "load_body", lambda path: {})
     monkeypatch.setattr(task_merging, "run_method", run_method)
-    monkeypatch.setattr(task_merging, "record_path", lambda benchmark, seed: records.record_path(benchmark, seed, tmp_path))
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
 
     def run(work: str, methods: list[str], quick: bool = False, epochs: float = 3.0) -> dict:
         args = Namespace(work=tmp_path / work, quick=quick, epochs=epochs, lr=1e-4, no_record=quick, no_sequential=True,
@@ -140,7 +140,7 @@ def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, mo
     monkeypatch.setattr(compression_accuracy, "Scorer", FakeScorer)
     monkeypatch.setattr(compression_accuracy, "load_body", lambda path: {})
     monkeypatch.setattr(compression_accuracy, "compressions", lambda *a: [])
-    monkeypatch.setattr(compression_accuracy, "record_path", lambda name, seed: records.record_path(name, seed, tmp_path))
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
 
     def run(work: str) -> dict:
         args = Namespace(work=tmp_path / work, experts=tmp_path / "experts", quick=False, epochs=3.0, lr=1e-4, no_record=False)
@@ -172,7 +172,7 @@ def test_continual_records_whole_runs_and_reuses_them_by_definition(tmp_path, mo
 
     monkeypatch.setattr(continual_finetuning, "sequential_training", fake_run)
     monkeypatch.setattr(continual_finetuning, "merged_steps", fake_run)
-    monkeypatch.setattr(continual_finetuning, "record_path", lambda name, seed: records.record_path(name, seed, tmp_path))
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
 
     def run(work: str, labels: list[str]) -> dict:
         args = Namespace(work=tmp_path / work, experts=tmp_path / work / "experts", quick=False, epochs=3.0, lr=1e-4,
@@ -190,7 +190,7 @@ def test_continual_records_whole_runs_and_reuses_them_by_definition(tmp_path, mo
     run("machine-4", ["full"])
     assert computed[-1] == "full"  # another definition: recomputed
     monkeypatch.setattr(FakeScorer, "accuracy_value", 0.5)  # experts that score otherwise
-    with pytest.raises(SystemExit, match="differ from those the record"):
+    with pytest.raises(SystemExit, match="differ from those its cached or recorded rows"):
         run("machine-5", ["hft"])
     assert "hft" not in computed
 
