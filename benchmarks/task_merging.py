@@ -502,13 +502,13 @@ def write_json(path: Path, payload: dict) -> None:
 
 def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
     """Per method: average normalized test accuracy per seed, its summary over seeds, and the paired
-    difference from task arithmetic (same seed, same experts)."""
+    difference from task arithmetic (same seed, same experts), normalized and in absolute points."""
     def normalized(run: dict, acc: dict) -> float:
         return mean(acc[t] / run["experts"][t] for t in run["experts"])
 
     rows = {}
     for label in ["heads_only", *methods]:
-        values, diffs, items = [], [], {}
+        values, diffs, points, items = [], [], [], {}
         for seed, run in per_seed.items():
             acc = run["heads_only"] if label == "heads_only" else run["merges"].get(label, {}).get("test")
             if acc is None:
@@ -516,13 +516,14 @@ def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
             values.append(normalized(run, acc))
             if "task_arithmetic" in run["merges"]:
                 diffs.append(values[-1] - normalized(run, run["merges"]["task_arithmetic"]["test"]))
+                points.append(mean(acc.values()) - mean(run["merges"]["task_arithmetic"]["test"].values()))
                 mine = run["merges"].get(label, {}).get("test_items")
                 reference = run["merges"]["task_arithmetic"].get("test_items")
                 if mine and reference and label != "task_arithmetic":
                     items[str(seed)] = paired_difference(mine, reference)
         if values:
             rows[label] = {"per_seed": values, "normalized": seed_summary(values), "vs_task_arithmetic": seed_summary(diffs),
-                           "vs_task_arithmetic_items": items,
+                           "vs_task_arithmetic_points": seed_summary(points), "vs_task_arithmetic_items": items,
                            "absolute": seed_summary([mean((run["heads_only"] if label == "heads_only"
                                                            else run["merges"][label]["test"]).values())
                                                      for run in per_seed.values()
@@ -549,7 +550,7 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
     seeds = ", ".join(map(str, per_seed))
     table = Table(title=f"Task merging, all-MiniLM-L6-v2, seeds {seeds}: test accuracy (%), mean ± sd [95% t-interval]")
     for col in ("method", "normalized (% of expert)", "absolute", "normalized − task arithmetic", "verdict",
-                "absolute − task arithmetic per seed [paired 95% CI over test items]"):
+                "absolute − task arithmetic", "absolute − task arithmetic per seed [paired 95% CI over test items]"):
         table.add_column(col, no_wrap=True)
     for label, row in summary["methods"].items():
         d = row["vs_task_arithmetic"]
@@ -559,6 +560,7 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
                                    for seed, x in row.get("vs_task_arithmetic_items", {}).items())
         table.add_row("pretrained body + task heads" if label == "heads_only" else row_name(label), fmt(row["normalized"]),
                       fmt(row["absolute"]), "" if label == "task_arithmetic" else fmt(d, signed=True), verdict,
+                      "" if label in ("task_arithmetic", "heads_only") else fmt(row["vs_task_arithmetic_points"], signed=True),
                       per_seed_items)
     console.print(table)
     if summary.get("adapter_rows"):

@@ -212,3 +212,14 @@ def test_report_without_sequential_merging_has_no_empty_figure(tmp_path, capsys)
     run["sequential"] = {"curves": {"OPCM": [{"tasks": 1, "average": 0.5}, {"tasks": 2, "average": 0.6}]}}
     task_merging.write_report(tmp_path / "r.html", payload)
     assert "fig-sequential" in (tmp_path / "r.html").read_text()
+
+
+def test_summary_gives_the_difference_in_points_over_seeds():
+    def run(ta: float, ties: float) -> dict:
+        return {"experts": {"a": 1.0, "b": 0.5}, "heads_only": {"a": 0.5, "b": 0.25},
+                "merges": {"task_arithmetic": {"test": {"a": ta, "b": ta}}, "ties": {"test": {"a": ties, "b": ties}}}}
+
+    summary = task_merging.summarize({0: run(0.5, 0.6), 1: run(0.4, 0.6), 2: run(0.5, 0.5)}, ["task_arithmetic", "ties"])
+    points = summary["methods"]["ties"]["vs_task_arithmetic_points"]
+    assert points["n"] == 3 and points["mean"] == pytest.approx(0.1)  # (0.1 + 0.2 + 0.0) / 3
+    assert points["low"] < 0 < points["high"]  # sd 0.1 over 3 seeds: the t-interval holds 0
