@@ -110,7 +110,7 @@ def test_after_training_scoring_takes_the_runs_device_and_remote_code(langs, tmp
     """BaM's rounds and --interpolate's searches score on the training device (not always the CPU) and with the run's
     --trust-remote-code, through one rule."""
     from deltawise.adapt import runtime
-    from deltawise.adapt.guarded import evaluation_options
+    from deltawise.adapt.guard import evaluation_options
 
     asked = []
     monkeypatch.setattr(runtime, "resolve_device", lambda name, n_processes=1: asked.append(name) or "cuda:1")

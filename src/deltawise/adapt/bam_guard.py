@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 from deltawise.adapt.bam import LOG, BamConfig, BamResult, run_bam
 from deltawise.adapt.dist import world_size
-from deltawise.adapt.guard import GuardPoint, GuardState, MonitorData, best_feasible, compare, most_retentive
-from deltawise.adapt.guarded import (RECORD, GuardRequest, Note, check_request, evaluation_options, guard_record,
-                                     prepare_data)
+from deltawise.adapt.guard import (GuardPoint, GuardState, MonitorData, best_feasible, compare, evaluation_options,
+                                  most_retentive)
+from deltawise.adapt.guarded import RECORD, GuardRequest, Note, check_request, guard_record, prepare_data
 from deltawise.errors import InputError
 from deltawise.eval.results import EvalResult
 from deltawise.eval.runner import EvalOptions, evaluate

@@ -44,7 +44,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -59,6 +59,9 @@ from deltawise.eval.results import EvalResult
 from deltawise.options import IntervalOptions
 from deltawise.search.scoring import as_result, score_data
 from deltawise.search.splits import Split
+
+if TYPE_CHECKING:
+    from deltawise.eval.runner import EvalOptions
 
 TRAIN_RECORD = "deltawise_train.json"
 DEFAULT_SHARE = 0.1  # monitoring's share of the training time when --monitor-every is 0
@@ -365,3 +368,19 @@ class RetentionGuard(TrainerCallback):
         finally:
             if self.state.kept_step != self.state.points[-1].step:
                 self._load(model, self.kept_weights)
+
+
+def evaluation_window(cfg, request) -> int:
+    """The token window the guard scores with: ``--eval-max-length``, else the training window."""
+    return request.eval_max_length or cfg.max_length or 256
+
+
+def evaluation_options(cfg, request) -> EvalOptions:
+    """How saved models are scored after training (BaM's rounds, ``--interpolate``'s searches): the guard's window
+    and batch size, on the training run's device (a GPU run's searches would otherwise score on the CPU) and with its
+    ``--trust-remote-code``. ``cfg``: the run's TrainConfig; ``request``: its guarded.GuardRequest."""
+    from deltawise.adapt.runtime import resolve_device
+    from deltawise.eval.runner import EvalOptions
+
+    return EvalOptions(max_length=evaluation_window(cfg, request), batch_size=request.eval_batch_size,
+                       device=resolve_device(cfg.device), trust_remote_code=cfg.trust_remote_code)

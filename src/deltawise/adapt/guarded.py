@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deltawise.adapt.dist import rank
-from deltawise.adapt.guard import DEFAULT_SHARE, GuardState, MonitorData, RetentionGuard
+from deltawise.adapt.guard import DEFAULT_SHARE, GuardState, MonitorData, RetentionGuard, evaluation_window
 from deltawise.adapt.sharding import fsdp_requested
 from deltawise.adapt.train import TrainConfig, TrainResult, load_tokenizer, run_train
 from deltawise.data.read import load_items
 from deltawise.errors import InputError
-from deltawise.eval.runner import EvalOptions, unique_names
+from deltawise.eval.runner import unique_names
 from deltawise.io.writer import write_json_atomic
 from deltawise.options import BudgetSearchOptions, GuardOptions, IntervalOptions, SplitOptions
 from deltawise.search.budget import RetentionBudget
@@ -127,21 +127,6 @@ def prepare_data(cfg: TrainConfig, request: GuardRequest, work: Path) -> tuple[T
     splits = make_splits(files, None, request.split.heldout_fraction, request.split.split_seed, work / "splits")
     names = unique_names(files)
     return train_cfg, MonitorData(splits, names, dict(zip(names, (b.minimum for b in request.retain))))
-
-
-def evaluation_window(cfg: TrainConfig, request: GuardRequest) -> int:
-    """The token window the guard scores with: ``--eval-max-length``, else the training window."""
-    return request.eval_max_length or cfg.max_length or 256
-
-
-def evaluation_options(cfg: TrainConfig, request: GuardRequest) -> EvalOptions:
-    """How saved models are scored after training (BaM's rounds, ``--interpolate``'s searches): the guard's window
-    and batch size, on the training run's device (a GPU run's searches would otherwise score on the CPU) and with its
-    ``--trust-remote-code``."""
-    from deltawise.adapt.runtime import resolve_device
-
-    return EvalOptions(max_length=evaluation_window(cfg, request), batch_size=request.eval_batch_size,
-                       device=resolve_device(cfg.device), trust_remote_code=cfg.trust_remote_code)
 
 
 def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[Path] = None,

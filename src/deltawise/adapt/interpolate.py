@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from deltawise.adapt.guard import TRAIN_RECORD, MonitorData, RetentionGuard
+from deltawise.adapt.guard import TRAIN_RECORD, MonitorData, RetentionGuard, evaluation_options
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig
 from deltawise.eval.runner import EvalOptions
@@ -74,8 +74,6 @@ def interpolate_training(cfg: TrainConfig, request, model_path: Path, guard: Ret
     kept_step, last_step = guard.state.kept_step, guard.state.points[-1].step
     kept = None if kept_step == last_step else materialize(cfg.output, model_path, work / "kept_model", trust_remote_code=trust)
     embed = {"train": json.loads((cfg.output / TRAIN_RECORD).read_text())}
-    from deltawise.adapt.guarded import evaluation_options
-
     return interpolate(cfg.output, request, model_path, data, record, work, evaluation_options(cfg, request), tell,
                        final=final, kept=kept,
                        budget_met=guard.state.budget_met, steps=(kept_step, last_step), carry=["training_log.json"], embed=embed)
