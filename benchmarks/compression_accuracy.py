@@ -47,7 +47,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
 from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
-from records import add_record_argument, open_record, other_experts, save_record, shown  # noqa: E402
+from records import add_record_argument, open_record, other_experts, record_behind, save_record, shown  # noqa: E402
 
 from deltawise.io.writer import write_text_atomic  # noqa: E402
 
@@ -205,7 +205,7 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
             save_record(record, payload)
 
     if done.get("complete") == SEARCH_VERSION:
-        if record is not None and not record.is_file():
+        if record_behind(record, settings, done):
             save(done)
         return done
     tasks = prepare_tasks(work / "data", seed, specs, say=say)

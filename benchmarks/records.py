@@ -43,6 +43,12 @@ def open_record(benchmark: str, seed: int, settings: dict, args, say: Callable[[
     return path, recorded
 
 
+def record_behind(path: Optional[Path], settings: dict, payload: dict) -> bool:
+    """The record to write lacks what the work folder holds (computed before the record existed, or on a machine
+    that kept the folder): a finished seed then writes its record without computing anything."""
+    return path is not None and load_record(path, settings) != payload
+
+
 def shown(path: Path) -> str:
     """``records/<benchmark>/seed-N.json``: how a record is named in messages."""
     return str(path.relative_to(path.parents[2]))

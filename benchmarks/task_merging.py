@@ -55,7 +55,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
-from records import add_record_argument, load_record, open_record, other_experts, save_record, shown  # noqa: E402
+from records import add_record_argument, open_record, other_experts, record_behind, save_record, shown  # noqa: E402
 from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 
@@ -432,8 +432,8 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
     merges = done.setdefault("merges", {})
     missing = [m for m in methods if not (adapter_row_current(m, merges) if m in ADAPTER_RANKS else m in merges)]
     if "experts" in done and not missing and ("sequential" in done or args.no_sequential):
-        if record is not None and load_record(record, settings) != done:
-            save()  # a work folder computed before its record was written (or with rows the record lacks)
+        if record_behind(record, settings, done):
+            save()
         return done
     tasks = prepare_tasks(work / "data", seed, specs, say=say)
     ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)

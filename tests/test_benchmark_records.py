@@ -152,6 +152,9 @@ def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, mo
     record = records.record_path("compression_accuracy", 4, tmp_path)
     partial = {k: v for k, v in json.loads(record.read_text()).items() if k != "complete"}
     records.save_record(record, partial)
+    assert run("machine-1") == first and len(trained) == 1  # the finished work folder brings its record up to date
+    assert json.loads(record.read_text())["complete"] == compression_accuracy.SEARCH_VERSION
+    records.save_record(record, partial)
     monkeypatch.setattr(FakeScorer, "accuracy_value", 0.5)
     with pytest.raises(SystemExit, match="differ from those its cached or recorded rows"):
         run("machine-3")
