@@ -14,7 +14,7 @@ retention guard (``guarded_train``) and writes ``out/NAME.guard{R}.json`` (every
 with ``"stop_at": STEP`` is interrupted at the end of that step on every rank (its staging folder stays for a later
 run with ``"resume": true`` in ``train``); ``"output": DIR`` trains into ``out/DIR`` instead of ``out/NAME``.
 ``two_ranks_and_one`` is the tests' side: it launches this file and trains the single-process references (of every
-run without ``"sharded_only": true``).
+run without ``"launch_only": true``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None, 
 
 
 def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None, timeout: float = 300) -> None:
-    """``launch_two_ranks``, then the same runs (but those ``sharded_only``) in this process with one thread and the
+    """``launch_two_ranks``, then the same runs (but those ``launch_only``) in this process with one thread and the
     global batch (twice each run's batch_size) into ``root / "single"`` as ``NAME``, ``NAME.single.safetensors``
     and, for a guarded run, ``NAME.guard.json``. Skips without gloo."""
     import torch
@@ -151,7 +151,7 @@ def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None,
     torch.set_num_threads(1)
     try:
         for run in spec["runs"]:
-            if run.get("sharded_only"):
+            if run.get("launch_only"):
                 continue
             run = {**run, "train": {**run["train"], "batch_size": 2 * run["train"]["batch_size"]}}
             out = Path(single["out"])

@@ -4,7 +4,9 @@ weights, and the result equals one process with the same global batch (2 × 4 = 
 One launch trains lift (a mask refresh at step 2), hft, sorsa (its pre-step regularizer backward),
 lora (PEFT) and lift on a classification task (a DDP-synchronised head next to LIFT's values).
 About 25 s on 2 idle CPU cores (55 s with the machine loaded 8-fold); marked slow, still in the
-normal suite. Every one of the 13 methods was run the same way by hand (docs/adapt.md).
+normal suite. Every one of the 13 methods was run the same way by hand (docs/adapt.md). A lora run interrupted
+after its step-1 checkpoint resumes only with the launch it started with (2 processes), not in one process
+(about 10 s more: a second launch).
 The single-process references run with one thread, like each torchrun process: SORSA's regularizer
 gradient at an orthonormal init is float noise scaled up, so it differs between thread counts.
 """
@@ -17,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from adapt_util import base_model, tiny_lm  # noqa: F401
-from ddp_worker import two_ranks_and_one
+from ddp_worker import config, launch_two_ranks, two_ranks_and_one
 from safetensors.torch import load_file
 
+import deltawise.adapt.train as train
+from deltawise.adapt import run_train
 from deltawise.delta.apply import apply_to_model
 from deltawise.delta.store import DeltaFile
+from deltawise.errors import OutputError
 
 LIFT = {"rank": 2, "filter_rank": 4, "refresh_interval": 2}
 ADAPTER = {"rank": 2, "targets": ["q_proj", "v_proj"]}
@@ -34,11 +39,16 @@ RUNS = [
 ]
 
 
+TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}
+# lora, stopped after step 2 with a checkpoint at step 1, left for a resume into ddp/lora_resumed
+CUT = {"name": "lora_cut", "output": "lora_resumed", "method": "lora", "method_params": ADAPTER, "stop_at": 2,
+       "train": {**TRAIN, "save_every": 1}, "launch_only": True}
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    runs = [{**r, "data": str(tiny_lm[r.get("data", "data")]),
-             "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}} for r in RUNS]
+    runs = [{**r, "data": str(tiny_lm[r.get("data", "data")]), "train": TRAIN} for r in RUNS] + [CUT]
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "ddp"), "runs": runs}
     two_ranks_and_one(spec, root)  # the single-process references: one thread, 8 examples a step
     return root, tiny_lm
@@ -82,3 +92,32 @@ def test_lift_under_ddp_changes_only_masked_entries(name, ddp_runs):
             assert torch.equal(merged[k], trained[k])  # the new head, saved whole
         else:
             assert torch.equal(trained[k], w), f"{k} is frozen in LIFT"
+
+
+def test_an_interrupted_run_resumes_only_with_the_launch_it_started_with(ddp_runs, monkeypatch):
+    """--batch-size is per process, and so are the checkpoint's RNG states: the 2-process run resumed in one process
+    is refused before the model is loaded, with the same --batch-size (half the global batch) and with the same global
+    batch (1 × 8, refused too: it equals the 2-process run only without randomness and when the batches divide the
+    data, docs/adapt.md), and the interrupted run stays; resumed with 2 processes, it ends as the uninterrupted run."""
+    root, tiny_lm = ddp_runs
+    out = root / "ddp"
+    checkpoint = out / ".lora_resumed.deltawise-partial" / "_trainer" / "checkpoint-1"
+    assert {p.name for p in checkpoint.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(out)}
+    resume = {**CUT, "name": "lora_resumed", "train": {**CUT["train"], "resume": True}}
+    del resume["stop_at"], resume["output"]
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    for batch, extra in ((4, ""), (8, "--batch-size, ")):
+        cfg = config(spec, {**resume, "train": {**resume["train"], "batch_size": batch}}, out / "lora_resumed")
+        with pytest.raises(OutputError, match=rf"differs in: {extra}the launch \(2 processes × --batch-size 4 then, 1 × {batch} "
+                                              r"now: resume with the launch the run was started with, 2 processes × "
+                                              r"--batch-size 4\)"):
+            run_train(cfg)
+        assert (checkpoint / "trainer_state.json").is_file() and not (out / "lora_resumed").exists()
+    launch_two_ranks({**spec, "runs": [resume]}, root / "resume")
+    resumed, whole = load_file(out / "lora_resumed.rank0.safetensors"), load_file(out / "lora.rank0.safetensors")
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=1e-4, msg=f"lora resumed in 2 processes: {k}")
+    meta = json.loads((out / "lora_resumed" / "deltawise_train.json").read_text())
+    assert meta["resumed_from_step"] == 1 and meta["steps"] == 3

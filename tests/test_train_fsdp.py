@@ -75,8 +75,8 @@ def _resumed_runs() -> list[dict]:
     for name in RESUMED:
         run = next(r for r in RUNS if r["name"] == name)
         train = {**TRAIN, "save_every": 1}
-        out += [{**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "sharded_only": True},
-                {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "sharded_only": True}]
+        out += [{**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "launch_only": True},
+                {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "launch_only": True}]
     return out
 
 
@@ -225,12 +225,12 @@ def sharded_checkpoint_runs(tiny_lm, tmp_path_factory):
     for name in SHARDED_RESUMED:
         run = next(r for r in RUNS if r["name"] == name)
         train = {**TRAIN, "save_every": 1}
-        runs += [{**run, "train": train, "sharded_only": True},
-                 {**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "sharded_only": True},
-                 {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "sharded_only": True}]
+        runs += [{**run, "train": train, "launch_only": True},
+                 {**run, "name": f"{name}_cut", "output": f"{name}_resumed", "stop_at": 2, "train": train, "launch_only": True},
+                 {**run, "name": f"{name}_resumed", "train": {**train, "resume": True}, "launch_only": True}]
     full = next(r for r in RUNS if r["name"] == "full")  # left interrupted, for a resume without FSDP
     runs.append({**full, "name": "left_cut", "output": "left", "stop_at": 2, "train": {**TRAIN, "save_every": 1},
-                 "sharded_only": True})
+                 "launch_only": True})
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"]), "out": str(root / "fsdp"), "runs": runs}
     launch_two_ranks(spec, root, {**FSDP_ENV, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, timeout=600)
     return root / "fsdp"
@@ -252,8 +252,9 @@ def test_sharded_state_dict_checkpoints_resume(name, sharded_checkpoint_runs):
 
 @pytest.mark.slow
 def test_a_sharded_checkpoint_resumed_without_fsdp_is_refused_before_loading(tiny_lm, sharded_checkpoint_runs):
-    """Only an FSDP launch can load an FSDP checkpoint (its shards are DCP files): a resume in one process without
-    FSDP is refused by the run's key, naming the cause, and the interrupted run stays for a proper resume."""
+    """Only an FSDP launch of as many processes can load an FSDP checkpoint (its shards are DCP files, one set a
+    process): a resume in one process without FSDP is refused by the run's key, naming both causes, and the
+    interrupted run stays for a proper resume."""
     from ddp_worker import config
 
     from deltawise.adapt import run_train
@@ -265,6 +266,7 @@ def test_a_sharded_checkpoint_resumed_without_fsdp_is_refused_before_loading(tin
     spec = {"model": str(tiny_lm["model"]), "data": str(tiny_lm["data"])}
     full = next(r for r in RUNS if r["name"] == "full")
     cfg = config(spec, {**full, "train": {**TRAIN, "save_every": 1, "resume": True}}, out / "left")
-    with pytest.raises(OutputError, match=r"differs in: sharding \(FSDP then, none now"):
+    with pytest.raises(OutputError, match=r"differs in: the launch \(2 processes × --batch-size 4 then, 1 × 4 now: .*\), "
+                                          r"sharding \(FSDP then, none now"):
         run_train(cfg)
     assert checkpoint.is_dir() and not (out / "left").exists()

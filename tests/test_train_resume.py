@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from ddp_worker import Interrupted, StopAt
 from deltawise.adapt import run_train
-from deltawise.adapt.checkpoints import interrupted_checkpoint, load_method_state, save_method_state
-from deltawise.adapt.methods import MethodError
+from deltawise.adapt.checkpoints import (TRAINER_DIR, interrupted_checkpoint, load_method_state, open_run_staging, run_key,
+                                        save_method_state)
+from deltawise.adapt.methods import MethodError, get_method
 from deltawise.cli import app
 from deltawise.errors import OutputError
 from deltawise.io.output import staging_folder
@@ -118,3 +119,46 @@ def test_a_failed_run_without_checkpoints_leaves_nothing(tiny_lm, tmp_path):  # 
         run_train(train_cfg(tiny_lm, tmp_path / "o", "lora", {"rank": 2}, max_steps=STEPS, batch_size=2),
                   callbacks=[StopAt(STOP_AT)])
     assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted(out: Path, key: dict, rng_files: tuple[str, ...]) -> Path:
+    """A staging folder holding ``key`` and a checkpoint with the RNG files a launch's processes wrote."""
+    staging, _ = open_run_staging(out, key, resume=False)
+    checkpoint = staging / TRAINER_DIR / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    for name in ("trainer_state.json", *rng_files):
+        (checkpoint / name).write_text("{}")
+    return checkpoint
+
+
+def _refused_launch(then: str, now: str) -> str:
+    return rf"differs in: the launch \({then} then, {now} now: resume with the launch the run was started with, {then}\)"
+
+
+def test_the_process_count_is_in_the_key_only_above_one_process(tiny_lm, tmp_path):  # noqa: F811
+    """--batch-size is per process: a run resumed by a launch of another process count is refused, naming both
+    launches, and stays. A one-process key has the parts it had before the count was in the key, so a one-process run
+    interrupted then resumes; a multi-process one interrupted then is known by its checkpoint's per-process RNG files."""
+    cfg = _cfg(tiny_lm, tmp_path / "o", "lora", {"rank": 2})  # --batch-size 2
+    values = get_method("lora", {"rank": 2}).values
+    one, two = run_key(cfg, values, "fp"), run_key(cfg, values, "fp", processes=2)
+    assert set(one) == {"options", "model", "data", "replay"} and run_key(cfg, values, "fp", processes=1) == one
+    assert two == {**one, "processes": 2}
+
+    out = tmp_path / "two"
+    checkpoint = _interrupted(out, two, ("rng_state_0.pth", "rng_state_1.pth"))
+    with pytest.raises(OutputError, match=_refused_launch("2 processes × --batch-size 2", "1 × 2")):
+        open_run_staging(out, one, resume=True)
+    assert open_run_staging(out, two, resume=True)[1] == checkpoint
+
+    out = tmp_path / "one"
+    checkpoint = _interrupted(out, one, ("rng_state.pth",))
+    with pytest.raises(OutputError, match=_refused_launch("1 process × --batch-size 2", "2 × 2")):
+        open_run_staging(out, two, resume=True)
+    assert open_run_staging(out, one, resume=True)[1] == checkpoint
+
+    out = tmp_path / "old_two"  # a 2-process run whose key was written without the count
+    checkpoint = _interrupted(out, one, ("rng_state_0.pth", "rng_state_1.pth"))
+    with pytest.raises(OutputError, match=_refused_launch("2 processes × --batch-size 2", "1 × 2")):
+        open_run_staging(out, one, resume=True)
+    assert open_run_staging(out, two, resume=True)[1] == checkpoint

@@ -6,8 +6,8 @@ there (``_trainer/checkpoint-STEP``: the trained weights, optimizer, LR schedule
 far) plus the method's own state (``METHOD_STATE``: e.g. LIFT's masks) and a callback's (the retention
 guard's checks and kept weights, adapt/guard_resume.py); after an interruption the folder
 stays, and ``--resume`` continues from that checkpoint. The run file records a key of everything that
-determines the result (options, model fingerprint, data sha256), so a resume with other options or
-changed data is refused, naming what changed.
+determines the result (options, model fingerprint, data sha256, the launch's process count), so a resume with
+other options, changed data or another launch is refused, naming what changed.
 
 Continuing from a checkpoint reproduces the uninterrupted run exactly for a fixed seed on the same
 machine: Trainer restores the RNG states and skips the batches already seen in the current epoch.
@@ -57,12 +57,17 @@ def data_sha256(path: Optional[Path]) -> Optional[str]:
 
 
 def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: str,
-            init_batch_rows: Optional[int] = None, sharded: bool = False) -> dict[str, Any]:
+            init_batch_rows: Optional[int] = None, sharded: bool = False, processes: int = 1) -> dict[str, Any]:
     """Everything the trained result depends on, as JSON-able parts (compared part by part on resume).
     ``init_batch_rows``: the rows of each batch a data-driven initialisation (LoRA's init=eva) reads, processes ×
     --batch-size, which is not among the options; a part of the key only for such a method. ``sharded``: the run
     trains under FSDP, whose checkpoints only an FSDP launch can load (the Trainer's own error would come after
-    the model is loaded); a part of the key only when true, so unsharded runs keep the key they had."""
+    the model is loaded); a part of the key only when true, so unsharded runs keep the key they had.
+    ``processes``: the launch's process count (--batch-size is per process). Not only the global batch depends on
+    it: each process keeps its own RNG state in the checkpoint, the last batch of an epoch is filled up per process,
+    the replay mix is drawn per process batch, and FSDP checkpoints hold per-process shards; so even the same global
+    batch (2 × 4 then, 1 × 8 now) is another run (docs/adapt.md, "Resuming an interrupted run"). A part of the key
+    only above one process, so one-process keys stay as they were."""
     options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     options["method_params"] = method_values  # resolved: giving a parameter its default is the same run
     key = {
@@ -75,7 +80,16 @@ def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: 
         key["init_batch_rows"] = init_batch_rows
     if sharded:
         key["sharding"] = "fsdp"
+    if processes > 1:
+        key["processes"] = processes
     return key
+
+
+def checkpoint_processes(checkpoint: Path) -> int:
+    """How many processes wrote a Trainer checkpoint: each of several writes its RNG state as rng_state_RANK.pth,
+    a single one rng_state.pth."""
+    ranks = [int(p.stem[len("rng_state_"):]) for p in checkpoint.glob("rng_state_*.pth") if p.stem[len("rng_state_"):].isdigit()]
+    return max(ranks) + 1 if ranks else 1
 
 
 def latest_checkpoint(staging: Path) -> Optional[Path]:
@@ -106,6 +120,9 @@ def open_run_staging(out: Path, key: dict[str, Any], *, resume: bool) -> tuple[P
             if checkpoint is None:
                 raise OutputError(f"nothing to resume: the interrupted run in {folder} kept no checkpoint "
                                   "(checkpoints are kept with --save-every N); rerun without --resume")
+            if "processes" not in previous and (wrote := checkpoint_processes(checkpoint)) > 1:
+                # a key written before it had the part: the checkpoint tells the run's process count
+                previous = {**previous, "processes": wrote}
             changed = _changed(previous, key)
             if changed:
                 raise OutputError(f"{folder} holds an interrupted run that differs in: {changed}; rerun it as it was, "
@@ -170,7 +187,9 @@ def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
         old, new = previous.get(name), key.get(name)
         if old == new:
             continue
-        if name == "options" and isinstance(old, dict) and isinstance(new, dict):
+        if name == "processes":
+            parts.append(_launch_changed(previous, key))
+        elif name == "options" and isinstance(old, dict) and isinstance(new, dict):
             parts += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif name == "guard" and isinstance(old, dict) and isinstance(new, dict):
             parts.append("the --retain guard's " + ", ".join(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)))
@@ -182,6 +201,17 @@ def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
                           "sharding": f"sharding ({'FSDP' if old else 'none'} then, {'FSDP' if new else 'none'} now: "
                                       f"resume with the launch configuration the run was started with)"}.get(name, name))
     return ", ".join(parts)
+
+
+def _launch_changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
+    """The process counts and per-process batch sizes of the two launches, and how to resume (a missing part: one process)."""
+    def launch(k: dict[str, Any]) -> tuple[int, Any]:
+        return k.get("processes", 1), k.get("options", {}).get("batch_size", "?")
+
+    (n_old, b_old), (n_new, b_new) = launch(previous), launch(key)
+    was = f"{n_old} process{'es' if n_old > 1 else ''}"
+    return (f"the launch ({was} × --batch-size {b_old} then, {n_new} × {b_new} now: resume with the launch the run was "
+            f"started with, {was} × --batch-size {b_old})")
 
 
 def _read_json(path: Path) -> dict:

@@ -308,7 +308,7 @@ def run_train(cfg: TrainConfig, model_path: Path | None = None, callbacks: list 
                 _check_paths(cfg)  # again under the lock: another run may have written it meanwhile
                 fingerprint = ModelReader(model_path, allow_pickle=cfg.allow_pickle, label=str(cfg.model)).fingerprint()
                 key = run_key(cfg, method.values, fingerprint, init_rows if method.initialises_from_data() else None,
-                              sharded=fsdp_requested())
+                              sharded=fsdp_requested(), processes=args.world_size)
                 for callback in callbacks or []:  # e.g. the retention guard's settings: a resume must keep them
                     if hasattr(callback, "resume_key"):
                         key.update(callback.resume_key())
