@@ -66,7 +66,7 @@ def run_key(cfg: TrainConfig, method_values: dict[str, Any], model_fingerprint: 
     ``processes``: the launch's process count (--batch-size is per process). Not only the global batch depends on
     it: each process keeps its own RNG state in the checkpoint, the last batch of an epoch is filled up per process,
     the replay mix is drawn per process batch, and FSDP checkpoints hold per-process shards; so even the same global
-    batch (2 × 4 then, 1 × 8 now) is another run (docs/adapt.md, "Resuming an interrupted run"). A part of the key
+    batch (2 × 4 then, 1 × 8 now) is another run (docs/adapt.md, "Several processes"). A part of the key
     only above one process, so one-process keys stay as they were."""
     options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     options["method_params"] = method_values  # resolved: giving a parameter its default is the same run
