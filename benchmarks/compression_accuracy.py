@@ -258,6 +258,44 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
     return result
 
 
+# each row's control, the same setting: ComPEFT's sign × α σ against the exact kept values × the same tuned α (what
+# quantisation costs); those against plain top-k (what the tuned α adds, which is amplification as much as repair)
+CONTROLS = {"compeft": "topk_scaled", "topk_scaled": "topk"}
+
+
+def _setting_value(key: str) -> float:
+    """The number in a row's setting ("density 0.05", "rank 16"), so settings sort by value, not as text."""
+    try:
+        return float(key.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0.0
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Per row, over seeds: accuracy kept (mean over tasks per seed; t-interval over seeds), each seed's mean, the
+    difference from its control row in points paired by seed, the tasks per seed whose item interval lies below
+    100%, the lowest task-interval bound anywhere, and the mean compression."""
+    summary = {}
+    order = {m: i for i, m in enumerate(("compeft", "topk", "topk_scaled", "lowrank", "tall", "scaled"))}
+    keys = sorted(runs[0]["rows"], key=lambda k: (order.get(k.split(" | ")[0], len(order)), _setting_value(k)))
+    for key in keys:
+        with_row = [r for r in runs if key in r["rows"]]
+        means = [mean(x["ratio"] for x in r["rows"][key]["tasks"].values()) for r in with_row]
+        row = {"kept": seed_summary(means), "per_seed": means,
+               "compression": mean(mean(x["compression"] for x in r["rows"][key]["tasks"].values()) for r in with_row),
+               "worst_low": min(x["low"] for r in with_row for x in r["rows"][key]["tasks"].values()),
+               "below": [sum(x["high"] < 1 for x in r["rows"][key]["tasks"].values()) for r in with_row]}
+        method, setting = key.split(" | ")
+        control = f"{CONTROLS[method]} | {setting}" if method in CONTROLS else None
+        paired = [r for r in with_row if control in r["rows"]]
+        if paired:
+            differences = [mean(x["ratio"] for x in r["rows"][key]["tasks"].values())
+                           - mean(x["ratio"] for x in r["rows"][control]["tasks"].values()) for r in paired]
+            row["vs_control"] = {**seed_summary(differences), "of": CONTROLS[method]}
+        summary[key] = row
+    return summary
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-work/compression_accuracy"), help="cache and output folder")
@@ -278,20 +316,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     for seed in args.seeds:
         console.print(f"[bold]seed {seed}[/]")
         runs.append(run_seed(seed, args, minilm))
+    summary = summarise(runs)
     table = Table(title="Compression judged by accuracy (all-MiniLM-L6-v2 experts): test accuracy kept, "
                         "mean over tasks; over seeds mean [95% t-interval]")
-    for col in ("method", "setting", "compression x (vs dense fp32)", "accuracy kept (%)", "worst task (low end of its 95% CI)"):
+    for col in ("method", "setting", "x smaller than fp32", "accuracy kept (%)", "per seed", "Δ vs control (points)",
+                "tasks < 100%", "worst task low"):
         table.add_column(col, no_wrap=True)
-    summary = {}
-    for key in runs[0]["rows"]:
-        per_seed = [r["rows"][key]["tasks"] for r in runs if key in r["rows"]]
-        kept = seed_summary([mean(x["ratio"] for x in tasks.values()) for tasks in per_seed])
-        comp = mean(mean(x["compression"] for x in tasks.values()) for tasks in per_seed)
-        worst = min(x["low"] for tasks in per_seed for x in tasks.values())
-        summary[key] = {"kept": kept, "compression": comp, "worst_low": worst}
+    for key, row in summary.items():
         method, setting = key.split(" | ")
+        kept, control = row["kept"], row.get("vs_control")
         interval = "" if kept["n"] < 2 else f" [{100 * kept['low']:.1f}, {100 * kept['high']:.1f}]"
-        table.add_row(method, setting, f"{comp:.1f}", f"{100 * kept['mean']:.1f}{interval}", f"{100 * worst:.1f}")
+        versus = ""
+        if control is not None:
+            spread = "" if control["n"] < 2 else f" [{100 * control['low']:+.1f}, {100 * control['high']:+.1f}]"
+            versus = f"{100 * control['mean']:+.1f}{spread} vs {control['of'].replace('_scaled', ' × α')}"
+        table.add_row(method, setting, f"{row['compression']:.1f}", f"{100 * kept['mean']:.1f}{interval}",
+                      " / ".join(f"{100 * v:.1f}" for v in row["per_seed"]), versus,
+                      " / ".join(str(n) for n in row["below"]), f"{100 * row['worst_low']:.1f}")
     console.print(table)
     out = {"benchmark": "compression_accuracy", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "seeds": runs, "summary": summary, "seconds": time.time() - started}

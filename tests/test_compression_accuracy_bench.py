@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compression_accuracy import compressions, searched, tune  # noqa: E402
+from compression_accuracy import compressions, searched, summarise, tune  # noqa: E402
 
 
 @pytest.fixture()
@@ -138,3 +138,30 @@ def test_cached_search_resumes_only_where_an_old_choice_sat_on_the_grid_top():
     tried = []
     choice, scores = tune(grid, [5.0, 6.0], lambda v: tried.append(v) or {4.0: 0.7, 5.0: 0.8, 6.0: 0.75}[v], known)
     assert (choice, tried) == (5.0, [4.0, 5.0, 6.0])
+
+
+def test_summary_pairs_each_row_with_its_control_by_seed():
+    """Accuracy kept is the mean over tasks per seed; ComPEFT's control difference is taken seed by seed against
+    top-k × α at the same density (a paired t-interval over seeds), rows come in a fixed order with settings
+    sorted by value, and "below" counts the tasks whose item interval lies entirely under 100%."""
+    def task(ratio, high=1.1):
+        return {"ratio": ratio, "low": ratio - 0.1, "high": high, "compression": 10.0}
+
+    def run(compeft, scaled, low_high):
+        return {"rows": {"topk_scaled | density 0.1": {"tasks": {"a": task(scaled), "b": task(scaled)}},
+                         "compeft | density 0.1": {"tasks": {"a": task(compeft[0]), "b": task(compeft[1], low_high)}},
+                         "compeft | density 0.05": {"tasks": {"a": task(1.0)}}}}
+
+    runs = [run((1.0, 0.8), 0.95, 0.9), run((1.0, 1.0), 0.97, 1.1), run((0.9, 1.0), 0.96, 1.1)]
+    summary = summarise(runs)
+    assert list(summary) == ["compeft | density 0.05", "compeft | density 0.1", "topk_scaled | density 0.1"]
+    row = summary["compeft | density 0.1"]
+    assert row["per_seed"] == pytest.approx([0.9, 1.0, 0.95])
+    assert row["below"] == [1, 0, 0]
+    assert row["worst_low"] == pytest.approx(0.7)
+    differences = [0.9 - 0.95, 1.0 - 0.97, 0.95 - 0.96]
+    control = row["vs_control"]
+    assert control["of"] == "topk_scaled" and control["n"] == 3
+    assert control["mean"] == pytest.approx(sum(differences) / 3)
+    assert control["low"] < control["mean"] < control["high"]
+    assert "vs_control" not in summary["compeft | density 0.05"]  # its control row is missing on every seed
