@@ -81,3 +81,29 @@ def test_replay_data_is_stratified_and_prefixed(tmp_path):
     assert set(per_class.values()) == {5}  # every earlier class equally: 60 * 1/3 / 4 classes
     assert abs(len(old) / len(rows) - REPLAY_FRACTION) < 0.05
     assert len({r["text"] for r in old}) == len(old)  # drawn without replacement
+
+
+def test_opcm_is_compared_with_the_continual_merging_baselines_paired_by_seed():
+    """Besides every run against sequential full fine-tuning, OPCM gets its paper's comparison: OPCM minus each
+    continual merging baseline, per seed on the same test items, then over seeds (only seeds that have both)."""
+    from continual_finetuning import seed_metrics, summarize
+
+    expert = {t: items(acc, 100) for t, acc in EXPERT.items()}
+
+    def run(rows):
+        return {"steps": [{"test_items": {t: items(acc, 100) for t, acc in row.items()}, "seconds": 1.0} for row in rows]}
+
+    better = [ROWS[0], ROWS[1], {**ROWS[2], "a": 0.8}]  # OPCM: task a kept at 0.8 instead of 0.5 at the end
+    seeds = {}
+    for seed, labels in ((0, ("full", "opcm", "continual_ta")), (1, ("full", "opcm", "continual_ta")), (2, ("full", "opcm"))):
+        runs = {label: run(better if label == "opcm" else ROWS) for label in labels}
+        seeds[seed] = seed_metrics({"order": ORDER, "experts": expert, "runs": runs})
+    first = seeds[0]["opcm"]["vs_continual_ta"]
+    assert first["acc"] == pytest.approx(0.3 / 3) and first["bwt"] == pytest.approx(0.3 / 2) and first["fwt"] == 0
+    low, high = seeds[0]["opcm"]["vs_continual_ta_interval"]["acc"]
+    assert 0 < low < 0.1 < high
+    assert "vs_continual_ties" not in seeds[0]["opcm"]  # no continual TIES run: no comparison
+    summary = summarize(seeds)
+    assert summary["opcm"]["vs_continual_ta"]["acc"]["n"] == 2  # seed 2 has no continual_ta run
+    assert summary["opcm"]["vs_full"]["acc"]["n"] == 3
+    assert summary["opcm"]["vs_continual_ta"]["acc"]["mean"] == pytest.approx(0.1)
