@@ -158,7 +158,7 @@ DW_INLINE Py_ssize_t trimmed_block(float *d, const float *b, const SparseJob *jo
             }
         } else {
             /* exclusive bounds, one loop per pair of bounds present, so that each vectorises (the flags read in
-               the loop kept it scalar: a tenth of the TIES merge kernel on 16-bit inputs) */
+               one loop kept it scalar) */
             float lo = t->lower, hi = t->upper, raw[BLOCK];
             memcpy(raw, d, (size_t)n * sizeof(float)); /* cheaper than loading the block again for the listed entries */
             if (t->has_lower && t->has_upper)
