@@ -10,7 +10,7 @@ import torch
 from conftest import load_state
 
 from deltawise.merge import base as base_module
-from deltawise.merge import fused_sparse, merge
+from deltawise.merge import fused_sparse, merge, sparsify
 from deltawise.merge.base import TensorJob
 from fused_util import (DTYPES, MODEL_PARAMS, SIZES, assert_kernels_change_nothing, assert_same_bits, bits, fused_family,
                         fused_run, method_params, quantised_inputs, raw_chunk, torch_job)
@@ -47,6 +47,31 @@ def test_ties_tie_lists_are_exercised_and_normalize_off():
     assert all(t is not None and t.numel() > 0 for t in stats["tie_keep"])
     expected = method.merge(torch_job(method, base, models, params, MODEL_PARAMS)).to(torch.bfloat16)
     assert torch.equal(bits(ours), bits(expected))
+
+
+@pytest.mark.parametrize("lower,upper", [(0.25, 0.75), (0.25, None), (None, 0.75), (None, None)])
+def test_window_trim_with_listed_entries_across_blocks(lower, upper):
+    """The magnitude window with exclusive bounds (either may be absent) and the listed entries kept besides, in the
+    first, last and edge entries of the kernel's 512-entry blocks, in a chunk that starts inside the tensor;
+    non-finite differences are trimmed as the comparisons say (and counted)."""
+    n, offset = 1537, 700
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-4, 4, (n,), generator=gen).float()
+    # differences exact in float32, a fifth of them +-0.25 or +-0.75: on a bound, trimmed
+    d = torch.randint(-64, 65, (n,), generator=gen).float() / 64
+    on_bound = torch.rand(n, generator=gen) < 0.2
+    d[on_bound] = torch.tensor([0.25, -0.25, 0.75, -0.75])[torch.randint(0, 4, (int(on_bound.sum()),), generator=gen)]
+    x = base + d
+    x[[3, 600, 1536]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    listed = torch.tensor([0, 1, 511, 512, 513, 1023, 1024, 1535, 1536, 600], dtype=torch.int64)
+    listed = (listed.unique() + offset).contiguous()  # flat indices within the tensor, ascending
+    out = torch.empty(n)
+    trims = [(1.0, fused_sparse.WINDOW, lower, upper, listed.numpy(), None, fused_sparse.NO_RESCALE, 1.0)]
+    bad = fused_sparse._kernels.sparse_merge(fused_sparse._raw(out), 0, fused_sparse._raw(base), 0, [fused_sparse._raw(x)],
+                                             [0], trims, False, False, False, None, None, offset, None)
+    expected = base + sparsify.trim_listed(x - base, lower, upper, listed, offset)  # the torch path's trim
+    assert torch.equal(bits(out), bits(expected))
+    assert bad >= 3  # the non-finite differences, and what they make of the output
 
 
 def test_hand_computed_ties_merge():
@@ -209,10 +234,37 @@ def test_tie_select_keeps_exactly_the_window(descending):
 
 
 def test_tie_select_refuses_negative_or_nonfinite_magnitudes():
-    for bad in (-1.0, float("inf"), float("nan")):
-        magnitudes = torch.tensor([0.5, bad, 0.25, 0.5])
-        with pytest.raises(ValueError, match="finite and non-negative"):
-            fused_sparse.tie_select(magnitudes, True, 0, 2, (0.5,), 2)
+    for bad in (-1.0, float("inf"), float("nan"), -0.0):
+        for n, at in ((4, 1), (40, 3), (40, 33)):  # the keys are made 16 at a time, then one by one
+            magnitudes = torch.full((n,), 0.25)
+            magnitudes[::3] = 0.5
+            magnitudes[at] = bad
+            for boundaries in ((0.5,), (0.25, 0.5)):
+                with pytest.raises(ValueError, match="finite and non-negative"):
+                    fused_sparse.tie_select(magnitudes, True, 0, 2, boundaries, n)
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 31, 32, 33, 47, 48, 1000, 1024])
+@pytest.mark.parametrize("descending", [True, False])
+def test_tie_select_with_ties_at_the_edges_of_the_16_key_steps(n, descending):
+    """The keys are made 16 at a time, the last n % 16 one by one: tied entries first, last and on either side of
+    each step's edge, at one boundary value or two, the lower one zero or not: torch.sort's order all the same."""
+    gen = torch.Generator().manual_seed(n)
+    for low in (0.0, 0.125):
+        magnitudes = torch.rand(n, generator=gen) + 1.0  # distinct, apart from the tied values below
+        edges = [i for i in range(n) if i % 16 in (0, 15)] + [n - 1]
+        for j, i in enumerate(edges):
+            magnitudes[i] = (low, 0.5, 4.0)[j % 3]
+        for _ in range(4):
+            start = 0 if descending else int(torch.randint(0, n, (1,), generator=gen))
+            stop = int(torch.randint(start + 1, n + 1, (1,), generator=gen))
+            bounds, expected = _torch_window_ties(magnitudes, descending, start, stop)
+            got = fused_sparse.tie_select(magnitudes, descending, start, stop, bounds, stop - start)
+            assert torch.equal(got, expected)
+        for bounds in ((low,), (0.5,), (4.0,), (low, 0.5), (0.5, 4.0)):  # whole windows: every tie of the values
+            within = torch.isin(magnitudes, torch.tensor(bounds)).nonzero().squeeze(1)
+            got = fused_sparse.tie_select(magnitudes, descending, 0, n, bounds, n)
+            assert torch.equal(got, within), bounds
 
 
 def test_magnitude_bins_count_two_bins_in_one_read():

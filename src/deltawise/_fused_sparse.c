@@ -157,25 +157,28 @@ DW_INLINE Py_ssize_t trimmed_block(float *d, const float *b, const SparseJob *jo
                 d[i] = keep ? d[i] : 0.0f;
             }
         } else {
-            float lo = t->lower, hi = t->upper;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                float m = fabsf(d[i]);
-                int keep = (!t->has_lower || m > lo) && (!t->has_upper || m < hi);
-                d[i] = keep ? d[i] : 0.0f;
-            }
+            /* exclusive bounds, one loop per pair of bounds present, so that each vectorises (the flags read in
+               one loop kept it scalar) */
+            float lo = t->lower, hi = t->upper, raw[BLOCK];
+            memcpy(raw, d, (size_t)n * sizeof(float)); /* cheaper than loading the block again for the listed entries */
+            if (t->has_lower && t->has_upper)
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    float m = fabsf(d[i]);
+                    d[i] = m > lo && m < hi ? d[i] : 0.0f;
+                }
+            else if (t->has_lower)
+                for (Py_ssize_t i = 0; i < n; i++)
+                    d[i] = fabsf(d[i]) > lo ? d[i] : 0.0f;
+            else if (t->has_upper)
+                for (Py_ssize_t i = 0; i < n; i++)
+                    d[i] = fabsf(d[i]) < hi ? d[i] : 0.0f;
             /* the listed entries are kept whatever their magnitude (the tie rule's choice) */
             Py_ssize_t first = job->offset + start, last = first + n, c = *cursor;
             while (c < t->listed_len && t->listed[c] < first)
                 c++;
-            float raw[BLOCK];
-            int reloaded = 0;
             for (; c < t->listed_len && t->listed[c] < last; c++) {
-                if (!reloaded) {
-                    load_block(raw, job->in[k] + start * itemsize(job->in_dtype[k]), job->in_dtype[k], n, conv);
-                    reloaded = 1;
-                }
                 Py_ssize_t i = (Py_ssize_t)(t->listed[c] - first);
-                d[i] = raw[i] - b[i];
+                d[i] = raw[i];
             }
             *cursor = c;
         }
