@@ -10,11 +10,12 @@ What is here
     * ``build_recipe`` / ``write_recipe`` make the merge recipe used by every benchmark,
       one per method; the same YAML file works with ``mergekit-yaml``.
     * ``run_measured`` runs a command in a subprocess while ``PeakRssSampler`` samples the
-      RSS of it and its children every 50 ms; an optional timeout ends the run.
+      RSS and CPU time of it and its descendants every 50 ms; an optional timeout ends the run.
     * ``read_files`` streams files with large sequential reads (raw read bandwidth) and
       ``cached_fraction`` tells how much of some files is in the page cache (``mincore``).
 
-This module is imported by ``merge_memory.py`` and ``merge_speed.py``; it is not a script.
+This module is imported by ``merge_memory.py``, ``merge_speed.py``, ``sparse_speed.py`` and ``bam_round_speed.py``; it is
+not a script.
 Sizes use decimal units (1 GB = 10**9 bytes, 1 MB = 10**6 bytes), like ``--shard-size``.
 """
 
@@ -361,7 +362,12 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 class PeakRssSampler(threading.Thread):
-    """Samples RSS of a process and all its descendants every ``interval`` seconds."""
+    """Samples RSS of a process and all its descendants every ``interval`` seconds, and each one's own CPU time.
+
+    ``cpu_seconds`` sums every process seen at its last sample: unlike RUSAGE_CHILDREN it includes processes whose
+    parent never waits for them (Ray's raylet ignores SIGCHLD, so its workers' times reach no one's rusage), and it
+    misses a process's last ``interval`` and processes shorter than that. A process is keyed by (pid, start time),
+    so a reused pid counts as a new process."""
 
     def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL_S):
         super().__init__(daemon=True)
@@ -369,7 +375,12 @@ class PeakRssSampler(threading.Thread):
         self.interval = interval
         self.peak_rss = 0
         self.peak_anon = 0
+        self.cpu: dict[tuple[int, float], float] = {}
         self._stop_event = threading.Event()
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
 
     def sample(self) -> None:
         try:
@@ -380,6 +391,8 @@ class PeakRssSampler(threading.Thread):
         for proc in procs:
             try:
                 mem = proc.memory_info()
+                times = proc.cpu_times()
+                self.cpu[(proc.pid, proc.create_time())] = times.user + times.system
             except psutil.Error:
                 continue
             rss += mem.rss
@@ -414,6 +427,7 @@ class RunResult:
     timed_out: bool
     stderr: str
     cpu_s: float = 0.0
+    sampled_cpu_s: float = 0.0  # PeakRssSampler.cpu_seconds: counts what RUSAGE_CHILDREN misses (Ray's workers)
 
     @property
     def ok(self) -> bool:
@@ -467,7 +481,7 @@ def run_measured(cmd: list[str], log_stem: Path, timeout_s: float | None = None,
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return RunResult(cmd=cmd, returncode=returncode, wall_s=wall, peak_rss_bytes=sampler.peak_rss,
                      peak_anon_rss_bytes=sampler.peak_anon, timed_out=timed_out,
-                     stderr=stderr_path.read_text(errors="replace"), cpu_s=cpu)
+                     stderr=stderr_path.read_text(errors="replace"), cpu_s=cpu, sampled_cpu_s=sampler.cpu_seconds)
 
 
 def read_files(paths: list[Path], buffer_bytes: int = 64 * 2**20) -> tuple[int, float]:

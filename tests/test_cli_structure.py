@@ -192,6 +192,13 @@ def test_bam_keeps_its_own_defaults_for_the_shared_group():
     assert (defaults["lr"], defaults["schedule"]) == (TrainingOptions.lr, TrainingOptions.schedule)
 
 
+def test_help_names_the_ray_extra_of_every_executor_command():
+    # rich draws --help and takes an unescaped [ray] for markup: the install hint would lose the extra's name
+    for name in ("bam", "lr-sweep", "budget"):
+        text = CliRunner().invoke(app, [name, "--help"], terminal_width=400, env={"COLUMNS": "400"}).output
+        assert "pip install 'deltawise[ray]'" in text, name
+
+
 def test_short_flags_are_consistent():
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     for name, command in commands.items():
