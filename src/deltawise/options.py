@@ -329,9 +329,8 @@ class ExecutorOptions:
     search's candidates (docs/adapt.md, "Running branches on a cluster"). A local process gets its share of
     this machine's CPU threads; a Ray task the CPUs it asks for."""
 
-    # \\[ in a help text: a bracket; rich, which draws --help, would take [ray] for markup and print nothing
     executor: str = option("auto", "where the jobs run: inline (this process, one after another), local (--jobs "
-                                   "processes on this machine), ray (Ray tasks; pip install 'deltawise\\[ray]'), or auto "
+                                   "processes on this machine), ray (Ray tasks; pip install 'deltawise[ray]'), or auto "
                                    "(local when --jobs is not 1, else inline)")
     jobs: int = option(1, "local executor: jobs run at once, each in its own process (0: all of them)", min=0)
     job_cpus: float = option(1.0, "ray executor: CPUs each job asks for", min=0)
@@ -358,7 +357,7 @@ class ExecutorOptions:
 
 # bam's spelling of the group: the defaults and flag names it had before the group was shared
 BAM_EXECUTOR = {"executor": {"default": "inline", "help": "where a round's branches train: inline (this process, one after "
-                             "another), local (processes on this machine) or ray (Ray tasks; pip install 'deltawise\\[ray]')"},
+                             "another), local (processes on this machine) or ray (Ray tasks; pip install 'deltawise[ray]')"},
                 "jobs": {"default": 0, "help": "local executor: branches trained at once (0: all branches of a round)"},
                 "job_cpus": {"long": "--branch-cpus", "help": "ray executor: CPUs each branch task asks for (per worker "
                                                               "with --branch-workers)"},

@@ -22,6 +22,7 @@ import typing
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import typer
+from rich.markup import escape
 from typer.models import ParameterInfo
 
 from deltawise.options import Flag, default_of, flag_of, option_fields
@@ -48,11 +49,13 @@ def _screen_floats(parameter: inspect.Parameter, annotation: Any) -> None:
 
 def _typer_param(name: str, flag: Flag, default: Any, hidden: bool, positional: bool, annotation: Any = None):
     callback = reject_nonfinite if holds_float(annotation) else None
+    # help texts are plain text (argparse shows them too); rich, which draws --help, would take "[ray]" for markup
+    help_text = escape(flag.help) if flag.help else flag.help
     if positional:
-        return typer.Argument(... if flag.required else default, help=flag.help, min=flag.min, max=flag.max,
+        return typer.Argument(... if flag.required else default, help=help_text, min=flag.min, max=flag.max,
                               metavar=flag.metavar, hidden=hidden, callback=callback)
     names = [flag.long_name(name)] + ([flag.short] if flag.short else [])
-    return typer.Option(... if flag.required else default, *names, help=flag.help, min=flag.min, max=flag.max,
+    return typer.Option(... if flag.required else default, *names, help=help_text, min=flag.min, max=flag.max,
                         hidden=hidden or flag.hidden, metavar=flag.metavar, show_default=not flag.required,
                         callback=callback)
 
