@@ -81,20 +81,29 @@ def schedule(executors: list[str], repeat: int) -> list[tuple[int, str]]:
     return [(r, name) for r in range(1, repeat + 1) for name in executors]
 
 
-def max_abs_difference(a: Path, b: Path) -> tuple[float, str]:
-    """The largest |a - b| over the tensors of two model folders, and the tensor where it is ("" when they are equal);
-    folders that hold different tensors are refused (the comparison would be silently partial)."""
+def _differences(a: Path, b: Path, names=None):
+    """(name, largest |a - b|) for each tensor of ``names`` (default: every tensor of ``a`` that ``b`` also holds),
+    in float64."""
     import torch
 
     from deltawise.io.reader import ModelReader
 
     ra, rb = ModelReader(a), ModelReader(b)
-    if set(ra.keys()) != set(rb.keys()):
-        only = sorted(set(ra.keys()) ^ set(rb.keys()))
+    for name in sorted(names if names is not None else (n for n in ra.keys() if n in rb)):
+        yield name, (ra.get(name).to(torch.float64) - rb.get(name).to(torch.float64)).abs().max().item()
+
+
+def max_abs_difference(a: Path, b: Path) -> tuple[float, str]:
+    """The largest |a - b| over the tensors of two model folders, and the tensor where it is ("" when they are equal);
+    folders that hold different tensors are refused (the comparison would be silently partial)."""
+    from deltawise.io.reader import ModelReader
+
+    names_a, names_b = set(ModelReader(a).keys()), set(ModelReader(b).keys())
+    if names_a != names_b:
+        only = sorted(names_a ^ names_b)
         raise ValueError(f"{a} and {b} hold different tensors (e.g. {', '.join(only[:3])})")
     worst, where = 0.0, ""
-    for name in sorted(ra.keys()):
-        diff = (ra.get(name).to(torch.float64) - rb.get(name).to(torch.float64)).abs().max().item()
+    for name, diff in _differences(a, b, names_a):
         if diff > worst:
             worst, where = diff, name
     return worst, where
@@ -102,13 +111,7 @@ def max_abs_difference(a: Path, b: Path) -> tuple[float, str]:
 
 def change_size(merged: Path, base: Path) -> float:
     """The largest |merged - base| over the tensors both hold: the scale the executors' differences are read against."""
-    import torch
-
-    from deltawise.io.reader import ModelReader
-
-    rm, rb = ModelReader(merged), ModelReader(base)
-    return max((rm.get(n).to(torch.float64) - rb.get(n).to(torch.float64)).abs().max().item()
-               for n in rm.keys() if n in rb)
+    return max(diff for _, diff in _differences(merged, base))
 
 
 def become_subreaper() -> bool:
