@@ -102,6 +102,9 @@ SEQUENTIAL = {"task arithmetic (λ=0.3)": ("continual_task_arithmetic", {"lambda
               "OPCM (α=0.3)": ("opcm", {"alpha": 0.3}),
               "OPCM (α=0.5)": ("opcm", {"alpha": 0.5}),
               "OPCM (α=0.7)": ("opcm", {"alpha": 0.7})}
+# OPCM's claim (Tang et al. 2025) is against continual baselines; each OPCM α against each of them
+SEQUENTIAL_COMPARISONS = [(opcm, baseline) for opcm in SEQUENTIAL if opcm.startswith("OPCM")
+                          for baseline in ("task arithmetic (λ=0.3)", "continual TIES (λ=0.5, top 20%)", "running average")]
 
 
 # ------------------------------------------------------------------------------------- merging
@@ -360,17 +363,23 @@ def continual_steps(method: str, params: dict, order: list[str], ex: Experts, fo
     return step
 
 
-def sequential(orders: list[list[str]], ex: Experts, work: Path, scorer: Scorer) -> dict:
-    """Every method over every order: the first order's curve (seen-task accuracy after each
-    arrival) and each order's final accuracy on all tasks."""
+def sequential(orders: list[list[str]], ex: Experts, work: Path, scorer: Scorer, out: dict,
+               save: Callable[[], None]) -> dict:
+    """Every method over every order, into ``out`` (resumed: a method whose orders are all done is skipped, and
+    ``save`` runs after each method): the first order's curve (seen-task accuracy after each arrival), each order's
+    final average accuracy on all tasks, and its per-item test scores (which the paired intervals need)."""
     from deltawise.merge.base import REGISTRY
 
-    out: dict = {"orders": orders, "curves": {}, "final": {}}
+    if out.get("orders") != orders:  # another --orders count: start over rather than mix orders
+        out.clear()
+    out.update(orders=orders, **{k: out.get(k, {}) for k in ("curves", "final", "final_items")})
     for label, (method, params) in SEQUENTIAL.items():
         if method not in REGISTRY:
             console.print(f"  [yellow]{method} is not registered: skipped[/]")
             continue
-        finals = []
+        if len(out["final_items"].get(label, [])) == len(orders):
+            continue
+        finals, items, curve = [], [], []
         for i, order in enumerate(orders):
             folder = work / "sequential" / f"{method}-{'-'.join(f'{k}{v}' for k, v in params.items())}" / f"order-{i}"
             step = continual_steps(method, params, order, ex, folder)
@@ -378,13 +387,35 @@ def sequential(orders: list[list[str]], ex: Experts, work: Path, scorer: Scorer)
                 path = step(t)
                 if i == 0:
                     acc = scorer.scores(load_body(path), "test", order[:t])
-                    out["curves"].setdefault(label, []).append({"tasks": t, "average": mean(acc.values())})
-            finals.append(mean(scorer.scores(load_body(step(len(order))), "test").values()))
+                    curve.append({"tasks": t, "average": mean(acc.values())})
+            body = load_body(step(len(order)))
+            items.append({t: scorer.correct(body, t, "test") for t in scorer.tasks})
+            finals.append(mean(mean(c) for c in items[-1].values()))
             shutil.rmtree(folder, ignore_errors=True)
-        out["final"][label] = finals
+        out["curves"][label], out["final"][label], out["final_items"][label] = curve, finals, items
+        save()
         console.print(f"  {label:<32} final average accuracy over {len(orders)} orders: "
                       + ", ".join(f"{100 * f:.1f}" for f in finals))
     return out
+
+
+def sequential_done(done: dict, orders: int) -> bool:
+    """Every registered sequential method has ``orders`` orders with per-item scores in ``done``."""
+    from deltawise.merge.base import REGISTRY
+
+    seq = done.get("sequential", {})
+    return all(len(seq.get("final_items", {}).get(label, [])) == orders
+               for label, (method, _) in SEQUENTIAL.items() if method in REGISTRY)
+
+
+def task_orders(names: list[str], seed: int, count: int) -> list[list[str]]:
+    """The seed's ``count`` task orders (order i shuffled with seed 1000·seed + i; the same on every machine)."""
+    orders = []
+    for i in range(count):
+        order = list(names)
+        random.Random(1000 * seed + i).shuffle(order)
+        orders.append(order)
+    return orders
 
 
 # ---------------------------------------------------------------------------------------- seeds
@@ -431,7 +462,7 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
 
     merges = done.setdefault("merges", {})
     missing = [m for m in methods if not (adapter_row_current(m, merges) if m in ADAPTER_RANKS else m in merges)]
-    if "experts" in done and not missing and ("sequential" in done or args.no_sequential):
+    if "experts" in done and not missing and (args.no_sequential or sequential_done(done, args.orders)):
         if record_behind(record, settings, done):
             save()
         return done
@@ -475,21 +506,18 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
         merges[label] = r
         save()
         console.print(f"  {label:<18} {r['params']}  avg test {100 * mean(r['test'].values()):.1f}  ({r['seconds']:.0f} s)")
-    if "sequential" not in done and not args.no_sequential:
-        orders = []
-        for i in range(args.orders):
-            order = list(names)
-            random.Random(1000 * seed + i).shuffle(order)
-            orders.append(order)
-        done["sequential"] = sequential(orders, ex, work, scorer)
-        save()
+    if not args.no_sequential and not sequential_done(done, args.orders):
+        sequential(task_orders(names, seed, args.orders), ex, work, scorer, done.setdefault("sequential", {}), save)
     return done
 
 
 def without_items(run: dict) -> dict:
     """A seed's results without the per-item test scores (kept in its own cache only)."""
     merges = {m: {k: v for k, v in x.items() if k != "test_items"} for m, x in run["merges"].items()}
-    return {**run, "merges": merges}
+    stripped = {**run, "merges": merges}
+    if "sequential" in run:
+        stripped["sequential"] = {k: v for k, v in run["sequential"].items() if k != "final_items"}
+    return stripped
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -532,11 +560,35 @@ def summarize(per_seed: dict[int, dict], methods: list[str]) -> dict:
     for run in per_seed.values():
         for label, finals in run.get("sequential", {}).get("final", {}).items():
             sequential.setdefault(label, []).extend(finals)
+    comparisons = {f"{a} − {b}": sequential_difference(per_seed, a, b) for a, b in SEQUENTIAL_COMPARISONS}
     adapters = {label: {str(seed): {k: run["merges"][label][k] for k in ("params", "bytes", "svd", "vs_task_arithmetic_items")}
                         for seed, run in per_seed.items() if label in run["merges"]}
                 for label in methods if label in ADAPTER_RANKS}
     return {"methods": rows, "sequential_final": {k: seed_summary(v) for k, v in sequential.items()},
+            "sequential_vs": {k: v for k, v in comparisons.items() if v["per_seed"]},
             "adapter_rows": {k: v for k, v in adapters.items() if v}}
+
+
+def order_averaged_items(orders_items: list[dict[str, list[int]]]) -> dict[str, list[float]]:
+    """Per task and test item, the share of the orders whose final model got it right."""
+    return {t: [mean(order[t][j] for order in orders_items) for j in range(len(orders_items[0][t]))]
+            for t in orders_items[0]}
+
+
+def sequential_difference(per_seed: dict[int, dict], label: str, reference: str) -> dict:
+    """Final average accuracy of sequential method ``label`` minus ``reference``, paired by seed and task order: per
+    seed the mean over orders with a paired bootstrap over test items (each item's score averaged over the orders,
+    so one draw of items serves every order), the per-order differences, and a t-interval over seeds."""
+    per_seed_out = {}
+    for seed, run in per_seed.items():
+        items = run.get("sequential", {}).get("final_items", {})
+        mine, ref = items.get(label), items.get(reference)
+        if not mine or not ref or len(mine) != len(ref):
+            continue
+        per_order = [mean(mean(m[t]) for t in m) - mean(mean(r[t]) for t in r) for m, r in zip(mine, ref)]
+        per_seed_out[str(seed)] = {**paired_difference(order_averaged_items(mine), order_averaged_items(ref)),
+                                   "per_order": per_order}
+    return {"per_seed": per_seed_out, "over_seeds": seed_summary([x["difference"] for x in per_seed_out.values()])}
 
 
 def fmt(s: dict, scale: float = 100, signed: bool = False) -> str:
@@ -572,6 +624,17 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
         for label, s in summary["sequential_final"].items():
             seq.add_row(label, fmt(s))
         console.print(seq)
+    if summary.get("sequential_vs"):
+        vs = Table(title="Sequential merging, paired by seed and task order: final average test accuracy, points")
+        for col in ("comparison", "over seeds: mean ± sd [95% t-interval]", "per seed: mean over orders [paired 95% CI "
+                    "over test items]", "per order"):
+            vs.add_column(col, no_wrap=True)
+        for label, c in summary["sequential_vs"].items():
+            vs.add_row(label, fmt(c["over_seeds"], signed=True),
+                       "; ".join(f"{seed}: {100 * x['difference']:+.1f} [{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+                                 for seed, x in c["per_seed"].items()),
+                       "; ".join(" ".join(f"{100 * d:+.1f}" for d in x["per_order"]) for x in c["per_seed"].values()))
+        console.print(vs)
 
 
 def adapter_lines(adapter_rows: dict) -> list[list[str]]:
