@@ -46,8 +46,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
-from minilm_tasks import TASKS, Scorer, experts_for, load_body, mean, prepare_tasks, seed_summary  # noqa: E402
-from records import add_record_argument, open_record, other_experts, record_behind, save_record, shown  # noqa: E402
+from minilm_tasks import TASKS, load_body, mean, scored_experts, seed_summary  # noqa: E402
+from records import add_record_argument, keep_experts, open_record, record_behind, save_record, shown  # noqa: E402
 
 from deltawise.io.writer import write_text_atomic  # noqa: E402
 
@@ -208,13 +208,9 @@ def run_seed(seed: int, args, minilm: Path) -> dict:
         if record_behind(record, settings, done):
             save(done)
         return done
-    tasks = prepare_tasks(work / "data", seed, specs, say=say)
-    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)
+    tasks, ex, scorer, experts = scored_experts(minilm, work, specs, args.epochs, args.lr, seed, say=say)
     names = list(tasks)
-    scorer = Scorer(minilm, ex.heads, ex.label2id, tasks)
-    experts = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
-    if done.setdefault("experts", experts) != experts:
-        raise other_experts(seed, f"test accuracy {experts}", done["experts"], f"{cache} and the record")
+    keep_experts(done, experts, seed, f"{cache} and the record")
     base = load_body(ex.base)
     taus = {t: {k: v - base[k] for k, v in load_body(ex.bodies[t]).items()} for t in names}
     mtl = {k: sum(taus[t][k] for t in names) for k in base}

@@ -64,7 +64,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_metrics import METRICS, accuracy_rows, bootstrap, interval, metrics  # noqa: E402
 from bench_args import seed_list  # noqa: E402
-from records import add_record_argument, open_record, other_experts, save_record, shown  # noqa: E402
+from records import add_record_argument, keep_experts, open_record, save_record, shown  # noqa: E402
 from minilm_tasks import (HEAD, TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
                          seed_summary)
 from task_merging import continual_steps, merge_bodies, write_json  # noqa: E402
@@ -339,8 +339,7 @@ def run_seed(seed: int, args, labels: list[str], minilm: Path) -> dict:
     ex = experts_for(minilm, experts_work, tasks, args.epochs, args.lr, seed, say=say)
     ctx = Context(minilm, seed, args.epochs, tasks, experts_work / "data", ex, order)
     expert_items = {t: ctx.scorer(ex.heads).correct(load_body(ex.bodies[t]), t, "test") for t in order}
-    if recorded.setdefault("experts", expert_items) != expert_items:
-        raise other_experts(seed, "per-item test scores", "the record's", str(record))
+    keep_experts(recorded, expert_items, seed, str(record), described=("per-item test scores", "the record's"))
     recorded["order"] = order
     runs = {}
     for label in labels:

@@ -240,6 +240,17 @@ class Scorer:
         return {t: self.accuracy(body, t, split) for t in (tasks or list(self.tasks))}
 
 
+def scored_experts(minilm: Path, work: Path, specs: list[TaskSpec], epochs: float, lr: float, seed: int,
+                   say: Callable[[str], None] = print) -> tuple[dict, Experts, Scorer, dict[str, float]]:
+    """A seed's tasks (prepared under ``work/data``), its experts (trained there when missing), a scorer with their
+    heads, and each expert's test accuracy on its own task: what a seed's cached or recorded rows are checked against
+    (``records.keep_experts``), since a retrained expert need not be the one those rows were computed on."""
+    tasks = prepare_tasks(work / "data", seed, specs, say=say)
+    experts = experts_for(minilm, work, tasks, epochs, lr, seed, say=say)
+    scorer = Scorer(minilm, experts.heads, experts.label2id, tasks)
+    return tasks, experts, scorer, {t: scorer.accuracy(load_body(experts.bodies[t]), t, "test") for t in tasks}
+
+
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")

@@ -6,7 +6,7 @@ recompute (its chosen parameters, scores and per-item test scores, which the pai
 A record is one JSON file per benchmark and seed, written atomically after every finished row. It carries the
 settings it was computed with; a run with other settings neither uses nor overwrites it. What a record's rows were
 computed on (the seed's experts) must be what the rest of the seed is computed on: the script that resumes from a
-record checks that before mixing (``task_merging.run_seed`` compares the retrained experts' test accuracies).
+record checks that before mixing (``keep_experts``: the retrained experts must score as the record's).
 """
 
 from __future__ import annotations
@@ -59,6 +59,21 @@ def other_experts(seed: int, here, recorded, where: str) -> SystemExit:
     return SystemExit(f"seed {seed}: the experts trained here differ from those its cached or recorded rows were computed "
                       f"with ({here} against {recorded}); their rows cannot be mixed with new ones. Move {where} away to "
                       f"compute the seed afresh")
+
+
+def keep_experts(payload: dict, experts: dict, seed: int, where: str, described: Optional[tuple[str, str]] = None
+                 ) -> bool:
+    """Stores a seed's experts' scores in ``payload`` when it holds none yet (True: the caller adds what goes with
+    them); otherwise refuses (``other_experts``) when they differ from those it holds, whose rows were computed on
+    other experts. ``described`` names the two in the refusal (default: the test accuracies themselves; per-item
+    scores are too long to print); ``where`` is what to move away to start the seed afresh."""
+    if "experts" not in payload:
+        payload["experts"] = experts
+        return True
+    if payload["experts"] != experts:
+        here, recorded = described or (f"test accuracy {experts}", payload["experts"])
+        raise other_experts(seed, here, recorded, where)
+    return False
 
 
 def load_record(path: Path, settings: dict, say=print) -> Optional[dict]:

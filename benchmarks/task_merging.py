@@ -55,9 +55,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import seed_list  # noqa: E402
-from records import add_record_argument, open_record, other_experts, record_behind, save_record, shown  # noqa: E402
-from minilm_tasks import (TASKS, Experts, Scorer, experts_for, load_body, mean, prepare_tasks,  # noqa: E402
-                         seed_summary)
+from records import add_record_argument, keep_experts, open_record, record_behind, save_record, shown  # noqa: E402
+from minilm_tasks import TASKS, Experts, Scorer, load_body, mean, scored_experts, seed_summary  # noqa: E402
 
 from deltawise.options import ONE_PROCESS_JOBS, ExecutorOptions, IntervalOptions, flag_of, option_fields  # noqa: E402
 
@@ -466,20 +465,14 @@ def run_seed(seed: int, args, methods: list[str], minilm: Path) -> dict:
         if record_behind(record, settings, done):
             save()
         return done
-    tasks = prepare_tasks(work / "data", seed, specs, say=say)
-    ex = experts_for(minilm, work, tasks, args.epochs, args.lr, seed, say=say)
+    tasks, ex, scorer, experts = scored_experts(minilm, work, specs, args.epochs, args.lr, seed, say=say)
     names = list(tasks)
-    scorer = Scorer(minilm, ex.heads, ex.label2id, tasks)
-    experts = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "test") for t in names}
-    if "experts" not in done:
-        done["experts"] = experts
+    if keep_experts(done, experts, seed, f"{cache} and the record"):
         done["experts_validation"] = {t: scorer.accuracy(load_body(ex.bodies[t]), t, "validation") for t in names}
         done["heads_only"] = scorer.scores(load_body(ex.base), "test")
         done["sizes"] = {t: [len(tasks[t][k]) for k in ("train", "validation", "test")] for t in names}
         done["train"] = ex.train_log
         save()
-    elif done["experts"] != experts:
-        raise other_experts(seed, f"test accuracy {experts}", done["experts"], f"{cache} and the record")
     console.print("  expert test accuracy: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in done["experts"].items()))
     for label in methods:
         if label in ADAPTER_RANKS:

@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compression_accuracy  # noqa: E402
 import continual_finetuning  # noqa: E402
+import minilm_tasks  # noqa: E402
 import records  # noqa: E402
 import task_merging  # noqa: E402
 from minilm_tasks import Experts  # noqa: E402
@@ -55,9 +56,10 @@ def seed_run(tmp_path, monkeypatch):
                 "test_items": {"a": [1, 0], "b": [0, 1]}}
 
     splits = {"train": [{}], "validation": [{}], "test": [{}]}
-    monkeypatch.setattr(task_merging, "prepare_tasks", lambda *a, **k: {"a": splits, "b": splits})
-    monkeypatch.setattr(task_merging, "experts_for", experts_for)
-    monkeypatch.setattr(task_merging, "Scorer", FakeScorer)
+    monkeypatch.setattr(minilm_tasks, "prepare_tasks", lambda *a, **k: {"a": splits, "b": splits})
+    monkeypatch.setattr(minilm_tasks, "experts_for", experts_for)
+    monkeypatch.setattr(minilm_tasks, "Scorer", FakeScorer)
+    monkeypatch.setattr(minilm_tasks, "load_body", lambda path: {})
     monkeypatch.setattr(task_merging, "load_body", lambda path: {})
     monkeypatch.setattr(task_merging, "run_method", run_method)
     monkeypatch.setattr(records, "RECORDS", tmp_path)
@@ -134,10 +136,11 @@ def test_load_record_says_why_it_skips(tmp_path):
 def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, monkeypatch):
     trained = []
     splits = {"train": [{}], "validation": [{}], "test": [{}]}
-    monkeypatch.setattr(compression_accuracy, "prepare_tasks", lambda *a, **k: {"a": splits})
-    monkeypatch.setattr(compression_accuracy, "experts_for", lambda minilm, work, tasks, *a, **k: trained.append(work)
+    monkeypatch.setattr(minilm_tasks, "prepare_tasks", lambda *a, **k: {"a": splits})
+    monkeypatch.setattr(minilm_tasks, "experts_for", lambda minilm, work, tasks, *a, **k: trained.append(work)
                         or Experts(work / "base", {"a": work / "a"}, {}, {}, {}))
-    monkeypatch.setattr(compression_accuracy, "Scorer", FakeScorer)
+    monkeypatch.setattr(minilm_tasks, "Scorer", FakeScorer)
+    monkeypatch.setattr(minilm_tasks, "load_body", lambda path: {})
     monkeypatch.setattr(compression_accuracy, "load_body", lambda path: {})
     monkeypatch.setattr(compression_accuracy, "compressions", lambda *a: [])
     monkeypatch.setattr(records, "RECORDS", tmp_path)
