@@ -217,4 +217,5 @@ def test_forgetting_budget_rows_are_recorded_and_a_repair_of_a_recorded_run_trai
     assert again["forgetting_budget"] == first["forgetting_budget"]
     (folder / "full-repair_lr0.0003_s0.json").unlink()
     run("machine-3", *rows)
-    assert counts(calls) == {"train": 2, "eval": 6, "budget": 2} and len(guarded) == 2  # the run repaired is trained again, not evaluated
+    # the run repaired is trained again, not evaluated; the guarded rows come from their records
+    assert counts(calls) == {"train": 2, "eval": 6, "budget": 2} and len(guarded) == 2
