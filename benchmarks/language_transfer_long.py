@@ -26,7 +26,18 @@ selection sets, reported on the evaluation sets). Methods are compared at matche
 (lt_fronts.py). The forgetting-budget rows (lt_budget.py: guarded training, repair, the learning-rate
 search) are compared with full and LoRA at their own target gain, with their total cost. Every training
 run, evaluation and search is cached under WORK/runs/KEY and skipped when present, so the benchmark can be
-run in parts and on several machines sharing WORK. ``--base DIR`` runs it on another model (tests use a tiny one).
+run in parts and on several machines sharing WORK.
+
+Records (lt_records.py): what a finished stage cost hours to compute -- each run's evaluation (with its per-item
+scores), budget merge, seconds and tool record, each pilot checkpoint's evaluation, the pilot's result and the
+base's evaluation -- is also kept in benchmarks/records/language_transfer_long/ (one file per run key, ``pilot``
+and ``base``; commit them), with the settings it was computed with (the base, a sha256 of the seeded sets, steps,
+training, method and stage options, scoring). A new machine with an empty WORK takes every recorded stage from
+there: a recorded run is neither trained nor evaluated (``--plan`` says "recorded"), the main runs take
+``--steps`` from the recorded pilot, a rerun pilot evaluates only the checkpoints not recorded. A record made with
+other settings -- sets drawn from other Debian/Python files among them -- is neither used nor overwritten, and a
+run folder in WORK computed with other settings is refused. ``--no-record`` keeps results in WORK only, as does
+``--base DIR``, which runs the benchmark on another model (tests use a tiny one).
 """
 
 from __future__ import annotations
@@ -48,10 +59,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import lt_budget  # noqa: E402
 import lt_methods  # noqa: E402
+import lt_records  # noqa: E402
 from bench_args import seed_list, seed_list_or_none  # noqa: E402
 import lt_report  # noqa: E402
 from language_transfer import console  # noqa: E402
-from lt_methods import Data, Run, eval_options, prepare_data  # noqa: E402
+from lt_methods import FULL, Data, Run, eval_options, prepare_data  # noqa: E402
+from lt_records import Book  # noqa: E402
+from records import add_record_argument  # noqa: E402
+
+SMOLLM2 = "SmolLM2-135M-Instruct (examples/demo.py)"  # the default base, as base.txt and the records name it
 
 
 def resolve_device(name: str) -> str:
@@ -111,71 +127,116 @@ def checkpoint_callback(folder: Path, every: int, base: Path, skip: set[int]):
     return SaveEvery()
 
 
-def pilot(base: Path, data: Data, args) -> dict:
+def pilot_steps(args) -> list[int]:
+    return list(range(args.pilot_every, args.pilot_steps + 1, args.pilot_every))
+
+
+def step_result(step: int) -> str:
+    """A pilot checkpoint's evaluation, in WORK/pilot."""
+    return f"results/step-{step:05d}.json"
+
+
+def pilot_unit(args, book: Book) -> lt_records.Unit:
+    names = tuple(step_result(s) for s in pilot_steps(args))
+    return book.unit("pilot", args.work / "pilot", lt_records.pilot_settings(args), (*names, "pilot.json"))
+
+
+def base_evaluation(base: Path, data: Data, args, book: Book):
+    """The base's evaluation (WORK/base.json; recorded as ``base``), which every other one is compared with."""
+    unit = book.unit("base", args.work, {}, ("base.json",))
+    book.restore(unit)
+    result = evaluate(base, "base", data, args.work / "base.json", None, args)
+    book.keep(unit)
+    return result
+
+
+def pilot(base: Path, data: Data, args, book: Book) -> dict:
     """Full fine-tuning at 1e-4 with a checkpoint every ``--pilot-every`` steps, each evaluated. An interrupted pilot
-    continues from its last training checkpoint when rerun."""
+    continues from its last training checkpoint when rerun; a recorded checkpoint's evaluation is not repeated (but
+    the pilot trains again when another is missing: the checkpoints live in the work folder only)."""
     from deltawise.adapt.checkpoints import interrupted_checkpoint
     from deltawise.adapt.train import TrainConfig, run_train
 
-    folder = args.work / "pilot"
-    steps = list(range(args.pilot_every, args.pilot_steps + 1, args.pilot_every))
-    results = folder / "results"
-    done = {s for s in steps if (results / f"step-{s:05d}.json").is_file()}
-    t0 = time.time()
+    unit = pilot_unit(args, book)
+    book.claim(unit)
+    book.restore(unit)
+    folder, steps = unit.folder, pilot_steps(args)
+    done = {s for s in steps if (folder / step_result(s)).is_file()}
+    train_s = None
     if set(steps) - done and not (folder / "train" / "deltawise_train.json").is_file():
-        cfg = TrainConfig(model=base, data=data.german_train, output=folder / "train", method="full", lr=args.pilot_lr,
-                          max_steps=args.pilot_steps, batch_size=args.batch_size, max_length=args.max_length, warmup=0.1,
-                          schedule="cosine", logging_steps=args.pilot_every, overwrite=True, progress=console.is_terminal,
-                          seed=args.seeds[0], save_every=args.pilot_every,
+        run = Run(FULL, args.pilot_lr, args.seeds[0])
+        cfg = TrainConfig(**lt_methods.settings(run, base, data, args), output=folder / "train", method="full",
+                          max_steps=args.pilot_steps, logging_steps=args.pilot_every, save_every=args.pilot_every,
                           resume=interrupted_checkpoint(folder / "train") is not None)
+        t0 = time.time()
         run_train(cfg, callbacks=[checkpoint_callback(folder / "checkpoints", args.pilot_every, base, done)])
-    train_s = time.time() - t0
-    base_eval = evaluate(base, "base", data, folder.parent / "base.json", None, args)
+        train_s = time.time() - t0
+    base_eval = base_evaluation(base, data, args, book)
     curve = []
     for step in steps:
         ckpt = folder / "checkpoints" / f"step-{step:05d}"
-        out = results / f"step-{step:05d}.json"
+        out = folder / step_result(step)
         if not out.is_file() and not ckpt.is_dir():
             raise SystemExit(f"{ckpt} is missing and {out} was never written: delete {folder / 'train'} and rerun --pilot")
         res = evaluate(ckpt, f"full@{step}", data, out, base_eval, args)
         shutil.rmtree(ckpt, ignore_errors=True)  # 0.5 GB each; the evaluation stays
+        book.keep(unit)
         curve.append({"step": step, **lt_report.measures(res, data)})
     forgets_at = next((p["step"] for p in curve if p["prose_retention_ci"] and p["prose_retention_ci"][1] < 1), None)
+    pilot_file = folder / "pilot.json"
+    if train_s is None and pilot_file.is_file():  # nothing trained now: the seconds of the training that was
+        train_s = json.loads(pilot_file.read_text())["train_seconds"]
     record = {"lr": args.pilot_lr, "steps": args.pilot_steps, "every": args.pilot_every, "train_seconds": train_s,
               "curve": curve, "forgets_at": forgets_at,
               "rule": "first checkpoint whose 95% paired bootstrap interval of prose retention lies below 1"}
-    (folder / "pilot.json").write_text(json.dumps(record, indent=2))
+    pilot_file.write_text(json.dumps(record, indent=2))
+    book.keep(unit)
     return record
 
 
-def run_one(run: Run, base: Path, data: Data, base_eval, args, merge: bool = True) -> dict:
+def run_unit(run: Run, args, book: Book) -> lt_records.Unit:
+    return book.unit(run.key, args.work / "runs" / run.key, lt_records.run_settings(run, args), lt_records.RUN_FILES)
+
+
+def run_one(run: Run, base: Path, data: Data, base_eval, args, book: Book, merge: bool = True,
+            need_model: bool = False) -> dict:
     """Train, evaluate and (at the usual rate, unless not ``merge``) budget-merge one run; each stage cached in its
-    folder. A forgetting-budget row (lt_budget.py) runs its tool, and the runs it builds on, instead."""
+    folder and recorded (lt_records.py). A run whose stages are all there, cached or recorded, is not trained unless
+    its model is needed (``need_model``). A forgetting-budget row (lt_budget.py) runs its tool, and the runs it builds
+    on, instead."""
+    unit = run_unit(run, args, book)
+    book.claim(unit)
+    book.restore(unit)
     if run.method.tool:
-        bench = lt_budget.Bench(base, data, base_eval, args, evaluate,
-                                lambda needed: run_one(needed, base, data, base_eval, args, merge=False))
-        return lt_budget.run_row(run, bench)
-    folder = args.work / "runs" / run.key
-    folder.mkdir(parents=True, exist_ok=True)
-    times_file = folder / "seconds.json"
+        bench = lt_budget.Bench(base, data, base_eval, args, evaluate, lambda needed, wanted: run_one(
+            needed, base, data, base_eval, args, book, merge=False, need_model=wanted))
+        row = lt_budget.run_row(run, bench)
+        book.keep(unit)
+        return row
+    folder = unit.folder
+    times_file, result_file, budget_file = folder / "seconds.json", folder / "eval.json", folder / "budget.json"
     seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
-    model, train_seconds = lt_methods.train(run, base, data, folder, args)
-    if train_seconds is not None:
-        seconds["train"] = train_seconds
-    result_file = folder / "eval.json"
+    merged = run.budget and merge
+    if need_model or not result_file.is_file() or (merged and not budget_file.is_file()):
+        model, train_seconds = lt_methods.train(run, base, data, folder, args)
+        if train_seconds is not None and not result_file.is_file():  # the seconds of the training that is evaluated
+            seconds["train"] = train_seconds
     if not result_file.is_file():
         t0 = time.time()
         evaluate(model, run.key, data, result_file, base_eval, args)
         seconds["eval"] = time.time() - t0
+        times_file.write_text(json.dumps(seconds))
+        book.keep(unit)
     budget = None
-    if run.budget and merge:
-        t0 = time.time()
-        cached = (folder / "budget.json").is_file()
-        budget = lt_methods.budget_merge(model, base, data, folder, args)
-        if not cached:
+    if merged:
+        if not budget_file.is_file():
+            t0 = time.time()
+            lt_methods.budget_merge(model, base, data, folder, args)
             seconds["budget"] = time.time() - t0
+        budget = json.loads(budget_file.read_text())
     times_file.write_text(json.dumps(seconds))
     lt_methods.prune(folder)
+    book.keep(unit)
     from deltawise.eval.results import load_result
 
     return {"key": run.key, "label": run.method.label, "lr": run.lr, "seed": run.seed, "steps": args.steps,
@@ -184,39 +245,72 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args, merge: bool = Tru
             "cost": {"total": seconds.get("train"), "parts": {"train": seconds.get("train")}}}
 
 
-def base_model(args) -> Path:
-    """``--base`` or SmolLM2. A work folder's cached runs belong to the base that made them, so another is refused
-    (SmolLM2 is recorded by name: machines sharing the folder keep it in different caches)."""
+def claim_work(args) -> str:
+    """The base's name: ``--base`` or SmolLM2 (by name: machines keep it in different caches). A work folder's cached
+    runs belong to the base that made them (``base.txt``), so another is refused."""
     if args.base is None:
-        from demo import fetch_smollm2
-
-        base, name = fetch_smollm2(console), "SmolLM2-135M-Instruct (examples/demo.py)"
+        name = SMOLLM2
     elif not (args.base / "config.json").is_file():
         raise SystemExit(f"--base {args.base}: not a Hugging Face model folder (no config.json)")
     else:
-        base, name = args.base, str(args.base.resolve())
+        name = str(args.base.resolve())
     record = args.work / "base.txt"
     if record.is_file() and record.read_text().strip() != name:
         raise SystemExit(f"{args.work} holds runs of the base {record.read_text().strip()}, not {name}: use another --work")
     args.work.mkdir(parents=True, exist_ok=True)
     record.write_text(name + "\n")
-    return base
+    return name
 
 
-def plan_table(runs: list[Run], args) -> Table:
+def base_model(args) -> Path:
+    if args.base is not None:
+        return args.base
+    from demo import fetch_smollm2
+
+    return fetch_smollm2(console)
+
+
+def plan_table(runs: list[Run], args, book: Book) -> Table:
+    """Each run's stages: "done" in the work folder, "recorded" in its record (a recorded run needs no training). A
+    run folder computed with other settings counts as empty (the run would refuse it: named in the caption)."""
+    other = [run.key for run in runs if Book.held_otherwise(run_unit(run, args, book))]
+
+    def in_work(run: Run, name: str) -> Optional[dict]:
+        path = args.work / "runs" / run.key / name
+        return json.loads(path.read_text()) if path.is_file() and run.key not in other else None
+
+    def in_record(run: Run, name: str) -> Optional[dict]:
+        return None if args.steps is None else book.recorded(run_unit(run, args, book)).get(name)
+
+    def shown(here, recorded) -> str:
+        return "recorded" if recorded else "done" if here else ""
+
     table = Table(title=f"language transfer (long): {len(runs)} runs, {args.steps or '?'} steps each, work {args.work}")
     for col in ("run", "method", "lr", "seed", "trained", "evaluated", "budget merge"):
         table.add_column(col)
     for run in runs:
-        folder = args.work / "runs" / run.key
         if run.method.tool:
-            trained, evaluated = lt_budget.status(run, args.work)
+            (trained, evaluated), (_, evaluated_before) = lt_budget.status(run, in_work), lt_budget.status(run, in_record)
         else:
-            trained, evaluated = lt_methods.trained(run, folder), (folder / "eval.json").is_file()
+            trained = run.key not in other and lt_methods.trained(run, args.work / "runs" / run.key)
+            evaluated = in_work(run, "eval.json") is not None
+            evaluated_before = in_record(run, "eval.json") is not None
+        budget = shown(in_work(run, "budget.json"), in_record(run, "budget.json")) if run.budget else "-"
         table.add_row(run.key, run.method.label, "search" if run.lr is None else f"{run.lr:g}", str(run.seed),
-                      "done" if trained else "", "done" if evaluated else "",
-                      ("done" if (folder / "budget.json").is_file() else "") if run.budget else "-")
+                      shown(trained, evaluated_before), shown(evaluated, evaluated_before), budget)
+    if other:
+        table.caption = f"computed with other settings in the work folder (move them away to run them): {', '.join(other)}"
     return table
+
+
+def finished_pilot(args, book: Book) -> tuple[Optional[dict], str]:
+    """The finished pilot's pilot.json, the work folder's or else the recorded one, and which ("done", "recorded").
+    The main runs take their steps from it: a recorded pilot serves when made on the same base and sets with the same
+    scoring, whatever the pilot's own options and seed (``--seeds`` may differ in a main run)."""
+    pilot_file = args.work / "pilot" / "pilot.json"
+    if pilot_file.is_file():
+        return json.loads(pilot_file.read_text()), "done"
+    return book.recorded(pilot_unit(args, book), same=list(book.common)).get("pilot.json"), "recorded"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -248,41 +342,48 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--gain-levels", default="", help="target gains to compare methods at (default: 4 common to all fronts)")
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
     ap.add_argument("--base", type=Path, default=None,
-                    help="base model folder (default: SmolLM2-135M-Instruct, fetched by examples/demo.py); one per --work")
+                    help="base model folder (default: SmolLM2-135M-Instruct, fetched by examples/demo.py); one per --work; "
+                         "its results are not recorded")
+    add_record_argument(ap, "keep results only in --work, not in benchmarks/records/language_transfer_long/ (always so "
+                            "with --base)")
     args = ap.parse_args(argv)
-    pilot_file = args.work / "pilot" / "pilot.json"
-    if args.steps is None and pilot_file.is_file():
-        args.steps = json.loads(pilot_file.read_text())["forgets_at"]
     methods = lt_methods.select(args.methods)
     runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
+    name = claim_work(args)
+    data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)
+    book = Book(lt_records.common_settings(name, data, args), enabled=not args.no_record and args.base is None,
+                say=lambda message: console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True))
+    finished, where = finished_pilot(args, book) if args.steps is None or args.plan else (None, "")
+    if args.steps is None and finished:
+        args.steps = finished["forgets_at"]
     if args.plan:
-        at = json.loads(pilot_file.read_text())["forgets_at"] if pilot_file.is_file() else None
-        pilot_state = "not run" if not pilot_file.is_file() else (
-            f"done: English prose measurably forgotten from step {at}" if at else "done: no checkpoint forgets (train longer)")
+        at = finished and finished["forgets_at"]
+        pilot_state = "not run" if not finished else (
+            f"{where}: English prose measurably forgotten from step {at}" if at else f"{where}: no checkpoint forgets "
+                                                                                     "(train longer)")
         console.print(f"pilot: {pilot_state}")
-        console.print(plan_table(runs, args))
+        console.print(plan_table(runs, args, book))
         return
 
     args.device = resolve_device(args.device)
     started = time.time()
     base = base_model(args)
-    data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)
     payload = {"benchmark": "language_transfer_long", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(args.device),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "data": data.counts()}
+               "data": data.counts(), "data_sha256": book.common["data"]}
     if args.pilot:
-        record = pilot(base, data, args)
+        record = pilot(base, data, args, book)
         console.print(lt_report.pilot_table(record))
         payload["pilot"] = record
     else:
         if not args.steps:
             raise SystemExit("no --steps: run --pilot first (it finds the step count) or give --steps N")
-        base_eval = evaluate(base, "base", data, args.work / "base.json", None, args)
+        base_eval = base_evaluation(base, data, args, book)
         rows = []
         for run in runs:
             t0 = time.time()
-            rows.append(run_one(run, base, data, base_eval, args))
+            rows.append(run_one(run, base, data, base_eval, args, book))
             console.print(f"  {run.key}: gain {rows[-1]['target_gain']:+.3f}, prose retention "
                           f"{rows[-1]['prose_retention']:.4f} ({time.time() - t0:.0f} s)")
         levels = [float(x) for x in args.gain_levels.split(",") if x]

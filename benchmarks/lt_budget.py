@@ -47,19 +47,21 @@ from lt_methods import FULL, Data, Run, eval_options
 GUARD_RECORD = "deltawise_guard.json"  # adapt/guarded.py's RECORD, in the guarded run's output
 REPAIR_RECORD = "repair.json"  # repair's deltawise_repair.json, kept when the repaired model is pruned
 SWEEP_RECORD = "sweep.json"  # lr-sweep's sweep.json and the rate the row took
+TOOL_RECORDS = {"guard": f"train/{GUARD_RECORD}", "repair": REPAIR_RECORD, "lr-sweep": SWEEP_RECORD}  # in the row's folder
 
 
 @dataclass
 class Bench:
     """What a row needs of the benchmark: the base, the sets, the base's evaluation, the options, how to evaluate
-    a model (language_transfer_long.evaluate) and how to get another run's row (its run_one, without budget merge)."""
+    a model (language_transfer_long.evaluate) and how to get another run's row (its run_one, without budget merge;
+    ``prerequisite(run, True)`` also when the run's model is wanted: a recorded run is then trained again)."""
 
     base: Path
     data: Data
     base_eval: Any
     args: Any
     evaluate: Callable[..., Any]
-    prerequisite: Callable[[Run], dict]
+    prerequisite: Callable[[Run, bool], dict]
 
     def folder(self, run: Run) -> Path:
         return self.args.work / "runs" / run.key
@@ -84,18 +86,16 @@ def clock(seconds: dict[str, float], key: str, folder: Path) -> Iterator[None]:
         write_json_atomic(folder / "seconds.json", seconds)
 
 
-def status(run: Run, work: Path) -> tuple[bool, bool]:
-    """(the tool's stage is done, the row is evaluated), for --plan."""
-    folder = work / "runs" / run.key
-    tool = run.method.tool
-    if tool == "lr-sweep":
-        record = folder / SWEEP_RECORD
-        if not record.is_file():
+def status(run: Run, read: Callable[[Run, str], Optional[dict]]) -> tuple[bool, bool]:
+    """(the tool's stage is done, the row is evaluated), for --plan; ``read(run, name)``: the file ``name`` of the run's
+    folder, or None (the work folder's, or its record's)."""
+    record = read(run, TOOL_RECORDS[run.method.tool])
+    if run.method.tool == "lr-sweep":
+        if record is None:
             return False, False
-        full = work / "runs" / Run(FULL, json.loads(record.read_text())["row_lr"], run.seed).key
-        return (full / "train" / "deltawise_train.json").is_file(), (full / "eval.json").is_file()
-    done = folder / "train" / GUARD_RECORD if tool == "guard" else folder / REPAIR_RECORD
-    return done.is_file(), (folder / "eval.json").is_file()
+        full = Run(FULL, record["row_lr"], run.seed)
+        return read(full, "train/deltawise_train.json") is not None, read(full, "eval.json") is not None
+    return record is not None, read(run, "eval.json") is not None
 
 
 def run_row(run: Run, bench: Bench) -> dict:
@@ -176,8 +176,8 @@ def repaired(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path,
 
     data, args = bench.data, bench.args
     full = Run(FULL, run.lr, run.seed)
-    full_row = bench.prerequisite(full)
     out, record_file, eval_file = folder / "repaired", folder / REPAIR_RECORD, folder / "eval.json"
+    full_row = bench.prerequisite(full, not eval_file.is_file() and not (out / REPORT).is_file())
     if record_file.is_file():
         cached(record_file, args)
     if not eval_file.is_file():
@@ -220,7 +220,7 @@ def swept(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, fl
             weights.unlink()
     record = cached(record_file, bench.args)
     full = Run(FULL, record["row_lr"], run.seed)
-    full_row = bench.prerequisite(full)
+    full_row = bench.prerequisite(full, False)
     cost = _cost({"search": seconds.get("sweep"), "train": full_row["seconds"].get("train")})
     tool = {"choice": f"lr {record['row_lr']:g} ({record['row_why']})", "recommended_lr": record["recommended_lr"],
             "full_length_run": full.key, "short_runs": {f"{r['lr']:g}": {"feasible": r["feasible"], "train_seconds":
@@ -229,11 +229,16 @@ def swept(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, fl
     return bench.folder(full) / "eval.json", record["row_lr"], cost, tool
 
 
+def sweep_steps(args) -> int:
+    """The steps of each of full-lr-sweep's short runs."""
+    return args.lr_sweep_steps or max(1, args.steps // 4)
+
+
 def sweep(run: Run, bench: Bench, out: Path):
     from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
 
     data, args = bench.data, bench.args
-    steps = args.lr_sweep_steps or max(1, args.steps // 4)
+    steps = sweep_steps(args)
     # full's settings but what the sweep sets itself (rate, steps) or takes as arguments (model, data)
     training = {k: v for k, v in lt_methods.settings(Run(FULL, None, run.seed), bench.base, data, args).items()
                 if k not in ("model", "data", "lr", "progress", "overwrite")}

@@ -3,7 +3,8 @@ spans sessions even on machines that keep nothing between them: the work folder 
 large and can be rebuilt (data, experts, merged models), the record holds what a finished row costs hours to
 recompute (its chosen parameters, scores and per-item test scores, which the paired intervals need).
 
-A record is one JSON file per benchmark and seed, written atomically after every finished row. It carries the
+A record is one JSON file per benchmark and seed (``seed-N.json``; or per unit of work, as the long language-transfer
+benchmark's runs: ``record_file``), written atomically after every finished row. It carries the
 settings it was computed with; a run with other settings neither uses nor overwrites it. What a record's rows were
 computed on (the seed's experts) must be what the rest of the seed is computed on: the script that resumes from a
 record checks that before mixing (``keep_experts``: the retrained experts must score as the record's).
@@ -19,14 +20,17 @@ from typing import Callable, Optional
 RECORDS = Path(__file__).resolve().parent / "records"
 
 
+def record_file(benchmark: str, name: str, root: Optional[Path] = None) -> Path:
+    return (root or RECORDS) / benchmark / f"{name}.json"
+
+
 def record_path(benchmark: str, seed: int, root: Optional[Path] = None) -> Path:
-    return (root or RECORDS) / benchmark / f"seed-{seed}.json"
+    return record_file(benchmark, f"seed-{seed}", root)
 
 
-def add_record_argument(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--no-record", action="store_true",
-                    help="keep results only in --work, not in the seed's record in benchmarks/records/ (always so with "
-                         "--quick)")
+def add_record_argument(ap: argparse.ArgumentParser, text: str = "keep results only in --work, not in the seed's record in "
+                                                                  "benchmarks/records/ (always so with --quick)") -> None:
+    ap.add_argument("--no-record", action="store_true", help=text)
 
 
 def open_record(benchmark: str, seed: int, settings: dict, args, say: Callable[[str], None] = print
@@ -76,13 +80,23 @@ def keep_experts(payload: dict, experts: dict, seed: int, where: str, described:
     return False
 
 
-def load_record(path: Path, settings: dict, say=print) -> Optional[dict]:
-    """The record at ``path`` when it was computed with ``settings``; None when there is none or it differs (said)."""
+def differences(recorded: dict, here: dict, notes: Optional[dict[str, str]] = None) -> str:
+    """``name recorded, here value`` for each setting that differs, and the ``notes`` of those settings (why a
+    difference matters, where that is not plain)."""
+    changed = sorted(key for key in set(recorded) | set(here) if recorded.get(key) != here.get(key))
+    said = "; ".join(f"{key} {recorded.get(key)!r}, here {here.get(key)!r}" for key in changed)
+    return said + "".join(f" ({notes[key]})" for key in changed if notes and key in notes)
+
+
+def load_record(path: Path, settings: dict, say=print, notes: Optional[dict[str, str]] = None) -> Optional[dict]:
+    """The record at ``path`` when it was computed with ``settings``; None when there is none or it differs (said,
+    naming the settings that differ; ``notes``: see ``differences``)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if record.get("settings") != settings:
-        say(f"record {path} was computed with other settings ({record.get('settings')}); not used, not overwritten")
+        say(f"record {path} was computed with other settings ({differences(record.get('settings') or {}, settings, notes)}); "
+            "not used, not overwritten")
         return None
     return record
 

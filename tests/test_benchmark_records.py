@@ -130,7 +130,9 @@ def test_load_record_says_why_it_skips(tmp_path):
     assert records.load_record(path, {"x": 1}) == {"settings": {"x": 1}, "rows": [1, 2]}
     said = []
     assert records.load_record(path, {"x": 2}, say=said.append) is None
-    assert said and "other settings" in said[0]
+    assert said and "other settings (x 1, here 2)" in said[0]
+    assert records.differences({"x": 1, "y": [1]}, {"x": 1, "z": 2}, {"z": "why z matters"}) == (
+        "y [1], here None; z None, here 2 (why z matters)")
 
 
 def test_compression_resumes_from_its_record_and_checks_the_experts(tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -14,55 +13,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import language_transfer_long  # noqa: E402
+from lt_util import SETS, corpus, tiny_base, write_data  # noqa: E402
 
-EN = "the cat sat on a mat and the dog ran to the park while birds sang in green trees".split()
-DE = "der hund lief schnell zum grossen park und die katze schlief auf einer warmen decke".split()
-ITEMS = 12  # per evaluation and selection set
-MC = 12  # multiple-choice items: enough that the random base gets some right (its accuracy is the ratio's denominator)
 ROWS = ("full-guard_lr0.0001_s0", "full-guard_lr0.0003_s0", "full-repair_lr0.0003_s0", "full-lr-sweep_s0")
 ARGS = ["--device", "cpu", "--steps", "4", "--seeds", "0", "--sweep-seeds", "0",
-        "--methods", "full,lora,full-guard,full-repair,full-lr-sweep", "--eval-items", str(ITEMS), "--select-items",
-        str(ITEMS), "--mc-items", str(MC), "--batch-size", "4", "--max-length", "32", "--eval-batch-size", "8",
-        "--lr-sweep-steps", "2", "--lr-sweep-examples", "16"]
-
-
-def _texts(words: list[str], n: int, rng: random.Random) -> list[str]:
-    return [" ".join(rng.choice(words) for _ in range(10)) for _ in range(n)]
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _write_data(data: Path, en: list[str], de: list[str]) -> None:
-    """The benchmark's data folder as prepare_data lays it out (its sizes.json makes the script reuse the sets instead
-    of drawing SmolLM2's)."""
-    _jsonl(data / "eval" / "german.jsonl", [{"text": t} for t in de[:ITEMS]])
-    _jsonl(data / "select" / "german.jsonl", [{"text": t} for t in de[ITEMS: 2 * ITEMS]])
-    _jsonl(data / "eval" / "english_prose.jsonl", [{"text": t} for t in en[:ITEMS]])
-    _jsonl(data / "select" / "english_prose.jsonl", [{"text": t} for t in en[ITEMS: 2 * ITEMS]])
-    _jsonl(data / "eval" / "wordnet_mc.jsonl", [{"id": f"mc-{i}", "question": f"A word like {EN[i]}:",
-                                                  "choices": [EN[i], EN[i + 1], DE[i], DE[i + 1]], "answer": i % 4}
-                                                 for i in range(MC)])
-    (data / "train").mkdir()
-    (data / "train" / "german.txt").write_text("\n%\n".join(de[2 * ITEMS:]) + "\n")
-    (data / "train" / "english.txt").write_text("\n%\n".join(en[2 * ITEMS:]) + "\n")
-    (data / "sizes.json").write_text(json.dumps({"eval": ITEMS, "select": ITEMS, "mc": MC, "seed": 0}))
+        "--methods", "full,lora,full-guard,full-repair,full-lr-sweep", *SETS, "--batch-size", "4", "--max-length", "32",
+        "--eval-batch-size", "8", "--lr-sweep-steps", "2", "--lr-sweep-examples", "16"]
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """A tiny base and a work folder holding the benchmark's sets; ``fresh()`` makes another such work folder."""
-    from tiny_models import save_tiny_llama
-
+    """A tiny base and a work folder holding the benchmark's sets; ``fresh()`` makes another such work folder. The
+    runs are of another base (``--base``): nothing is recorded."""
     root = tmp_path_factory.mktemp("lt_budget")
-    rng = random.Random(0)
-    en, de = _texts(EN, 3 * ITEMS + 20, rng), _texts(DE, 2 * ITEMS + 40, rng)
-    base = save_tiny_llama(root / "base", en + de, hidden=32, layers=2, vocab=128)
+    en, de = corpus()
+    base = tiny_base(root / "base", en, de)
 
     def fresh(name: str) -> Path:
-        _write_data(root / name / "data", en, de)
+        write_data(root / name / "data", en, de)
         return root / name
 
     return {"base": base, "work": fresh("work"), "data": root / "work" / "data", "fresh": fresh}
@@ -122,7 +90,7 @@ def test_budget_rows_choose_on_selection_sets_report_intervals_and_cost_and_are_
     guard_record = json.loads(records[0].read_text())
     assert guard_record["budgets"] == {"english_prose": 0.98} and guard_record["interpolation"]
     # --plan lists the new rows as done
-    language_transfer_long.main(["--work", str(work), *ARGS, "--plan"])
+    language_transfer_long.main(["--work", str(work), "--base", str(bench["base"]), *ARGS, "--plan"])
     plan = capsys.readouterr().out
     for key in ROWS:
         line = next(x for x in plan.splitlines() if key in x)
@@ -157,5 +125,5 @@ def test_with_no_rate_within_the_budget_the_sweep_row_takes_the_most_retentive_a
     assert row["lr"] == record["row_lr"] and "none within the budget" in row["choices"][0]
     assert (work / "runs" / f"full_lr{record['row_lr']:g}_s0" / "eval.json").is_file()  # full's run at that rate
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="retention budget"):
+    with pytest.raises(SystemExit, match="computed with other settings .*retain_budget 1.5, here 0.98"):
         _run(bench, monkeypatch, "--methods", "full-lr-sweep", work=work)  # the default 0.98: not what is cached
