@@ -77,6 +77,10 @@ def primary_senses(folder: Path, pos: str, min_tagged: int) -> list[tuple[str, s
 def build_items(folder: Path = WORDNET, n_items: int = 400, seed: int = 0, n_choices: int = 4,
                 min_tagged: int = 1, parts_of_speech: str = "nvar") -> list[dict]:
     """``n_items`` gloss -> lemma items (fewer when the files have fewer eligible senses), seeded."""
+    missing = [f"data.{POS_FILES[pos]}" for pos in parts_of_speech if not (folder / f"data.{POS_FILES[pos]}").is_file()]
+    if missing:
+        raise SystemExit(f"WordNet's {', '.join(missing)} not found in {folder}: install Debian's WordNet database "
+                         f"('apt-get install wordnet-base') or give the folder that holds it")
     rng = random.Random(seed)
     candidates: list[tuple[str, Synset]] = []
     pools: dict[str, list[str]] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import wordnet_mc  # noqa: E402
 
@@ -71,3 +73,8 @@ def test_items_are_seeded_and_read_by_eval_as_multiple_choice(tmp_path):
     items = load_items(path, require=("choices", "answer"))
     assert [i.id for i in items] == [r["id"] for r in first]
     assert all(isinstance(i.fields["answer"], int) and i.fields["choices"][i.fields["answer"]] for i in items)
+
+
+def test_missing_database_files_are_named_with_the_package_to_install(tmp_path):
+    with pytest.raises(SystemExit, match=r"data\.noun.*not found.*apt-get install wordnet-base"):
+        wordnet_mc.build_items(tmp_path, n_items=4)
