@@ -43,6 +43,7 @@ def bench(texts, tmp_path, monkeypatch, capsys):
     JSON and printed text; ``calls``: the trainings (their output folders), evaluations (the models) and budget
     searches done so far; ``folder``: the records."""
     import deltawise.adapt.guarded  # noqa: F401  (binds the real run_train: the guarded rows are counted apart)
+    import deltawise.adapt.interpolate
     import deltawise.adapt.train
     import deltawise.eval.runner
     import deltawise.search.budget
@@ -63,8 +64,11 @@ def bench(texts, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(deltawise.adapt.train, "run_train",
                         counted("train", deltawise.adapt.train.run_train, lambda cfg, *_: str(cfg.output)))
     monkeypatch.setattr(deltawise.eval.runner, "evaluate", counted("eval", deltawise.eval.runner.evaluate, benchmark_evaluation))
-    monkeypatch.setattr(deltawise.search.budget, "run_budget",
-                        counted("budget", deltawise.search.budget.run_budget, lambda recipe, out, *_: str(out)))
+    budget = counted("budget", deltawise.search.budget.run_budget, lambda recipe, out, *_: str(out))
+    monkeypatch.setattr(deltawise.search.budget, "run_budget", budget)
+    # interpolate (guarded training's search) binds run_budget when first imported, which an earlier test of the
+    # same worker may have done: its name is counted too
+    monkeypatch.setattr(deltawise.adapt.interpolate, "run_budget", budget)
     monkeypatch.setattr(demo, "fetch_smollm2", lambda console, cache=None: texts["base"])
     monkeypatch.setattr(records, "RECORDS", tmp_path / "records")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what --device cpu sets, undone after the test
