@@ -299,7 +299,7 @@ def update_adapter_row(label: str, merges: dict, base: Path, bodies: list[Path],
     r["seconds"] = time.time() - t0
     merges[label] = r
     d = r["vs_task_arithmetic_items"]
-    vs = "" if d is None else f"  vs task arithmetic {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    vs = "" if d is None else f"  vs task arithmetic {points(d)}"
     console.print(f"  {row_name(label)}: {r['bytes']['file'] / 1e6:.1f} MB, SVD error {r['svd']['total_relative_error']:.3f}, "
                   f"avg test {100 * mean(r['test'].values()):.1f}{vs}  ({r['seconds']:.0f} s)")
     return True
@@ -584,6 +584,11 @@ def sequential_difference(per_seed: dict[int, dict], label: str, reference: str)
     return {"per_seed": per_seed_out, "over_seeds": seed_summary([x["difference"] for x in per_seed_out.values()])}
 
 
+def points(d: dict) -> str:
+    """A paired difference (``paired_difference``) in points with its interval: ``+1.2 [+0.3, +2.1]``."""
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
 def fmt(s: dict, scale: float = 100, signed: bool = False) -> str:
     if s["n"] < 2:
         return f"{scale * s['mean']:{'+' if signed else ''}.1f}"
@@ -601,7 +606,7 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
         d = row["vs_task_arithmetic"]
         verdict = "" if label in ("task_arithmetic", "heads_only") or d["n"] < 2 else (
             "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "inconclusive")
-        per_seed_items = "; ".join(f"{seed}: {100 * x['difference']:+.1f} [{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+        per_seed_items = "; ".join(f"{seed}: {points(x)}"
                                    for seed, x in row.get("vs_task_arithmetic_items", {}).items())
         table.add_row("pretrained body + task heads" if label == "heads_only" else row_name(label), fmt(row["normalized"]),
                       fmt(row["absolute"]), "" if label == "task_arithmetic" else fmt(d, signed=True), verdict,
@@ -624,7 +629,7 @@ def print_tables(summary: dict, per_seed: dict[int, dict]) -> None:
             vs.add_column(col, no_wrap=True)
         for label, c in summary["sequential_vs"].items():
             vs.add_row(label, fmt(c["over_seeds"], signed=True),
-                       "; ".join(f"{seed}: {100 * x['difference']:+.1f} [{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+                       "; ".join(f"{seed}: {points(x)}"
                                  for seed, x in c["per_seed"].items()),
                        "; ".join(" ".join(f"{100 * d:+.1f}" for d in x["per_order"]) for x in c["per_seed"].values()))
         console.print(vs)
@@ -642,7 +647,7 @@ def adapter_lines(adapter_rows: dict) -> list[list[str]]:
                           f"{b['saved_whole_not_in_body'] / 1e6:.1f} not in the body)",
                           f"{b['dense_task_vector'] / b['file']:.2f}",
                           f"{r['svd']['total_relative_error']:.3f} ({r['svd']['max_relative_error']:.3f})",
-                          "" if d is None else f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"])
+                          "" if d is None else points(d)])
     return lines
 
 
