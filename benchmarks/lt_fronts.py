@@ -11,15 +11,17 @@ the interpolation itself.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Optional, Sequence
+
+from seed_stats import t_interval
 
 Point = tuple[float, float, Optional[tuple[float, float]]]  # (gain, retention, retention interval)
 
 
 def seed_summary(values: Sequence[float]) -> dict[str, Optional[float]]:
-    """Mean and sample standard deviation over seeds (sd is None for one seed)."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+    """Mean, sample standard deviation and 95% t-interval of the mean over seeds (sd and bounds None for one seed)."""
+    m, sd, low, high = t_interval(list(values))
+    return {"mean": m, "sd": sd, "low": low, "high": high, "n": len(values)}
 
 
 def interval_envelope(intervals: Sequence[Optional[Sequence[float]]]) -> Optional[tuple[float, float]]:

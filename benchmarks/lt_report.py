@@ -30,6 +30,9 @@ def measures(result, data) -> dict[str, Any]:
     }
 
 
+MEASURES = ("target_gain", "prose_retention", "wordnet_ratio")  # the numbers of a run compared across runs
+
+
 def _pair(ci) -> Optional[list[float]]:
     return None if ci is None else [float(ci[0]), float(ci[1])]
 
@@ -83,7 +86,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (label, lr), rs in groups.items():
         row: dict[str, Any] = {"label": label, "lr": lr, "seeds": [r["seed"] for r in rs]}
-        for key in ("target_gain", "prose_retention", "wordnet_ratio"):
+        for key in MEASURES:
             row[key] = lt_fronts.seed_summary([r[key] for r in rs])
             row[key + "_ci"] = lt_fronts.interval_envelope([r[key + "_ci"] for r in rs])
         row["train_seconds"] = lt_fronts.seed_summary([r["seconds"].get("train", float("nan")) for r in rs])["mean"]
@@ -98,6 +101,51 @@ def summarise(rows: list[dict]) -> list[dict]:
             row["budget"]["n"] = len(budgets)
         out.append(row)
     return out
+
+
+def main_rate(rows: list[dict], label: str) -> Optional[float]:
+    """The learning rate of ``label``'s main row: the one run with the most seeds (the sweep's others run one)."""
+    counts: dict[Any, int] = defaultdict(int)
+    for r in rows:
+        if r["label"] == label:
+            counts[r["lr"]] += 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def seed_differences(rows: list[dict], against: str = "full") -> dict[str, dict]:
+    """Each method's main row minus ``against``'s, paired by seed (the same seed draws the same data order and
+    evaluation items), with a t-interval over the shared seeds. Methods at their own usual rates, so a difference
+    in retention goes with a difference in target gain: the matched-gain table is the comparison at equal gain."""
+    def main_row(label: str) -> dict[int, dict]:
+        rate = main_rate(rows, label)
+        return {r["seed"]: r for r in rows if r["label"] == label and r["lr"] == rate}
+
+    reference = main_row(against)
+    out = {}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = main_row(label)
+        seeds = sorted(set(mine) & set(reference))
+        if label == against or len(seeds) < 2:
+            continue
+        out[label] = {"lr": main_rate(rows, label), "seeds": seeds, **{
+            key: lt_fronts.seed_summary([mine[s][key] - reference[s][key] for s in seeds]) for key in MEASURES}}
+    return out
+
+
+def differences_table(found: dict[str, dict], against: str) -> Table:
+    table = Table(title=f"each method's main row minus {against}'s, paired by seed")
+    for col in ("method", "lr", "seeds", "target gain", "prose retention", "WordNet ratio"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for label, d in found.items():
+        table.add_row(label, f"{d['lr']:g}" if d["lr"] is not None else "search", str(len(d["seeds"])),
+                      *[_difference(d[key]) for key in MEASURES])
+    table.caption = ("mean difference over seeds [95% t-interval, n − 1 degrees of freedom]; each at its own usual rate, "
+                     "so retention differences go with gain differences: read them beside the matched-gain table")
+    return table
+
+
+def _difference(s: dict) -> str:
+    return f"{s['mean']:+.3f}" + ("" if s["low"] is None else f" [{s['low']:+.3f}, {s['high']:+.3f}]")
 
 
 def _mean_cost(costs: list[dict]) -> dict[str, Any]:
@@ -198,6 +246,9 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
     console.print(table)
     budgeted = budget_rows(summary)
     found = {"summary": summary, "forgetting_budget": budgeted, "definitions": DEFINITIONS, "cost": COST}
+    paired = found["paired_by_seed"] = seed_differences(rows, "full")
+    if paired:
+        console.print(differences_table(paired, "full"))
     if any(r["label"] not in COMPARED for r in budgeted):
         console.print(budget_table(budgeted))
     matched = found["matched_gain"] = matched_gain(summary, levels)

@@ -257,15 +257,12 @@ def mean(xs) -> float:
 
 
 def seed_summary(values: list[float], level: float = 0.95) -> dict[str, float]:
-    """Mean, standard deviation and a t-interval of the mean over seeds (n = len(values))."""
-    import math
+    """Mean, standard deviation and a t-interval of the mean over seeds (n = len(values); NaN where one seed)."""
+    from seed_stats import t_interval
 
-    from scipy import stats
-
-    n = len(values)
-    m = mean(values)
-    if n < 2:
-        return {"mean": m, "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": n}
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": m, "sd": sd, "low": m - half, "high": m + half, "n": n}
+    if not values:
+        return {"mean": float("nan"), "sd": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    m, sd, low, high = t_interval(list(values), level)
+    nan = float("nan")
+    return {"mean": m, "sd": nan if sd is None else sd, "low": nan if low is None else low,
+            "high": nan if high is None else high, "n": len(values)}

@@ -43,3 +43,36 @@ def test_seed_summary_and_envelope():
     assert lt_fronts.seed_summary([0.5])["sd"] is None
     assert lt_fronts.interval_envelope([(0.9, 1.0), (0.95, 1.05)]) == (0.9, 1.05)
     assert lt_fronts.interval_envelope([(0.9, 1.0), None]) is None
+
+
+def test_seed_summary_interval_is_the_t_interval_of_the_mean():
+    # values 1, 2, 3: mean 2, sd 1; t(0.975, 2) = 4.302652729749464 (tables), half-width 4.3027 / sqrt(3)
+    s = lt_fronts.seed_summary([1.0, 2.0, 3.0])
+    half = 4.302652729749464 / 3 ** 0.5
+    assert (s["low"], s["high"]) == pytest.approx((2 - half, 2 + half))
+    assert lt_fronts.seed_summary([0.5])["low"] is None
+
+
+def _row(label, lr, seed, gain, retention, wordnet=1.0):
+    return {"label": label, "lr": lr, "seed": seed, "target_gain": gain, "prose_retention": retention,
+            "wordnet_ratio": wordnet}
+
+
+def test_seed_differences_pair_each_methods_main_row_with_the_reference_by_seed():
+    import lt_report
+
+    rows = [_row("full", 1e-4, s, 3.0 + s, 0.96 - 0.01 * s) for s in (0, 1, 2)]
+    rows += [_row("full", 3e-4, 0, 5.0, 0.80)]  # a sweep point: one seed, never the main row
+    rows += [_row("lora", 2e-3, s, 2.0 + s, 0.99 - 0.01 * s + 0.005 * (s == 2)) for s in (2, 1, 0)]
+    rows += [_row("lora", 5e-3, 0, 2.5, 0.5)]
+    rows += [_row("hft", 1e-4, 0, 2.9, 0.97)]  # one seed: no pair to speak of
+    found = lt_report.seed_differences(rows, "full")
+    assert set(found) == {"lora"}
+    lora = found["lora"]
+    assert lora["lr"] == 2e-3 and lora["seeds"] == [0, 1, 2]
+    assert lora["target_gain"]["mean"] == pytest.approx(-1.0) and lora["target_gain"]["sd"] == pytest.approx(0.0)
+    diffs = [0.03, 0.03, 0.035]  # per seed, paired: lora's 0.99 − 0.01 s (+ 0.005 at seed 2) minus full's 0.96 − 0.01 s
+    assert lora["prose_retention"]["mean"] == pytest.approx(sum(diffs) / 3)
+    assert lora["prose_retention"]["low"] < sum(diffs) / 3 < lora["prose_retention"]["high"]
+    # unpaired (seed order shuffled) the spread would differ: pairing is by seed, not by position
+    assert lora["prose_retention"]["sd"] == pytest.approx(0.0028867513, rel=1e-6)
