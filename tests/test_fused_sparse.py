@@ -281,6 +281,107 @@ def test_magnitude_bins_count_two_bins_in_one_read():
         assert torch.equal(counters[h], expected), h
 
 
+def _high(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32)) >> 16
+
+
+def _made_keys(magnitudes, bounds):
+    """A copy of magnitudes that the second radix pass turned into tie keys for ``bounds`` (one in each upper bin),
+    its TieKeys, and its counts (checked against the pass without keys)."""
+    highs = sorted({_high(b) for b in bounds})
+    listed = int(torch.isin(magnitudes.view(torch.int32) >> 16, torch.tensor(highs)).sum())
+    made, counters = magnitudes.clone(), {h: torch.zeros(65536, dtype=torch.int64) for h in highs}
+    keys = fused_sparse.histogram_magnitudes(made, counters, listed)
+    plain = {h: torch.zeros(65536, dtype=torch.int64) for h in highs}
+    assert fused_sparse.histogram_magnitudes(magnitudes.clone(), plain) is None
+    assert all(torch.equal(counters[h], plain[h]) for h in highs)
+    assert keys.highs == tuple(highs) and torch.equal(keys.positions, keys.positions.unique())  # ascending
+    return made, keys
+
+
+def _keys_alone(buffer, bounds, keys=None):
+    """The keys tie_select makes (an empty window sorts nothing), as integers."""
+    fused_sparse.tie_select(buffer, True, 0, 0, bounds, 1, overwrite=True, keys=keys)
+    return buffer.view(torch.int32)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 1000, 1024])
+def test_magnitude_bins_make_the_tie_select_keys_of_the_key_pass(n):
+    """The second radix pass makes tie_select's keys on its way (tie_select then finishes its bins' entries): the
+    very keys of tie_select's own key pass, for one boundary value or two, with tied entries and other entries of the
+    boundaries' bins (just above and below a boundary) on both sides of each 8- and 16-entry step and in the tail
+    (one by one), zero among the values or not."""
+    gen = torch.Generator().manual_seed(n)
+    for low in (0.0, 0.125):
+        magnitudes = torch.rand(n, generator=gen) + 1.0  # bins of their own, apart from the values below
+        edges = [i for i in range(n) if i % 8 in (0, 7)] + [n - 1]
+        for j, i in enumerate(edges):
+            value = (low, 0.5, 4.0)[j % 3]
+            step = (0, 0, 3, -2)[j % 4] if value else (0, 0, 3)[j % 3]  # in the boundary's bin, or tied to it
+            magnitudes[i] = (torch.tensor(value).view(torch.int32) + step).view(torch.float32)
+        for bounds in ((low,), (0.5,), (4.0,), (low, 0.5), (0.5, 4.0), (4.0, low)):
+            made, keys = _made_keys(magnitudes, bounds)
+            expected = _keys_alone(magnitudes.clone(), bounds)
+            assert torch.equal(_keys_alone(made, bounds, keys), expected), bounds
+
+
+def _two_bins(n, gen, around):
+    """Dense bit patterns (``_dense``) around two values, shuffled, zeros among them."""
+    magnitudes = torch.cat([_dense(n // 2, gen, around[0]), _dense(n - n // 2, gen, around[1])])
+    magnitudes[torch.randint(0, n, (n // 20,), generator=gen)] = 0.0
+    return magnitudes[torch.randperm(n, generator=gen)]
+
+
+@pytest.mark.parametrize("n", [300, 5000])
+@pytest.mark.parametrize("around", [(1e-3, 4e-3), (3.0e38, 7.5e37), (1e-44, 1e-3)])
+def test_tie_select_on_keys_made_by_magnitude_bins_is_torch_sorts_order(n, around):
+    """Keys made on the way by the second radix pass: torch.sort's order all the same, for TIES' window (descending
+    from the top, one boundary value) and Breadcrumbs' band (ascending, two values in two bins), on dense bit
+    patterns (no free keys beside a boundary), next to the largest float and among subnormals and zeros."""
+    gen = torch.Generator().manual_seed(n)
+    magnitudes = _two_bins(n, gen, around)
+    ordered = magnitudes.sort().values
+    for _ in range(4):
+        stop = int(torch.randint(1, n + 1, (1,), generator=gen))  # TIES: the threshold alone is a boundary
+        order = torch.argsort(magnitudes, descending=True)
+        bound = float(magnitudes[order[stop - 1]])
+        inside = order[:stop]
+        expected = inside[magnitudes[inside] == bound].sort().values
+        made, keys = _made_keys(magnitudes, (bound,))
+        assert torch.equal(fused_sparse.tie_select(made, True, 0, stop, (bound,), stop, keys=keys), expected)
+        start = int(torch.randint(0, n // 2 - n // 20, (1,), generator=gen))  # Breadcrumbs: a band across both bins
+        stop = int(torch.randint(n // 2 + n // 20, n + 1, (1,), generator=gen))
+        bounds, expected = _torch_window_ties(magnitudes, False, start, stop)
+        if _high(bounds[0]) == _high(bounds[1]):  # zeros and subnormals share bin 0
+            assert float(ordered[start]) < 1e-40
+            continue
+        made, keys = _made_keys(magnitudes, bounds)
+        assert torch.equal(fused_sparse.tie_select(made, False, start, stop, bounds, stop - start, keys=keys), expected)
+
+
+def test_tie_select_and_magnitude_bins_refuse_keys_they_cannot_make():
+    """Keys are made for boundaries one in each bin, from finite non-negative magnitudes, into enough positions."""
+    magnitudes = torch.tensor([0.5, 0.25, 0.5, 0.75, 0.5000001, 0.25] * 7)
+    made, keys = _made_keys(magnitudes, (0.25, 0.5))
+    with pytest.raises(ValueError, match="upper bins of other boundaries"):  # 0.75 is in no bin of the keys
+        fused_sparse.tie_select(made.clone(), False, 0, 20, (0.5, 0.75), 20, keys=keys)
+    with pytest.raises(ValueError, match="upper bins of other boundaries"):  # two values of one bin
+        fused_sparse.tie_select(made.clone(), False, 0, 20, (0.5, 0.5000001), 20, keys=keys)
+    counts = [torch.zeros(65536, dtype=torch.int64) for _ in range(2)]
+    with pytest.raises(ValueError, match="positions holds"):
+        fused_sparse._kernels.magnitude_bins(magnitudes.clone().numpy(), [_high(0.25), _high(0.5)],
+                                             [c.numpy() for c in counts], torch.empty(3, dtype=torch.int32).numpy())
+    with pytest.raises(ValueError, match="ascending"):
+        fused_sparse._kernels.magnitude_bins(magnitudes.clone().numpy(), [_high(0.5), _high(0.25)],
+                                             [c.numpy() for c in counts], torch.empty(99, dtype=torch.int32).numpy())
+    for bad in (-1.0, float("inf"), float("nan")):
+        for at in (1, 40):  # 16 a step, then one by one
+            broken = magnitudes.clone()
+            broken[at] = bad
+            with pytest.raises(ValueError, match="finite and non-negative"):
+                fused_sparse.histogram_magnitudes(broken, {_high(0.5): torch.zeros(65536, dtype=torch.int64)}, 99)
+
+
 def test_the_baseline_copy_of_the_tie_kernels_gives_the_same_indices():
     """On x86-64 the AVX2 copy of the tie selection normally runs; CPUs without it take the baseline copy."""
     import os
@@ -358,3 +459,30 @@ def test_whole_tensor_magnitudes_of_16bit_inputs_give_the_same_bits(make_folder,
     merge(recipe, str(tmp_path / "torch"), threads=2)
     assert_same_bits(tmp_path / "whole", tmp_path / "reread")
     assert_same_bits(tmp_path / "whole", tmp_path / "torch")
+
+
+@pytest.mark.parametrize("one_bin", [False, True])
+@pytest.mark.parametrize("method,params", [("ties", {}), ("breadcrumbs", {"gamma": 0.05})])
+def test_tie_keys_of_the_second_radix_pass_give_the_same_bits(make_folder, tmp_path, monkeypatch, one_bin, method, params):
+    """tie_rule mergekit: the second radix pass makes the tie order's keys where each boundary value has an upper bin
+    of its own (here bfloat16 and float32 fine-tunes mixed); where a band's two boundaries share one (float32
+    magnitudes 1 + k * 2**-20, every one in bin 0x3f80), tie_select makes them itself. The torch path's bits."""
+    if one_bin:
+        gen = torch.Generator().manual_seed(5)
+        shapes = {"embed.weight": (300, 16), "layer.weight": (48, 40)}
+        family = {"base": make_folder("base", {k: torch.zeros(s) for k, s in shapes.items()})}
+        for i in (1, 2, 3):
+            signs = {k: torch.randint(0, 2, s, generator=gen) * 2 - 1 for k, s in shapes.items()}
+            family[f"ft{i}"] = make_folder(f"ft{i}", {k: (1 + torch.randint(0, 21, s, generator=gen) * 2.0**-20) * signs[k]
+                                                      for k, s in shapes.items()})
+    else:
+        family = fused_family(make_folder)
+        family["ft2"] = make_folder("ft2_f32", {k: v.float() for k, v in load_state(family["ft2"]).items()})
+    recipe = {"merge_method": method, "base_model": str(family["base"]),
+              "models": [{"model": str(family[m]), "parameters": {"weight": 1.0, "density": 0.3}} for m in ("ft1", "ft2", "ft3")],
+              "parameters": params}
+    made = []
+    real = fused_sparse.tie_select
+    monkeypatch.setattr(fused_sparse, "tie_select", lambda *a, **k: made.append(k.get("keys") is not None) or real(*a, **k))
+    assert_kernels_change_nothing(recipe, tmp_path, monkeypatch)
+    assert made and set(made) == {not (one_bin and method == "breadcrumbs")}

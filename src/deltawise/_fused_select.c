@@ -13,7 +13,9 @@
  *   window is kept whatever its place), so the T entries equal to boundary value B get the keys
  *   B .. B + T - 1 in flat-index order, and every comparison treats that range as one value; to make
  *   room, every key above B moves up by n - 1 (so keys fit in 32 bits for fewer than 2**30 entries),
- *   in the same pass that copies nothing: the keys are computed in place of the float32 bits;
+ *   in the same pass that copies nothing: the keys are computed in place of the float32 bits (or by the
+ *   second radix pass, magnitude_bins in _fused_stats.c, which reads every magnitude anyway: all but the
+ *   entries of the boundaries' upper bins, which finish_keys makes from their listed positions);
  * - after the selection, a key in the window that lies in a range names its entry: idx[key - base].
  */
 
@@ -349,16 +351,33 @@ static int keep_tied_boundaries(Tied *tied, int nb) {
     return 0;
 }
 
-/* The keys, in one pass over the float32 bits in place (see the top of this file): a key above bounds[0]
-   moves up by `shift` (at least the number of entries, so at least the ties of that value less one),
-   above bounds[1] by as much again; the entries equal to bounds[j] get the keys base[j], base[j] + 1, ...
-   in flat-index order, base[0] = bounds[0] and base[1] = bounds[1] + shift (n < 2**30: no key overflows). Returns 0, -1 on a failed
-   allocation, -2 when a key is not that of a finite non-negative float. */
+/* The keys (see the top of this file): a key above b0 moves up by `shift` (at least the number of entries, so at
+   least the ties of that value less one), above b1 by as much again; the entries equal to b0 / b1 get the keys
+   base[0], base[0] + 1, ... / base[1], ... in flat-index order, base[0] = b0 and base[1] = b1 + shift (n < 2**30: no
+   key overflows). With one boundary b1 is 2**32 - 1, above every key. */
+typedef struct {
+    Key shift, b0, b1;
+} KeyRule;
+
+static KeyRule key_rule(Py_ssize_t n, const Key *bounds, int nb, Tied *tied) {
+    KeyRule rule = {(Key)(n > 1 ? n - 1 : 0), bounds[0], nb > 1 ? bounds[1] : 0xffffffffu};
+    tied->base[0] = rule.b0;
+    tied->base[1] = nb > 1 ? rule.b1 + rule.shift : 0xffffffffu; /* bounds[1]'s entries, moved up once */
+    return rule;
+}
+
+/* keys[j]'s key, from its float32 bits, tagged when it equals a boundary; -1 on a failed allocation */
+DW_INLINE int make_key(Key *keys, Py_ssize_t j, const KeyRule *rule, Tied *tied) {
+    Key k = keys[j];
+    keys[j] = k + (rule->shift & (0u - (Key)(k > rule->b0))) + (rule->shift & (0u - (Key)(k > rule->b1)));
+    return k == rule->b0 ? tag(tied, 0, j, &keys[j]) : k == rule->b1 ? tag(tied, 1, j, &keys[j]) : 0;
+}
+
+/* The keys, in one pass over the float32 bits in place (key_rule). Returns 0, -1 on a failed allocation, -2 when a
+   key is not that of a finite non-negative float. */
 DW_INLINE int prepare_keys_body(Key *keys, Py_ssize_t n, const Key *bounds, int nb, Tied *tied) {
-    const Key shift = (Key)(n > 1 ? n - 1 : 0), b0 = bounds[0], b1 = nb > 1 ? bounds[1] : 0xffffffffu;
-    const Key find1 = nb > 1 ? b1 + shift : 0xffffffffu; /* bounds[1]'s entries, moved up once; no key is 2**32 - 1 */
-    tied->base[0] = b0;
-    tied->base[1] = find1;
+    const KeyRule rule = key_rule(n, bounds, nb, tied);
+    const Key shift = rule.shift, b0 = rule.b0, b1 = rule.b1, find1 = tied->base[1]; /* no key is 2**32 - 1 */
     Key largest = 0;
     for (Py_ssize_t i = 0; i < n; i += 16) {
         Py_ssize_t stop = i + 16 < n ? i + 16 : n;
@@ -388,10 +407,8 @@ DW_INLINE int prepare_keys_body(Key *keys, Py_ssize_t n, const Key *bounds, int 
    0.75 ns an entry against 0.6 here, on a 16M-entry tensor of the 1B benchmark). The same keys and tags. */
 __attribute__((target("avx2"))) static int prepare_keys_avx2(Key *keys, Py_ssize_t n, const Key *bounds, int nb,
                                                              Tied *tied) {
-    const Key shift = (Key)(n > 1 ? n - 1 : 0), b0 = bounds[0], b1 = nb > 1 ? bounds[1] : 0xffffffffu;
-    const Key find1 = nb > 1 ? b1 + shift : 0xffffffffu;
-    tied->base[0] = b0;
-    tied->base[1] = find1;
+    const KeyRule rule = key_rule(n, bounds, nb, tied);
+    const Key shift = rule.shift, b0 = rule.b0, b1 = rule.b1, find1 = tied->base[1];
     /* a valid key is below 2**31, so signed compares order it as unsigned ones do; with one boundary the second
        compare is against 2**31 - 1, which no valid key exceeds (an invalid key makes the call fail anyway) */
     const __m256i vb0 = _mm256_set1_epi32((int)b0), vb1 = _mm256_set1_epi32((int)b1);
@@ -421,10 +438,8 @@ __attribute__((target("avx2"))) static int prepare_keys_avx2(Key *keys, Py_ssize
     for (int j = 0; j < 8; j++)
         largest = lanes[j] > largest ? lanes[j] : largest;
     for (; i < n; i++) {
-        Key k = keys[i];
-        largest = k > largest ? k : largest;
-        keys[i] = k + (shift & (0u - (Key)(k > b0))) + (shift & (0u - (Key)(k > b1)));
-        if (k == b0 ? tag(tied, 0, i, &keys[i]) < 0 : k == b1 && tag(tied, 1, i, &keys[i]) < 0)
+        largest = keys[i] > largest ? keys[i] : largest;
+        if (make_key(keys, i, &rule, tied) < 0)
             return -1;
     }
     if (largest >= 0x7f800000u)
@@ -441,15 +456,34 @@ static int prepare_keys(Key *keys, Py_ssize_t n, const Key *bounds, int nb, Tied
     return prepare_keys_body(keys, n, bounds, nb, tied);
 }
 
+/* prepare_keys, for keys that magnitude_bins made on its way (_fused_stats.c) for boundary values in the upper bins
+   it was given: every entry outside those bins has its key already, the entries inside them are listed in
+   positions[0, listed) (ascending, so tagged in flat-index order) and still hold their float32 bits. Returns -3 when
+   positions are not ascending flat indices. */
+static int finish_keys(Key *keys, Py_ssize_t n, const Key *bounds, int nb, const uint32_t *positions, Py_ssize_t listed,
+                       Tied *tied) {
+    const KeyRule rule = key_rule(n, bounds, nb, tied);
+    for (Py_ssize_t p = 0; p < listed; p++) {
+        if (positions[p] >= (uint64_t)n || (p > 0 && positions[p] <= positions[p - 1]))
+            return -3;
+        if (make_key(keys, positions[p], &rule, tied) < 0)
+            return -1;
+    }
+    return keep_tied_boundaries(tied, nb);
+}
+
 /* Sorts keys[0, n) as far as the window [start, stop) needs, and writes to out (ascending, at most capacity)
-   the flat indices of the tied entries it holds; returns how many there are, or prepare_keys' error. */
+   the flat indices of the tied entries it holds; returns how many there are, or prepare_keys' error. With
+   positions, the keys are made but for the entries listed there (finish_keys). */
 static Py_ssize_t tie_select_keys(Key *keys, Py_ssize_t n, int descending, Py_ssize_t start, Py_ssize_t stop,
-                                  const Key *bounds, int nb, int64_t *out, Py_ssize_t capacity) {
+                                  const Key *bounds, int nb, int64_t *out, Py_ssize_t capacity, const uint32_t *positions,
+                                  Py_ssize_t listed) {
     Tied tied;
     memset(&tied, 0, sizeof tied);
     Py_ssize_t found = -1;
     uint8_t *hit = NULL;
-    int prepared = prepare_keys(keys, n, bounds, nb, &tied);
+    int prepared = positions != NULL ? finish_keys(keys, n, bounds, nb, positions, listed, &tied)
+                                     : prepare_keys(keys, n, bounds, nb, &tied);
     if (prepared < 0) {
         found = prepared;
         goto done;
@@ -505,18 +539,20 @@ done:
 }
 
 PyDoc_STRVAR(tie_select_doc,
-"tie_select(magnitudes, descending, start, stop, boundaries, out, overwrite) -> int\n\n"
+"tie_select(magnitudes, descending, start, stop, boundaries, out, overwrite, positions=None, highs=None) -> int\n\n"
 "The flat indices of the entries that torch.sort(magnitudes, descending) (CPU, not stable) places at\n"
 "positions [start, stop) and whose value is one of boundaries, written to out (int64, writable) in\n"
 "ascending order; returns how many. magnitudes: float32, finite, non-negative, fewer than 2**30 entries;\n"
 "with overwrite (magnitudes writable) the selection runs in its buffer, which is left scrambled,\n"
-"else in a copy.");
+"else in a copy. With positions (uint32) and highs: magnitude_bins(magnitudes, highs, counts, positions)\n"
+"made the keys already, for these boundaries (one in each of the upper bins highs, ascending).");
 
 static PyObject *py_tie_select(PyObject *self, PyObject *args) {
-    PyObject *magnitudes, *boundaries, *out;
+    PyObject *magnitudes, *boundaries, *out, *listing = Py_None, *highs = Py_None;
     int descending, overwrite;
     Py_ssize_t start, stop;
-    if (!PyArg_ParseTuple(args, "OpnnOOp", &magnitudes, &descending, &start, &stop, &boundaries, &out, &overwrite))
+    if (!PyArg_ParseTuple(args, "OpnnOOp|OO", &magnitudes, &descending, &start, &stop, &boundaries, &out, &overwrite,
+                          &listing, &highs))
         return NULL;
     Held held = {.held = 0};
     PyObject *result = NULL;
@@ -542,6 +578,25 @@ static PyObject *py_tie_select(PyObject *self, PyObject *args) {
         bounds[1] = t;
     }
     int nb = (n_bounds == 2 && bounds[0] == bounds[1]) ? 1 : (int)n_bounds;
+    if (listing != Py_None) { /* the keys were made for one boundary in each of these bins */
+        int same = PySequence_Check(highs) && PySequence_Size(highs) == nb;
+        for (int j = 0; same && j < nb; j++) {
+            PyObject *item = PySequence_GetItem(highs, j);
+            long high = item ? PyLong_AsLong(item) : -1;
+            Py_XDECREF(item);
+            if (PyErr_Occurred())
+                return NULL;
+            same = high == (long)(bounds[j] >> 16);
+        }
+        if (!same) {
+            PyErr_SetString(PyExc_ValueError, "the keys were made for the upper bins of other boundaries");
+            return NULL;
+        }
+        if (!overwrite) {
+            PyErr_SetString(PyExc_ValueError, "keys made already are finished in their buffer: overwrite");
+            return NULL;
+        }
+    }
     Key *keys = hold(&held, magnitudes, overwrite, 0, "magnitudes");
     if (keys == NULL)
         goto done;
@@ -549,7 +604,14 @@ static PyObject *py_tie_select(PyObject *self, PyObject *args) {
     int64_t *kept = hold(&held, out, 1, 0, "out");
     if (kept == NULL)
         goto done;
-    Py_ssize_t capacity = held.views[1].len / 8, found = 0;
+    Py_ssize_t capacity = held.views[1].len / 8, found = 0, listed = 0;
+    const uint32_t *positions = NULL;
+    if (listing != Py_None) {
+        positions = hold(&held, listing, 0, 0, "positions");
+        if (positions == NULL)
+            goto done;
+        listed = held.views[2].len / 4;
+    }
     if ((uint64_t)n >= ((uint64_t)1 << 30) || start < 0 || stop < start || stop > n) {
         PyErr_SetString(PyExc_ValueError, "bad window or too many entries");
         goto done;
@@ -561,10 +623,15 @@ static PyObject *py_tie_select(PyObject *self, PyObject *args) {
             memcpy(copy, keys, (size_t)n * sizeof(Key));
     }
     Key *work = overwrite ? keys : copy;
-    found = work == NULL ? -1 : tie_select_keys(work, n, descending, start, stop, bounds, nb, kept, capacity);
+    found = work == NULL ? -1
+                         : tie_select_keys(work, n, descending, start, stop, bounds, nb, kept, capacity, positions, listed);
     Py_END_ALLOW_THREADS
     if (found == -2) {
         PyErr_SetString(PyExc_ValueError, "magnitudes must be finite and non-negative");
+        goto done;
+    }
+    if (found == -3) {
+        PyErr_SetString(PyExc_ValueError, "positions must be ascending flat indices");
         goto done;
     }
     if (found < 0) {

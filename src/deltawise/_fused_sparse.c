@@ -7,8 +7,8 @@
  *                   consensus.py) operation for operation, so the same bits; and the argument
  *                   helpers the others use.
  * _fused_stats.c    delta_histogram, magnitude_bins, delta_l1: the radix-select passes of merge/stats.py
- *                   over raw chunks (no float32 copy of a chunk is made) or kept magnitudes, and DARE's
- *                   L1 norms.
+ *                   over raw chunks (no float32 copy of a chunk is made) or kept magnitudes (making
+ *                   tie_select's keys on the way), and DARE's L1 norms.
  * _fused_rng.c      dare_mask: DARE's Bernoulli keep mask, the very numbers TensorJob.uniform draws
  *                   with torch.rand (MT19937 seeded per block, 24-bit uniforms), without torch.
  * _fused_select.c   tie_select: which entries std::sort (torch's CPU sort, libstdc++ introsort)

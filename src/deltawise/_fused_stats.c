@@ -81,8 +81,20 @@ DW_INLINE Py_ssize_t histogram_body(const HistJob *job) {
 
 /* ---- the low radix pass over kept magnitudes: one read for up to two upper bins --------------- */
 
-DW_INLINE void bins_body(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0, int64_t *c1) {
-    for (Py_ssize_t i = 0; i < n; i += 16) { /* few entries fall in a wanted bin: test 16 at once */
+#define NO_BIN 0x10000u /* a wanted bin that no upper 16 bits match or exceed */
+
+/* Counts into c0 / c1 the lower 16 bits of the entries of bits[from, n) whose upper 16 bits are want0 / want1
+   (want0 < want1; want1 may be NO_BIN). With `positions` (tie_keys_*) it also makes tie_select's keys
+   (_fused_select.c) on the way, for boundary values that lie in those bins: an entry outside both bins gets its
+   final key in place (up by `shift` for each bin below its own, as prepare_keys moves it up for each boundary below
+   its value), an entry inside one is left as it is and its flat index listed in positions (ascending, at most
+   `capacity`; tie_select finishes those keys once the boundary values are known); *top gets the largest upper
+   16 bits seen. Returns how many entries lie in the bins from `from` on. */
+DW_INLINE Py_ssize_t bins_body(uint32_t *bits, Py_ssize_t from, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0,
+                               int64_t *c1, uint32_t shift, uint32_t *positions, Py_ssize_t capacity, uint32_t *top) {
+    Py_ssize_t listed = 0;
+    uint32_t largest = 0;
+    for (Py_ssize_t i = from; i < n; i += 16) { /* few entries fall in a wanted bin: test 16 at once */
         Py_ssize_t stop = i + 16 < n ? i + 16 : n;
         uint32_t any = 0;
         for (Py_ssize_t j = i; j < stop; j++)
@@ -94,39 +106,102 @@ DW_INLINE void bins_body(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uin
                     c0[bits[j] & 0xffffu]++;
                 else if (high == want1)
                     c1[bits[j] & 0xffffu]++;
+                else
+                    continue;
+                if (positions != NULL && listed++ < capacity)
+                    positions[listed - 1] = (uint32_t)j;
+            }
+        if (positions != NULL)
+            for (Py_ssize_t j = i; j < stop; j++) {
+                uint32_t high = bits[j] >> 16;
+                largest = high > largest ? high : largest;
+                bits[j] += (shift & (0u - (uint32_t)(high > want0 && high != want1)))
+                           + (shift & (0u - (uint32_t)(high > want1)));
             }
     }
+    *top = largest;
+    return listed;
 }
 
 #ifdef DW_X86_DISPATCH
 #include <immintrin.h>
 
-/* bins_body with the matches of 8 entries found by one compare per bin, and only they visited */
+/* bins_body 16 entries a step: the matches found by one compare per bin and 8 entries, and only they visited, in one
+   loop (each step with a match costs a mispredicted branch or two) */
+__attribute__((target("avx2"), always_inline)) static inline Py_ssize_t bins_avx2_body(
+    uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0, int64_t *c1, uint32_t shift,
+    uint32_t *positions, Py_ssize_t capacity, uint32_t *top) {
+    const __m256i w0 = _mm256_set1_epi32((int)want0), w1 = _mm256_set1_epi32((int)want1), up = _mm256_set1_epi32((int)shift);
+    __m256i largest = _mm256_setzero_si256();
+    Py_ssize_t i = 0, listed = 0;
+    for (; i + 16 <= n; i += 16) {
+        unsigned m0 = 0, m = 0; /* bit j: entry i + j lies in bin want0 / in either bin */
+        for (int h = 0; h < 2; h++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(bits + i + 8 * h)), high = _mm256_srli_epi32(x, 16);
+            __m256i in0 = _mm256_cmpeq_epi32(high, w0), in1 = _mm256_cmpeq_epi32(high, w1);
+            m0 |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(in0)) << (8 * h);
+            m |= (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(in0, in1))) << (8 * h);
+            if (positions != NULL) { /* the bins' entries keep their bits; upper bits and want1 fit signed compares */
+                largest = _mm256_max_epu32(largest, high);
+                __m256i above0 = _mm256_andnot_si256(in1, _mm256_cmpgt_epi32(high, w0));
+                __m256i above1 = _mm256_cmpgt_epi32(high, w1);
+                __m256i add = _mm256_add_epi32(_mm256_and_si256(up, above0), _mm256_and_si256(up, above1));
+                _mm256_storeu_si256((__m256i *)(bits + i + 8 * h), _mm256_add_epi32(x, add));
+            }
+        }
+        for (; m; m &= m - 1) {
+            int j = __builtin_ctz(m);
+            int64_t *c = m0 >> j & 1 ? c0 : c1;
+            c[bits[i + j] & 0xffffu]++;
+            if (positions != NULL && listed++ < capacity)
+                positions[listed - 1] = (uint32_t)(i + j);
+        }
+    }
+    uint32_t lanes[8], rest = 0;
+    _mm256_storeu_si256((__m256i *)lanes, largest);
+    Py_ssize_t room = capacity > listed ? capacity - listed : 0;
+    listed += bins_body(bits, i, n, want0, want1, c0, c1, shift, positions == NULL ? NULL : positions + (capacity - room),
+                        room, &rest);
+    for (int j = 0; j < 8; j++)
+        rest = lanes[j] > rest ? lanes[j] : rest;
+    *top = rest;
+    return listed;
+}
+
 __attribute__((target("avx2"))) static void bins_avx2(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1,
                                                       int64_t *c0, int64_t *c1) {
-    const __m256i w0 = _mm256_set1_epi32((int)want0), w1 = _mm256_set1_epi32((int)want1);
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i high = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(bits + i)), 16);
-        unsigned m0 = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, w0)));
-        unsigned m1 = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(high, w1)));
-        for (; m0; m0 &= m0 - 1)
-            c0[bits[i + __builtin_ctz(m0)] & 0xffffu]++;
-        for (; m1; m1 &= m1 - 1)
-            c1[bits[i + __builtin_ctz(m1)] & 0xffffu]++;
-    }
-    bins_body(bits + i, n - i, want0, want1, c0, c1);
+    uint32_t top;
+    bins_avx2_body((uint32_t *)bits, n, want0, want1, c0, c1, 0, NULL, 0, &top); /* nothing written without positions */
+}
+
+__attribute__((target("avx2"))) static Py_ssize_t tie_keys_avx2(uint32_t *bits, Py_ssize_t n, uint32_t want0,
+                                                                uint32_t want1, int64_t *c0, int64_t *c1, uint32_t shift,
+                                                                uint32_t *positions, Py_ssize_t capacity, uint32_t *top) {
+    return bins_avx2_body(bits, n, want0, want1, c0, c1, shift, positions, capacity, top);
 }
 #endif
 
+static void bins_portable(const uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0, int64_t *c1) {
+    uint32_t top;
+    bins_body((uint32_t *)bits, 0, n, want0, want1, c0, c1, 0, NULL, 0, &top); /* nothing written without positions */
+}
+
+static Py_ssize_t tie_keys_portable(uint32_t *bits, Py_ssize_t n, uint32_t want0, uint32_t want1, int64_t *c0, int64_t *c1,
+                                    uint32_t shift, uint32_t *positions, Py_ssize_t capacity, uint32_t *top) {
+    return bins_body(bits, 0, n, want0, want1, c0, c1, shift, positions, capacity, top);
+}
+
 PyDoc_STRVAR(magnitude_bins_doc,
-"magnitude_bins(magnitudes, highs, counts) -> None\n\n"
+"magnitude_bins(magnitudes, highs, counts, positions=None) -> int\n\n"
 "For one or two upper bins highs[j] (distinct, 0 .. 32767): adds to counts[j] (int64, 65536, writable) the\n"
-"counts of the lower 16 bits of the float32 magnitudes whose upper 16 bits are highs[j], in one read.");
+"counts of the lower 16 bits of the float32 magnitudes whose upper 16 bits are highs[j], in one read.\n"
+"With positions (uint32, writable; highs ascending, magnitudes writable, finite, fewer than 2**30): also\n"
+"turns the magnitudes into tie_select's keys for boundary values in those bins, all but the bins' entries,\n"
+"whose flat indices it writes to positions (ascending); returns how many entries lie in the bins.");
 
 static PyObject *py_magnitude_bins(PyObject *self, PyObject *args) {
-    PyObject *magnitudes, *highs, *counts;
-    if (!PyArg_ParseTuple(args, "OOO", &magnitudes, &highs, &counts))
+    PyObject *magnitudes, *highs, *counts, *listing = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O", &magnitudes, &highs, &counts, &listing))
         return NULL;
     Py_ssize_t m = PySequence_Size(highs);
     if (m < 1 || m > 2 || PySequence_Size(counts) != m) {
@@ -134,22 +209,34 @@ static PyObject *py_magnitude_bins(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "one or two bins, with one counts buffer each");
         return NULL;
     }
+    int keys = listing != Py_None;
     Held held = {.held = 0};
     PyObject *result = NULL;
-    uint32_t want[2] = {0xffffffffu, 0xffffffffu}; /* no upper 16 bits match 2**32 - 1 */
+    uint32_t want[2] = {NO_BIN, NO_BIN};
     int64_t *c[2] = {NULL, NULL};
-    const uint32_t *bits = hold(&held, magnitudes, 0, 0, "magnitudes");
+    uint32_t *bits = hold(&held, magnitudes, keys, 0, "magnitudes"), *positions = NULL;
     if (bits == NULL)
         goto done;
-    Py_ssize_t n = held.views[0].len / 4;
+    Py_ssize_t n = held.views[0].len / 4, capacity = 0, listed = 0;
+    if (keys) {
+        positions = hold(&held, listing, 1, 0, "positions");
+        if (positions == NULL)
+            goto done;
+        capacity = held.views[1].len / 4;
+        if ((uint64_t)n >= ((uint64_t)1 << 30)) {
+            PyErr_SetString(PyExc_ValueError, "too many entries for tie keys");
+            goto done;
+        }
+    }
     for (Py_ssize_t j = 0; j < m; j++) {
         PyObject *item = PySequence_GetItem(highs, j);
         long high = item ? PyLong_AsLong(item) : -1;
         Py_XDECREF(item);
         if (PyErr_Occurred())
             goto done;
-        if (high < 0 || high > 0xffff || (j == 1 && (uint32_t)high == want[0])) {
-            PyErr_SetString(PyExc_ValueError, "bins are distinct and within 0 .. 65535");
+        if (high < 0 || high > 0xffff || (j == 1 && (keys ? (uint32_t)high <= want[0] : (uint32_t)high == want[0]))) {
+            PyErr_SetString(PyExc_ValueError, keys ? "bins are ascending and within 0 .. 65535"
+                                                   : "bins are distinct and within 0 .. 65535");
             goto done;
         }
         want[j] = (uint32_t)high;
@@ -161,16 +248,34 @@ static PyObject *py_magnitude_bins(PyObject *self, PyObject *args) {
     }
     if (c[1] == NULL)
         c[1] = c[0]; /* never written: want[1] matches nothing */
+    uint32_t shift = (uint32_t)(n > 1 ? n - 1 : 0), top = 0; /* prepare_keys' shift */
     Py_BEGIN_ALLOW_THREADS
 #ifdef DW_X86_DISPATCH
-    if (use_avx2 > 0)
+    if (use_avx2 > 0 && keys)
+        listed = tie_keys_avx2(bits, n, want[0], want[1], c[0], c[1], shift, positions, capacity, &top);
+    else if (use_avx2 > 0)
         bins_avx2(bits, n, want[0], want[1], c[0], c[1]);
     else
 #endif
-        bins_body(bits, n, want[0], want[1], c[0], c[1]);
+    if (keys)
+        listed = tie_keys_portable(bits, n, want[0], want[1], c[0], c[1], shift, positions, capacity, &top);
+    else
+        bins_portable(bits, n, want[0], want[1], c[0], c[1]);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    if (top >= 0x7f80u) {
+        PyErr_SetString(PyExc_ValueError, "magnitudes must be finite and non-negative");
+        goto done;
+    }
+    if (listed > capacity) {
+        PyErr_Format(PyExc_ValueError, "positions holds %zd indices, %zd needed", capacity, listed);
+        goto done;
+    }
+    if (keys)
+        result = PyLong_FromSsize_t(listed);
+    else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
 done:
     release_all(&held);
     return result;

@@ -6,7 +6,8 @@ float16 or float32) without making float32 copies of the chunk:
 
 - ``histogram`` / ``gather``: the radix-select passes of ``stats.OrderStatistics`` and the tie
   passes of ``thresholds.py`` over |x - b|; ``histogram_magnitudes``: the second radix pass over
-  magnitudes the first one kept (two upper bins per read);
+  magnitudes the first one kept (two upper bins per read), which can make ``tie_select``'s keys on
+  its way (``TieKeys``);
 - ``run``: the merge itself, ``sparsify.combine``'s float32 arithmetic operation for operation
   (trim, rescale, weight, sign election, disjoint mean or sum, Consensus's TALL masks, lambda,
   + base, cast), so the same bits as the torch path (tests/test_fused_sparse.py,
@@ -109,13 +110,39 @@ def histogram(chunk: RawChunk, counts: list[Optional[torch.Tensor]], highs: list
     chunk.checked(bad)
 
 
-def histogram_magnitudes(values: torch.Tensor, counters: dict[int, torch.Tensor]) -> None:
+@dataclass(frozen=True)
+class TieKeys:
+    """Kept magnitudes that ``histogram_magnitudes`` turned into ``tie_select``'s keys while it counted them, for
+    boundary values that lie one in each of the upper bins ``highs`` (ascending): every entry has its key but those
+    of the bins, whose flat indices ``positions`` lists (uint32 as int32, ascending); ``tie_select`` finishes
+    them, so the key pass does not read the whole tensor once more."""
+
+    positions: torch.Tensor
+    highs: tuple[int, ...]
+
+
+def tie_select_fits(n: int) -> bool:
+    """Whether ``tie_select`` runs for a tensor of ``n`` entries (else the tie order sorts with torch)."""
+    return available() and n < 1 << 30
+
+
+def histogram_magnitudes(values: torch.Tensor, counters: dict[int, torch.Tensor],
+                         listed: Optional[int] = None) -> Optional[TieKeys]:
     """``histogram``'s lower-16-bit counts over float32 magnitudes already computed (one model): adds to
-    counters[high] for each upper bin wanted, two bins per read of ``values``."""
+    counters[high] for each upper bin wanted, two bins per read of ``values``. With ``listed`` (the number of
+    entries in those bins, at most two of them; ``tie_select_fits``): also turns ``values`` into tie keys in place
+    and returns them (``TieKeys``)."""
     wanted = sorted(counters)
+    if listed is not None:
+        positions = torch.empty(listed, dtype=torch.int32)
+        found = _kernels.magnitude_bins(values.numpy(), wanted, [counters[h].numpy() for h in wanted], positions.numpy())
+        if found != listed:
+            raise RuntimeError(f"{found} magnitudes in bins {wanted}, {listed} counted before")
+        return TieKeys(positions, tuple(wanted))
     for j in range(0, len(wanted), 2):
         highs = wanted[j : j + 2]
         _kernels.magnitude_bins(values.numpy(), highs, [counters[h].numpy() for h in highs])
+    return None
 
 
 def gather(chunk: RawChunk, targets: list[Optional[torch.Tensor]]) -> None:
@@ -133,15 +160,19 @@ def l1_norms(chunk: RawChunk, masks: list[torch.Tensor]) -> list[tuple[float, fl
 
 
 def tie_select(magnitudes: torch.Tensor, descending: bool, start: int, stop: int, boundaries: tuple[float, ...],
-               capacity: int, overwrite: bool = False) -> torch.Tensor:
+               capacity: int, overwrite: bool = False, keys: Optional[TieKeys] = None) -> torch.Tensor:
     """Sorted flat indices of the entries that torch.sort(magnitudes, descending) on the CPU places at
     positions [start, stop) and whose value is a boundary value (at most ``capacity`` of them).
     ``overwrite``: sort in the buffer of ``magnitudes`` (contiguous float32), leaving it scrambled, instead
-    of a copy."""
+    of a copy. ``keys``: ``histogram_magnitudes`` made the keys in that buffer already (so it is overwritten)."""
     out = torch.empty(max(capacity, 1), dtype=torch.int64)
-    if not (overwrite and magnitudes.is_contiguous()):
+    made: tuple = ()
+    if keys is not None:
+        made, overwrite = (keys.positions.numpy(), list(keys.highs)), True
+    elif not (overwrite and magnitudes.is_contiguous()):
         magnitudes, overwrite = magnitudes.contiguous(), False
-    found = _kernels.tie_select(magnitudes.numpy(), descending, start, stop, list(boundaries), out.numpy(), overwrite)
+    found = _kernels.tie_select(magnitudes.numpy(), descending, start, stop, list(boundaries), out.numpy(), overwrite,
+                                *made)
     return out[:found]
 
 

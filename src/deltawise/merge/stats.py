@@ -85,19 +85,22 @@ class _LowPass(StatsPass):
     label = "whole-model magnitudes (2/2)"
 
     def __init__(self, source: Source, wanted: list[set[int]], raw: bool = False,
-                 magnitudes: Optional[list[torch.Tensor]] = None):
+                 magnitudes: Optional[list[torch.Tensor]] = None, listed: Optional[list[Optional[int]]] = None):
         self.source = source
         self.counts = [{hi: torch.zeros(LOW_BINS, dtype=torch.int64) for hi in bins} for bins in wanted]
         self.magnitudes = magnitudes  # the whole tensor's |x| from the first pass: counted once, not chunk by chunk
         self.kept_input = magnitudes is not None
+        # listed[i]: model i's magnitudes become tie keys on the way, with this many entries in its bins
+        self.listed = listed or [None] * len(wanted)
+        self.tie_keys: list[Optional[fused_sparse.TieKeys]] = [None] * len(wanted)
         if raw:
             self.update_raw = self._update_raw
 
     def update_kept(self) -> None:
         if self.magnitudes is not None:
-            for values, counters in zip(self.magnitudes, self.counts):
+            for i, (values, counters) in enumerate(zip(self.magnitudes, self.counts)):
                 if counters:
-                    fused_sparse.histogram_magnitudes(values, counters)
+                    self.tie_keys[i] = fused_sparse.histogram_magnitudes(values, counters, self.listed[i])
             self.magnitudes = None
 
     def _update_raw(self, chunk: "fused_sparse.RawChunk") -> None:
@@ -130,10 +133,15 @@ class OrderStatistics:
     ``equal`` count the entries smaller than and equal to each value (how many ties a rank
     falls among, which exact top-k selection needs). With ``raw`` (the source is ``job.deltas``)
     the passes also count raw chunks with the fused kernel (``update_raw``).
+
+    With ``tie_keys`` (the tie order follows: ``thresholds.TieOrder``), where the second pass counts
+    magnitudes the first one kept, it turns those of each model whose ranks lie in distinct upper bins
+    into ``fused_sparse.tie_select``'s keys on its way: ``tie_keys[i]`` is then their ``TieKeys``, and
+    ``magnitudes[i]`` no longer holds magnitudes.
     """
 
     def __init__(self, source: Source, ranks: list[list[Optional[int]]], raw: bool = False,
-                 keep_numel: Optional[int] = None, keep_16bit: Optional[int] = None):
+                 keep_numel: Optional[int] = None, keep_16bit: Optional[int] = None, tie_keys: bool = False):
         self.source = source
         self.raw = raw  # source is the plain task vectors (job.deltas): the passes also take raw chunks
         # per-tensor ranks of a tensor this small: the first raw pass keeps |x| (4 bytes an entry per model), the
@@ -142,10 +150,20 @@ class OrderStatistics:
         self.keep_numel = keep_numel
         self.keep_16bit = keep_16bit
         self.magnitudes: Optional[list[torch.Tensor]] = None
+        self.make_tie_keys = tie_keys
+        self.tie_keys: list[Optional[fused_sparse.TieKeys]] = [None] * len(ranks)
         self.ranks = ranks
         self.values: list[list[Optional[float]]] = [[None] * len(r) for r in ranks]
         self.below: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
         self.equal: list[list[Optional[int]]] = [[None] * len(r) for r in ranks]
+
+    def _listed(self, high: _HighPass, wanted: list[set[int]]) -> Optional[list[Optional[int]]]:
+        """_LowPass's ``listed``: for each model whose kept magnitudes become tie keys, the entries in its bins."""
+        if not self.make_tie_keys or high.magnitudes is None or not fused_sparse.tie_select_fits(len(high.magnitudes[0])):
+            return None
+        # one boundary value in each bin: two ranks in one bin could be two values, which the keys need apart
+        return [sum(int(high.counts[i][hi]) for hi in bins) if bins and len(bins) == sum(r is not None for r in ranks)
+                else None for i, (bins, ranks) in enumerate(zip(wanted, self.ranks))]
 
     def passes(self) -> Iterator[StatsPass]:
         high = _HighPass(self.source, len(self.ranks), self.raw, self.keep_numel, self.keep_16bit)
@@ -166,8 +184,10 @@ class OrderStatistics:
                 row.append((hi, r - below, below))
             located.append(row)
         self.magnitudes = high.magnitudes
-        low = _LowPass(self.source, [{loc[0] for loc in row if loc} for row in located], self.raw, high.magnitudes)
+        wanted = [{loc[0] for loc in row if loc} for row in located]
+        low = _LowPass(self.source, wanted, self.raw, high.magnitudes, self._listed(high, wanted))
         yield low
+        self.tie_keys = low.tie_keys
         for i, row in enumerate(located):
             for j, loc in enumerate(row):
                 if loc is None:

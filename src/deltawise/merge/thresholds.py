@@ -21,11 +21,12 @@ many, since those formats have 256 and 1024 values per binade):
   that sort is not stable (std::sort, an introsort), so which of the equal entries it keeps
   depends on every value of the tensor: ``TieOrder`` reproduces it by running the same sort on
   the tensor's magnitudes, gathered whole (4 bytes per entry: the fused kernel sorts them in place,
-  following only the partitions that hold the window's edges; the torch fallback adds torch's
-  8-byte indices), and only for a tensor whose boundary actually falls among equal values. Where
-  every input is bfloat16 or float16 (whose boundaries are nearly always tied) the radix passes keep
-  a tensor's magnitudes whole whatever its size, so the tie pass reads nothing again. mergekit run
-  with ``--cuda`` sorts on the GPU and may keep other entries among equals.
+  following only the partitions that hold the window's edges, on keys that the second radix pass
+  made on its way; the torch fallback adds torch's 8-byte indices), and only for a tensor whose
+  boundary actually falls among equal values. Where every input is bfloat16 or float16 (whose
+  boundaries are nearly always tied) the radix passes keep a tensor's magnitudes whole whatever
+  its size, so the tie pass reads nothing again. mergekit run with ``--cuda`` sorts on the GPU
+  and may keep other entries among equals.
 - tie_rule "index": exactly the count above, and among equal magnitudes the order of a stable
   sort (the lower flat index ranks first, in the descending order of TIES as in the ascending
   order of Breadcrumbs); one more streaming pass, nothing held whole (``TieIndex``).
@@ -71,10 +72,11 @@ KEEP_BYTES = 256 * 2**20
 KEEP_WHOLE_16BIT = True
 
 
-def _keep(n: int, n_models: int, per_tensor: bool, tie_rule: str) -> dict[str, Optional[int]]:
-    """OrderStatistics' keep_numel and keep_16bit."""
+def _keep(n: int, n_models: int, per_tensor: bool, tie_rule: str) -> dict[str, Any]:
+    """OrderStatistics' keep_numel, keep_16bit and tie_keys (TieOrder takes the kept magnitudes as keys)."""
     return {"keep_numel": n if per_tensor and n * n_models * 4 <= KEEP_BYTES else None,
-            "keep_16bit": n if per_tensor and tie_rule == "mergekit" and KEEP_WHOLE_16BIT else None}
+            "keep_16bit": n if per_tensor and tie_rule == "mergekit" and KEEP_WHOLE_16BIT else None,
+            "tie_keys": per_tensor and tie_rule == "mergekit"}
 
 
 def _deltas(job: TensorJob):
@@ -114,7 +116,8 @@ def topk_passes(
             windows[i] = _Window(descending=True, start=0, stop=n - rank + 1, boundaries=(order.values[i][0],), before=(above,),
                                  ties=order.equal[i][0])
     if windows:
-        tie_pass = TieOrder(n, windows, order.magnitudes) if tie_rule == "mergekit" else TieIndex(windows, order.magnitudes)
+        tie_pass = (TieOrder(n, windows, order.magnitudes, order.tie_keys) if tie_rule == "mergekit"
+                    else TieIndex(windows, order.magnitudes))
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(plan))]
 
@@ -148,7 +151,8 @@ def band_passes(
             windows[i] = _Window(descending=False, start=first - 1, stop=last, boundaries=tuple(order.values[i]),
                                  before=tuple(order.below[i]), ties=sum(order.equal[i]))
     if windows:
-        tie_pass = TieOrder(n, windows, order.magnitudes) if tie_rule == "mergekit" else TieIndex(windows, order.magnitudes)
+        tie_pass = (TieOrder(n, windows, order.magnitudes, order.tie_keys) if tie_rule == "mergekit"
+                    else TieIndex(windows, order.magnitudes))
         yield tie_pass
         stats["tie_keep"] = [tie_pass.kept.get(i) for i in range(len(ranks))]
 
@@ -186,12 +190,15 @@ class TieOrder(StatsPass):
 
     label = "tie order at the top-k boundary"
 
-    def __init__(self, n: int, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None):
+    def __init__(self, n: int, windows: dict[int, _Window], kept_magnitudes: Optional[list[torch.Tensor]] = None,
+                 tie_keys: Optional[list[Optional["fused_sparse.TieKeys"]]] = None):
         self.windows = windows
         # the magnitudes the radix passes kept from raw chunks, when they did: nothing left to gather
         self.preloaded = self.kept_input = kept_magnitudes is not None
         self.magnitudes = {i: kept_magnitudes[i] if kept_magnitudes is not None else torch.empty(n, dtype=torch.float32)
                            for i in windows}
+        # where the second radix pass already turned them into the tie order's keys (OrderStatistics' tie_keys)
+        self.tie_keys = {i: tie_keys[i] for i in windows} if tie_keys is not None else {}
         self._kept: Optional[dict[int, torch.Tensor]] = None
 
     def update(self, job: TensorJob) -> None:
@@ -211,17 +218,18 @@ class TieOrder(StatsPass):
     @property
     def kept(self) -> dict[int, torch.Tensor]:
         if self._kept is None:
-            self._kept = {i: self._select(self.magnitudes.pop(i), w) for i, w in self.windows.items()}
+            self._kept = {i: self._select(self.magnitudes.pop(i), w, self.tie_keys.get(i))
+                          for i, w in self.windows.items()}
         return self._kept
 
     @staticmethod
-    def _select(magnitudes: torch.Tensor, window: _Window) -> torch.Tensor:
-        if fused_sparse.available() and magnitudes.numel() < 1 << 30:
+    def _select(magnitudes: torch.Tensor, window: _Window, keys: Optional["fused_sparse.TieKeys"] = None) -> torch.Tensor:
+        if fused_sparse.tie_select_fits(magnitudes.numel()):
             # the same sort, run only where a window edge lies, in the magnitudes' own buffer (not read again)
             # (tests/test_fused_sparse.py checks it against torch)
             capacity = min(window.stop - window.start, window.ties) if window.ties else window.stop - window.start
             return fused_sparse.tie_select(magnitudes, window.descending, window.start, window.stop, window.boundaries,
-                                           capacity, overwrite=True)
+                                           capacity, overwrite=True, keys=keys)
         return TieOrder._sort_select(magnitudes, window)
 
     @staticmethod
