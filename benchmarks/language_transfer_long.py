@@ -15,9 +15,10 @@ Data (seeded, written once under WORK/data; benchmarks/README.md has the counts)
   (``pydoc_data``) and the prose paragraphs left over, none of them in an evaluation or selection set.
 
 The pilot trains full fine-tuning at its usual rate (1e-4) for ``--pilot-steps``, saves a checkpoint
-every ``--pilot-every`` steps, evaluates each and prints the curve with paired bootstrap intervals;
-the first step whose prose-retention interval lies below 1 is where English is measurably
-forgotten, and becomes the main runs' ``--steps``.
+every ``--pilot-every`` steps, evaluates each and prints the curve with paired bootstrap intervals.
+When the final checkpoint's prose-retention interval lies below 1, English is measurably forgotten by a
+completed schedule and the pilot's length becomes the main runs' ``--steps`` (lt_report.main_steps: an
+earlier checkpoint is not what a run of that length ends with, since its cosine decay comes sooner).
 
 Main runs (lt_methods.py has the table): every method over a small learning-rate sweep (seeds
 ``--seeds`` at its usual rate, ``--sweep-seeds`` elsewhere), each run at the usual rate followed by a
@@ -182,13 +183,14 @@ def pilot(base: Path, data: Data, args, book: Book) -> dict:
         shutil.rmtree(ckpt, ignore_errors=True)  # 0.5 GB each; the evaluation stays
         book.keep(unit)
         curve.append({"step": step, **lt_report.measures(res, data)})
-    forgets_at = next((p["step"] for p in curve if p["prose_retention_ci"] and p["prose_retention_ci"][1] < 1), None)
+    forgets_at = next((p["step"] for p in curve if lt_report.forgets(p)), None)  # informative; the runs: main_steps
     pilot_file = folder / "pilot.json"
     if train_s is None and pilot_file.is_file():  # nothing trained now: the seconds of the training that was
         train_s = json.loads(pilot_file.read_text())["train_seconds"]
     record = {"lr": args.pilot_lr, "steps": args.pilot_steps, "every": args.pilot_every, "train_seconds": train_s,
               "curve": curve, "forgets_at": forgets_at,
-              "rule": "first checkpoint whose 95% paired bootstrap interval of prose retention lies below 1"}
+              "rule": "forgets_at: the first checkpoint whose 95% paired bootstrap interval of prose retention lies below 1; "
+                      "the main runs train the pilot's length when its final checkpoint forgets"}
     pilot_file.write_text(json.dumps(record, indent=2))
     book.keep(unit)
     return record
@@ -355,12 +357,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                 say=lambda message: console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True))
     finished, where = finished_pilot(args, book) if args.steps is None or args.plan else (None, "")
     if args.steps is None and finished:
-        args.steps = finished["forgets_at"]
+        args.steps = lt_report.main_steps(finished)
     if args.plan:
-        at = finished and finished["forgets_at"]
+        steps = finished and lt_report.main_steps(finished)
         pilot_state = "not run" if not finished else (
-            f"{where}: English prose measurably forgotten from step {at}" if at else f"{where}: no checkpoint forgets "
-                                                                                     "(train longer)")
+            f"{where}: its final checkpoint ({steps} steps) forgets English prose: the main runs' length" if steps else
+            f"{where}: its final checkpoint does not forget English prose measurably (train a longer pilot)")
         console.print(f"pilot: {pilot_state}")
         console.print(plan_table(runs, args, book))
         return
@@ -378,7 +380,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         payload["pilot"] = record
     else:
         if not args.steps:
-            raise SystemExit("no --steps: run --pilot first (it finds the step count) or give --steps N")
+            raise SystemExit("no --steps: run --pilot first (it finds the step count; its final checkpoint must forget "
+                             "English prose measurably) or give --steps N")
         base_eval = base_evaluation(base, data, args, book)
         rows = []
         for run in runs:

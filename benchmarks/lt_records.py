@@ -6,7 +6,7 @@ different runs never write the same file:
 
 * ``base.json``: the base model's evaluation (``WORK/base.json``);
 * ``pilot.json``: each evaluated pilot checkpoint (``WORK/pilot/results/step-NNNNN.json``) and, once the pilot has
-  finished, its ``pilot.json`` (whose ``forgets_at`` is the main runs' ``--steps``);
+  finished, its ``pilot.json`` (whose length is the main runs' ``--steps`` when its final checkpoint forgets);
 * ``<run key>.json``: the run's ``eval.json`` (the evaluation with its per-item scores, which the paired intervals
   need), ``budget.json`` (the budget merge), ``seconds.json`` and, for a forgetting-budget row, its tool's record
   (``train/deltawise_guard.json``, ``repair.json`` or ``sweep.json``).

@@ -76,3 +76,16 @@ def test_seed_differences_pair_each_methods_main_row_with_the_reference_by_seed(
     assert lora["prose_retention"]["low"] < sum(diffs) / 3 < lora["prose_retention"]["high"]
     # unpaired (seed order shuffled) the spread would differ: pairing is by seed, not by position
     assert lora["prose_retention"]["sd"] == pytest.approx(0.0028867513, rel=1e-6)
+
+
+def test_main_steps_is_the_pilots_length_only_when_its_final_checkpoint_forgets():
+    import lt_report
+
+    def point(step, ci):
+        return {"step": step, "prose_retention_ci": ci}
+
+    forgetting_midway = {"steps": 400, "curve": [point(300, [0.95, 0.98]), point(400, [0.98, 1.01])]}
+    assert lt_report.main_steps(forgetting_midway) is None  # a checkpoint inside the run is not a 300-step run
+    assert lt_report.main_steps({"steps": 400, "curve": [point(300, [0.99, 1.02]), point(400, [0.95, 0.99])]}) == 400
+    assert lt_report.main_steps({"steps": 500, "curve": [point(400, [0.9, 0.95])]}) is None  # stopped before its end
+    assert lt_report.main_steps({"steps": 400, "curve": [point(400, None)]}) is None

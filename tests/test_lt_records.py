@@ -8,8 +8,8 @@ a finished run is recorded and a fresh work folder with its record trains and ev
 tables; --plan says "recorded"; a record made with other settings (steps, the data sets) is neither used nor
 overwritten, and a work folder computed with other settings is refused; --no-record and --base never record; a
 finished work folder writes its missing record; the pilot's recorded checkpoints are not evaluated again and the main
-runs take its forgets_at from the record; a recorded run whose model a later stage needs is trained again, its
-recorded evaluation kept."""
+runs take its length from the record (its final checkpoint forgets); a recorded run whose model a later stage needs
+is trained again, its recorded evaluation kept."""
 
 from __future__ import annotations
 
@@ -190,13 +190,14 @@ def test_the_pilot_reuses_recorded_checkpoint_evaluations_and_the_runs_take_its_
     assert again["pilot"]["curve"][0] == first["pilot"]["curve"][0]
     saved = json.loads(record.read_text())
     assert set(saved["files"]) == {"results/step-00002.json", "results/step-00004.json", "pilot.json"}
-    saved["files"]["pilot.json"]["forgets_at"] = 3  # whatever the pilot found, the runs take
+    final = saved["files"]["pilot.json"]["curve"][-1]
+    final["prose_retention_ci"] = [0.5, 0.9]  # whatever the pilot found: its final checkpoint forgets
     records.save_record(record, saved)
     _, plan = run("machine-3", "--plan")
-    assert "pilot: recorded: English prose measurably forgotten from step 3" in plan
+    assert "pilot: recorded: its final checkpoint (4 steps) forgets English prose" in plan
     runs, _ = run("machine-4", "--seeds", "1")  # no --steps, no pilot here; the pilot's options need not be given
     assert counts(calls) == {"train": 3, "eval": 5, "budget": 1}  # the run alone: the base's evaluation is recorded
-    assert calls["train"][-1].endswith("/runs/full_lr0.0001_s1/train") and runs["runs"][0]["steps"] == 3
+    assert calls["train"][-1].endswith("/runs/full_lr0.0001_s1/train") and runs["runs"][0]["steps"] == 4
     assert not (folder.parents[1] / "machine-4" / "pilot").exists()
 
 
