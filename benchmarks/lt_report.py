@@ -4,7 +4,7 @@ matched-target-gain comparison (lt_fronts.py)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Optional
 
 from rich.table import Table
@@ -121,29 +121,26 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main_rate(rows: list[dict], label: str) -> Optional[float]:
     """The learning rate of ``label``'s main row: the one run with the most seeds (the sweep's others run one)."""
-    counts: dict[Any, int] = defaultdict(int)
-    for r in rows:
-        if r["label"] == label:
-            counts[r["lr"]] += 1
-    return max(counts, key=counts.get) if counts else None
+    counts = Counter(r["lr"] for r in rows if r["label"] == label)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def seed_differences(rows: list[dict], against: str = "full") -> dict[str, dict]:
     """Each method's main row minus ``against``'s, paired by seed (the same seed draws the same data order and
     evaluation items), with a t-interval over the shared seeds. Methods at their own usual rates, so a difference
     in retention goes with a difference in target gain: the matched-gain table is the comparison at equal gain."""
-    def main_row(label: str) -> dict[int, dict]:
-        rate = main_rate(rows, label)
+    def main_row(label: str, rate: Optional[float]) -> dict[int, dict]:
         return {r["seed"]: r for r in rows if r["label"] == label and r["lr"] == rate}
 
-    reference = main_row(against)
+    reference = main_row(against, main_rate(rows, against))
     out = {}
     for label in dict.fromkeys(r["label"] for r in rows):
-        mine = main_row(label)
+        rate = main_rate(rows, label)
+        mine = main_row(label, rate)
         seeds = sorted(set(mine) & set(reference))
         if label == against or len(seeds) < 2:
             continue
-        out[label] = {"lr": main_rate(rows, label), "seeds": seeds, **{
+        out[label] = {"lr": rate, "seeds": seeds, **{
             key: lt_fronts.seed_summary([mine[s][key] - reference[s][key] for s in seeds]) for key in MEASURES}}
     return out
 
