@@ -335,6 +335,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="steps of each short run of full-lr-sweep (default: a quarter of --steps)")
     ap.add_argument("--lr-sweep-examples", type=int, default=2000,
                     help="full-lr-sweep's short runs train on the first N German training texts")
+    ap.add_argument("--checkpoints", type=int, default=10,
+                    help="training checkpoints per run, to resume a killed run from (0: none; a GPU's runs are short)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--eval-items", type=int, default=300, help="evaluation items per perplexity set")
@@ -352,6 +354,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     methods = lt_methods.select(args.methods)
     runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
     name = claim_work(args)
+    args.device = resolve_device(args.device)  # the records of each kind of device are kept apart (lt_records.py)
     data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)
     book = Book(lt_records.common_settings(name, data, args), enabled=not args.no_record and args.base is None,
                 say=lambda message: console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True))
@@ -367,7 +370,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         console.print(plan_table(runs, args, book))
         return
 
-    args.device = resolve_device(args.device)
     started = time.time()
     base = base_model(args)
     payload = {"benchmark": "language_transfer_long", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

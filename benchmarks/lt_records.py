@@ -50,14 +50,27 @@ def data_fingerprint(data: Data) -> str:
     return digest.hexdigest()
 
 
+def device_kind(device: str) -> str:
+    """The kind of device a result was computed on (``cpu``, ``cuda``): a GPU rounds differently from a CPU, so a
+    seed's run on one is not the same result as on the other."""
+    return device.split(":")[0]
+
+
+def record_folder(kind: str) -> str:
+    """Where results computed on ``kind`` are recorded, under benchmarks/records/: the CPU's in the benchmark's folder,
+    another kind's in a folder of its own inside it, so the two are never mixed in one table."""
+    return BENCHMARK if kind == "cpu" else f"{BENCHMARK}/{kind}"
+
+
 def common_settings(base: str, data: Data, args) -> dict[str, Any]:
     """What every result depends on: the code's version, the base (``base.txt``'s name; SmolLM2's with the wheel it
-    comes from), the sets and the scoring."""
+    comes from), the sets, the scoring and the kind of device (``args.device``, resolved)."""
     from demo import WHEEL
 
     options = eval_options(args)
     return {"version": VERSION, "base": base if args.base else f"{base}, {WHEEL}", "data": data_fingerprint(data),
-            "eval": {"max_length": options.max_length, "batch_size": options.batch_size, "mc_norm": options.mc_norm}}
+            "eval": {"max_length": options.max_length, "batch_size": options.batch_size, "mc_norm": options.mc_norm},
+            "device": device_kind(args.device)}
 
 
 def training(run: Run, args) -> dict[str, Any]:
@@ -113,7 +126,7 @@ class Book:
         return Unit(name, folder, json.loads(json.dumps({**self.common, **settings})), files)
 
     def path(self, unit: Unit) -> Path:
-        return records.record_file(BENCHMARK, unit.name)
+        return records.record_file(record_folder(self.common["device"]), unit.name)
 
     def _load(self, unit: Unit, same: Optional[list[str]] = None) -> Optional[dict]:
         path = self.path(unit)

@@ -137,6 +137,24 @@ def test_a_record_with_other_settings_is_neither_used_nor_overwritten(bench):
     assert f"computed with other settings in the work folder (move them away to run them): {RUN}" in " ".join(plan.split())
 
 
+def test_a_gpu_result_is_recorded_apart_and_a_cpu_record_is_not_a_gpu_result(bench, monkeypatch):
+    run, calls, folder = bench
+    run("machine-1", "--steps", "2")
+    monkeypatch.setattr(language_transfer_long, "resolve_device", lambda name: name)  # --plan on this CPU-only machine
+    _, plan = run("machine-2", "--steps", "2", "--plan", "--device", "cuda")
+    line = next(x for x in plan.splitlines() if x.startswith(f"│ {RUN}"))
+    assert "recorded" not in line, line  # the CPU's record is not the GPU's result
+    saved = json.loads((folder / f"{RUN}.json").read_text())
+    assert saved["settings"]["device"] == "cpu"
+    saved["settings"]["device"] = "cuda"
+    records.save_record(folder / "cuda" / f"{RUN}.json", saved)  # as a GPU machine records the run
+    _, plan = run("machine-3", "--steps", "2", "--plan", "--device", "cuda:0")
+    line = next(x for x in plan.splitlines() if x.startswith(f"│ {RUN}"))
+    assert line.count("recorded") == 3, line
+    _, plan = run("machine-4", "--steps", "2", "--plan")  # the CPU still reads its own record
+    assert next(x for x in plan.splitlines() if x.startswith(f"│ {RUN}")).count("recorded") == 3
+
+
 def test_no_record_and_another_base_never_record(bench, texts):
     run, calls, folder = bench
     run("machine-1", "--steps", "2", "--no-record")
