@@ -39,6 +39,13 @@ there: a recorded run is neither trained nor evaluated (``--plan`` says "recorde
 other settings -- sets drawn from other Debian/Python files among them -- is neither used nor overwritten, and a
 run folder in WORK computed with other settings is refused. ``--no-record`` keeps results in WORK only, as does
 ``--base DIR``, which runs the benchmark on another model (tests use a tiny one).
+
+On a GPU (``--device cuda``, or ``auto`` where there is one) the results are recorded apart, in
+records/language_transfer_long/cuda/: a GPU rounds differently, so its seed-0 run is not the CPU's seed-0 run, and
+the two are never mixed in one table (the recorded CPU pilot does not serve either: give ``--steps``). Several
+processes may share one WORK, each with its own ``--methods``/``--seeds`` (a GPU runs eight at once well;
+``--checkpoints 0`` spares the disk their resumable checkpoints). On a machine without a GPU, ``--device cuda`` with
+recorded runs reprints the GPU's tables from their records.
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ def resolve_device(name: str) -> str:
 def machine(device: str) -> str:
     import torch
 
-    gpu = f", {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else ""
+    gpu = "" if not device.startswith("cuda") else f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else \
+        ", no GPU here (CUDA results read from their records)"
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}"
 
 
