@@ -68,7 +68,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import lt_budget  # noqa: E402
 import lt_methods  # noqa: E402
 import lt_records  # noqa: E402
-from bench_args import seed_list, seed_list_or_none  # noqa: E402
+from bench_args import seed_list_or_none  # noqa: E402
 import lt_report  # noqa: E402
 from language_transfer import console  # noqa: E402
 from lt_methods import FULL, Data, Run, eval_options, prepare_data  # noqa: E402
@@ -173,7 +173,7 @@ def pilot(base: Path, data: Data, args, book: Book) -> dict:
     done = {s for s in steps if (folder / step_result(s)).is_file()}
     train_s = None
     if set(steps) - done and not (folder / "train" / "deltawise_train.json").is_file():
-        run = Run(FULL, args.pilot_lr, args.seeds[0])
+        run = Run(FULL, args.pilot_lr, lt_records.pilot_seed(args))
         cfg = TrainConfig(**lt_methods.settings(run, base, data, args), output=folder / "train", method="full",
                           max_steps=args.pilot_steps, logging_steps=args.pilot_every, save_every=args.pilot_every,
                           resume=interrupted_checkpoint(folder / "train") is not None)
@@ -329,7 +329,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pilot", action="store_true", help="run the pilot (step count at which English is forgotten)")
     ap.add_argument("--plan", action="store_true", help="print the runs and which are done; run nothing")
     ap.add_argument("--methods", default="all", help="comma-separated method labels (" + ",".join(lt_methods.LABELS) + ")")
-    ap.add_argument("--seeds", type=seed_list, default="0,1,2", help="seeds of each method at its usual learning rate")
+    ap.add_argument("--seeds", type=seed_list_or_none, default="0,1,2",
+                    help='seeds of each method at its usual learning rate ("": none, only the sweep\'s other rates)')
     ap.add_argument("--sweep-seeds", type=seed_list_or_none, default="0", help="seeds at the other learning rates of the sweep")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the pilot's result)")
     ap.add_argument("--pilot-steps", type=int, default=1000)

@@ -80,9 +80,14 @@ def training(run: Run, args) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k not in ("model", "data", "replay", "progress", "overwrite")}
 
 
+def pilot_seed(args) -> int:
+    """The pilot trains with the first of ``--seeds`` (0 when none are given)."""
+    return args.seeds[0] if args.seeds else 0
+
+
 def pilot_settings(args) -> dict[str, Any]:
     return {"pilot": {"steps": args.pilot_steps, "every": args.pilot_every},
-            "training": training(Run(FULL, args.pilot_lr, args.seeds[0]), args)}
+            "training": training(Run(FULL, args.pilot_lr, pilot_seed(args)), args)}
 
 
 def run_settings(run: Run, args) -> dict[str, Any]:

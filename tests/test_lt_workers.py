@@ -1,0 +1,83 @@
+"""benchmarks/lt_workers.py: the long language-transfer benchmark's runs in parallel processes sharing one work
+folder. The job order (whole seeds first, sweeps without the main runs, the forgetting-budget rows last), and real
+runs on a tiny Llama: two workers train and evaluate two methods into one folder, each job's log kept; a stop kills
+the running job and names the ones not started."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import lt_workers  # noqa: E402
+from lt_util import SETS, corpus, tiny_base, write_data  # noqa: E402
+
+
+def test_jobs_run_whole_seeds_first_then_the_sweeps_then_the_budget_rows():
+    queue = lt_workers.jobs(["full", "english-only", "full-guard", "lora"], [0, 1], [0])
+    assert [(j.method, j.seeds, j.sweep_seeds) for j in queue] == [
+        ("full", "0", ""), ("english-only", "0", ""), ("lora", "0", ""),
+        ("full", "1", ""), ("english-only", "1", ""), ("lora", "1", ""),
+        ("full", "", "0"), ("lora", "", "0"),  # english-only has one rate: no sweep
+        ("full-guard", "0", ""), ("full-guard", "1", "")]
+    assert queue[6].options() == ["--methods", "full", "--seeds", "", "--sweep-seeds", "0"]
+    assert len({j.name for j in queue}) == len(queue)  # one log file per job
+    assert lt_workers.jobs(["full"], [0], []) == [lt_workers.Job("full", "0", "")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lt_workers")
+    en, de = corpus()
+    return root, tiny_base(root / "base", en, de), (en, de)
+
+
+def bench_options(base: Path) -> list[str]:
+    return ["--base", str(base), "--steps", "2", *SETS, "--batch-size", "4", "--max-length", "32", "--eval-batch-size", "8",
+            "--device", "cpu", "--checkpoints", "0"]
+
+
+def test_two_workers_run_two_methods_into_one_work_folder(setup, capsys):
+    root, base, (en, de) = setup
+    work = root / "work-both"
+    write_data(work / "data", en, de)
+    code = lt_workers.main(["--workers", "2", "--work", str(work), "--methods", "full,lora", "--seeds", "0",
+                            "--sweep-seeds", "", "--", *bench_options(base)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    for run in ("full_lr0.0001_s0", "lora_lr0.002_s0"):
+        assert (work / "runs" / run / "eval.json").is_file() and (work / "runs" / run / "budget.json").is_file()
+    assert sorted(p.name for p in (work / "logs").iterdir()) == ["full_s0_sweep-.log", "lora_s0_sweep-.log"]
+    assert "2 jobs finished, 0 failed or stopped" in printed
+
+
+def test_a_stop_kills_the_running_job_and_names_those_not_started(setup, capsys):
+    root, base, (en, de) = setup
+    work = root / "work-stop"
+    write_data(work / "data", en, de)
+    code = lt_workers.main(["--workers", "1", "--stop-after", "1", "--work", str(work), "--methods", "full",
+                            "--seeds", "0,1", "--sweep-seeds", "", "--", *bench_options(base)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "full_s0_sweep-: exit -9" in printed  # killed: a process takes longer than 1 s to import torch
+    assert "not started: full_s1_sweep-" in printed
+    assert not (work / "runs" / "full_lr0.0001_s1").exists()
+
+
+def test_options_the_script_sets_are_refused_after_the_separator(capsys):
+    with pytest.raises(SystemExit):
+        lt_workers.main(["--", "--methods", "full"])
+    assert "--methods is this script's to set" in capsys.readouterr().err
+
+
+def test_a_sweep_job_trains_the_other_rates_only(setup, capsys):
+    root, base, (en, de) = setup
+    work = root / "work-sweep"
+    write_data(work / "data", en, de)
+    code = lt_workers.main(["--workers", "2", "--work", str(work), "--methods", "english-only,full", "--seeds", "",
+                            "--sweep-seeds", "0", "--", *bench_options(base)])
+    assert code == 0, capsys.readouterr().out
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["full_lr0.0003_s0", "full_lr3e-05_s0"]
+    assert all((work / "runs" / run / "eval.json").is_file() for run in ("full_lr0.0003_s0", "full_lr3e-05_s0"))
