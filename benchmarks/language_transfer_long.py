@@ -11,8 +11,9 @@ Data (seeded, written once under WORK/data; benchmarks/README.md has the counts)
   300 evaluation, 150 selection;
 * source, not perplexity: WordNet gloss -> lemma multiple choice (benchmarks/wordnet_mc.py), 400
   items, accuracy through ``eval``'s choice format (byte-normalised log-likelihood);
-* English training text (replay, and the English-only control): the Python language reference
-  (``pydoc_data``) and the prose paragraphs left over, none of them in an evaluation or selection set.
+* English training text (replay): the Python language reference (``pydoc_data``) and the prose paragraphs left
+  over, none of them in an evaluation or selection set; the English-only control's: English Debian fortunes
+  (``fortunes``, ``fortunes-min``; lt_methods.english_fortunes).
 
 The pilot trains full fine-tuning at its usual rate (1e-4) for ``--pilot-steps``, saves a checkpoint
 every ``--pilot-every`` steps, evaluates each and prints the curve with paired bootstrap intervals.

@@ -15,9 +15,11 @@ Method settings (``METHODS``):
   Schedule: per branch -- each branch is its own ``train`` run, so warm-up (10%) and cosine decay
   restart in every branch (deltawise bam's behaviour; docs/adapt.md). Merges: SLERP t = 0.5 and the
   linear average.
-* english-only (control): full fine-tuning on English training text only, same steps and rate: if
-  it also lifts English prose retention above 1, "retention > 1" of the other runs is adaptation of
-  the Q4_1-dequantised base to plain English text (quantisation repair), not transfer.
+* english-only (control): full fine-tuning on English Debian fortunes only (``english_fortunes``: the German
+  runs' genre in the source language, about 12k texts, so 400 steps see a quarter of them once), same steps and
+  rate: if it also lifts English prose retention above 1, "retention > 1" of the other runs is adaptation of the
+  Q4_1-dequantised base to plain English text (quantisation repair), not transfer. (Its first form trained on the
+  657 replay texts, about five passes in 400 steps, and overfitted them: RESULTS.md.)
 * full-guard, full-repair, full-lr-sweep: full fine-tuning with the forgetting-budget tools (``tool``;
   lt_budget.py runs them): guarded at the usual rate and at the top of full's sweep, the unguarded run at
   the top rate repaired, and the rate the learning-rate search recommends.
@@ -39,6 +41,13 @@ from language_transfer import console, write_jsonl
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REPLAY_FRACTION = 0.25
+# the English files of Debian's fortunes and fortunes-min packages (their folder also holds fortunes-it's files;
+# pictures and the multilingual translate-me are left out)
+ENGLISH_FORTUNES = ("computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education", "ethnic", "food",
+                    "goedel", "humorists", "kids", "knghtbrd", "law", "linux", "linuxcookie", "love", "magic", "medicine",
+                    "men-women", "miscellaneous", "news", "paradoxum", "people", "perl", "pets", "platitudes", "politics",
+                    "pratchett", "science", "songs-poems", "sports", "startrek", "tao", "wisdom", "work", "zippy",
+                    "fortunes", "literature", "riddles")
 FULL_LRS = (3e-5, 1e-4, 3e-4)  # full fine-tuning's sweep; its top rate is the one that forgets
 
 
@@ -116,7 +125,8 @@ class Data:
     def __getattr__(self, name: str) -> Path:
         files = {"german_eval": "eval/german.jsonl", "prose_eval": "eval/english_prose.jsonl", "mc": "eval/wordnet_mc.jsonl",
                  "german_select": "select/german.jsonl", "prose_select": "select/english_prose.jsonl",
-                 "german_train": "train/german.txt", "english_train": "train/english.txt"}
+                 "german_train": "train/german.txt", "english_train": "train/english.txt",
+                 "english_fortunes": "train/english_fortunes.txt"}
         if name not in files:
             raise AttributeError(name)
         return self.folder / files[name]
@@ -175,6 +185,25 @@ def prepare_data(folder: Path, n_eval: int, n_select: int, n_mc: int, seed: int)
     return data
 
 
+def english_fortunes(data: Data, seed: int = 0) -> Path:
+    """The English-only control's training text (``data.english_fortunes``), drawn once: every English Debian fortune
+    of 40-400 characters (the German sets' bounds), deduplicated and shuffled with ``seed``. Kept out of the sets'
+    fingerprint (lt_records.data_fingerprint), so adding it changed no other record; the control's record carries
+    its sha256 instead (lt_records.run_settings)."""
+    path = data.english_fortunes
+    if path.is_file():
+        return path
+    from deltawise.io.writer import write_text_atomic
+
+    realtext.ensure_fortunes(["fortunes"])
+    texts = list(dict.fromkeys(t for name in ENGLISH_FORTUNES
+                               for t in realtext.fortunes(realtext.FORTUNES / name, min_chars=40, max_chars=400)))
+    random.Random(seed).shuffle(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "\n%\n".join(texts) + "\n")
+    return path
+
+
 def trained(run: Run, folder: Path) -> bool:
     if run.method.bam:
         return (folder / "model" / "bam.json").is_file()
@@ -184,7 +213,7 @@ def trained(run: Run, folder: Path) -> bool:
 def settings(run: Run, base: Path, data: Data, args) -> dict[str, Any]:
     """The ``TrainConfig`` fields every run shares (the budget rows' short lr-sweep runs take them too)."""
     m = run.method
-    return dict(model=base, data=data.english_train if m.english_only else data.german_train, lr=run.lr,
+    return dict(model=base, data=data.english_fortunes if m.english_only else data.german_train, lr=run.lr,
                 batch_size=args.batch_size, max_length=args.max_length, warmup=0.1, schedule="cosine", seed=run.seed,
                 replay=data.english_train if m.replay else None, replay_fraction=REPLAY_FRACTION, progress=console.is_terminal,
                 overwrite=True)

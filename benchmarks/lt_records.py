@@ -101,6 +101,9 @@ def run_settings(run: Run, args) -> dict[str, Any]:
         found["bam_rounds"] = args.bam_rounds
     if run.method.tool:
         found["retain_budget"] = args.retain_budget
+    if run.method.english_only:  # its text is drawn apart from the sets (lt_methods.english_fortunes)
+        text = lt_methods.english_fortunes(Data(args.work / "data"))
+        found["english_text"] = hashlib.sha256(text.read_bytes()).hexdigest()
     if run.method.tool == "lr-sweep":
         found["lr_sweep"] = {"steps": lt_budget.sweep_steps(args), "examples": args.lr_sweep_examples, "rates": FULL.lrs}
     return found

@@ -47,4 +47,5 @@ def write_data(data: Path, en: list[str], de: list[str]) -> None:
     (data / "train").mkdir()
     (data / "train" / "german.txt").write_text("\n%\n".join(de[2 * ITEMS:]) + "\n")
     (data / "train" / "english.txt").write_text("\n%\n".join(en[2 * ITEMS:]) + "\n")
+    (data / "train" / "english_fortunes.txt").write_text("\n%\n".join(en[ITEMS:]) + "\n")  # the English-only control's
     (data / "sizes.json").write_text(json.dumps({"eval": ITEMS, "select": ITEMS, "mc": MC, "seed": 0}))
