@@ -34,17 +34,19 @@ def setup(tmp_path_factory):
     return root, tiny_base(root / "base", en, de), (en, de)
 
 
-def bench_options(base: Path) -> list[str]:
-    return ["--base", str(base), "--steps", "2", *SETS, "--batch-size", "4", "--max-length", "32", "--eval-batch-size", "8",
-            "--device", "cpu", "--checkpoints", "0"]
+def run_workers(setup, name: str, *options: str) -> tuple[Path, int]:
+    """lt_workers in a new work folder ``name`` (the tiny sets written), the tiny base's options after ``--``."""
+    root, base, (en, de) = setup
+    work = root / name
+    write_data(work / "data", en, de)
+    bench = ["--base", str(base), "--steps", "2", *SETS, "--batch-size", "4", "--max-length", "32", "--eval-batch-size",
+             "8", "--device", "cpu", "--checkpoints", "0"]
+    return work, lt_workers.main(["--work", str(work), *options, "--", *bench])
 
 
 def test_two_workers_run_two_methods_into_one_work_folder(setup, capsys):
-    root, base, (en, de) = setup
-    work = root / "work-both"
-    write_data(work / "data", en, de)
-    code = lt_workers.main(["--workers", "2", "--work", str(work), "--methods", "full,lora", "--seeds", "0",
-                            "--sweep-seeds", "", "--", *bench_options(base)])
+    work, code = run_workers(setup, "work-both", "--workers", "2", "--methods", "full,lora", "--seeds", "0",
+                             "--sweep-seeds", "")
     printed = capsys.readouterr().out
     assert code == 0, printed
     for run in ("full_lr0.0001_s0", "lora_lr0.002_s0"):
@@ -54,11 +56,8 @@ def test_two_workers_run_two_methods_into_one_work_folder(setup, capsys):
 
 
 def test_a_stop_kills_the_running_job_and_names_those_not_started(setup, capsys):
-    root, base, (en, de) = setup
-    work = root / "work-stop"
-    write_data(work / "data", en, de)
-    code = lt_workers.main(["--workers", "1", "--stop-after", "1", "--work", str(work), "--methods", "full",
-                            "--seeds", "0,1", "--sweep-seeds", "", "--", *bench_options(base)])
+    work, code = run_workers(setup, "work-stop", "--workers", "1", "--stop-after", "1", "--methods", "full",
+                             "--seeds", "0,1", "--sweep-seeds", "")
     printed = capsys.readouterr().out
     assert code == 1
     assert "full_s0_sweep-: exit -9" in printed  # killed: a process takes longer than 1 s to import torch
@@ -73,11 +72,8 @@ def test_options_the_script_sets_are_refused_after_the_separator(capsys):
 
 
 def test_a_sweep_job_trains_the_other_rates_only(setup, capsys):
-    root, base, (en, de) = setup
-    work = root / "work-sweep"
-    write_data(work / "data", en, de)
-    code = lt_workers.main(["--workers", "2", "--work", str(work), "--methods", "english-only,full", "--seeds", "",
-                            "--sweep-seeds", "0", "--", *bench_options(base)])
+    work, code = run_workers(setup, "work-sweep", "--workers", "2", "--methods", "english-only,full", "--seeds", "",
+                             "--sweep-seeds", "0")
     assert code == 0, capsys.readouterr().out
     assert sorted(p.name for p in (work / "runs").iterdir()) == ["full_lr0.0003_s0", "full_lr3e-05_s0"]
     assert all((work / "runs" / run / "eval.json").is_file() for run in ("full_lr0.0003_s0", "full_lr3e-05_s0"))
