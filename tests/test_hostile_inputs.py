@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -422,3 +423,17 @@ def test_yaml_python_tags_in_a_recipe_are_refused_and_run_nothing(tmp_path):
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(recipe)
     assert not marker.exists()
+
+
+def test_hub_kernels_are_off_unless_the_user_turns_them_on():
+    """transformers' switch for fetching and running hub kernels on a GPU (docs/safety.md): off once deltawise is
+    imported, unless the environment turned it on."""
+    import subprocess
+
+    code = ("import os, deltawise; from transformers.integrations.hub_kernels import _kernels_enabled; "
+            "print(os.environ['USE_HUB_KERNELS'], _kernels_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    for given, expected in ((None, ["NO", "False"]), ("YES", ["YES", "True"]), ("no", ["no", "False"])):
+        here = env if given is None else {**env, "USE_HUB_KERNELS": given}
+        out = subprocess.run([sys.executable, "-c", code], env=here, capture_output=True, text=True, timeout=300)
+        assert out.stdout.split() == expected, out.stderr[-2000:]
