@@ -95,8 +95,9 @@ def resolve_device(name: str) -> str:
 def machine(device: str) -> str:
     import torch
 
-    gpu = "" if not device.startswith("cuda") else f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else \
-        ", no GPU here (CUDA results read from their records)"
+    gpu = ""
+    if device.startswith("cuda"):
+        gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU here (results from records)"
     return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}"
 
 
@@ -361,6 +362,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     add_record_argument(ap, "keep results only in --work, not in benchmarks/records/language_transfer_long/ (always so "
                             "with --base)")
     args = ap.parse_args(argv)
+    if args.checkpoints < 0:
+        ap.error(f"--checkpoints {args.checkpoints}: give 0 (none) or more")
     methods = lt_methods.select(args.methods)
     runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
     name = claim_work(args)

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -31,15 +30,13 @@ from lt_records import BENCHMARK, record_folder  # noqa: E402
 SETS = ("english_prose", "german")
 
 
-def datasets(record: dict) -> dict[str, SimpleNamespace]:
-    """The record's evaluation sets with per-item scores, by name (a run's eval.json or the base's base.json)."""
+def datasets(record: dict) -> dict:
+    """The record's evaluation sets (``DatasetResult``s) by name: a run's eval.json or the base's base.json."""
+    from deltawise.eval.results import EvalResult
+
     files = record["files"]
     result = files.get("eval.json") or files.get("base.json")
-    if result is None:
-        return {}
-    return {d["name"]: SimpleNamespace(name=d["name"], per_item_nll=d.get("per_item_nll"), per_item=d.get("per_item"),
-                                       per_item_tokens=d.get("per_item_tokens"), higher_is_better=d["higher_is_better"])
-            for d in result["datasets"]}
+    return {} if result is None else {d.name: d for d in EvalResult.model_validate(result).datasets}
 
 
 def compare(cpu: dict, gpu: dict, settings=None) -> dict[str, tuple[float, Optional[tuple[float, float]]]]:

@@ -101,9 +101,10 @@ class Pool:
                 if self.stopped():
                     os.killpg(process.pid, signal.SIGKILL)
                 time.sleep(0.5)
+        outcome = Outcome(job, process.returncode, time.monotonic() - t0)
         with self.lock:
-            self.outcomes.append(Outcome(job, process.returncode, time.monotonic() - t0))
-            print(f"{job.name}: exit {process.returncode}, {time.monotonic() - t0:.0f} s", flush=True)
+            self.outcomes.append(outcome)
+            print(f"{job.name}: exit {outcome.returncode}, {outcome.seconds:.0f} s", flush=True)
 
     def worker(self, first: bool) -> None:
         if not first:  # the first job evaluates the base, which every other job reuses
@@ -139,11 +140,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(ours)
     if args.workers < 1:
         ap.error("--workers must be at least 1")
+    if args.stop_after is not None and not args.stop_after > 0:
+        ap.error(f"--stop-after {args.stop_after}: give a positive number of seconds")
     for option in ("--work", "--methods", "--seeds", "--sweep-seeds", "--plan", "--pilot"):
         if option in theirs:
             ap.error(f"{option} is this script's to set (give it before --)")
-    methods = [m for m in lt_methods.select(args.methods)]
-    queue = jobs([m.label for m in methods], args.seeds, args.sweep_seeds)
+    queue = jobs([m.label for m in lt_methods.select(args.methods)], args.seeds, args.sweep_seeds)
     command = [sys.executable, str(HERE / "language_transfer_long.py"), "--work", str(args.work), *theirs]
     outcomes = Pool(queue, command, args.work, args.workers, args.stop_after).run()
     failed = [o for o in outcomes if o.returncode not in (0, None)]

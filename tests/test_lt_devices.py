@@ -15,9 +15,11 @@ import records  # noqa: E402
 
 def record(nll: list[float], tokens: list[int], name: str = "english_prose") -> dict:
     items = {str(i): v for i, v in enumerate(nll)}
-    return {"settings": {}, "files": {"eval.json": {"datasets": [
-        {"name": name, "higher_is_better": False, "per_item": None, "per_item_nll": items,
-         "per_item_tokens": {str(i): t for i, t in enumerate(tokens)}}]}}}
+    dataset = {"name": name, "role": "source", "task": "perplexity", "path": f"{name}.jsonl", "metric": "perplexity",
+               "value": math.exp(sum(nll) / sum(tokens)), "higher_is_better": False, "per_item_nll": items,
+               "per_item_tokens": {str(i): t for i, t in enumerate(tokens)}}
+    result = {"schema": "deltawise.eval/1", "model": "m", "fingerprint": "f", "created": "now", "datasets": [dataset]}
+    return {"settings": {}, "files": {"eval.json": result}}
 
 
 def test_the_ratio_is_the_cpu_perplexity_over_the_gpu_one_with_its_paired_interval():

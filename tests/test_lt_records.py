@@ -242,3 +242,10 @@ def test_forgetting_budget_rows_are_recorded_and_a_repair_of_a_recorded_run_trai
     run("machine-3", *rows)
     # the run repaired is trained again, not evaluated; the guarded rows come from their records
     assert counts(calls) == {"train": 2, "eval": 6, "budget": 2} and len(guarded) == 2
+
+
+def test_a_negative_checkpoint_count_is_refused(bench, capsys):
+    run, calls, _ = bench
+    with pytest.raises(SystemExit):
+        run("machine-1", "--steps", "2", "--checkpoints", "-1")
+    assert "--checkpoints -1: give 0 (none) or more" in capsys.readouterr().err and not calls["train"]

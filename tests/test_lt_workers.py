@@ -69,6 +69,12 @@ def test_options_the_script_sets_are_refused_after_the_separator(capsys):
     with pytest.raises(SystemExit):
         lt_workers.main(["--", "--methods", "full"])
     assert "--methods is this script's to set" in capsys.readouterr().err
+    for bad, message in ((["--workers", "0"], "--workers must be at least 1"),
+                         (["--stop-after", "-5"], "--stop-after -5.0: give a positive number"),
+                         (["--stop-after", "nan"], "--stop-after nan: give a positive number")):
+        with pytest.raises(SystemExit):
+            lt_workers.main(bad)
+        assert message in capsys.readouterr().err
 
 
 def test_a_sweep_job_trains_the_other_rates_only(setup, capsys):
