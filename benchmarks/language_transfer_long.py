@@ -67,6 +67,7 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import lt_budget  # noqa: E402
+import lt_fronts  # noqa: E402
 import lt_methods  # noqa: E402
 import lt_records  # noqa: E402
 from bench_args import seed_list_or_none  # noqa: E402
@@ -108,6 +109,7 @@ def evaluate(model: Path, label: str, data: Data, out: Path, baseline, args):
     from deltawise.eval.runner import evaluate as run_eval
 
     if not out.is_file():
+        lt_methods.require_device(args)
         result = run_eval(str(model), [data.prose_eval, data.mc], [data.german_eval], eval_options(args))
         result.model = label
         if baseline is not None:
@@ -175,6 +177,7 @@ def pilot(base: Path, data: Data, args, book: Book) -> dict:
     done = {s for s in steps if (folder / step_result(s)).is_file()}
     train_s = None
     if set(steps) - done and not (folder / "train" / "deltawise_train.json").is_file():
+        lt_methods.require_device(args)
         run = Run(FULL, args.pilot_lr, lt_records.pilot_seed(args))
         cfg = TrainConfig(**lt_methods.settings(run, base, data, args), output=folder / "train", method="full",
                           max_steps=args.pilot_steps, logging_steps=args.pilot_every, save_every=args.pilot_every,
@@ -233,6 +236,7 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args, book: Book, merge
         model, train_seconds = lt_methods.train(run, base, data, folder, args)
         if train_seconds is not None and not result_file.is_file():  # the seconds of the training that is evaluated
             seconds["train"] = train_seconds
+            times_file.write_text(json.dumps(seconds))  # kept if the evaluation is killed (a lease's end)
     if not result_file.is_file():
         t0 = time.time()
         evaluate(model, run.key, data, result_file, base_eval, args)
@@ -255,6 +259,24 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args, book: Book, merge
             "seconds": seconds, **lt_report.measures(load_result(result_file), data),
             "budget": lt_report.budget_summary(budget), "tool": None,
             "cost": {"total": seconds.get("train"), "parts": {"train": seconds.get("train")}}}
+
+
+def item_samples(rows: list[dict], data: Data, args) -> dict[str, lt_fronts.Sample]:
+    """Each evaluated run's per-item German and English prose scores beside the base's (the paired matched-gain
+    comparison's input), by run key."""
+    from deltawise.eval.intervals import paired_sample
+    from deltawise.eval.results import load_result
+
+    base = {d.name: d for d in load_result(args.work / "base.json").datasets}
+    found = {}
+    for row in rows:
+        path = args.work / "runs" / row["key"] / "eval.json"
+        if row["tool"] is None and path.is_file():
+            sets = {d.name: d for d in load_result(path).datasets}
+            pairs = [paired_sample(sets[f.stem], base[f.stem]) for f in (data.german_eval, data.prose_eval)]
+            if None not in pairs:
+                found[row["key"]] = tuple(pairs)
+    return found
 
 
 def claim_work(args) -> str:
@@ -397,16 +419,27 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not args.steps:
             raise SystemExit("no --steps: run --pilot first (it finds the step count; its final checkpoint must forget "
                              "English prose measurably) or give --steps N")
-        base_eval = base_evaluation(base, data, args, book)
-        rows = []
+        try:
+            base_eval = base_evaluation(base, data, args, book)
+        except lt_methods.MissingDevice as e:
+            raise SystemExit(f"{e}, and the base's evaluation on it is not recorded: nothing to show") from None
+        rows, absent = [], []
         for run in runs:
             t0 = time.time()
-            rows.append(run_one(run, base, data, base_eval, args, book))
+            try:
+                rows.append(run_one(run, base, data, base_eval, args, book))
+            except lt_methods.MissingDevice:  # a GPU's run not recorded yet: the tables show the recorded ones
+                absent.append(run.key)
+                console.print(f"  {run.key}: not recorded, and {args.device} is not on this machine: left out")
+                continue
             console.print(f"  {run.key}: gain {rows[-1]['target_gain']:+.3f}, prose retention "
                           f"{rows[-1]['prose_retention']:.4f} ({time.time() - t0:.0f} s)")
         levels = [float(x) for x in args.gain_levels.split(",") if x]
-        payload |= lt_report.tables(rows, levels, console)
+        payload |= lt_report.tables(rows, levels, console, item_samples(rows, data, args))
         payload["runs"] = rows
+        if absent:
+            console.print(f"left out (need {args.device}): {', '.join(absent)}")
+            payload["left_out"] = absent
     payload["seconds"] = time.time() - started
     out = args.work / ("pilot_summary.json" if args.pilot else "language_transfer_long.json")
     out.write_text(json.dumps(payload, indent=2, default=str))

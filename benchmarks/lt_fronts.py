@@ -11,7 +11,10 @@ the interpolation itself.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from deltawise.eval.intervals import IntervalSettings, PairedSample, draws, percentile
 
 from seed_stats import t_interval
 
@@ -56,3 +59,68 @@ def common_levels(fronts: dict[str, Sequence[Point]], count: int = 4) -> list[fl
     if count == 1 or math.isclose(low, high):
         return [low]
     return [low + i * (high - low) / (count - 1) for i in range(count)]
+
+
+# Matched gain with an interval: one method's retention minus another's at the same target gain, paired over items.
+#
+# Every run is scored on the same German and English items, so one bootstrap replicate draws the items once (German and
+# English apart: independent sets) and recomputes every run's gain and retention on that draw. The gain compared at is
+# a fixed position inside the overlap of the two fronts' gain ranges *in that replicate* (a quarter, half, three
+# quarters of the way): a draw of easier German items raises every run's gain together, and a fixed gain level would
+# then fall outside a front in many replicates. Each method's retention at that gain is interpolated along its front
+# within the replicate, so where the gain falls on the fronts is part of the interval. The percentile interval of the
+# replicates' differences is reported; a replicate whose fronts do not overlap is dropped and counted. One seed: the
+# sweep's rates run at one seed, so the interval is the item noise of that seed only.
+
+Sample = tuple[PairedSample, PairedSample]  # a run's (target, source) per-item scores, each paired with the base's
+POSITIONS = (0.25, 0.5, 0.75)
+
+
+def front_replicates(front: Sequence[Sample], target_idx: np.ndarray, source_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gains, retentions), each points x replicates, of a front's runs on the drawn items."""
+    gains = np.stack([target.replicates(target_idx)["ratio"] - 1 for target, _ in front])
+    retentions = np.stack([source.replicates(source_idx)["ratio"] for _, source in front])
+    return gains, retentions
+
+
+def interpolate(gains: np.ndarray, retentions: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Per replicate (column j), the retention at gain ``levels[j]`` by linear interpolation between the points
+    sorted by gain; NaN where the level is NaN or outside the replicate's front (no extrapolation)."""
+    out = np.full(gains.shape[1], np.nan)
+    for j, level in enumerate(levels):
+        order = np.argsort(gains[:, j])
+        g, r = gains[order, j], retentions[order, j]
+        if g[0] <= level <= g[-1]:
+            out[j] = np.interp(level, g, r)
+    return out
+
+
+def overlap_level(ga: np.ndarray, gb: np.ndarray, position: float) -> np.ndarray:
+    """Per replicate, the gain ``position`` of the way through the overlap of two fronts' gain ranges (NaN: none)."""
+    low, high = np.maximum(ga.min(axis=0), gb.min(axis=0)), np.minimum(ga.max(axis=0), gb.max(axis=0))
+    return np.where(low <= high, low + position * (high - low), np.nan)
+
+
+def matched_difference(a: Sequence[Sample], b: Sequence[Sample], position: float,
+                       settings: IntervalSettings) -> dict[str, Any]:
+    """Retention of front ``a`` minus front ``b`` at the gain ``position`` (0-1) of the way through their fronts'
+    overlap: the point estimate on all items (with that gain), its paired percentile interval and the replicates
+    dropped (fronts not overlapping on the drawn items)."""
+    runs = [*a, *b]
+    n_target, n_source = len(runs[0][0].base), len(runs[0][1].base)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a front needs two or more runs (learning rates) to interpolate along")
+    if any(len(t.base) != n_target or len(s.base) != n_source for t, s in runs):
+        raise ValueError("the runs were scored on different items")
+
+    def value(target_idx: np.ndarray, source_idx: np.ndarray) -> np.ndarray:
+        (ga, ra), (gb, rb) = front_replicates(a, target_idx, source_idx), front_replicates(b, target_idx, source_idx)
+        level = overlap_level(ga, gb, position)
+        at_a, at_b = interpolate(ga, ra, level), interpolate(gb, rb, level)
+        return np.stack([level, at_a, at_b, at_a - at_b])
+
+    point = value(np.arange(n_target)[None, :], np.arange(n_source)[None, :])[:, 0]
+    reps = value(draws(n_target, settings, 0), draws(n_source, settings, 1))
+    return {"position": position, "level": float(point[0]), "a": float(point[1]), "b": float(point[2]),
+            "difference": float(point[3]), "difference_ci": percentile(reps[3], settings.level),
+            "dropped": int(np.isnan(reps[3]).sum()), "replicates": settings.replicates}

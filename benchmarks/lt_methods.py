@@ -232,11 +232,26 @@ def train_config(run: Run, base: Path, data: Data, output: Path, args):
                        resume=interrupted_checkpoint(output) is not None)
 
 
+class MissingDevice(RuntimeError):
+    """A stage would compute on a GPU this machine does not have."""
+
+
+def require_device(args) -> None:
+    """Refuses to compute where ``--device`` is absent: transformers would train on the CPU instead, and a CPU result
+    would be recorded as the GPU's (the records of each kind of device are kept apart: lt_records.device_kind)."""
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingDevice(f"--device {args.device}: this machine has no GPU")
+
+
 def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, Optional[float]]:
     """The run's full model (trained now unless cached) and the seconds training took now (None: cached)."""
     from deltawise.adapt.materialize import materialize
     from deltawise.adapt.train import TrainConfig, run_train
 
+    require_device(args)
     m = run.method
     common = settings(run, base, data, args)
     seconds = None
@@ -273,6 +288,7 @@ def budget_merge(model: Path, base: Path, data: Data, folder: Path, args) -> dic
     out_json = folder / "budget.json"
     if out_json.is_file():
         return json.loads(out_json.read_text())
+    require_device(args)
     from deltawise.io.writer import write_json_atomic
     from deltawise.merge.engine import MergeOptions
     from deltawise.merge.recipe import parse_recipe

@@ -4,6 +4,8 @@ matched-target-gain comparison (lt_fronts.py)."""
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
@@ -189,6 +191,48 @@ def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
                                             for label, front in by_method.items()}}
 
 
+def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], against: str = "full") -> list[dict]:
+    """Each swept method's retention minus ``against``'s at matched target gains, paired over items
+    (lt_fronts.matched_difference), at the levels inside both fronts and the first seed both swept."""
+    from deltawise.eval.intervals import IntervalSettings
+
+    def front(label: str, seed: int) -> list[dict]:
+        return sorted((r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples),
+                      key=lambda r: r["lr"])
+
+    def swept_seeds(label: str) -> set[int]:
+        return {seed for seed in {r["seed"] for r in rows} if len(front(label, seed)) > 1}
+
+    found = []
+    labels = dict.fromkeys(r["label"] for r in rows if r["label"] not in (against, "english-only") and not r["tool"])
+    for label in labels:
+        seeds = sorted(swept_seeds(label) & swept_seeds(against))
+        if not seeds:
+            continue
+        mine, theirs = front(label, seeds[0]), front(against, seeds[0])
+        for position in lt_fronts.POSITIONS:
+            found.append({"method": label, "against": against, "seed": seeds[0], "rates": [r["lr"] for r in mine],
+                          "against_rates": [r["lr"] for r in theirs], **lt_fronts.matched_difference(
+                              [samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs], position,
+                              IntervalSettings())})
+    return found
+
+
+def matched_pairs_table(found: list[dict]) -> Table:
+    table = Table(title=f"prose retention at matched target gain, minus {found[0]['against']}'s, paired over items")
+    for col in ("method", "seed", "where in the overlap", "gain", found[0]["against"], "method ", "difference",
+                "replicates dropped"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for f in found:
+        table.add_row(f["method"], str(f["seed"]), f"{f['position']:g}", f"{f['level']:+.3f}", f"{f['b']:.3f}",
+                      f"{f['a']:.3f}", f"{f['difference']:+.3f}{_ci(f['difference_ci'])}",
+                      "" if not f["dropped"] else f"{f['dropped']}/{f['replicates']}")
+    table.caption = ("each front: its learning-rate sweep at one seed; the gain: that far through the overlap of the "
+                     "two fronts' gains, in each bootstrap replicate (German and English items drawn once per replicate "
+                     "for every run), each front interpolated there; [ ]: 95% percentile interval over items")
+    return table
+
+
 COMPARED = ("full", "lora")  # the fronts the forgetting-budget rows are read against
 COST = ("cost: wall seconds (evaluation on the evaluation sets excluded); full-guard: the whole guarded run, of it "
         "train = optimizer steps, monitor = the guard's checks, interpolate = the --interpolate searches after training; "
@@ -241,7 +285,9 @@ def budget_table(rows: list[dict]) -> Table:
     return table
 
 
-def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
+def tables(rows: list[dict], levels: list[float], console, samples: Optional[dict] = None) -> dict[str, Any]:
+    """The benchmark's tables, printed; ``samples`` (run key -> per-item scores, lt_fronts.Sample) adds the paired
+    matched-gain differences."""
     summary = summarise(rows)
     table = Table(title="SmolLM2-135M English → German, long runs: gain vs English retention")
     for col in ("method", "lr", "seeds", "target gain", "prose retention", "WordNet ratio", "train s",
@@ -252,7 +298,8 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
         table.add_row(r["label"], f"{r['lr']:g}", str(len(r["seeds"])),
                       _mean_sd(r["target_gain"]) + _ci(r["target_gain_ci"]),
                       _mean_sd(r["prose_retention"]) + _ci(r["prose_retention_ci"]),
-                      _mean_sd(r["wordnet_ratio"]) + _ci(r["wordnet_ratio_ci"]), f"{r['train_seconds']:.0f}",
+                      _mean_sd(r["wordnet_ratio"]) + _ci(r["wordnet_ratio_ci"]),
+                      "—" if math.isnan(r["train_seconds"]) else f"{r['train_seconds']:.0f}",
                       _mean_sd(b["lambda"]) if b else "", _mean_sd(b["heldout_prose_retention"]) if b else "",
                       _mean_sd(b["heldout_target_gain"]) if b else "")
     table.caption = DEFINITIONS + "; budget: λ chosen on the selection sets, numbers on the evaluation sets"
@@ -265,10 +312,19 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
     if any(r["label"] not in COMPARED for r in budgeted):
         console.print(budget_table(budgeted))
     matched = found["matched_gain"] = matched_gain(summary, levels)
-    if not matched["levels"]:
+    if matched["levels"]:
+        console.print(matched_gain_table(matched))
+    else:
         console.print("matched target gain: no gain that every method's learning-rate sweep reaches (run the sweeps, "
                       "or name levels with --gain-levels)")
-        return found
+    if samples:
+        pairs = found["matched_pairs"] = matched_pairs(rows, samples)
+        if pairs:
+            console.print(matched_pairs_table(pairs))
+    return found
+
+
+def matched_gain_table(matched: dict[str, Any]) -> Table:
     front = Table(title="prose retention at matched target gain (linear interpolation along each method's lr sweep)")
     front.add_column("method")
     for g in matched["levels"]:
@@ -276,5 +332,4 @@ def tables(rows: list[dict], levels: list[float], console) -> dict[str, Any]:
     for label, values in matched["retention"].items():
         front.add_row(label, *["—" if v is None else f"{v[0]:.3f}{_ci(v[1])}" for v in values])
     front.caption = "—: outside the gains the method's sweep reached (no extrapolation); [ ]: the interpolated interval bounds"
-    console.print(front)
-    return found
+    return front

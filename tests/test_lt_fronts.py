@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from deltawise.eval.intervals import IntervalSettings, PairedSample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lt_fronts  # noqa: E402
@@ -60,6 +62,7 @@ def _row(label, lr, seed, gain, retention, wordnet=1.0):
 
 def test_seed_differences_pair_each_methods_main_row_with_the_reference_by_seed():
     import lt_report
+    from rich.console import Console
 
     rows = [_row("full", 1e-4, s, 3.0 + s, 0.96 - 0.01 * s) for s in (0, 1, 2)]
     rows += [_row("full", 3e-4, 0, 5.0, 0.80)]  # a sweep point: one seed, never the main row
@@ -80,6 +83,7 @@ def test_seed_differences_pair_each_methods_main_row_with_the_reference_by_seed(
 
 def test_main_steps_is_the_pilots_length_only_when_its_final_checkpoint_forgets():
     import lt_report
+    from rich.console import Console
 
     def point(step, ci):
         return {"step": step, "prose_retention_ci": ci}
@@ -89,3 +93,85 @@ def test_main_steps_is_the_pilots_length_only_when_its_final_checkpoint_forgets(
     assert lt_report.main_steps({"steps": 400, "curve": [point(300, [0.99, 1.02]), point(400, [0.95, 0.99])]}) == 400
     assert lt_report.main_steps({"steps": 500, "curve": [point(400, [0.9, 0.95])]}) is None  # stopped before its end
     assert lt_report.main_steps({"steps": 400, "curve": [point(400, None)]}) is None
+
+
+def _sample(base_nll: np.ndarray, nll: np.ndarray, tokens: float = 10.0) -> PairedSample:
+    t = np.full(len(base_nll), tokens)
+    return PairedSample("perplexity", base_nll, nll, t, t.copy())
+
+
+def _run(gain: float, retention: float, n_target: int = 40, n_source: int = 30, noise: float = 0.0, seed: int = 0):
+    """A run whose every item has the given gain and retention (ratio exp((base nll − nll) / tokens)), plus noise."""
+    rng = np.random.default_rng(seed)
+    base_t, base_s = np.full(n_target, 20.0), np.full(n_source, 20.0)
+    nll_t = base_t - 10 * np.log1p(gain) + noise * rng.standard_normal(n_target)
+    nll_s = base_s - 10 * np.log(retention) + noise * rng.standard_normal(n_source)
+    return _sample(base_t, nll_t), _sample(base_s, nll_s)
+
+
+SETTINGS = IntervalSettings(level=0.95, replicates=400, bootstrap_seed=0)
+
+
+def test_matched_difference_of_noiseless_fronts_is_the_hand_computed_one_with_no_spread():
+    a = [_run(0.5, 0.95), _run(1.0, 0.85)]  # at gain 0.75: 0.90
+    b = [_run(1.2, 0.94), _run(0.6, 1.00)]  # unsorted; at 0.75: 1.00 + 0.25 · (0.94 − 1.00) = 0.985
+    found = lt_fronts.matched_difference(a, b, 0.375, SETTINGS)  # the overlap is [0.6, 1.0]: 0.375 of it is 0.75
+    assert found["level"] == pytest.approx(0.75)
+    assert found["a"] == pytest.approx(0.90) and found["b"] == pytest.approx(0.985)
+    assert found["difference"] == pytest.approx(-0.085)
+    assert found["difference_ci"] == pytest.approx((-0.085, -0.085))  # every draw is the same items' values
+    assert found["dropped"] == 0
+    apart = lt_fronts.matched_difference(a, [_run(1.5, 0.8), _run(2.0, 0.7)], 0.5, SETTINGS)  # no gain in common
+    assert np.isnan(apart["difference"]) and apart["difference_ci"] is None and apart["dropped"] == SETTINGS.replicates
+    with pytest.raises(ValueError, match="two or more runs"):
+        lt_fronts.matched_difference(a[:1], b, 0.5, SETTINGS)
+
+
+def test_matched_difference_is_zero_against_itself_antisymmetric_and_seeded():
+    a = [_run(0.5, 0.95, noise=2.0, seed=1), _run(1.0, 0.85, noise=2.0, seed=2)]
+    b = [_run(0.4, 1.00, noise=2.0, seed=3), _run(1.1, 0.90, noise=2.0, seed=4)]
+    same = lt_fronts.matched_difference(a, a, 0.5, SETTINGS)
+    assert same["difference"] == 0 and same["difference_ci"] == (0.0, 0.0)
+    ab, ba = (lt_fronts.matched_difference(x, y, 0.5, SETTINGS) for x, y in ((a, b), (b, a)))
+    assert ab["level"] == pytest.approx(ba["level"]) and ab["difference"] == pytest.approx(-ba["difference"])
+    assert ab["difference_ci"] == pytest.approx((-ba["difference_ci"][1], -ba["difference_ci"][0]))
+    low, high = ab["difference_ci"]
+    assert low < ab["difference"] < high and high - low > 0.005  # item noise widens it
+    assert ab["dropped"] == 0  # the fronts overlap in every draw
+    assert lt_fronts.matched_difference(a, b, 0.5, SETTINGS) == ab  # the same seed, the same interval
+
+
+def test_the_interval_covers_a_true_difference_in_most_simulated_samples():
+    """Item noise drawn anew 40 times around fronts whose true difference at the matched gain is -0.085: the 95%
+    interval should contain it in most samples (a loose check of calibration, not an exact coverage)."""
+    settings = IntervalSettings(level=0.95, replicates=200, bootstrap_seed=0)
+    covered = 0
+    for k in range(40):
+        a = [_run(0.5, 0.95, noise=1.0, seed=4 * k), _run(1.0, 0.85, noise=1.0, seed=4 * k + 1)]
+        b = [_run(1.2, 0.94, noise=1.0, seed=4 * k + 2), _run(0.6, 1.00, noise=1.0, seed=4 * k + 3)]
+        low, high = lt_fronts.matched_difference(a, b, 0.375, settings)["difference_ci"]
+        covered += low <= -0.085 <= high
+    assert covered >= 32
+
+
+def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
+    import lt_report
+    from rich.console import Console
+
+    def row(label, lr, seed, gain, retention, tool=None):
+        return {"key": f"{label}_{lr}_s{seed}", "label": label, "lr": lr, "seed": seed, "target_gain": gain, "tool": tool}
+
+    runs = {("full", 1e-4, 0): (1.0, 0.85), ("full", 3e-5, 0): (0.5, 0.95), ("full", 1e-4, 1): (1.0, 0.84),
+            ("lora", 2e-3, 0): (1.2, 0.94), ("lora", 5e-4, 0): (0.6, 1.00), ("lora", 2e-3, 1): (1.2, 0.93),
+            ("hft", 1e-4, 0): (0.9, 1.0), ("english-only", 1e-4, 0): (0.1, 1.1)}
+    rows = [row(label, lr, seed, *values) for (label, lr, seed), values in runs.items()]
+    rows.append(row("full-guard", 1e-4, 0, 1.0, 0.9, tool={"choice": "x"}))
+    samples = {r["key"]: _run(*runs[(r["label"], r["lr"], r["seed"])]) for r in rows if r["tool"] is None}
+    found = lt_report.matched_pairs(rows, samples)
+    assert [(f["method"], f["seed"], f["position"]) for f in found] == [("lora", 0, p) for p in lt_fronts.POSITIONS]
+    assert found[0]["rates"] == [5e-4, 2e-3] and found[0]["against_rates"] == [3e-5, 1e-4]
+    middle = found[1]  # the overlap [0.6, 1.0]: gain 0.8; lora 1.00 - (0.2/0.6)·0.06 = 0.98, full 0.95 - 0.6·0.10 = 0.89
+    assert middle["level"] == pytest.approx(0.8) and middle["difference"] == pytest.approx(0.98 - 0.89)
+    console = Console(record=True, width=200)
+    console.print(lt_report.matched_pairs_table(found))
+    assert "│ lora   │    0 │                  0.5 │ +0.800 │ 0.890 │   0.980 │ +0.090 [0.090, 0.090] │" in console.export_text()

@@ -155,6 +155,26 @@ def test_a_gpu_result_is_recorded_apart_and_a_cpu_record_is_not_a_gpu_result(ben
     assert next(x for x in plan.splitlines() if x.startswith(f"│ {RUN}")).count("recorded") == 3
 
 
+def test_without_a_gpu_the_gpu_tables_show_the_recorded_runs_and_leave_the_others_out(bench):
+    """transformers would train on the CPU where --device cuda is absent: such a result must not be recorded as the
+    GPU's, so nothing is computed and the runs not recorded are named."""
+    run, calls, folder = bench
+    with pytest.raises(SystemExit, match="no GPU, and the base's evaluation on it is not recorded"):
+        run("machine-0", "--steps", "2", "--device", "cuda")
+    assert counts(calls) == {"train": 0, "eval": 0, "budget": 0}
+    first, printed = run("machine-1", "--steps", "2")
+    for name in ("base", RUN):  # as a GPU machine records them
+        saved = json.loads((folder / f"{name}.json").read_text())
+        saved["settings"]["device"] = "cuda"
+        records.save_record(folder / "cuda" / f"{name}.json", saved)
+    shown, printed = run("machine-2", "--steps", "2", "--device", "cuda", "--seeds", "0,1")
+    assert counts(calls) == {"train": 1, "eval": 2, "budget": 1}  # machine-1's only
+    assert [r["key"] for r in shown["runs"]] == [RUN] and shown["left_out"] == [RUN.replace("_s0", "_s1")]
+    assert shown["runs"] == first["runs"]
+    assert f"{RUN.replace('_s0', '_s1')}: not recorded, and cuda is not on this machine: left out" in printed
+    assert not (folder / "cuda" / f"{RUN.replace('_s0', '_s1')}.json").exists()
+
+
 def test_no_record_and_another_base_never_record(bench, texts):
     run, calls, folder = bench
     run("machine-1", "--steps", "2", "--no-record")
