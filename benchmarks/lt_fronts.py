@@ -5,7 +5,8 @@ seed mean at one rate. "Retention at matched gain g" is read off the front by li
 between the two points whose gains bracket g (sorted by gain); outside the front's gain range there
 is no value (no extrapolation). The interval shown beside an interpolated value interpolates the two
 points' interval bounds the same way: a guide to the item noise at that gain, not an interval of
-the interpolation itself.
+the interpolation itself. ``matched_difference`` gives that interval for the difference of two
+methods at matched gain, by a paired bootstrap over items (its comment below says how).
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def matched_difference(a: Sequence[Sample], b: Sequence[Sample], position: float
     """Retention of front ``a`` minus front ``b`` at the gain ``position`` (0-1) of the way through their fronts'
     overlap: the point estimate on all items (with that gain), its paired percentile interval and the replicates
     dropped (fronts not overlapping on the drawn items)."""
-    runs = [*a, *b]
-    n_target, n_source = len(runs[0][0].base), len(runs[0][1].base)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("a front needs two or more runs (learning rates) to interpolate along")
+    runs = [*a, *b]
+    n_target, n_source = len(runs[0][0].base), len(runs[0][1].base)
     if any(len(t.base) != n_target or len(s.base) != n_source for t, s in runs):
         raise ValueError("the runs were scored on different items")
 

@@ -5,7 +5,6 @@ matched-target-gain comparison (lt_fronts.py)."""
 from __future__ import annotations
 
 import math
-
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
@@ -193,7 +192,8 @@ def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
 
 def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], against: str = "full") -> list[dict]:
     """Each swept method's retention minus ``against``'s at matched target gains, paired over items
-    (lt_fronts.matched_difference), at the levels inside both fronts and the first seed both swept."""
+    (lt_fronts.matched_difference): at a quarter, half and three quarters of the way through the overlap of the two
+    fronts' gains, at the first seed at which both ran two or more rates."""
     from deltawise.eval.intervals import IntervalSettings
 
     def front(label: str, seed: int) -> list[dict]:
@@ -220,8 +220,8 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
 
 def matched_pairs_table(found: list[dict]) -> Table:
     table = Table(title=f"prose retention at matched target gain, minus {found[0]['against']}'s, paired over items")
-    for col in ("method", "seed", "where in the overlap", "gain", found[0]["against"], "method ", "difference",
-                "replicates dropped"):
+    for col in ("method", "seed", "where in the overlap", "gain", f"retention: {found[0]['against']}",
+                "retention: method", "difference", "replicates dropped"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for f in found:
         table.add_row(f["method"], str(f["seed"]), f"{f['position']:g}", f"{f['level']:+.3f}", f"{f['b']:.3f}",
