@@ -109,7 +109,7 @@ def evaluate(model: Path, label: str, data: Data, out: Path, baseline, args):
     from deltawise.eval.runner import evaluate as run_eval
 
     if not out.is_file():
-        lt_methods.require_device(args)
+        lt_methods.require_compute(args)
         result = run_eval(str(model), [data.prose_eval, data.mc], [data.german_eval], eval_options(args))
         result.model = label
         if baseline is not None:
@@ -177,7 +177,7 @@ def pilot(base: Path, data: Data, args, book: Book) -> dict:
     done = {s for s in steps if (folder / step_result(s)).is_file()}
     train_s = None
     if set(steps) - done and not (folder / "train" / "deltawise_train.json").is_file():
-        lt_methods.require_device(args)
+        lt_methods.require_compute(args)
         run = Run(FULL, args.pilot_lr, lt_records.pilot_seed(args))
         cfg = TrainConfig(**lt_methods.settings(run, base, data, args), output=folder / "train", method="full",
                           max_steps=args.pilot_steps, logging_steps=args.pilot_every, save_every=args.pilot_every,
@@ -378,6 +378,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--gain-levels", default="", help="target gains to compare methods at (default: 4 common to all fronts)")
     ap.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="compute nothing: the tables of the runs recorded (or cached in --work); the others are listed")
     ap.add_argument("--base", type=Path, default=None,
                     help="base model folder (default: SmolLM2-135M-Instruct, fetched by examples/demo.py); one per --work; "
                          "its results are not recorded")
@@ -421,16 +423,16 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "English prose measurably) or give --steps N")
         try:
             base_eval = base_evaluation(base, data, args, book)
-        except lt_methods.MissingDevice as e:
-            raise SystemExit(f"{e}, and the base's evaluation on it is not recorded: nothing to show") from None
+        except lt_methods.NotComputed as e:
+            raise SystemExit(f"the base's evaluation: {e}; nothing to show") from None
         rows, absent = [], []
         for run in runs:
             t0 = time.time()
             try:
                 rows.append(run_one(run, base, data, base_eval, args, book))
-            except lt_methods.MissingDevice:  # a GPU's run not recorded yet: the tables show the recorded ones
+            except lt_methods.NotComputed as e:  # the tables show the recorded runs
                 absent.append(run.key)
-                console.print(f"  {run.key}: not recorded, and {args.device} is not on this machine: left out")
+                console.print(f"  {run.key}: {e}: left out")
                 continue
             console.print(f"  {run.key}: gain {rows[-1]['target_gain']:+.3f}, prose retention "
                           f"{rows[-1]['prose_retention']:.4f} ({time.time() - t0:.0f} s)")
@@ -438,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         payload |= lt_report.tables(rows, levels, console, item_samples(rows, data, args))
         payload["runs"] = rows
         if absent:
-            console.print(f"left out (need {args.device}): {', '.join(absent)}")
+            console.print(f"left out (not recorded): {', '.join(absent)}")
             payload["left_out"] = absent
     payload["seconds"] = time.time() - started
     out = args.work / ("pilot_summary.json" if args.pilot else "language_transfer_long.json")

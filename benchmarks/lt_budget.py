@@ -137,7 +137,7 @@ def guarded(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, 
     if not (out / GUARD_RECORD).is_file():
         request = GuardRequest(retain=budgets(data, args), targets=[data.german_select], options=GuardOptions(interpolate=True),
                                eval_max_length=eval_options(args).max_length, eval_batch_size=args.eval_batch_size)
-        lt_methods.require_device(args)
+        lt_methods.require_compute(args)
         ended = training_end()
         with clock(seconds, "guarded", folder):
             guarded_train(lt_methods.train_config(run, bench.base, data, out, args), request,
@@ -183,7 +183,7 @@ def repaired(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path,
         cached(record_file, args)
     if not eval_file.is_file():
         if not (out / REPORT).is_file():
-            lt_methods.require_device(args)
+            lt_methods.require_compute(args)
             options = RepairOptions(budgets(data, args), [data.german_select], most_retentive=True, overwrite=True,
                                     eval=eval_options(args), note=lambda message: console.print(f"    repair: {message}"))
             with clock(seconds, "repair", folder):
@@ -240,7 +240,7 @@ def sweep(run: Run, bench: Bench, out: Path):
     from deltawise.search.lr_sweep import SweepOptions, run_lr_sweep
 
     data, args = bench.data, bench.args
-    lt_methods.require_device(args)
+    lt_methods.require_compute(args)
     steps = sweep_steps(args)
     # full's settings but what the sweep sets itself (rate, steps) or takes as arguments (model, data)
     training = {k: v for k, v in lt_methods.settings(Run(FULL, None, run.seed), bench.base, data, args).items()

@@ -232,18 +232,21 @@ def train_config(run: Run, base: Path, data: Data, output: Path, args):
                        resume=interrupted_checkpoint(output) is not None)
 
 
-class MissingDevice(RuntimeError):
-    """A stage would compute on a GPU this machine does not have."""
+class NotComputed(RuntimeError):
+    """A stage would compute where this invocation may not: ``--recorded-only``, or a GPU this machine lacks."""
 
 
-def require_device(args) -> None:
-    """Refuses to compute where ``--device`` is absent: transformers would train on the CPU instead, and a CPU result
-    would be recorded as the GPU's (the records of each kind of device are kept apart: lt_records.device_kind)."""
+def require_compute(args) -> None:
+    """Refuses to compute under ``--recorded-only``, and where ``--device`` is absent: transformers would train on the
+    CPU instead, and a CPU result would be recorded as the GPU's (the records of each kind of device are kept apart:
+    lt_records.device_kind)."""
+    if args.recorded_only:
+        raise NotComputed("not recorded (--recorded-only)")
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise MissingDevice(f"--device {args.device}: this machine has no GPU")
+            raise NotComputed(f"not recorded, and {args.device} is not on this machine")
 
 
 def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, Optional[float]]:
@@ -251,7 +254,7 @@ def train(run: Run, base: Path, data: Data, folder: Path, args) -> tuple[Path, O
     from deltawise.adapt.materialize import materialize
     from deltawise.adapt.train import TrainConfig, run_train
 
-    require_device(args)
+    require_compute(args)
     m = run.method
     common = settings(run, base, data, args)
     seconds = None
@@ -288,7 +291,7 @@ def budget_merge(model: Path, base: Path, data: Data, folder: Path, args) -> dic
     out_json = folder / "budget.json"
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    require_device(args)
+    require_compute(args)
     from deltawise.io.writer import write_json_atomic
     from deltawise.merge.engine import MergeOptions
     from deltawise.merge.recipe import parse_recipe

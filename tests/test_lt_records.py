@@ -155,11 +155,11 @@ def test_a_gpu_result_is_recorded_apart_and_a_cpu_record_is_not_a_gpu_result(ben
     assert next(x for x in plan.splitlines() if x.startswith(f"│ {RUN}")).count("recorded") == 3
 
 
-def test_without_a_gpu_the_gpu_tables_show_the_recorded_runs_and_leave_the_others_out(bench):
+def test_without_a_gpu_or_with_recorded_only_nothing_is_computed_and_the_runs_not_recorded_are_named(bench):
     """transformers would train on the CPU where --device cuda is absent: such a result must not be recorded as the
-    GPU's, so nothing is computed and the runs not recorded are named."""
+    GPU's; so nothing is computed and the runs not recorded are named. --recorded-only does the same anywhere."""
     run, calls, folder = bench
-    with pytest.raises(SystemExit, match="no GPU, and the base's evaluation on it is not recorded"):
+    with pytest.raises(SystemExit, match="the base's evaluation: not recorded, and cuda is not on this machine"):
         run("machine-0", "--steps", "2", "--device", "cuda")
     assert counts(calls) == {"train": 0, "eval": 0, "budget": 0}
     first, printed = run("machine-1", "--steps", "2")
@@ -173,6 +173,10 @@ def test_without_a_gpu_the_gpu_tables_show_the_recorded_runs_and_leave_the_other
     assert shown["runs"] == first["runs"]
     assert f"{RUN.replace('_s0', '_s1')}: not recorded, and cuda is not on this machine: left out" in printed
     assert not (folder / "cuda" / f"{RUN.replace('_s0', '_s1')}.json").exists()
+    shown, printed = run("machine-3", "--steps", "2", "--seeds", "0,1", "--recorded-only")  # the CPU's, alike
+    assert counts(calls) == {"train": 1, "eval": 2, "budget": 1}
+    assert shown["runs"] == first["runs"] and shown["left_out"] == [RUN.replace("_s0", "_s1")]
+    assert f"{RUN.replace('_s0', '_s1')}: not recorded (--recorded-only): left out" in printed
 
 
 def test_no_record_and_another_base_never_record(bench, texts):
