@@ -68,6 +68,12 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
             "FSDP_RESHARD_AFTER_FORWARD": "true"}
 TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "seed": 3}
+# FSDP against one process: the gradients are summed in another order (reduce-scatter of shards), and Adam turns a
+# float32 rounding of a near-zero gradient into up to ~1e-3 of lr per step (its update is scale-free). Measured on one
+# 2-core machine (AMD EPYC, 2026-12-04): full fine-tuning 1.7e-5 apart at most after 3 steps at lr 1e-2; a gradient
+# left unreduced would put them ~lr apart. Sharded runs against sharded runs stay at the tight tolerance.
+ONE_PROCESS = {"atol": 5e-5, "rtol": 1e-4}
+SAME_SHARDING = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def _resumed_runs() -> list[dict]:
@@ -92,14 +98,14 @@ def fsdp_runs(tiny_lm, tmp_path_factory):
     return root
 
 
-def _assert_same_outputs(a: Path, b: Path, pattern: str, what: str) -> None:
+def _assert_same_outputs(a: Path, b: Path, pattern: str, what: str, tolerance: dict = SAME_SHARDING) -> None:
     files = sorted(a.glob(pattern))
     assert files, f"{what}: nothing saved"
     for f in files:
         x, y = load_file(f), load_file(b / f.name)
         assert x.keys() == y.keys()
         for k in x:
-            torch.testing.assert_close(x[k], y[k], atol=1e-5, rtol=1e-4, msg=f"{what}/{f.name}: {k}")
+            torch.testing.assert_close(x[k], y[k], **tolerance, msg=f"{what}/{f.name}: {k}")
 
 
 @pytest.mark.slow
@@ -114,7 +120,7 @@ def test_fsdp_matches_one_process(name, fsdp_runs):
     for k in r0:
         assert r0[k].shape == single[k].shape, f"{name}: {k} was saved as a shard"
         assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ at {k}"
-        torch.testing.assert_close(r0[k], single[k], atol=1e-5, rtol=1e-4, msg=f"{name}: FSDP vs 1 process at {k}")
+        torch.testing.assert_close(r0[k], single[k], **ONE_PROCESS, msg=f"{name}: FSDP vs 1 process at {k}")
     assert json.loads((root / "fsdp" / name / "deltawise_train.json").read_text())["steps"] == 3
 
 
@@ -124,7 +130,7 @@ def test_fsdp_outputs_equal_one_process_outputs(fsdp_runs):
     root = fsdp_runs
     for r in RUNS:
         _assert_same_outputs(root / "fsdp" / r["name"], root / "single" / r["name"],
-                             OUTPUTS.get(r["name"], "*.safetensors"), r["name"])
+                             OUTPUTS.get(r["name"], "*.safetensors"), r["name"], ONE_PROCESS)
 
 
 @pytest.mark.slow
@@ -137,7 +143,7 @@ def test_fsdp_resumed_run_equals_the_uninterrupted_sharded_run(name, fsdp_runs):
     resumed, whole = load_file(out / f"{name}_resumed.rank0.safetensors"), load_file(out / f"{name}.rank0.safetensors")
     assert resumed.keys() == whole.keys()
     for k in whole:
-        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=1e-4, msg=f"{name} resumed: {k}")
+        torch.testing.assert_close(resumed[k], whole[k], **SAME_SHARDING, msg=f"{name} resumed: {k}")
     _assert_same_outputs(out / f"{name}_resumed", out / name, OUTPUTS.get(name, "*.safetensors"), f"{name} resumed")
     meta = json.loads((out / f"{name}_resumed" / "deltawise_train.json").read_text())
     assert meta["resumed_from_step"] == 1 and meta["steps"] == 3
@@ -245,7 +251,7 @@ def test_sharded_state_dict_checkpoints_resume(name, sharded_checkpoint_runs):
     resumed, whole = load_file(out / f"{name}_resumed.rank0.safetensors"), load_file(out / f"{name}.rank0.safetensors")
     assert resumed.keys() == whole.keys()
     for k in whole:
-        torch.testing.assert_close(resumed[k], whole[k], atol=1e-5, rtol=1e-4, msg=f"{name} resumed: {k}")
+        torch.testing.assert_close(resumed[k], whole[k], **SAME_SHARDING, msg=f"{name} resumed: {k}")
     _assert_same_outputs(out / f"{name}_resumed", out / name, OUTPUTS.get(name, "*.safetensors"), f"{name} resumed")
     assert json.loads((out / f"{name}_resumed" / "deltawise_train.json").read_text())["resumed_from_step"] == 1
 
