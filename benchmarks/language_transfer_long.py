@@ -414,7 +414,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "data": data.counts(), "data_sha256": book.common["data"]}
     if args.pilot:
-        record = pilot(base, data, args, book)
+        try:
+            record = pilot(base, data, args, book)
+        except lt_methods.NotComputed as e:
+            raise SystemExit(f"the pilot: {e}; nothing to show") from None
         console.print(lt_report.pilot_table(record))
         payload["pilot"] = record
     else:

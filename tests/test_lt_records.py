@@ -177,6 +177,9 @@ def test_without_a_gpu_or_with_recorded_only_nothing_is_computed_and_the_runs_no
     assert counts(calls) == {"train": 1, "eval": 2, "budget": 1}
     assert shown["runs"] == first["runs"] and shown["left_out"] == [RUN.replace("_s0", "_s1")]
     assert f"{RUN.replace('_s0', '_s1')}: not recorded (--recorded-only): left out" in printed
+    with pytest.raises(SystemExit, match=r"the pilot: not recorded \(--recorded-only\); nothing to show"):
+        run("machine-4", "--pilot", "--pilot-steps", "2", "--pilot-every", "1", "--recorded-only")
+    assert counts(calls) == {"train": 1, "eval": 2, "budget": 1}
 
 
 def test_no_record_and_another_base_never_record(bench, texts):
