@@ -12,7 +12,7 @@ methods at matched gain, by a paired bootstrap over items (its comment below say
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from deltawise.eval.intervals import IntervalSettings, PairedSample, draws, percentile
@@ -33,6 +33,17 @@ def interval_envelope(intervals: Sequence[Optional[Sequence[float]]]) -> Optiona
     if not intervals or any(ci is None for ci in intervals):
         return None
     return min(ci[0] for ci in intervals), max(ci[1] for ci in intervals)
+
+
+def up_to_peak(rows: Sequence[Any], gain: Callable[[Any], float], lr: Callable[[Any], float]) -> list[Any]:
+    """A sweep's rows in rising learning rate up to the one with the most target gain: a higher rate that gains
+    less has diverged (LoRA at 5e-3: less gain and half the retention), no choice a user would make, and a front
+    through it would interpolate between two regimes."""
+    ordered = sorted(rows, key=lr)
+    if not ordered:
+        return []
+    peak = max(range(len(ordered)), key=lambda i: gain(ordered[i]))
+    return ordered[:peak + 1]
 
 
 def at_gain(front: Sequence[Point], level: float) -> Optional[tuple[float, Optional[tuple[float, float]]]]:

@@ -174,12 +174,13 @@ def _mean_cost(costs: list[dict]) -> dict[str, Any]:
 def fronts(summary: list[dict]) -> dict[str, list]:
     """Each method's (gain, retention, retention interval) points over its learning-rate sweep: not the English-only
     control (no German gain to match) nor the forgetting-budget rows (their rate is not swept)."""
-    found: dict[str, list] = {}
+    rows: dict[str, list] = {}
     for row in summary:
         if row["label"] != "english-only" and not row["tool"]:
-            found.setdefault(row["label"], []).append(
-                (row["target_gain"]["mean"], row["prose_retention"]["mean"], row["prose_retention_ci"]))
-    return found
+            rows.setdefault(row["label"], []).append(row)
+    return {label: [(r["target_gain"]["mean"], r["prose_retention"]["mean"], r["prose_retention_ci"])
+                    for r in lt_fronts.up_to_peak(found, lambda r: r["target_gain"]["mean"], lambda r: r["lr"])]
+            for label, found in rows.items()}
 
 
 def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
@@ -197,8 +198,8 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
     from deltawise.eval.intervals import IntervalSettings
 
     def front(label: str, seed: int) -> list[dict]:
-        return sorted((r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples),
-                      key=lambda r: r["lr"])
+        return lt_fronts.up_to_peak([r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples],
+                                    lambda r: r["target_gain"], lambda r: r["lr"])
 
     def swept_seeds(label: str) -> set[int]:
         return {seed for seed in {r["seed"] for r in rows} if len(front(label, seed)) > 1}

@@ -176,3 +176,11 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     console.print(lt_report.matched_pairs_table(found))
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in console.export_text().splitlines() if line.startswith("│")]
     assert ["lora", "0", "0.5", "+0.800", "0.890", "0.980", "+0.090 [0.090, 0.090]", ""] in cells
+
+
+def test_a_front_ends_at_the_rate_with_the_most_gain():
+    rows = [(5e-3, 2.63), (5e-4, 2.97), (2e-3, 3.53), (1e-4, 2.10)]  # 5e-3 diverged: less gain than 2e-3
+    kept = lt_fronts.up_to_peak(rows, gain=lambda r: r[1], lr=lambda r: r[0])
+    assert kept == [(1e-4, 2.10), (5e-4, 2.97), (2e-3, 3.53)]
+    assert lt_fronts.up_to_peak([(1e-4, 1.0), (3e-4, 2.0)], gain=lambda r: r[1], lr=lambda r: r[0]) == [(1e-4, 1.0), (3e-4, 2.0)]
+    assert lt_fronts.up_to_peak([], gain=lambda r: r[1], lr=lambda r: r[0]) == []
