@@ -440,7 +440,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             console.print(f"  {run.key}: gain {rows[-1]['target_gain']:+.3f}, prose retention "
                           f"{rows[-1]['prose_retention']:.4f} ({time.time() - t0:.0f} s)")
         levels = [float(x) for x in args.gain_levels.split(",") if x]
-        payload |= lt_report.tables(rows, levels, console, item_samples(rows, data, args))
+        payload |= lt_report.tables(rows, levels, console, item_samples(rows, data, args),
+                                    [m.label for m in lt_methods.METHODS if m.replay])
         payload["runs"] = rows
         if absent:
             console.print(f"left out (not recorded): {', '.join(absent)}")

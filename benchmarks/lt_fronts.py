@@ -82,7 +82,9 @@ def common_levels(fronts: dict[str, Sequence[Point]], count: int = 4) -> list[fl
 # then fall outside a front in many replicates. Each method's retention at that gain is interpolated along its front
 # within the replicate, so where the gain falls on the fronts is part of the interval. The percentile interval of the
 # replicates' differences is reported; a replicate whose fronts do not overlap is dropped and counted. One seed: the
-# sweep's rates run at one seed, so the interval is the item noise of that seed only.
+# sweep's rates run at one seed, so the interval is the item noise of that seed only. A front of one run (a method
+# whose sweep is not run yet) is compared at its own gain, redrawn in each replicate: the overlap is that one gain
+# when the other front's range holds it, so every position gives the same comparison.
 
 Sample = tuple[PairedSample, PairedSample]  # a run's (target, source) per-item scores, each paired with the base's
 POSITIONS = (0.25, 0.5, 0.75)
@@ -117,9 +119,9 @@ def matched_difference(a: Sequence[Sample], b: Sequence[Sample], position: float
                        settings: IntervalSettings) -> dict[str, Any]:
     """Retention of front ``a`` minus front ``b`` at the gain ``position`` (0-1) of the way through their fronts'
     overlap: the point estimate on all items (with that gain), its paired percentile interval and the replicates
-    dropped (fronts not overlapping on the drawn items)."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("a front needs two or more runs (learning rates) to interpolate along")
+    dropped (fronts not overlapping on the drawn items). One of the two may be a single run: then at its own gain."""
+    if not a or not b or len(a) + len(b) < 3:
+        raise ValueError("one of the two fronts needs two or more runs (learning rates) to interpolate along")
     runs = [*a, *b]
     n_target, n_source = len(runs[0][0].base), len(runs[0][1].base)
     if any(len(t.base) != n_target or len(s.base) != n_source for t, s in runs):

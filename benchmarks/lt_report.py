@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from rich.table import Table
 
@@ -191,46 +191,57 @@ def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
                                             for label, front in by_method.items()}}
 
 
-def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], against: str = "full") -> list[dict]:
-    """Each swept method's retention minus ``against``'s at matched target gains, paired over items
-    (lt_fronts.matched_difference): at a quarter, half and three quarters of the way through the overlap of the two
-    fronts' gains, at the first seed at which both ran two or more rates."""
+def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], against: str = "full",
+                  methods: Optional[Sequence[str]] = None) -> list[dict]:
+    """Each method's retention minus ``against``'s at matched target gains, paired over items
+    (lt_fronts.matched_difference), at the first seed at which ``against`` ran two or more rates and the method ran
+    as many rates as at any such seed: a swept method at a quarter, half and three quarters of the way through the
+    overlap of the two fronts' gains; a method with one run there at that run's own gain (one row, position None).
+    ``methods``: the labels compared (default: every method but the English-only control and the forgetting-budget
+    rows). A row whose gains do not meet ``against``'s front on all items has no difference (NaN)."""
     from deltawise.eval.intervals import IntervalSettings
 
     def front(label: str, seed: int) -> list[dict]:
         return lt_fronts.up_to_peak([r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples],
                                     lambda r: r["target_gain"], lambda r: r["lr"])
 
-    def swept_seeds(label: str) -> set[int]:
-        return {seed for seed in {r["seed"] for r in rows} if len(front(label, seed)) > 1}
-
+    reference_seeds = sorted(seed for seed in {r["seed"] for r in rows} if len(front(against, seed)) > 1)
     found = []
-    labels = dict.fromkeys(r["label"] for r in rows if r["label"] not in (against, "english-only") and not r["tool"])
+    labels = methods if methods is not None else dict.fromkeys(
+        r["label"] for r in rows if r["label"] not in (against, "english-only") and not r["tool"])
     for label in labels:
-        seeds = sorted(swept_seeds(label) & swept_seeds(against))
-        if not seeds:
+        runs = {seed: len(front(label, seed)) for seed in reference_seeds}
+        if not any(runs.values()):
             continue
-        mine, theirs = front(label, seeds[0]), front(against, seeds[0])
-        for position in lt_fronts.POSITIONS:
-            found.append({"method": label, "against": against, "seed": seeds[0], "rates": [r["lr"] for r in mine],
+        seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
+        mine, theirs = front(label, seed), front(against, seed)
+        for position in lt_fronts.POSITIONS if len(mine) > 1 else (None,):
+            found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in mine],
                           "against_rates": [r["lr"] for r in theirs], **lt_fronts.matched_difference(
-                              [samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs], position,
-                              IntervalSettings())})
+                              [samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs],
+                              0.5 if position is None else position, IntervalSettings()), "position": position})
     return found
 
 
 def matched_pairs_table(found: list[dict]) -> Table:
-    table = Table(title=f"prose retention at matched target gain, minus {found[0]['against']}'s, paired over items")
-    for col in ("method", "seed", "where in the overlap", "gain", f"retention: {found[0]['against']}",
+    against = found[0]["against"]
+    table = Table(title=f"prose retention at matched target gain, minus {against}'s, paired over items")
+    for col in ("method", "seed", "where in the overlap", "gain", f"retention: {against}",
                 "retention: method", "difference", "replicates dropped"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for f in found:
-        table.add_row(f["method"], str(f["seed"]), f"{f['position']:g}", f"{f['level']:+.3f}", f"{f['b']:.3f}",
+        where = "its own gain" if f["position"] is None else f"{f['position']:g}"
+        if math.isnan(f["difference"]):
+            table.add_row(f["method"], str(f["seed"]), where, "", "", "", f"no gain in common with {against}'s front", "")
+            continue
+        table.add_row(f["method"], str(f["seed"]), where, f"{f['level']:+.3f}", f"{f['b']:.3f}",
                       f"{f['a']:.3f}", f"{f['difference']:+.3f}{_ci(f['difference_ci'])}",
                       "" if not f["dropped"] else f"{f['dropped']}/{f['replicates']}")
     table.caption = ("each front: its learning-rate sweep at one seed; the gain: that far through the overlap of the "
                      "two fronts' gains, in each bootstrap replicate (German and English items drawn once per replicate "
-                     "for every run), each front interpolated there; [ ]: 95% percentile interval over items")
+                     "for every run), each front interpolated there; its own gain: a method with one run so far, "
+                     f"{against}'s front interpolated at that run's gain in each replicate (a replicate where it falls "
+                     "outside the front is dropped and counted); [ ]: 95% percentile interval over items")
     return table
 
 
@@ -286,9 +297,15 @@ def budget_table(rows: list[dict]) -> Table:
     return table
 
 
-def tables(rows: list[dict], levels: list[float], console, samples: Optional[dict] = None) -> dict[str, Any]:
+# Methods that train with English replay (BaM as its paper runs it) are also compared with full fine-tuning on the same
+# replay: against plain full fine-tuning their retention mixes what the method does with what the English text does.
+REPLAY_CONTROL = "full-replay"
+
+
+def tables(rows: list[dict], levels: list[float], console, samples: Optional[dict] = None,
+           replayed: Sequence[str] = ()) -> dict[str, Any]:
     """The benchmark's tables, printed; ``samples`` (run key -> per-item scores, lt_fronts.Sample) adds the paired
-    matched-gain differences."""
+    matched-gain differences against full fine-tuning, and for the ``replayed`` methods against REPLAY_CONTROL."""
     summary = summarise(rows)
     table = Table(title="SmolLM2-135M English → German, long runs: gain vs English retention")
     for col in ("method", "lr", "seeds", "target gain", "prose retention", "WordNet ratio", "train s",
@@ -320,6 +337,10 @@ def tables(rows: list[dict], levels: list[float], console, samples: Optional[dic
                       "or name levels with --gain-levels)")
     if samples:
         pairs = found["matched_pairs"] = matched_pairs(rows, samples)
+        if pairs:
+            console.print(matched_pairs_table(pairs))
+        pairs = found["matched_pairs_replay"] = matched_pairs(rows, samples, REPLAY_CONTROL,
+                                                              [label for label in replayed if label != REPLAY_CONTROL])
         if pairs:
             console.print(matched_pairs_table(pairs))
     return found

@@ -124,7 +124,27 @@ def test_matched_difference_of_noiseless_fronts_is_the_hand_computed_one_with_no
     apart = lt_fronts.matched_difference(a, [_run(1.5, 0.8), _run(2.0, 0.7)], 0.5, SETTINGS)  # no gain in common
     assert np.isnan(apart["difference"]) and apart["difference_ci"] is None and apart["dropped"] == SETTINGS.replicates
     with pytest.raises(ValueError, match="two or more runs"):
-        lt_fronts.matched_difference(a[:1], b, 0.5, SETTINGS)
+        lt_fronts.matched_difference(a[:1], b[:1], 0.5, SETTINGS)
+
+
+def test_a_one_run_front_is_compared_at_its_own_gain_whatever_the_position():
+    b = [_run(1.2, 0.94), _run(0.6, 1.00)]  # at 0.75: 0.985 (as above)
+    for position in (0.0, 0.5, 1.0):
+        found = lt_fronts.matched_difference([_run(0.75, 0.90)], b, position, SETTINGS)
+        assert found["level"] == pytest.approx(0.75) and found["difference"] == pytest.approx(0.90 - 0.985)
+        assert found["difference_ci"] == pytest.approx((-0.085, -0.085)) and found["dropped"] == 0
+    reverse = lt_fronts.matched_difference(b, [_run(0.75, 0.90)], 0.5, SETTINGS)
+    assert reverse["difference"] == pytest.approx(0.085)
+    outside = lt_fronts.matched_difference([_run(1.5, 0.9)], b, 0.5, SETTINGS)  # beyond b's gains: nothing to compare
+    assert np.isnan(outside["difference"]) and outside["dropped"] == SETTINGS.replicates
+
+
+def test_a_one_run_front_near_the_end_of_the_other_drops_the_replicates_where_it_falls_outside():
+    b = [_run(0.6, 1.00, noise=1.0, seed=1), _run(1.2, 0.94, noise=1.0, seed=2)]
+    found = lt_fronts.matched_difference([_run(0.61, 0.97, noise=1.0, seed=3)], b, 0.5, SETTINGS)
+    assert 0 < found["dropped"] < SETTINGS.replicates  # the point's gain and b's low end move with the drawn items
+    low, high = found["difference_ci"]
+    assert low < found["difference"] < high
 
 
 def test_matched_difference_is_zero_against_itself_antisymmetric_and_seeded():
@@ -168,7 +188,9 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     rows.append(row("full-guard", 1e-4, 0, 1.0, 0.9, tool={"choice": "x"}))
     samples = {r["key"]: _run(*runs[(r["label"], r["lr"], r["seed"])]) for r in rows if r["tool"] is None}
     found = lt_report.matched_pairs(rows, samples)
-    assert [(f["method"], f["seed"], f["position"]) for f in found] == [("lora", 0, p) for p in lt_fronts.POSITIONS]
+    assert [(f["method"], f["seed"], f["position"]) for f in found] == [
+        *[("lora", 0, p) for p in lt_fronts.POSITIONS], ("hft", 0, None)]  # hft: one run, at its own gain
+    assert found[-1]["level"] == pytest.approx(0.9) and found[-1]["difference"] == pytest.approx(1.0 - (0.95 - 0.8 * 0.10))
     assert found[0]["rates"] == [5e-4, 2e-3] and found[0]["against_rates"] == [3e-5, 1e-4]
     middle = found[1]  # the overlap [0.6, 1.0]: gain 0.8; lora 1.00 - (0.2/0.6)·0.06 = 0.98, full 0.95 - 0.6·0.10 = 0.89
     assert middle["level"] == pytest.approx(0.8) and middle["difference"] == pytest.approx(0.98 - 0.89)
@@ -176,6 +198,32 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     console.print(lt_report.matched_pairs_table(found))
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in console.export_text().splitlines() if line.startswith("│")]
     assert ["lora", "0", "0.5", "+0.800", "0.890", "0.980", "+0.090 [0.090, 0.090]", ""] in cells
+    assert ["hft", "0", "its own gain", "+0.900", "0.870", "1.000", "+0.130 [0.130, 0.130]", ""] in cells
+
+
+def test_replayed_methods_are_also_compared_with_full_fine_tuning_on_the_same_replay():
+    import lt_report
+    from rich.console import Console
+
+    def row(label, lr, seed):
+        return {"key": f"{label}_{lr}_s{seed}", "label": label, "lr": lr, "seed": seed, "target_gain": runs[(label, lr)][0],
+                "tool": None}
+
+    runs = {("full", 3e-5): (2.8, 1.05), ("full", 1e-4): (3.6, 0.96), ("full-replay", 3e-5): (2.5, 1.29),
+            ("full-replay", 1e-4): (3.3, 1.23), ("bam-linear", 1e-4): (2.6, 1.25), ("sorsa", 3e-5): (1.3, 1.03)}
+    rows = [row(label, lr, 0) for label, lr in runs]
+    samples = {r["key"]: _run(*runs[(r["label"], r["lr"])]) for r in rows}
+    console = Console(record=True, width=250)
+    against_full = lt_report.matched_pairs(rows, samples)
+    against_replay = lt_report.matched_pairs(rows, samples, lt_report.REPLAY_CONTROL, ["bam-linear"])
+    by_method = {f["method"]: f for f in against_full if f["position"] in (None, 0.5)}
+    assert np.isnan(by_method["bam-linear"]["difference"]) and np.isnan(by_method["sorsa"]["difference"])  # below full's gains
+    (bam,) = against_replay
+    # full-replay at gain 2.6: 1.29 + (0.1 / 0.8) · (1.23 − 1.29) = 1.2825
+    assert bam["against"] == "full-replay" and bam["level"] == pytest.approx(2.6)
+    assert bam["difference"] == pytest.approx(1.25 - 1.2825)
+    console.print(lt_report.matched_pairs_table(against_full))
+    assert "no gain in common with full's front" in console.export_text()
 
 
 def test_a_front_ends_at_the_rate_with_the_most_gain():
