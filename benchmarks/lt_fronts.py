@@ -3,9 +3,9 @@
 A method's *front* is its (target gain, retention) points over a learning-rate sweep, each point the
 seed mean at one rate. "Retention at matched gain g" is read off the front by linear interpolation
 between the two points whose gains bracket g (sorted by gain); outside the front's gain range there
-is no value (no extrapolation). The interval shown beside an interpolated value interpolates the two
-points' interval bounds the same way: a guide to the item noise at that gain, not an interval of
-the interpolation itself. ``matched_difference`` gives that interval for the difference of two
+is no value (no extrapolation): ``along``, the rule of both readings below. The interval shown beside
+an interpolated value interpolates the two points' interval bounds the same way: a guide to the item
+noise at that gain, not an interval of the interpolation itself. ``matched_difference`` gives that interval for the difference of two
 methods at matched gain, by a paired bootstrap over items (its comment below says how).
 """
 
@@ -46,18 +46,23 @@ def up_to_peak(rows: Sequence[Any], gain: Callable[[Any], float], lr: Callable[[
     return ordered[:peak + 1]
 
 
+def along(gains: Sequence[float], values: Sequence[float], level: float) -> float:
+    """``values`` at gain ``level``, linearly between the two points whose gains bracket it (points sorted by gain);
+    NaN outside the points' gains or for a NaN level (no extrapolation). The one reading rule of every front here."""
+    order = np.argsort(np.asarray(gains, dtype=float), kind="stable")
+    g, v = np.asarray(gains, dtype=float)[order], np.asarray(values, dtype=float)[order]
+    return float(np.interp(level, g, v)) if len(g) and g[0] <= level <= g[-1] else math.nan
+
+
 def at_gain(front: Sequence[Point], level: float) -> Optional[tuple[float, Optional[tuple[float, float]]]]:
     """Retention (and interpolated interval) of ``front`` at target gain ``level``; None outside its range."""
-    points = sorted(front, key=lambda p: p[0])
-    if not points or not points[0][0] <= level <= points[-1][0]:
+    gains = [p[0] for p in front]
+    value = along(gains, [p[1] for p in front], level)
+    if math.isnan(value):
         return None
-    for (g0, r0, ci0), (g1, r1, ci1) in zip(points, points[1:]):
-        if g0 <= level <= g1:
-            w = 0.0 if math.isclose(g0, g1) else (level - g0) / (g1 - g0)
-            ci = None if ci0 is None or ci1 is None else (ci0[0] + w * (ci1[0] - ci0[0]), ci0[1] + w * (ci1[1] - ci0[1]))
-            return r0 + w * (r1 - r0), ci
-    g, r, ci = points[0]  # a one-point front, at exactly its gain
-    return r, ci
+    if any(p[2] is None for p in front):
+        return value, None
+    return value, (along(gains, [p[2][0] for p in front], level), along(gains, [p[2][1] for p in front], level))
 
 
 def common_levels(fronts: dict[str, Sequence[Point]], count: int = 4) -> list[float]:
@@ -98,15 +103,8 @@ def front_replicates(front: Sequence[Sample], target_idx: np.ndarray, source_idx
 
 
 def interpolate(gains: np.ndarray, retentions: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Per replicate (column j), the retention at gain ``levels[j]`` by linear interpolation between the points
-    sorted by gain; NaN where the level is NaN or outside the replicate's front (no extrapolation)."""
-    out = np.full(gains.shape[1], np.nan)
-    for j, level in enumerate(levels):
-        order = np.argsort(gains[:, j])
-        g, r = gains[order, j], retentions[order, j]
-        if g[0] <= level <= g[-1]:
-            out[j] = np.interp(level, g, r)
-    return out
+    """Per replicate (column j), the retention at gain ``levels[j]`` along that replicate's front (``along``)."""
+    return np.array([along(gains[:, j], retentions[:, j], level) for j, level in enumerate(levels)])
 
 
 def overlap_level(ga: np.ndarray, gb: np.ndarray, position: float) -> np.ndarray:
