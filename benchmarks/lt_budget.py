@@ -247,7 +247,7 @@ def sweep(run: Run, bench: Bench, out: Path):
                 if k not in ("model", "data", "lr", "progress", "overwrite")}
     scoring = eval_options(args)
     scoring.device = "cuda" if args.device.startswith("cuda") else "cpu"  # the runs are scored where they trained
-    options = SweepOptions(budgets(data, args), [data.german_select], lrs=FULL.lrs, steps=steps, method=FULL.method,
+    options = SweepOptions(budgets(data, args), [data.german_select], lrs=run.method.lrs, steps=steps, method=FULL.method,
                            training=training, max_examples=args.lr_sweep_examples, eval=scoring,
                            note=lambda message: console.print(f"    lr-sweep: {message}"))
     return run_lr_sweep(str(bench.base), data.german_train, out, options)

@@ -5,8 +5,9 @@ seed mean at one rate. "Retention at matched gain g" is read off the front by li
 between the two points whose gains bracket g (sorted by gain); outside the front's gain range there
 is no value (no extrapolation): ``along``, the rule of both readings below. The interval shown beside
 an interpolated value interpolates the two points' interval bounds the same way: a guide to the item
-noise at that gain, not an interval of the interpolation itself. ``matched_difference`` gives that interval for the difference of two
-methods at matched gain, by a paired bootstrap over items (its comment below says how).
+noise at that gain, not an interval of the interpolation itself. ``matched_difference`` gives that
+interval for the difference of two methods at matched gain, by a paired bootstrap over items (its
+comment below says how).
 """
 
 from __future__ import annotations

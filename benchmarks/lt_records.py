@@ -105,7 +105,7 @@ def run_settings(run: Run, args) -> dict[str, Any]:
         text = lt_methods.english_fortunes(Data(args.work / "data"))
         found["english_text"] = hashlib.sha256(text.read_bytes()).hexdigest()
     if run.method.tool == "lr-sweep":
-        found["lr_sweep"] = {"steps": lt_budget.sweep_steps(args), "examples": args.lr_sweep_examples, "rates": FULL.lrs}
+        found["lr_sweep"] = {"steps": lt_budget.sweep_steps(args), "examples": args.lr_sweep_examples, "rates": run.method.lrs}
     return found
 
 

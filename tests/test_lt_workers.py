@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lt_workers  # noqa: E402
+import lt_methods  # noqa: E402
 from lt_util import SETS, corpus, tiny_base, write_data  # noqa: E402
 
 
@@ -81,5 +82,6 @@ def test_a_sweep_job_trains_the_other_rates_only(setup, capsys):
     work, code = run_workers(setup, "work-sweep", "--workers", "2", "--methods", "english-only,full", "--seeds", "",
                              "--sweep-seeds", "0")
     assert code == 0, capsys.readouterr().out
-    assert sorted(p.name for p in (work / "runs").iterdir()) == ["full_lr0.0003_s0", "full_lr3e-05_s0"]
-    assert all((work / "runs" / run / "eval.json").is_file() for run in ("full_lr0.0003_s0", "full_lr3e-05_s0"))
+    others = sorted(f"full_lr{lr:g}_s0" for lr in lt_methods.FULL.lrs if lr != lt_methods.FULL.usual)
+    assert len(others) == 3 and sorted(p.name for p in (work / "runs").iterdir()) == others
+    assert all((work / "runs" / run / "eval.json").is_file() for run in others)
