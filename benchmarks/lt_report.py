@@ -198,7 +198,7 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
     as many rates as at any such seed: a swept method at a quarter, half and three quarters of the way through the
     overlap of the two fronts' gains; a method with one run there at that run's own gain (one row, position None).
     ``methods``: the labels compared (default: every method but the English-only control and the forgetting-budget
-    rows). A row whose gains do not meet ``against``'s front on all items has no difference (NaN)."""
+    rows). A row whose gains do not meet ``against``'s front on all items has no gain or difference (None)."""
     from deltawise.eval.intervals import IntervalSettings
 
     def front(label: str, seed: int) -> list[dict]:
@@ -216,10 +216,12 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
         seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
         mine, theirs = front(label, seed), front(against, seed)
         for position in lt_fronts.POSITIONS if len(mine) > 1 else (None,):
+            compared = lt_fronts.matched_difference([samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs],
+                                                    0.5 if position is None else position, IntervalSettings())
             found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in mine],
-                          "against_rates": [r["lr"] for r in theirs], **lt_fronts.matched_difference(
-                              [samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs],
-                              0.5 if position is None else position, IntervalSettings()), "position": position})
+                          "against_rates": [r["lr"] for r in theirs], "position": position,
+                          **{k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
+                             for k, v in compared.items() if k != "position"}})
     return found
 
 
@@ -231,7 +233,7 @@ def matched_pairs_table(found: list[dict]) -> Table:
         table.add_column(col, justify="left" if col == "method" else "right")
     for f in found:
         where = "its own gain" if f["position"] is None else f"{f['position']:g}"
-        if math.isnan(f["difference"]):
+        if f["difference"] is None:
             table.add_row(f["method"], str(f["seed"]), where, "", "", "", f"no gain in common with {against}'s front", "")
             continue
         table.add_row(f["method"], str(f["seed"]), where, f"{f['level']:+.3f}", f"{f['b']:.3f}",
