@@ -136,7 +136,10 @@ def launch_two_ranks(spec: dict, root: Path, env: dict[str, str] | None = None, 
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(tests / "ddp_worker.py"),
            str(root / "spec.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the rank that failed first prints its traceback early; the other ranks' barrier errors fill the tail
+    first_error = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line)[:3000]
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n--- error lines ---\n" + first_error + \
+        "\n--- stderr tail ---\n" + proc.stderr[-3000:]
 
 
 def two_ranks_and_one(spec: dict, root: Path, env: dict[str, str] | None = None, timeout: float = 300) -> None:
