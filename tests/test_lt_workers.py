@@ -82,6 +82,6 @@ def test_a_sweep_job_trains_the_other_rates_only(setup, capsys):
     work, code = run_workers(setup, "work-sweep", "--workers", "2", "--methods", "english-only,full", "--seeds", "",
                              "--sweep-seeds", "0")
     assert code == 0, capsys.readouterr().out
-    others = sorted(f"full_lr{lr:g}_s0" for lr in lt_methods.FULL.lrs if lr != lt_methods.FULL.usual)
+    others = sorted(lt_methods.Run(lt_methods.FULL, lr, 0).key for lr in lt_methods.FULL.lrs if lr != lt_methods.FULL.usual)
     assert len(others) == 3 and sorted(p.name for p in (work / "runs").iterdir()) == others
     assert all((work / "runs" / run / "eval.json").is_file() for run in others)
