@@ -1,9 +1,10 @@
 """Argument types shared by the benchmark scripts (``--seeds`` of task_merging.py, compression_accuracy.py,
-continual_finetuning.py and language_transfer_long.py)."""
+continual_finetuning.py and language_transfer_long.py; ``--lrs`` of language_transfer_long.py)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 
@@ -27,3 +28,21 @@ def seed_list(text: str) -> list[int]:
 def seed_list_or_none(text: str) -> list[int]:
     """``seed_list``, where an empty string means no seeds (``--sweep-seeds ""``: no runs off the usual rate)."""
     return [] if not text.strip() else seed_list(text)
+
+
+def rate_list(text: str) -> list[float]:
+    """The argparse type of a benchmark's ``--lrs``: comma-separated, distinct, positive finite learning rates
+    ("5e-5,2e-4"). Anything else is an argparse error naming the bad item."""
+    rates: list[float] = []
+    for item in (i.strip() for i in text.split(",")):
+        try:
+            rate = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a learning rate (comma-separated rates such as 5e-5,2e-4)") from None
+        if not (math.isfinite(rate) and rate > 0):
+            raise argparse.ArgumentTypeError(f"learning rates are positive and finite, got {item}")
+        if any(math.isclose(rate, r, rel_tol=1e-9) for r in rates):
+            raise argparse.ArgumentTypeError(f"rate {rate:g} is given twice in {text!r}")
+        rates.append(rate)
+    return rates

@@ -70,7 +70,7 @@ import lt_budget  # noqa: E402
 import lt_fronts  # noqa: E402
 import lt_methods  # noqa: E402
 import lt_records  # noqa: E402
-from bench_args import seed_list_or_none  # noqa: E402
+from bench_args import rate_list, seed_list_or_none  # noqa: E402
 import lt_report  # noqa: E402
 from language_transfer import console  # noqa: E402
 from lt_methods import FULL, Data, Run, eval_options, prepare_data  # noqa: E402
@@ -356,6 +356,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--seeds", type=seed_list_or_none, default="0,1,2",
                     help='seeds of each method at its usual learning rate ("": none, only the sweep\'s other rates)')
     ap.add_argument("--sweep-seeds", type=seed_list_or_none, default="0", help="seeds at the other learning rates of the sweep")
+    ap.add_argument("--lrs", type=rate_list, default=None,
+                    help="only the runs at these learning rates (comma-separated, each a rate of a method's sweep; "
+                         "full-lr-sweep, which picks its own, is left out); default: every rate")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the pilot's result)")
     ap.add_argument("--pilot-steps", type=int, default=1000)
     ap.add_argument("--pilot-every", type=int, default=100)
@@ -389,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.checkpoints < 0:
         ap.error(f"--checkpoints {args.checkpoints}: give 0 (none) or more")
     methods = lt_methods.select(args.methods)
-    runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds)
+    runs = lt_methods.plan(methods, args.seeds, args.sweep_seeds, args.lrs)
     name = claim_work(args)
     args.device = resolve_device(args.device)  # the records of each kind of device are kept apart (lt_records.py)
     data = prepare_data(args.work / "data", args.eval_items, args.select_items, args.mc_items, seed=0)

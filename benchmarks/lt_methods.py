@@ -28,6 +28,7 @@ Method settings (``METHODS``):
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -114,13 +115,22 @@ def select(labels: str) -> list[Method]:
     return [by_label[x] for x in labels.split(",")]
 
 
-def plan(methods: list[Method], seeds: list[int], sweep_seeds: list[int]) -> list[Run]:
+def plan(methods: list[Method], seeds: list[int], sweep_seeds: list[int], lrs: Optional[list[float]] = None) -> list[Run]:
     """``seeds`` at a method's usual rate, ``sweep_seeds`` at its other rates; the learning-rate search, whose rate is
-    its own choice, runs once per seed of ``seeds`` (a method's main row)."""
-    return [Run(m, lr, s) for m in methods
+    its own choice, runs once per seed of ``seeds`` (a method's main row). ``lrs`` keeps only the runs at those rates
+    (the search, which has none, is left out); a rate that no method of ``methods`` sweeps is an error."""
+    runs = [Run(m, lr, s) for m in methods
             for lr, seeds_here in ([(None, seeds)] if m.tool == "lr-sweep" else
                                    [(lr, seeds if lr == m.usual else sweep_seeds) for lr in m.lrs])
             for s in seeds_here]
+    if lrs is None:
+        return runs
+    swept = sorted({lr for m in methods if m.tool != "lr-sweep" for lr in m.lrs})
+    unknown = [lr for lr in lrs if not any(math.isclose(lr, x, rel_tol=1e-9) for x in swept)]
+    if unknown:
+        raise SystemExit(f"--lrs {', '.join(f'{x:g}' for x in unknown)}: not a rate of "
+                         f"{', '.join(m.label for m in methods)} (their rates: {', '.join(f'{x:g}' for x in swept)})")
+    return [r for r in runs if r.lr is not None and any(math.isclose(r.lr, x, rel_tol=1e-9) for x in lrs)]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compression_accuracy  # noqa: E402
 import continual_finetuning  # noqa: E402
 import task_merging  # noqa: E402
-from bench_args import seed_list, seed_list_or_none  # noqa: E402
+from bench_args import rate_list, seed_list, seed_list_or_none  # noqa: E402
 
 
 def test_comma_separated_seeds_in_their_order():
@@ -60,3 +60,14 @@ def test_sweep_seeds_may_be_empty_and_language_transfer_long_checks_its_lists():
         with pytest.raises(SystemExit) as stop:
             language_transfer_long.main([flag, "0,x", "--plan"])
         assert stop.value.code == 2
+
+
+def test_rate_lists_in_their_order_and_bad_ones_named():
+    assert rate_list("5e-4") == [5e-4]
+    assert rate_list(" 2e-4, 5e-5") == [2e-4, 5e-5]
+    for text, says in (("x", "'x' is not a learning rate"), ("1e-4,", "'' is not a learning rate"),
+                       ("0", "positive and finite, got 0"), ("-1e-4", "positive and finite, got -1e-4"),
+                       ("nan", "positive and finite, got nan"), ("inf", "positive and finite, got inf"),
+                       ("1e-4,0.0001", "rate 0.0001 is given twice")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            rate_list(text)

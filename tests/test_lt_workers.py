@@ -28,6 +28,16 @@ def test_jobs_run_whole_seeds_first_then_the_sweeps_then_the_budget_rows():
     assert lt_workers.jobs(["full"], [0], []) == [lt_workers.Job("full", "0", "")]
 
 
+def test_a_rate_filter_keeps_the_runs_at_those_rates_only():
+    lift, full, search = lt_methods.select("lift,full,full-lr-sweep")
+    assert [r.key for r in lt_methods.plan([lift], [1], [0], [5e-4])] == ["lift_lr0.0005_s0"]
+    assert [r.key for r in lt_methods.plan([lift, full], [1], [], [2e-4, 0.0001])] == ["lift_lr0.0002_s1", "full_lr0.0001_s1"]
+    assert [r.key for r in lt_methods.plan([full, search], [0], [], [1e-4])] == ["full_lr0.0001_s0"]  # the search picks its own
+    assert len(lt_methods.plan([lift, search], [0], [0])) == 4  # no filter: every rate, and the search
+    with pytest.raises(SystemExit, match=r"--lrs 0.003: not a rate of lift \(their rates: 5e-05, 0.0002, 0.0005\)"):
+        lt_methods.plan([lift], [0], [0], [3e-3, 5e-4])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lt_workers")
