@@ -196,7 +196,8 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
     """Each method's retention minus ``against``'s at matched target gains, paired over items
     (lt_fronts.matched_difference), at the first seed at which ``against`` ran two or more rates and the method ran
     as many rates as at any such seed: a swept method at a quarter, half and three quarters of the way through the
-    overlap of the two fronts' gains; a method with one run there at that run's own gain (one row, position None).
+    overlap of the two fronts' gains, then each of its runs whose gain lies within ``against``'s at that run's own
+    gain; a method with one run there at that run's own gain (a row with position None and that one rate).
     ``methods``: the labels compared (default: every method but the English-only control and the forgetting-budget
     rows). A row whose gains do not meet ``against``'s front on all items has no gain or difference (None)."""
     from deltawise.eval.intervals import IntervalSettings
@@ -215,10 +216,15 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
             continue
         seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
         mine, theirs = front(label, seed), front(against, seed)
-        for position in lt_fronts.POSITIONS if len(mine) > 1 else (None,):
-            compared = lt_fronts.matched_difference([samples[r["key"]] for r in mine], [samples[r["key"]] for r in theirs],
+        reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
+        # a swept method along the overlap, then each of its runs inside the other front's gains at its own gain: a
+        # measured point, where only the other front is interpolated
+        inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
+        compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
+        for part, position in compared_at:
+            compared = lt_fronts.matched_difference([samples[r["key"]] for r in part], [samples[r["key"]] for r in theirs],
                                                     0.5 if position is None else position, IntervalSettings())
-            found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in mine],
+            found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in part],
                           "against_rates": [r["lr"] for r in theirs], "position": position,
                           **{k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
                              for k, v in compared.items() if k != "position"}})
@@ -232,7 +238,7 @@ def matched_pairs_table(found: list[dict]) -> Table:
                 "retention: method", "difference", "replicates dropped"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for f in found:
-        where = "its own gain" if f["position"] is None else f"{f['position']:g}"
+        where = f"its {f['rates'][0]:g} run's gain" if f["position"] is None else f"{f['position']:g}"
         if f["difference"] is None:
             table.add_row(f["method"], str(f["seed"]), where, "", "", "", f"no gain in common with {against}'s front", "")
             continue
@@ -241,8 +247,9 @@ def matched_pairs_table(found: list[dict]) -> Table:
                       "" if not f["dropped"] else f"{f['dropped']}/{f['replicates']}")
     table.caption = ("each front: its learning-rate sweep at one seed; the gain: that far through the overlap of the "
                      "two fronts' gains, in each bootstrap replicate (German and English items drawn once per replicate "
-                     "for every run), each front interpolated there; its own gain: a method with one run so far, "
-                     f"{against}'s front interpolated at that run's gain in each replicate (a replicate where it falls "
+                     "for every run), each front interpolated there; a run's gain: that run (a method with one run so far, "
+                     f"or each run of a front inside {against}'s gains), {against}'s front interpolated at its gain in "
+                     "each replicate (a replicate where it falls "
                      "outside the front is dropped and counted); [ ]: 95% percentile interval over items")
     return table
 

@@ -189,7 +189,10 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     samples = {r["key"]: _run(*runs[(r["label"], r["lr"], r["seed"])]) for r in rows if r["tool"] is None}
     found = lt_report.matched_pairs(rows, samples)
     assert [(f["method"], f["seed"], f["position"]) for f in found] == [
-        *[("lora", 0, p) for p in lt_fronts.POSITIONS], ("hft", 0, None)]  # hft: one run, at its own gain
+        *[("lora", 0, p) for p in lt_fronts.POSITIONS], ("lora", 0, None), ("hft", 0, None)]  # hft: one run, at its own gain
+    # each lora run inside full's gains [0.5, 1.0] at its own gain: 5e-4 (0.6), not 2e-3 (1.2); full there 0.95 - 0.1·0.2
+    own = found[3]
+    assert own["rates"] == [5e-4] and own["level"] == pytest.approx(0.6) and own["difference"] == pytest.approx(1.00 - 0.93)
     assert found[-1]["level"] == pytest.approx(0.9) and found[-1]["difference"] == pytest.approx(1.0 - (0.95 - 0.8 * 0.10))
     assert found[0]["rates"] == [5e-4, 2e-3] and found[0]["against_rates"] == [3e-5, 1e-4]
     middle = found[1]  # the overlap [0.6, 1.0]: gain 0.8; lora 1.00 - (0.2/0.6)·0.06 = 0.98, full 0.95 - 0.6·0.10 = 0.89
@@ -198,7 +201,8 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     console.print(lt_report.matched_pairs_table(found))
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in console.export_text().splitlines() if line.startswith("│")]
     assert ["lora", "0", "0.5", "+0.800", "0.890", "0.980", "+0.090 [0.090, 0.090]", ""] in cells
-    assert ["hft", "0", "its own gain", "+0.900", "0.870", "1.000", "+0.130 [0.130, 0.130]", ""] in cells
+    assert ["hft", "0", "its 0.0001 run's gain", "+0.900", "0.870", "1.000", "+0.130 [0.130, 0.130]", ""] in cells
+    assert ["lora", "0", "its 0.0005 run's gain", "+0.600", "0.930", "1.000", "+0.070 [0.070, 0.070]", ""] in cells
 
 
 def test_replayed_methods_are_also_compared_with_full_fine_tuning_on_the_same_replay():
