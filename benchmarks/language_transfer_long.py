@@ -263,7 +263,7 @@ def run_one(run: Run, base: Path, data: Data, base_eval, args, book: Book, merge
 
 def item_samples(rows: list[dict], data: Data, args) -> dict[str, lt_fronts.Sample]:
     """Each evaluated run's per-item German and English prose scores beside the base's (the paired matched-gain
-    comparison's input), by run key."""
+    comparison's input), by run key; a forgetting-budget row's when its written model was evaluated in its folder."""
     from deltawise.eval.intervals import paired_sample
     from deltawise.eval.results import load_result
 
@@ -271,7 +271,7 @@ def item_samples(rows: list[dict], data: Data, args) -> dict[str, lt_fronts.Samp
     found = {}
     for row in rows:
         path = args.work / "runs" / row["key"] / "eval.json"
-        if row["tool"] is None and path.is_file():
+        if path.is_file():
             sets = {d.name: d for d in load_result(path).datasets}
             pairs = [paired_sample(sets[f.stem], base[f.stem]) for f in (data.german_eval, data.prose_eval)]
             if None not in pairs:

@@ -198,13 +198,17 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
     as many rates as at any such seed: a swept method at a quarter, half and three quarters of the way through the
     overlap of the two fronts' gains, then each of its runs whose gain lies within ``against``'s at that run's own
     gain; a method with one run there at that run's own gain (a row with position None and that one rate).
+    A forgetting-budget row (``methods`` names it) has each of its runs compared at its own gain.
     ``methods``: the labels compared (default: every method but the English-only control and the forgetting-budget
     rows). A row whose gains do not meet ``against``'s front on all items has no gain or difference (None)."""
     from deltawise.eval.intervals import IntervalSettings
 
+    def runs_of(label: str, seed: int) -> list[dict]:
+        return sorted((r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples),
+                      key=lambda r: r["lr"] or 0.0)
+
     def front(label: str, seed: int) -> list[dict]:
-        return lt_fronts.up_to_peak([r for r in rows if r["label"] == label and r["seed"] == seed and r["key"] in samples],
-                                    lambda r: r["target_gain"], lambda r: r["lr"])
+        return lt_fronts.up_to_peak(runs_of(label, seed), lambda r: r["target_gain"], lambda r: r["lr"])
 
     reference_seeds = sorted(seed for seed in {r["seed"] for r in rows} if len(front(against, seed)) > 1)
     found = []
@@ -215,12 +219,18 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
         if not any(runs.values()):
             continue
         seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
-        mine, theirs = front(label, seed), front(against, seed)
+        theirs = front(against, seed)
         reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
-        # a swept method along the overlap, then each of its runs inside the other front's gains at its own gain: a
-        # measured point, where only the other front is interpolated
-        inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
-        compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
+        if any(r["tool"] for r in runs_of(label, seed)):
+            # a forgetting-budget row's runs are each its tool's choice, not points of one front: each at its own gain
+            mine = runs_of(label, seed)
+            compared_at = [([r], None) for r in mine]
+        else:
+            # a swept method along the overlap, then each of its runs inside the other front's gains at its own gain:
+            # a measured point, where only the other front is interpolated
+            mine = front(label, seed)
+            inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
+            compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
         for part, position in compared_at:
             compared = lt_fronts.matched_difference([samples[r["key"]] for r in part], [samples[r["key"]] for r in theirs],
                                                     0.5 if position is None else position, IntervalSettings())
@@ -346,6 +356,10 @@ def tables(rows: list[dict], levels: list[float], console, samples: Optional[dic
                       "or name levels with --gain-levels)")
     if samples:
         pairs = found["matched_pairs"] = matched_pairs(rows, samples)
+        if pairs:
+            console.print(matched_pairs_table(pairs))
+        tools = list(dict.fromkeys(r["label"] for r in rows if r["tool"]))
+        pairs = found["matched_pairs_budget"] = matched_pairs(rows, samples, methods=tools) if tools else []
         if pairs:
             console.print(matched_pairs_table(pairs))
         pairs = found["matched_pairs_replay"] = matched_pairs(rows, samples, REPLAY_CONTROL,

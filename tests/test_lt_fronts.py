@@ -205,6 +205,25 @@ def test_the_report_pairs_each_swept_method_with_full_at_the_seed_both_swept():
     assert ["lora", "0", "its 0.0005 run's gain", "+0.600", "0.930", "1.000", "+0.070 [0.070, 0.070]", ""] in cells
 
 
+def test_each_run_of_a_forgetting_budget_row_is_compared_with_full_at_its_own_gain():
+    import lt_report
+
+    def row(label, lr, tool=None):
+        return {"key": f"{label}_{lr}_s0", "label": label, "lr": lr, "seed": 0, "target_gain": runs[(label, lr)][0],
+                "tool": tool}
+
+    # full-guard at 3e-4 has less gain than at 1e-4: a sweep's front would end at 1e-4, a tool row keeps both runs
+    runs = {("full", 3e-5): (0.5, 0.95), ("full", 1e-4): (1.0, 0.85), ("full-guard", 1e-4): (0.9, 0.99),
+            ("full-guard", 3e-4): (0.6, 1.00)}
+    rows = [row(label, lr, {"choice": "x"} if label == "full-guard" else None) for label, lr in runs]
+    samples = {r["key"]: _run(*runs[(r["label"], r["lr"])]) for r in rows}
+    assert [f["method"] for f in lt_report.matched_pairs(rows, samples)] == []  # not among the methods by default
+    found = lt_report.matched_pairs(rows, samples, methods=["full-guard"])
+    assert [(f["rates"], f["position"]) for f in found] == [([1e-4], None), ([3e-4], None)]
+    # full at 0.9: 0.95 − 0.4·0.2 = 0.87; at 0.6: 0.93
+    assert [f["difference"] for f in found] == [pytest.approx(0.99 - 0.87), pytest.approx(1.00 - 0.93)]
+
+
 def test_replayed_methods_are_also_compared_with_full_fine_tuning_on_the_same_replay():
     import lt_report
     from rich.console import Console
