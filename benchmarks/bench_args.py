@@ -30,6 +30,11 @@ def seed_list_or_none(text: str) -> list[int]:
     return [] if not text.strip() else seed_list(text)
 
 
+def same_rate(a: float, b: float) -> bool:
+    """Two learning rates written differently (``1e-4``, ``0.0001``) are the same rate."""
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
 def rate_list(text: str) -> list[float]:
     """The argparse type of a benchmark's ``--lrs``: comma-separated, distinct, positive finite learning rates
     ("5e-5,2e-4"). Anything else is an argparse error naming the bad item."""
@@ -42,7 +47,7 @@ def rate_list(text: str) -> list[float]:
                 f"{item!r} is not a learning rate (comma-separated rates such as 5e-5,2e-4)") from None
         if not (math.isfinite(rate) and rate > 0):
             raise argparse.ArgumentTypeError(f"learning rates are positive and finite, got {item}")
-        if any(math.isclose(rate, r, rel_tol=1e-9) for r in rates):
+        if any(same_rate(rate, r) for r in rates):
             raise argparse.ArgumentTypeError(f"rate {rate:g} is given twice in {text!r}")
         rates.append(rate)
     return rates

@@ -28,7 +28,6 @@ Method settings (``METHODS``):
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import realtext
+from bench_args import same_rate
 import wordnet_mc
 from language_transfer import console, write_jsonl
 
@@ -126,11 +126,11 @@ def plan(methods: list[Method], seeds: list[int], sweep_seeds: list[int], lrs: O
     if lrs is None:
         return runs
     swept = sorted({lr for m in methods if m.tool != "lr-sweep" for lr in m.lrs})
-    unknown = [lr for lr in lrs if not any(math.isclose(lr, x, rel_tol=1e-9) for x in swept)]
+    unknown = [lr for lr in lrs if not any(same_rate(lr, x) for x in swept)]
     if unknown:
         raise SystemExit(f"--lrs {', '.join(f'{x:g}' for x in unknown)}: not a rate of "
                          f"{', '.join(m.label for m in methods)} (their rates: {', '.join(f'{x:g}' for x in swept)})")
-    return [r for r in runs if r.lr is not None and any(math.isclose(r.lr, x, rel_tol=1e-9) for x in lrs)]
+    return [r for r in runs if r.lr is not None and any(same_rate(r.lr, x) for x in lrs)]
 
 
 @dataclass(frozen=True)

@@ -219,16 +219,15 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
         if not any(runs.values()):
             continue
         seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
-        theirs = front(against, seed)
-        reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
-        if any(r["tool"] for r in runs_of(label, seed)):
+        theirs, own = front(against, seed), runs_of(label, seed)
+        if any(r["tool"] for r in own):
             # a forgetting-budget row's runs are each its tool's choice, not points of one front: each at its own gain
-            mine = runs_of(label, seed)
-            compared_at = [([r], None) for r in mine]
+            compared_at = [([r], None) for r in own]
         else:
             # a swept method along the overlap, then each of its runs inside the other front's gains at its own gain:
             # a measured point, where only the other front is interpolated
             mine = front(label, seed)
+            reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
             inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
             compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
         for part, position in compared_at:
@@ -259,8 +258,8 @@ def matched_pairs_table(found: list[dict]) -> Table:
                      "two fronts' gains, in each bootstrap replicate (German and English items drawn once per replicate "
                      "for every run), each front interpolated there; a run's gain: that run (a method with one run so far, "
                      f"or each run of a front inside {against}'s gains), {against}'s front interpolated at its gain in "
-                     "each replicate (a replicate where it falls "
-                     "outside the front is dropped and counted); [ ]: 95% percentile interval over items")
+                     "each replicate (a replicate where it falls outside the front is dropped and counted); [ ]: 95% "
+                     "percentile interval over items")
     return table
 
 
