@@ -194,10 +194,10 @@ def matched_gain(summary: list[dict], levels: list[float]) -> dict[str, Any]:
 def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], against: str = "full",
                   methods: Optional[Sequence[str]] = None) -> list[dict]:
     """Each method's retention minus ``against``'s at matched target gains, paired over items
-    (lt_fronts.matched_difference), at the first seed at which ``against`` ran two or more rates and the method ran
-    as many rates as at any such seed: a swept method at a quarter, half and three quarters of the way through the
-    overlap of the two fronts' gains, then each of its runs whose gain lies within ``against``'s at that run's own
-    gain; a method with one run there at that run's own gain (a row with position None and that one rate).
+    (lt_fronts.matched_difference), at every seed at which ``against`` ran two or more rates and the method ran:
+    a method swept at that seed at a quarter, half and three quarters of the way through the overlap of the two
+    fronts' gains, then each of its runs whose gain lies within ``against``'s at that run's own gain; a method with
+    one run at that seed at that run's own gain (a row with position None and that one rate).
     A forgetting-budget row (``methods`` names it) has each of its runs compared at its own gain.
     ``methods``: the labels compared (default: every method but the English-only control and the forgetting-budget
     rows). A row whose gains do not meet ``against``'s front on all items has no gain or difference (None)."""
@@ -215,29 +215,61 @@ def matched_pairs(rows: list[dict], samples: dict[str, lt_fronts.Sample], agains
     labels = methods if methods is not None else dict.fromkeys(
         r["label"] for r in rows if r["label"] not in (against, "english-only") and not r["tool"])
     for label in labels:
-        runs = {seed: len(front(label, seed)) for seed in reference_seeds}
-        if not any(runs.values()):
-            continue
-        seed = next(s for s in reference_seeds if runs[s] == max(runs.values()))
-        theirs, own = front(against, seed), runs_of(label, seed)
-        if any(r["tool"] for r in own):
-            # a forgetting-budget row's runs are each its tool's choice, not points of one front: each at its own gain
-            compared_at = [([r], None) for r in own]
-        else:
-            # a swept method along the overlap, then each of its runs inside the other front's gains at its own gain:
-            # a measured point, where only the other front is interpolated
-            mine = front(label, seed)
-            reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
-            inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
-            compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
-        for part, position in compared_at:
-            compared = lt_fronts.matched_difference([samples[r["key"]] for r in part], [samples[r["key"]] for r in theirs],
-                                                    0.5 if position is None else position, IntervalSettings())
-            found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in part],
-                          "against_rates": [r["lr"] for r in theirs], "position": position,
-                          **{k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
-                             for k, v in compared.items() if k != "position"}})
+        for seed in reference_seeds:
+            theirs, own = front(against, seed), runs_of(label, seed)
+            if not own:
+                continue
+            if any(r["tool"] for r in own):
+                # a forgetting-budget row's runs are each its tool's choice, not points of one front: each at its own gain
+                compared_at = [([r], None) for r in own]
+            else:
+                # a swept method along the overlap, then each of its runs inside the other front's gains at its own
+                # gain: a measured point, where only the other front is interpolated
+                mine = front(label, seed)
+                reach = (min(r["target_gain"] for r in theirs), max(r["target_gain"] for r in theirs))
+                inside = [([r], None) for r in mine if reach[0] <= r["target_gain"] <= reach[1]]
+                compared_at = [(mine, p) for p in lt_fronts.POSITIONS] + inside if len(mine) > 1 else [(mine, None)]
+            for part, position in compared_at:
+                compared = lt_fronts.matched_difference([samples[r["key"]] for r in part],
+                                                        [samples[r["key"]] for r in theirs],
+                                                        0.5 if position is None else position, IntervalSettings())
+                found.append({"method": label, "against": against, "seed": seed, "rates": [r["lr"] for r in part],
+                              "against_rates": [r["lr"] for r in theirs], "position": position,
+                              **{k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
+                                 for k, v in compared.items() if k != "position"}})
     return found
+
+
+def matched_across_seeds(found: list[dict]) -> list[dict]:
+    """The at-its-own-gain differences of matched_pairs gathered by method and rate over the seeds, with a
+    t-interval over seeds (the seed-to-seed spread: data order, initialisation and evaluation draw) where two or
+    more seeds have one; a rate compared at one seed only is left out."""
+    by_rate: dict[tuple[str, float], dict[int, dict]] = {}
+    for f in found:
+        if f["position"] is None and len(f["rates"]) == 1 and f["difference"] is not None:
+            by_rate.setdefault((f["method"], f["rates"][0]), {})[f["seed"]] = f
+    out = []
+    for (label, rate), at_seed in by_rate.items():
+        if len(at_seed) < 2:
+            continue
+        seeds = sorted(at_seed)
+        out.append({"method": label, "against": found[0]["against"], "lr": rate, "seeds": seeds,
+                    "level": lt_fronts.seed_summary([at_seed[s]["level"] for s in seeds]),
+                    "difference": lt_fronts.seed_summary([at_seed[s]["difference"] for s in seeds])})
+    return out
+
+
+def matched_across_seeds_table(found: list[dict]) -> Table:
+    against = found[0]["against"]
+    table = Table(title=f"prose retention at each run's own target gain, minus {against}'s, over seeds")
+    for col in ("method", "lr", "seeds", "gain", "difference"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for f in found:
+        table.add_row(f["method"], f"{f['lr']:g}", ", ".join(map(str, f["seeds"])), _mean_sd(f["level"]),
+                      _difference(f["difference"]))
+    table.caption = (f"each seed: the method's run against {against}'s front at that seed, interpolated at the run's "
+                     "gain (the paired table's rows); mean over seeds [95% t-interval, n − 1 degrees of freedom]")
+    return table
 
 
 def matched_pairs_table(found: list[dict]) -> Table:
@@ -357,6 +389,9 @@ def tables(rows: list[dict], levels: list[float], console, samples: Optional[dic
         pairs = found["matched_pairs"] = matched_pairs(rows, samples)
         if pairs:
             console.print(matched_pairs_table(pairs))
+        over_seeds = found["matched_across_seeds"] = matched_across_seeds(pairs) if pairs else []
+        if over_seeds:
+            console.print(matched_across_seeds_table(over_seeds))
         tools = list(dict.fromkeys(r["label"] for r in rows if r["tool"]))
         pairs = found["matched_pairs_budget"] = matched_pairs(rows, samples, methods=tools) if tools else []
         if pairs:

@@ -256,3 +256,33 @@ def test_a_front_ends_at_the_rate_with_the_most_gain():
     assert kept == [(1e-4, 2.10), (5e-4, 2.97), (2e-3, 3.53)]
     assert lt_fronts.up_to_peak([(1e-4, 1.0), (3e-4, 2.0)], gain=lambda r: r[1], lr=lambda r: r[0]) == [(1e-4, 1.0), (3e-4, 2.0)]
     assert lt_fronts.up_to_peak([], gain=lambda r: r[1], lr=lambda r: r[0]) == []
+
+
+def test_every_seed_with_a_full_front_gets_its_own_pairs_and_a_rate_seen_at_several_seeds_an_interval_over_them():
+    import lt_report
+    from rich.console import Console
+
+    def row(label, lr, seed):
+        return {"key": f"{label}_{lr}_s{seed}", "label": label, "lr": lr, "seed": seed, "tool": None,
+                "target_gain": runs[(label, lr, seed)][0]}
+
+    # full swept at seeds 0 and 1, only one rate at seed 2 (no front there); lift at 2e-4 at all three seeds
+    runs = {("full", 3e-5, 0): (0.5, 0.95), ("full", 1e-4, 0): (1.0, 0.85),
+            ("full", 3e-5, 1): (0.4, 0.96), ("full", 1e-4, 1): (1.2, 0.80), ("full", 1e-4, 2): (1.0, 0.86),
+            ("lift", 2e-4, 0): (0.9, 0.90), ("lift", 2e-4, 1): (0.8, 0.92), ("lift", 2e-4, 2): (0.9, 0.91)}
+    rows = [row(*key) for key in runs]
+    samples = {r["key"]: _run(*runs[(r["label"], r["lr"], r["seed"])]) for r in rows}
+    found = lt_report.matched_pairs(rows, samples)
+    assert [(f["method"], f["seed"], f["rates"]) for f in found] == [("lift", 0, [2e-4]), ("lift", 1, [2e-4])]
+    # full at 0.9, seed 0: 0.95 − 0.8·0.10 = 0.87; at 0.8, seed 1: 0.96 − 0.5·0.16 = 0.88
+    assert [f["difference"] for f in found] == [pytest.approx(0.90 - 0.87), pytest.approx(0.92 - 0.88)]
+    (over,) = lt_report.matched_across_seeds(found)
+    assert over["seeds"] == [0, 1] and over["lr"] == 2e-4
+    assert over["difference"]["mean"] == pytest.approx(0.035) and over["level"]["mean"] == pytest.approx(0.85)
+    # two seeds 0.03 and 0.04: sd 0.00707, t(0.975, 1) = 12.706 → half-width 12.706 · 0.00707 / √2 = 0.0635
+    assert over["difference"]["low"] == pytest.approx(0.035 - 0.0635, abs=1e-4)
+    assert over["difference"]["high"] == pytest.approx(0.035 + 0.0635, abs=1e-4)
+    assert lt_report.matched_across_seeds(found[:1]) == []  # one seed: no interval over seeds
+    console = Console(record=True, width=200)
+    console.print(lt_report.matched_across_seeds_table([over]))
+    assert "+0.035 [-0.029, +0.099]" in console.export_text()
