@@ -386,20 +386,16 @@ def tables(rows: list[dict], levels: list[float], console, samples: Optional[dic
         console.print("matched target gain: no gain that every method's learning-rate sweep reaches (run the sweeps, "
                       "or name levels with --gain-levels)")
     if samples:
-        pairs = found["matched_pairs"] = matched_pairs(rows, samples)
-        if pairs:
-            console.print(matched_pairs_table(pairs))
-        over_seeds = found["matched_across_seeds"] = matched_across_seeds(pairs) if pairs else []
-        if over_seeds:
-            console.print(matched_across_seeds_table(over_seeds))
         tools = list(dict.fromkeys(r["label"] for r in rows if r["tool"]))
-        pairs = found["matched_pairs_budget"] = matched_pairs(rows, samples, methods=tools) if tools else []
-        if pairs:
-            console.print(matched_pairs_table(pairs))
-        pairs = found["matched_pairs_replay"] = matched_pairs(rows, samples, REPLAY_CONTROL,
-                                                              [label for label in replayed if label != REPLAY_CONTROL])
-        if pairs:
-            console.print(matched_pairs_table(pairs))
+        replayed = [label for label in replayed if label != REPLAY_CONTROL]
+        for name, against, methods in (("", "full", None), ("_budget", "full", tools),
+                                       ("_replay", REPLAY_CONTROL, replayed)):
+            pairs = found[f"matched_pairs{name}"] = (matched_pairs(rows, samples, against, methods)
+                                                     if methods is None or methods else [])
+            over_seeds = found[f"matched_across_seeds{name}"] = matched_across_seeds(pairs) if pairs else []
+            for table in ([matched_pairs_table(pairs)] if pairs else []) + (
+                    [matched_across_seeds_table(over_seeds)] if over_seeds else []):
+                console.print(table)
     return found
 
 
