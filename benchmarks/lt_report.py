@@ -390,9 +390,8 @@ def tables(rows: list[dict], levels: list[float], console, samples: Optional[dic
         replayed = [label for label in replayed if label != REPLAY_CONTROL]
         for name, against, methods in (("", "full", None), ("_budget", "full", tools),
                                        ("_replay", REPLAY_CONTROL, replayed)):
-            pairs = found[f"matched_pairs{name}"] = (matched_pairs(rows, samples, against, methods)
-                                                     if methods is None or methods else [])
-            over_seeds = found[f"matched_across_seeds{name}"] = matched_across_seeds(pairs) if pairs else []
+            pairs = found[f"matched_pairs{name}"] = matched_pairs(rows, samples, against, methods)
+            over_seeds = found[f"matched_across_seeds{name}"] = matched_across_seeds(pairs)
             for table in ([matched_pairs_table(pairs)] if pairs else []) + (
                     [matched_across_seeds_table(over_seeds)] if over_seeds else []):
                 console.print(table)
