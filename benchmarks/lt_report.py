@@ -106,7 +106,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         for key in MEASURES:
             row[key] = lt_fronts.seed_summary([r[key] for r in rs])
             row[key + "_ci"] = lt_fronts.interval_envelope([r[key + "_ci"] for r in rs])
-        row["train_seconds"] = lt_fronts.seed_summary([r["seconds"].get("train", float("nan")) for r in rs])["mean"]
+        # a forgetting-budget row's seconds have no "train" (its cost parts do): NaN, shown as "—"
+        trained = [r["seconds"]["train"] for r in rs if r["seconds"].get("train") is not None]
+        row["train_seconds"] = lt_fronts.seed_summary(trained)["mean"] if trained else float("nan")
         row["cost"] = _mean_cost([r["cost"] for r in rs])
         row["tool"] = rs[0]["tool"] is not None
         row["choices"] = [r["tool"]["choice"] for r in rs if r["tool"]]
@@ -328,6 +330,16 @@ def _seconds(cost: dict) -> tuple[str, str]:
     return shown(cost["total"]), " + ".join(f"{name} {shown(v)}" for name, v in cost["parts"].items())
 
 
+def choices_by_seed(row: dict) -> str:
+    """What a forgetting-budget row's tool chose, each distinct choice once with the seeds that made it."""
+    if len(row["choices"]) == 1:
+        return row["choices"][0]
+    seeds: dict[str, list[int]] = defaultdict(list)
+    for seed, choice in zip(row["seeds"], row["choices"]):
+        seeds[choice].append(seed)
+    return "; ".join(f"{choice} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})" for choice, s in seeds.items())
+
+
 def budget_table(rows: list[dict]) -> Table:
     table = Table(title=f"training with a forgetting budget (English prose retention ≥ budget) against {', '.join(COMPARED)} "
                         "at matched target gain")
@@ -340,7 +352,7 @@ def budget_table(rows: list[dict]) -> Table:
                       _mean_sd(r["prose_retention"]) + _ci(r["prose_retention_ci"]),
                       _mean_sd(r["wordnet_ratio"]) + _ci(r["wordnet_ratio_ci"]),
                       *["—" if v is None else f"{v[0]:.3f}{_ci(v[1])}" for v in r["at_matched_gain"].values()],
-                      "; ".join(r["choices"]), total, parts)
+                      choices_by_seed(r), total, parts)
     table.caption = (DEFINITIONS + "; X at this gain: X's prose retention interpolated along its lr sweep at the row's "
                      "target gain (—: outside the sweep's gains, or the row's own method); chosen: what each seed's tool "
                      "chose, on the selection sets only; " + COST)

@@ -286,3 +286,25 @@ def test_every_seed_with_a_full_front_gets_its_own_pairs_and_a_rate_seen_at_seve
     console = Console(record=True, width=200)
     console.print(lt_report.matched_across_seeds_table([over]))
     assert "+0.035 [-0.029, +0.099]" in console.export_text()
+
+
+def test_summarise_averages_the_seeds_training_seconds_and_a_budget_row_of_several_seeds_has_none():
+    import lt_report
+
+    def row(label, seed, seconds):
+        measures = {key: 1.0 + seed / 10 for key in lt_report.MEASURES}
+        cis = {key + "_ci": (0.9, 1.1) for key in lt_report.MEASURES}
+        tool = {"choice": "λ 0.8"} if label == "full-guard" else None
+        return {"label": label, "lr": 1e-4, "seed": seed, "seconds": seconds, "tool": tool, "budget": None,
+                "cost": {"total": 10.0 + seed, "parts": {"train": 8.0 + seed}}, **measures, **cis}
+
+    # the guard's seconds carry its stages, not "train": two seeds of them once failed in statistics.stdev on NaNs
+    rows = [row("full", 0, {"train": 100.0}), row("full", 1, {"train": 300.0}),
+            row("full-guard", 0, {"guarded": 2500.0}), row("full-guard", 1, {"guarded": 2400.0})]
+    full, guard = lt_report.summarise(rows)
+    assert full["train_seconds"] == pytest.approx(200.0)
+    assert np.isnan(guard["train_seconds"])
+    assert guard["cost"]["total"] == pytest.approx(10.5) and guard["choices"] == ["λ 0.8", "λ 0.8"]
+    assert lt_report.choices_by_seed(guard) == "λ 0.8 (seeds 0, 1)"
+    assert lt_report.choices_by_seed({"seeds": [0, 1, 2], "choices": ["a", "b", "a"]}) == "a (seeds 0, 2); b (seed 1)"
+    assert guard["prose_retention"]["mean"] == pytest.approx(1.05) and guard["prose_retention"]["n"] == 2
