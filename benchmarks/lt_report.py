@@ -107,8 +107,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             row[key] = lt_fronts.seed_summary([r[key] for r in rs])
             row[key + "_ci"] = lt_fronts.interval_envelope([r[key + "_ci"] for r in rs])
         # a forgetting-budget row's seconds have no "train" (its cost parts do): NaN, shown as "—"
-        trained = [r["seconds"]["train"] for r in rs if r["seconds"].get("train") is not None]
-        row["train_seconds"] = lt_fronts.seed_summary(trained)["mean"] if trained else float("nan")
+        train = _seed_mean([r["seconds"].get("train") for r in rs])
+        row["train_seconds"] = float("nan") if train is None else train
         row["cost"] = _mean_cost([r["cost"] for r in rs])
         row["tool"] = rs[0]["tool"] is not None
         row["choices"] = [r["tool"]["choice"] for r in rs if r["tool"]]
@@ -164,13 +164,15 @@ def _difference(s: dict) -> str:
     return f"{s['mean']:+.3f}" + ("" if s["low"] is None else f" [{s['low']:+.3f}, {s['high']:+.3f}]")
 
 
+def _seed_mean(values: list[Optional[float]]) -> Optional[float]:
+    """The mean over seeds, None when any seed lacks the value (a mean of some seeds would pass for all of them)."""
+    return None if not values or any(v is None for v in values) else lt_fronts.seed_summary(values)["mean"]
+
+
 def _mean_cost(costs: list[dict]) -> dict[str, Any]:
     """Seed means of the total and of each part (None where a seed lacks it)."""
-    def mean(values):
-        return None if not values or any(v is None for v in values) else lt_fronts.seed_summary(values)["mean"]
-
-    parts = {name: mean([c["parts"].get(name) for c in costs]) for name in costs[0]["parts"]}
-    return {"total": mean([c["total"] for c in costs]), "parts": parts}
+    parts = {name: _seed_mean([c["parts"].get(name) for c in costs]) for name in costs[0]["parts"]}
+    return {"total": _seed_mean([c["total"] for c in costs]), "parts": parts}
 
 
 def fronts(summary: list[dict]) -> dict[str, list]:

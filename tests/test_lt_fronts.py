@@ -304,6 +304,8 @@ def test_summarise_averages_the_seeds_training_seconds_and_a_budget_row_of_sever
     full, guard = lt_report.summarise(rows)
     assert full["train_seconds"] == pytest.approx(200.0)
     assert np.isnan(guard["train_seconds"])
+    (partly,) = lt_report.summarise([row("full", 0, {"train": 100.0}), row("full", 1, {})])
+    assert np.isnan(partly["train_seconds"])  # not seed 0's time passed off as the mean of both
     assert guard["cost"]["total"] == pytest.approx(10.5) and guard["choices"] == ["λ 0.8", "λ 0.8"]
     assert lt_report.choices_by_seed(guard) == "λ 0.8 (seeds 0, 1)"
     assert lt_report.choices_by_seed({"seeds": [0, 1, 2], "choices": ["a", "b", "a"]}) == "a (seeds 0, 2); b (seed 1)"
