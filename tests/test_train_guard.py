@@ -73,7 +73,8 @@ def test_guard_keeps_a_checkpoint_within_the_budget_where_plain_training_ends_be
 
 def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, tmp_path, monkeypatch):
     """Only the last step is checked and it is over budget; the WiSE-FT search finds base + λ(final − base)
-    within it, and the output is exactly that model. The search scores with the run's device and window."""
+    within it, refines around it, and the output is exactly that model. The search scores with the run's
+    device and window. The record tells "no checked step met the budget" from "the written point does"."""
     from deltawise.adapt import interpolate as interpolation
 
     searched = []
@@ -85,7 +86,8 @@ def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, t
     real_run_budget = interpolation.run_budget
     monkeypatch.setattr(interpolation, "run_budget", run_budget)
     weights = StepWeights()
-    request = GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)], options=GuardOptions(monitor_every=12, interpolate=True))
+    request = GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)], options=GuardOptions(monitor_every=12, interpolate=True,
+                                                                                         interpolate_refine=1))
     cfg = _cfg(langs, tmp_path / "out")
     result = guarded_train(cfg, request, callbacks=[weights])
     assert searched and all(e.device == "cpu" and e.max_length == cfg.max_length and e.trust_remote_code is False
@@ -98,6 +100,17 @@ def test_interpolate_writes_a_feasible_point_reported_on_held_out_items(langs, t
     assert set(held) >= {"retention", "retention_ci", "gain", "gain_ci", "within_budget"} and held["gain"] > 0
     record = json.loads((tmp_path / "out" / "deltawise_guard.json").read_text())
     assert record["chosen"]["lambda"] == chosen["lambda"] and "wise-ft" in record["interpolation"]
+    assert record["budget_met"] is False and record["chosen"]["within_budget"] is True
+    # one refinement round: the midpoints between the grid's best feasible λ and its grid neighbours
+    candidates = record["interpolation"]["wise-ft"]["candidates"]
+    grid = [0.2, 0.4, 0.6, 0.8, 1.0]
+    on_grid = [c for c in candidates if c["params"]["lambda"] in grid and c["feasible"]]
+    best = max(on_grid, key=lambda c: c["target_score"])["params"]["lambda"]
+    at = grid.index(best)
+    mids = {round((best + n) / 2, 9) for n in grid[max(0, at - 1) : at] + grid[at + 1 : at + 2]}
+    assert {round(c["params"]["lambda"], 9) for c in candidates} - set(grid) == mids
+    feasible = [c for c in candidates if c["feasible"]]
+    assert chosen["lambda"] == max(feasible, key=lambda c: c["target_score"])["params"]["lambda"]
     base = load_file(langs["base"] / "model.safetensors")
     written = load_file(tmp_path / "out" / "model.safetensors")
     lam = chosen["lambda"]
@@ -167,6 +180,9 @@ def test_missing_files_and_orphan_options_are_clear_errors(langs, tmp_path):
     res = CliRunner().invoke(app, ["train", str(langs["base"]), "--data", str(langs["de"]), "-o", str(tmp_path / "o"),
                                    "--interpolate", "--quiet"])
     assert isinstance(res.exception, InputError) and "need --retain" in str(res.exception)
+    res = CliRunner().invoke(app, ["train", str(langs["base"]), "--data", str(langs["de"]), "-o", str(tmp_path / "o"),
+                                   "--retain", f"{langs['en']}:0.9", "--interpolate-refine", "1", "--quiet"])
+    assert isinstance(res.exception, InputError) and "add --interpolate" in str(res.exception)
     assert not (tmp_path / "o").exists()
 
 

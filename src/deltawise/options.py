@@ -396,6 +396,8 @@ class GuardOptions:
     patience: int = option(2, "--stop-early: checks without a target gain improvement before stopping", min=1)
     interpolate: bool = option(False, "--retain: at the end, search base->final (WiSE-FT) and kept->final for the best "
                                       "model within the budget (writes a full model when an interpolated point wins)")
+    interpolate_refine: int = option(0, "--interpolate: successive refinement rounds after the 0.2-step λ grid (each tries "
+                                        "the midpoints around a segment's best point within the budget)", min=0)
 
 
 def scalar(text: str) -> Any:

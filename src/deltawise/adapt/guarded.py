@@ -78,10 +78,13 @@ def request_from(budget: BudgetSearchOptions, options: GuardOptions, split: Spli
     """The command line's guard options as a request; None when ``--retain`` is not given (a plain run)."""
     if not budget.retain:
         given = [flag for flag, on in (("--target", budget.target), ("--interpolate", options.interpolate),
+                                       ("--interpolate-refine", options.interpolate_refine),
                                        ("--stop-early", options.stop_early), ("--monitor-every", options.monitor_every)) if on]
         if given:
             raise InputError(f"{', '.join(given)} guard a training run and need --retain SOURCE:MIN")
         return None
+    if options.interpolate_refine and not options.interpolate:
+        raise InputError("--interpolate-refine refines --interpolate's searches; add --interpolate")
     return GuardRequest(retain=[RetentionBudget.parse(r) for r in budget.retain], targets=list(budget.target), options=options,
                         split=split, eval_max_length=budget.eval_max_length, eval_batch_size=budget.eval_batch_size)
 
@@ -182,7 +185,8 @@ def guard_record(cfg: TrainConfig, request: GuardRequest, state: GuardState, dat
                     "overhead": state.monitor_seconds / total if total else None},
         "stopped_early_at": state.stopped_early_at, "budget_met": state.budget_met,
         "kept": None if kept is None else {"step": kept.step, "monitor": _point_numbers(kept), "heldout": state.heldout},
-        "chosen": {"point": "kept checkpoint", "step": None if kept is None else kept.step, "why": why, "heldout": state.heldout,
+        "chosen": {"point": "kept checkpoint", "step": None if kept is None else kept.step, "why": why,
+                   "within_budget": state.budget_met, "heldout": state.heldout,
                    "monitor": None if kept is None else _point_numbers(kept)},
     }
 

@@ -3,12 +3,16 @@
     WiSE-FT   θ(λ) = θ_base + λ (θ_final − θ_base)        (Wortsman et al. 2022, arXiv 2109.01903)
     kept→final θ(λ) = θ_kept + λ (θ_final − θ_kept)
 
-each a ``task_arithmetic`` recipe with λ searched at the budget search's grid (0.2 … 1.0). The
-searches choose on the guard's monitor split (so their scores compare with the kept checkpoint's) and
+each a ``task_arithmetic`` recipe with λ searched at the budget search's grid (0.2 … 1.0), then
+``--interpolate-refine`` rounds of midpoints around the best point within the budget (at a high learning
+rate the budget is often crossed between two grid points, and the 0.2 step gives away the gain between
+them). The searches choose on the guard's monitor split (so their scores compare with the kept checkpoint's) and
 report on its held-out split; retention is always against the base. The written model is the one with
 the largest target score among the kept checkpoint and each segment's best point within the budget;
 the kept checkpoint wins ties (it needs no merge). An interpolated point is a full model: adapters
-are folded into the weights first (adapt/materialize.py).
+are folded into the weights first (adapt/materialize.py). ``chosen.within_budget`` says whether the
+written point cleared the budget on the monitor split; ``budget_met`` keeps its meaning of "some
+checked step did", so a run whose steps all missed it can still write an interpolated point within it.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def search_segment(start: Path, final: Path, out: Path, model_path: Path, data: 
         retain=[RetentionBudget(s.selection, minimum) for s, minimum in zip(sources, data.budgets.values())],
         targets=[s.selection for s in targets], baseline=str(model_path),
         heldout_retain=[s.heldout for s in sources], heldout_targets=[s.heldout for s in targets],
-        eval=evaluation, intervals=request.intervals,
+        eval=evaluation, intervals=request.intervals, refine=request.options.interpolate_refine,
         note=tell,
     )
     try:
@@ -108,14 +112,15 @@ def interpolate(output: Path, request, model_path: Path, data: MonitorData, reco
     record = {**record, "interpolation": searches}
     if best[0] == "kept":
         why = kept_choice["why"] + "; no interpolated point within the budget has a larger target score"
-        record["chosen"] = {**kept_choice, "why": why + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
+        record["chosen"] = {**kept_choice, "within_budget": budget_met,
+                            "why": why + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
         write_json_atomic(output / "deltawise_guard.json", record)
         return record
     name, score = best
     result = results[name]
     lam = result.candidates[result.chosen].params["lambda"]
     record["chosen"] = {
-        "point": f"{SEGMENTS[name]} at λ = {lam:g}", "segment": name, "lambda": lam,
+        "point": f"{SEGMENTS[name]} at λ = {lam:g}", "segment": name, "lambda": lam, "within_budget": True,
         "step": None, "kept_step": kept_step, "final_step": last_step,
         "why": f"the largest target score within the budget on the monitor split ({score:.4f}; the kept checkpoint's: "
                f"{'not within the budget' if best_kept is None else format(best_kept, '.4f')})",

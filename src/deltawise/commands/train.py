@@ -128,7 +128,7 @@ def train(
     "output": {"help": "final model folder (written atomically at the end, with bam.json)"},
     "overwrite": {"help": "replace a non-empty OUTPUT once the run succeeds"}})
 @options("budget", BudgetSearchOptions, **GUARD_BUDGET)
-@options("guard", GuardOptions, only=("interpolate",))
+@options("guard", GuardOptions, only=("interpolate", "interpolate_refine"))
 @options("split", SplitOptions, override=GUARD_SPLIT)
 def bam(
     model: Path = typer.Argument(..., help="base model: a Hugging Face folder or a .gguf file"),
