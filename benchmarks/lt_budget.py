@@ -153,6 +153,8 @@ def guarded(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, 
     chosen = record["chosen"]
     tool = {"choice": chosen["point"] + ("" if chosen.get("step") is None else f" (step {chosen['step']})"),
             "budget_met_on_monitor": record["budget_met"], "checks": monitor["checks"],
+            # records before chosen.within_budget: only a feasible interpolated point can win over the kept one
+            "written_within_budget_on_monitor": chosen.get("within_budget", record["budget_met"] or "segment" in chosen),
             "selection_files": [s["file"] for s in record["splits"]], "guard_heldout": chosen.get("heldout")}
     return eval_file, run.lr, cost, tool
 

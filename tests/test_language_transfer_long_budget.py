@@ -89,6 +89,12 @@ def test_budget_rows_choose_on_selection_sets_report_intervals_and_cost_and_are_
         assert str(data / "eval") not in record.read_text()
     guard_record = json.loads(records[0].read_text())
     assert guard_record["budgets"] == {"english_prose": 0.98} and guard_record["interpolation"]
+    # the row says both whether a checked step met the budget and whether the written point is within it
+    tools = {r["key"]: r["tool"] for r in payload["runs"] if r["label"] == "full-guard"}
+    for key, record in zip(ROWS[:2], records[:2]):
+        found = json.loads(record.read_text())
+        assert tools[key]["budget_met_on_monitor"] == found["budget_met"]
+        assert tools[key]["written_within_budget_on_monitor"] == found["chosen"]["within_budget"]
     # --plan lists the new rows as done
     language_transfer_long.main(["--work", str(work), "--base", str(bench["base"]), *ARGS, "--plan"])
     plan = capsys.readouterr().out
