@@ -112,8 +112,7 @@ def interpolate(output: Path, request, model_path: Path, data: MonitorData, reco
     record = {**record, "interpolation": searches}
     if best[0] == "kept":
         why = kept_choice["why"] + "; no interpolated point within the budget has a larger target score"
-        record["chosen"] = {**kept_choice, "within_budget": budget_met,
-                            "why": why + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
+        record["chosen"] = {**kept_choice, "why": why + (f" (kept: {best[1]:.4f})" if best[1] is not None else "")}
         write_json_atomic(output / "deltawise_guard.json", record)
         return record
     name, score = best
