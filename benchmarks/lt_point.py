@@ -7,8 +7,8 @@ fine-tuning's front of one seed: e.g. a point of a guard's interpolation line se
 
 The model is evaluated on W's evaluation sets with the benchmark's settings (lt_methods.eval_options: windows of 256
 tokens, byte-normalised WordNet choices) and compared with W's base evaluation; ``--out`` is kept, so a rerun only
-compares. The comparison is lt_fronts.matched_difference at the model's own gain, paired over items, as
-lt_report.matched_pairs does for a forgetting-budget row.
+compares. The comparison is lt_report.matched_pairs with the model as a forgetting-budget row: at its own gain,
+paired over items, against full's front of that seed (its rates up to the peak gain).
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]  # as language_transfer_long.py: lt_methods reads realtext
 
-import lt_fronts  # noqa: E402
+import lt_report  # noqa: E402
+from language_transfer_long import item_samples  # noqa: E402
 from lt_methods import Data, eval_options  # noqa: E402
+
+POINT = "point"  # the scored model's key and label among the benchmark's rows
 
 
 def main(argv: list[str] | None = None) -> None:
     from deltawise.eval.forgetting import forgetting
-    from deltawise.eval.intervals import IntervalSettings, paired_sample
+    from deltawise.eval.intervals import paired_sample
     from deltawise.eval.results import load_result
     from deltawise.eval.runner import evaluate
 
@@ -51,31 +54,31 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result.save(args.out)
     mine = load_result(args.out)
-    by_name = {d.name: d for d in base.datasets}
 
-    def sample(result) -> lt_fronts.Sample:
-        sets = {d.name: d for d in result.datasets}
-        return tuple(paired_sample(sets[f.stem], by_name[f.stem]) for f in (data.german_eval, data.prose_eval))
-
+    # the model as one more forgetting-budget row (compared at its own gain), beside the recorded runs of full
     payload = json.loads((args.work / "language_transfer_long.json").read_text())
-    rows = sorted((r for r in payload["runs"] if r["label"] == "full" and r["seed"] == args.seed), key=lambda r: r["lr"])
-    front = lt_fronts.up_to_peak(rows, lambda r: r["target_gain"], lambda r: r["lr"])
-    if len(front) < 2:
-        raise SystemExit(f"full fine-tuning has {len(front)} recorded rate(s) at seed {args.seed} in {args.work}: no front")
-    found = lt_fronts.matched_difference([sample(mine)], [sample(load_result(args.work / "runs" / r["key"] / "eval.json"))
-                                                         for r in front], 0.5, IntervalSettings())
+    rows = [r for r in payload["runs"] if r["label"] == "full" and r["seed"] == args.seed]
+    samples = item_samples(rows, data, SimpleNamespace(work=args.work))
+    sets, by_name = {d.name: d for d in mine.datasets}, {d.name: d for d in base.datasets}
+    samples[POINT] = tuple(paired_sample(sets[f.stem], by_name[f.stem]) for f in (data.german_eval, data.prose_eval))
+    point = {"key": POINT, "label": POINT, "seed": args.seed, "lr": None, "tool": "lt_point"}
+    found = lt_report.matched_pairs([*rows, point], samples, methods=[POINT])
+    if not found:
+        raise SystemExit(f"full fine-tuning has fewer than two recorded rates at seed {args.seed} in {args.work}: no front")
     f = mine.forgetting
-    print("full's front: " + ", ".join(f"{r['lr']:g} (+{r['target_gain']:.3f}, {r['prose_retention']:.3f})" for r in front))
+    front = sorted(rows, key=lambda r: r["lr"])
+    print("full's runs: " + ", ".join(f"{r['lr']:g} (+{r['target_gain']:.3f}, {r['prose_retention']:.3f})" for r in front))
     print(f"gain {f.target_gain:+.3f} [{f.target_gain_ci[0]:.3f}, {f.target_gain_ci[1]:.3f}]")
     for d in f.datasets:
         if d.role == "source":
             print(f"{d.name} ratio {d.ratio:.3f} [{d.ratio_ci[0]:.3f}, {d.ratio_ci[1]:.3f}]")
-    if found["difference"] != found["difference"]:  # NaN: the model's gain is outside the front
+    compared = found[0]
+    if compared["difference"] is None:
         print("no gain in common with full's front")
     else:
-        lo, hi = found["difference_ci"]
-        print(f"full's front at this gain {found['b']:.3f}; retention − full {found['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-              f"({found['dropped']}/{found['replicates']} replicates dropped)")
+        lo, hi = compared["difference_ci"]
+        print(f"full's front at this gain {compared['b']:.3f}; retention − full {compared['difference']:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}] ({compared['dropped']}/{compared['replicates']} replicates dropped)")
 
 
 if __name__ == "__main__":
