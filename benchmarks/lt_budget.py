@@ -95,6 +95,10 @@ def status(run: Run, read: Callable[[Run, str], Optional[dict]]) -> tuple[bool, 
             return False, False
         full = Run(FULL, record["row_lr"], run.seed)
         return read(full, "train/deltawise_train.json") is not None, read(full, "eval.json") is not None
+    from deltawise.adapt.guarded import searches_pending
+
+    if record is not None and run.method.tool == "guard" and searches_pending(record):
+        record = None  # trained, its searches interrupted: the stage is not done
     return record is not None, read(run, "eval.json") is not None
 
 
@@ -130,11 +134,11 @@ def _cost(parts: dict[str, Optional[float]], total: Optional[float] = None) -> d
 def guarded(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, float, dict, dict]:
     """Guarded full fine-tuning with --interpolate into ``folder/train`` (a full model either way: the kept
     checkpoint or an interpolated point), resumed from its last checkpoint when it was interrupted while training."""
-    from deltawise.adapt.guarded import GuardRequest, guarded_train
+    from deltawise.adapt.guarded import GuardRequest, guarded_train, searches_pending
     from deltawise.options import GuardOptions
 
     out, data, args = folder / "train", bench.data, bench.args
-    if not (out / GUARD_RECORD).is_file():
+    if not (out / GUARD_RECORD).is_file() or searches_pending(json.loads((out / GUARD_RECORD).read_text())):
         request = GuardRequest(retain=budgets(data, args), targets=[data.german_select], options=GuardOptions(interpolate=True),
                                eval_max_length=eval_options(args).max_length, eval_batch_size=args.eval_batch_size)
         lt_methods.require_compute(args)

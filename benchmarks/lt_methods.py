@@ -236,15 +236,17 @@ def settings(run: Run, base: Path, data: Data, args) -> dict[str, Any]:
 
 def train_config(run: Run, base: Path, data: Data, output: Path, args):
     """One training run of ``args.steps`` steps into ``output``, keeping ``args.checkpoints`` checkpoints along it (a
-    tenth apart by default): a killed run continues from its last one when rerun. Checkpoints change no result."""
+    tenth apart by default): a killed run continues from its last one when rerun, and a guarded run killed in its
+    searches after training runs them again without retraining. Checkpoints change no result."""
     from deltawise.adapt.checkpoints import interrupted_checkpoint
+    from deltawise.adapt.guard_resume import interrupted_searches
     from deltawise.adapt.train import TrainConfig
 
     every = max(1, args.steps // 10)
     save_every = max(1, args.steps // args.checkpoints) if args.checkpoints else 0
     return TrainConfig(**settings(run, base, data, args), output=output, method=run.method.method, max_steps=args.steps,
                        logging_steps=every, method_params=dict(run.method.params), save_every=save_every,
-                       resume=interrupted_checkpoint(output) is not None)
+                       resume=interrupted_checkpoint(output) is not None or interrupted_searches(output))
 
 
 class NotComputed(RuntimeError):

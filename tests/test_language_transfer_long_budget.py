@@ -133,3 +133,19 @@ def test_with_no_rate_within_the_budget_the_sweep_row_takes_the_most_retentive_a
     capsys.readouterr()
     with pytest.raises(SystemExit, match="computed with other settings .*retain_budget 1.5, here 0.98"):
         _run(bench, monkeypatch, "--methods", "full-lr-sweep", work=work)  # the default 0.98: not what is cached
+
+
+def test_a_guard_row_interrupted_in_its_searches_is_not_done():
+    """A guarded run killed in its --interpolate searches leaves the kept checkpoint and a record marked not finished:
+    --plan counts its stage as to do (the rerun resumes the searches, lt_methods.train_config), not as done."""
+    import lt_budget
+    import lt_methods
+
+    from deltawise.adapt.guarded import SEARCHES_PENDING
+
+    run = lt_methods.Run(lt_methods.select("full-guard")[0], 3e-4, 0)
+    files = {lt_budget.TOOL_RECORDS["guard"]: {"interpolation": SEARCHES_PENDING}}
+    assert lt_budget.status(run, lambda _run, name: files.get(name)) == (False, False)
+    files[lt_budget.TOOL_RECORDS["guard"]] = {"interpolation": {"wise-ft": {}}}
+    files["eval.json"] = {}
+    assert lt_budget.status(run, lambda _run, name: files.get(name)) == (True, True)

@@ -100,3 +100,79 @@ def test_the_patience_counter_and_kept_point_survive_a_checkpoint(tmp_path):
     assert later == stops[3:] and second.state.stopped_early_at == whole.state.stopped_early_at == 5
     assert _points(second.state.points) == _points(whole.state.points) and second._kept_point().step == 1
     assert second.kept_weights == {}  # the kept snapshot (empty here) came back from the checkpoint
+
+
+def _interpolating(langs, minimum: float = 0.8) -> GuardRequest:  # noqa: F811
+    return GuardRequest(retain=[RetentionBudget(langs["en"], minimum)], targets=[langs["de_target"]],
+                        options=GuardOptions(monitor_every=EVERY, interpolate=True))
+
+
+def _interrupt_searches(langs, out: Path, monkeypatch, at_call: int) -> None:  # noqa: F811
+    """A guarded --interpolate run that trains to the end and is interrupted as its ``at_call``-th search starts."""
+    from deltawise.adapt import interpolate as interpolation
+
+    real, calls = interpolation.search_segment, []
+
+    def search_segment(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(interpolation, "search_segment", search_segment)
+        with pytest.raises(Interrupted):
+            guarded_train(guard_cfg(langs, out), _interpolating(langs))
+
+
+def test_a_run_interrupted_in_its_searches_finishes_with_resume_without_retraining(langs, tmp_path, monkeypatch):  # noqa: F811
+    """Killed after training, in the second segment's search: the output is the kept checkpoint with a record that
+    says the searches did not finish, and the work folder holds the final weights. A rerun without --resume is
+    refused (the training is not thrown away), as is a resume with another guard; --resume then searches without
+    training and writes what the uninterrupted run writes."""
+    import deltawise.adapt.guarded as guarded_module
+    from deltawise.adapt.guard_resume import FINAL, TRAINED, interrupted_searches, work_folder
+
+    whole = guarded_train(guard_cfg(langs, tmp_path / "whole"), _interpolating(langs))
+    assert "kept-final" in whole.record["interpolation"]  # two segments: the interruption falls between them
+    out = tmp_path / "out"
+    _interrupt_searches(langs, out, monkeypatch, at_call=2)
+    work = work_folder(out)
+    assert interrupted_searches(out) and (work / FINAL).is_dir() and (work / TRAINED).is_file()
+    pending = json.loads((out / "deltawise_guard.json").read_text())
+    assert pending["interpolation"].startswith("not finished") and pending["chosen"]["point"] == "kept checkpoint"
+    kept = load_file(out / "model.safetensors")
+    with pytest.raises(OutputError, match="interrupted in its --interpolate searches.*--resume"):
+        guarded_train(guard_cfg(langs, out), _interpolating(langs))
+    with pytest.raises(OutputError, match="the --retain guard's budgets"):
+        guarded_train(guard_cfg(langs, out, resume=True), _interpolating(langs, minimum=0.9))
+    assert interrupted_searches(out)  # a refused resume keeps the finished training
+    monkeypatch.setattr(guarded_module, "run_train", lambda *a, **k: pytest.fail("a resume of the searches retrained"))
+    resumed = guarded_train(guard_cfg(langs, out, resume=True), _interpolating(langs))
+    assert not work.exists() and not interrupted_searches(out)
+    assert _points(resumed.state.points) == _points(whole.state.points) and resumed.train.steps == whole.train.steps
+    records = [json.loads((tmp_path / name / "deltawise_guard.json").read_text()) for name in ("whole", "out")]
+    assert records[1]["chosen"] == records[0]["chosen"] and records[1]["chosen"]["point"] != "kept checkpoint"
+    for segment in ("wise-ft", "kept-final"):
+        scored = [[(c["params"], c["target_score"], c["retention"]) for c in r["interpolation"][segment]["candidates"]]
+                  for r in records]
+        assert scored[1] == scored[0], segment
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(kept[k], b[k]) for k in kept)  # the interpolated point replaced the kept checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work or lock folder left
+
+
+def test_overwrite_trains_again_after_interrupted_searches(langs, tmp_path, monkeypatch):  # noqa: F811
+    from deltawise.adapt.guard_resume import interrupted_searches
+
+    out = tmp_path / "out"
+    _interrupt_searches(langs, out, monkeypatch, at_call=1)
+    trained = []
+    import deltawise.adapt.guarded as guarded_module
+
+    real = guarded_module.run_train
+    monkeypatch.setattr(guarded_module, "run_train", lambda *a, **k: trained.append(1) or real(*a, **k))
+    result = guarded_train(guard_cfg(langs, out, overwrite=True), _interpolating(langs))
+    assert trained == [1] and not interrupted_searches(out) and "interpolation" in result.record
+    assert json.loads((out / "deltawise_guard.json").read_text())["interpolation"] == result.record["interpolation"]

@@ -154,7 +154,8 @@ class CheckpointOptions:
     (docs/adapt.md, "Resuming")."""
 
     save_every: int = option(0, "keep a checkpoint every N optimizer steps beside OUTPUT, for --resume (0: none)", min=0)
-    resume: bool = option(False, "continue an interrupted run of the same command (as many processes) from its last checkpoint")
+    resume: bool = option(False, "continue an interrupted run of the same command (as many processes) from its last "
+                                 "checkpoint; with --retain --interpolate, after training: run the searches again")
 
 
 # The training methods' former flags, each now one NAME of --method-param NAME=VALUE.

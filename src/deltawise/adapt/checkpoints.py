@@ -123,7 +123,7 @@ def open_run_staging(out: Path, key: dict[str, Any], *, resume: bool) -> tuple[P
             if "processes" not in previous and (wrote := checkpoint_processes(checkpoint)) > 1:
                 # a key written before it had the part: the checkpoint tells the run's process count
                 previous = {**previous, "processes": wrote}
-            changed = _changed(previous, key)
+            changed = changed_parts(previous, key)
             if changed:
                 raise OutputError(f"{folder} holds an interrupted run that differs in: {changed}; rerun it as it was, "
                                   "or remove the folder to start again")
@@ -181,7 +181,7 @@ def discard_unless_resumable(staging: Path) -> bool:
     return False
 
 
-def _changed(previous: dict[str, Any], key: dict[str, Any]) -> str:
+def changed_parts(previous: dict[str, Any], key: dict[str, Any]) -> str:
     parts = []
     for name in sorted(set(previous) | set(key)):
         old, new = previous.get(name), key.get(name)

@@ -14,6 +14,10 @@ best point within the budget (chosen on the same monitor split); the one with th
 score among the kept checkpoint and those points is written, and reported on the held-out split. The
 output folder's ``deltawise_guard.json`` records which point it is and why.
 
+Work folder: ``.OUTPUT.guard`` beside the output (adapt/guard_resume.py's ``work_folder``), locked while a run uses
+it and removed when it ends, except after an interruption in the ``--interpolate`` searches: it then keeps the
+final weights, and a rerun with ``--resume`` runs the searches without retraining.
+
 Several processes (``torchrun`` / ``accelerate launch``, DDP): every process prepares the same splits (seeded)
 and runs the guard, which scores each check across the processes and takes rank 0's decisions (adapt/guard.py);
 rank 0 writes the output, ``deltawise_guard.json`` and, with ``--interpolate``, runs the search alone after
@@ -26,17 +30,20 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from deltawise.adapt.dist import rank
+from deltawise.adapt.dist import rank, world_size
 from deltawise.adapt.guard import DEFAULT_SHARE, GuardState, MonitorData, RetentionGuard, evaluation_window
+from deltawise.adapt.guard_resume import FINAL, TRAINED, load_trained, save_trained, searches_key, work_folder
 from deltawise.adapt.sharding import fsdp_requested
 from deltawise.adapt.train import TrainConfig, TrainResult, load_tokenizer, run_train
 from deltawise.data.read import load_items
-from deltawise.errors import InputError
+from deltawise.errors import InputError, OutputError
 from deltawise.eval.runner import unique_names
+from deltawise.io.output import STAGING_MARK, output_lock, unwritable
 from deltawise.io.writer import write_json_atomic
 from deltawise.options import BudgetSearchOptions, GuardOptions, IntervalOptions, SplitOptions
 from deltawise.search.budget import RetentionBudget
@@ -135,33 +142,92 @@ def prepare_data(cfg: TrainConfig, request: GuardRequest, work: Path) -> tuple[T
 def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[Path] = None,
                   note: Optional[Note] = None, callbacks: Optional[list] = None) -> GuardedResult:
     """Train ``cfg`` under ``request``'s budgets and write the chosen model to ``cfg.output`` (module docstring);
-    ``callbacks``: more transformers callbacks, run after the guard's."""
+    ``callbacks``: more transformers callbacks, run after the guard's. With ``--interpolate``, a run interrupted in
+    the searches after training is finished by a rerun with ``cfg.resume`` without retraining (adapt/guard_resume.py)."""
     check_request(cfg, request)
-    tell = note if note is not None and rank() == 0 else (lambda _m: None)  # several processes: rank 0 reports
+    main = rank() == 0
+    tell = note if note is not None and main else (lambda _m: None)  # several processes: rank 0 reports
     model_path = Path(model_path or cfg.model)
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.guard-", dir=cfg.output.parent))
-    try:
-        train_cfg, data = prepare_data(cfg, request, work)
-        window = evaluation_window(cfg, request)
-        opts = request.options
-        guard = RetentionGuard(data, load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code), model_path,
-                               every=opts.monitor_every, share=DEFAULT_SHARE, stop_early=opts.stop_early, patience=opts.patience,
-                               final_to=work / "final" if opts.interpolate else None, max_length=window,
-                               batch_size=request.eval_batch_size, intervals=request.intervals, note=tell)
-        result = run_train(train_cfg, model_path=model_path, callbacks=[guard, *(callbacks or [])])
-        record = guard_record(cfg, request, guard.state, data, train_cfg is not cfg)
-        if not result.is_main_process:  # rank 0 writes the record and runs any interpolation
-            return GuardedResult(result, guard.state, record)
-        if request.options.interpolate and guard.final_weights is not None:
-            from deltawise.adapt.interpolate import interpolate_training
+    with ExitStack() as held:
+        # rank 0's folder is the output's own, locked (what it leaves is found again); the others' are private
+        work = open_work_folder(cfg, held) if main else Path(tempfile.mkdtemp(prefix=f".{cfg.output.name}.guard-rank-",
+                                                                        dir=cfg.output.parent))
+        pending = main and (work / TRAINED).is_file()  # a finished training whose searches --resume runs (_open_work)
+        keep = pending  # never thrown away by a failed resume (another command, say): the error tells what to do
+        try:
+            train_cfg, data = prepare_data(cfg, request, work)
+            window = evaluation_window(cfg, request)
+            opts = request.options
+            guard = RetentionGuard(data, load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code), model_path,
+                                   every=opts.monitor_every, share=DEFAULT_SHARE, stop_early=opts.stop_early,
+                                   patience=opts.patience, final_to=work / FINAL if opts.interpolate else None,
+                                   max_length=window, batch_size=request.eval_batch_size, intervals=request.intervals,
+                                   note=tell)
+            key = searches_key(cfg, guard, model_path) if main and (opts.interpolate or pending) else None
+            if pending:
+                if world_size() > 1:  # the other processes would wait in training for rank 0
+                    raise InputError("the searches after training run in one process: rerun the command with --resume "
+                                     "without torchrun / accelerate launch")
+                state, result = load_trained(work, key, cfg.output)
+                tell(f"guard: training finished in an earlier run ({result.steps} steps); searching again")
+            else:
+                result = run_train(train_cfg, model_path=model_path, callbacks=[guard, *(callbacks or [])])
+                state = guard.state
+            record = guard_record(cfg, request, state, data, train_cfg is not cfg)
+            if not result.is_main_process:  # rank 0 writes the record and runs any interpolation
+                return GuardedResult(result, state, record)
+            if opts.interpolate and (work / FINAL).is_dir():
+                if not keep:  # until the searches end, the output is the kept checkpoint and a rerun can finish them
+                    write_json_atomic(cfg.output / RECORD, {**record, "interpolation": SEARCHES_PENDING})
+                    save_trained(work, key, state, result)
+                    keep = True
+                from deltawise.adapt.interpolate import interpolate_training
 
-            record = interpolate_training(cfg, request, model_path, guard, data, record, work, tell)
-        else:
-            write_json_atomic(cfg.output / RECORD, record)
-        return GuardedResult(result, guard.state, record)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                record = interpolate_training(cfg, request, model_path, state, data, record, work, tell)
+            else:
+                write_json_atomic(cfg.output / RECORD, record)
+            keep = False
+            return GuardedResult(result, state, record)
+        finally:
+            if keep:
+                tell(f"guard: kept the finished training in {work}: rerun the command with --resume to run the "
+                     "searches without retraining")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+SEARCHES_PENDING = "not finished: the run was interrupted after training; rerun it with --resume to search without retraining"
+
+
+def searches_pending(record: dict[str, Any]) -> bool:
+    """Whether ``deltawise_guard.json`` is that of a run interrupted before its ``--interpolate`` searches ended (its
+    output is the kept checkpoint for now)."""
+    return record.get("interpolation") == SEARCHES_PENDING
+
+
+def open_work_folder(cfg: TrainConfig, held: ExitStack) -> Path:
+    """The guarded run's work folder (rank 0's: guard_resume.work_folder), locked while ``held`` is: emptied, unless it
+    holds a finished training whose searches a ``--resume`` is to run; a finished training is not thrown away without
+    ``--overwrite``."""
+    work = work_folder(cfg.output)
+    held.enter_context(output_lock(work, "guard work folder"))
+    if work.exists():
+        if not (work / STAGING_MARK).is_file():
+            raise OutputError(f"{work} exists and was not made by deltawise; remove it and retry")
+        if (work / TRAINED).is_file() and not cfg.overwrite and not cfg.resume:
+            raise OutputError(f"{cfg.output} was trained by an earlier run that was interrupted in its --interpolate "
+                              f"searches ({work} holds the final weights): rerun with --resume to search without "
+                              "retraining, or with --overwrite to train again")
+        if cfg.resume and (work / TRAINED).is_file():
+            return work
+        shutil.rmtree(work)
+    try:
+        work.mkdir()
+        (work / STAGING_MARK).write_text("deltawise guarded run in progress\n")
+    except OSError as exc:
+        raise unwritable(work, exc) from None
+    return work
 
 
 def guard_record(cfg: TrainConfig, request: GuardRequest, state: GuardState, data: MonitorData,

@@ -22,12 +22,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from deltawise.adapt.guard import TRAIN_RECORD, MonitorData, RetentionGuard, evaluation_options
+from deltawise.adapt.guard import TRAIN_RECORD, GuardState, MonitorData, evaluation_options
+from deltawise.adapt.guard_resume import FINAL
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig
 from deltawise.eval.runner import EvalOptions
 from deltawise.io.output import staged_output
 from deltawise.io.writer import write_json_atomic
+from deltawise.merge.engine import MergeOptions
 from deltawise.merge.recipe import parse_recipe
 from deltawise.search.budget import BudgetNotMet, BudgetOptions, BudgetResult, RetentionBudget, run_budget
 
@@ -49,6 +51,7 @@ def search_segment(start: Path, final: Path, out: Path, model_path: Path, data: 
         targets=[s.selection for s in targets], baseline=str(model_path),
         heldout_retain=[s.heldout for s in sources], heldout_targets=[s.heldout for s in targets],
         eval=evaluation, intervals=request.intervals, refine=request.options.interpolate_refine,
+        merge=MergeOptions(overwrite=True, restart=True),  # ``out`` is in the run's work folder: a rerun replaces its own
         note=tell,
     )
     try:
@@ -69,18 +72,18 @@ def _heldout(held: dict[str, Any]) -> dict[str, Any]:
             "gain": f["target_gain"], "gain_ci": f["target_gain_ci"], "within_budget": held["within_budget"]}
 
 
-def interpolate_training(cfg: TrainConfig, request, model_path: Path, guard: RetentionGuard, data: MonitorData,
+def interpolate_training(cfg: TrainConfig, request, model_path: Path, state: GuardState, data: MonitorData,
                          record: dict[str, Any], work: Path, tell: Callable[[str], None]) -> dict[str, Any]:
     """``--interpolate`` after ``train``: the final weights (saved by the guard under ``work/final``) and the kept
-    checkpoint (the output) as full models, then ``interpolate``."""
+    checkpoint (the output) as full models, then ``interpolate``. ``state``: the guard's at the end of training."""
     trust = cfg.trust_remote_code
-    final = materialize(work / "final", model_path, work / "final_model", trust_remote_code=trust)
-    kept_step, last_step = guard.state.kept_step, guard.state.points[-1].step
+    final = materialize(work / FINAL, model_path, work / "final_model", trust_remote_code=trust)
+    kept_step, last_step = state.kept_step, state.points[-1].step
     kept = None if kept_step == last_step else materialize(cfg.output, model_path, work / "kept_model", trust_remote_code=trust)
     embed = {"train": json.loads((cfg.output / TRAIN_RECORD).read_text())}
     return interpolate(cfg.output, request, model_path, data, record, work, evaluation_options(cfg, request), tell,
                        final=final, kept=kept,
-                       budget_met=guard.state.budget_met, steps=(kept_step, last_step), carry=["training_log.json"], embed=embed)
+                       budget_met=state.budget_met, steps=(kept_step, last_step), carry=["training_log.json"], embed=embed)
 
 
 def interpolate(output: Path, request, model_path: Path, data: MonitorData, record: dict[str, Any], work: Path,
