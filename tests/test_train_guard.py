@@ -219,3 +219,27 @@ def test_bam_writes_the_best_round_within_the_budget(langs, tmp_path):
     assert (tmp_path / "bam" / "bam.json").exists() and record["chosen"]["heldout"]["within_budget"] in (True, False)
     with pytest.raises(InputError, match="--branch-index"):
         guarded_bam(dataclasses.replace(cfg, branch_index=1), GuardRequest(retain=[RetentionBudget(langs["en"], 0.8)]))
+
+
+def test_cli_resume_runs_interrupted_searches_of_an_adapter_without_retraining(langs, tmp_path, monkeypatch):
+    """The command line's --resume reaches the searches: a LoRA run (its final point an adapter, folded into the
+    base for the searches) interrupted as its search starts is refused without --resume and finished with it."""
+    from deltawise.adapt import interpolate as interpolation
+    from deltawise.adapt.guard_resume import interrupted_searches
+
+    argv = ["train", str(langs["base"]), "--data", str(langs["de"]), "-o", str(tmp_path / "o"), "-m", "lora",
+            "--max-steps", "4", "--lr", "1e-2", "--retain", f"{langs['en']}:0.5", "--monitor-every", "2",
+            "--interpolate", "--quiet"]
+    real = interpolation.search_segment
+    with monkeypatch.context() as patch:
+        patch.setattr(interpolation, "search_segment", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        assert CliRunner().invoke(app, argv).exit_code != 0
+    assert interrupted_searches(tmp_path / "o") and (tmp_path / "o" / "adapter_config.json").exists()
+    refused = CliRunner().invoke(app, argv)
+    assert refused.exit_code != 0 and "--resume" in str(refused.exception or refused.output)
+    searched = []
+    monkeypatch.setattr(interpolation, "search_segment", lambda *a, **k: searched.append(1) or real(*a, **k))
+    res = CliRunner().invoke(app, [*argv, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert searched and "guard: wrote the" in res.output and not interrupted_searches(tmp_path / "o")
+    assert "interpolation" in json.loads((tmp_path / "o" / "deltawise_guard.json").read_text())
