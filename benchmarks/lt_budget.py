@@ -5,6 +5,8 @@ full fine-tuning with deltawise's tools for training under a retention budget, e
 * full-guard: ``train --retain ... --interpolate`` (adapt/guarded.py) at full's usual rate and at the top of
   its sweep (the rate that forgets); the guard's defaults otherwise (checks every as many steps as keep them at
   about 10% of the time, no early stop);
+* full-guard-refine: the same at the top rate with ``--interpolate-refine 2`` (two rounds of midpoints around
+  each searched line's best λ within the budget);
 * full-repair: ``repair`` (search/repair.py) of the unguarded full fine-tune at the top rate (full's run of
   the same rate and seed, trained first when missing);
 * full-lr-sweep: ``lr-sweep`` (search/lr_sweep.py) over full's rates, short runs (``--lr-sweep-steps``) on
@@ -21,7 +23,7 @@ benchmark's evaluation of the written model on the evaluation sets, as for every
 
 Cost: wall seconds, summed over the invocations that worked on a stage (one killed outright loses its
 share). Evaluation on the evaluation sets is the benchmark's measurement and counts in no row.
-* full-guard, total: the whole guarded run (loading, the baseline and held-out scoring, checkpoints);
+* full-guard and full-guard-refine, total: the whole guarded run (loading, the baseline and held-out scoring, checkpoints);
   parts: ``train`` (optimizer steps) and ``monitor`` (the periodic checks), both from the guard's record,
   and ``interpolate`` (after training: writing, the two --interpolate searches);
 * full-repair: ``train`` (the unguarded fine-tune it repairs) + ``search`` (repair, with its held-out report);
@@ -139,7 +141,8 @@ def guarded(run: Run, bench: Bench, folder: Path, seconds: dict) -> tuple[Path, 
 
     out, data, args = folder / "train", bench.data, bench.args
     if not (out / GUARD_RECORD).is_file() or searches_pending(json.loads((out / GUARD_RECORD).read_text())):
-        request = GuardRequest(retain=budgets(data, args), targets=[data.german_select], options=GuardOptions(interpolate=True),
+        options = GuardOptions(interpolate=True, interpolate_refine=run.method.refine)
+        request = GuardRequest(retain=budgets(data, args), targets=[data.german_select], options=options,
                                eval_max_length=eval_options(args).max_length, eval_batch_size=args.eval_batch_size)
         lt_methods.require_compute(args)
         ended = training_end()

@@ -94,6 +94,8 @@ def run_settings(run: Run, args) -> dict[str, Any]:
     """What a run's result depends on besides ``common_settings`` and its key: its steps, training and method (the
     method's sweep and usual rate only decide which runs exist), and the options of the stages it has."""
     method = {k: v for k, v in asdict(run.method).items() if k not in ("label", "lrs", "usual")}
+    if not method["refine"]:
+        del method["refine"]  # a setting only where it is used: the records made before it keep their settings
     found = {"steps": args.steps, "training": training(run, args), "method": method}
     if run.budget:
         found["budget"] = args.budget

@@ -300,7 +300,7 @@ def matched_pairs_table(found: list[dict]) -> Table:
 
 
 COMPARED = ("full", "lora")  # the fronts the forgetting-budget rows are read against
-COST = ("cost: wall seconds (evaluation on the evaluation sets excluded); full-guard: the whole guarded run, of it "
+COST = ("cost: wall seconds (evaluation on the evaluation sets excluded); full-guard(-refine): the whole guarded run, of it "
         "train = optimizer steps, monitor = the guard's checks, interpolate = the --interpolate searches after training; "
         "full-repair: train = the unguarded fine-tune + search = repair; full-lr-sweep: search = the sweep's short runs + "
         "train = the full-length run at the rate taken; other rows: train")

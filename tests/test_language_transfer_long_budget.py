@@ -149,3 +149,35 @@ def test_a_guard_row_interrupted_in_its_searches_is_not_done():
     files[lt_budget.TOOL_RECORDS["guard"]] = {"interpolation": {"wise-ft": {}}}
     files["eval.json"] = {}
     assert lt_budget.status(run, lambda _run, name: files.get(name)) == (True, True)
+
+
+def test_the_refined_guard_row_passes_its_rounds_and_leaves_the_other_rows_settings_alone(tmp_path, monkeypatch):
+    """full-guard-refine asks the guard for --interpolate-refine 2; the rows without refinement keep the settings
+    their records were made with (no ``refine`` among them), so those records still apply."""
+    from types import SimpleNamespace
+
+    import lt_budget
+    import lt_methods
+    import lt_records
+
+    import deltawise.adapt.guarded as guarded
+
+    seen = []
+
+    def stop(cfg, request, **kwargs):
+        seen.append(request.options)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(guarded, "guarded_train", stop)
+    args = SimpleNamespace(steps=4, batch_size=4, max_length=32, retain_budget=0.98, eval_batch_size=8, device="cpu",
+                           recorded_only=False, checkpoints=0)
+    refine = lt_methods.Run(lt_methods.select("full-guard-refine")[0], 3e-4, 0)
+    plain = lt_methods.Run(lt_methods.select("full-guard")[0], 3e-4, 0)
+    assert lt_records.run_settings(refine, args)["method"]["refine"] == 2
+    assert "refine" not in lt_records.run_settings(plain, args)["method"]
+    bench = lt_budget.Bench(tmp_path / "base", lt_methods.Data(tmp_path / "data"), None, args, None, None)
+    for run, rounds in ((refine, 2), (plain, 0)):
+        with pytest.raises(RuntimeError, match="stop"):
+            (tmp_path / run.key).mkdir()
+            lt_budget.guarded(run, bench, tmp_path / run.key, {})
+        assert seen[-1].interpolate and seen[-1].interpolate_refine == rounds
