@@ -12,10 +12,10 @@ holds one check per round (``step`` is the round); ``--stop-early`` and ``--moni
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
