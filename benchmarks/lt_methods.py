@@ -242,7 +242,7 @@ def train_config(run: Run, base: Path, data: Data, output: Path, args):
     tenth apart by default): a killed run continues from its last one when rerun, and a guarded run killed in its
     searches after training runs them again without retraining. Checkpoints change no result."""
     from deltawise.adapt.checkpoints import interrupted_checkpoint
-    from deltawise.adapt.guard_resume import interrupted_searches
+    from deltawise.adapt.guard_searches import interrupted_searches
     from deltawise.adapt.train import TrainConfig
 
     every = max(1, args.steps // 10)

@@ -225,7 +225,7 @@ def test_cli_resume_runs_interrupted_searches_of_an_adapter_without_retraining(l
     """The command line's --resume reaches the searches: a LoRA run (its final point an adapter, folded into the
     base for the searches) interrupted as its search starts is refused without --resume and finished with it."""
     from deltawise.adapt import interpolate as interpolation
-    from deltawise.adapt.guard_resume import interrupted_searches
+    from deltawise.adapt.guard_searches import interrupted_searches
 
     argv = ["train", str(langs["base"]), "--data", str(langs["de"]), "-o", str(tmp_path / "o"), "-m", "lora",
             "--max-steps", "4", "--lr", "1e-2", "--retain", f"{langs['en']}:0.5", "--monitor-every", "2",

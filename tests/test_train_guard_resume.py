@@ -131,7 +131,7 @@ def test_a_run_interrupted_in_its_searches_finishes_with_resume_without_retraini
     refused (the training is not thrown away), as is a resume with another guard; --resume then searches without
     training and writes what the uninterrupted run writes."""
     import deltawise.adapt.guarded as guarded_module
-    from deltawise.adapt.guard_resume import FINAL, TRAINED, interrupted_searches, work_folder
+    from deltawise.adapt.guard_searches import FINAL, TRAINED, interrupted_searches, work_folder
 
     whole = guarded_train(guard_cfg(langs, tmp_path / "whole"), _interpolating(langs))
     assert "kept-final" in whole.record["interpolation"]  # two segments: the interruption falls between them
@@ -164,7 +164,7 @@ def test_a_run_interrupted_in_its_searches_finishes_with_resume_without_retraini
 
 
 def test_overwrite_trains_again_after_interrupted_searches(langs, tmp_path, monkeypatch):  # noqa: F811
-    from deltawise.adapt.guard_resume import interrupted_searches
+    from deltawise.adapt.guard_searches import interrupted_searches
 
     out = tmp_path / "out"
     _interrupt_searches(langs, out, monkeypatch, at_call=1)

@@ -14,7 +14,7 @@ best point within the budget (chosen on the same monitor split); the one with th
 score among the kept checkpoint and those points is written, and reported on the held-out split. The
 output folder's ``deltawise_guard.json`` records which point it is and why.
 
-Work folder: ``.OUTPUT.guard`` beside the output (adapt/guard_resume.py's ``work_folder``), locked while a run uses
+Work folder: ``.OUTPUT.guard`` beside the output (adapt/guard_searches.py's ``work_folder``), locked while a run uses
 it and removed when it ends, except after an interruption in the ``--interpolate`` searches: it then keeps the
 final weights, and a rerun with ``--resume`` runs the searches without retraining.
 
@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 from deltawise.adapt.dist import rank, world_size
 from deltawise.adapt.guard import DEFAULT_SHARE, GuardState, MonitorData, RetentionGuard, evaluation_window
-from deltawise.adapt.guard_resume import FINAL, TRAINED, load_trained, save_trained, searches_key, work_folder
+from deltawise.adapt.guard_searches import FINAL, TRAINED, load_trained, save_trained, searches_key, work_folder
 from deltawise.adapt.sharding import fsdp_requested
 from deltawise.adapt.train import TrainConfig, TrainResult, load_tokenizer, run_train
 from deltawise.data.read import load_items
@@ -143,7 +143,7 @@ def guarded_train(cfg: TrainConfig, request: GuardRequest, model_path: Optional[
                   note: Optional[Note] = None, callbacks: Optional[list] = None) -> GuardedResult:
     """Train ``cfg`` under ``request``'s budgets and write the chosen model to ``cfg.output`` (module docstring);
     ``callbacks``: more transformers callbacks, run after the guard's. With ``--interpolate``, a run interrupted in
-    the searches after training is finished by a rerun with ``cfg.resume`` without retraining (adapt/guard_resume.py)."""
+    the searches after training is finished by a rerun with ``cfg.resume`` without retraining (adapt/guard_searches.py)."""
     check_request(cfg, request)
     main = rank() == 0
     tell = note if note is not None and main else (lambda _m: None)  # several processes: rank 0 reports
@@ -207,7 +207,7 @@ def searches_pending(record: dict[str, Any]) -> bool:
 
 
 def open_work_folder(cfg: TrainConfig, held: ExitStack) -> Path:
-    """The guarded run's work folder (rank 0's: guard_resume.work_folder), locked while ``held`` is: emptied, unless it
+    """The guarded run's work folder (rank 0's: guard_searches.work_folder), locked while ``held`` is: emptied, unless it
     holds a finished training whose searches a ``--resume`` is to run; a finished training is not thrown away without
     ``--overwrite``."""
     work = work_folder(cfg.output)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from deltawise.adapt.guard import TRAIN_RECORD, GuardState, MonitorData, evaluation_options
-from deltawise.adapt.guard_resume import FINAL
+from deltawise.adapt.guard_searches import FINAL
 from deltawise.adapt.materialize import materialize
 from deltawise.adapt.train import TrainConfig
 from deltawise.eval.runner import EvalOptions
